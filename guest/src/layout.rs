@@ -1,0 +1,12 @@
+//! Device addresses; must match `vmm/src/layout.rs`.
+
+/// Platform device MMIO window.
+pub const PLATFORM: u64 = 0xd000_0000;
+/// virtio-mmio slot `i`.
+pub const fn virtio_slot(i: u64) -> u64 {
+    PLATFORM + (i + 1) * 0x1000
+}
+/// Number of virtio-mmio slots to probe.
+pub const VIRTIO_SLOTS: u64 = 4;
+/// COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;

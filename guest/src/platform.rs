@@ -1,0 +1,50 @@
+//! The vmatrix platform device: clock, wait, config string, exit.
+
+use alloc::string::String;
+use alloc::vec;
+
+use crate::io;
+use crate::layout::PLATFORM;
+
+const MAGIC: u32 = 0x504d_5856;
+
+/// True if the platform device answers with its magic.
+pub fn present() -> bool {
+    io::read32(PLATFORM) == MAGIC
+}
+/// Guest monotonic clock in ns.
+pub fn clock_ns() -> u64 {
+    io::read64(PLATFORM + 0x08)
+}
+/// Blocks in the VMM until a device event or `ns` nanoseconds.
+pub fn wait(ns: u64) {
+    io::write64(PLATFORM + 0x10, ns);
+}
+/// Generation id.
+pub fn generation() -> u64 {
+    io::read64(PLATFORM + 0x18)
+}
+/// RAM size in bytes.
+pub fn mem_size() -> u64 {
+    io::read64(PLATFORM + 0x20)
+}
+/// The config string.
+pub fn config() -> String {
+    let len = io::read64(PLATFORM + 0x28).min(4096) as usize;
+    let buf = vec![0u8; len];
+    io::write64(PLATFORM + 0x30, buf.as_ptr() as u64);
+    // The VMM wrote the bytes behind the compiler's back.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: reading our own buffer after the device filled it.
+    let bytes: alloc::vec::Vec<u8> = buf
+        .iter()
+        .map(|b| unsafe { core::ptr::read_volatile(b) })
+        .collect();
+    String::from_utf8(bytes).unwrap_or_default()
+}
+/// Stops the VM with `code`.
+pub fn exit(code: u64) -> ! {
+    loop {
+        io::write64(PLATFORM + 0x38, code);
+    }
+}

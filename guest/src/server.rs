@@ -1,0 +1,276 @@
+//! The TCP key-value server on smoltcp: a pool of listening sockets, line framing, group
+//! commit of SETs to the disk log, and responses held until the batch that produced them is
+//! durable.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt::Write as _;
+
+use smoltcp::iface::{Config as IfConfig, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+
+use crate::churn::Churn;
+use crate::config::Config;
+use crate::kv::{self, Request, Store};
+use crate::kvlog::{AppendError, Log};
+use crate::net::VirtioNet;
+use crate::platform;
+
+const SOCKETS: usize = 64;
+const RX_BUF: usize = 4096;
+const TX_BUF: usize = 16384;
+const MAX_LINE: usize = 600;
+const MAX_OUT: usize = 64 * 1024;
+
+/// A response waiting for the end of the round.
+enum Held {
+    Bytes(Vec<u8>),
+    /// `OK` once batch `n` is durable, `ERR` if it failed.
+    SetOk(u64),
+}
+
+struct Conn {
+    handle: SocketHandle,
+    inbuf: Vec<u8>,
+    held: Vec<Held>,
+    out: Vec<u8>,
+}
+
+/// Counters reported by `STATS`.
+#[derive(Default)]
+struct Stats {
+    sets: u64,
+    gets: u64,
+    commits: u64,
+    failed_commits: u64,
+    rounds: u64,
+}
+
+/// The server and everything it owns.
+pub struct Server {
+    iface: Interface,
+    net: VirtioNet,
+    sockets: SocketSet<'static>,
+    conns: Vec<Conn>,
+    port: u16,
+    store: Store,
+    log: Log,
+    churn: Churn,
+    batch_no: u64,
+    failed_batches: Vec<u64>,
+    stats: Stats,
+}
+
+fn now() -> Instant {
+    Instant::from_micros((platform::clock_ns() / 1000) as i64)
+}
+
+impl Server {
+    /// Builds the interface and the socket pool.
+    pub fn new(mut net: VirtioNet, cfg: &Config, store: Store, log: Log) -> Self {
+        let mut ic = IfConfig::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
+        ic.random_seed = platform::clock_ns() ^ platform::generation().rotate_left(17) ^ 0x5eed;
+        let mut iface = Interface::new(ic, &mut net, now());
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(cfg.ip.into(), cfg.prefix));
+        });
+        if let Some(gw) = cfg.gw {
+            let _ = iface
+                .routes_mut()
+                .add_default_ipv4_route(Ipv4Address::from(gw));
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut conns = Vec::new();
+        for _ in 0..SOCKETS {
+            let s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
+                tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
+            );
+            let handle = sockets.add(s);
+            conns.push(Conn {
+                handle,
+                inbuf: Vec::new(),
+                held: Vec::new(),
+                out: Vec::new(),
+            });
+        }
+        Server {
+            iface,
+            net,
+            sockets,
+            conns,
+            port: cfg.port,
+            store,
+            log,
+            churn: Churn::default(),
+            batch_no: 0,
+            failed_batches: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Serves forever.
+    pub fn run(&mut self) -> ! {
+        loop {
+            let progress = self.round();
+            if !progress {
+                let t = now();
+                let mut wait_us = self
+                    .iface
+                    .poll_delay(t, &self.sockets)
+                    .map_or(100_000, |d| d.total_micros())
+                    .min(100_000);
+                if self.churn.active() {
+                    wait_us = wait_us.min(1000);
+                }
+                if wait_us > 0 {
+                    platform::wait(wait_us * 1000);
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.log.pending() == 0 {
+            return;
+        }
+        match self.log.commit() {
+            Ok(()) => {
+                self.store.committed();
+                self.stats.commits += 1;
+            }
+            Err(e) => {
+                crate::println!("kv: log commit failed: {:?}; batch rolled back", e);
+                self.store.rollback();
+                self.failed_batches.push(self.batch_no);
+                self.stats.failed_commits += 1;
+            }
+        }
+        self.batch_no += 1;
+    }
+
+    fn handle_line(&mut self, i: usize, line: &[u8]) {
+        let resp = match kv::parse(line) {
+            Ok(Request::Set(k, v)) => {
+                let mut r = self.log.append(k, v);
+                if r == Err(AppendError::BatchFull) {
+                    self.commit();
+                    r = self.log.append(k, v);
+                }
+                match r {
+                    Ok(()) => {
+                        self.store.set(k, v);
+                        self.stats.sets += 1;
+                        Held::SetOk(self.batch_no)
+                    }
+                    Err(_) => Held::Bytes(b"ERR disk full\n".to_vec()),
+                }
+            }
+            Ok(Request::Get(k)) => {
+                self.stats.gets += 1;
+                Held::Bytes(match self.store.get(k) {
+                    Some(v) => [b"VALUE ", v, b"\n"].concat(),
+                    None => b"NOTFOUND\n".to_vec(),
+                })
+            }
+            Ok(Request::Count) => {
+                Held::Bytes(alloc::format!("COUNT {}\n", self.store.len()).into_bytes())
+            }
+            Ok(Request::Churn(p, r)) => {
+                Held::Bytes(match self.churn.set(p, r, platform::clock_ns()) {
+                    Ok(()) => b"OK\n".to_vec(),
+                    Err(e) => alloc::format!("ERR {e}\n").into_bytes(),
+                })
+            }
+            Ok(Request::Stats) => {
+                let mut s = alloc::string::String::new();
+                let _ = writeln!(
+                    s,
+                    "STATS keys={} sets={} gets={} commits={} failed_commits={} rounds={} log_tail={} churned={} rx={} tx={} heap={} uptime_ms={}",
+                    self.store.len(), self.stats.sets, self.stats.gets, self.stats.commits,
+                    self.stats.failed_commits, self.stats.rounds, self.log.tail(), self.churn.done(),
+                    self.net.rx_frames, self.net.tx_frames, crate::rt::heap_used(),
+                    platform::clock_ns() / 1_000_000
+                );
+                Held::Bytes(s.into_bytes())
+            }
+            Err(e) => Held::Bytes(alloc::format!("ERR {e}\n").into_bytes()),
+        };
+        self.conns[i].held.push(resp);
+    }
+
+    /// One pass over the network, the sockets and the log. Returns true if anything happened.
+    fn round(&mut self) -> bool {
+        self.stats.rounds += 1;
+        let mut progress = self.iface.poll(now(), &mut self.net, &mut self.sockets)
+            == PollResult::SocketStateChanged;
+        for i in 0..self.conns.len() {
+            let h = self.conns[i].handle;
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if s.state() == tcp::State::Closed {
+                let c = &mut self.conns[i];
+                c.inbuf.clear();
+                c.held.clear();
+                c.out.clear();
+                let _ = s.listen(self.port);
+                continue;
+            }
+            if s.can_recv() && self.conns[i].out.len() < MAX_OUT {
+                let inbuf = &mut self.conns[i].inbuf;
+                let _ = s.recv(|b| {
+                    inbuf.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            }
+            while let Some(nl) = self.conns[i].inbuf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.conns[i].inbuf.drain(..=nl).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.handle_line(i, &line);
+                progress = true;
+            }
+            if self.conns[i].inbuf.len() > MAX_LINE {
+                self.conns[i].inbuf.clear();
+                self.conns[i]
+                    .held
+                    .push(Held::Bytes(b"ERR line too long\n".to_vec()));
+            }
+        }
+        self.commit();
+        for i in 0..self.conns.len() {
+            let c = &mut self.conns[i];
+            for h in c.held.drain(..) {
+                match h {
+                    Held::Bytes(b) => c.out.extend_from_slice(&b),
+                    Held::SetOk(n) if self.failed_batches.contains(&n) => {
+                        c.out.extend_from_slice(b"ERR disk write failed\n")
+                    }
+                    Held::SetOk(_) => c.out.extend_from_slice(b"OK\n"),
+                }
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            if !c.out.is_empty() && s.can_send() {
+                if let Ok(n) = s.send_slice(&c.out) {
+                    c.out.drain(..n);
+                    progress |= n > 0;
+                }
+            }
+            if s.state() == tcp::State::CloseWait && c.out.is_empty() && c.inbuf.is_empty() {
+                s.close();
+            }
+        }
+        self.failed_batches.clear();
+        if self.iface.poll(now(), &mut self.net, &mut self.sockets)
+            == PollResult::SocketStateChanged
+        {
+            progress = true;
+        }
+        self.net.flush();
+        self.churn.step(platform::clock_ns());
+        progress
+    }
+}

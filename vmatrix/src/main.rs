@@ -1,0 +1,55 @@
+//! # vmatrix — the command-line interface
+//!
+//! `vmatrix run` boots the test guest in our own KVM VMM; `vmatrix disk create` makes a raw
+//! disk image. Later commands (snapshot, replication, failover) land here as they are built.
+
+#![forbid(unsafe_code)]
+
+mod disk;
+mod guest_config;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// vmatrix: replication and fast failover for virtual machines.
+#[derive(Parser, Debug)]
+#[command(name = "vmatrix", version, about)]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. "info" or "vmm=debug".
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot a guest in a new VM and run it until it stops (SIGINT/SIGTERM stop it cleanly).
+    Run(run::RunArgs),
+    /// Disk image tools.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Disk(d) => disk::main(d),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmatrix: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The serial console on COM1 (0x3f8), a 16550A from vm-superio.
+
+mod device;
+
+pub use device::{ConsoleOut, Serial};

@@ -1,0 +1,241 @@
+//! The virtio-net device model: queue 0 receives, queue 1 transmits. Every frame carries the
+//! 12-byte `virtio_net_hdr_v1`; no offloads are offered, so the header is all zeros except
+//! `num_buffers = 1` on receive.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::chain;
+use super::super::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET};
+use crate::memory::GuestMem;
+
+/// Length of `virtio_net_hdr_v1`.
+pub const NET_HDR_LEN: usize = 12;
+const F_MAC: u64 = 1 << 5;
+const QUEUE_SIZE: u16 = 256;
+const RX: u16 = 0;
+const TX: u16 = 1;
+/// Largest frame we move (header + 64 KiB), bounding host buffers.
+const MAX_FRAME: usize = NET_HDR_LEN + 65_550;
+
+/// Where frames go to and come from.
+pub trait NetBackend: Send {
+    /// Sends one Ethernet frame.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Receives one frame; `WouldBlock` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// File descriptor to poll for readability, if any.
+    fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// Frame counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames sent to the backend.
+    pub tx_frames: u64,
+    /// Frames the backend refused.
+    pub tx_errors: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Frames dropped because the guest buffer was too small.
+    pub rx_dropped: u64,
+}
+
+/// A network device.
+pub struct Net<B: NetBackend> {
+    backend: B,
+    mac: [u8; 6],
+    queue_sizes: [u16; 2],
+    rx_kick: Option<Arc<EventFd>>,
+    rx_has_buffers: bool,
+    stats: NetStats,
+    frame: Vec<u8>,
+}
+
+impl<B: NetBackend> Net<B> {
+    /// A device on `backend` with the given MAC address.
+    pub fn new(backend: B, mac: [u8; 6]) -> Self {
+        Net {
+            backend,
+            mac,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            rx_kick: None,
+            rx_has_buffers: true,
+            stats: NetStats::default(),
+            frame: vec![0u8; MAX_FRAME],
+        }
+    }
+
+    /// Event written whenever the guest adds receive buffers.
+    pub fn set_rx_kick(&mut self, kick: Arc<EventFd>) {
+        self.rx_kick = Some(kick);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// The backend's pollable fd.
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        self.backend.raw_fd()
+    }
+
+    /// Backend access (tests).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Whether the last receive pass ended with guest buffers still available.
+    pub fn rx_has_buffers(&self) -> bool {
+        self.rx_has_buffers
+    }
+
+    fn queue_err(queue: u16) -> impl Fn(virtio_queue::Error) -> DeviceError {
+        move |e| DeviceError::Queue {
+            queue,
+            why: e.to_string(),
+        }
+    }
+
+    fn transmit(&mut self, q: &mut Queue, mem: &GuestMem) -> Result<bool, DeviceError> {
+        let size = q.size();
+        let mut used = false;
+        while let Some(dc) = q.pop_descriptor_chain(mem) {
+            let c = chain::validate(dc, mem, size)?;
+            if c.writable_len() != 0 {
+                return Err(DeviceError::Direction {
+                    head: c.head,
+                    why: "transmit chain has device-writable buffers",
+                });
+            }
+            let len = c.readable_len();
+            if len < NET_HDR_LEN as u64 || len > MAX_FRAME as u64 {
+                return Err(DeviceError::Malformed {
+                    head: c.head,
+                    why: format!(
+                        "transmit chain of {len} bytes (header is {NET_HDR_LEN}, max {MAX_FRAME})"
+                    ),
+                });
+            }
+            let data = c.read(mem, NET_HDR_LEN as u64, len as usize - NET_HDR_LEN)?;
+            match self.backend.send(&data) {
+                Ok(()) => self.stats.tx_frames += 1,
+                Err(e) => {
+                    self.stats.tx_errors += 1;
+                    tracing::debug!("virtio-net: tx dropped: {e}");
+                }
+            }
+            q.add_used(mem, c.head, 0).map_err(Self::queue_err(TX))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Moves waiting frames from the backend into guest receive buffers. Returns true if any
+    /// buffer was used.
+    pub fn receive(&mut self, queues: &mut [Queue], mem: &GuestMem) -> Result<bool, DeviceError> {
+        let Some(q) = queues.get_mut(RX as usize) else {
+            return Ok(false);
+        };
+        let size = q.size();
+        let mut used = false;
+        loop {
+            let Some(dc) = q.pop_descriptor_chain(mem) else {
+                // Out of buffers: ask the guest to notify us when it adds some, then look once
+                // more to close the race with a buffer added just now.
+                if q.enable_notification(mem).map_err(Self::queue_err(RX))? {
+                    continue;
+                }
+                self.rx_has_buffers = false;
+                return Ok(used);
+            };
+            let c = chain::validate(dc, mem, size)?;
+            if c.readable_len() != 0 {
+                return Err(DeviceError::Direction {
+                    head: c.head,
+                    why: "receive chain has device-readable buffers",
+                });
+            }
+            let n = match self.backend.recv(&mut self.frame[NET_HDR_LEN..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing waiting (or a backend error): give the chain back.
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!("virtio-net: rx backend error: {e}");
+                    }
+                    q.go_to_previous_position();
+                    q.disable_notification(mem).map_err(Self::queue_err(RX))?;
+                    self.rx_has_buffers = true;
+                    return Ok(used);
+                }
+            };
+            let total = NET_HDR_LEN + n;
+            let written = if c.writable_len() >= total as u64 {
+                self.frame[..NET_HDR_LEN].fill(0);
+                // num_buffers = 1
+                self.frame[10] = 1;
+                c.write(mem, 0, &self.frame[..total])?;
+                self.stats.rx_frames += 1;
+                total as u32
+            } else {
+                self.stats.rx_dropped += 1;
+                0
+            };
+            q.add_used(mem, c.head, written)
+                .map_err(Self::queue_err(RX))?;
+            used = true;
+        }
+    }
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_MAC
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn activate(&mut self) {
+        self.rx_has_buffers = true;
+        if let Some(k) = &self.rx_kick {
+            let _ = k.write(1);
+        }
+    }
+    fn reset(&mut self) {
+        self.rx_has_buffers = true;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: u16,
+        queues: &mut [Queue],
+        mem: &GuestMem,
+    ) -> Result<bool, DeviceError> {
+        match index {
+            RX => {
+                self.rx_has_buffers = true;
+                if let Some(k) = &self.rx_kick {
+                    let _ = k.write(1);
+                }
+                Ok(false)
+            }
+            TX => match queues.get_mut(TX as usize) {
+                Some(q) => self.transmit(q, mem),
+                None => Ok(false),
+            },
+            _ => Ok(false),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! virtio-net backed by a tap device, with a receive thread.
+
+mod device;
+mod rx;
+mod tap;
+
+pub use device::{Net, NetBackend, NetStats, NET_HDR_LEN};
+pub use rx::RxThread;
+pub use tap::Tap;

@@ -1,0 +1,340 @@
+//! The vCPU thread: `KVM_RUN` in a loop, exits dispatched to the port and MMIO buses, and the
+//! pause/resume/stop protocol.
+//!
+//! Pausing: the controller sets `want_pause`, interrupts any platform-device wait, then kicks
+//! the vCPU: it sets `kvm_run.immediate_exit = 1` and sends `SIGRTMIN` to the vCPU thread. If the
+//! thread is inside `KVM_RUN` the signal makes it return `EINTR`; if it is between runs (for
+//! example finishing an MMIO exit), the next `KVM_RUN` completes the pending access and returns
+//! `EINTR` at once. Either way the vCPU parks only at an instruction boundary with no exit half
+//! done, which is what a state capture needs.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::bus::Bus;
+use crate::events::GuestEvents;
+
+/// Why a VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote its exit register (0 = clean shutdown, otherwise a guest panic code).
+    GuestExit(u64),
+    /// The guest faulted (triple fault, `hlt`, unexpected exit); `rip` is where it stopped.
+    GuestFault {
+        /// Guest instruction pointer at the fault.
+        rip: u64,
+        /// What happened.
+        what: String,
+    },
+    /// The host asked the VM to stop.
+    Stopped,
+    /// KVM itself failed.
+    Error(String),
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::GuestExit(0) => write!(f, "guest shut down cleanly"),
+            VmExit::GuestExit(c) => write!(f, "guest stopped with exit code {c:#x}"),
+            VmExit::GuestFault { rip, what } => write!(f, "guest fault at rip {rip:#x}: {what}"),
+            VmExit::Stopped => write!(f, "stopped by the host"),
+            VmExit::Error(e) => write!(f, "KVM error: {e}"),
+        }
+    }
+}
+
+/// Run-state of the vCPU as seen by the controller.
+#[derive(Debug, Default)]
+struct CtlState {
+    want_pause: bool,
+    paused: bool,
+    stop: Option<VmExit>,
+    exited: Option<VmExit>,
+}
+
+/// Interrupts a vCPU thread out of `KVM_RUN`.
+struct Kicker {
+    immediate_exit: *mut u8,
+    thread: libc::pthread_t,
+}
+
+// SAFETY: `immediate_exit` points into the vCPU's `kvm_run` mapping, which lives as long as
+// the `VcpuFd`; the vCPU thread keeps the `VcpuFd` alive until after it has marked itself
+// exited under the control lock, and `kick` only runs under that lock while not exited.
+unsafe impl Send for Kicker {}
+
+impl Kicker {
+    fn kick(&self) {
+        // SAFETY: see the `Send` impl: the pointer is valid while the thread has not exited,
+        // which the caller guarantees by holding the control lock. The byte is only ever
+        // accessed atomically by us and read by KVM on entry.
+        unsafe { AtomicU8::from_ptr(self.immediate_exit).store(1, Ordering::SeqCst) };
+        // SAFETY: `thread` is the pthread handle of a thread that has not been joined yet.
+        unsafe { libc::pthread_kill(self.thread, SIGRTMIN()) };
+    }
+}
+
+/// Shared control block between the VM's owner and its vCPU thread.
+pub struct Control {
+    state: Mutex<CtlState>,
+    cv: Condvar,
+    stop_flag: AtomicBool,
+    events: Arc<GuestEvents>,
+    kicker: Mutex<Option<Kicker>>,
+}
+
+impl Control {
+    /// A control block for a VM whose devices signal through `events`.
+    pub fn new(events: Arc<GuestEvents>) -> Self {
+        Control {
+            state: Mutex::new(CtlState::default()),
+            cv: Condvar::new(),
+            stop_flag: AtomicBool::new(false),
+            events,
+            kicker: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CtlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kick(&self, s: &CtlState) {
+        if s.exited.is_none() {
+            if let Some(k) = self
+                .kicker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                k.kick();
+            }
+        }
+    }
+
+    /// Asks the vCPU to stop with `reason` (the first reason wins).
+    fn request_stop(&self, reason: VmExit) {
+        let mut s = self.lock();
+        if s.stop.is_none() {
+            s.stop = Some(reason);
+        }
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.events.set_interrupted(true);
+        self.kick(&s);
+        self.cv.notify_all();
+    }
+
+    /// Called by the platform device when the guest writes its exit register.
+    pub fn request_guest_exit(&self, code: u64) {
+        self.request_stop(VmExit::GuestExit(code));
+    }
+
+    /// Stops the VM from the host side.
+    pub fn stop(&self) {
+        self.request_stop(VmExit::Stopped);
+    }
+
+    /// Pauses the vCPU and returns once it is parked at an instruction boundary. Returns the
+    /// exit reason instead if the VM has already stopped.
+    pub fn pause(&self) -> Result<(), VmExit> {
+        let mut s = self.lock();
+        if let Some(e) = &s.exited {
+            return Err(e.clone());
+        }
+        s.want_pause = true;
+        self.events.set_interrupted(true);
+        self.kick(&s);
+        while !s.paused && s.exited.is_none() {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        match &s.exited {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.want_pause = false;
+        if s.stop.is_none() {
+            self.events.set_interrupted(false);
+        }
+        self.cv.notify_all();
+        drop(s);
+    }
+
+    /// True while the vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// The exit reason once the vCPU thread has ended.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.lock().exited.clone()
+    }
+
+    /// Blocks until the vCPU thread has ended and returns why.
+    pub fn wait_exit(&self) -> VmExit {
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.exited {
+                return e.clone();
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// vCPU side after `EINTR`: park while a pause is wanted. Returns a stop reason if the vCPU
+    /// must end.
+    fn park_if_asked(&self) -> Option<VmExit> {
+        let mut s = self.lock();
+        if s.want_pause && s.stop.is_none() {
+            s.paused = true;
+            self.cv.notify_all();
+            while s.want_pause && s.stop.is_none() {
+                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.paused = false;
+        }
+        s.stop.clone()
+    }
+
+    fn mark_exited(&self, reason: VmExit) {
+        let mut s = self.lock();
+        s.exited = Some(reason);
+        s.paused = false;
+        *self.kicker.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.cv.notify_all();
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal exists only to make KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<(), String> {
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            register_signal_handler(SIGRTMIN(), kick_handler)
+                .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"))
+        })
+        .clone()
+}
+
+/// An exit copied out of `kvm_run` so the vCPU can be used again while handling it.
+enum Owned {
+    Done,
+    Fault(&'static str),
+    Unexpected(String),
+    FailEntry(u64),
+    Intr,
+    Again,
+    Error(String),
+}
+
+/// Runs `vcpu` until the VM stops; returns the vCPU (so its `kvm_run` mapping outlives any
+/// kick) and the reason.
+pub fn run(mut vcpu: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, control: Arc<Control>) -> VcpuFd {
+    let reason = run_loop(&mut vcpu, &pio, &mmio, &control);
+    control.mark_exited(reason);
+    vcpu
+}
+
+/// Registers the calling thread as the target of kicks for `vcpu`.
+fn register_kicker(vcpu: &mut VcpuFd, control: &Control) -> Result<(), String> {
+    install_kick_handler()?;
+    let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
+    // SAFETY: `run` points to the live kvm_run mapping of `vcpu`; we only take the address of
+    // one of its fields.
+    let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+    let kicker = Kicker {
+        immediate_exit,
+        // SAFETY: pthread_self has no preconditions.
+        thread: unsafe { libc::pthread_self() },
+    };
+    *control.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(kicker);
+    Ok(())
+}
+
+fn run_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> VmExit {
+    if let Err(e) = register_kicker(vcpu, control) {
+        return VmExit::Error(e);
+    }
+    // A stop or pause requested before the kicker existed must still be seen.
+    vcpu.set_kvm_immediate_exit(1);
+    loop {
+        if control.stop_flag.load(Ordering::SeqCst) {
+            if let Some(r) = control.park_if_asked() {
+                return r;
+            }
+        }
+        let owned = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                pio.write(u64::from(port), data);
+                Owned::Done
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                pio.read(u64::from(port), data);
+                Owned::Done
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    tracing::debug!("unclaimed MMIO read at {addr:#x}");
+                }
+                Owned::Done
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    tracing::debug!("unclaimed MMIO write at {addr:#x}");
+                }
+                Owned::Done
+            }
+            Ok(VcpuExit::Shutdown) => Owned::Fault(
+                "triple fault (KVM_EXIT_SHUTDOWN): the guest took an exception it cannot handle",
+            ),
+            Ok(VcpuExit::Hlt) => Owned::Fault("the guest executed hlt"),
+            Ok(VcpuExit::FailEntry(reason, _)) => Owned::FailEntry(reason),
+            Ok(VcpuExit::InternalError) => Owned::Fault("KVM internal error (emulation failure)"),
+            Ok(VcpuExit::Intr) => Owned::Intr,
+            Ok(other) => Owned::Unexpected(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR => Owned::Intr,
+            Err(e) if e.errno() == libc::EAGAIN => Owned::Again,
+            Err(e) => Owned::Error(e.to_string()),
+        };
+        match owned {
+            Owned::Done | Owned::Again => {}
+            Owned::Intr => {
+                vcpu.set_kvm_immediate_exit(0);
+                if let Some(r) = control.park_if_asked() {
+                    return r;
+                }
+            }
+            Owned::Fault(what) => {
+                return VmExit::GuestFault {
+                    rip: rip(vcpu),
+                    what: what.to_string(),
+                }
+            }
+            Owned::Unexpected(what) => {
+                return VmExit::GuestFault {
+                    rip: rip(vcpu),
+                    what: format!("unexpected VM exit {what}"),
+                }
+            }
+            Owned::FailEntry(reason) => {
+                return VmExit::Error(format!("VM entry failed, hardware reason {reason:#x}"))
+            }
+            Owned::Error(e) => return VmExit::Error(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+fn rip(vcpu: &VcpuFd) -> u64 {
+    vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+}
