@@ -7,6 +7,7 @@
 
 mod disk;
 mod guest_config;
+mod kv;
 mod run;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ struct Cli {
 enum Cmd {
     /// Boot a guest in a new VM and run it until it stops (SIGINT/SIGTERM stop it cleanly).
     Run(run::RunArgs),
+    /// Send requests to a guest's key-value service and print the answers.
+    Kv(kv::KvArgs),
     /// Disk image tools.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Disk(d) => disk::main(d),
+        Cmd::Kv(a) => kv::main(a),
     };
     match result {
         Ok(code) => code,

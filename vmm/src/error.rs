@@ -8,20 +8,19 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Everything that can go wrong while building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// `/dev/kvm` does not exist on this host.
-    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd or enable nested virtualization)")]
-    KvmMissing,
-    /// `/dev/kvm` exists but cannot be opened by this user.
-    #[error("permission denied opening /dev/kvm: run as root or add this user to the 'kvm' group")]
-    KvmPermission,
+    /// The KVM device node does not exist on this host.
+    #[error("{0} does not exist: this host has no KVM (load kvm_intel/kvm_amd or enable nested virtualization)")]
+    KvmMissing(String),
+    /// The KVM device node exists but cannot be opened by this user.
+    #[error("permission denied opening {0}: run as root or add this user to the 'kvm' group")]
+    KvmPermission(String),
     /// Any other KVM ioctl failure.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed: {err}")]
     Kvm {
         /// Which operation failed.
         op: &'static str,
         /// The errno KVM returned.
-        #[source]
-        source: kvm_ioctls::Error,
+        err: kvm_ioctls::Error,
     },
     /// The requested guest memory size is not usable.
     #[error("guest memory of {mib} MiB is invalid: {why}")]
@@ -35,25 +34,23 @@ pub enum Error {
     #[error("cannot map guest memory: {0}")]
     MemoryMap(String),
     /// The guest ELF file could not be read.
-    #[error("cannot read guest ELF {path}: {source}")]
+    #[error("cannot read guest ELF {path}: {err}")]
     GuestRead {
         /// The path given.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The guest ELF file is not a loadable image for this VMM.
     #[error("malformed guest ELF: {0}")]
-    GuestElf(#[from] crate::loader::ElfError),
+    GuestElf(crate::loader::ElfError),
     /// The disk image could not be opened.
-    #[error("cannot open disk {path}: {source}")]
+    #[error("cannot open disk {path}: {err}")]
     Disk {
         /// The path given.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The tap device could not be opened.
     #[error("cannot open tap device '{name}': {why}")]
@@ -71,9 +68,18 @@ pub enum Error {
     GuestConfig(String),
 }
 
+impl From<crate::loader::ElfError> for Error {
+    fn from(e: crate::loader::ElfError) -> Self {
+        Error::GuestElf(e)
+    }
+}
+
+// The messages above already carry their cause, so no variant declares a `#[source]`: a
+// printed error chain would otherwise repeat it.
+
 impl Error {
     /// Helper to wrap a KVM error with the name of the operation.
     pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-        move |source| Error::Kvm { op, source }
+        move |err| Error::Kvm { op, err }
     }
 }

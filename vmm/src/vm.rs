@@ -62,17 +62,24 @@ pub struct Vm {
     thread: Option<JoinHandle<VcpuFd>>,
 }
 
-/// Opens `/dev/kvm` with a clear error when it is missing or not permitted.
+/// Environment variable naming another KVM device node (default `/dev/kvm`).
+pub const KVM_DEVICE_ENV: &str = "VMATRIX_KVM_DEVICE";
+
+/// Opens `/dev/kvm` (or `$VMATRIX_KVM_DEVICE`) with a clear error when it is missing or not
+/// permitted.
 pub fn open_kvm() -> Result<Kvm> {
-    match Kvm::new() {
+    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
+    let cpath =
+        std::ffi::CString::new(path.clone()).map_err(|_| Error::KvmMissing(path.clone()))?;
+    match Kvm::new_with_path(cpath) {
         Ok(k) => Ok(k),
-        Err(e) if e.errno() == libc::ENOENT => Err(Error::KvmMissing),
+        Err(e) if e.errno() == libc::ENOENT => Err(Error::KvmMissing(path)),
         Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
-            Err(Error::KvmPermission)
+            Err(Error::KvmPermission(path))
         }
         Err(e) => Err(Error::Kvm {
             op: "open /dev/kvm",
-            source: e,
+            err: e,
         }),
     }
 }
@@ -82,22 +89,23 @@ impl Vm {
     /// guest and wires the devices. The vCPU does not run until [`Vm::start`].
     pub fn new(cfg: VmConfig) -> Result<Vm> {
         let kvm = open_kvm()?;
-        let elf = std::fs::read(&cfg.guest_elf).map_err(|source| Error::GuestRead {
+        let elf = std::fs::read(&cfg.guest_elf).map_err(|err| Error::GuestRead {
             path: cfg.guest_elf.clone(),
-            source,
+            err,
         })?;
         let mem_size = cfg.mem_mib.saturating_mul(1 << 20);
         memory::check_size(cfg.mem_mib)?;
         let image = loader::parse(&elf, mem_size)?;
-        let disk = match &cfg.disk {
-            Some(p) => Some(OpenOptions::new().read(true).write(true).open(p).map_err(
-                |source| Error::Disk {
-                    path: p.clone(),
-                    source,
-                },
-            )?),
-            None => None,
-        };
+        let disk =
+            match &cfg.disk {
+                Some(p) => Some(OpenOptions::new().read(true).write(true).open(p).map_err(
+                    |err| Error::Disk {
+                        path: p.clone(),
+                        err,
+                    },
+                )?),
+                None => None,
+            };
         let tap = cfg.tap.as_deref().map(Tap::open).transpose()?;
 
         let mem = memory::create(cfg.mem_mib)?;
@@ -165,9 +173,9 @@ impl Vm {
         }
         let blk = match disk {
             Some(f) => {
-                let b = Block::new(f, "vmatrix-disk").map_err(|source| Error::Disk {
+                let b = Block::new(f, "vmatrix-disk").map_err(|err| Error::Disk {
                     path: cfg.disk.clone().unwrap_or_default(),
-                    source,
+                    err,
                 })?;
                 Some(Arc::new(Mutex::new(MmioTransport::new(
                     b,
@@ -259,6 +267,18 @@ impl Vm {
         self.net
             .as_ref()
             .map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).device().stats())
+    }
+}
+
+impl Vm {
+    /// Block requests completed, if the VM has a disk.
+    pub fn blk_completed(&self) -> Option<u64> {
+        self.blk.as_ref().map(|b| {
+            b.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .completed
+        })
     }
 }
 
