@@ -23,13 +23,19 @@ pub struct KvArgs {
 
 fn connect(addr: SocketAddr, wait: Duration) -> anyhow::Result<TcpStream> {
     let deadline = std::time::Instant::now() + wait;
+    // Short first attempts (a booting guest answers within milliseconds, and a lost SYN would
+    // otherwise cost the kernel's 1 s retransmit), growing up to 1 s for slow links.
+    let mut attempt = Duration::from_millis(20);
     loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        match TcpStream::connect_timeout(&addr, attempt) {
             Ok(s) => return Ok(s),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(e).with_context(|| format!("cannot connect to {addr}"))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                attempt = (attempt * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }

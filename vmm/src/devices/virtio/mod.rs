@@ -10,6 +10,10 @@ pub mod blk;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod test_utils;
+#[cfg(test)]
+mod mmio_tests;
 
 use virtio_queue::Queue;
 

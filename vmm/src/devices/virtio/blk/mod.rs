@@ -3,3 +3,6 @@
 mod device;
 
 pub use device::{Block, BLK_ID_LEN, SECTOR_SIZE};
+
+#[cfg(test)]
+mod tests;

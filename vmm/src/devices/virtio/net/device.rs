@@ -103,7 +103,6 @@ impl<B: NetBackend> Net<B> {
 
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMem) -> Result<bool, DeviceError> {
         let size = q.size();
-        let mut used = false;
         while let Some(dc) = q.pop_descriptor_chain(mem) {
             let c = chain::validate(dc, mem, size)?;
             if c.writable_len() != 0 {
@@ -130,9 +129,9 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             q.add_used(mem, c.head, 0).map_err(Self::queue_err(TX))?;
-            used = true;
         }
-        Ok(used)
+        // Transmit completions need no wake-up: the driver reclaims them when it next sends.
+        Ok(false)
     }
 
     /// Moves waiting frames from the backend into guest receive buffers. Returns true if any

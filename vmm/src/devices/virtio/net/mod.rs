@@ -7,3 +7,6 @@ mod tap;
 pub use device::{Net, NetBackend, NetStats, NET_HDR_LEN};
 pub use rx::RxThread;
 pub use tap::Tap;
+
+#[cfg(test)]
+mod tests;

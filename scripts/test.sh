@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# README's second command: the whole test suite on real KVM, taps and network namespaces.
+# Lints first (rustfmt, clippy with warnings as errors), then every test of the workspace.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+ensure_packages
+build_guest
+step "rustfmt and clippy"
+cargo fmt --all -- --check
+(cd guest && cargo fmt -- --check)
+cargo clippy --locked --workspace --all-targets -- -D warnings
+step "tests (unit, device models, KVM integration)"
+cargo test --locked --workspace

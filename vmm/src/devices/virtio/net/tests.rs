@@ -1,0 +1,142 @@
+//! virtio-net against queues in plain memory with an in-memory backend.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::device::{Net, NetBackend, NET_HDR_LEN};
+use crate::devices::virtio::test_utils::*;
+use crate::devices::virtio::{DeviceError, VirtioDevice};
+
+#[derive(Default)]
+struct Loop {
+    sent: Vec<Vec<u8>>,
+    incoming: VecDeque<Vec<u8>>,
+}
+
+impl NetBackend for Loop {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.sent.push(frame.to_vec());
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.incoming.pop_front() {
+            Some(f) => {
+                buf[..f.len()].copy_from_slice(&f);
+                Ok(f.len())
+            }
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+fn frame(n: usize, fill: u8) -> Vec<u8> {
+    vec![fill; n]
+}
+
+#[test]
+fn transmit_strips_the_header() {
+    let mem = mem();
+    let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(DATA)).unwrap();
+    mem.write_slice(&frame(60, 7), GuestAddress(DATA + NET_HDR_LEN as u64)).unwrap();
+    // Header and frame split over two descriptors.
+    d.desc(&mem, 0, DATA, NET_HDR_LEN as u32, F_NEXT, 1);
+    d.desc(&mem, 1, DATA + NET_HDR_LEN as u64, 60, 0, 0);
+    d.push(&mem, 0);
+    net.process_queue(1, &mut qs, &mem).unwrap();
+    assert_eq!(net.backend_mut().sent, vec![frame(60, 7)]);
+    assert_eq!(net.stats().tx_frames, 1);
+    assert_eq!(d.used_idx(&mem), 1);
+}
+
+#[test]
+fn receive_prepends_the_header_and_waits_for_buffers() {
+    let mem = mem();
+    let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    net.backend_mut().incoming.push_back(frame(100, 9));
+    net.backend_mut().incoming.push_back(frame(50, 8));
+    // One buffer: the second frame must stay in the backend.
+    d.desc(&mem, 0, DATA, 2048, F_WRITE, 0);
+    d.push(&mem, 0);
+    assert_eq!(net.receive(&mut qs, &mem), Ok(true));
+    assert_eq!(d.used(&mem, 0), (0, (NET_HDR_LEN + 100) as u32));
+    let mut hdr = [0xffu8; NET_HDR_LEN];
+    mem.read_slice(&mut hdr, GuestAddress(DATA)).unwrap();
+    assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert!(!net.rx_has_buffers());
+    assert_eq!(net.backend_mut().incoming.len(), 1);
+    // A second buffer arrives; the waiting frame is delivered.
+    d.desc(&mem, 1, DATA + 0x1000, 2048, F_WRITE, 0);
+    d.push(&mem, 1);
+    assert_eq!(net.receive(&mut qs, &mem), Ok(true));
+    assert_eq!(d.used(&mem, 1), (1, (NET_HDR_LEN + 50) as u32));
+    assert_eq!(net.stats().rx_frames, 2);
+}
+
+#[test]
+fn receive_into_too_small_buffer_drops_the_frame() {
+    let mem = mem();
+    let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    net.backend_mut().incoming.push_back(frame(1500, 1));
+    d.desc(&mem, 0, DATA, 100, F_WRITE, 0);
+    d.push(&mem, 0);
+    let before = checksum_outside(&mem, &[(DESC, 0x4000)]);
+    assert_eq!(net.receive(&mut qs, &mem), Ok(true));
+    assert_eq!(d.used(&mem, 0), (0, 0));
+    assert_eq!(net.stats().rx_dropped, 1);
+    assert_eq!(checksum_outside(&mem, &[(DESC, 0x4000)]), before);
+}
+
+#[test]
+fn malformed_chains_are_device_errors() {
+    let mem = mem();
+    let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    // TX chain with a writable buffer.
+    d.desc(&mem, 0, DATA, 64, F_WRITE, 0);
+    d.push(&mem, 0);
+    let e = net.process_queue(1, &mut qs, &mem).unwrap_err();
+    assert!(matches!(e, DeviceError::Direction { .. }), "{e}");
+    assert!(net.backend_mut().sent.is_empty());
+
+    // TX chain out of guest memory.
+    let mut qs = [queue(&mem), queue(&mem)];
+    let mut d = Driver::new();
+    d.desc(&mem, 0, MEM_SIZE as u64 - 10, 64, 0, 0);
+    d.push(&mem, 0);
+    let e = net.process_queue(1, &mut qs, &mem).unwrap_err();
+    assert!(matches!(e, DeviceError::OutOfRange { .. }), "{e}");
+
+    // TX loop.
+    let mut qs = [queue(&mem), queue(&mem)];
+    let mut d = Driver::new();
+    d.desc(&mem, 0, DATA, 64, F_NEXT, 1);
+    d.desc(&mem, 1, DATA, 64, F_NEXT, 0);
+    d.push(&mem, 0);
+    let e = net.process_queue(1, &mut qs, &mem).unwrap_err();
+    assert!(matches!(e, DeviceError::Loop { .. }), "{e}");
+
+    // RX chain with a readable buffer: nothing written.
+    let mut qs = [queue(&mem), queue(&mem)];
+    let mut d = Driver::new();
+    net.backend_mut().incoming.push_back(frame(60, 3));
+    d.desc(&mem, 0, DATA, 2048, 0, 0);
+    d.push(&mem, 0);
+    let before = checksum_outside(&mem, &[(DESC, 0x4000)]);
+    let e = net.receive(&mut qs, &mem).unwrap_err();
+    assert!(matches!(e, DeviceError::Direction { .. }), "{e}");
+    assert_eq!(checksum_outside(&mem, &[(DESC, 0x4000)]), before);
+    assert_eq!(net.backend_mut().incoming.len(), 1, "frame not consumed");
+}
