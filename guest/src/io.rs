@@ -49,6 +49,15 @@ pub fn read8(addr: u64) -> u8 {
     v
 }
 
+/// Port-I/O byte read.
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: the TSS I/O bitmap opens every port to ring 3; reading a UART register has no
+    // effect on memory.
+    unsafe { core::arch::asm!("in al, dx", out("al") v, in("dx") port, options(nostack, nomem)) };
+    v
+}
+
 /// Writes `buf` to the serial port in one string-I/O instruction (one VM exit per page).
 pub fn console_write(buf: &[u8]) {
     if buf.is_empty() {

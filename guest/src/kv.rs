@@ -2,7 +2,8 @@
 //!
 //! `SET <key> <value>` → `OK` (after the write is on disk), `GET <key>` → `VALUE <value>` or
 //! `NOTFOUND`, `COUNT` → `COUNT <n>` (keys stored), `CHURN <pages> <pages_per_ms>` → `OK`,
-//! `STATS` → counters, anything else → `ERR <why>`. Keys and values are 1..=255 printable
+//! `STATS` → counters, `EXITBENCH <n>` → mean cost of an MMIO and a port-I/O exit,
+//! anything else → `ERR <why>`. Keys and values are 1..=255 printable
 //! bytes without spaces.
 
 use alloc::collections::BTreeMap;
@@ -21,6 +22,8 @@ pub enum Request<'a> {
     Churn(usize, u64),
     /// Counters.
     Stats,
+    /// Measure the cost of `n` MMIO and `n` port-I/O exits.
+    ExitBench(u32),
 }
 
 fn valid_token(t: &[u8]) -> bool {
@@ -58,6 +61,10 @@ pub fn parse(line: &[u8]) -> Result<Request<'_>, &'static str> {
             _ => return Err("usage: CHURN <pages> <pages_per_ms>"),
         },
         (b"CHURN", _) => return Err("usage: CHURN <pages> <pages_per_ms>"),
+        (b"EXITBENCH", [n]) => match number::<u32>(n) {
+            Some(n) if (1..=1_000_000).contains(&n) => Request::ExitBench(n),
+            _ => return Err("usage: EXITBENCH <1..1000000>"),
+        },
         _ => return Err("unknown command"),
     };
     Ok(req)

@@ -96,6 +96,7 @@ extern "C" fn guest_main() -> ! {
         m[0], m[1], m[2], m[3], m[4], m[5], cfg.ip, cfg.prefix, cfg.gw
     );
     let mut server = server::Server::new(net, &cfg, store, log);
+    server.announce(cfg.ip);
     println!("vmatrix-guest: ready on {}:{}", cfg.ip, cfg.port);
     server.run()
 }

@@ -63,6 +63,20 @@ pub struct Server {
     stats: Stats,
 }
 
+/// Mean ns per exit of `n` MMIO reads (platform magic) and `n` port reads (COM1 LSR).
+fn exit_bench(n: u32) -> (u64, u64) {
+    let t0 = platform::clock_ns();
+    for _ in 0..n {
+        let _ = crate::io::read32(crate::layout::PLATFORM);
+    }
+    let t1 = platform::clock_ns();
+    for _ in 0..n {
+        let _ = crate::io::inb(crate::layout::SERIAL_PORT + 5);
+    }
+    let t2 = platform::clock_ns();
+    ((t1 - t0) / u64::from(n), (t2 - t1) / u64::from(n))
+}
+
 fn now() -> Instant {
     Instant::from_micros((platform::clock_ns() / 1000) as i64)
 }
@@ -109,6 +123,27 @@ impl Server {
             failed_batches: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Broadcasts a gratuitous ARP so neighbours (and a switch after a failover or restore)
+    /// learn where this address lives now.
+    pub fn announce(&mut self, ip: core::net::Ipv4Addr) {
+        use smoltcp::phy::{Device, TxToken};
+        let mac = self.net.mac;
+        if let Some(tx) = self.net.transmit(now()) {
+            tx.consume(42, |f| {
+                f[0..6].fill(0xff);
+                f[6..12].copy_from_slice(&mac);
+                f[12..14].copy_from_slice(&[0x08, 0x06]);
+                // htype 1, ptype IPv4, hlen 6, plen 4, op 1 (request)
+                f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+                f[22..28].copy_from_slice(&mac);
+                f[28..32].copy_from_slice(&ip.octets());
+                f[32..38].fill(0);
+                f[38..42].copy_from_slice(&ip.octets());
+            });
+        }
+        self.net.flush();
     }
 
     /// Serves forever.
@@ -195,6 +230,12 @@ impl Server {
                     platform::clock_ns() / 1_000_000
                 );
                 Held::Bytes(s.into_bytes())
+            }
+            Ok(Request::ExitBench(n)) => {
+                let (mmio, pio) = exit_bench(n);
+                Held::Bytes(
+                    alloc::format!("EXITBENCH n={n} mmio_ns={mmio} pio_ns={pio}\n").into_bytes(),
+                )
             }
             Err(e) => Held::Bytes(alloc::format!("ERR {e}\n").into_bytes()),
         };

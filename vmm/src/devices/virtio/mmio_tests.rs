@@ -24,7 +24,11 @@ fn bring_up(t: &mut MmioTransport<Block>) {
     w(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
     w(t, regs::DRIVER_FEATURES_SEL, 1);
     w(t, regs::DRIVER_FEATURES, 1); // VERSION_1
-    w(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w(
+        t,
+        regs::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     assert_ne!(r(t, regs::STATUS) & status::FEATURES_OK, 0);
     w(t, regs::QUEUE_SEL, 0);
     w(t, regs::QUEUE_NUM, u32::from(QSIZE));
@@ -32,7 +36,11 @@ fn bring_up(t: &mut MmioTransport<Block>) {
     w(t, regs::QUEUE_DRIVER_LOW, AVAIL as u32);
     w(t, regs::QUEUE_DEVICE_LOW, USED as u32);
     w(t, regs::QUEUE_READY, 1);
-    w(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    w(
+        t,
+        regs::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     assert!(t.is_active());
 }
 
@@ -41,13 +49,21 @@ fn identity_registers_and_feature_refusal() {
     let mem = mem();
     let f = tempfile::tempfile().unwrap();
     f.set_len(4096).unwrap();
-    let mut t = MmioTransport::new(Block::new(f, "x").unwrap(), mem, Arc::new(GuestEvents::default()));
+    let mut t = MmioTransport::new(
+        Block::new(f, "x").unwrap(),
+        mem,
+        Arc::new(GuestEvents::default()),
+    );
     assert_eq!(r(&mut t, regs::MAGIC), MMIO_MAGIC);
     assert_eq!(r(&mut t, regs::VERSION), 2);
     assert_eq!(r(&mut t, regs::DEVICE_ID), 2);
     // A driver that does not accept VERSION_1 is refused FEATURES_OK.
     w(&mut t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    w(&mut t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w(
+        &mut t,
+        regs::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     assert_eq!(r(&mut t, regs::STATUS) & status::FEATURES_OK, 0);
 }
 
@@ -68,7 +84,11 @@ fn device_error_sets_needs_reset_and_freezes_until_reset() {
     w(&mut t, regs::QUEUE_NOTIFY, 0);
     assert_ne!(r(&mut t, regs::STATUS) & status::NEEDS_RESET, 0);
     assert!(t.last_error().unwrap().to_string().contains("loops"));
-    assert_ne!(r(&mut t, regs::INTERRUPT_STATUS) & 2, 0, "config interrupt raised");
+    assert_ne!(
+        r(&mut t, regs::INTERRUPT_STATUS) & 2,
+        0,
+        "config interrupt raised"
+    );
     assert_ne!(events.seq(), seq, "guest woken");
 
     // While frozen, a good request is not processed.

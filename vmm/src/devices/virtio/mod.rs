@@ -9,11 +9,11 @@
 pub mod blk;
 pub mod chain;
 pub mod mmio;
+#[cfg(test)]
+mod mmio_tests;
 pub mod net;
 #[cfg(test)]
 mod test_utils;
-#[cfg(test)]
-mod mmio_tests;
 
 use virtio_queue::Queue;
 

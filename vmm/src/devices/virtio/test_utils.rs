@@ -45,9 +45,11 @@ impl Driver {
     /// Makes chain `head` available.
     pub fn push(&mut self, mem: &GuestMem, head: u16) {
         let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(AVAIL + 4 + slot * 2)).unwrap();
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+            .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
     }
 
     /// The used ring's index.
@@ -58,7 +60,10 @@ impl Driver {
     /// Used element `n`: (id, len).
     pub fn used(&self, mem: &GuestMem, n: u16) -> (u32, u32) {
         let e = USED + 4 + u64::from(n % QSIZE) * 8;
-        (mem.read_obj(GuestAddress(e)).unwrap(), mem.read_obj(GuestAddress(e + 4)).unwrap())
+        (
+            mem.read_obj(GuestAddress(e)).unwrap(),
+            mem.read_obj(GuestAddress(e + 4)).unwrap(),
+        )
     }
 }
 

@@ -115,7 +115,11 @@ fn malformed(setup: impl FnOnce(&crate::memory::GuestMem, &Driver)) -> DeviceErr
     d.push(&mem, 0);
     let err = run(&mut b, &mem).expect_err("malformed chain must be refused");
     assert_eq!(file_bytes(&mut f), before_disk, "disk must not change");
-    assert_eq!(checksum_outside(&mem, &[(DESC, 0x4000)]), before_mem, "no stray writes");
+    assert_eq!(
+        checksum_outside(&mem, &[(DESC, 0x4000)]),
+        before_mem,
+        "no stray writes"
+    );
     assert_eq!(d.used_idx(&mem), 0, "a refused chain is not completed");
     err
 }

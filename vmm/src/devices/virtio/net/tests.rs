@@ -44,8 +44,10 @@ fn transmit_strips_the_header() {
     let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
     let mut d = Driver::new();
     let mut qs = [queue(&mem), queue(&mem)];
-    mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(DATA)).unwrap();
-    mem.write_slice(&frame(60, 7), GuestAddress(DATA + NET_HDR_LEN as u64)).unwrap();
+    mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(DATA))
+        .unwrap();
+    mem.write_slice(&frame(60, 7), GuestAddress(DATA + NET_HDR_LEN as u64))
+        .unwrap();
     // Header and frame split over two descriptors.
     d.desc(&mem, 0, DATA, NET_HDR_LEN as u32, F_NEXT, 1);
     d.desc(&mem, 1, DATA + NET_HDR_LEN as u64, 60, 0, 0);
