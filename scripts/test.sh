@@ -8,7 +8,7 @@ ensure_packages
 build_guest
 step "rustfmt and clippy"
 cargo fmt --all -- --check
-(cd guest && cargo fmt -- --check)
+(cd guest && cargo fmt -- --check && cargo clippy --locked --release -- -D warnings)
 cargo clippy --locked --workspace --all-targets -- -D warnings
 step "tests (unit, device models, KVM integration)"
 cargo test --locked --workspace

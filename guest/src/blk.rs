@@ -114,7 +114,7 @@ impl VirtioBlk {
     fn check(&self, sector: u64, len: usize) -> Result<(), BlkError> {
         let n = (len as u64).div_ceil(SECTOR);
         if len == 0
-            || len as u64 % SECTOR != 0
+            || !(len as u64).is_multiple_of(SECTOR)
             || sector.checked_add(n).is_none_or(|e| e > self.sectors)
         {
             return Err(BlkError::OutOfRange);

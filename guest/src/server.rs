@@ -9,7 +9,7 @@ use core::fmt::Write as _;
 use smoltcp::iface::{Config as IfConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use crate::churn::Churn;
 use crate::config::Config;
@@ -93,7 +93,7 @@ impl Server {
         if let Some(gw) = cfg.gw {
             let _ = iface
                 .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::from(gw));
+                .add_default_ipv4_route(gw);
         }
         let mut sockets = SocketSet::new(Vec::new());
         let mut conns = Vec::new();

@@ -99,7 +99,7 @@ impl Block {
                         why: "read request carries device-readable data buffers",
                     });
                 }
-                if data_in == 0 || data_in % SECTOR_SIZE != 0 || data_in > MAX_TRANSFER {
+                if data_in == 0 || !data_in.is_multiple_of(SECTOR_SIZE) || data_in > MAX_TRANSFER {
                     return Err(Self::malformed(
                         head,
                         format!("read data length {data_in} is not a non-zero multiple of 512 up to 4 MiB"),
@@ -128,7 +128,7 @@ impl Block {
                         why: "write request carries device-writable data buffers",
                     });
                 }
-                if data_out == 0 || data_out % SECTOR_SIZE != 0 || data_out > MAX_TRANSFER {
+                if data_out == 0 || !data_out.is_multiple_of(SECTOR_SIZE) || data_out > MAX_TRANSFER {
                     return Err(Self::malformed(
                         head,
                         format!("write data length {data_out} is not a non-zero multiple of 512 up to 4 MiB"),
