@@ -1,6 +1,8 @@
 //! Every bad input to `vmatrix run` / `vmatrix disk create` gives a clear message and a
 //! non-zero exit; a faulting guest ends the VM with the cause and the guest RIP.
 
+#[path = "../../vmm/tests/common/elf.rs"]
+mod elf;
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
@@ -188,37 +190,11 @@ fn bad_disk_create() {
     );
 }
 
-/// A minimal static ELF whose entry point is `code`, loaded at 2 MiB.
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 0x1000];
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[6] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    ph[16..24].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    ph[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
-
 fn run_tiny(code: &[u8]) -> Output {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let elf = dir.path().join("tiny.elf");
-    std::fs::write(&elf, tiny_elf(code)).unwrap();
+    std::fs::write(&elf, elf::tiny_elf(code)).unwrap();
     assert!(Path::new(&elf).exists());
     vmatrix(
         &["run", "--guest", elf.to_str().unwrap(), "--mem-mib", "16"],

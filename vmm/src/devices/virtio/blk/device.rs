@@ -128,7 +128,8 @@ impl Block {
                         why: "write request carries device-writable data buffers",
                     });
                 }
-                if data_out == 0 || !data_out.is_multiple_of(SECTOR_SIZE) || data_out > MAX_TRANSFER {
+                if data_out == 0 || !data_out.is_multiple_of(SECTOR_SIZE) || data_out > MAX_TRANSFER
+                {
                     return Err(Self::malformed(
                         head,
                         format!("write data length {data_out} is not a non-zero multiple of 512 up to 4 MiB"),

@@ -1,0 +1,2 @@
+//! Helpers shared by the vmm integration tests.
+pub mod elf;
