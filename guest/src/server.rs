@@ -91,9 +91,7 @@ impl Server {
             let _ = a.push(IpCidr::new(cfg.ip.into(), cfg.prefix));
         });
         if let Some(gw) = cfg.gw {
-            let _ = iface
-                .routes_mut()
-                .add_default_ipv4_route(gw);
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
         }
         let mut sockets = SocketSet::new(Vec::new());
         let mut conns = Vec::new();
