@@ -5,9 +5,11 @@
 
 #![forbid(unsafe_code)]
 
+mod control;
 mod disk;
 mod guest_config;
 mod kv;
+mod restore;
 mod run;
 
 use std::process::ExitCode;
@@ -29,6 +31,10 @@ struct Cli {
 enum Cmd {
     /// Boot a guest in a new VM and run it until it stops (SIGINT/SIGTERM stop it cleanly).
     Run(run::RunArgs),
+    /// Start a VM from a snapshot directory in this new process.
+    Restore(restore::RestoreArgs),
+    /// Control a running VM through its --control socket.
+    Ctl(control::CtlArgs),
     /// Send requests to a guest's key-value service and print the answers.
     Kv(kv::KvArgs),
     /// Disk image tools.
@@ -48,6 +54,8 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(a),
         Cmd::Disk(d) => disk::main(d),
         Cmd::Kv(a) => kv::main(a),
+        Cmd::Restore(a) => restore::main(a),
+        Cmd::Ctl(a) => control::main(a),
     };
     match result {
         Ok(code) => code,

@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Write the guest console to this file instead of stdout.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// Serve pause/resume/snapshot/status on this Unix socket (see `vmatrix ctl`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -71,6 +74,21 @@ pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The console sink: a log file (appended) or stdout.
+pub fn console(path: Option<PathBuf>) -> anyhow::Result<ConsoleOut> {
+    Ok(match path {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("cannot open console log {}", p.display()))?;
+            ConsoleOut::new(Box::new(f))
+        }
+        None => ConsoleOut::new(Box::new(std::io::stdout())),
+    })
+}
+
 /// Merges the file (if any) under the flags and builds a `VmConfig`.
 fn resolve(a: RunArgs) -> anyhow::Result<VmConfig> {
     let file = match &a.config {
@@ -93,17 +111,7 @@ fn resolve(a: RunArgs) -> anyhow::Result<VmConfig> {
         Some(m) => parse_mac(&m)?,
         None => DEFAULT_MAC,
     };
-    let console = match a.console_log.or(file.console_log) {
-        Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .with_context(|| format!("cannot open console log {}", p.display()))?;
-            ConsoleOut::new(Box::new(f))
-        }
-        None => ConsoleOut::new(Box::new(std::io::stdout())),
-    };
+    let console = console(a.console_log.or(file.console_log))?;
     let disk = a.disk.or(file.disk);
     if let Some(d) = &disk {
         if !d.is_file() {
@@ -125,27 +133,48 @@ fn resolve(a: RunArgs) -> anyhow::Result<VmConfig> {
 
 /// Runs the VM until it stops.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let control = a.control.clone();
     let cfg = resolve(a)?;
     let console = cfg.console.clone();
-    let mut vm = Vm::new(cfg)?;
-    let control = vm.control();
+    let vm = Arc::new(Vm::new(cfg)?);
+    supervise(vm, control.as_deref(), console, false)
+}
+
+/// Serves the control socket, starts the VM (parked if `paused`), stops it on SIGINT/SIGTERM,
+/// and turns its exit into the process exit code.
+pub fn supervise(
+    vm: Arc<Vm>,
+    control: Option<&std::path::Path>,
+    console: ConsoleOut,
+    paused: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(path) = control {
+        crate::control::serve(path, vm.clone())?;
+    }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("cannot install signal handlers")?;
     let handle = signals.handle();
-    let stopper = Arc::clone(&control);
+    let stopper = vm.control();
     let sig_thread = std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             stopper.stop();
         }
     });
-    vm.start()?;
+    if paused {
+        vm.start_paused()?;
+    } else {
+        vm.start()?;
+    }
     let exit = vm.wait();
     handle.close();
     let _ = sig_thread.join();
     console.flush_partial();
+    if let Some(path) = control {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("VM ended: {exit}");
     match exit {
         VmExit::GuestExit(0) | VmExit::Stopped => {

@@ -63,9 +63,18 @@ pub enum Error {
     /// A host resource (thread, eventfd, signal) failed.
     #[error("host resource failure: {0}")]
     Host(String),
+    /// A snapshot could not be used.
+    #[error("snapshot: {0}")]
+    Snapshot(crate::snapshot::SnapshotError),
     /// The guest configuration string is malformed.
     #[error("invalid guest config: {0}")]
     GuestConfig(String),
+}
+
+impl From<crate::snapshot::SnapshotError> for Error {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        Error::Snapshot(e)
+    }
 }
 
 impl From<crate::loader::ElfError> for Error {

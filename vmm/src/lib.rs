@@ -14,13 +14,17 @@
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod dirty;
 pub mod error;
 pub mod events;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod persist;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub use vm::{Vm, VmConfig, VmExit};
+pub use vm::{RestoreConfig, SnapshotKind, SnapshotStats, Vm, VmConfig, VmExit};

@@ -157,6 +157,25 @@ impl Control {
         }
     }
 
+    /// Makes the vCPU park as soon as it starts (restore with `--paused`).
+    pub fn pause_before_start(&self) {
+        let mut s = self.lock();
+        s.want_pause = true;
+        self.events.set_interrupted(true);
+    }
+
+    /// Waits until a pause requested with `pause_before_start` has taken effect.
+    pub fn wait_paused(&self) -> Result<(), VmExit> {
+        let mut s = self.lock();
+        while !s.paused && s.exited.is_none() {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        match &s.exited {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
     /// Lets a paused vCPU run again.
     pub fn resume(&self) {
         let mut s = self.lock();
@@ -238,12 +257,16 @@ enum Owned {
     Error(String),
 }
 
-/// Runs `vcpu` until the VM stops; returns the vCPU (so its `kvm_run` mapping outlives any
-/// kick) and the reason.
-pub fn run(mut vcpu: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, control: Arc<Control>) -> VcpuFd {
-    let reason = run_loop(&mut vcpu, &pio, &mmio, &control);
+/// Runs the vCPU until the VM stops. The thread holds the vCPU's lock while it runs and
+/// releases it while parked, so a controller can read or write vCPU state during a pause. The
+/// `Arc` keeps the `kvm_run` mapping alive for any kick until after the thread has exited.
+pub fn run(vcpu: Arc<Mutex<VcpuFd>>, pio: Arc<Bus>, mmio: Arc<Bus>, control: Arc<Control>) {
+    let reason = run_loop(&vcpu, &pio, &mmio, &control);
     control.mark_exited(reason);
-    vcpu
+}
+
+fn lock_vcpu(v: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Registers the calling thread as the target of kicks for `vcpu`.
@@ -262,8 +285,9 @@ fn register_kicker(vcpu: &mut VcpuFd, control: &Control) -> Result<(), String> {
     Ok(())
 }
 
-fn run_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> VmExit {
-    if let Err(e) = register_kicker(vcpu, control) {
+fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) -> VmExit {
+    let mut vcpu = lock_vcpu(shared);
+    if let Err(e) = register_kicker(&mut vcpu, control) {
         return VmExit::Error(e);
     }
     // A stop or pause requested before the kicker existed must still be seen.
@@ -311,19 +335,23 @@ fn run_loop(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> VmEx
             Owned::Done | Owned::Again => {}
             Owned::Intr => {
                 vcpu.set_kvm_immediate_exit(0);
-                if let Some(r) = control.park_if_asked() {
+                // Release the vCPU while parked so its state can be captured or restored.
+                drop(vcpu);
+                let stop = control.park_if_asked();
+                vcpu = lock_vcpu(shared);
+                if let Some(r) = stop {
                     return r;
                 }
             }
             Owned::Fault(what) => {
                 return VmExit::GuestFault {
-                    rip: rip(vcpu),
+                    rip: rip(&vcpu),
                     what: what.to_string(),
                 }
             }
             Owned::Unexpected(what) => {
                 return VmExit::GuestFault {
-                    rip: rip(vcpu),
+                    rip: rip(&vcpu),
                     what: format!("unexpected VM exit {what}"),
                 }
             }

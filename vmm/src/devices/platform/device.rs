@@ -55,17 +55,17 @@ pub mod regs {
 
 /// The platform device.
 pub struct Platform {
-    events: Arc<GuestEvents>,
-    control: Arc<Control>,
-    mem: GuestMem,
-    config: Vec<u8>,
-    generation: u64,
-    mem_size: u64,
+    pub(super) events: Arc<GuestEvents>,
+    pub(super) control: Arc<Control>,
+    pub(super) mem: GuestMem,
+    pub(super) config: Vec<u8>,
+    pub(super) generation: u64,
+    pub(super) mem_size: u64,
     /// Host instant at which the guest clock read `clock_base_ns`.
-    clock_origin: Instant,
-    clock_base_ns: u64,
-    seen_seq: u64,
-    last_wait: WaitOutcome,
+    pub(super) clock_origin: Instant,
+    pub(super) clock_base_ns: u64,
+    pub(super) seen_seq: u64,
+    pub(super) last_wait: WaitOutcome,
 }
 
 impl Platform {

@@ -84,7 +84,7 @@ impl Write for ConsoleOut {
 
 /// The COM1 device on the port bus.
 pub struct Serial {
-    uart: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleOut>,
+    pub(super) uart: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleOut>,
 }
 
 impl Serial {

@@ -86,7 +86,67 @@ pub struct MmioTransport<D: VirtioDevice> {
     last_error: Option<DeviceError>,
 }
 
+/// Borrowed view of a transport's fields, for persistence.
+pub(super) struct Parts<'a, D> {
+    pub device: &'a D,
+    pub queues: &'a [Queue],
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub activated: bool,
+    pub last_error: Option<&'a DeviceError>,
+}
+
 impl<D: VirtioDevice> MmioTransport<D> {
+    pub(super) fn parts(&self) -> Parts<'_, D> {
+        Parts {
+            device: &self.device,
+            queues: &self.queues,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            last_error: self.last_error.as_ref(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn from_parts(
+        device: D,
+        mem: GuestMem,
+        events: Arc<GuestEvents>,
+        queues: Vec<Queue>,
+        sels: [u32; 3],
+        driver_features: u64,
+        regs3: [u32; 3],
+        activated: bool,
+        last_error: Option<DeviceError>,
+    ) -> Self {
+        MmioTransport {
+            device,
+            mem,
+            events,
+            queues,
+            queue_sel: sels[0],
+            device_features_sel: sels[1],
+            driver_features_sel: sels[2],
+            driver_features,
+            status: regs3[0],
+            interrupt_status: regs3[1],
+            config_generation: regs3[2],
+            activated,
+            last_error,
+        }
+    }
+
     /// Wraps `device`; `events` is signalled whenever the guest should look at its queues.
     pub fn new(device: D, mem: GuestMem, events: Arc<GuestEvents>) -> Self {
         let queues = Self::fresh_queues(&device);

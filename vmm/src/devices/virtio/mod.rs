@@ -12,6 +12,7 @@ pub mod mmio;
 #[cfg(test)]
 mod mmio_tests;
 pub mod net;
+pub mod persist;
 #[cfg(test)]
 mod test_utils;
 
@@ -62,6 +63,12 @@ pub enum DeviceError {
         /// Head index.
         head: u16,
         /// What is wrong.
+        why: String,
+    },
+    /// Restored from a snapshot in which the device had already failed.
+    #[error("device failed before the snapshot: {why}")]
+    Frozen {
+        /// The original error.
         why: String,
     },
     /// The ring itself cannot be read or written (addresses outside guest memory).

@@ -31,12 +31,28 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
+/// Largest amount of write data recorded between two captures; beyond it the record is
+/// dropped and the next capture must copy the whole disk.
+const MAX_RECORDED: u64 = 256 << 20;
+
+/// Guest writes recorded since the last capture, in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DiskWrites {
+    /// (byte offset, data), in the order the guest wrote them.
+    pub writes: Vec<(u64, Vec<u8>)>,
+    /// Total bytes in `writes`.
+    pub bytes: u64,
+    /// More than `MAX_RECORDED` bytes were written: `writes` is incomplete.
+    pub overflowed: bool,
+}
+
 /// A block device on a raw file.
 pub struct Block {
     file: File,
     sectors: u64,
     id: [u8; BLK_ID_LEN],
     queue_sizes: [u16; 1],
+    recording: Option<DiskWrites>,
     /// Requests completed, for status and tests.
     pub completed: u64,
 }
@@ -53,8 +69,52 @@ impl Block {
             sectors: len / SECTOR_SIZE,
             id: idb,
             queue_sizes: [QUEUE_SIZE],
+            recording: None,
             completed: 0,
         })
+    }
+
+    /// A device with a raw 20-byte id (restore path; the caller checked the size).
+    pub(super) fn with_id(file: File, id: [u8; BLK_ID_LEN]) -> Self {
+        let sectors = file.metadata().map(|m| m.len() / SECTOR_SIZE).unwrap_or(0);
+        Block {
+            file,
+            sectors,
+            id,
+            queue_sizes: [QUEUE_SIZE],
+            recording: None,
+            completed: 0,
+        }
+    }
+
+    /// The GET_ID string.
+    pub fn id(&self) -> [u8; BLK_ID_LEN] {
+        self.id
+    }
+
+    /// The disk file (for copying it into a snapshot while the VM is paused).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Starts (or restarts) recording guest writes; returns what was recorded so far.
+    pub fn take_writes(&mut self) -> Option<DiskWrites> {
+        self.recording.replace(DiskWrites::default())
+    }
+
+    fn record(&mut self, offset: u64, data: &[u8]) {
+        if let Some(r) = &mut self.recording {
+            if r.overflowed {
+                return;
+            }
+            r.bytes += data.len() as u64;
+            if r.bytes > MAX_RECORDED {
+                r.overflowed = true;
+                r.writes = Vec::new();
+            } else {
+                r.writes.push((offset, data.to_vec()));
+            }
+        }
     }
 
     /// Capacity in sectors.
@@ -140,7 +200,10 @@ impl Block {
                 } else {
                     let buf = c.read(mem, HDR_LEN, data_out as usize)?;
                     match self.file.write_all_at(&buf, sector * SECTOR_SIZE) {
-                        Ok(()) => (S_OK, 0),
+                        Ok(()) => {
+                            self.record(sector * SECTOR_SIZE, &buf);
+                            (S_OK, 0)
+                        }
                         Err(e) => {
                             tracing::warn!("virtio-blk: write at sector {sector} failed: {e}");
                             (S_IOERR, 0)

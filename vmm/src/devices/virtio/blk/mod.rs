@@ -1,8 +1,10 @@
 //! virtio-blk backed by a raw disk file: read, write, flush, get-id.
 
 mod device;
+mod persist;
 
-pub use device::{Block, BLK_ID_LEN, SECTOR_SIZE};
+pub use device::{Block, DiskWrites, BLK_ID_LEN, SECTOR_SIZE};
+pub use persist::BlkPersist;
 
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,7 @@ pub trait NetBackend: Send {
 }
 
 /// Frame counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetStats {
     /// Frames sent to the backend.
     pub tx_frames: u64,
@@ -67,6 +67,17 @@ impl<B: NetBackend> Net<B> {
             stats: NetStats::default(),
             frame: vec![0u8; MAX_FRAME],
         }
+    }
+
+    /// MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Restores counters after a snapshot.
+    pub(super) fn restore_counters(&mut self, stats: NetStats, rx_has_buffers: bool) {
+        self.stats = stats;
+        self.rx_has_buffers = rx_has_buffers;
     }
 
     /// Event written whenever the guest adds receive buffers.

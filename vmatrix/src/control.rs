@@ -1,0 +1,221 @@
+//! The control socket of a running VM (`--control <path>`) and its client, `vmatrix ctl`.
+//!
+//! One request line per connection, one response line: `ok <key=value ...>` or
+//! `error: <why>`. Requests: `pause`, `resume`, `status`, `checksum` (paused VM only),
+//! `snapshot full|diff <dir>`, `stop`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use vmm::{SnapshotKind, Vm};
+
+/// A parsed control request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Pause the VM.
+    Pause,
+    /// Resume it.
+    Resume,
+    /// Report state and counters.
+    Status,
+    /// CRC32 of guest memory.
+    Checksum,
+    /// Take a snapshot.
+    Snapshot(SnapshotKind, PathBuf),
+    /// Stop the VM.
+    Stop,
+}
+
+/// Parses one request line.
+pub fn parse(line: &str) -> Result<Request, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    match (cmd, rest) {
+        ("pause", "") => Ok(Request::Pause),
+        ("resume", "") => Ok(Request::Resume),
+        ("status", "") => Ok(Request::Status),
+        ("checksum", "") => Ok(Request::Checksum),
+        ("stop", "") => Ok(Request::Stop),
+        ("snapshot", r) => {
+            let (kind, dir) = r.split_once(' ').ok_or("usage: snapshot full|diff <dir>")?;
+            let kind = match kind {
+                "full" => SnapshotKind::Full,
+                "diff" => SnapshotKind::Diff,
+                _ => return Err("usage: snapshot full|diff <dir>".into()),
+            };
+            if dir.is_empty() {
+                return Err("usage: snapshot full|diff <dir>".into());
+            }
+            Ok(Request::Snapshot(kind, PathBuf::from(dir)))
+        }
+        _ => Err(format!("unknown request '{line}'")),
+    }
+}
+
+fn execute(vm: &Vm, req: Request) -> Result<String, String> {
+    match req {
+        Request::Pause => vm
+            .pause()
+            .map(|_| "paused".into())
+            .map_err(|e| e.to_string()),
+        Request::Resume => {
+            vm.resume();
+            Ok("running".into())
+        }
+        Request::Status => {
+            let net = vm.net_stats().unwrap_or_default();
+            Ok(format!(
+                "state={} mem_mib={} guest_clock_ms={} net_rx_frames={} net_tx_frames={} blk_requests={}",
+                if vm.is_paused() { "paused" } else { "running" },
+                vm.mem_size() >> 20,
+                vm.guest_clock_ns() / 1_000_000,
+                net.rx_frames,
+                net.tx_frames,
+                vm.blk_completed().unwrap_or(0),
+            ))
+        }
+        Request::Checksum => vm
+            .memory_checksum()
+            .map(|c| format!("memory_crc32={c:#010x}"))
+            .map_err(|e| e.to_string()),
+        Request::Snapshot(kind, dir) => vm
+            .snapshot(&dir, kind)
+            .map(|s| {
+                format!(
+                    "id={:#x} pause_us={} pages={} total_ms={} memory_crc32={}",
+                    s.id,
+                    s.pause.as_micros(),
+                    s.pages,
+                    s.total.as_millis(),
+                    s.memory_checksum
+                        .map_or("-".into(), |c| format!("{c:#010x}")),
+                )
+            })
+            .map_err(|e| e.to_string()),
+        Request::Stop => {
+            vm.stop();
+            Ok("stopping".into())
+        }
+    }
+}
+
+fn serve_one(vm: &Vm, stream: UnixStream) -> std::io::Result<()> {
+    let mut w = stream.try_clone()?;
+    let mut line = String::new();
+    BufReader::new(stream).take(4096).read_line(&mut line)?;
+    let reply = match parse(&line).and_then(|r| execute(vm, r)) {
+        Ok(s) => format!("ok {s}\n"),
+        Err(e) => format!("error: {e}\n"),
+    };
+    w.write_all(reply.as_bytes())
+}
+
+/// Listens on `path` (replacing a stale socket) and serves requests on a background thread.
+pub fn serve(path: &Path, vm: Arc<Vm>) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale control socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = serve_one(&vm, stream) {
+                    tracing::warn!("control connection: {e}");
+                }
+            }
+        })
+        .context("spawning the control thread")?;
+    Ok(())
+}
+
+use std::io::Read as _;
+
+/// `vmatrix ctl` arguments.
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM's control socket.
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub cmd: CtlCmd,
+}
+
+/// Requests `vmatrix ctl` can send.
+#[derive(Subcommand, Debug)]
+pub enum CtlCmd {
+    /// Pause the VM.
+    Pause,
+    /// Resume the VM.
+    Resume,
+    /// Show state and counters.
+    Status,
+    /// CRC32 of all guest memory (the VM must be paused).
+    Checksum,
+    /// Snapshot the VM into a directory.
+    Snapshot {
+        /// Target directory.
+        dir: PathBuf,
+        /// Only what changed since the previous snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Stop the VM.
+    Stop,
+}
+
+/// Sends one request and prints the answer; fails on `error:`.
+pub fn main(a: CtlArgs) -> anyhow::Result<ExitCode> {
+    let line = match a.cmd {
+        CtlCmd::Pause => "pause".to_string(),
+        CtlCmd::Resume => "resume".into(),
+        CtlCmd::Status => "status".into(),
+        CtlCmd::Checksum => "checksum".into(),
+        CtlCmd::Stop => "stop".into(),
+        CtlCmd::Snapshot { dir, diff } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let abs = std::fs::canonicalize(&dir)?;
+            format!(
+                "snapshot {} {}",
+                if diff { "diff" } else { "full" },
+                abs.display()
+            )
+        }
+    };
+    let mut s = UnixStream::connect(&a.socket)
+        .with_context(|| format!("cannot connect to control socket {}", a.socket.display()))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let reply = reply.trim_end();
+    println!("{reply}");
+    if let Some(e) = reply.strip_prefix("error: ") {
+        bail!("{e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(parse("pause\n"), Ok(Request::Pause));
+        assert_eq!(
+            parse("snapshot diff /tmp/a b"),
+            Ok(Request::Snapshot(SnapshotKind::Diff, "/tmp/a b".into()))
+        );
+        assert!(parse("snapshot").is_err());
+        assert!(parse("snapshot half /x").is_err());
+        assert!(parse("reboot").is_err());
+        assert!(parse("pause now").is_err());
+    }
+}

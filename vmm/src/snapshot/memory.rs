@@ -1,0 +1,259 @@
+//! The memory part of a snapshot.
+//!
+//! - **Full:** `memory.bin` is a raw image of guest RAM with holes for zero pages (a sparse
+//!   file). Restore maps it `MAP_PRIVATE`, so restore time does not grow with guest size: only
+//!   pages the guest touches are read, copy-on-write keeps the file intact. The CRC covers the
+//!   non-zero runs (`extents`), which are all that is read to verify it.
+//! - **Diff:** `memory.bin` holds the pages dirtied since the parent, packed in `pages` order.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use super::format::{Part, SnapshotError};
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestMem;
+
+const PAGE: usize = PAGE_SIZE as usize;
+const CHUNK: usize = 1 << 20;
+
+/// Description of `memory.bin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryPart {
+    /// Sparse raw image; `extents` are (first page, page count) runs holding data.
+    Full {
+        /// Runs of non-zero pages.
+        extents: Vec<(u64, u64)>,
+        /// CRC32 over the data of all extents, in order.
+        crc: u32,
+    },
+    /// Packed dirty pages.
+    Diff {
+        /// Page numbers, strictly increasing.
+        pages: Vec<u64>,
+        /// CRC32 over the whole file.
+        crc: u32,
+    },
+}
+
+/// True if the page is all zeros (the inner fold over 64 bytes vectorises).
+fn is_zero(p: &[u8]) -> bool {
+    p.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Writes all of guest RAM as a sparse image. Returns the part description and the CRC32 of
+/// the whole of RAM (zero pages included), which identifies the memory state.
+pub fn write_full(
+    mem: &GuestMem,
+    mem_size: u64,
+    path: &Path,
+) -> Result<(MemoryPart, u32), SnapshotError> {
+    let file = File::create(path).map_err(SnapshotError::io(path))?;
+    file.set_len(mem_size).map_err(SnapshotError::io(path))?;
+    let mut all = crc32fast::Hasher::new();
+    let mut data = crc32fast::Hasher::new();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    while off < mem_size {
+        let n = (CHUNK as u64).min(mem_size - off) as usize;
+        mem.read_slice(&mut buf[..n], GuestAddress(off))
+            .map_err(|e| SnapshotError::Capture(format!("reading guest memory: {e}")))?;
+        all.update(&buf[..n]);
+        let mut run: Option<usize> = None;
+        for p in 0..=n / PAGE {
+            let nonzero = p < n / PAGE && !is_zero(&buf[p * PAGE..(p + 1) * PAGE]);
+            match (nonzero, run) {
+                (true, None) => run = Some(p),
+                (false, Some(s)) => {
+                    let bytes = &buf[s * PAGE..p * PAGE];
+                    file.write_all_at(bytes, off + (s * PAGE) as u64)
+                        .map_err(SnapshotError::io(path))?;
+                    data.update(bytes);
+                    let first = (off / PAGE_SIZE) + s as u64;
+                    match extents.last_mut() {
+                        Some((f, c)) if *f + *c == first => *c += (p - s) as u64,
+                        _ => extents.push((first, (p - s) as u64)),
+                    }
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        off += n as u64;
+    }
+    Ok((
+        MemoryPart::Full {
+            extents,
+            crc: data.finalize(),
+        },
+        all.finalize(),
+    ))
+}
+
+/// Copies `pages` out of guest memory (done while the VM is paused).
+pub fn stage_pages(mem: &GuestMem, pages: &[u64]) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = vec![0u8; pages.len() * PAGE];
+    for (i, &pfn) in pages.iter().enumerate() {
+        mem.read_slice(
+            &mut out[i * PAGE..(i + 1) * PAGE],
+            GuestAddress(pfn * PAGE_SIZE),
+        )
+        .map_err(|e| SnapshotError::Capture(format!("reading page {pfn}: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// Writes staged pages as a diff `memory.bin`.
+pub fn write_diff(
+    path: &Path,
+    pages: Vec<u64>,
+    staged: &[u8],
+) -> Result<MemoryPart, SnapshotError> {
+    std::fs::write(path, staged).map_err(SnapshotError::io(path))?;
+    Ok(MemoryPart::Diff {
+        pages,
+        crc: crc32fast::hash(staged),
+    })
+}
+
+fn invalid(why: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid {
+        part: Part::Memory,
+        why: why.into(),
+    }
+}
+
+/// Checks the description against the RAM size: in range, ordered, no overlap.
+pub fn check_part(part: &MemoryPart, mem_size: u64) -> Result<(), SnapshotError> {
+    let pages = mem_size / PAGE_SIZE;
+    match part {
+        MemoryPart::Full { extents, .. } => {
+            let mut next = 0u64;
+            for &(first, count) in extents {
+                if count == 0 || first < next || first.checked_add(count).is_none_or(|e| e > pages)
+                {
+                    return Err(invalid(format!(
+                        "extent ({first}, {count}) out of order or out of range"
+                    )));
+                }
+                next = first + count;
+            }
+        }
+        MemoryPart::Diff { pages: list, .. } => {
+            if list.windows(2).any(|w| w[0] >= w[1]) || list.last().is_some_and(|&p| p >= pages) {
+                return Err(invalid("page list out of order or out of range"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_checked(path: &Path, expected: u64) -> Result<File, SnapshotError> {
+    let f = File::open(path).map_err(SnapshotError::io(path))?;
+    let len = f.metadata().map_err(SnapshotError::io(path))?.len();
+    if len < expected {
+        return Err(SnapshotError::Truncated {
+            part: Part::Memory,
+            expected,
+            got: len,
+        });
+    }
+    if len > expected {
+        return Err(invalid(format!("{len} bytes, expected {expected}")));
+    }
+    Ok(f)
+}
+
+/// Verifies `memory.bin` against its description (reads only the stored data).
+pub fn verify(path: &Path, part: &MemoryPart, mem_size: u64) -> Result<(), SnapshotError> {
+    check_part(part, mem_size)?;
+    let (stored, computed) = match part {
+        MemoryPart::Full { extents, crc } => {
+            let f = open_checked(path, mem_size)?;
+            let mut h = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; CHUNK];
+            for &(first, count) in extents {
+                let mut off = first * PAGE_SIZE;
+                let end = (first + count) * PAGE_SIZE;
+                while off < end {
+                    let n = (CHUNK as u64).min(end - off) as usize;
+                    f.read_exact_at(&mut buf[..n], off)
+                        .map_err(SnapshotError::io(path))?;
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+            }
+            (*crc, h.finalize())
+        }
+        MemoryPart::Diff { pages, crc } => {
+            open_checked(path, pages.len() as u64 * PAGE_SIZE)?;
+            let data = std::fs::read(path).map_err(SnapshotError::io(path))?;
+            (*crc, crc32fast::hash(&data))
+        }
+    };
+    if stored != computed {
+        return Err(SnapshotError::Crc {
+            part: Part::Memory,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// Maps a full `memory.bin` copy-on-write as guest RAM.
+pub fn map_full(path: &Path, mem_size: u64) -> Result<GuestMem, SnapshotError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(SnapshotError::io(path))?;
+    let size = mem_size as usize;
+    let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| SnapshotError::Capture(format!("mapping {}: {e}", path.display())))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| SnapshotError::Capture("guest RAM region overflows".into()))?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| SnapshotError::Capture(format!("guest memory: {e}")))
+}
+
+/// Writes the pages of a verified diff into guest memory.
+pub fn apply_diff(mem: &GuestMem, path: &Path, pages: &[u64]) -> Result<(), SnapshotError> {
+    let data = std::fs::read(path).map_err(SnapshotError::io(path))?;
+    if data.len() != pages.len() * PAGE {
+        return Err(invalid("diff length changed since verification"));
+    }
+    for (i, &pfn) in pages.iter().enumerate() {
+        mem.write_slice(
+            &data[i * PAGE..(i + 1) * PAGE],
+            GuestAddress(pfn * PAGE_SIZE),
+        )
+        .map_err(|e| invalid(format!("page {pfn}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// CRC32 of all of guest RAM.
+pub fn checksum(mem: &GuestMem, mem_size: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0;
+    while off < mem_size {
+        let n = (CHUNK as u64).min(mem_size - off) as usize;
+        if mem.read_slice(&mut buf[..n], GuestAddress(off)).is_err() {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize()
+}

@@ -1,0 +1,412 @@
+//! A VM: KVM handles, guest memory, devices and the vCPU thread. Built fresh from a
+//! [`VmConfig`] (this file) or from a snapshot (`restore.rs`); snapshots are taken in
+//! `snapshot.rs`.
+
+mod restore;
+mod snapshot;
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::bus::Bus;
+use crate::devices::platform::Platform;
+use crate::devices::serial::{ConsoleOut, Serial};
+use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetStats, RxThread, Tap};
+use crate::events::GuestEvents;
+use crate::layout::*;
+use crate::memory::{self, GuestMem};
+use crate::snapshot::ParentRef;
+pub use crate::vcpu::VmExit;
+use crate::vcpu::{self, Control};
+use crate::vcpu_state;
+use crate::{boot, loader, Error, Result};
+pub use restore::RestoreConfig;
+pub use snapshot::{SnapshotKind, SnapshotStats};
+
+/// Everything needed to build a VM.
+pub struct VmConfig {
+    /// Path of the guest ELF.
+    pub guest_elf: PathBuf,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Raw disk file for virtio-blk, if any.
+    pub disk: Option<PathBuf>,
+    /// Existing tap interface for virtio-net, if any.
+    pub tap: Option<String>,
+    /// MAC address of the guest NIC.
+    pub mac: [u8; 6],
+    /// Config string handed to the guest through the platform device.
+    pub guest_config: String,
+    /// Where the guest console goes.
+    pub console: ConsoleOut,
+    /// Enable KVM dirty-page logging on guest RAM.
+    pub dirty_log: bool,
+    /// Generation id reported by the platform device.
+    pub generation: u64,
+}
+
+type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
+type BlkDev = Arc<Mutex<MmioTransport<Block>>>;
+
+/// The devices of a VM, typed (the buses hold the same objects as trait objects).
+pub(crate) struct Devices {
+    pub serial: Arc<Mutex<Serial>>,
+    pub platform: Arc<Mutex<Platform>>,
+    pub net: Option<NetDev>,
+    pub blk: Option<BlkDev>,
+}
+
+/// A built (and possibly running) VM.
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    mem: GuestMem,
+    mem_size: u64,
+    dirty_log: bool,
+    msr_indices: Vec<u32>,
+    control: Arc<Control>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: Devices,
+    rx: Mutex<Option<RxThread>>,
+    vcpu: Arc<Mutex<VcpuFd>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    last_snapshot: Mutex<Option<ParentRef>>,
+}
+
+/// Environment variable naming another KVM device node (default `/dev/kvm`).
+pub const KVM_DEVICE_ENV: &str = "VMATRIX_KVM_DEVICE";
+
+/// Opens `/dev/kvm` (or `$VMATRIX_KVM_DEVICE`) with a clear error when it is missing or not
+/// permitted.
+pub fn open_kvm() -> Result<Kvm> {
+    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
+    let cpath =
+        std::ffi::CString::new(path.clone()).map_err(|_| Error::KvmMissing(path.clone()))?;
+    match Kvm::new_with_path(cpath) {
+        Ok(k) => Ok(k),
+        Err(e) if e.errno() == libc::ENOENT => Err(Error::KvmMissing(path)),
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+            Err(Error::KvmPermission(path))
+        }
+        Err(e) => Err(Error::Kvm {
+            op: "open /dev/kvm",
+            err: e,
+        }),
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Opens a disk image read-write with a clear error.
+pub(crate) fn open_disk(p: &PathBuf) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(|err| Error::Disk {
+            path: p.clone(),
+            err,
+        })
+}
+
+/// KVM objects of a VM whose guest RAM is `mem`.
+pub(crate) struct KvmParts {
+    pub kvm: Kvm,
+    pub vm_fd: VmFd,
+    pub vcpu: VcpuFd,
+    pub msr_indices: Vec<u32>,
+}
+
+/// Creates the KVM VM, registers `mem` as slot 0 and creates vCPU 0 with the host's CPUID.
+pub(crate) fn create_kvm_vm(
+    kvm: Kvm,
+    mem: &GuestMem,
+    mem_size: u64,
+    dirty_log: bool,
+) -> Result<KvmParts> {
+    vcpu_state::check_xsave_size(&kvm)?;
+    let msr_indices = vcpu_state::msr_indices(&kvm)?;
+    let vm_fd = kvm.create_vm().map_err(Error::kvm("create_vm"))?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| Error::MemoryMap(e.to_string()))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: mem_size,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `host` is the start of a live mapping of `mem_size` bytes owned by `mem`,
+    // which the `Vm` keeps alive for as long as the KVM VM exists.
+    unsafe { vm_fd.set_user_memory_region(region) }
+        .map_err(Error::kvm("set_user_memory_region"))?;
+    let mut vcpu = vm_fd.create_vcpu(0).map_err(Error::kvm("create_vcpu"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("get_supported_cpuid"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("set_cpuid2"))?;
+    vcpu.set_kvm_immediate_exit(0);
+    Ok(KvmParts {
+        kvm,
+        vm_fd,
+        vcpu,
+        msr_indices,
+    })
+}
+
+impl Vm {
+    /// Builds the VM: checks every host resource first, then creates KVM objects, loads the
+    /// guest and wires the devices. The vCPU does not run until [`Vm::start`].
+    pub fn new(cfg: VmConfig) -> Result<Vm> {
+        let kvm = open_kvm()?;
+        let elf = std::fs::read(&cfg.guest_elf).map_err(|err| Error::GuestRead {
+            path: cfg.guest_elf.clone(),
+            err,
+        })?;
+        let mem_size = memory::check_size(cfg.mem_mib)? as u64;
+        let image = loader::parse(&elf, mem_size)?;
+        let disk = cfg.disk.as_ref().map(open_disk).transpose()?;
+        let tap = cfg.tap.as_deref().map(Tap::open).transpose()?;
+
+        let mem = memory::create(cfg.mem_mib)?;
+        loader::load(&mem, &elf, &image).map_err(|e| Error::MemoryMap(e.to_string()))?;
+        boot::write_tables(&mem)?;
+        let parts = create_kvm_vm(kvm, &mem, mem_size, cfg.dirty_log)?;
+        boot::setup_vcpu(&parts.vcpu, image.entry)?;
+
+        let events = Arc::new(GuestEvents::default());
+        let control = Arc::new(Control::new(events.clone()));
+        let devices = Devices {
+            serial: Arc::new(Mutex::new(Serial::new(cfg.console.clone()))),
+            platform: Arc::new(Mutex::new(Platform::new(
+                events.clone(),
+                control.clone(),
+                mem.clone(),
+                mem_size,
+                cfg.guest_config.into_bytes(),
+                cfg.generation,
+            ))),
+            net: tap.map(|t| {
+                Arc::new(Mutex::new(MmioTransport::new(
+                    Net::new(t, cfg.mac),
+                    mem.clone(),
+                    events.clone(),
+                )))
+            }),
+            blk: match disk {
+                Some(f) => Some(Arc::new(Mutex::new(MmioTransport::new(
+                    Block::new(f, "vmatrix-disk").map_err(|err| Error::Disk {
+                        path: cfg.disk.clone().unwrap_or_default(),
+                        err,
+                    })?,
+                    mem.clone(),
+                    events.clone(),
+                )))),
+                None => None,
+            },
+        };
+        Ok(Vm::assemble(
+            parts,
+            mem,
+            mem_size,
+            cfg.dirty_log,
+            control,
+            devices,
+        ))
+    }
+
+    /// Wires devices onto the buses and wraps everything into a `Vm`.
+    pub(crate) fn assemble(
+        parts: KvmParts,
+        mem: GuestMem,
+        mem_size: u64,
+        dirty_log: bool,
+        control: Arc<Control>,
+        devices: Devices,
+    ) -> Vm {
+        let mut pio = Bus::default();
+        pio.insert(u64::from(SERIAL_PORT), 8, devices.serial.clone());
+        let mut mmio = Bus::default();
+        mmio.insert(PLATFORM_ADDR, MMIO_WINDOW, devices.platform.clone());
+        if let Some(n) = &devices.net {
+            mmio.insert(virtio_slot(0), MMIO_WINDOW, n.clone());
+        }
+        if let Some(b) = &devices.blk {
+            mmio.insert(virtio_slot(1), MMIO_WINDOW, b.clone());
+        }
+        Vm {
+            _kvm: parts.kvm,
+            vm_fd: parts.vm_fd,
+            mem,
+            mem_size,
+            dirty_log,
+            msr_indices: parts.msr_indices,
+            control,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            devices,
+            rx: Mutex::new(None),
+            vcpu: Arc::new(Mutex::new(parts.vcpu)),
+            thread: Mutex::new(None),
+            last_snapshot: Mutex::new(None),
+        }
+    }
+
+    /// Starts the device threads and the vCPU thread.
+    pub fn start(&self) -> Result<()> {
+        let mut thread = lock(&self.thread);
+        if thread.is_some() {
+            return Ok(());
+        }
+        if let Some(n) = &self.devices.net {
+            *lock(&self.rx) = Some(RxThread::spawn(n.clone())?);
+        }
+        let (vcpu, pio, mmio, control) = (
+            self.vcpu.clone(),
+            self.pio.clone(),
+            self.mmio.clone(),
+            self.control.clone(),
+        );
+        let t = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || vcpu::run(vcpu, pio, mmio, control))
+            .map_err(|e| Error::Host(format!("spawning vCPU thread: {e}")))?;
+        *thread = Some(t);
+        Ok(())
+    }
+
+    /// Starts the VM parked: no guest instruction runs until [`Vm::resume`].
+    pub fn start_paused(&self) -> Result<()> {
+        self.control.pause_before_start();
+        self.start()?;
+        self.control
+            .wait_paused()
+            .map_err(|e| Error::Host(format!("VM stopped while starting paused: {e}")))?;
+        if let (Some(rx), Some(n)) = (lock(&self.rx).as_ref(), &self.devices.net) {
+            rx.quiesce(n);
+        }
+        Ok(())
+    }
+
+    /// Pauses the vCPU and quiesces device threads. On return nothing writes guest memory.
+    pub fn pause(&self) -> std::result::Result<(), VmExit> {
+        self.control.pause()?;
+        if let (Some(rx), Some(n)) = (lock(&self.rx).as_ref(), &self.devices.net) {
+            rx.quiesce(n);
+        }
+        Ok(())
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) {
+        if let Some(rx) = lock(&self.rx).as_ref() {
+            rx.resume();
+        }
+        self.control.resume();
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Asks the VM to stop.
+    pub fn stop(&self) {
+        self.control.stop();
+    }
+
+    /// Blocks until the VM stops.
+    pub fn wait(&self) -> VmExit {
+        let r = self.control.wait_exit();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        r
+    }
+
+    /// The control block (pause/resume/stop from other threads).
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// Network counters, if the VM has a NIC.
+    pub fn net_stats(&self) -> Option<NetStats> {
+        self.devices.net.as_ref().map(|n| lock(n).device().stats())
+    }
+
+    /// Block requests completed, if the VM has a disk.
+    pub fn blk_completed(&self) -> Option<u64> {
+        self.devices
+            .blk
+            .as_ref()
+            .map(|b| lock(b).device().completed)
+    }
+
+    /// Guest clock in ns.
+    pub fn guest_clock_ns(&self) -> u64 {
+        lock(&self.devices.platform).clock_ns()
+    }
+
+    /// Reads and resets the dirty pages of both sources. The VM must be paused.
+    pub fn harvest_dirty(&self) -> Result<crate::dirty::DirtyPages> {
+        if !self.dirty_log {
+            return Err(Error::Host("dirty logging is off for this VM".into()));
+        }
+        if self.thread_running() && !self.is_paused() {
+            return Err(Error::Host(
+                "the VM must be paused to harvest dirty pages".into(),
+            ));
+        }
+        crate::dirty::harvest(&self.vm_fd, &self.mem, self.mem_size)
+    }
+
+    /// CRC32 of all guest RAM. The VM must be paused (or not started).
+    pub fn memory_checksum(&self) -> Result<u32> {
+        if self.thread_running() && !self.is_paused() {
+            return Err(Error::Host(
+                "the VM must be paused to checksum its memory".into(),
+            ));
+        }
+        Ok(crate::snapshot::memory::checksum(&self.mem, self.mem_size))
+    }
+
+    fn thread_running(&self) -> bool {
+        lock(&self.thread).is_some() && self.control.exit_reason().is_none()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if lock(&self.thread).is_some() {
+            self.control.stop();
+            self.wait();
+        }
+        *lock(&self.rx) = None;
+    }
+}
