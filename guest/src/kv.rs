@@ -3,6 +3,7 @@
 //! `SET <key> <value>` → `OK` (after the write is on disk), `GET <key>` → `VALUE <value>` or
 //! `NOTFOUND`, `COUNT` → `COUNT <n>` (keys stored), `CHURN <pages> <pages_per_ms>` → `OK`,
 //! `STATS` → counters, `EXITBENCH <n>` → mean cost of an MMIO and a port-I/O exit,
+//! `DISKREAD <sector> <count>` and `LAYOUT` (for dirty-tracking tests),
 //! anything else → `ERR <why>`. Keys and values are 1..=255 printable
 //! bytes without spaces.
 
@@ -24,6 +25,10 @@ pub enum Request<'a> {
     Stats,
     /// Measure the cost of `n` MMIO and `n` port-I/O exits.
     ExitBench(u32),
+    /// Read `count` sectors from `sector` into the disk buffer (device writes guest memory).
+    DiskRead(u64, u32),
+    /// Where the receive buffers and the disk buffer live.
+    Layout,
 }
 
 fn valid_token(t: &[u8]) -> bool {
@@ -61,6 +66,11 @@ pub fn parse(line: &[u8]) -> Result<Request<'_>, &'static str> {
             _ => return Err("usage: CHURN <pages> <pages_per_ms>"),
         },
         (b"CHURN", _) => return Err("usage: CHURN <pages> <pages_per_ms>"),
+        (b"DISKREAD", [s, c]) => match (number::<u64>(s), number::<u32>(c)) {
+            (Some(s), Some(c)) if (1..=128).contains(&c) => Request::DiskRead(s, c),
+            _ => return Err("usage: DISKREAD <sector> <1..128>"),
+        },
+        (b"LAYOUT", []) => Request::Layout,
         (b"EXITBENCH", [n]) => match number::<u32>(n) {
             Some(n) if (1..=1_000_000).contains(&n) => Request::ExitBench(n),
             _ => return Err("usage: EXITBENCH <1..1000000>"),

@@ -281,6 +281,11 @@ impl Log {
         Ok(())
     }
 
+    /// Reads raw sectors (diagnostics).
+    pub fn read_raw(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+        self.blk.read(sector, buf)
+    }
+
     /// Byte offset of the tail.
     pub fn tail(&self) -> u64 {
         self.tail

@@ -88,6 +88,11 @@ impl VirtioNet {
         })
     }
 
+    /// Address and length of the receive buffers (written only by the device).
+    pub fn rx_region(&self) -> (u64, usize) {
+        (self.rx.bufs.as_ptr() as u64, self.rx.bufs.len())
+    }
+
     /// Rings the doorbells this round needs.
     pub fn flush(&mut self) {
         if self.tx.pending {

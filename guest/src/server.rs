@@ -61,6 +61,8 @@ pub struct Server {
     batch_no: u64,
     failed_batches: Vec<u64>,
     stats: Stats,
+    /// Target of DISKREAD: allocated (and zeroed) once at boot, then written only by the device.
+    diskbuf: Vec<u8>,
 }
 
 /// Mean ns per exit of `n` MMIO reads (platform magic) and `n` port reads (COM1 LSR).
@@ -120,6 +122,7 @@ impl Server {
             batch_no: 0,
             failed_batches: Vec::new(),
             stats: Stats::default(),
+            diskbuf: vec![0u8; 128 * 512],
         }
     }
 
@@ -228,6 +231,31 @@ impl Server {
                     platform::clock_ns() / 1_000_000
                 );
                 Held::Bytes(s.into_bytes())
+            }
+            Ok(Request::DiskRead(sector, count)) => {
+                let len = count as usize * 512;
+                Held::Bytes(match self.log.read_raw(sector, &mut self.diskbuf[..len]) {
+                    Ok(()) => {
+                        // The device wrote the buffer during the doorbell exit; device
+                        // accesses are compiler barriers (see io.rs), so this reads fresh data.
+                        let crc = crc32fast::hash(&self.diskbuf[..len]);
+                        alloc::format!("DISKREAD crc={crc:#010x}\n").into_bytes()
+                    }
+                    Err(e) => alloc::format!("ERR disk read failed: {e:?}\n").into_bytes(),
+                })
+            }
+            Ok(Request::Layout) => {
+                let (rx, rxlen) = self.net.rx_region();
+                Held::Bytes(
+                    alloc::format!(
+                        "LAYOUT rxbuf={:#x}+{} diskbuf={:#x}+{}\n",
+                        rx,
+                        rxlen,
+                        self.diskbuf.as_ptr() as u64,
+                        self.diskbuf.len()
+                    )
+                    .into_bytes(),
+                )
             }
             Ok(Request::ExitBench(n)) => {
                 let (mmio, pio) = exit_bench(n);

@@ -107,27 +107,70 @@ pub struct VmProc {
 impl VmProc {
     /// Boots the guest on `disk` inside `net`.
     pub fn spawn(net: &TestNet, disk: &Path, console: &Path, mem_mib: u64) -> VmProc {
+        Self::spawn_with(net, disk, console, mem_mib, &[])
+    }
+
+    /// Like `spawn`, with extra `vmatrix run` arguments (e.g. `--control`).
+    pub fn spawn_with(
+        net: &TestNet,
+        disk: &Path,
+        console: &Path,
+        mem_mib: u64,
+        extra: &[&str],
+    ) -> VmProc {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--guest".into(),
+            guest_elf().into(),
+            "--disk".into(),
+            disk.into(),
+            "--tap".into(),
+            "tap0".into(),
+            "--mem-mib".into(),
+            mem_mib.to_string().into(),
+            "--guest-config".into(),
+            net.guest_config().into(),
+        ];
+        args.extend(extra.iter().map(|a| a.into()));
+        Self::spawn_args(net, console, &args)
+    }
+
+    /// `vmatrix restore <dir> --tap tap0` inside `net`, with extra arguments.
+    pub fn restore(net: &TestNet, dir: &Path, console: &Path, extra: &[&str]) -> VmProc {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["restore".into(), dir.into(), "--tap".into(), "tap0".into()];
+        args.extend(extra.iter().map(|a| a.into()));
+        Self::spawn_args(net, console, &args)
+    }
+
+    /// Runs `vmatrix <args> --console-log <console>` inside `net`.
+    pub fn spawn_args(net: &TestNet, console: &Path, args: &[std::ffi::OsString]) -> VmProc {
         let child = Command::new("ip")
             .args(["netns", "exec", &net.name])
             .arg(vmatrix_bin())
-            .arg("run")
-            .arg("--guest")
-            .arg(guest_elf())
-            .arg("--disk")
-            .arg(disk)
-            .args(["--tap", "tap0", "--mem-mib", &mem_mib.to_string()])
-            .args(["--guest-config", &net.guest_config()])
+            .args(args)
             .arg("--console-log")
             .arg(console)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn vmatrix run");
+            .expect("spawn vmatrix");
         VmProc {
             child,
             console: console.to_path_buf(),
             addr: net.guest_addr(),
         }
+    }
+
+    /// Waits for the process to exit; returns success and its stderr.
+    pub fn wait_output(mut self) -> (bool, String) {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let ok = self.child.wait().map(|s| s.success()).unwrap_or(false);
+        (ok, err)
     }
 
     /// Waits until the KV port answers.
@@ -168,6 +211,104 @@ impl VmProc {
 impl Drop for VmProc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Sends one `vmatrix ctl` request; returns the `ok ...` line or panics with the error.
+pub fn ctl(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new(vmatrix_bin())
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run vmatrix ctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "vmatrix ctl {args:?} failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Waits until a control socket accepts connections.
+pub fn wait_socket(socket: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "control socket {} never came up",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The value of `key=` in a `key=value ...` line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+}
+
+/// A tap in the test's own network namespace with the host at 10.78.<index>.1/24 (for
+/// in-process VMs, which open the tap from this namespace). Removed on drop.
+pub struct HostTap {
+    pub name: String,
+    pub index: u32,
+}
+
+impl HostTap {
+    pub fn new() -> HostTap {
+        require_kvm();
+        let n = NEXT_INDEX.fetch_add(1, Ordering::SeqCst);
+        let index = 1 + (std::process::id() * 11 + n) % 250;
+        let name = format!("vmxht{index}");
+        let _ = Command::new("ip").args(["link", "del", &name]).status();
+        for args in [
+            vec!["tuntap", "add", "dev", &name, "mode", "tap"],
+            vec!["link", "set", &name, "up"],
+        ] {
+            assert!(
+                Command::new("ip").args(&args).status().unwrap().success(),
+                "ip {args:?}"
+            );
+        }
+        let addr = format!("10.78.{index}.1/24");
+        assert!(Command::new("ip")
+            .args(["addr", "add", &addr, "dev", &name])
+            .status()
+            .unwrap()
+            .success());
+        HostTap { name, index }
+    }
+
+    pub fn guest_addr(&self) -> SocketAddr {
+        format!("10.78.{}.2:7000", self.index).parse().unwrap()
+    }
+
+    pub fn guest_config(&self) -> String {
+        format!("ip=10.78.{0}.2/24,gw=10.78.{0}.1,port=7000", self.index)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// Connects to a guest, retrying until `timeout`.
+pub fn connect_retry(addr: SocketAddr, timeout: Duration) -> KvClient {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(c) = KvClient::connect(addr) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "guest at {addr} never answered");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

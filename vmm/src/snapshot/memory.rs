@@ -189,7 +189,11 @@ pub fn verify(path: &Path, part: &MemoryPart, mem_size: u64) -> Result<(), Snaps
                     off += n as u64;
                 }
             }
-            (*crc, h.finalize())
+            let computed = h.finalize();
+            if *crc == computed {
+                check_holes(&f, path, extents, mem_size)?;
+            }
+            (*crc, computed)
         }
         MemoryPart::Diff { pages, crc } => {
             open_checked(path, pages.len() as u64 * PAGE_SIZE)?;
@@ -203,6 +207,57 @@ pub fn verify(path: &Path, part: &MemoryPart, mem_size: u64) -> Result<(), Snaps
             stored,
             computed,
         });
+    }
+    Ok(())
+}
+
+/// Data regions of a sparse file, from `SEEK_DATA`/`SEEK_HOLE` (the whole file where the file
+/// system does not report holes).
+fn data_regions(f: &File, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut off = 0i64;
+    while (off as u64) < len {
+        // SAFETY: lseek on an fd we own; it only moves the file offset.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no more data
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        out.push((data as u64, end as u64));
+        off = end;
+    }
+    out
+}
+
+/// Pages outside the extents must be zero: a flipped bit in a hole would otherwise go unseen.
+/// Only data the file system stores there is read.
+fn check_holes(
+    f: &File,
+    path: &Path,
+    extents: &[(u64, u64)],
+    mem_size: u64,
+) -> Result<(), SnapshotError> {
+    let in_extent = |pfn: u64| {
+        let i = extents.partition_point(|&(first, _)| first <= pfn);
+        i > 0 && pfn < extents[i - 1].0 + extents[i - 1].1
+    };
+    let mut page = vec![0u8; PAGE];
+    for (start, end) in data_regions(f, mem_size) {
+        let mut pfn = start / PAGE_SIZE;
+        while pfn * PAGE_SIZE < end.min(mem_size) {
+            if !in_extent(pfn) {
+                f.read_exact_at(&mut page, pfn * PAGE_SIZE)
+                    .map_err(SnapshotError::io(path))?;
+                if !is_zero(&page) {
+                    return Err(invalid(format!("page {pfn} holds data but is not listed")));
+                }
+            }
+            pfn += 1;
+        }
     }
     Ok(())
 }

@@ -219,6 +219,47 @@ pub fn load_chain(dir: &Path) -> Result<Vec<Link>, SnapshotError> {
     Ok(chain)
 }
 
+/// Guest RAM as of the last link of a verified chain: the base image mapped copy-on-write, the
+/// diffs applied in order, the device dirty bitmap cleared.
+pub fn restore_memory(chain: &[Link]) -> Result<crate::memory::GuestMem, SnapshotError> {
+    let base = chain
+        .first()
+        .ok_or_else(|| SnapshotError::Chain("empty chain".into()))?;
+    let mem = memory::map_full(&base.dir.join(MEMORY_FILE), base.meta.mem_size)?;
+    for l in &chain[1..] {
+        if let MemoryPart::Diff { pages, .. } = &l.meta.memory {
+            memory::apply_diff(&mem, &l.dir.join(MEMORY_FILE), pages)?;
+        }
+    }
+    crate::dirty::reset_device_bitmap(&mem);
+    Ok(mem)
+}
+
+/// Writes the disk as of the last link of a verified chain to `out`: the last full copy, then
+/// every later delta. Returns false (and writes nothing) if the VM had no disk.
+pub fn restore_disk(chain: &[Link], out: &Path) -> Result<bool, SnapshotError> {
+    let Some(base) = chain
+        .iter()
+        .rposition(|l| matches!(l.meta.disk, Some(DiskPart::Full { .. })))
+    else {
+        return match chain.iter().any(|l| l.meta.disk.is_some()) {
+            true => Err(SnapshotError::Chain("no full disk in the chain".into())),
+            false => Ok(false),
+        };
+    };
+    let Some(DiskPart::Full { len, .. }) = chain[base].meta.disk else {
+        return Err(SnapshotError::Chain("no full disk in the chain".into()));
+    };
+    let mut deltas = Vec::new();
+    for l in &chain[base + 1..] {
+        if let Some(p) = &l.meta.disk {
+            deltas.push(disk::read_delta(&l.dir.join(DELTA_FILE), p)?);
+        }
+    }
+    disk::materialize(&chain[base].dir.join(DISK_FILE), len, &deltas, out)?;
+    Ok(true)
+}
+
 /// A fresh snapshot id.
 pub fn new_id() -> u64 {
     let t = std::time::SystemTime::now()

@@ -14,12 +14,9 @@ use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::persist::TransportArgs;
-use crate::dirty;
 use crate::events::GuestEvents;
 use crate::persist::Persist;
-use crate::snapshot::{
-    self, disk, memory, DiskPart, ParentRef, SnapshotError, DELTA_FILE, DISK_FILE, MEMORY_FILE,
-};
+use crate::snapshot::{self, ParentRef, SnapshotError};
 use crate::vcpu::Control;
 use crate::vcpu_state;
 use crate::{Error, Result};
@@ -65,42 +62,23 @@ impl Vm {
             (None, _) => None,
         };
 
-        // Disk: the last full copy in the chain, then every later delta.
         let disk_file = match &state.blk {
             Some(_) => {
-                let base = chain
-                    .iter()
-                    .rposition(|l| matches!(l.meta.disk, Some(DiskPart::Full { .. })))
-                    .ok_or_else(|| {
-                        Error::Snapshot(SnapshotError::Chain("no full disk in the chain".into()))
-                    })?;
-                let Some(DiskPart::Full { len, .. }) = chain[base].meta.disk else {
-                    unreachable!("rposition matched a full disk");
-                };
-                let mut deltas = Vec::new();
-                for l in &chain[base + 1..] {
-                    if let Some(p) = &l.meta.disk {
-                        deltas.push(disk::read_delta(&l.dir.join(DELTA_FILE), p)?);
-                    }
-                }
                 let out = cfg
                     .disk
                     .clone()
                     .unwrap_or_else(|| cfg.dir.join("disk-live.img"));
-                disk::materialize(&chain[base].dir.join(DISK_FILE), len, &deltas, &out)?;
+                if !snapshot::restore_disk(&chain, &out)? {
+                    return Err(SnapshotError::Chain(
+                        "the snapshot has a disk device but no disk".into(),
+                    )
+                    .into());
+                }
                 Some(open_disk(&out)?)
             }
             None => None,
         };
-
-        // Memory: base image mapped copy-on-write, diffs applied on top.
-        let mem = memory::map_full(&chain[0].dir.join(MEMORY_FILE), mem_size)?;
-        for l in &chain[1..] {
-            if let memory::MemoryPart::Diff { pages, .. } = &l.meta.memory {
-                memory::apply_diff(&mem, &l.dir.join(MEMORY_FILE), pages)?;
-            }
-        }
-        dirty::reset_device_bitmap(&mem);
+        let mem = snapshot::restore_memory(&chain)?;
 
         let parts = create_kvm_vm(kvm, &mem, mem_size, true)?;
         vcpu_state::restore(&parts.vcpu, &state.vcpu)?;
