@@ -54,7 +54,7 @@ const COUNT_LOOP: &[u8] = &[0xb8, 0x00, 0x00, 0x30, 0x00, 0x48, 0xff, 0x00, 0xeb
 
 #[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
-    let (mut vm, _d) = vm_with(COUNT_LOOP);
+    let (vm, _d) = vm_with(COUNT_LOOP);
     vm.start().unwrap();
     let t = Instant::now();
     while counter(&vm) < 1000 {
@@ -86,7 +86,7 @@ fn pause_interrupts_a_guest_blocked_in_the_wait_register() {
         0xb8, 0x10, 0x00, 0x00, 0xd0, 0xba, 0x00, 0x00, 0x30, 0x00, 0xb9, 0x00, 0xca, 0x9a, 0x3b,
         0x48, 0x89, 0x08, 0x48, 0xff, 0x02, 0xeb, 0xf8,
     ];
-    let (mut vm, _d) = vm_with(&code);
+    let (vm, _d) = vm_with(&code);
     vm.start().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     // The guest sits in a 1 s wait; a pause must not wait for it to time out.
@@ -113,7 +113,7 @@ fn pause_interrupts_a_guest_blocked_in_the_wait_register() {
 
 #[test]
 fn stop_while_paused_and_clean_guest_exit() {
-    let (mut vm, _d) = vm_with(COUNT_LOOP);
+    let (vm, _d) = vm_with(COUNT_LOOP);
     vm.start().unwrap();
     vm.pause().unwrap();
     vm.stop();
@@ -124,7 +124,7 @@ fn stop_while_paused_and_clean_guest_exit() {
     );
 
     // mov eax, 0xd0000038; mov qword [rax], 0  -> clean shutdown
-    let (mut vm, _d) = vm_with(&[0xb8, 0x38, 0x00, 0x00, 0xd0, 0x48, 0xc7, 0x00, 0, 0, 0, 0]);
+    let (vm, _d) = vm_with(&[0xb8, 0x38, 0x00, 0x00, 0xd0, 0x48, 0xc7, 0x00, 0, 0, 0, 0]);
     vm.start().unwrap();
     assert_eq!(vm.wait(), VmExit::GuestExit(0));
 }

@@ -124,7 +124,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     let bytes = std::fs::read(&path).map_err(SnapshotError::io(&path))?;
     let meta: SnapshotMeta = format::decode(&bytes)?;
     if meta.mem_size == 0
-        || meta.mem_size % crate::layout::PAGE_SIZE != 0
+        || !meta.mem_size.is_multiple_of(crate::layout::PAGE_SIZE)
         || meta.mem_size > crate::layout::MMIO_BASE
     {
         return Err(SnapshotError::Invalid {
