@@ -96,9 +96,14 @@ pub fn write_full(
     ))
 }
 
-/// Copies `pages` out of guest memory (done while the VM is paused).
-pub fn stage_pages(mem: &GuestMem, pages: &[u64]) -> Result<Vec<u8>, SnapshotError> {
-    let mut out = vec![0u8; pages.len() * PAGE];
+/// Copies `pages` out of guest memory into `out` (done while the VM is paused). `out` is a
+/// staging buffer kept across snapshots: growing it faults in fresh host pages, which costs more
+/// than the copy itself, so it only ever grows.
+pub fn stage_pages(mem: &GuestMem, pages: &[u64], out: &mut Vec<u8>) -> Result<(), SnapshotError> {
+    let need = pages.len() * PAGE;
+    if out.len() < need {
+        out.resize(need, 0);
+    }
     for (i, &pfn) in pages.iter().enumerate() {
         mem.read_slice(
             &mut out[i * PAGE..(i + 1) * PAGE],
@@ -106,7 +111,7 @@ pub fn stage_pages(mem: &GuestMem, pages: &[u64]) -> Result<Vec<u8>, SnapshotErr
         )
         .map_err(|e| SnapshotError::Capture(format!("reading page {pfn}: {e}")))?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes staged pages as a diff `memory.bin`.

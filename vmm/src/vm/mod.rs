@@ -80,6 +80,8 @@ pub struct Vm {
     vcpu: Arc<Mutex<VcpuFd>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     last_snapshot: Mutex<Option<ParentRef>>,
+    /// Dirty pages copied during a pause, written out after the resume.
+    staging: Mutex<Vec<u8>>,
 }
 
 /// Environment variable naming another KVM device node (default `/dev/kvm`).
@@ -265,6 +267,7 @@ impl Vm {
             vcpu: Arc::new(Mutex::new(parts.vcpu)),
             thread: Mutex::new(None),
             last_snapshot: Mutex::new(None),
+            staging: Mutex::new(Vec::new()),
         }
     }
 

@@ -48,7 +48,6 @@ enum Staged {
     },
     Diff {
         pages: Vec<u64>,
-        data: Vec<u8>,
     },
 }
 
@@ -114,10 +113,12 @@ impl Vm {
                 };
                 (memory, Some(checksum), n)
             }
-            Staged::Diff { pages, data } => {
+            Staged::Diff { pages } => {
                 let n = pages.len() as u64;
+                let staging = lock(&self.staging);
+                let data = &staging[..pages.len() * crate::layout::PAGE_SIZE as usize];
                 (
-                    memory::write_diff(&dir.join(MEMORY_FILE), pages, &data)?,
+                    memory::write_diff(&dir.join(MEMORY_FILE), pages, data)?,
                     None,
                     n,
                 )
@@ -168,8 +169,8 @@ impl Vm {
             }
             SnapshotKind::Diff => {
                 let pages = dirty.page_list();
-                let data = memory::stage_pages(&self.mem, &pages)?;
-                Staged::Diff { pages, data }
+                memory::stage_pages(&self.mem, &pages, &mut lock(&self.staging))?;
+                Staged::Diff { pages }
             }
         };
         let staged_disk = match &self.devices.blk {
