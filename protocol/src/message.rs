@@ -1,0 +1,369 @@
+//! The messages of a replication session and their typed (postcard) encoding inside frames.
+//!
+//! | type | message | direction | purpose |
+//! |---|---|---|---|
+//! | 1 | `Hello` | primary → backup | versions, cluster, VM, term, role, stream count |
+//! | 2 | `Welcome` | backup → primary | chosen version, last committed checkpoint |
+//! | 3 | `Begin` | primary → backup | checkpoint N: kind, attempt, number of parts |
+//! | 4 | `Pages` | primary → backup | a batch of pages: runs of guest frame numbers + encoded data |
+//! | 5 | `Disk` | primary → backup | a disk write of the epoch (offset, data) |
+//! | 6 | `State` | primary → backup | vCPU/device state, opaque versioned bytes |
+//! | 7 | `End` | primary → backup | CRC32 over all parts of the checkpoint |
+//! | 8 | `Ack` | backup → primary | checkpoint N is applied |
+//! | 9 | `Heartbeat` | both | liveness |
+//! | 10 | `Refuse` | both | a typed error/refusal |
+//! | 11 | `Goodbye` | both | orderly close |
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::frame;
+use crate::page::PageData;
+
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Lowest protocol version this build accepts (the current and the previous, once there is one).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Longest VM id.
+pub const MAX_VM_ID: usize = 64;
+/// Longest free-text field (refusal detail, goodbye reason).
+pub const MAX_TEXT: usize = 1024;
+/// Largest disk chunk or state chunk.
+pub const MAX_CHUNK: usize = 1 << 20;
+/// Most pages in one batch.
+pub const MAX_BATCH_PAGES: usize = 256;
+/// Most parts in one checkpoint (a 3 GiB full sync is ~3,100 batches).
+pub const MAX_PARTS: u32 = 1 << 20;
+
+/// Which side a peer plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Sends checkpoints.
+    Primary,
+    /// Receives them.
+    Backup,
+}
+
+/// Opens a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Lowest version the sender speaks.
+    pub min_version: u16,
+    /// Highest version the sender speaks.
+    pub max_version: u16,
+    /// Cluster identity.
+    pub cluster_id: u64,
+    /// Which VM this stream protects.
+    pub vm_id: String,
+    /// The sender's term (fencing epoch of the failover manager).
+    pub term: u64,
+    /// The sender's role.
+    pub role: Role,
+    /// Data streams the sender will use.
+    pub streams: u8,
+}
+
+/// Accepts a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both will speak.
+    pub version: u16,
+    /// The term accepted.
+    pub term: u64,
+    /// The last checkpoint the receiver has applied, if any.
+    pub last_committed: Option<u64>,
+}
+
+/// Kind of checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// Initial sync: all of memory, all of the disk, full state.
+    Sync,
+    /// One epoch's changes.
+    Incremental,
+}
+
+/// Starts checkpoint `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    /// Term.
+    pub term: u64,
+    /// Checkpoint number.
+    pub epoch: u64,
+    /// Retransmission attempt (0 first).
+    pub attempt: u32,
+    /// Sync or incremental.
+    pub kind: Kind,
+    /// Number of `Pages`, `Disk` and `State` parts that follow (seq 0..parts).
+    pub parts: u32,
+    /// Guest RAM size (pages beyond it are refused).
+    pub mem_size: u64,
+}
+
+/// Identifies a part of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartId {
+    /// Term.
+    pub term: u64,
+    /// Checkpoint number.
+    pub epoch: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// Index of the part within the checkpoint.
+    pub seq: u32,
+}
+
+/// A batch of pages: `runs` of consecutive guest frame numbers, `pages` in run order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pages {
+    /// Which part.
+    pub id: PartId,
+    /// (first gfn, count) runs.
+    pub runs: Vec<(u64, u32)>,
+    /// One encoded page per gfn of the runs.
+    pub pages: Vec<PageData>,
+}
+
+/// A disk write of the epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Which part.
+    pub id: PartId,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// The data.
+    pub data: Vec<u8>,
+}
+
+/// vCPU and device state, opaque to the protocol but versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Which part.
+    pub id: PartId,
+    /// Version of the state encoding (the snapshot format version).
+    pub format: u32,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Ends checkpoint `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    /// Term.
+    pub term: u64,
+    /// Checkpoint number.
+    pub epoch: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// CRC32 over the payloads of all parts, in seq order.
+    pub crc: u32,
+}
+
+/// Checkpoint `epoch` (and every earlier one) is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Term.
+    pub term: u64,
+    /// Checkpoint number.
+    pub epoch: u64,
+}
+
+/// Liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Term.
+    pub term: u64,
+    /// Counter.
+    pub seq: u64,
+}
+
+/// Why something was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    /// A frame or message could not be decoded.
+    BadFrame,
+    /// No common version.
+    Version,
+    /// Wrong cluster or VM.
+    WrongPeer,
+    /// Stale term: the sender is fenced.
+    StaleTerm,
+    /// A checkpoint failed its CRC; resend it.
+    CheckpointCrc,
+    /// A checkpoint or part out of sequence; resend from `epoch`.
+    Sequence,
+    /// Too much data staged.
+    StagingFull,
+    /// The message was not expected now.
+    Unexpected,
+    /// The receiver failed to apply the checkpoint.
+    ApplyFailed,
+}
+
+/// A typed refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    /// What kind.
+    pub code: RefuseCode,
+    /// The checkpoint concerned, if any.
+    pub epoch: Option<u64>,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// Orderly close.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why.
+    pub reason: String,
+}
+
+/// Any message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Begin`].
+    Begin(Begin),
+    /// See [`Pages`].
+    Pages(Pages),
+    /// See [`Disk`].
+    Disk(Disk),
+    /// See [`State`].
+    State(State),
+    /// See [`End`].
+    End(End),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// See [`Refuse`].
+    Refuse(Refuse),
+    /// See [`Goodbye`].
+    Goodbye(Goodbye),
+}
+
+impl Message {
+    /// Type byte and name.
+    pub fn kind(&self) -> (u8, &'static str) {
+        match self {
+            Message::Hello(_) => (1, "Hello"),
+            Message::Welcome(_) => (2, "Welcome"),
+            Message::Begin(_) => (3, "Begin"),
+            Message::Pages(_) => (4, "Pages"),
+            Message::Disk(_) => (5, "Disk"),
+            Message::State(_) => (6, "State"),
+            Message::End(_) => (7, "End"),
+            Message::Ack(_) => (8, "Ack"),
+            Message::Heartbeat(_) => (9, "Heartbeat"),
+            Message::Refuse(_) => (10, "Refuse"),
+            Message::Goodbye(_) => (11, "Goodbye"),
+        }
+    }
+
+    /// The payload bytes (postcard).
+    pub fn payload(&self) -> Vec<u8> {
+        let r = match self {
+            Message::Hello(m) => postcard::to_stdvec(m),
+            Message::Welcome(m) => postcard::to_stdvec(m),
+            Message::Begin(m) => postcard::to_stdvec(m),
+            Message::Pages(m) => postcard::to_stdvec(m),
+            Message::Disk(m) => postcard::to_stdvec(m),
+            Message::State(m) => postcard::to_stdvec(m),
+            Message::End(m) => postcard::to_stdvec(m),
+            Message::Ack(m) => postcard::to_stdvec(m),
+            Message::Heartbeat(m) => postcard::to_stdvec(m),
+            Message::Refuse(m) => postcard::to_stdvec(m),
+            Message::Goodbye(m) => postcard::to_stdvec(m),
+        };
+        // Serializing plain structs into a Vec cannot fail.
+        r.unwrap_or_default()
+    }
+
+    /// The complete frame.
+    pub fn encode(&self) -> Vec<u8> {
+        frame::encode(self.kind().0, &self.payload())
+    }
+
+    /// Decodes a complete frame, checking every field limit.
+    pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
+        let (t, payload) = frame::decode(bytes)?;
+        Self::from_payload(t, payload)
+    }
+
+    /// Decodes a payload of type `t`.
+    pub fn from_payload(t: u8, p: &[u8]) -> Result<Message, ProtocolError> {
+        fn de<'a, T: Deserialize<'a>>(kind: &'static str, p: &'a [u8]) -> Result<T, ProtocolError> {
+            match postcard::take_from_bytes::<T>(p) {
+                Ok((v, [])) => Ok(v),
+                Ok((_, rest)) => Err(ProtocolError::Malformed {
+                    kind,
+                    why: format!("{} trailing bytes", rest.len()),
+                }),
+                Err(e) => Err(ProtocolError::Malformed {
+                    kind,
+                    why: e.to_string(),
+                }),
+            }
+        }
+        let m = match t {
+            1 => Message::Hello(de("Hello", p)?),
+            2 => Message::Welcome(de("Welcome", p)?),
+            3 => Message::Begin(de("Begin", p)?),
+            4 => Message::Pages(de("Pages", p)?),
+            5 => Message::Disk(de("Disk", p)?),
+            6 => Message::State(de("State", p)?),
+            7 => Message::End(de("End", p)?),
+            8 => Message::Ack(de("Ack", p)?),
+            9 => Message::Heartbeat(de("Heartbeat", p)?),
+            10 => Message::Refuse(de("Refuse", p)?),
+            11 => Message::Goodbye(de("Goodbye", p)?),
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        m.check_limits()?;
+        Ok(m)
+    }
+
+    fn check_limits(&self) -> Result<(), ProtocolError> {
+        let bad = |kind, why: String| Err(ProtocolError::Malformed { kind, why });
+        match self {
+            Message::Hello(h) if h.vm_id.len() > MAX_VM_ID => bad("Hello", "vm id too long".into()),
+            Message::Hello(h) if h.min_version > h.max_version => {
+                bad("Hello", "min_version > max_version".into())
+            }
+            Message::Begin(b) if b.parts > MAX_PARTS => bad("Begin", format!("{} parts", b.parts)),
+            Message::Pages(p) => {
+                let n: u64 = p.runs.iter().map(|r| u64::from(r.1)).sum();
+                if p.pages.len() > MAX_BATCH_PAGES || n != p.pages.len() as u64 {
+                    return bad(
+                        "Pages",
+                        format!("{} runs pages vs {} pages", n, p.pages.len()),
+                    );
+                }
+                if p.runs
+                    .iter()
+                    .any(|r| r.1 == 0 || r.0.checked_add(u64::from(r.1)).is_none())
+                {
+                    return bad("Pages", "empty or overflowing run".into());
+                }
+                Ok(())
+            }
+            Message::Disk(d)
+                if d.data.len() > MAX_CHUNK
+                    || d.offset.checked_add(d.data.len() as u64).is_none() =>
+            {
+                bad("Disk", "chunk too large".into())
+            }
+            Message::State(s) if s.data.len() > MAX_CHUNK => bad("State", "chunk too large".into()),
+            Message::Refuse(r) if r.detail.len() > MAX_TEXT => {
+                bad("Refuse", "detail too long".into())
+            }
+            Message::Goodbye(g) if g.reason.len() > MAX_TEXT => {
+                bad("Goodbye", "reason too long".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
