@@ -132,6 +132,7 @@ pub struct Disk {
     /// Byte offset on the disk.
     pub offset: u64,
     /// The data.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -143,6 +144,7 @@ pub struct State {
     /// Version of the state encoding (the snapshot format version).
     pub format: u32,
     /// The bytes.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

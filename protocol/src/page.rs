@@ -20,13 +20,13 @@ pub enum PageData {
     /// All zeros.
     Zero,
     /// The page itself.
-    Raw(Vec<u8>),
+    Raw(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Run-length coded XOR with the previous version.
-    Xor(Vec<u8>),
+    Xor(#[serde(with = "serde_bytes")] Vec<u8>),
     /// LZ4 of the page.
-    Lz4(Vec<u8>),
+    Lz4(#[serde(with = "serde_bytes")] Vec<u8>),
     /// LZ4 of the XOR with the previous version.
-    Lz4Xor(Vec<u8>),
+    Lz4Xor(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl PageData {

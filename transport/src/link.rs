@@ -1,0 +1,151 @@
+//! Protocol frames over QUIC streams.
+//!
+//! The primary opens one bidirectional **control** stream (lane 0: `Hello`, `Begin`, `End`,
+//! heartbeats; the backup answers on its return direction) and `lanes` unidirectional **data**
+//! streams (lanes 1..: checkpoint parts, spread round-robin by the protocol's sender). Each
+//! stream is a sequence of frames; the receiving side cuts them with `FrameReader` (refusing a
+//! bad header before buffering its length) and merges all streams into one channel.
+
+use protocol::frame::FrameReader;
+use tokio::sync::mpsc;
+
+use crate::error::TransportError;
+
+/// Incoming frames of all streams of a connection.
+pub type FrameRx = mpsc::Receiver<Result<Vec<u8>, TransportError>>;
+type FrameTx = mpsc::Sender<Result<Vec<u8>, TransportError>>;
+
+const CHANNEL_FRAMES: usize = 1024;
+
+async fn read_frames(mut recv: quinn::RecvStream, tx: FrameTx) {
+    let mut reader = FrameReader::new();
+    loop {
+        match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(chunk)) => {
+                reader.push(&chunk.bytes);
+                loop {
+                    match reader.next_frame() {
+                        Ok(Some(f)) => {
+                            if tx.send(Ok(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(TransportError::Stream(e.to_string()))).await;
+                return;
+            }
+        }
+    }
+}
+
+fn stream_err(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Stream(e.to_string())
+}
+
+/// The primary's end of a replication connection.
+pub struct PrimaryLink {
+    conn: quinn::Connection,
+    control: quinn::SendStream,
+    data: Vec<quinn::SendStream>,
+}
+
+impl PrimaryLink {
+    /// Opens the control stream and `lanes` data streams.
+    pub async fn open(
+        conn: quinn::Connection,
+        lanes: u8,
+    ) -> Result<(PrimaryLink, FrameRx), TransportError> {
+        let (control, recv) = conn.open_bi().await.map_err(stream_err)?;
+        let mut data = Vec::new();
+        for _ in 0..lanes.max(1) {
+            data.push(conn.open_uni().await.map_err(stream_err)?);
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+        tokio::spawn(read_frames(recv, tx));
+        Ok((
+            PrimaryLink {
+                conn,
+                control,
+                data,
+            },
+            rx,
+        ))
+    }
+
+    /// Sends a frame on a lane (0 = control).
+    pub async fn send(&mut self, lane: u8, frame: &[u8]) -> Result<(), TransportError> {
+        let s = match lane {
+            0 => &mut self.control,
+            l => {
+                let n = self.data.len();
+                &mut self.data[(usize::from(l) - 1) % n]
+            }
+        };
+        s.write_all(frame).await.map_err(stream_err)
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Finishes all streams and waits until the peer has everything.
+    pub async fn finish(mut self) -> Result<(), TransportError> {
+        for s in self
+            .data
+            .iter_mut()
+            .chain(std::iter::once(&mut self.control))
+        {
+            s.finish().map_err(stream_err)?;
+        }
+        for s in self
+            .data
+            .iter_mut()
+            .chain(std::iter::once(&mut self.control))
+        {
+            let _ = s.stopped().await;
+        }
+        Ok(())
+    }
+}
+
+/// The backup's end of a replication connection.
+pub struct BackupLink {
+    conn: quinn::Connection,
+    control: quinn::SendStream,
+}
+
+impl BackupLink {
+    /// Accepts the primary's control stream and, in the background, its data streams.
+    pub async fn accept(conn: quinn::Connection) -> Result<(BackupLink, FrameRx), TransportError> {
+        let (control, recv) = conn.accept_bi().await.map_err(stream_err)?;
+        let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+        tokio::spawn(read_frames(recv, tx.clone()));
+        let c = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(uni) = c.accept_uni().await {
+                tokio::spawn(read_frames(uni, tx.clone()));
+            }
+        });
+        Ok((BackupLink { conn, control }, rx))
+    }
+
+    /// Sends a frame to the primary (control stream).
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        self.control.write_all(frame).await.map_err(stream_err)
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
