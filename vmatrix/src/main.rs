@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod certs;
 mod control;
 mod disk;
 mod guest_config;
@@ -37,6 +38,9 @@ enum Cmd {
     Ctl(control::CtlArgs),
     /// Send requests to a guest's key-value service and print the answers.
     Kv(kv::KvArgs),
+    /// Cluster CA and host certificates (mutual TLS on every replication channel).
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
     /// Disk image tools.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Disk(d) => disk::main(d),
+        Cmd::Certs(c) => certs::main(c),
         Cmd::Kv(a) => kv::main(a),
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),

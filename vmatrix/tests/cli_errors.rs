@@ -223,3 +223,31 @@ fn guest_exit_code_is_reported() {
     let out = run_tiny(&code);
     assert_fails_with(&out, "guest stopped with exit code 0x7");
 }
+
+#[test]
+fn certs_init_and_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("pki");
+    let ds = d.to_str().unwrap();
+    assert!(vmatrix(&["certs", "init", ds], &[]).status.success());
+    assert_fails_with(
+        &vmatrix(&["certs", "init", ds], &[]),
+        "already holds a cluster CA",
+    );
+    assert!(vmatrix(&["certs", "issue", ds, "--host", "backup1"], &[])
+        .status
+        .success());
+    assert!(d.join("backup1.pem").exists() && d.join("backup1.key").exists());
+    assert_fails_with(
+        &vmatrix(&["certs", "issue", ds, "--host", "bad name"], &[]),
+        "host name",
+    );
+    let empty = dir.path().join("empty");
+    assert_fails_with(
+        &vmatrix(
+            &["certs", "issue", empty.to_str().unwrap(), "--host", "h"],
+            &[],
+        ),
+        "ca.key",
+    );
+}
