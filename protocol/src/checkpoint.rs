@@ -1,10 +1,13 @@
-//! A checkpoint as data, its split into messages (`Begin`, parts, `End`), and the end-to-end
-//! CRC: CRC32 over the payloads of all parts in seq order, computed by the receiver from
-//! per-part CRCs (parts may arrive in any order over several streams).
+//! A checkpoint as data, its split into frames (`Begin`, parts, `End`), and the end-to-end
+//! CRC: CRC32 over the part frames (header and payload, without their CRC trailers) in seq
+//! order. Each frame's own CRC already covers exactly those bytes, so sender and receiver combine
+//! the per-frame CRCs instead of hashing the data a second time; parts may arrive in any order
+//! over several streams.
 
-use crate::message::{
-    Begin, Disk, End, Kind, Message, Pages, PartId, State, MAX_BATCH_PAGES, MAX_CHUNK,
-};
+use serde::Serialize;
+
+use crate::frame;
+use crate::message::{Begin, Disk, End, Kind, Message, PartId, State, MAX_BATCH_PAGES, MAX_CHUNK};
 use crate::page::PageData;
 
 /// Payload budget of one page batch (keeps frames under the frame limit).
@@ -36,23 +39,33 @@ impl Checkpoint {
     }
 }
 
-/// CRC of a part payload with its length, to be combined in seq order.
+/// CRC of a part frame (header and payload) with the length it covers, to be combined in seq
+/// order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartCrc {
-    /// CRC32 of the payload.
+    /// CRC32 of the frame's header and payload.
     pub crc: u32,
-    /// Payload length.
+    /// Bytes covered.
     pub len: u64,
 }
 
 impl PartCrc {
-    /// Of a payload.
-    pub fn of(payload: &[u8]) -> Self {
+    /// Of arbitrary bytes.
+    pub fn of(bytes: &[u8]) -> Self {
         PartCrc {
-            crc: crc32fast::hash(payload),
-            len: payload.len() as u64,
+            crc: crc32fast::hash(bytes),
+            len: bytes.len() as u64,
         }
     }
+}
+
+/// A page batch serialized straight from the checkpoint, without copying page data: the same
+/// serde layout as [`crate::message::Pages`].
+#[derive(Serialize)]
+struct PagesRef<'a> {
+    id: PartId,
+    runs: Vec<(u64, u32)>,
+    pages: Vec<&'a PageData>,
 }
 
 /// CRC32 of the concatenation of parts, from their individual CRCs.
@@ -76,14 +89,21 @@ fn runs(gfns: &[u64]) -> Vec<(u64, u32)> {
     out
 }
 
-/// Splits a checkpoint into its messages: `Begin`, the parts, `End`.
-pub fn to_messages(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Message> {
-    let mut parts: Vec<Message> = Vec::new();
-    let id = |seq: u32| PartId {
+/// Encodes a checkpoint as frames: `Begin`, the parts, `End`. Page data is serialized once,
+/// straight from `cp`, and hashed once (by the frame CRC).
+pub fn encode_frames(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Vec<u8>> {
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut crcs: Vec<PartCrc> = Vec::new();
+    let id = |seq: usize| PartId {
         term,
         epoch: cp.epoch,
         attempt,
-        seq,
+        seq: seq as u32,
+    };
+    let push = |t: u8, p: Vec<u8>, parts: &mut Vec<Vec<u8>>, crcs: &mut Vec<PartCrc>| {
+        let (f, crc, len) = frame::encode_with_crc(t, &p);
+        crcs.push(PartCrc { crc, len });
+        parts.push(f);
     };
     let mut i = 0;
     while i < cp.pages.len() {
@@ -97,20 +117,24 @@ pub fn to_messages(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Message> {
             j += 1;
         }
         let gfns: Vec<u64> = cp.pages[i..j].iter().map(|p| p.0).collect();
-        parts.push(Message::Pages(Pages {
-            id: id(parts.len() as u32),
+        let batch = PagesRef {
+            id: id(parts.len()),
             runs: runs(&gfns),
-            pages: cp.pages[i..j].iter().map(|p| p.1.clone()).collect(),
-        }));
+            pages: cp.pages[i..j].iter().map(|p| &p.1).collect(),
+        };
+        let (f, crc, len) = frame::encode_value(4, &batch);
+        crcs.push(PartCrc { crc, len });
+        parts.push(f);
         i = j;
     }
     for (offset, data) in &cp.disk {
         for (k, chunk) in data.chunks(MAX_CHUNK).enumerate() {
-            parts.push(Message::Disk(Disk {
-                id: id(parts.len() as u32),
+            let d = Message::Disk(Disk {
+                id: id(parts.len()),
                 offset: offset + (k * MAX_CHUNK) as u64,
                 data: chunk.to_vec(),
-            }));
+            });
+            push(5, d.payload(), &mut parts, &mut crcs);
         }
     }
     if let Some((format, data)) = &cp.state {
@@ -120,31 +144,46 @@ pub fn to_messages(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Message> {
             data.chunks(MAX_CHUNK).collect()
         };
         for chunk in chunks {
-            parts.push(Message::State(State {
-                id: id(parts.len() as u32),
+            let st = Message::State(State {
+                id: id(parts.len()),
                 format: *format,
                 data: chunk.to_vec(),
-            }));
+            });
+            push(6, st.payload(), &mut parts, &mut crcs);
         }
     }
-    let crc = combine(parts.iter().map(|m| PartCrc::of(&m.payload())));
+    let crc = combine(crcs);
     let mut out = Vec::with_capacity(parts.len() + 2);
-    out.push(Message::Begin(Begin {
-        term,
-        epoch: cp.epoch,
-        attempt,
-        kind: cp.kind,
-        parts: parts.len() as u32,
-        mem_size: cp.mem_size,
-    }));
+    out.push(
+        Message::Begin(Begin {
+            term,
+            epoch: cp.epoch,
+            attempt,
+            kind: cp.kind,
+            parts: parts.len() as u32,
+            mem_size: cp.mem_size,
+        })
+        .encode(),
+    );
     out.extend(parts);
-    out.push(Message::End(End {
-        term,
-        epoch: cp.epoch,
-        attempt,
-        crc,
-    }));
+    out.push(
+        Message::End(End {
+            term,
+            epoch: cp.epoch,
+            attempt,
+            crc,
+        })
+        .encode(),
+    );
     out
+}
+
+/// The same checkpoint as decoded messages (tests and tools).
+pub fn to_messages(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Message> {
+    encode_frames(term, attempt, cp)
+        .iter()
+        .filter_map(|f| Message::decode(f).ok())
+        .collect()
 }
 
 #[cfg(test)]

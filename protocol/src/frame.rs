@@ -27,6 +27,12 @@ pub const MAX_PAYLOAD: usize = 1 << 20 | 64 << 10;
 
 /// Builds a frame around `payload`.
 pub fn encode(msg_type: u8, payload: &[u8]) -> Vec<u8> {
+    encode_with_crc(msg_type, payload).0
+}
+
+/// Builds a frame and also returns its CRC (over header and payload) and that length, which
+/// checkpoints combine into their end-to-end CRC without hashing the data again.
+pub fn encode_with_crc(msg_type: u8, payload: &[u8]) -> (Vec<u8>, u32, u64) {
     debug_assert!(payload.len() <= MAX_PAYLOAD);
     let mut f = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
     f.extend_from_slice(&MAGIC);
@@ -36,8 +42,9 @@ pub fn encode(msg_type: u8, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     f.extend_from_slice(payload);
     let crc = crc32fast::hash(&f);
+    let covered = f.len() as u64;
     f.extend_from_slice(&crc.to_le_bytes());
-    f
+    (f, crc, covered)
 }
 
 /// Checks a header; returns the message type and the payload length.
@@ -68,8 +75,34 @@ fn check_header(h: &[u8]) -> Result<(u8, usize), ProtocolError> {
     Ok((h[5], len))
 }
 
+/// Serializes `value` (postcard) straight into a new frame: no intermediate payload buffer.
+/// Returns the frame, its CRC and the length the CRC covers.
+pub fn encode_value<T: serde::Serialize>(msg_type: u8, value: &T) -> (Vec<u8>, u32, u64) {
+    let mut f = Vec::with_capacity(HEADER_LEN + 64);
+    f.extend_from_slice(&MAGIC);
+    f.push(FRAME_VERSION);
+    f.push(msg_type);
+    f.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    // Serializing plain data into a Vec cannot fail.
+    let mut f = postcard::to_extend(value, f).unwrap_or_default();
+    let len = f.len().saturating_sub(HEADER_LEN) as u32;
+    if f.len() < HEADER_LEN {
+        f.resize(HEADER_LEN, 0);
+    }
+    f[8..12].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32fast::hash(&f);
+    let covered = f.len() as u64;
+    f.extend_from_slice(&crc.to_le_bytes());
+    (f, crc, covered)
+}
+
 /// Decodes one complete frame (exactly one, no trailing bytes); returns type and payload.
 pub fn decode(frame: &[u8]) -> Result<(u8, &[u8]), ProtocolError> {
+    decode_with_crc(frame).map(|(t, p, _)| (t, p))
+}
+
+/// Like [`decode`], also returning the verified CRC of header and payload.
+pub fn decode_with_crc(frame: &[u8]) -> Result<(u8, &[u8], u32), ProtocolError> {
     let (t, len) = check_header(frame)?;
     let total = HEADER_LEN + len + TRAILER_LEN;
     if frame.len() < total {
@@ -95,7 +128,7 @@ pub fn decode(frame: &[u8]) -> Result<(u8, &[u8]), ProtocolError> {
     if stored != computed {
         return Err(ProtocolError::FrameCrc { stored, computed });
     }
-    Ok((t, &frame[HEADER_LEN..body_end]))
+    Ok((t, &frame[HEADER_LEN..body_end], computed))
 }
 
 /// Incremental reader of frames from a byte stream.

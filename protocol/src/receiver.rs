@@ -85,6 +85,8 @@ pub struct Receiver {
     close_reason: Option<ProtocolError>,
     /// Highest epoch the application acknowledged.
     last_acked: Option<u64>,
+    /// CRC (and covered length) of the frame being handled.
+    frame_crc: PartCrc,
 }
 
 impl Receiver {
@@ -103,6 +105,7 @@ impl Receiver {
             last_heard: None,
             close_reason: None,
             last_acked: cfg_last,
+            frame_crc: PartCrc { crc: 0, len: 0 },
         }
     }
 
@@ -144,13 +147,23 @@ impl Receiver {
             return Err(ProtocolError::Closed("receiver closed".into()));
         }
         self.last_heard = Some(now);
-        let msg = match Message::decode(bytes) {
+        let decoded = crate::frame::decode_with_crc(bytes).and_then(|(t, p, crc)| {
+            Ok((
+                Message::from_payload(t, p)?,
+                PartCrc {
+                    crc,
+                    len: (crate::frame::HEADER_LEN + p.len()) as u64,
+                },
+            ))
+        });
+        let (msg, crc) = match decoded {
             Ok(m) => m,
             Err(e) => {
                 self.refuse(RefuseCode::BadFrame, None, &e);
                 return Err(e);
             }
         };
+        self.frame_crc = crc;
         match (self.phase, msg) {
             (Phase::AwaitHello, Message::Hello(h)) => self.on_hello(h),
             (Phase::Ready { term, .. }, Message::Hello(h)) if h.term >= term => {
@@ -386,10 +399,9 @@ impl Receiver {
                 self.try_complete(epoch)
             }
             Message::Pages(_) | Message::Disk(_) | Message::State(_) => {
-                let payload = m.payload();
-                let crc = PartCrc::of(&payload);
+                let crc = self.frame_crc;
                 let (id, size) = match &m {
-                    Message::Pages(p) => (p.id, payload.len() as u64),
+                    Message::Pages(p) => (p.id, crc.len),
                     Message::Disk(d) => (d.id, d.data.len() as u64),
                     Message::State(s) => (s.id, s.data.len() as u64),
                     _ => unreachable!("matched above"),

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{to_messages, Checkpoint};
+use crate::checkpoint::{encode_frames, Checkpoint};
 use crate::error::ProtocolError;
 use crate::message::*;
 
@@ -188,17 +188,18 @@ impl Sender {
             return;
         };
         f.sent_at = now;
-        let msgs = to_messages(self.cfg.term, f.attempt, &f.cp);
-        let n = msgs.len();
-        for (i, m) in msgs.iter().enumerate() {
+        let frames = encode_frames(self.cfg.term, f.attempt, &f.cp);
+        let n = frames.len();
+        for (i, fr) in frames.into_iter().enumerate() {
             // Begin and End on the control lane (small, in order); parts spread over data lanes.
             let lane = if i == 0 || i == n - 1 {
                 0
             } else {
                 self.data_lane()
             };
-            self.queue(lane, m, now);
+            self.out.push_back((lane, fr));
         }
+        self.last_sent = Some(now);
     }
 
     /// Queues a checkpoint. Its epoch must follow the previous one.
