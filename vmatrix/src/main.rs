@@ -10,6 +10,7 @@ mod control;
 mod disk;
 mod guest_config;
 mod kv;
+mod replicate;
 mod restore;
 mod run;
 
@@ -32,6 +33,10 @@ struct Cli {
 enum Cmd {
     /// Boot a guest in a new VM and run it until it stops (SIGINT/SIGTERM stop it cleanly).
     Run(run::RunArgs),
+    /// Run a VM protected by continuous replication to a backup (output commit).
+    Primary(replicate::PrimaryArgs),
+    /// Receive a primary's checkpoints into a replica image.
+    Backup(replicate::BackupArgs),
     /// Start a VM from a snapshot directory in this new process.
     Restore(restore::RestoreArgs),
     /// Control a running VM through its --control socket.
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Cmd::Disk(d) => disk::main(d),
         Cmd::Certs(c) => certs::main(c),
         Cmd::Kv(a) => kv::main(a),
+        Cmd::Primary(a) => replicate::primary_main(a),
+        Cmd::Backup(a) => replicate::backup_main(a),
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),
     };

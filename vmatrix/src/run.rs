@@ -90,7 +90,7 @@ pub fn console(path: Option<PathBuf>) -> anyhow::Result<ConsoleOut> {
 }
 
 /// Merges the file (if any) under the flags and builds a `VmConfig`.
-fn resolve(a: RunArgs) -> anyhow::Result<VmConfig> {
+pub fn resolve(a: RunArgs) -> anyhow::Result<VmConfig> {
     let file = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)

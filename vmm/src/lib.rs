@@ -27,4 +27,7 @@ pub mod vcpu_state;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub use vm::{RestoreConfig, SnapshotKind, SnapshotStats, Vm, VmConfig, VmExit};
+pub use vm::{
+    CaptureKind, DiskCapture, EpochCapture, RestoreConfig, SnapshotKind, SnapshotStats, Vm,
+    VmConfig, VmExit,
+};

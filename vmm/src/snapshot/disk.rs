@@ -169,24 +169,29 @@ pub fn read_delta(path: &Path, part: &DiskPart) -> Result<Vec<(u64, Vec<u8>)>, S
     Ok(out)
 }
 
-/// Verifies a full `disk.img`.
-pub fn verify_full(path: &Path, part: &DiskPart) -> Result<(), SnapshotError> {
-    let DiskPart::Full { len, crc } = part else {
-        return Err(SnapshotError::Chain("expected a full disk".into()));
-    };
-    check_len(Part::Disk, path, *len)?;
+/// CRC32 of the first `len` bytes of a file.
+pub fn file_crc(path: &Path, len: u64) -> Result<u32, SnapshotError> {
     let f = File::open(path).map_err(SnapshotError::io(path))?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
-    while off < *len {
+    while off < len {
         let n = (CHUNK as u64).min(len - off) as usize;
         f.read_exact_at(&mut buf[..n], off)
             .map_err(SnapshotError::io(path))?;
         h.update(&buf[..n]);
         off += n as u64;
     }
-    crc_check(Part::Disk, *crc, h.finalize())
+    Ok(h.finalize())
+}
+
+/// Verifies a full `disk.img`.
+pub fn verify_full(path: &Path, part: &DiskPart) -> Result<(), SnapshotError> {
+    let DiskPart::Full { len, crc } = part else {
+        return Err(SnapshotError::Chain("expected a full disk".into()));
+    };
+    check_len(Part::Disk, path, *len)?;
+    crc_check(Part::Disk, *crc, file_crc(path, *len)?)
 }
 
 /// Builds the working disk at `out` from a verified full disk and the deltas after it.

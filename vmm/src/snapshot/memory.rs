@@ -96,6 +96,42 @@ pub fn write_full(
     ))
 }
 
+/// Describes an existing raw memory image file (a backup's replica) as the memory part of a
+/// full snapshot: its non-zero extents, their CRC, and the CRC of all of it.
+pub fn describe_file(path: &Path, mem_size: u64) -> Result<(MemoryPart, u32), SnapshotError> {
+    let f = open_checked(path, mem_size)?;
+    let mut all = crc32fast::Hasher::new();
+    let mut data = crc32fast::Hasher::new();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    while off < mem_size {
+        let n = (CHUNK as u64).min(mem_size - off) as usize;
+        f.read_exact_at(&mut buf[..n], off)
+            .map_err(SnapshotError::io(path))?;
+        all.update(&buf[..n]);
+        for p in 0..n / PAGE {
+            let page = &buf[p * PAGE..(p + 1) * PAGE];
+            if !is_zero(page) {
+                data.update(page);
+                let pfn = off / PAGE_SIZE + p as u64;
+                match extents.last_mut() {
+                    Some((first, count)) if *first + *count == pfn => *count += 1,
+                    _ => extents.push((pfn, 1)),
+                }
+            }
+        }
+        off += n as u64;
+    }
+    Ok((
+        MemoryPart::Full {
+            extents,
+            crc: data.finalize(),
+        },
+        all.finalize(),
+    ))
+}
+
 /// Copies `pages` out of guest memory into `out` (done while the VM is paused). `out` is a
 /// staging buffer kept across snapshots: growing it faults in fresh host pages, which costs more
 /// than the copy itself, so it only ever grows.

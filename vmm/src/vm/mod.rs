@@ -2,6 +2,7 @@
 //! [`VmConfig`] (this file) or from a snapshot (`restore.rs`); snapshots are taken in
 //! `snapshot.rs`.
 
+mod replicate;
 mod restore;
 mod snapshot;
 
@@ -28,6 +29,7 @@ pub use crate::vcpu::VmExit;
 use crate::vcpu::{self, Control};
 use crate::vcpu_state;
 use crate::{boot, loader, Error, Result};
+pub use replicate::{CaptureKind, DiskCapture, EpochCapture};
 pub use restore::RestoreConfig;
 pub use snapshot::{SnapshotKind, SnapshotStats};
 
@@ -273,12 +275,16 @@ impl Vm {
 
     /// Starts the device threads and the vCPU thread.
     pub fn start(&self) -> Result<()> {
+        self.start_threads(false)
+    }
+
+    fn start_threads(&self, paused: bool) -> Result<()> {
         let mut thread = lock(&self.thread);
         if thread.is_some() {
             return Ok(());
         }
         if let Some(n) = &self.devices.net {
-            *lock(&self.rx) = Some(RxThread::spawn(n.clone())?);
+            *lock(&self.rx) = Some(RxThread::spawn(n.clone(), paused)?);
         }
         let (vcpu, pio, mmio, control) = (
             self.vcpu.clone(),
@@ -297,14 +303,11 @@ impl Vm {
     /// Starts the VM parked: no guest instruction runs until [`Vm::resume`].
     pub fn start_paused(&self) -> Result<()> {
         self.control.pause_before_start();
-        self.start()?;
+        // The receive thread starts quiesced too: no frame may reach guest memory before resume.
+        self.start_threads(true)?;
         self.control
             .wait_paused()
-            .map_err(|e| Error::Host(format!("VM stopped while starting paused: {e}")))?;
-        if let (Some(rx), Some(n)) = (lock(&self.rx).as_ref(), &self.devices.net) {
-            rx.quiesce(n);
-        }
-        Ok(())
+            .map_err(|e| Error::Host(format!("VM stopped while starting paused: {e}")))
     }
 
     /// Pauses the vCPU and quiesces device threads. On return nothing writes guest memory.

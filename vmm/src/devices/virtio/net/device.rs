@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::chain;
 use super::super::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET};
+use super::commit::OutputCommit;
 use crate::memory::GuestMem;
 
 /// Length of `virtio_net_hdr_v1`.
@@ -53,6 +54,9 @@ pub struct Net<B: NetBackend> {
     rx_has_buffers: bool,
     stats: NetStats,
     frame: Vec<u8>,
+    commit: Option<OutputCommit>,
+    /// The transmit ring was left unprocessed because the output buffer was full.
+    tx_blocked: bool,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -66,6 +70,69 @@ impl<B: NetBackend> Net<B> {
             rx_has_buffers: true,
             stats: NetStats::default(),
             frame: vec![0u8; MAX_FRAME],
+            commit: None,
+            tx_blocked: false,
+        }
+    }
+
+    /// Starts holding output: frames transmitted from now on belong to `epoch`.
+    pub fn enable_output_commit(&mut self, epoch: u64, max_bytes: usize) {
+        self.commit = Some(OutputCommit::new(epoch, max_bytes));
+    }
+
+    /// Stops holding output; frames still held are sent.
+    pub fn disable_output_commit(&mut self) {
+        if let Some(mut c) = self.commit.take() {
+            for f in c.release(u64::MAX) {
+                self.send_now(&f);
+            }
+        }
+    }
+
+    /// Closes the current output epoch (VM paused); returns it.
+    pub fn advance_output_epoch(&mut self) -> Option<u64> {
+        self.commit.as_mut().map(OutputCommit::advance)
+    }
+
+    /// Sends held frames of epochs up to `upto`; then, if the transmit ring was blocked on a
+    /// full buffer, processes it again. Returns the number of frames released.
+    pub fn release_output(
+        &mut self,
+        upto: u64,
+        queues: &mut [Queue],
+        mem: &GuestMem,
+    ) -> Result<usize, DeviceError> {
+        let frames = match &mut self.commit {
+            Some(c) => c.release(upto),
+            None => return Ok(0),
+        };
+        for f in &frames {
+            self.send_now(f);
+        }
+        if self.tx_blocked {
+            self.tx_blocked = false;
+            if let Some(q) = queues.get_mut(TX as usize) {
+                self.transmit(q, mem)?;
+            }
+        }
+        Ok(frames.len())
+    }
+
+    /// (frames, bytes) held, and the current output epoch, if output commit is on.
+    pub fn held_output(&self) -> Option<(usize, usize, u64)> {
+        self.commit.as_ref().map(|c| {
+            let (f, b) = c.held();
+            (f, b, c.epoch())
+        })
+    }
+
+    fn send_now(&mut self, data: &[u8]) {
+        match self.backend.send(data) {
+            Ok(()) => self.stats.tx_frames += 1,
+            Err(e) => {
+                self.stats.tx_errors += 1;
+                tracing::debug!("virtio-net: tx dropped: {e}");
+            }
         }
     }
 
@@ -131,13 +198,19 @@ impl<B: NetBackend> Net<B> {
                     ),
                 });
             }
-            let data = c.read(mem, NET_HDR_LEN as u64, len as usize - NET_HDR_LEN)?;
-            match self.backend.send(&data) {
-                Ok(()) => self.stats.tx_frames += 1,
-                Err(e) => {
-                    self.stats.tx_errors += 1;
-                    tracing::debug!("virtio-net: tx dropped: {e}");
+            let frame_len = len as usize - NET_HDR_LEN;
+            if let Some(commit) = &self.commit {
+                if !commit.has_room(frame_len) {
+                    // Output buffer full: leave the chain in the ring until a release.
+                    q.go_to_previous_position();
+                    self.tx_blocked = true;
+                    break;
                 }
+            }
+            let data = c.read(mem, NET_HDR_LEN as u64, frame_len)?;
+            match &mut self.commit {
+                Some(commit) => commit.hold(data),
+                None => self.send_now(&data),
             }
             q.add_used(mem, c.head, 0).map_err(Self::queue_err(TX))?;
         }

@@ -24,8 +24,12 @@ pub struct RxThread {
 }
 
 impl RxThread {
-    /// Starts the thread for `dev`, wiring its receive-buffer kick.
-    pub fn spawn<B: NetBackend + 'static>(dev: Arc<Mutex<MmioTransport<Net<B>>>>) -> Result<Self> {
+    /// Starts the thread for `dev`, wiring its receive-buffer kick. With `paused` the thread
+    /// starts quiesced: it touches nothing until [`RxThread::resume`].
+    pub fn spawn<B: NetBackend + 'static>(
+        dev: Arc<Mutex<MmioTransport<Net<B>>>>,
+        paused: bool,
+    ) -> Result<Self> {
         let kick =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host(format!("eventfd: {e}")))?);
         let tap_fd = {
@@ -34,7 +38,7 @@ impl RxThread {
             t.device().backend_fd()
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let paused = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(paused));
         let (k, s, p) = (kick.clone(), stop.clone(), paused.clone());
         let handle = std::thread::Builder::new()
             .name("net-rx".into())

@@ -1,0 +1,123 @@
+//! The backup's network loop: one primary session at a time.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use protocol::{Kind, Receiver, ReceiverConfig};
+use tokio::sync::watch;
+use transport::certs::Identity;
+use transport::{BackupLink, QuicConfig, Server};
+
+use crate::image::{self, ReplicaImage};
+use crate::BackupError;
+
+/// Backup settings.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Replica image directory.
+    pub image_dir: PathBuf,
+    /// This host's certificates.
+    pub identity: Identity,
+    /// Cluster id the primary must present.
+    pub cluster_id: u64,
+    /// VM id the primary must present.
+    pub vm_id: String,
+    /// QUIC timers.
+    pub quic: QuicConfig,
+}
+
+/// Serves primaries until `stop` turns true; then finalizes the image as a snapshot of the last
+/// applied checkpoint and returns that epoch (None if nothing was ever applied).
+pub async fn serve(
+    cfg: BackupConfig,
+    mut stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<Option<u64>, BackupError> {
+    let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
+    let addr = server.local_addr()?;
+    tracing::info!("backup listening on {addr}");
+    if let Some(r) = ready {
+        let _ = r.send(addr);
+    }
+    let mut applied = None;
+    loop {
+        tokio::select! {
+            c = server.accept() => match c {
+                Ok(conn) => match session(&cfg, conn, &mut stop).await {
+                    Ok(e) => applied = e.or(applied),
+                    Err(e) => tracing::warn!("session ended: {e}"),
+                },
+                Err(e) => tracing::warn!("{e}"),
+            },
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+    server.close();
+    if cfg.image_dir.join("replica.bin").exists() {
+        let epoch = image::finalize(&cfg.image_dir)?;
+        tracing::info!("image finalized at checkpoint {epoch}");
+        return Ok(Some(epoch));
+    }
+    Ok(applied)
+}
+
+async fn session(
+    cfg: &BackupConfig,
+    conn: quinn::Connection,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<u64>, BackupError> {
+    let (mut link, mut rx) = BackupLink::accept(conn).await?;
+    let mut r = Receiver::new(ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id));
+    let mut img: Option<ReplicaImage> = None;
+    loop {
+        let deadline = r.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            f = rx.recv() => match f {
+                Some(Ok(f)) => {
+                    if let Err(e) = r.handle_frame(Instant::now(), &f) {
+                        tracing::warn!("refused frame: {e}");
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            },
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                r.handle_timeout(Instant::now());
+            }
+            _ = stop.changed() => break,
+        }
+        while let Some(cp) = r.poll_checkpoint() {
+            let term = r.session().map_or(0, |s| s.1);
+            let res = match (cp.kind, img.as_mut()) {
+                (Kind::Sync, _) => {
+                    ReplicaImage::create(&cfg.image_dir, term, &cp).map(|i| img = Some(i))
+                }
+                (Kind::Incremental, Some(i)) => i.apply(&cp),
+                (Kind::Incremental, None) => Err(BackupError::Apply(
+                    "incremental checkpoint before the initial sync".into(),
+                )),
+            };
+            match res {
+                Ok(()) => r.ack(cp.epoch),
+                Err(e) => {
+                    tracing::error!("checkpoint {}: {e}", cp.epoch);
+                    r.apply_failed(cp.epoch, &e.to_string());
+                }
+            }
+        }
+        while let Some(out) = r.poll_transmit() {
+            link.send(&out).await?;
+        }
+        if let Some(e) = r.closed() {
+            tracing::info!("session closed: {e}");
+            break;
+        }
+    }
+    Ok(img.map(|i| i.epoch()))
+}

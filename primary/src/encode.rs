@@ -1,0 +1,71 @@
+//! Turns an epoch capture into a protocol checkpoint, encoding each page against the version
+//! the backup holds (kept here as a shadow copy of every page sent).
+
+use std::collections::HashMap;
+
+use protocol::message::Kind;
+use protocol::page::{encode, EncodeOptions, PAGE};
+use protocol::Checkpoint;
+use vmm::snapshot::format::FORMAT_VERSION;
+use vmm::{DiskCapture, EpochCapture};
+
+/// Disk chunk size of an initial sync; all-zero chunks are not sent (the replica disk starts
+/// zeroed).
+const SYNC_DISK_CHUNK: usize = 64 << 10;
+
+/// Last version of every page the backup has been sent.
+#[derive(Default)]
+pub struct Shadow {
+    pages: HashMap<u64, Vec<u8>>,
+    opts: EncodeOptions,
+}
+
+impl Shadow {
+    /// A shadow using `opts` for incremental checkpoints.
+    pub fn new(opts: EncodeOptions) -> Self {
+        Shadow {
+            pages: HashMap::new(),
+            opts,
+        }
+    }
+
+    /// Builds checkpoint `epoch` from `cap`; a full capture becomes the initial sync.
+    pub fn checkpoint(&mut self, epoch: u64, kind: Kind, cap: &EpochCapture) -> Checkpoint {
+        let zero = vec![0u8; PAGE];
+        let mut pages = Vec::with_capacity(cap.pages.len());
+        if kind == Kind::Sync {
+            self.pages.clear();
+        }
+        for (i, &gfn) in cap.pages.iter().enumerate() {
+            let new = &cap.data[i * PAGE..(i + 1) * PAGE];
+            let opts = match kind {
+                Kind::Sync => EncodeOptions {
+                    xor: false,
+                    lz4: false,
+                },
+                Kind::Incremental => self.opts,
+            };
+            let old = self.pages.get(&gfn).map_or(&zero[..], |p| &p[..]);
+            pages.push((gfn, encode(new, Some(old), opts)));
+            self.pages.insert(gfn, new.to_vec());
+        }
+        let disk = match &cap.disk {
+            DiskCapture::None => Vec::new(),
+            DiskCapture::Writes(w) => w.clone(),
+            DiskCapture::Full(bytes) => bytes
+                .chunks(SYNC_DISK_CHUNK)
+                .enumerate()
+                .filter(|(_, c)| c.iter().any(|&b| b != 0))
+                .map(|(i, c)| ((i * SYNC_DISK_CHUNK) as u64, c.to_vec()))
+                .collect(),
+        };
+        Checkpoint {
+            epoch,
+            kind,
+            mem_size: cap.mem_size,
+            pages,
+            disk,
+            state: Some((FORMAT_VERSION, cap.state.clone())),
+        }
+    }
+}

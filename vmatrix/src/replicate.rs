@@ -1,0 +1,186 @@
+//! `vmatrix primary` and `vmatrix backup`: continuous replication of a running VM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use protocol::page::EncodeOptions;
+use transport::QuicConfig;
+use vmm::Vm;
+
+use crate::run::{resolve, supervise, RunArgs};
+
+/// Flags of `vmatrix primary`.
+#[derive(Args, Debug)]
+pub struct PrimaryArgs {
+    /// The VM, as for `vmatrix run`.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Backup address (host:port).
+    #[arg(long)]
+    pub backup: SocketAddr,
+    /// Host name in the backup's certificate.
+    #[arg(long, default_value = "backup")]
+    pub backup_name: String,
+    /// Certificate directory (from `vmatrix certs init/issue`).
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// This host's name (picks <certs>/<host>.pem).
+    #[arg(long)]
+    pub host: String,
+    /// Epoch length in milliseconds (1..=1000).
+    #[arg(long, default_value_t = 20)]
+    pub epoch_ms: u64,
+    /// Cluster id shared by primary and backup.
+    #[arg(long, default_value_t = 1)]
+    pub cluster_id: u64,
+    /// VM id shared by primary and backup.
+    #[arg(long, default_value = "vm")]
+    pub vm_id: String,
+    /// Data streams.
+    #[arg(long, default_value_t = 2)]
+    pub lanes: u8,
+    /// QUIC idle timeout (failure detection), ms.
+    #[arg(long, default_value_t = 1000)]
+    pub idle_timeout_ms: u64,
+}
+
+/// Flags of `vmatrix backup`.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Address to listen on (host:port).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Replica image directory (a snapshot of the last applied checkpoint after stop).
+    #[arg(long)]
+    pub image_dir: PathBuf,
+    /// Certificate directory.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// This host's name.
+    #[arg(long)]
+    pub host: String,
+    /// Cluster id.
+    #[arg(long, default_value_t = 1)]
+    pub cluster_id: u64,
+    /// VM id.
+    #[arg(long, default_value = "vm")]
+    pub vm_id: String,
+    /// QUIC idle timeout (failure detection), ms.
+    #[arg(long, default_value_t = 1000)]
+    pub idle_timeout_ms: u64,
+}
+
+fn quic_config(idle_ms: u64) -> QuicConfig {
+    QuicConfig {
+        keep_alive_ms: (idle_ms / 5).max(10),
+        idle_timeout_ms: idle_ms,
+        ..QuicConfig::default()
+    }
+}
+
+/// Runs a protected VM.
+pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
+    if !(1..=1000).contains(&a.epoch_ms) {
+        bail!("--epoch-ms must be between 1 and 1000");
+    }
+    let identity = transport::certs::load(&a.certs, &a.host).with_context(|| {
+        format!(
+            "loading certificates of '{}' from {}",
+            a.host,
+            a.certs.display()
+        )
+    })?;
+    let control = a.run.control.clone();
+    let cfg = resolve(a.run)?;
+    let console = cfg.console.clone();
+    let vm = Arc::new(Vm::new(cfg)?);
+    let pcfg = primary::PrimaryConfig {
+        epoch: Duration::from_millis(a.epoch_ms),
+        backup: a.backup,
+        backup_name: a.backup_name,
+        identity,
+        cluster_id: a.cluster_id,
+        vm_id: a.vm_id,
+        term: 1,
+        lanes: a.lanes,
+        window: 4,
+        quic: quic_config(a.idle_timeout_ms),
+        encode: EncodeOptions::default(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stats = Arc::new(primary::Stats::default());
+    let (vm2, st2) = (vm.clone(), stats.clone());
+    let repl = std::thread::Builder::new()
+        .name("replication".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                // Wait for the VM to be running before the initial sync.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                match primary::run(vm2, pcfg, st2, stop_rx).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::error!("replication stopped: {e}; guest output stays held");
+                        eprintln!("vmatrix primary: replication stopped: {e}; guest output stays held (unprotected operation needs a grant)");
+                    }
+                }
+            })
+        })
+        .context("spawning the replication thread")?;
+    let code = supervise(vm, control.as_deref(), console, false);
+    let _ = stop_tx.send(true);
+    let _ = repl.join();
+    code
+}
+
+/// Runs a backup until SIGINT/SIGTERM, then finalizes its image.
+pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    let identity = transport::certs::load(&a.certs, &a.host).with_context(|| {
+        format!(
+            "loading certificates of '{}' from {}",
+            a.host,
+            a.certs.display()
+        )
+    })?;
+    let cfg = backup::BackupConfig {
+        listen: a.listen,
+        image_dir: a.image_dir,
+        identity,
+        cluster_id: a.cluster_id,
+        vm_id: a.vm_id,
+        quic: quic_config(a.idle_timeout_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let epoch = rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut t), Ok(mut i)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            let _ = tx.send(true);
+        });
+        backup::serve(cfg, rx, None).await
+    })?;
+    match epoch {
+        Some(e) => eprintln!("vmatrix backup: image is a snapshot of checkpoint {e}"),
+        None => eprintln!("vmatrix backup: no checkpoint was applied"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

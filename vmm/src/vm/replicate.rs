@@ -1,0 +1,172 @@
+//! What continuous replication needs from a VM: one pause per epoch that captures the epoch's
+//! dirty pages (copied), disk writes and vCPU/device state, and closes the output epoch; and
+//! the output-commit controls (hold, release).
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{lock, Vm};
+use crate::devices::virtio::blk::SECTOR_SIZE;
+use crate::layout::PAGE_SIZE;
+use crate::snapshot::SnapshotError;
+
+/// Full (initial sync) or incremental capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureKind {
+    /// Every non-zero page, the whole disk, the state; arms output commit.
+    Full,
+    /// Pages dirtied and disk writes made since the previous capture.
+    Incremental,
+}
+
+/// The disk part of a capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskCapture {
+    /// No disk.
+    None,
+    /// The whole disk (initial sync, or the write log overflowed).
+    Full(Vec<u8>),
+    /// Writes since the previous capture, in order.
+    Writes(Vec<(u64, Vec<u8>)>),
+}
+
+/// One epoch, captured in one pause.
+#[derive(Debug)]
+pub struct EpochCapture {
+    /// Output epoch closed by this capture (frames of it may be released once it is safe).
+    pub epoch: u64,
+    /// How long the guest was paused.
+    pub pause: Duration,
+    /// Guest frame numbers of `data`, ascending.
+    pub pages: Vec<u64>,
+    /// Page contents, 4 KiB each, in `pages` order.
+    pub data: Vec<u8>,
+    /// The disk part.
+    pub disk: DiskCapture,
+    /// `VmState`, postcard-encoded (the snapshot format's state).
+    pub state: Vec<u8>,
+    /// Guest RAM size.
+    pub mem_size: u64,
+}
+
+fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Capture(e.to_string())
+}
+
+impl Vm {
+    /// Pauses (if running), captures one epoch, closes the output epoch, resumes.
+    pub fn capture_epoch(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
+        let t0 = Instant::now();
+        let must_resume = self.thread_running() && !self.is_paused();
+        if must_resume {
+            self.pause().map_err(capture_err)?;
+        }
+        let r = self.capture_epoch_paused(kind);
+        if must_resume {
+            self.resume();
+        }
+        let mut c = r?;
+        c.pause = t0.elapsed();
+        Ok(c)
+    }
+
+    fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
+        let state = postcard::to_stdvec(&self.capture_state()?).map_err(capture_err)?;
+        let dirty = self.harvest_dirty().map_err(capture_err)?;
+        let pages: Vec<u64> = match kind {
+            CaptureKind::Incremental => dirty.page_list(),
+            CaptureKind::Full => {
+                let mut nonzero = Vec::new();
+                let mut page = vec![0u8; PAGE_SIZE as usize];
+                for pfn in 0..self.mem_size / PAGE_SIZE {
+                    self.mem
+                        .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+                        .map_err(capture_err)?;
+                    if page
+                        .chunks(64)
+                        .any(|c| c.iter().fold(0u8, |a, &b| a | b) != 0)
+                    {
+                        nonzero.push(pfn);
+                    }
+                }
+                nonzero
+            }
+        };
+        let mut data = Vec::new();
+        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        let disk = match &self.devices.blk {
+            None => DiskCapture::None,
+            Some(b) => {
+                let mut t = lock(b);
+                let writes = t.with_device_unchecked(|d| d.take_writes());
+                match (kind, writes) {
+                    (CaptureKind::Incremental, Some(w)) if !w.overflowed => {
+                        DiskCapture::Writes(w.writes)
+                    }
+                    _ => {
+                        use std::os::unix::fs::FileExt;
+                        let len = t.device().sectors() * SECTOR_SIZE;
+                        let mut buf = vec![0u8; len as usize];
+                        t.device()
+                            .file()
+                            .read_exact_at(&mut buf, 0)
+                            .map_err(capture_err)?;
+                        DiskCapture::Full(buf)
+                    }
+                }
+            }
+        };
+        let epoch = match &self.devices.net {
+            Some(n) => {
+                let mut t = lock(n);
+                t.with_device_unchecked(|net| {
+                    if kind == CaptureKind::Full && net.held_output().is_none() {
+                        // Checkpoint 0 is this capture: output from now on belongs to epoch 1.
+                        net.enable_output_commit(1, crate::devices::virtio::net::DEFAULT_MAX_HELD);
+                        0
+                    } else {
+                        net.advance_output_epoch().unwrap_or(0)
+                    }
+                })
+            }
+            None => 0,
+        };
+        Ok(EpochCapture {
+            epoch,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk,
+            state,
+            mem_size: self.mem_size,
+        })
+    }
+
+    /// Releases guest output of epochs up to `upto` (checkpoint `upto` is safe on the backups).
+    pub fn release_output(&self, upto: u64) -> usize {
+        let mut released = 0;
+        if let Some(n) = &self.devices.net {
+            let _ = lock(n).with_device(|net, queues, mem| {
+                released = net.release_output(upto, queues, mem)?;
+                Ok(false)
+            });
+        }
+        released
+    }
+
+    /// Stops holding output (unprotected operation); held frames are sent.
+    pub fn disable_output_commit(&self) {
+        if let Some(n) = &self.devices.net {
+            lock(n).with_device_unchecked(|net| net.disable_output_commit());
+        }
+    }
+
+    /// (frames, bytes, current epoch) of held output, if output commit is on.
+    pub fn held_output(&self) -> Option<(usize, usize, u64)> {
+        self.devices
+            .net
+            .as_ref()
+            .and_then(|n| lock(n).device().held_output())
+    }
+}
