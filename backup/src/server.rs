@@ -80,6 +80,7 @@ async fn session(
         tokio::select! {
             f = rx.recv() => match f {
                 Some(Ok(f)) => {
+                    tracing::trace!("frame of {} bytes", f.len());
                     if let Err(e) = r.handle_frame(Instant::now(), &f) {
                         tracing::warn!("refused frame: {e}");
                     }
@@ -104,7 +105,10 @@ async fn session(
                 )),
             };
             match res {
-                Ok(()) => r.ack(cp.epoch),
+                Ok(()) => {
+                    tracing::debug!("applied checkpoint {} ({} pages)", cp.epoch, cp.pages.len());
+                    r.ack(cp.epoch)
+                }
                 Err(e) => {
                     tracing::error!("checkpoint {}: {e}", cp.epoch);
                     r.apply_failed(cp.epoch, &e.to_string());

@@ -69,13 +69,20 @@ fn execute(vm: &Vm, req: Request) -> Result<String, String> {
         }
         Request::Status => {
             let net = vm.net_stats().unwrap_or_default();
+            let held = match vm.held_output() {
+                Some((frames, bytes, epoch)) => {
+                    format!(" output_epoch={epoch} held_frames={frames} held_bytes={bytes}")
+                }
+                None => String::new(),
+            };
             Ok(format!(
-                "state={} mem_mib={} guest_clock_ms={} net_rx_frames={} net_tx_frames={} blk_requests={}",
+                "state={} mem_mib={} guest_clock_ms={} net_rx_frames={} net_tx_frames={} net_tx_errors={} blk_requests={}{held}",
                 if vm.is_paused() { "paused" } else { "running" },
                 vm.mem_size() >> 20,
                 vm.guest_clock_ns() / 1_000_000,
                 net.rx_frames,
                 net.tx_frames,
+                net.tx_errors,
                 vm.blk_completed().unwrap_or(0),
             ))
         }

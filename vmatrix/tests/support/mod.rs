@@ -145,7 +145,7 @@ impl VmProc {
 
     /// Runs `vmatrix <args> --console-log <console>` inside `net`.
     pub fn spawn_args(net: &TestNet, console: &Path, args: &[std::ffi::OsString]) -> VmProc {
-        let child = Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &net.name])
             .arg(vmatrix_bin())
             .args(args)
@@ -155,6 +155,15 @@ impl VmProc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmatrix");
+        // Keep stderr drained into <console>.stderr so a chatty process never blocks on a pipe.
+        if let Some(mut e) = child.stderr.take() {
+            let path = console.with_extension("stderr");
+            std::thread::spawn(move || {
+                if let Ok(mut f) = std::fs::File::create(path) {
+                    let _ = std::io::copy(&mut e, &mut f);
+                }
+            });
+        }
         VmProc {
             child,
             console: console.to_path_buf(),
@@ -162,15 +171,16 @@ impl VmProc {
         }
     }
 
+    /// What the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.console.with_extension("stderr")).unwrap_or_default()
+    }
+
     /// Waits for the process to exit; returns success and its stderr.
     pub fn wait_output(mut self) -> (bool, String) {
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
         let ok = self.child.wait().map(|s| s.success()).unwrap_or(false);
-        (ok, err)
+        std::thread::sleep(Duration::from_millis(50));
+        (ok, self.stderr_text())
     }
 
     /// Waits until the KV port answers.
@@ -178,8 +188,10 @@ impl VmProc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                let err = self.stderr_text();
                 panic!(
-                    "vmatrix exited early with {st}; console:\n{}",
+                    "vmatrix exited early with {st}; stderr:\n{err}\nconsole:\n{}",
                     std::fs::read_to_string(&self.console).unwrap_or_default()
                 );
             }
@@ -384,5 +396,108 @@ pub mod log {
             seq += 1;
         }
         out
+    }
+}
+
+/// A primary and a backup inside one test network: certificates, the backup process (listening
+/// on 127.0.0.1:7100 in the namespace) and the primary process with the guest.
+pub struct Replicated {
+    pub dir: PathBuf,
+    pub backup: Option<Child>,
+    pub primary: VmProc,
+}
+
+impl Replicated {
+    /// Starts a backup and a protected primary; `extra` goes to `vmatrix primary`.
+    pub fn start(net: &TestNet, dir: &Path, extra: &[&str]) -> Replicated {
+        let pki = dir.join("pki");
+        for args in [
+            vec!["certs", "init", pki.to_str().unwrap()],
+            vec!["certs", "issue", pki.to_str().unwrap(), "--host", "backup"],
+            vec!["certs", "issue", pki.to_str().unwrap(), "--host", "primary"],
+        ] {
+            let out = Command::new(vmatrix_bin()).args(&args).output().unwrap();
+            assert!(out.status.success(), "{:?}", out);
+        }
+        let backup = Self::spawn_backup(net, dir, extra);
+        let disk = dir.join("disk.img");
+        make_disk(&disk, 16);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "primary".into(),
+            "--guest".into(),
+            guest_elf().into(),
+            "--disk".into(),
+            disk.into(),
+            "--tap".into(),
+            "tap0".into(),
+            "--mem-mib".into(),
+            "32".into(),
+            "--guest-config".into(),
+            net.guest_config().into(),
+            "--backup".into(),
+            "127.0.0.1:7100".into(),
+            "--certs".into(),
+            pki.into(),
+            "--host".into(),
+            "primary".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.into()));
+        args.push("--log".into());
+        args.push("primary=debug,transport=debug,info".into());
+        let primary = VmProc::spawn_args(net, &dir.join("primary-console.log"), &args);
+        Replicated {
+            dir: dir.to_path_buf(),
+            backup: Some(backup),
+            primary,
+        }
+    }
+
+    fn spawn_backup(net: &TestNet, dir: &Path, extra: &[&str]) -> Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &net.name])
+            .arg(vmatrix_bin())
+            .args(["backup", "--listen", "127.0.0.1:7100", "--host", "backup", "--log", "backup=debug,transport=debug,protocol=debug,info"])
+            .arg("--certs")
+            .arg(dir.join("pki"))
+            .arg("--image-dir")
+            .arg(dir.join("image"));
+        if let Some(i) = extra.iter().position(|a| *a == "--idle-timeout-ms") {
+            c.args(&extra[i..i + 2]);
+        }
+        c.stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("backup.log")).unwrap())
+            .spawn()
+            .expect("spawn backup")
+    }
+
+    /// SIGTERM the backup and wait: its image becomes a snapshot of the last applied checkpoint.
+    pub fn finalize_backup(&mut self) -> PathBuf {
+        if let Some(mut b) = self.backup.take() {
+            let _ = Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
+            let st = b.wait().unwrap();
+            assert!(st.success(), "backup exit: {st}; log:\n{}", std::fs::read_to_string(self.dir.join("backup.log")).unwrap_or_default());
+        }
+        self.dir.join("image")
+    }
+
+    /// The backup's log so far.
+    pub fn backup_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("backup.log")).unwrap_or_default()
+    }
+
+    /// Sends a signal to the backup process.
+    pub fn signal_backup(&self, sig: &str) {
+        if let Some(b) = &self.backup {
+            let _ = Command::new("kill").args([sig, &b.id().to_string()]).status();
+        }
+    }
+}
+
+impl Drop for Replicated {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.backup.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
     }
 }
