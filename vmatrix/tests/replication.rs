@@ -16,19 +16,38 @@ fn output_is_held_while_the_backup_is_stalled_and_released_in_order() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("ctl.sock");
-    let mut r = Replicated::start(&net, dir.path(), &["--idle-timeout-ms", "8000", "--control", sock.to_str().unwrap()]);
+    let mut r = Replicated::start(
+        &net,
+        dir.path(),
+        &[
+            "--idle-timeout-ms",
+            "8000",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+    );
     let mut kv = r.primary.wait_ready(Duration::from_secs(20));
     assert_eq!(kv.cmd("SET warm 1").unwrap(), "OK");
 
     let mut s = TcpStream::connect(r.primary.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
     r.signal_backup("-STOP");
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(b"SET x 1\nSET y 2\nGET x\n").unwrap();
     let mut buf = [0u8; 64];
     match s.read(&mut buf) {
-        Ok(n) => panic!("a reply escaped while the backup was stalled: {:?}", String::from_utf8_lossy(&buf[..n])),
-        Err(e) => assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}"),
+        Ok(n) => panic!(
+            "a reply escaped while the backup was stalled: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
     }
     r.signal_backup("-CONT");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -46,7 +65,11 @@ fn output_is_held_while_the_backup_is_stalled_and_released_in_order() {
         }
         got.push(l.trim_end().to_string());
     }
-    assert_eq!(got, ["OK", "OK", "VALUE 1"], "replies arrive after SIGCONT, in order");
+    assert_eq!(
+        got,
+        ["OK", "OK", "VALUE 1"],
+        "replies arrive after SIGCONT, in order"
+    );
 }
 
 struct Rng(u64);
@@ -104,7 +127,10 @@ fn crash_once(seed: u64) {
             maybe.insert(k, v);
         }
     }
-    assert!(!acked.is_empty(), "seed {seed}: clients were acknowledged before the crash");
+    assert!(
+        !acked.is_empty(),
+        "seed {seed}: clients were acknowledged before the crash"
+    );
     let image = r.finalize_backup();
     let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
     let mut kv = vm.wait_ready(Duration::from_secs(20));
@@ -153,8 +179,14 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
     let image = r.finalize_backup();
     let meta = vmm::snapshot::read_meta(&image).unwrap();
     let c2 = format!("{:#010x}", meta.memory_checksum.unwrap());
-    assert_eq!(c1, c2, "backup memory equals the primary's memory at its last checkpoint");
+    assert_eq!(
+        c1, c2,
+        "backup memory equals the primary's memory at its last checkpoint"
+    );
     let primary_disk = std::fs::read(dir.path().join("disk.img")).unwrap();
     let backup_disk = std::fs::read(image.join("disk.img")).unwrap();
-    assert!(primary_disk == backup_disk, "backup disk equals the primary's disk");
+    assert!(
+        primary_disk == backup_disk,
+        "backup disk equals the primary's disk"
+    );
 }

@@ -456,7 +456,15 @@ impl Replicated {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &net.name])
             .arg(vmatrix_bin())
-            .args(["backup", "--listen", "127.0.0.1:7100", "--host", "backup", "--log", "backup=debug,transport=debug,protocol=debug,info"])
+            .args([
+                "backup",
+                "--listen",
+                "127.0.0.1:7100",
+                "--host",
+                "backup",
+                "--log",
+                "backup=debug,transport=debug,protocol=debug,info",
+            ])
             .arg("--certs")
             .arg(dir.join("pki"))
             .arg("--image-dir")
@@ -473,9 +481,15 @@ impl Replicated {
     /// SIGTERM the backup and wait: its image becomes a snapshot of the last applied checkpoint.
     pub fn finalize_backup(&mut self) -> PathBuf {
         if let Some(mut b) = self.backup.take() {
-            let _ = Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &b.id().to_string()])
+                .status();
             let st = b.wait().unwrap();
-            assert!(st.success(), "backup exit: {st}; log:\n{}", std::fs::read_to_string(self.dir.join("backup.log")).unwrap_or_default());
+            assert!(
+                st.success(),
+                "backup exit: {st}; log:\n{}",
+                std::fs::read_to_string(self.dir.join("backup.log")).unwrap_or_default()
+            );
         }
         self.dir.join("image")
     }
@@ -488,7 +502,9 @@ impl Replicated {
     /// Sends a signal to the backup process.
     pub fn signal_backup(&self, sig: &str) {
         if let Some(b) = &self.backup {
-            let _ = Command::new("kill").args([sig, &b.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &b.id().to_string()])
+                .status();
         }
     }
 }

@@ -46,15 +46,14 @@ fn is_zero(p: &[u8]) -> bool {
     p.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-/// Writes all of guest RAM as a sparse image. Returns the part description and the CRC32 of
-/// the whole of RAM (zero pages included), which identifies the memory state.
-pub fn write_full(
-    mem: &GuestMem,
+/// Walks a memory image of `mem_size` bytes read through `read` (1 MiB at a time), finding the
+/// runs of non-zero pages. Each run is handed to `on_run(offset, bytes)`. Returns the memory
+/// part (extents and the CRC of their data) and the CRC32 of the whole image.
+fn scan(
     mem_size: u64,
-    path: &Path,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), SnapshotError>,
+    mut on_run: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
 ) -> Result<(MemoryPart, u32), SnapshotError> {
-    let file = File::create(path).map_err(SnapshotError::io(path))?;
-    file.set_len(mem_size).map_err(SnapshotError::io(path))?;
     let mut all = crc32fast::Hasher::new();
     let mut data = crc32fast::Hasher::new();
     let mut extents: Vec<(u64, u64)> = Vec::new();
@@ -62,8 +61,7 @@ pub fn write_full(
     let mut off = 0u64;
     while off < mem_size {
         let n = (CHUNK as u64).min(mem_size - off) as usize;
-        mem.read_slice(&mut buf[..n], GuestAddress(off))
-            .map_err(|e| SnapshotError::Capture(format!("reading guest memory: {e}")))?;
+        read(off, &mut buf[..n])?;
         all.update(&buf[..n]);
         let mut run: Option<usize> = None;
         for p in 0..=n / PAGE {
@@ -72,8 +70,7 @@ pub fn write_full(
                 (true, None) => run = Some(p),
                 (false, Some(s)) => {
                     let bytes = &buf[s * PAGE..p * PAGE];
-                    file.write_all_at(bytes, off + (s * PAGE) as u64)
-                        .map_err(SnapshotError::io(path))?;
+                    on_run(off + (s * PAGE) as u64, bytes)?;
                     data.update(bytes);
                     let first = (off / PAGE_SIZE) + s as u64;
                     match extents.last_mut() {
@@ -96,40 +93,37 @@ pub fn write_full(
     ))
 }
 
+/// Writes all of guest RAM as a sparse image. Returns the part description and the CRC32 of
+/// the whole of RAM (zero pages included), which identifies the memory state.
+pub fn write_full(
+    mem: &GuestMem,
+    mem_size: u64,
+    path: &Path,
+) -> Result<(MemoryPart, u32), SnapshotError> {
+    let file = File::create(path).map_err(SnapshotError::io(path))?;
+    file.set_len(mem_size).map_err(SnapshotError::io(path))?;
+    scan(
+        mem_size,
+        |off, buf| {
+            mem.read_slice(buf, GuestAddress(off))
+                .map_err(|e| SnapshotError::Capture(format!("reading guest memory: {e}")))
+        },
+        |off, bytes| {
+            file.write_all_at(bytes, off)
+                .map_err(SnapshotError::io(path))
+        },
+    )
+}
+
 /// Describes an existing raw memory image file (a backup's replica) as the memory part of a
 /// full snapshot: its non-zero extents, their CRC, and the CRC of all of it.
 pub fn describe_file(path: &Path, mem_size: u64) -> Result<(MemoryPart, u32), SnapshotError> {
     let f = open_checked(path, mem_size)?;
-    let mut all = crc32fast::Hasher::new();
-    let mut data = crc32fast::Hasher::new();
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < mem_size {
-        let n = (CHUNK as u64).min(mem_size - off) as usize;
-        f.read_exact_at(&mut buf[..n], off)
-            .map_err(SnapshotError::io(path))?;
-        all.update(&buf[..n]);
-        for p in 0..n / PAGE {
-            let page = &buf[p * PAGE..(p + 1) * PAGE];
-            if !is_zero(page) {
-                data.update(page);
-                let pfn = off / PAGE_SIZE + p as u64;
-                match extents.last_mut() {
-                    Some((first, count)) if *first + *count == pfn => *count += 1,
-                    _ => extents.push((pfn, 1)),
-                }
-            }
-        }
-        off += n as u64;
-    }
-    Ok((
-        MemoryPart::Full {
-            extents,
-            crc: data.finalize(),
-        },
-        all.finalize(),
-    ))
+    scan(
+        mem_size,
+        |off, buf| f.read_exact_at(buf, off).map_err(SnapshotError::io(path)),
+        |_, _| Ok(()),
+    )
 }
 
 /// Copies `pages` out of guest memory into `out` (done while the VM is paused). `out` is a
