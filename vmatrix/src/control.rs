@@ -57,7 +57,10 @@ pub fn parse(line: &str) -> Result<Request, String> {
     }
 }
 
-fn execute(vm: &Vm, req: Request) -> Result<String, String> {
+/// Extra `key=value` fields appended to `status` (the replication loop's figures).
+pub type StatusExtra = Arc<dyn Fn() -> String + Send + Sync>;
+
+fn execute(vm: &Vm, req: Request, extra: Option<&StatusExtra>) -> Result<String, String> {
     match req {
         Request::Pause => vm
             .pause()
@@ -75,8 +78,9 @@ fn execute(vm: &Vm, req: Request) -> Result<String, String> {
                 }
                 None => String::new(),
             };
+            let extra = extra.map(|f| format!(" {}", f())).unwrap_or_default();
             Ok(format!(
-                "state={} mem_mib={} guest_clock_ms={} net_rx_frames={} net_tx_frames={} net_tx_errors={} blk_requests={}{held}",
+                "state={} mem_mib={} guest_clock_ms={} net_rx_frames={} net_tx_frames={} net_tx_errors={} blk_requests={}{held}{extra}",
                 if vm.is_paused() { "paused" } else { "running" },
                 vm.mem_size() >> 20,
                 vm.guest_clock_ns() / 1_000_000,
@@ -111,11 +115,11 @@ fn execute(vm: &Vm, req: Request) -> Result<String, String> {
     }
 }
 
-fn serve_one(vm: &Vm, stream: UnixStream) -> std::io::Result<()> {
+fn serve_one(vm: &Vm, stream: UnixStream, extra: Option<&StatusExtra>) -> std::io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut line = String::new();
     BufReader::new(stream).take(4096).read_line(&mut line)?;
-    let reply = match parse(&line).and_then(|r| execute(vm, r)) {
+    let reply = match parse(&line).and_then(|r| execute(vm, r, extra)) {
         Ok(s) => format!("ok {s}\n"),
         Err(e) => format!("error: {e}\n"),
     };
@@ -123,7 +127,7 @@ fn serve_one(vm: &Vm, stream: UnixStream) -> std::io::Result<()> {
 }
 
 /// Listens on `path` (replacing a stale socket) and serves requests on a background thread.
-pub fn serve(path: &Path, vm: Arc<Vm>) -> anyhow::Result<()> {
+pub fn serve(path: &Path, vm: Arc<Vm>, extra: Option<StatusExtra>) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
@@ -134,7 +138,7 @@ pub fn serve(path: &Path, vm: Arc<Vm>) -> anyhow::Result<()> {
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = serve_one(&vm, stream) {
+                if let Err(e) = serve_one(&vm, stream, extra.as_ref()) {
                     tracing::warn!("control connection: {e}");
                 }
             }

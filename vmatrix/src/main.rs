@@ -10,6 +10,7 @@ mod control;
 mod disk;
 mod guest_config;
 mod kv;
+mod metrics;
 mod replicate;
 mod restore;
 mod run;

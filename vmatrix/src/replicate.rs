@@ -47,6 +47,9 @@ pub struct PrimaryArgs {
     /// QUIC idle timeout (failure detection), ms.
     #[arg(long, default_value_t = 1000)]
     pub idle_timeout_ms: u64,
+    /// Serve Prometheus metrics (text format) over HTTP on this address.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Flags of `vmatrix backup`.
@@ -136,7 +139,14 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             })
         })
         .context("spawning the replication thread")?;
-    let code = supervise(vm, control.as_deref(), console, false);
+    let status: crate::control::StatusExtra = {
+        let s = stats.clone();
+        Arc::new(move || crate::metrics::status_fields(&s))
+    };
+    if let Some(addr) = a.metrics {
+        crate::metrics::serve(addr, vm.clone(), stats.clone())?;
+    }
+    let code = supervise(vm, control.as_deref(), console, false, Some(status));
     let _ = stop_tx.send(true);
     let _ = repl.join();
     code

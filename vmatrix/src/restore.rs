@@ -42,5 +42,5 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         console: console.clone(),
         generation: None,
     })?;
-    crate::run::supervise(Arc::new(vm), a.control.as_deref(), console, a.paused)
+    crate::run::supervise(Arc::new(vm), a.control.as_deref(), console, a.paused, None)
 }

@@ -137,7 +137,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = resolve(a)?;
     let console = cfg.console.clone();
     let vm = Arc::new(Vm::new(cfg)?);
-    supervise(vm, control.as_deref(), console, false)
+    supervise(vm, control.as_deref(), console, false, None)
 }
 
 /// Serves the control socket, starts the VM (parked if `paused`), stops it on SIGINT/SIGTERM,
@@ -147,9 +147,10 @@ pub fn supervise(
     control: Option<&std::path::Path>,
     console: ConsoleOut,
     paused: bool,
+    extra: Option<crate::control::StatusExtra>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(path) = control {
-        crate::control::serve(path, vm.clone())?;
+        crate::control::serve(path, vm.clone(), extra)?;
     }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
