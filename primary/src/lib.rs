@@ -104,7 +104,18 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PrimaryError> {
     let ep = quic::client(&cfg.identity, &cfg.quic)?;
-    let conn = quic::connect(&ep, cfg.backup, &cfg.backup_name).await?;
+    // The backup may still be starting: retry for a while before giving up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        match quic::connect(&ep, cfg.backup, &cfg.backup_name).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!("backup not reachable yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let (mut link, mut rx) = PrimaryLink::open(conn, cfg.lanes).await?;
     let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
     scfg.lanes = cfg.lanes;

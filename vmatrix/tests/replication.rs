@@ -26,7 +26,7 @@ fn output_is_held_while_the_backup_is_stalled_and_released_in_order() {
             sock.to_str().unwrap(),
         ],
     );
-    let mut kv = r.primary.wait_ready(Duration::from_secs(20));
+    let mut kv = r.wait_ready(Duration::from_secs(20));
     assert_eq!(kv.cmd("SET warm 1").unwrap(), "OK");
 
     let mut s = TcpStream::connect(r.primary.addr).unwrap();
@@ -89,7 +89,7 @@ fn crash_once(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9) | 1);
     let mut r = Replicated::start(&net, dir.path(), &["--epoch-ms", "10"]);
-    r.primary.wait_ready(Duration::from_secs(20));
+    r.wait_ready(Duration::from_secs(20));
     let addr = r.primary.addr;
     let workers: Vec<_> = (0..16)
         .map(|c| {
@@ -164,7 +164,7 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("ctl.sock");
     let mut r = Replicated::start(&net, dir.path(), &["--control", sock.to_str().unwrap()]);
-    let mut kv = r.primary.wait_ready(Duration::from_secs(20));
+    let mut kv = r.wait_ready(Duration::from_secs(20));
     wait_socket(&sock, Duration::from_secs(5));
     for i in 0..50 {
         assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");

@@ -58,11 +58,11 @@ pub struct TestNet {
 }
 
 impl TestNet {
-    /// Creates a fresh namespace with a unique subnet.
+    /// Creates a fresh namespace with a unique subnet. Indices are claimed with lock files
+    /// (O_EXCL), so test processes running at the same time never share a namespace.
     pub fn new() -> TestNet {
         require_kvm();
-        let n = NEXT_INDEX.fetch_add(1, Ordering::SeqCst);
-        let index = 1 + (std::process::id() * 7 + n) % 250;
+        let index = claim_index();
         let name = format!("vmxt{index}");
         let st = Command::new(root().join("scripts/netns.sh"))
             .args(["up", &name, &index.to_string()])
@@ -88,7 +88,35 @@ impl Drop for TestNet {
         let _ = Command::new(root().join("scripts/netns.sh"))
             .args(["down", &self.name])
             .status();
+        release_index(self.index);
     }
+}
+
+fn lock_path(index: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("vmatrix-test-net-{index}.lock"))
+}
+
+/// Claims a free network index (1..=250) for this process.
+fn claim_index() -> u32 {
+    let start = (std::process::id() * 7 + NEXT_INDEX.fetch_add(1, Ordering::SeqCst)) % 250;
+    for k in 0..250 {
+        let index = 1 + (start + k) % 250;
+        let p = lock_path(index);
+        // A lock left by a crashed run more than 10 minutes ago is stale.
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > Duration::from_secs(600)) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(&p).is_ok() {
+            return index;
+        }
+    }
+    panic!("no free test network index (all 250 locked in {})", std::env::temp_dir().display());
+}
+
+fn release_index(index: u32) {
+    let _ = std::fs::remove_file(lock_path(index));
 }
 
 /// Creates a zeroed disk image of `mib` MiB.
@@ -185,25 +213,32 @@ impl VmProc {
 
     /// Waits until the KV port answers.
     pub fn wait_ready(&mut self, timeout: Duration) -> KvClient {
+        self.try_wait_ready(timeout).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits until the KV port answers; the error describes what the process said.
+    pub fn try_wait_ready(&mut self, timeout: Duration) -> Result<KvClient, String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(50));
-                let err = self.stderr_text();
-                panic!(
-                    "vmatrix exited early with {st}; stderr:\n{err}\nconsole:\n{}",
+                return Err(format!(
+                    "vmatrix exited early with {st}; stderr:\n{}\nconsole:\n{}",
+                    self.stderr_text(),
                     std::fs::read_to_string(&self.console).unwrap_or_default()
-                );
+                ));
             }
             if let Ok(c) = KvClient::connect(self.addr) {
-                return c;
+                return Ok(c);
             }
-            assert!(
-                Instant::now() < deadline,
-                "guest did not answer on {} within {timeout:?}; console:\n{}",
-                self.addr,
-                std::fs::read_to_string(&self.console).unwrap_or_default()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "guest did not answer on {} within {timeout:?}; stderr:\n{}\nconsole:\n{}",
+                    self.addr,
+                    self.stderr_text(),
+                    std::fs::read_to_string(&self.console).unwrap_or_default()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -273,8 +308,7 @@ pub struct HostTap {
 impl HostTap {
     pub fn new() -> HostTap {
         require_kvm();
-        let n = NEXT_INDEX.fetch_add(1, Ordering::SeqCst);
-        let index = 1 + (std::process::id() * 11 + n) % 250;
+        let index = claim_index();
         let name = format!("vmxht{index}");
         let _ = Command::new("ip").args(["link", "del", &name]).status();
         for args in [
@@ -492,6 +526,15 @@ impl Replicated {
             );
         }
         self.dir.join("image")
+    }
+
+    /// Waits for the protected guest; on failure the panic shows the primary's and the
+    /// backup's logs.
+    pub fn wait_ready(&mut self, timeout: Duration) -> KvClient {
+        match self.primary.try_wait_ready(timeout) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\nbackup log:\n{}", self.backup_log()),
+        }
     }
 
     /// The backup's log so far.
