@@ -172,8 +172,17 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
     assert_eq!(kv.cmd("CHURN 200 20").unwrap(), "OK");
     std::thread::sleep(Duration::from_millis(200));
     let status = ctl(&sock, &["status"]);
-    for key in ["epochs", "acked_epoch", "max_pause_us", "ack_latency_us", "held_frames"] {
-        assert!(field(&status, key).is_some(), "status shows {key}: {status}");
+    for key in [
+        "epochs",
+        "acked_epoch",
+        "max_pause_us",
+        "ack_latency_us",
+        "held_frames",
+    ] {
+        assert!(
+            field(&status, key).is_some(),
+            "status shows {key}: {status}"
+        );
     }
     // Pause the primary's guest: the epoch loop keeps checkpointing the (now still) VM.
     ctl(&sock, &["pause"]);

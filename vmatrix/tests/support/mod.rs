@@ -104,15 +104,27 @@ fn claim_index() -> u32 {
         let p = lock_path(index);
         // A lock left by a crashed run more than 10 minutes ago is stale.
         if let Ok(m) = std::fs::metadata(&p) {
-            if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > Duration::from_secs(600)) {
+            if m.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > Duration::from_secs(600))
+            {
                 let _ = std::fs::remove_file(&p);
             }
         }
-        if std::fs::OpenOptions::new().write(true).create_new(true).open(&p).is_ok() {
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .is_ok()
+        {
             return index;
         }
     }
-    panic!("no free test network index (all 250 locked in {})", std::env::temp_dir().display());
+    panic!(
+        "no free test network index (all 250 locked in {})",
+        std::env::temp_dir().display()
+    );
 }
 
 fn release_index(index: u32) {
@@ -213,7 +225,8 @@ impl VmProc {
 
     /// Waits until the KV port answers.
     pub fn wait_ready(&mut self, timeout: Duration) -> KvClient {
-        self.try_wait_ready(timeout).unwrap_or_else(|e| panic!("{e}"))
+        self.try_wait_ready(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Waits until the KV port answers; the error describes what the process said.
