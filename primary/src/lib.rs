@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use protocol::message::Kind;
 use protocol::page::EncodeOptions;
 use protocol::{ProtocolError, Sender, SenderConfig, SenderEvent};
+
 use tokio::sync::watch;
 use transport::certs::Identity;
 use transport::{quic, PrimaryLink, QuicConfig};
@@ -46,10 +47,10 @@ pub enum PrimaryError {
 pub struct PrimaryConfig {
     /// Epoch length.
     pub epoch: Duration,
-    /// Backup address.
-    pub backup: SocketAddr,
-    /// Host name in the backup's certificate.
-    pub backup_name: String,
+    /// Backups: address and the host name in its certificate.
+    pub backups: Vec<(SocketAddr, String)>,
+    /// Backups that must acknowledge a checkpoint before its output is released (1..=all).
+    pub required: usize,
     /// This host's certificates.
     pub identity: Identity,
     /// Cluster id.
@@ -89,63 +90,149 @@ pub struct Stats {
     pub released_frames: AtomicU64,
 }
 
-async fn flush(s: &mut Sender, link: &mut PrimaryLink) -> Result<(), PrimaryError> {
-    while let Some((lane, f)) = s.poll_transmit() {
-        link.send(lane, &f).await?;
-    }
-    Ok(())
+/// One backup: its protocol sender and its QUIC link.
+struct Peer {
+    name: String,
+    sender: Sender,
+    link: PrimaryLink,
+    acked: Option<u64>,
+    failed: Option<String>,
 }
 
-/// Replicates `vm` (already started) to the backup until `stop` turns true or the backup is lost.
+impl Peer {
+    async fn flush(&mut self) -> Result<(), PrimaryError> {
+        while let Some((lane, f)) = self.sender.poll_transmit() {
+            self.link.send(lane, &f).await?;
+        }
+        Ok(())
+    }
+
+    fn alive(&self) -> bool {
+        self.failed.is_none()
+    }
+}
+
+async fn connect_peer(
+    ep: &quinn::Endpoint,
+    cfg: &PrimaryConfig,
+    addr: SocketAddr,
+    name: &str,
+    index: usize,
+    tx: &tokio::sync::mpsc::Sender<(usize, Result<Vec<u8>, transport::TransportError>)>,
+) -> Result<Peer, PrimaryError> {
+    // The backup may still be starting: retry for a while before giving up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        match quic::connect(ep, addr, name).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!("backup {name} not reachable yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let (link, mut rx) = PrimaryLink::open(conn, cfg.lanes).await?;
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if fwd.send((index, f)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
+    scfg.lanes = cfg.lanes;
+    scfg.window = cfg.window;
+    scfg.idle_timeout = Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3);
+    let mut sender = Sender::new(scfg);
+    sender.start(Instant::now());
+    let mut p = Peer {
+        name: name.to_string(),
+        sender,
+        link,
+        acked: None,
+        failed: None,
+    };
+    p.flush().await?;
+    Ok(p)
+}
+
+/// The highest epoch acknowledged by at least `required` live backups.
+fn releasable(peers: &[Peer], required: usize) -> Option<u64> {
+    let mut acks: Vec<u64> = peers
+        .iter()
+        .filter(|p| p.alive())
+        .filter_map(|p| p.acked)
+        .collect();
+    acks.sort_unstable_by(|a, b| b.cmp(a));
+    acks.get(required.checked_sub(1)?).copied()
+}
+
+/// Replicates `vm` (already started) to the backups until `stop` turns true or too few backups
+/// remain to release output.
 pub async fn run(
     vm: Arc<Vm>,
     cfg: PrimaryConfig,
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PrimaryError> {
+    let required = cfg.required.clamp(1, cfg.backups.len().max(1));
     let ep = quic::client(&cfg.identity, &cfg.quic)?;
-    // The backup may still be starting: retry for a while before giving up.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let conn = loop {
-        match quic::connect(&ep, cfg.backup, &cfg.backup_name).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                tracing::info!("backup not reachable yet ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let (mut link, mut rx) = PrimaryLink::open(conn, cfg.lanes).await?;
-    let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
-    scfg.lanes = cfg.lanes;
-    scfg.window = cfg.window;
-    scfg.idle_timeout = Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3);
-    let mut s = Sender::new(scfg);
-    s.start(Instant::now());
-    flush(&mut s, &mut link).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let mut peers = Vec::new();
+    for (i, (addr, name)) in cfg.backups.iter().enumerate() {
+        peers.push(connect_peer(&ep, &cfg, *addr, name, i, &tx).await?);
+    }
+    drop(tx);
     let mut shadow = encode::Shadow::new(cfg.encode);
     let mut next_epoch = 0u64;
+    let mut released: Option<u64> = None;
     let mut tick = tokio::time::Instant::now();
     loop {
-        let deadline = s.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = peers
+            .iter()
+            .filter(|p| p.alive())
+            .filter_map(|p| p.sender.poll_timeout())
+            .min()
+            .map(tokio::time::Instant::from_std);
+        let all_ready = peers
+            .iter()
+            .filter(|p| p.alive())
+            .all(|p| p.sender.is_ready());
         tokio::select! {
             f = rx.recv() => match f {
-                Some(Ok(f)) => {
-                    if let Err(e) = s.handle_frame(Instant::now(), &f) {
-                        tracing::warn!("frame from backup: {e}");
+                Some((i, Ok(f))) => {
+                    if let Err(e) = peers[i].sender.handle_frame(Instant::now(), &f) {
+                        tracing::warn!("frame from backup {}: {e}", peers[i].name);
                     }
                 }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(PrimaryError::BackupLost("connection closed".into())),
+                Some((i, Err(e))) => {
+                    peers[i].failed = Some(e.to_string());
+                }
+                None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
-            _ = tokio::time::sleep_until(tick), if s.is_ready() => {
+            _ = tokio::time::sleep_until(tick), if all_ready => {
                 tick += cfg.epoch;
                 let now = tokio::time::Instant::now();
                 if tick < now {
                     tick = now + cfg.epoch;
                 }
-                if s.can_send() {
+                let live = peers.iter().filter(|p| p.alive()).count();
+                // A backup whose window stays full would gate everyone: drop it while enough
+                // others remain (it can rejoin with a new initial sync).
+                if live > required {
+                    for p in peers.iter_mut().filter(|p| p.alive() && !p.sender.can_send()) {
+                        if p.sender.in_flight() as u64 >= cfg.window && live > required {
+                            tracing::warn!("backup {} is not keeping up; dropping it", p.name);
+                            p.sender.close(Instant::now(), "not keeping up");
+                            let _ = p.flush().await;
+                            p.failed = Some("not keeping up".into());
+                            break;
+                        }
+                    }
+                }
+                if peers.iter().filter(|p| p.alive()).all(|p| p.sender.can_send()) {
                     let kind = if next_epoch == 0 { CaptureKind::Full } else { CaptureKind::Incremental };
                     let cap = vm.capture_epoch(kind)?;
                     let pk = if next_epoch == 0 { Kind::Sync } else { Kind::Incremental };
@@ -154,39 +241,71 @@ pub async fn run(
                     stats.max_pause_us.fetch_max(cap.pause.as_micros() as u64, Ordering::Relaxed);
                     stats.pages.fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
                     stats.bytes.fetch_add(cp.data_bytes(), Ordering::Relaxed);
-                    s.send_checkpoint(Instant::now(), cp)?;
+                    for p in peers.iter_mut().filter(|p| p.alive()) {
+                        p.sender.send_checkpoint(Instant::now(), cp.clone())?;
+                    }
                     next_epoch += 1;
                     stats.epochs.store(next_epoch, Ordering::Relaxed);
                 }
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                s.handle_timeout(Instant::now());
+                for p in peers.iter_mut().filter(|p| p.alive()) {
+                    p.sender.handle_timeout(Instant::now());
+                }
             }
             _ = stop.changed() => {
-                s.close(Instant::now(), "primary stopping");
-                let _ = flush(&mut s, &mut link).await;
+                for p in peers.iter_mut().filter(|p| p.alive()) {
+                    p.sender.close(Instant::now(), "primary stopping");
+                    let _ = p.flush().await;
+                }
                 return Ok(());
             }
         }
-        while let Some(e) = s.poll_event() {
-            match e {
-                SenderEvent::Ready { version, .. } => {
-                    tracing::info!("backup ready (protocol v{version})")
+        for p in peers.iter_mut() {
+            while let Some(e) = p.sender.poll_event() {
+                match e {
+                    SenderEvent::Ready { version, .. } => {
+                        tracing::info!("backup {} ready (protocol v{version})", p.name)
+                    }
+                    SenderEvent::Acked { epoch, latency } => {
+                        p.acked = Some(epoch);
+                        stats
+                            .ack_latency_us
+                            .store(latency.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    SenderEvent::Resending { epoch, reason } => {
+                        tracing::warn!(
+                            "backup {}: resending from checkpoint {epoch}: {reason}",
+                            p.name
+                        )
+                    }
+                    SenderEvent::Failed(e) => {
+                        tracing::error!("backup {} lost: {e}", p.name);
+                        p.failed = Some(e.to_string());
+                    }
                 }
-                SenderEvent::Acked { epoch, latency } => {
-                    let n = vm.release_output(epoch);
-                    stats.acked.store(epoch + 1, Ordering::Relaxed);
-                    stats
-                        .ack_latency_us
-                        .store(latency.as_micros() as u64, Ordering::Relaxed);
-                    stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                SenderEvent::Resending { epoch, reason } => {
-                    tracing::warn!("resending from checkpoint {epoch}: {reason}")
-                }
-                SenderEvent::Failed(e) => return Err(PrimaryError::BackupLost(e.to_string())),
             }
         }
-        flush(&mut s, &mut link).await?;
+        if let Some(e) = releasable(&peers, required) {
+            if released.is_none_or(|r| e > r) {
+                let n = vm.release_output(e);
+                released = Some(e);
+                stats.acked.store(e + 1, Ordering::Relaxed);
+                stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        let live = peers.iter().filter(|p| p.alive()).count();
+        if live < required {
+            let why: Vec<String> = peers
+                .iter()
+                .filter_map(|p| p.failed.as_ref().map(|f| format!("{}: {f}", p.name)))
+                .collect();
+            return Err(PrimaryError::BackupLost(why.join("; ")));
+        }
+        for p in peers.iter_mut().filter(|p| p.alive()) {
+            if let Err(e) = p.flush().await {
+                p.failed = Some(e.to_string());
+            }
+        }
     }
 }

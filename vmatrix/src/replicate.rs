@@ -20,12 +20,13 @@ pub struct PrimaryArgs {
     /// The VM, as for `vmatrix run`.
     #[command(flatten)]
     pub run: RunArgs,
-    /// Backup address (host:port).
-    #[arg(long)]
-    pub backup: SocketAddr,
-    /// Host name in the backup's certificate.
-    #[arg(long, default_value = "backup")]
-    pub backup_name: String,
+    /// Backup address, `host:port` or `name@host:port` (name = host name in its certificate,
+    /// default "backup"). Repeat for several backups.
+    #[arg(long, required = true, value_parser = parse_backup)]
+    pub backup: Vec<(SocketAddr, String)>,
+    /// Backups that must acknowledge before output is released: "all" or a number.
+    #[arg(long, default_value = "all")]
+    pub required: String,
     /// Certificate directory (from `vmatrix certs init/issue`).
     #[arg(long)]
     pub certs: PathBuf,
@@ -78,6 +79,17 @@ pub struct BackupArgs {
     pub idle_timeout_ms: u64,
 }
 
+fn parse_backup(s: &str) -> Result<(SocketAddr, String), String> {
+    let (name, addr) = match s.split_once('@') {
+        Some((n, a)) => (n.to_string(), a),
+        None => ("backup".to_string(), s),
+    };
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("'{addr}' is not host:port: {e}"))?;
+    Ok((addr, name))
+}
+
 fn quic_config(idle_ms: u64) -> QuicConfig {
     QuicConfig {
         keep_alive_ms: (idle_ms / 5).max(10),
@@ -98,14 +110,25 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             a.certs.display()
         )
     })?;
+    let n = a.backup.len();
+    let required = match a.required.as_str() {
+        "all" => n,
+        x => x
+            .parse::<usize>()
+            .ok()
+            .filter(|&k| (1..=n).contains(&k))
+            .with_context(|| format!("--required must be 'all' or 1..={n}"))?,
+    };
     let control = a.run.control.clone();
     let cfg = resolve(a.run)?;
     let console = cfg.console.clone();
     let vm = Arc::new(Vm::new(cfg)?);
+    // Nothing the guest sends may leave before the backup holds the state that produced it.
+    vm.hold_output_from_start();
     let pcfg = primary::PrimaryConfig {
         epoch: Duration::from_millis(a.epoch_ms),
-        backup: a.backup,
-        backup_name: a.backup_name,
+        backups: a.backup,
+        required,
         identity,
         cluster_id: a.cluster_id,
         vm_id: a.vm_id,

@@ -187,7 +187,24 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
     // Pause the primary's guest: the epoch loop keeps checkpointing the (now still) VM.
     ctl(&sock, &["pause"]);
     let c1 = field(&ctl(&sock, &["checksum"]), "memory_crc32").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until a checkpoint taken after the pause has been acknowledged.
+    let epochs_at_pause: u64 = field(&ctl(&sock, &["status"]), "epochs")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let st = ctl(&sock, &["status"]);
+        let acked: Option<u64> = field(&st, "acked_epoch").and_then(|a| a.parse().ok());
+        if acked.is_some_and(|a| a > epochs_at_pause) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no checkpoint after the pause was acknowledged: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     r.primary.kill9();
     let image = r.finalize_backup();
     let meta = vmm::snapshot::read_meta(&image).unwrap();
@@ -202,4 +219,83 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
         primary_disk == backup_disk,
         "backup disk equals the primary's disk"
     );
+}
+
+/// Sends a request on a fresh connection and returns whether a reply arrived within `wait`.
+fn replies_within(addr: std::net::SocketAddr, req: &str, wait: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut l = String::new();
+    BufReader::new(s).read_line(&mut l).ok()?;
+    Some(l.trim_end().to_string())
+}
+
+#[test]
+fn two_backups_release_after_all_or_a_quorum() {
+    // --required all: one stalled backup holds every reply.
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replicated::start_n(&net, dir.path(), 2, &["--idle-timeout-ms", "8000"]);
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET a 1").unwrap(), "OK");
+    let addr = r.primary.addr;
+    r.signal_more(1, "-STOP");
+    let held = std::thread::spawn(move || replies_within(addr, "SET b 2", Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        !held.is_finished(),
+        "no reply while a required backup is stalled"
+    );
+    r.signal_more(1, "-CONT");
+    assert_eq!(held.join().unwrap().as_deref(), Some("OK"));
+    r.primary.kill9();
+    let i0 = r.finalize_backup();
+    let i1 = r.finalize_more(1);
+    for image in [i0, i1] {
+        let mut vm = VmProc::restore(
+            &net,
+            &image,
+            &dir.path().join("restored.log"),
+            &["--disk", dir.path().join("live.img").to_str().unwrap()],
+        );
+        let mut kv = vm.wait_ready(Duration::from_secs(20));
+        assert_eq!(kv.cmd("GET a").unwrap(), "VALUE 1");
+        assert_eq!(kv.cmd("GET b").unwrap(), "VALUE 2");
+        vm.kill9();
+    }
+    drop(r);
+    drop(net);
+
+    // --required 1: a stalled backup does not hold output; the other one acknowledges.
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replicated::start_n(
+        &net,
+        dir.path(),
+        2,
+        &["--idle-timeout-ms", "8000", "--required", "1"],
+    );
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET a 1").unwrap(), "OK");
+    r.signal_more(1, "-STOP");
+    for i in 0..20 {
+        assert_eq!(
+            replies_within(
+                r.primary.addr,
+                &format!("SET k{i} v{i}"),
+                Duration::from_secs(5)
+            )
+            .as_deref(),
+            Some("OK"),
+            "quorum of one keeps the service going; primary:\n{}",
+            r.primary.stderr_text()
+        );
+    }
+    r.signal_more(1, "-CONT");
+    r.primary.kill9();
+    let image = r.finalize_backup();
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    assert_eq!(kv.cmd("GET k19").unwrap(), "VALUE v19");
 }

@@ -451,22 +451,38 @@ pub mod log {
 pub struct Replicated {
     pub dir: PathBuf,
     pub backup: Option<Child>,
+    /// Further backups (index 1..), when started with `start_n`.
+    pub more: Vec<Child>,
     pub primary: VmProc,
 }
 
 impl Replicated {
     /// Starts a backup and a protected primary; `extra` goes to `vmatrix primary`.
     pub fn start(net: &TestNet, dir: &Path, extra: &[&str]) -> Replicated {
+        Self::start_n(net, dir, 1, extra)
+    }
+
+    /// Starts `n` backups (backup `i` listens on 127.0.0.1:7100+i, image `image` for the first
+    /// and `image<i>` for the others) and a protected primary.
+    pub fn start_n(net: &TestNet, dir: &Path, n: usize, extra: &[&str]) -> Replicated {
         let pki = dir.join("pki");
-        for args in [
-            vec!["certs", "init", pki.to_str().unwrap()],
-            vec!["certs", "issue", pki.to_str().unwrap(), "--host", "backup"],
-            vec!["certs", "issue", pki.to_str().unwrap(), "--host", "primary"],
-        ] {
-            let out = Command::new(vmatrix_bin()).args(&args).output().unwrap();
-            assert!(out.status.success(), "{:?}", out);
+        let ps = pki.to_str().unwrap().to_string();
+        let out = Command::new(vmatrix_bin())
+            .args(["certs", "init", &ps])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for host in ["backup", "backup1", "backup2", "primary"] {
+            let out = Command::new(vmatrix_bin())
+                .args(["certs", "issue", &ps, "--host", host])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
         }
-        let backup = Self::spawn_backup(net, dir, extra);
+        let backup = Self::spawn_backup(net, dir, extra, 0);
+        let more: Vec<Child> = (1..n)
+            .map(|i| Self::spawn_backup(net, dir, extra, i))
+            .collect();
         let disk = dir.join("disk.img");
         make_disk(&disk, 16);
         let mut args: Vec<std::ffi::OsString> = vec![
@@ -481,13 +497,15 @@ impl Replicated {
             "32".into(),
             "--guest-config".into(),
             net.guest_config().into(),
-            "--backup".into(),
-            "127.0.0.1:7100".into(),
             "--certs".into(),
             pki.into(),
             "--host".into(),
             "primary".into(),
         ];
+        for i in 0..n {
+            args.push("--backup".into());
+            args.push(format!("{}@127.0.0.1:{}", Self::backup_name(i), 7100 + i).into());
+        }
         args.extend(extra.iter().map(|a| a.into()));
         args.push("--log".into());
         args.push("primary=debug,transport=debug,info".into());
@@ -495,34 +513,81 @@ impl Replicated {
         Replicated {
             dir: dir.to_path_buf(),
             backup: Some(backup),
+            more,
             primary,
         }
     }
 
-    fn spawn_backup(net: &TestNet, dir: &Path, extra: &[&str]) -> Child {
+    fn backup_name(i: usize) -> String {
+        if i == 0 {
+            "backup".into()
+        } else {
+            format!("backup{i}")
+        }
+    }
+
+    /// Image directory of backup `i`.
+    pub fn image_dir(&self, i: usize) -> PathBuf {
+        if i == 0 {
+            self.dir.join("image")
+        } else {
+            self.dir.join(format!("image{i}"))
+        }
+    }
+
+    fn spawn_backup(net: &TestNet, dir: &Path, extra: &[&str], i: usize) -> Child {
+        let image = if i == 0 {
+            dir.join("image")
+        } else {
+            dir.join(format!("image{i}"))
+        };
+        let log = if i == 0 {
+            dir.join("backup.log")
+        } else {
+            dir.join(format!("backup{i}.log"))
+        };
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &net.name])
             .arg(vmatrix_bin())
             .args([
                 "backup",
-                "--listen",
-                "127.0.0.1:7100",
-                "--host",
-                "backup",
                 "--log",
                 "backup=debug,transport=debug,protocol=debug,info",
+            ])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", 7100 + i),
+                "--host",
+                &Self::backup_name(i),
             ])
             .arg("--certs")
             .arg(dir.join("pki"))
             .arg("--image-dir")
-            .arg(dir.join("image"));
-        if let Some(i) = extra.iter().position(|a| *a == "--idle-timeout-ms") {
-            c.args(&extra[i..i + 2]);
+            .arg(image);
+        if let Some(k) = extra.iter().position(|a| *a == "--idle-timeout-ms") {
+            c.args(&extra[k..k + 2]);
         }
         c.stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("backup.log")).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("spawn backup")
+    }
+
+    /// SIGTERM backup `i` (1..) and wait; returns its image.
+    pub fn finalize_more(&mut self, i: usize) -> PathBuf {
+        let b = &mut self.more[i - 1];
+        let _ = Command::new("kill")
+            .args(["-TERM", &b.id().to_string()])
+            .status();
+        assert!(b.wait().unwrap().success());
+        self.image_dir(i)
+    }
+
+    /// Sends a signal to backup `i` (1..).
+    pub fn signal_more(&self, i: usize, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.more[i - 1].id().to_string()])
+            .status();
     }
 
     /// SIGTERM the backup and wait: its image becomes a snapshot of the last applied checkpoint.
@@ -567,7 +632,7 @@ impl Replicated {
 
 impl Drop for Replicated {
     fn drop(&mut self) {
-        if let Some(mut b) = self.backup.take() {
+        for mut b in self.backup.take().into_iter().chain(self.more.drain(..)) {
             let _ = b.kill();
             let _ = b.wait();
         }

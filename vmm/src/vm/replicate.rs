@@ -126,6 +126,7 @@ impl Vm {
                         net.enable_output_commit(1, crate::devices::virtio::net::DEFAULT_MAX_HELD);
                         0
                     } else {
+                        // Output held since boot is epoch 0 and leaves with checkpoint 0.
                         net.advance_output_epoch().unwrap_or(0)
                     }
                 })
@@ -153,6 +154,16 @@ impl Vm {
             });
         }
         released
+    }
+
+    /// Holds every frame the guest sends from now on (epoch 0) until it is released: a protected
+    /// VM calls this before it starts, so nothing leaves before the initial sync is safe.
+    pub fn hold_output_from_start(&self) {
+        if let Some(n) = &self.devices.net {
+            lock(n).with_device_unchecked(|net| {
+                net.enable_output_commit(0, crate::devices::virtio::net::DEFAULT_MAX_HELD)
+            });
+        }
     }
 
     /// Stops holding output (unprotected operation); held frames are sent.
