@@ -3,7 +3,9 @@
 # device to a veth pair whose other end stays in the caller's namespace.
 #
 #   host ns:  <name>-h  10.77.<index>.1/24
-#   netns <name>:  br0 = { <name>-n, tap0 }     guest: 10.77.<index>.2/24, gw 10.77.<index>.1
+#   netns <name>:  br0 = { <name>-n, tap0 }, br0 itself 10.77.<index>.3/24 (processes in the
+#                  namespace, e.g. a backup, are reachable from the host there)
+#   guest: 10.77.<index>.2/24, gw 10.77.<index>.1
 #
 # Usage: netns.sh up <name> <index 1..250>   |   netns.sh down <name>
 # The VMM then runs inside the namespace: ip netns exec <name> vmatrix run --tap tap0 ...
@@ -37,7 +39,8 @@ case "$cmd" in
       ip link set $name-n master br0
       ip link set tap0 up
       ip link set $name-n up
-      ip link set br0 up"
+      ip link set br0 up
+      ip addr add 10.77.$index.3/24 dev br0"
     ip addr add "10.77.$index.1/24" dev "$name-h"
     ip link set "$name-h" up
     ;;

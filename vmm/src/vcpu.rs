@@ -1,7 +1,8 @@
 //! The vCPU thread: `KVM_RUN` in a loop, exits dispatched to the port and MMIO buses, and the
 //! pause/resume/stop protocol.
 //!
-//! Pausing: the controller sets `want_pause`, interrupts any platform-device wait, then kicks
+//! Pausing is counted (a user's pause and a checkpoint's pause may overlap; the vCPU runs only
+//! when every pause has been resumed). The first pause interrupts any platform-device wait, then kicks
 //! the vCPU: it sets `kvm_run.immediate_exit = 1` and sends `SIGRTMIN` to the vCPU thread. If the
 //! thread is inside `KVM_RUN` the signal makes it return `EINTR`; if it is between runs (for
 //! example finishing an MMIO exit), the next `KVM_RUN` completes the pending access and returns
@@ -50,7 +51,8 @@ impl std::fmt::Display for VmExit {
 /// Run-state of the vCPU as seen by the controller.
 #[derive(Debug, Default)]
 struct CtlState {
-    want_pause: bool,
+    /// Outstanding pauses; the vCPU runs only at zero.
+    pauses: u32,
     paused: bool,
     stop: Option<VmExit>,
     exited: Option<VmExit>,
@@ -145,9 +147,11 @@ impl Control {
         if let Some(e) = &s.exited {
             return Err(e.clone());
         }
-        s.want_pause = true;
-        self.events.set_interrupted(true);
-        self.kick(&s);
+        s.pauses += 1;
+        if s.pauses == 1 {
+            self.events.set_interrupted(true);
+            self.kick(&s);
+        }
         while !s.paused && s.exited.is_none() {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -160,7 +164,7 @@ impl Control {
     /// Makes the vCPU park as soon as it starts (restore with `--paused`).
     pub fn pause_before_start(&self) {
         let mut s = self.lock();
-        s.want_pause = true;
+        s.pauses += 1;
         self.events.set_interrupted(true);
     }
 
@@ -176,15 +180,16 @@ impl Control {
         }
     }
 
-    /// Lets a paused vCPU run again.
-    pub fn resume(&self) {
+    /// Ends one pause; the vCPU runs again when no pause is left. Returns true if it does.
+    pub fn resume(&self) -> bool {
         let mut s = self.lock();
-        s.want_pause = false;
-        if s.stop.is_none() {
+        s.pauses = s.pauses.saturating_sub(1);
+        let run = s.pauses == 0;
+        if run && s.stop.is_none() {
             self.events.set_interrupted(false);
         }
         self.cv.notify_all();
-        drop(s);
+        run
     }
 
     /// True while the vCPU is parked.
@@ -212,10 +217,10 @@ impl Control {
     /// must end.
     fn park_if_asked(&self) -> Option<VmExit> {
         let mut s = self.lock();
-        if s.want_pause && s.stop.is_none() {
+        if s.pauses > 0 && s.stop.is_none() {
             s.paused = true;
             self.cv.notify_all();
-            while s.want_pause && s.stop.is_none() {
+            while s.pauses > 0 && s.stop.is_none() {
                 s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.paused = false;

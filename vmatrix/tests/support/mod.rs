@@ -465,6 +465,20 @@ impl Replicated {
     /// Starts `n` backups (backup `i` listens on 127.0.0.1:7100+i, image `image` for the first
     /// and `image<i>` for the others) and a protected primary.
     pub fn start_n(net: &TestNet, dir: &Path, n: usize, extra: &[&str]) -> Replicated {
+        let listen: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
+        Self::start_at(net, dir, &listen, &listen, extra)
+    }
+
+    /// Like `start_n`, with backup `i` listening on `listen[i]` and the primary connecting to
+    /// `connect[i]` (e.g. through a proxy).
+    pub fn start_at(
+        net: &TestNet,
+        dir: &Path,
+        listen: &[String],
+        connect: &[String],
+        extra: &[&str],
+    ) -> Replicated {
+        let n = listen.len();
         let pki = dir.join("pki");
         let ps = pki.to_str().unwrap().to_string();
         let out = Command::new(vmatrix_bin())
@@ -479,9 +493,9 @@ impl Replicated {
                 .unwrap();
             assert!(out.status.success(), "{out:?}");
         }
-        let backup = Self::spawn_backup(net, dir, extra, 0);
+        let backup = Self::spawn_backup(net, dir, extra, 0, &listen[0]);
         let more: Vec<Child> = (1..n)
-            .map(|i| Self::spawn_backup(net, dir, extra, i))
+            .map(|i| Self::spawn_backup(net, dir, extra, i, &listen[i]))
             .collect();
         let disk = dir.join("disk.img");
         make_disk(&disk, 16);
@@ -504,7 +518,7 @@ impl Replicated {
         ];
         for i in 0..n {
             args.push("--backup".into());
-            args.push(format!("{}@127.0.0.1:{}", Self::backup_name(i), 7100 + i).into());
+            args.push(format!("{}@{}", Self::backup_name(i), connect[i]).into());
         }
         args.extend(extra.iter().map(|a| a.into()));
         args.push("--log".into());
@@ -535,7 +549,7 @@ impl Replicated {
         }
     }
 
-    fn spawn_backup(net: &TestNet, dir: &Path, extra: &[&str], i: usize) -> Child {
+    fn spawn_backup(net: &TestNet, dir: &Path, extra: &[&str], i: usize, listen: &str) -> Child {
         let image = if i == 0 {
             dir.join("image")
         } else {
@@ -554,12 +568,7 @@ impl Replicated {
                 "--log",
                 "backup=debug,transport=debug,protocol=debug,info",
             ])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", 7100 + i),
-                "--host",
-                &Self::backup_name(i),
-            ])
+            .args(["--listen", listen, "--host", &Self::backup_name(i)])
             .arg("--certs")
             .arg(dir.join("pki"))
             .arg("--image-dir")
@@ -635,6 +644,97 @@ impl Drop for Replicated {
         for mut b in self.backup.take().into_iter().chain(self.more.drain(..)) {
             let _ = b.kill();
             let _ = b.wait();
+        }
+    }
+}
+
+/// A UDP proxy in the test process that corrupts traffic: it forwards datagrams between the
+/// first client that talks to it and `upstream`, flipping one bit in `flip` of them and
+/// truncating `cut` of them (fractions), with a seeded generator. Stops when dropped.
+pub struct CorruptingProxy {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub damaged: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CorruptingProxy {
+    pub fn start(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        flip: f64,
+        cut: f64,
+        seed: u64,
+    ) -> CorruptingProxy {
+        use std::net::UdpSocket;
+        use std::sync::atomic::AtomicBool;
+        let front = UdpSocket::bind(listen).expect("bind proxy");
+        let back = UdpSocket::bind((listen.ip(), 0)).expect("bind proxy upstream side");
+        back.connect(upstream).unwrap();
+        front.set_nonblocking(true).unwrap();
+        back.set_nonblocking(true).unwrap();
+        let addr = front.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let damaged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (st, dm) = (stop.clone(), damaged.clone());
+        let handle = std::thread::spawn(move || {
+            let mut x = seed | 1;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut damage = move |b: &mut Vec<u8>| {
+                let p = (rnd() % 10_000) as f64 / 10_000.0;
+                if p < flip && !b.is_empty() {
+                    let i = (rnd() as usize) % b.len();
+                    b[i] ^= 1 << (rnd() % 8);
+                    dm.fetch_add(1, Ordering::Relaxed);
+                } else if p < flip + cut && b.len() > 1 {
+                    let n = (rnd() as usize) % b.len();
+                    b.truncate(n);
+                    dm.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::SeqCst) {
+                let mut idle = true;
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    idle = false;
+                    client = Some(from);
+                    let mut d = buf[..n].to_vec();
+                    damage(&mut d);
+                    let _ = back.send(&d);
+                }
+                if let Ok(n) = back.recv(&mut buf) {
+                    idle = false;
+                    if let Some(c) = client {
+                        let mut d = buf[..n].to_vec();
+                        damage(&mut d);
+                        let _ = front.send_to(&d, c);
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        CorruptingProxy {
+            addr,
+            stop,
+            damaged,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for CorruptingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }

@@ -319,12 +319,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Resumes a paused VM.
+    /// Ends one pause; the VM runs again once every pause has been resumed.
     pub fn resume(&self) {
-        if let Some(rx) = lock(&self.rx).as_ref() {
-            rx.resume();
+        let rx = lock(&self.rx);
+        if self.control.resume() {
+            if let Some(rx) = rx.as_ref() {
+                rx.resume();
+            }
         }
-        self.control.resume();
     }
 
     /// True while paused.

@@ -58,7 +58,8 @@ impl Vm {
     /// Pauses (if running), captures one epoch, closes the output epoch, resumes.
     pub fn capture_epoch(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
         let t0 = Instant::now();
-        let must_resume = self.thread_running() && !self.is_paused();
+        // Pauses are counted: this one nests inside a user's pause without ending it.
+        let must_resume = self.thread_running();
         if must_resume {
             self.pause().map_err(capture_err)?;
         }

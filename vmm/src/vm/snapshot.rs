@@ -93,7 +93,8 @@ impl Vm {
             })?),
         };
         let t0 = Instant::now();
-        let must_resume = self.thread_running() && !self.is_paused();
+        // Pauses are counted: a snapshot of a paused VM leaves it paused.
+        let must_resume = self.thread_running();
         if must_resume {
             self.pause().map_err(capture_err)?;
         }
