@@ -516,9 +516,9 @@ impl Replicated {
             "--host".into(),
             "primary".into(),
         ];
-        for i in 0..n {
+        for (i, to) in connect.iter().enumerate().take(n) {
             args.push("--backup".into());
-            args.push(format!("{}@{}", Self::backup_name(i), connect[i]).into());
+            args.push(format!("{}@{to}", Self::backup_name(i)).into());
         }
         args.extend(extra.iter().map(|a| a.into()));
         args.push("--log".into());
