@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod encode;
+pub mod epoch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +46,12 @@ pub enum PrimaryError {
 /// Primary settings.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
-    /// Epoch length.
+    /// Epoch length (the base of the adaptive length).
     pub epoch: Duration,
+    /// Shortest epoch.
+    pub min_epoch: Duration,
+    /// Longest epoch: the cap on how long guest output may wait for its checkpoint.
+    pub max_output_delay: Duration,
     /// Backups: address and the host name in its certificate.
     pub backups: Vec<(SocketAddr, String)>,
     /// Backups that must acknowledge a checkpoint before its output is released (1..=all).
@@ -88,6 +93,8 @@ pub struct Stats {
     pub ack_latency_us: AtomicU64,
     /// Frames of guest output released.
     pub released_frames: AtomicU64,
+    /// Current epoch length, µs.
+    pub epoch_us: AtomicU64,
 }
 
 /// One backup: its protocol sender and its QUIC link.
@@ -188,6 +195,7 @@ pub async fn run(
     let mut shadow = encode::Shadow::new(cfg.encode);
     let mut next_epoch = 0u64;
     let mut released: Option<u64> = None;
+    let mut epochs = epoch::EpochController::new(cfg.epoch, cfg.min_epoch, cfg.max_output_delay);
     let mut tick = tokio::time::Instant::now();
     loop {
         let deadline = peers
@@ -213,11 +221,7 @@ pub async fn run(
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
             _ = tokio::time::sleep_until(tick), if all_ready => {
-                tick += cfg.epoch;
-                let now = tokio::time::Instant::now();
-                if tick < now {
-                    tick = now + cfg.epoch;
-                }
+                let mut captured = None;
                 let live = peers.iter().filter(|p| p.alive()).count();
                 // A backup whose window stays full would gate everyone: drop it while enough
                 // others remain (it can rejoin with a new initial sync).
@@ -246,6 +250,14 @@ pub async fn run(
                     }
                     next_epoch += 1;
                     stats.epochs.store(next_epoch, Ordering::Relaxed);
+                    captured = Some(cap.pages.len());
+                }
+                let len = epochs.update(captured);
+                stats.epoch_us.store(len.as_micros() as u64, Ordering::Relaxed);
+                tick += len;
+                let now = tokio::time::Instant::now();
+                if tick < now {
+                    tick = now + len;
                 }
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {

@@ -14,8 +14,9 @@ use vmm::Vm;
 pub fn status_fields(s: &Stats) -> String {
     let acked = s.acked.load(Ordering::Relaxed);
     format!(
-        "epochs={} acked_epoch={} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        "epochs={} epoch_us={} acked_epoch={} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
         s.epochs.load(Ordering::Relaxed),
+        s.epoch_us.load(Ordering::Relaxed),
         if acked == 0 { "-".to_string() } else { (acked - 1).to_string() },
         s.last_pause_us.load(Ordering::Relaxed),
         s.max_pause_us.load(Ordering::Relaxed),

@@ -33,9 +33,16 @@ pub struct PrimaryArgs {
     /// This host's name (picks <certs>/<host>.pem).
     #[arg(long)]
     pub host: String,
-    /// Epoch length in milliseconds (1..=1000).
+    /// Epoch length in milliseconds (1..=1000); the loop adapts it within
+    /// [--min-epoch-ms, --max-output-delay-ms].
     #[arg(long, default_value_t = 20)]
     pub epoch_ms: u64,
+    /// Shortest adaptive epoch, ms.
+    #[arg(long, default_value_t = 10)]
+    pub min_epoch_ms: u64,
+    /// Longest adaptive epoch, ms: the cap on how long guest output waits for its checkpoint.
+    #[arg(long, default_value_t = 200)]
+    pub max_output_delay_ms: u64,
     /// Cluster id shared by primary and backup.
     #[arg(long, default_value_t = 1)]
     pub cluster_id: u64,
@@ -127,6 +134,8 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     vm.hold_output_from_start();
     let pcfg = primary::PrimaryConfig {
         epoch: Duration::from_millis(a.epoch_ms),
+        min_epoch: Duration::from_millis(a.min_epoch_ms.clamp(1, 1000)),
+        max_output_delay: Duration::from_millis(a.max_output_delay_ms.clamp(1, 10_000)),
         backups: a.backup,
         required,
         identity,
