@@ -24,6 +24,8 @@ impl Churn {
             return Ok(());
         }
         let bytes = pages.checked_mul(PAGE).ok_or("too many pages")?;
+        // Free the previous region first, so re-tuning the rate does not need twice the memory.
+        *self = Churn::default();
         let mut region = Vec::new();
         region
             .try_reserve_exact(bytes)

@@ -95,6 +95,33 @@ pub struct Stats {
     pub released_frames: AtomicU64,
     /// Current epoch length, µs.
     pub epoch_us: AtomicU64,
+    /// The most recent pauses, µs (at most `RECENT` of them).
+    pub recent_pauses: std::sync::Mutex<std::collections::VecDeque<u32>>,
+}
+
+/// Pauses kept for percentiles.
+pub const RECENT: usize = 200;
+
+impl Stats {
+    fn record_pause(&self, us: u64) {
+        if let Ok(mut r) = self.recent_pauses.lock() {
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back(us.min(u64::from(u32::MAX)) as u32);
+        }
+    }
+
+    /// (p50, p99) of the recent pauses, µs.
+    pub fn pause_percentiles(&self) -> (u32, u32) {
+        let mut v: Vec<u32> = self.recent_pauses.lock().map(|r| r.iter().copied().collect()).unwrap_or_default();
+        if v.is_empty() {
+            return (0, 0);
+        }
+        v.sort_unstable();
+        let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        (at(0.5), at(0.99))
+    }
 }
 
 /// One backup: its protocol sender and its QUIC link.
@@ -243,6 +270,7 @@ pub async fn run(
                     let cp = shadow.checkpoint(next_epoch, pk, &cap);
                     stats.last_pause_us.store(cap.pause.as_micros() as u64, Ordering::Relaxed);
                     stats.max_pause_us.fetch_max(cap.pause.as_micros() as u64, Ordering::Relaxed);
+                    stats.record_pause(cap.pause.as_micros() as u64);
                     stats.pages.fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
                     stats.bytes.fetch_add(cp.data_bytes(), Ordering::Relaxed);
                     for p in peers.iter_mut().filter(|p| p.alive()) {

@@ -13,8 +13,9 @@ use vmm::Vm;
 /// Fields appended to `ctl status` on a primary.
 pub fn status_fields(s: &Stats) -> String {
     let acked = s.acked.load(Ordering::Relaxed);
+    let (p50, p99) = s.pause_percentiles();
     format!(
-        "epochs={} epoch_us={} acked_epoch={} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        "epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
         s.epochs.load(Ordering::Relaxed),
         s.epoch_us.load(Ordering::Relaxed),
         if acked == 0 { "-".to_string() } else { (acked - 1).to_string() },
