@@ -114,7 +114,11 @@ impl Stats {
 
     /// (p50, p99) of the recent pauses, µs.
     pub fn pause_percentiles(&self) -> (u32, u32) {
-        let mut v: Vec<u32> = self.recent_pauses.lock().map(|r| r.iter().copied().collect()).unwrap_or_default();
+        let mut v: Vec<u32> = self
+            .recent_pauses
+            .lock()
+            .map(|r| r.iter().copied().collect())
+            .unwrap_or_default();
         if v.is_empty() {
             return (0, 0);
         }

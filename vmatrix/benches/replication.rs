@@ -39,7 +39,10 @@ fn kv_load(addr: std::net::SocketAddr, clients: usize, ops: usize) -> (f64, Dura
             })
         })
         .collect();
-    let mut lat: Vec<Duration> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let mut lat: Vec<Duration> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
     let rate = lat.len() as f64 / t0.elapsed().as_secs_f64();
     lat.sort();
     (rate, pct(&lat, 0.5), pct(&lat, 0.99))
@@ -57,13 +60,22 @@ fn main() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("ctl.sock");
-    let mut r = Replicated::start(&net, dir.path(), &["--control", sock.to_str().unwrap(), "--min-epoch-ms", "20"]);
+    let mut r = Replicated::start(
+        &net,
+        dir.path(),
+        &["--control", sock.to_str().unwrap(), "--min-epoch-ms", "20"],
+    );
     let mut kv = r.wait_ready(Duration::from_secs(30));
     wait_socket(&sock, Duration::from_secs(5));
     println!("### Pause per checkpoint (last 200 checkpoints of each workload, 20 ms epochs)\n");
     println!("| workload | pause p50 | pause p99 | pause max (whole run) | checkpoint bytes/s | ack latency (last) |");
     println!("|---|---|---|---|---|---|");
-    for (name, churn) in [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1"), ("CHURN 10k pages/s", "CHURN 2048 10"), ("CHURN 50k pages/s", "CHURN 2048 50")] {
+    for (name, churn) in [
+        ("idle", "CHURN 0 0"),
+        ("CHURN 1k pages/s", "CHURN 2048 1"),
+        ("CHURN 10k pages/s", "CHURN 2048 10"),
+        ("CHURN 50k pages/s", "CHURN 2048 50"),
+    ] {
         assert_eq!(kv.cmd(churn).unwrap(), "OK");
         std::thread::sleep(Duration::from_secs(1));
         let s0 = status(&sock);
@@ -90,7 +102,16 @@ fn main() {
     let mut r = Replicated::start(
         &net,
         dir2.path(),
-        &["--control", sock2.to_str().unwrap(), "--epoch-ms", "1", "--min-epoch-ms", "1", "--max-output-delay-ms", "1"],
+        &[
+            "--control",
+            sock2.to_str().unwrap(),
+            "--epoch-ms",
+            "1",
+            "--min-epoch-ms",
+            "1",
+            "--max-output-delay-ms",
+            "1",
+        ],
     );
     r.wait_ready(Duration::from_secs(30));
     wait_socket(&sock2, Duration::from_secs(5));
@@ -120,10 +141,18 @@ fn main() {
     let mut r = Replicated::start(&net, dir4.path(), &[]);
     r.wait_ready(Duration::from_secs(30));
     for (clients, ops) in [(1usize, 100usize), (16, 50)] {
-        rows.push(("protected (20 ms epochs)", clients, kv_load(r.primary.addr, clients, ops)));
+        rows.push((
+            "protected (20 ms epochs)",
+            clients,
+            kv_load(r.primary.addr, clients, ops),
+        ));
     }
     for (setup, clients, (rate, p50, p99)) in rows {
-        println!("| {setup} | {clients} | {rate:.0} | {} | {} |", ms(p50), ms(p99));
+        println!(
+            "| {setup} | {clients} | {rate:.0} | {} | {} |",
+            ms(p50),
+            ms(p99)
+        );
     }
     r.primary.kill9();
 }
