@@ -72,6 +72,9 @@ pub struct PrimaryConfig {
     pub quic: QuicConfig,
     /// Page encodings for incremental checkpoints.
     pub encode: EncodeOptions,
+    /// End an epoch early when guest output is waiting and no checkpoint is in flight (lower
+    /// reply latency at the cost of more, smaller checkpoints).
+    pub early_checkpoints: bool,
 }
 
 /// Counters, readable while the loop runs.
@@ -127,6 +130,9 @@ impl Stats {
         (at(0.5), at(0.99))
     }
 }
+
+/// How often the loop looks for waiting output when early checkpoints are on.
+const EARLY_POLL: Duration = Duration::from_millis(1);
 
 /// One backup: its protocol sender and its QUIC link.
 struct Peer {
@@ -239,6 +245,11 @@ pub async fn run(
             .iter()
             .filter(|p| p.alive())
             .all(|p| p.sender.is_ready());
+        // With early checkpoints on, look for waiting output every `EARLY_POLL`.
+        let wake = match cfg.early_checkpoints {
+            true => tick.min(tokio::time::Instant::now() + EARLY_POLL),
+            false => tick,
+        };
         tokio::select! {
             f = rx.recv() => match f {
                 Some((i, Ok(f))) => {
@@ -251,7 +262,17 @@ pub async fn run(
                 }
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
-            _ = tokio::time::sleep_until(tick), if all_ready => {
+            _ = tokio::time::sleep_until(wake), if all_ready => {
+                let now = tokio::time::Instant::now();
+                // Early checkpoint (COLO-style): output is waiting and nothing is in flight.
+                let early = now < tick;
+                if early {
+                    let idle = peers.iter().filter(|p| p.alive()).all(|p| p.sender.in_flight() == 0);
+                    let waiting = vm.held_output().is_some_and(|h| h.0 > 0);
+                    if !(idle && waiting) {
+                        continue;
+                    }
+                }
                 let mut captured = None;
                 let live = peers.iter().filter(|p| p.alive()).count();
                 // A backup whose window stays full would gate everyone: drop it while enough
@@ -284,12 +305,17 @@ pub async fn run(
                     stats.epochs.store(next_epoch, Ordering::Relaxed);
                     captured = Some(cap.pages.len());
                 }
-                let len = epochs.update(captured);
-                stats.epoch_us.store(len.as_micros() as u64, Ordering::Relaxed);
-                tick += len;
-                let now = tokio::time::Instant::now();
-                if tick < now {
-                    tick = now + len;
+                if early {
+                    // The epoch was cut short for waiting output: start the next one now.
+                    tick = tokio::time::Instant::now() + epochs.current();
+                } else {
+                    let len = epochs.update(captured);
+                    stats.epoch_us.store(len.as_micros() as u64, Ordering::Relaxed);
+                    tick += len;
+                    let now = tokio::time::Instant::now();
+                    if tick < now {
+                        tick = now + len;
+                    }
                 }
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {

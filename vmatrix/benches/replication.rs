@@ -147,6 +147,18 @@ fn main() {
             kv_load(r.primary.addr, clients, ops),
         ));
     }
+    r.primary.kill9();
+    drop(r);
+    let dir5 = tempfile::tempdir().unwrap();
+    let mut r = Replicated::start(&net, dir5.path(), &["--early-checkpoints"]);
+    r.wait_ready(Duration::from_secs(30));
+    for (clients, ops) in [(1usize, 300usize), (16, 100)] {
+        rows.push((
+            "protected, --early-checkpoints",
+            clients,
+            kv_load(r.primary.addr, clients, ops),
+        ));
+    }
     for (setup, clients, (rate, p50, p99)) in rows {
         println!(
             "| {setup} | {clients} | {rate:.0} | {} | {} |",

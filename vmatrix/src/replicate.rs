@@ -58,6 +58,9 @@ pub struct PrimaryArgs {
     /// Serve Prometheus metrics (text format) over HTTP on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// End an epoch early when guest output waits and no checkpoint is in flight.
+    #[arg(long)]
+    pub early_checkpoints: bool,
 }
 
 /// Flags of `vmatrix backup`.
@@ -146,6 +149,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         window: 4,
         quic: quic_config(a.idle_timeout_ms),
         encode: EncodeOptions::default(),
+        early_checkpoints: a.early_checkpoints,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(primary::Stats::default());
