@@ -27,6 +27,11 @@ case "$cmd" in
       echo "netns.sh: index must be 1..250" >&2; exit 2
     fi
     down
+    # Another interface holding this subnet would capture the guest's traffic: refuse clearly.
+    if holder=$(ip -o -4 addr show | grep -E " 10\.77\.$index\.[0-9]+/" | awk '{print $2}' | head -n1) \
+        && [ -n "$holder" ]; then
+      echo "netns.sh: subnet 10.77.$index.0/24 is already used by interface $holder" >&2; exit 3
+    fi
     ip netns add "$name"
     ip link add "$name-h" type veth peer name "$name-n"
     ip link set "$name-n" netns "$name"

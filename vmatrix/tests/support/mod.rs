@@ -118,6 +118,14 @@ fn claim_index() -> u32 {
             .open(&p)
             .is_ok()
         {
+            // An interface left behind by something else (a crashed run, a manual experiment)
+            // may hold this subnet; packets would be routed there instead of to our guest.
+            if subnet_in_use(index) {
+                eprintln!(
+                    "test network index {index}: subnet already in use on this host, skipping"
+                );
+                continue;
+            }
             return index;
         }
     }
@@ -125,6 +133,21 @@ fn claim_index() -> u32 {
         "no free test network index (all 250 locked in {})",
         std::env::temp_dir().display()
     );
+}
+
+/// Whether an interface of this namespace already has an address in 10.77.<index>.0/24 or
+/// 10.78.<index>.0/24 (the subnets the test networks use). The lock stays taken so the index
+/// is not retried by this or another test process.
+fn subnet_in_use(index: u32) -> bool {
+    let Ok(out) = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (a, b) = (format!(" 10.77.{index}."), format!(" 10.78.{index}."));
+    text.lines().any(|l| l.contains(&a) || l.contains(&b))
 }
 
 fn release_index(index: u32) {
@@ -356,6 +379,7 @@ impl Drop for HostTap {
         let _ = Command::new("ip")
             .args(["link", "del", &self.name])
             .status();
+        release_index(self.index);
     }
 }
 
