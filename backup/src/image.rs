@@ -4,10 +4,19 @@
 //! <dir>/memory.bin   guest RAM as of the last applied checkpoint (sparse, full size)
 //! <dir>/disk.img     the disk as of the last applied checkpoint
 //! <dir>/replica.bin  last applied epoch, term, sizes and the vCPU/device state (CRC-framed)
+//! <dir>/journal.bin  while a checkpoint is being applied: its redo journal (see [`journal`])
 //! ```
 //! Only complete, verified checkpoints (from the protocol's receiver) are applied, in epoch
-//! order. [`finalize`] turns the image into a snapshot directory (`snapshot.bin`) that
+//! order. Applying one to a consistent image first commits its decoded pages and disk writes
+//! to the redo journal, then writes the image in place, then `replica.bin`, then drops the
+//! journal: a backup killed at any moment leaves an image [`recover`] brings to N-1 or N.
+//!
+//! An image created by pre-copy rounds (no state yet) is *syncing*: it holds pages but no
+//! consistent checkpoint until the first checkpoint with state arrives; [`finalize`] refuses it.
+//! [`finalize`] turns the image into a snapshot directory (`snapshot.bin`) that
 //! `vmatrix restore` starts.
+//!
+//! [`journal`]: crate::journal
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -18,10 +27,14 @@ use protocol::{Checkpoint, Kind};
 use serde::{Deserialize, Serialize};
 use vmm::snapshot::{self, format, DiskPart, SnapshotMeta, VmState};
 
+use crate::journal::{self, Journal};
 use crate::BackupError;
 
+/// Largest disk a pre-copy round may write to before the state tells the real size (1 TiB).
+const MAX_SYNC_DISK: u64 = 1 << 40;
+
 /// Persistent facts about the replica.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaMeta {
     /// Last applied checkpoint.
     pub epoch: u64,
@@ -31,8 +44,15 @@ pub struct ReplicaMeta {
     pub mem_size: u64,
     /// Disk size (0: no disk).
     pub disk_len: u64,
-    /// `VmState`, postcard-encoded.
+    /// `VmState`, postcard-encoded; empty while the image is syncing (pre-copy rounds only).
     pub state: Vec<u8>,
+}
+
+impl ReplicaMeta {
+    /// No checkpoint with state applied yet.
+    pub fn syncing(&self) -> bool {
+        self.state.is_empty()
+    }
 }
 
 /// An open replica image.
@@ -56,31 +76,33 @@ fn decode_state(bytes: &[u8]) -> Result<VmState, BackupError> {
 }
 
 impl ReplicaImage {
-    /// Starts a new image from an initial-sync checkpoint (replacing any old image in `dir`).
+    /// Starts a new image from an initial sync (`Sync`) or pre-copy round 0 (`PreCopy`),
+    /// replacing any old image in `dir`.
     pub fn create(dir: &Path, term: u64, cp: &Checkpoint) -> Result<ReplicaImage, BackupError> {
-        if cp.kind != Kind::Sync {
-            return Err(BackupError::Apply(format!(
-                "checkpoint {} is not an initial sync",
-                cp.epoch
-            )));
-        }
+        let (state, disk_len) = match cp.kind {
+            Kind::Sync => {
+                let state = usable_state(cp)?;
+                let len = disk_len_of(&decode_state(&state)?);
+                (state, len)
+            }
+            Kind::PreCopy if cp.epoch == 0 => (Vec::new(), 0),
+            _ => {
+                return Err(BackupError::Apply(format!(
+                    "checkpoint {} does not start an image",
+                    cp.epoch
+                )))
+            }
+        };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        for f in [snapshot::META_FILE, "disk-live.img"] {
+        // The old image stops being one before any of its files change.
+        for f in [
+            "replica.bin",
+            snapshot::META_FILE,
+            "disk-live.img",
+            journal::JOURNAL_FILE,
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        let (format_v, state) = cp
-            .state
-            .clone()
-            .ok_or_else(|| BackupError::Apply("initial sync without state".into()))?;
-        if format_v != format::FORMAT_VERSION {
-            return Err(BackupError::Apply(format!(
-                "state format {format_v} not supported"
-            )));
-        }
-        let vm_state = decode_state(&state)?;
-        let disk_len = vm_state.blk.as_ref().map_or(0, |b| {
-            b.device.sectors * vmm::devices::virtio::blk::SECTOR_SIZE
-        });
         let mp = dir.join(snapshot::MEMORY_FILE);
         let mem = File::create(&mp).map_err(io(&mp))?;
         mem.set_len(cp.mem_size).map_err(io(&mp))?;
@@ -89,19 +111,11 @@ impl ReplicaImage {
             .write(true)
             .open(&mp)
             .map_err(io(&mp))?;
-        let disk = if disk_len > 0 {
-            let dp = dir.join(snapshot::DISK_FILE);
-            let d = File::create(&dp).map_err(io(&dp))?;
-            d.set_len(disk_len).map_err(io(&dp))?;
-            Some(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&dp)
-                    .map_err(io(&dp))?,
-            )
-        } else {
-            None
+        // While syncing the disk's size is unknown: the file grows with the chunks written.
+        let disk = match (cp.kind, disk_len) {
+            (Kind::PreCopy, _) => Some(create_disk(dir, 0)?),
+            (_, 0) => None,
+            (_, n) => Some(create_disk(dir, n)?),
         };
         let mut img = ReplicaImage {
             dir: dir.to_path_buf(),
@@ -115,7 +129,9 @@ impl ReplicaImage {
                 state: Vec::new(),
             },
         };
-        img.write_content(cp)?;
+        let (gfns, data) = img.decode_pages(cp)?;
+        img.check_disk(cp)?;
+        img.write_in_place(&gfns, &data, &cp.disk)?;
         img.meta.epoch = cp.epoch;
         img.meta.state = state;
         img.save_meta()?;
@@ -127,40 +143,78 @@ impl ReplicaImage {
         self.meta.epoch
     }
 
-    fn write_content(&mut self, cp: &Checkpoint) -> Result<(), BackupError> {
+    /// The new contents of the checkpoint's pages (decoded against the image's current ones).
+    fn decode_pages(&self, cp: &Checkpoint) -> Result<(Vec<u64>, Vec<u8>), BackupError> {
         if cp.mem_size != self.meta.mem_size {
             return Err(BackupError::Apply("guest RAM size changed".into()));
         }
         let mp = self.dir.join(snapshot::MEMORY_FILE);
         let mut old = vec![0u8; PAGE];
-        for (gfn, data) in &cp.pages {
-            let off = gfn * PAGE as u64;
-            if off + PAGE as u64 > self.meta.mem_size {
-                return Err(BackupError::Apply(format!("page {gfn} beyond guest RAM")));
-            }
+        let mut gfns = Vec::with_capacity(cp.pages.len());
+        let mut data = Vec::with_capacity(cp.pages.len() * PAGE);
+        for (gfn, enc) in &cp.pages {
+            let off = gfn
+                .checked_mul(PAGE as u64)
+                .filter(|o| o + PAGE as u64 <= self.meta.mem_size)
+                .ok_or_else(|| BackupError::Apply(format!("page {gfn} beyond guest RAM")))?;
             self.mem.read_exact_at(&mut old, off).map_err(io(&mp))?;
-            let new = decode(*gfn, data, Some(&old))?;
-            self.mem.write_all_at(&new, off).map_err(io(&mp))?;
+            data.extend_from_slice(&decode(*gfn, enc, Some(&old))?);
+            gfns.push(*gfn);
         }
-        if !cp.disk.is_empty() {
-            let dp = self.dir.join(snapshot::DISK_FILE);
-            let d = self
-                .disk
-                .as_ref()
-                .ok_or_else(|| BackupError::Apply("disk writes for a VM without a disk".into()))?;
-            for (off, data) in &cp.disk {
-                if off + data.len() as u64 > self.meta.disk_len {
-                    return Err(BackupError::Apply(format!(
-                        "disk write at {off} beyond the disk"
-                    )));
-                }
-                d.write_all_at(data, *off).map_err(io(&dp))?;
+        Ok((gfns, data))
+    }
+
+    /// Refuses disk writes the image cannot hold.
+    fn check_disk(&self, cp: &Checkpoint) -> Result<(), BackupError> {
+        if cp.disk.is_empty() {
+            return Ok(());
+        }
+        if self.disk.is_none() {
+            return Err(BackupError::Apply(
+                "disk writes for a VM without a disk".into(),
+            ));
+        }
+        let limit = match self.meta.syncing() {
+            true => MAX_SYNC_DISK,
+            false => self.meta.disk_len,
+        };
+        for (off, data) in &cp.disk {
+            if off
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > limit)
+            {
+                return Err(BackupError::Apply(format!(
+                    "disk write at {off} beyond the disk"
+                )));
             }
         }
         Ok(())
     }
 
-    /// Applies the next incremental checkpoint.
+    /// Writes pages and disk writes into the image files (idempotent: a redo is harmless).
+    fn write_in_place(
+        &self,
+        gfns: &[u64],
+        data: &[u8],
+        disk: &[(u64, Vec<u8>)],
+    ) -> Result<(), BackupError> {
+        let mp = self.dir.join(snapshot::MEMORY_FILE);
+        for (i, gfn) in gfns.iter().enumerate() {
+            self.mem
+                .write_all_at(&data[i * PAGE..(i + 1) * PAGE], gfn * PAGE as u64)
+                .map_err(io(&mp))?;
+        }
+        if let Some(d) = &self.disk {
+            let dp = self.dir.join(snapshot::DISK_FILE);
+            for (off, bytes) in disk {
+                d.write_all_at(bytes, *off).map_err(io(&dp))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the next checkpoint: a pre-copy round while syncing, else an incremental one
+    /// (the first with state ends the sync).
     pub fn apply(&mut self, cp: &Checkpoint) -> Result<(), BackupError> {
         if cp.epoch != self.meta.epoch + 1 {
             return Err(BackupError::Apply(format!(
@@ -168,19 +222,74 @@ impl ReplicaImage {
                 cp.epoch, self.meta.epoch
             )));
         }
-        let state = match &cp.state {
-            Some((v, s)) if *v == format::FORMAT_VERSION => s.clone(),
-            _ => {
-                return Err(BackupError::Apply(
-                    "checkpoint without a usable state".into(),
-                ))
+        let state = match cp.kind {
+            Kind::PreCopy if self.meta.syncing() => Vec::new(),
+            Kind::Incremental => usable_state(cp)?,
+            k => {
+                return Err(BackupError::Apply(format!(
+                    "a {k:?} checkpoint cannot follow checkpoint {}",
+                    self.meta.epoch
+                )))
             }
         };
-        decode_state(&state)?;
-        self.write_content(cp)?;
-        self.meta.epoch = cp.epoch;
-        self.meta.state = state;
-        self.save_meta()
+        let mut meta = ReplicaMeta {
+            epoch: cp.epoch,
+            state,
+            ..self.meta.clone()
+        };
+        let ends_sync = self.meta.syncing() && !meta.syncing();
+        if ends_sync {
+            meta.disk_len = disk_len_of(&decode_state(&meta.state)?);
+        } else if !meta.syncing() {
+            decode_state(&meta.state)?;
+        }
+        let (gfns, data) = self.decode_pages(cp)?;
+        self.check_disk(cp)?;
+        if ends_sync
+            && cp
+                .disk
+                .iter()
+                .any(|(o, d)| o + d.len() as u64 > meta.disk_len)
+        {
+            return Err(BackupError::Apply("disk write beyond the disk".into()));
+        }
+        if self.meta.syncing() {
+            // Nothing consistent to protect yet: write directly.
+            self.write_in_place(&gfns, &data, &cp.disk)?;
+        } else {
+            let j = Journal {
+                epoch: cp.epoch,
+                meta: meta.clone(),
+                gfns,
+                data,
+                disk: cp.disk.clone(),
+            };
+            j.commit(&self.dir)?;
+            self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+        }
+        if ends_sync {
+            self.size_disk(meta.disk_len)?;
+        }
+        self.meta = meta;
+        self.save_meta()?;
+        journal::remove(&self.dir)
+    }
+
+    /// Gives the disk file its final size once the state says what it is.
+    fn size_disk(&mut self, len: u64) -> Result<(), BackupError> {
+        let dp = self.dir.join(snapshot::DISK_FILE);
+        match (&self.disk, len) {
+            (Some(d), n) if n > 0 => d.set_len(n).map_err(io(&dp)),
+            (Some(_), _) => {
+                self.disk = None;
+                std::fs::remove_file(&dp).map_err(io(&dp))
+            }
+            (None, 0) => Ok(()),
+            (None, n) => {
+                self.disk = Some(create_disk(&self.dir, n)?);
+                Ok(())
+            }
+        }
     }
 
     fn save_meta(&self) -> Result<(), BackupError> {
@@ -192,11 +301,100 @@ impl ReplicaImage {
     }
 }
 
-/// Turns the replica image in `dir` into a full snapshot of its last applied checkpoint.
-pub fn finalize(dir: &Path) -> Result<u64, BackupError> {
+fn usable_state(cp: &Checkpoint) -> Result<Vec<u8>, BackupError> {
+    match &cp.state {
+        Some((v, s)) if *v == format::FORMAT_VERSION => Ok(s.clone()),
+        Some((v, _)) => Err(BackupError::Apply(format!(
+            "state format {v} not supported"
+        ))),
+        None => Err(BackupError::Apply(format!(
+            "checkpoint {} carries no state",
+            cp.epoch
+        ))),
+    }
+}
+
+fn disk_len_of(vm: &VmState) -> u64 {
+    vm.blk.as_ref().map_or(0, |b| {
+        b.device.sectors * vmm::devices::virtio::blk::SECTOR_SIZE
+    })
+}
+
+fn create_disk(dir: &Path, len: u64) -> Result<File, BackupError> {
+    let dp = dir.join(snapshot::DISK_FILE);
+    let d = File::create(&dp).map_err(io(&dp))?;
+    d.set_len(len).map_err(io(&dp))?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dp)
+        .map_err(io(&dp))
+}
+
+fn read_meta(dir: &Path) -> Result<ReplicaMeta, BackupError> {
     let mp = dir.join("replica.bin");
     let bytes = std::fs::read(&mp).map_err(io(&mp))?;
-    let meta: ReplicaMeta = format::decode(&bytes)?;
+    Ok(format::decode(&bytes)?)
+}
+
+/// Completes a checkpoint whose application was interrupted (a journal is present): redoes its
+/// writes and records it as applied. Returns the epoch redone, if any. A journal that does not
+/// verify was never committed; it is removed and the image stays at its previous checkpoint.
+pub fn recover(dir: &Path) -> Result<Option<u64>, BackupError> {
+    let jp = journal::path(dir);
+    let bytes = match std::fs::read(&jp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(BackupError::Io { path: jp, err }),
+    };
+    let j = match Journal::decode(&bytes) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!("{}: {e}; discarding it", jp.display());
+            journal::remove(dir)?;
+            return Ok(None);
+        }
+    };
+    let meta = read_meta(dir)?;
+    if j.epoch != meta.epoch + 1 && j.epoch != meta.epoch {
+        return Err(BackupError::Apply(format!(
+            "journal of checkpoint {} does not fit an image at checkpoint {}",
+            j.epoch, meta.epoch
+        )));
+    }
+    let open = |name: &str| {
+        let p = dir.join(name);
+        OpenOptions::new().write(true).open(&p).map_err(io(&p))
+    };
+    let img = ReplicaImage {
+        dir: dir.to_path_buf(),
+        mem: open(snapshot::MEMORY_FILE)?,
+        disk: match j.disk.is_empty() {
+            true => None,
+            false => Some(open(snapshot::DISK_FILE)?),
+        },
+        meta: j.meta.clone(),
+    };
+    img.write_in_place(&j.gfns, &j.data, &j.disk)?;
+    img.save_meta()?;
+    journal::remove(dir)?;
+    tracing::info!("redid checkpoint {} from the journal", j.epoch);
+    Ok(Some(j.epoch))
+}
+
+/// Turns the replica image in `dir` into a full snapshot of its last applied checkpoint
+/// (completing an interrupted one first, see [`recover`]).
+pub fn finalize(dir: &Path) -> Result<u64, BackupError> {
+    recover(dir)?;
+    let meta = read_meta(dir)?;
+    if meta.syncing() {
+        return Err(BackupError::Apply(format!(
+            "the initial sync of {} never completed (pre-copy round {} was the last applied): \
+             there is no consistent checkpoint to start",
+            dir.display(),
+            meta.epoch
+        )));
+    }
     let vm = decode_state(&meta.state)?;
     let (memory, checksum) =
         snapshot::memory::describe_file(&dir.join(snapshot::MEMORY_FILE), meta.mem_size)?;

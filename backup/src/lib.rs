@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod image;
+pub mod journal;
 mod server;
 
 use std::path::PathBuf;

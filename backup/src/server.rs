@@ -60,11 +60,28 @@ pub async fn serve(
     }
     server.close();
     if cfg.image_dir.join("replica.bin").exists() {
-        let epoch = image::finalize(&cfg.image_dir)?;
-        tracing::info!("image finalized at checkpoint {epoch}");
-        return Ok(Some(epoch));
+        return match image::finalize(&cfg.image_dir) {
+            Ok(epoch) => {
+                tracing::info!("image finalized at checkpoint {epoch}");
+                Ok(Some(epoch))
+            }
+            // An image still in its initial sync has nothing consistent to start: not an error
+            // of the backup, just nothing to show.
+            Err(e) if !image_consistent(&cfg.image_dir) => {
+                tracing::warn!("{e}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
     }
     Ok(applied)
+}
+
+fn image_consistent(dir: &std::path::Path) -> bool {
+    std::fs::read(dir.join("replica.bin"))
+        .ok()
+        .and_then(|b| vmm::snapshot::format::decode::<image::ReplicaMeta>(&b).ok())
+        .is_some_and(|m| !m.syncing())
 }
 
 async fn session(
@@ -96,10 +113,10 @@ async fn session(
         while let Some(cp) = r.poll_checkpoint() {
             let term = r.session().map_or(0, |s| s.1);
             let res = match (cp.kind, img.as_mut()) {
-                (Kind::Sync, _) => {
+                (Kind::Sync, _) | (Kind::PreCopy, None) => {
                     ReplicaImage::create(&cfg.image_dir, term, &cp).map(|i| img = Some(i))
                 }
-                (Kind::Incremental, Some(i)) => i.apply(&cp),
+                (_, Some(i)) => i.apply(&cp),
                 (Kind::Incremental, None) => Err(BackupError::Apply(
                     "incremental checkpoint before the initial sync".into(),
                 )),

@@ -29,11 +29,12 @@ impl Shadow {
         }
     }
 
-    /// Builds checkpoint `epoch` from `cap`; a full capture becomes the initial sync.
+    /// Builds checkpoint `epoch` from `cap`; a full capture becomes the initial sync, a pre-copy
+    /// pass a `PreCopy` round (the shadow is cleared by the sync and by pre-copy round 0).
     pub fn checkpoint(&mut self, epoch: u64, kind: Kind, cap: &EpochCapture) -> Checkpoint {
         let zero = vec![0u8; PAGE];
         let mut pages = Vec::with_capacity(cap.pages.len());
-        if kind == Kind::Sync {
+        if kind == Kind::Sync || (kind == Kind::PreCopy && epoch == 0) {
             self.pages.clear();
         }
         for (i, &gfn) in cap.pages.iter().enumerate() {
@@ -43,7 +44,7 @@ impl Shadow {
                     xor: false,
                     lz4: false,
                 },
-                Kind::Incremental => self.opts,
+                Kind::Incremental | Kind::PreCopy => self.opts,
             };
             let old = self.pages.get(&gfn).map_or(&zero[..], |p| &p[..]);
             pages.push((gfn, encode(new, Some(old), opts)));
@@ -65,7 +66,8 @@ impl Shadow {
             mem_size: cap.mem_size,
             pages,
             disk,
-            state: Some((FORMAT_VERSION, cap.state.clone())),
+            // A pre-copy round has no state: the image is not consistent until the final pause.
+            state: (kind != Kind::PreCopy).then(|| (FORMAT_VERSION, cap.state.clone())),
         }
     }
 }

@@ -1,11 +1,17 @@
 //! # primary — the protected VM's side of continuous replication
 //!
-//! The epoch loop ([`run`]): connect to the backup (QUIC, mutual TLS), send the initial sync
-//! (checkpoint 0: every non-zero page, the disk, the state; output commit armed in the same
-//! pause), then every epoch pause the VM, capture dirty pages, disk writes and state, resume at
-//! once, and stream the checkpoint; when the backup acknowledges checkpoint N, release the
-//! guest's network output of epoch N. If checkpoints pile up (window full) the epoch is simply
-//! extended: nothing grows without bound, and output stays held.
+//! The epoch loop ([`run`]): connect to the backups (QUIC, mutual TLS) and send the initial
+//! sync, then every epoch pause the VM, capture dirty pages, disk writes and state, resume at
+//! once, and stream the checkpoint; when the backups acknowledge checkpoint N, release the
+//! guest's network output of the epoch N closed. If checkpoints pile up (window full) the epoch
+//! is simply extended: nothing grows without bound, and output stays held.
+//!
+//! The initial sync is pre-copy (protocol v2): round 0 copies every non-zero page and the disk
+//! while the guest runs, each later round the pages dirtied meanwhile, until the dirty set is
+//! small or stops shrinking; then one short pause captures the rest with the state. Checkpoints
+//! 0..k-1 are those rounds, checkpoint k the first consistent one; output held since boot is
+//! released when k is acknowledged. Without pre-copy (`precopy_rounds = 0`, or a v1 backup)
+//! checkpoint 0 is a full sync taken in one pause.
 
 #![forbid(unsafe_code)]
 
@@ -75,7 +81,12 @@ pub struct PrimaryConfig {
     /// End an epoch early when guest output is waiting and no checkpoint is in flight (lower
     /// reply latency at the cost of more, smaller checkpoints).
     pub early_checkpoints: bool,
+    /// Most pre-copy rounds of the initial sync (0: a one-pause full sync).
+    pub precopy_rounds: u32,
 }
+
+/// Pre-copy ends once a round finds at most this many dirty pages (1 MiB).
+pub const PRECOPY_CONVERGED: usize = 256;
 
 /// Counters, readable while the loop runs.
 #[derive(Debug, Default)]
@@ -100,6 +111,14 @@ pub struct Stats {
     pub epoch_us: AtomicU64,
     /// The most recent pauses, µs (at most `RECENT` of them).
     pub recent_pauses: std::sync::Mutex<std::collections::VecDeque<u32>>,
+    /// Initial sync: rounds sent so far (pre-copy rounds plus the final capture).
+    pub sync_rounds: AtomicU64,
+    /// Initial sync: checkpoint bytes queued for the backups.
+    pub sync_queued_bytes: AtomicU64,
+    /// Initial sync: bytes handed to QUIC so far.
+    pub sync_sent_bytes: AtomicU64,
+    /// The initial sync is acknowledged: the VM is protected.
+    pub protected: std::sync::atomic::AtomicBool,
 }
 
 /// Pauses kept for percentiles.
@@ -141,12 +160,21 @@ struct Peer {
     link: PrimaryLink,
     acked: Option<u64>,
     failed: Option<String>,
+    version: u16,
 }
 
 impl Peer {
     async fn flush(&mut self) -> Result<(), PrimaryError> {
+        self.flush_counting(None).await
+    }
+
+    /// Sends what the protocol queued, adding the bytes to `counter` as they go.
+    async fn flush_counting(&mut self, counter: Option<&AtomicU64>) -> Result<(), PrimaryError> {
         while let Some((lane, f)) = self.sender.poll_transmit() {
             self.link.send(lane, &f).await?;
+            if let Some(c) = counter {
+                c.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -197,6 +225,7 @@ async fn connect_peer(
         link,
         acked: None,
         failed: None,
+        version: 0,
     };
     p.flush().await?;
     Ok(p)
@@ -211,6 +240,20 @@ fn releasable(peers: &[Peer], required: usize) -> Option<u64> {
         .collect();
     acks.sort_unstable_by(|a, b| b.cmp(a));
     acks.get(required.checked_sub(1)?).copied()
+}
+
+/// Where the initial sync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Pre-copy round `round` is next, while the guest runs.
+    PreCopy {
+        round: u32,
+        last_pages: Option<usize>,
+    },
+    /// The next capture is the initial sync's final pause (or the one-pause full sync).
+    FinalSync,
+    /// Protected: incremental epochs.
+    Protected,
 }
 
 /// Replicates `vm` (already started) to the backups until `stop` turns true or too few backups
@@ -231,6 +274,16 @@ pub async fn run(
     drop(tx);
     let mut shadow = encode::Shadow::new(cfg.encode);
     let mut next_epoch = 0u64;
+    // Checkpoints before `base` are pre-copy rounds; checkpoint `base + e` closes output epoch e.
+    let mut base = 0u64;
+    let mut phase = match cfg.precopy_rounds {
+        0 => Phase::FinalSync,
+        _ => Phase::PreCopy {
+            round: 0,
+            last_pages: None,
+        },
+    };
+    let mut sync_started = Instant::now();
     let mut released: Option<u64> = None;
     let mut epochs = epoch::EpochController::new(cfg.epoch, cfg.min_epoch, cfg.max_output_delay);
     let mut tick = tokio::time::Instant::now();
@@ -245,10 +298,20 @@ pub async fn run(
             .iter()
             .filter(|p| p.alive())
             .all(|p| p.sender.is_ready());
-        // With early checkpoints on, look for waiting output every `EARLY_POLL`.
-        let wake = match cfg.early_checkpoints {
-            true => tick.min(tokio::time::Instant::now() + EARLY_POLL),
-            false => tick,
+        let idle = peers
+            .iter()
+            .filter(|p| p.alive())
+            .all(|p| p.sender.in_flight() == 0);
+        let wake = match phase {
+            // Pre-copy rounds go one at a time, each as soon as the previous one is acknowledged.
+            Phase::PreCopy { .. } if idle => Some(tokio::time::Instant::now()),
+            Phase::PreCopy { .. } => None,
+            Phase::FinalSync => Some(tokio::time::Instant::now()),
+            // With early checkpoints on, look for waiting output every `EARLY_POLL`.
+            Phase::Protected if cfg.early_checkpoints => {
+                Some(tick.min(tokio::time::Instant::now() + EARLY_POLL))
+            }
+            Phase::Protected => Some(tick),
         };
         tokio::select! {
             f = rx.recv() => match f {
@@ -262,10 +325,55 @@ pub async fn run(
                 }
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
-            _ = tokio::time::sleep_until(wake), if all_ready => {
+            _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } }, if all_ready => {
+                if let Phase::PreCopy { round, last_pages } = phase {
+                    if peers.iter().filter(|p| p.alive()).any(|p| p.version < protocol::message::PRECOPY_VERSION) {
+                        tracing::info!("a backup speaks protocol v1: initial sync in one pause");
+                        phase = Phase::FinalSync;
+                        continue;
+                    }
+                    if round == 0 {
+                        sync_started = Instant::now();
+                    }
+                    let cap = if round == 0 { vm.precopy_start()? } else { vm.precopy_pass()? };
+                    let n = cap.pages.len();
+                    let cp = shadow.checkpoint(next_epoch, Kind::PreCopy, &cap);
+                    let bytes = cp.data_bytes();
+                    let live = peers.iter().filter(|p| p.alive()).count() as u64;
+                    stats.sync_queued_bytes.fetch_add(bytes * live, Ordering::Relaxed);
+                    for p in peers.iter_mut().filter(|p| p.alive()) {
+                        p.sender.send_checkpoint(Instant::now(), cp.clone())?;
+                    }
+                    tracing::info!(
+                        "pre-copy round {round}: {n} pages, {} disk bytes, {:.1} MiB queued, {:.0} ms into the sync",
+                        cp.disk.iter().map(|d| d.1.len()).sum::<usize>(),
+                        bytes as f64 / (1 << 20) as f64,
+                        sync_started.elapsed().as_secs_f64() * 1e3,
+                    );
+                    next_epoch += 1;
+                    base = next_epoch;
+                    stats.epochs.store(next_epoch, Ordering::Relaxed);
+                    stats.sync_rounds.store(next_epoch, Ordering::Relaxed);
+                    // Done after the last allowed round, or once the dirty set is small or
+                    // stops shrinking by a tenth per round (the guest dirties as fast as we copy).
+                    let converged = round + 1 >= cfg.precopy_rounds
+                        || (round > 0
+                            && (n <= PRECOPY_CONVERGED
+                                || last_pages.is_some_and(|l| n * 10 > l * 9)));
+                    phase = match converged {
+                        true => Phase::FinalSync,
+                        false => Phase::PreCopy { round: round + 1, last_pages: Some(n) },
+                    };
+                    for p in peers.iter_mut().filter(|p| p.alive()) {
+                        if let Err(e) = p.flush_counting(Some(&stats.sync_sent_bytes)).await {
+                            p.failed = Some(e.to_string());
+                        }
+                    }
+                    continue;
+                }
                 let now = tokio::time::Instant::now();
                 // Early checkpoint (COLO-style): output is waiting and nothing is in flight.
-                let early = now < tick;
+                let early = phase == Phase::Protected && now < tick;
                 if early {
                     let idle = peers.iter().filter(|p| p.alive()).all(|p| p.sender.in_flight() == 0);
                     let waiting = vm.held_output().is_some_and(|h| h.0 > 0);
@@ -293,6 +401,17 @@ pub async fn run(
                     let cap = vm.capture_epoch(kind)?;
                     let pk = if next_epoch == 0 { Kind::Sync } else { Kind::Incremental };
                     let cp = shadow.checkpoint(next_epoch, pk, &cap);
+                    if phase == Phase::FinalSync {
+                        let live = peers.iter().filter(|p| p.alive()).count() as u64;
+                        stats.sync_queued_bytes.fetch_add(cp.data_bytes() * live, Ordering::Relaxed);
+                        stats.sync_rounds.store(next_epoch + 1, Ordering::Relaxed);
+                        tracing::info!(
+                            "initial sync: final pause {} µs, {} pages, checkpoint {next_epoch} carries the state",
+                            cap.pause.as_micros(),
+                            cap.pages.len()
+                        );
+                        phase = Phase::Protected;
+                    }
                     stats.last_pause_us.store(cap.pause.as_micros() as u64, Ordering::Relaxed);
                     stats.max_pause_us.fetch_max(cap.pause.as_micros() as u64, Ordering::Relaxed);
                     stats.record_pause(cap.pause.as_micros() as u64);
@@ -335,6 +454,7 @@ pub async fn run(
             while let Some(e) = p.sender.poll_event() {
                 match e {
                     SenderEvent::Ready { version, .. } => {
+                        p.version = version;
                         tracing::info!("backup {} ready (protocol v{version})", p.name)
                     }
                     SenderEvent::Acked { epoch, latency } => {
@@ -356,12 +476,23 @@ pub async fn run(
                 }
             }
         }
-        if let Some(e) = releasable(&peers, required) {
-            if released.is_none_or(|r| e > r) {
-                let n = vm.release_output(e);
-                released = Some(e);
-                stats.acked.store(e + 1, Ordering::Relaxed);
-                stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(c) = releasable(&peers, required) {
+            stats.acked.store(c + 1, Ordering::Relaxed);
+            // Checkpoint `c` is safe: output of epoch `c - base` may leave (none before the
+            // first consistent checkpoint, `base`).
+            if let Some(e) = c.checked_sub(base).filter(|_| phase == Phase::Protected) {
+                if released.is_none_or(|r| e > r) {
+                    if released.is_none() {
+                        tracing::info!(
+                            "protected: initial sync acknowledged after {:.0} ms",
+                            sync_started.elapsed().as_secs_f64() * 1e3
+                        );
+                        stats.protected.store(true, Ordering::Relaxed);
+                    }
+                    let n = vm.release_output(e);
+                    released = Some(e);
+                    stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
         }
         let live = peers.iter().filter(|p| p.alive()).count();
@@ -372,8 +503,10 @@ pub async fn run(
                 .collect();
             return Err(PrimaryError::BackupLost(why.join("; ")));
         }
+        let counter =
+            (phase != Phase::Protected || released.is_none()).then_some(&stats.sync_sent_bytes);
         for p in peers.iter_mut().filter(|p| p.alive()) {
-            if let Err(e) = p.flush().await {
+            if let Err(e) = p.flush_counting(counter).await {
                 p.failed = Some(e.to_string());
             }
         }

@@ -20,10 +20,13 @@ use crate::error::ProtocolError;
 use crate::frame;
 use crate::page::PageData;
 
-/// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Highest protocol version this build speaks. Version 2 added [`Kind::PreCopy`].
+pub const PROTOCOL_VERSION: u16 = 2;
+/// First protocol version with pre-copy rounds ([`Kind::PreCopy`]).
+pub const PRECOPY_VERSION: u16 = 2;
 /// Lowest protocol version this build accepts (the current and the previous, once there is one).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+const _: () = assert!(PROTOCOL_VERSION - MIN_PROTOCOL_VERSION <= 1);
 /// Longest VM id.
 pub const MAX_VM_ID: usize = 64;
 /// Longest free-text field (refusal detail, goodbye reason).
@@ -81,6 +84,11 @@ pub enum Kind {
     Sync,
     /// One epoch's changes.
     Incremental,
+    /// A pre-copy round of the initial sync (protocol version 2): pages and disk chunks copied
+    /// while the guest kept running, without state. Checkpoint 0 of this kind starts a new
+    /// image; the image becomes consistent with the first later checkpoint that carries state
+    /// (an `Incremental` one, taken in the final short pause). Never sent to a version-1 peer.
+    PreCopy,
 }
 
 /// Starts checkpoint `epoch`.

@@ -437,12 +437,30 @@ fn checkpoint_crc_mismatch_keeps_previous_state_and_tells_the_sender() {
 }
 
 #[test]
+fn a_previous_version_peer_is_accepted_at_its_version() {
+    use protocol::message::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    assert_eq!(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION - 1);
+    let now = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
+    r.handle_frame(now, &hello(1, MIN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION))
+        .unwrap();
+    assert_eq!(r.session().map(|s| s.0), Some(MIN_PROTOCOL_VERSION));
+}
+
+#[test]
 fn stale_terms_versions_gaps_and_duplicates_are_typed_errors() {
     let now = Instant::now();
     // Version: the peer speaks only versions we do not.
     let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
     assert!(matches!(
-        r.handle_frame(now, &hello(3, 2, 3)),
+        r.handle_frame(
+            now,
+            &hello(
+                3,
+                protocol::message::PROTOCOL_VERSION + 1,
+                protocol::message::PROTOCOL_VERSION + 2
+            )
+        ),
         Err(ProtocolError::Version { .. })
     ));
     assert_eq!(refusal(&mut r).0, RefuseCode::Version);

@@ -11,6 +11,7 @@ mod disk;
 mod guest_config;
 mod kv;
 mod metrics;
+mod progress;
 mod replicate;
 mod restore;
 mod run;

@@ -61,6 +61,10 @@ pub struct PrimaryArgs {
     /// End an epoch early when guest output waits and no checkpoint is in flight.
     #[arg(long)]
     pub early_checkpoints: bool,
+    /// Most pre-copy rounds of the initial sync (memory copied while the guest runs, then one
+    /// short pause); 0 = copy everything in one pause.
+    #[arg(long, default_value_t = 8)]
+    pub precopy_rounds: u32,
 }
 
 /// Flags of `vmatrix backup`.
@@ -150,6 +154,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         quic: quic_config(a.idle_timeout_ms),
         encode: EncodeOptions::default(),
         early_checkpoints: a.early_checkpoints,
+        precopy_rounds: a.precopy_rounds,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(primary::Stats::default());
@@ -179,6 +184,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         let s = stats.clone();
         Arc::new(move || crate::metrics::status_fields(&s))
     };
+    crate::progress::spawn(stats.clone(), Duration::from_secs(600));
     if let Some(addr) = a.metrics {
         crate::metrics::serve(addr, vm.clone(), stats.clone())?;
     }

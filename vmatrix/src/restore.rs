@@ -1,6 +1,8 @@
 //! `vmatrix restore`: start a VM from a snapshot directory in a new process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -34,6 +36,7 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     if a.paused && a.control.is_none() {
         anyhow::bail!("--paused needs --control <socket> (to resume the VM)");
     }
+    finalize_replica(&a.dir)?;
     let console = crate::run::console(a.console_log)?;
     let vm = Vm::restore(RestoreConfig {
         dir: a.dir,
@@ -43,4 +46,27 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         generation: None,
     })?;
     crate::run::supervise(Arc::new(vm), a.control.as_deref(), console, a.paused, None)
+}
+
+/// A backup's replica image whose process died before finalizing it (no `snapshot.bin`, or one
+/// older than `replica.bin`) is finalized first: an interrupted checkpoint is completed from its
+/// journal, and the snapshot describes the last applied checkpoint.
+fn finalize_replica(dir: &Path) -> anyhow::Result<()> {
+    let mtime = |f: &str| {
+        std::fs::metadata(dir.join(f))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let Some(replica) = mtime("replica.bin") else {
+        return Ok(());
+    };
+    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica)
+        && !backup::journal::path(dir).exists()
+    {
+        return Ok(());
+    }
+    let epoch = backup::image::finalize(dir)
+        .with_context(|| format!("finalizing the replica image in {}", dir.display()))?;
+    eprintln!("vmatrix restore: replica image finalized at checkpoint {epoch}");
+    Ok(())
 }

@@ -189,44 +189,9 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
             "status shows {key}: {status}"
         );
     }
-    // Pause the primary's guest: the epoch loop keeps checkpointing the (now still) VM.
-    ctl(&sock, &["pause"]);
-    let c1 = field(&ctl(&sock, &["checksum"]), "memory_crc32").unwrap();
-    // Wait until a checkpoint taken after the pause has been acknowledged.
-    let epochs_at_pause: u64 = field(&ctl(&sock, &["status"]), "epochs")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        let st = ctl(&sock, &["status"]);
-        let acked: Option<u64> = field(&st, "acked_epoch").and_then(|a| a.parse().ok());
-        if acked.is_some_and(|a| a > epochs_at_pause) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no checkpoint after the pause was acknowledged: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    r.primary.kill9();
-    let image = r.finalize_backup();
-    let meta = vmm::snapshot::read_meta(&image).unwrap();
-    let c2 = format!("{:#010x}", meta.memory_checksum.unwrap());
-    assert_eq!(
-        c1, c2,
-        "backup memory equals the primary's memory at its last checkpoint"
-    );
-    let primary_disk = std::fs::read(dir.path().join("disk.img")).unwrap();
-    let backup_disk = std::fs::read(image.join("disk.img")).unwrap();
-    assert!(
-        primary_disk == backup_disk,
-        "backup disk equals the primary's disk"
-    );
+    assert_backup_equals_primary(&mut r, &sock);
 }
 
-/// Sends a request on a fresh connection and returns whether a reply arrived within `wait`.
 fn replies_within(addr: std::net::SocketAddr, req: &str, wait: Duration) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(wait)).unwrap();

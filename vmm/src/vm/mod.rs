@@ -394,6 +394,16 @@ impl Vm {
         crate::dirty::harvest(&self.vm_fd, &self.mem, self.mem_size)
     }
 
+    /// Reads and resets the dirty sets while the guest may be running (pre-copy). Safe for a
+    /// live copy: both sources are reset atomically word by word before the caller copies the
+    /// pages, so a write that races the copy marks its page dirty again for the next pass.
+    pub(crate) fn harvest_dirty_running(&self) -> Result<crate::dirty::DirtyPages> {
+        if !self.dirty_log {
+            return Err(Error::Host("dirty logging is off for this VM".into()));
+        }
+        crate::dirty::harvest(&self.vm_fd, &self.mem, self.mem_size)
+    }
+
     /// CRC32 of all guest RAM. The VM must be paused (or not started).
     pub fn memory_checksum(&self) -> Result<u32> {
         if self.thread_running() && !self.is_paused() {

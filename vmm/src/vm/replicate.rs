@@ -1,6 +1,7 @@
 //! What continuous replication needs from a VM: one pause per epoch that captures the epoch's
 //! dirty pages (copied), disk writes and vCPU/device state, and closes the output epoch; and
-//! the output-commit controls (hold, release).
+//! the output-commit controls (hold, release); and the pre-copy passes of an initial sync, which
+//! copy memory while the guest keeps running.
 
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,75 @@ impl Vm {
             data,
             disk,
             state,
+            mem_size: self.mem_size,
+        })
+    }
+
+    /// First pre-copy pass of an initial sync, while the guest runs: starts dirty tracking and
+    /// disk-write recording afresh, then copies every non-zero page and the whole disk. What the
+    /// guest changes meanwhile is tracked, so a torn copy is sent again by a later pass.
+    pub fn precopy_start(&self) -> Result<EpochCapture, SnapshotError> {
+        if let Some(b) = &self.devices.blk {
+            lock(b).with_device_unchecked(|d| d.take_writes());
+        }
+        self.harvest_dirty_running().map_err(capture_err)?;
+        let mut pages = Vec::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for pfn in 0..self.mem_size / PAGE_SIZE {
+            self.mem
+                .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+                .map_err(capture_err)?;
+            if page.iter().any(|&b| b != 0) {
+                pages.push(pfn);
+            }
+        }
+        let mut data = Vec::new();
+        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        let disk = match &self.devices.blk {
+            None => DiskCapture::None,
+            Some(b) => {
+                // Read under the device lock in slices, so no request is half applied in what
+                // we read; writes after the slice are recorded and replayed later.
+                use std::os::unix::fs::FileExt;
+                let len = lock(b).device().sectors() * SECTOR_SIZE;
+                let mut buf = vec![0u8; len as usize];
+                for (i, chunk) in buf.chunks_mut(1 << 20).enumerate() {
+                    let t = lock(b);
+                    t.device()
+                        .file()
+                        .read_exact_at(chunk, (i as u64) << 20)
+                        .map_err(capture_err)?;
+                }
+                DiskCapture::Full(buf)
+            }
+        };
+        Ok(EpochCapture {
+            epoch: 0,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk,
+            state: Vec::new(),
+            mem_size: self.mem_size,
+        })
+    }
+
+    /// A later pre-copy pass, while the guest runs: the pages dirtied since the previous pass
+    /// (by the vCPU or a device), copied. Disk writes stay recorded for the final capture.
+    pub fn precopy_pass(&self) -> Result<EpochCapture, SnapshotError> {
+        let pages = self
+            .harvest_dirty_running()
+            .map_err(capture_err)?
+            .page_list();
+        let mut data = Vec::new();
+        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        Ok(EpochCapture {
+            epoch: 0,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk: DiskCapture::Writes(Vec::new()),
+            state: Vec::new(),
             mem_size: self.mem_size,
         })
     }

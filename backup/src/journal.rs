@@ -1,0 +1,295 @@
+//! The backup's redo journal: a checkpoint's decoded effect on the image, written in one file
+//! before the image files are touched, so a backup process that dies in the middle of applying
+//! a checkpoint leaves either the previous image (no journal yet) or a journal that completes
+//! the new one ([`crate::image::recover`]).
+//!
+//! ```text
+//! magic "VMXJRNL\0" | version u32 | epoch u64 | meta_len u64 | pages u64 | disk u64
+//! meta (ReplicaMeta, snapshot-format framed)
+//! pages × (gfn u64, 4096 bytes)
+//! disk  × (offset u64, len u64, bytes)
+//! crc32 u32 over everything before it
+//! ```
+//! The file is written as `.journal.tmp` and renamed to `journal.bin`, so it exists only when
+//! complete; the CRC guards against anything else. It is not fsynced: it protects against the
+//! backup process dying, not against the backup host losing its page cache (then the replica
+//! is lost with the host and rebuilt by a new initial sync).
+
+use std::path::{Path, PathBuf};
+
+use protocol::page::PAGE;
+
+use crate::image::ReplicaMeta;
+use crate::BackupError;
+
+const MAGIC: &[u8; 8] = b"VMXJRNL\0";
+const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 8 * 4;
+/// Name of a committed journal in the image directory.
+pub const JOURNAL_FILE: &str = "journal.bin";
+
+/// One checkpoint's effect on the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    /// The checkpoint.
+    pub epoch: u64,
+    /// The image's facts after it.
+    pub meta: ReplicaMeta,
+    /// Guest frame numbers of `data`.
+    pub gfns: Vec<u64>,
+    /// New page contents, 4 KiB each, in `gfns` order.
+    pub data: Vec<u8>,
+    /// Disk writes (offset, bytes), in order.
+    pub disk: Vec<(u64, Vec<u8>)>,
+}
+
+/// Why a journal file cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JournalError {
+    /// Shorter than its header or its declared contents.
+    #[error("journal truncated: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        need: u64,
+        /// Bytes present.
+        have: u64,
+    },
+    /// Not a journal.
+    #[error("bad journal magic")]
+    Magic,
+    /// Written by another format version.
+    #[error("journal version {0} is not supported")]
+    Version(u32),
+    /// Damaged.
+    #[error("journal CRC32 mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Crc {
+        /// CRC in the file.
+        stored: u32,
+        /// CRC of the contents.
+        computed: u32,
+    },
+    /// Contents do not add up.
+    #[error("malformed journal: {0}")]
+    Malformed(String),
+}
+
+impl Journal {
+    /// The file image of this journal.
+    pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
+        let meta = vmm::snapshot::format::encode(&self.meta)?;
+        let disk_bytes: usize = self.disk.iter().map(|d| 16 + d.1.len()).sum();
+        let mut out =
+            Vec::with_capacity(HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        for v in [
+            self.epoch,
+            meta.len() as u64,
+            self.gfns.len() as u64,
+            self.disk.len() as u64,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&meta);
+        for (i, gfn) in self.gfns.iter().enumerate() {
+            out.extend_from_slice(&gfn.to_le_bytes());
+            out.extend_from_slice(&self.data[i * PAGE..(i + 1) * PAGE]);
+        }
+        for (off, data) in &self.disk {
+            out.extend_from_slice(&off.to_le_bytes());
+            out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            out.extend_from_slice(data);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Parses a journal file, checking magic, version, lengths and CRC before anything else.
+    pub fn decode(bytes: &[u8]) -> Result<Journal, JournalError> {
+        let have = bytes.len() as u64;
+        if bytes.len() < HEADER + 4 {
+            return Err(JournalError::Truncated {
+                need: (HEADER + 4) as u64,
+                have,
+            });
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(JournalError::Magic);
+        }
+        let mut r = Reader { b: bytes, at: 8 };
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(JournalError::Version(version));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+        let computed = crc32fast::hash(body);
+        if stored != computed {
+            return Err(JournalError::Crc { stored, computed });
+        }
+        let mut r = Reader { b: body, at: 12 };
+        let epoch = r.u64()?;
+        let meta_len = r.u64()?;
+        let pages = r.u64()?;
+        let disks = r.u64()?;
+        let meta = vmm::snapshot::format::decode(r.take(meta_len)?)
+            .map_err(|e| JournalError::Malformed(format!("meta: {e}")))?;
+        // Counts are bounded by what the file can hold before anything is allocated.
+        let left = (body.len() - r.at) as u64;
+        if pages.saturating_mul((8 + PAGE) as u64) > left || disks.saturating_mul(16) > left {
+            return Err(JournalError::Malformed(format!(
+                "{pages} pages and {disks} disk writes do not fit in {left} bytes"
+            )));
+        }
+        let mut gfns = Vec::with_capacity(pages as usize);
+        let mut data = Vec::with_capacity(pages as usize * PAGE);
+        for _ in 0..pages {
+            gfns.push(r.u64()?);
+            data.extend_from_slice(r.take(PAGE as u64)?);
+        }
+        let mut disk = Vec::with_capacity(disks as usize);
+        for _ in 0..disks {
+            let off = r.u64()?;
+            let len = r.u64()?;
+            disk.push((off, r.take(len)?.to_vec()));
+        }
+        if r.at != body.len() {
+            return Err(JournalError::Malformed(format!(
+                "{} bytes after the last record",
+                body.len() - r.at
+            )));
+        }
+        Ok(Journal {
+            epoch,
+            meta,
+            gfns,
+            data,
+            disk,
+        })
+    }
+
+    /// Writes the journal into `dir` (complete or not at all).
+    pub fn commit(&self, dir: &Path) -> Result<(), BackupError> {
+        let bytes = self.encode()?;
+        let tmp = dir.join(".journal.tmp");
+        std::fs::write(&tmp, bytes).map_err(|err| BackupError::Io {
+            path: tmp.clone(),
+            err,
+        })?;
+        let dst = path(dir);
+        std::fs::rename(&tmp, &dst).map_err(|err| BackupError::Io { path: dst, err })
+    }
+}
+
+/// Where the journal of the image in `dir` lives.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(JOURNAL_FILE)
+}
+
+/// Removes the journal of `dir` (after its checkpoint is fully applied).
+pub fn remove(dir: &Path) -> Result<(), BackupError> {
+    let p = path(dir);
+    match std::fs::remove_file(&p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(BackupError::Io { path: p, err }),
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64) -> Result<&'a [u8], JournalError> {
+        let end = (self.at as u64).saturating_add(n);
+        if end > self.b.len() as u64 {
+            return Err(JournalError::Truncated {
+                need: end,
+                have: self.b.len() as u64,
+            });
+        }
+        let s = &self.b[self.at..end as usize];
+        self.at = end as usize;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64, JournalError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn u32(&mut self) -> Result<u32, JournalError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Journal {
+        let mut data = vec![0u8; 2 * PAGE];
+        data[5] = 7;
+        data[PAGE + 9] = 3;
+        Journal {
+            epoch: 9,
+            meta: ReplicaMeta {
+                epoch: 9,
+                term: 2,
+                mem_size: 1 << 20,
+                disk_len: 1 << 16,
+                state: vec![1, 2, 3],
+            },
+            gfns: vec![3, 17],
+            data,
+            disk: vec![(512, vec![9; 100]), (0, vec![])],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let j = sample();
+        assert_eq!(Journal::decode(&j.encode().unwrap()).unwrap(), j);
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_refused() {
+        let bytes = sample().encode().unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                Journal::decode(&bytes[..len]).is_err(),
+                "truncated at {len}"
+            );
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(Journal::decode(&b).is_err(), "bit flip in byte {i}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = Journal::decode(&b);
+        }
+
+        #[test]
+        fn valid_header_with_huge_counts_is_refused(pages in any::<u64>(), disks in any::<u64>()) {
+            let mut b = sample().encode().unwrap();
+            b[28..36].copy_from_slice(&pages.to_le_bytes());
+            b[36..44].copy_from_slice(&disks.to_le_bytes());
+            let n = b.len() - 4;
+            let crc = crc32fast::hash(&b[..n]);
+            b[n..].copy_from_slice(&crc.to_le_bytes());
+            if (pages, disks) != (2, 2) {
+                prop_assert!(Journal::decode(&b).is_err());
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The initial sync and the backup's durability, on real KVM, namespaces and QUIC: pre-copy
+//! rounds (and the one-pause fallback) give an exact replica; a backup killed with SIGKILL
+//! leaves an image `vmatrix restore` starts; a checkpoint whose application was interrupted is
+//! redone from the redo journal, and a damaged journal is discarded without touching the image.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use backup::image::ReplicaMeta;
+use backup::journal::Journal;
+use support::*;
+
+fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "'{needle}' never appeared in {}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let mut args = vec!["--control", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut r = Replicated::start(&net, dir.path(), &args);
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    wait_socket(&sock, Duration::from_secs(5));
+    let log = r.primary.console.with_extension("stderr");
+    let text = wait_for_log(&log, "protected after", Duration::from_secs(10));
+    assert_eq!(
+        text.contains("pre-copy round 0:"),
+        expect_precopy,
+        "pre-copy rounds in the log:\n{text}"
+    );
+    assert!(text.contains("initial sync: final pause"), "{text}");
+    for i in 0..20 {
+        assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
+    }
+    assert_eq!(kv.cmd("CHURN 300 30").unwrap(), "OK");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_backup_equals_primary(&mut r, &sock);
+}
+
+#[test]
+fn precopy_initial_sync_gives_an_exact_replica() {
+    sync_gives_exact_replica(&[], true);
+}
+
+#[test]
+fn one_pause_initial_sync_gives_an_exact_replica() {
+    sync_gives_exact_replica(&["--precopy-rounds", "0"], false);
+}
+
+/// Starts a replicated guest and stores `n` keys (each acknowledged, so on the backup).
+fn replicate_keys(net: &TestNet, dir: &Path, n: usize) -> Replicated {
+    let mut r = Replicated::start(net, dir, &[]);
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    for i in 0..n {
+        assert_eq!(kv.cmd(&format!("SET key{i} val{i}")).unwrap(), "OK");
+    }
+    r
+}
+
+#[test]
+fn a_backup_killed_with_sigkill_leaves_an_image_restore_starts() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = replicate_keys(&net, dir.path(), 30);
+    // The backup dies without finalizing, then the primary's host dies too.
+    if let Some(mut b) = r.backup.take() {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    r.primary.kill9();
+    let image = r.image_dir(0);
+    assert!(!image.join(vmm::snapshot::META_FILE).exists());
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    for i in 0..30 {
+        assert_eq!(
+            kv.cmd(&format!("GET key{i}")).unwrap(),
+            format!("VALUE val{i}")
+        );
+    }
+    assert!(
+        vm.stderr_text()
+            .contains("replica image finalized at checkpoint"),
+        "{}",
+        vm.stderr_text()
+    );
+}
+
+fn read_meta(image: &Path) -> ReplicaMeta {
+    vmm::snapshot::format::decode(&std::fs::read(image.join("replica.bin")).unwrap()).unwrap()
+}
+
+#[test]
+fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = replicate_keys(&net, dir.path(), 5);
+    r.primary.kill9();
+    let image = r.finalize_backup();
+    let meta = read_meta(&image);
+    let n = meta.epoch;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image.join("memory.bin"))
+        .unwrap();
+    let page = |gfn: u64| {
+        let mut b = vec![0u8; 4096];
+        mem.read_exact_at(&mut b, gfn * 4096).unwrap();
+        b
+    };
+    let gfns = vec![100u64, 101, 2000];
+    let before: Vec<Vec<u8>> = gfns.iter().map(|&g| page(g)).collect();
+    let disk_before = std::fs::read(image.join("disk.img")).unwrap();
+
+    // Checkpoint n+1 as a backup would journal it, with distinctive contents.
+    let mut data = Vec::new();
+    for (i, _) in gfns.iter().enumerate() {
+        data.extend(std::iter::repeat_n(0xa0 + i as u8, 4096));
+    }
+    let journal = Journal {
+        epoch: n + 1,
+        meta: ReplicaMeta {
+            epoch: n + 1,
+            ..meta.clone()
+        },
+        gfns: gfns.clone(),
+        data: data.clone(),
+        disk: vec![(8 << 20, vec![0x5a; 512])],
+    };
+
+    // A damaged journal was never committed: discarded, the image stays at n.
+    let mut bytes = journal.encode().unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(backup::journal::path(&image), &bytes).unwrap();
+    assert_eq!(backup::image::finalize(&image).unwrap(), n);
+    assert!(!backup::journal::path(&image).exists());
+    for (g, b) in gfns.iter().zip(&before) {
+        assert_eq!(&page(*g), b, "page {g} untouched by a damaged journal");
+    }
+
+    // The process died after the journal and one page: recovery completes checkpoint n+1.
+    journal.commit(&image).unwrap();
+    mem.write_all_at(&data[..4096], gfns[0] * 4096).unwrap();
+    assert_eq!(backup::image::finalize(&image).unwrap(), n + 1);
+    assert!(!backup::journal::path(&image).exists());
+    assert_eq!(read_meta(&image).epoch, n + 1);
+    for (i, g) in gfns.iter().enumerate() {
+        assert_eq!(page(*g), data[i * 4096..(i + 1) * 4096], "page {g} redone");
+    }
+    let disk = std::fs::read(image.join("disk.img")).unwrap();
+    assert_eq!(disk.len(), disk_before.len());
+    assert!(disk[8 << 20..(8 << 20) + 512].iter().all(|&b| b == 0x5a));
+    // The finalized snapshot describes the redone image.
+    let sm = vmm::snapshot::read_meta(&image).unwrap();
+    let crc = format!("{:#010x}", sm.memory_checksum.unwrap());
+    assert_ne!(crc, "0x00000000");
+}
