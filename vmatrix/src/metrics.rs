@@ -15,7 +15,9 @@ pub fn status_fields(s: &Stats) -> String {
     let acked = s.acked.load(Ordering::Relaxed);
     let (p50, p99) = s.pause_percentiles();
     format!(
-        "epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        "protected={} sync_rounds={} epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        s.protected.load(Ordering::Relaxed),
+        s.sync_rounds.load(Ordering::Relaxed),
         s.epochs.load(Ordering::Relaxed),
         s.epoch_us.load(Ordering::Relaxed),
         if acked == 0 { "-".to_string() } else { (acked - 1).to_string() },
@@ -36,6 +38,18 @@ pub fn render(vm: &Vm, s: &Stats) -> String {
             "# HELP vmatrix_{name} {help}\n# TYPE vmatrix_{name} {kind}\nvmatrix_{name} {v}\n"
         ));
     };
+    metric(
+        "protected",
+        "gauge",
+        "1 once the initial sync is acknowledged (output flows).",
+        u64::from(s.protected.load(Ordering::Relaxed)),
+    );
+    metric(
+        "sync_bytes_sent",
+        "counter",
+        "Initial sync bytes handed to QUIC.",
+        s.sync_sent_bytes.load(Ordering::Relaxed),
+    );
     metric(
         "epochs_total",
         "counter",

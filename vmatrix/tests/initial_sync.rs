@@ -46,6 +46,17 @@ fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
         "pre-copy rounds in the log:\n{text}"
     );
     assert!(text.contains("initial sync: final pause"), "{text}");
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(
+        field(&status, "protected").as_deref(),
+        Some("true"),
+        "{status}"
+    );
+    let rounds: u64 = field(&status, "sync_rounds").unwrap().parse().unwrap();
+    assert!(
+        (rounds > 1) == expect_precopy && rounds >= 1,
+        "sync rounds: {status}"
+    );
     for i in 0..20 {
         assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
     }
