@@ -24,6 +24,10 @@ pub fn wait(ns: u64) {
 pub fn generation() -> u64 {
     io::read64(PLATFORM + 0x18)
 }
+/// Incarnation: changes whenever the VM runs in a new VMM process (restore, failover).
+pub fn incarnation() -> u64 {
+    io::read64(PLATFORM + 0x48)
+}
 /// RAM size in bytes.
 pub fn mem_size() -> u64 {
     io::read64(PLATFORM + 0x20)

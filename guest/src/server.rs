@@ -63,6 +63,10 @@ pub struct Server {
     stats: Stats,
     /// Target of DISKREAD: allocated (and zeroed) once at boot, then written only by the device.
     diskbuf: Vec<u8>,
+    /// Our address, re-announced when we find ourselves in a new VMM process.
+    ip: core::net::Ipv4Addr,
+    /// The VMM incarnation we last announced in.
+    incarnation: u64,
 }
 
 /// Mean ns per exit of `n` MMIO reads (platform magic) and `n` port reads (COM1 LSR).
@@ -123,6 +127,8 @@ impl Server {
             failed_batches: Vec::new(),
             stats: Stats::default(),
             diskbuf: vec![0u8; 128 * 512],
+            ip: cfg.ip,
+            incarnation: platform::incarnation(),
         }
     }
 
@@ -152,6 +158,13 @@ impl Server {
         loop {
             let progress = self.round();
             if !progress {
+                // Restored or failed over into a new VMM (maybe on another host): tell the
+                // network where our address lives now, before clients retransmit into the void.
+                let inc = platform::incarnation();
+                if inc != self.incarnation {
+                    self.incarnation = inc;
+                    self.announce(self.ip);
+                }
                 let t = now();
                 let mut wait_us = self
                     .iface

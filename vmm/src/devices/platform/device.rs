@@ -13,6 +13,7 @@
 //! | 0x30 | W u64 | copy the config string to this guest physical address |
 //! | 0x38 | W u64 | the guest stops with this exit code (0 = clean, else a panic) |
 //! | 0x40 | R u64 | device event counter (diagnostics) |
+//! | 0x48 | R u64 | incarnation: differs in every VMM process that runs this VM (boot, restore, failover); not part of the VM state |
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +52,21 @@ pub mod regs {
     pub const EXIT: u64 = 0x38;
     /// Event counter.
     pub const EVENTS: u64 = 0x40;
+    /// Incarnation.
+    pub const INCARNATION: u64 = 0x48;
+}
+
+/// A value unique to this VMM process (and this device), never 0: the guest compares it with
+/// the one it saw before to notice it was restored elsewhere (and, e.g., re-announce its
+/// addresses to the network).
+pub fn new_incarnation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = t ^ (u64::from(std::process::id()) << 32) ^ COUNT.fetch_add(1, Ordering::Relaxed);
+    mixed.max(1)
 }
 
 /// The platform device.
@@ -66,6 +82,7 @@ pub struct Platform {
     pub(super) clock_base_ns: u64,
     pub(super) seen_seq: u64,
     pub(super) last_wait: WaitOutcome,
+    pub(super) incarnation: u64,
 }
 
 impl Platform {
@@ -89,6 +106,7 @@ impl Platform {
             clock_origin: Instant::now(),
             clock_base_ns: 0,
             last_wait: WaitOutcome::Timeout,
+            incarnation: new_incarnation(),
         }
     }
 
@@ -117,6 +135,7 @@ impl BusDevice for Platform {
             regs::MEM_SIZE => self.mem_size,
             regs::CONFIG_LEN => self.config.len() as u64,
             regs::EVENTS => self.events.seq(),
+            regs::INCARNATION => self.incarnation,
             _ => 0,
         };
         put_le_value(data, v);

@@ -82,6 +82,58 @@ impl Persist for Platform {
             clock_origin: Instant::now(),
             clock_base_ns: st.clock_ns,
             last_wait,
+            // A new process: a new incarnation (deliberately not saved).
+            incarnation: super::device::new_incarnation(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::devices::platform::device::regs;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn read(p: &mut Platform, reg: u64) -> u64 {
+        let mut b = [0u8; 8];
+        p.read(reg, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_restore_keeps_generation_and_clock_but_changes_the_incarnation() {
+        let events = Arc::new(GuestEvents::default());
+        let control = Arc::new(Control::new(events.clone()));
+        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut p = Platform::new(
+            events.clone(),
+            control.clone(),
+            mem.clone(),
+            1 << 20,
+            b"ip=10.0.0.2/24".to_vec(),
+            7,
+        );
+        let inc = read(&mut p, regs::INCARNATION);
+        assert_ne!(inc, 0);
+        assert_eq!(
+            read(&mut p, regs::INCARNATION),
+            inc,
+            "stable within a process"
+        );
+        let saved = p.save();
+        let mut q = Platform::restore(
+            PlatformArgs {
+                events,
+                control,
+                mem,
+                generation: None,
+            },
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(read(&mut q, regs::GENERATION), 7);
+        assert!(read(&mut q, regs::CLOCK_NS) >= saved.clock_ns);
+        assert_ne!(read(&mut q, regs::INCARNATION), inc);
     }
 }
