@@ -51,10 +51,12 @@ pub fn guest_elf() -> PathBuf {
 
 static NEXT_INDEX: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace with a tap for one guest, removed on drop.
+/// A network namespace with a tap for one guest (`scripts/netns.sh`), or two "hosts" joined by
+/// a replication veth and a clients' LAN bridge (`scripts/hosts.sh`); removed on drop.
 pub struct TestNet {
     pub name: String,
     pub index: u32,
+    two_hosts: bool,
 }
 
 impl TestNet {
@@ -69,7 +71,53 @@ impl TestNet {
             .status()
             .expect("run scripts/netns.sh");
         assert!(st.success(), "scripts/netns.sh up {name} {index} failed");
-        TestNet { name, index }
+        TestNet {
+            name,
+            index,
+            two_hosts: false,
+        }
+    }
+
+    /// Two hosts (namespaces `<name>a` for the primary, `<name>b` for the backup), each with a
+    /// tap on a bridge to the clients' LAN; replication runs over their own veth pair.
+    pub fn two_hosts() -> TestNet {
+        require_kvm();
+        let index = claim_index();
+        let name = format!("vmxh{index}");
+        let st = Command::new(root().join("scripts/hosts.sh"))
+            .args(["up", &name, &index.to_string()])
+            .status()
+            .expect("run scripts/hosts.sh");
+        assert!(st.success(), "scripts/hosts.sh up {name} {index} failed");
+        TestNet {
+            name,
+            index,
+            two_hosts: true,
+        }
+    }
+
+    /// Namespace a VM (or the primary) runs in.
+    pub fn ns(&self) -> String {
+        match self.two_hosts {
+            true => format!("{}a", self.name),
+            false => self.name.clone(),
+        }
+    }
+
+    /// Namespace the backups run in (and a failed-over VM).
+    pub fn backup_ns(&self) -> String {
+        match self.two_hosts {
+            true => format!("{}b", self.name),
+            false => self.name.clone(),
+        }
+    }
+
+    /// Where backup `i` listens.
+    pub fn backup_listen(&self, i: usize) -> String {
+        match self.two_hosts {
+            true => format!("10.79.{}.2:{}", self.index, 7100 + i),
+            false => format!("127.0.0.1:{}", 7100 + i),
+        }
     }
 
     /// Guest address of the KV service.
@@ -85,7 +133,11 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/netns.sh"))
+        let script = match self.two_hosts {
+            true => "scripts/hosts.sh",
+            false => "scripts/netns.sh",
+        };
+        let _ = Command::new(root().join(script))
             .args(["down", &self.name])
             .status();
         release_index(self.index);
@@ -200,16 +252,37 @@ impl VmProc {
 
     /// `vmatrix restore <dir> --tap tap0` inside `net`, with extra arguments.
     pub fn restore(net: &TestNet, dir: &Path, console: &Path, extra: &[&str]) -> VmProc {
+        Self::restore_in(net, &net.ns(), dir, console, extra)
+    }
+
+    /// `vmatrix restore <dir> --tap tap0` inside namespace `ns` of `net` (e.g. the backup's host).
+    pub fn restore_in(
+        net: &TestNet,
+        ns: &str,
+        dir: &Path,
+        console: &Path,
+        extra: &[&str],
+    ) -> VmProc {
         let mut args: Vec<std::ffi::OsString> =
             vec!["restore".into(), dir.into(), "--tap".into(), "tap0".into()];
         args.extend(extra.iter().map(|a| a.into()));
-        Self::spawn_args(net, console, &args)
+        Self::spawn_in(net, ns, console, &args)
     }
 
     /// Runs `vmatrix <args> --console-log <console>` inside `net`.
     pub fn spawn_args(net: &TestNet, console: &Path, args: &[std::ffi::OsString]) -> VmProc {
+        Self::spawn_in(net, &net.ns(), console, args)
+    }
+
+    /// Runs `vmatrix <args> --console-log <console>` inside namespace `ns` of `net`.
+    pub fn spawn_in(
+        net: &TestNet,
+        ns: &str,
+        console: &Path,
+        args: &[std::ffi::OsString],
+    ) -> VmProc {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &net.name])
+            .args(["netns", "exec", ns])
             .arg(vmatrix_bin())
             .args(args)
             .arg("--console-log")
@@ -486,10 +559,10 @@ impl Replicated {
         Self::start_n(net, dir, 1, extra)
     }
 
-    /// Starts `n` backups (backup `i` listens on 127.0.0.1:7100+i, image `image` for the first
+    /// Starts `n` backups (backup `i` listens on `net.backup_listen(i)`, image `image` for the first
     /// and `image<i>` for the others) and a protected primary.
     pub fn start_n(net: &TestNet, dir: &Path, n: usize, extra: &[&str]) -> Replicated {
-        let listen: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
+        let listen: Vec<String> = (0..n).map(|i| net.backup_listen(i)).collect();
         Self::start_at(net, dir, &listen, &listen, extra)
     }
 
@@ -585,7 +658,7 @@ impl Replicated {
             dir.join(format!("backup{i}.log"))
         };
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &net.name])
+        c.args(["netns", "exec", &net.backup_ns()])
             .arg(vmatrix_bin())
             .args([
                 "backup",
