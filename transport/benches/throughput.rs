@@ -101,34 +101,14 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
 }
 
 async fn raw_quinn(dir: &std::path::Path) -> f64 {
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
+    transport::probe::raw_quinn_throughput(
         &certs::load(dir, "backup").unwrap(),
-        &cfg(),
+        "backup",
+        &certs::load(dir, "primary").unwrap(),
+        TOTAL,
     )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let rx = tokio::spawn(async move {
-        let conn = server.accept().await.unwrap();
-        let mut s = conn.accept_uni().await.unwrap();
-        let mut n = 0u64;
-        while let Some(c) = s.read_chunk(1 << 20, true).await.unwrap() {
-            n += c.bytes.len() as u64;
-        }
-        n
-    });
-    let ep = quic::client(&certs::load(dir, "primary").unwrap(), &cfg()).unwrap();
-    let conn = quic::connect(&ep, addr, "backup").await.unwrap();
-    let mut s = conn.open_uni().await.unwrap();
-    let buf = vec![7u8; 1 << 20];
-    let t0 = Instant::now();
-    for _ in 0..TOTAL >> 20 {
-        s.write_all(&buf).await.unwrap();
-    }
-    s.finish().unwrap();
-    let n = rx.await.unwrap();
-    assert_eq!(n, TOTAL);
-    TOTAL as f64 / t0.elapsed().as_secs_f64()
+    .await
+    .unwrap()
 }
 
 async fn raw_tcp() -> f64 {

@@ -3,13 +3,14 @@
 //! The cluster CA and host certificates ([`certs`], rcgen), rustls configurations that make
 //! mutual TLS mandatory ([`tls`]), QUIC endpoints with failure-detection timers ([`quic`],
 //! quinn), and the mapping of protocol frames onto a control stream and several data streams
-//! ([`link`]). The replication protocol itself is the sans-IO `protocol` crate.
+//! ([`link`]), and a raw-throughput probe for benchmarks ([`probe`]). The replication protocol itself is the sans-IO `protocol` crate.
 
 #![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod error;
 pub mod link;
+pub mod probe;
 pub mod quic;
 pub mod tls;
 

@@ -1,10 +1,13 @@
 //! # vmatrix — the command-line interface
 //!
-//! `vmatrix run` boots the test guest in our own KVM VMM; `vmatrix disk create` makes a raw
-//! disk image. Later commands (snapshot, replication, failover) land here as they are built.
+//! `vmatrix run` boots the test guest in our own KVM VMM; `restore` and `ctl` move and control
+//! it; `primary` and `backup` replicate it continuously; `certs` makes the cluster's mutual-TLS
+//! identities; `disk create` makes a raw disk image; `kv` talks to the guest's service; `bench`
+//! measures. Later commands (failover, clones) land here as they are built.
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod certs;
 mod control;
 mod disk;
@@ -51,6 +54,9 @@ enum Cmd {
     /// Disk image tools.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
+    /// Benchmarks on real KVM, taps and QUIC (Markdown for docs/BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +77,7 @@ fn main() -> ExitCode {
         Cmd::Backup(a) => replicate::backup_main(a),
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),
+        Cmd::Bench(b) => bench::main(b),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,50 @@
+//! `vmatrix bench`: benchmarks that run from the installed binary (no source tree or cargo
+//! needed), on real KVM, a real tap device and real QUIC. They print Markdown tables for
+//! docs/BENCHMARKS.md.
+
+mod harness;
+mod replication;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+/// `vmatrix bench <what>`.
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Continuous replication: pauses, epoch rate, bandwidth vs raw quinn, KV protected vs not.
+    Replication(BenchArgs),
+}
+
+/// Flags shared by the benchmarks.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The test guest ELF.
+    #[arg(
+        long,
+        default_value = "guest/target/x86_64-unknown-linux-gnu/release/vmatrix-guest"
+    )]
+    pub guest: PathBuf,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 32)]
+    pub mem_mib: u64,
+    /// Short measurements (a smoke run; the figures are noisy).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Runs a benchmark.
+pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Replication(a) => {
+            let env = harness::BenchEnv::new(a.guest, a.mem_mib)?;
+            let timing = match a.quick {
+                true => replication::Timing::quick(),
+                false => replication::Timing::full(),
+            };
+            replication::run(&env, timing)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
