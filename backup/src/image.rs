@@ -4,12 +4,14 @@
 //! <dir>/memory.bin   guest RAM as of the last applied checkpoint (sparse, full size)
 //! <dir>/disk.img     the disk as of the last applied checkpoint
 //! <dir>/replica.bin  last applied epoch, term, sizes and the vCPU/device state (CRC-framed)
-//! <dir>/journal.bin  while a checkpoint is being applied: its redo journal (see [`journal`])
+//! <dir>/journal-{0,1}.bin  the redo journal of the last two checkpoints (see [`journal`])
 //! ```
 //! Only complete, verified checkpoints (from the protocol's receiver) are applied, in epoch
-//! order. Applying one to a consistent image first commits its decoded pages and disk writes
-//! to the redo journal, then writes the image in place, then `replica.bin`, then drops the
-//! journal: a backup killed at any moment leaves an image [`recover`] brings to N-1 or N.
+//! order, in two steps: [`ReplicaImage::stage`] decodes the pages and writes the journal (the
+//! checkpoint is now durable and may be acknowledged), [`ReplicaImage::complete`] writes the
+//! image files in place. A backup killed at any moment leaves an image [`recover`] brings to the
+//! last journaled checkpoint; `replica.bin` is rewritten only at creation, at the end of the
+//! initial sync and by [`recover`]/[`finalize`].
 //!
 //! An image created by pre-copy rounds (no state yet) is *syncing*: it holds pages but no
 //! consistent checkpoint until the first checkpoint with state arrives; [`finalize`] refuses it.
@@ -61,6 +63,13 @@ pub struct ReplicaImage {
     mem: File,
     disk: Option<File>,
     meta: ReplicaMeta,
+    slots: [Option<File>; 2],
+}
+
+/// A checkpoint between [`ReplicaImage::stage`] and [`ReplicaImage::complete`].
+pub struct Staged {
+    journal: Journal,
+    ends_sync: bool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -95,14 +104,10 @@ impl ReplicaImage {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         // The old image stops being one before any of its files change.
-        for f in [
-            "replica.bin",
-            snapshot::META_FILE,
-            "disk-live.img",
-            journal::JOURNAL_FILE,
-        ] {
+        for f in ["replica.bin", snapshot::META_FILE, "disk-live.img"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        journal::remove(dir)?;
         let mp = dir.join(snapshot::MEMORY_FILE);
         let mem = File::create(&mp).map_err(io(&mp))?;
         mem.set_len(cp.mem_size).map_err(io(&mp))?;
@@ -128,6 +133,7 @@ impl ReplicaImage {
                 disk_len,
                 state: Vec::new(),
             },
+            slots: [None, None],
         };
         let (gfns, data) = img.decode_pages(cp)?;
         img.check_disk(cp)?;
@@ -213,9 +219,18 @@ impl ReplicaImage {
         Ok(())
     }
 
-    /// Applies the next checkpoint: a pre-copy round while syncing, else an incremental one
-    /// (the first with state ends the sync).
+    /// Applies the next checkpoint in one go ([`stage`](Self::stage) then
+    /// [`complete`](Self::complete)).
     pub fn apply(&mut self, cp: &Checkpoint) -> Result<(), BackupError> {
+        let s = self.stage(cp)?;
+        self.complete(s)
+    }
+
+    /// First half of applying the next checkpoint (a pre-copy round while syncing, else an
+    /// incremental one; the first with state ends the sync): checks it, decodes its pages and,
+    /// if the result is a consistent image, writes its redo journal. When this returns Ok the
+    /// checkpoint survives the backup process dying, so it may be acknowledged.
+    pub fn stage(&mut self, cp: &Checkpoint) -> Result<Staged, BackupError> {
         if cp.epoch != self.meta.epoch + 1 {
             return Err(BackupError::Apply(format!(
                 "checkpoint {} does not follow {}",
@@ -253,26 +268,48 @@ impl ReplicaImage {
         {
             return Err(BackupError::Apply("disk write beyond the disk".into()));
         }
-        if self.meta.syncing() {
-            // Nothing consistent to protect yet: write directly.
-            self.write_in_place(&gfns, &data, &cp.disk)?;
-        } else {
-            let j = Journal {
-                epoch: cp.epoch,
-                meta: meta.clone(),
-                gfns,
-                data,
-                disk: cp.disk.clone(),
-            };
-            j.commit(&self.dir)?;
-            self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+        let j = Journal {
+            epoch: cp.epoch,
+            meta,
+            gfns,
+            data,
+            disk: cp.disk.clone(),
+        };
+        // While syncing there is nothing consistent to protect: no journal.
+        if !j.meta.syncing() {
+            let slot = (cp.epoch % 2) as usize;
+            let path = journal::slot_path(&self.dir, cp.epoch);
+            if self.slots[slot].is_none() {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                self.slots[slot] = Some(f);
+            }
+            if let Some(f) = &self.slots[slot] {
+                j.write_to(f, &path)?;
+            }
         }
-        if ends_sync {
-            self.size_disk(meta.disk_len)?;
+        Ok(Staged {
+            journal: j,
+            ends_sync,
+        })
+    }
+
+    /// Second half: writes the staged checkpoint into the image files.
+    pub fn complete(&mut self, s: Staged) -> Result<(), BackupError> {
+        let j = s.journal;
+        self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+        if s.ends_sync {
+            self.size_disk(j.meta.disk_len)?;
         }
-        self.meta = meta;
-        self.save_meta()?;
-        journal::remove(&self.dir)
+        self.meta = j.meta;
+        if s.ends_sync {
+            self.save_meta()?;
+        }
+        Ok(())
     }
 
     /// Gives the disk file its final size once the state says what it is.
@@ -337,48 +374,47 @@ fn read_meta(dir: &Path) -> Result<ReplicaMeta, BackupError> {
     Ok(format::decode(&bytes)?)
 }
 
-/// Completes a checkpoint whose application was interrupted (a journal is present): redoes its
-/// writes and records it as applied. Returns the epoch redone, if any. A journal that does not
-/// verify was never committed; it is removed and the image stays at its previous checkpoint.
+/// Brings the image in `dir` to its last journaled checkpoint: redoes the newest verifying
+/// journal's writes (idempotent: every earlier checkpoint is already in the files) and records
+/// its facts in `replica.bin`. Returns the epoch redone, if any. A damaged slot was never
+/// completed, so nothing of it reached the image files; it is ignored.
 pub fn recover(dir: &Path) -> Result<Option<u64>, BackupError> {
-    let jp = journal::path(dir);
-    let bytes = match std::fs::read(&jp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(BackupError::Io { path: jp, err }),
-    };
-    let j = match Journal::decode(&bytes) {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::warn!("{}: {e}; discarding it", jp.display());
-            journal::remove(dir)?;
-            return Ok(None);
-        }
-    };
     let meta = read_meta(dir)?;
-    if j.epoch != meta.epoch + 1 && j.epoch != meta.epoch {
+    let Some(j) = journal::newest(dir)? else {
+        journal::remove(dir)?;
+        return Ok(None);
+    };
+    if j.epoch < meta.epoch || (j.epoch == meta.epoch && j.meta == meta) {
+        // Not newer than what replica.bin records: nothing to redo.
+        journal::remove(dir)?;
+        return Ok(None);
+    }
+    if j.meta.mem_size != meta.mem_size {
         return Err(BackupError::Apply(format!(
-            "journal of checkpoint {} does not fit an image at checkpoint {}",
-            j.epoch, meta.epoch
+            "journal of checkpoint {} is for {} bytes of RAM, the image has {}",
+            j.epoch, j.meta.mem_size, meta.mem_size
         )));
     }
     let open = |name: &str| {
         let p = dir.join(name);
         OpenOptions::new().write(true).open(&p).map_err(io(&p))
     };
-    let img = ReplicaImage {
+    let disk_path = dir.join(snapshot::DISK_FILE);
+    let mut img = ReplicaImage {
         dir: dir.to_path_buf(),
         mem: open(snapshot::MEMORY_FILE)?,
-        disk: match j.disk.is_empty() {
-            true => None,
-            false => Some(open(snapshot::DISK_FILE)?),
+        disk: match disk_path.exists() {
+            true => Some(open(snapshot::DISK_FILE)?),
+            false => None,
         },
         meta: j.meta.clone(),
+        slots: [None, None],
     };
     img.write_in_place(&j.gfns, &j.data, &j.disk)?;
+    img.size_disk(j.meta.disk_len)?;
     img.save_meta()?;
     journal::remove(dir)?;
-    tracing::info!("redid checkpoint {} from the journal", j.epoch);
+    tracing::info!("image brought to checkpoint {} from its journal", j.epoch);
     Ok(Some(j.epoch))
 }
 

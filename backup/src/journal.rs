@@ -1,19 +1,25 @@
-//! The backup's redo journal: a checkpoint's decoded effect on the image, written in one file
-//! before the image files are touched, so a backup process that dies in the middle of applying
-//! a checkpoint leaves either the previous image (no journal yet) or a journal that completes
-//! the new one ([`crate::image::recover`]).
+//! The backup's redo journal: a checkpoint's decoded effect on the image (new page contents,
+//! disk writes, and the image's facts after it, state included), written before the image files
+//! are touched. The checkpoint is durable — and acknowledged — once its journal is written.
 //!
 //! ```text
-//! magic "VMXJRNL\0" | version u32 | epoch u64 | meta_len u64 | pages u64 | disk u64
+//! magic "VMXJRNL\0" | version u32 | total_len u64 | epoch u64 | meta_len u64 | pages u64 | disk u64
 //! meta (ReplicaMeta, snapshot-format framed)
 //! pages × (gfn u64, 4096 bytes)
 //! disk  × (offset u64, len u64, bytes)
-//! crc32 u32 over everything before it
+//! crc32 u32 over the total_len - 4 bytes before it      (anything after total_len is ignored)
 //! ```
-//! The file is written as `.journal.tmp` and renamed to `journal.bin`, so it exists only when
-//! complete; the CRC guards against anything else. It is not fsynced: it protects against the
-//! backup process dying, not against the backup host losing its page cache (then the replica
-//! is lost with the host and rebuilt by a new initial sync).
+//! Two slot files alternate, `journal-0.bin` for even checkpoints and `journal-1.bin` for odd
+//! ones, each overwritten in place (no file is created, renamed or deleted per checkpoint).
+//! Checkpoints are applied one at a time, so when checkpoint N's journal is written, N-1 is
+//! entirely in the image files: the newest verifying slot is all recovery needs
+//! ([`crate::image::recover`]) — redo its writes (idempotent) and take its facts — and if N's
+//! write was torn by the process dying, the other slot still holds N-1. `replica.bin` is
+//! therefore only rewritten when the image starts, ends its sync, or is finalized.
+//!
+//! The slots are not fsynced: they protect against the backup process dying, not against the
+//! backup host losing its page cache (then the replica is lost with the host and rebuilt by a
+//! new initial sync).
 
 use std::path::{Path, PathBuf};
 
@@ -24,9 +30,9 @@ use crate::BackupError;
 
 const MAGIC: &[u8; 8] = b"VMXJRNL\0";
 const VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 8 * 4;
-/// Name of a committed journal in the image directory.
-pub const JOURNAL_FILE: &str = "journal.bin";
+const HEADER: usize = 8 + 4 + 8 * 5;
+/// Names of the two journal slots in the image directory.
+pub const SLOT_FILES: [&str; 2] = ["journal-0.bin", "journal-1.bin"];
 
 /// One checkpoint's effect on the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +86,11 @@ impl Journal {
         let disk_bytes: usize = self.disk.iter().map(|d| 16 + d.1.len()).sum();
         let mut out =
             Vec::with_capacity(HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4);
+        let total = HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4;
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         for v in [
+            total as u64,
             self.epoch,
             meta.len() as u64,
             self.gfns.len() as u64,
@@ -122,13 +130,20 @@ impl Journal {
         if version != VERSION {
             return Err(JournalError::Version(version));
         }
-        let (body, tail) = bytes.split_at(bytes.len() - 4);
+        let total = r.u64()?;
+        if total < (HEADER + 4) as u64 {
+            return Err(JournalError::Malformed(format!("total length {total}")));
+        }
+        if total > have {
+            return Err(JournalError::Truncated { need: total, have });
+        }
+        let (body, tail) = bytes[..total as usize].split_at(total as usize - 4);
         let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
         let computed = crc32fast::hash(body);
         if stored != computed {
             return Err(JournalError::Crc { stored, computed });
         }
-        let mut r = Reader { b: body, at: 12 };
+        let mut r = Reader { b: body, at: 20 };
         let epoch = r.u64()?;
         let meta_len = r.u64()?;
         let pages = r.u64()?;
@@ -169,32 +184,52 @@ impl Journal {
         })
     }
 
-    /// Writes the journal into `dir` (complete or not at all).
-    pub fn commit(&self, dir: &Path) -> Result<(), BackupError> {
+    /// Writes the journal over slot file `slot` (bytes beyond it stay but are ignored).
+    pub fn write_to(&self, slot: &std::fs::File, path: &Path) -> Result<(), BackupError> {
+        use std::os::unix::fs::FileExt;
         let bytes = self.encode()?;
-        let tmp = dir.join(".journal.tmp");
-        std::fs::write(&tmp, bytes).map_err(|err| BackupError::Io {
-            path: tmp.clone(),
+        slot.write_all_at(&bytes, 0).map_err(|err| BackupError::Io {
+            path: path.to_path_buf(),
             err,
-        })?;
-        let dst = path(dir);
-        std::fs::rename(&tmp, &dst).map_err(|err| BackupError::Io { path: dst, err })
+        })
     }
 }
 
-/// Where the journal of the image in `dir` lives.
-pub fn path(dir: &Path) -> PathBuf {
-    dir.join(JOURNAL_FILE)
+/// Slot file of checkpoint `epoch` in `dir`.
+pub fn slot_path(dir: &Path, epoch: u64) -> PathBuf {
+    dir.join(SLOT_FILES[(epoch % 2) as usize])
 }
 
-/// Removes the journal of `dir` (after its checkpoint is fully applied).
+/// The newest journal in `dir` that verifies, if any (damaged slots are reported and skipped).
+pub fn newest(dir: &Path) -> Result<Option<Journal>, BackupError> {
+    let mut best: Option<Journal> = None;
+    for name in SLOT_FILES {
+        let p = dir.join(name);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(BackupError::Io { path: p, err }),
+        };
+        match Journal::decode(&bytes) {
+            Ok(j) if best.as_ref().is_none_or(|b| j.epoch > b.epoch) => best = Some(j),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{}: {e}; ignoring it", p.display()),
+        }
+    }
+    Ok(best)
+}
+
+/// Removes both journal slots of `dir`.
 pub fn remove(dir: &Path) -> Result<(), BackupError> {
-    let p = path(dir);
-    match std::fs::remove_file(&p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(BackupError::Io { path: p, err }),
+    for name in SLOT_FILES {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(BackupError::Io { path: p, err }),
+        }
     }
+    Ok(())
 }
 
 struct Reader<'a> {
@@ -258,6 +293,14 @@ mod tests {
     }
 
     #[test]
+    fn bytes_after_the_journal_are_ignored() {
+        let j = sample();
+        let mut b = j.encode().unwrap();
+        b.extend_from_slice(&[0xee; 1000]);
+        assert_eq!(Journal::decode(&b).unwrap(), j);
+    }
+
+    #[test]
     fn every_truncation_and_every_bit_flip_is_refused() {
         let bytes = sample().encode().unwrap();
         for len in 0..bytes.len() {
@@ -282,8 +325,8 @@ mod tests {
         #[test]
         fn valid_header_with_huge_counts_is_refused(pages in any::<u64>(), disks in any::<u64>()) {
             let mut b = sample().encode().unwrap();
-            b[28..36].copy_from_slice(&pages.to_le_bytes());
-            b[36..44].copy_from_slice(&disks.to_le_bytes());
+            b[36..44].copy_from_slice(&pages.to_le_bytes());
+            b[44..52].copy_from_slice(&disks.to_le_bytes());
             let n = b.len() - 4;
             let crc = crc32fast::hash(&b[..n]);
             b[n..].copy_from_slice(&crc.to_le_bytes());

@@ -111,20 +111,41 @@ async fn session(
             _ = stop.changed() => break,
         }
         while let Some(cp) = r.poll_checkpoint() {
+            let t0 = Instant::now();
             let term = r.session().map_or(0, |s| s.1);
+            // Creating an image applies the checkpoint whole; any later one is staged (journal
+            // written: durable), acknowledged at once, and then written into the image.
             let res = match (cp.kind, img.as_mut()) {
                 (Kind::Sync, _) | (Kind::PreCopy, None) => {
-                    ReplicaImage::create(&cfg.image_dir, term, &cp).map(|i| img = Some(i))
+                    ReplicaImage::create(&cfg.image_dir, term, &cp).map(|i| {
+                        img = Some(i);
+                        None
+                    })
                 }
-                (_, Some(i)) => i.apply(&cp),
+                (_, Some(i)) => i.stage(&cp).map(Some),
                 (Kind::Incremental, None) => Err(BackupError::Apply(
                     "incremental checkpoint before the initial sync".into(),
                 )),
             };
             match res {
-                Ok(()) => {
-                    tracing::debug!("applied checkpoint {} ({} pages)", cp.epoch, cp.pages.len());
-                    r.ack(cp.epoch)
+                Ok(staged) => {
+                    let durable = t0.elapsed();
+                    r.ack(cp.epoch);
+                    while let Some(out) = r.poll_transmit() {
+                        link.send(&out).await?;
+                    }
+                    if let (Some(s), Some(i)) = (staged, img.as_mut()) {
+                        // A failure here leaves the journal: the image is recoverable, but
+                        // this backup cannot go on.
+                        i.complete(s)?;
+                    }
+                    tracing::debug!(
+                        "checkpoint {} ({} pages): durable after {} µs, applied after {} µs",
+                        cp.epoch,
+                        cp.pages.len(),
+                        durable.as_micros(),
+                        t0.elapsed().as_micros()
+                    );
                 }
                 Err(e) => {
                     tracing::error!("checkpoint {}: {e}", cp.epoch);

@@ -102,10 +102,13 @@ impl Server {
         let mut sockets = SocketSet::new(Vec::new());
         let mut conns = Vec::new();
         for _ in 0..SOCKETS {
-            let s = tcp::Socket::new(
+            let mut s = tcp::Socket::new(
                 tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
                 tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
             );
+            // A request/response service: answers leave at once, not after the client's
+            // (possibly delayed) ACK of the previous answer.
+            s.set_nagle_enabled(false);
             let handle = sockets.add(s);
             conns.push(Conn {
                 handle,

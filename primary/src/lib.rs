@@ -85,6 +85,9 @@ pub struct PrimaryConfig {
     pub precopy_rounds: u32,
 }
 
+/// Shortest time between the start of two early checkpoints while one is in flight.
+const EARLY_MIN_GAP: Duration = Duration::from_millis(1);
+
 /// Pre-copy ends once a round finds at most this many dirty pages (1 MiB).
 pub const PRECOPY_CONVERGED: usize = 256;
 
@@ -149,9 +152,6 @@ impl Stats {
         (at(0.5), at(0.99))
     }
 }
-
-/// How often the loop looks for waiting output when early checkpoints are on.
-const EARLY_POLL: Duration = Duration::from_millis(1);
 
 /// One backup: its protocol sender and its QUIC link.
 struct Peer {
@@ -242,6 +242,15 @@ fn releasable(peers: &[Peer], required: usize) -> Option<u64> {
     acks.get(required.checked_sub(1)?).copied()
 }
 
+/// Clears the VM's output waker when the loop ends, however it ends.
+struct WakerGuard<'a>(&'a Vm);
+
+impl Drop for WakerGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_output_waker(None);
+    }
+}
+
 /// Where the initial sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -284,6 +293,15 @@ pub async fn run(
         },
     };
     let mut sync_started = Instant::now();
+    let mut last_capture = tokio::time::Instant::now();
+    let mut last_pause = Duration::ZERO;
+    // The VM says when output starts waiting (early checkpoints end the epoch then).
+    let output_waiting = Arc::new(tokio::sync::Notify::new());
+    if cfg.early_checkpoints {
+        let n = output_waiting.clone();
+        vm.set_output_waker(Some(Arc::new(move || n.notify_one())));
+    }
+    let _waker = WakerGuard(&vm);
     let mut released: Option<u64> = None;
     let mut epochs = epoch::EpochController::new(cfg.epoch, cfg.min_epoch, cfg.max_output_delay);
     let mut tick = tokio::time::Instant::now();
@@ -307,9 +325,15 @@ pub async fn run(
             Phase::PreCopy { .. } if idle => Some(tokio::time::Instant::now()),
             Phase::PreCopy { .. } => None,
             Phase::FinalSync => Some(tokio::time::Instant::now()),
-            // With early checkpoints on, look for waiting output every `EARLY_POLL`.
-            Phase::Protected if cfg.early_checkpoints => {
-                Some(tick.min(tokio::time::Instant::now() + EARLY_POLL))
+            // Early checkpoint (COLO-style): output of this epoch is waiting, so end the epoch
+            // now rather than at `tick` — at once if nothing is in flight, else (pipelined)
+            // once `early_gap` has passed since the last capture, leaving the guest time to run.
+            Phase::Protected if cfg.early_checkpoints && vm.output_waiting() => {
+                let gap = EARLY_MIN_GAP.max(last_pause * 4);
+                match idle {
+                    true => Some(tokio::time::Instant::now()),
+                    false => Some(tick.min(last_capture + gap)),
+                }
             }
             Phase::Protected => Some(tick),
         };
@@ -325,7 +349,14 @@ pub async fn run(
                 }
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
-            _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } }, if all_ready => {
+            // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
+            _ = async {
+                match wake {
+                    Some(w) if w <= tokio::time::Instant::now() => {}
+                    Some(w) => tokio::time::sleep_until(w).await,
+                    None => std::future::pending().await,
+                }
+            }, if all_ready => {
                 if let Phase::PreCopy { round, last_pages } = phase {
                     if peers.iter().filter(|p| p.alive()).any(|p| p.version < protocol::message::PRECOPY_VERSION) {
                         tracing::info!("a backup speaks protocol v1: initial sync in one pause");
@@ -372,15 +403,8 @@ pub async fn run(
                     continue;
                 }
                 let now = tokio::time::Instant::now();
-                // Early checkpoint (COLO-style): output is waiting and nothing is in flight.
+                // Before `tick` only an early checkpoint wakes us (`wake` checked its condition).
                 let early = phase == Phase::Protected && now < tick;
-                if early {
-                    let idle = peers.iter().filter(|p| p.alive()).all(|p| p.sender.in_flight() == 0);
-                    let waiting = vm.held_output().is_some_and(|h| h.0 > 0);
-                    if !(idle && waiting) {
-                        continue;
-                    }
-                }
                 let mut captured = None;
                 let live = peers.iter().filter(|p| p.alive()).count();
                 // A backup whose window stays full would gate everyone: drop it while enough
@@ -423,6 +447,15 @@ pub async fn run(
                     next_epoch += 1;
                     stats.epochs.store(next_epoch, Ordering::Relaxed);
                     captured = Some(cap.pages.len());
+                    last_capture = tokio::time::Instant::now();
+                    last_pause = cap.pause;
+                    tracing::trace!(
+                        "checkpoint {} ({}): {} pages, pause {} µs",
+                        next_epoch - 1,
+                        if early { "early" } else { "tick" },
+                        cap.pages.len(),
+                        cap.pause.as_micros()
+                    );
                 }
                 if early {
                     // The epoch was cut short for waiting output: start the next one now.
@@ -442,6 +475,8 @@ pub async fn run(
                     p.sender.handle_timeout(Instant::now());
                 }
             }
+            // Output started waiting: wake up to look again (see `wake`).
+            _ = output_waiting.notified(), if cfg.early_checkpoints => {}
             _ = stop.changed() => {
                 for p in peers.iter_mut().filter(|p| p.alive()) {
                     p.sender.close(Instant::now(), "primary stopping");
@@ -490,6 +525,9 @@ pub async fn run(
                         stats.protected.store(true, Ordering::Relaxed);
                     }
                     let n = vm.release_output(e);
+                    tracing::trace!(
+                        "checkpoint {c} acknowledged: {n} frames of output epoch {e} released"
+                    );
                     released = Some(e);
                     stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
                 }

@@ -60,9 +60,10 @@ fn finalize_replica(dir: &Path) -> anyhow::Result<()> {
     let Some(replica) = mtime("replica.bin") else {
         return Ok(());
     };
-    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica)
-        && !backup::journal::path(dir).exists()
-    {
+    let journaled = backup::journal::SLOT_FILES
+        .iter()
+        .any(|f| dir.join(f).exists());
+    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica) && !journaled {
         return Ok(());
     }
     let epoch = backup::image::finalize(dir)

@@ -1,7 +1,7 @@
 //! The initial sync and the backup's durability, on real KVM, namespaces and QUIC: pre-copy
 //! rounds (and the one-pause fallback) give an exact replica; a backup killed with SIGKILL
 //! leaves an image `vmatrix restore` starts; a checkpoint whose application was interrupted is
-//! redone from the redo journal, and a damaged journal is discarded without touching the image.
+//! redone from its journal slot, and a damaged slot is ignored without touching the image.
 
 mod support;
 
@@ -161,18 +161,32 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     let mut bytes = journal.encode().unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
-    std::fs::write(backup::journal::path(&image), &bytes).unwrap();
+    let slot = backup::journal::slot_path(&image, n + 1);
+    std::fs::write(&slot, &bytes).unwrap();
     assert_eq!(backup::image::finalize(&image).unwrap(), n);
-    assert!(!backup::journal::path(&image).exists());
+    assert!(!slot.exists());
     for (g, b) in gfns.iter().zip(&before) {
         assert_eq!(&page(*g), b, "page {g} untouched by a damaged journal");
     }
 
     // The process died after the journal and one page: recovery completes checkpoint n+1.
-    journal.commit(&image).unwrap();
+    // (The other slot holds an older checkpoint; the newest verifying one wins.)
+    let older = Journal {
+        epoch: n,
+        meta: meta.clone(),
+        gfns: vec![],
+        data: vec![],
+        disk: vec![],
+    };
+    std::fs::write(
+        backup::journal::slot_path(&image, n),
+        older.encode().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&slot, journal.encode().unwrap()).unwrap();
     mem.write_all_at(&data[..4096], gfns[0] * 4096).unwrap();
     assert_eq!(backup::image::finalize(&image).unwrap(), n + 1);
-    assert!(!backup::journal::path(&image).exists());
+    assert!(!slot.exists());
     assert_eq!(read_meta(&image).epoch, n + 1);
     for (i, g) in gfns.iter().enumerate() {
         assert_eq!(page(*g), data[i * 4096..(i + 1) * 4096], "page {g} redone");

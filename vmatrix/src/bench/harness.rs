@@ -147,7 +147,18 @@ impl Kv {
 
     /// One request, its answer.
     pub fn cmd(&mut self, line: &str) -> anyhow::Result<String> {
+        self.send(line)?;
+        self.recv()
+    }
+
+    /// Sends a request without waiting for its answer (pipelining).
+    pub fn send(&mut self, line: &str) -> anyhow::Result<()> {
         self.w.write_all(format!("{line}\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// The next answer.
+    pub fn recv(&mut self) -> anyhow::Result<String> {
         let mut s = String::new();
         if self.r.read_line(&mut s)? == 0 {
             bail!("connection closed");

@@ -237,11 +237,27 @@ impl Vm {
         }
     }
 
+    /// Runs `waker` (on the vCPU thread, keep it short) whenever guest output starts waiting
+    /// for a checkpoint: the first frame held in an output epoch.
+    pub fn set_output_waker(&self, waker: Option<crate::devices::virtio::net::OutputWaker>) {
+        if let Some(n) = &self.devices.net {
+            lock(n).with_device_unchecked(|net| net.set_output_waker(waker));
+        }
+    }
+
     /// Stops holding output (unprotected operation); held frames are sent.
     pub fn disable_output_commit(&self) {
         if let Some(n) = &self.devices.net {
             lock(n).with_device_unchecked(|net| net.disable_output_commit());
         }
+    }
+
+    /// True if guest output of the current epoch waits for a checkpoint not yet taken.
+    pub fn output_waiting(&self) -> bool {
+        self.devices
+            .net
+            .as_ref()
+            .is_some_and(|n| lock(n).device().output_waiting())
     }
 
     /// (frames, bytes, current epoch) of held output, if output commit is on.

@@ -45,11 +45,14 @@ impl OutputCommit {
         self.bytes + len <= self.max_bytes || self.held.is_empty()
     }
 
-    /// Holds a frame of the current epoch.
-    pub fn hold(&mut self, frame: Vec<u8>) {
+    /// Holds a frame of the current epoch; true if it is the epoch's first (output now waits
+    /// for a checkpoint that has not been taken yet).
+    pub fn hold(&mut self, frame: Vec<u8>) -> bool {
+        let first = self.held.back().is_none_or(|(e, _)| *e != self.epoch);
         self.bytes += frame.len();
         self.peak_bytes = self.peak_bytes.max(self.bytes);
         self.held.push_back((self.epoch, frame));
+        first
     }
 
     /// Closes the current epoch (called while the VM is paused); returns it.
@@ -72,6 +75,11 @@ impl OutputCommit {
         out
     }
 
+    /// True if frames of the current (not yet checkpointed) epoch are held.
+    pub fn current_epoch_waiting(&self) -> bool {
+        self.held.back().is_some_and(|(e, _)| *e == self.epoch)
+    }
+
     /// Frames and bytes held.
     pub fn held(&self) -> (usize, usize) {
         (self.held.len(), self.bytes)
@@ -85,16 +93,19 @@ mod tests {
     #[test]
     fn holds_by_epoch_and_releases_in_order() {
         let mut c = OutputCommit::new(1, 100);
-        c.hold(vec![1; 10]);
+        assert!(!c.current_epoch_waiting());
+        assert!(c.hold(vec![1; 10]), "first frame of epoch 1");
+        assert!(c.current_epoch_waiting());
         assert_eq!(c.advance(), 1);
-        c.hold(vec![2; 10]);
-        c.hold(vec![3; 10]);
+        assert!(!c.current_epoch_waiting(), "epoch 1 is closed");
+        assert!(c.hold(vec![2; 10]), "first frame of epoch 2");
+        assert!(!c.hold(vec![3; 10]));
         assert_eq!(c.release(0), Vec::<Vec<u8>>::new());
         assert_eq!(c.release(1), vec![vec![1; 10]]);
         assert_eq!(c.held(), (2, 20));
         assert_eq!(c.release(5), vec![vec![2; 10], vec![3; 10]]);
         assert!(c.has_room(100));
-        c.hold(vec![0; 90]);
+        assert!(c.hold(vec![0; 90]), "epoch 2 again has no frame held");
         assert!(!c.has_room(20));
     }
 }

@@ -57,7 +57,12 @@ pub struct Net<B: NetBackend> {
     commit: Option<OutputCommit>,
     /// The transmit ring was left unprocessed because the output buffer was full.
     tx_blocked: bool,
+    /// Called when output starts waiting for a checkpoint (first held frame of an epoch).
+    output_waker: Option<OutputWaker>,
 }
+
+/// Callback for "guest output is waiting for a checkpoint" (may run on the vCPU thread).
+pub type OutputWaker = Arc<dyn Fn() + Send + Sync>;
 
 impl<B: NetBackend> Net<B> {
     /// A device on `backend` with the given MAC address.
@@ -72,7 +77,13 @@ impl<B: NetBackend> Net<B> {
             frame: vec![0u8; MAX_FRAME],
             commit: None,
             tx_blocked: false,
+            output_waker: None,
         }
+    }
+
+    /// Sets the callback run when output starts waiting for a checkpoint.
+    pub fn set_output_waker(&mut self, w: Option<OutputWaker>) {
+        self.output_waker = w;
     }
 
     /// Starts holding output: frames transmitted from now on belong to `epoch`.
@@ -116,6 +127,13 @@ impl<B: NetBackend> Net<B> {
             }
         }
         Ok(frames.len())
+    }
+
+    /// True if output of the current epoch waits for a checkpoint not yet taken.
+    pub fn output_waiting(&self) -> bool {
+        self.commit
+            .as_ref()
+            .is_some_and(OutputCommit::current_epoch_waiting)
     }
 
     /// (frames, bytes) held, and the current output epoch, if output commit is on.
@@ -209,7 +227,14 @@ impl<B: NetBackend> Net<B> {
             }
             let data = c.read(mem, NET_HDR_LEN as u64, frame_len)?;
             match &mut self.commit {
-                Some(commit) => commit.hold(data),
+                Some(commit) => {
+                    tracing::trace!("tx held {} bytes", data.len());
+                    if commit.hold(data) {
+                        if let Some(w) = &self.output_waker {
+                            w();
+                        }
+                    }
+                }
                 None => self.send_now(&data),
             }
             q.add_used(mem, c.head, 0).map_err(Self::queue_err(TX))?;
@@ -263,6 +288,7 @@ impl<B: NetBackend> Net<B> {
                 self.frame[10] = 1;
                 c.write(mem, 0, &self.frame[..total])?;
                 self.stats.rx_frames += 1;
+                tracing::trace!("rx {} bytes", n);
                 total as u32
             } else {
                 self.stats.rx_dropped += 1;

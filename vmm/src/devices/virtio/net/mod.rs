@@ -7,7 +7,7 @@ mod rx;
 mod tap;
 
 pub use commit::{OutputCommit, DEFAULT_MAX_HELD};
-pub use device::{Net, NetBackend, NetStats, NET_HDR_LEN};
+pub use device::{Net, NetBackend, NetStats, OutputWaker, NET_HDR_LEN};
 pub use persist::NetPersist;
 pub use rx::RxThread;
 pub use tap::Tap;
