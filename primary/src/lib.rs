@@ -78,8 +78,9 @@ pub struct PrimaryConfig {
     pub quic: QuicConfig,
     /// Page encodings for incremental checkpoints.
     pub encode: EncodeOptions,
-    /// End an epoch early when guest output is waiting and no checkpoint is in flight (lower
-    /// reply latency at the cost of more, smaller checkpoints).
+    /// End an epoch early when guest output is waiting: at once if no checkpoint is in flight,
+    /// else after `EARLY_MIN_GAP` (and four pauses) since the last capture. Lower reply latency
+    /// at the cost of more, smaller checkpoints; the CLI's default.
     pub early_checkpoints: bool,
     /// Most pre-copy rounds of the initial sync (0: a one-pause full sync).
     pub precopy_rounds: u32,

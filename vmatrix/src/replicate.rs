@@ -58,8 +58,16 @@ pub struct PrimaryArgs {
     /// Serve Prometheus metrics (text format) over HTTP on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// End an epoch early when guest output waits and no checkpoint is in flight.
-    #[arg(long)]
+    /// End an epoch as soon as guest output waits for a checkpoint (replies wait ~1 pause and
+    /// one round trip instead of the rest of the epoch). On by default; `--early-checkpoints
+    /// false` gives fixed (adaptive-length) epochs only.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub early_checkpoints: bool,
     /// Most pre-copy rounds of the initial sync (memory copied while the guest runs, then one
     /// short pause); 0 = copy everything in one pause.

@@ -26,7 +26,7 @@ fn bench_replication_quick_prints_every_table() {
         "| CHURN 50k pages/s |",
         "| idle guest |",
         "| unprotected | 16 |",
-        "| protected, --early-checkpoints | 16 |",
+        "| protected (default: early checkpoints) | 16 |",
     ] {
         assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
     }

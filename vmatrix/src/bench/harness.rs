@@ -182,7 +182,7 @@ impl Default for Protection {
             epoch_ms: 20,
             min_epoch_ms: 10,
             max_output_delay_ms: 200,
-            early_checkpoints: false,
+            early_checkpoints: true,
         }
     }
 }

@@ -178,12 +178,13 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         quinn / 1e6
     );
 
-    // Pauses and bandwidth under CHURN, 20 ms epochs.
+    // Pauses and bandwidth under CHURN, fixed 20 ms epochs.
     let vm = RunningVm::protected(
         env,
         "churn",
         Protection {
             min_epoch_ms: 20,
+            early_checkpoints: false,
             ..Protection::default()
         },
     )?;
@@ -279,8 +280,8 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         drop(vm);
     }
     for (label, early) in [
-        ("protected, 20 ms epochs", false),
-        ("protected, --early-checkpoints", true),
+        ("protected, fixed 20 ms epochs", false),
+        ("protected (default: early checkpoints)", true),
     ] {
         let vm = RunningVm::protected(
             env,
