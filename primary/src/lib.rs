@@ -464,9 +464,13 @@ pub async fn run(
                 } else {
                     let len = epochs.update(captured);
                     stats.epoch_us.store(len.as_micros() as u64, Ordering::Relaxed);
+                    // Ticks are scheduled from the previous tick, not from now: the timer's
+                    // overshoot (up to 1 ms) does not accumulate, and a tick that is already
+                    // due fires at once. Only after falling far behind (window full, a stall)
+                    // does the schedule restart from now.
                     tick += len;
                     let now = tokio::time::Instant::now();
-                    if tick < now {
+                    if tick + len * 4 < now {
                         tick = now + len;
                     }
                 }
