@@ -78,22 +78,7 @@ impl Vm {
         let dirty = self.harvest_dirty().map_err(capture_err)?;
         let pages: Vec<u64> = match kind {
             CaptureKind::Incremental => dirty.page_list(),
-            CaptureKind::Full => {
-                let mut nonzero = Vec::new();
-                let mut page = vec![0u8; PAGE_SIZE as usize];
-                for pfn in 0..self.mem_size / PAGE_SIZE {
-                    self.mem
-                        .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
-                        .map_err(capture_err)?;
-                    if page
-                        .chunks(64)
-                        .any(|c| c.iter().fold(0u8, |a, &b| a | b) != 0)
-                    {
-                        nonzero.push(pfn);
-                    }
-                }
-                nonzero
-            }
+            CaptureKind::Full => self.nonzero_pages()?,
         };
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
@@ -146,6 +131,25 @@ impl Vm {
         })
     }
 
+    /// Guest frame numbers of the pages that are not all zero.
+    fn nonzero_pages(&self) -> Result<Vec<u64>, SnapshotError> {
+        let mut nonzero = Vec::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for pfn in 0..self.mem_size / PAGE_SIZE {
+            self.mem
+                .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+                .map_err(capture_err)?;
+            // OR-folding fixed chunks vectorizes; an early-exit byte loop does not.
+            if page
+                .chunks(64)
+                .any(|c| c.iter().fold(0u8, |a, &b| a | b) != 0)
+            {
+                nonzero.push(pfn);
+            }
+        }
+        Ok(nonzero)
+    }
+
     /// First pre-copy pass of an initial sync, while the guest runs: starts dirty tracking and
     /// disk-write recording afresh, then copies every non-zero page and the whole disk. What the
     /// guest changes meanwhile is tracked, so a torn copy is sent again by a later pass.
@@ -154,16 +158,7 @@ impl Vm {
             lock(b).with_device_unchecked(|d| d.take_writes());
         }
         self.harvest_dirty_running().map_err(capture_err)?;
-        let mut pages = Vec::new();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        for pfn in 0..self.mem_size / PAGE_SIZE {
-            self.mem
-                .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
-                .map_err(capture_err)?;
-            if page.iter().any(|&b| b != 0) {
-                pages.push(pfn);
-            }
-        }
+        let pages = self.nonzero_pages()?;
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
         let disk = match &self.devices.blk {
