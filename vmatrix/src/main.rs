@@ -17,6 +17,7 @@ mod metrics;
 mod progress;
 mod replicate;
 mod restore;
+mod rt;
 mod run;
 
 use std::process::ExitCode;

@@ -167,26 +167,14 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(primary::Stats::default());
     let (vm2, st2) = (vm.clone(), stats.clone());
-    let repl = std::thread::Builder::new()
-        .name("replication".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                // Wait for the VM to be running before the initial sync.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                match primary::run(vm2, pcfg, st2, stop_rx).await {
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::error!("replication stopped: {e}; guest output stays held");
-                        eprintln!("vmatrix primary: replication stopped: {e}; guest output stays held (unprotected operation needs a grant)");
-                    }
-                }
-            })
-        })
+    let repl = crate::rt::spawn("replication", async move {
+        // Wait for the VM to be running before the initial sync.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if let Err(e) = primary::run(vm2, pcfg, st2, stop_rx).await {
+            tracing::error!("replication stopped: {e}; guest output stays held");
+            eprintln!("vmatrix primary: replication stopped: {e}; guest output stays held (unprotected operation needs a grant)");
+        }
+    })
         .context("spawning the replication thread")?;
     let status: crate::control::StatusExtra = {
         let s = stats.clone();
@@ -219,11 +207,7 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         vm_id: a.vm_id,
         quic: quic_config(a.idle_timeout_ms),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let rt = crate::rt::runtime().context("tokio runtime")?;
     let epoch = rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

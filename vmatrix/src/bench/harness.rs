@@ -221,18 +221,11 @@ impl RunningVm {
             quic: transport::QuicConfig::default(),
         };
         let brx = stop_rx.clone();
-        let backup_thread = std::thread::Builder::new()
-            .name("bench-backup".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                if let Err(e) = rt.block_on(backup::serve(bcfg, brx, Some(ready_tx))) {
-                    eprintln!("bench backup: {e}");
-                }
-            })?;
+        let backup_thread = crate::rt::spawn("bench-backup", async move {
+            if let Err(e) = backup::serve(bcfg, brx, Some(ready_tx)).await {
+                eprintln!("bench backup: {e}");
+            }
+        })?;
         let backup_addr = ready_rx
             .blocking_recv()
             .context("the benchmark's backup did not start")?;
@@ -258,18 +251,11 @@ impl RunningVm {
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());
         let (vm2, st2) = (vm.clone(), stats.clone());
-        let primary_thread = std::thread::Builder::new()
-            .name("bench-primary".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                if let Err(e) = rt.block_on(primary::run(vm2, cfg, st2, stop_rx)) {
-                    eprintln!("bench primary: {e}");
-                }
-            })?;
+        let primary_thread = crate::rt::spawn("bench-primary", async move {
+            if let Err(e) = primary::run(vm2, cfg, st2, stop_rx).await {
+                eprintln!("bench primary: {e}");
+            }
+        })?;
         Ok(RunningVm {
             vm,
             stats: Some(stats),
