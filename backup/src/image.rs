@@ -144,6 +144,11 @@ impl ReplicaImage {
         Ok(img)
     }
 
+    /// True while no checkpoint with state has been applied (initial sync in progress).
+    pub fn syncing(&self) -> bool {
+        self.meta.syncing()
+    }
+
     /// Last applied epoch.
     pub fn epoch(&self) -> u64 {
         self.meta.epoch

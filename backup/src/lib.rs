@@ -11,10 +11,12 @@
 pub mod image;
 pub mod journal;
 mod server;
+pub mod stats;
 
 use std::path::PathBuf;
 
 pub use server::{serve, BackupConfig};
+pub use stats::BackupStats;
 
 /// Typed errors of the backup.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,11 @@ use tokio::sync::watch;
 use transport::certs::Identity;
 use transport::{BackupLink, QuicConfig, Server};
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use crate::image::{self, ReplicaImage};
+use crate::stats::BackupStats;
 use crate::BackupError;
 
 /// Backup settings.
@@ -27,6 +31,8 @@ pub struct BackupConfig {
     pub vm_id: String,
     /// QUIC timers.
     pub quic: QuicConfig,
+    /// Counters, shared with whoever reports them.
+    pub stats: Arc<BackupStats>,
 }
 
 /// Serves primaries until `stop` turns true; then finalizes the image as a snapshot of the last
@@ -90,6 +96,21 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<u64>, BackupError> {
     let (mut link, mut rx) = BackupLink::accept(conn).await?;
+    let stats = &cfg.stats;
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.connected.store(true, Ordering::Relaxed);
+    let r = session_loop(cfg, &mut link, &mut rx, stop).await;
+    stats.connected.store(false, Ordering::Relaxed);
+    r
+}
+
+async fn session_loop(
+    cfg: &BackupConfig,
+    link: &mut BackupLink,
+    rx: &mut transport::FrameRx,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<u64>, BackupError> {
+    let stats = &cfg.stats;
     let mut r = Receiver::new(ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id));
     let mut img: Option<ReplicaImage> = None;
     loop {
@@ -139,6 +160,17 @@ async fn session(
                         // this backup cannot go on.
                         i.complete(s)?;
                     }
+                    stats.applied.store(cp.epoch + 1, Ordering::Relaxed);
+                    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .pages
+                        .fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
+                    stats
+                        .last_durable_us
+                        .store(durable.as_micros() as u64, Ordering::Relaxed);
+                    stats
+                        .syncing
+                        .store(img.as_ref().is_some_and(|i| i.syncing()), Ordering::Relaxed);
                     tracing::debug!(
                         "checkpoint {} ({} pages): durable after {} µs, applied after {} µs",
                         cp.epoch,
@@ -148,6 +180,7 @@ async fn session(
                     );
                 }
                 Err(e) => {
+                    stats.apply_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!("checkpoint {}: {e}", cp.epoch);
                     r.apply_failed(cp.epoch, &e.to_string());
                 }

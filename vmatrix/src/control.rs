@@ -1,8 +1,9 @@
-//! The control socket of a running VM (`--control <path>`) and its client, `vmatrix ctl`.
+//! The control socket of a running VM or backup (`--control <path>`) and its client,
+//! `vmatrix ctl`.
 //!
 //! One request line per connection, one response line: `ok <key=value ...>` or
-//! `error: <why>`. Requests: `pause`, `resume`, `status`, `checksum` (paused VM only),
-//! `snapshot full|diff <dir>`, `stop`.
+//! `error: <why>`. A VM answers `pause`, `resume`, `status`, `checksum` (paused VM only),
+//! `snapshot full|diff <dir>`, `stop`; a backup answers `status` and `stop`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -115,19 +116,31 @@ fn execute(vm: &Vm, req: Request, extra: Option<&StatusExtra>) -> Result<String,
     }
 }
 
-fn serve_one(vm: &Vm, stream: UnixStream, extra: Option<&StatusExtra>) -> std::io::Result<()> {
+/// Answers one request line.
+pub type Handler = Box<dyn Fn(&str) -> Result<String, String> + Send>;
+
+fn serve_one(handler: &Handler, stream: UnixStream) -> std::io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut line = String::new();
     BufReader::new(stream).take(4096).read_line(&mut line)?;
-    let reply = match parse(&line).and_then(|r| execute(vm, r, extra)) {
+    let reply = match handler(line.trim_end_matches(['\r', '\n'])) {
         Ok(s) => format!("ok {s}\n"),
         Err(e) => format!("error: {e}\n"),
     };
     w.write_all(reply.as_bytes())
 }
 
-/// Listens on `path` (replacing a stale socket) and serves requests on a background thread.
+/// Serves a VM's control requests on `path` (see [`serve_with`]).
 pub fn serve(path: &Path, vm: Arc<Vm>, extra: Option<StatusExtra>) -> anyhow::Result<()> {
+    serve_with(
+        path,
+        Box::new(move |line| parse(line).and_then(|r| execute(&vm, r, extra.as_ref()))),
+    )
+}
+
+/// Listens on `path` (replacing a stale socket) and answers each request with `handler` on a
+/// background thread.
+pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
@@ -138,7 +151,7 @@ pub fn serve(path: &Path, vm: Arc<Vm>, extra: Option<StatusExtra>) -> anyhow::Re
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = serve_one(&vm, stream, extra.as_ref()) {
+                if let Err(e) = serve_one(&handler, stream) {
                     tracing::warn!("control connection: {e}");
                 }
             }
@@ -152,7 +165,7 @@ use std::io::Read as _;
 /// `vmatrix ctl` arguments.
 #[derive(Args, Debug)]
 pub struct CtlArgs {
-    /// The VM's control socket.
+    /// The control socket of a VM (`run`, `restore`, `primary`) or of a backup.
     pub socket: PathBuf,
     #[command(subcommand)]
     pub cmd: CtlCmd,
@@ -177,7 +190,8 @@ pub enum CtlCmd {
         #[arg(long)]
         diff: bool,
     },
-    /// Stop the VM.
+    /// Stop the VM (a backup: finalize its image as a snapshot of the last applied checkpoint
+    /// and exit).
     Stop,
 }
 

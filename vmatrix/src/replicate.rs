@@ -99,6 +99,9 @@ pub struct BackupArgs {
     /// QUIC idle timeout (failure detection), ms.
     #[arg(long, default_value_t = 1000)]
     pub idle_timeout_ms: u64,
+    /// Serve `status` and `stop` on this Unix socket (`vmatrix ctl <socket> status|stop`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
 }
 
 fn parse_backup(s: &str) -> Result<(SocketAddr, String), String> {
@@ -190,7 +193,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     code
 }
 
-/// Runs a backup until SIGINT/SIGTERM, then finalizes its image.
+/// Runs a backup until SIGINT/SIGTERM or `vmatrix ctl <socket> stop`, then finalizes its image.
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
     let identity = transport::certs::load(&a.certs, &a.host).with_context(|| {
         format!(
@@ -206,10 +209,29 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         cluster_id: a.cluster_id,
         vm_id: a.vm_id,
         quic: quic_config(a.idle_timeout_ms),
+        stats: Arc::new(backup::BackupStats::default()),
     };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let tx = Arc::new(tx);
+    if let Some(path) = &a.control {
+        let (stats, stop) = (cfg.stats.clone(), tx.clone());
+        crate::control::serve_with(
+            path,
+            Box::new(move |line| match line {
+                "status" => Ok(stats.status_fields()),
+                "stop" => {
+                    let _ = stop.send(true);
+                    Ok("stopping: finalizing the image".into())
+                }
+                other => Err(format!(
+                    "a backup answers 'status' and 'stop', not '{other}'"
+                )),
+            }),
+        )?;
+    }
+    let control = a.control.clone();
     let rt = crate::rt::runtime().context("tokio runtime")?;
     let epoch = rt.block_on(async move {
-        let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             if let (Ok(mut t), Ok(mut i)) = (
@@ -222,6 +244,9 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         });
         backup::serve(cfg, rx, None).await
     })?;
+    if let Some(p) = control {
+        let _ = std::fs::remove_file(p);
+    }
     match epoch {
         Some(e) => eprintln!("vmatrix backup: image is a snapshot of checkpoint {e}"),
         None => eprintln!("vmatrix backup: no checkpoint was applied"),

@@ -199,3 +199,65 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     let crc = format!("{:#010x}", sm.memory_checksum.unwrap());
     assert_ne!(crc, "0x00000000");
 }
+
+#[test]
+fn a_backup_reports_status_and_stops_through_its_control_socket() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = replicate_keys(&net, dir.path(), 10);
+    let sock = r.backup_socket(0);
+    wait_socket(&sock, Duration::from_secs(5));
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(
+        field(&status, "role").as_deref(),
+        Some("backup"),
+        "{status}"
+    );
+    assert_eq!(
+        field(&status, "connected").as_deref(),
+        Some("true"),
+        "{status}"
+    );
+    assert_eq!(
+        field(&status, "syncing").as_deref(),
+        Some("false"),
+        "{status}"
+    );
+    let applied: u64 = field(&status, "applied_epoch").unwrap().parse().unwrap();
+    assert!(applied >= 2, "{status}");
+    // A VM-only request is refused with a clear error.
+    let out = std::process::Command::new(vmatrix_bin())
+        .arg("ctl")
+        .arg(&sock)
+        .arg("pause")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a backup answers"),
+        "{out:?}"
+    );
+    // The primary's host dies; the operator stops the backup through its socket.
+    r.primary.kill9();
+    ctl(&sock, &["stop"]);
+    let mut b = r.backup.take().unwrap();
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = b.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "backup did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success());
+    let image = r.image_dir(0);
+    assert!(image.join(vmm::snapshot::META_FILE).exists(), "finalized");
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    for i in 0..10 {
+        assert_eq!(
+            kv.cmd(&format!("GET key{i}")).unwrap(),
+            format!("VALUE val{i}")
+        );
+    }
+}

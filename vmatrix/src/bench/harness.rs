@@ -219,6 +219,7 @@ impl RunningVm {
             cluster_id: 1,
             vm_id: "vm".into(),
             quic: transport::QuicConfig::default(),
+            stats: Arc::new(backup::BackupStats::default()),
         };
         let brx = stop_rx.clone();
         let backup_thread = crate::rt::spawn("bench-backup", async move {

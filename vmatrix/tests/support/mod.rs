@@ -637,6 +637,15 @@ impl Replicated {
         }
     }
 
+    /// Control socket of backup `i`.
+    pub fn backup_socket(&self, i: usize) -> PathBuf {
+        Self::backup_socket_in(&self.dir, i)
+    }
+
+    fn backup_socket_in(dir: &Path, i: usize) -> PathBuf {
+        dir.join(format!("backup{i}.sock"))
+    }
+
     /// Image directory of backup `i`.
     pub fn image_dir(&self, i: usize) -> PathBuf {
         if i == 0 {
@@ -669,7 +678,9 @@ impl Replicated {
             .arg("--certs")
             .arg(dir.join("pki"))
             .arg("--image-dir")
-            .arg(image);
+            .arg(image)
+            .arg("--control")
+            .arg(Self::backup_socket_in(dir, i));
         if let Some(k) = extra.iter().position(|a| *a == "--idle-timeout-ms") {
             c.args(&extra[k..k + 2]);
         }
