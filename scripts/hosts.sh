@@ -14,6 +14,7 @@
 #
 # Usage: hosts.sh up <name> <index 1..250>   |   hosts.sh down <name>     (name ≤ 8 characters)
 set -euo pipefail
+source "$(dirname "$0")/net-lib.sh"
 
 cmd=${1:?usage: hosts.sh up|down <name> [index]}
 name=${2:?missing name}
@@ -28,16 +29,9 @@ down() {
 case "$cmd" in
   up)
     index=${3:?missing index}
-    if ! [[ "$index" =~ ^[0-9]+$ ]] || [ "$index" -lt 1 ] || [ "$index" -gt 250 ]; then
-      echo "hosts.sh: index must be 1..250" >&2; exit 2
-    fi
+    check_index "$index" hosts.sh
     down
-    for net in 77 79; do
-      if holder=$(ip -o -4 addr show | grep -E " 10\.$net\.$index\.[0-9]+/" | awk '{print $2}' | head -n1) \
-          && [ -n "$holder" ]; then
-        echo "hosts.sh: subnet 10.$net.$index.0/24 is already used by interface $holder" >&2; exit 3
-      fi
-    done
+    require_free_subnet "10.77.$index" hosts.sh
     ip link add "${name}lan" type bridge
     ip link set "${name}lan" type bridge forward_delay 0 stp_state 0
     ip addr add "10.77.$index.1/24" dev "${name}lan"

@@ -10,6 +10,7 @@
 # Usage: netns.sh up <name> <index 1..250>   |   netns.sh down <name>
 # The VMM then runs inside the namespace: ip netns exec <name> vmatrix run --tap tap0 ...
 set -euo pipefail
+source "$(dirname "$0")/net-lib.sh"
 
 cmd=${1:?usage: netns.sh up|down <name> [index]}
 name=${2:?missing namespace name}
@@ -23,15 +24,10 @@ down() {
 case "$cmd" in
   up)
     index=${3:?missing index}
-    if ! [[ "$index" =~ ^[0-9]+$ ]] || [ "$index" -lt 1 ] || [ "$index" -gt 250 ]; then
-      echo "netns.sh: index must be 1..250" >&2; exit 2
-    fi
+    check_index "$index" netns.sh
     down
     # Another interface holding this subnet would capture the guest's traffic: refuse clearly.
-    if holder=$(ip -o -4 addr show | grep -E " 10\.77\.$index\.[0-9]+/" | awk '{print $2}' | head -n1) \
-        && [ -n "$holder" ]; then
-      echo "netns.sh: subnet 10.77.$index.0/24 is already used by interface $holder" >&2; exit 3
-    fi
+    require_free_subnet "10.77.$index" netns.sh
     ip netns add "$name"
     ip link add "$name-h" type veth peer name "$name-n"
     ip link set "$name-n" netns "$name"

@@ -63,36 +63,28 @@ impl TestNet {
     /// Creates a fresh namespace with a unique subnet. Indices are claimed with lock files
     /// (O_EXCL), so test processes running at the same time never share a namespace.
     pub fn new() -> TestNet {
-        require_kvm();
-        let index = claim_index();
-        let name = format!("vmxt{index}");
-        let st = Command::new(root().join("scripts/netns.sh"))
-            .args(["up", &name, &index.to_string()])
-            .status()
-            .expect("run scripts/netns.sh");
-        assert!(st.success(), "scripts/netns.sh up {name} {index} failed");
-        TestNet {
-            name,
-            index,
-            two_hosts: false,
-        }
+        Self::up("netns.sh", "vmxt", false)
     }
 
     /// Two hosts (namespaces `<name>a` for the primary, `<name>b` for the backup), each with a
     /// tap on a bridge to the clients' LAN; replication runs over their own veth pair.
     pub fn two_hosts() -> TestNet {
+        Self::up("hosts.sh", "vmxh", true)
+    }
+
+    fn up(script: &str, prefix: &str, two_hosts: bool) -> TestNet {
         require_kvm();
         let index = claim_index();
-        let name = format!("vmxh{index}");
-        let st = Command::new(root().join("scripts/hosts.sh"))
+        let name = format!("{prefix}{index}");
+        let st = Command::new(root().join("scripts").join(script))
             .args(["up", &name, &index.to_string()])
             .status()
-            .expect("run scripts/hosts.sh");
-        assert!(st.success(), "scripts/hosts.sh up {name} {index} failed");
+            .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+        assert!(st.success(), "scripts/{script} up {name} {index} failed");
         TestNet {
             name,
             index,
-            two_hosts: true,
+            two_hosts,
         }
     }
 
