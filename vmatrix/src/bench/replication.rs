@@ -276,7 +276,7 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
             base.push(r);
         }
         let r = kv_pipelined(env.guest_addr(), 16, depth, t.kv_ops * 4)?;
-        pipelined.push(("unprotected".to_string(), r));
+        pipelined.push(("unprotected".to_string(), r, "-".to_string()));
         drop(vm);
     }
     for (label, early) in [
@@ -303,15 +303,26 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
                 r / base[i]
             );
         }
+        reset_pauses(&stats);
+        let a = snap(&stats);
         let r = kv_pipelined(env.guest_addr(), 16, depth, t.kv_ops * 4)?;
-        pipelined.push((label.to_string(), r));
+        let b = snap(&stats);
+        let (p50, p99) = stats.pause_percentiles();
+        let secs = (b.at - a.at).as_secs_f64();
+        let detail = format!(
+            "{:.0} checkpoints/s, {:.0} pages each, pause p50 {p50} µs / p99 {p99} µs, ack {} µs",
+            (b.epochs - a.epochs) as f64 / secs,
+            (b.pages - a.pages) as f64 / (b.epochs - a.epochs).max(1) as f64,
+            stats.ack_latency_us.load(Ordering::Relaxed)
+        );
+        pipelined.push((label.to_string(), r, detail));
         drop(vm);
     }
     println!("\n16 clients, each keeping {depth} SETs in flight (pipelined):\n");
-    println!("| setup | SETs/s | throughput vs unprotected |\n|---|---|---|");
+    println!("| setup | SETs/s | throughput vs unprotected | replication during the run |\n|---|---|---|---|");
     let unprotected = pipelined.first().map_or(1.0, |p| p.1);
-    for (label, r) in &pipelined {
-        println!("| {label} | {r:.0} | {:.2}× |", r / unprotected);
+    for (label, r, detail) in &pipelined {
+        println!("| {label} | {r:.0} | {:.2}× | {detail} |", r / unprotected);
     }
     Ok(())
 }
