@@ -4,7 +4,9 @@
 //! - pause per checkpoint (p50/p99/max), epochs/s, checkpoint bandwidth and its share of raw
 //!   quinn, for the idle guest and CHURN at 1k, 10k and 50k pages/s;
 //! - epochs per second at 1 ms epochs, idle and under KV writes;
-//! - KV throughput and latency, unprotected vs protected.
+//! - KV throughput and latency, unprotected vs protected, closed-loop and pipelined clients;
+//!   and, to separate the capture's cost from the replication's, the unprotected VM with
+//!   captures alone (no network, no backup) at the rates early checkpoints reach.
 //!
 //! Prints Markdown.
 
@@ -117,6 +119,34 @@ fn kv_pipelined(addr: SocketAddr, clients: usize, depth: usize, ops: usize) -> a
             .map_err(|_| anyhow::anyhow!("a KV client panicked"))??;
     }
     Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Runs `load` while another thread captures an epoch of `vm` every `period` (captures are
+/// thrown away); returns the load's result, the number of captures and their mean pause (µs).
+fn with_captures<T>(
+    vm: &RunningVm,
+    period: Duration,
+    load: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, u64, u128)> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (v, st) = (vm.vm.clone(), stop.clone());
+    let h = std::thread::spawn(move || {
+        let (mut n, mut total) = (0u64, 0u128);
+        while !st.load(Ordering::Relaxed) {
+            if let Ok(c) = v.capture_epoch(vmm::CaptureKind::Incremental) {
+                n += 1;
+                total += c.pause.as_micros();
+            }
+            std::thread::sleep(period);
+        }
+        (n, total / u128::from(n.max(1)))
+    });
+    let r = load();
+    stop.store(true, Ordering::Relaxed);
+    let (n, mean) = h
+        .join()
+        .map_err(|_| anyhow::anyhow!("the capture thread panicked"))?;
+    Ok((r?, n, mean))
 }
 
 /// Counters at one moment.
@@ -277,6 +307,18 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         }
         let r = kv_pipelined(env.guest_addr(), 16, depth, t.kv_ops * 4)?;
         pipelined.push(("unprotected".to_string(), r, "-".to_string()));
+        // The capture alone (pause, state, dirty pages; no network, no backup) at the rates
+        // early checkpoints reach: separates its cost from the cost of replicating.
+        for period in [2500u64, 1000] {
+            let (r, n, mean) = with_captures(&vm, Duration::from_micros(period), || {
+                kv_pipelined(env.guest_addr(), 16, depth, t.kv_ops * 4)
+            })?;
+            pipelined.push((
+                format!("unprotected + capture only, every {period} µs"),
+                r,
+                format!("{n} captures, mean pause {mean} µs"),
+            ));
+        }
         drop(vm);
     }
     for (label, early) in [
