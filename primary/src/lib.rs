@@ -284,8 +284,11 @@ pub async fn run(
     drop(tx);
     let mut shadow = encode::Shadow::new(cfg.encode);
     let mut next_epoch = 0u64;
-    // Checkpoints before `base` are pre-copy rounds; checkpoint `base + e` closes output epoch e.
+    // Checkpoints before `base` are pre-copy rounds (they close no output epoch).
     let mut base = 0u64;
+    // Output epoch each unacknowledged checkpoint closed (the VM's output epochs run on across
+    // sessions, so they are recorded, not derived from checkpoint numbers).
+    let mut closes: std::collections::BTreeMap<u64, u64> = Default::default();
     let mut phase = match cfg.precopy_rounds {
         0 => Phase::FinalSync,
         _ => Phase::PreCopy {
@@ -426,6 +429,7 @@ pub async fn run(
                     let cap = vm.capture_epoch(kind)?;
                     let pk = if next_epoch == 0 { Kind::Sync } else { Kind::Incremental };
                     let cp = shadow.checkpoint(next_epoch, pk, &cap);
+                    closes.insert(next_epoch, cap.epoch);
                     if phase == Phase::FinalSync {
                         let live = peers.iter().filter(|p| p.alive()).count() as u64;
                         stats.sync_queued_bytes.fetch_add(cp.data_bytes() * live, Ordering::Relaxed);
@@ -518,9 +522,11 @@ pub async fn run(
         }
         if let Some(c) = releasable(&peers, required) {
             stats.acked.store(c + 1, Ordering::Relaxed);
-            // Checkpoint `c` is safe: output of epoch `c - base` may leave (none before the
-            // first consistent checkpoint, `base`).
-            if let Some(e) = c.checked_sub(base).filter(|_| phase == Phase::Protected) {
+            // Checkpoint `c` is safe: output of the epochs it (and those before it) closed may
+            // leave; pre-copy rounds close none.
+            let e = closes.range(..=c).next_back().map(|(_, e)| *e);
+            closes = closes.split_off(&(c + 1));
+            if let Some(e) = e.filter(|_| phase == Phase::Protected && c >= base) {
                 if released.is_none_or(|r| e > r) {
                     if released.is_none() {
                         tracing::info!(

@@ -123,7 +123,11 @@ fn quic_config(idle_ms: u64) -> QuicConfig {
     }
 }
 
-/// Runs a protected VM.
+/// Pause between losing every backup and trying to reconnect.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Runs a protected VM; if the backups are lost it keeps the guest's output held and reconnects,
+/// starting over with a new initial sync.
 pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     if !(1..=1000).contains(&a.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 1000");
@@ -173,12 +177,26 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let repl = crate::rt::spawn("replication", async move {
         // Wait for the VM to be running before the initial sync.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        if let Err(e) = primary::run(vm2, pcfg, st2, stop_rx).await {
-            tracing::error!("replication stopped: {e}; guest output stays held");
-            eprintln!("vmatrix primary: replication stopped: {e}; guest output stays held (unprotected operation needs a grant)");
+        let mut stop_rx = stop_rx;
+        loop {
+            match primary::run(vm2.clone(), pcfg.clone(), st2.clone(), stop_rx.clone()).await {
+                Ok(()) => break,
+                Err(_) if *stop_rx.borrow() => break,
+                Err(e) => {
+                    // Output stays held (no client may see state a failover could lose) until
+                    // a backup holds the VM again: reconnect and sync it from scratch.
+                    st2.protected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("replication lost: {e}; guest output stays held");
+                    eprintln!("vmatrix primary: replication lost: {e}; guest output stays held; reconnecting (a new initial sync follows)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+                        _ = stop_rx.changed() => break,
+                    }
+                }
+            }
         }
     })
-        .context("spawning the replication thread")?;
+    .context("spawning the replication thread")?;
     let status: crate::control::StatusExtra = {
         let s = stats.clone();
         Arc::new(move || crate::metrics::status_fields(&s))

@@ -261,3 +261,52 @@ fn a_backup_reports_status_and_stops_through_its_control_socket() {
         );
     }
 }
+
+#[test]
+fn the_primary_holds_output_while_its_backup_is_gone_and_resyncs_a_new_one() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = replicate_keys(&net, dir.path(), 10);
+    let mut kv = KvClient::connect(r.primary.addr).unwrap();
+    assert_eq!(kv.cmd("COUNT").unwrap(), "COUNT 10");
+    // The backup's host dies.
+    if let Some(mut b) = r.backup.take() {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    // A write now cannot be protected: its answer is held.
+    kv.set_timeout(Duration::from_millis(1500));
+    assert!(
+        kv.cmd("SET during outage").is_err(),
+        "a write was acknowledged with no backup"
+    );
+    // A new backup comes up on the same address: the primary syncs it and releases the answer.
+    r.respawn_backup(&net);
+    kv.set_timeout(Duration::from_secs(30));
+    let mut line = String::new();
+    // The held "OK" arrives on the same connection.
+    let t = Instant::now();
+    while line.is_empty() {
+        line = kv.cmd("GET during").unwrap_or_default();
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "output never released"
+        );
+    }
+    assert_eq!(line, "OK", "the held answer to the SET comes first");
+    assert_eq!(kv.cmd("GET during").unwrap(), "VALUE outage");
+    let log = std::fs::read_to_string(r.primary.console.with_extension("stderr")).unwrap();
+    assert!(log.contains("reconnecting"), "{log}");
+    // The new backup's image holds everything acknowledged, old and new.
+    r.primary.kill9();
+    let image = r.finalize_backup();
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    for i in 0..10 {
+        assert_eq!(
+            kv.cmd(&format!("GET key{i}")).unwrap(),
+            format!("VALUE val{i}")
+        );
+    }
+    assert_eq!(kv.cmd("GET during").unwrap(), "VALUE outage");
+}

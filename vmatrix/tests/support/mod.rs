@@ -682,6 +682,13 @@ impl Replicated {
             .expect("spawn backup")
     }
 
+    /// Starts the first backup again (after it was killed), on its address and image directory.
+    pub fn respawn_backup(&mut self, net: &TestNet) {
+        assert!(self.backup.is_none(), "the first backup is still running");
+        let listen = net.backup_listen(0);
+        self.backup = Some(Self::spawn_backup(net, &self.dir, &[], 0, &listen));
+    }
+
     /// SIGTERM backup `i` (1..) and wait; returns its image.
     pub fn finalize_more(&mut self, i: usize) -> PathBuf {
         let b = &mut self.more[i - 1];
