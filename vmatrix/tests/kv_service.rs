@@ -28,11 +28,9 @@ fn twenty_clients_ten_thousand_ops_read_their_acknowledged_writes() {
                 let mut kv = KvClient::connect(addr).expect("connect");
                 let mut acked: HashMap<String, String> = HashMap::new();
                 // A small deterministic generator per client: xorshift seeded by the client id.
-                let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
                 for op in 0..OPS_PER_CLIENT {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.next();
                     let key = format!("c{c}-k{}", x as usize % KEYS_PER_CLIENT);
                     if op % 2 == 0 {
                         let val = format!("v{c}-{op}-{}", x % 1000);

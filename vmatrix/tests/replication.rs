@@ -72,16 +72,6 @@ fn output_is_held_while_the_backup_is_stalled_and_released_in_order() {
     );
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// One crash: 16 clients write; the primary dies at a random moment; the backup's image is
 /// started; every acknowledged write must be there.
 fn crash_once(seed: u64) {

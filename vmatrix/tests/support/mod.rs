@@ -198,6 +198,20 @@ fn release_index(index: u32) {
     let _ = std::fs::remove_file(lock_path(index));
 }
 
+/// A small deterministic generator (xorshift64) for seeded, replayable tests. The seed must
+/// not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Creates a zeroed disk image of `mib` MiB.
 pub fn make_disk(path: &Path, mib: u64) {
     let f = std::fs::File::create(path).unwrap();
@@ -785,13 +799,8 @@ impl CorruptingProxy {
         let damaged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (st, dm) = (stop.clone(), damaged.clone());
         let handle = std::thread::spawn(move || {
-            let mut x = seed | 1;
-            let mut rnd = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
+            let mut rng = Rng(seed | 1);
+            let mut rnd = move || rng.next();
             let mut damage = move |b: &mut Vec<u8>| {
                 let p = (rnd() % 10_000) as f64 / 10_000.0;
                 if p < flip && !b.is_empty() {

@@ -81,6 +81,16 @@ pub enum DeviceError {
     },
 }
 
+impl DeviceError {
+    /// Maps a virtio-queue error on queue `queue` (for `map_err`).
+    pub fn queue(queue: u16) -> impl Fn(virtio_queue::Error) -> DeviceError {
+        move |e| DeviceError::Queue {
+            queue,
+            why: e.to_string(),
+        }
+    }
+}
+
 /// A device behind a virtio-mmio transport.
 pub trait VirtioDevice: Send {
     /// virtio device id.

@@ -272,10 +272,7 @@ impl VirtioDevice for Block {
             let c = chain::validate(dc, mem, size)?;
             let len = self.execute(&c, mem)?;
             q.add_used(mem, c.head, len)
-                .map_err(|e| DeviceError::Queue {
-                    queue: index,
-                    why: e.to_string(),
-                })?;
+                .map_err(DeviceError::queue(index))?;
             used = true;
         }
         Ok(used)

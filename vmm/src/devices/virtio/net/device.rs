@@ -190,13 +190,6 @@ impl<B: NetBackend> Net<B> {
         self.rx_has_buffers
     }
 
-    fn queue_err(queue: u16) -> impl Fn(virtio_queue::Error) -> DeviceError {
-        move |e| DeviceError::Queue {
-            queue,
-            why: e.to_string(),
-        }
-    }
-
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMem) -> Result<bool, DeviceError> {
         let size = q.size();
         while let Some(dc) = q.pop_descriptor_chain(mem) {
@@ -237,7 +230,7 @@ impl<B: NetBackend> Net<B> {
                 }
                 None => self.send_now(&data),
             }
-            q.add_used(mem, c.head, 0).map_err(Self::queue_err(TX))?;
+            q.add_used(mem, c.head, 0).map_err(DeviceError::queue(TX))?;
         }
         // Transmit completions need no wake-up: the driver reclaims them when it next sends.
         Ok(false)
@@ -255,7 +248,7 @@ impl<B: NetBackend> Net<B> {
             let Some(dc) = q.pop_descriptor_chain(mem) else {
                 // Out of buffers: ask the guest to notify us when it adds some, then look once
                 // more to close the race with a buffer added just now.
-                if q.enable_notification(mem).map_err(Self::queue_err(RX))? {
+                if q.enable_notification(mem).map_err(DeviceError::queue(RX))? {
                     continue;
                 }
                 self.rx_has_buffers = false;
@@ -276,7 +269,8 @@ impl<B: NetBackend> Net<B> {
                         tracing::debug!("virtio-net: rx backend error: {e}");
                     }
                     q.go_to_previous_position();
-                    q.disable_notification(mem).map_err(Self::queue_err(RX))?;
+                    q.disable_notification(mem)
+                        .map_err(DeviceError::queue(RX))?;
                     self.rx_has_buffers = true;
                     return Ok(used);
                 }
@@ -295,7 +289,7 @@ impl<B: NetBackend> Net<B> {
                 0
             };
             q.add_used(mem, c.head, written)
-                .map_err(Self::queue_err(RX))?;
+                .map_err(DeviceError::queue(RX))?;
             used = true;
         }
     }
