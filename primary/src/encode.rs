@@ -50,24 +50,85 @@ impl Shadow {
             pages.push((gfn, encode(new, Some(old), opts)));
             self.pages.insert(gfn, new.to_vec());
         }
-        let disk = match &cap.disk {
-            DiskCapture::None => Vec::new(),
-            DiskCapture::Writes(w) => w.clone(),
-            DiskCapture::Full(bytes) => bytes
-                .chunks(SYNC_DISK_CHUNK)
-                .enumerate()
-                .filter(|(_, c)| c.iter().any(|&b| b != 0))
-                .map(|(i, c)| ((i * SYNC_DISK_CHUNK) as u64, c.to_vec()))
-                .collect(),
-        };
         Checkpoint {
             epoch,
             kind,
             mem_size: cap.mem_size,
             pages,
-            disk,
+            disk: disk_part(&cap.disk),
             // A pre-copy round has no state: the image is not consistent until the final pause.
             state: (kind != Kind::PreCopy).then(|| (FORMAT_VERSION, cap.state.clone())),
         }
+    }
+
+    /// From a full capture (taken to sync a joining backup), the incremental checkpoint
+    /// `epoch` for the backups that hold the previous state: its dirty pages and disk writes,
+    /// encoded against the shadow, which is updated as usual.
+    pub fn incremental_from_full(&mut self, epoch: u64, cap: &EpochCapture) -> Checkpoint {
+        let Some(ch) = &cap.changes else {
+            return self.checkpoint(epoch, Kind::Incremental, cap);
+        };
+        let mut data = Vec::with_capacity(ch.dirty.len() * PAGE);
+        for gfn in &ch.dirty {
+            match cap.pages.binary_search(gfn) {
+                Ok(i) => data.extend_from_slice(&cap.data[i * PAGE..(i + 1) * PAGE]),
+                // Not in the full capture: the page is all zero now.
+                Err(_) => data.resize(data.len() + PAGE, 0),
+            }
+        }
+        let inc = EpochCapture {
+            epoch: cap.epoch,
+            pause: cap.pause,
+            pages: ch.dirty.clone(),
+            data,
+            disk: ch.disk.clone(),
+            state: cap.state.clone(),
+            mem_size: cap.mem_size,
+            changes: None,
+        };
+        self.checkpoint(epoch, Kind::Incremental, &inc)
+    }
+
+    /// The initial sync of a backup joining a running session, numbered `epoch` in its own
+    /// session: every page of the full capture, raw. The shadow is left alone (it already
+    /// describes these pages once [`incremental_from_full`](Self::incremental_from_full) of
+    /// the same capture has run).
+    pub fn sync_for_joining(&self, epoch: u64, cap: &EpochCapture) -> Checkpoint {
+        let zero = vec![0u8; PAGE];
+        let raw = EncodeOptions {
+            xor: false,
+            lz4: false,
+        };
+        let pages = cap
+            .pages
+            .iter()
+            .enumerate()
+            .map(|(i, &gfn)| {
+                let new = &cap.data[i * PAGE..(i + 1) * PAGE];
+                (gfn, encode(new, Some(&zero), raw))
+            })
+            .collect();
+        Checkpoint {
+            epoch,
+            kind: Kind::Sync,
+            mem_size: cap.mem_size,
+            pages,
+            disk: disk_part(&cap.disk),
+            state: Some((FORMAT_VERSION, cap.state.clone())),
+        }
+    }
+}
+
+/// The disk part of a checkpoint: writes as they are, a whole disk as its non-zero chunks.
+fn disk_part(disk: &DiskCapture) -> Vec<(u64, Vec<u8>)> {
+    match disk {
+        DiskCapture::None => Vec::new(),
+        DiskCapture::Writes(w) => w.clone(),
+        DiskCapture::Full(bytes) => bytes
+            .chunks(SYNC_DISK_CHUNK)
+            .enumerate()
+            .filter(|(_, c)| c.iter().any(|&b| b != 0))
+            .map(|(i, c)| ((i * SYNC_DISK_CHUNK) as u64, c.to_vec()))
+            .collect(),
     }
 }

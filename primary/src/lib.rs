@@ -17,6 +17,9 @@
 
 pub mod encode;
 pub mod epoch;
+mod peer;
+
+use peer::{releasable, Peer};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use protocol::message::Kind;
 use protocol::page::EncodeOptions;
-use protocol::{ProtocolError, Sender, SenderConfig, SenderEvent};
+use protocol::{ProtocolError, SenderEvent};
 
 use tokio::sync::watch;
 use transport::certs::Identity;
-use transport::{quic, PrimaryLink, QuicConfig};
+use transport::{quic, QuicConfig};
 use vmm::{CaptureKind, Vm};
 
 /// Typed errors of the primary.
@@ -88,6 +91,9 @@ pub struct PrimaryConfig {
 
 /// Shortest time between the start of two early checkpoints while one is in flight.
 const EARLY_MIN_GAP: Duration = Duration::from_millis(1);
+
+/// Shortest time between two attempts to reconnect a failed backup.
+const REJOIN_DELAY: Duration = Duration::from_secs(1);
 
 /// Pre-copy ends once a round finds at most this many dirty pages (1 MiB).
 pub const PRECOPY_CONVERGED: usize = 256;
@@ -154,95 +160,6 @@ impl Stats {
     }
 }
 
-/// One backup: its protocol sender and its QUIC link.
-struct Peer {
-    name: String,
-    sender: Sender,
-    link: PrimaryLink,
-    acked: Option<u64>,
-    failed: Option<String>,
-    version: u16,
-}
-
-impl Peer {
-    async fn flush(&mut self) -> Result<(), PrimaryError> {
-        self.flush_counting(None).await
-    }
-
-    /// Sends what the protocol queued, adding the bytes to `counter` as they go.
-    async fn flush_counting(&mut self, counter: Option<&AtomicU64>) -> Result<(), PrimaryError> {
-        while let Some((lane, f)) = self.sender.poll_transmit() {
-            self.link.send(lane, &f).await?;
-            if let Some(c) = counter {
-                c.fetch_add(f.len() as u64, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    fn alive(&self) -> bool {
-        self.failed.is_none()
-    }
-}
-
-async fn connect_peer(
-    ep: &quinn::Endpoint,
-    cfg: &PrimaryConfig,
-    addr: SocketAddr,
-    name: &str,
-    index: usize,
-    tx: &tokio::sync::mpsc::Sender<(usize, Result<Vec<u8>, transport::TransportError>)>,
-) -> Result<Peer, PrimaryError> {
-    // The backup may still be starting: retry for a while before giving up.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let conn = loop {
-        match quic::connect(ep, addr, name).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                tracing::info!("backup {name} not reachable yet ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let (link, mut rx) = PrimaryLink::open(conn, cfg.lanes).await?;
-    let fwd = tx.clone();
-    tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if fwd.send((index, f)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
-    scfg.lanes = cfg.lanes;
-    scfg.window = cfg.window;
-    scfg.idle_timeout = Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3);
-    let mut sender = Sender::new(scfg);
-    sender.start(Instant::now());
-    let mut p = Peer {
-        name: name.to_string(),
-        sender,
-        link,
-        acked: None,
-        failed: None,
-        version: 0,
-    };
-    p.flush().await?;
-    Ok(p)
-}
-
-/// The highest epoch acknowledged by at least `required` live backups.
-fn releasable(peers: &[Peer], required: usize) -> Option<u64> {
-    let mut acks: Vec<u64> = peers
-        .iter()
-        .filter(|p| p.alive())
-        .filter_map(|p| p.acked)
-        .collect();
-    acks.sort_unstable_by(|a, b| b.cmp(a));
-    acks.get(required.checked_sub(1)?).copied()
-}
-
 /// Clears the VM's output waker when the loop ends, however it ends.
 struct WakerGuard<'a>(&'a Vm);
 
@@ -279,9 +196,14 @@ pub async fn run(
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let mut peers = Vec::new();
     for (i, (addr, name)) in cfg.backups.iter().enumerate() {
-        peers.push(connect_peer(&ep, &cfg, *addr, name, i, &tx).await?);
+        peers.push(peer::connect(&ep, &cfg, (*addr, name), i, 0, &tx).await?);
     }
-    drop(tx);
+    // Failed backups are reconnected in the background and join the running session.
+    let (join_tx, mut join_rx) =
+        tokio::sync::mpsc::channel::<(usize, Result<Peer, PrimaryError>)>(16);
+    let mut reconnecting = vec![false; peers.len()];
+    let mut last_attempt = vec![Instant::now(); peers.len()];
+    let mut generation = 0u64;
     let mut shadow = encode::Shadow::new(cfg.encode);
     let mut next_epoch = 0u64;
     // Checkpoints before `base` are pre-copy rounds (they close no output epoch).
@@ -316,14 +238,32 @@ pub async fn run(
             .filter_map(|p| p.sender.poll_timeout())
             .min()
             .map(tokio::time::Instant::from_std);
+        // A backup joining the running session does not gate the others.
         let all_ready = peers
             .iter()
-            .filter(|p| p.alive())
+            .filter(|p| p.active())
             .all(|p| p.sender.is_ready());
         let idle = peers
             .iter()
-            .filter(|p| p.alive())
+            .filter(|p| p.active())
             .all(|p| p.sender.in_flight() == 0);
+        if phase == Phase::Protected {
+            for (i, p) in peers.iter().enumerate() {
+                if p.alive() || reconnecting[i] || last_attempt[i].elapsed() < REJOIN_DELAY {
+                    continue;
+                }
+                reconnecting[i] = true;
+                last_attempt[i] = Instant::now();
+                generation += 1;
+                let (ep, cfg, tx, jt) = (ep.clone(), cfg.clone(), tx.clone(), join_tx.clone());
+                let (addr, name) = cfg.backups[i].clone();
+                let g = generation;
+                tokio::spawn(async move {
+                    let r = peer::connect(&ep, &cfg, (addr, &name), i, g, &tx).await;
+                    let _ = jt.send((i, r)).await;
+                });
+            }
+        }
         let wake = match phase {
             // Pre-copy rounds go one at a time, each as soon as the previous one is acknowledged.
             Phase::PreCopy { .. } if idle => Some(tokio::time::Instant::now()),
@@ -343,15 +283,28 @@ pub async fn run(
         };
         tokio::select! {
             f = rx.recv() => match f {
-                Some((i, Ok(f))) => {
+                // Frames of a connection that has since been replaced are dropped.
+                Some((i, g, _)) if peers[i].generation != g => {}
+                Some((i, _, Ok(f))) => {
                     if let Err(e) = peers[i].sender.handle_frame(Instant::now(), &f) {
                         tracing::warn!("frame from backup {}: {e}", peers[i].name);
                     }
                 }
-                Some((i, Err(e))) => {
+                Some((i, _, Err(e))) => {
                     peers[i].failed = Some(e.to_string());
                 }
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
+            },
+            Some((i, r)) = join_rx.recv() => {
+                reconnecting[i] = false;
+                match r {
+                    Ok(mut p) => {
+                        tracing::info!("backup {} reconnected; it joins with a new initial sync", p.name);
+                        p.joining = true;
+                        peers[i] = p;
+                    }
+                    Err(e) => tracing::info!("backup {} still unreachable: {e}", peers[i].name),
+                }
             },
             // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
             _ = async {
@@ -410,11 +363,11 @@ pub async fn run(
                 // Before `tick` only an early checkpoint wakes us (`wake` checked its condition).
                 let early = phase == Phase::Protected && now < tick;
                 let mut captured = None;
-                let live = peers.iter().filter(|p| p.alive()).count();
+                let live = peers.iter().filter(|p| p.active()).count();
                 // A backup whose window stays full would gate everyone: drop it while enough
-                // others remain (it can rejoin with a new initial sync).
+                // others remain (it rejoins with a new initial sync).
                 if live > required {
-                    for p in peers.iter_mut().filter(|p| p.alive() && !p.sender.can_send()) {
+                    for p in peers.iter_mut().filter(|p| p.active() && !p.sender.can_send()) {
                         if p.sender.in_flight() as u64 >= cfg.window && live > required {
                             tracing::warn!("backup {} is not keeping up; dropping it", p.name);
                             p.sender.close(Instant::now(), "not keeping up");
@@ -424,11 +377,31 @@ pub async fn run(
                         }
                     }
                 }
-                if peers.iter().filter(|p| p.alive()).all(|p| p.sender.can_send()) {
-                    let kind = if next_epoch == 0 { CaptureKind::Full } else { CaptureKind::Incremental };
+                if peers.iter().filter(|p| p.active()).all(|p| p.sender.can_send()) {
+                    // A backup joining the session needs everything: this pause captures it
+                    // all, and the others get the usual changes from the same capture.
+                    let joining = phase == Phase::Protected && peers.iter().any(|p| p.ready_to_join());
+                    let kind = if next_epoch == 0 || joining { CaptureKind::Full } else { CaptureKind::Incremental };
                     let cap = vm.capture_epoch(kind)?;
-                    let pk = if next_epoch == 0 { Kind::Sync } else { Kind::Incremental };
-                    let cp = shadow.checkpoint(next_epoch, pk, &cap);
+                    let cp = match (next_epoch, joining) {
+                        (0, _) => shadow.checkpoint(0, Kind::Sync, &cap),
+                        (_, true) => shadow.incremental_from_full(next_epoch, &cap),
+                        _ => shadow.checkpoint(next_epoch, Kind::Incremental, &cap),
+                    };
+                    if joining {
+                        let sync = shadow.sync_for_joining(0, &cap);
+                        for p in peers.iter_mut().filter(|p| p.ready_to_join()) {
+                            tracing::info!(
+                                "backup {} joins at checkpoint {next_epoch}: initial sync of {} pages in a {} µs pause",
+                                p.name,
+                                cap.pages.len(),
+                                cap.pause.as_micros()
+                            );
+                            p.joining = false;
+                            p.offset = next_epoch;
+                            p.sender.send_checkpoint(Instant::now(), sync.clone())?;
+                        }
+                    }
                     closes.insert(next_epoch, cap.epoch);
                     if phase == Phase::FinalSync {
                         let live = peers.iter().filter(|p| p.alive()).count() as u64;
@@ -446,8 +419,11 @@ pub async fn run(
                     stats.record_pause(cap.pause.as_micros() as u64);
                     stats.pages.fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
                     stats.bytes.fetch_add(cp.data_bytes(), Ordering::Relaxed);
-                    for p in peers.iter_mut().filter(|p| p.alive()) {
-                        p.sender.send_checkpoint(Instant::now(), cp.clone())?;
+                    // Everyone in step gets it; a backup that joined with this very capture
+                    // already has it as its initial sync.
+                    let in_step = |p: &Peer| p.active() && (p.offset < next_epoch || next_epoch == 0);
+                    for p in peers.iter_mut().filter(|p| in_step(p)) {
+                        p.send(Instant::now(), &cp)?;
                     }
                     next_epoch += 1;
                     stats.epochs.store(next_epoch, Ordering::Relaxed);
@@ -502,7 +478,7 @@ pub async fn run(
                         tracing::info!("backup {} ready (protocol v{version})", p.name)
                     }
                     SenderEvent::Acked { epoch, latency } => {
-                        p.acked = Some(epoch);
+                        p.acked = Some(epoch + p.offset);
                         stats
                             .ack_latency_us
                             .store(latency.as_micros() as u64, Ordering::Relaxed);

@@ -310,3 +310,65 @@ fn the_primary_holds_output_while_its_backup_is_gone_and_resyncs_a_new_one() {
     }
     assert_eq!(kv.cmd("GET during").unwrap(), "VALUE outage");
 }
+
+#[test]
+fn a_lost_backup_rejoins_the_running_session() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replicated::start_n(&net, dir.path(), 2, &["--required", "1"]);
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    for i in 0..10 {
+        assert_eq!(kv.cmd(&format!("SET before{i} v{i}")).unwrap(), "OK");
+    }
+    // Backup 1 dies; with a quorum of one the service goes on, protected by backup 0.
+    r.kill_and_respawn_more(&net, 1, || {
+        for i in 0..10 {
+            assert_eq!(kv.cmd(&format!("SET during{i} v{i}")).unwrap(), "OK");
+        }
+    });
+    // It comes back: the primary reconnects and syncs it inside the running session.
+    let sock = r.backup_socket(1);
+    wait_socket(&sock, Duration::from_secs(5));
+    let t = Instant::now();
+    loop {
+        let st = ctl(&sock, &["status"]);
+        if field(&st, "connected").as_deref() == Some("true")
+            && field(&st, "syncing").as_deref() == Some("false")
+            && field(&st, "checkpoints").and_then(|c| c.parse::<u64>().ok()) > Some(3)
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "backup 1 never rejoined: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..10 {
+        assert_eq!(kv.cmd(&format!("SET after{i} v{i}")).unwrap(), "OK");
+    }
+    let log = std::fs::read_to_string(r.primary.console.with_extension("stderr")).unwrap();
+    assert!(log.contains("joins at checkpoint"), "{log}");
+    // Make sure backup 1 has the last writes too: output now needs either backup, so wait for
+    // it to apply a checkpoint taken after them.
+    let applied = |st: &str| field(st, "applied_epoch").and_then(|a| a.parse::<u64>().ok());
+    let a0 = applied(&ctl(&sock, &["status"]));
+    let t = Instant::now();
+    while applied(&ctl(&sock, &["status"])) <= a0.map(|a| a + 2) {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.primary.kill9();
+    let image = r.finalize_more(1);
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    for prefix in ["before", "during", "after"] {
+        for i in 0..10 {
+            assert_eq!(
+                kv.cmd(&format!("GET {prefix}{i}")).unwrap(),
+                format!("VALUE v{i}"),
+                "{prefix}{i} on the rejoined backup"
+            );
+        }
+    }
+}

@@ -36,10 +36,17 @@ fn output_is_held_while_the_backup_is_stalled_and_released_in_order() {
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(b"SET x 1\nSET y 2\nGET x\n").unwrap();
     let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Ok(n) => panic!(
+    // (A signal may interrupt the wait; that is not a reply.)
+    let mut read = || loop {
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r.map(|n| buf[..n].to_vec()),
+        }
+    };
+    match read() {
+        Ok(b) => panic!(
             "a reply escaped while the backup was stalled: {:?}",
-            String::from_utf8_lossy(&buf[..n])
+            String::from_utf8_lossy(&b)
         ),
         Err(e) => assert!(
             matches!(

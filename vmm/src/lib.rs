@@ -28,6 +28,6 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use vm::{
-    CaptureKind, DiskCapture, EpochCapture, RestoreConfig, SnapshotKind, SnapshotStats, Vm,
-    VmConfig, VmExit,
+    CaptureKind, Changes, DiskCapture, EpochCapture, RestoreConfig, SnapshotKind, SnapshotStats,
+    Vm, VmConfig, VmExit,
 };

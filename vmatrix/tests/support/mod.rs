@@ -713,6 +713,21 @@ impl Replicated {
         self.image_dir(i)
     }
 
+    /// Kills backup `i` (1..) with SIGKILL and starts it again on its address and image.
+    pub fn kill_and_respawn_more(
+        &mut self,
+        net: &TestNet,
+        i: usize,
+        before_respawn: impl FnOnce(),
+    ) {
+        let b = &mut self.more[i - 1];
+        let _ = b.kill();
+        let _ = b.wait();
+        before_respawn();
+        let listen = net.backup_listen(i);
+        self.more[i - 1] = Self::spawn_backup(net, &self.dir, &[], i, &listen);
+    }
+
     /// Sends a signal to backup `i` (1..).
     pub fn signal_more(&self, i: usize, sig: &str) {
         let _ = Command::new("kill")

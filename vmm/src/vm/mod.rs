@@ -29,7 +29,7 @@ pub use crate::vcpu::VmExit;
 use crate::vcpu::{self, Control};
 use crate::vcpu_state;
 use crate::{boot, loader, Error, Result};
-pub use replicate::{CaptureKind, DiskCapture, EpochCapture};
+pub use replicate::{CaptureKind, Changes, DiskCapture, EpochCapture};
 pub use restore::RestoreConfig;
 pub use snapshot::{SnapshotKind, SnapshotStats};
 

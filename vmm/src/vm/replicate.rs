@@ -49,6 +49,18 @@ pub struct EpochCapture {
     pub state: Vec<u8>,
     /// Guest RAM size.
     pub mem_size: u64,
+    /// What changed since the previous capture (an epoch capture's dirty pages and disk
+    /// writes), so a full capture can also serve backups that hold the previous state.
+    pub changes: Option<Changes>,
+}
+
+/// The changes since the previous capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Pages dirtied (vCPU or device), ascending.
+    pub dirty: Vec<u64>,
+    /// Disk writes in order, or the whole disk if they were not all recorded.
+    pub disk: DiskCapture,
 }
 
 fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
@@ -76,22 +88,28 @@ impl Vm {
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
         let state = postcard::to_stdvec(&self.capture_state()?).map_err(capture_err)?;
         let dirty = self.harvest_dirty().map_err(capture_err)?;
+        let dirty = dirty.page_list();
         let pages: Vec<u64> = match kind {
-            CaptureKind::Incremental => dirty.page_list(),
+            CaptureKind::Incremental => dirty.clone(),
             CaptureKind::Full => self.nonzero_pages()?,
         };
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
-        let disk = match &self.devices.blk {
-            None => DiskCapture::None,
+        // The disk as `kind` wants it, and the writes since the previous capture (when they
+        // were recorded in full).
+        let (disk, disk_changes) = match &self.devices.blk {
+            None => (DiskCapture::None, DiskCapture::None),
             Some(b) => {
                 let mut t = lock(b);
-                let writes = t.with_device_unchecked(|d| d.take_writes());
+                let writes = t
+                    .with_device_unchecked(|d| d.take_writes())
+                    .filter(|w| !w.overflowed)
+                    .map(|w| w.writes);
                 match (kind, writes) {
-                    (CaptureKind::Incremental, Some(w)) if !w.overflowed => {
-                        DiskCapture::Writes(w.writes)
+                    (CaptureKind::Incremental, Some(w)) => {
+                        (DiskCapture::Writes(w.clone()), DiskCapture::Writes(w))
                     }
-                    _ => {
+                    (_, writes) => {
                         use std::os::unix::fs::FileExt;
                         let len = t.device().sectors() * SECTOR_SIZE;
                         let mut buf = vec![0u8; len as usize];
@@ -99,7 +117,11 @@ impl Vm {
                             .file()
                             .read_exact_at(&mut buf, 0)
                             .map_err(capture_err)?;
-                        DiskCapture::Full(buf)
+                        let changes = match writes {
+                            Some(w) => DiskCapture::Writes(w),
+                            None => DiskCapture::Full(buf.clone()),
+                        };
+                        (DiskCapture::Full(buf), changes)
                     }
                 }
             }
@@ -128,6 +150,10 @@ impl Vm {
             disk,
             state,
             mem_size: self.mem_size,
+            changes: Some(Changes {
+                dirty,
+                disk: disk_changes,
+            }),
         })
     }
 
@@ -187,6 +213,7 @@ impl Vm {
             disk,
             state: Vec::new(),
             mem_size: self.mem_size,
+            changes: None,
         })
     }
 
@@ -207,6 +234,7 @@ impl Vm {
             disk: DiskCapture::Writes(Vec::new()),
             state: Vec::new(),
             mem_size: self.mem_size,
+            changes: None,
         })
     }
 

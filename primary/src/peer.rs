@@ -1,0 +1,141 @@
+//! One backup as the epoch loop sees it: its protocol sender, its QUIC link, what it has
+//! acknowledged, and where it stands — connecting, joining (connected, waiting for its own
+//! initial sync inside the running session), in step, or failed (to be reconnected).
+//!
+//! A backup that joins a running session is synced from a full capture and numbers its
+//! checkpoints from 0 in its own session: `offset` maps them to the loop's checkpoint numbers.
+//! Frames come tagged with the connection's generation, so a late frame of a dropped
+//! connection never touches the peer that replaced it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use protocol::{Checkpoint, ProtocolError, Sender, SenderConfig};
+use transport::{quic, PrimaryLink, TransportError};
+
+use crate::{PrimaryConfig, PrimaryError};
+
+/// Frames from every backup's link: (backup index, connection generation, frame).
+pub(crate) type FrameTx = tokio::sync::mpsc::Sender<(usize, u64, Result<Vec<u8>, TransportError>)>;
+
+/// One backup.
+pub(crate) struct Peer {
+    pub name: String,
+    pub sender: Sender,
+    pub link: PrimaryLink,
+    /// Highest acknowledged checkpoint, in the loop's numbering.
+    pub acked: Option<u64>,
+    pub failed: Option<String>,
+    pub version: u16,
+    /// Connection generation (see the module docs).
+    pub generation: u64,
+    /// The loop's number of this backup's checkpoint 0.
+    pub offset: u64,
+    /// Connected into a running session; waits for its initial sync.
+    pub joining: bool,
+}
+
+impl Peer {
+    pub async fn flush(&mut self) -> Result<(), PrimaryError> {
+        self.flush_counting(None).await
+    }
+
+    /// Sends what the protocol queued, adding the bytes to `counter` as they go.
+    pub async fn flush_counting(
+        &mut self,
+        counter: Option<&AtomicU64>,
+    ) -> Result<(), PrimaryError> {
+        while let Some((lane, f)) = self.sender.poll_transmit() {
+            self.link.send(lane, &f).await?;
+            if let Some(c) = counter {
+                c.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Connected and not failed.
+    pub fn alive(&self) -> bool {
+        self.failed.is_none()
+    }
+
+    /// Takes part in the session's checkpoints (alive and synced, or syncing).
+    pub fn active(&self) -> bool {
+        self.alive() && !self.joining
+    }
+
+    /// Ready for its initial sync inside the running session.
+    pub fn ready_to_join(&self) -> bool {
+        self.alive() && self.joining && self.sender.is_ready()
+    }
+
+    /// Sends checkpoint `cp` (in the loop's numbering) in this backup's numbering.
+    pub fn send(&mut self, now: Instant, cp: &Checkpoint) -> Result<(), ProtocolError> {
+        let mut c = cp.clone();
+        c.epoch -= self.offset;
+        self.sender.send_checkpoint(now, c)
+    }
+}
+
+/// Connects to backup `index` (retrying for up to 10 s: it may still be starting) and says
+/// Hello; its frames go to `tx` tagged with `generation`.
+pub(crate) async fn connect(
+    ep: &quinn::Endpoint,
+    cfg: &PrimaryConfig,
+    (addr, name): (SocketAddr, &str),
+    index: usize,
+    generation: u64,
+    tx: &FrameTx,
+) -> Result<Peer, PrimaryError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        match quic::connect(ep, addr, name).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!("backup {name} not reachable yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let (link, mut rx) = PrimaryLink::open(conn, cfg.lanes).await?;
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if fwd.send((index, generation, f)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
+    scfg.lanes = cfg.lanes;
+    scfg.window = cfg.window;
+    scfg.idle_timeout = Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3);
+    let mut sender = Sender::new(scfg);
+    sender.start(Instant::now());
+    let mut p = Peer {
+        name: name.to_string(),
+        sender,
+        link,
+        acked: None,
+        failed: None,
+        version: 0,
+        generation,
+        offset: 0,
+        joining: false,
+    };
+    p.flush().await?;
+    Ok(p)
+}
+
+/// The highest checkpoint acknowledged by at least `required` live backups.
+pub(crate) fn releasable(peers: &[Peer], required: usize) -> Option<u64> {
+    let mut acks: Vec<u64> = peers
+        .iter()
+        .filter(|p| p.alive())
+        .filter_map(|p| p.acked)
+        .collect();
+    acks.sort_unstable_by(|a, b| b.cmp(a));
+    acks.get(required.checked_sub(1)?).copied()
+}
