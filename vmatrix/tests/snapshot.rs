@@ -179,7 +179,13 @@ fn diff_chain_restores_the_same_state_as_a_full_snapshot() {
     vm.kill9();
 
     use vm_memory::{Bytes, GuestAddress};
-    let chain = vmm::snapshot::load_chain(&p("diff2")).expect("chain verifies");
+    // Diffs name their parent relative to themselves: the chain still loads after it is moved
+    // as a whole.
+    let moved = tempfile::tempdir().unwrap();
+    for n in ["full0", "diff1", "diff2"] {
+        std::fs::rename(p(n), moved.path().join(n)).unwrap();
+    }
+    let chain = vmm::snapshot::load_chain(&moved.path().join("diff2")).expect("chain verifies");
     assert_eq!(chain.len(), 3, "full0 <- diff1 <- diff2");
     let full = vmm::snapshot::load_chain(&p("full2")).expect("full verifies");
     let size = full[0].meta.mem_size as usize;
@@ -226,7 +232,7 @@ fn diff_chain_restores_the_same_state_as_a_full_snapshot() {
     );
 
     // And the chain restores into a working VM.
-    let mut vm2 = VmProc::restore(&net, &p("diff2"), &p("c2.log"), &[]);
+    let mut vm2 = VmProc::restore(&net, &moved.path().join("diff2"), &p("c2.log"), &[]);
     let mut kv = vm2.wait_ready(Duration::from_secs(10));
     assert_eq!(kv.cmd("GET c49").unwrap(), "VALUE 49");
     assert_eq!(kv.cmd("COUNT").unwrap(), "COUNT 101");

@@ -57,10 +57,35 @@ pub struct VmState {
 /// Link from a diff to the snapshot it is relative to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {
-    /// Directory of the parent.
+    /// Directory of the parent: relative to the diff's own directory (so a chain can be moved
+    /// or copied as a whole), or absolute (snapshots written before that rule, or on another
+    /// filesystem root).
     pub dir: PathBuf,
     /// Its id.
     pub id: u64,
+}
+
+/// The path that leads from directory `from` to `to` (both absolute): `../a/b` style, or `to`
+/// itself if they share nothing but the root.
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    use std::path::Component;
+    let f: Vec<Component> = from.components().collect();
+    let t: Vec<Component> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    if common <= 1 {
+        return to.to_path_buf();
+    }
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// The contents of `snapshot.bin`.
@@ -184,7 +209,10 @@ pub fn load_chain(dir: &Path) -> Result<Vec<Link>, SnapshotError> {
         match parent {
             Some(p) => {
                 expect_id = Some(p.id);
-                cur = p.dir;
+                cur = match p.dir.is_relative() {
+                    true => cur.join(p.dir),
+                    false => p.dir,
+                };
             }
             None => break,
         }
@@ -279,4 +307,24 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_between_snapshot_directories() {
+        let r = |a: &str, b: &str| relative_path(Path::new(a), Path::new(b));
+        assert_eq!(
+            r("/s/chain/diff1", "/s/chain/full0"),
+            PathBuf::from("../full0")
+        );
+        assert_eq!(
+            r("/s/a/diff", "/s/b/c/full"),
+            PathBuf::from("../../b/c/full")
+        );
+        assert_eq!(r("/s/a", "/s/a"), PathBuf::from("."));
+        assert_eq!(r("/x/diff", "/y/full"), PathBuf::from("/y/full"));
+    }
 }

@@ -132,6 +132,13 @@ impl Vm {
             }
             None => None,
         };
+        // The parent is recorded relative to this snapshot's directory (a chain stays valid
+        // when moved as a whole).
+        let here = std::fs::canonicalize(dir).map_err(SnapshotError::io(dir))?;
+        let parent = parent.map(|p| ParentRef {
+            dir: snapshot::relative_path(&here, &p.dir),
+            id: p.id,
+        });
         let meta = SnapshotMeta {
             id,
             parent,
