@@ -56,8 +56,11 @@ impl Churn {
         let due = due.min(self.done + self.rate_per_ms * 100);
         while self.done < due {
             let p = self.cursor * PAGE;
+            // The pass number: every visit changes the page (a rewrite of the same byte would be
+            // a page the replication encoder rightly skips as unchanged).
+            let v = (self.done / self.pages as u64) as u8 ^ 0x5a;
             // SAFETY: `p` is inside `region`; volatile so the store is not elided.
-            unsafe { core::ptr::write_volatile(self.region.as_mut_ptr().add(p), self.done as u8) };
+            unsafe { core::ptr::write_volatile(self.region.as_mut_ptr().add(p), v) };
             self.cursor = (self.cursor + 1) % self.pages;
             self.done += 1;
         }

@@ -47,6 +47,10 @@ impl Shadow {
                 Kind::Incremental | Kind::PreCopy => self.opts,
             };
             let old = self.pages.get(&gfn).map_or(&zero[..], |p| &p[..]);
+            // Reported dirty but unchanged (a hot page, see vmm::dirty_log): the backup has it.
+            if kind != Kind::Sync && old == new {
+                continue;
+            }
             pages.push((gfn, encode(new, Some(old), opts)));
             self.pages.insert(gfn, new.to_vec());
         }

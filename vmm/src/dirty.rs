@@ -4,6 +4,7 @@
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::dirty_log::KvmDirtyLog;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestMem;
 use crate::{Error, Result};
@@ -60,12 +61,16 @@ pub fn bits(bitmap: &[u64], limit: u64) -> Vec<u64> {
     out
 }
 
-/// Reads and resets both dirty sources. The caller must have quiesced vCPUs and device threads,
-/// so that no write falls between the two reads.
-pub fn harvest(vm_fd: &VmFd, mem: &GuestMem, mem_size: u64) -> Result<DirtyPages> {
-    let kvm = vm_fd
-        .get_dirty_log(0, mem_size as usize)
-        .map_err(Error::kvm("get_dirty_log"))?;
+/// Reads and resets both dirty sources (KVM's hot pages stay set, see
+/// [`crate::dirty_log`]). The caller must have quiesced vCPUs and device threads, so that no
+/// write falls between the two reads — or copy the pages only after this returns (pre-copy).
+pub fn harvest(
+    log: &mut KvmDirtyLog,
+    vm_fd: &VmFd,
+    mem: &GuestMem,
+    mem_size: u64,
+) -> Result<DirtyPages> {
+    let kvm = log.harvest(vm_fd, mem_size)?;
     let region = mem
         .find_region(GuestAddress(0))
         .ok_or_else(|| Error::MemoryMap("no guest RAM region".into()))?;

@@ -15,6 +15,7 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod dirty;
+pub mod dirty_log;
 pub mod error;
 pub mod events;
 pub mod layout;

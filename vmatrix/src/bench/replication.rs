@@ -222,7 +222,7 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
     let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(30))?;
     wait_protected(&stats)?;
     println!("### Pause per checkpoint, epoch rate and bandwidth (20 ms epochs)\n");
-    println!("| workload | pause p50 | pause p99 | pause max | checkpoints/s | dirty pages sent/s | checkpoint data | share of raw quinn | ack latency (last) |");
+    println!("| workload | pause p50 | pause p99 | pause max | checkpoints/s | changed pages sent/s | checkpoint data | share of raw quinn | ack latency (last) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for (name, churn) in [
         ("idle", "CHURN 0 0"),

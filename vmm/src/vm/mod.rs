@@ -73,6 +73,7 @@ pub struct Vm {
     mem: GuestMem,
     mem_size: u64,
     dirty_log: bool,
+    kvm_dirty: Mutex<crate::dirty_log::KvmDirtyLog>,
     msr_indices: Vec<u32>,
     control: Arc<Control>,
     pio: Arc<Bus>,
@@ -130,6 +131,7 @@ pub(crate) struct KvmParts {
     pub vm_fd: VmFd,
     pub vcpu: VcpuFd,
     pub msr_indices: Vec<u32>,
+    pub dirty: crate::dirty_log::KvmDirtyLog,
 }
 
 /// Creates the KVM VM, registers `mem` as slot 0 and creates vCPU 0 with the host's CPUID.
@@ -142,6 +144,11 @@ pub(crate) fn create_kvm_vm(
     vcpu_state::check_xsave_size(&kvm)?;
     let msr_indices = vcpu_state::msr_indices(&kvm)?;
     let vm_fd = kvm.create_vm().map_err(Error::kvm("create_vm"))?;
+    // Hot-page dirty logging must be chosen before the slot exists.
+    let dirty = match dirty_log {
+        true => crate::dirty_log::KvmDirtyLog::new(&vm_fd),
+        false => Default::default(),
+    };
     let host = mem
         .get_host_address(GuestAddress(0))
         .map_err(|e| Error::MemoryMap(e.to_string()))?;
@@ -171,6 +178,7 @@ pub(crate) fn create_kvm_vm(
         vm_fd,
         vcpu,
         msr_indices,
+        dirty,
     })
 }
 
@@ -260,6 +268,7 @@ impl Vm {
             mem,
             mem_size,
             dirty_log,
+            kvm_dirty: Mutex::new(parts.dirty),
             msr_indices: parts.msr_indices,
             control,
             pio: Arc::new(pio),
@@ -391,7 +400,12 @@ impl Vm {
                 "the VM must be paused to harvest dirty pages".into(),
             ));
         }
-        crate::dirty::harvest(&self.vm_fd, &self.mem, self.mem_size)
+        crate::dirty::harvest(
+            &mut lock(&self.kvm_dirty),
+            &self.vm_fd,
+            &self.mem,
+            self.mem_size,
+        )
     }
 
     /// Reads and resets the dirty sets while the guest may be running (pre-copy). Safe for a
@@ -401,7 +415,12 @@ impl Vm {
         if !self.dirty_log {
             return Err(Error::Host("dirty logging is off for this VM".into()));
         }
-        crate::dirty::harvest(&self.vm_fd, &self.mem, self.mem_size)
+        crate::dirty::harvest(
+            &mut lock(&self.kvm_dirty),
+            &self.vm_fd,
+            &self.mem,
+            self.mem_size,
+        )
     }
 
     /// CRC32 of all guest RAM. The VM must be paused (or not started).
