@@ -43,6 +43,27 @@ struct Heat {
     hot_left: u8,
 }
 
+/// What a page found dirty in a harvest becomes; it stays writable (is not cleared) while the
+/// result is hot (`hot_left > 0`). A page not found dirty starts again from `Heat::default()`.
+fn next_heat(h: Heat) -> Heat {
+    match h.hot_left {
+        // Hot: stay writable, unless its time is up.
+        n if n > 1 => Heat {
+            streak: h.streak,
+            hot_left: n - 1,
+        },
+        1 => Heat::default(),
+        _ if h.streak + 1 >= HOT_AFTER => Heat {
+            streak: HOT_AFTER,
+            hot_left: HOT_FOR,
+        },
+        _ => Heat {
+            streak: h.streak + 1,
+            hot_left: 0,
+        },
+    }
+}
+
 /// KVM dirty log of slot 0 with hot-page handling.
 #[derive(Debug, Default)]
 pub struct KvmDirtyLog {
@@ -89,23 +110,7 @@ impl KvmDirtyLog {
         let mut clear = vec![0u64; bitmap.len()];
         let mut heat = HashMap::with_capacity(self.heat.len());
         for pfn in crate::dirty::bits(&bitmap, pages) {
-            let h = self.heat.get(&pfn).copied().unwrap_or_default();
-            let next = match h.hot_left {
-                // Hot: stay writable, unless its time is up.
-                n if n > 1 => Heat {
-                    streak: h.streak,
-                    hot_left: n - 1,
-                },
-                1 => Heat::default(),
-                _ if h.streak + 1 >= HOT_AFTER => Heat {
-                    streak: HOT_AFTER,
-                    hot_left: HOT_FOR,
-                },
-                _ => Heat {
-                    streak: h.streak + 1,
-                    hot_left: 0,
-                },
-            };
+            let next = next_heat(self.heat.get(&pfn).copied().unwrap_or_default());
             if next.hot_left == 0 {
                 clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
             }
@@ -142,5 +147,28 @@ impl KvmDirtyLog {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_dirty_in_three_harvests_stays_hot_for_a_while_then_is_protected_again() {
+        let mut h = Heat::default();
+        let mut writable = Vec::new();
+        for _ in 0..(HOT_AFTER as usize + HOT_FOR as usize + 2) {
+            h = next_heat(h);
+            writable.push(h.hot_left > 0);
+        }
+        // Harvests 1 and 2 clear it; the 3rd makes it hot.
+        assert_eq!(&writable[..3], &[false, false, true]);
+        let hot = writable.iter().filter(|&&w| w).count();
+        assert_eq!(hot, HOT_FOR as usize, "writable for HOT_FOR harvests");
+        // When its time is up it is cleared and starts over.
+        let first_cold = 3 + hot;
+        assert!(!writable[first_cold]);
+        assert_eq!(next_heat(Heat::default()).streak, 1);
     }
 }
