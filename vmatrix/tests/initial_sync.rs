@@ -75,6 +75,20 @@ fn one_pause_initial_sync_gives_an_exact_replica() {
     sync_gives_exact_replica(&["--precopy-rounds", "0"], false);
 }
 
+/// Restores `image` in `net` and checks the `n` keys `replicate_keys` stored; returns the VM
+/// and a client.
+fn restore_with_keys(net: &TestNet, image: &Path, dir: &Path, n: usize) -> (VmProc, KvClient) {
+    let mut vm = VmProc::restore(net, image, &dir.join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    for i in 0..n {
+        assert_eq!(
+            kv.cmd(&format!("GET key{i}")).unwrap(),
+            format!("VALUE val{i}")
+        );
+    }
+    (vm, kv)
+}
+
 /// Starts a replicated guest and stores `n` keys (each acknowledged, so on the backup).
 fn replicate_keys(net: &TestNet, dir: &Path, n: usize) -> Replicated {
     let mut r = Replicated::start(net, dir, &[]);
@@ -98,14 +112,7 @@ fn a_backup_killed_with_sigkill_leaves_an_image_restore_starts() {
     r.primary.kill9();
     let image = r.image_dir(0);
     assert!(!image.join(vmm::snapshot::META_FILE).exists());
-    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
-    let mut kv = vm.wait_ready(Duration::from_secs(20));
-    for i in 0..30 {
-        assert_eq!(
-            kv.cmd(&format!("GET key{i}")).unwrap(),
-            format!("VALUE val{i}")
-        );
-    }
+    let (vm, _) = restore_with_keys(&net, &image, dir.path(), 30);
     assert!(
         vm.stderr_text()
             .contains("replica image finalized at checkpoint"),
@@ -252,14 +259,7 @@ fn a_backup_reports_status_and_stops_through_its_control_socket() {
     assert!(st.success());
     let image = r.image_dir(0);
     assert!(image.join(vmm::snapshot::META_FILE).exists(), "finalized");
-    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
-    let mut kv = vm.wait_ready(Duration::from_secs(20));
-    for i in 0..10 {
-        assert_eq!(
-            kv.cmd(&format!("GET key{i}")).unwrap(),
-            format!("VALUE val{i}")
-        );
-    }
+    restore_with_keys(&net, &image, dir.path(), 10);
 }
 
 #[test]
@@ -300,14 +300,7 @@ fn the_primary_holds_output_while_its_backup_is_gone_and_resyncs_a_new_one() {
     // The new backup's image holds everything acknowledged, old and new.
     r.primary.kill9();
     let image = r.finalize_backup();
-    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
-    let mut kv = vm.wait_ready(Duration::from_secs(20));
-    for i in 0..10 {
-        assert_eq!(
-            kv.cmd(&format!("GET key{i}")).unwrap(),
-            format!("VALUE val{i}")
-        );
-    }
+    let (_vm, mut kv) = restore_with_keys(&net, &image, dir.path(), 10);
     assert_eq!(kv.cmd("GET during").unwrap(), "VALUE outage");
 }
 
