@@ -101,6 +101,14 @@ impl Store {
     pub fn get(&self, k: &[u8]) -> Option<&[u8]> {
         self.map.get(k).map(Vec::as_slice)
     }
+    /// If the batch not yet on disk changed `k`: the value `k` had before it (`None` inside:
+    /// the key did not exist).
+    pub fn before_batch(&self, k: &[u8]) -> Option<Option<&[u8]>> {
+        self.undo
+            .iter()
+            .find(|(key, _)| key.as_slice() == k)
+            .map(|(_, old)| old.as_deref())
+    }
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.map.len()

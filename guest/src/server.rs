@@ -29,6 +29,20 @@ enum Held {
     Bytes(Vec<u8>),
     /// `OK` once batch `n` is durable, `ERR` if it failed.
     SetOk(u64),
+    /// A GET that read a value written by batch `batch`, not yet durable: `now` if the batch
+    /// commits, `before` (the value before the batch) if it fails and is rolled back.
+    Get {
+        batch: u64,
+        now: Vec<u8>,
+        before: Vec<u8>,
+    },
+}
+
+fn value_reply(v: Option<&[u8]>) -> Vec<u8> {
+    match v {
+        Some(v) => [b"VALUE ", v, b"\n"].concat(),
+        None => b"NOTFOUND\n".to_vec(),
+    }
 }
 
 struct Conn {
@@ -222,10 +236,16 @@ impl Server {
             }
             Ok(Request::Get(k)) => {
                 self.stats.gets += 1;
-                Held::Bytes(match self.store.get(k) {
-                    Some(v) => [b"VALUE ", v, b"\n"].concat(),
-                    None => b"NOTFOUND\n".to_vec(),
-                })
+                let now = value_reply(self.store.get(k));
+                match self.store.before_batch(k) {
+                    // Read-your-writes only once they are durable.
+                    Some(before) => Held::Get {
+                        batch: self.batch_no,
+                        now,
+                        before: value_reply(before),
+                    },
+                    None => Held::Bytes(now),
+                }
             }
             Ok(Request::Count) => {
                 Held::Bytes(alloc::format!("COUNT {}\n", self.store.len()).into_bytes())
@@ -333,6 +353,10 @@ impl Server {
                         c.out.extend_from_slice(b"ERR disk write failed\n")
                     }
                     Held::SetOk(_) => c.out.extend_from_slice(b"OK\n"),
+                    Held::Get { batch, before, .. } if self.failed_batches.contains(&batch) => {
+                        c.out.extend_from_slice(&before)
+                    }
+                    Held::Get { now, .. } => c.out.extend_from_slice(&now),
                 }
             }
             let s = self.sockets.get_mut::<tcp::Socket>(c.handle);

@@ -3,7 +3,8 @@
 //!
 //! One request line per connection, one response line: `ok <key=value ...>` or
 //! `error: <why>`. A VM answers `pause`, `resume`, `status`, `checksum` (paused VM only),
-//! `snapshot full|diff <dir>`, `stop`; a backup answers `status` and `stop`.
+//! `snapshot full|diff <dir>`, `stop`, `disk-faults <n>` (fault injection: the next n guest
+//! disk writes fail); a backup answers `status` and `stop`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,6 +31,8 @@ pub enum Request {
     Snapshot(SnapshotKind, PathBuf),
     /// Stop the VM.
     Stop,
+    /// Fail the next n guest disk writes (fault injection, for tests).
+    DiskFaults(u32),
 }
 
 /// Parses one request line.
@@ -42,6 +45,10 @@ pub fn parse(line: &str) -> Result<Request, String> {
         ("status", "") => Ok(Request::Status),
         ("checksum", "") => Ok(Request::Checksum),
         ("stop", "") => Ok(Request::Stop),
+        ("disk-faults", n) => n
+            .parse()
+            .map(Request::DiskFaults)
+            .map_err(|_| "usage: disk-faults <n>".to_string()),
         ("snapshot", r) => {
             let (kind, dir) = r.split_once(' ').ok_or("usage: snapshot full|diff <dir>")?;
             let kind = match kind {
@@ -113,6 +120,10 @@ fn execute(vm: &Vm, req: Request, extra: Option<&StatusExtra>) -> Result<String,
             vm.stop();
             Ok("stopping".into())
         }
+        Request::DiskFaults(n) => vm
+            .inject_disk_write_failures(n)
+            .map(|()| format!("failing_writes={n}"))
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -193,6 +204,11 @@ pub enum CtlCmd {
     /// Stop the VM (a backup: finalize its image as a snapshot of the last applied checkpoint
     /// and exit).
     Stop,
+    /// Fault injection (tests): the next N guest disk writes fail with an I/O error.
+    DiskFaults {
+        /// How many writes fail.
+        n: u32,
+    },
 }
 
 /// Sends one request and prints the answer; fails on `error:`.
@@ -203,6 +219,7 @@ pub fn main(a: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCmd::Status => "status".into(),
         CtlCmd::Checksum => "checksum".into(),
         CtlCmd::Stop => "stop".into(),
+        CtlCmd::DiskFaults { n } => format!("disk-faults {n}"),
         CtlCmd::Snapshot { dir, diff } => {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -242,5 +259,7 @@ mod tests {
         assert!(parse("snapshot half /x").is_err());
         assert!(parse("reboot").is_err());
         assert!(parse("pause now").is_err());
+        assert_eq!(parse("disk-faults 3"), Ok(Request::DiskFaults(3)));
+        assert!(parse("disk-faults x").is_err());
     }
 }

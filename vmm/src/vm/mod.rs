@@ -423,6 +423,17 @@ impl Vm {
         )
     }
 
+    /// Fault injection for tests: the next `n` guest disk writes fail with an I/O error.
+    pub fn inject_disk_write_failures(&self, n: u32) -> Result<()> {
+        let b = self
+            .devices
+            .blk
+            .as_ref()
+            .ok_or_else(|| Error::Host("this VM has no disk".into()))?;
+        lock(b).with_device_unchecked(|d| d.fail_writes = n);
+        Ok(())
+    }
+
     /// CRC32 of all guest RAM. The VM must be paused (or not started).
     pub fn memory_checksum(&self) -> Result<u32> {
         if self.thread_running() && !self.is_paused() {

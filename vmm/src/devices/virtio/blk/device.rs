@@ -55,6 +55,9 @@ pub struct Block {
     recording: Option<DiskWrites>,
     /// Requests completed, for status and tests.
     pub completed: u64,
+    /// Fault injection: this many upcoming write requests fail with an I/O error without
+    /// touching the file (tests of the guest's error paths; not part of the VM state).
+    pub fail_writes: u32,
 }
 
 impl Block {
@@ -71,6 +74,7 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             recording: None,
             completed: 0,
+            fail_writes: 0,
         })
     }
 
@@ -84,6 +88,7 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             recording: None,
             completed: 0,
+            fail_writes: 0,
         }
     }
 
@@ -196,6 +201,10 @@ impl Block {
                     ));
                 }
                 if !self.in_range(sector, data_out) {
+                    (S_IOERR, 0)
+                } else if self.fail_writes > 0 {
+                    self.fail_writes -= 1;
+                    tracing::warn!("virtio-blk: injected write failure at sector {sector}");
                     (S_IOERR, 0)
                 } else {
                     let buf = c.read(mem, HDR_LEN, data_out as usize)?;
