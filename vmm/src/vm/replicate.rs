@@ -49,8 +49,8 @@ pub struct EpochCapture {
     pub state: Vec<u8>,
     /// Guest RAM size.
     pub mem_size: u64,
-    /// What changed since the previous capture (an epoch capture's dirty pages and disk
-    /// writes), so a full capture can also serve backups that hold the previous state.
+    /// For a full capture: what changed since the previous capture (dirty pages and disk
+    /// writes), so it can also serve backups that hold the previous state. `None` otherwise.
     pub changes: Option<Changes>,
 }
 
@@ -88,15 +88,16 @@ impl Vm {
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
         let state = postcard::to_stdvec(&self.capture_state()?).map_err(capture_err)?;
         let dirty = self.harvest_dirty().map_err(capture_err)?;
-        let dirty = dirty.page_list();
-        let pages: Vec<u64> = match kind {
-            CaptureKind::Incremental => dirty.clone(),
-            CaptureKind::Full => self.nonzero_pages()?,
+        let full = kind == CaptureKind::Full;
+        // A full capture also keeps the dirty list (see `Changes`); an incremental one sends it.
+        let (pages, dirty) = match kind {
+            CaptureKind::Incremental => (dirty.page_list(), Vec::new()),
+            CaptureKind::Full => (self.nonzero_pages()?, dirty.page_list()),
         };
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
-        // The disk as `kind` wants it, and the writes since the previous capture (when they
-        // were recorded in full).
+        // The disk as `kind` wants it and, for a full capture, the writes since the previous
+        // capture (or the whole disk if they were not all recorded).
         let (disk, disk_changes) = match &self.devices.blk {
             None => (DiskCapture::None, DiskCapture::None),
             Some(b) => {
@@ -107,7 +108,7 @@ impl Vm {
                     .map(|w| w.writes);
                 match (kind, writes) {
                     (CaptureKind::Incremental, Some(w)) => {
-                        (DiskCapture::Writes(w.clone()), DiskCapture::Writes(w))
+                        (DiskCapture::Writes(w), DiskCapture::None)
                     }
                     (_, writes) => {
                         use std::os::unix::fs::FileExt;
@@ -117,9 +118,10 @@ impl Vm {
                             .file()
                             .read_exact_at(&mut buf, 0)
                             .map_err(capture_err)?;
-                        let changes = match writes {
-                            Some(w) => DiskCapture::Writes(w),
-                            None => DiskCapture::Full(buf.clone()),
+                        let changes = match (full, writes) {
+                            (true, Some(w)) => DiskCapture::Writes(w),
+                            (true, None) => DiskCapture::Full(buf.clone()),
+                            (false, _) => DiskCapture::None,
                         };
                         (DiskCapture::Full(buf), changes)
                     }
@@ -150,7 +152,7 @@ impl Vm {
             disk,
             state,
             mem_size: self.mem_size,
-            changes: Some(Changes {
+            changes: full.then_some(Changes {
                 dirty,
                 disk: disk_changes,
             }),
