@@ -32,101 +32,105 @@ pub fn status_fields(s: &Stats) -> String {
 
 /// The metrics page in Prometheus text exposition format.
 pub fn render(vm: &Vm, s: &Stats) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP vmatrix_{name} {help}\n# TYPE vmatrix_{name} {kind}\nvmatrix_{name} {v}\n"
-        ));
-    };
-    metric(
-        "protected",
-        "gauge",
-        "1 once the initial sync is acknowledged (output flows).",
-        u64::from(s.protected.load(Ordering::Relaxed)),
-    );
-    metric(
-        "sync_bytes_sent",
-        "counter",
-        "Initial sync bytes handed to QUIC.",
-        s.sync_sent_bytes.load(Ordering::Relaxed),
-    );
-    metric(
-        "epochs_total",
-        "counter",
-        "Checkpoints sent.",
-        s.epochs.load(Ordering::Relaxed),
-    );
-    metric(
-        "acked_epochs",
-        "gauge",
-        "Highest acknowledged checkpoint + 1.",
-        s.acked.load(Ordering::Relaxed),
-    );
-    metric(
-        "pause_last_microseconds",
-        "gauge",
-        "Duration of the last checkpoint pause.",
-        s.last_pause_us.load(Ordering::Relaxed),
-    );
-    metric(
-        "pause_max_microseconds",
-        "gauge",
-        "Longest checkpoint pause.",
-        s.max_pause_us.load(Ordering::Relaxed),
-    );
-    metric(
-        "dirty_pages_total",
-        "counter",
-        "Dirty pages sent.",
-        s.pages.load(Ordering::Relaxed),
-    );
-    metric(
-        "checkpoint_bytes_total",
-        "counter",
-        "Checkpoint data bytes sent.",
-        s.bytes.load(Ordering::Relaxed),
-    );
-    metric(
-        "ack_latency_microseconds",
-        "gauge",
-        "Last checkpoint's send-to-ack time.",
-        s.ack_latency_us.load(Ordering::Relaxed),
-    );
-    metric(
-        "released_frames_total",
-        "counter",
-        "Guest frames released by output commit.",
-        s.released_frames.load(Ordering::Relaxed),
-    );
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let (frames, bytes) = vm
         .held_output()
         .map_or((0, 0), |h| (h.0 as u64, h.1 as u64));
-    metric(
-        "held_output_frames",
-        "gauge",
-        "Guest frames held by output commit.",
-        frames,
-    );
-    metric(
-        "held_output_bytes",
-        "gauge",
-        "Bytes held by output commit.",
-        bytes,
-    );
     let net = vm.net_stats().unwrap_or_default();
-    metric(
-        "net_tx_frames_total",
-        "counter",
-        "Frames sent to the tap.",
-        net.tx_frames,
-    );
-    metric(
-        "net_rx_frames_total",
-        "counter",
-        "Frames delivered to the guest.",
-        net.rx_frames,
-    );
-    out
+    let metrics: [(&str, &str, &str, u64); 14] = [
+        (
+            "protected",
+            "gauge",
+            "1 once the initial sync is acknowledged (output flows).",
+            u64::from(s.protected.load(Ordering::Relaxed)),
+        ),
+        (
+            "sync_bytes_sent",
+            "counter",
+            "Initial sync bytes handed to QUIC.",
+            ld(&s.sync_sent_bytes),
+        ),
+        (
+            "epochs_total",
+            "counter",
+            "Checkpoints sent.",
+            ld(&s.epochs),
+        ),
+        (
+            "acked_epochs",
+            "gauge",
+            "Highest acknowledged checkpoint + 1.",
+            ld(&s.acked),
+        ),
+        (
+            "pause_last_microseconds",
+            "gauge",
+            "Duration of the last checkpoint pause.",
+            ld(&s.last_pause_us),
+        ),
+        (
+            "pause_max_microseconds",
+            "gauge",
+            "Longest checkpoint pause.",
+            ld(&s.max_pause_us),
+        ),
+        (
+            "dirty_pages_total",
+            "counter",
+            "Dirty pages sent.",
+            ld(&s.pages),
+        ),
+        (
+            "checkpoint_bytes_total",
+            "counter",
+            "Checkpoint data bytes sent.",
+            ld(&s.bytes),
+        ),
+        (
+            "ack_latency_microseconds",
+            "gauge",
+            "Last checkpoint's send-to-ack time.",
+            ld(&s.ack_latency_us),
+        ),
+        (
+            "released_frames_total",
+            "counter",
+            "Guest frames released by output commit.",
+            ld(&s.released_frames),
+        ),
+        (
+            "held_output_frames",
+            "gauge",
+            "Guest frames held by output commit.",
+            frames,
+        ),
+        (
+            "held_output_bytes",
+            "gauge",
+            "Bytes held by output commit.",
+            bytes,
+        ),
+        (
+            "net_tx_frames_total",
+            "counter",
+            "Frames sent to the tap.",
+            net.tx_frames,
+        ),
+        (
+            "net_rx_frames_total",
+            "counter",
+            "Frames delivered to the guest.",
+            net.rx_frames,
+        ),
+    ];
+    metrics
+        .iter()
+        .map(|(name, kind, help, v)| {
+            format!(
+                "# HELP vmatrix_{name} {help}\n# TYPE vmatrix_{name} {kind}\nvmatrix_{name} {v}\n"
+            )
+        })
+        .collect()
 }
 
 /// Serves the metrics page on `addr` from a background thread.

@@ -123,6 +123,15 @@ fn quic_config(idle_ms: u64) -> QuicConfig {
     }
 }
 
+/// This host's certificates from the directory made by `vmatrix certs`.
+fn load_identity(
+    certs: &std::path::Path,
+    host: &str,
+) -> anyhow::Result<transport::certs::Identity> {
+    transport::certs::load(certs, host)
+        .with_context(|| format!("loading certificates of '{host}' from {}", certs.display()))
+}
+
 /// Pause between losing every backup and trying to reconnect.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
@@ -132,13 +141,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     if !(1..=1000).contains(&a.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 1000");
     }
-    let identity = transport::certs::load(&a.certs, &a.host).with_context(|| {
-        format!(
-            "loading certificates of '{}' from {}",
-            a.host,
-            a.certs.display()
-        )
-    })?;
+    let identity = load_identity(&a.certs, &a.host)?;
     let n = a.backup.len();
     let required = match a.required.as_str() {
         "all" => n,
@@ -213,13 +216,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs a backup until SIGINT/SIGTERM or `vmatrix ctl <socket> stop`, then finalizes its image.
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    let identity = transport::certs::load(&a.certs, &a.host).with_context(|| {
-        format!(
-            "loading certificates of '{}' from {}",
-            a.host,
-            a.certs.display()
-        )
-    })?;
+    let identity = load_identity(&a.certs, &a.host)?;
     let cfg = backup::BackupConfig {
         listen: a.listen,
         image_dir: a.image_dir,

@@ -218,6 +218,24 @@ pub fn make_disk(path: &Path, mib: u64) {
     f.set_len(mib << 20).unwrap();
 }
 
+/// `vmatrix <cmd> --guest .. --disk <disk> --tap tap0 --mem-mib <mib> --guest-config ..` for a
+/// guest in `net` (`cmd` is `run` or `primary`).
+pub fn vm_args(cmd: &str, net: &TestNet, disk: &Path, mem_mib: u64) -> Vec<std::ffi::OsString> {
+    vec![
+        cmd.into(),
+        "--guest".into(),
+        guest_elf().into(),
+        "--disk".into(),
+        disk.into(),
+        "--tap".into(),
+        "tap0".into(),
+        "--mem-mib".into(),
+        mem_mib.to_string().into(),
+        "--guest-config".into(),
+        net.guest_config().into(),
+    ]
+}
+
 /// A `vmatrix run` process inside a test network.
 pub struct VmProc {
     pub child: Child,
@@ -239,19 +257,7 @@ impl VmProc {
         mem_mib: u64,
         extra: &[&str],
     ) -> VmProc {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--guest".into(),
-            guest_elf().into(),
-            "--disk".into(),
-            disk.into(),
-            "--tap".into(),
-            "tap0".into(),
-            "--mem-mib".into(),
-            mem_mib.to_string().into(),
-            "--guest-config".into(),
-            net.guest_config().into(),
-        ];
+        let mut args = vm_args("run", net, disk, mem_mib);
         args.extend(extra.iter().map(|a| a.into()));
         Self::spawn_args(net, console, &args)
     }

@@ -63,23 +63,13 @@ impl Replicated {
             .collect();
         let disk = dir.join("disk.img");
         make_disk(&disk, 16);
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "primary".into(),
-            "--guest".into(),
-            guest_elf().into(),
-            "--disk".into(),
-            disk.into(),
-            "--tap".into(),
-            "tap0".into(),
-            "--mem-mib".into(),
-            "32".into(),
-            "--guest-config".into(),
-            net.guest_config().into(),
+        let mut args = vm_args("primary", net, &disk, 32);
+        args.extend([
             "--certs".into(),
             pki.into(),
             "--host".into(),
             "primary".into(),
-        ];
+        ]);
         for (i, to) in connect.iter().enumerate().take(n) {
             args.push("--backup".into());
             args.push(format!("{}@{to}", Self::backup_name(i)).into());
