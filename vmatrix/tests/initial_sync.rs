@@ -29,11 +29,28 @@ fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// A plain HTTP/1.0 GET of `/` from `addr`; the body.
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map_or(out.clone(), |(_, b)| b.to_string())
+}
+
 fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("ctl.sock");
-    let mut args = vec!["--control", sock.to_str().unwrap()];
+    let mut args = vec![
+        "--control",
+        sock.to_str().unwrap(),
+        "--metrics",
+        "0.0.0.0:9100",
+    ];
     args.extend_from_slice(extra);
     let mut r = Replicated::start(&net, dir.path(), &args);
     let mut kv = r.wait_ready(Duration::from_secs(20));
@@ -57,6 +74,18 @@ fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
         (rounds > 1) == expect_precopy && rounds >= 1,
         "sync rounds: {status}"
     );
+    // The same figures in Prometheus text format (the primary's namespace is reachable at .3).
+    let metrics = http_get(&format!("10.77.{}.3:9100", net.index));
+    assert!(
+        metrics.contains("# TYPE vmatrix_protected gauge"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nvmatrix_protected 1\n"), "{metrics}");
+    let epochs = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vmatrix_epochs_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(epochs.is_some_and(|e| e >= 1), "{metrics}");
     for i in 0..20 {
         assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
     }
