@@ -1,5 +1,6 @@
 //! Turns an epoch capture into a protocol checkpoint, encoding each page against the version
-//! the backup holds (kept here as a shadow copy of every page sent).
+//! the backup holds (kept here as a shadow copy of every page sent). The shadow is also the
+//! source of a quick resync: it holds every page as of its last capture.
 
 use std::collections::HashMap;
 
@@ -29,18 +30,24 @@ impl Shadow {
         }
     }
 
+    /// Forgets every page: the next checkpoint starts a new image on the backups (pre-copy
+    /// round 0; a `Sync` checkpoint clears it itself).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+    }
+
     /// Builds checkpoint `epoch` from `cap`; a full capture becomes the initial sync, a pre-copy
-    /// pass a `PreCopy` round (the shadow is cleared by the sync and by pre-copy round 0).
+    /// pass a `PreCopy` round (the shadow is cleared by a sync; see [`clear`](Self::clear)).
     pub fn checkpoint(&mut self, epoch: u64, kind: Kind, cap: &EpochCapture) -> Checkpoint {
         let zero = vec![0u8; PAGE];
         let mut pages = Vec::with_capacity(cap.pages.len());
-        if kind == Kind::Sync || (kind == Kind::PreCopy && epoch == 0) {
+        if kind == Kind::Sync {
             self.pages.clear();
         }
         for (i, &gfn) in cap.pages.iter().enumerate() {
             let new = &cap.data[i * PAGE..(i + 1) * PAGE];
             let opts = match kind {
-                Kind::Sync => EncodeOptions {
+                Kind::Sync | Kind::Resync { .. } => EncodeOptions {
                     xor: false,
                     lz4: false,
                 },
@@ -59,7 +66,7 @@ impl Shadow {
             kind,
             mem_size: cap.mem_size,
             pages,
-            disk: disk_part(&cap.disk),
+            disk: disk_part(&cap.disk, kind),
             // A pre-copy round has no state: the image is not consistent until the final pause.
             state: (kind != Kind::PreCopy).then(|| (FORMAT_VERSION, cap.state.clone())),
         }
@@ -89,6 +96,7 @@ impl Shadow {
             state: cap.state.clone(),
             mem_size: cap.mem_size,
             changes: None,
+            extra_disk: Vec::new(),
         };
         self.checkpoint(epoch, Kind::Incremental, &inc)
     }
@@ -117,21 +125,56 @@ impl Shadow {
             kind: Kind::Sync,
             mem_size: cap.mem_size,
             pages,
-            disk: disk_part(&cap.disk),
+            disk: disk_part(&cap.disk, Kind::Sync),
+            state: Some((FORMAT_VERSION, cap.state.clone())),
+        }
+    }
+
+    /// The quick resync `seq` of a backup committed at `from`: the pages `gfns` (every page
+    /// changed after `from`, see [`crate::history`]) as the shadow holds them — which, once the
+    /// checkpoint of the same capture was built, is their content at this capture — raw; the
+    /// disk ranges read in the pause (`cap.extra_disk`) followed by the epoch's own disk part
+    /// (re-applying writes already in those ranges is harmless: the last writer is the same);
+    /// and the state.
+    pub fn resync(&self, seq: u64, from: u64, gfns: &[u64], cap: &EpochCapture) -> Checkpoint {
+        let zero = vec![0u8; PAGE];
+        let raw = EncodeOptions {
+            xor: false,
+            lz4: false,
+        };
+        let pages = gfns
+            .iter()
+            .map(|gfn| {
+                let cur = self.pages.get(gfn).map_or(&zero[..], |p| &p[..]);
+                (*gfn, encode(cur, Some(&zero), raw))
+            })
+            .collect();
+        let mut disk = cap.extra_disk.clone();
+        disk.extend(disk_part(&cap.disk, Kind::Incremental));
+        Checkpoint {
+            epoch: seq,
+            kind: Kind::Resync { from },
+            mem_size: cap.mem_size,
+            pages,
+            disk,
             state: Some((FORMAT_VERSION, cap.state.clone())),
         }
     }
 }
 
-/// The disk part of a checkpoint: writes as they are, a whole disk as its non-zero chunks.
-fn disk_part(disk: &DiskCapture) -> Vec<(u64, Vec<u8>)> {
+/// The disk part of a checkpoint: writes as they are; a whole disk as its chunks — only the
+/// non-zero ones for a checkpoint that starts a new (zeroed) image, all of them for one applied
+/// to an existing image (after the write log overflowed), or blocks the guest zeroed would stay
+/// stale on the backup.
+fn disk_part(disk: &DiskCapture, kind: Kind) -> Vec<(u64, Vec<u8>)> {
+    let fresh = matches!(kind, Kind::Sync | Kind::PreCopy);
     match disk {
         DiskCapture::None => Vec::new(),
         DiskCapture::Writes(w) => w.clone(),
         DiskCapture::Full(bytes) => bytes
             .chunks(SYNC_DISK_CHUNK)
             .enumerate()
-            .filter(|(_, c)| c.iter().any(|&b| b != 0))
+            .filter(|(_, c)| !fresh || c.iter().any(|&b| b != 0))
             .map(|(i, c)| ((i * SYNC_DISK_CHUNK) as u64, c.to_vec()))
             .collect(),
     }

@@ -1,9 +1,8 @@
 //! One backup as the epoch loop sees it: its protocol sender, its QUIC link, what it has
-//! acknowledged, and where it stands — connecting, joining (connected, waiting for its own
-//! initial sync inside the running session), in step, or failed (to be reconnected).
+//! acknowledged (checkpoint seqs of the primary's one numbering, see [`crate::history`]), and
+//! where it stands ([`Join`]): waiting for its `Welcome`, waiting for a quick resync or a full
+//! sync inside the running session, in step, or failed (to be reconnected).
 //!
-//! A backup that joins a running session is synced from a full capture and numbers its
-//! checkpoints from 0 in its own session: `offset` maps them to the loop's checkpoint numbers.
 //! Frames come tagged with the connection's generation, so a late frame of a dropped
 //! connection never touches the peer that replaced it.
 
@@ -19,21 +18,34 @@ use crate::{PrimaryConfig, PrimaryError};
 /// Frames from every backup's link: (backup index, connection generation, frame).
 pub(crate) type FrameTx = tokio::sync::mpsc::Sender<(usize, u64, Result<Vec<u8>, TransportError>)>;
 
+/// Where a backup stands in the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Join {
+    /// Connected; its `Welcome` (with its committed position) has not arrived.
+    Welcome,
+    /// Gets every checkpoint of the session (also the session's own initial sync).
+    InStep,
+    /// Needs a quick resync from its committed seq, at the next capture.
+    Resync(u64),
+    /// Needs a full sync, from a full capture.
+    Full,
+}
+
 /// One backup.
 pub(crate) struct Peer {
     pub name: String,
     pub sender: Sender,
     pub link: PrimaryLink,
-    /// Highest acknowledged checkpoint, in the loop's numbering.
+    /// Highest acknowledged checkpoint seq.
     pub acked: Option<u64>,
     pub failed: Option<String>,
     pub version: u16,
     /// Connection generation (see the module docs).
     pub generation: u64,
-    /// The loop's number of this backup's checkpoint 0.
-    pub offset: u64,
-    /// Connected into a running session; waits for its initial sync.
-    pub joining: bool,
+    /// Where it stands.
+    pub join: Join,
+    /// Its committed image, from its `Welcome`.
+    pub committed: Option<protocol::message::Position>,
 }
 
 impl Peer {
@@ -60,21 +72,19 @@ impl Peer {
         self.failed.is_none()
     }
 
-    /// Takes part in the session's checkpoints (alive and synced, or syncing).
+    /// Takes part in the session's checkpoints (alive and in step).
     pub fn active(&self) -> bool {
-        self.alive() && !self.joining
+        self.alive() && self.join == Join::InStep
     }
 
-    /// Ready for its initial sync inside the running session.
+    /// Waits for its resync or full sync at the next capture.
     pub fn ready_to_join(&self) -> bool {
-        self.alive() && self.joining && self.sender.is_ready()
+        self.alive() && matches!(self.join, Join::Resync(_) | Join::Full) && self.sender.is_ready()
     }
 
-    /// Sends checkpoint `cp` (in the loop's numbering) in this backup's numbering.
+    /// Sends checkpoint `cp`.
     pub fn send(&mut self, now: Instant, cp: &Checkpoint) -> Result<(), ProtocolError> {
-        let mut c = cp.clone();
-        c.epoch -= self.offset;
-        self.sender.send_checkpoint(now, c)
+        self.sender.send_checkpoint(now, cp.clone())
     }
 }
 
@@ -85,7 +95,7 @@ pub(crate) async fn connect(
     cfg: &PrimaryConfig,
     (addr, name): (SocketAddr, &str),
     index: usize,
-    generation: u64,
+    (generation, history): (u64, u64),
     tx: &FrameTx,
 ) -> Result<Peer, PrimaryError> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -109,6 +119,7 @@ pub(crate) async fn connect(
         }
     });
     let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
+    scfg.history = history;
     scfg.lanes = cfg.lanes;
     scfg.window = cfg.window;
     scfg.idle_timeout = Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3);
@@ -122,8 +133,8 @@ pub(crate) async fn connect(
         failed: None,
         version: 0,
         generation,
-        offset: 0,
-        joining: false,
+        join: Join::Welcome,
+        committed: None,
     };
     p.flush().await?;
     Ok(p)

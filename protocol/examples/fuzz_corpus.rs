@@ -47,9 +47,14 @@ fn main() -> std::io::Result<()> {
         reason: "bye".into(),
     }));
     msgs.push(Message::Welcome(Welcome {
-        version: 1,
+        version: 3,
         term: 1,
-        last_committed: Some(4),
+        last_committed: None,
+        committed: Some(protocol::message::Position {
+            history: 9,
+            term: 1,
+            seq: 4,
+        }),
     }));
     for (i, m) in msgs.iter().enumerate() {
         let f = m.encode();

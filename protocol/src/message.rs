@@ -20,12 +20,15 @@ use crate::error::ProtocolError;
 use crate::frame;
 use crate::page::PageData;
 
-/// Highest protocol version this build speaks. Version 2 added [`Kind::PreCopy`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Highest protocol version this build speaks. Version 2 added [`Kind::PreCopy`]; version 3 the
+/// checkpoint identity: `Hello.history`, `Welcome.committed` and [`Kind::Resync`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First protocol version with pre-copy rounds ([`Kind::PreCopy`]).
 pub const PRECOPY_VERSION: u16 = 2;
-/// Lowest protocol version this build accepts (the current and the previous, once there is one).
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// First protocol version with the checkpoint identity and quick resync ([`Kind::Resync`]).
+pub const RESYNC_VERSION: u16 = 3;
+/// Lowest protocol version this build accepts (the current and the previous).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 const _: () = assert!(PROTOCOL_VERSION - MIN_PROTOCOL_VERSION <= 1);
 /// Longest VM id.
 pub const MAX_VM_ID: usize = 64;
@@ -64,6 +67,22 @@ pub struct Hello {
     pub role: Role,
     /// Data streams the sender will use.
     pub streams: u8,
+    /// The primary's history id (v3): with `term` and a checkpoint's seq it names one state of
+    /// the VM. Random per primary instance, so two primaries that wrongly share a term never
+    /// mistake each other's checkpoints for their own. 0 from a version-2 primary.
+    pub history: u64,
+}
+
+/// Where a replica stands: the checkpoint `(term, seq)` of history `history` it has committed.
+/// Two replicas of a VM compare by it (same history and term: the higher seq is newer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// History id of the primary that produced it.
+    pub history: u64,
+    /// Term of that primary.
+    pub term: u64,
+    /// Checkpoint sequence number within the term.
+    pub seq: u64,
 }
 
 /// Accepts a session.
@@ -73,8 +92,11 @@ pub struct Welcome {
     pub version: u16,
     /// The term accepted.
     pub term: u64,
-    /// The last checkpoint the receiver has applied, if any.
+    /// The last checkpoint the receiver has applied, if any (its seq; kept for version 2).
     pub last_committed: Option<u64>,
+    /// The receiver's committed image (v3): the primary sends a quick resync from it if it
+    /// still knows every change since, else a full sync into a side image.
+    pub committed: Option<Position>,
 }
 
 /// Kind of checkpoint.
@@ -89,6 +111,21 @@ pub enum Kind {
     /// image; the image becomes consistent with the first later checkpoint that carries state
     /// (an `Incremental` one, taken in the final short pause). Never sent to a version-1 peer.
     PreCopy,
+    /// Quick resync (protocol version 3): the pages and disk chunks changed since checkpoint
+    /// `from` (the receiver's committed position, same history and term), with the state. It
+    /// brings the committed image from `from` to this checkpoint in one step.
+    Resync {
+        /// The seq of the receiver's committed image this was computed against.
+        from: u64,
+    },
+}
+
+impl Kind {
+    /// True for the kinds that may open a session's stream of checkpoints at any seq: a full
+    /// sync, a pre-copy round, a quick resync.
+    pub fn starts_stream(self) -> bool {
+        !matches!(self, Kind::Incremental)
+    }
 }
 
 /// Starts checkpoint `epoch`.
@@ -228,6 +265,52 @@ pub struct Goodbye {
     pub reason: String,
 }
 
+/// `Hello` as version 2 encodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HelloV2 {
+    min_version: u16,
+    max_version: u16,
+    cluster_id: u64,
+    vm_id: String,
+    term: u64,
+    role: Role,
+    streams: u8,
+}
+
+impl HelloV2 {
+    fn upgrade(self) -> Hello {
+        Hello {
+            min_version: self.min_version,
+            max_version: self.max_version,
+            cluster_id: self.cluster_id,
+            vm_id: self.vm_id,
+            term: self.term,
+            role: self.role,
+            streams: self.streams,
+            history: 0,
+        }
+    }
+}
+
+/// `Welcome` as version 2 encodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct WelcomeV2 {
+    version: u16,
+    term: u64,
+    last_committed: Option<u64>,
+}
+
+impl WelcomeV2 {
+    fn upgrade(self) -> Welcome {
+        Welcome {
+            version: self.version,
+            term: self.term,
+            last_committed: self.last_committed,
+            committed: None,
+        }
+    }
+}
+
 /// Any message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -277,6 +360,12 @@ impl Message {
     pub fn payload(&self) -> Vec<u8> {
         let r = match self {
             Message::Hello(m) => postcard::to_stdvec(m),
+            // A version-2 primary gets the version-2 layout (no `committed`).
+            Message::Welcome(m) if m.version < RESYNC_VERSION => postcard::to_stdvec(&WelcomeV2 {
+                version: m.version,
+                term: m.term,
+                last_committed: m.last_committed,
+            }),
             Message::Welcome(m) => postcard::to_stdvec(m),
             Message::Begin(m) => postcard::to_stdvec(m),
             Message::Pages(m) => postcard::to_stdvec(m),
@@ -319,8 +408,18 @@ impl Message {
             }
         }
         let m = match t {
-            1 => Message::Hello(de("Hello", p)?),
-            2 => Message::Welcome(de("Welcome", p)?),
+            // Version 3 appended fields to Hello and Welcome: the previous layout still decodes
+            // (a v3 payload never decodes as v2: trailing bytes; a v2 one never as v3: too short).
+            1 => Message::Hello(de("Hello", p).or_else(|e| {
+                de::<HelloV2>("Hello", p)
+                    .map(HelloV2::upgrade)
+                    .map_err(|_| e)
+            })?),
+            2 => Message::Welcome(de("Welcome", p).or_else(|e| {
+                de::<WelcomeV2>("Welcome", p)
+                    .map(WelcomeV2::upgrade)
+                    .map_err(|_| e)
+            })?),
             3 => Message::Begin(de("Begin", p)?),
             4 => Message::Pages(de("Pages", p)?),
             5 => Message::Disk(de("Disk", p)?),

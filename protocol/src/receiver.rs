@@ -25,8 +25,9 @@ pub struct ReceiverConfig {
     pub vm_id: String,
     /// Highest term seen so far (from the failover manager or a previous session).
     pub min_term: u64,
-    /// Last checkpoint already applied (from the replica image), if any.
-    pub last_committed: Option<u64>,
+    /// The replica image's committed position, reported in `Welcome` (the primary decides
+    /// between a quick resync and a full sync from it).
+    pub committed: Option<Position>,
     /// Checkpoints that may be in flight beyond the next expected one.
     pub window: u64,
     /// Largest amount of staged checkpoint data.
@@ -42,7 +43,7 @@ impl ReceiverConfig {
             cluster_id,
             vm_id: vm_id.to_string(),
             min_term: 0,
-            last_committed: None,
+            committed: None,
             window: 8,
             max_staged_bytes: 4 << 30,
             idle_timeout: Duration::from_millis(3000),
@@ -74,8 +75,13 @@ enum Phase {
 pub struct Receiver {
     cfg: ReceiverConfig,
     phase: Phase,
-    /// Highest epoch handed out to the application.
+    /// History id of the session's primary (from its `Hello`).
+    history: Option<u64>,
+    /// Highest seq handed out to the application in this session.
     delivered: Option<u64>,
+    /// Seq of the session's first checkpoint (a sync, pre-copy round or resync, which may start
+    /// at any seq): set by its `Begin`; until then no incremental checkpoint is accepted.
+    base: Option<u64>,
     staging: BTreeMap<u64, Staged>,
     complete: BTreeMap<u64, Checkpoint>,
     ready: VecDeque<Checkpoint>,
@@ -92,9 +98,10 @@ pub struct Receiver {
 impl Receiver {
     /// A receiver waiting for `Hello`.
     pub fn new(cfg: ReceiverConfig) -> Self {
-        let cfg_last = cfg.last_committed;
         Receiver {
-            delivered: cfg.last_committed,
+            history: None,
+            delivered: None,
+            base: None,
             cfg,
             phase: Phase::AwaitHello,
             staging: BTreeMap::new(),
@@ -104,7 +111,7 @@ impl Receiver {
             staged_bytes: 0,
             last_heard: None,
             close_reason: None,
-            last_acked: cfg_last,
+            last_acked: None,
             frame_crc: PartCrc { crc: 0, len: 0 },
         }
     }
@@ -115,6 +122,12 @@ impl Receiver {
             Phase::Ready { version, term } => Some((version, term)),
             _ => None,
         }
+    }
+
+    /// The history id the session's primary announced in its `Hello` (0 from a version-2
+    /// primary), once the session is up.
+    pub fn history(&self) -> Option<u64> {
+        self.session().and(self.history)
     }
 
     /// Why the session closed, if it did.
@@ -171,6 +184,8 @@ impl Receiver {
                 // (re)open the session; partial checkpoints of the old one are dropped.
                 if h.term > term {
                     self.drop_staged_from(0);
+                    self.base = None;
+                    self.delivered = None;
                 }
                 self.on_hello(h)
             }
@@ -236,6 +251,7 @@ impl Receiver {
             return fail(self, RefuseCode::StaleTerm, e);
         }
         self.cfg.min_term = h.term;
+        self.history = Some(h.history);
         self.phase = Phase::Ready {
             version,
             term: h.term,
@@ -243,13 +259,15 @@ impl Receiver {
         self.send(Message::Welcome(Welcome {
             version,
             term: h.term,
-            last_committed: self.delivered,
+            last_committed: None,
+            committed: self.cfg.committed,
         }));
         Ok(())
     }
 
-    fn next_expected(&self) -> u64 {
-        self.delivered.map_or(0, |d| d + 1)
+    /// The next seq to hand out; None before the session's first `Begin`.
+    fn next_expected(&self) -> Option<u64> {
+        self.delivered.map(|d| d + 1).or(self.base)
     }
 
     /// Checks term and epoch of a checkpoint message; returns the staging slot.
@@ -272,18 +290,32 @@ impl Receiver {
                 state: "session",
             });
         }
-        let next = self.next_expected();
-        if epoch < next || self.complete.contains_key(&epoch) {
-            return Err(ProtocolError::Duplicate {
-                what: format!("checkpoint {epoch} (next expected {next})"),
-            });
-        }
-        if epoch >= next + self.cfg.window {
-            return Err(ProtocolError::Gap {
-                got: epoch,
-                expected: next,
-                window: self.cfg.window,
-            });
+        match self.next_expected() {
+            Some(next) if epoch < next || self.complete.contains_key(&epoch) => {
+                return Err(ProtocolError::Duplicate {
+                    what: format!("checkpoint {epoch} (next expected {next})"),
+                });
+            }
+            Some(next) if epoch >= next + self.cfg.window => {
+                return Err(ProtocolError::Gap {
+                    got: epoch,
+                    expected: next,
+                    window: self.cfg.window,
+                });
+            }
+            Some(_) => {}
+            // Before the first Begin, parts that raced ahead of it on the data lanes are
+            // staged, for at most `window` checkpoints.
+            None if !self.staging.contains_key(&epoch)
+                && self.staging.len() as u64 >= self.cfg.window =>
+            {
+                return Err(ProtocolError::Gap {
+                    got: epoch,
+                    expected: self.staging.keys().next().copied().unwrap_or(epoch),
+                    window: self.cfg.window,
+                });
+            }
+            None => {}
         }
         let s = self.staging.entry(epoch).or_default();
         if attempt < s.attempt {
@@ -322,7 +354,7 @@ impl Receiver {
             // resends from there.
             let from = match (code, epoch) {
                 (RefuseCode::CheckpointCrc, Some(ep)) => Some(ep),
-                (_, Some(_)) => Some(self.next_expected()),
+                (_, Some(_)) => self.next_expected(),
                 _ => None,
             };
             // A duplicate is harmless (the original was used): no refusal, no resend; but the
@@ -365,6 +397,22 @@ impl Receiver {
         let max = self.cfg.max_staged_bytes;
         match m {
             Message::Begin(b) => {
+                if self.base.is_none() {
+                    if !b.kind.starts_stream() {
+                        return Err(ProtocolError::Unexpected {
+                            kind: "incremental checkpoint",
+                            state: "before the session's sync or resync",
+                        });
+                    }
+                    // The session's stream starts here: anything staged for earlier seqs is
+                    // from an abandoned start.
+                    if b.term == session_term {
+                        let keep = self.staging.split_off(&b.epoch);
+                        self.staged_bytes -= self.staging.values().map(|s| s.bytes).sum::<u64>();
+                        self.staging = keep;
+                        self.base = Some(b.epoch);
+                    }
+                }
                 let Some(s) = self.slot(b.term, session_term, b.epoch, b.attempt)? else {
                     return Ok(());
                 };
@@ -526,7 +574,7 @@ impl Receiver {
                 state,
             },
         );
-        while let Some(cp) = self.complete.remove(&self.next_expected()) {
+        while let Some(cp) = self.next_expected().and_then(|n| self.complete.remove(&n)) {
             self.delivered = Some(cp.epoch);
             self.ready.push_back(cp);
         }
@@ -549,7 +597,15 @@ impl Receiver {
     /// Tells the primary checkpoint `epoch` could not be applied (it will be resent).
     pub fn apply_failed(&mut self, epoch: u64, why: &str) {
         let e = ProtocolError::Closed(why.to_string());
-        self.delivered = epoch.checked_sub(1);
+        self.delivered = match self.base {
+            Some(b) if epoch <= b => None,
+            _ => epoch.checked_sub(1),
+        };
+        // Later checkpoints handed out or completed behind it cannot be applied either: drop
+        // them (they are resent from `epoch`), or each would fail in turn (a livelock).
+        self.ready.clear();
+        self.complete.retain(|e, _| *e < epoch);
+        self.drop_staged_from(epoch);
         self.refuse(RefuseCode::ApplyFailed, Some(epoch), &e);
     }
 

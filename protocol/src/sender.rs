@@ -22,6 +22,8 @@ pub struct SenderConfig {
     pub vm_id: String,
     /// Our term.
     pub term: u64,
+    /// Our history id (see [`Hello::history`]).
+    pub history: u64,
     /// Data lanes (streams) to spread parts over.
     pub lanes: u8,
     /// Checkpoints that may be unacknowledged at once.
@@ -43,6 +45,7 @@ impl SenderConfig {
             cluster_id,
             vm_id: vm_id.to_string(),
             term,
+            history: 0,
             lanes: 2,
             window: 8,
             ack_timeout: Duration::from_millis(1000),
@@ -60,8 +63,8 @@ pub enum SenderEvent {
     Ready {
         /// Negotiated version.
         version: u16,
-        /// The backup's last applied checkpoint.
-        last_committed: Option<u64>,
+        /// The backup's committed image (v3; None from a v2 backup or an empty one).
+        committed: Option<Position>,
     },
     /// Checkpoints up to `epoch` are applied on the backup.
     Acked {
@@ -147,6 +150,7 @@ impl Sender {
             term: self.cfg.term,
             role: Role::Primary,
             streams: self.cfg.lanes,
+            history: self.cfg.history,
         });
         self.queue(0, &hello, now);
     }
@@ -221,19 +225,30 @@ impl Sender {
             });
         }
         let epoch = cp.epoch;
+        // The session's first checkpoint (a sync, pre-copy round or resync) may have any seq;
+        // every later one follows the previous.
         let expected = self
             .unacked
             .keys()
             .next_back()
             .copied()
             .or(self.acked)
-            .map_or(0, |e| e + 1);
-        if epoch != expected {
-            return Err(ProtocolError::Gap {
-                got: epoch,
-                expected,
-                window: self.cfg.window,
-            });
+            .map(|e| e + 1);
+        match expected {
+            Some(x) if epoch != x => {
+                return Err(ProtocolError::Gap {
+                    got: epoch,
+                    expected: x,
+                    window: self.cfg.window,
+                })
+            }
+            None if !cp.kind.starts_stream() => {
+                return Err(ProtocolError::Unexpected {
+                    kind: "incremental checkpoint",
+                    state: "before the session's sync or resync",
+                })
+            }
+            _ => {}
         }
         self.unacked.insert(
             epoch,
@@ -301,10 +316,10 @@ impl Sender {
                     return Err(e);
                 }
                 self.phase = Phase::Ready;
-                self.acked = w.last_committed;
+                self.acked = None;
                 self.events.push_back(SenderEvent::Ready {
                     version: w.version,
-                    last_committed: w.last_committed,
+                    committed: w.committed,
                 });
                 Ok(())
             }

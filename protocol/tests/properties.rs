@@ -12,13 +12,14 @@ use protocol::{Receiver, ReceiverConfig, Sender, SenderConfig};
 
 fn hello() -> Vec<u8> {
     Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: 2,
+        max_version: 3,
         cluster_id: 7,
         vm_id: "vm1".into(),
         term: 1,
         role: Role::Primary,
         streams: 1,
+        history: 9,
     })
     .encode()
 }

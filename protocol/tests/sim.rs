@@ -333,7 +333,7 @@ fn corruption_at_every_byte_of_a_frame_is_refused() {
         for i in 0..frame.len() {
             let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
             let now = Instant::now();
-            r.handle_frame(now, &hello(3, 1, 1)).unwrap();
+            r.handle_frame(now, &hello(3, 2, 3)).unwrap();
             for (fj, f) in frames.iter().enumerate() {
                 let mut f = f.clone();
                 if fj == fi {
@@ -354,7 +354,7 @@ fn corruption_at_every_byte_of_a_frame_is_refused() {
         // Truncation at every length.
         for cut in 0..frame.len() {
             let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
-            r.handle_frame(Instant::now(), &hello(3, 1, 1)).unwrap();
+            r.handle_frame(Instant::now(), &hello(3, 2, 3)).unwrap();
             assert!(r.handle_frame(Instant::now(), &frame[..cut]).is_err());
         }
     }
@@ -369,6 +369,7 @@ fn hello(term: u64, min: u16, max: u16) -> Vec<u8> {
         term,
         role: Role::Primary,
         streams: 1,
+        history: 9,
     })
     .encode()
 }
@@ -386,7 +387,7 @@ fn refusal(r: &mut Receiver) -> (RefuseCode, Option<u64>) {
 fn checkpoint_crc_mismatch_keeps_previous_state_and_tells_the_sender() {
     let now = Instant::now();
     let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
-    r.handle_frame(now, &hello(3, 1, 1)).unwrap();
+    r.handle_frame(now, &hello(3, 2, 3)).unwrap();
     for m in to_messages(3, 0, &checkpoint(0, 5)) {
         r.handle_frame(now, &m.encode()).unwrap();
     }
@@ -469,33 +470,39 @@ fn stale_terms_versions_gaps_and_duplicates_are_typed_errors() {
     cfg.min_term = 5;
     let mut r = Receiver::new(cfg);
     assert!(matches!(
-        r.handle_frame(now, &hello(4, 1, 1)),
+        r.handle_frame(now, &hello(4, 2, 3)),
         Err(ProtocolError::StaleTerm { got: 4, current: 5 })
     ));
     assert_eq!(refusal(&mut r).0, RefuseCode::StaleTerm);
     // Wrong cluster.
     let mut r = Receiver::new(ReceiverConfig::new(8, "vm1"));
     assert!(matches!(
-        r.handle_frame(now, &hello(3, 1, 1)),
+        r.handle_frame(now, &hello(3, 2, 3)),
         Err(ProtocolError::WrongPeer { .. })
     ));
     // Stale term inside the session, gap, duplicate.
     let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
-    r.handle_frame(now, &hello(3, 1, 1)).unwrap();
+    r.handle_frame(now, &hello(3, 2, 3)).unwrap();
     let old = to_messages(2, 0, &checkpoint(0, 1));
     assert!(matches!(
         r.handle_frame(now, &old[0].encode()),
         Err(ProtocolError::StaleTerm { .. })
     ));
-    let far = to_messages(3, 0, &checkpoint(100, 1));
+    // Before the session's sync or resync, an incremental checkpoint is refused.
+    let early = to_messages(3, 0, &checkpoint(5, 1));
     assert!(matches!(
-        r.handle_frame(now, &far[0].encode()),
-        Err(ProtocolError::Gap { got: 100, .. })
+        r.handle_frame(now, &early[0].encode()),
+        Err(ProtocolError::Unexpected { .. })
     ));
     for m in to_messages(3, 0, &checkpoint(0, 1)) {
         r.handle_frame(now, &m.encode()).unwrap();
     }
     assert!(r.poll_checkpoint().is_some());
+    let far = to_messages(3, 0, &checkpoint(100, 1));
+    assert!(matches!(
+        r.handle_frame(now, &far[0].encode()),
+        Err(ProtocolError::Gap { got: 100, .. })
+    ));
     let again = to_messages(3, 0, &checkpoint(0, 1));
     assert!(matches!(
         r.handle_frame(now, &again[0].encode()),
@@ -559,4 +566,120 @@ fn xor_pages_apply_against_the_replica() {
     let enc = encode(&new, Some(&old), EncodeOptions::default());
     assert!(matches!(enc, PageData::Xor(_)));
     assert_eq!(protocol::page::decode(4, &enc, Some(&old)).unwrap(), new);
+}
+
+/// Checkpoint `seq` of kind `kind` (seeded contents).
+fn checkpoint_of(seq: u64, kind: Kind) -> Checkpoint {
+    Checkpoint {
+        epoch: seq,
+        kind,
+        ..checkpoint(seq, 3)
+    }
+}
+
+#[test]
+fn a_session_starts_at_any_seq_with_a_resync_and_parts_may_race_ahead_of_begin() {
+    let now = Instant::now();
+    let committed = protocol::message::Position {
+        history: 9,
+        term: 3,
+        seq: 40,
+    };
+    let mut cfg = ReceiverConfig::new(7, "vm1");
+    cfg.committed = Some(committed);
+    let mut r = Receiver::new(cfg);
+    r.handle_frame(now, &hello(3, 2, 3)).unwrap();
+    // The Welcome reports the committed position.
+    let w = std::iter::from_fn(|| r.poll_transmit())
+        .find_map(|f| match Message::decode(&f) {
+            Ok(Message::Welcome(w)) => Some(w),
+            _ => None,
+        })
+        .expect("welcome");
+    assert_eq!(w.committed, Some(committed));
+    // A resync from 40 numbered 57 (the primary's seq): its parts arrive before its Begin.
+    let msgs = to_messages(3, 0, &checkpoint_of(57, Kind::Resync { from: 40 }));
+    for m in msgs[1..].iter().chain(&msgs[..1]) {
+        r.handle_frame(now, &m.encode()).unwrap();
+    }
+    let cp = r.poll_checkpoint().expect("the resync is delivered");
+    assert_eq!((cp.epoch, cp.kind), (57, Kind::Resync { from: 40 }));
+    r.ack(57);
+    // Then incremental checkpoints follow from 58.
+    for m in to_messages(3, 0, &checkpoint_of(58, Kind::Incremental)) {
+        r.handle_frame(now, &m.encode()).unwrap();
+    }
+    assert_eq!(r.poll_checkpoint().map(|c| c.epoch), Some(58));
+}
+
+#[test]
+fn a_failed_apply_with_checkpoints_pipelined_behind_it_does_not_livelock() {
+    let now = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
+    r.handle_frame(now, &hello(3, 2, 3)).unwrap();
+    for seq in 10..14 {
+        let kind = if seq == 10 {
+            Kind::Sync
+        } else {
+            Kind::Incremental
+        };
+        for m in to_messages(3, 0, &checkpoint_of(seq, kind)) {
+            r.handle_frame(now, &m.encode()).unwrap();
+        }
+    }
+    assert_eq!(r.poll_checkpoint().map(|c| c.epoch), Some(10));
+    r.ack(10);
+    // Applying 11 fails while 12 and 13 wait behind it: they are dropped, not handed out to
+    // fail in turn; the refusal asks for 11 again.
+    assert_eq!(r.poll_checkpoint().map(|c| c.epoch), Some(11));
+    r.apply_failed(11, "disk full");
+    assert!(r.poll_checkpoint().is_none());
+    assert_eq!(refusal(&mut r), (RefuseCode::ApplyFailed, Some(11)));
+    for seq in 11..14 {
+        for m in to_messages(3, 1, &checkpoint_of(seq, Kind::Incremental)) {
+            r.handle_frame(now, &m.encode()).unwrap();
+        }
+    }
+    let got: Vec<u64> = std::iter::from_fn(|| r.poll_checkpoint())
+        .map(|c| c.epoch)
+        .collect();
+    assert_eq!(got, vec![11, 12, 13]);
+}
+
+#[test]
+fn version_2_hello_and_welcome_still_decode() {
+    // Version 2 layouts: Hello without history, Welcome without committed.
+    #[derive(serde::Serialize)]
+    struct HelloV2<'a> {
+        min_version: u16,
+        max_version: u16,
+        cluster_id: u64,
+        vm_id: &'a str,
+        term: u64,
+        role: Role,
+        streams: u8,
+    }
+    let p = postcard::to_stdvec(&HelloV2 {
+        min_version: 1,
+        max_version: 2,
+        cluster_id: 7,
+        vm_id: "vm1",
+        term: 4,
+        role: Role::Primary,
+        streams: 2,
+    })
+    .unwrap();
+    match Message::from_payload(1, &p).unwrap() {
+        Message::Hello(h) => assert_eq!((h.term, h.history, h.max_version), (4, 0, 2)),
+        m => panic!("{m:?}"),
+    }
+    // A Welcome at version 2 is encoded in the version-2 layout and decodes back.
+    let w = protocol::message::Welcome {
+        version: 2,
+        term: 4,
+        last_committed: None,
+        committed: None,
+    };
+    let f = Message::Welcome(w.clone()).encode();
+    assert_eq!(Message::decode(&f).unwrap(), Message::Welcome(w));
 }

@@ -50,8 +50,13 @@ pub struct EpochCapture {
     /// Guest RAM size.
     pub mem_size: u64,
     /// For a full capture: what changed since the previous capture (dirty pages and disk
-    /// writes), so it can also serve backups that hold the previous state. `None` otherwise.
+    /// writes), so it can also serve backups that hold the previous state. For pre-copy round
+    /// 0: what changed since the previous capture and is no longer tracked (the round restarts
+    /// tracking). `None` otherwise.
     pub changes: Option<Changes>,
+    /// Disk ranges read while paused at the caller's request (`capture_epoch_with`): their
+    /// contents as of this capture, after the epoch's writes.
+    pub extra_disk: Vec<(u64, Vec<u8>)>,
 }
 
 /// The changes since the previous capture.
@@ -70,13 +75,27 @@ fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
 impl Vm {
     /// Pauses (if running), captures one epoch, closes the output epoch, resumes.
     pub fn capture_epoch(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
+        self.capture_epoch_with(kind, &[])
+    }
+
+    /// [`capture_epoch`](Self::capture_epoch) that also reads the disk ranges `(offset, len)`
+    /// in the same pause (a quick resync needs the current contents of the blocks a backup
+    /// missed). Ranges beyond the disk are clipped.
+    pub fn capture_epoch_with(
+        &self,
+        kind: CaptureKind,
+        disk_ranges: &[(u64, u64)],
+    ) -> Result<EpochCapture, SnapshotError> {
         let t0 = Instant::now();
         // Pauses are counted: this one nests inside a user's pause without ending it.
         let must_resume = self.thread_running();
         if must_resume {
             self.pause().map_err(capture_err)?;
         }
-        let r = self.capture_epoch_paused(kind);
+        let r = self.capture_epoch_paused(kind).and_then(|mut c| {
+            c.extra_disk = self.read_disk_ranges(disk_ranges)?;
+            Ok(c)
+        });
         if must_resume {
             self.resume();
         }
@@ -156,7 +175,35 @@ impl Vm {
                 dirty,
                 disk: disk_changes,
             }),
+            extra_disk: Vec::new(),
         })
+    }
+
+    /// Contents of the disk ranges `(offset, len)`, clipped to the disk (the VM is paused).
+    fn read_disk_ranges(
+        &self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let Some(b) = &self.devices.blk else {
+            return Ok(Vec::new());
+        };
+        let t = lock(b);
+        let size = t.device().sectors() * SECTOR_SIZE;
+        let mut out = Vec::with_capacity(ranges.len());
+        for &(off, len) in ranges {
+            let end = off.saturating_add(len).min(size);
+            if off >= end {
+                continue;
+            }
+            let mut buf = vec![0u8; (end - off) as usize];
+            t.device()
+                .file()
+                .read_exact_at(&mut buf, off)
+                .map_err(capture_err)?;
+            out.push((off, buf));
+        }
+        Ok(out)
     }
 
     /// Guest frame numbers of the pages that are not all zero.
@@ -182,10 +229,22 @@ impl Vm {
     /// disk-write recording afresh, then copies every non-zero page and the whole disk. What the
     /// guest changes meanwhile is tracked, so a torn copy is sent again by a later pass.
     pub fn precopy_start(&self) -> Result<EpochCapture, SnapshotError> {
-        if let Some(b) = &self.devices.blk {
-            lock(b).with_device_unchecked(|d| d.take_writes());
-        }
-        self.harvest_dirty_running().map_err(capture_err)?;
+        // What changed since the previous capture is no longer tracked after this: returned as
+        // `changes`, so a caller that tracks changes per checkpoint (quick resync) loses nothing.
+        let taken = match &self.devices.blk {
+            Some(b) => lock(b).with_device_unchecked(|d| d.take_writes()),
+            None => None,
+        };
+        let dirty = self
+            .harvest_dirty_running()
+            .map_err(capture_err)?
+            .page_list();
+        let disk_changes = match (&self.devices.blk, taken) {
+            (None, _) => DiskCapture::None,
+            (Some(_), Some(w)) if !w.overflowed => DiskCapture::Writes(w.writes),
+            // Not recorded (first sync) or overflowed: round 0 copies the whole disk anyway.
+            (Some(_), _) => DiskCapture::Full(Vec::new()),
+        };
         let pages = self.nonzero_pages()?;
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
@@ -215,7 +274,11 @@ impl Vm {
             disk,
             state: Vec::new(),
             mem_size: self.mem_size,
-            changes: None,
+            changes: Some(Changes {
+                dirty,
+                disk: disk_changes,
+            }),
+            extra_disk: Vec::new(),
         })
     }
 
@@ -237,6 +300,7 @@ impl Vm {
             state: Vec::new(),
             mem_size: self.mem_size,
             changes: None,
+            extra_disk: Vec::new(),
         })
     }
 
