@@ -13,6 +13,7 @@ ensure_packages() {
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v cc >/dev/null || missing+=(gcc)
   command -v python3 >/dev/null || missing+=(python3)
+  command -v nft >/dev/null || missing+=(nftables)
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

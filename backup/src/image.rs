@@ -1,47 +1,60 @@
 //! The replica image a backup keeps: guest memory and disk as files, plus the latest state.
 //!
 //! ```text
-//! <dir>/memory.bin   guest RAM as of the last applied checkpoint (sparse, full size)
-//! <dir>/disk.img     the disk as of the last applied checkpoint
-//! <dir>/replica.bin  last applied epoch, term, sizes and the vCPU/device state (CRC-framed)
+//! <dir>/memory.bin   guest RAM as of the committed checkpoint (sparse, full size)
+//! <dir>/disk.img     the disk as of the committed checkpoint
+//! <dir>/replica.bin  position (history, term, seq), sizes and the vCPU/device state (CRC-framed)
 //! <dir>/journal-{0,1}.bin  the redo journal of the last two checkpoints (see [`journal`])
+//! <dir>/incoming/    a full sync in progress: the side image (see [`promote`])
+//! <dir>/lock         held by the process working on the image (see [`lock`])
 //! ```
-//! Only complete, verified checkpoints (from the protocol's receiver) are applied, in epoch
-//! order, in two steps: [`ReplicaImage::stage`] decodes the pages and writes the journal (the
+//! The image in `<dir>` is the *committed* one: always a consistent checkpoint, named by its
+//! [`Position`] `(history, term, seq)`. Checkpoints of the same history and term are applied to
+//! it in seq order — an incremental one (seq + 1) or a quick resync (from its seq, any later
+//! seq) — in two steps: [`ReplicaImage::stage`] decodes the pages and writes the journal (the
 //! checkpoint is now durable and may be acknowledged), [`ReplicaImage::complete`] writes the
 //! image files in place. A backup killed at any moment leaves an image [`recover`] brings to the
-//! last journaled checkpoint; `replica.bin` is rewritten only at creation, at the end of the
-//! initial sync and by [`recover`]/[`finalize`].
+//! last journaled checkpoint; `replica.bin` is rewritten only by promotion and by
+//! [`recover`]/[`finalize`].
 //!
-//! An image created by pre-copy rounds (no state yet) is *syncing*: it holds pages but no
-//! consistent checkpoint until the first checkpoint with state arrives; [`finalize`] refuses it.
-//! [`finalize`] turns the image into a snapshot directory (`snapshot.bin`) that
-//! `vmatrix restore` starts.
+//! A full sync never touches the committed image: it builds a side image in `<dir>/incoming/`
+//! ([`ReplicaImage::create`]), *syncing* (pages, no state) through its pre-copy rounds, which
+//! the first checkpoint with state makes consistent; it then replaces the committed image
+//! atomically ([`promote`]) before that checkpoint is acknowledged. [`finalize`] turns the
+//! committed image into a snapshot directory (`snapshot.bin`) that `vmatrix restore` starts.
 //!
 //! [`journal`]: crate::journal
+//! [`promote`]: crate::promote
+//! [`lock`]: crate::lock
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use protocol::message::Position;
 use protocol::page::{decode, PAGE};
 use protocol::{Checkpoint, Kind};
 use serde::{Deserialize, Serialize};
 use vmm::snapshot::{self, format, DiskPart, SnapshotMeta, VmState};
 
 use crate::journal::{self, Journal};
-use crate::BackupError;
+use crate::lock::ImageLock;
+use crate::{promote, BackupError};
 
 /// Largest disk a pre-copy round may write to before the state tells the real size (1 TiB).
 const MAX_SYNC_DISK: u64 = 1 << 40;
+/// The image's facts ([`ReplicaMeta`]) in an image directory.
+pub const REPLICA_FILE: &str = "replica.bin";
 
 /// Persistent facts about the replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaMeta {
-    /// Last applied checkpoint.
-    pub epoch: u64,
-    /// Term of the session that sent it.
+    /// History id of the primary whose checkpoints these are.
+    pub history: u64,
+    /// Term of that primary.
     pub term: u64,
+    /// Seq of the last applied checkpoint.
+    pub seq: u64,
     /// Guest RAM size.
     pub mem_size: u64,
     /// Disk size (0: no disk).
@@ -55,15 +68,35 @@ impl ReplicaMeta {
     pub fn syncing(&self) -> bool {
         self.state.is_empty()
     }
+
+    /// The consistent checkpoint this records; None while syncing.
+    pub fn position(&self) -> Option<Position> {
+        (!self.syncing()).then_some(Position {
+            history: self.history,
+            term: self.term,
+            seq: self.seq,
+        })
+    }
 }
 
-/// An open replica image.
+/// The primary a checkpoint comes from: its session's history id and term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// History id (`Hello.history`).
+    pub history: u64,
+    /// Term.
+    pub term: u64,
+}
+
+/// An open replica image (the committed one, or a side image).
 pub struct ReplicaImage {
     dir: PathBuf,
     mem: File,
     disk: Option<File>,
     meta: ReplicaMeta,
     slots: [Option<File>; 2],
+    /// Journal slot of the last staged checkpoint (the next one goes into the other).
+    last_slot: Option<usize>,
 }
 
 /// A checkpoint between [`ReplicaImage::stage`] and [`ReplicaImage::complete`].
@@ -72,7 +105,7 @@ pub struct Staged {
     ends_sync: bool,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
     move |err| BackupError::Io {
         path: path.to_path_buf(),
         err,
@@ -84,74 +117,154 @@ fn decode_state(bytes: &[u8]) -> Result<VmState, BackupError> {
         .map_err(|e| BackupError::Apply(format!("state does not decode: {e}")))
 }
 
+fn open_rw(path: &Path) -> Result<File, BackupError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// Creates (or empties) `path` with length `len`, open for reading and writing.
+fn create_sized(path: &Path, len: u64) -> Result<File, BackupError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(len).map_err(io(path))?;
+    Ok(f)
+}
+
 impl ReplicaImage {
-    /// Starts a new image from an initial sync (`Sync`) or pre-copy round 0 (`PreCopy`),
-    /// replacing any old image in `dir`.
-    pub fn create(dir: &Path, term: u64, cp: &Checkpoint) -> Result<ReplicaImage, BackupError> {
+    /// Starts a side image for a full sync in `<image_dir>/incoming/` from an initial sync
+    /// (`Sync`, consistent at once) or a first pre-copy round (`PreCopy`, syncing), replacing
+    /// whatever an earlier, abandoned sync left there. The committed image is not touched;
+    /// nothing is recorded in `replica.bin` until [`promote`](crate::promote::promote).
+    pub fn create(
+        image_dir: &Path,
+        origin: Origin,
+        cp: &Checkpoint,
+    ) -> Result<ReplicaImage, BackupError> {
         let (state, disk_len) = match cp.kind {
             Kind::Sync => {
                 let state = usable_state(cp)?;
                 let len = disk_len_of(&decode_state(&state)?);
                 (state, len)
             }
-            Kind::PreCopy if cp.epoch == 0 => (Vec::new(), 0),
-            _ => {
+            Kind::PreCopy => (Vec::new(), 0),
+            k => {
                 return Err(BackupError::Apply(format!(
-                    "checkpoint {} does not start an image",
+                    "a {k:?} checkpoint ({}) does not start an image",
                     cp.epoch
                 )))
             }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        // The old image stops being one before any of its files change.
-        for f in ["replica.bin", snapshot::META_FILE, "disk-live.img"] {
-            let _ = std::fs::remove_file(dir.join(f));
-        }
-        journal::remove(dir)?;
-        let mp = dir.join(snapshot::MEMORY_FILE);
-        let mem = File::create(&mp).map_err(io(&mp))?;
-        mem.set_len(cp.mem_size).map_err(io(&mp))?;
-        let mem = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&mp)
-            .map_err(io(&mp))?;
+        promote::abandon(image_dir)?;
+        let dir = promote::incoming(image_dir);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mem = create_sized(&dir.join(snapshot::MEMORY_FILE), cp.mem_size)?;
         // While syncing the disk's size is unknown: the file grows with the chunks written.
+        let disk_path = dir.join(snapshot::DISK_FILE);
         let disk = match (cp.kind, disk_len) {
-            (Kind::PreCopy, _) => Some(create_disk(dir, 0)?),
+            (Kind::PreCopy, _) => Some(create_sized(&disk_path, 0)?),
             (_, 0) => None,
-            (_, n) => Some(create_disk(dir, n)?),
+            (_, n) => Some(create_sized(&disk_path, n)?),
         };
-        let mut img = ReplicaImage {
-            dir: dir.to_path_buf(),
+        let img = ReplicaImage {
+            dir,
             mem,
             disk,
             meta: ReplicaMeta {
-                epoch: 0,
-                term,
+                history: origin.history,
+                term: origin.term,
+                seq: cp.epoch,
                 mem_size: cp.mem_size,
                 disk_len,
-                state: Vec::new(),
+                // With its state (a `Sync`) the image is consistent: disk writes must fit.
+                state,
             },
             slots: [None, None],
+            last_slot: None,
         };
         let (gfns, data) = img.decode_pages(cp)?;
         img.check_disk(cp)?;
         img.write_in_place(&gfns, &data, &cp.disk)?;
-        img.meta.epoch = cp.epoch;
-        img.meta.state = state;
-        img.save_meta()?;
         Ok(img)
     }
 
-    /// True while no checkpoint with state has been applied (initial sync in progress).
+    /// Opens the committed image in `dir` (recovered: see [`recover`]) to apply checkpoints to
+    /// it. Its snapshot (`snapshot.bin`), if finalized before, is removed: the image files are
+    /// about to change ([`finalize`] writes it again).
+    pub fn open(dir: &Path) -> Result<ReplicaImage, BackupError> {
+        let meta = read_meta(dir)?;
+        if meta.syncing() {
+            return Err(BackupError::Apply(format!(
+                "{}: the image records no consistent checkpoint",
+                dir.display()
+            )));
+        }
+        let sized = |name: &str, len: u64| -> Result<File, BackupError> {
+            let p = dir.join(name);
+            let f = open_rw(&p)?;
+            let got = f.metadata().map_err(io(&p))?.len();
+            if got != len {
+                return Err(BackupError::Apply(format!(
+                    "{}: {got} bytes, the image records {len}",
+                    p.display()
+                )));
+            }
+            Ok(f)
+        };
+        let mem = sized(snapshot::MEMORY_FILE, meta.mem_size)?;
+        let disk = match meta.disk_len {
+            0 => None,
+            n => Some(sized(snapshot::DISK_FILE, n)?),
+        };
+        promote::remove_file_if_present(&dir.join(snapshot::META_FILE))?;
+        Ok(ReplicaImage {
+            dir: dir.to_path_buf(),
+            mem,
+            disk,
+            meta,
+            slots: [None, None],
+            last_slot: None,
+        })
+    }
+
+    /// True while no checkpoint with state has been applied (a full sync in progress).
     pub fn syncing(&self) -> bool {
         self.meta.syncing()
     }
 
-    /// Last applied epoch.
-    pub fn epoch(&self) -> u64 {
-        self.meta.epoch
+    /// Seq of the last applied checkpoint.
+    pub fn seq(&self) -> u64 {
+        self.meta.seq
+    }
+
+    /// The image's facts.
+    pub fn meta(&self) -> &ReplicaMeta {
+        &self.meta
+    }
+
+    /// The consistent checkpoint the image holds; None while syncing.
+    pub fn position(&self) -> Option<Position> {
+        self.meta.position()
+    }
+
+    /// The primary whose checkpoints the image holds.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            history: self.meta.history,
+            term: self.meta.term,
+        }
+    }
+
+    /// Directory of the image's files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The new contents of the checkpoint's pages (decoded against the image's current ones).
@@ -226,34 +339,56 @@ impl ReplicaImage {
 
     /// Applies the next checkpoint in one go ([`stage`](Self::stage) then
     /// [`complete`](Self::complete)).
-    pub fn apply(&mut self, cp: &Checkpoint) -> Result<(), BackupError> {
-        let s = self.stage(cp)?;
+    pub fn apply(&mut self, cp: &Checkpoint, origin: Origin) -> Result<(), BackupError> {
+        let s = self.stage(cp, origin)?;
         self.complete(s)
     }
 
-    /// First half of applying the next checkpoint (a pre-copy round while syncing, else an
-    /// incremental one; the first with state ends the sync): checks it, decodes its pages and,
-    /// if the result is a consistent image, writes its redo journal. When this returns Ok the
-    /// checkpoint survives the backup process dying, so it may be acknowledged.
-    pub fn stage(&mut self, cp: &Checkpoint) -> Result<Staged, BackupError> {
-        if cp.epoch != self.meta.epoch + 1 {
+    /// Checks that `cp` from `origin` applies to the image as it is; returns its state bytes.
+    fn check_next(&self, cp: &Checkpoint, origin: Origin) -> Result<Vec<u8>, BackupError> {
+        if origin != self.origin() {
             return Err(BackupError::Apply(format!(
-                "checkpoint {} does not follow {}",
-                cp.epoch, self.meta.epoch
+                "checkpoint {} is of history {:#x} term {}, the image of history {:#x} term {}",
+                cp.epoch, origin.history, origin.term, self.meta.history, self.meta.term
             )));
         }
-        let state = match cp.kind {
-            Kind::PreCopy if self.meta.syncing() => Vec::new(),
-            Kind::Incremental => usable_state(cp)?,
-            k => {
-                return Err(BackupError::Apply(format!(
-                    "a {k:?} checkpoint cannot follow checkpoint {}",
-                    self.meta.epoch
-                )))
+        let at = self.meta.seq;
+        let follows = self.meta.seq.checked_add(1) == Some(cp.epoch);
+        match cp.kind {
+            Kind::PreCopy if self.meta.syncing() && follows => Ok(Vec::new()),
+            Kind::Incremental if follows => usable_state(cp),
+            Kind::Resync { from } if !self.meta.syncing() && from == at && cp.epoch > from => {
+                usable_state(cp)
             }
-        };
+            Kind::Resync { from } => {
+                Err(BackupError::Apply(format!(
+                "resync from checkpoint {from} to {} does not apply to the image at checkpoint \
+                 {at}{}",
+                cp.epoch,
+                if self.meta.syncing() { " (syncing)" } else { "" }
+            )))
+            }
+            Kind::PreCopy | Kind::Incremental if !follows => Err(BackupError::Apply(format!(
+                "checkpoint {} does not follow {at}",
+                cp.epoch
+            ))),
+            k => Err(BackupError::Apply(format!(
+                "a {k:?} checkpoint ({}) cannot follow checkpoint {at}",
+                cp.epoch
+            ))),
+        }
+    }
+
+    /// First half of applying the next checkpoint: a pre-copy round or the checkpoint that ends
+    /// the sync on a syncing image; an incremental checkpoint or a quick resync on a consistent
+    /// one. Checks it (kind, seq, origin, sizes) and decodes its pages; on a consistent image it
+    /// then writes the redo journal, and when this returns Ok the checkpoint survives the backup
+    /// process dying, so it may be acknowledged. A syncing image protects nothing yet: no
+    /// journal (the checkpoint that ends its sync is acknowledged after the promotion).
+    pub fn stage(&mut self, cp: &Checkpoint, origin: Origin) -> Result<Staged, BackupError> {
+        let state = self.check_next(cp, origin)?;
         let mut meta = ReplicaMeta {
-            epoch: cp.epoch,
+            seq: cp.epoch,
             state,
             ..self.meta.clone()
         };
@@ -261,7 +396,13 @@ impl ReplicaImage {
         if ends_sync {
             meta.disk_len = disk_len_of(&decode_state(&meta.state)?);
         } else if !meta.syncing() {
-            decode_state(&meta.state)?;
+            let len = disk_len_of(&decode_state(&meta.state)?);
+            if len != meta.disk_len {
+                return Err(BackupError::Apply(format!(
+                    "checkpoint {} has a disk of {len} bytes, the image {}",
+                    cp.epoch, meta.disk_len
+                )));
+            }
         }
         let (gfns, data) = self.decode_pages(cp)?;
         self.check_disk(cp)?;
@@ -274,33 +415,39 @@ impl ReplicaImage {
             return Err(BackupError::Apply("disk write beyond the disk".into()));
         }
         let j = Journal {
-            epoch: cp.epoch,
+            seq: cp.epoch,
             meta,
             gfns,
             data,
             disk: cp.disk.clone(),
         };
-        // While syncing there is nothing consistent to protect: no journal.
-        if !j.meta.syncing() {
-            let slot = (cp.epoch % 2) as usize;
-            let path = journal::slot_path(&self.dir, cp.epoch);
-            if self.slots[slot].is_none() {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
-                self.slots[slot] = Some(f);
-            }
-            if let Some(f) = &self.slots[slot] {
-                j.write_to(f, &path)?;
-            }
+        if !self.meta.syncing() {
+            self.write_journal(&j)?;
         }
         Ok(Staged {
             journal: j,
             ends_sync,
         })
+    }
+
+    /// Writes `j` into the slot the last staged checkpoint did not use.
+    fn write_journal(&mut self, j: &Journal) -> Result<(), BackupError> {
+        let slot = self.last_slot.map_or(0, |s| 1 - s);
+        let path = journal::slot_path(&self.dir, slot);
+        if self.slots[slot].is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            self.slots[slot] = Some(f);
+        }
+        if let Some(f) = &self.slots[slot] {
+            j.write_to(f, &path)?;
+        }
+        self.last_slot = Some(slot);
+        Ok(())
     }
 
     /// Second half: writes the staged checkpoint into the image files.
@@ -311,9 +458,6 @@ impl ReplicaImage {
             self.size_disk(j.meta.disk_len)?;
         }
         self.meta = j.meta;
-        if s.ends_sync {
-            self.save_meta()?;
-        }
         Ok(())
     }
 
@@ -328,24 +472,67 @@ impl ReplicaImage {
             }
             (None, 0) => Ok(()),
             (None, n) => {
-                self.disk = Some(create_disk(&self.dir, n)?);
+                self.disk = Some(create_sized(&dp, n)?);
                 Ok(())
             }
         }
     }
 
-    fn save_meta(&self) -> Result<(), BackupError> {
+    /// Makes the image files durable (before `replica.bin` may point at them).
+    pub(crate) fn sync_files(&self) -> Result<(), BackupError> {
+        let mp = self.dir.join(snapshot::MEMORY_FILE);
+        self.mem.sync_all().map_err(io(&mp))?;
+        if let Some(d) = &self.disk {
+            let dp = self.dir.join(snapshot::DISK_FILE);
+            d.sync_all().map_err(io(&dp))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `replica.bin` atomically and durably: temporary file, fsync, rename, fsync of
+    /// the directory.
+    pub(crate) fn save_meta(&self) -> Result<(), BackupError> {
         let bytes = format::encode(&self.meta)?;
         let tmp = self.dir.join(".replica.bin.tmp");
-        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-        let dst = self.dir.join("replica.bin");
-        std::fs::rename(&tmp, &dst).map_err(io(&dst))
+        let f = create_sized(&tmp, 0)?;
+        f.write_all_at(&bytes, 0).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        let dst = self.dir.join(REPLICA_FILE);
+        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+        promote::sync_dir(&self.dir)
+    }
+
+    /// The image's files now live in `dir` (after promotion renamed them there; the open
+    /// files follow their inodes). Journals start over.
+    pub(crate) fn rehome(&mut self, dir: &Path) {
+        self.dir = dir.to_path_buf();
+        self.slots = [None, None];
+        self.last_slot = None;
+    }
+
+    /// Redoes a journaled checkpoint (idempotent) and records its facts in `replica.bin`.
+    fn redo(&mut self, j: Journal) -> Result<(), BackupError> {
+        if j.meta.mem_size != self.meta.mem_size || j.meta.disk_len != self.meta.disk_len {
+            return Err(BackupError::Apply(format!(
+                "journal of checkpoint {} is for {} bytes of RAM and {} of disk, the image has \
+                 {} and {}",
+                j.seq, j.meta.mem_size, j.meta.disk_len, self.meta.mem_size, self.meta.disk_len
+            )));
+        }
+        self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+        self.meta = j.meta;
+        self.save_meta()
     }
 }
 
 fn usable_state(cp: &Checkpoint) -> Result<Vec<u8>, BackupError> {
     match &cp.state {
-        Some((v, s)) if *v == format::FORMAT_VERSION => Ok(s.clone()),
+        Some((v, s)) if *v == format::FORMAT_VERSION && !s.is_empty() => Ok(s.clone()),
+        Some((v, s)) if *v == format::FORMAT_VERSION => Err(BackupError::Apply(format!(
+            "checkpoint {} carries an empty state ({} bytes)",
+            cp.epoch,
+            s.len()
+        ))),
         Some((v, _)) => Err(BackupError::Apply(format!(
             "state format {v} not supported"
         ))),
@@ -362,78 +549,77 @@ fn disk_len_of(vm: &VmState) -> u64 {
     })
 }
 
-fn create_disk(dir: &Path, len: u64) -> Result<File, BackupError> {
-    let dp = dir.join(snapshot::DISK_FILE);
-    let d = File::create(&dp).map_err(io(&dp))?;
-    d.set_len(len).map_err(io(&dp))?;
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dp)
-        .map_err(io(&dp))
-}
-
-fn read_meta(dir: &Path) -> Result<ReplicaMeta, BackupError> {
-    let mp = dir.join("replica.bin");
+/// `replica.bin` of `dir`.
+pub fn read_meta(dir: &Path) -> Result<ReplicaMeta, BackupError> {
+    let mp = dir.join(REPLICA_FILE);
     let bytes = std::fs::read(&mp).map_err(io(&mp))?;
-    Ok(format::decode(&bytes)?)
+    format::decode(&bytes).map_err(|err| BackupError::Meta { path: mp, err })
 }
 
-/// Brings the image in `dir` to its last journaled checkpoint: redoes the newest verifying
-/// journal's writes (idempotent: every earlier checkpoint is already in the files) and records
-/// its facts in `replica.bin`. Returns the epoch redone, if any. A damaged slot was never
-/// completed, so nothing of it reached the image files; it is ignored.
+/// True if `dir` is (or is becoming) a backup's replica image: it has `replica.bin` or a side
+/// image (`incoming/`).
+pub fn is_replica(dir: &Path) -> bool {
+    dir.join(REPLICA_FILE).exists() || promote::incoming(dir).exists()
+}
+
+/// [`recover_locked`], taking the image's lock for the time it works.
 pub fn recover(dir: &Path) -> Result<Option<u64>, BackupError> {
-    let meta = read_meta(dir)?;
-    let Some(j) = journal::newest(dir)? else {
-        journal::remove(dir)?;
-        return Ok(None);
-    };
-    if j.epoch < meta.epoch || (j.epoch == meta.epoch && j.meta == meta) {
-        // Not newer than what replica.bin records: nothing to redo.
-        journal::remove(dir)?;
-        return Ok(None);
-    }
-    if j.meta.mem_size != meta.mem_size {
-        return Err(BackupError::Apply(format!(
-            "journal of checkpoint {} is for {} bytes of RAM, the image has {}",
-            j.epoch, j.meta.mem_size, meta.mem_size
-        )));
-    }
-    let open = |name: &str| {
-        let p = dir.join(name);
-        OpenOptions::new().write(true).open(&p).map_err(io(&p))
-    };
-    let disk_path = dir.join(snapshot::DISK_FILE);
-    let mut img = ReplicaImage {
-        dir: dir.to_path_buf(),
-        mem: open(snapshot::MEMORY_FILE)?,
-        disk: match disk_path.exists() {
-            true => Some(open(snapshot::DISK_FILE)?),
-            false => None,
-        },
-        meta: j.meta.clone(),
-        slots: [None, None],
-    };
-    img.write_in_place(&j.gfns, &j.data, &j.disk)?;
-    img.size_disk(j.meta.disk_len)?;
-    img.save_meta()?;
-    journal::remove(dir)?;
-    tracing::info!("image brought to checkpoint {} from its journal", j.epoch);
-    Ok(Some(j.epoch))
+    recover_locked(&ImageLock::acquire(dir)?)
 }
 
-/// Turns the replica image in `dir` into a full snapshot of its last applied checkpoint
-/// (completing an interrupted one first, see [`recover`]).
+/// Brings the image in the locked directory to its last committed checkpoint. First a full
+/// sync's side image is settled ([`promote::settle`]): an interrupted promotion is finished,
+/// an abandoned sync removed. Then the newest verifying journal of the image's history, if it
+/// is newer than `replica.bin`, is redone (idempotent: every earlier checkpoint is already in
+/// the files) and its facts recorded in `replica.bin`. Returns the seq redone, if any. A
+/// damaged slot was never completed, so nothing of it reached the image files; it is ignored.
+/// A directory without a committed image is left as it is (Ok(None)).
+pub fn recover_locked(lock: &ImageLock) -> Result<Option<u64>, BackupError> {
+    let dir = lock.dir();
+    promote::settle(dir)?;
+    if !dir.join(REPLICA_FILE).exists() {
+        journal::remove(dir)?;
+        return Ok(None);
+    }
+    let meta = read_meta(dir)?;
+    let j = match journal::newest(dir, meta.history)? {
+        // Only a checkpoint after the one replica.bin records has anything to redo.
+        Some(j) if j.seq > meta.seq && !meta.syncing() => j,
+        _ => {
+            journal::remove(dir)?;
+            return Ok(None);
+        }
+    };
+    let seq = j.seq;
+    let mut img = ReplicaImage::open(dir)?;
+    img.redo(j)?;
+    journal::remove(dir)?;
+    tracing::info!("image brought to checkpoint {seq} from its journal");
+    Ok(Some(seq))
+}
+
+/// [`finalize_locked`], taking the image's lock for the time it works.
 pub fn finalize(dir: &Path) -> Result<u64, BackupError> {
-    recover(dir)?;
+    finalize_locked(&ImageLock::acquire(dir)?)
+}
+
+/// Turns the committed image in the locked directory into a full snapshot of its checkpoint
+/// (recovering it first, see [`recover_locked`]); returns the checkpoint's seq.
+pub fn finalize_locked(lock: &ImageLock) -> Result<u64, BackupError> {
+    let dir = lock.dir();
+    recover_locked(lock)?;
+    if !dir.join(REPLICA_FILE).exists() {
+        return Err(BackupError::NoImage {
+            dir: dir.to_path_buf(),
+        });
+    }
     let meta = read_meta(dir)?;
     if meta.syncing() {
         return Err(BackupError::Apply(format!(
             "the initial sync of {} never completed (pre-copy round {} was the last applied): \
              there is no consistent checkpoint to start",
             dir.display(),
-            meta.epoch
+            meta.seq
         )));
     }
     let vm = decode_state(&meta.state)?;
@@ -459,5 +645,5 @@ pub fn finalize(dir: &Path) -> Result<u64, BackupError> {
         vm,
     };
     snapshot::write_meta(dir, &sm)?;
-    Ok(meta.epoch)
+    Ok(meta.seq)
 }

@@ -1,25 +1,29 @@
-//! The backup's redo journal: a checkpoint's decoded effect on the image (new page contents,
-//! disk writes, and the image's facts after it, state included), written before the image files
-//! are touched. The checkpoint is durable — and acknowledged — once its journal is written.
+//! The backup's redo journal: a checkpoint's decoded effect on the committed image (new page
+//! contents, disk writes, and the image's facts after it, state included), written before the
+//! image files are touched. The checkpoint is durable — and acknowledged — once its journal is
+//! written.
 //!
 //! ```text
-//! magic "VMXJRNL\0" | version u32 | total_len u64 | epoch u64 | meta_len u64 | pages u64 | disk u64
+//! magic "VMXJRNL\0" | version u32 | total_len u64 | seq u64 | meta_len u64 | pages u64 | disk u64
 //! meta (ReplicaMeta, snapshot-format framed)
 //! pages × (gfn u64, 4096 bytes)
 //! disk  × (offset u64, len u64, bytes)
 //! crc32 u32 over the total_len - 4 bytes before it      (anything after total_len is ignored)
 //! ```
-//! Two slot files alternate, `journal-0.bin` for even checkpoints and `journal-1.bin` for odd
-//! ones, each overwritten in place (no file is created, renamed or deleted per checkpoint).
-//! Checkpoints are applied one at a time, so when checkpoint N's journal is written, N-1 is
-//! entirely in the image files: the newest verifying slot is all recovery needs
-//! ([`crate::image::recover`]) — redo its writes (idempotent) and take its facts — and if N's
-//! write was torn by the process dying, the other slot still holds N-1. `replica.bin` is
-//! therefore only rewritten when the image starts, ends its sync, or is finalized.
+//! Two slot files, `journal-0.bin` and `journal-1.bin`, alternate: each checkpoint goes into the
+//! slot the previous one did not use, overwritten in place (no file is created, renamed or
+//! deleted per checkpoint). Slots alternate rather than follow the seq's parity because seqs
+//! jump (a quick resync from 40 to 57): the slot of the previous checkpoint is never the one
+//! being written. Checkpoints are applied one at a time, so when checkpoint N's journal is
+//! written, the previous one is entirely in the image files: the newest verifying slot (highest
+//! seq, of the image's history) is all recovery needs ([`crate::image::recover`]) — redo its
+//! writes (idempotent) and take its facts — and if N's write was torn by the process dying, the
+//! other slot still holds the previous checkpoint. `replica.bin` is therefore only rewritten
+//! when an image is promoted, recovered or finalized; the journals are removed then.
 //!
 //! The slots are not fsynced: they protect against the backup process dying, not against the
 //! backup host losing its page cache (then the replica is lost with the host and rebuilt by a
-//! new initial sync).
+//! new full sync).
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +33,8 @@ use crate::image::ReplicaMeta;
 use crate::BackupError;
 
 const MAGIC: &[u8; 8] = b"VMXJRNL\0";
-const VERSION: u32 = 1;
+/// Version 2: the meta carries the history id and the seq.
+const VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 * 5;
 /// Names of the two journal slots in the image directory.
 pub const SLOT_FILES: [&str; 2] = ["journal-0.bin", "journal-1.bin"];
@@ -37,8 +42,8 @@ pub const SLOT_FILES: [&str; 2] = ["journal-0.bin", "journal-1.bin"];
 /// One checkpoint's effect on the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Journal {
-    /// The checkpoint.
-    pub epoch: u64,
+    /// The checkpoint's seq.
+    pub seq: u64,
     /// The image's facts after it.
     pub meta: ReplicaMeta,
     /// Guest frame numbers of `data`.
@@ -91,7 +96,7 @@ impl Journal {
         out.extend_from_slice(&VERSION.to_le_bytes());
         for v in [
             total as u64,
-            self.epoch,
+            self.seq,
             meta.len() as u64,
             self.gfns.len() as u64,
             self.disk.len() as u64,
@@ -144,7 +149,7 @@ impl Journal {
             return Err(JournalError::Crc { stored, computed });
         }
         let mut r = Reader { b: body, at: 20 };
-        let epoch = r.u64()?;
+        let seq = r.u64()?;
         let meta_len = r.u64()?;
         let pages = r.u64()?;
         let disks = r.u64()?;
@@ -176,7 +181,7 @@ impl Journal {
             )));
         }
         Ok(Journal {
-            epoch,
+            seq,
             meta,
             gfns,
             data,
@@ -195,13 +200,14 @@ impl Journal {
     }
 }
 
-/// Slot file of checkpoint `epoch` in `dir`.
-pub fn slot_path(dir: &Path, epoch: u64) -> PathBuf {
-    dir.join(SLOT_FILES[(epoch % 2) as usize])
+/// Slot file number `slot` (0 or 1) in `dir`.
+pub fn slot_path(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(SLOT_FILES[slot % 2])
 }
 
-/// The newest journal in `dir` that verifies, if any (damaged slots are reported and skipped).
-pub fn newest(dir: &Path) -> Result<Option<Journal>, BackupError> {
+/// The newest journal of history `history` in `dir` that verifies (highest seq), if any.
+/// Damaged slots are reported and skipped; records of another history are skipped.
+pub fn newest(dir: &Path, history: u64) -> Result<Option<Journal>, BackupError> {
     let mut best: Option<Journal> = None;
     for name in SLOT_FILES {
         let p = dir.join(name);
@@ -211,7 +217,13 @@ pub fn newest(dir: &Path) -> Result<Option<Journal>, BackupError> {
             Err(err) => return Err(BackupError::Io { path: p, err }),
         };
         match Journal::decode(&bytes) {
-            Ok(j) if best.as_ref().is_none_or(|b| j.epoch > b.epoch) => best = Some(j),
+            Ok(j) if j.meta.history != history => tracing::warn!(
+                "{}: checkpoint {} of history {:#x}, not the image's {history:#x}; ignoring it",
+                p.display(),
+                j.seq,
+                j.meta.history
+            ),
+            Ok(j) if best.as_ref().is_none_or(|b| j.seq > b.seq) => best = Some(j),
             Ok(_) => {}
             Err(e) => tracing::warn!("{}: {e}; ignoring it", p.display()),
         }
@@ -272,10 +284,11 @@ mod tests {
         data[5] = 7;
         data[PAGE + 9] = 3;
         Journal {
-            epoch: 9,
+            seq: 9,
             meta: ReplicaMeta {
-                epoch: 9,
+                history: 0x5eed,
                 term: 2,
+                seq: 9,
                 mem_size: 1 << 20,
                 disk_len: 1 << 16,
                 state: vec![1, 2, 3],

@@ -3,19 +3,28 @@
 //! Accepts a primary's session over QUIC with mutual TLS ([`serve`]), runs the protocol's
 //! [`Receiver`](protocol::Receiver), applies each complete, verified checkpoint to the replica
 //! image ([`image`]) and acknowledges it. An incomplete or corrupt checkpoint never reaches the
-//! image (the receiver refuses it and the primary resends). On stop, the image is finalized as a
-//! snapshot of the last applied checkpoint, which `vmatrix restore` starts.
+//! image (the receiver refuses it and the primary resends). The committed image survives
+//! sessions and restarts: a reconnecting primary brings it up to date by a quick resync, and a
+//! full sync builds a side image that replaces it only once complete ([`promote`]). The image
+//! directory is locked by the process working on it ([`lock`]). On stop, the image is
+//! finalized as a snapshot of the last committed checkpoint, which `vmatrix restore` starts.
 
 #![forbid(unsafe_code)]
 
 pub mod image;
 pub mod journal;
+pub mod lock;
+pub mod promote;
+mod replica;
 mod server;
 pub mod stats;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
-pub use server::{serve, BackupConfig};
+pub use lock::ImageLock;
+pub use server::{serve, serve_locked, BackupConfig};
 pub use stats::BackupStats;
 
 /// Typed errors of the backup.
@@ -28,6 +37,26 @@ pub enum BackupError {
         path: PathBuf,
         /// The error.
         err: std::io::Error,
+    },
+    /// Another process works on the image directory.
+    #[error("image {dir} is in use by another process (a backup or restore)")]
+    InUse {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// The directory holds no committed image.
+    #[error("{dir} holds no consistent replica image: no full sync ever completed")]
+    NoImage {
+        /// The image directory.
+        dir: PathBuf,
+    },
+    /// A `replica.bin` that does not decode (damaged, or written by another version).
+    #[error("{path}: {err}")]
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// Why it does not decode.
+        err: vmm::snapshot::SnapshotError,
     },
     /// A checkpoint that cannot be applied.
     #[error("cannot apply checkpoint: {0}")]

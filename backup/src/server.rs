@@ -1,10 +1,12 @@
-//! The backup's network loop: one primary session at a time.
+//! The backup's network loop: one primary session at a time, all of them applying to the same
+//! [`Replica`] (the committed image, and the side image of a full sync), which lives as long as
+//! [`serve`] and holds the image directory's lock.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use protocol::{Kind, Receiver, ReceiverConfig};
+use protocol::{Checkpoint, Receiver, ReceiverConfig};
 use tokio::sync::watch;
 use transport::certs::Identity;
 use transport::{BackupLink, QuicConfig, Server};
@@ -12,7 +14,9 @@ use transport::{BackupLink, QuicConfig, Server};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::image::{self, ReplicaImage};
+use crate::image::Origin;
+use crate::lock::ImageLock;
+use crate::replica::{Failure, Replica};
 use crate::stats::BackupStats;
 use crate::BackupError;
 
@@ -35,27 +39,71 @@ pub struct BackupConfig {
     pub stats: Arc<BackupStats>,
 }
 
-/// Serves primaries until `stop` turns true; then finalizes the image as a snapshot of the last
-/// applied checkpoint and returns that epoch (None if nothing was ever applied).
+/// Serves primaries until `stop` turns true; then finalizes the committed image as a snapshot
+/// of its checkpoint and returns that seq (None if there is no committed image: no full sync
+/// ever completed). Takes the image directory's lock first ([`serve_locked`]).
 pub async fn serve(
     cfg: BackupConfig,
+    stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<Option<u64>, BackupError> {
+    let lock = ImageLock::acquire(&cfg.image_dir)?;
+    serve_locked(cfg, lock, stop, ready).await
+}
+
+/// [`serve`] with the image directory's lock already held (`lock` must be of
+/// `cfg.image_dir`). An existing image is recovered and becomes the committed image every
+/// session starts from: its position is reported to each primary (which may then send a quick
+/// resync from it), and its term is the lowest a primary may have.
+pub async fn serve_locked(
+    cfg: BackupConfig,
+    lock: ImageLock,
     mut stop: watch::Receiver<bool>,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<Option<u64>, BackupError> {
+    if lock.dir() != cfg.image_dir {
+        return Err(BackupError::Apply(format!(
+            "the lock held is of {}, not of the image directory {}",
+            lock.dir().display(),
+            cfg.image_dir.display()
+        )));
+    }
+    let mut replica = Replica::open(lock)?;
+    if let Some(p) = replica.position() {
+        tracing::info!(
+            "committed image: checkpoint {} (term {}, history {:#x})",
+            p.seq,
+            p.term,
+            p.history
+        );
+        cfg.stats.applied.store(p.seq + 1, Ordering::Relaxed);
+    }
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
     tracing::info!("backup listening on {addr}");
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
-    let mut applied = None;
     loop {
         tokio::select! {
             c = server.accept() => match c {
-                Ok(conn) => match session(&cfg, conn, &mut stop).await {
-                    Ok(e) => applied = e.or(applied),
-                    Err(e) => tracing::warn!("session ended: {e}"),
-                },
+                Ok(conn) => {
+                    let r = session(&cfg, conn, &mut replica, &mut stop).await;
+                    if let Err(e) = replica.end_session() {
+                        tracing::warn!("removing the abandoned side image: {e}");
+                    }
+                    let applied = replica.seq().map_or(0, |s| s + 1);
+                    cfg.stats.applied.store(applied, Ordering::Relaxed);
+                    match r {
+                        Ok(()) => {}
+                        Err(Failure::Fatal(e)) => {
+                            server.close();
+                            tracing::error!("{e}; stopping (recovery redoes it)");
+                            return Err(e);
+                        }
+                        Err(e) => tracing::warn!("session ended: {e}"),
+                    }
+                }
                 Err(e) => tracing::warn!("{e}"),
             },
             _ = stop.changed() => break,
@@ -65,42 +113,28 @@ pub async fn serve(
         }
     }
     server.close();
-    if cfg.image_dir.join("replica.bin").exists() {
-        return match image::finalize(&cfg.image_dir) {
-            Ok(epoch) => {
-                tracing::info!("image finalized at checkpoint {epoch}");
-                Ok(Some(epoch))
-            }
-            // An image still in its initial sync has nothing consistent to start: not an error
-            // of the backup, just nothing to show.
-            Err(e) if !image_consistent(&cfg.image_dir) => {
-                tracing::warn!("{e}");
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
+    let seq = replica.finalize()?;
+    if let Some(s) = seq {
+        tracing::info!("image finalized at checkpoint {s}");
     }
-    Ok(applied)
-}
-
-fn image_consistent(dir: &std::path::Path) -> bool {
-    std::fs::read(dir.join("replica.bin"))
-        .ok()
-        .and_then(|b| vmm::snapshot::format::decode::<image::ReplicaMeta>(&b).ok())
-        .is_some_and(|m| !m.syncing())
+    Ok(seq)
 }
 
 async fn session(
     cfg: &BackupConfig,
     conn: quinn::Connection,
+    replica: &mut Replica,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<u64>, BackupError> {
-    let (mut link, mut rx) = BackupLink::accept(conn).await?;
+) -> Result<(), Failure> {
+    let (mut link, mut rx) = BackupLink::accept(conn)
+        .await
+        .map_err(|e| Failure::Session(e.into()))?;
     let stats = &cfg.stats;
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected.store(true, Ordering::Relaxed);
-    let r = session_loop(cfg, &mut link, &mut rx, stop).await;
+    let r = session_loop(cfg, &mut link, &mut rx, replica, stop).await;
     stats.connected.store(false, Ordering::Relaxed);
+    stats.syncing.store(false, Ordering::Relaxed);
     r
 }
 
@@ -108,11 +142,15 @@ async fn session_loop(
     cfg: &BackupConfig,
     link: &mut BackupLink,
     rx: &mut transport::FrameRx,
+    replica: &mut Replica,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<u64>, BackupError> {
-    let stats = &cfg.stats;
-    let mut r = Receiver::new(ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id));
-    let mut img: Option<ReplicaImage> = None;
+) -> Result<(), Failure> {
+    let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
+    rcfg.committed = replica.position();
+    rcfg.min_term = rcfg.committed.map_or(0, |p| p.term);
+    let mut r = Receiver::new(rcfg);
+    // The primary and seq of the checkpoint that opened the session's stream.
+    let mut opener: Option<(Origin, u64)> = None;
     loop {
         let deadline = r.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -123,7 +161,7 @@ async fn session_loop(
                         tracing::warn!("refused frame: {e}");
                     }
                 }
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) => return Err(Failure::Session(e.into())),
                 None => break,
             },
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
@@ -132,67 +170,85 @@ async fn session_loop(
             _ = stop.changed() => break,
         }
         while let Some(cp) = r.poll_checkpoint() {
-            let t0 = Instant::now();
-            let term = r.session().map_or(0, |s| s.1);
-            // Creating an image applies the checkpoint whole; any later one is staged (journal
-            // written: durable), acknowledged at once, and then written into the image.
-            let res = match (cp.kind, img.as_mut()) {
-                (Kind::Sync, _) | (Kind::PreCopy, None) => {
-                    ReplicaImage::create(&cfg.image_dir, term, &cp).map(|i| {
-                        img = Some(i);
-                        None
-                    })
-                }
-                (_, Some(i)) => i.stage(&cp).map(Some),
-                (Kind::Incremental, None) => Err(BackupError::Apply(
-                    "incremental checkpoint before the initial sync".into(),
-                )),
+            let origin = Origin {
+                history: r.history().unwrap_or(0),
+                term: r.session().map_or(0, |s| s.1),
             };
-            match res {
-                Ok(staged) => {
-                    let durable = t0.elapsed();
-                    r.ack(cp.epoch);
-                    while let Some(out) = r.poll_transmit() {
-                        link.send(&out).await?;
-                    }
-                    if let (Some(s), Some(i)) = (staged, img.as_mut()) {
-                        // A failure here leaves the journal: the image is recoverable, but
-                        // this backup cannot go on.
-                        i.complete(s)?;
-                    }
-                    stats.applied.store(cp.epoch + 1, Ordering::Relaxed);
-                    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .pages
-                        .fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
-                    stats
-                        .last_durable_us
-                        .store(durable.as_micros() as u64, Ordering::Relaxed);
-                    stats
-                        .syncing
-                        .store(img.as_ref().is_some_and(|i| i.syncing()), Ordering::Relaxed);
-                    tracing::debug!(
-                        "checkpoint {} ({} pages): durable after {} µs, applied after {} µs",
-                        cp.epoch,
-                        cp.pages.len(),
-                        durable.as_micros(),
-                        t0.elapsed().as_micros()
-                    );
+            let opens = match opener {
+                Some((o, seq)) if o == origin => seq == cp.epoch,
+                _ => {
+                    opener = Some((origin, cp.epoch));
+                    true
                 }
-                Err(e) => {
-                    stats.apply_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("checkpoint {}: {e}", cp.epoch);
-                    r.apply_failed(cp.epoch, &e.to_string());
-                }
-            }
+            };
+            apply_one(cfg, &mut r, link, replica, &cp, origin, opens).await?;
         }
         while let Some(out) = r.poll_transmit() {
-            link.send(&out).await?;
+            link.send(&out)
+                .await
+                .map_err(|e| Failure::Session(e.into()))?;
         }
         if let Some(e) = r.closed() {
             tracing::info!("session closed: {e}");
             break;
         }
     }
-    Ok(img.map(|i| i.epoch()))
+    Ok(())
+}
+
+/// Applies one checkpoint: durable (or, for a full sync, applied and promoted), acknowledged,
+/// then completed. A refused one is reported to the primary, which resends it.
+async fn apply_one(
+    cfg: &BackupConfig,
+    r: &mut Receiver,
+    link: &mut BackupLink,
+    replica: &mut Replica,
+    cp: &Checkpoint,
+    origin: Origin,
+    opens: bool,
+) -> Result<(), Failure> {
+    let stats = &cfg.stats;
+    let t0 = Instant::now();
+    let staged = match replica.begin(cp, origin, opens) {
+        Ok(s) => s,
+        Err(Failure::Refused(e)) => {
+            stats.apply_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("checkpoint {}: {e}", cp.epoch);
+            r.apply_failed(cp.epoch, &e.to_string());
+            return Ok(());
+        }
+        Err(f) => {
+            stats.apply_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("checkpoint {}: {f}", cp.epoch);
+            return Err(f);
+        }
+    };
+    let durable = t0.elapsed();
+    r.ack(cp.epoch);
+    while let Some(out) = r.poll_transmit() {
+        link.send(&out)
+            .await
+            .map_err(|e| Failure::Session(e.into()))?;
+    }
+    if let Some(s) = staged {
+        replica.complete(s)?;
+    }
+    stats.applied.store(cp.epoch + 1, Ordering::Relaxed);
+    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+    stats
+        .pages
+        .fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
+    stats
+        .last_durable_us
+        .store(durable.as_micros() as u64, Ordering::Relaxed);
+    stats.syncing.store(replica.syncing(), Ordering::Relaxed);
+    tracing::debug!(
+        "checkpoint {} ({:?}, {} pages): durable after {} µs, applied after {} µs",
+        cp.epoch,
+        cp.kind,
+        cp.pages.len(),
+        durable.as_micros(),
+        t0.elapsed().as_micros()
+    );
+    Ok(())
 }

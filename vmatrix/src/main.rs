@@ -40,7 +40,7 @@ enum Cmd {
     /// Boot a guest in a new VM and run it until it stops (SIGINT/SIGTERM stop it cleanly).
     Run(run::RunArgs),
     /// Run a VM protected by continuous replication to a backup (output commit).
-    Primary(replicate::PrimaryArgs),
+    Primary(Box<replicate::PrimaryArgs>),
     /// Receive a primary's checkpoints into a replica image.
     Backup(replicate::BackupArgs),
     /// Start a VM from a snapshot directory in this new process.
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Cmd::Disk(d) => disk::main(d),
         Cmd::Certs(c) => certs::main(c),
         Cmd::Kv(a) => kv::main(a),
-        Cmd::Primary(a) => replicate::primary_main(a),
+        Cmd::Primary(a) => replicate::primary_main(*a),
         Cmd::Backup(a) => replicate::backup_main(a),
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),

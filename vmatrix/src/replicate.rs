@@ -73,6 +73,10 @@ pub struct PrimaryArgs {
     /// short pause); 0 = copy everything in one pause.
     #[arg(long, default_value_t = 8)]
     pub precopy_rounds: u32,
+    /// This primary's term (the failover manager grants it; by hand: higher than any earlier
+    /// primary of this VM). A backup refuses a primary whose term is lower than its image's.
+    #[arg(long, default_value_t = 1)]
+    pub term: u64,
 }
 
 /// Flags of `vmatrix backup`.
@@ -81,7 +85,8 @@ pub struct BackupArgs {
     /// Address to listen on (host:port).
     #[arg(long)]
     pub listen: SocketAddr,
-    /// Replica image directory (a snapshot of the last applied checkpoint after stop).
+    /// Replica image directory (a snapshot of the last committed checkpoint after stop). An
+    /// image already there is kept and brought up to date (quick resync or full sync).
     #[arg(long)]
     pub image_dir: PathBuf,
     /// Certificate directory.
@@ -166,7 +171,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         identity,
         cluster_id: a.cluster_id,
         vm_id: a.vm_id,
-        term: 1,
+        term: a.term,
         lanes: a.lanes,
         window: 4,
         quic: quic_config(a.idle_timeout_ms),
@@ -177,12 +182,20 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(primary::Stats::default());
     let (vm2, st2) = (vm.clone(), stats.clone());
+    // One history for the life of this primary: sessions after a failure resync from it.
+    let mut state = primary::PrimaryState::new(&vm, a.term, pcfg.encode);
+    tracing::info!(
+        "history {:x}, term {}",
+        state.history.id,
+        state.history.term
+    );
     let repl = crate::rt::spawn("replication", async move {
         // Wait for the VM to be running before the initial sync.
         tokio::time::sleep(Duration::from_millis(1)).await;
         let mut stop_rx = stop_rx;
         loop {
-            match primary::run(vm2.clone(), pcfg.clone(), st2.clone(), stop_rx.clone()).await {
+            let r = primary::run(vm2.clone(), pcfg.clone(), st2.clone(), &mut state, stop_rx.clone());
+            match r.await {
                 Ok(()) => break,
                 Err(_) if *stop_rx.borrow() => break,
                 Err(e) => {
@@ -190,7 +203,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
                     // a backup holds the VM again: reconnect and sync it from scratch.
                     st2.protected.store(false, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!("replication lost: {e}; guest output stays held");
-                    eprintln!("vmatrix primary: replication lost: {e}; guest output stays held; reconnecting (a new initial sync follows)");
+                    eprintln!("vmatrix primary: replication lost: {e}; guest output stays held; reconnecting (a quick resync or a new full sync follows)");
                     tokio::select! {
                         _ = tokio::time::sleep(RECONNECT_DELAY) => {}
                         _ = stop_rx.changed() => break,
@@ -215,7 +228,10 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs a backup until SIGINT/SIGTERM or `vmatrix ctl <socket> stop`, then finalizes its image.
+/// The image directory is locked for the whole run, before anything else (a second backup or a
+/// restore of the same image is refused).
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    let lock = backup::ImageLock::acquire(&a.image_dir)?;
     let identity = load_identity(&a.certs, &a.host)?;
     let cfg = backup::BackupConfig {
         listen: a.listen,
@@ -257,14 +273,14 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
             }
             let _ = tx.send(true);
         });
-        backup::serve(cfg, rx, None).await
+        backup::serve_locked(cfg, lock, rx, None).await
     })?;
     if let Some(p) = control {
         let _ = std::fs::remove_file(p);
     }
     match epoch {
         Some(e) => eprintln!("vmatrix backup: image is a snapshot of checkpoint {e}"),
-        None => eprintln!("vmatrix backup: no checkpoint was applied"),
+        None => eprintln!("vmatrix backup: no full sync ever completed: no image"),
     }
     Ok(ExitCode::SUCCESS)
 }

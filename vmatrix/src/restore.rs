@@ -36,7 +36,9 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     if a.paused && a.control.is_none() {
         anyhow::bail!("--paused needs --control <socket> (to resume the VM)");
     }
-    finalize_replica(&a.dir)?;
+    // A backup's replica image stays locked while this process works on it (the VM runs from
+    // its memory.bin): a backup started on it meanwhile is refused.
+    let _image_lock = finalize_replica(&a.dir)?;
     let console = crate::run::console(a.console_log)?;
     let vm = Vm::restore(RestoreConfig {
         dir: a.dir,
@@ -48,26 +50,35 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     crate::run::supervise(Arc::new(vm), a.control.as_deref(), console, a.paused, None)
 }
 
-/// A backup's replica image whose process died before finalizing it (no `snapshot.bin`, or one
-/// older than `replica.bin`) is finalized first: an interrupted checkpoint is completed from its
-/// journal, and the snapshot describes the last applied checkpoint.
-fn finalize_replica(dir: &Path) -> anyhow::Result<()> {
+/// A backup's replica image (`replica.bin` or a side image `incoming/`) is locked, and if its
+/// backup died before finalizing it (no `snapshot.bin`, or one older than `replica.bin`),
+/// finalized first: an interrupted promotion is finished or an abandoned full sync removed, an
+/// interrupted checkpoint is completed from its journal, and the snapshot describes the last
+/// committed checkpoint. Returns the lock (None for a plain snapshot directory).
+fn finalize_replica(dir: &Path) -> anyhow::Result<Option<backup::ImageLock>> {
+    if !backup::image::is_replica(dir) {
+        return Ok(None);
+    }
+    let lock = backup::ImageLock::acquire(dir)?;
+    backup::image::recover_locked(&lock)
+        .with_context(|| format!("recovering the replica image in {}", dir.display()))?;
     let mtime = |f: &str| {
         std::fs::metadata(dir.join(f))
             .and_then(|m| m.modified())
             .ok()
     };
-    let Some(replica) = mtime("replica.bin") else {
-        return Ok(());
+    let Some(replica) = mtime(backup::image::REPLICA_FILE) else {
+        anyhow::bail!(
+            "{}: no full sync of this replica image ever completed: there is no consistent \
+             checkpoint to restore",
+            dir.display()
+        );
     };
-    let journaled = backup::journal::SLOT_FILES
-        .iter()
-        .any(|f| dir.join(f).exists());
-    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica) && !journaled {
-        return Ok(());
+    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica) {
+        return Ok(Some(lock));
     }
-    let epoch = backup::image::finalize(dir)
+    let seq = backup::image::finalize_locked(&lock)
         .with_context(|| format!("finalizing the replica image in {}", dir.display()))?;
-    eprintln!("vmatrix restore: replica image finalized at checkpoint {epoch}");
-    Ok(())
+    eprintln!("vmatrix restore: replica image finalized at checkpoint {seq}");
+    Ok(Some(lock))
 }

@@ -162,7 +162,7 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     r.primary.kill9();
     let image = r.finalize_backup();
     let meta = read_meta(&image);
-    let n = meta.epoch;
+    let n = meta.seq;
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -183,9 +183,9 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
         data.extend(std::iter::repeat_n(0xa0 + i as u8, 4096));
     }
     let journal = Journal {
-        epoch: n + 1,
+        seq: n + 1,
         meta: ReplicaMeta {
-            epoch: n + 1,
+            seq: n + 1,
             ..meta.clone()
         },
         gfns: gfns.clone(),
@@ -197,7 +197,7 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     let mut bytes = journal.encode().unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
-    let slot = backup::journal::slot_path(&image, n + 1);
+    let slot = backup::journal::slot_path(&image, ((n + 1) % 2) as usize);
     std::fs::write(&slot, &bytes).unwrap();
     assert_eq!(backup::image::finalize(&image).unwrap(), n);
     assert!(!slot.exists());
@@ -208,14 +208,14 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     // The process died after the journal and one page: recovery completes checkpoint n+1.
     // (The other slot holds an older checkpoint; the newest verifying one wins.)
     let older = Journal {
-        epoch: n,
+        seq: n,
         meta: meta.clone(),
         gfns: vec![],
         data: vec![],
         disk: vec![],
     };
     std::fs::write(
-        backup::journal::slot_path(&image, n),
+        backup::journal::slot_path(&image, (n % 2) as usize),
         older.encode().unwrap(),
     )
     .unwrap();
@@ -223,7 +223,7 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     mem.write_all_at(&data[..4096], gfns[0] * 4096).unwrap();
     assert_eq!(backup::image::finalize(&image).unwrap(), n + 1);
     assert!(!slot.exists());
-    assert_eq!(read_meta(&image).epoch, n + 1);
+    assert_eq!(read_meta(&image).seq, n + 1);
     for (i, g) in gfns.iter().enumerate() {
         assert_eq!(page(*g), data[i * 4096..(i + 1) * 4096], "page {g} redone");
     }

@@ -252,8 +252,9 @@ impl RunningVm {
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());
         let (vm2, st2) = (vm.clone(), stats.clone());
+        let mut state = primary::PrimaryState::new(&vm, cfg.term, cfg.encode);
         let primary_thread = crate::rt::spawn("bench-primary", async move {
-            if let Err(e) = primary::run(vm2, cfg, st2, stop_rx).await {
+            if let Err(e) = primary::run(vm2, cfg, st2, &mut state, stop_rx).await {
                 eprintln!("bench primary: {e}");
             }
         })?;

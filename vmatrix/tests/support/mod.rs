@@ -555,6 +555,9 @@ pub mod log {
     }
 }
 
+mod faults;
 mod replicated;
+#[allow(unused_imports)]
+pub use faults::*;
 #[allow(unused_imports)]
 pub use replicated::*;

@@ -61,28 +61,53 @@ impl Replicated {
         let more: Vec<Child> = (1..n)
             .map(|i| Self::spawn_backup(net, dir, extra, i, &listen[i]))
             .collect();
-        let disk = dir.join("disk.img");
-        make_disk(&disk, 16);
-        let mut args = vm_args("primary", net, &disk, 32);
+        make_disk(&dir.join("disk.img"), 16);
+        let primary = Self::spawn_primary_in(net, dir, &connect[..n], extra, "primary-console.log");
+        Replicated {
+            dir: dir.to_path_buf(),
+            backup: Some(backup),
+            more,
+            primary,
+        }
+    }
+
+    /// Starts `vmatrix primary` on `<dir>/disk.img`, connecting to the backups at `connect`.
+    fn spawn_primary_in(
+        net: &TestNet,
+        dir: &Path,
+        connect: &[String],
+        extra: &[&str],
+        console: &str,
+    ) -> VmProc {
+        let mut args = vm_args("primary", net, &dir.join("disk.img"), 32);
         args.extend([
             "--certs".into(),
-            pki.into(),
+            dir.join("pki").into(),
             "--host".into(),
             "primary".into(),
         ]);
-        for (i, to) in connect.iter().enumerate().take(n) {
+        for (i, to) in connect.iter().enumerate() {
             args.push("--backup".into());
             args.push(format!("{}@{to}", Self::backup_name(i)).into());
         }
         args.extend(extra.iter().map(|a| a.into()));
         args.push("--log".into());
         args.push("primary=debug,transport=debug,info".into());
-        let primary = VmProc::spawn_args(net, &dir.join("primary-console.log"), &args);
-        Replicated {
-            dir: dir.to_path_buf(),
-            backup: Some(backup),
-            more,
-            primary,
+        VmProc::spawn_args(net, &dir.join(console), &args)
+    }
+
+    /// Starts a new primary (a new history: it boots the guest from the same disk) connecting
+    /// to backup 0, after the previous one was killed; its console is `<console>`.
+    pub fn new_primary(&mut self, net: &TestNet, extra: &[&str], console: &str) {
+        let connect = [net.backup_listen(0)];
+        self.primary = Self::spawn_primary_in(net, &self.dir, &connect, extra, console);
+    }
+
+    /// SIGKILL the first backup (see `respawn_backup`).
+    pub fn kill_backup(&mut self) {
+        if let Some(mut b) = self.backup.take() {
+            let _ = b.kill();
+            let _ = b.wait();
         }
     }
 
@@ -142,16 +167,28 @@ impl Replicated {
             c.args(&extra[k..k + 2]);
         }
         c.stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
             .spawn()
             .expect("spawn backup")
     }
 
-    /// Starts the first backup again (after it was killed), on its address and image directory.
+    /// Starts the first backup again (after it was killed), on its address and image directory
+    /// (its log is appended to).
     pub fn respawn_backup(&mut self, net: &TestNet) {
+        self.respawn_backup_with(net, &[]);
+    }
+
+    /// `respawn_backup` with extra flags (e.g. `--idle-timeout-ms`).
+    pub fn respawn_backup_with(&mut self, net: &TestNet, extra: &[&str]) {
         assert!(self.backup.is_none(), "the first backup is still running");
         let listen = net.backup_listen(0);
-        self.backup = Some(Self::spawn_backup(net, &self.dir, &[], 0, &listen));
+        self.backup = Some(Self::spawn_backup(net, &self.dir, extra, 0, &listen));
     }
 
     /// SIGTERM backup `i` (1..) and wait; returns its image.
