@@ -58,7 +58,7 @@ impl Peer {
         &mut self,
         counter: Option<&AtomicU64>,
     ) -> Result<(), PrimaryError> {
-        while let Some((lane, f)) = self.sender.poll_transmit() {
+        while let Some((lane, f)) = self.sender.poll_transmit(Instant::now()) {
             self.link.send(lane, &f).await?;
             if let Some(c) = counter {
                 c.fetch_add(f.len() as u64, Ordering::Relaxed);

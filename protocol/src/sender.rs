@@ -88,7 +88,12 @@ pub enum SenderEvent {
 struct InFlight {
     cp: Checkpoint,
     attempt: u32,
-    sent_at: Instant,
+    /// When its `End` left (was handed to the transport by [`Sender::poll_transmit`]): the
+    /// ack timeout runs from there, so a big checkpoint still being transmitted over a slow
+    /// link is never resent. None while its frames are still queued.
+    sent_at: Option<Instant>,
+    /// When it was queued (for the ack latency if it never left).
+    queued_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,11 +110,15 @@ pub struct Sender {
     cfg: SenderConfig,
     phase: Phase,
     unacked: BTreeMap<u64, InFlight>,
-    out: VecDeque<(u8, Vec<u8>)>,
+    /// Frames to send: lane, bytes, and for a checkpoint's `End` its (epoch, attempt).
+    out: VecDeque<(u8, Vec<u8>, Option<(u64, u32)>)>,
     events: VecDeque<SenderEvent>,
     next_lane: u8,
     last_heard: Option<Instant>,
     last_sent: Option<Instant>,
+    /// Last heartbeat queued: heartbeats go every `heartbeat_interval` even while data flows,
+    /// ahead of queued data, so a peer receiving one long checkpoint still hears from us.
+    last_heartbeat: Option<Instant>,
     heartbeat_seq: u64,
     acked: Option<u64>,
 }
@@ -126,6 +135,7 @@ impl Sender {
             next_lane: 0,
             last_heard: None,
             last_sent: None,
+            last_heartbeat: None,
             heartbeat_seq: 0,
             acked: None,
         }
@@ -176,7 +186,7 @@ impl Sender {
     }
 
     fn queue(&mut self, lane: u8, m: &Message, now: Instant) {
-        self.out.push_back((lane, m.encode()));
+        self.out.push_back((lane, m.encode(), None));
         self.last_sent = Some(now);
     }
 
@@ -187,23 +197,23 @@ impl Sender {
         l
     }
 
-    fn transmit_checkpoint(&mut self, epoch: u64, now: Instant) {
+    fn transmit_checkpoint(&mut self, epoch: u64) {
         let Some(f) = self.unacked.get_mut(&epoch) else {
             return;
         };
-        f.sent_at = now;
+        f.sent_at = None;
+        let attempt = f.attempt;
         let frames = encode_frames(self.cfg.term, f.attempt, &f.cp);
         let n = frames.len();
         for (i, fr) in frames.into_iter().enumerate() {
             // Begin and End on the control lane (small, in order); parts spread over data lanes.
-            let lane = if i == 0 || i == n - 1 {
-                0
-            } else {
-                self.data_lane()
+            let (lane, end) = match i {
+                0 => (0, None),
+                i if i == n - 1 => (0, Some((epoch, attempt))),
+                _ => (self.data_lane(), None),
             };
-            self.out.push_back((lane, fr));
+            self.out.push_back((lane, fr, end));
         }
-        self.last_sent = Some(now);
     }
 
     /// Queues a checkpoint. Its epoch must follow the previous one.
@@ -255,10 +265,11 @@ impl Sender {
             InFlight {
                 cp,
                 attempt: 0,
-                sent_at: now,
+                sent_at: None,
+                queued_at: now,
             },
         );
-        self.transmit_checkpoint(epoch, now);
+        self.transmit_checkpoint(epoch);
         Ok(())
     }
 
@@ -269,7 +280,7 @@ impl Sender {
         }
     }
 
-    fn resend_from(&mut self, epoch: u64, reason: String, now: Instant) {
+    fn resend_from(&mut self, epoch: u64, reason: String) {
         let epochs: Vec<u64> = self.unacked.range(epoch..).map(|(e, _)| *e).collect();
         if epochs.is_empty() {
             return;
@@ -292,7 +303,7 @@ impl Sender {
             reason,
         });
         for e in epochs {
-            self.transmit_checkpoint(e, now);
+            self.transmit_checkpoint(e);
         }
     }
 
@@ -330,12 +341,17 @@ impl Sender {
                         current: self.cfg.term,
                     });
                 }
+                // A repeated ack (the backup answers each duplicate of a resend with its last
+                // ack) is harmless: no error, no log line per frame.
+                if self.acked.is_some_and(|x| a.epoch <= x) {
+                    return Ok(());
+                }
                 let Some(f) = self.unacked.get(&a.epoch) else {
                     return Err(ProtocolError::Duplicate {
                         what: format!("ack of checkpoint {}", a.epoch),
                     });
                 };
-                let latency = now.saturating_duration_since(f.sent_at);
+                let latency = now.saturating_duration_since(f.sent_at.unwrap_or(f.queued_at));
                 let rest = self.unacked.split_off(&(a.epoch + 1));
                 self.unacked = rest;
                 self.acked = Some(a.epoch);
@@ -356,7 +372,7 @@ impl Sender {
                         detail: r.detail,
                     });
                 } else if let Some(ep) = r.epoch {
-                    self.resend_from(ep, format!("{:?}: {}", r.code, r.detail), now);
+                    self.resend_from(ep, format!("{:?}: {}", r.code, r.detail));
                 }
                 Ok(())
             }
@@ -376,9 +392,20 @@ impl Sender {
         }
     }
 
-    /// The next frame to send and its lane (0 = control, 1.. = data).
-    pub fn poll_transmit(&mut self) -> Option<(u8, Vec<u8>)> {
-        self.out.pop_front()
+    /// The next frame to send and its lane (0 = control, 1.. = data); `now` is when it leaves
+    /// (a checkpoint's ack timeout starts when its `End` leaves).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(u8, Vec<u8>)> {
+        let (lane, f, end) = self.out.pop_front()?;
+        if let Some((epoch, attempt)) = end {
+            if let Some(c) = self
+                .unacked
+                .get_mut(&epoch)
+                .filter(|c| c.attempt == attempt)
+            {
+                c.sent_at = Some(now);
+            }
+        }
+        Some((lane, f))
     }
 
     /// The next event.
@@ -400,14 +427,15 @@ impl Sender {
         earliest(
             self.unacked
                 .values()
-                .map(|f| f.sent_at + self.cfg.ack_timeout)
+                .filter_map(|f| f.sent_at.map(|s| s + self.cfg.ack_timeout))
                 .min(),
         );
         if self.phase == Phase::AwaitWelcome {
             earliest(self.last_sent.map(|s| s + self.cfg.ack_timeout));
         }
         if self.phase == Phase::Ready {
-            earliest(self.last_sent.map(|s| s + self.cfg.heartbeat_interval));
+            let last = self.last_heartbeat.max(self.last_sent);
+            earliest(last.map(|s| s + self.cfg.heartbeat_interval));
         }
         t
     }
@@ -434,22 +462,23 @@ impl Sender {
         let late = self
             .unacked
             .iter()
-            .find(|(_, f)| now >= f.sent_at + self.cfg.ack_timeout)
+            .find(|(_, f)| f.sent_at.is_some_and(|s| now >= s + self.cfg.ack_timeout))
             .map(|(e, _)| *e);
         if let Some(e) = late {
-            self.resend_from(e, "ack timeout".into(), now);
+            self.resend_from(e, "ack timeout".into());
         }
+        let last = self.last_heartbeat.max(self.last_sent);
         if self.phase == Phase::Ready
-            && self
-                .last_sent
-                .is_some_and(|s| now >= s + self.cfg.heartbeat_interval)
+            && last.is_some_and(|s| now >= s + self.cfg.heartbeat_interval)
         {
             self.heartbeat_seq += 1;
             let hb = Message::Heartbeat(Heartbeat {
                 term: self.cfg.term,
                 seq: self.heartbeat_seq,
             });
-            self.queue(0, &hb, now);
+            // Ahead of any queued checkpoint data: the peer hears from us while it flows.
+            self.out.push_front((0, hb.encode(), None));
+            self.last_heartbeat = Some(now);
         }
     }
 

@@ -121,7 +121,7 @@ impl Sim {
     fn run(&mut self, limit: Duration) {
         let end = self.now + limit;
         while self.now < end {
-            while let Some((_, f)) = self.s.poll_transmit() {
+            while let Some((_, f)) = self.s.poll_transmit(self.now) {
                 self.s2r.send(&mut self.rng, self.now, f);
             }
             while let Some(f) = self.r.poll_transmit() {
@@ -682,4 +682,66 @@ fn version_2_hello_and_welcome_still_decode() {
     };
     let f = Message::Welcome(w.clone()).encode();
     assert_eq!(Message::decode(&f).unwrap(), Message::Welcome(w));
+}
+
+#[test]
+fn a_checkpoint_still_being_transmitted_is_never_resent_and_heartbeats_overtake_it() {
+    let t0 = Instant::now();
+    let mut s = Sender::new(SenderConfig::new(7, "vm1", 3));
+    s.start(t0);
+    while s.poll_transmit(t0).is_some() {}
+    let welcome = Message::Welcome(protocol::message::Welcome {
+        version: 3,
+        term: 3,
+        last_committed: None,
+        committed: None,
+    });
+    s.handle_frame(t0, &welcome.encode()).unwrap();
+    while s.poll_event().is_some() {}
+    s.send_checkpoint(t0, checkpoint_of(5, Kind::Sync)).unwrap();
+    // A slow link: nothing leaves for 5 ack timeouts (the backup echoes heartbeats meanwhile).
+    let mut now = t0;
+    let mut heartbeats = 0;
+    for _ in 0..50 {
+        now += Duration::from_millis(100);
+        s.handle_frame(
+            now,
+            &Message::Heartbeat(protocol::message::Heartbeat { term: 3, seq: 0 }).encode(),
+        )
+        .unwrap();
+        s.handle_timeout(now);
+        // Only the frame at the head of the queue may leave: a heartbeat jumps the queue.
+        if let Some((lane, f)) = s.poll_transmit(now) {
+            assert_eq!(lane, 0);
+            assert!(
+                matches!(Message::decode(&f), Ok(Message::Heartbeat(_))),
+                "only heartbeats leave"
+            );
+            heartbeats += 1;
+        }
+    }
+    assert!(
+        heartbeats >= 40,
+        "heartbeats went out while the data waited: {heartbeats}"
+    );
+    assert!(
+        !std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, SenderEvent::Resending { .. })),
+        "a checkpoint that has not left is not resent"
+    );
+    // It leaves now; the ack timeout runs from here.
+    while s.poll_transmit(now).is_some() {}
+    let left = now;
+    s.handle_timeout(left + Duration::from_millis(900));
+    assert!(s.poll_event().is_none());
+    s.handle_frame(
+        left + Duration::from_millis(900),
+        &Message::Heartbeat(protocol::message::Heartbeat { term: 3, seq: 0 }).encode(),
+    )
+    .unwrap();
+    s.handle_timeout(left + Duration::from_millis(1001));
+    assert!(
+        std::iter::from_fn(|| s.poll_event())
+            .any(|e| matches!(e, SenderEvent::Resending { epoch: 5, .. })),
+        "resent once an ack timeout passed after it left"
+    );
 }

@@ -81,7 +81,7 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
     let mut it = cps.into_iter();
     let mut t0 = None;
     while s.acked() != Some(n_cp - 1) {
-        while let Some((lane, f)) = s.poll_transmit() {
+        while let Some((lane, f)) = s.poll_transmit(std::time::Instant::now()) {
             link.send(lane, &f).await.unwrap();
         }
         if s.is_ready() && s.can_send() {

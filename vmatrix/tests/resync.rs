@@ -158,8 +158,8 @@ fn a_primary_crash_during_a_full_sync_keeps_the_committed_image() {
     drop(kv);
     r.primary.kill9();
     // A new primary boots the guest from the same disk and must sync the backup from scratch,
-    // over a link throttled to 64 KB/s.
-    let slow = LinkFault::rate_limit(&net.ns(), PORT, 64);
+    // over a link throttled to 1 MB/s.
+    let slow = LinkFault::rate_limit(&net.ns(), PORT, 1024);
     r.new_primary(&net, &["--idle-timeout-ms", "2000"], "primary2-console.log");
     let incoming = dir.path().join("image").join("incoming");
     let t = Instant::now();
