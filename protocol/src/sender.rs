@@ -96,6 +96,9 @@ struct InFlight {
     queued_at: Instant,
 }
 
+/// A queued frame: lane, bytes, and for a checkpoint's `End` its (epoch, attempt).
+type Outgoing = (u8, Vec<u8>, Option<(u64, u32)>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Start,
@@ -111,7 +114,7 @@ pub struct Sender {
     phase: Phase,
     unacked: BTreeMap<u64, InFlight>,
     /// Frames to send: lane, bytes, and for a checkpoint's `End` its (epoch, attempt).
-    out: VecDeque<(u8, Vec<u8>, Option<(u64, u32)>)>,
+    out: VecDeque<Outgoing>,
     events: VecDeque<SenderEvent>,
     next_lane: u8,
     last_heard: Option<Instant>,
