@@ -25,6 +25,9 @@ pub struct History {
     /// Term granted to this primary.
     pub term: u64,
     next_seq: u64,
+    /// Positions before this seq cannot be resynced: a capture failed after it had taken
+    /// changes (dirty bits, disk writes) that were never recorded.
+    known_from: u64,
     /// Per page: 1 + the last seq that captured it (0: never).
     page_seq: Vec<u64>,
     /// Per disk chunk: the last seq that wrote it.
@@ -44,6 +47,7 @@ impl History {
             id,
             term,
             next_seq: 0,
+            known_from: 0,
             page_seq: vec![0; (mem_size / protocol::page::PAGE as u64) as usize],
             disk_seq: BTreeMap::new(),
             disk_all: None,
@@ -100,7 +104,16 @@ impl History {
     /// True if a backup committed at `pos` can be brought up to date with a quick resync: the
     /// position is a checkpoint of this history and term that was already taken.
     pub fn can_resync(&self, pos: &Position) -> bool {
-        pos.history == self.id && pos.term == self.term && pos.seq < self.next_seq
+        pos.history == self.id
+            && pos.term == self.term
+            && pos.seq >= self.known_from
+            && pos.seq < self.next_seq
+    }
+
+    /// A capture failed and may have taken changes it never recorded: no position taken so
+    /// far can be brought up to date by a quick resync any more (a full sync follows).
+    pub fn forget_changes(&mut self) {
+        self.known_from = self.next_seq;
     }
 
     /// The pages changed after checkpoint `from` (ascending).
@@ -191,6 +204,17 @@ mod tests {
             ..pos(&h, 1)
         };
         assert!(!h.can_resync(&old_term));
+    }
+
+    #[test]
+    fn after_a_failed_capture_no_earlier_position_resyncs() {
+        let mut h = History::new(7, 2, 16 * 4096);
+        h.take_seq();
+        h.take_seq();
+        h.forget_changes();
+        assert!(!h.can_resync(&pos(&h, 1)));
+        let s = h.take_seq();
+        assert!(h.can_resync(&pos(&h, s)), "later positions do");
     }
 
     #[test]

@@ -285,14 +285,20 @@ impl<'a> Session<'a> {
 
     /// The loop's timer fired (and every gating backup is ready).
     pub async fn on_wake(&mut self) -> Result<(), PrimaryError> {
-        match self.phase {
+        let r = match self.phase {
             Phase::Start => {
                 self.choose_sync();
                 Ok(())
             }
             Phase::PreCopy { round, last_pages } => self.precopy_round(round, last_pages).await,
             Phase::FinalSync | Phase::Protected => self.epoch_end().await,
+        };
+        if matches!(r, Err(PrimaryError::Capture(_))) {
+            // A capture that failed half way may have taken dirty bits or disk writes it never
+            // recorded: backups are fully synced from now on, never resynced over the gap.
+            self.st.history.forget_changes();
         }
+        r
     }
 
     /// One pre-copy round of a full sync, while the guest runs.
@@ -302,8 +308,9 @@ impl<'a> Session<'a> {
         last_pages: Option<usize>,
     ) -> Result<(), PrimaryError> {
         let cap = if round == 0 {
+            let cap = self.vm.precopy_start()?;
             self.st.shadow.clear();
-            self.vm.precopy_start()?
+            cap
         } else {
             self.vm.precopy_pass()?
         };
