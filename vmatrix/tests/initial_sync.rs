@@ -58,11 +58,11 @@ fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
     let log = r.primary.console.with_extension("stderr");
     let text = wait_for_log(&log, "protected after", Duration::from_secs(10));
     assert_eq!(
-        text.contains("pre-copy round 0:"),
+        text.contains("pre-copy round 0 ("),
         expect_precopy,
         "pre-copy rounds in the log:\n{text}"
     );
-    assert!(text.contains("initial sync: final pause"), "{text}");
+    assert!(text.contains("full sync: final pause"), "{text}");
     let status = ctl(&sock, &["status"]);
     assert_eq!(
         field(&status, "protected").as_deref(),
