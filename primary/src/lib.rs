@@ -89,6 +89,9 @@ pub struct PrimaryConfig {
     pub early_checkpoints: bool,
     /// Most pre-copy rounds of the initial sync (0: a one-pause full sync).
     pub precopy_rounds: u32,
+    /// A backup whose window stays full this long, while more than `required` others keep
+    /// up, is dropped (it rejoins by quick resync).
+    pub drop_after: Duration,
 }
 
 /// Shortest time between the start of two early checkpoints while one is in flight.
@@ -202,11 +205,13 @@ pub async fn run(
 ) -> Result<(), PrimaryError> {
     let ep = quic::client(&cfg.identity, &cfg.quic)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
-    let mut peers = Vec::new();
-    for (i, (addr, name)) in cfg.backups.iter().enumerate() {
-        let ids = (0, state.history.id);
-        peers.push(peer::connect(&ep, &cfg, (*addr, name), i, ids, &tx).await?);
-    }
+    // Every backup is connected in the background: the session starts once `required` have
+    // welcomed it, and the others (and failed ones, later) join the running session.
+    let peers = cfg
+        .backups
+        .iter()
+        .map(|(_, name)| peer::Peer::absent(&cfg, name))
+        .collect();
     // Failed backups are reconnected in the background and join the running session.
     let (join_tx, mut join_rx) = tokio::sync::mpsc::channel::<session::JoinResult>(16);
     // The VM says when output starts waiting (early checkpoints end the epoch then).

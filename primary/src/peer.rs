@@ -35,7 +35,8 @@ pub(crate) enum Join {
 pub(crate) struct Peer {
     pub name: String,
     pub sender: Sender,
-    pub link: PrimaryLink,
+    /// None until connected.
+    pub link: Option<PrimaryLink>,
     /// Highest acknowledged checkpoint seq.
     pub acked: Option<u64>,
     pub failed: Option<String>,
@@ -46,9 +47,27 @@ pub(crate) struct Peer {
     pub join: Join,
     /// Its committed image, from its `Welcome`.
     pub committed: Option<protocol::message::Position>,
+    /// Since when its window has been full (it is not keeping up); None while it keeps up.
+    pub behind_since: Option<Instant>,
 }
 
 impl Peer {
+    /// Backup `name` before its first connection: not alive, to be connected.
+    pub fn absent(cfg: &PrimaryConfig, name: &str) -> Peer {
+        Peer {
+            name: name.to_string(),
+            sender: Sender::new(SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term)),
+            link: None,
+            acked: None,
+            failed: Some("not connected yet".into()),
+            version: 0,
+            generation: 0,
+            join: Join::Welcome,
+            committed: None,
+            behind_since: None,
+        }
+    }
+
     pub async fn flush(&mut self) -> Result<(), PrimaryError> {
         self.flush_counting(None).await
     }
@@ -58,8 +77,11 @@ impl Peer {
         &mut self,
         counter: Option<&AtomicU64>,
     ) -> Result<(), PrimaryError> {
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
         while let Some((lane, f)) = self.sender.poll_transmit(Instant::now()) {
-            self.link.send(lane, &f).await?;
+            link.send(lane, &f).await?;
             if let Some(c) = counter {
                 c.fetch_add(f.len() as u64, Ordering::Relaxed);
             }
@@ -128,13 +150,14 @@ pub(crate) async fn connect(
     let mut p = Peer {
         name: name.to_string(),
         sender,
-        link,
+        link: Some(link),
         acked: None,
         failed: None,
         version: 0,
         generation,
         join: Join::Welcome,
         committed: None,
+        behind_since: None,
     };
     p.flush().await?;
     Ok(p)

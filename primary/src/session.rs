@@ -95,18 +95,31 @@ impl<'a> Session<'a> {
             tick: tokio::time::Instant::now(),
             epochs: epoch::EpochController::new(cfg.epoch, cfg.min_epoch, cfg.max_output_delay),
             reconnecting: vec![false; n],
-            last_attempt: vec![Instant::now(); n],
+            // The first attempts go at once.
+            last_attempt: vec![
+                Instant::now()
+                    .checked_sub(REJOIN_DELAY)
+                    .unwrap_or_else(Instant::now);
+                n
+            ],
             generation: 0,
         }
     }
 
-    /// Every backup that gates the next step has accepted the session.
+    /// Every backup that gates the next step has accepted the session (and, to start it, at
+    /// least `required` have: the others join when they come).
     pub fn all_ready(&self) -> bool {
         let start = self.phase == Phase::Start;
+        let ready = self
+            .peers
+            .iter()
+            .filter(|p| p.alive() && p.sender.is_ready())
+            .count();
         self.peers
             .iter()
             .filter(|p| p.active() || (start && p.alive()))
             .all(|p| p.sender.is_ready())
+            && (!start || ready >= self.required)
     }
 
     fn idle(&self) -> bool {
@@ -148,16 +161,14 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Starts reconnecting failed backups in the background (while protected).
+    /// Connects backups that are not connected (first connections, and failed or dropped
+    /// backups once a second) in the background; they join the session when they welcome it.
     pub fn spawn_rejoins(
         &mut self,
         ep: &quinn::Endpoint,
         tx: &FrameTx,
         join_tx: &tokio::sync::mpsc::Sender<JoinResult>,
     ) {
-        if self.phase != Phase::Protected {
-            return;
-        }
         for i in 0..self.peers.len() {
             if self.peers[i].alive()
                 || self.reconnecting[i]
@@ -252,14 +263,19 @@ impl<'a> Session<'a> {
 
     /// Every backup has welcomed us: quick resyncs if all can have one, else a full sync.
     fn choose_sync(&mut self) {
+        // Backups still connecting (or whose Welcome is pending) join later, as rejoins do.
         let joins: Vec<Join> = self
             .peers
             .iter()
-            .filter(|p| p.alive())
+            .filter(|p| p.alive() && p.sender.is_ready())
             .map(|p| self.join_for(p))
             .collect();
         if !joins.is_empty() && joins.iter().all(|j| matches!(j, Join::Resync(_))) {
-            for p in self.peers.iter_mut().filter(|p| p.alive()) {
+            for p in self
+                .peers
+                .iter_mut()
+                .filter(|p| p.alive() && p.sender.is_ready())
+            {
                 if let Some(c) = p.committed {
                     p.join = Join::Resync(c.seq);
                 }
@@ -270,9 +286,14 @@ impl<'a> Session<'a> {
             self.tick = tokio::time::Instant::now();
             return;
         }
-        for p in self.peers.iter_mut() {
+        for p in self
+            .peers
+            .iter_mut()
+            .filter(|p| p.alive() && p.sender.is_ready())
+        {
             p.join = Join::InStep;
         }
+        self.stats.sync_rounds.store(0, Ordering::Relaxed);
         self.phase = match self.cfg.precopy_rounds {
             0 => Phase::FinalSync,
             _ => Phase::PreCopy {
@@ -375,23 +396,39 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A backup whose window stays full would gate everyone: drop it while enough others
-    /// remain (it rejoins, by quick resync).
+    /// A backup whose window stays full would gate everyone: drop it once it has been behind
+    /// for `drop_after` while enough others remain (it rejoins, by quick resync). A short
+    /// hiccup (a slow fsync, a scheduling stall) only extends the epoch.
     async fn drop_slow(&mut self) {
+        let now = Instant::now();
+        let window = self.cfg.window;
+        for p in self.peers.iter_mut().filter(|p| p.active()) {
+            let behind = p.sender.in_flight() as u64 >= window;
+            p.behind_since = match (behind, p.behind_since) {
+                (false, _) => None,
+                (true, None) => Some(now),
+                (true, since) => since,
+            };
+        }
         let live = self.peers.iter().filter(|p| p.active()).count();
         if live <= self.required {
             return;
         }
-        let window = self.cfg.window;
+        let after = self.cfg.drop_after;
         if let Some(p) = self
             .peers
             .iter_mut()
-            .find(|p| p.active() && !p.sender.can_send() && p.sender.in_flight() as u64 >= window)
+            .find(|p| p.active() && p.behind_since.is_some_and(|t| now - t >= after))
         {
-            tracing::warn!("backup {} is not keeping up; dropping it", p.name);
-            p.sender.close(Instant::now(), "not keeping up");
+            tracing::warn!(
+                "backup {} is not keeping up (window full for {} ms); dropping it",
+                p.name,
+                after.as_millis()
+            );
+            p.sender.close(now, "not keeping up");
             let _ = p.flush().await;
             p.failed = Some("not keeping up".into());
+            p.behind_since = None;
         }
     }
 
@@ -444,7 +481,8 @@ impl<'a> Session<'a> {
         let resync_from = self
             .peers
             .iter()
-            .filter(|p| p.ready_to_join())
+            // Backups join only a protected session (during a full sync they wait for its end).
+            .filter(|p| protected && p.ready_to_join())
             .filter_map(|p| match p.join {
                 Join::Resync(f) => Some(f),
                 _ => None,
@@ -470,12 +508,15 @@ impl<'a> Session<'a> {
         for p in self.peers.iter_mut().filter(|p| p.active()) {
             p.send(now, &cp)?;
         }
-        self.send_joins(seq, &cap, full_join)?;
+        if protected {
+            self.send_joins(seq, &cap, full_join)?;
+        }
         if self.phase == Phase::FinalSync {
             let live = self.peers.iter().filter(|p| p.alive()).count() as u64;
             self.stats
                 .sync_queued_bytes
                 .fetch_add(cp.data_bytes() * live, Ordering::Relaxed);
+            self.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 "full sync: final pause {} µs, {} pages, checkpoint {seq} carries the state",
                 cap.pause.as_micros(),
@@ -578,9 +619,13 @@ impl<'a> Session<'a> {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Fails the session if fewer than `required` backups remain.
+    /// Fails the session if fewer than `required` backups remain (while it starts, backups
+    /// still being connected count).
     pub fn check_live(&self) -> Result<(), PrimaryError> {
-        let live = self.peers.iter().filter(|p| p.alive()).count();
+        let start = self.phase == Phase::Start;
+        let live = (0..self.peers.len())
+            .filter(|&i| self.peers[i].alive() || (start && self.reconnecting[i]))
+            .count();
         if live >= self.required {
             return Ok(());
         }

@@ -77,6 +77,10 @@ pub struct PrimaryArgs {
     /// primary of this VM). A backup refuses a primary whose term is lower than its image's.
     #[arg(long, default_value_t = 1)]
     pub term: u64,
+    /// Drop a backup whose window has been full this long (ms) while more than --required
+    /// others keep up; it rejoins by quick resync.
+    #[arg(long, default_value_t = 1000)]
+    pub drop_after_ms: u64,
 }
 
 /// Flags of `vmatrix backup`.
@@ -178,6 +182,7 @@ pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         encode: EncodeOptions::default(),
         early_checkpoints: a.early_checkpoints,
         precopy_rounds: a.precopy_rounds,
+        drop_after: Duration::from_millis(a.drop_after_ms),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(primary::Stats::default());

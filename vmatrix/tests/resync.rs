@@ -26,10 +26,18 @@ fn write_keys(kv: &mut KvClient, prefix: &str, n: usize) -> BTreeMap<String, Str
     acked
 }
 
-/// Restores `image` in the test network and checks every acknowledged key.
+/// Restores `<dir>/image` in the test network and checks every acknowledged key.
 fn restore_and_check(net: &TestNet, dir: &std::path::Path, acked: &BTreeMap<String, String>) {
-    let image = dir.join("image");
-    let mut vm = VmProc::restore(net, &image, &dir.join("restored.log"), &[]);
+    restore_image_and_check(net, &dir.join("image"), acked);
+}
+
+/// Restores `image` in the test network and checks every acknowledged key.
+fn restore_image_and_check(
+    net: &TestNet,
+    image: &std::path::Path,
+    acked: &BTreeMap<String, String>,
+) {
+    let mut vm = VmProc::restore(net, image, &image.with_extension("restored.log"), &[]);
     let mut kv = vm.wait_ready(Duration::from_secs(20));
     for (k, v) in acked {
         assert_eq!(
@@ -184,4 +192,80 @@ fn a_primary_crash_during_a_full_sync_keeps_the_committed_image() {
         "the abandoned side image is gone after finalizing"
     );
     restore_and_check(&net, dir.path(), &acked);
+}
+
+/// A backup that stops keeping up (stalled, its window full) is dropped after `--drop-after-ms`
+/// while the other one carries on (`--required 1`); when it recovers it rejoins by quick resync,
+/// and its image then holds every acknowledged write, from before, during and after its absence.
+#[test]
+fn a_backup_dropped_for_not_keeping_up_rejoins_by_quick_resync() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    // A long idle timeout: the stalled backup is dropped for not keeping up, not as dead.
+    let mut r = Replicated::start_n(
+        &net,
+        dir.path(),
+        2,
+        &[
+            "--required",
+            "1",
+            "--idle-timeout-ms",
+            "5000",
+            "--drop-after-ms",
+            "500",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    let mut acked = write_keys(&mut kv, "a", 50);
+    r.signal_more(1, "-STOP");
+    let t = Instant::now();
+    acked.extend(write_keys(&mut kv, "b", 50));
+    eprintln!("50 writes with backup 1 stalled in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(2000).saturating_sub(t.elapsed()));
+    r.signal_more(1, "-CONT");
+    let t = Instant::now();
+    loop {
+        let log = r.primary.stderr_text();
+        if log.contains("backup backup1 joins at checkpoint")
+            && log
+                .lines()
+                .any(|l| l.contains("backup backup1 joins") && l.contains("quick resync"))
+        {
+            assert!(log.contains("not keeping up"), "{log}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "backup 1 never rejoined by quick resync; primary log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("backup 1 rejoined {:?} after SIGCONT", t.elapsed());
+    acked.extend(write_keys(&mut kv, "c", 50));
+    // With --required 1 an acknowledgement needs only one backup: wait until backup 1 has
+    // applied the last checkpoint taken after the last write, then fail over to it.
+    let taken: u64 = field(&ctl(&sock, &["status"]), "epochs")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let st = ctl(&r.backup_socket(1), &["status"]);
+        let applied: Option<u64> = field(&st, "applied_epoch").and_then(|a| a.parse().ok());
+        if applied.is_some_and(|a| a + 1 >= taken) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "backup 1 stays behind checkpoint {taken}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(kv);
+    r.primary.kill9();
+    let image = r.finalize_more(1);
+    restore_image_and_check(&net, &image, &acked);
 }

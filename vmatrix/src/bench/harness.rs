@@ -248,6 +248,7 @@ impl RunningVm {
             encode: protocol::page::EncodeOptions::default(),
             early_checkpoints: p.early_checkpoints,
             precopy_rounds: 8,
+            drop_after: Duration::from_secs(1),
         };
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());
