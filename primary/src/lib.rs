@@ -19,12 +19,12 @@ pub mod encode;
 pub mod epoch;
 pub mod history;
 mod peer;
-mod session;
+pub mod policy;
 
-use session::Session;
+pub use policy::{Command, Policy, PolicyConfig};
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use protocol::ProtocolError;
 
 use tokio::sync::watch;
 use transport::certs::Identity;
-use transport::{quic, QuicConfig};
+use transport::{quic, PrimaryLink, QuicConfig};
 use vmm::Vm;
 
 /// Typed errors of the primary.
@@ -92,6 +92,26 @@ pub struct PrimaryConfig {
     /// A backup whose window stays full this long, while more than `required` others keep
     /// up, is dropped (it rejoins by quick resync).
     pub drop_after: Duration,
+}
+
+impl PrimaryConfig {
+    /// What the policy needs of it.
+    pub fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            backups: self.backups.iter().map(|b| b.1.clone()).collect(),
+            required: self.required,
+            cluster_id: self.cluster_id,
+            vm_id: self.vm_id.clone(),
+            term: self.term,
+            lanes: self.lanes,
+            window: self.window,
+            idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms.max(500) * 3),
+            epoch: (self.epoch, self.min_epoch, self.max_output_delay),
+            early_checkpoints: self.early_checkpoints,
+            precopy_rounds: self.precopy_rounds,
+            drop_after: self.drop_after,
+        }
+    }
 }
 
 /// Shortest time between the start of two early checkpoints while one is in flight.
@@ -186,8 +206,14 @@ pub struct PrimaryState {
 impl PrimaryState {
     /// A new history for `vm` at `term`.
     pub fn new(vm: &Vm, term: u64, encode: EncodeOptions) -> Self {
+        let h = history::History::new(history::History::random_id(), term, vm.mem_size());
+        Self::with_history(h, encode)
+    }
+
+    /// State around an existing history (simulations build one without a VM).
+    pub fn with_history(history: history::History, encode: EncodeOptions) -> Self {
         PrimaryState {
-            history: history::History::new(history::History::random_id(), term, vm.mem_size()),
+            history,
             shadow: encode::Shadow::new(encode),
         }
     }
@@ -195,7 +221,8 @@ impl PrimaryState {
 
 /// Replicates `vm` (already started) to the backups until `stop` turns true or too few backups
 /// remain to release output. Called again after a failure with the same `state`, it brings
-/// backups that hold a checkpoint of this history up to date by quick resync.
+/// backups that hold a checkpoint of this history up to date by quick resync. The decisions are
+/// the [`Policy`]'s; this loop executes its commands and moves frames.
 pub async fn run(
     vm: Arc<Vm>,
     cfg: PrimaryConfig,
@@ -205,15 +232,8 @@ pub async fn run(
 ) -> Result<(), PrimaryError> {
     let ep = quic::client(&cfg.identity, &cfg.quic)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
-    // Every backup is connected in the background: the session starts once `required` have
-    // welcomed it, and the others (and failed ones, later) join the running session.
-    let peers = cfg
-        .backups
-        .iter()
-        .map(|(_, name)| peer::Peer::absent(&cfg, name))
-        .collect();
-    // Failed backups are reconnected in the background and join the running session.
-    let (join_tx, mut join_rx) = tokio::sync::mpsc::channel::<session::JoinResult>(16);
+    type Connected = (usize, u64, Result<PrimaryLink, PrimaryError>);
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Connected>(16);
     // The VM says when output starts waiting (early checkpoints end the epoch then).
     let output_waiting = Arc::new(tokio::sync::Notify::new());
     if cfg.early_checkpoints {
@@ -221,48 +241,126 @@ pub async fn run(
         vm.set_output_waker(Some(Arc::new(move || n.notify_one())));
     }
     let _waker = WakerGuard(&vm);
-    let mut s = Session::new(&vm, &cfg, &stats, state, peers);
+    let history = state.history.id;
+    let mut links: Vec<Option<(u64, PrimaryLink)>> = cfg.backups.iter().map(|_| None).collect();
+    let mut generation = 0u64;
+    let mut p = Policy::new(cfg.policy(), state, stats.clone(), Instant::now());
+    let mut to_close = Vec::new();
     loop {
-        let deadline = s.deadline();
-        let all_ready = s.all_ready();
-        s.spawn_rejoins(&ep, &tx, &join_tx);
-        let wake = s.wake();
+        p.set_output_waiting(cfg.early_checkpoints && vm.output_waiting());
+        while let Some(c) = p.poll_command() {
+            match c {
+                Command::Connect(i) => {
+                    generation += 1;
+                    let (ep, tx, ct, g) = (ep.clone(), tx.clone(), conn_tx.clone(), generation);
+                    let (addr, name) = cfg.backups[i].clone();
+                    let lanes = cfg.lanes;
+                    tokio::spawn(async move {
+                        let r = peer::connect(&ep, (addr, &name), lanes, (i, g), &tx).await;
+                        let _ = ct.send((i, g, r)).await;
+                    });
+                }
+                Command::PreCopy { round } => {
+                    let r = match round {
+                        0 => vm.precopy_start(),
+                        _ => vm.precopy_pass(),
+                    };
+                    match r {
+                        Ok(cap) => p.handle_precopy(&cap, Instant::now()),
+                        Err(e) => {
+                            p.handle_capture_failed(&e.to_string());
+                            return Err(e.into());
+                        }
+                    }
+                }
+                Command::Capture { kind, disk_ranges } => {
+                    match vm.capture_epoch_with(kind, &disk_ranges) {
+                        Ok(cap) => p.handle_capture(&cap, Instant::now()),
+                        Err(e) => {
+                            p.handle_capture_failed(&e.to_string());
+                            return Err(e.into());
+                        }
+                    }
+                }
+                Command::Release(e) => {
+                    let n = vm.release_output(e);
+                    tracing::trace!("{n} frames of output epoch {e} released");
+                    stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Command::Close(i) => to_close.push(i),
+            }
+        }
+        let counter = p.syncing().then_some(&stats.sync_sent_bytes);
+        flush(&mut p, &mut links, counter).await;
+        for i in to_close.drain(..) {
+            if let Some((_, l)) = links[i].take() {
+                l.connection().close(0u32.into(), b"session over");
+            }
+        }
+        if let Some(why) = p.failed() {
+            return Err(PrimaryError::BackupLost(why.to_string()));
+        }
+        let deadline = p.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             f = rx.recv() => match f {
                 // Frames of a connection that has since been replaced are dropped.
-                Some((i, g, _)) if s.peers[i].generation != g => {}
-                Some((i, _, Ok(f))) => {
-                    if let Err(e) = s.peers[i].sender.handle_frame(Instant::now(), &f) {
-                        tracing::warn!("frame from backup {}: {e}", s.peers[i].name);
-                    }
+                Some((i, g, _)) if links[i].as_ref().map(|l| l.0) != Some(g) => {}
+                Some((i, _, Ok(f))) => p.handle_frame(i, &f, Instant::now()),
+                Some((i, _, Err(e))) => {
+                    links[i] = None;
+                    p.handle_link_error(i, &e.to_string(), Instant::now());
                 }
-                Some((i, _, Err(e))) => s.peers[i].failed = Some(e.to_string()),
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
             },
-            Some(j) = join_rx.recv() => s.on_join(j),
+            Some((i, g, r)) = conn_rx.recv() => match r {
+                Ok(link) => {
+                    links[i] = Some((g, link));
+                    p.handle_connected(i, history, Instant::now());
+                }
+                Err(e) => p.handle_connect_failed(i, &e.to_string()),
+            },
             // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
             _ = async {
-                match wake {
-                    Some(w) if w <= tokio::time::Instant::now() => {}
-                    Some(w) => tokio::time::sleep_until(w).await,
+                match deadline {
+                    Some(d) if d <= tokio::time::Instant::now() => {}
+                    Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
-            }, if all_ready => s.on_wake().await?,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                for p in s.peers.iter_mut().filter(|p| p.alive()) {
-                    p.sender.handle_timeout(Instant::now());
-                }
-            }
-            // Output started waiting: wake up to look again (see `Session::wake`).
+            } => p.handle_timeout(Instant::now()),
+            // Output started waiting: look again (see `Policy::wake`).
             _ = output_waiting.notified(), if cfg.early_checkpoints => {}
             _ = stop.changed() => {
-                s.close_all("primary stopping").await;
+                p.close_all(Instant::now(), "primary stopping");
+                flush(&mut p, &mut links, None).await;
                 return Ok(());
             }
         }
-        s.poll_events();
-        s.release();
-        s.check_live()?;
-        s.flush_all().await;
+    }
+}
+
+/// Sends what the policy queued for every connected backup; a link that fails is reported.
+async fn flush(
+    p: &mut Policy<'_>,
+    links: &mut [Option<(u64, PrimaryLink)>],
+    counter: Option<&AtomicU64>,
+) {
+    for (i, slot) in links.iter_mut().enumerate() {
+        let Some((_, link)) = slot else {
+            continue;
+        };
+        let mut err = None;
+        while let Some((lane, f)) = p.poll_transmit(i, Instant::now()) {
+            if let Err(e) = link.send(lane, &f).await {
+                err = Some(e);
+                break;
+            }
+            if let Some(c) = counter {
+                c.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
+        }
+        if let Some(e) = err {
+            *slot = None;
+            p.handle_link_error(i, &e.to_string(), Instant::now());
+        }
     }
 }

@@ -173,6 +173,12 @@ impl Sender {
         self.phase == Phase::Ready
     }
 
+    /// True once the session failed or was closed (nothing more will be sent but what is
+    /// queued).
+    pub fn is_failed(&self) -> bool {
+        self.phase == Phase::Failed
+    }
+
     /// Highest epoch the backup acknowledged.
     pub fn acked(&self) -> Option<u64> {
         self.acked

@@ -1,0 +1,723 @@
+//! The primary's replication policy as a state machine without I/O, in the shape of the
+//! protocol crate (quinn-proto style): inputs in (`handle_*`), commands, frames and a timer out
+//! (`poll_command`, `poll_transmit`, `poll_timeout`), time passed in. The async loop in
+//! `lib.rs` only executes commands (connect, capture, release, close) and moves frames; the
+//! seeded simulations in `tests/policy_sim.rs` drive the same code with a simulated guest,
+//! simulated backups and virtual time.
+//!
+//! What it decides:
+//! - **Connections**: every backup is connected in the background and reconnected once a
+//!   second after a failure; a session starts once `required` backups have welcomed it, and the
+//!   others join the running session when they come.
+//! - **How a backup is brought up to date**, from the committed position in its `Welcome`: at
+//!   session start, if every ready backup's position is a checkpoint of this history and term
+//!   ([`History::can_resync`]), each gets a **quick resync** at the first capture ([`Kind::Resync`]:
+//!   the pages and disk chunks changed since its position, and the state); otherwise all get a
+//!   **full sync** (pre-copy rounds while the guest runs, then one short pause), which the backup
+//!   builds in a side image. A backup joining a running session gets a quick resync if it can,
+//!   else a full sync from a full capture.
+//! - **Epochs**: when to capture (the adaptive tick, or early when guest output waits), with at
+//!   most `window` checkpoints in flight per backup (a full window extends the epoch).
+//! - **Output commit**: guest output of the epochs a checkpoint closed is released once
+//!   `required` backups acknowledged it; acknowledgements of pre-copy rounds release nothing.
+//! - **Slow backups**: one whose window stays full for `drop_after` while more than `required`
+//!   others keep up is dropped (it rejoins by quick resync).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::message::{Kind, Position, RESYNC_VERSION};
+use protocol::{Checkpoint, Sender, SenderConfig, SenderEvent};
+use vmm::{CaptureKind, EpochCapture};
+
+use crate::{epoch, PrimaryState, Stats};
+use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
+
+/// What the policy needs to know (a part of [`crate::PrimaryConfig`]).
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Backup names (their index is the backup's number in commands and inputs).
+    pub backups: Vec<String>,
+    /// Backups that must acknowledge a checkpoint before its output is released.
+    pub required: usize,
+    /// Cluster id, VM id and term for the protocol.
+    pub cluster_id: u64,
+    /// VM id.
+    pub vm_id: String,
+    /// Term.
+    pub term: u64,
+    /// Data lanes per connection.
+    pub lanes: u8,
+    /// Checkpoints in flight per backup.
+    pub window: u64,
+    /// The protocol's silence timeout.
+    pub idle_timeout: Duration,
+    /// Epoch lengths: base, shortest, longest.
+    pub epoch: (Duration, Duration, Duration),
+    /// End epochs early when guest output waits.
+    pub early_checkpoints: bool,
+    /// Most pre-copy rounds of a full sync (0: one pause).
+    pub precopy_rounds: u32,
+    /// See the module docs.
+    pub drop_after: Duration,
+}
+
+/// What the loop must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Connect backup `i`; report [`Policy::handle_connected`] or
+    /// [`Policy::handle_connect_failed`].
+    Connect(usize),
+    /// A pre-copy pass while the guest runs (`round` 0 restarts tracking: `Vm::precopy_start`,
+    /// else `Vm::precopy_pass`); report [`Policy::handle_precopy`].
+    PreCopy {
+        /// Round number within this full sync.
+        round: u32,
+    },
+    /// Pause and capture (`Vm::capture_epoch_with`); report [`Policy::handle_capture`].
+    Capture {
+        /// Full or incremental.
+        kind: CaptureKind,
+        /// Disk ranges to read in the same pause (quick resyncs).
+        disk_ranges: Vec<(u64, u64)>,
+    },
+    /// Release guest output of every epoch up to this one.
+    Release(u64),
+    /// Close the connection of backup `i` (once what was queued for it is sent).
+    Close(usize),
+}
+
+/// Where a backup stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Not connected, or its `Welcome` has not arrived.
+    Welcome,
+    /// Gets every checkpoint of the session.
+    InStep,
+    /// Needs a quick resync from its committed seq, at the next capture.
+    Resync(u64),
+    /// Needs a full sync, from a full capture.
+    Full,
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for `required` backups to welcome the session.
+    Start,
+    /// Pre-copy round `round` is next.
+    PreCopy {
+        /// The round.
+        round: u32,
+        /// Pages the previous round found.
+        last_pages: Option<usize>,
+    },
+    /// The next capture ends the full sync (or is the one-pause full sync).
+    FinalSync,
+    /// Protected: incremental epochs.
+    Protected,
+}
+
+/// One backup as the policy sees it.
+#[derive(Debug)]
+pub struct Backup {
+    /// Its name (in its certificate).
+    pub name: String,
+    /// The protocol's sender for the current connection (None: not connected).
+    pub sender: Option<Sender>,
+    /// Highest seq it acknowledged in this connection.
+    pub acked: Option<u64>,
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// Where it stands.
+    pub join: Join,
+    /// Its committed position, from its `Welcome`.
+    pub committed: Option<Position>,
+    /// Since when its window has been full.
+    behind_since: Option<Instant>,
+    connecting: bool,
+    last_attempt: Option<Instant>,
+}
+
+impl Backup {
+    fn new(name: &str) -> Self {
+        Backup {
+            name: name.to_string(),
+            sender: None,
+            acked: None,
+            version: 0,
+            join: Join::Welcome,
+            committed: None,
+            behind_since: None,
+            connecting: false,
+            last_attempt: None,
+        }
+    }
+
+    /// Connected and its session not failed.
+    pub fn alive(&self) -> bool {
+        self.sender.as_ref().is_some_and(|s| !s.is_failed())
+    }
+
+    fn ready(&self) -> bool {
+        self.sender.as_ref().is_some_and(|s| s.is_ready())
+    }
+
+    /// Alive and in step.
+    pub fn active(&self) -> bool {
+        self.alive() && self.join == Join::InStep
+    }
+
+    fn ready_to_join(&self) -> bool {
+        self.ready() && matches!(self.join, Join::Resync(_) | Join::Full)
+    }
+}
+
+/// A capture the policy asked for, and why.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    one_pause_sync: bool,
+    full_join: bool,
+    early: bool,
+}
+
+/// See the module docs.
+pub struct Policy<'a> {
+    cfg: PolicyConfig,
+    st: &'a mut PrimaryState,
+    stats: Arc<Stats>,
+    /// The backups, by index.
+    pub backups: Vec<Backup>,
+    /// Where the session stands.
+    pub phase: Phase,
+    commands: VecDeque<Command>,
+    /// A pre-copy pass or capture was requested and not reported yet.
+    pending: Option<Plan>,
+    /// This session's first consistent checkpoint.
+    base: Option<u64>,
+    precopied: bool,
+    protected_logged: bool,
+    sync_started: Instant,
+    last_capture: Instant,
+    last_pause: Duration,
+    tick: Instant,
+    epochs: epoch::EpochController,
+    output_waiting: bool,
+    failed: Option<String>,
+}
+
+impl<'a> Policy<'a> {
+    /// A new session of the history in `st`.
+    pub fn new(
+        cfg: PolicyConfig,
+        st: &'a mut PrimaryState,
+        stats: Arc<Stats>,
+        now: Instant,
+    ) -> Self {
+        let backups = cfg.backups.iter().map(|n| Backup::new(n)).collect();
+        let (base, min, max) = cfg.epoch;
+        Policy {
+            st,
+            stats,
+            backups,
+            phase: Phase::Start,
+            commands: VecDeque::new(),
+            pending: None,
+            base: None,
+            precopied: false,
+            protected_logged: false,
+            sync_started: now,
+            last_capture: now,
+            last_pause: Duration::ZERO,
+            tick: now,
+            epochs: epoch::EpochController::new(base, min, max),
+            output_waiting: false,
+            failed: None,
+            cfg,
+        }
+    }
+
+    fn required(&self) -> usize {
+        self.cfg.required.clamp(1, self.backups.len().max(1))
+    }
+
+    /// The next command for the loop.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// The next frame for backup `i`: (lane, bytes); `now` is when it leaves.
+    pub fn poll_transmit(&mut self, i: usize, now: Instant) -> Option<(u8, Vec<u8>)> {
+        self.backups.get_mut(i)?.sender.as_mut()?.poll_transmit(now)
+    }
+
+    /// The seq the next checkpoint will have.
+    pub fn next_seq(&self) -> u64 {
+        self.st.history.next_seq()
+    }
+
+    /// Why the session failed (too few backups remain), if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Says goodbye to every connected backup (the loop flushes, then drops the links).
+    pub fn close_all(&mut self, now: Instant, why: &str) {
+        for b in self.backups.iter_mut().filter(|b| b.alive()) {
+            if let Some(s) = b.sender.as_mut() {
+                s.close(now, why);
+            }
+        }
+    }
+
+    /// The guest has output waiting for a checkpoint (or not any more).
+    pub fn set_output_waiting(&mut self, waiting: bool) {
+        self.output_waiting = waiting;
+    }
+
+    /// Backup `i` is connected (a new connection): its session starts with `Hello`.
+    pub fn handle_connected(&mut self, i: usize, history: u64, now: Instant) {
+        let cfg = &self.cfg;
+        let mut scfg = SenderConfig::new(cfg.cluster_id, &cfg.vm_id, cfg.term);
+        scfg.history = history;
+        scfg.lanes = cfg.lanes;
+        scfg.window = cfg.window;
+        scfg.idle_timeout = cfg.idle_timeout;
+        let mut sender = Sender::new(scfg);
+        sender.start(now);
+        let b = &mut self.backups[i];
+        b.connecting = false;
+        b.sender = Some(sender);
+        b.acked = None;
+        b.join = Join::Welcome;
+        b.behind_since = None;
+        tracing::info!("backup {} connected", b.name);
+    }
+
+    /// Connecting backup `i` failed.
+    pub fn handle_connect_failed(&mut self, i: usize, why: &str) {
+        let b = &mut self.backups[i];
+        b.connecting = false;
+        tracing::info!("backup {} unreachable: {why}", b.name);
+        self.check_live();
+    }
+
+    /// A frame from backup `i`.
+    pub fn handle_frame(&mut self, i: usize, bytes: &[u8], now: Instant) {
+        let Some(s) = self.backups[i].sender.as_mut() else {
+            return;
+        };
+        if let Err(e) = s.handle_frame(now, bytes) {
+            tracing::warn!("frame from backup {}: {e}", self.backups[i].name);
+        }
+        self.after_input(now);
+    }
+
+    /// The connection of backup `i` failed.
+    pub fn handle_link_error(&mut self, i: usize, why: &str, now: Instant) {
+        self.fail_backup(i, why);
+        self.after_input(now);
+    }
+
+    fn fail_backup(&mut self, i: usize, why: &str) {
+        let b = &mut self.backups[i];
+        if b.sender.take().is_some() {
+            tracing::error!("backup {} lost: {why}", b.name);
+            self.commands.push_back(Command::Close(i));
+        }
+        b.join = Join::Welcome;
+        b.acked = None;
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut earliest = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t: Instant| t.min(x)));
+            }
+        };
+        for b in &self.backups {
+            earliest(b.sender.as_ref().and_then(|s| s.poll_timeout()));
+            if !b.alive() && !b.connecting {
+                earliest(Some(
+                    b.last_attempt
+                        .map_or(self.sync_started, |a| a + REJOIN_DELAY),
+                ));
+            }
+        }
+        if self.pending.is_none() && self.all_ready() {
+            earliest(self.wake());
+        }
+        t
+    }
+
+    /// Timers: the protocol's, reconnects, epochs.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for b in self.backups.iter_mut() {
+            if let Some(s) = b.sender.as_mut() {
+                if s.poll_timeout().is_some_and(|t| t <= now) {
+                    s.handle_timeout(now);
+                }
+            }
+        }
+        for i in 0..self.backups.len() {
+            let b = &mut self.backups[i];
+            let due = b.last_attempt.is_none_or(|a| now >= a + REJOIN_DELAY);
+            if !b.alive() && !b.connecting && due {
+                b.connecting = true;
+                b.last_attempt = Some(now);
+                self.commands.push_back(Command::Connect(i));
+            }
+        }
+        if self.pending.is_none() && self.all_ready() && self.wake().is_some_and(|w| w <= now) {
+            self.on_wake(now);
+        }
+        self.after_input(now);
+    }
+
+    /// Protocol events, releases and the live count, after any input.
+    fn after_input(&mut self, now: Instant) {
+        for i in 0..self.backups.len() {
+            while let Some(e) = self.backups[i].sender.as_mut().and_then(|s| s.poll_event()) {
+                self.on_event(i, e, now);
+            }
+        }
+        self.release();
+        self.check_live();
+    }
+
+    /// Every backup that gates the next step has accepted the session (and, to start it, at
+    /// least `required` have: the others join when they come).
+    fn all_ready(&self) -> bool {
+        let start = self.phase == Phase::Start;
+        let ready = self.backups.iter().filter(|b| b.ready()).count();
+        self.backups
+            .iter()
+            .filter(|b| b.active() || (start && b.alive()))
+            .all(|b| b.ready())
+            && (!start || ready >= self.required())
+    }
+
+    fn idle(&self) -> bool {
+        self.backups
+            .iter()
+            .filter(|b| b.active())
+            .all(|b| b.sender.as_ref().is_none_or(|s| s.in_flight() == 0))
+    }
+
+    /// When the policy acts next (None: only input wakes it).
+    fn wake(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Start | Phase::FinalSync => Some(self.last_capture.min(self.tick)),
+            // Pre-copy rounds go one at a time, each once the previous one is acknowledged.
+            Phase::PreCopy { .. } if self.idle() => Some(self.last_capture.min(self.tick)),
+            Phase::PreCopy { .. } => None,
+            // Early checkpoint (COLO-style): output of this epoch is waiting, so end the epoch
+            // now rather than at `tick` — at once if nothing is in flight, else (pipelined)
+            // once `early_gap` has passed since the last capture, leaving the guest time to run.
+            Phase::Protected if self.cfg.early_checkpoints && self.output_waiting => {
+                let gap = EARLY_MIN_GAP.max(self.last_pause * 4);
+                match self.idle() {
+                    true => Some(self.last_capture.min(self.tick)),
+                    false => Some(self.tick.min(self.last_capture + gap)),
+                }
+            }
+            Phase::Protected => Some(self.tick),
+        }
+    }
+
+    /// How a backup that just welcomed us is brought up to date.
+    fn join_for(&self, b: &Backup) -> Join {
+        match b.committed {
+            Some(c) if b.version >= RESYNC_VERSION && self.st.history.can_resync(&c) => {
+                Join::Resync(c.seq)
+            }
+            _ => Join::Full,
+        }
+    }
+
+    fn on_event(&mut self, i: usize, e: SenderEvent, _now: Instant) {
+        match e {
+            SenderEvent::Ready { version, committed } => {
+                let b = &mut self.backups[i];
+                b.version = version;
+                b.committed = committed;
+                let pos = committed.map_or("nothing".into(), |c| {
+                    format!(
+                        "checkpoint {} of term {} (history {:x})",
+                        c.seq, c.term, c.history
+                    )
+                });
+                tracing::info!(
+                    "backup {} ready (protocol v{version}); it holds {pos}",
+                    b.name
+                );
+                if self.phase != Phase::Start {
+                    let j = self.join_for(&self.backups[i]);
+                    self.backups[i].join = j;
+                }
+            }
+            SenderEvent::Acked { epoch, latency } => {
+                self.backups[i].acked = Some(epoch);
+                self.stats
+                    .ack_latency_us
+                    .store(latency.as_micros() as u64, Ordering::Relaxed);
+            }
+            SenderEvent::Resending { epoch, reason } => tracing::warn!(
+                "backup {}: resending from checkpoint {epoch}: {reason}",
+                self.backups[i].name
+            ),
+            SenderEvent::Failed(e) => self.fail_backup(i, &e.to_string()),
+        }
+    }
+
+    /// `required` backups welcomed the session: quick resyncs if every ready one can have
+    /// one, else a full sync for all.
+    fn choose_sync(&mut self, now: Instant) {
+        let joins: Vec<Join> = self
+            .backups
+            .iter()
+            .filter(|b| b.ready())
+            .map(|b| self.join_for(b))
+            .collect();
+        self.sync_started = now;
+        if !joins.is_empty() && joins.iter().all(|j| matches!(j, Join::Resync(_))) {
+            for b in self.backups.iter_mut().filter(|b| b.ready()) {
+                if let Some(c) = b.committed {
+                    b.join = Join::Resync(c.seq);
+                }
+            }
+            tracing::info!("every ready backup holds a checkpoint of this history: quick resync");
+            self.phase = Phase::Protected;
+            self.tick = now;
+            return;
+        }
+        for b in self.backups.iter_mut().filter(|b| b.ready()) {
+            b.join = Join::InStep;
+        }
+        self.stats.sync_rounds.store(0, Ordering::Relaxed);
+        self.phase = match self.cfg.precopy_rounds {
+            0 => Phase::FinalSync,
+            _ => Phase::PreCopy {
+                round: 0,
+                last_pages: None,
+            },
+        };
+    }
+
+    fn on_wake(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Start => {
+                self.choose_sync(now);
+                // Act at once in the new phase.
+                if self.all_ready() && self.wake().is_some_and(|w| w <= now) {
+                    self.on_wake(now);
+                }
+            }
+            Phase::PreCopy { round, last_pages } => {
+                self.pending = Some(Plan {
+                    one_pause_sync: false,
+                    full_join: false,
+                    early: false,
+                });
+                self.phase = Phase::PreCopy { round, last_pages };
+                self.commands.push_back(Command::PreCopy { round });
+            }
+            Phase::FinalSync | Phase::Protected => self.epoch_end(now),
+        }
+    }
+
+    /// A backup whose window has stayed full for `drop_after` while more than `required`
+    /// others keep up is dropped.
+    fn drop_slow(&mut self, now: Instant) {
+        let window = self.cfg.window;
+        for b in self.backups.iter_mut().filter(|b| b.active()) {
+            let behind = b
+                .sender
+                .as_ref()
+                .is_some_and(|s| s.in_flight() as u64 >= window);
+            b.behind_since = match (behind, b.behind_since) {
+                (false, _) => None,
+                (true, None) => Some(now),
+                (true, since) => since,
+            };
+        }
+        let live = self.backups.iter().filter(|b| b.active()).count();
+        if live <= self.required() {
+            return;
+        }
+        let after = self.cfg.drop_after;
+        let slow = self
+            .backups
+            .iter()
+            .position(|b| b.active() && b.behind_since.is_some_and(|t| now - t >= after));
+        if let Some(i) = slow {
+            let b = &mut self.backups[i];
+            tracing::warn!(
+                "backup {} is not keeping up (window full for {} ms); dropping it",
+                b.name,
+                after.as_millis()
+            );
+            if let Some(s) = b.sender.as_mut() {
+                s.close(now, "not keeping up");
+            }
+            b.behind_since = None;
+            b.join = Join::Welcome;
+            self.commands.push_back(Command::Close(i));
+        }
+    }
+
+    /// The end of an epoch: ask for a capture if every backup in step has room, else extend.
+    fn epoch_end(&mut self, now: Instant) {
+        let early = self.phase == Phase::Protected && now < self.tick;
+        self.drop_slow(now);
+        let room = self
+            .backups
+            .iter()
+            .filter(|b| b.active())
+            .all(|b| b.sender.as_ref().is_some_and(|s| s.can_send()));
+        if !room {
+            self.next_tick(now, early, None);
+            return;
+        }
+        let protected = self.phase == Phase::Protected;
+        let one_pause_sync = self.phase == Phase::FinalSync && !self.precopied;
+        // Backups join only a protected session (during a full sync they wait for its end).
+        let full_join = protected
+            && self
+                .backups
+                .iter()
+                .any(|b| b.ready_to_join() && b.join == Join::Full);
+        let resync_from = self
+            .backups
+            .iter()
+            .filter(|b| protected && b.ready_to_join())
+            .filter_map(|b| match b.join {
+                Join::Resync(f) => Some(f),
+                _ => None,
+            })
+            .min();
+        let kind = match one_pause_sync || full_join {
+            true => CaptureKind::Full,
+            false => CaptureKind::Incremental,
+        };
+        let disk_ranges = resync_from.map_or(Vec::new(), |f| self.st.history.disk_since(f));
+        self.pending = Some(Plan {
+            one_pause_sync,
+            full_join,
+            early,
+        });
+        self.commands
+            .push_back(Command::Capture { kind, disk_ranges });
+    }
+
+    fn next_tick(&mut self, now: Instant, early: bool, captured: Option<usize>) {
+        if early {
+            // The epoch was cut short for waiting output: start the next one now.
+            self.tick = now + self.epochs.current();
+            return;
+        }
+        let len = self.epochs.update(captured);
+        self.stats
+            .epoch_us
+            .store(len.as_micros() as u64, Ordering::Relaxed);
+        // Ticks are scheduled from the previous tick, not from now: the timer's overshoot does
+        // not accumulate. Only after falling far behind does it restart from now.
+        self.tick += len;
+        if self.tick + len * 4 < now {
+            self.tick = now + len;
+        }
+    }
+
+    /// A capture failed: no checkpoint; positions before now cannot be resynced any more
+    /// (it may have taken changes it never recorded). The session fails.
+    pub fn handle_capture_failed(&mut self, why: &str) {
+        self.pending = None;
+        self.st.history.forget_changes();
+        self.failed = Some(format!("capture failed: {why}"));
+    }
+
+    /// The result of a [`Command::PreCopy`].
+    pub fn handle_precopy(&mut self, cap: &EpochCapture, now: Instant) {
+        let Phase::PreCopy { round, last_pages } = self.phase else {
+            return;
+        };
+        self.pending = None;
+        if round == 0 {
+            self.st.shadow.clear();
+        }
+        let n = cap.pages.len();
+        let seq = self.st.history.take_seq();
+        self.record(seq, cap);
+        let cp = self.st.shadow.checkpoint(seq, Kind::PreCopy, cap);
+        let bytes = cp.data_bytes();
+        let live = self.backups.iter().filter(|b| b.active()).count() as u64;
+        self.stats
+            .sync_queued_bytes
+            .fetch_add(bytes * live, Ordering::Relaxed);
+        self.send_to_active(&cp, now);
+        tracing::info!(
+            "pre-copy round {round} (checkpoint {seq}): {n} pages, {} disk bytes, {:.1} MiB queued, {:.0} ms into the sync",
+            cp.disk.iter().map(|d| d.1.len()).sum::<usize>(),
+            bytes as f64 / (1 << 20) as f64,
+            now.saturating_duration_since(self.sync_started).as_secs_f64() * 1e3,
+        );
+        self.precopied = true;
+        self.stats
+            .epochs
+            .store(self.st.history.next_seq(), Ordering::Relaxed);
+        self.stats
+            .sync_rounds
+            .store(u64::from(round) + 1, Ordering::Relaxed);
+        // Done after the last allowed round, or once the dirty set is small or stops
+        // shrinking by a tenth per round (the guest dirties as fast as we copy).
+        let converged = round + 1 >= self.cfg.precopy_rounds
+            || (round > 0
+                && (n <= PRECOPY_CONVERGED || last_pages.is_some_and(|l| n * 10 > l * 9)));
+        self.phase = match converged {
+            true => Phase::FinalSync,
+            false => Phase::PreCopy {
+                round: round + 1,
+                last_pages: Some(n),
+            },
+        };
+        self.last_capture = now;
+        self.after_input(now);
+    }
+
+    fn send_to_active(&mut self, cp: &Checkpoint, now: Instant) {
+        for i in 0..self.backups.len() {
+            if !self.backups[i].active() {
+                continue;
+            }
+            let r = self.backups[i]
+                .sender
+                .as_mut()
+                .map(|s| s.send_checkpoint(now, cp.clone()));
+            if let Some(Err(e)) = r {
+                self.fail_backup(i, &e.to_string());
+            }
+        }
+    }
+
+    /// Records what checkpoint `seq` (captured as `cap`) changed, for later quick resyncs.
+    fn record(&mut self, seq: u64, cap: &EpochCapture) {
+        let h = &mut self.st.history;
+        match &cap.changes {
+            // A full capture lists every non-zero page; what changed is in `changes`. Pre-copy
+            // round 0 (no state) also copies every page it lists, over a restarted tracking.
+            Some(ch) => {
+                h.record(seq, &ch.dirty, &ch.disk);
+                if cap.state.is_empty() {
+                    h.record(seq, &cap.pages, &cap.disk);
+                }
+            }
+            None => h.record(seq, &cap.pages, &cap.disk),
+        }
+    }
+}
+
+mod capture;
