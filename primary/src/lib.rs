@@ -34,7 +34,7 @@ use protocol::ProtocolError;
 use tokio::sync::watch;
 use transport::certs::Identity;
 use transport::{quic, PrimaryLink, QuicConfig};
-use vmm::Vm;
+use vmm::{CaptureKind, Vm};
 
 /// Typed errors of the primary.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,11 @@ impl PrimaryConfig {
             term: self.term,
             lanes: self.lanes,
             window: self.window,
-            idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms.max(500) * 3),
+            // A dead backup is found by QUIC's own idle timeout (keep-alives run in quinn's
+            // tasks); this one is for a backup whose connection lives but which stopped
+            // answering, and must outlast a long apply (a full sync's first round of GiBs).
+            idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms * 3)
+                .max(Duration::from_secs(5)),
             epoch: (self.epoch, self.min_epoch, self.max_output_delay),
             early_checkpoints: self.early_checkpoints,
             precopy_rounds: self.precopy_rounds,
@@ -246,6 +250,7 @@ pub async fn run(
     let mut generation = 0u64;
     let mut p = Policy::new(cfg.policy(), state, stats.clone(), Instant::now());
     let mut to_close = Vec::new();
+    let mut work: Option<Work> = None;
     loop {
         p.set_output_waiting(cfg.early_checkpoints && vm.output_waiting());
         while let Some(c) = p.poll_command() {
@@ -260,18 +265,27 @@ pub async fn run(
                         let _ = ct.send((i, g, r)).await;
                     });
                 }
+                // Long work (a pre-copy pass scans all memory, a full capture copies it) runs on
+                // a blocking thread while this loop goes on answering frames and timers, so
+                // heartbeats keep flowing (the policy asks for nothing else meanwhile).
                 Command::PreCopy { round } => {
-                    let r = match round {
-                        0 => vm.precopy_start(),
-                        _ => vm.precopy_pass(),
-                    };
-                    match r {
-                        Ok(cap) => p.handle_precopy(&cap, Instant::now()),
-                        Err(e) => {
-                            p.handle_capture_failed(&e.to_string());
-                            return Err(e.into());
-                        }
-                    }
+                    let vm = vm.clone();
+                    work = Some(tokio::task::spawn_blocking(move || match round {
+                        0 => (true, vm.precopy_start()),
+                        _ => (true, vm.precopy_pass()),
+                    }));
+                }
+                Command::Capture {
+                    kind: CaptureKind::Full,
+                    disk_ranges,
+                } => {
+                    let vm = vm.clone();
+                    work = Some(tokio::task::spawn_blocking(move || {
+                        (
+                            false,
+                            vm.capture_epoch_with(CaptureKind::Full, &disk_ranges),
+                        )
+                    }));
                 }
                 Command::Capture { kind, disk_ranges } => {
                     match vm.capture_epoch_with(kind, &disk_ranges) {
@@ -300,7 +314,12 @@ pub async fn run(
         if let Some(why) = p.failed() {
             return Err(PrimaryError::BackupLost(why.to_string()));
         }
-        let deadline = p.poll_timeout().map(tokio::time::Instant::from_std);
+        // Frames still queued (a big checkpoint is sent a slice per turn, so the loop keeps
+        // answering frames and timers meanwhile): come straight back.
+        let deadline = match p.has_transmits() {
+            true => Some(tokio::time::Instant::now()),
+            false => p.poll_timeout().map(tokio::time::Instant::from_std),
+        };
         tokio::select! {
             f = rx.recv() => match f {
                 // Frames of a connection that has since been replaced are dropped.
@@ -327,6 +346,26 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             } => p.handle_timeout(Instant::now()),
+            done = async {
+                match work.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                work = None;
+                match done {
+                    Ok((true, Ok(cap))) => p.handle_precopy(&cap, Instant::now()),
+                    Ok((false, Ok(cap))) => p.handle_capture(&cap, Instant::now()),
+                    Ok((_, Err(e))) => {
+                        p.handle_capture_failed(&e.to_string());
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        p.handle_capture_failed(&e.to_string());
+                        return Err(PrimaryError::BackupLost(format!("capture task: {e}")));
+                    }
+                }
+            }
             // Output started waiting: look again (see `Policy::wake`).
             _ = output_waiting.notified(), if cfg.early_checkpoints => {}
             _ = stop.changed() => {
@@ -337,6 +376,15 @@ pub async fn run(
         }
     }
 }
+
+/// Most bytes sent to one backup per turn of the loop.
+const FLUSH_BYTES: usize = 8 << 20;
+
+/// A pre-copy pass (true) or a full capture (false) on a blocking thread.
+type Work = tokio::task::JoinHandle<(
+    bool,
+    Result<vmm::EpochCapture, vmm::snapshot::SnapshotError>,
+)>;
 
 /// Sends what the policy queued for every connected backup; a link that fails is reported.
 async fn flush(
@@ -349,7 +397,12 @@ async fn flush(
             continue;
         };
         let mut err = None;
-        while let Some((lane, f)) = p.poll_transmit(i, Instant::now()) {
+        let mut budget = FLUSH_BYTES;
+        while budget > 0 {
+            let Some((lane, f)) = p.poll_transmit(i, Instant::now()) else {
+                break;
+            };
+            budget = budget.saturating_sub(f.len());
             if let Err(e) = link.send(lane, &f).await {
                 err = Some(e);
                 break;

@@ -11,6 +11,9 @@ use transport::{quic, PrimaryLink, TransportError};
 
 use crate::PrimaryError;
 
+/// Wait for the first handshake attempt (doubling up to 2 s).
+const ATTEMPT: Duration = Duration::from_millis(250);
+
 /// Frames from every backup's link: (backup index, connection generation, frame).
 pub(crate) type FrameTx = tokio::sync::mpsc::Sender<(usize, u64, Result<Vec<u8>, TransportError>)>;
 
@@ -24,14 +27,26 @@ pub(crate) async fn connect(
     tx: &FrameTx,
 ) -> Result<PrimaryLink, PrimaryError> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempt = ATTEMPT;
     let conn = loop {
-        match quic::connect(ep, addr, name).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
+        // Attempts start short: one made while the link is down would otherwise wait for
+        // QUIC's handshake retransmission (about a second) after the link heals. They grow, so
+        // a slow path (a long round trip) still gets through.
+        let r = tokio::time::timeout(attempt, quic::connect(ep, addr, name)).await;
+        attempt = (attempt * 2).min(Duration::from_secs(2));
+        match r {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e)) if Instant::now() < deadline => {
                 tracing::debug!("backup {name} not reachable yet ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(_) if Instant::now() < deadline => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(PrimaryError::BackupLost(format!(
+                    "backup {name}: no handshake within 10 s"
+                )))
+            }
         }
     };
     let (link, mut rx) = PrimaryLink::open(conn, lanes).await?;

@@ -605,7 +605,7 @@ fn run(seed: u64) {
 fn seeded_faults_keep_replicas_exact_and_output_committed_then_converge() {
     let seeds: Vec<u64> = match std::env::var("VMATRIX_SEED") {
         Ok(s) => vec![s.parse().expect("VMATRIX_SEED is a number")],
-        Err(_) => (1..=24).collect(),
+        Err(_) => (1..=16).collect(),
     };
     for seed in seeds {
         eprintln!("policy simulation seed {seed} (replay: VMATRIX_SEED={seed})");

@@ -173,6 +173,11 @@ impl Sender {
         self.phase == Phase::Ready
     }
 
+    /// Frames queued and not yet handed out by [`poll_transmit`](Self::poll_transmit).
+    pub fn queued_frames(&self) -> usize {
+        self.out.len()
+    }
+
     /// True once the session failed or was closed (nothing more will be sent but what is
     /// queued).
     pub fn is_failed(&self) -> bool {
