@@ -87,7 +87,9 @@ pub struct Receiver {
     ready: VecDeque<Checkpoint>,
     out: VecDeque<Vec<u8>>,
     staged_bytes: u64,
-    last_heard: Option<Instant>,
+    /// When the peer was last heard from; until its first frame, when the receiver started
+    /// (a peer that connects and says nothing is timed out like one that falls silent).
+    last_heard: Instant,
     close_reason: Option<ProtocolError>,
     /// Highest epoch the application acknowledged.
     last_acked: Option<u64>,
@@ -96,7 +98,7 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// A receiver waiting for `Hello`.
+    /// A receiver waiting for `Hello`; its idle clock starts now (see [`Receiver::start`]).
     pub fn new(cfg: ReceiverConfig) -> Self {
         Receiver {
             history: None,
@@ -109,11 +111,18 @@ impl Receiver {
             ready: VecDeque::new(),
             out: VecDeque::new(),
             staged_bytes: 0,
-            last_heard: None,
+            last_heard: Instant::now(),
             close_reason: None,
             last_acked: None,
             frame_crc: PartCrc { crc: 0, len: 0 },
         }
+    }
+
+    /// Starts the idle clock at `now` (the connection's start, or a simulation's virtual
+    /// time): if nothing arrives within `idle_timeout` of it, [`Receiver::handle_timeout`]
+    /// closes the session.
+    pub fn start(&mut self, now: Instant) {
+        self.last_heard = now;
     }
 
     /// The negotiated version and term, once the session is up.
@@ -159,7 +168,7 @@ impl Receiver {
         if self.phase == Phase::Closed {
             return Err(ProtocolError::Closed("receiver closed".into()));
         }
-        self.last_heard = Some(now);
+        self.last_heard = now;
         let decoded = crate::frame::decode_with_crc(bytes).and_then(|(t, p, crc)| {
             Ok((
                 Message::from_payload(t, p)?,
@@ -614,15 +623,17 @@ impl Receiver {
         self.out.pop_front()
     }
 
-    /// When [`Receiver::handle_timeout`] must be called next.
+    /// When [`Receiver::handle_timeout`] must be called next: `idle_timeout` after the last
+    /// frame, or after the start if none came yet; None once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Closed => None,
-            _ => self.last_heard.map(|t| t + self.cfg.idle_timeout),
+            _ => Some(self.last_heard + self.cfg.idle_timeout),
         }
     }
 
-    /// Declares the peer gone after `idle_timeout` of silence.
+    /// Declares the peer gone after `idle_timeout` of silence (also a peer that never said
+    /// anything).
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(deadline) = self.poll_timeout() {
             if now >= deadline {
