@@ -72,6 +72,23 @@ fn main() -> std::io::Result<()> {
         two.extend_from_slice(&m.encode());
     }
     std::fs::write(dir.join("receiver").join("checkpoint01"), &two)?;
+    // A session that starts with a quick resync from the committed checkpoint 3 (the fuzz
+    // target's receiver holds it), numbered 40, then goes on incrementally.
+    let resync = Checkpoint {
+        epoch: 40,
+        kind: Kind::Resync { from: 3 },
+        ..cp1.clone()
+    };
+    let next = Checkpoint {
+        epoch: 41,
+        kind: Kind::Incremental,
+        ..cp1
+    };
+    let mut rs = Vec::new();
+    for m in to_messages(1, 0, &resync).iter().chain(&to_messages(1, 0, &next)) {
+        rs.extend_from_slice(&m.encode());
+    }
+    std::fs::write(dir.join("receiver").join("resync40"), &rs)?;
     println!("wrote corpus to {}", dir.display());
     Ok(())
 }

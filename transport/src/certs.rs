@@ -4,18 +4,20 @@
 //! <dir>/ca.pem  <dir>/ca.key          cluster CA (keep ca.key off the hosts if you can)
 //! <dir>/<host>.pem <dir>/<host>.key   a host's certificate, signed by the CA, valid as both
 //!                                      TLS server and TLS client (mutual TLS), SAN = host name
+//!                                      and a role statement (see [`crate::roles`])
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
 
 use crate::error::TransportError;
+use crate::roles::Grants;
 
 /// Default validity of a host certificate.
 pub const HOST_VALIDITY_DAYS: i64 = 365;
@@ -123,13 +125,30 @@ impl Default for Validity {
     }
 }
 
-/// Issues a certificate for `host`, signed by the CA in `dir`.
+/// Issues a certificate for `host`, signed by the CA in `dir`, that may act as primary and
+/// backup of any VM ([`Grants::primary_and_backup`]).
 pub fn issue(dir: &Path, host: &str) -> Result<(), TransportError> {
     issue_with(dir, host, Validity::default())
 }
 
-/// Issues a certificate for `host` with an explicit validity (tests use an expired one).
+/// Issues a certificate for `host` that grants `grants`.
+pub fn issue_for(dir: &Path, host: &str, grants: &Grants) -> Result<(), TransportError> {
+    issue_full(dir, host, grants, Validity::default())
+}
+
+/// Issues a primary-and-backup certificate for `host` with an explicit validity (tests use an
+/// expired one).
 pub fn issue_with(dir: &Path, host: &str, v: Validity) -> Result<(), TransportError> {
+    issue_full(dir, host, &Grants::primary_and_backup(), v)
+}
+
+/// Issues a certificate for `host` granting `grants`, valid for `v`.
+pub fn issue_full(
+    dir: &Path,
+    host: &str,
+    grants: &Grants,
+    v: Validity,
+) -> Result<(), TransportError> {
     if host.is_empty()
         || !host
             .chars()
@@ -143,6 +162,8 @@ pub fn issue_with(dir: &Path, host: &str, v: Validity) -> Result<(), TransportEr
     let ca_kp = KeyPair::from_pem(&read(&ca_key)?).map_err(cert_err)?;
     let issuer = Issuer::from_ca_cert_pem(&read(&ca_cert)?, ca_kp).map_err(cert_err)?;
     let mut p = CertificateParams::new(vec![host.to_string()]).map_err(cert_err)?;
+    let uri = grants.to_uri().try_into().map_err(cert_err)?;
+    p.subject_alt_names.push(SanType::URI(uri));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, host);
     p.distinguished_name = dn;

@@ -43,6 +43,14 @@ pub enum TransportError {
         /// Why (from the TLS layer).
         reason: String,
     },
+    /// The peer's certificate does not grant the role it would play (or states no roles).
+    #[error("refused {peer}: {reason}")]
+    NotPermitted {
+        /// The peer address.
+        peer: String,
+        /// Why (names the certificate's host, the role and VM wanted and what it grants).
+        reason: String,
+    },
     /// A stream failed.
     #[error("stream: {0}")]
     Stream(String),
