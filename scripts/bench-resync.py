@@ -579,9 +579,12 @@ class Bench:
         out["failed_sessions"] = len(failed)
         if failed:
             why = [l for x in failed for l in x["lines"] if "lost" in l or "ERROR" in l]
-            self.notes.append(f"full run {r}: {len(failed)} full-sync session(s) failed before the one that "
-                              f"protected the VM; primary log of the failed session(s):\n"
-                              + "\n".join(l for x in failed for l in x["lines"]))
+            shown = failed if len(failed) <= 3 else failed[:2] + failed[-1:]
+            head = (f"{len(failed)} full-sync session(s) failed before the one that protected the VM"
+                    if good else f"{len(failed)} full-sync session(s) after the restart, none protected the VM")
+            self.notes.append(f"full run {r}: {head}; primary log of "
+                              + ("them" if shown is failed else "the first two and the last")
+                              + ":\n" + "\n".join(l for x in shown for l in x["lines"]))
             out["failed_session_reasons"] = why
         for l in btext.splitlines():
             if "accepted replication connection" in l:
@@ -613,9 +616,10 @@ class Bench:
         for l in btext.splitlines():
             if unexpected(l):
                 self.notes.append(f"full run {r}: backup log: {l}")
-        g = kv_main.cmd(f"GET full{r}")
-        if g != "VALUE x":
-            self.anomalies.append(f"full run {r}: GET full{r} -> {g!r}")
+        if out["from_restart_ms"] is not None:  # otherwise every reply is held
+            g = kv_main.cmd(f"GET full{r}")
+            if g != "VALUE x":
+                self.anomalies.append(f"full run {r}: GET full{r} -> {g!r}")
         say(f"full run {r}: SET OK {fmt(out['from_restart_ms'])} ms after the backup restart, "
             f"{fmt(out['from_ready_ms'])} ms after the primary logged the first Welcome "
             f"({fmt(out['ready_after_restart_ms'])} ms after the restart), {fmt(out['from_last_ready_ms'])} ms after "
@@ -623,8 +627,10 @@ class Bench:
             f"{out['precopy_rounds']} pre-copy rounds (round 0: {fmt(out['precopy_round0_pages'])} pages), "
             f"{out['precopy_mib']} MiB; final pause {fmt(out['final_pause_us'])} µs; connection lost "
             f"{fmt(out['lost_after_kill_ms'])} ms after the kill")
+        out["reprotected"] = out["from_restart_ms"] is not None
         kv.close()
         self.results["full"].append(out)
+        return out["reprotected"]
 
     # -- cleanup ---------------------------------------------------------------------------
 
@@ -727,7 +733,7 @@ def summarize(b, meta):
         ("full: primary logs the new backup's first Welcome → SET OK, ms", "full_from_ready_ms"),
         ("full: backup restart → first Welcome in primary log, ms", "full_ready_after_restart_ms"),
         ("full: Welcome of the session that synced → SET OK, ms", "full_from_last_ready_ms"),
-        ("full: failed full-sync sessions before the one that synced", "full_failed_sessions"),
+        ("full: failed full-sync sessions before the one that synced (or in all, if none did)", "full_failed_sessions"),
         ("full: pre-copy round 0 pages", "full_round0_pages"),
         ("full: pre-copy MiB queued (all rounds of the session that synced; encoded size)", "full_precopy_mib"),
         ("full: final pause, µs", "full_final_pause_us"),
@@ -735,6 +741,10 @@ def summarize(b, meta):
     ]
     for label, k in rows:
         print(f"| {label} | {mmm(s[k])} |")
+    never = [x["run"] for x in f if not x.get("reprotected")]
+    s["full_never_reprotected_runs"] = never
+    if never:
+        print(f"| full: runs never protected again within {meta['timeout_s']} s | {len(never)} of {len(f)} |")
     print()
     if ratio is not None:
         print(f"ratio full/quick (medians: restart→OK over heal→held OK): {ratio:.1f}x")
@@ -766,7 +776,7 @@ def main():
         signal.signal(s, on_signal)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mem_mib": a.mem_mib, "runs": a.runs, "blip_s": a.blip_s,
+        "mem_mib": a.mem_mib, "runs": a.runs, "blip_s": a.blip_s, "timeout_s": a.timeout_s,
         "nproc": os.cpu_count(), "loadavg_before": os.getloadavg(),
     }
     try:
@@ -789,8 +799,14 @@ def main():
         for r in range(a.runs):
             b.settle(kv)
             say(f"full run {r}: killing the backup, deleting its image, starting it again")
-            b.full_run(r, kv)
-        b.settle(kv)
+            if not b.full_run(r, kv):
+                say(f"full run {r}: the VM was not protected again within {a.timeout_s} s; "
+                    "no further full runs (its output stays held)")
+                b.anomalies.append(f"full run {r}: never protected again within {a.timeout_s} s "
+                                   "(the held SET got no reply)")
+                break
+        else:
+            b.settle(kv)
     except (BenchError, Interrupted, OSError) as e:
         say(f"FAILED: {e}")
         b.anomalies.append(f"aborted: {e}")
@@ -809,8 +825,16 @@ def main():
     if b.notes:
         print()
         print("### Log lines worth a look (warnings/errors other than the expected loss of the backup)")
+        seen = {}
         for x in b.notes:
-            print("- " + x)
+            # the same message at another time or from another port counts once
+            key = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z|127\.0\.0\.1:\d+", "…", x)
+            if key in seen:
+                seen[key][1] += 1
+            else:
+                seen[key] = [x, 1]
+        for x, n in seen.values():
+            print("- " + x + (f"  (×{n}, same message at other times)" if n > 1 else ""))
     say(f"load before {meta['loadavg_before']}, after {meta['loadavg_after']}")
     if a.out:
         with open(a.out, "w") as f:
