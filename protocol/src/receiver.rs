@@ -83,8 +83,13 @@ pub struct Receiver {
     /// at any seq): set by its `Begin`; until then no incremental checkpoint is accepted.
     base: Option<u64>,
     staging: BTreeMap<u64, Staged>,
-    complete: BTreeMap<u64, Checkpoint>,
-    ready: VecDeque<Checkpoint>,
+    /// Complete checkpoints waiting for an earlier one, and their staged size.
+    complete: BTreeMap<u64, (Checkpoint, u64)>,
+    /// Checkpoints ready for the application, and their staged size.
+    ready: VecDeque<(Checkpoint, u64)>,
+    /// Bytes of `complete` and `ready`: they count against the staging bound until handed
+    /// out, as the staged parts did.
+    done_bytes: u64,
     out: VecDeque<Vec<u8>>,
     staged_bytes: u64,
     /// When the peer was last heard from; until its first frame, when the receiver started
@@ -109,6 +114,7 @@ impl Receiver {
             staging: BTreeMap::new(),
             complete: BTreeMap::new(),
             ready: VecDeque::new(),
+            done_bytes: 0,
             out: VecDeque::new(),
             staged_bytes: 0,
             last_heard: Instant::now(),
@@ -146,7 +152,7 @@ impl Receiver {
 
     /// Bytes of checkpoint data currently staged.
     pub fn staged_bytes(&self) -> u64 {
-        self.staged_bytes
+        self.staged_bytes + self.done_bytes
     }
 
     fn send(&mut self, m: Message) {
@@ -463,7 +469,7 @@ impl Receiver {
                     Message::State(s) => (s.id, s.data.len() as u64),
                     _ => unreachable!("matched above"),
                 };
-                if self.staged_bytes + size > max {
+                if self.staged_bytes + self.done_bytes + size > max {
                     return Err(ProtocolError::StagingFull { max });
                 }
                 let Some(s) = self.slot(id.term, session_term, id.epoch, id.attempt)? else {
@@ -572,27 +578,28 @@ impl Receiver {
             let format = s.state[0].1;
             Some((format, s.state.into_iter().flat_map(|x| x.2).collect()))
         };
-        self.complete.insert(
+        let cp = Checkpoint {
             epoch,
-            Checkpoint {
-                epoch,
-                kind: b.kind,
-                mem_size: b.mem_size,
-                pages: s.pages,
-                disk: s.disk.into_iter().map(|d| (d.1, d.2)).collect(),
-                state,
-            },
-        );
-        while let Some(cp) = self.next_expected().and_then(|n| self.complete.remove(&n)) {
-            self.delivered = Some(cp.epoch);
-            self.ready.push_back(cp);
+            kind: b.kind,
+            mem_size: b.mem_size,
+            pages: s.pages,
+            disk: s.disk.into_iter().map(|d| (d.1, d.2)).collect(),
+            state,
+        };
+        self.done_bytes += s.bytes;
+        self.complete.insert(epoch, (cp, s.bytes));
+        while let Some(c) = self.next_expected().and_then(|n| self.complete.remove(&n)) {
+            self.delivered = Some(c.0.epoch);
+            self.ready.push_back(c);
         }
         Ok(())
     }
 
     /// The next complete, verified checkpoint, in epoch order.
     pub fn poll_checkpoint(&mut self) -> Option<Checkpoint> {
-        self.ready.pop_front()
+        let (cp, bytes) = self.ready.pop_front()?;
+        self.done_bytes -= bytes;
+        Some(cp)
     }
 
     /// Tells the primary checkpoint `epoch` is applied.
@@ -614,6 +621,7 @@ impl Receiver {
         // them (they are resent from `epoch`), or each would fail in turn (a livelock).
         self.ready.clear();
         self.complete.retain(|e, _| *e < epoch);
+        self.done_bytes = self.complete.values().map(|c| c.1).sum();
         self.drop_staged_from(epoch);
         self.refuse(RefuseCode::ApplyFailed, Some(epoch), &e);
     }

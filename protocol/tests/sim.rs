@@ -745,3 +745,44 @@ fn a_checkpoint_still_being_transmitted_is_never_resent_and_heartbeats_overtake_
         "resent once an ack timeout passed after it left"
     );
 }
+
+#[test]
+fn complete_checkpoints_not_yet_handed_out_count_against_the_staging_bound() {
+    let now = Instant::now();
+    let first = to_messages(3, 0, &checkpoint_of(0, Kind::Sync));
+    let size = {
+        let mut r = Receiver::new(ReceiverConfig::new(7, "vm1"));
+        r.handle_frame(now, &hello(3, 2, 3)).unwrap();
+        for m in &first {
+            r.handle_frame(now, &m.encode()).unwrap();
+        }
+        r.staged_bytes()
+    };
+    assert!(size > 0, "a complete checkpoint still held counts");
+    let mut cfg = ReceiverConfig::new(7, "vm1");
+    cfg.max_staged_bytes = size + size / 2;
+    let mut r = Receiver::new(cfg);
+    r.handle_frame(now, &hello(3, 2, 3)).unwrap();
+    for m in &first {
+        r.handle_frame(now, &m.encode()).unwrap();
+    }
+    // Not handed out yet: the next checkpoint's parts do not fit.
+    let second = to_messages(3, 0, &checkpoint_of(1, Kind::Incremental));
+    let refused = second.iter().any(|m| {
+        matches!(
+            r.handle_frame(now, &m.encode()),
+            Err(ProtocolError::StagingFull { .. })
+        )
+    });
+    assert!(
+        refused,
+        "the bound counts what is complete but not handed out"
+    );
+    // Handed out: room again (the refused checkpoint is resent with a new attempt).
+    assert!(r.poll_checkpoint().is_some());
+    assert_eq!(r.staged_bytes(), 0);
+    for m in to_messages(3, 1, &checkpoint_of(1, Kind::Incremental)) {
+        r.handle_frame(now, &m.encode()).unwrap();
+    }
+    assert_eq!(r.poll_checkpoint().map(|c| c.epoch), Some(1));
+}
