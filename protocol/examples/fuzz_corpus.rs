@@ -85,7 +85,10 @@ fn main() -> std::io::Result<()> {
         ..cp1
     };
     let mut rs = Vec::new();
-    for m in to_messages(1, 0, &resync).iter().chain(&to_messages(1, 0, &next)) {
+    for m in to_messages(1, 0, &resync)
+        .iter()
+        .chain(&to_messages(1, 0, &next))
+    {
         rs.extend_from_slice(&m.encode());
     }
     std::fs::write(dir.join("receiver").join("resync40"), &rs)?;
