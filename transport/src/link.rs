@@ -98,6 +98,12 @@ impl PrimaryLink {
         &self.conn
     }
 
+    /// Ends a failed session: closes the connection at once with application error `code`
+    /// (see [`crate::quic::code`]) and `reason`; the backup's streams and reader tasks end.
+    pub fn close(&self, code: u32, reason: &str) {
+        crate::quic::close(&self.conn, code, reason);
+    }
+
     /// Finishes all streams and waits until the peer has everything.
     pub async fn finish(mut self) -> Result<(), TransportError> {
         for s in self
@@ -142,6 +148,16 @@ impl BackupLink {
     /// Sends a frame to the primary (control stream).
     pub async fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         self.control.write_all(frame).await.map_err(stream_err)
+    }
+
+    /// Ends the session: finishes the control stream so what was sent (a `Refuse`, the last
+    /// acks) reaches the primary, waits up to `linger` for it to be read, then closes the
+    /// connection with application error `code` (see [`crate::quic::code`]) and `reason`.
+    pub async fn close(mut self, code: u32, reason: &str, linger: std::time::Duration) {
+        if self.control.finish().is_ok() {
+            let _ = tokio::time::timeout(linger, self.control.stopped()).await;
+        }
+        crate::quic::close(&self.conn, code, reason);
     }
 
     /// The underlying connection.

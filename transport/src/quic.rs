@@ -1,14 +1,60 @@
 //! QUIC endpoints (quinn) with the cluster's mutual TLS and failure-detection timers.
+//!
+//! The server side is reachable by anyone on the network. It drives every incoming handshake
+//! in a task of its own, bounded by [`QuicConfig::handshake_timeout_ms`], and hands the
+//! connections that complete mutual TLS to [`Server::accept`] through a bounded queue: a peer
+//! that starts handshakes and abandons them (or floods the port with ClientHellos) costs a
+//! task each for at most the timeout and never delays a real primary. Refusals are recorded
+//! per connection in a bounded, rate-limited log ([`crate::refusals`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::certs::Identity;
 use crate::error::TransportError;
-use crate::tls::{self, RefusalLog};
+use crate::refusals::{Refusal, RefusalLog};
+use crate::roles::HostRole;
+use crate::tls;
+
+/// Application error codes a replication connection is closed with (QUIC
+/// `CONNECTION_CLOSE`, with a reason text).
+pub mod code {
+    /// The session ended normally.
+    pub const DONE: u32 = 0;
+    /// The session failed (a transport, image or protocol error); the reason says which.
+    pub const SESSION_FAILED: u32 = 1;
+    /// The peer is refused: its certificate's roles, cluster, VM, version or term.
+    pub const REFUSED: u32 = 2;
+    /// The peer said nothing for too long.
+    pub const PEER_TIMEOUT: u32 = 3;
+    /// The server has too many connections waiting to be served.
+    pub const BUSY: u32 = 4;
+    /// The endpoint is shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// Longest close reason sent (it must fit in one packet).
+pub const MAX_CLOSE_REASON: usize = 256;
+
+/// Closes `conn` with application error `code` and `reason` (cut to [`MAX_CLOSE_REASON`]
+/// bytes at a character boundary).
+pub fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    conn.close(code.into(), &reason.as_bytes()[..end]);
+}
+
+/// Handshakes a server drives at the same time; more are refused at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Authenticated connections waiting for [`Server::accept`]; more are closed with
+/// [`code::BUSY`].
+pub const ACCEPT_QUEUE: usize = 8;
 
 /// Timers and windows of a replication connection.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +67,8 @@ pub struct QuicConfig {
     pub stream_window: u64,
     /// Per-connection receive window, bytes.
     pub conn_window: u64,
+    /// Longest time a server waits for an incoming handshake (mutual TLS) to complete, ms.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for QuicConfig {
@@ -30,6 +78,7 @@ impl Default for QuicConfig {
             idle_timeout_ms: 1000,
             stream_window: 32 << 20,
             conn_window: 128 << 20,
+            handshake_timeout_ms: 2000,
         }
     }
 }
@@ -53,17 +102,19 @@ fn transport_config(c: &QuicConfig) -> Result<quinn::TransportConfig, TransportE
 pub struct Server {
     endpoint: quinn::Endpoint,
     refusals: RefusalLog,
+    ready: tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Listens on `addr` with `id`'s certificate, requiring client certificates.
+    /// Listens on `addr` with `id`'s certificate, requiring client certificates, and starts
+    /// taking handshakes (a tokio runtime must be running).
     pub fn bind(
         addr: SocketAddr,
         id: &Identity,
         cfg: &QuicConfig,
     ) -> Result<Server, TransportError> {
-        let refusals = RefusalLog::default();
-        let tls = tls::server_config(id, refusals.clone())?;
+        let tls = tls::server_config(id)?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -72,7 +123,16 @@ impl Server {
             addr: addr.to_string(),
             err: e.to_string(),
         })?;
-        Ok(Server { endpoint, refusals })
+        let refusals = RefusalLog::default();
+        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let timeout = Duration::from_millis(cfg.handshake_timeout_ms.max(1));
+        let driver = tokio::spawn(drive(endpoint.clone(), tx, refusals.clone(), timeout));
+        Ok(Server {
+            endpoint,
+            refusals,
+            ready: tokio::sync::Mutex::new(rx),
+            driver,
+        })
     }
 
     /// The bound address.
@@ -85,39 +145,101 @@ impl Server {
             })
     }
 
-    /// Waits for the next connection that completes the mutual-TLS handshake. A peer refused
-    /// during the handshake is reported as `Refused` with the reason (and logged).
+    /// Waits for the next connection that has completed the mutual-TLS handshake and is still
+    /// open. Refused and abandoned handshakes never come out here: they are recorded in
+    /// [`Server::refusals`] and logged.
     pub async fn accept(&self) -> Result<quinn::Connection, TransportError> {
-        let incoming = self
-            .endpoint
-            .accept()
-            .await
-            .ok_or_else(|| TransportError::Closed("endpoint closed".into()))?;
-        let peer = incoming.remote_address().to_string();
-        match incoming.await {
-            Ok(c) => {
-                tracing::info!("accepted replication connection from {peer}");
-                Ok(c)
-            }
-            Err(e) => {
-                let mut reason = e.to_string();
-                if let Some(v) = self.refusals.lock().ok().and_then(|l| l.last().cloned()) {
-                    reason = format!("{reason} ({v})");
-                }
-                tracing::warn!("refused connection from {peer}: {reason}");
-                Err(TransportError::Refused { peer, reason })
+        let mut rx = self.ready.lock().await;
+        loop {
+            let conn = rx
+                .recv()
+                .await
+                .ok_or_else(|| TransportError::Closed("endpoint closed".into()))?;
+            match conn.close_reason() {
+                None => return Ok(conn),
+                Some(e) => tracing::info!(
+                    "connection from {} closed while it waited to be served: {e}",
+                    conn.remote_address()
+                ),
             }
         }
     }
 
-    /// Every client-certificate refusal so far.
-    pub fn refusals(&self) -> Vec<String> {
-        self.refusals.lock().map(|l| l.clone()).unwrap_or_default()
+    /// The most recent refusals (at most [`crate::refusals::KEEP`]), each with its own peer
+    /// and reason.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.refusals.recent()
     }
 
-    /// Closes the endpoint.
+    /// The refusal log (totals, lines written).
+    pub fn refusal_log(&self) -> &RefusalLog {
+        &self.refusals
+    }
+
+    /// Closes the endpoint: handshakes and connections end with [`code::SHUTDOWN`].
     pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"shutdown");
+        self.driver.abort();
+        self.endpoint.close(code::SHUTDOWN.into(), b"shutdown");
+    }
+}
+
+impl Drop for Server {
+    /// Stops taking handshakes; connections already accepted stay open.
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Takes incoming connections and runs each handshake in its own task.
+async fn drive(
+    endpoint: quinn::Endpoint,
+    ready: mpsc::Sender<quinn::Connection>,
+    refusals: RefusalLog,
+    timeout: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    while let Some(incoming) = endpoint.accept().await {
+        let peer = incoming.remote_address();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            refusals.record(
+                peer,
+                format!("{MAX_HANDSHAKES} handshakes already in progress"),
+            );
+            continue;
+        };
+        let (ready, refusals) = (ready.clone(), refusals.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => return refusals.record(peer, e.to_string()),
+            };
+            // Dropping an unfinished handshake closes it.
+            let conn = match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return refusals.record(peer, e.to_string()),
+                Err(_) => {
+                    return refusals.record(
+                        peer,
+                        format!("handshake not finished within {} ms", timeout.as_millis()),
+                    )
+                }
+            };
+            tracing::info!("accepted replication connection from {peer}");
+            match ready.try_send(conn) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(c)) => {
+                    tracing::warn!(
+                        "connection from {peer} closed: {ACCEPT_QUEUE} connections already wait"
+                    );
+                    close(&c, code::BUSY, "busy: too many connections waiting");
+                }
+                Err(mpsc::error::TrySendError::Closed(c)) => {
+                    close(&c, code::SHUTDOWN, "shutdown");
+                }
+            }
+        });
     }
 }
 
@@ -143,8 +265,35 @@ pub fn client_with(
     Ok(ep)
 }
 
-/// Connects to `addr`, expecting the server certificate to name `server_name`.
+/// Connects to the backup at `addr`, expecting its certificate to name `server_name` and to
+/// grant the backup role (for some VM; [`connect_backup`] checks a particular one).
 pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
+    connect_backup(ep, addr, server_name, None).await
+}
+
+/// Connects to the backup at `addr`, expecting its certificate to name `server_name` and to
+/// grant the backup role for `vm` (`None`: for some VM). A certificate that does not is refused:
+/// the connection is closed with [`code::REFUSED`] and the error says why.
+pub async fn connect_backup(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    vm: Option<&str>,
+) -> Result<quinn::Connection, TransportError> {
+    let conn = connect_raw(ep, addr, server_name).await?;
+    if let Err(e) = crate::roles::check_peer(&conn, HostRole::Backup, vm) {
+        close(&conn, code::REFUSED, &e.to_string());
+        return Err(e);
+    }
+    Ok(conn)
+}
+
+/// Connects without checking the server's roles (tests).
+pub async fn connect_raw(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
