@@ -58,6 +58,14 @@ pub enum BackupError {
         /// Why it does not decode.
         err: vmm::snapshot::SnapshotError,
     },
+    /// The primary's certificate may not act as primary for the VM (or states no roles).
+    #[error("primary {peer} refused: {reason}")]
+    NotPermitted {
+        /// Its address.
+        peer: String,
+        /// Why: the certificate's host, what it grants and what was wanted.
+        reason: String,
+    },
     /// A checkpoint that cannot be applied.
     #[error("cannot apply checkpoint: {0}")]
     Apply(String),

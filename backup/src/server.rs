@@ -1,15 +1,23 @@
 //! The backup's network loop: one primary session at a time, all of them applying to the same
 //! [`Replica`] (the committed image, and the side image of a full sync), which lives as long as
 //! [`serve`] and holds the image directory's lock.
+//!
+//! Peers are untrusted until proven otherwise: handshakes run concurrently with a timeout
+//! (see `transport::quic`), a connection that opens no stream or says nothing for the idle
+//! timeout is closed, a `Hello` from a certificate that may not act as primary for the VM is
+//! refused (`Refuse WrongPeer`), and every session that ends closes its QUIC connection with an
+//! application error code and the reason (`transport::quic::code`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use protocol::{Checkpoint, Receiver, ReceiverConfig};
+use protocol::message::{Message, Refuse, RefuseCode, MAX_TEXT};
+use protocol::{Checkpoint, ProtocolError, Receiver, ReceiverConfig};
 use tokio::sync::watch;
 use transport::certs::Identity;
-use transport::{BackupLink, QuicConfig, Server};
+use transport::quic::code;
+use transport::{BackupLink, HostRole, PeerCert, QuicConfig, Server, TransportError};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -88,6 +96,7 @@ pub async fn serve_locked(
         tokio::select! {
             c = server.accept() => match c {
                 Ok(conn) => {
+                    let peer = conn.remote_address();
                     let r = session(&cfg, conn, &mut replica, &mut stop).await;
                     if let Err(e) = replica.end_session() {
                         tracing::warn!("removing the abandoned side image: {e}");
@@ -101,7 +110,9 @@ pub async fn serve_locked(
                             tracing::error!("{e}; stopping (recovery redoes it)");
                             return Err(e);
                         }
-                        Err(e) => tracing::warn!("session ended: {e}"),
+                        Err(Failure::Session(e) | Failure::Refused(e)) => {
+                            tracing::warn!("session with {peer} ended: {e}")
+                        }
                     }
                 }
                 Err(e) => tracing::warn!("{e}"),
@@ -120,22 +131,104 @@ pub async fn serve_locked(
     Ok(seq)
 }
 
+/// How long the primary may stay silent: as long as the primary waits for the backup (three
+/// QUIC idle timeouts, at least 1.5 s). Also bounds the wait for its first stream.
+fn silence_limit(cfg: &BackupConfig) -> Duration {
+    Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3)
+}
+
+/// How long a closing session waits for its last frames (a `Refuse`, acks) to be read.
+const LINGER: Duration = Duration::from_millis(250);
+
+/// How a session ended without an error.
+enum End {
+    /// The primary said goodbye.
+    Goodbye(String),
+    /// The primary's streams ended.
+    StreamsClosed,
+    /// This backup is stopping.
+    Stopped,
+}
+
+/// The application error code and reason a session's connection is closed with.
+fn close_code(r: &Result<End, Failure>) -> (u32, String) {
+    match r {
+        Ok(End::Goodbye(g)) => (code::DONE, g.clone()),
+        Ok(End::StreamsClosed) => (code::DONE, "streams closed".into()),
+        Ok(End::Stopped) => (code::SHUTDOWN, "backup stopping".into()),
+        Err(Failure::Fatal(e)) => (code::SHUTDOWN, format!("backup stopping: {e}")),
+        Err(Failure::Session(e) | Failure::Refused(e)) => {
+            let c = match e {
+                BackupError::Protocol(ProtocolError::PeerTimeout { .. }) => code::PEER_TIMEOUT,
+                BackupError::NotPermitted { .. }
+                | BackupError::Protocol(
+                    ProtocolError::WrongPeer { .. }
+                    | ProtocolError::Version { .. }
+                    | ProtocolError::StaleTerm { .. },
+                ) => code::REFUSED,
+                _ => code::SESSION_FAILED,
+            };
+            (c, e.to_string())
+        }
+    }
+}
+
 async fn session(
     cfg: &BackupConfig,
     conn: quinn::Connection,
     replica: &mut Replica,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Failure> {
-    let (mut link, mut rx) = BackupLink::accept(conn)
-        .await
-        .map_err(|e| Failure::Session(e.into()))?;
+    let started = Instant::now();
+    let limit = silence_limit(cfg);
+    let cert = transport::roles::peer_cert(&conn);
+    // A peer that authenticates and never opens its control stream is closed like a silent one.
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(limit, BackupLink::accept(conn.clone())) => a,
+        _ = stop.changed() => {
+            transport::quic::close(&conn, code::SHUTDOWN, "backup stopping");
+            return Ok(());
+        }
+    };
+    let (mut link, mut rx) = match accepted {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            transport::quic::close(&conn, code::SESSION_FAILED, &e.to_string());
+            return Err(Failure::Session(e.into()));
+        }
+        Err(_) => {
+            let e = ProtocolError::PeerTimeout {
+                ms: limit.as_millis() as u64,
+            };
+            transport::quic::close(&conn, code::PEER_TIMEOUT, &e.to_string());
+            return Err(Failure::Session(e.into()));
+        }
+    };
     let stats = &cfg.stats;
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected.store(true, Ordering::Relaxed);
-    let r = session_loop(cfg, &mut link, &mut rx, replica, stop).await;
+    let r = session_loop(cfg, &mut link, &mut rx, replica, stop, &cert, started).await;
     stats.connected.store(false, Ordering::Relaxed);
     stats.syncing.store(false, Ordering::Relaxed);
-    r
+    let (c, reason) = close_code(&r);
+    link.close(c, &reason, LINGER).await;
+    r.map(|_| ())
+}
+
+/// A `Hello` from a certificate that may not act as primary for its VM: the refusal's text.
+fn refused_hello(frame: &[u8], cert: &Result<PeerCert, TransportError>) -> Option<String> {
+    let (t, payload) = protocol::frame::decode(frame).ok()?;
+    // Only a Hello opens (or reopens) a session; anything else is the receiver's to judge.
+    if t != 1 {
+        return None;
+    }
+    let Ok(Message::Hello(h)) = Message::from_payload(t, payload) else {
+        return None;
+    };
+    match cert {
+        Ok(pc) => pc.check(HostRole::Primary, Some(&h.vm_id)).err(),
+        Err(e) => Some(e.to_string()),
+    }
 }
 
 async fn session_loop(
@@ -144,11 +237,16 @@ async fn session_loop(
     rx: &mut transport::FrameRx,
     replica: &mut Replica,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), Failure> {
+    cert: &Result<PeerCert, TransportError>,
+    started: Instant,
+) -> Result<End, Failure> {
     let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
     rcfg.committed = replica.position();
     rcfg.min_term = rcfg.committed.map_or(0, |p| p.term);
+    rcfg.idle_timeout = silence_limit(cfg);
     let mut r = Receiver::new(rcfg);
+    // A primary that connects and says nothing is timed out from here.
+    r.start(started);
     // The primary and seq of the checkpoint that opened the session's stream.
     let mut opener: Option<(Origin, u64)> = None;
     loop {
@@ -157,17 +255,29 @@ async fn session_loop(
             f = rx.recv() => match f {
                 Some(Ok(f)) => {
                     tracing::trace!("frame of {} bytes", f.len());
+                    if let Some(reason) = refused_hello(&f, cert) {
+                        let mut detail = reason.clone();
+                        detail.truncate(MAX_TEXT);
+                        let refuse = Message::Refuse(Refuse {
+                            code: RefuseCode::WrongPeer,
+                            epoch: None,
+                            detail,
+                        });
+                        let _ = link.send(&refuse.encode()).await;
+                        let peer = link.connection().remote_address().to_string();
+                        return Err(Failure::Session(BackupError::NotPermitted { peer, reason }));
+                    }
                     if let Err(e) = r.handle_frame(Instant::now(), &f) {
                         tracing::warn!("refused frame: {e}");
                     }
                 }
                 Some(Err(e)) => return Err(Failure::Session(e.into())),
-                None => break,
+                None => return Ok(End::StreamsClosed),
             },
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 r.handle_timeout(Instant::now());
             }
-            _ = stop.changed() => break,
+            _ = stop.changed() => return Ok(End::Stopped),
         }
         while let Some(cp) = r.poll_checkpoint() {
             let origin = Origin {
@@ -190,10 +300,12 @@ async fn session_loop(
         }
         if let Some(e) = r.closed() {
             tracing::info!("session closed: {e}");
-            break;
+            return match e {
+                ProtocolError::Closed(why) => Ok(End::Goodbye(why.clone())),
+                e => Err(Failure::Session(e.clone().into())),
+            };
         }
     }
-    Ok(())
 }
 
 /// Applies one checkpoint: durable (or, for a full sync, applied and promoted), acknowledged,
