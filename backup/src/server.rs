@@ -131,10 +131,12 @@ pub async fn serve_locked(
     Ok(seq)
 }
 
-/// How long the primary may stay silent: as long as the primary waits for the backup (three
-/// QUIC idle timeouts, at least 1.5 s). Also bounds the wait for its first stream.
+/// How long the primary may stay silent (it sends heartbeats): the receiver's default (3 s),
+/// or three QUIC idle timeouts if that is shorter (at least 1.5 s). Also bounds the wait for its
+/// first stream.
 fn silence_limit(cfg: &BackupConfig) -> Duration {
-    Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3)
+    let default = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id).idle_timeout;
+    default.min(Duration::from_millis(cfg.quic.idle_timeout_ms.max(500) * 3))
 }
 
 /// How long a closing session waits for its last frames (a `Refuse`, acks) to be read.

@@ -23,7 +23,7 @@ struct Backup {
 }
 
 fn quic_cfg() -> QuicConfig {
-    // Silence limit of the backup: max(idle, 500 ms) * 3 = 1.5 s.
+    // Silence limit of the backup: min(3 s, max(idle, 500 ms) * 3) = 1.5 s.
     QuicConfig {
         idle_timeout_ms: 200,
         keep_alive_ms: 40,
