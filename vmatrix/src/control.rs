@@ -5,12 +5,19 @@
 //! `error: <why>`. A VM answers `pause`, `resume`, `status`, `checksum` (paused VM only),
 //! `snapshot full|diff <dir>`, `stop`, `disk-faults <n>` (fault injection: the next n guest
 //! disk writes fail); a backup answers `status` and `stop`.
+//!
+//! Each client is served on a thread of its own (at most [`MAX_CLIENTS`] at a time; more are
+//! answered `error: busy`) and must send its request line within [`REQUEST_TIMEOUT`]: a
+//! client that connects and says nothing never delays another. Requests are executed one at a
+//! time, in the order their lines arrive.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -130,15 +137,78 @@ fn execute(vm: &Vm, req: Request, extra: Option<&StatusExtra>) -> Result<String,
 /// Answers one request line.
 pub type Handler = Box<dyn Fn(&str) -> Result<String, String> + Send>;
 
-fn serve_one(handler: &Handler, stream: UnixStream) -> std::io::Result<()> {
-    let mut w = stream.try_clone()?;
-    let mut line = String::new();
-    BufReader::new(stream).take(4096).read_line(&mut line)?;
-    let reply = match handler(line.trim_end_matches(['\r', '\n'])) {
-        Ok(s) => format!("ok {s}\n"),
-        Err(e) => format!("error: {e}\n"),
+/// Longest time a client may take to send its request line (and to take its answer).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Clients served at the same time.
+pub const MAX_CLIENTS: usize = 32;
+/// Longest request line.
+const MAX_LINE: usize = 4096;
+
+/// Reads bytes up to a newline (or [`MAX_LINE`], or the end of the stream) from `r`, all
+/// within `timeout`: a client that sends nothing, or a byte now and then, is cut off.
+pub(crate) fn read_line_within<R: std::io::Read>(
+    r: &mut R,
+    set_timeout: impl Fn(&R, Duration) -> std::io::Result<()>,
+    timeout: Duration,
+    stop_at: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    while line.len() < MAX_LINE && !line.ends_with(stop_at) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no request within {} ms", timeout.as_millis()),
+            ));
+        }
+        set_timeout(r, left)?;
+        let n = match r.read(&mut buf[..(MAX_LINE - line.len()).min(512)]) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    Ok(line)
+}
+
+fn serve_one(handler: &Mutex<Handler>, mut stream: UnixStream) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let bytes = match read_line_within(
+        &mut stream,
+        |s, t| s.set_read_timeout(Some(t)),
+        REQUEST_TIMEOUT,
+        b"\n",
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = writeln!(stream, "error: {e}");
+            return Err(e);
+        }
     };
-    w.write_all(reply.as_bytes())
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text.lines().next().unwrap_or("");
+    let reply = {
+        let h = handler.lock().unwrap_or_else(|p| p.into_inner());
+        match h(line.trim_end_matches(['\r', '\n'])) {
+            Ok(s) => format!("ok {s}\n"),
+            Err(e) => format!("error: {e}\n"),
+        }
+    };
+    stream.write_all(reply.as_bytes())
 }
 
 /// Serves a VM's control requests on `path` (see [`serve_with`]).
@@ -149,8 +219,17 @@ pub fn serve(path: &Path, vm: Arc<Vm>, extra: Option<StatusExtra>) -> anyhow::Re
     )
 }
 
-/// Listens on `path` (replacing a stale socket) and answers each request with `handler` on a
-/// background thread.
+/// Counts a client thread while it lives.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Listens on `path` (replacing a stale socket) and answers each request with `handler`, each
+/// client on a thread of its own with [`REQUEST_TIMEOUT`] to send its line.
 pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_file(path)
@@ -158,12 +237,30 @@ pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    let handler = Arc::new(Mutex::new(handler));
+    let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = serve_one(&handler, stream) {
-                    tracing::warn!("control connection: {e}");
+            for mut stream in listener.incoming().flatten() {
+                if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = writeln!(stream, "error: busy: {MAX_CLIENTS} clients being served");
+                    continue;
+                }
+                let slot = Slot(clients.clone());
+                let h = handler.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        if let Err(e) = serve_one(&h, stream) {
+                            tracing::warn!("control connection: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("control connection: no thread for it: {e}");
                 }
             }
         })
@@ -261,5 +358,38 @@ mod tests {
         assert!(parse("pause now").is_err());
         assert_eq!(parse("disk-faults 3"), Ok(Request::DiskFaults(3)));
         assert!(parse("disk-faults x").is_err());
+    }
+
+    #[test]
+    fn a_silent_client_does_not_delay_others() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        serve_with(&path, Box::new(|l| Ok(format!("echo {l}")))).unwrap();
+        let mut silent = UnixStream::connect(&path).unwrap();
+        // A client that sends a byte now and then is cut off at the same deadline.
+        let mut dribbler = UnixStream::connect(&path).unwrap();
+        dribbler.write_all(b"st").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"status\n").unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "ok echo status\n");
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        // The silent one is told and disconnected after the timeout.
+        let mut got = String::new();
+        silent.set_read_timeout(Some(REQUEST_TIMEOUT * 3)).unwrap();
+        silent.read_to_string(&mut got).unwrap();
+        assert!(got.starts_with("error: no request within"), "{got}");
+        assert!(t0.elapsed() < REQUEST_TIMEOUT + Duration::from_millis(500));
+        let mut got = String::new();
+        dribbler.read_to_string(&mut got).unwrap();
+        assert!(got.starts_with("error: no request within"), "{got}");
     }
 }

@@ -1,10 +1,15 @@
 //! Replication figures: `key=value` fields for `vmatrix ctl status`, and a Prometheus text
 //! endpoint (`vmatrix primary --metrics <addr>`, any path, plain HTTP/1.0).
+//!
+//! Each HTTP client is served on a thread of its own (at most [`MAX_CLIENTS`] at a time; more
+//! are disconnected) and must send its request head within [`REQUEST_TIMEOUT`]: a client that
+//! connects and sends nothing never delays a scrape.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::Ordering;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use primary::Stats;
@@ -133,24 +138,104 @@ pub fn render(vm: &Vm, s: &Stats) -> String {
         .collect()
 }
 
+/// Longest time a client may take to send its request head (and to take the page).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Clients served at the same time.
+pub const MAX_CLIENTS: usize = 32;
+
 /// Serves the metrics page on `addr` from a background thread.
 pub fn serve(addr: SocketAddr, vm: Arc<Vm>, stats: Arc<Stats>) -> anyhow::Result<()> {
+    serve_page(addr, Arc::new(move || render(&vm, &stats))).map(|_| ())
+}
+
+/// Produces the page.
+pub type Page = Arc<dyn Fn() -> String + Send + Sync>;
+
+fn answer(mut c: TcpStream, page: &Page) -> std::io::Result<()> {
+    c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    // The request itself does not matter (any path gets the page), but it must arrive.
+    crate::control::read_line_within(
+        &mut c,
+        |s, t| s.set_read_timeout(Some(t)),
+        REQUEST_TIMEOUT,
+        b"\r\n\r\n",
+    )?;
+    let body = page();
+    write!(
+        c,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Serves `page` over HTTP on `addr` from a background thread, each client on a thread of its
+/// own; returns the bound address.
+pub fn serve_page(addr: SocketAddr, page: Page) -> anyhow::Result<SocketAddr> {
     let l =
         TcpListener::bind(addr).with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let bound = l.local_addr()?;
+    let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for mut c in l.incoming().flatten() {
-                let mut req = [0u8; 1024];
-                let _ = c.read(&mut req);
-                let body = render(&vm, &stats);
-                let _ = write!(
-                    c,
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+            for c in l.incoming().flatten() {
+                if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                let (page, n) = (page.clone(), clients.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-client".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(c, &page) {
+                            tracing::debug!("metrics client: {e}");
+                        }
+                        n.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!("metrics client: no thread for it: {e}");
+                }
             }
         })
         .context("spawning the metrics thread")?;
-    Ok(())
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::time::Instant;
+
+    #[test]
+    fn a_silent_client_does_not_delay_a_scrape() {
+        let addr = serve_page(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| "vmatrix_up 1\n".to_string()),
+        )
+        .unwrap();
+        let mut silent = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.0 200 OK") && reply.ends_with("vmatrix_up 1\n"),
+            "{reply}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        // The silent one is disconnected after the timeout, without a page.
+        silent.set_read_timeout(Some(REQUEST_TIMEOUT * 3)).unwrap();
+        let mut got = String::new();
+        silent.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "");
+        assert!(t0.elapsed() < REQUEST_TIMEOUT + Duration::from_millis(500));
+    }
 }
