@@ -105,9 +105,14 @@ pub struct BackupArgs {
     /// VM id.
     #[arg(long, default_value = "vm")]
     pub vm_id: String,
-    /// QUIC idle timeout (failure detection), ms.
+    /// QUIC idle timeout (failure detection), ms. A primary that says nothing for 3 s (or three
+    /// times this if shorter, at least 1.5 s) is disconnected.
     #[arg(long, default_value_t = 1000)]
     pub idle_timeout_ms: u64,
+    /// Longest time an incoming handshake (mutual TLS) may take, ms; handshakes run
+    /// concurrently, so abandoned ones never delay a real primary.
+    #[arg(long, default_value_t = 2000)]
+    pub handshake_timeout_ms: u64,
     /// Serve `status` and `stop` on this Unix socket (`vmatrix ctl <socket> status|stop`).
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -244,7 +249,10 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         identity,
         cluster_id: a.cluster_id,
         vm_id: a.vm_id,
-        quic: quic_config(a.idle_timeout_ms),
+        quic: QuicConfig {
+            handshake_timeout_ms: a.handshake_timeout_ms.max(1),
+            ..quic_config(a.idle_timeout_ms)
+        },
         stats: Arc::new(backup::BackupStats::default()),
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
