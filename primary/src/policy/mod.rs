@@ -35,6 +35,9 @@ use vmm::{CaptureKind, EpochCapture};
 use crate::{epoch, PrimaryState, Stats};
 use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
 
+/// How long an unacknowledged checkpoint waits before it is resent (see `handle_connected`).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What the policy needs to know (a part of [`crate::PrimaryConfig`]).
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
@@ -292,6 +295,11 @@ impl<'a> Policy<'a> {
         scfg.lanes = cfg.lanes;
         scfg.window = cfg.window;
         scfg.idle_timeout = cfg.idle_timeout;
+        // QUIC's streams are reliable: an acknowledgement is late because the backup is busy
+        // (applying a big checkpoint), not lost. Resending then would only double the work;
+        // a slow backup fills its window and is dropped by `drop_slow` instead. Refusals
+        // (CRC, sequence, apply failed) still resend at once.
+        scfg.ack_timeout = ACK_TIMEOUT;
         let mut sender = Sender::new(scfg);
         sender.start(now);
         let b = &mut self.backups[i];
