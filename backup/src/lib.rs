@@ -59,7 +59,7 @@ pub enum BackupError {
         err: vmm::snapshot::SnapshotError,
     },
     /// The primary's certificate may not act as primary for the VM (or states no roles).
-    #[error("primary {peer} refused: {reason}")]
+    #[error("refused: {reason}")]
     NotPermitted {
         /// Its address.
         peer: String,
