@@ -107,9 +107,19 @@ impl KvmDirtyLog {
             return Ok(bitmap);
         }
         let pages = mem_size / crate::layout::PAGE_SIZE;
+        let mut clear = self.plan_clear(&bitmap, pages);
+        self.clear(vm_fd, &mut clear, pages)?;
+        Ok(bitmap)
+    }
+
+    /// The hot-page decision of one harvest (pure): updates every page's heat from the pages
+    /// KVM reported (`bitmap`) and returns the pages to clear and write-protect again — every
+    /// reported page except the hot ones, which stay set and so are reported again by the
+    /// next harvest.
+    pub fn plan_clear(&mut self, bitmap: &[u64], pages: u64) -> Vec<u64> {
         let mut clear = vec![0u64; bitmap.len()];
         let mut heat = HashMap::with_capacity(self.heat.len());
-        for pfn in crate::dirty::bits(&bitmap, pages) {
+        for pfn in crate::dirty::bits(bitmap, pages) {
             let next = next_heat(self.heat.get(&pfn).copied().unwrap_or_default());
             if next.hot_left == 0 {
                 clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
@@ -119,8 +129,16 @@ impl KvmDirtyLog {
             }
         }
         self.heat = heat;
-        self.clear(vm_fd, &mut clear, pages)?;
-        Ok(bitmap)
+        clear
+    }
+
+    /// A log with manual protection, without KVM (for models of the dirty log in tests).
+    #[cfg(test)]
+    pub(crate) fn manual_model() -> KvmDirtyLog {
+        KvmDirtyLog {
+            manual: true,
+            heat: HashMap::new(),
+        }
     }
 
     /// Clears (and write-protects) the pages set in `bitmap`.

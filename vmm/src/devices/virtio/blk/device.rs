@@ -31,9 +31,10 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-/// Largest amount of write data recorded between two captures; beyond it the record is
+/// Largest amount of write data recorded between two harvests (and kept for each consumer of
+/// changes between two of its captures, `crate::dirty::ChangeTracker`); beyond it the record is
 /// dropped and the next capture must copy the whole disk.
-const MAX_RECORDED: u64 = 256 << 20;
+pub const MAX_RECORDED: u64 = 256 << 20;
 
 /// Guest writes recorded since the last capture, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

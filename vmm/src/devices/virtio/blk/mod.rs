@@ -3,7 +3,7 @@
 mod device;
 mod persist;
 
-pub use device::{Block, DiskWrites, BLK_ID_LEN, SECTOR_SIZE};
+pub use device::{Block, DiskWrites, BLK_ID_LEN, MAX_RECORDED, SECTOR_SIZE};
 pub use persist::BlkPersist;
 
 #[cfg(test)]
