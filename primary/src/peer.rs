@@ -11,8 +11,8 @@ use transport::{quic, PrimaryLink, TransportError};
 
 use crate::PrimaryError;
 
-/// Wait for the first handshake attempt (doubling up to 2 s).
-const ATTEMPT: Duration = Duration::from_millis(250);
+/// Wait for each of the first 20 handshake attempts (later ones wait 2 s).
+const ATTEMPT: Duration = Duration::from_millis(150);
 
 /// Frames from every backup's link: (backup index, connection generation, frame).
 pub(crate) type FrameTx = tokio::sync::mpsc::Sender<(usize, u64, Result<Vec<u8>, TransportError>)>;
@@ -27,13 +27,17 @@ pub(crate) async fn connect(
     tx: &FrameTx,
 ) -> Result<PrimaryLink, PrimaryError> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut attempt = ATTEMPT;
+    let mut tries = 0u32;
     let conn = loop {
-        // Attempts start short: one made while the link is down would otherwise wait for
-        // QUIC's handshake retransmission (about a second) after the link heals. They grow, so
-        // a slow path (a long round trip) still gets through.
+        // Attempts are short for the first few seconds: one made while the link is down would
+        // otherwise wait for QUIC's handshake retransmission (about a second) after the link
+        // heals. Then they grow, so a slow path (a long round trip) still gets through.
+        let attempt = match tries {
+            0..20 => ATTEMPT,
+            _ => Duration::from_secs(2),
+        };
+        tries += 1;
         let r = tokio::time::timeout(attempt, quic::connect(ep, addr, name)).await;
-        attempt = (attempt * 2).min(Duration::from_secs(2));
         match r {
             Ok(Ok(c)) => break c,
             Ok(Err(e)) if Instant::now() < deadline => {
