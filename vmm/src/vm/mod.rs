@@ -21,6 +21,7 @@ use crate::devices::serial::{ConsoleOut, Serial};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetStats, RxThread, Tap};
+use crate::dirty::{ChangeTracker, Consumer, DirtyPages, Pending};
 use crate::events::GuestEvents;
 use crate::layout::*;
 use crate::memory::{self, GuestMem};
@@ -73,7 +74,9 @@ pub struct Vm {
     mem: GuestMem,
     mem_size: u64,
     dirty_log: bool,
-    kvm_dirty: Mutex<crate::dirty_log::KvmDirtyLog>,
+    /// KVM's dirty log and what each consumer of changes has not been handed yet; one lock,
+    /// held for a whole harvest and its fan-out (see [`Vm::take_changes`]).
+    tracking: Mutex<Tracking>,
     msr_indices: Vec<u32>,
     control: Arc<Control>,
     pio: Arc<Bus>,
@@ -82,9 +85,17 @@ pub struct Vm {
     rx: Mutex<Option<RxThread>>,
     vcpu: Arc<Mutex<VcpuFd>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The snapshot a diff is relative to. Held for a whole snapshot (one at a time); taken
+    /// before `tracking`.
     last_snapshot: Mutex<Option<ParentRef>>,
     /// Dirty pages copied during a pause, written out after the resume.
     staging: Mutex<Vec<u8>>,
+}
+
+/// The dirty-tracking state of a VM.
+struct Tracking {
+    kvm: crate::dirty_log::KvmDirtyLog,
+    changes: ChangeTracker,
 }
 
 /// Environment variable naming another KVM device node (default `/dev/kvm`).
@@ -268,7 +279,10 @@ impl Vm {
             mem,
             mem_size,
             dirty_log,
-            kvm_dirty: Mutex::new(parts.dirty),
+            tracking: Mutex::new(Tracking {
+                kvm: parts.dirty,
+                changes: ChangeTracker::new(crate::devices::virtio::blk::MAX_RECORDED),
+            }),
             msr_indices: parts.msr_indices,
             control,
             pio: Arc::new(pio),
@@ -390,37 +404,81 @@ impl Vm {
         lock(&self.devices.platform).clock_ns()
     }
 
-    /// Reads and resets the dirty pages of both sources. The VM must be paused.
-    pub fn harvest_dirty(&self) -> Result<crate::dirty::DirtyPages> {
-        if !self.dirty_log {
-            return Err(Error::Host("dirty logging is off for this VM".into()));
-        }
-        if self.thread_running() && !self.is_paused() {
-            return Err(Error::Host(
-                "the VM must be paused to harvest dirty pages".into(),
-            ));
-        }
-        crate::dirty::harvest(
-            &mut lock(&self.kvm_dirty),
-            &self.vm_fd,
-            &self.mem,
-            self.mem_size,
-        )
+    /// Reads and resets the dirty pages of both sources. The VM must be paused. What it reads is
+    /// also handed to every consumer of changes (replication, snapshots): it takes nothing from
+    /// them.
+    pub fn harvest_dirty(&self) -> Result<DirtyPages> {
+        self.check_paused("harvest dirty pages")?;
+        self.harvest(&mut lock(&self.tracking))
     }
 
-    /// Reads and resets the dirty sets while the guest may be running (pre-copy). Safe for a
-    /// live copy: both sources are reset atomically word by word before the caller copies the
-    /// pages, so a write that races the copy marks its page dirty again for the next pass.
-    pub(crate) fn harvest_dirty_running(&self) -> Result<crate::dirty::DirtyPages> {
+    /// Harvests (see [`harvest`](Self::harvest)) and hands consumer `c` every change not yet
+    /// handed to it: the pages dirtied and the disk writes made since its previous take (see
+    /// [`ChangeTracker`]). A consumer not yet active becomes active: its first take reports
+    /// the disk as wholly changed. With `running`, the guest may run (pre-copy): the pages are
+    /// copied only after this returns, and a write racing the copy marks its page again.
+    pub(crate) fn take_changes(&self, c: Consumer, running: bool) -> Result<Pending> {
+        if !running {
+            self.check_paused("capture")?;
+        }
+        let mut t = lock(&self.tracking);
+        t.changes.activate(c);
+        self.harvest(&mut t)?;
+        Ok(t.changes.take(c))
+    }
+
+    /// [`take_changes`](Self::take_changes) of the dirty pages only, while the guest runs (a
+    /// later pre-copy pass): the disk writes stay pending for the final capture. A bitmap.
+    pub(crate) fn take_dirty_running(&self, c: Consumer) -> Result<Vec<u64>> {
+        let mut t = lock(&self.tracking);
+        t.changes.activate(c);
+        self.harvest(&mut t)?;
+        Ok(t.changes.take_dirty(c))
+    }
+
+    /// A capture of `c` failed after taking `taken`: they are pending again.
+    pub(crate) fn give_back(&self, c: Consumer, taken: Pending) {
+        lock(&self.tracking).changes.give_back(c, taken);
+    }
+
+    /// The snapshot chain continues from `parent`, which this VM equals now (it was restored
+    /// from it): diffs are relative to it, and changes are tracked for them from now on.
+    pub(crate) fn continue_chain(&self, parent: ParentRef) {
+        let mut last = lock(&self.last_snapshot);
+        let mut t = lock(&self.tracking);
+        if let Some(b) = &self.devices.blk {
+            // Record disk writes from now on (a fresh record: the disk equals the snapshot's).
+            lock(b).with_device_unchecked(|d| d.take_writes());
+        }
+        t.changes.start_clean(Consumer::Snapshots);
+        *last = Some(parent);
+    }
+
+    /// One harvest: reads and resets KVM's dirty log (hot pages stay set), the device bitmap
+    /// and, while a consumer is active, the disk write log (which starts recording), and adds
+    /// all of it to every active consumer. Callers hold `tracking` for the harvest and their
+    /// take, so no harvest can slip between another's reads and its fan-out.
+    fn harvest(&self, t: &mut Tracking) -> Result<DirtyPages> {
         if !self.dirty_log {
             return Err(Error::Host("dirty logging is off for this VM".into()));
         }
-        crate::dirty::harvest(
-            &mut lock(&self.kvm_dirty),
-            &self.vm_fd,
-            &self.mem,
-            self.mem_size,
-        )
+        let dirty = crate::dirty::harvest(&mut t.kvm, &self.vm_fd, &self.mem, self.mem_size)?;
+        if t.changes.any_active() {
+            let disk = match &self.devices.blk {
+                Some(b) => lock(b).with_device_unchecked(|d| d.take_writes()),
+                None => Some(Default::default()),
+            };
+            t.changes.add(&dirty.union(), disk);
+        }
+        Ok(dirty)
+    }
+
+    /// Errs if the vCPU thread runs and the VM is not paused.
+    fn check_paused(&self, what: &str) -> Result<()> {
+        if self.thread_running() && !self.is_paused() {
+            return Err(Error::Host(format!("the VM must be paused to {what}")));
+        }
+        Ok(())
     }
 
     /// Fault injection for tests: the next `n` guest disk writes fail with an I/O error.

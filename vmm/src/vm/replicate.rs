@@ -2,6 +2,11 @@
 //! dirty pages (copied), disk writes and vCPU/device state, and closes the output epoch; and
 //! the output-commit controls (hold, release); and the pre-copy passes of an initial sync, which
 //! copy memory while the guest keeps running.
+//!
+//! "Since the previous capture" means since replication's previous capture: the changes come
+//! from the VM's change tracker (`crate::dirty`), so a snapshot taken in between takes nothing
+//! from a checkpoint, nor a checkpoint from the snapshot chain. A capture that fails after it
+//! took its changes gives them back (the next capture carries them).
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{lock, Vm};
 use crate::devices::virtio::blk::SECTOR_SIZE;
+use crate::dirty::{Consumer, Pending};
 use crate::layout::PAGE_SIZE;
 use crate::snapshot::SnapshotError;
 
@@ -49,8 +55,8 @@ pub struct EpochCapture {
     pub state: Vec<u8>,
     /// Guest RAM size.
     pub mem_size: u64,
-    /// For a full capture: what changed since the previous capture (dirty pages and disk
-    /// writes), so it can also serve backups that hold the previous state. For pre-copy round
+    /// For a full capture: what changed since the previous replication capture (dirty pages
+    /// and disk writes), so it can also serve backups that hold the previous state. For pre-copy round
     /// 0: what changed since the previous capture and is no longer tracked (the round restarts
     /// tracking). `None` otherwise.
     pub changes: Option<Changes>,
@@ -92,8 +98,11 @@ impl Vm {
         if must_resume {
             self.pause().map_err(capture_err)?;
         }
-        let r = self.capture_epoch_paused(kind).and_then(|mut c| {
-            c.extra_disk = self.read_disk_ranges(disk_ranges)?;
+        // The ranges are read first: nothing can fail after the epoch's changes are taken
+        // but before they are in the capture (a failed capture gives them back).
+        let r = self.read_disk_ranges(disk_ranges).and_then(|extra| {
+            let mut c = self.capture_epoch_paused(kind)?;
+            c.extra_disk = extra;
             Ok(c)
         });
         if must_resume {
@@ -106,45 +115,35 @@ impl Vm {
 
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
         let state = postcard::to_stdvec(&self.capture_state()?).map_err(capture_err)?;
-        let dirty = self.harvest_dirty().map_err(capture_err)?;
+        // Replication's changes since its previous capture (a snapshot taken meanwhile took
+        // nothing from them).
+        let ch = self
+            .take_changes(Consumer::Replication, false)
+            .map_err(capture_err)?;
         let full = kind == CaptureKind::Full;
-        // A full capture also keeps the dirty list (see `Changes`); an incremental one sends it.
-        let (pages, dirty) = match kind {
-            CaptureKind::Incremental => (dirty.page_list(), Vec::new()),
-            CaptureKind::Full => (self.nonzero_pages()?, dirty.page_list()),
+        let (pages, data, whole_disk) = match self.copy_epoch(kind, &ch) {
+            Ok(c) => c,
+            Err(e) => {
+                self.give_back(Consumer::Replication, ch);
+                return Err(e);
+            }
         };
-        let mut data = Vec::new();
-        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
-        // The disk as `kind` wants it and, for a full capture, the writes since the previous
-        // capture (or the whole disk if they were not all recorded).
-        let (disk, disk_changes) = match &self.devices.blk {
-            None => (DiskCapture::None, DiskCapture::None),
-            Some(b) => {
-                let mut t = lock(b);
-                let writes = t
-                    .with_device_unchecked(|d| d.take_writes())
-                    .filter(|w| !w.overflowed)
-                    .map(|w| w.writes);
-                match (kind, writes) {
-                    (CaptureKind::Incremental, Some(w)) => {
-                        (DiskCapture::Writes(w), DiskCapture::None)
-                    }
-                    (_, writes) => {
-                        use std::os::unix::fs::FileExt;
-                        let len = t.device().sectors() * SECTOR_SIZE;
-                        let mut buf = vec![0u8; len as usize];
-                        t.device()
-                            .file()
-                            .read_exact_at(&mut buf, 0)
-                            .map_err(capture_err)?;
-                        let changes = match (full, writes) {
-                            (true, Some(w)) => DiskCapture::Writes(w),
-                            (true, None) => DiskCapture::Full(buf.clone()),
-                            (false, _) => DiskCapture::None,
-                        };
-                        (DiskCapture::Full(buf), changes)
-                    }
-                }
+        // A full capture also keeps the dirty list and the writes (see `Changes`); an
+        // incremental one sends them.
+        let dirty = match full {
+            true => ch.page_list(self.mem_size / PAGE_SIZE),
+            false => Vec::new(),
+        };
+        let (disk, disk_changes) = match (&self.devices.blk, whole_disk) {
+            (None, _) => (DiskCapture::None, DiskCapture::None),
+            (Some(_), None) => (DiskCapture::Writes(ch.disk.writes), DiskCapture::None),
+            (Some(_), Some(buf)) => {
+                let changes = match (full, ch.disk.overflowed) {
+                    (true, false) => DiskCapture::Writes(ch.disk.writes),
+                    (true, true) => DiskCapture::Full(buf.clone()),
+                    (false, _) => DiskCapture::None,
+                };
+                (DiskCapture::Full(buf), changes)
             }
         };
         let epoch = match &self.devices.net {
@@ -177,6 +176,38 @@ impl Vm {
             }),
             extra_disk: Vec::new(),
         })
+    }
+
+    /// The fallible copies of a capture, given its changes `ch`: the pages (every non-zero
+    /// page, or the dirty ones), their contents, and the whole disk if the capture is full or
+    /// the disk writes were not all recorded.
+    #[allow(clippy::type_complexity)]
+    fn copy_epoch(
+        &self,
+        kind: CaptureKind,
+        ch: &Pending,
+    ) -> Result<(Vec<u64>, Vec<u8>, Option<Vec<u8>>), SnapshotError> {
+        let pages = match kind {
+            CaptureKind::Incremental => ch.page_list(self.mem_size / PAGE_SIZE),
+            CaptureKind::Full => self.nonzero_pages()?,
+        };
+        let mut data = Vec::new();
+        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        let whole_disk = match &self.devices.blk {
+            Some(b) if kind == CaptureKind::Full || ch.disk.overflowed => {
+                use std::os::unix::fs::FileExt;
+                let t = lock(b);
+                let len = t.device().sectors() * SECTOR_SIZE;
+                let mut buf = vec![0u8; len as usize];
+                t.device()
+                    .file()
+                    .read_exact_at(&mut buf, 0)
+                    .map_err(capture_err)?;
+                Some(buf)
+            }
+            _ => None,
+        };
+        Ok((pages, data, whole_disk))
     }
 
     /// Contents of the disk ranges `(offset, len)`, clipped to the disk (the VM is paused).
@@ -231,20 +262,41 @@ impl Vm {
     pub fn precopy_start(&self) -> Result<EpochCapture, SnapshotError> {
         // What changed since the previous capture is no longer tracked after this: returned as
         // `changes`, so a caller that tracks changes per checkpoint (quick resync) loses nothing.
-        let taken = match &self.devices.blk {
-            Some(b) => lock(b).with_device_unchecked(|d| d.take_writes()),
-            None => None,
+        let ch = self
+            .take_changes(Consumer::Replication, true)
+            .map_err(capture_err)?;
+        let (pages, data, disk) = match self.copy_precopy_start() {
+            Ok(c) => c,
+            Err(e) => {
+                self.give_back(Consumer::Replication, ch);
+                return Err(e);
+            }
         };
-        let dirty = self
-            .harvest_dirty_running()
-            .map_err(capture_err)?
-            .page_list();
-        let disk_changes = match (&self.devices.blk, taken) {
+        let dirty = ch.page_list(self.mem_size / PAGE_SIZE);
+        let disk_changes = match (&self.devices.blk, ch.disk.overflowed) {
             (None, _) => DiskCapture::None,
-            (Some(_), Some(w)) if !w.overflowed => DiskCapture::Writes(w.writes),
+            (Some(_), false) => DiskCapture::Writes(ch.disk.writes),
             // Not recorded (first sync) or overflowed: round 0 copies the whole disk anyway.
-            (Some(_), _) => DiskCapture::Full(Vec::new()),
+            (Some(_), true) => DiskCapture::Full(Vec::new()),
         };
+        Ok(EpochCapture {
+            epoch: 0,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk,
+            state: Vec::new(),
+            mem_size: self.mem_size,
+            changes: Some(Changes {
+                dirty,
+                disk: disk_changes,
+            }),
+            extra_disk: Vec::new(),
+        })
+    }
+
+    /// The copies of pre-copy round 0, while the guest runs: every non-zero page and the disk.
+    fn copy_precopy_start(&self) -> Result<(Vec<u64>, Vec<u8>, DiskCapture), SnapshotError> {
         let pages = self.nonzero_pages()?;
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
@@ -266,31 +318,25 @@ impl Vm {
                 DiskCapture::Full(buf)
             }
         };
-        Ok(EpochCapture {
-            epoch: 0,
-            pause: Duration::ZERO,
-            pages,
-            data,
-            disk,
-            state: Vec::new(),
-            mem_size: self.mem_size,
-            changes: Some(Changes {
-                dirty,
-                disk: disk_changes,
-            }),
-            extra_disk: Vec::new(),
-        })
+        Ok((pages, data, disk))
     }
 
     /// A later pre-copy pass, while the guest runs: the pages dirtied since the previous pass
-    /// (by the vCPU or a device), copied. Disk writes stay recorded for the final capture.
+    /// (by the vCPU or a device), copied. Disk writes stay pending for the final capture.
     pub fn precopy_pass(&self) -> Result<EpochCapture, SnapshotError> {
-        let pages = self
-            .harvest_dirty_running()
-            .map_err(capture_err)?
-            .page_list();
+        let dirty = self
+            .take_dirty_running(Consumer::Replication)
+            .map_err(capture_err)?;
+        let pages = crate::dirty::bits(&dirty, self.mem_size / PAGE_SIZE);
         let mut data = Vec::new();
-        crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        if let Err(e) = crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data) {
+            let taken = Pending {
+                dirty,
+                ..Default::default()
+            };
+            self.give_back(Consumer::Replication, taken);
+            return Err(e);
+        }
         Ok(EpochCapture {
             epoch: 0,
             pause: Duration::ZERO,

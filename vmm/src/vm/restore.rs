@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::{create_kvm_vm, lock, open_disk, open_kvm, Devices, Vm};
+use super::{create_kvm_vm, open_disk, open_kvm, Devices, Vm};
 use crate::devices::platform::{Platform, PlatformArgs};
 use crate::devices::serial::{ConsoleOut, Serial};
 use crate::devices::virtio::blk::Block;
@@ -116,8 +116,8 @@ impl Vm {
                 _ => None,
             },
             blk: match (disk_file, &state.blk) {
-                (Some(f), Some(st)) => {
-                    let mut t = MmioTransport::<Block>::restore(
+                (Some(f), Some(st)) => Some(Arc::new(Mutex::new(
+                    MmioTransport::<Block>::restore(
                         TransportArgs {
                             device: f,
                             mem: mem.clone(),
@@ -125,17 +125,16 @@ impl Vm {
                         },
                         st,
                     )
-                    .map_err(SnapshotError::from)?;
-                    // Record writes from now on, so the next diff can carry a disk delta.
-                    t.with_device_unchecked(|d| d.take_writes());
-                    Some(Arc::new(Mutex::new(t)))
-                }
+                    .map_err(SnapshotError::from)?,
+                ))),
                 _ => None,
             },
         };
         let vm = Vm::assemble(parts, mem, mem_size, true, control, devices);
         let abs = std::fs::canonicalize(&tail.dir).map_err(SnapshotError::io(&tail.dir))?;
-        *lock(&vm.last_snapshot) = Some(ParentRef {
+        // Diffs continue the chain; disk writes are recorded from now on, so the next diff
+        // can carry a disk delta.
+        vm.continue_chain(ParentRef {
             dir: abs,
             id: tail.meta.id,
         });

@@ -1,8 +1,10 @@
 //! Taking snapshots of a running VM.
 //!
-//! Everything that must be consistent is captured in one pause: vCPU and device state, the dirty
-//! set (both sources, reset together), the dirty pages themselves (copied to a staging buffer for
-//! a diff), and the disk (the write log since the last snapshot, or a full copy). A diff
+//! Everything that must be consistent is captured in one pause: vCPU and device state, the
+//! changes since the previous snapshot (dirty pages of both sources and disk writes, harvested
+//! and fanned out to every consumer — replication too — so neither takes them from the other,
+//! `crate::dirty`), the dirty pages themselves (copied to a staging buffer for a diff), and the
+//! disk (the writes since the last snapshot, or a full copy). A diff
 //! snapshot's pause is therefore only harvest + copy of the dirty pages + state capture; files
 //! are written after the VM has resumed. A full snapshot writes memory and disk while paused.
 
@@ -10,6 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{lock, Vm};
+use crate::devices::virtio::blk::DiskWrites;
+use crate::dirty::{Consumer, Pending};
 use crate::persist::Persist;
 use crate::snapshot::{
     self, disk, memory, DiskPart, ParentRef, SnapshotError, SnapshotMeta, VmState, DELTA_FILE,
@@ -53,7 +57,8 @@ enum Staged {
 
 enum StagedDisk {
     Full(DiskPart),
-    Delta(crate::devices::virtio::blk::DiskWrites, u64),
+    /// The writes since the previous snapshot (kept with the changes taken), disk length.
+    Delta(u64),
 }
 
 fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
@@ -75,7 +80,13 @@ impl Vm {
 
     /// Writes a snapshot of this VM into `dir` (created if needed; must not hold one already).
     /// A running VM is paused for the capture and resumed; a paused VM stays paused.
+    ///
+    /// A diff holds what changed since the previous snapshot, replication checkpoints taken
+    /// meanwhile notwithstanding, and takes nothing from them (`crate::dirty`). If the snapshot
+    /// fails, its changes stay pending for the next one.
     pub fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotStats, SnapshotError> {
+        // One snapshot at a time: each takes the changes since the one before.
+        let mut last = lock(&self.last_snapshot);
         std::fs::create_dir_all(dir).map_err(SnapshotError::io(dir))?;
         if dir.join(snapshot::META_FILE).exists() {
             return Err(SnapshotError::Capture(format!(
@@ -85,7 +96,7 @@ impl Vm {
         }
         let parent = match kind {
             SnapshotKind::Full => None,
-            SnapshotKind::Diff => Some(lock(&self.last_snapshot).clone().ok_or_else(|| {
+            SnapshotKind::Diff => Some(last.clone().ok_or_else(|| {
                 SnapshotError::Capture(
                     "a diff snapshot needs an earlier snapshot of this VM (take a full one first)"
                         .into(),
@@ -103,8 +114,38 @@ impl Vm {
             self.resume();
         }
         let pause = t0.elapsed();
-        let (state, staged, staged_disk) = captured?;
+        let (state, staged, staged_disk, changes) = captured?;
+        match self.write_snapshot(dir, parent, state, staged, staged_disk, &changes.disk) {
+            Ok((written, pages, checksum)) => {
+                let id = written.id;
+                *last = Some(written);
+                Ok(SnapshotStats {
+                    id,
+                    pause,
+                    pages,
+                    total: t0.elapsed(),
+                    memory_checksum: checksum,
+                })
+            }
+            Err(e) => {
+                self.give_back(Consumer::Snapshots, changes);
+                Err(e)
+            }
+        }
+    }
 
+    /// The part of a snapshot done after the resume: the files. Returns the new snapshot (its
+    /// id and absolute directory), the number of pages stored and the memory checksum (full
+    /// snapshots).
+    fn write_snapshot(
+        &self,
+        dir: &Path,
+        parent: Option<ParentRef>,
+        state: VmState,
+        staged: Staged,
+        staged_disk: Option<StagedDisk>,
+        writes: &DiskWrites,
+    ) -> Result<(ParentRef, u64, Option<u32>), SnapshotError> {
         let id = snapshot::new_id();
         let (memory, checksum, pages) = match staged {
             Staged::Full { memory, checksum } => {
@@ -127,8 +168,8 @@ impl Vm {
         };
         let disk = match staged_disk {
             Some(StagedDisk::Full(p)) => Some(p),
-            Some(StagedDisk::Delta(w, len)) => {
-                Some(disk::write_delta(&w, len, &dir.join(DELTA_FILE))?)
+            Some(StagedDisk::Delta(len)) => {
+                Some(disk::write_delta(writes, len, &dir.join(DELTA_FILE))?)
             }
             None => None,
         };
@@ -150,25 +191,39 @@ impl Vm {
             vm: state,
         };
         snapshot::write_meta(dir, &meta)?;
-        let abs = std::fs::canonicalize(dir).map_err(SnapshotError::io(dir))?;
-        *lock(&self.last_snapshot) = Some(ParentRef { dir: abs, id });
-        Ok(SnapshotStats {
-            id,
-            pause,
-            pages,
-            total: t0.elapsed(),
-            memory_checksum: checksum,
-        })
+        Ok((ParentRef { dir: here, id }, pages, checksum))
     }
 
-    /// The part of a snapshot done while paused.
+    /// The part of a snapshot done while paused. Returns, with what it staged, the changes it
+    /// took (to give back if the snapshot fails later; a delta's writes are in them).
+    #[allow(clippy::type_complexity)]
     fn capture_paused(
         &self,
         dir: &Path,
         kind: SnapshotKind,
-    ) -> Result<(VmState, Staged, Option<StagedDisk>), SnapshotError> {
+    ) -> Result<(VmState, Staged, Option<StagedDisk>, Pending), SnapshotError> {
         let state = self.capture_state()?;
-        let dirty = self.harvest_dirty().map_err(capture_err)?;
+        // The snapshot chain's changes since the previous snapshot (replication checkpoints
+        // taken meanwhile took nothing from them); a full snapshot starts the chain afresh.
+        let changes = self
+            .take_changes(Consumer::Snapshots, false)
+            .map_err(capture_err)?;
+        match self.stage(dir, kind, &changes) {
+            Ok((staged, staged_disk)) => Ok((state, staged, staged_disk, changes)),
+            Err(e) => {
+                self.give_back(Consumer::Snapshots, changes);
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies what a snapshot needs while paused, given the changes since the previous one.
+    fn stage(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+        changes: &Pending,
+    ) -> Result<(Staged, Option<StagedDisk>), SnapshotError> {
         let staged = match kind {
             SnapshotKind::Full => {
                 let (memory, checksum) =
@@ -176,20 +231,17 @@ impl Vm {
                 Staged::Full { memory, checksum }
             }
             SnapshotKind::Diff => {
-                let pages = dirty.page_list();
+                let pages = changes.page_list(self.mem_size / crate::layout::PAGE_SIZE);
                 memory::stage_pages(&self.mem, &pages, &mut lock(&self.staging))?;
                 Staged::Diff { pages }
             }
         };
         let staged_disk = match &self.devices.blk {
             Some(b) => {
-                let mut t = lock(b);
-                let writes = t.with_device_unchecked(|d| d.take_writes());
+                let t = lock(b);
                 let len = t.device().sectors() * crate::devices::virtio::blk::SECTOR_SIZE;
-                match (kind, writes) {
-                    (SnapshotKind::Diff, Some(w)) if !w.overflowed => {
-                        Some(StagedDisk::Delta(w, len))
-                    }
+                match kind {
+                    SnapshotKind::Diff if !changes.disk.overflowed => Some(StagedDisk::Delta(len)),
                     _ => Some(StagedDisk::Full(disk::write_full(
                         t.device().file(),
                         &dir.join(DISK_FILE),
@@ -198,6 +250,6 @@ impl Vm {
             }
             None => None,
         };
-        Ok((state, staged, staged_disk))
+        Ok((staged, staged_disk))
     }
 }
