@@ -259,9 +259,9 @@ pub async fn run(
                     generation += 1;
                     let (ep, tx, ct, g) = (ep.clone(), tx.clone(), conn_tx.clone(), generation);
                     let (addr, name) = cfg.backups[i].clone();
-                    let lanes = cfg.lanes;
+                    let (lanes, vm_id) = (cfg.lanes, cfg.vm_id.clone());
                     tokio::spawn(async move {
-                        let r = peer::connect(&ep, (addr, &name), lanes, (i, g), &tx).await;
+                        let r = peer::connect(&ep, (addr, &name), &vm_id, lanes, (i, g), &tx).await;
                         let _ = ct.send((i, g, r)).await;
                     });
                 }
@@ -308,7 +308,10 @@ pub async fn run(
         flush(&mut p, &mut links, counter).await;
         for i in to_close.drain(..) {
             if let Some((_, l)) = links[i].take() {
-                l.connection().close(0u32.into(), b"session over");
+                l.close(
+                    quic::code::SESSION_FAILED,
+                    "session over: failed or dropped",
+                );
             }
         }
         if let Some(why) = p.failed() {
@@ -326,7 +329,9 @@ pub async fn run(
                 Some((i, g, _)) if links[i].as_ref().map(|l| l.0) != Some(g) => {}
                 Some((i, _, Ok(f))) => p.handle_frame(i, &f, Instant::now()),
                 Some((i, _, Err(e))) => {
-                    links[i] = None;
+                    if let Some((_, l)) = links[i].take() {
+                        l.close(quic::code::SESSION_FAILED, &e.to_string());
+                    }
                     p.handle_link_error(i, &e.to_string(), Instant::now());
                 }
                 None => return Err(PrimaryError::BackupLost("every connection closed".into())),
@@ -371,6 +376,9 @@ pub async fn run(
             _ = stop.changed() => {
                 p.close_all(Instant::now(), "primary stopping");
                 flush(&mut p, &mut links, None).await;
+                for (_, l) in links.iter_mut().filter_map(Option::take) {
+                    l.close(quic::code::SHUTDOWN, "primary stopping");
+                }
                 return Ok(());
             }
         }
@@ -412,7 +420,9 @@ async fn flush(
             }
         }
         if let Some(e) = err {
-            *slot = None;
+            if let Some((_, l)) = slot.take() {
+                l.close(quic::code::SESSION_FAILED, &e.to_string());
+            }
             p.handle_link_error(i, &e.to_string(), Instant::now());
         }
     }

@@ -22,6 +22,7 @@ pub(crate) type FrameTx = tokio::sync::mpsc::Sender<(usize, u64, Result<Vec<u8>,
 pub(crate) async fn connect(
     ep: &quinn::Endpoint,
     (addr, name): (SocketAddr, &str),
+    vm: &str,
     lanes: u8,
     (index, generation): (usize, u64),
     tx: &FrameTx,
@@ -37,7 +38,8 @@ pub(crate) async fn connect(
             _ => Duration::from_secs(2),
         };
         tries += 1;
-        let r = tokio::time::timeout(attempt, quic::connect(ep, addr, name)).await;
+        // The backup's certificate must grant it the backup role for this VM.
+        let r = tokio::time::timeout(attempt, quic::connect_backup(ep, addr, name, Some(vm))).await;
         match r {
             Ok(Ok(c)) => break c,
             Ok(Err(e)) if Instant::now() < deadline => {
