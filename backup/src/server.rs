@@ -233,6 +233,36 @@ fn refused_hello(frame: &[u8], cert: &Result<PeerCert, TransportError>) -> Optio
     }
 }
 
+/// One frame from the primary: a `Hello` its certificate may not send is refused (the session
+/// ends); anything else goes to the receiver. A duplicate (a resend of what was applied) is
+/// harmless and logged at debug level only, so a resend is not hundreds of warnings.
+async fn on_frame(
+    r: &mut Receiver,
+    link: &mut BackupLink,
+    f: &[u8],
+    cert: &Result<PeerCert, TransportError>,
+) -> Result<(), Failure> {
+    tracing::trace!("frame of {} bytes", f.len());
+    if let Some(reason) = refused_hello(f, cert) {
+        let mut detail = reason.clone();
+        detail.truncate(MAX_TEXT);
+        let refuse = Message::Refuse(Refuse {
+            code: RefuseCode::WrongPeer,
+            epoch: None,
+            detail,
+        });
+        let _ = link.send(&refuse.encode()).await;
+        let peer = link.connection().remote_address().to_string();
+        return Err(Failure::Session(BackupError::NotPermitted { peer, reason }));
+    }
+    match r.handle_frame(Instant::now(), f) {
+        Err(e @ ProtocolError::Duplicate { .. }) => tracing::debug!("ignored frame: {e}"),
+        Err(e) => tracing::warn!("refused frame: {e}"),
+        Ok(()) => {}
+    }
+    Ok(())
+}
+
 async fn session_loop(
     cfg: &BackupConfig,
     link: &mut BackupLink,
@@ -255,28 +285,19 @@ async fn session_loop(
         let deadline = r.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             f = rx.recv() => match f {
-                Some(Ok(f)) => {
-                    tracing::trace!("frame of {} bytes", f.len());
-                    if let Some(reason) = refused_hello(&f, cert) {
-                        let mut detail = reason.clone();
-                        detail.truncate(MAX_TEXT);
-                        let refuse = Message::Refuse(Refuse {
-                            code: RefuseCode::WrongPeer,
-                            epoch: None,
-                            detail,
-                        });
-                        let _ = link.send(&refuse.encode()).await;
-                        let peer = link.connection().remote_address().to_string();
-                        return Err(Failure::Session(BackupError::NotPermitted { peer, reason }));
-                    }
-                    if let Err(e) = r.handle_frame(Instant::now(), &f) {
-                        tracing::warn!("refused frame: {e}");
-                    }
-                }
+                Some(Ok(f)) => on_frame(&mut r, link, &f, cert).await?,
                 Some(Err(e)) => return Err(Failure::Session(e.into())),
                 None => return Ok(End::StreamsClosed),
             },
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                // Input that waited while this loop was busy (a long apply) is handled before
+                // the silence check: a primary that kept talking is not silent.
+                while let Ok(f) = rx.try_recv() {
+                    match f {
+                        Ok(f) => on_frame(&mut r, link, &f, cert).await?,
+                        Err(e) => return Err(Failure::Session(e.into())),
+                    }
+                }
                 r.handle_timeout(Instant::now());
             }
             _ = stop.changed() => return Ok(End::Stopped),

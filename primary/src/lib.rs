@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod driver;
 pub mod encode;
 pub mod epoch;
 pub mod history;
@@ -24,7 +25,7 @@ pub mod policy;
 pub use policy::{Command, Policy, PolicyConfig};
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,8 @@ use protocol::ProtocolError;
 
 use tokio::sync::watch;
 use transport::certs::Identity;
-use transport::{quic, PrimaryLink, QuicConfig};
-use vmm::{CaptureKind, Vm};
+use transport::QuicConfig;
+use vmm::Vm;
 
 /// Typed errors of the primary.
 #[derive(Debug, thiserror::Error)]
@@ -226,18 +227,14 @@ impl PrimaryState {
 /// Replicates `vm` (already started) to the backups until `stop` turns true or too few backups
 /// remain to release output. Called again after a failure with the same `state`, it brings
 /// backups that hold a checkpoint of this history up to date by quick resync. The decisions are
-/// the [`Policy`]'s; this loop executes its commands and moves frames.
+/// the [`Policy`]'s; this loop (see [`driver`]) executes its commands and moves frames.
 pub async fn run(
     vm: Arc<Vm>,
     cfg: PrimaryConfig,
     stats: Arc<Stats>,
     state: &mut PrimaryState,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), PrimaryError> {
-    let ep = quic::client(&cfg.identity, &cfg.quic)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
-    type Connected = (usize, u64, Result<PrimaryLink, PrimaryError>);
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Connected>(16);
     // The VM says when output starts waiting (early checkpoints end the epoch then).
     let output_waiting = Arc::new(tokio::sync::Notify::new());
     if cfg.early_checkpoints {
@@ -246,184 +243,8 @@ pub async fn run(
     }
     let _waker = WakerGuard(&vm);
     let history = state.history.id;
-    let mut links: Vec<Option<(u64, PrimaryLink)>> = cfg.backups.iter().map(|_| None).collect();
-    let mut generation = 0u64;
-    let mut p = Policy::new(cfg.policy(), state, stats.clone(), Instant::now());
-    let mut to_close = Vec::new();
-    let mut work: Option<Work> = None;
-    loop {
-        p.set_output_waiting(cfg.early_checkpoints && vm.output_waiting());
-        while let Some(c) = p.poll_command() {
-            match c {
-                Command::Connect(i) => {
-                    generation += 1;
-                    let (ep, tx, ct, g) = (ep.clone(), tx.clone(), conn_tx.clone(), generation);
-                    let (addr, name) = cfg.backups[i].clone();
-                    let (lanes, vm_id) = (cfg.lanes, cfg.vm_id.clone());
-                    tokio::spawn(async move {
-                        let r = peer::connect(&ep, (addr, &name), &vm_id, lanes, (i, g), &tx).await;
-                        let _ = ct.send((i, g, r)).await;
-                    });
-                }
-                // Long work (a pre-copy pass scans all memory, a full capture copies it) runs on
-                // a blocking thread while this loop goes on answering frames and timers, so
-                // heartbeats keep flowing (the policy asks for nothing else meanwhile).
-                Command::PreCopy { round } => {
-                    let vm = vm.clone();
-                    work = Some(tokio::task::spawn_blocking(move || match round {
-                        0 => (true, vm.precopy_start()),
-                        _ => (true, vm.precopy_pass()),
-                    }));
-                }
-                Command::Capture {
-                    kind: CaptureKind::Full,
-                    disk_ranges,
-                } => {
-                    let vm = vm.clone();
-                    work = Some(tokio::task::spawn_blocking(move || {
-                        (
-                            false,
-                            vm.capture_epoch_with(CaptureKind::Full, &disk_ranges),
-                        )
-                    }));
-                }
-                Command::Capture { kind, disk_ranges } => {
-                    match vm.capture_epoch_with(kind, &disk_ranges) {
-                        Ok(cap) => p.handle_capture(&cap, Instant::now()),
-                        Err(e) => {
-                            p.handle_capture_failed(&e.to_string());
-                            return Err(e.into());
-                        }
-                    }
-                }
-                Command::Release(e) => {
-                    let n = vm.release_output(e);
-                    tracing::trace!("{n} frames of output epoch {e} released");
-                    stats.released_frames.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Command::Close(i) => to_close.push(i),
-            }
-        }
-        let counter = p.syncing().then_some(&stats.sync_sent_bytes);
-        flush(&mut p, &mut links, counter).await;
-        for i in to_close.drain(..) {
-            if let Some((_, l)) = links[i].take() {
-                l.close(
-                    quic::code::SESSION_FAILED,
-                    "session over: failed or dropped",
-                );
-            }
-        }
-        if let Some(why) = p.failed() {
-            return Err(PrimaryError::BackupLost(why.to_string()));
-        }
-        // Frames still queued (a big checkpoint is sent a slice per turn, so the loop keeps
-        // answering frames and timers meanwhile): come straight back.
-        let deadline = match p.has_transmits() {
-            true => Some(tokio::time::Instant::now()),
-            false => p.poll_timeout().map(tokio::time::Instant::from_std),
-        };
-        tokio::select! {
-            f = rx.recv() => match f {
-                // Frames of a connection that has since been replaced are dropped.
-                Some((i, g, _)) if links[i].as_ref().map(|l| l.0) != Some(g) => {}
-                Some((i, _, Ok(f))) => p.handle_frame(i, &f, Instant::now()),
-                Some((i, _, Err(e))) => {
-                    if let Some((_, l)) = links[i].take() {
-                        l.close(quic::code::SESSION_FAILED, &e.to_string());
-                    }
-                    p.handle_link_error(i, &e.to_string(), Instant::now());
-                }
-                None => return Err(PrimaryError::BackupLost("every connection closed".into())),
-            },
-            Some((i, g, r)) = conn_rx.recv() => match r {
-                Ok(link) => {
-                    links[i] = Some((g, link));
-                    p.handle_connected(i, history, Instant::now());
-                }
-                Err(e) => p.handle_connect_failed(i, &e.to_string()),
-            },
-            // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
-            _ = async {
-                match deadline {
-                    Some(d) if d <= tokio::time::Instant::now() => {}
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => p.handle_timeout(Instant::now()),
-            done = async {
-                match work.as_mut() {
-                    Some(h) => h.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                work = None;
-                match done {
-                    Ok((true, Ok(cap))) => p.handle_precopy(&cap, Instant::now()),
-                    Ok((false, Ok(cap))) => p.handle_capture(&cap, Instant::now()),
-                    Ok((_, Err(e))) => {
-                        p.handle_capture_failed(&e.to_string());
-                        return Err(e.into());
-                    }
-                    Err(e) => {
-                        p.handle_capture_failed(&e.to_string());
-                        return Err(PrimaryError::BackupLost(format!("capture task: {e}")));
-                    }
-                }
-            }
-            // Output started waiting: look again (see `Policy::wake`).
-            _ = output_waiting.notified(), if cfg.early_checkpoints => {}
-            _ = stop.changed() => {
-                p.close_all(Instant::now(), "primary stopping");
-                flush(&mut p, &mut links, None).await;
-                for (_, l) in links.iter_mut().filter_map(Option::take) {
-                    l.close(quic::code::SHUTDOWN, "primary stopping");
-                }
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Most bytes sent to one backup per turn of the loop.
-const FLUSH_BYTES: usize = 8 << 20;
-
-/// A pre-copy pass (true) or a full capture (false) on a blocking thread.
-type Work = tokio::task::JoinHandle<(
-    bool,
-    Result<vmm::EpochCapture, vmm::snapshot::SnapshotError>,
-)>;
-
-/// Sends what the policy queued for every connected backup; a link that fails is reported.
-async fn flush(
-    p: &mut Policy<'_>,
-    links: &mut [Option<(u64, PrimaryLink)>],
-    counter: Option<&AtomicU64>,
-) {
-    for (i, slot) in links.iter_mut().enumerate() {
-        let Some((_, link)) = slot else {
-            continue;
-        };
-        let mut err = None;
-        let mut budget = FLUSH_BYTES;
-        while budget > 0 {
-            let Some((lane, f)) = p.poll_transmit(i, Instant::now()) else {
-                break;
-            };
-            budget = budget.saturating_sub(f.len());
-            if let Err(e) = link.send(lane, &f).await {
-                err = Some(e);
-                break;
-            }
-            if let Some(c) = counter {
-                c.fetch_add(f.len() as u64, Ordering::Relaxed);
-            }
-        }
-        if let Some(e) = err {
-            if let Some((_, l)) = slot.take() {
-                l.close(quic::code::SESSION_FAILED, &e.to_string());
-            }
-            p.handle_link_error(i, &e.to_string(), Instant::now());
-        }
-    }
+    let p = Policy::new(cfg.policy(), state, stats.clone(), Instant::now());
+    driver::Driver::new(vm.clone(), cfg, stats, history)?
+        .run(p, output_waiting, stop)
+        .await
 }

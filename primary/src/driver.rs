@@ -1,0 +1,281 @@
+//! The I/O half of the primary: executes the [`Policy`]'s commands (connect, pre-copy pass,
+//! capture, release, close) against the VM and the network, and moves frames between the
+//! policy and the QUIC links. It decides nothing.
+//!
+//! Long work — a pre-copy pass scans all memory, a full capture copies it — runs on a blocking
+//! thread while the loop goes on answering frames and timers, so heartbeats keep flowing (the
+//! policy asks for nothing else meanwhile). A backup gets at most `FLUSH_BYTES` of frames per
+//! turn of the loop, so one big checkpoint never keeps the loop from its other work. Input that
+//! waited while the loop was busy is handled before timers fire: a backup that kept talking is
+//! never declared silent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch, Notify};
+use transport::{quic, PrimaryLink, TransportError};
+use vmm::snapshot::SnapshotError;
+use vmm::{CaptureKind, EpochCapture, Vm};
+
+use crate::peer;
+use crate::{Command, Policy, PrimaryConfig, PrimaryError, Stats};
+
+/// Most bytes sent to one backup per turn of the loop.
+const FLUSH_BYTES: usize = 8 << 20;
+
+/// A pre-copy pass (true) or a full capture (false) on a blocking thread.
+type Work = tokio::task::JoinHandle<(bool, Result<EpochCapture, SnapshotError>)>;
+
+/// A frame (or a link error) from backup `i`'s connection of a generation.
+type Frame = (usize, u64, Result<Vec<u8>, TransportError>);
+
+/// A connection attempt's result.
+type Connected = (usize, u64, Result<PrimaryLink, PrimaryError>);
+
+/// See the module docs.
+pub(crate) struct Driver {
+    vm: Arc<Vm>,
+    cfg: PrimaryConfig,
+    stats: Arc<Stats>,
+    history: u64,
+    ep: quinn::Endpoint,
+    frames_tx: mpsc::Sender<Frame>,
+    frames: mpsc::Receiver<Frame>,
+    conn_tx: mpsc::Sender<Connected>,
+    conns: mpsc::Receiver<Connected>,
+    /// Each backup's link and its generation.
+    links: Vec<Option<(u64, PrimaryLink)>>,
+    generation: u64,
+    work: Option<Work>,
+    to_close: Vec<usize>,
+}
+
+impl Driver {
+    pub fn new(
+        vm: Arc<Vm>,
+        cfg: PrimaryConfig,
+        stats: Arc<Stats>,
+        history: u64,
+    ) -> Result<Self, PrimaryError> {
+        let ep = quic::client(&cfg.identity, &cfg.quic)?;
+        let (frames_tx, frames) = mpsc::channel(4096);
+        let (conn_tx, conns) = mpsc::channel(16);
+        Ok(Driver {
+            links: cfg.backups.iter().map(|_| None).collect(),
+            vm,
+            cfg,
+            stats,
+            history,
+            ep,
+            frames_tx,
+            frames,
+            conn_tx,
+            conns,
+            generation: 0,
+            work: None,
+            to_close: Vec::new(),
+        })
+    }
+
+    /// Runs the session until `stop` turns true (Ok) or it fails.
+    pub async fn run(
+        mut self,
+        mut p: Policy<'_>,
+        output_waiting: Arc<Notify>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), PrimaryError> {
+        let early = self.cfg.early_checkpoints;
+        loop {
+            p.set_output_waiting(early && self.vm.output_waiting());
+            while let Some(c) = p.poll_command() {
+                self.execute(&mut p, c)?;
+            }
+            let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
+            flush(&mut p, &mut self.links, counter).await;
+            for i in std::mem::take(&mut self.to_close) {
+                if let Some((_, l)) = self.links[i].take() {
+                    l.close(
+                        quic::code::SESSION_FAILED,
+                        "session over: failed or dropped",
+                    );
+                }
+            }
+            if let Some(why) = p.failed() {
+                return Err(PrimaryError::BackupLost(why.to_string()));
+            }
+            // Frames still queued (a big checkpoint goes a slice per turn): come straight back.
+            let deadline = match p.has_transmits() {
+                true => Some(tokio::time::Instant::now()),
+                false => p.poll_timeout().map(tokio::time::Instant::from_std),
+            };
+            let work = &mut self.work;
+            tokio::select! {
+                f = self.frames.recv() => match f {
+                    Some(f) => self.on_frame(&mut p, f),
+                    None => return Err(PrimaryError::BackupLost("every connection closed".into())),
+                },
+                Some((i, g, r)) = self.conns.recv() => match r {
+                    Ok(link) => {
+                        self.links[i] = Some((g, link));
+                        p.handle_connected(i, self.history, Instant::now());
+                    }
+                    Err(e) => p.handle_connect_failed(i, &e.to_string()),
+                },
+                // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
+                _ = async {
+                    match deadline {
+                        Some(d) if d <= tokio::time::Instant::now() => {}
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    while let Ok(f) = self.frames.try_recv() {
+                        self.on_frame(&mut p, f);
+                    }
+                    p.handle_timeout(Instant::now());
+                }
+                done = async {
+                    match work.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.work = None;
+                    self.on_work_done(&mut p, done)?;
+                }
+                // Output started waiting: look again (see `Policy::wake`).
+                _ = output_waiting.notified(), if early => {}
+                _ = stop.changed() => {
+                    p.close_all(Instant::now(), "primary stopping");
+                    flush(&mut p, &mut self.links, None).await;
+                    for (_, l) in self.links.iter_mut().filter_map(Option::take) {
+                        l.close(quic::code::SHUTDOWN, "primary stopping");
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A frame or link error from a backup (of a connection not since replaced).
+    fn on_frame(&mut self, p: &mut Policy<'_>, (i, g, f): Frame) {
+        if self.links[i].as_ref().map(|l| l.0) != Some(g) {
+            return;
+        }
+        match f {
+            Ok(f) => p.handle_frame(i, &f, Instant::now()),
+            Err(e) => {
+                if let Some((_, l)) = self.links[i].take() {
+                    l.close(quic::code::SESSION_FAILED, &e.to_string());
+                }
+                p.handle_link_error(i, &e.to_string(), Instant::now());
+            }
+        }
+    }
+
+    fn execute(&mut self, p: &mut Policy<'_>, c: Command) -> Result<(), PrimaryError> {
+        match c {
+            Command::Connect(i) => {
+                self.generation += 1;
+                let (ep, tx, ct) = (
+                    self.ep.clone(),
+                    self.frames_tx.clone(),
+                    self.conn_tx.clone(),
+                );
+                let g = self.generation;
+                let (addr, name) = self.cfg.backups[i].clone();
+                let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
+                tokio::spawn(async move {
+                    let r = peer::connect(&ep, (addr, &name), &vm_id, lanes, (i, g), &tx).await;
+                    let _ = ct.send((i, g, r)).await;
+                });
+            }
+            Command::PreCopy { round } => {
+                let vm = self.vm.clone();
+                self.work = Some(tokio::task::spawn_blocking(move || match round {
+                    0 => (true, vm.precopy_start()),
+                    _ => (true, vm.precopy_pass()),
+                }));
+            }
+            Command::Capture {
+                kind: CaptureKind::Full,
+                disk_ranges,
+            } => {
+                let vm = self.vm.clone();
+                self.work = Some(tokio::task::spawn_blocking(move || {
+                    let cap = vm.capture_epoch_with(CaptureKind::Full, &disk_ranges);
+                    (false, cap)
+                }));
+            }
+            Command::Capture { kind, disk_ranges } => {
+                let r = self.vm.capture_epoch_with(kind, &disk_ranges);
+                self.on_work_done(p, Ok((false, r)))?;
+            }
+            Command::Release(e) => {
+                let n = self.vm.release_output(e);
+                tracing::trace!("{n} frames of output epoch {e} released");
+                self.stats
+                    .released_frames
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Command::Close(i) => self.to_close.push(i),
+        }
+        Ok(())
+    }
+
+    fn on_work_done(
+        &mut self,
+        p: &mut Policy<'_>,
+        done: Result<(bool, Result<EpochCapture, SnapshotError>), tokio::task::JoinError>,
+    ) -> Result<(), PrimaryError> {
+        match done {
+            Ok((true, Ok(cap))) => p.handle_precopy(&cap, Instant::now()),
+            Ok((false, Ok(cap))) => p.handle_capture(&cap, Instant::now()),
+            Ok((_, Err(e))) => {
+                p.handle_capture_failed(&e.to_string());
+                return Err(e.into());
+            }
+            Err(e) => {
+                p.handle_capture_failed(&e.to_string());
+                return Err(PrimaryError::BackupLost(format!("capture task: {e}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends what the policy queued for every connected backup, at most `FLUSH_BYTES` each; a link
+/// that fails is closed and reported.
+async fn flush(
+    p: &mut Policy<'_>,
+    links: &mut [Option<(u64, PrimaryLink)>],
+    counter: Option<&AtomicU64>,
+) {
+    for (i, slot) in links.iter_mut().enumerate() {
+        let Some((_, link)) = slot else {
+            continue;
+        };
+        let mut err = None;
+        let mut budget = FLUSH_BYTES;
+        while budget > 0 {
+            let Some((lane, f)) = p.poll_transmit(i, Instant::now()) else {
+                break;
+            };
+            budget = budget.saturating_sub(f.len());
+            if let Err(e) = link.send(lane, &f).await {
+                err = Some(e);
+                break;
+            }
+            if let Some(c) = counter {
+                c.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
+        }
+        if let Some(e) = err {
+            if let Some((_, l)) = slot.take() {
+                l.close(quic::code::SESSION_FAILED, &e.to_string());
+            }
+            p.handle_link_error(i, &e.to_string(), Instant::now());
+        }
+    }
+}
