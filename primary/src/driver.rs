@@ -191,11 +191,12 @@ impl Driver {
                     let _ = ct.send((i, g, r)).await;
                 });
             }
-            Command::PreCopy { round } => {
+            Command::PreCopy { slice, .. } => {
                 let vm = self.vm.clone();
-                self.work = Some(tokio::task::spawn_blocking(move || match round {
-                    0 => (true, vm.precopy_start()),
-                    _ => (true, vm.precopy_pass()),
+                self.work = Some(tokio::task::spawn_blocking(move || match slice {
+                    Some(s) if s.first => (true, vm.precopy_start(s.pages, s.disk)),
+                    Some(s) => (true, vm.precopy_slice(s.pages, s.disk)),
+                    None => (true, vm.precopy_pass()),
                 }));
             }
             Command::Capture {

@@ -115,6 +115,8 @@ impl PrimaryConfig {
             early_checkpoints: self.early_checkpoints,
             precopy_rounds: self.precopy_rounds,
             drop_after: self.drop_after,
+            guest: (0, 0),
+            slice: (policy::SLICE_PAGES, policy::SLICE_DISK),
         }
     }
 }
@@ -243,7 +245,9 @@ pub async fn run(
     }
     let _waker = WakerGuard(&vm);
     let history = state.history.id;
-    let p = Policy::new(cfg.policy(), state, stats.clone(), Instant::now());
+    let mut pc = cfg.policy();
+    pc.guest = (vm.mem_size() / protocol::page::PAGE as u64, vm.disk_len());
+    let p = Policy::new(pc, state, stats.clone(), Instant::now());
     driver::Driver::new(vm.clone(), cfg, stats, history)?
         .run(p, output_waiting, stop)
         .await

@@ -4,7 +4,7 @@
 //! side image promoted at the first checkpoint with state, incremental checkpoints and quick
 //! resyncs on top of the committed image), and links that deliver frames after a delay and can
 //! be cut. Faults: link cuts, backup crashes (the committed image survives, the side image does
-//! not) and stalls.
+//! not), backups that come back without their image (a full sync follows) and stalls.
 //!
 //! Checked at every step:
 //! - **Replica equals primary**: whenever a backup acknowledges checkpoint `seq`, its image is
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use primary::history::History;
-use primary::policy::Join;
+use primary::policy::{Join, Slice};
 use primary::{Command, Policy, PolicyConfig, PrimaryState, Stats};
 use protocol::message::{Kind, Position};
 use protocol::page::{decode, EncodeOptions, PAGE};
@@ -136,22 +136,32 @@ impl Guest {
         }
     }
 
-    fn precopy(&mut self, round: u32) -> EpochCapture {
-        let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
-        let (pages, disk, changes) = if round == 0 {
-            let taken = std::mem::take(&mut self.writes);
-            let ch = Changes {
-                dirty,
-                disk: DiskCapture::Writes(taken),
-            };
-            (
-                self.nonzero(),
-                DiskCapture::Full(self.disk.clone()),
-                Some(ch),
-            )
-        } else {
+    /// A pre-copy pass: a slice of round 0 (the first restarts tracking), or a later round.
+    fn precopy(&mut self, slice: Option<Slice>) -> EpochCapture {
+        let (pages, disk, changes): (Vec<u64>, _, _) = match slice {
+            Some(s) => {
+                let changes = s.first.then(|| Changes {
+                    dirty: std::mem::take(&mut self.dirty).into_iter().collect(),
+                    disk: DiskCapture::Writes(std::mem::take(&mut self.writes)),
+                });
+                let pages = self
+                    .nonzero()
+                    .into_iter()
+                    .filter(|g| s.pages.contains(g))
+                    .collect();
+                let (a, b) = (s.disk.start.min(DISK as u64), s.disk.end.min(DISK as u64));
+                let chunk = self.disk[a as usize..b as usize].to_vec();
+                let disk = match chunk.iter().any(|&x| x != 0) {
+                    true => vec![(a, chunk)],
+                    false => Vec::new(),
+                };
+                (pages, DiskCapture::Writes(disk), changes)
+            }
             // Disk writes stay recorded for the final capture.
-            (dirty, DiskCapture::Writes(Vec::new()), None)
+            None => {
+                let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+                (dirty, DiskCapture::Writes(Vec::new()), None)
+            }
         };
         EpochCapture {
             epoch: 0,
@@ -301,6 +311,8 @@ struct Sim {
     latency: Duration,
     released: u64,
     resyncs: usize,
+    /// Pre-copy passes (round 0 slices and later rounds).
+    precopies: usize,
 }
 
 impl Sim {
@@ -338,6 +350,7 @@ impl Sim {
             required,
             released: 0,
             resyncs: 0,
+            precopies: 0,
         }
     }
 
@@ -349,8 +362,9 @@ impl Sim {
                     let t = self.now + Duration::from_millis(1 + self.rng.below(20));
                     self.connecting.push((i, t));
                 }
-                Command::PreCopy { round } => {
-                    let cap = self.guest.precopy(round);
+                Command::PreCopy { slice, .. } => {
+                    self.precopies += 1;
+                    let cap = self.guest.precopy(slice);
                     p.handle_precopy(&cap, self.now);
                 }
                 Command::Capture { kind, disk_ranges } => {
@@ -489,7 +503,7 @@ impl Sim {
     /// A fault, chosen by the seed.
     fn fault(&mut self, p: &mut Policy<'_>) {
         let i = self.rng.below(self.backups.len() as u64) as usize;
-        match self.rng.below(3) {
+        match self.rng.below(4) {
             0 => {
                 // The link breaks: both ends notice.
                 self.cut(i);
@@ -500,6 +514,13 @@ impl Sim {
                 self.cut(i);
                 self.backups[i].up = false;
                 p.handle_link_error(i, "backup crashed", self.now);
+            }
+            2 => {
+                // The backup host loses its disk: it comes back empty (a full sync follows).
+                self.cut(i);
+                self.backups[i].up = false;
+                self.backups[i].committed = None;
+                p.handle_link_error(i, "backup lost its image", self.now);
             }
             _ => {
                 let d = Duration::from_millis(50 + self.rng.below(1500));
@@ -527,6 +548,9 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
         early_checkpoints: rng.chance(500),
         precopy_rounds: [0, 3, 8][rng.below(3) as usize],
         drop_after: Duration::from_millis(300),
+        guest: (PAGES as u64, DISK as u64),
+        // Round 0 in 4 slices.
+        slice: (PAGES as u64 / 4, DISK as u64 / 4),
     }
 }
 
@@ -594,9 +618,10 @@ fn run(seed: u64) {
         );
     }
     eprintln!(
-        "seed {seed}: {n} backups, {required} required, {sessions} sessions, {} checkpoints, {} quick resyncs, output released up to epoch {}",
+        "seed {seed}: {n} backups, {required} required, {sessions} sessions, {} checkpoints, {} quick resyncs, {} pre-copy passes, output released up to epoch {}",
         st.history.next_seq(),
         sim.resyncs,
+        sim.precopies,
         sim.released
     );
 }

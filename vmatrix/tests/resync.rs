@@ -75,14 +75,15 @@ fn fault_then_crash(fault: Fault) {
     );
     let mut kv = r.wait_ready(Duration::from_secs(20));
     let mut acked = write_keys(&mut kv, "a", 100);
+    // Connected now, while the guest answers quickly (during the fault even its SYN-ACK would
+    // be held, and a churning guest is slow to accept).
+    let mut kv2 = KvClient::connect(r.primary.addr).unwrap();
     assert_eq!(kv.cmd("CHURN 2000 20").unwrap(), "OK");
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     acked.extend(write_keys(&mut kv, "c", 20));
     eprintln!("{fault:?}: 20 writes before the fault in {:?}", t.elapsed());
     // A client writes during the fault: its write is answered only once a backup holds it.
-    // (Connected before: during the fault even the guest's SYN-ACK is held.)
-    let mut kv2 = KvClient::connect(r.primary.addr).unwrap();
     let during = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
         let kv = &mut kv2;

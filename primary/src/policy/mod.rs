@@ -65,6 +65,10 @@ pub struct PolicyConfig {
     pub precopy_rounds: u32,
     /// See the module docs.
     pub drop_after: Duration,
+    /// Guest RAM in pages and disk bytes (to cut pre-copy round 0 in slices).
+    pub guest: (u64, u64),
+    /// Pages and disk bytes per slice of pre-copy round 0 ([`SLICE_PAGES`], [`SLICE_DISK`]).
+    pub slice: (u64, u64),
 }
 
 /// What the loop must do.
@@ -73,11 +77,15 @@ pub enum Command {
     /// Connect backup `i`; report [`Policy::handle_connected`] or
     /// [`Policy::handle_connect_failed`].
     Connect(usize),
-    /// A pre-copy pass while the guest runs (`round` 0 restarts tracking: `Vm::precopy_start`,
-    /// else `Vm::precopy_pass`); report [`Policy::handle_precopy`].
+    /// A pre-copy pass while the guest runs; report [`Policy::handle_precopy`]. Round 0 goes
+    /// in slices (`Vm::precopy_start` for the first, which restarts tracking, then
+    /// `Vm::precopy_slice`), each a checkpoint of its own, so nothing ever holds a whole big
+    /// guest; later rounds copy what was dirtied meanwhile (`Vm::precopy_pass`).
     PreCopy {
         /// Round number within this full sync.
         round: u32,
+        /// For round 0: the slice (guest frames, disk bytes), and whether it is the first.
+        slice: Option<Slice>,
     },
     /// Pause and capture (`Vm::capture_epoch_with`); report [`Policy::handle_capture`].
     Capture {
@@ -91,6 +99,22 @@ pub enum Command {
     /// Close the connection of backup `i` (once what was queued for it is sent).
     Close(usize),
 }
+
+/// One slice of pre-copy round 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// Guest frame numbers to copy (the non-zero pages among them).
+    pub pages: std::ops::Range<u64>,
+    /// Disk bytes to copy (the non-zero 64 KiB chunks among them).
+    pub disk: std::ops::Range<u64>,
+    /// The first slice (tracking restarts with it).
+    pub first: bool,
+}
+
+/// Guest pages per slice of pre-copy round 0 (64 MiB).
+pub const SLICE_PAGES: u64 = 16 << 10;
+/// Disk bytes per slice of pre-copy round 0.
+pub const SLICE_DISK: u64 = 64 << 20;
 
 /// Where a backup stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +134,16 @@ pub enum Join {
 pub enum Phase {
     /// Waiting for `required` backups to welcome the session.
     Start,
-    /// Pre-copy round `round` is next.
+    /// Pre-copy round `round` (slice `slice` of it, for round 0) is next.
     PreCopy {
         /// The round.
         round: u32,
+        /// The next slice of round 0.
+        slice: u64,
         /// Pages the previous round found.
         last_pages: Option<usize>,
+        /// Pages this round found so far.
+        pages: usize,
     },
     /// The next capture ends the full sync (or is the one-pause full sync).
     FinalSync,
@@ -416,6 +444,14 @@ impl<'a> Policy<'a> {
             && (!start || ready >= self.required())
     }
 
+    /// Every backup in step has room in its window for another checkpoint.
+    fn room(&self) -> bool {
+        self.backups
+            .iter()
+            .filter(|b| b.active())
+            .all(|b| b.sender.as_ref().is_some_and(|s| s.can_send()))
+    }
+
     fn idle(&self) -> bool {
         self.backups
             .iter()
@@ -428,6 +464,10 @@ impl<'a> Policy<'a> {
         match self.phase {
             Phase::Start | Phase::FinalSync => Some(self.last_capture.min(self.tick)),
             // Pre-copy rounds go one at a time, each once the previous one is acknowledged.
+            // Later slices of round 0 go as soon as every backup has room for one.
+            Phase::PreCopy {
+                round: 0, slice, ..
+            } if slice > 0 && self.room() => Some(self.last_capture.min(self.tick)),
             Phase::PreCopy { .. } if self.idle() => Some(self.last_capture.min(self.tick)),
             Phase::PreCopy { .. } => None,
             // Early checkpoint (COLO-style): output of this epoch is waiting, so end the epoch
@@ -518,7 +558,9 @@ impl<'a> Policy<'a> {
             0 => Phase::FinalSync,
             _ => Phase::PreCopy {
                 round: 0,
+                slice: 0,
                 last_pages: None,
+                pages: 0,
             },
         };
     }
@@ -532,14 +574,19 @@ impl<'a> Policy<'a> {
                     self.on_wake(now);
                 }
             }
-            Phase::PreCopy { round, last_pages } => {
+            Phase::PreCopy { round, slice, .. } => {
                 self.pending = Some(Plan {
                     one_pause_sync: false,
                     full_join: false,
                     early: false,
                 });
-                self.phase = Phase::PreCopy { round, last_pages };
-                self.commands.push_back(Command::PreCopy { round });
+                let (sp, sd) = self.cfg.slice;
+                let slice = (round == 0).then(|| Slice {
+                    pages: slice * sp..(slice + 1) * sp,
+                    disk: slice * sd..(slice + 1) * sd,
+                    first: slice == 0,
+                });
+                self.commands.push_back(Command::PreCopy { round, slice });
             }
             Phase::FinalSync | Phase::Protected => self.epoch_end(now),
         }
@@ -589,12 +636,7 @@ impl<'a> Policy<'a> {
     fn epoch_end(&mut self, now: Instant) {
         let early = self.phase == Phase::Protected && now < self.tick;
         self.drop_slow(now);
-        let room = self
-            .backups
-            .iter()
-            .filter(|b| b.active())
-            .all(|b| b.sender.as_ref().is_some_and(|s| s.can_send()));
-        if !room {
+        if !self.room() {
             self.next_tick(now, early, None);
             return;
         }
@@ -657,16 +699,28 @@ impl<'a> Policy<'a> {
 
     /// The result of a [`Command::PreCopy`].
     pub fn handle_precopy(&mut self, cap: &EpochCapture, now: Instant) {
-        let Phase::PreCopy { round, last_pages } = self.phase else {
+        let Phase::PreCopy {
+            round,
+            slice,
+            last_pages,
+            pages,
+        } = self.phase
+        else {
             return;
         };
         self.pending = None;
-        if round == 0 {
+        if round == 0 && slice == 0 {
             self.st.shadow.clear();
         }
         let n = cap.pages.len();
         let seq = self.st.history.take_seq();
-        self.record(seq, cap);
+        // Round 0 copies what is there; only what changed since the previous capture (its
+        // first slice's `changes`) is a change. Later rounds copy what changed.
+        match (round, &cap.changes) {
+            (0, Some(ch)) => self.st.history.record(seq, &ch.dirty, &ch.disk),
+            (0, None) => {}
+            _ => self.st.history.record(seq, &cap.pages, &cap.disk),
+        }
         let cp = self.st.shadow.checkpoint(seq, Kind::PreCopy, cap);
         let bytes = cp.data_bytes();
         let live = self.backups.iter().filter(|b| b.active()).count() as u64;
@@ -674,16 +728,33 @@ impl<'a> Policy<'a> {
             .sync_queued_bytes
             .fetch_add(bytes * live, Ordering::Relaxed);
         self.send_to_active(&cp, now);
+        let slices = self.slices();
         tracing::info!(
-            "pre-copy round {round} (checkpoint {seq}): {n} pages, {} disk bytes, {:.1} MiB queued, {:.0} ms into the sync",
+            "pre-copy round {round}{} (checkpoint {seq}): {n} pages, {} disk bytes, {:.1} MiB queued, {:.0} ms into the sync",
+            match round {
+                0 if slices > 1 => format!(", slice {} of {slices}", slice + 1),
+                _ => String::new(),
+            },
             cp.disk.iter().map(|d| d.1.len()).sum::<usize>(),
             bytes as f64 / (1 << 20) as f64,
             now.saturating_duration_since(self.sync_started).as_secs_f64() * 1e3,
         );
         self.precopied = true;
+        self.last_capture = now;
         self.stats
             .epochs
             .store(self.st.history.next_seq(), Ordering::Relaxed);
+        let n = pages + n;
+        if round == 0 && slice + 1 < slices {
+            self.phase = Phase::PreCopy {
+                round,
+                slice: slice + 1,
+                last_pages,
+                pages: n,
+            };
+            self.after_input(now);
+            return;
+        }
         self.stats
             .sync_rounds
             .store(u64::from(round) + 1, Ordering::Relaxed);
@@ -696,11 +767,22 @@ impl<'a> Policy<'a> {
             true => Phase::FinalSync,
             false => Phase::PreCopy {
                 round: round + 1,
+                slice: 0,
                 last_pages: Some(n),
+                pages: 0,
             },
         };
-        self.last_capture = now;
         self.after_input(now);
+    }
+
+    /// Slices of pre-copy round 0 for this guest.
+    fn slices(&self) -> u64 {
+        let (pages, disk) = self.cfg.guest;
+        let (sp, sd) = self.cfg.slice;
+        pages
+            .div_ceil(sp.max(1))
+            .max(disk.div_ceil(sd.max(1)))
+            .max(1)
     }
 
     fn send_to_active(&mut self, cp: &Checkpoint, now: Instant) {
@@ -722,14 +804,8 @@ impl<'a> Policy<'a> {
     fn record(&mut self, seq: u64, cap: &EpochCapture) {
         let h = &mut self.st.history;
         match &cap.changes {
-            // A full capture lists every non-zero page; what changed is in `changes`. Pre-copy
-            // round 0 (no state) also copies every page it lists, over a restarted tracking.
-            Some(ch) => {
-                h.record(seq, &ch.dirty, &ch.disk);
-                if cap.state.is_empty() {
-                    h.record(seq, &cap.pages, &cap.disk);
-                }
-            }
+            // A full capture lists every non-zero page; what changed is in `changes`.
+            Some(ch) => h.record(seq, &ch.dirty, &ch.disk),
             None => h.record(seq, &cap.pages, &cap.disk),
         }
     }

@@ -8,6 +8,7 @@
 //! from a checkpoint, nor a checkpoint from the snapshot chain. A capture that fails after it
 //! took its changes gives them back (the next capture carries them).
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -17,6 +18,10 @@ use crate::devices::virtio::blk::SECTOR_SIZE;
 use crate::dirty::{Consumer, Pending};
 use crate::layout::PAGE_SIZE;
 use crate::snapshot::SnapshotError;
+
+/// Disk bytes read under the device lock at a time by a pre-copy slice (and the unit in which
+/// zero chunks are skipped).
+const SLICE_CHUNK: u64 = 64 << 10;
 
 /// Full (initial sync) or incremental capture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +194,7 @@ impl Vm {
     ) -> Result<(Vec<u64>, Vec<u8>, Option<Vec<u8>>), SnapshotError> {
         let pages = match kind {
             CaptureKind::Incremental => ch.page_list(self.mem_size / PAGE_SIZE),
-            CaptureKind::Full => self.nonzero_pages()?,
+            CaptureKind::Full => self.nonzero_pages(0..self.mem_size / PAGE_SIZE)?,
         };
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
@@ -238,10 +243,10 @@ impl Vm {
     }
 
     /// Guest frame numbers of the pages that are not all zero.
-    fn nonzero_pages(&self) -> Result<Vec<u64>, SnapshotError> {
+    fn nonzero_pages(&self, range: Range<u64>) -> Result<Vec<u64>, SnapshotError> {
         let mut nonzero = Vec::new();
         let mut page = vec![0u8; PAGE_SIZE as usize];
-        for pfn in 0..self.mem_size / PAGE_SIZE {
+        for pfn in range {
             self.mem
                 .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
                 .map_err(capture_err)?;
@@ -256,16 +261,21 @@ impl Vm {
         Ok(nonzero)
     }
 
-    /// First pre-copy pass of an initial sync, while the guest runs: starts dirty tracking and
-    /// disk-write recording afresh, then copies every non-zero page and the whole disk. What the
-    /// guest changes meanwhile is tracked, so a torn copy is sent again by a later pass.
-    pub fn precopy_start(&self) -> Result<EpochCapture, SnapshotError> {
+    /// First pre-copy pass of a full sync, while the guest runs: starts dirty tracking and
+    /// disk-write recording afresh, then copies the first slice of round 0 (see
+    /// [`precopy_slice`](Self::precopy_slice)). What the guest changes meanwhile is tracked, so a
+    /// torn copy is sent again by a later pass.
+    pub fn precopy_start(
+        &self,
+        pages: Range<u64>,
+        disk: Range<u64>,
+    ) -> Result<EpochCapture, SnapshotError> {
         // What changed since the previous capture is no longer tracked after this: returned as
         // `changes`, so a caller that tracks changes per checkpoint (quick resync) loses nothing.
         let ch = self
             .take_changes(Consumer::Replication, true)
             .map_err(capture_err)?;
-        let (pages, data, disk) = match self.copy_precopy_start() {
+        let (pages, data, disk) = match self.copy_slice(pages, disk) {
             Ok(c) => c,
             Err(e) => {
                 self.give_back(Consumer::Replication, ch);
@@ -295,27 +305,73 @@ impl Vm {
         })
     }
 
-    /// The copies of pre-copy round 0, while the guest runs: every non-zero page and the disk.
-    fn copy_precopy_start(&self) -> Result<(Vec<u64>, Vec<u8>, DiskCapture), SnapshotError> {
-        let pages = self.nonzero_pages()?;
+    /// A later slice of pre-copy round 0, while the guest runs (tracking was restarted by
+    /// [`precopy_start`](Self::precopy_start)): the non-zero pages among guest frames `pages`
+    /// and the non-zero 64 KiB chunks of the disk bytes `disk` (both clipped to the VM), as
+    /// disk writes. Round 0 goes in slices so that no buffer, checkpoint or staging area on
+    /// either side has to hold a whole big guest.
+    pub fn precopy_slice(
+        &self,
+        pages: Range<u64>,
+        disk: Range<u64>,
+    ) -> Result<EpochCapture, SnapshotError> {
+        let (pages, data, disk) = self.copy_slice(pages, disk)?;
+        Ok(EpochCapture {
+            epoch: 0,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk,
+            state: Vec::new(),
+            mem_size: self.mem_size,
+            changes: None,
+            extra_disk: Vec::new(),
+        })
+    }
+
+    /// Size of the disk in bytes (0 without one).
+    pub fn disk_len(&self) -> u64 {
+        self.devices
+            .blk
+            .as_ref()
+            .map_or(0, |b| lock(b).device().sectors() * SECTOR_SIZE)
+    }
+
+    /// The copies of one slice of pre-copy round 0, while the guest runs.
+    fn copy_slice(
+        &self,
+        pages: Range<u64>,
+        disk: Range<u64>,
+    ) -> Result<(Vec<u64>, Vec<u8>, DiskCapture), SnapshotError> {
+        let last = self.mem_size / PAGE_SIZE;
+        let pages = self.nonzero_pages(pages.start.min(last)..pages.end.min(last))?;
         let mut data = Vec::new();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
         let disk = match &self.devices.blk {
             None => DiskCapture::None,
             Some(b) => {
-                // Read under the device lock in slices, so no request is half applied in what
-                // we read; writes after the slice are recorded and replayed later.
+                // Read under the device lock a chunk at a time, so no request is half applied
+                // in what we read; writes after the chunk are recorded and replayed later.
                 use std::os::unix::fs::FileExt;
                 let len = lock(b).device().sectors() * SECTOR_SIZE;
-                let mut buf = vec![0u8; len as usize];
-                for (i, chunk) in buf.chunks_mut(1 << 20).enumerate() {
+                let mut chunks = Vec::new();
+                let mut off = disk.start.min(len);
+                while off < disk.end.min(len) {
+                    let n = (disk.end.min(len) - off).min(SLICE_CHUNK);
+                    let mut buf = vec![0u8; n as usize];
                     let t = lock(b);
                     t.device()
                         .file()
-                        .read_exact_at(chunk, (i as u64) << 20)
+                        .read_exact_at(&mut buf, off)
                         .map_err(capture_err)?;
+                    drop(t);
+                    // The side image on the backup starts zeroed: zero chunks need not travel.
+                    if buf.iter().any(|&x| x != 0) {
+                        chunks.push((off, buf));
+                    }
+                    off += n;
                 }
-                DiskCapture::Full(buf)
+                DiskCapture::Writes(chunks)
             }
         };
         Ok((pages, data, disk))
