@@ -97,7 +97,7 @@ pub async fn serve_locked(
             c = server.accept() => match c {
                 Ok(conn) => {
                     let peer = conn.remote_address();
-                    let r = session(&cfg, conn, &mut replica, &mut stop).await;
+                    let r = session(&cfg, &server, conn, &mut replica, &mut stop).await;
                     if let Err(e) = replica.end_session() {
                         tracing::warn!("removing the abandoned side image: {e}");
                     }
@@ -177,19 +177,36 @@ fn close_code(r: &Result<End, Failure>) -> (u32, String) {
 
 async fn session(
     cfg: &BackupConfig,
-    conn: quinn::Connection,
+    server: &Server,
+    mut conn: quinn::Connection,
     replica: &mut Replica,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Failure> {
-    let started = Instant::now();
     let limit = silence_limit(cfg);
-    let cert = transport::roles::peer_cert(&conn);
     // A peer that authenticates and never opens its control stream is closed like a silent one.
-    let accepted = tokio::select! {
-        a = tokio::time::timeout(limit, BackupLink::accept(conn.clone())) => a,
-        _ = stop.changed() => {
-            transport::quic::close(&conn, code::SHUTDOWN, "backup stopping");
-            return Ok(());
+    // A newer connection that arrives meanwhile supersedes it: a primary that gave up on a
+    // handshake attempt (it retries every 150 ms after a link heals) must not hold the backup
+    // for the whole silence limit.
+    let (started, cert, accepted) = loop {
+        let started = Instant::now();
+        let cert = transport::roles::peer_cert(&conn);
+        tokio::select! {
+            a = tokio::time::timeout(limit, BackupLink::accept(conn.clone())) => break (started, cert, a),
+            newer = server.accept() => {
+                if let Ok(n) = newer {
+                    tracing::info!(
+                        "a newer connection from {} supersedes the one from {} that opened no stream",
+                        n.remote_address(),
+                        conn.remote_address()
+                    );
+                    transport::quic::close(&conn, code::SESSION_FAILED, "superseded by a newer connection");
+                    conn = n;
+                }
+            }
+            _ = stop.changed() => {
+                transport::quic::close(&conn, code::SHUTDOWN, "backup stopping");
+                return Ok(());
+            }
         }
     };
     let (mut link, mut rx) = match accepted {
