@@ -42,6 +42,8 @@ pub(crate) async fn connect(
         let r = tokio::time::timeout(attempt, quic::connect_backup(ep, addr, name, Some(vm))).await;
         match r {
             Ok(Ok(c)) => break c,
+            // A certificate that does not allow it is not going to change: no retries.
+            Ok(Err(e @ TransportError::NotPermitted { .. })) => return Err(e.into()),
             Ok(Err(e)) if Instant::now() < deadline => {
                 tracing::debug!("backup {name} not reachable yet ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -139,7 +139,7 @@ fn certificates_must_grant_the_role_for_the_vm() {
     wait_for(
         "the primary",
         || p.stderr_text(),
-        "the certificate of 'fakebk' may not act as backup: it grants roles primary for any VM",
+        "the certificate of 'fakebk' may not act as backup for VM 'vm': it grants roles primary for any VM",
         Duration::from_secs(20),
     );
     p.kill9();
