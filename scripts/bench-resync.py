@@ -5,23 +5,41 @@ One protected VM (`vmatrix primary`) and one backup (`vmatrix backup`, on 127.0.
 in a fresh network namespace vmxbench<N> (N in 50..59, scripts/netns.sh). The client side runs in
 the root namespace and talks to the guest's KV service at 10.77.<N>.2:7000.
 
-  1. setup: certificates, a 256 MiB disk, backup, primary; wait for the KV port;
-  2. data: 500 SETs, then CHURN over half of guest RAM for one pass (RAM is non-zero), then idle;
+  1. setup: certificates, a --disk-mib disk (with --fill-disk: random data from 16 MiB to the
+     end, 4 MiB blocks; the first 16 MiB stay zero: the guest's KV log starts at its
+     superblock, sector 0, and a zero superblock is an empty log that the guest formats at
+     boot), backup, primary; wait for the KV port (with --fill-disk the console must show an
+     empty replay); the initial sync is reported like a full sync (below);
+  2. data: 500 SETs, then CHURN over --churn-mib of guest RAM (default half of it) for one pass
+     (one byte per page: those pages are non-zero but encode to almost nothing), then idle;
   3. quick resync runs (--runs): with two client connections open, the replication link is cut
      (nftables drops UDP port 7100 both ways) for --blip-s seconds; a SET is sent during the cut
      (its reply is held: output commit); the link heals. Measured from the heal: (a) the held
      SET's OK, (b) a SET sent right at the heal on the other (already open) connection,
      (c) a SET on a brand-new TCP connection opened at the heal. The primary's log must show
      "quick resync from checkpoint ..." (its size and pause are captured);
-  4. full sync runs (--runs): the backup is killed (SIGKILL), its image directory deleted and
-     the backup started again (same flags, log appended); a SET sent right after the restart
-     is timed until its OK, from the restart and from the moment the primary's log shows the
-     new backup's Welcome ("backup ... ready (protocol vN); it holds nothing");
-  5. cleanup (processes, namespace, temporary directory), also on errors and signals.
+  4. full sync runs (--runs): with --rate-mbps R > 0 the replication link is first limited to
+     R MB/s (nftables table vmxslow in the namespace: UDP to port 7100 over R*1024 kbytes/s is
+     dropped); the backup is killed (SIGKILL), its image directory deleted and the backup
+     started again (same flags, log appended); a SET sent right after the restart is timed
+     until its OK, from the restart and from the moment the primary's log shows the new
+     backup's Welcome ("backup ... ready (protocol vN); it holds nothing"). From the primary's
+     log, for the session that synced (its Welcome up to "protected: checkpoint N
+     acknowledged"): the sync duration (Welcome -> protected, log timestamps), the pre-copy
+     slices of round 0 ("pre-copy round 0, slice k of n (checkpoint c): ...") and later rounds
+     ("pre-copy round r (checkpoint c): ..."), the MiB queued (sum over them), the final pause
+     ("full sync: final pause X µs, ..."). Then "stays protected": 100 SETs, each must be
+     answered OK, then --stay-s seconds of one SET a second, and no new "replication lost" (nor
+     a new session) in the primary's log since "protected"; the rate limit is removed after
+     that (end of the run);
+  5. cleanup (processes, nftables tables, namespace, temporary directory), also on errors and
+     signals.
 
 Usage (as root, /dev/kvm, nft installed; the binaries must be built):
-  python3 scripts/bench-resync.py [--mem-mib 256] [--runs 3] [--blip-s 2] [--out summary.json]
-                                  [--index 50..59] [--timeout-s 120] [--keep-logs DIR]
+  python3 scripts/bench-resync.py [--mem-mib 256] [--churn-mib MEM/2] [--disk-mib 256] [--fill-disk]
+                                  [--rate-mbps 0] [--runs 3] [--blip-s 2] [--stay-s 30]
+                                  [--out summary.json] [--index 50..59] [--timeout-s 120]
+                                  [--keep-logs DIR]
 Python 3 standard library only.
 """
 
@@ -57,6 +75,23 @@ BLIP_RULES = (
     "  }\n"
     "}\n"
 )
+SLOW_TABLE = "vmxslow"
+# The first bytes of the disk that --fill-disk leaves zero: the KV log's superblock (sector 0;
+# zero = an empty log, formatted at boot) and its first records (from byte 4096).
+FILL_ZERO_MIB = 16
+FILL_BLOCK = 4 << 20
+
+
+def slow_rules(rate_mbps):
+    return (
+        f"table inet {SLOW_TABLE} {{\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        f"    udp dport {BACKUP_PORT} limit rate over {int(round(rate_mbps * 1024))} kbytes/second counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+
 
 T0 = time.monotonic()
 
@@ -200,10 +235,88 @@ RESYNC_RE = re.compile(
     r"([\d.]+) MiB, in a (\d+) µs pause"
 )
 FULLJOIN_RE = re.compile(r"joins at checkpoint (\d+): full sync of (\d+) pages, ([\d.]+) MiB, in a (\d+) µs pause")
-FINAL_RE = re.compile(r"full sync: final pause (\d+) µs, (\d+) pages")
-PRECOPY_RE = re.compile(r"pre-copy round (\d+) \(checkpoint \d+\): (\d+) pages, \d+ disk bytes, ([\d.]+) MiB queued")
-PROTECTED_RE = re.compile(r"protected: checkpoint (\d+) acknowledged (\d+) ms after the session's sync began")
+FINAL_RE = re.compile(r"full sync: final pause (\d+) µs, (\d+) pages(?:, checkpoint (\d+) carries the state)?")
+# "pre-copy round 0, slice 3 of 32 (checkpoint 4892): 16384 pages, 0 disk bytes, 0.1 MiB queued,
+# 477 ms into the sync" (round 0 of a guest bigger than one slice) or "pre-copy round 1
+# (checkpoint 4922): 496 pages, 0 disk bytes, 0.0 MiB queued, 1702 ms into the sync".
+PRECOPY_RE = re.compile(
+    r"pre-copy round (\d+)(?:, slice (\d+) of (\d+))? \(checkpoint (\d+)\): (\d+) pages, (\d+) disk bytes, "
+    r"([\d.]+) MiB queued(?:, (\d+) ms into the sync)?"
+)
+PROTECTED_RE = re.compile(r"protected: checkpoint (\d+) acknowledged")
 READY_RE = re.compile(r"ready \(protocol v\d+\); it holds (.*)$")
+LOST_RE = re.compile(r"replication lost| lost: ")
+
+
+def sessions_of(text, since_wall=None):
+    """The sessions in a primary log excerpt: each begins with a backup's Welcome ("... ready
+    (protocol vN); it holds ...") at or after `since_wall` and holds the lines up to the next."""
+    sessions = []
+    for l in text.splitlines():
+        m = READY_RE.search(l)
+        lt = log_time(l)
+        if m and lt is not None and (since_wall is None or lt >= since_wall):
+            sessions.append({"t": lt, "holds": m.group(1), "lines": [l]})
+        elif sessions:
+            sessions[-1]["lines"].append(l)
+    return sessions
+
+
+def sync_of(session):
+    """What the primary's log says about one session's sync: duration (Welcome -> "protected"),
+    pre-copy slices and rounds, MiB queued, final pause."""
+    out = {"sync_ms": None, "protected_checkpoint": None, "precopy_slices": 0, "precopy_rounds": 0,
+           "round0_slices": 0, "round0_pages": None, "precopy_pages": 0, "precopy_disk_mib": 0.0,
+           "precopy_mib": 0.0, "last_precopy_into_sync_ms": None, "final_pause_us": None,
+           "final_pages": None, "final_checkpoint": None, "join_full_mib": None, "sync_mib": None}
+    if session is None:
+        return out
+    rounds = set()
+    t_prot = None
+    for l in session["lines"]:
+        m = PRECOPY_RE.search(l)
+        if m:
+            rnd = int(m.group(1))
+            rounds.add(rnd)
+            out["precopy_slices"] += 1
+            if rnd == 0:
+                out["round0_slices"] += 1
+                out["round0_pages"] = (out["round0_pages"] or 0) + int(m.group(5))
+            out["precopy_pages"] += int(m.group(5))
+            out["precopy_disk_mib"] += int(m.group(6)) / (1 << 20)
+            out["precopy_mib"] += float(m.group(7))
+            if m.group(8) is not None:
+                out["last_precopy_into_sync_ms"] = int(m.group(8))
+            continue
+        m = FINAL_RE.search(l)
+        if m and out["final_pause_us"] is None:
+            out["final_pause_us"], out["final_pages"] = int(m.group(1)), int(m.group(2))
+            out["final_checkpoint"] = int(m.group(3)) if m.group(3) else None
+            continue
+        m = FULLJOIN_RE.search(l)
+        if m and out["join_full_mib"] is None:
+            out["join_full_mib"] = float(m.group(3))
+            out["final_pause_us"] = out["final_pause_us"] or int(m.group(4))
+            continue
+        m = PROTECTED_RE.search(l)
+        if m and t_prot is None:
+            t_prot = log_time(l)
+            out["protected_checkpoint"] = int(m.group(1))
+    out["precopy_rounds"] = len(rounds)
+    out["precopy_mib"] = round(out["precopy_mib"], 1)
+    out["precopy_disk_mib"] = round(out["precopy_disk_mib"], 1)
+    out["sync_mib"] = round(out["precopy_mib"] + (out["join_full_mib"] or 0.0), 1)
+    if t_prot is not None:
+        out["sync_ms"] = round((t_prot - session["t"]) * 1e3, 1)
+        out["protected_wall"] = t_prot
+    return out
+
+
+def sync_line(x):
+    return (f"sync {fmt(x.get('sync_ms'))} ms (Welcome -> protected), {fmt(x.get('sync_mib'))} MiB queued "
+            f"(disk {fmt(x.get('precopy_disk_mib'))} MiB), {x.get('precopy_slices')} pre-copy slices/rounds "
+            f"({x.get('round0_slices')} slices of round 0, {x.get('precopy_rounds')} rounds), final pause "
+            f"{fmt(x.get('final_pause_us'))} µs ({fmt(x.get('final_pages'))} pages)")
 
 
 def unexpected(line):
@@ -234,7 +347,9 @@ class Bench:
         self.primary_log_f = None
         self.conns = []
         self.blip_installed = False
+        self.slow_installed = False
         self.results = {"quick": [], "full": []}
+        self.initial = None  # the initial sync (primary start), from the primary's log
         self.anomalies = []
         self.notes = []  # unexpected warnings in the logs (not failures of a run)
 
@@ -302,7 +417,9 @@ class Bench:
         run([VMX, "certs", "init", p["pki"]])
         for h in ("primary", "backup"):
             run([VMX, "certs", "issue", p["pki"], "--host", h])
-        run([VMX, "disk", "create", p["disk"], "--size-mib", "256"])
+        run([VMX, "disk", "create", p["disk"], "--size-mib", str(self.a.disk_mib)])
+        if self.a.fill_disk:
+            self.fill_disk(p["disk"])
         say("starting the backup: " + " ".join(self.backup_cmd()))
         self.start_backup()
         time.sleep(0.3)
@@ -316,7 +433,22 @@ class Bench:
         pout.close()
         kv = self.wait_kv(self.a.timeout_s)
         say(f"KV answers {time.monotonic() - t_start:.2f} s after the primary started")
+        st = kv.cmd("STATS")
+        say(f"guest: {st}")
+        time.sleep(0.3)
+        replay = [l for l in read_from(p["console"], 0).splitlines() if "log replayed" in l]
+        say("guest console: " + (replay[0].strip() if replay else "(no 'log replayed' line)"))
+        m = re.search(r"log_tail=(\d+)", st)
+        if self.a.fill_disk and not (m and int(m.group(1)) == 4096 and re.search(r"keys=0\b", st)):
+            self.anomalies.append(f"filled disk: the guest's KV log is not empty at boot: {st}; "
+                                  + (replay[0] if replay else ""))
         log = read_from(p["plog"], 0)
+        ss = sessions_of(log)
+        good = next((x for x in ss if any(PROTECTED_RE.search(l) for l in x["lines"])), None)
+        self.initial = sync_of(good)
+        self.initial["sessions"] = len(ss)
+        self.initial.pop("protected_wall", None)
+        say(f"initial sync (no rate limit): {sync_line(self.initial)}; {len(ss)} session(s)")
         m = re.search(r"protected after (\d+) ms \((\d+) sync rounds, ([\d.]+) MiB\)", log)
         lost = [l for l in log.splitlines() if "replication lost" in l and "ERROR" in l]
         if lost:
@@ -326,6 +458,27 @@ class Bench:
         if m:
             say(f"initial sync: protected after {m.group(1)} ms ({m.group(2)} rounds, {m.group(3)} MiB)")
         return kv
+
+    def fill_disk(self, path):
+        """Random data from FILL_ZERO_MIB to the end of the disk; the first MiBs stay zero (the
+        KV log's superblock and records)."""
+        if self.a.disk_mib <= FILL_ZERO_MIB:
+            raise BenchError(f"--fill-disk needs --disk-mib > {FILL_ZERO_MIB} (the first {FILL_ZERO_MIB} MiB stay zero)")
+        t = time.monotonic()
+        size = self.a.disk_mib << 20
+        with open(path, "r+b") as f:
+            f.seek(FILL_ZERO_MIB << 20)
+            left = size - (FILL_ZERO_MIB << 20)
+            while left > 0:
+                n = min(FILL_BLOCK, left)
+                f.write(os.urandom(n))
+                left -= n
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.getsize(path) != size:
+            raise BenchError(f"{path}: size {os.path.getsize(path)} after the fill, expected {size}")
+        say(f"disk filled with random data from {FILL_ZERO_MIB} MiB to {self.a.disk_mib} MiB "
+            f"in {time.monotonic() - t:.1f} s (first {FILL_ZERO_MIB} MiB zero: empty KV log)")
 
     def addr(self):
         return (f"10.77.{self.index}.2", KV_PORT)
@@ -374,7 +527,8 @@ class Bench:
             if r != "OK":
                 raise BenchError(f"SET key{i}: {r!r}")
         say(f"500 SETs in {time.monotonic() - t:.2f} s")
-        pages = self.a.mem_mib * (1 << 20) // 2 // PAGE
+        churn_mib = self.a.churn_mib if self.a.churn_mib is not None else self.a.mem_mib // 2
+        pages = churn_mib * (1 << 20) // PAGE
         rate = 2000
         t = time.monotonic()
         r = kv.cmd(f"CHURN {pages} {rate}")
@@ -434,6 +588,17 @@ class Bench:
     def blip_off(self):
         run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", BLIP_TABLE])
         self.blip_installed = False
+
+    def slow_on(self):
+        run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input_text=slow_rules(self.a.rate_mbps))
+        self.slow_installed = True
+
+    def slow_off(self):
+        r = run(["ip", "netns", "exec", self.ns, "nft", "list", "table", "inet", SLOW_TABLE], check=False)
+        run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", SLOW_TABLE])
+        self.slow_installed = False
+        c = re.search(r"counter packets (\d+) bytes (\d+)", r.stdout)
+        return (int(c.group(1)), int(c.group(2))) if c else (None, None)
 
     def quick_run(self, r, kv_main):
         p = self.paths()
@@ -495,8 +660,8 @@ class Bench:
                 if held.t_wall:
                     out["held_after_ready_ms"] = round((held.t_wall - lt) * 1e3, 1)
                 break
-        pm = PROTECTED_RE.search(text)
-        out["session_protected_ms"] = int(pm.group(2)) if pm else None
+        qs = [x for x in sessions_of(text, t_heal_wall - 0.5) if any(PROTECTED_RE.search(l) for l in x["lines"])]
+        out["resync_sync_ms"] = sync_of(qs[0])["sync_ms"] if qs else None
         out["sessions_after_heal"] = sum(
             1 for l in text.splitlines()
             if READY_RE.search(l) and (log_time(l) or 0) >= t_heal_wall - 0.5)
@@ -525,6 +690,24 @@ class Bench:
         p = self.paths()
         kv = self.connect()
         off_p, off_b = size_of(p["plog"]), size_of(p["blog"])
+        out = {"run": r, "rate_mbps": self.a.rate_mbps or None}
+        if self.a.rate_mbps:
+            self.slow_on()
+            say(f"full run {r}: replication link limited to {self.a.rate_mbps} MB/s "
+                f"(nft table inet {SLOW_TABLE}: udp dport {BACKUP_PORT} limit rate over "
+                f"{int(round(self.a.rate_mbps * 1024))} kbytes/second drop)")
+        try:
+            return self.full_run_limited(r, kv_main, kv, off_p, off_b, out)
+        finally:
+            if self.slow_installed:
+                pk, by = self.slow_off()
+                out["rate_limit_dropped_packets"] = pk
+                out["rate_limit_dropped_mib"] = round(by / (1 << 20), 1) if by is not None else None
+                say(f"full run {r}: rate limit removed; it dropped {fmt(pk)} packets, "
+                    f"{fmt(out['rate_limit_dropped_mib'])} MiB")
+
+    def full_run_limited(self, r, kv_main, kv, off_p, off_b, out):
+        p = self.paths()
         t_kill = time.monotonic()
         t_kill_wall = time.time()
         self.backup.kill()
@@ -536,7 +719,7 @@ class Bench:
         t_restart, t_restart_wall = time.monotonic(), time.time()
         w = Waiter(kv=kv, line=f"SET full{r} x", timeout=self.a.timeout_s)
         w.start()
-        out = {"run": r, "kill_to_restart_ms": round((t_restart - t_kill) * 1e3, 1)}
+        out["kill_to_restart_ms"] = round((t_restart - t_kill) * 1e3, 1)
         res = w.result(self.a.timeout_s + 5)
         if res is None or w.error or w.reply != "OK":
             why = "timeout" if res is None else (w.error or f"reply {w.reply!r}")
@@ -551,21 +734,14 @@ class Bench:
         out["from_ready_ms"] = out["ready_after_restart_ms"] = out["lost_after_kill_ms"] = None
         out["from_last_ready_ms"] = None
         for l in text.splitlines():
-            if "replication lost" in l or " lost: " in l:
+            if LOST_RE.search(l):
                 lt = log_time(l)
                 if lt is not None:
                     out["lost_after_kill_ms"] = round((lt - t_kill_wall) * 1e3, 1)
                     break
         # Sessions after the restart: each begins with the backup's Welcome ("ready"); the one
         # that reached "protected" is the successful full sync, earlier ones failed.
-        sessions = []
-        for l in text.splitlines():
-            m = READY_RE.search(l)
-            lt = log_time(l)
-            if m and lt is not None and lt >= t_restart_wall - 0.05:
-                sessions.append({"t": lt, "holds": m.group(1), "lines": [l]})
-            elif sessions:
-                sessions[-1]["lines"].append(l)
+        sessions = sessions_of(text, t_restart_wall - 0.05)
         out["sessions_after_restart"] = len(sessions)
         if sessions:
             first = sessions[0]
@@ -592,45 +768,118 @@ class Bench:
                 if lt is not None:
                     out["backup_accepted_after_restart_ms"] = round((lt - t_restart_wall) * 1e3, 1)
                 break
-        gtext = "\n".join(good["lines"]) if good else ""
         if good and w.t_wall:
             out["from_last_ready_ms"] = round((w.t_wall - good["t"]) * 1e3, 1)
             out["good_ready_after_restart_ms"] = round((good["t"] - t_restart_wall) * 1e3, 1)
-        rounds = PRECOPY_RE.findall(gtext)
-        out["precopy_rounds"] = len(rounds)
-        out["precopy_round0_pages"] = int(rounds[0][1]) if rounds else None
-        out["precopy_mib"] = round(sum(float(x[2]) for x in rounds), 1)
-        fm = FINAL_RE.search(gtext)
-        out["final_pause_us"] = int(fm.group(1)) if fm else None
-        out["final_pages"] = int(fm.group(2)) if fm else None
-        pm = PROTECTED_RE.search(text)
-        out["session_protected_ms"] = int(pm.group(2)) if pm else None
+        sync = sync_of(good)
+        t_prot_wall = sync.pop("protected_wall", None)
+        out.update(sync)
+        if good and good["holds"] != "nothing":
+            self.anomalies.append(f"full run {r}: the backup that synced held {good['holds']!r}, not nothing")
+        gtext = "\n".join(good["lines"]) if good else ""
         if RESYNC_RE.search(text):
             self.anomalies.append(f"full run {r}: a quick resync instead of a full sync:\n" + excerpt(text))
-        if not fm and not FULLJOIN_RE.search(text):
-            self.anomalies.append(f"full run {r}: no 'full sync: final pause' in the primary log; excerpt:\n"
-                                  + excerpt(text))
+        if good and not FINAL_RE.search(gtext) and not FULLJOIN_RE.search(gtext):
+            self.anomalies.append(f"full run {r}: no 'full sync: final pause' in the session that synced; "
+                                  "excerpt:\n" + excerpt(gtext))
+        if good is None and out["from_restart_ms"] is not None:
+            self.anomalies.append(f"full run {r}: the SET was answered but no session after the restart "
+                                  "reached 'protected: checkpoint N acknowledged'; excerpt:\n" + excerpt(text))
+        if out["from_restart_ms"] is not None:  # otherwise every reply is held
+            g = kv_main.cmd(f"GET full{r}")
+            if g != "VALUE x":
+                self.anomalies.append(f"full run {r}: GET full{r} -> {g!r}")
+            self.stay_check(r, kv_main, off_p, t_prot_wall or w.t_wall, out)
+        text = read_from(p["plog"], off_p)
+        btext = read_from(p["blog"], off_b)
         for l in text.splitlines():
             if unexpected(l):
                 self.notes.append(f"full run {r}: primary log: {l}")
         for l in btext.splitlines():
             if unexpected(l):
                 self.notes.append(f"full run {r}: backup log: {l}")
-        if out["from_restart_ms"] is not None:  # otherwise every reply is held
-            g = kv_main.cmd(f"GET full{r}")
-            if g != "VALUE x":
-                self.anomalies.append(f"full run {r}: GET full{r} -> {g!r}")
         say(f"full run {r}: SET OK {fmt(out['from_restart_ms'])} ms after the backup restart, "
             f"{fmt(out['from_ready_ms'])} ms after the primary logged the first Welcome "
             f"({fmt(out['ready_after_restart_ms'])} ms after the restart), {fmt(out['from_last_ready_ms'])} ms after "
             f"the Welcome of the session that synced ({out['failed_sessions']} failed session(s) before); "
-            f"{out['precopy_rounds']} pre-copy rounds (round 0: {fmt(out['precopy_round0_pages'])} pages), "
-            f"{out['precopy_mib']} MiB; final pause {fmt(out['final_pause_us'])} µs; connection lost "
-            f"{fmt(out['lost_after_kill_ms'])} ms after the kill")
+            f"{sync_line(out)}; connection lost {fmt(out['lost_after_kill_ms'])} ms after the kill")
         out["reprotected"] = out["from_restart_ms"] is not None
         kv.close()
         self.results["full"].append(out)
         return out["reprotected"]
+
+    def stay_check(self, r, kv_main, off_p, t_prot_wall, out):
+        """After the full sync: 100 SETs, each must be answered OK; then --stay-s seconds of one
+        SET a second; no "replication lost" nor a new Welcome in the primary's log since
+        "protected"."""
+        p = self.paths()
+        lat, fails = [], []
+
+        def one(key):
+            t = time.monotonic()
+            try:
+                rep = kv_main.cmd(f"SET {key} v")
+            except (OSError, BenchError) as e:
+                rep = f"{type(e).__name__}: {e}"
+            dt = (time.monotonic() - t) * 1e3
+            if rep != "OK":
+                fails.append(f"SET {key}: {rep!r} after {dt:.0f} ms")
+                return False
+            lat.append(dt)
+            return True
+
+        t0 = time.monotonic()
+        n_ok = 0
+        for i in range(100):
+            if not one(f"stay{r}_{i}"):
+                break
+            n_ok += 1
+        out["stay_sets_ok"] = n_ok
+        out["stay_100_sets_s"] = round(time.monotonic() - t0, 2)
+        out["stay_set_median_ms"] = round(statistics.median(lat), 2) if lat else None
+        out["stay_set_max_ms"] = round(max(lat), 1) if lat else None
+        say(f"full run {r}: stays protected? {n_ok}/100 SETs answered OK in {out['stay_100_sets_s']} s "
+            f"(median {fmt(out['stay_set_median_ms'])} ms, max {fmt(out['stay_set_max_ms'])} ms); "
+            f"watching {self.a.stay_s} s more")
+        t_end = time.monotonic() + self.a.stay_s
+        n_win = n_win_ok = 0
+        lat_win_from = len(lat)
+        while not fails and time.monotonic() < t_end:
+            n_win += 1
+            if one(f"staywin{r}_{n_win}"):
+                n_win_ok += 1
+            time.sleep(max(0.0, min(1.0, t_end - time.monotonic())))
+        out["stay_window_s"] = self.a.stay_s
+        out["stay_window_sets"] = n_win
+        out["stay_window_sets_ok"] = n_win_ok
+        wl = lat[lat_win_from:]
+        out["stay_window_set_max_ms"] = round(max(wl), 1) if wl else None
+        time.sleep(0.3)
+        text = read_from(p["plog"], off_p)
+        since = t_prot_wall or 0
+        lost, welcomes = [], []
+        for l in text.splitlines():
+            lt = log_time(l)
+            if lt is None or lt < since:
+                continue
+            if LOST_RE.search(l):
+                lost.append(l)
+            elif READY_RE.search(l):
+                welcomes.append(l)
+        out["stay_lost_lines"] = lost
+        out["stay_new_sessions"] = len(welcomes)
+        out["stayed_protected"] = (not fails and n_ok == 100 and n_win_ok == n_win and not lost and not welcomes)
+        if fails:
+            out["stay_failures"] = fails
+        if not out["stayed_protected"]:
+            self.anomalies.append(
+                f"full run {r}: did not stay protected: {n_ok}/100 SETs OK, {n_win_ok}/{n_win} window SETs OK, "
+                f"{len(lost)} 'replication lost' line(s), {len(welcomes)} new Welcome(s) since 'protected'"
+                + ("; " + "; ".join(fails) if fails else "")
+                + ("; primary log:\n" + "\n".join((lost + welcomes)[:10]) if lost or welcomes else ""))
+        say(f"full run {r}: {'stayed protected' if out['stayed_protected'] else 'did NOT stay protected'}: "
+            f"{n_win_ok}/{n_win} SETs OK in the {self.a.stay_s} s window (max {fmt(out['stay_window_set_max_ms'])} ms), "
+            f"{len(lost)} 'replication lost', {len(welcomes)} new Welcome(s) in the primary log since 'protected'")
 
     # -- cleanup ---------------------------------------------------------------------------
 
@@ -639,6 +888,8 @@ class Bench:
             kv.close()
         if self.blip_installed and self.ns:
             run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", BLIP_TABLE], check=False)
+        if self.slow_installed and self.ns:
+            run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", SLOW_TABLE], check=False)
         if self.primary is not None and self.primary.poll() is None:
             self.primary.terminate()
             try:
@@ -664,6 +915,13 @@ class Bench:
                 say(f"logs kept in {self.a.keep_logs}")
             shutil.rmtree(self.tmp, ignore_errors=True)
         say("cleaned up")
+
+
+def uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
 
 
 def fmt(x):
@@ -698,15 +956,24 @@ def summarize(b, meta):
         "quick_resync_mib": stats([x.get("resync_mib") for x in q]),
         "quick_resync_pages": stats([x.get("resync_pages") for x in q]),
         "quick_resync_pause_us": stats([x.get("resync_pause_us") for x in q]),
+        "quick_sync_ms": stats([x.get("resync_sync_ms") for x in q]),
         "full_from_restart_ms": stats([x.get("from_restart_ms") for x in f]),
         "full_from_ready_ms": stats([x.get("from_ready_ms") for x in f]),
         "full_ready_after_restart_ms": stats([x.get("ready_after_restart_ms") for x in f]),
         "full_from_last_ready_ms": stats([x.get("from_last_ready_ms") for x in f]),
         "full_failed_sessions": stats([x.get("failed_sessions") for x in f]),
-        "full_round0_pages": stats([x.get("precopy_round0_pages") for x in f]),
-        "full_precopy_mib": stats([x.get("precopy_mib") for x in f]),
+        "full_sync_ms": stats([x.get("sync_ms") for x in f]),
+        "full_sync_mib": stats([x.get("sync_mib") for x in f]),
+        "full_precopy_disk_mib": stats([x.get("precopy_disk_mib") for x in f]),
+        "full_precopy_slices": stats([x.get("precopy_slices") for x in f]),
+        "full_round0_slices": stats([x.get("round0_slices") for x in f]),
+        "full_precopy_rounds": stats([x.get("precopy_rounds") for x in f]),
+        "full_round0_pages": stats([x.get("round0_pages") for x in f]),
         "full_final_pause_us": stats([x.get("final_pause_us") for x in f]),
-        "full_session_protected_ms": stats([x.get("session_protected_ms") for x in f]),
+        "full_final_pages": stats([x.get("final_pages") for x in f]),
+        "full_rate_limit_dropped_mib": stats([x.get("rate_limit_dropped_mib") for x in f]),
+        "stay_set_median_ms": stats([x.get("stay_set_median_ms") for x in f]),
+        "stay_set_max_ms": stats([x.get("stay_set_max_ms") for x in f]),
     }
     ratio = None
     if s["full_from_restart_ms"] and s["quick_held_ms"]:
@@ -715,8 +982,10 @@ def summarize(b, meta):
     if s["full_from_ready_ms"] and s["quick_held_ms"]:
         ratio_ready = s["full_from_ready_ms"]["median"] / s["quick_held_ms"]["median"]
     print()
-    print(f"## Reprotection after a cut-off: {meta['mem_mib']} MiB guest, {meta['runs']} runs, "
-          f"{meta['blip_s']} s blip (min / median / max)")
+    print(f"## Reprotection after a cut-off: {meta['mem_mib']} MiB guest ({meta['churn_mib']} MiB churned), "
+          f"{meta['disk_mib']} MiB disk{' filled with random data' if meta['fill_disk'] else ''}, "
+          f"full syncs {'limited to ' + str(meta['rate_mbps']) + ' MB/s' if meta['rate_mbps'] else 'without rate limit'}, "
+          f"{meta['runs']} runs, {meta['blip_s']} s blip (min / median / max)")
     print()
     print("| measure | min / median / max |")
     print("|---|---|")
@@ -729,18 +998,38 @@ def summarize(b, meta):
         ("quick: resync size, MiB", "quick_resync_mib"),
         ("quick: resync pages", "quick_resync_pages"),
         ("quick: resync pause, µs", "quick_resync_pause_us"),
+        ("quick: Welcome → 'protected' (primary log), ms", "quick_sync_ms"),
         ("full: backup restart → SET OK, ms", "full_from_restart_ms"),
         ("full: primary logs the new backup's first Welcome → SET OK, ms", "full_from_ready_ms"),
         ("full: backup restart → first Welcome in primary log, ms", "full_ready_after_restart_ms"),
         ("full: Welcome of the session that synced → SET OK, ms", "full_from_last_ready_ms"),
         ("full: failed full-sync sessions before the one that synced (or in all, if none did)", "full_failed_sessions"),
+        ("full: sync duration, Welcome of the session that synced → 'protected' (primary log), ms", "full_sync_ms"),
+        ("full: MiB queued (sum of 'MiB queued' of the session that synced; encoded size)", "full_sync_mib"),
+        ("full: disk MiB in the pre-copy (non-zero disk chunks sent)", "full_precopy_disk_mib"),
+        ("full: pre-copy slices/rounds (log lines)", "full_precopy_slices"),
+        ("full: slices of pre-copy round 0", "full_round0_slices"),
+        ("full: pre-copy rounds (round 0 counts once)", "full_precopy_rounds"),
         ("full: pre-copy round 0 pages", "full_round0_pages"),
-        ("full: pre-copy MiB queued (all rounds of the session that synced; encoded size)", "full_precopy_mib"),
         ("full: final pause, µs", "full_final_pause_us"),
-        ("full: 'protected' ms after session's sync began (primary log)", "full_session_protected_ms"),
+        ("full: final pause pages", "full_final_pages"),
+        ("full: MiB dropped by the rate limit (nft counter)", "full_rate_limit_dropped_mib"),
+        ("after the full sync: 100 SETs, median latency, ms", "stay_set_median_ms"),
+        ("after the full sync: 100 SETs + window, max latency, ms", "stay_set_max_ms"),
     ]
     for label, k in rows:
         print(f"| {label} | {mmm(s[k])} |")
+    stayed = [x.get("stayed_protected") for x in f if "stayed_protected" in x]
+    s["full_stayed_protected"] = f"{sum(1 for x in stayed if x)} of {len(f)}"
+    print(f"| full: stayed protected (100 SETs OK, {meta['stay_s']} s of SETs OK, no 'replication lost' "
+          f"nor new session) | {s['full_stayed_protected']} |")
+    ini = b.initial
+    if ini:
+        s["initial_sync"] = ini
+        print(f"| initial sync (primary start, no rate limit): Welcome → protected, ms | {fmt(ini.get('sync_ms'))} |")
+        print(f"| initial sync: MiB queued / disk MiB / slices+rounds / final pause µs | "
+              f"{fmt(ini.get('sync_mib'))} / {fmt(ini.get('precopy_disk_mib'))} / {fmt(ini.get('precopy_slices'))} / "
+              f"{fmt(ini.get('final_pause_us'))} |")
     never = [x["run"] for x in f if not x.get("reprotected")]
     s["full_never_reprotected_runs"] = never
     if never:
@@ -771,20 +1060,43 @@ def main():
                     help="network index (namespace vmxbench<N>, 10.77.<N>.0/24); default: first free")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="timeout of each wait, s (default 120)")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the primary/backup logs here before cleanup")
+    ap.add_argument("--disk-mib", type=int, default=256, help="disk size, MiB (default 256)")
+    ap.add_argument("--fill-disk", action="store_true",
+                    help=f"fill the disk with random data before the VM starts (the first {FILL_ZERO_MIB} MiB, "
+                         "the KV log, stay zero)")
+    ap.add_argument("--rate-mbps", type=float, default=0.0,
+                    help="limit the replication link to this many MB/s during the full-sync runs "
+                         "(nftables in the namespace; 0: no limit, the default)")
+    ap.add_argument("--churn-mib", type=int, default=None,
+                    help="guest memory made non-zero by one CHURN pass, MiB (default: half of --mem-mib)")
+    ap.add_argument("--stay-s", type=float, default=30.0,
+                    help="after each full sync: 100 SETs, then this many seconds of one SET a second "
+                         "with no 'replication lost' (default 30)")
     a = ap.parse_args()
+    if a.rate_mbps < 0:
+        ap.error("--rate-mbps must be >= 0")
+    if a.churn_mib is not None and not 0 < a.churn_mib < a.mem_mib:
+        ap.error("--churn-mib must be > 0 and below --mem-mib")
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mem_mib": a.mem_mib, "runs": a.runs, "blip_s": a.blip_s, "timeout_s": a.timeout_s,
-        "nproc": os.cpu_count(), "loadavg_before": os.getloadavg(),
+        "disk_mib": a.disk_mib, "fill_disk": a.fill_disk, "rate_mbps": a.rate_mbps,
+        "churn_mib": a.churn_mib if a.churn_mib is not None else a.mem_mib // 2, "stay_s": a.stay_s,
+        "command": " ".join(sys.argv),
+        "nproc": os.cpu_count(), "loadavg_before": os.getloadavg(), "uptime_before": uptime(),
     }
     try:
         with open("/proc/meminfo") as f:
             meta["mem_total_mib"] = int(f.readline().split()[1]) // 1024
     except OSError:
         pass
-    say(f"{a.mem_mib} MiB guest, {a.runs} runs, {a.blip_s} s blip; load {meta['loadavg_before']}, "
+    say(f"uptime: {meta['uptime_before']}")
+    say(f"{a.mem_mib} MiB guest ({meta['churn_mib']} MiB churned), {a.disk_mib} MiB disk"
+        f"{' filled' if a.fill_disk else ''}, full syncs "
+        f"{'at ' + str(a.rate_mbps) + ' MB/s' if a.rate_mbps else 'unlimited'}, {a.runs} runs, {a.blip_s} s blip; "
+        f"load {meta['loadavg_before']}, "
         f"{meta['nproc']} CPUs, {meta.get('mem_total_mib')} MiB RAM")
     b = Bench(a)
     rc = 0
@@ -814,6 +1126,7 @@ def main():
     finally:
         b.cleanup()
     meta["loadavg_after"] = os.getloadavg()
+    meta["uptime_after"] = uptime()
     if b.results["quick"] or b.results["full"]:
         summary = summarize(b, meta)
     if b.anomalies:
@@ -835,10 +1148,11 @@ def main():
                 seen[key] = [x, 1]
         for x, n in seen.values():
             print("- " + x + (f"  (×{n}, same message at other times)" if n > 1 else ""))
-    say(f"load before {meta['loadavg_before']}, after {meta['loadavg_after']}")
+    say(f"load before {meta['loadavg_before']}, after {meta['loadavg_after']}; uptime now: {meta['uptime_after']}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"meta": meta, "summary": summary, "runs": b.results, "anomalies": b.anomalies,
+            json.dump({"meta": meta, "summary": summary, "initial_sync": b.initial, "runs": b.results,
+                       "anomalies": b.anomalies,
                        "log_notes": b.notes}, f, indent=2)
         say(f"summary written to {a.out}")
     return rc
