@@ -85,6 +85,7 @@ pub async fn serve_locked(
             p.history
         );
         cfg.stats.applied.store(p.seq + 1, Ordering::Relaxed);
+        cfg.stats.term.store(p.term, Ordering::Relaxed);
     }
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
@@ -386,6 +387,9 @@ async fn apply_one(
         replica.complete(s)?;
     }
     stats.applied.store(cp.epoch + 1, Ordering::Relaxed);
+    if let Some(p) = replica.position() {
+        stats.term.store(p.term, Ordering::Relaxed);
+    }
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     stats
         .pages

@@ -13,6 +13,8 @@ pub struct BackupStats {
     pub syncing: AtomicBool,
     /// Last applied checkpoint + 1 (0: none).
     pub applied: AtomicU64,
+    /// Term of the committed image (0: none).
+    pub term: AtomicU64,
     /// Checkpoints applied.
     pub checkpoints: AtomicU64,
     /// Pages written into the image.
@@ -29,10 +31,11 @@ impl BackupStats {
     pub fn status_fields(&self) -> String {
         let applied = self.applied.load(Ordering::Relaxed);
         format!(
-            "role=backup connected={} sessions={} syncing={} applied_epoch={} checkpoints={} pages={} durable_us={} apply_failures={}",
+            "role=backup connected={} sessions={} syncing={} term={} applied_epoch={} checkpoints={} pages={} durable_us={} apply_failures={}",
             self.connected.load(Ordering::Relaxed),
             self.sessions.load(Ordering::Relaxed),
             self.syncing.load(Ordering::Relaxed),
+            self.term.load(Ordering::Relaxed),
             match applied {
                 0 => "-".to_string(),
                 a => (a - 1).to_string(),

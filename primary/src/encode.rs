@@ -149,7 +149,12 @@ impl Shadow {
                 (*gfn, encode(cur, Some(&zero), raw))
             })
             .collect();
-        let mut disk = cap.extra_disk.clone();
+        // When the capture carries the whole disk (its write log overflowed), the ranges read
+        // for the resync are in it already: send the disk once.
+        let mut disk = match cap.disk {
+            DiskCapture::Full(_) => Vec::new(),
+            _ => cap.extra_disk.clone(),
+        };
         disk.extend(disk_part(&cap.disk, Kind::Incremental));
         Checkpoint {
             epoch: seq,
