@@ -127,6 +127,18 @@ impl History {
             .collect()
     }
 
+    /// Bytes a quick resync from `from` would carry at most: its pages and disk ranges (the
+    /// whole disk counts as `disk_len`).
+    pub fn resync_bytes(&self, from: u64, disk_len: u64) -> u64 {
+        let pages = self.page_seq.iter().filter(|&&s| s > from + 1).count() as u64;
+        let disk: u64 = self
+            .disk_since(from)
+            .iter()
+            .map(|&(_, l)| l.min(disk_len))
+            .sum();
+        pages * protocol::page::PAGE as u64 + disk
+    }
+
     /// The disk ranges `(offset, len)` changed after checkpoint `from`, merged; the whole disk
     /// (`(0, u64::MAX)`, clipped by the reader) if it all changed since.
     pub fn disk_since(&self, from: u64) -> Vec<(u64, u64)> {
@@ -183,6 +195,8 @@ mod tests {
         let s3 = h.take_seq();
         h.record(s3, &[], &DiskCapture::Full(Vec::new()));
         assert_eq!(h.disk_since(s2), vec![(0, u64::MAX)]);
+        assert_eq!(h.resync_bytes(s2, 1 << 20), 1 << 20);
+        assert_eq!(h.resync_bytes(s0, 1 << 20), 3 * 4096 + (1 << 20));
         assert!(h.disk_since(s3).is_empty());
     }
 

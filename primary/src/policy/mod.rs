@@ -35,6 +35,10 @@ use vmm::{CaptureKind, EpochCapture};
 use crate::{epoch, PrimaryState, Stats};
 use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
 
+/// The most a quick resync may carry (one checkpoint, staged whole by the backup's receiver,
+/// whose bound is 4 GiB); beyond it a full sync is sent, in slices.
+const MAX_RESYNC: u64 = 1 << 30;
+
 /// How long an unacknowledged checkpoint waits before it is resent (see `handle_connected`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -484,11 +488,25 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// How a backup that just welcomed us is brought up to date.
+    /// How a backup that just welcomed us is brought up to date: a quick resync if its
+    /// position is of this history and what changed since is not too big to carry in one
+    /// checkpoint (after a long outage of a busy guest, a full sync — pre-copied in slices —
+    /// is the better way).
     fn join_for(&self, b: &Backup) -> Join {
         match b.committed {
             Some(c) if b.version >= RESYNC_VERSION && self.st.history.can_resync(&c) => {
-                Join::Resync(c.seq)
+                let bytes = self.st.history.resync_bytes(c.seq, self.cfg.guest.1);
+                if bytes <= MAX_RESYNC {
+                    Join::Resync(c.seq)
+                } else {
+                    tracing::info!(
+                        "backup {}: {} MiB changed since its checkpoint {}: a full sync instead of a quick resync",
+                        b.name,
+                        bytes >> 20,
+                        c.seq
+                    );
+                    Join::Full
+                }
             }
             _ => Join::Full,
         }
