@@ -105,7 +105,10 @@ impl Driver {
                 return Err(PrimaryError::BackupLost(why.to_string()));
             }
             // Frames still queued (a big checkpoint goes a slice per turn): come straight back.
-            let deadline = match p.has_transmits() {
+            // (Only for backups with a link: frames of one without are never sent.)
+            let queued =
+                (0..self.links.len()).any(|i| self.links[i].is_some() && p.has_transmits(i));
+            let deadline = match queued {
                 true => Some(tokio::time::Instant::now()),
                 false => p.poll_timeout().map(tokio::time::Instant::from_std),
             };

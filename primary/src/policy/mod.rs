@@ -288,11 +288,12 @@ impl<'a> Policy<'a> {
         self.backups.get_mut(i)?.sender.as_mut()?.poll_transmit(now)
     }
 
-    /// True if any backup has frames waiting to be sent.
-    pub fn has_transmits(&self) -> bool {
+    /// True if backup `i` has frames waiting to be sent.
+    pub fn has_transmits(&self, i: usize) -> bool {
         self.backups
-            .iter()
-            .any(|b| b.sender.as_ref().is_some_and(|s| s.queued_frames() > 0))
+            .get(i)
+            .and_then(|b| b.sender.as_ref())
+            .is_some_and(|s| s.queued_frames() > 0)
     }
 
     /// The seq the next checkpoint will have.
