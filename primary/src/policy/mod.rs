@@ -35,9 +35,10 @@ use vmm::{CaptureKind, EpochCapture};
 use crate::{epoch, PrimaryState, Stats};
 use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
 
-/// The most a quick resync may carry (one checkpoint, staged whole by the backup's receiver,
-/// whose bound is 4 GiB); beyond it a full sync is sent, in slices.
-const MAX_RESYNC: u64 = 1 << 30;
+/// The most a quick resync may carry: it is one checkpoint, staged whole and applied in one go
+/// by the backup (whose loop stops answering meanwhile); beyond it a full sync is sent, pre-copied
+/// in 64 MiB slices.
+const MAX_RESYNC: u64 = 256 << 20;
 
 /// How long an unacknowledged checkpoint waits before it is resent (see `handle_connected`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
