@@ -191,7 +191,12 @@ impl Driver {
                 let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
                 tokio::spawn(async move {
                     let r = peer::connect(&ep, (addr, &name), &vm_id, lanes, (i, g), &tx).await;
-                    let _ = ct.send((i, g, r)).await;
+                    // A session that ended while this attempt ran (the primary starts a new one)
+                    // must not leave the link open: the backup would wait on it for a Hello.
+                    if let Err(mpsc::error::SendError((_, _, Ok(link)))) = ct.send((i, g, r)).await
+                    {
+                        link.close(quic::code::SHUTDOWN, "the session that asked for it ended");
+                    }
                 });
             }
             Command::PreCopy { slice, .. } => {
