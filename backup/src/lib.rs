@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+mod applier;
 pub mod image;
 pub mod journal;
 pub mod lock;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use protocol::message::{Message, Refuse, RefuseCode, MAX_TEXT};
-use protocol::{Checkpoint, ProtocolError, Receiver, ReceiverConfig};
+use protocol::{ProtocolError, Receiver, ReceiverConfig};
 use tokio::sync::watch;
 use transport::certs::Identity;
 use transport::quic::code;
@@ -22,6 +22,7 @@ use transport::{BackupLink, HostRole, PeerCert, QuicConfig, Server, TransportErr
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::applier::{Applier, Done};
 use crate::image::Origin;
 use crate::lock::ImageLock;
 use crate::replica::{Failure, Replica};
@@ -76,8 +77,8 @@ pub async fn serve_locked(
             cfg.image_dir.display()
         )));
     }
-    let mut replica = Replica::open(lock)?;
-    if let Some(p) = replica.position() {
+    let mut slot = Some(Replica::open(lock)?);
+    if let Some(p) = slot.as_ref().and_then(|r| r.position()) {
         tracing::info!(
             "committed image: checkpoint {} (term {}, history {:#x})",
             p.seq,
@@ -98,7 +99,11 @@ pub async fn serve_locked(
             c = server.accept() => match c {
                 Ok(conn) => {
                     let peer = conn.remote_address();
-                    let r = session(&cfg, &server, conn, &mut replica, &mut stop).await;
+                    let r = session(&cfg, &server, conn, &mut slot, &mut stop).await;
+                    let Some(replica) = slot.as_mut() else {
+                        server.close();
+                        return Err(BackupError::Apply("the replica was lost with its apply thread".into()));
+                    };
                     if let Err(e) = replica.end_session() {
                         tracing::warn!("removing the abandoned side image: {e}");
                     }
@@ -125,6 +130,11 @@ pub async fn serve_locked(
         }
     }
     server.close();
+    let Some(replica) = slot else {
+        return Err(BackupError::Apply(
+            "the replica was lost with its apply thread".into(),
+        ));
+    };
     let seq = replica.finalize()?;
     if let Some(s) = seq {
         tracing::info!("image finalized at checkpoint {s}");
@@ -180,7 +190,7 @@ async fn session(
     cfg: &BackupConfig,
     server: &Server,
     mut conn: quinn::Connection,
-    replica: &mut Replica,
+    replica: &mut Option<Replica>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let limit = silence_limit(cfg);
@@ -227,7 +237,16 @@ async fn session(
     let stats = &cfg.stats;
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected.store(true, Ordering::Relaxed);
-    let r = session_loop(cfg, &mut link, &mut rx, replica, stop, &cert, started).await;
+    let Some(rep) = replica.take() else {
+        return Err(Failure::Fatal(BackupError::Apply("no replica".into())));
+    };
+    let mut applier = Applier::new(rep);
+    let r = session_loop(cfg, &mut link, &mut rx, &mut applier, stop, &cert, started).await;
+    // The replica comes back once a step still running on its thread is done.
+    match applier.finish().await {
+        Ok(rep) => *replica = Some(rep),
+        Err(e) => return Err(e),
+    }
     stats.connected.store(false, Ordering::Relaxed);
     stats.syncing.store(false, Ordering::Relaxed);
     let (c, reason) = close_code(&r);
@@ -285,13 +304,13 @@ async fn session_loop(
     cfg: &BackupConfig,
     link: &mut BackupLink,
     rx: &mut transport::FrameRx,
-    replica: &mut Replica,
+    applier: &mut Applier,
     stop: &mut watch::Receiver<bool>,
     cert: &Result<PeerCert, TransportError>,
     started: Instant,
 ) -> Result<End, Failure> {
     let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
-    rcfg.committed = replica.position();
+    rcfg.committed = applier.replica().and_then(|r| r.position());
     rcfg.min_term = rcfg.committed.map_or(0, |p| p.term);
     rcfg.idle_timeout = silence_limit(cfg);
     let mut r = Receiver::new(rcfg);
@@ -308,8 +327,8 @@ async fn session_loop(
                 None => return Ok(End::StreamsClosed),
             },
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                // Input that waited while this loop was busy (a long apply) is handled before
-                // the silence check: a primary that kept talking is not silent.
+                // Input that waited while this loop was busy is handled before the silence
+                // check: a primary that kept talking is not silent.
                 while let Ok(f) = rx.try_recv() {
                     match f {
                         Ok(f) => on_frame(&mut r, link, &f, cert).await?,
@@ -318,6 +337,8 @@ async fn session_loop(
                 }
                 r.handle_timeout(Instant::now());
             }
+            // A step of applying a checkpoint finished on its thread.
+            done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
             _ = stop.changed() => return Ok(End::Stopped),
         }
         while let Some(cp) = r.poll_checkpoint() {
@@ -332,8 +353,9 @@ async fn session_loop(
                     true
                 }
             };
-            apply_one(cfg, &mut r, link, replica, &cp, origin, opens).await?;
+            applier.queue.push_back((cp, origin, opens));
         }
+        applier.start_next();
         while let Some(out) = r.poll_transmit() {
             link.send(&out)
                 .await
@@ -349,62 +371,76 @@ async fn session_loop(
     }
 }
 
-/// Applies one checkpoint: durable (or, for a full sync, applied and promoted), acknowledged,
-/// then completed. A refused one is reported to the primary, which resends it.
-async fn apply_one(
+/// A step of applying a checkpoint is done: after `begin`, the checkpoint is durable (or, for
+/// a full sync, applied and promoted) and is acknowledged, then completed on the apply thread;
+/// a refused one is reported to the primary, which resends it (and everything queued behind
+/// it is dropped: it could not apply either).
+fn step_done(
     cfg: &BackupConfig,
     r: &mut Receiver,
-    link: &mut BackupLink,
-    replica: &mut Replica,
-    cp: &Checkpoint,
-    origin: Origin,
-    opens: bool,
+    applier: &mut Applier,
+    done: Done,
 ) -> Result<(), Failure> {
     let stats = &cfg.stats;
-    let t0 = Instant::now();
-    let staged = match replica.begin(cp, origin, opens) {
-        Ok(s) => s,
-        Err(Failure::Refused(e)) => {
+    match done {
+        Done::Begun {
+            cp,
+            result: Ok(staged),
+            started,
+        } => {
+            stats
+                .last_durable_us
+                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            r.ack(cp.epoch);
+            match staged {
+                Some(s) => applier.start_complete(s, cp.epoch, cp.pages.len(), started),
+                None => applied(cfg, applier, cp.epoch, cp.pages.len(), started),
+            }
+        }
+        Done::Begun {
+            cp,
+            result: Err(Failure::Refused(e)),
+            ..
+        } => {
             stats.apply_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!("checkpoint {}: {e}", cp.epoch);
             r.apply_failed(cp.epoch, &e.to_string());
-            return Ok(());
+            applier.drop_from(cp.epoch);
         }
-        Err(f) => {
+        Done::Begun {
+            cp, result: Err(f), ..
+        } => {
             stats.apply_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!("checkpoint {}: {f}", cp.epoch);
             return Err(f);
         }
-    };
-    let durable = t0.elapsed();
-    r.ack(cp.epoch);
-    while let Some(out) = r.poll_transmit() {
-        link.send(&out)
-            .await
-            .map_err(|e| Failure::Session(e.into()))?;
+        Done::Completed {
+            seq,
+            pages,
+            started,
+            result,
+        } => {
+            result?;
+            applied(cfg, applier, seq, pages, started);
+        }
     }
-    if let Some(s) = staged {
-        replica.complete(s)?;
-    }
-    stats.applied.store(cp.epoch + 1, Ordering::Relaxed);
-    if let Some(p) = replica.position() {
-        stats.term.store(p.term, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Counters after checkpoint `seq` is in the image.
+fn applied(cfg: &BackupConfig, applier: &Applier, seq: u64, pages: usize, started: Instant) {
+    let stats = &cfg.stats;
+    stats.applied.store(seq + 1, Ordering::Relaxed);
+    if let Some(rep) = applier.replica() {
+        if let Some(p) = rep.position() {
+            stats.term.store(p.term, Ordering::Relaxed);
+        }
+        stats.syncing.store(rep.syncing(), Ordering::Relaxed);
     }
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-    stats
-        .pages
-        .fetch_add(cp.pages.len() as u64, Ordering::Relaxed);
-    stats
-        .last_durable_us
-        .store(durable.as_micros() as u64, Ordering::Relaxed);
-    stats.syncing.store(replica.syncing(), Ordering::Relaxed);
+    stats.pages.fetch_add(pages as u64, Ordering::Relaxed);
     tracing::debug!(
-        "checkpoint {} ({:?}, {} pages): durable after {} µs, applied after {} µs",
-        cp.epoch,
-        cp.kind,
-        cp.pages.len(),
-        durable.as_micros(),
-        t0.elapsed().as_micros()
+        "checkpoint {seq} ({pages} pages) applied after {} µs",
+        started.elapsed().as_micros()
     );
-    Ok(())
 }

@@ -1,0 +1,151 @@
+//! Applying checkpoints off the network loop. Writing a checkpoint into the image (a pre-copy
+//! slice of 64 MiB, a quick resync of up to 256 MiB) takes long enough that a loop doing it
+//! inline stops answering: heartbeats are not echoed and the primary declares the backup
+//! silent. So the replica moves to a blocking thread for each step — `begin` (up to the point
+//! where the checkpoint may be acknowledged) and `complete` (written in place after the ack) —
+//! and comes back with the result, while the session loop goes on receiving (staging later
+//! checkpoints) and answering heartbeats. Steps run one at a time, in order.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use protocol::Checkpoint;
+use tokio::task::JoinHandle;
+
+use crate::image::{Origin, Staged};
+use crate::replica::{Failure, Replica};
+use crate::BackupError;
+
+/// A checkpoint waiting to be applied: it, its primary, and whether it opens the stream.
+pub(crate) type Queued = (Checkpoint, Origin, bool);
+
+/// What a step on the blocking thread did.
+pub(crate) enum Done {
+    /// `begin` of a checkpoint: what `complete` must finish (if anything), or why it failed.
+    Begun {
+        cp: Checkpoint,
+        result: Result<Option<Staged>, Failure>,
+        started: Instant,
+    },
+    /// `complete` of checkpoint `cp` (its seq, pages, and when its `begin` started).
+    Completed {
+        seq: u64,
+        pages: usize,
+        started: Instant,
+        result: Result<(), Failure>,
+    },
+}
+
+/// See the module docs.
+pub(crate) struct Applier {
+    idle: Option<Replica>,
+    job: Option<JoinHandle<(Replica, Done)>>,
+    /// Checkpoints handed out by the receiver, not yet begun.
+    pub queue: VecDeque<Queued>,
+}
+
+impl Applier {
+    /// Takes the replica for the session.
+    pub fn new(replica: Replica) -> Self {
+        Applier {
+            idle: Some(replica),
+            job: None,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// The replica, when no step runs.
+    pub fn replica(&self) -> Option<&Replica> {
+        self.idle.as_ref()
+    }
+
+    /// Starts `begin` of the next queued checkpoint, if the replica is free.
+    pub fn start_next(&mut self) {
+        if self.job.is_some() {
+            return;
+        }
+        let Some((cp, origin, opens)) = self.queue.pop_front() else {
+            return;
+        };
+        let Some(mut r) = self.idle.take() else {
+            return;
+        };
+        let started = Instant::now();
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            let result = r.begin(&cp, origin, opens);
+            (
+                r,
+                Done::Begun {
+                    cp,
+                    result,
+                    started,
+                },
+            )
+        }));
+    }
+
+    /// Starts `complete` of an acknowledged checkpoint.
+    pub fn start_complete(&mut self, s: Staged, seq: u64, pages: usize, started: Instant) {
+        let Some(mut r) = self.idle.take() else {
+            return;
+        };
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            let result = r.complete(s);
+            (
+                r,
+                Done::Completed {
+                    seq,
+                    pages,
+                    started,
+                    result,
+                },
+            )
+        }));
+    }
+
+    /// Waits for the running step (pending forever if none runs: use it in `select!`).
+    pub async fn next_done(&mut self) -> Result<Done, Failure> {
+        let Some(job) = self.job.as_mut() else {
+            return std::future::pending().await;
+        };
+        let r = job.await;
+        self.job = None;
+        match r {
+            Ok((replica, done)) => {
+                self.idle = Some(replica);
+                Ok(done)
+            }
+            Err(e) => Err(Failure::Fatal(BackupError::Apply(format!(
+                "the apply thread failed: {e}"
+            )))),
+        }
+    }
+
+    /// Drops queued checkpoints from `seq` on (they are resent after a failed apply).
+    pub fn drop_from(&mut self, seq: u64) {
+        self.queue.retain(|q| q.0.epoch < seq);
+    }
+
+    /// Ends the session: waits for a running step and gives the replica back. A `begin` that
+    /// finished unacknowledged is harmless (its journal redoes it, or the next session's
+    /// position says where the image stands); a `complete` still runs to its end.
+    pub async fn finish(mut self) -> Result<Replica, Failure> {
+        if self.job.is_some() {
+            if let Done::Begun {
+                result: Ok(Some(s)),
+                ..
+            } = self.next_done().await?
+            {
+                // Durable but not written in place: finish it, so the image is whole.
+                if let Some(r) = self.idle.as_mut() {
+                    r.complete(s)?;
+                }
+            }
+        }
+        self.idle.ok_or_else(|| {
+            Failure::Fatal(BackupError::Apply(
+                "the replica was lost with its apply thread".into(),
+            ))
+        })
+    }
+}
