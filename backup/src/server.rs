@@ -198,12 +198,15 @@ async fn session(
     // A newer connection that arrives meanwhile supersedes it: a primary that gave up on a
     // handshake attempt (it retries every 150 ms after a link heals) must not hold the backup
     // for the whole silence limit.
+    let mut listening = true;
     let (started, cert, accepted) = loop {
         let started = Instant::now();
         let cert = transport::roles::peer_cert(&conn);
         tokio::select! {
             a = tokio::time::timeout(limit, BackupLink::accept(conn.clone())) => break (started, cert, a),
-            newer = server.accept() => {
+            newer = server.accept(), if listening => {
+                // (An endpoint that stopped accepting is not asked again.)
+                listening = newer.is_ok();
                 if let Ok(n) = newer {
                     tracing::info!(
                         "a newer connection from {} supersedes the one from {} that opened no stream",

@@ -435,8 +435,23 @@ impl Sim {
         for i in 0..self.backups.len() {
             self.deliver(p, i);
         }
-        if p.poll_timeout().is_some_and(|t| t <= self.now) {
+        // As the real loop does: act while the policy says something is due — and a policy
+        // that stays due without making progress is a busy loop.
+        let mut turns = 0;
+        while p.poll_timeout().is_some_and(|t| t <= self.now) {
             p.handle_timeout(self.now);
+            self.commands(p, &|p: &Policy<'_>| p.next_seq());
+            for i in 0..self.backups.len() {
+                self.deliver(p, i);
+            }
+            turns += 1;
+            assert!(
+                turns < 100,
+                "busy loop: the policy stays due at {:?} ({:?})",
+                p.poll_timeout()
+                    .map(|t| t.saturating_duration_since(self.now)),
+                p.phase
+            );
         }
     }
 
@@ -538,7 +553,7 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
         vm_id: "vm".into(),
         term: 1,
         lanes: 2,
-        window: 4,
+        window: [1, 2, 4][rng.below(3) as usize],
         idle_timeout: Duration::from_millis(600),
         epoch: (
             Duration::from_millis(5),
@@ -546,7 +561,7 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
             Duration::from_millis(50),
         ),
         early_checkpoints: rng.chance(500),
-        precopy_rounds: [0, 3, 8][rng.below(3) as usize],
+        precopy_rounds: [0, 1, 3, 8][rng.below(4) as usize],
         drop_after: Duration::from_millis(300),
         guest: (PAGES as u64, DISK as u64),
         // Round 0 in 4 slices.

@@ -120,12 +120,12 @@ impl Policy<'_> {
         let Some(c) = self.releasable() else {
             return;
         };
-        self.stats.acked.store(c + 1, Ordering::Relaxed);
         // Acks of pre-copy rounds (before the session's first consistent checkpoint) mean the
         // backups hold no consistent image yet: they release nothing.
         if self.base.is_none_or(|b| c < b) {
             return;
         }
+        self.stats.acked.store(c + 1, Ordering::Relaxed);
         let h = &mut self.st.history;
         let e = h.closes.range(..=c).next_back().map(|(_, e)| *e);
         h.closes = h.closes.split_off(&(c + 1));

@@ -40,6 +40,10 @@ use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
 /// in 64 MiB slices.
 const MAX_RESYNC: u64 = 256 << 20;
 
+/// The most a quick resync may carry into a running session, where the alternative is a full
+/// sync in one pause (half the receiver's 4 GiB staging bound).
+const MAX_RESYNC_RUNNING: u64 = 2 << 30;
+
 /// How long an unacknowledged checkpoint waits before it is resent (see `handle_connected`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -434,6 +438,7 @@ impl<'a> Policy<'a> {
                 self.on_event(i, e, now);
             }
         }
+        self.note_behind(now);
         self.release();
         self.check_live();
     }
@@ -467,6 +472,12 @@ impl<'a> Policy<'a> {
 
     /// When the policy acts next (None: only input wakes it).
     fn wake(&self) -> Option<Instant> {
+        // A full window waits for acknowledgements (input), not for time — but wakes to drop
+        // a backup that stays behind too long.
+        let full = matches!(self.phase, Phase::FinalSync | Phase::Protected) && !self.room();
+        if full {
+            return self.drop_deadline();
+        }
         match self.phase {
             Phase::Start | Phase::FinalSync => Some(self.last_capture.min(self.tick)),
             // Pre-copy rounds go one at a time, each once the previous one is acknowledged.
@@ -490,27 +501,46 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// How a backup that just welcomed us is brought up to date: a quick resync if its
-    /// position is of this history and what changed since is not too big to carry in one
-    /// checkpoint (after a long outage of a busy guest, a full sync — pre-copied in slices —
-    /// is the better way).
-    fn join_for(&self, b: &Backup) -> Join {
-        match b.committed {
-            Some(c) if b.version >= RESYNC_VERSION && self.st.history.can_resync(&c) => {
-                let bytes = self.st.history.resync_bytes(c.seq, self.cfg.guest.1);
-                if bytes <= MAX_RESYNC {
-                    Join::Resync(c.seq)
-                } else {
-                    tracing::info!(
-                        "backup {}: {} MiB changed since its checkpoint {}: a full sync instead of a quick resync",
-                        b.name,
-                        bytes >> 20,
-                        c.seq
-                    );
-                    Join::Full
-                }
+    /// How a backup that welcomed us is brought up to date: a quick resync if its position is
+    /// of this history and what changed since is not too big for one checkpoint. At session
+    /// start the bound is `MAX_RESYNC` (beyond it the pre-copied full sync, in slices, is the
+    /// better way); in a running session a full sync is one long pause, so a resync is kept up
+    /// to `MAX_RESYNC_RUNNING` (well inside the receiver's staging bound).
+    fn join_for(&self, b: &Backup, running: bool) -> Join {
+        let Some(c) = b.committed else {
+            return Join::Full;
+        };
+        if b.version < RESYNC_VERSION || !self.st.history.can_resync(&c) {
+            return Join::Full;
+        }
+        let bytes = self.st.history.resync_bytes(c.seq, self.cfg.guest.1);
+        let limit = match running {
+            true => MAX_RESYNC_RUNNING,
+            false => MAX_RESYNC,
+        };
+        if bytes <= limit {
+            return Join::Resync(c.seq);
+        }
+        tracing::info!(
+            "backup {}: {} MiB changed since its checkpoint {}: a full sync instead of a quick resync",
+            b.name,
+            bytes >> 20,
+            c.seq
+        );
+        Join::Full
+    }
+
+    /// Joins decided when a backup welcomed us are checked again at the capture that serves
+    /// them: much may have changed meanwhile (a full sync of another backup ran).
+    fn refresh_joins(&mut self) {
+        if self.phase != Phase::Protected {
+            return;
+        }
+        for i in 0..self.backups.len() {
+            if matches!(self.backups[i].join, Join::Resync(_)) && self.backups[i].ready() {
+                let j = self.join_for(&self.backups[i], true);
+                self.backups[i].join = j;
             }
-            _ => Join::Full,
         }
     }
 
@@ -531,7 +561,7 @@ impl<'a> Policy<'a> {
                     b.name
                 );
                 if self.phase != Phase::Start {
-                    let j = self.join_for(&self.backups[i]);
+                    let j = self.join_for(&self.backups[i], true);
                     self.backups[i].join = j;
                 }
             }
@@ -556,7 +586,7 @@ impl<'a> Policy<'a> {
             .backups
             .iter()
             .filter(|b| b.ready())
-            .map(|b| self.join_for(b))
+            .map(|b| self.join_for(b, false))
             .collect();
         self.sync_started = now;
         if !joins.is_empty() && joins.iter().all(|j| matches!(j, Join::Resync(_))) {
@@ -614,21 +644,46 @@ impl<'a> Policy<'a> {
 
     /// A backup whose window has stayed full for `drop_after` while more than `required`
     /// others keep up is dropped.
-    fn drop_slow(&mut self, now: Instant) {
+    /// Notes since when each backup in step has had its window full.
+    fn note_behind(&mut self, now: Instant) {
         let window = self.cfg.window;
-        for b in self.backups.iter_mut().filter(|b| b.active()) {
-            let behind = b
-                .sender
-                .as_ref()
-                .is_some_and(|s| s.in_flight() as u64 >= window);
+        for b in self.backups.iter_mut() {
+            let behind = b.active()
+                && b.sender
+                    .as_ref()
+                    .is_some_and(|s| s.in_flight() as u64 >= window);
             b.behind_since = match (behind, b.behind_since) {
                 (false, _) => None,
                 (true, None) => Some(now),
                 (true, since) => since,
             };
         }
-        let live = self.backups.iter().filter(|b| b.active()).count();
-        if live <= self.required() {
+    }
+
+    /// Backups that could carry the session without a slow one: those in step and those ready
+    /// to join at the next capture.
+    fn could_serve(&self) -> usize {
+        self.backups
+            .iter()
+            .filter(|b| b.active() || b.ready_to_join())
+            .count()
+    }
+
+    /// When a backup that stays behind is to be dropped (None: none can be).
+    fn drop_deadline(&self) -> Option<Instant> {
+        if self.could_serve() <= self.required() {
+            return None;
+        }
+        self.backups
+            .iter()
+            .filter(|b| b.active())
+            .filter_map(|b| b.behind_since.map(|t| t + self.cfg.drop_after))
+            .min()
+    }
+
+    fn drop_slow(&mut self, now: Instant) {
+        self.note_behind(now);
+        if self.could_serve() <= self.required() {
             return;
         }
         let after = self.cfg.drop_after;
@@ -657,9 +712,10 @@ impl<'a> Policy<'a> {
         let early = self.phase == Phase::Protected && now < self.tick;
         self.drop_slow(now);
         if !self.room() {
-            self.next_tick(now, early, None);
+            // (`wake` only gets here to drop a slow backup; the epoch goes on until acks come.)
             return;
         }
+        self.refresh_joins();
         let protected = self.phase == Phase::Protected;
         let one_pause_sync = self.phase == Phase::FinalSync && !self.precopied;
         // Backups join only a protected session (during a full sync they wait for its end).
@@ -707,6 +763,7 @@ impl<'a> Policy<'a> {
         if self.tick + len * 4 < now {
             self.tick = now + len;
         }
+        self.tick = self.tick.min(now + len);
     }
 
     /// A capture failed: no checkpoint; positions before now cannot be resynced any more
