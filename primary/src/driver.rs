@@ -4,14 +4,14 @@
 //!
 //! Long work — a pre-copy pass scans all memory, a full capture copies it — runs on a blocking
 //! thread while the loop goes on answering frames and timers, so heartbeats keep flowing (the
-//! policy asks for nothing else meanwhile). A backup gets at most `FLUSH_BYTES` of frames per
-//! turn of the loop, so one big checkpoint never keeps the loop from its other work. Input that
-//! waited while the loop was busy is handled before timers fire: a backup that kept talking is
-//! never declared silent.
+//! policy asks for nothing else meanwhile). Frames go to each backup's writer tasks through
+//! bounded queues without waiting ([`crate::writer`]): a slow backup never holds up the loop or
+//! the others. Input that waited while the loop was busy is handled before timers fire: a backup
+//! that kept talking is never declared silent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use transport::{quic, PrimaryLink, TransportError};
@@ -19,10 +19,8 @@ use vmm::snapshot::SnapshotError;
 use vmm::{CaptureKind, EpochCapture, Vm};
 
 use crate::peer;
+use crate::writer::Writer;
 use crate::{Command, Policy, PrimaryConfig, PrimaryError, Stats};
-
-/// Most bytes sent to one backup per turn of the loop.
-const FLUSH_BYTES: usize = 8 << 20;
 
 /// A pre-copy pass (true) or a full capture (false) on a blocking thread.
 type Work = tokio::task::JoinHandle<(bool, Result<EpochCapture, SnapshotError>)>;
@@ -44,8 +42,10 @@ pub(crate) struct Driver {
     frames: mpsc::Receiver<Frame>,
     conn_tx: mpsc::Sender<Connected>,
     conns: mpsc::Receiver<Connected>,
-    /// Each backup's link and its generation.
-    links: Vec<Option<(u64, PrimaryLink)>>,
+    /// Each backup's writers and their connection's generation.
+    links: Vec<Option<(u64, Writer)>>,
+    /// A writer made progress: there may be room for more frames.
+    progress: Arc<Notify>,
     generation: u64,
     work: Option<Work>,
     to_close: Vec<usize>,
@@ -63,6 +63,7 @@ impl Driver {
         let (conn_tx, conns) = mpsc::channel(16);
         Ok(Driver {
             links: cfg.backups.iter().map(|_| None).collect(),
+            progress: Arc::new(Notify::new()),
             vm,
             cfg,
             stats,
@@ -92,7 +93,7 @@ impl Driver {
                 self.execute(&mut p, c)?;
             }
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
-            flush(&mut p, &mut self.links, counter).await;
+            flush(&mut p, &mut self.links, counter);
             for i in std::mem::take(&mut self.to_close) {
                 if let Some((_, l)) = self.links[i].take() {
                     l.close(
@@ -104,14 +105,7 @@ impl Driver {
             if let Some(why) = p.failed() {
                 return Err(PrimaryError::BackupLost(why.to_string()));
             }
-            // Frames still queued (a big checkpoint goes a slice per turn): come straight back.
-            // (Only for backups with a link: frames of one without are never sent.)
-            let queued =
-                (0..self.links.len()).any(|i| self.links[i].is_some() && p.has_transmits(i));
-            let deadline = match queued {
-                true => Some(tokio::time::Instant::now()),
-                false => p.poll_timeout().map(tokio::time::Instant::from_std),
-            };
+            let deadline = p.poll_timeout().map(tokio::time::Instant::from_std);
             let work = &mut self.work;
             tokio::select! {
                 f = self.frames.recv() => match f {
@@ -120,7 +114,8 @@ impl Driver {
                 },
                 Some((i, g, r)) = self.conns.recv() => match r {
                     Ok(link) => {
-                        self.links[i] = Some((g, link));
+                        let w = Writer::spawn(link, (i, g), self.frames_tx.clone(), self.progress.clone());
+                        self.links[i] = Some((g, w));
                         p.handle_connected(i, self.history, Instant::now());
                     }
                     Err(e) => p.handle_connect_failed(i, &e.to_string()),
@@ -149,9 +144,13 @@ impl Driver {
                 }
                 // Output started waiting: look again (see `Policy::wake`).
                 _ = output_waiting.notified(), if early => {}
+                // A writer sent something: there may be room for more.
+                _ = self.progress.notified() => {}
                 _ = stop.changed() => {
                     p.close_all(Instant::now(), "primary stopping");
-                    flush(&mut p, &mut self.links, None).await;
+                    flush(&mut p, &mut self.links, None);
+                    // (A moment for the goodbyes to leave.)
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     for (_, l) in self.links.iter_mut().filter_map(Option::take) {
                         l.close(quic::code::SHUTDOWN, "primary stopping");
                     }
@@ -254,37 +253,27 @@ impl Driver {
     }
 }
 
-/// Sends what the policy queued for every connected backup, at most `FLUSH_BYTES` each; a link
-/// that fails is closed and reported.
-async fn flush(
-    p: &mut Policy<'_>,
-    links: &mut [Option<(u64, PrimaryLink)>],
-    counter: Option<&AtomicU64>,
-) {
+/// Hands what the policy queued for every connected backup to its writers, until the queue of
+/// the next frame's lane is full (the rest waits in the policy; the loop is woken when a writer
+/// made progress). Heartbeats go to the front of the policy's queue and have their own writer,
+/// so checkpoint data waiting for room never holds them up.
+fn flush(p: &mut Policy<'_>, links: &mut [Option<(u64, Writer)>], counter: Option<&AtomicU64>) {
     for (i, slot) in links.iter_mut().enumerate() {
-        let Some((_, link)) = slot else {
+        let Some((_, w)) = slot else {
             continue;
         };
-        let mut err = None;
-        let mut budget = FLUSH_BYTES;
-        while budget > 0 {
+        w.retry();
+        while let Some(lane) = p.next_lane(i) {
+            if w.blocked(lane) {
+                break;
+            }
             let Some((lane, f)) = p.poll_transmit(i, Instant::now()) else {
                 break;
             };
-            budget = budget.saturating_sub(f.len());
-            if let Err(e) = link.send(lane, &f).await {
-                err = Some(e);
-                break;
-            }
             if let Some(c) = counter {
                 c.fetch_add(f.len() as u64, Ordering::Relaxed);
             }
-        }
-        if let Some(e) = err {
-            if let Some((_, l)) = slot.take() {
-                l.close(quic::code::SESSION_FAILED, &e.to_string());
-            }
-            p.handle_link_error(i, &e.to_string(), Instant::now());
+            w.offer(lane, f);
         }
     }
 }

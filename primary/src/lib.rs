@@ -21,6 +21,7 @@ pub mod epoch;
 pub mod history;
 mod peer;
 pub mod policy;
+mod writer;
 
 pub use policy::{Command, Policy, PolicyConfig};
 

@@ -173,6 +173,11 @@ impl Sender {
         self.phase == Phase::Ready
     }
 
+    /// The lane of the next frame [`poll_transmit`](Self::poll_transmit) would hand out.
+    pub fn next_lane(&self) -> Option<u8> {
+        self.out.front().map(|o| o.0)
+    }
+
     /// Frames queued and not yet handed out by [`poll_transmit`](Self::poll_transmit).
     pub fn queued_frames(&self) -> usize {
         self.out.len()
@@ -220,10 +225,12 @@ impl Sender {
         let frames = encode_frames(self.cfg.term, f.attempt, &f.cp);
         let n = frames.len();
         for (i, fr) in frames.into_iter().enumerate() {
-            // Begin and End on the control lane (small, in order); parts spread over data lanes.
+            // Begin on the control lane; the parts spread over the data lanes, and End after
+            // them on a data lane: a writer that sends each lane in order sends End only once
+            // the parts before it on that lane are out (the receiver takes any order).
             let (lane, end) = match i {
                 0 => (0, None),
-                i if i == n - 1 => (0, Some((epoch, attempt))),
+                i if i == n - 1 => (self.data_lane(), Some((epoch, attempt))),
                 _ => (self.data_lane(), None),
             };
             self.out.push_back((lane, fr, end));

@@ -98,6 +98,13 @@ impl PrimaryLink {
         &self.conn
     }
 
+    /// The connection, the control stream and the data streams, for writers of their own
+    /// (the primary writes each from its own task, so a full data stream never holds up the
+    /// control stream).
+    pub fn into_parts(self) -> (quinn::Connection, quinn::SendStream, Vec<quinn::SendStream>) {
+        (self.conn, self.control, self.data)
+    }
+
     /// Ends a failed session: closes the connection at once with application error `code`
     /// (see [`crate::quic::code`]) and `reason`; the backup's streams and reader tasks end.
     pub fn close(&self, code: u32, reason: &str) {

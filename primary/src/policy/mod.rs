@@ -293,6 +293,14 @@ impl<'a> Policy<'a> {
         self.backups.get_mut(i)?.sender.as_mut()?.poll_transmit(now)
     }
 
+    /// The lane of backup `i`'s next frame, if one waits.
+    pub fn next_lane(&self, i: usize) -> Option<u8> {
+        self.backups
+            .get(i)
+            .and_then(|b| b.sender.as_ref())
+            .and_then(|s| s.next_lane())
+    }
+
     /// True if backup `i` has frames waiting to be sent.
     pub fn has_transmits(&self, i: usize) -> bool {
         self.backups
