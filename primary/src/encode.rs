@@ -30,10 +30,29 @@ impl Shadow {
         }
     }
 
-    /// Forgets every page: the next checkpoint starts a new image on the backups (pre-copy
-    /// round 0; a `Sync` checkpoint clears it itself).
-    pub fn clear(&mut self) {
-        self.pages.clear();
+    /// A slice of pre-copy round 0 (checkpoint `seq`): the non-zero pages it copied, for a side
+    /// image that starts zeroed. The first slice forgets every page (the shadow describes the
+    /// side image from then on; a full sync abandoned half way makes the primary forget its
+    /// record of changes, see `Policy`'s drop).
+    pub fn precopy_slice(&mut self, seq: u64, first: bool, cap: &EpochCapture) -> Checkpoint {
+        if first {
+            self.pages.clear();
+        }
+        let zero = vec![0u8; PAGE];
+        let mut pages = Vec::with_capacity(cap.pages.len());
+        for (i, &gfn) in cap.pages.iter().enumerate() {
+            let new = &cap.data[i * PAGE..(i + 1) * PAGE];
+            pages.push((gfn, encode(new, Some(&zero), self.opts)));
+            self.pages.insert(gfn, new.to_vec());
+        }
+        Checkpoint {
+            epoch: seq,
+            kind: Kind::PreCopy,
+            mem_size: cap.mem_size,
+            pages,
+            disk: disk_part(&cap.disk, Kind::PreCopy),
+            state: None,
+        }
     }
 
     /// Builds checkpoint `epoch` from `cap`; a full capture becomes the initial sync, a pre-copy

@@ -6,6 +6,9 @@
 //! be cut. Faults: link cuts, backup crashes (the committed image survives, the side image does
 //! not), backups that come back without their image (a full sync follows) and stalls.
 //!
+//! Now and then a capture reports that the disk write log overflowed (it carries the whole
+//! disk): blocks the guest zeroed meanwhile must still reach the backups.
+//!
 //! Checked at every step:
 //! - **Replica equals primary**: whenever a backup acknowledges checkpoint `seq`, its image is
 //!   byte for byte the guest's memory and disk at that capture.
@@ -70,6 +73,13 @@ impl Guest {
             }
             self.dirty.insert(g);
         }
+        // Now and then a whole 64 KiB block is zeroed (as a discard would).
+        if rng.chance(3) {
+            let off = rng.below((DISK / (64 << 10)) as u64) * (64 << 10);
+            let zero = vec![0u8; 64 << 10];
+            self.disk[off as usize..off as usize + zero.len()].copy_from_slice(&zero);
+            self.writes.push((off, zero));
+        }
         if rng.chance(100) {
             let off = rng.below((DISK / 512) as u64) * 512;
             let data = if rng.chance(200) {
@@ -100,10 +110,20 @@ impl Guest {
             .collect()
     }
 
-    fn capture(&mut self, kind: CaptureKind, ranges: &[(u64, u64)]) -> EpochCapture {
+    /// A capture; `overflowed`: the disk write log overflowed since the previous one, so the
+    /// capture carries the whole disk (blocks the guest zeroed must reach the backup too).
+    fn capture(
+        &mut self,
+        kind: CaptureKind,
+        ranges: &[(u64, u64)],
+        overflowed: bool,
+    ) -> EpochCapture {
         let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         let writes = std::mem::take(&mut self.writes);
         let (pages, disk, changes) = match kind {
+            CaptureKind::Incremental if overflowed => {
+                (dirty, DiskCapture::Full(self.disk.clone()), None)
+            }
             CaptureKind::Incremental => (dirty, DiskCapture::Writes(writes), None),
             CaptureKind::Full => (
                 self.nonzero(),
@@ -368,7 +388,8 @@ impl Sim {
                     p.handle_precopy(&cap, self.now);
                 }
                 Command::Capture { kind, disk_ranges } => {
-                    let cap = self.guest.capture(kind, &disk_ranges);
+                    let overflowed = self.rng.chance(20);
+                    let cap = self.guest.capture(kind, &disk_ranges, overflowed);
                     let seq = next_seq(p);
                     self.snapshots.insert(seq, (self.guest.crc(), cap.epoch));
                     p.handle_capture(&cap, self.now);
@@ -438,7 +459,7 @@ impl Sim {
         // As the real loop does: act while the policy says something is due — and a policy
         // that stays due without making progress is a busy loop.
         let mut turns = 0;
-        while p.poll_timeout().is_some_and(|t| t <= self.now) {
+        while p.failed().is_none() && p.poll_timeout().is_some_and(|t| t <= self.now) {
             p.handle_timeout(self.now);
             self.commands(p, &|p: &Policy<'_>| p.next_seq());
             for i in 0..self.backups.len() {
@@ -447,10 +468,24 @@ impl Sim {
             turns += 1;
             assert!(
                 turns < 100,
-                "busy loop: the policy stays due at {:?} ({:?})",
+                "busy loop: the policy stays due at {:?} ({:?}); backups: {:?}",
                 p.poll_timeout()
                     .map(|t| t.saturating_duration_since(self.now)),
-                p.phase
+                p.phase,
+                p.backups
+                    .iter()
+                    .map(|b| (
+                        b.alive(),
+                        b.join,
+                        b.acked,
+                        b.sender.as_ref().map(|s| (
+                            s.is_ready(),
+                            s.in_flight(),
+                            s.poll_timeout()
+                                .map(|t| t.saturating_duration_since(self.now))
+                        ))
+                    ))
+                    .collect::<Vec<_>>()
             );
         }
     }

@@ -486,6 +486,10 @@ impl<'a> Policy<'a> {
         if full {
             return self.drop_deadline();
         }
+        // Nobody to send a checkpoint to: no capture (the session fails or a backup comes).
+        if self.phase == Phase::Protected && self.could_serve() == 0 {
+            return None;
+        }
         match self.phase {
             Phase::Start | Phase::FinalSync => Some(self.last_capture.min(self.tick)),
             // Pre-copy rounds go one at a time, each once the previous one is acknowledged.
@@ -794,9 +798,6 @@ impl<'a> Policy<'a> {
             return;
         };
         self.pending = None;
-        if round == 0 && slice == 0 {
-            self.st.shadow.clear();
-        }
         let n = cap.pages.len();
         let seq = self.st.history.take_seq();
         // Round 0 copies what is there; only what changed since the previous capture (its
@@ -806,7 +807,10 @@ impl<'a> Policy<'a> {
             (0, None) => {}
             _ => self.st.history.record(seq, &cap.pages, &cap.disk),
         }
-        let cp = self.st.shadow.checkpoint(seq, Kind::PreCopy, cap);
+        let cp = match round {
+            0 => self.st.shadow.precopy_slice(seq, slice == 0, cap),
+            _ => self.st.shadow.checkpoint(seq, Kind::PreCopy, cap),
+        };
         let bytes = cp.data_bytes();
         let live = self.backups.iter().filter(|b| b.active()).count() as u64;
         self.stats
@@ -897,3 +901,18 @@ impl<'a> Policy<'a> {
 }
 
 mod capture;
+
+impl Drop for Policy<'_> {
+    /// A session that ends with a capture asked for and not handed back (its dirty bits and disk
+    /// writes are taken, not recorded), or in the middle of pre-copy round 0 (the shadow was
+    /// cleared for the side image and is not whole yet), leaves the record of changes unable
+    /// to vouch for earlier positions: the next session fully syncs the backups instead of
+    /// resyncing them over a gap.
+    fn drop(&mut self) {
+        let mid_round0 = matches!(self.phase, Phase::PreCopy { round: 0, slice, .. } if slice > 0);
+        if self.pending.is_some() || mid_round0 {
+            tracing::info!("a full sync or capture was cut short: the next sync is a full one");
+            self.st.history.forget_changes();
+        }
+    }
+}
