@@ -54,6 +54,11 @@ impl Applier {
         }
     }
 
+    /// No step runs.
+    pub fn idle(&self) -> bool {
+        self.job.is_none()
+    }
+
     /// The replica, when no step runs.
     pub fn replica(&self) -> Option<&Replica> {
         self.idle.as_ref()

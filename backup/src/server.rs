@@ -316,6 +316,11 @@ async fn session_loop(
     rcfg.committed = applier.replica().and_then(|r| r.position());
     rcfg.min_term = rcfg.committed.map_or(0, |p| p.term);
     rcfg.idle_timeout = silence_limit(cfg);
+    // The frames waiting in the connection's channel count too: the receiver's bound leaves
+    // room for a full channel (and the one checkpoint on the apply thread is within the
+    // window the primary keeps).
+    let channel = (transport::CHANNEL_FRAMES * (protocol::frame::MAX_PAYLOAD + 16)) as u64;
+    rcfg.max_staged_bytes = rcfg.max_staged_bytes.saturating_sub(channel);
     let mut r = Receiver::new(rcfg);
     // A primary that connects and says nothing is timed out from here.
     r.start(started);
@@ -344,7 +349,12 @@ async fn session_loop(
             done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
             _ = stop.changed() => return Ok(End::Stopped),
         }
-        while let Some(cp) = r.poll_checkpoint() {
+        // The next checkpoint leaves the receiver (and its memory bound) only when the apply
+        // thread is free to take it.
+        while applier.idle() && applier.queue.is_empty() {
+            let Some(cp) = r.poll_checkpoint() else {
+                break;
+            };
             let origin = Origin {
                 history: r.history().unwrap_or(0),
                 term: r.session().map_or(0, |s| s.1),

@@ -19,6 +19,6 @@ pub mod roles;
 pub mod tls;
 
 pub use error::TransportError;
-pub use link::{BackupLink, FrameRx, PrimaryLink};
+pub use link::{BackupLink, FrameRx, PrimaryLink, CHANNEL_FRAMES};
 pub use quic::{client, connect, connect_backup, QuicConfig, Server};
 pub use roles::{Grants, HostRole, PeerCert, VmScope};

@@ -15,7 +15,9 @@ use crate::error::TransportError;
 pub type FrameRx = mpsc::Receiver<Result<Vec<u8>, TransportError>>;
 type FrameTx = mpsc::Sender<Result<Vec<u8>, TransportError>>;
 
-const CHANNEL_FRAMES: usize = 1024;
+/// Frames of one connection waiting for the session loop (each at most a frame's maximum size:
+/// a receiver counts this much against its memory bound).
+pub const CHANNEL_FRAMES: usize = 64;
 
 async fn read_frames(mut recv: quinn::RecvStream, tx: FrameTx) {
     let mut reader = FrameReader::new();
