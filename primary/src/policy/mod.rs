@@ -28,12 +28,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::message::{Kind, Position, RESYNC_VERSION};
-use protocol::{Checkpoint, Sender, SenderConfig, SenderEvent};
-use vmm::{CaptureKind, EpochCapture};
+use protocol::message::{Position, RESYNC_VERSION};
+use protocol::{Sender, SenderConfig, SenderEvent};
+use vmm::CaptureKind;
 
 use crate::{epoch, PrimaryState, Stats};
-use crate::{EARLY_MIN_GAP, PRECOPY_CONVERGED, REJOIN_DELAY};
+use crate::{EARLY_MIN_GAP, REJOIN_DELAY};
 
 /// The most a quick resync may carry: it is one checkpoint, staged whole and applied in one go
 /// by the backup (whose loop stops answering meanwhile); beyond it a full sync is sent, pre-copied
@@ -654,71 +654,6 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// A backup whose window has stayed full for `drop_after` while more than `required`
-    /// others keep up is dropped.
-    /// Notes since when each backup in step has had its window full.
-    fn note_behind(&mut self, now: Instant) {
-        let window = self.cfg.window;
-        for b in self.backups.iter_mut() {
-            let behind = b.active()
-                && b.sender
-                    .as_ref()
-                    .is_some_and(|s| s.in_flight() as u64 >= window);
-            b.behind_since = match (behind, b.behind_since) {
-                (false, _) => None,
-                (true, None) => Some(now),
-                (true, since) => since,
-            };
-        }
-    }
-
-    /// Backups that could carry the session without a slow one: those in step and those ready
-    /// to join at the next capture.
-    fn could_serve(&self) -> usize {
-        self.backups
-            .iter()
-            .filter(|b| b.active() || b.ready_to_join())
-            .count()
-    }
-
-    /// When a backup that stays behind is to be dropped (None: none can be).
-    fn drop_deadline(&self) -> Option<Instant> {
-        if self.could_serve() <= self.required() {
-            return None;
-        }
-        self.backups
-            .iter()
-            .filter(|b| b.active())
-            .filter_map(|b| b.behind_since.map(|t| t + self.cfg.drop_after))
-            .min()
-    }
-
-    fn drop_slow(&mut self, now: Instant) {
-        self.note_behind(now);
-        if self.could_serve() <= self.required() {
-            return;
-        }
-        let after = self.cfg.drop_after;
-        let slow = self
-            .backups
-            .iter()
-            .position(|b| b.active() && b.behind_since.is_some_and(|t| now - t >= after));
-        if let Some(i) = slow {
-            let b = &mut self.backups[i];
-            tracing::warn!(
-                "backup {} is not keeping up (window full for {} ms); dropping it",
-                b.name,
-                after.as_millis()
-            );
-            if let Some(s) = b.sender.as_mut() {
-                s.close(now, "not keeping up");
-            }
-            b.behind_since = None;
-            b.join = Join::Welcome;
-            self.commands.push_back(Command::Close(i));
-        }
-    }
-
     /// The end of an epoch: ask for a capture if every backup in step has room, else extend.
     fn epoch_end(&mut self, now: Instant) {
         let early = self.phase == Phase::Protected && now < self.tick;
@@ -785,122 +720,11 @@ impl<'a> Policy<'a> {
         self.st.history.forget_changes();
         self.failed = Some(format!("capture failed: {why}"));
     }
-
-    /// The result of a [`Command::PreCopy`].
-    pub fn handle_precopy(&mut self, cap: &EpochCapture, now: Instant) {
-        let Phase::PreCopy {
-            round,
-            slice,
-            last_pages,
-            pages,
-        } = self.phase
-        else {
-            return;
-        };
-        self.pending = None;
-        let n = cap.pages.len();
-        let seq = self.st.history.take_seq();
-        // Round 0 copies what is there; only what changed since the previous capture (its
-        // first slice's `changes`) is a change. Later rounds copy what changed.
-        match (round, &cap.changes) {
-            (0, Some(ch)) => self.st.history.record(seq, &ch.dirty, &ch.disk),
-            (0, None) => {}
-            _ => self.st.history.record(seq, &cap.pages, &cap.disk),
-        }
-        let cp = match round {
-            0 => self.st.shadow.precopy_slice(seq, slice == 0, cap),
-            _ => self.st.shadow.checkpoint(seq, Kind::PreCopy, cap),
-        };
-        let bytes = cp.data_bytes();
-        let live = self.backups.iter().filter(|b| b.active()).count() as u64;
-        self.stats
-            .sync_queued_bytes
-            .fetch_add(bytes * live, Ordering::Relaxed);
-        self.send_to_active(&cp, now);
-        let slices = self.slices();
-        tracing::info!(
-            "pre-copy round {round}{} (checkpoint {seq}): {n} pages, {} disk bytes, {:.1} MiB queued, {:.0} ms into the sync",
-            match round {
-                0 if slices > 1 => format!(", slice {} of {slices}", slice + 1),
-                _ => String::new(),
-            },
-            cp.disk.iter().map(|d| d.1.len()).sum::<usize>(),
-            bytes as f64 / (1 << 20) as f64,
-            now.saturating_duration_since(self.sync_started).as_secs_f64() * 1e3,
-        );
-        self.precopied = true;
-        self.last_capture = now;
-        self.stats
-            .epochs
-            .store(self.st.history.next_seq(), Ordering::Relaxed);
-        let n = pages + n;
-        if round == 0 && slice + 1 < slices {
-            self.phase = Phase::PreCopy {
-                round,
-                slice: slice + 1,
-                last_pages,
-                pages: n,
-            };
-            self.after_input(now);
-            return;
-        }
-        self.stats
-            .sync_rounds
-            .store(u64::from(round) + 1, Ordering::Relaxed);
-        // Done after the last allowed round, or once the dirty set is small or stops
-        // shrinking by a tenth per round (the guest dirties as fast as we copy).
-        let converged = round + 1 >= self.cfg.precopy_rounds
-            || (round > 0
-                && (n <= PRECOPY_CONVERGED || last_pages.is_some_and(|l| n * 10 > l * 9)));
-        self.phase = match converged {
-            true => Phase::FinalSync,
-            false => Phase::PreCopy {
-                round: round + 1,
-                slice: 0,
-                last_pages: Some(n),
-                pages: 0,
-            },
-        };
-        self.after_input(now);
-    }
-
-    /// Slices of pre-copy round 0 for this guest.
-    fn slices(&self) -> u64 {
-        let (pages, disk) = self.cfg.guest;
-        let (sp, sd) = self.cfg.slice;
-        pages
-            .div_ceil(sp.max(1))
-            .max(disk.div_ceil(sd.max(1)))
-            .max(1)
-    }
-
-    fn send_to_active(&mut self, cp: &Checkpoint, now: Instant) {
-        for i in 0..self.backups.len() {
-            if !self.backups[i].active() {
-                continue;
-            }
-            let r = self.backups[i]
-                .sender
-                .as_mut()
-                .map(|s| s.send_checkpoint(now, cp.clone()));
-            if let Some(Err(e)) = r {
-                self.fail_backup(i, &e.to_string());
-            }
-        }
-    }
-
-    /// Records what checkpoint `seq` (captured as `cap`) changed, for later quick resyncs.
-    fn record(&mut self, seq: u64, cap: &EpochCapture) {
-        let h = &mut self.st.history;
-        match &cap.changes {
-            // A full capture lists every non-zero page; what changed is in `changes`.
-            Some(ch) => h.record(seq, &ch.dirty, &ch.disk),
-            None => h.record(seq, &cap.pages, &cap.disk),
-        }
-    }
 }
 
 mod capture;
+mod precopy;
+mod slow;
 
 impl Drop for Policy<'_> {
     /// A session that ends with a capture asked for and not handed back (its dirty bits and disk
