@@ -136,15 +136,26 @@ impl Applier {
     /// position says where the image stands); a `complete` still runs to its end.
     pub async fn finish(mut self) -> Result<Replica, Failure> {
         if self.job.is_some() {
-            if let Done::Begun {
-                result: Ok(Some(s)),
-                ..
-            } = self.next_done().await?
-            {
-                // Durable but not written in place: finish it, so the image is whole.
-                if let Some(r) = self.idle.as_mut() {
-                    r.complete(s)?;
+            match self.next_done().await? {
+                // Durable but not written in place: finish it (on the apply thread), so the
+                // image is whole.
+                Done::Begun {
+                    result: Ok(Some(s)),
+                    cp,
+                    started,
+                } => {
+                    self.start_complete(s, cp.epoch, cp.pages.len(), started);
+                    if let Done::Completed { result, .. } = self.next_done().await? {
+                        result?;
+                    }
                 }
+                // An image that could not be written cannot be served on.
+                Done::Completed { result: Err(f), .. } => return Err(f),
+                Done::Begun {
+                    result: Err(f @ Failure::Fatal(_)),
+                    ..
+                } => return Err(f),
+                _ => {}
             }
         }
         self.idle.ok_or_else(|| {

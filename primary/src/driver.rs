@@ -253,6 +253,20 @@ impl Driver {
     }
 }
 
+impl Drop for Driver {
+    /// However the session ends, its connections end with it: a link left open (its reader
+    /// keeps the connection alive) would hold the backup — which serves one session at a time —
+    /// until its silence limit, delaying the next session's resync.
+    fn drop(&mut self) {
+        for (_, w) in self.links.iter_mut().filter_map(Option::take) {
+            w.close(quic::code::SESSION_FAILED, "session over");
+        }
+        while let Ok((_, _, Ok(link))) = self.conns.try_recv() {
+            link.close(quic::code::SESSION_FAILED, "session over");
+        }
+    }
+}
+
 /// Hands what the policy queued for every connected backup to its writers, until the queue of
 /// the next frame's lane is full (the rest waits in the policy; the loop is woken when a writer
 /// made progress). Heartbeats go to the front of the policy's queue and have their own writer,

@@ -1,8 +1,9 @@
 //! Protocol frames over QUIC streams.
 //!
-//! The primary opens one bidirectional **control** stream (lane 0: `Hello`, `Begin`, `End`,
-//! heartbeats; the backup answers on its return direction) and `lanes` unidirectional **data**
-//! streams (lanes 1..: checkpoint parts, spread round-robin by the protocol's sender). Each
+//! The primary opens one bidirectional **control** stream (lane 0: `Hello`, `Begin`,
+//! heartbeats, `Goodbye`; the backup answers on its return direction) and `lanes`
+//! unidirectional **data** streams (lanes 1..: checkpoint parts spread round-robin by the
+//! protocol's sender, and each checkpoint's `End` after them). Each
 //! stream is a sequence of frames; the receiving side cuts them with `FrameReader` (refusing a
 //! bad header before buffering its length) and merges all streams into one channel.
 
