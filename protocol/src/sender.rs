@@ -178,11 +178,6 @@ impl Sender {
         self.out.front().map(|o| o.0)
     }
 
-    /// Frames queued and not yet handed out by [`poll_transmit`](Self::poll_transmit).
-    pub fn queued_frames(&self) -> usize {
-        self.out.len()
-    }
-
     /// True once the session failed or was closed (nothing more will be sent but what is
     /// queued).
     pub fn is_failed(&self) -> bool {

@@ -301,14 +301,6 @@ impl<'a> Policy<'a> {
             .and_then(|s| s.next_lane())
     }
 
-    /// True if backup `i` has frames waiting to be sent.
-    pub fn has_transmits(&self, i: usize) -> bool {
-        self.backups
-            .get(i)
-            .and_then(|b| b.sender.as_ref())
-            .is_some_and(|s| s.queued_frames() > 0)
-    }
-
     /// The seq the next checkpoint will have.
     pub fn next_seq(&self) -> u64 {
         self.st.history.next_seq()

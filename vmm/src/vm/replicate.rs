@@ -275,7 +275,7 @@ impl Vm {
         let ch = self
             .take_changes(Consumer::Replication, true)
             .map_err(capture_err)?;
-        let (pages, data, disk) = match self.copy_slice(pages, disk) {
+        let mut cap = match self.precopy_slice(pages, disk) {
             Ok(c) => c,
             Err(e) => {
                 self.give_back(Consumer::Replication, ch);
@@ -289,20 +289,11 @@ impl Vm {
             // Not recorded (first sync) or overflowed: round 0 copies the whole disk anyway.
             (Some(_), true) => DiskCapture::Full(Vec::new()),
         };
-        Ok(EpochCapture {
-            epoch: 0,
-            pause: Duration::ZERO,
-            pages,
-            data,
-            disk,
-            state: Vec::new(),
-            mem_size: self.mem_size,
-            changes: Some(Changes {
-                dirty,
-                disk: disk_changes,
-            }),
-            extra_disk: Vec::new(),
-        })
+        cap.changes = Some(Changes {
+            dirty,
+            disk: disk_changes,
+        });
+        Ok(cap)
     }
 
     /// A later slice of pre-copy round 0, while the guest runs (tracking was restarted by
