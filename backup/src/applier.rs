@@ -6,7 +6,6 @@
 //! and comes back with the result, while the session loop goes on receiving (staging later
 //! checkpoints) and answering heartbeats. Steps run one at a time, in order.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use protocol::Checkpoint;
@@ -15,9 +14,6 @@ use tokio::task::JoinHandle;
 use crate::image::{Origin, Staged};
 use crate::replica::{Failure, Replica};
 use crate::BackupError;
-
-/// A checkpoint waiting to be applied: it, its primary, and whether it opens the stream.
-pub(crate) type Queued = (Checkpoint, Origin, bool);
 
 /// What a step on the blocking thread did.
 pub(crate) enum Done {
@@ -40,8 +36,6 @@ pub(crate) enum Done {
 pub(crate) struct Applier {
     idle: Option<Replica>,
     job: Option<JoinHandle<(Replica, Done)>>,
-    /// Checkpoints handed out by the receiver, not yet begun.
-    pub queue: VecDeque<Queued>,
 }
 
 impl Applier {
@@ -50,7 +44,6 @@ impl Applier {
         Applier {
             idle: Some(replica),
             job: None,
-            queue: VecDeque::new(),
         }
     }
 
@@ -64,14 +57,9 @@ impl Applier {
         self.idle.as_ref()
     }
 
-    /// Starts `begin` of the next queued checkpoint, if the replica is free.
-    pub fn start_next(&mut self) {
-        if self.job.is_some() {
-            return;
-        }
-        let Some((cp, origin, opens)) = self.queue.pop_front() else {
-            return;
-        };
+    /// Starts `begin` of checkpoint `cp` from `origin` (`opens`: it opens the session's
+    /// stream); the caller checked the replica is free ([`idle`](Self::idle)).
+    pub fn start(&mut self, cp: Checkpoint, origin: Origin, opens: bool) {
         let Some(mut r) = self.idle.take() else {
             return;
         };
@@ -124,11 +112,6 @@ impl Applier {
                 "the apply thread failed: {e}"
             )))),
         }
-    }
-
-    /// Drops queued checkpoints from `seq` on (they are resent after a failed apply).
-    pub fn drop_from(&mut self, seq: u64) {
-        self.queue.retain(|q| q.0.epoch < seq);
     }
 
     /// Ends the session: waits for a running step and gives the replica back. A `begin` that

@@ -351,24 +351,22 @@ async fn session_loop(
         }
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
         // thread is free to take it.
-        while applier.idle() && applier.queue.is_empty() {
-            let Some(cp) = r.poll_checkpoint() else {
-                break;
-            };
-            let origin = Origin {
-                history: r.history().unwrap_or(0),
-                term: r.session().map_or(0, |s| s.1),
-            };
-            let opens = match opener {
-                Some((o, seq)) if o == origin => seq == cp.epoch,
-                _ => {
-                    opener = Some((origin, cp.epoch));
-                    true
-                }
-            };
-            applier.queue.push_back((cp, origin, opens));
+        if applier.idle() {
+            if let Some(cp) = r.poll_checkpoint() {
+                let origin = Origin {
+                    history: r.history().unwrap_or(0),
+                    term: r.session().map_or(0, |s| s.1),
+                };
+                let opens = match opener {
+                    Some((o, seq)) if o == origin => seq == cp.epoch,
+                    _ => {
+                        opener = Some((origin, cp.epoch));
+                        true
+                    }
+                };
+                applier.start(cp, origin, opens);
+            }
         }
-        applier.start_next();
         while let Some(out) = r.poll_transmit() {
             link.send(&out)
                 .await
@@ -386,8 +384,8 @@ async fn session_loop(
 
 /// A step of applying a checkpoint is done: after `begin`, the checkpoint is durable (or, for
 /// a full sync, applied and promoted) and is acknowledged, then completed on the apply thread;
-/// a refused one is reported to the primary, which resends it (and everything queued behind
-/// it is dropped: it could not apply either).
+/// a refused one is reported to the primary, which resends it (the receiver drops what it
+/// completed behind it: that could not apply either).
 fn step_done(
     cfg: &BackupConfig,
     r: &mut Receiver,
@@ -418,7 +416,6 @@ fn step_done(
             stats.apply_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!("checkpoint {}: {e}", cp.epoch);
             r.apply_failed(cp.epoch, &e.to_string());
-            applier.drop_from(cp.epoch);
         }
         Done::Begun {
             cp, result: Err(f), ..
