@@ -40,6 +40,63 @@ fn writers(
         .collect()
 }
 
+/// `SET <prefix><i> <i>` for i in 0..n, each acknowledged.
+fn set_keys(kv: &mut KvClient, prefix: &str, n: usize) {
+    for i in 0..n {
+        assert_eq!(kv.cmd(&format!("SET {prefix}{i} {i}")).unwrap(), "OK");
+    }
+}
+
+/// Diff snapshots `s1..s4` while four clients write and the guest churns; then churn stops and
+/// the writers with it. Returns when each diff was requested and the writers' acknowledged keys.
+fn diffs_while_writing(
+    r: &Replicated,
+    kv: &mut KvClient,
+    sock: &std::path::Path,
+    dir: &std::path::Path,
+) -> (Vec<Instant>, Acked) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let w = writers(r.primary.addr, 4, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(400));
+    let mut requested = Vec::new();
+    for n in 1..=4 {
+        requested.push(Instant::now());
+        let s = dir.join(format!("s{n}"));
+        let diff = ctl(sock, &["snapshot", s.to_str().unwrap(), "--diff"]);
+        assert!(field(&diff, "pages").is_some(), "{diff}");
+        std::thread::sleep(Duration::from_millis(37));
+    }
+    // Stop churning at once: the pages a snapshot harvested are not rewritten (which would
+    // heal a checkpoint that missed them) for the rest of the test.
+    assert_eq!(kv.cmd("CHURN 0 0").unwrap(), "OK");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    for h in w {
+        h.join().unwrap();
+    }
+    (requested, acked)
+}
+
+/// The disk of the chain `s0 <- s1` holds every key of `expected` (the KV log's records).
+fn assert_chain_disk_holds(dir: &std::path::Path, expected: &[String]) {
+    let chain = vmm::snapshot::load_chain(&dir.join("s1")).expect("chain verifies");
+    assert_eq!(chain.len(), 2, "s0 <- s1");
+    let disk = dir.join("chain-disk.img");
+    assert!(vmm::snapshot::restore_disk(&chain, &disk).unwrap());
+    let on_disk: std::collections::HashSet<String> = log::records(&std::fs::read(&disk).unwrap())
+        .into_iter()
+        .map(|(_, _, k, _)| k)
+        .collect();
+    let missing: Vec<&String> = expected.iter().filter(|k| !on_disk.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "the diff's disk misses {} acknowledged writes, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
 #[test]
 fn snapshots_of_a_protected_primary_take_nothing_from_replication_and_vice_versa() {
     let net = TestNet::new();
@@ -65,9 +122,7 @@ fn snapshots_of_a_protected_primary_take_nothing_from_replication_and_vice_versa
     );
     let mut kv = r.wait_ready(Duration::from_secs(20));
     wait_socket(&sock, Duration::from_secs(5));
-    for i in 0..20 {
-        assert_eq!(kv.cmd(&format!("SET a{i} {i}")).unwrap(), "OK");
-    }
+    set_keys(&mut kv, "a", 20);
 
     // A full snapshot while the guest churns memory: 5 pages/ms, each page once per 600 ms.
     assert_eq!(kv.cmd("CHURN 3000 5").unwrap(), "OK");
@@ -77,42 +132,15 @@ fn snapshots_of_a_protected_primary_take_nothing_from_replication_and_vice_versa
 
     // Writes between the snapshots: replication checkpoints harvest them first; the diffs
     // must still hold them all (memory and disk).
-    for i in 0..30 {
-        assert_eq!(kv.cmd(&format!("SET b{i} {i}")).unwrap(), "OK");
-    }
+    set_keys(&mut kv, "b", 30);
     // Diff snapshots s1..s4 while clients write and the guest churns. Each harvest lands
     // between writes (churned pages, keys, disk records) and the checkpoint that must carry
     // them — unless it falls inside a checkpoint's own pause, hence four of them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Acked = Arc::default();
-    let w = writers(r.primary.addr, 4, stop.clone(), acked.clone());
-    std::thread::sleep(Duration::from_millis(400));
-    let mut requested = Vec::new();
-    for n in 1..=4 {
-        requested.push(Instant::now());
-        let diff = ctl(
-            &sock,
-            &["snapshot", p(&format!("s{n}")).to_str().unwrap(), "--diff"],
-        );
-        assert!(field(&diff, "pages").is_some(), "{diff}");
-        std::thread::sleep(Duration::from_millis(37));
-    }
-    // Stop churning at once: the pages a snapshot harvested are not rewritten (which would
-    // heal a checkpoint that missed them) for the rest of the test.
-    assert_eq!(kv.cmd("CHURN 0 0").unwrap(), "OK");
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    for h in w {
-        h.join().unwrap();
-    }
+    let (requested, acked) = diffs_while_writing(&r, &mut kv, &sock, dir.path());
     // One more diff on top of them, and more writes after it.
-    for i in 0..20 {
-        assert_eq!(kv.cmd(&format!("SET c{i} {i}")).unwrap(), "OK");
-    }
+    set_keys(&mut kv, "c", 20);
     ctl(&sock, &["snapshot", p("s5").to_str().unwrap(), "--diff"]);
-    for i in 0..20 {
-        assert_eq!(kv.cmd(&format!("SET d{i} {i}")).unwrap(), "OK");
-    }
+    set_keys(&mut kv, "d", 20);
     // The keys acknowledged before diff `n` was requested.
     let acked_before = |n: usize| -> Vec<String> {
         let keys = (0..20)
@@ -136,22 +164,7 @@ fn snapshots_of_a_protected_primary_take_nothing_from_replication_and_vice_versa
 
     // The snapshots missed nothing: the chain s0 <- s1 holds, in its disk, every write
     // acknowledged before s1 was requested...
-    let chain = vmm::snapshot::load_chain(&p("s1")).expect("chain verifies");
-    assert_eq!(chain.len(), 2, "s0 <- s1");
-    assert!(vmm::snapshot::restore_disk(&chain, &p("chain-disk.img")).unwrap());
-    let on_disk: std::collections::HashSet<String> =
-        log::records(&std::fs::read(p("chain-disk.img")).unwrap())
-            .into_iter()
-            .map(|(_, _, k, _)| k)
-            .collect();
-    let expected = acked_before(1);
-    let missing: Vec<&String> = expected.iter().filter(|k| !on_disk.contains(*k)).collect();
-    assert!(
-        missing.is_empty(),
-        "the diff's disk misses {} acknowledged writes, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_chain_disk_holds(dir.path(), &acked_before(1));
     // ...and s0 <- ... <- s4 restores with every write acknowledged before s4 was requested.
     let mut vm = VmProc::restore(&net, &p("s4"), &p("restored-s4.log"), &[]);
     let mut kv = vm.wait_ready(Duration::from_secs(20));
