@@ -555,6 +555,7 @@ pub mod log {
     }
 }
 
+pub mod cluster;
 mod faults;
 mod replicated;
 #[allow(unused_imports)]
