@@ -1,0 +1,176 @@
+//! The agent's decisions: from the manager's [`Assignments`] for this host and what the host
+//! runs now, the actions that make the two match. Pure logic; `vmatrix agent` carries the
+//! actions out (spawning `vmatrix primary` / `vmatrix backup` processes, one per VM instance,
+//! and talking to them over their control sockets).
+//!
+//! The rules:
+//! - a primary is started from scratch only for [`Source::Boot`]; for [`Source::Promote`] the
+//!   backup on this host is told to promote (it persists the new term and finalizes its image)
+//!   and a primary then starts from that image; for [`Source::Running`] nothing is ever started
+//!   (a missing primary is a failure the manager must see, never a silent reboot);
+//! - a backup that exited is started again on its image (its committed image survives, and a
+//!   quick resync brings it up to date);
+//! - a primary of an older term than assigned, or of a VM not assigned, is fenced (stopped);
+//! - a backup is told the assigned minimum term whenever it reports an older one.
+
+use std::collections::BTreeMap;
+
+use crate::model::{Assignments, BackupTarget, ProcRole, Role, Source, VmObservation, VmSpec};
+
+/// One thing the agent must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start `vmatrix primary` booting the guest afresh.
+    BootPrimary {
+        /// The VM.
+        spec: VmSpec,
+        /// Its term.
+        term: u64,
+        /// Its backups.
+        backups: Vec<BackupTarget>,
+    },
+    /// Tell the backup to promote at `term`, then start a primary from its image.
+    Promote {
+        /// The VM.
+        spec: VmSpec,
+        /// New term.
+        term: u64,
+        /// The new primary's backups.
+        backups: Vec<BackupTarget>,
+    },
+    /// Start (or restart) `vmatrix backup`.
+    StartBackup {
+        /// The VM.
+        spec: VmSpec,
+        /// Lowest term it accepts.
+        min_term: u64,
+    },
+    /// Give the running primary a new backup set.
+    SetBackups {
+        /// VM name.
+        vm: String,
+        /// The set.
+        backups: Vec<BackupTarget>,
+    },
+    /// Tell the backup its new minimum term.
+    FenceBackup {
+        /// VM name.
+        vm: String,
+        /// Lowest term from now on.
+        term: u64,
+    },
+    /// Stop this process of the VM (fenced by `term`, or not assigned here).
+    Stop {
+        /// VM name.
+        vm: String,
+        /// Which process.
+        role: ProcRole,
+        /// Why.
+        why: String,
+    },
+}
+
+/// What the agent knows of one VM process besides its observation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// The backup set last applied to the primary.
+    pub backups: Option<Vec<BackupTarget>>,
+    /// A promotion at this term is under way (the backup was told; the primary not started).
+    pub promoting: Option<u64>,
+}
+
+/// The actions that bring `running` (this host's VM processes) to `want`.
+pub fn reconcile(
+    want: &Assignments,
+    running: &[VmObservation],
+    applied: &BTreeMap<String, Applied>,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    let find = |vm: &str, role: ProcRole| running.iter().find(|o| o.vm == vm && o.role == role);
+    for (name, a) in &want.vms {
+        let primary = find(name, ProcRole::Primary).filter(|o| o.alive);
+        let backup = find(name, ProcRole::Backup).filter(|o| o.alive);
+        let ap = applied.get(name).cloned().unwrap_or_default();
+        match &a.role {
+            Role::Primary {
+                term,
+                source,
+                backups,
+            } => {
+                if let Some(p) = primary.filter(|p| p.term < *term) {
+                    out.push(Action::Stop {
+                        vm: name.clone(),
+                        role: ProcRole::Primary,
+                        why: format!("fenced by term {term} (this primary has term {})", p.term),
+                    });
+                    continue;
+                }
+                match (primary, source) {
+                    (Some(_), _) => {
+                        if ap.backups.as_ref() != Some(backups) {
+                            out.push(Action::SetBackups {
+                                vm: name.clone(),
+                                backups: backups.clone(),
+                            });
+                        }
+                        if backup.is_some() {
+                            let why = "this host runs the primary".to_string();
+                            out.push(Action::Stop {
+                                vm: name.clone(),
+                                role: ProcRole::Backup,
+                                why,
+                            });
+                        }
+                    }
+                    (None, Source::Boot) if find(name, ProcRole::Primary).is_none() => {
+                        out.push(Action::BootPrimary {
+                            spec: a.spec.clone(),
+                            term: *term,
+                            backups: backups.clone(),
+                        });
+                    }
+                    (None, Source::Promote) if ap.promoting != Some(*term) => {
+                        out.push(Action::Promote {
+                            spec: a.spec.clone(),
+                            term: *term,
+                            backups: backups.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            Role::Backup { min_term } => {
+                if primary.is_some() {
+                    let why = format!("this host holds a backup of term {min_term} now");
+                    out.push(Action::Stop {
+                        vm: name.clone(),
+                        role: ProcRole::Primary,
+                        why,
+                    });
+                }
+                match backup {
+                    None => out.push(Action::StartBackup {
+                        spec: a.spec.clone(),
+                        min_term: *min_term,
+                    }),
+                    Some(b) if b.term < *min_term => out.push(Action::FenceBackup {
+                        vm: name.clone(),
+                        term: *min_term,
+                    }),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    for o in running
+        .iter()
+        .filter(|o| o.alive && !want.vms.contains_key(&o.vm))
+    {
+        out.push(Action::Stop {
+            vm: o.vm.clone(),
+            role: o.role,
+            why: "not assigned to this host".into(),
+        });
+    }
+    out
+}

@@ -1,0 +1,219 @@
+//! Failure detection from two signals, the choice of the backup to promote, and the backup
+//! set's upkeep (lost backups out, synced backups marked).
+
+use std::time::Duration;
+
+use super::Manager;
+use crate::event::EventKind;
+use crate::model::{ProcRole, VmObservation, VmRecord};
+
+impl Manager {
+    /// When `host` was last heard of (a host never heard of since this manager started counts
+    /// from the start: a restart is not a detection).
+    fn last_seen(&self, host: &str) -> Duration {
+        self.hosts.get(host).map_or(self.started, |h| h.last_seen)
+    }
+
+    /// Whether `host`'s agent heartbeated within the detection timeout.
+    pub(crate) fn fresh(&self, now: Duration, host: &str) -> bool {
+        self.hosts.contains_key(host) && now.saturating_sub(self.last_seen(host)) <= self.cfg.detect
+    }
+
+    /// Age of `host`'s last report.
+    fn report_age(&self, now: Duration, host: &str) -> Duration {
+        now.saturating_sub(self.last_seen(host))
+    }
+
+    fn obs(&self, host: &str, vm: &str, role: ProcRole) -> Option<&VmObservation> {
+        self.hosts
+            .get(host)?
+            .report
+            .vms
+            .iter()
+            .find(|o| o.vm == vm && o.role == role)
+    }
+
+    /// The observation of the VM's primary of the record's term on `host`.
+    pub(crate) fn primary_obs(&self, host: &str, rec: &VmRecord) -> Option<&VmObservation> {
+        self.obs(host, &rec.spec.name, ProcRole::Primary)
+            .filter(|o| o.term == rec.term)
+    }
+
+    /// Why the running primary is failed, if it is.
+    pub(crate) fn primary_failed(&self, now: Duration, rec: &VmRecord) -> Option<String> {
+        let p = rec.primary.as_deref()?;
+        if self.fresh(now, p) {
+            if !self.hosts.get(p).is_some_and(|h| h.reported) {
+                return None; // (re)connected, no report yet
+            }
+            // Its own agent speaks: failed only if the process is gone.
+            return match self.primary_obs(p, rec) {
+                Some(o) if o.alive => None,
+                Some(o) => Some(format!(
+                    "the primary's process on {p} exited ({})",
+                    o.exit.as_deref().unwrap_or("unknown")
+                )),
+                None => Some(format!("host {p} runs no primary of term {}", rec.term)),
+            };
+        }
+        // Its host is silent: the backups must agree that checkpoints stopped.
+        let silent_host = self.report_age(now, p);
+        let mut witnesses = 0;
+        let mut quietest = Duration::MAX;
+        for b in &rec.backups {
+            if !self.fresh(now, &b.host) {
+                continue;
+            }
+            let Some(o) = self.obs(&b.host, &rec.spec.name, ProcRole::Backup) else {
+                continue;
+            };
+            if !o.alive {
+                continue;
+            }
+            witnesses += 1;
+            let silent = match o.silent_ms {
+                Some(ms) => Duration::from_millis(ms) + self.report_age(now, &b.host),
+                None => Duration::MAX,
+            };
+            if silent <= self.cfg.detect {
+                return None; // checkpoints still arrive: only the manager's link is cut
+            }
+            quietest = quietest.min(silent);
+        }
+        if witnesses == 0 {
+            return None; // nobody can tell: do nothing rather than guess
+        }
+        let quiet = if quietest == Duration::MAX {
+            "never heard from it".to_string()
+        } else {
+            format!("silent for {} ms", quietest.as_millis())
+        };
+        Some(format!(
+            "no heartbeat from {p} for {} ms and its backups say checkpoints stopped ({quiet})",
+            silent_host.as_millis()
+        ))
+    }
+
+    /// The backup to promote: live, synced at the current term, holding an image of that term;
+    /// the most advanced (highest seq), `to` if given.
+    pub(crate) fn candidate(
+        &self,
+        now: Duration,
+        rec: &VmRecord,
+        to: Option<&str>,
+    ) -> Option<String> {
+        rec.backups
+            .iter()
+            .filter(|b| b.synced_term == Some(rec.term) && self.fresh(now, &b.host))
+            .filter(|b| to.is_none_or(|t| t == b.host))
+            .filter_map(|b| {
+                let o = self.obs(&b.host, &rec.spec.name, ProcRole::Backup)?;
+                (o.alive && o.image_term == rec.term).then_some((o.seq?, b.host.clone()))
+            })
+            .max()
+            .map(|(_, h)| h)
+    }
+
+    /// Backups whose host has been silent too long leave the set (persisted before the primary
+    /// is told: one that comes back can never be promoted from its older image).
+    pub(crate) fn drop_lost_backups(&mut self, now: Duration, rec: &mut VmRecord) {
+        // Only for a primary that runs (it waits for them); when the primary is gone too, the
+        // backups are the VM: they stay in the set until one comes back.
+        let primary_runs = rec.primary.as_deref().is_some_and(|p| {
+            self.fresh(now, p) && self.primary_obs(p, rec).is_some_and(|o| o.alive)
+        });
+        if !primary_runs {
+            return;
+        }
+        let lost: Vec<String> = rec
+            .backups
+            .iter()
+            .filter(|b| self.report_age(now, &b.host) > self.cfg.backup_lost)
+            .map(|b| b.host.clone())
+            .collect();
+        for h in lost {
+            rec.backups.retain(|b| b.host != h);
+            let ms = self.report_age(now, &h).as_millis();
+            self.event(
+                now,
+                EventKind::BackupLost,
+                Some(&rec.spec.name),
+                Some(&h),
+                Some(rec.term),
+                format!("no heartbeat for {ms} ms"),
+            );
+        }
+    }
+
+    /// Marks the set synced when the primary reports itself protected with exactly this set.
+    pub(crate) fn mark_synced(&mut self, now: Duration, rec: &mut VmRecord) {
+        let name = rec.spec.name.clone();
+        let Some(p) = rec.primary.clone() else {
+            return;
+        };
+        let protected = self.fresh(now, &p)
+            && self.primary_obs(&p, rec).is_some_and(|o| {
+                let mut have = o.backup_hosts.clone();
+                let mut want: Vec<String> = rec.backups.iter().map(|b| b.host.clone()).collect();
+                have.sort();
+                want.sort();
+                o.alive && o.protected && !want.is_empty() && have == want
+            });
+        if !protected {
+            self.protected.remove(&name);
+            return;
+        }
+        for b in &mut rec.backups {
+            b.synced_term = Some(rec.term);
+        }
+        if self.protected.insert(name.clone()) {
+            let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
+            self.event(
+                now,
+                EventKind::Protected,
+                Some(&name),
+                Some(&p),
+                Some(rec.term),
+                format!("every backup holds it: {hosts:?}"),
+            );
+        }
+    }
+
+    /// The primary failed and no backup can take over: the VM stays down, said once.
+    pub(crate) fn report_down(&mut self, now: Duration, rec: &VmRecord, why: String) {
+        if self.down.insert(rec.spec.name.clone()) {
+            self.event(
+                now,
+                EventKind::Lost,
+                Some(&rec.spec.name),
+                rec.primary.as_deref(),
+                Some(rec.term),
+                format!("{why}; no live backup holds term {}: the VM stays down until one does (it never starts from an older image)", rec.term),
+            );
+        }
+    }
+
+    /// Hosts silent past the detection timeout are noted once.
+    pub(crate) fn note_hosts_down(&mut self, now: Duration) {
+        let silent: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| !h.down && now.saturating_sub(h.last_seen) > self.cfg.detect)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for h in silent {
+            let ms = self.report_age(now, &h).as_millis();
+            if let Some(s) = self.hosts.get_mut(&h) {
+                s.down = true;
+            }
+            self.event(
+                now,
+                EventKind::HostDown,
+                None,
+                Some(&h),
+                None,
+                format!("no heartbeat for {ms} ms"),
+            );
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The manager's decisions as a sans-IO state machine.
+//!
+//! Inputs: agents' hellos and reports (heartbeats), lost connections, API calls, and time
+//! (`tick`). Outputs ([`Output`], in order): `Persist` (the driver makes it durable before it acts
+//! on anything after it), `Assign` (a host's whole assignment, sent to its agent) and `Event`.
+//!
+//! The rules (docs/failover.md):
+//! - **Two signals**: a VM's primary is failed when its host's agent has been silent for longer
+//!   than `detect` *and* every backup that can be heard says checkpoints stopped arriving for
+//!   longer than `detect`; or at once when the primary's own agent reports its process exited.
+//!   A manager that merely lost its own link to a healthy primary hears the backups say
+//!   checkpoints still arrive, and does nothing.
+//! - **Fenced promotion**: the term is raised and persisted before any agent hears of it; the
+//!   chosen backup is the most advanced among those synced at the current term (they hold
+//!   everything released); the others are told the new term, the old primary's host is told to
+//!   run nothing of the VM.
+//! - **Re-protection**: whenever a running VM has fewer backups than asked, a backup is placed
+//!   on the least loaded other host; it counts as synced only once the primary reports itself
+//!   protected with exactly that set.
+
+mod detect;
+mod place;
+mod view;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+pub use view::{HostView, VmView};
+
+use crate::event::{Event, EventKind};
+use crate::model::{
+    Assignment, Assignments, BackupSlot, BackupTarget, ClusterState, HostId, Phase, Report, Role,
+    Source, VmRecord, VmSpec,
+};
+
+/// How often the driver should call [`Manager::tick`].
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Timing of the manager's rules.
+#[derive(Debug, Clone, Copy)]
+pub struct ManagerConfig {
+    /// Silence (of the primary's host and of the checkpoints at its backups) after which the
+    /// primary is failed.
+    pub detect: Duration,
+    /// Silence of a backup's host after which the backup is replaced.
+    pub backup_lost: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            detect: Duration::from_millis(60),
+            backup_lost: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Make this state durable before acting on any later output.
+    Persist(ClusterState),
+    /// Send this host's agent its whole assignment.
+    Assign {
+        /// The host.
+        host: HostId,
+        /// What it must run.
+        assignments: Assignments,
+    },
+    /// Log this.
+    Event(Event),
+}
+
+/// Something the manager was told by an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// An agent connected (or reconnected).
+    Hello {
+        /// Its host.
+        host: HostId,
+        /// Its replication address.
+        repl_ip: String,
+        /// Memory it offers, MiB.
+        capacity_mib: u64,
+    },
+    /// A heartbeat with the host's VM processes.
+    Report {
+        /// Its host.
+        host: HostId,
+        /// What it runs.
+        report: Report,
+    },
+    /// The agent's connection closed.
+    Gone {
+        /// Its host.
+        host: HostId,
+    },
+}
+
+/// Why an API call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No such VM or host.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("already exists: {0}")]
+    Exists(String),
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// It cannot be done now (no host, no synced backup, another operation under way).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What an agent last told the manager.
+#[derive(Debug, Clone)]
+pub(crate) struct HostState {
+    pub(crate) repl_ip: String,
+    pub(crate) connected: bool,
+    pub(crate) last_seen: Duration,
+    pub(crate) report: Report,
+    /// A report arrived on the current connection (before it, the host's VMs are unknown).
+    pub(crate) reported: bool,
+    pub(crate) sent: Option<Assignments>,
+    pub(crate) down: bool,
+}
+
+/// Counters for the metrics page.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// Promotions after a detected failure.
+    pub failovers: u64,
+    /// Promotions asked for by a user (failover or migration).
+    pub switchovers: u64,
+    /// Last detection time: last sign of life of the primary to the decision, ms.
+    pub last_detect_ms: Option<u64>,
+    /// Last promotion time: decision to the new primary reported running, ms.
+    pub last_promote_ms: Option<u64>,
+}
+
+/// The manager.
+#[derive(Debug)]
+pub struct Manager {
+    cfg: ManagerConfig,
+    state: ClusterState,
+    /// What was last handed out for persisting (every change is compared with it).
+    persisted: ClusterState,
+    hosts: BTreeMap<HostId, HostState>,
+    started: Duration,
+    out: VecDeque<Output>,
+    /// When each promotion was decided (for its duration).
+    promoting_since: BTreeMap<String, Duration>,
+    /// Planned migrations: VM → target host (not persisted: a restart forgets them).
+    migrations: BTreeMap<String, HostId>,
+    /// VMs currently known protected / reported down (for transition events).
+    protected: BTreeSet<String>,
+    down: BTreeSet<String>,
+    counters: Counters,
+}
+
+impl Manager {
+    /// A manager resuming from `state` (loaded from the store) at time `now`.
+    pub fn new(cfg: ManagerConfig, state: ClusterState, now: Duration) -> Manager {
+        Manager {
+            cfg,
+            persisted: state.clone(),
+            state,
+            hosts: BTreeMap::new(),
+            started: now,
+            out: VecDeque::new(),
+            promoting_since: BTreeMap::new(),
+            migrations: BTreeMap::new(),
+            protected: BTreeSet::new(),
+            down: BTreeSet::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The state as last decided.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Handles an agent's input.
+    pub fn handle(&mut self, now: Duration, input: Input) {
+        match input {
+            Input::Hello { host, repl_ip, .. } => {
+                let h = self.hosts.entry(host.clone()).or_insert(HostState {
+                    repl_ip: repl_ip.clone(),
+                    connected: true,
+                    last_seen: now,
+                    report: Report::default(),
+                    reported: false,
+                    sent: None,
+                    down: false,
+                });
+                h.repl_ip = repl_ip;
+                h.connected = true;
+                h.last_seen = now;
+                h.reported = false;
+                // A new connection gets its whole assignment again.
+                h.sent = None;
+                let was_down = std::mem::replace(&mut h.down, false);
+                self.event(now, EventKind::HostUp, None, Some(&host), None, {
+                    if was_down {
+                        "agent back".to_string()
+                    } else {
+                        "agent connected".to_string()
+                    }
+                });
+            }
+            Input::Report { host, report } => {
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    h.last_seen = now;
+                    h.report = report;
+                    h.reported = true;
+                    if std::mem::replace(&mut h.down, false) {
+                        self.event(
+                            now,
+                            EventKind::HostUp,
+                            None,
+                            Some(&host),
+                            None,
+                            "heartbeats again".into(),
+                        );
+                    }
+                }
+            }
+            Input::Gone { host } => {
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    h.connected = false;
+                }
+            }
+        }
+        self.decide(now);
+    }
+
+    /// Lets time pass: detection and timeouts.
+    pub fn tick(&mut self, now: Duration) {
+        self.decide(now);
+    }
+
+    /// Creates and places a VM.
+    pub fn create(&mut self, now: Duration, spec: VmSpec) -> Result<(), ApiError> {
+        spec.validate().map_err(ApiError::Invalid)?;
+        if self.state.vms.contains_key(&spec.name) {
+            return Err(ApiError::Exists(spec.name));
+        }
+        let primary = self
+            .pick_host(now, &spec, &[])
+            .ok_or_else(|| ApiError::Unavailable("no live host may run it".into()))?;
+        let mut rec = VmRecord {
+            spec: spec.clone(),
+            term: 1,
+            phase: Phase::Creating,
+            primary: Some(primary.clone()),
+            started: false,
+            backups: Vec::new(),
+        };
+        self.reprotect(now, &mut rec);
+        let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
+        let detail = format!("primary on {primary}, backups on {hosts:?}");
+        self.state.vms.insert(spec.name.clone(), rec);
+        self.event(
+            now,
+            EventKind::Created,
+            Some(&spec.name),
+            Some(&primary),
+            Some(1),
+            detail,
+        );
+        self.decide(now);
+        Ok(())
+    }
+
+    /// Deletes a VM: every host stops its processes.
+    pub fn delete(&mut self, now: Duration, name: &str) -> Result<(), ApiError> {
+        if self.state.vms.remove(name).is_none() {
+            return Err(ApiError::NotFound(name.into()));
+        }
+        self.migrations.remove(name);
+        self.event(
+            now,
+            EventKind::Deleted,
+            Some(name),
+            None,
+            None,
+            "deleted".into(),
+        );
+        self.decide(now);
+        Ok(())
+    }
+
+    /// Promotes a synced backup (`to`, or the most advanced) although the primary may be alive.
+    pub fn failover(
+        &mut self,
+        now: Duration,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<u64, ApiError> {
+        let rec = self.record(name)?;
+        if rec.phase != Phase::Running {
+            return Err(ApiError::Unavailable(format!("{name} is {:?}", rec.phase)));
+        }
+        let cand = self.candidate(now, &rec, to).ok_or_else(|| {
+            ApiError::Unavailable(match to {
+                Some(h) => format!("{h} is not a live backup synced at term {}", rec.term),
+                None => format!("no live backup synced at term {}", rec.term),
+            })
+        })?;
+        self.counters.switchovers += 1;
+        let term = self.promote(now, name, &cand, "requested".into());
+        self.decide(now);
+        Ok(term)
+    }
+
+    /// Moves a VM's primary to `to`: a backup is started there if there is none, and once it
+    /// is synced the VM fails over to it.
+    pub fn migrate(&mut self, now: Duration, name: &str, to: &str) -> Result<(), ApiError> {
+        let mut rec = self.record(name)?;
+        if rec.phase != Phase::Running {
+            return Err(ApiError::Unavailable(format!("{name} is {:?}", rec.phase)));
+        }
+        if rec.primary.as_deref() == Some(to) {
+            return Err(ApiError::Invalid(format!("{name} already runs on {to}")));
+        }
+        if !self.fresh(now, to) || !rec.spec.allows(to) {
+            return Err(ApiError::Unavailable(format!(
+                "{to} is not a live host allowed for {name}"
+            )));
+        }
+        if !rec.backups.iter().any(|b| b.host == to) {
+            rec.backups.push(BackupSlot {
+                host: to.into(),
+                synced_term: None,
+            });
+            self.event(
+                now,
+                EventKind::BackupAdded,
+                Some(name),
+                Some(to),
+                Some(rec.term),
+                "migration target".into(),
+            );
+            self.state.vms.insert(name.into(), rec);
+        }
+        self.migrations.insert(name.into(), to.into());
+        self.decide(now);
+        Ok(())
+    }
+
+    fn record(&self, name: &str) -> Result<VmRecord, ApiError> {
+        self.state
+            .vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(name.into()))
+    }
+
+    /// Runs every rule, then persists and sends what changed (in that order).
+    fn decide(&mut self, now: Duration) {
+        self.note_hosts_down(now);
+        let names: Vec<String> = self.state.vms.keys().cloned().collect();
+        for name in names {
+            self.decide_vm(now, &name);
+        }
+        if self.state != self.persisted {
+            self.persisted = self.state.clone();
+            self.out.push_back(Output::Persist(self.state.clone()));
+        }
+        self.send_assignments();
+    }
+
+    fn decide_vm(&mut self, now: Duration, name: &str) {
+        let Some(mut rec) = self.state.vms.get(name).cloned() else {
+            return;
+        };
+        match rec.phase {
+            Phase::Creating | Phase::Promoting => self.watch_start(now, &mut rec),
+            Phase::Running => {
+                self.drop_lost_backups(now, &mut rec);
+                self.mark_synced(now, &mut rec);
+            }
+        }
+        if rec.phase == Phase::Running || rec.phase == Phase::Promoting {
+            self.reprotect(now, &mut rec);
+        }
+        self.state.vms.insert(name.into(), rec.clone());
+        if rec.phase == Phase::Running {
+            if let Some(to) = self.migrations.get(name).cloned() {
+                if let Some(c) = self.candidate(now, &rec, Some(&to)) {
+                    self.migrations.remove(name);
+                    self.counters.switchovers += 1;
+                    self.promote(now, name, &c, format!("planned migration to {to}"));
+                    return;
+                }
+            }
+            if let Some(why) = self.primary_failed(now, &rec) {
+                match self.candidate(now, &rec, None) {
+                    Some(c) => {
+                        self.counters.failovers += 1;
+                        self.promote(now, name, &c, why);
+                    }
+                    None => self.report_down(now, &rec, why),
+                }
+                return;
+            }
+        }
+        self.down.remove(name);
+    }
+
+    /// Promotes `cand` at term + 1: persisted (by `decide`) before any assignment leaves.
+    fn promote(&mut self, now: Duration, name: &str, cand: &str, why: String) -> u64 {
+        let Some(mut rec) = self.state.vms.get(name).cloned() else {
+            return 0;
+        };
+        let old = rec.primary.clone();
+        self.event(
+            now,
+            EventKind::Detected,
+            Some(name),
+            old.as_deref(),
+            Some(rec.term),
+            why,
+        );
+        rec.term += 1;
+        self.event(
+            now,
+            EventKind::TermChanged,
+            Some(name),
+            Some(cand),
+            Some(rec.term),
+            format!(
+                "term {} → {}: only the primary on {cand} may release output",
+                rec.term - 1,
+                rec.term
+            ),
+        );
+        rec.phase = Phase::Promoting;
+        rec.primary = Some(cand.to_string());
+        rec.started = false;
+        rec.backups.retain(|b| b.host != cand);
+        // The new primary starts unprotected: nobody else holds what it will release.
+        for b in &mut rec.backups {
+            b.synced_term = None;
+        }
+        self.reprotect(now, &mut rec);
+        let term = rec.term;
+        self.state.vms.insert(name.into(), rec);
+        self.promoting_since.insert(name.into(), now);
+        self.protected.remove(name);
+        self.event(
+            now,
+            EventKind::Promoting,
+            Some(name),
+            Some(cand),
+            Some(term),
+            "resuming from its last committed checkpoint".into(),
+        );
+        term
+    }
+
+    /// Creating/Promoting → Running once the primary of the term reports itself alive.
+    fn watch_start(&mut self, now: Duration, rec: &mut VmRecord) {
+        let Some(p) = rec.primary.clone() else {
+            return;
+        };
+        let Some(o) = self.primary_obs(&p, rec) else {
+            return;
+        };
+        if !o.alive {
+            return;
+        }
+        rec.phase = Phase::Running;
+        rec.started = true;
+        let since = self.promoting_since.remove(&rec.spec.name);
+        let ms = since.map(|s| now.saturating_sub(s).as_millis() as u64);
+        if ms.is_some() {
+            self.counters.last_promote_ms = ms;
+        }
+        let detail = match ms {
+            Some(ms) => format!("primary runs on {p} ({ms} ms after the decision)"),
+            None => format!("primary runs on {p}"),
+        };
+        self.event(
+            now,
+            EventKind::PrimaryRunning,
+            Some(&rec.spec.name),
+            Some(&p),
+            Some(rec.term),
+            detail,
+        );
+    }
+
+    /// Adds backups on the least loaded other hosts until the VM has as many as asked.
+    fn reprotect(&mut self, now: Duration, rec: &mut VmRecord) {
+        while rec.backups.len() < rec.spec.backups as usize {
+            let mut exclude: Vec<HostId> = rec.backups.iter().map(|b| b.host.clone()).collect();
+            exclude.extend(rec.primary.clone());
+            let Some(h) = self.pick_host(now, &rec.spec, &exclude) else {
+                return;
+            };
+            rec.backups.push(BackupSlot {
+                host: h.clone(),
+                synced_term: None,
+            });
+            if rec.phase != Phase::Creating {
+                self.event(
+                    now,
+                    EventKind::BackupAdded,
+                    Some(&rec.spec.name),
+                    Some(&h),
+                    Some(rec.term),
+                    "re-protection: a new backup syncs from the primary".into(),
+                );
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        now: Duration,
+        kind: EventKind,
+        vm: Option<&str>,
+        host: Option<&str>,
+        term: Option<u64>,
+        detail: String,
+    ) {
+        self.out.push_back(Output::Event(Event {
+            at_ms: now.as_millis() as u64,
+            kind,
+            vm: vm.map(str::to_string),
+            host: host.map(str::to_string),
+            term,
+            detail,
+        }));
+    }
+
+    /// Every host's assignment, derived from the records.
+    pub fn assignments(&self) -> BTreeMap<HostId, Assignments> {
+        let mut all: BTreeMap<HostId, Assignments> = BTreeMap::new();
+        for h in self.hosts.keys() {
+            all.entry(h.clone()).or_default();
+        }
+        for (name, rec) in &self.state.vms {
+            let targets: Vec<BackupTarget> = rec
+                .backups
+                .iter()
+                .map(|b| BackupTarget {
+                    host: b.host.clone(),
+                    addr: format!("{}:{}", self.repl_ip(&b.host), rec.spec.port),
+                })
+                .collect();
+            if let Some(p) = &rec.primary {
+                let source = match (rec.phase, rec.started) {
+                    (_, true) => Source::Running,
+                    (Phase::Promoting, false) => Source::Promote,
+                    _ => Source::Boot,
+                };
+                let role = Role::Primary {
+                    term: rec.term,
+                    source,
+                    backups: targets,
+                };
+                all.entry(p.clone()).or_default().vms.insert(
+                    name.clone(),
+                    Assignment {
+                        spec: rec.spec.clone(),
+                        role,
+                    },
+                );
+            }
+            for b in &rec.backups {
+                let role = Role::Backup { min_term: rec.term };
+                all.entry(b.host.clone()).or_default().vms.insert(
+                    name.clone(),
+                    Assignment {
+                        spec: rec.spec.clone(),
+                        role,
+                    },
+                );
+            }
+        }
+        all
+    }
+
+    fn repl_ip(&self, host: &str) -> String {
+        self.hosts
+            .get(host)
+            .map_or_else(|| "0.0.0.0".into(), |h| h.repl_ip.clone())
+    }
+
+    /// Sends each connected host its assignment when it differs from what it was last sent.
+    fn send_assignments(&mut self) {
+        for (host, a) in self.assignments() {
+            let Some(h) = self.hosts.get_mut(&host) else {
+                continue;
+            };
+            if h.connected && h.sent.as_ref() != Some(&a) {
+                h.sent = Some(a.clone());
+                self.out.push_back(Output::Assign {
+                    host,
+                    assignments: a,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The control plane's data: what a VM should be (its spec), where its instances run and at
+//! which term (its record, persisted), what a host's agent must run (assignments) and what it
+//! reports (observations). Plain serde data shared by the manager, the agent, the store and the
+//! HTTP API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A host's name (as in its certificate).
+pub type HostId = String;
+
+/// What the user asks for: one protected VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Unique name (also the VM id on replication channels).
+    pub name: String,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// Guest disk size, MiB (a fresh raw disk is made on the primary's host).
+    pub disk_mib: u64,
+    /// The guest's config string (e.g. "ip=10.77.1.2/24,gw=10.77.1.1,port=7000").
+    pub guest_config: String,
+    /// Backups wanted (each on its own host, never the primary's).
+    pub backups: u8,
+    /// Hosts allowed to run it (empty: any).
+    #[serde(default)]
+    pub hosts: Vec<HostId>,
+    /// UDP port the backups listen on (on their host's replication address).
+    pub port: u16,
+}
+
+impl VmSpec {
+    /// Checks what a user sent.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 32
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok_name {
+            return Err(format!(
+                "name '{}' must be 1..=32 characters of [A-Za-z0-9_-]",
+                self.name
+            ));
+        }
+        if !(16..=3328).contains(&self.mem_mib) {
+            return Err(format!("mem_mib {} not in 16..=3328", self.mem_mib));
+        }
+        if !(1..=1 << 20).contains(&self.disk_mib) {
+            return Err(format!("disk_mib {} not in 1..=1048576", self.disk_mib));
+        }
+        if self.backups > 4 {
+            return Err(format!("backups {} > 4", self.backups));
+        }
+        if self.port == 0 {
+            return Err("port must not be 0".into());
+        }
+        if self.guest_config.len() > 1024 || self.guest_config.contains('\n') {
+            return Err("guest_config: one line of at most 1024 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `host` may run it.
+    pub fn allows(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+}
+
+/// One backup of a VM as the manager knows it (persisted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSlot {
+    /// Its host.
+    pub host: HostId,
+    /// The term whose primary it holds everything of: set when that primary reports itself
+    /// protected with exactly this set (with every backup required, all released output is then
+    /// on each of them). Only a backup synced at the current term may be promoted.
+    pub synced_term: Option<u64>,
+}
+
+/// Where a VM stands (persisted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Placed; the primary boots from scratch (nothing of it ever ran).
+    Creating,
+    /// A primary runs (protected or not: see the observations).
+    Running,
+    /// A backup is being promoted at the record's term.
+    Promoting,
+}
+
+/// The manager's persisted record of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// What the user asked for.
+    pub spec: VmSpec,
+    /// The current term: only the primary of this term may release output. Grows only.
+    pub term: u64,
+    /// Phase.
+    pub phase: Phase,
+    /// Host of the primary of `term` (none when lost).
+    pub primary: Option<HostId>,
+    /// The primary of `term` has been seen running (from then on nothing may boot it afresh).
+    pub started: bool,
+    /// Backups in the primary's set.
+    pub backups: Vec<BackupSlot>,
+}
+
+/// Everything the manager persists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// VMs by name.
+    pub vms: BTreeMap<String, VmRecord>,
+}
+
+/// Where a VM's primary on a host comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// Boot the guest afresh (only before the VM ever ran).
+    Boot,
+    /// Promote the backup image on this host (the backup process there is told to promote).
+    Promote,
+    /// Already running: never start anything (a missing process is a failure to report).
+    Running,
+}
+
+/// A backup address handed to a primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupTarget {
+    /// The backup's host (its certificate's name).
+    pub host: HostId,
+    /// `ip:port` it listens on.
+    pub addr: String,
+}
+
+/// What one VM on one host must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The primary of `term`.
+    Primary {
+        /// Term granted.
+        term: u64,
+        /// Where it comes from.
+        source: Source,
+        /// Its backups; output is held until all of them acknowledged (empty: it runs
+        /// unprotected, which only this grant allows).
+        backups: Vec<BackupTarget>,
+    },
+    /// A backup that refuses primaries older than `min_term`.
+    Backup {
+        /// Lowest term it accepts (persisted by the backup).
+        min_term: u64,
+    },
+}
+
+/// One VM's assignment to a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The VM.
+    pub spec: VmSpec,
+    /// Its role there.
+    pub role: Role,
+}
+
+/// The whole of what a host must run (anything else of ours on it is stopped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignments {
+    /// By VM name.
+    pub vms: BTreeMap<String, Assignment>,
+}
+
+/// Kind of a VM process an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProcRole {
+    /// `vmatrix primary`.
+    Primary,
+    /// `vmatrix backup`.
+    Backup,
+}
+
+/// What an agent sees of one VM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmObservation {
+    /// VM name.
+    pub vm: String,
+    /// Its role.
+    pub role: ProcRole,
+    /// The process is alive (false: it exited; `exit` says how).
+    pub alive: bool,
+    /// Exit code or signal description, once it exited.
+    pub exit: Option<String>,
+    /// Primary: its term; backup: the lowest term it accepts.
+    pub term: u64,
+    /// Backup: the term of its committed image (0: none).
+    pub image_term: u64,
+    /// Backup: committed seq; primary: last acknowledged seq.
+    pub seq: Option<u64>,
+    /// Primary: every backup in its set holds the VM.
+    pub protected: bool,
+    /// Primary: the hosts of the backups in its set (as the agent last applied it).
+    pub backup_hosts: Vec<HostId>,
+    /// Primary: output waits for a checkpoint.
+    pub output_held: bool,
+    /// Backup: time since a checkpoint or heartbeat from its primary last arrived, ms (None:
+    /// never, since it started).
+    pub silent_ms: Option<u64>,
+}
+
+/// One report (heartbeat) of an agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Every VM process the agent runs or ran recently.
+    pub vms: Vec<VmObservation>,
+}

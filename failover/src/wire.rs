@@ -1,0 +1,161 @@
+//! The agent protocol: messages between a host's agent and the manager, and their framing.
+//!
+//! A frame is `len: u32 LE | crc32(payload): u32 LE | payload (postcard)`, at most
+//! [`MAX_FRAME`] bytes of payload. The agent speaks first with [`AgentMsg::Hello`] carrying
+//! [`VERSION`]; the manager answers [`ManagerMsg::Welcome`] or closes. Every byte is untrusted:
+//! lengths are checked before allocation, the CRC before decoding, and decoding errors are typed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Assignments, Report};
+use crate::FailoverError;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Largest payload accepted (a report of many VMs fits easily).
+pub const MAX_FRAME: usize = 1 << 20;
+/// Header bytes before the payload.
+pub const HEADER: usize = 8;
+
+/// Agent → manager.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First message.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// Host name (must match the certificate).
+        host: String,
+        /// The host's replication address (backups listen there).
+        repl_ip: String,
+        /// Memory offered to VMs, MiB.
+        capacity_mib: u64,
+    },
+    /// A heartbeat with the state of every VM process (every ~10 ms).
+    Report(Report),
+}
+
+/// Manager → agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManagerMsg {
+    /// Accepts the agent.
+    Welcome {
+        /// Protocol version.
+        version: u16,
+    },
+    /// What the host must run (the whole of it; sent on change and now and then).
+    Assign(Assignments),
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FailoverError> {
+    let payload = postcard::to_stdvec(msg).map_err(|e| FailoverError::Encode(e.to_string()))?;
+    if payload.len() > MAX_FRAME {
+        return Err(FailoverError::FrameTooLarge(payload.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Reads the payload length from a frame header, checking the bound.
+pub fn payload_len(header: &[u8; HEADER]) -> Result<usize, FailoverError> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FailoverError::FrameTooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a payload after its header.
+pub fn decode<T: for<'de> Deserialize<'de>>(
+    header: &[u8; HEADER],
+    payload: &[u8],
+) -> Result<T, FailoverError> {
+    let len = payload_len(header)?;
+    if payload.len() != len {
+        return Err(FailoverError::Truncated {
+            want: len,
+            got: payload.len(),
+        });
+    }
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let got = crc32fast::hash(payload);
+    if crc != got {
+        return Err(FailoverError::Crc { want: crc, got });
+    }
+    postcard::from_bytes(payload).map_err(|e| FailoverError::Decode(e.to_string()))
+}
+
+/// Decodes one whole frame (header and payload), refusing trailing bytes.
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, FailoverError> {
+    if frame.len() < HEADER {
+        return Err(FailoverError::Truncated {
+            want: HEADER,
+            got: frame.len(),
+        });
+    }
+    let header: [u8; HEADER] = frame[..HEADER].try_into().expect("8 bytes");
+    decode(&header, &frame[HEADER..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::VmObservation;
+
+    fn report() -> AgentMsg {
+        AgentMsg::Report(Report {
+            vms: vec![VmObservation {
+                vm: "web".into(),
+                role: crate::model::ProcRole::Backup,
+                alive: true,
+                exit: None,
+                term: 3,
+                image_term: 3,
+                seq: Some(41),
+                protected: false,
+                backup_hosts: vec![],
+                output_held: false,
+                silent_ms: Some(7),
+            }],
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = encode(&report()).unwrap();
+        assert_eq!(decode_frame::<AgentMsg>(&f).unwrap(), report());
+    }
+
+    #[test]
+    fn every_corruption_is_a_typed_error() {
+        let f = encode(&report()).unwrap();
+        for i in 0..f.len() {
+            for bit in 0..8 {
+                let mut g = f.clone();
+                g[i] ^= 1 << bit;
+                // A flipped bit is caught by the length check, the CRC or the decoder: never a
+                // panic, never the same message.
+                if let Ok(m) = decode_frame::<AgentMsg>(&g) {
+                    panic!("corrupted frame (byte {i} bit {bit}) decoded to {m:?}");
+                }
+            }
+        }
+        for n in 0..f.len() {
+            assert!(decode_frame::<AgentMsg>(&f[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_allocation() {
+        let mut h = [0u8; HEADER];
+        h[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            payload_len(&h),
+            Err(FailoverError::FrameTooLarge(_))
+        ));
+    }
+}
