@@ -9,6 +9,7 @@
 
 mod bench;
 mod certs;
+mod cluster;
 mod control;
 mod disk;
 mod guest_config;
@@ -58,6 +59,18 @@ enum Cmd {
     /// Benchmarks on real KVM, taps and QUIC (Markdown for docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// The failover manager: desired state, detection, fenced promotion, re-protection.
+    Manager(cluster::manager::ManagerArgs),
+    /// A host's agent: runs the VM processes the manager assigns, heartbeats and reports.
+    Agent(cluster::agent::AgentArgs),
+    /// Protected VMs on the manager's hosts.
+    #[command(subcommand)]
+    Vm(cluster::cli::VmCmd),
+    /// The manager's hosts.
+    #[command(subcommand)]
+    Host(cluster::cli::HostCmd),
+    /// The manager's event log (detections, term changes, promotions, re-protection).
+    Events(cluster::cli::EventsArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +92,11 @@ fn main() -> ExitCode {
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),
         Cmd::Bench(b) => bench::main(b),
+        Cmd::Manager(a) => cluster::manager::main(a),
+        Cmd::Agent(a) => cluster::agent::main(a),
+        Cmd::Vm(c) => cluster::cli::vm_main(c),
+        Cmd::Host(c) => cluster::cli::host_main(c),
+        Cmd::Events(a) => cluster::cli::events_main(a),
     };
     match result {
         Ok(code) => code,
