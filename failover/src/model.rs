@@ -172,7 +172,7 @@ pub struct Assignments {
 }
 
 /// Kind of a VM process an agent runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ProcRole {
     /// `vmatrix primary`.
     Primary,

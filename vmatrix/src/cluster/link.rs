@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Writes one message.
 pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> anyhow::Result<()> {
     let frame = failover::wire::encode(msg)?;
-    send.write_all(&frame).await.context("writing to the agent stream")?;
+    send.write_all(&frame)
+        .await
+        .context("writing to the agent stream")?;
     Ok(())
 }
 

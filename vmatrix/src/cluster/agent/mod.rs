@@ -1,0 +1,161 @@
+//! `vmatrix agent`: one per host. It connects to the manager over QUIC with mutual TLS (its
+//! certificate must grant the agent role), heartbeats every `--heartbeat-ms` with a report of
+//! every VM process it runs, and makes its host run what the manager assigns (see
+//! [`supervisor`]). Losing the manager never stops a VM: the agent reconnects and goes on.
+
+mod procs;
+mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use failover::wire::{AgentMsg, ManagerMsg, VERSION};
+use transport::roles::HostRole;
+use transport::QuicConfig;
+
+use super::link::{read_msg, write_msg};
+use supervisor::{HostConfig, Shared, Supervisor};
+
+/// Flags of `vmatrix agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The manager's address (ip:port).
+    #[arg(long)]
+    pub manager: SocketAddr,
+    /// The manager's name in its certificate.
+    #[arg(long, default_value = "manager")]
+    pub manager_name: String,
+    /// Certificate directory.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// This host's name (its certificate must grant agent, primary and backup).
+    #[arg(long)]
+    pub host: String,
+    /// This host's replication address (its backups listen there).
+    #[arg(long)]
+    pub repl_ip: String,
+    /// Directory for the VMs' images, disks, sockets and logs.
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// The guest ELF the VMs boot.
+    #[arg(long)]
+    pub guest: PathBuf,
+    /// Tap device for the guests' NICs.
+    #[arg(long, default_value = "tap0")]
+    pub tap: String,
+    /// Memory offered to VMs, MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub capacity_mib: u64,
+    /// Heartbeat (and supervision) interval, ms.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_ms: u64,
+    /// Extra flag for every `vmatrix primary` it starts (repeat), e.g. `--primary-flag=--epoch-ms=10`.
+    #[arg(long = "primary-flag", allow_hyphen_values = true)]
+    pub primary_flags: Vec<String>,
+}
+
+/// Runs the agent until SIGINT/SIGTERM; then stops its VM processes.
+pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let identity = transport::certs::load(&a.certs, &a.host)
+        .with_context(|| format!("loading the certificate of '{}'", a.host))?;
+    let cfg = HostConfig {
+        host: a.host.clone(),
+        certs: a.certs.clone(),
+        repl_ip: a.repl_ip.clone(),
+        state: a.state_dir.clone(),
+        guest: a.guest.clone(),
+        tap: a.tap.clone(),
+        exe: std::env::current_exe().context("locating the vmatrix binary")?,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.clamp(1, 1000)),
+        primary_flags: a.primary_flags.clone(),
+    };
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sup = Supervisor::new(cfg.clone(), shared.clone());
+    let stop2 = stop.clone();
+    let sup = std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || sup.run(stop2))?;
+    let rt = crate::rt::runtime().context("tokio runtime")?;
+    let hello = AgentMsg::Hello {
+        version: VERSION,
+        host: a.host.clone(),
+        repl_ip: a.repl_ip.clone(),
+        capacity_mib: a.capacity_mib,
+    };
+    rt.block_on(async {
+        let quic = QuicConfig {
+            keep_alive_ms: 50,
+            idle_timeout_ms: 300,
+            ..QuicConfig::default()
+        };
+        let ep = transport::quic::client(&identity, &quic)?;
+        let conn_loop = async {
+            loop {
+                match session(&ep, &a, &hello, &shared, cfg.heartbeat).await {
+                    Ok(()) => tracing::warn!("the manager closed the connection"),
+                    Err(e) => tracing::warn!("manager connection: {e:#}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            _ = conn_loop => {}
+            _ = crate::rt::shutdown_signal() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sup.join();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One connection to the manager: hello, then heartbeats out and assignments in.
+async fn session(
+    ep: &quinn::Endpoint,
+    a: &AgentArgs,
+    hello: &AgentMsg,
+    shared: &Arc<Mutex<Shared>>,
+    heartbeat: Duration,
+) -> anyhow::Result<()> {
+    let conn = transport::quic::connect_raw(ep, a.manager, &a.manager_name).await?;
+    transport::roles::check_peer(&conn, HostRole::Manager, None)?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the agent stream")?;
+    write_msg(&mut send, hello).await?;
+    match read_msg::<ManagerMsg>(&mut recv).await? {
+        Some(ManagerMsg::Welcome { version }) if version == VERSION => {}
+        other => anyhow::bail!("the manager answered {other:?} to hello"),
+    }
+    tracing::info!("connected to the manager at {}", a.manager);
+    let reader = async {
+        while let Some(m) = read_msg::<ManagerMsg>(&mut recv).await? {
+            if let ManagerMsg::Assign(x) = m {
+                shared.lock().expect("shared").want = Some(x);
+            }
+        }
+        anyhow::Ok(())
+    };
+    let writer = async {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let report = shared.lock().expect("shared").report.clone();
+            write_msg(&mut send, &AgentMsg::Report(report)).await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    }
+}

@@ -1,0 +1,208 @@
+//! The VM processes an agent runs: one `vmatrix primary` or `vmatrix backup` per VM instance,
+//! each in its own process (a crash of one never takes down the agent or another VM), watched
+//! through its exit status and its control socket.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use failover::model::{ProcRole, VmObservation};
+
+/// How long one status request may take.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// One VM process.
+pub struct Proc {
+    /// Which VM.
+    pub vm: String,
+    /// Primary or backup.
+    pub role: ProcRole,
+    child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// How it exited, once it did.
+    pub exit: Option<String>,
+    /// Last status fields it answered.
+    pub status: BTreeMap<String, String>,
+    /// The term it was started with (primary) or told (backup).
+    pub term: u64,
+    /// Backup hosts applied to a primary.
+    pub backup_hosts: Vec<String>,
+    /// Status polls since the backup set was last applied (a primary's "protected" counts only
+    /// from a status taken after it).
+    pub polls_since_apply: u32,
+}
+
+impl Proc {
+    /// Spawns `cmd` (stdout/stderr to `log`) as the VM process.
+    pub fn spawn(
+        vm: &str,
+        role: ProcRole,
+        mut cmd: Command,
+        control: PathBuf,
+        log: &Path,
+        term: u64,
+    ) -> anyhow::Result<Proc> {
+        let _ = std::fs::remove_file(&control);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd.spawn()?;
+        tracing::info!("started {role:?} of {vm} (pid {})", child.id());
+        Ok(Proc {
+            vm: vm.to_string(),
+            role,
+            child,
+            control,
+            exit: None,
+            status: BTreeMap::new(),
+            term,
+            backup_hosts: Vec::new(),
+            polls_since_apply: 0,
+        })
+    }
+
+    /// Whether it still runs (reaps it if it exited).
+    pub fn alive(&mut self) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(st)) => {
+                let why = describe_exit(st);
+                tracing::warn!("{:?} of {} exited: {why}", self.role, self.vm);
+                self.exit = Some(why);
+                false
+            }
+            Err(e) => {
+                self.exit = Some(format!("cannot wait for it: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Kills it at once (fencing at the resource: no output can leave it afterwards).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if self.exit.is_none() {
+            self.exit = Some("stopped by the agent".into());
+        }
+    }
+
+    /// Asks it to stop cleanly (a backup finalizes its image); kills it after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        let _ = request(&self.control, "stop");
+        let until = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < until {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+
+    /// Waits up to `limit` for it to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Refreshes `status` from its control socket (keeps the last one on failure).
+    pub fn poll(&mut self) {
+        if let Ok(line) = request(&self.control, "status") {
+            self.status = parse_fields(&line);
+            self.polls_since_apply = self.polls_since_apply.saturating_add(1);
+        }
+    }
+
+    fn field(&self, k: &str) -> Option<&str> {
+        self.status.get(k).map(String::as_str)
+    }
+
+    fn num(&self, k: &str) -> Option<u64> {
+        self.field(k).and_then(|v| v.parse().ok())
+    }
+
+    /// What the manager is told about it.
+    pub fn observe(&mut self) -> VmObservation {
+        let alive = self.alive();
+        let mut o = VmObservation {
+            vm: self.vm.clone(),
+            role: self.role,
+            alive,
+            exit: self.exit.clone(),
+            term: self.term,
+            image_term: 0,
+            seq: None,
+            protected: false,
+            backup_hosts: Vec::new(),
+            output_held: false,
+            silent_ms: None,
+        };
+        match self.role {
+            ProcRole::Primary => {
+                o.term = self.num("term").unwrap_or(self.term);
+                o.seq = self.num("acked_seq");
+                o.protected = self.polls_since_apply >= 2 && self.field("protected") == Some("1");
+                o.output_held = self.field("output_held") == Some("1");
+                o.backup_hosts = self.backup_hosts.clone();
+            }
+            ProcRole::Backup => {
+                o.term = self.num("min_term").unwrap_or(self.term);
+                o.image_term = self.num("term").unwrap_or(0);
+                o.seq = self.num("seq");
+                o.silent_ms = self.num("last_checkpoint_ms_ago");
+            }
+        }
+        o
+    }
+}
+
+/// `key=value` fields of a status answer.
+pub fn parse_fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One request on a VM process's control socket; the answer after "ok ".
+pub fn request(sock: &Path, line: &str) -> anyhow::Result<String> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(STATUS_TIMEOUT))?;
+    s.set_write_timeout(Some(STATUS_TIMEOUT))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    let answer = answer.trim_end();
+    match answer.strip_prefix("ok") {
+        Some(rest) => Ok(rest.trim_start().to_string()),
+        None => anyhow::bail!("{line}: {answer}"),
+    }
+}
+
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(3), _) => "exit code 3 (fenced by a newer term)".into(),
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "exited".into(),
+    }
+}

@@ -1,0 +1,298 @@
+//! The agent's supervisor thread: every heartbeat it polls the VM processes, asks
+//! [`failover::agent::reconcile`] what to do to match the manager's assignment, does it, and
+//! publishes the report the connection task sends. It keeps running while the manager is
+//! unreachable (VMs keep running), and does nothing before the first assignment arrives.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use failover::agent::{reconcile, Action, Applied};
+use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmSpec};
+
+use super::procs::{request, Proc};
+
+/// What a supervisor needs to start VM processes.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// This host's name (certificate).
+    pub host: String,
+    /// Certificate directory.
+    pub certs: PathBuf,
+    /// Replication address backups listen on.
+    pub repl_ip: String,
+    /// Where VM files live: `<state>/<vm>/{image/, disk.img, *.sock, *.log}`.
+    pub state: PathBuf,
+    /// The guest ELF.
+    pub guest: PathBuf,
+    /// Tap for the guest NIC.
+    pub tap: String,
+    /// The vmatrix binary to run VM processes with.
+    pub exe: PathBuf,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Extra flags for every `vmatrix primary` (e.g. epoch length).
+    pub primary_flags: Vec<String>,
+}
+
+/// Shared between the supervisor and the connection task.
+#[derive(Default)]
+pub struct Shared {
+    /// The manager's latest assignment (None before the first).
+    pub want: Option<Assignments>,
+    /// The latest report.
+    pub report: Report,
+}
+
+type Key = (String, ProcRole);
+
+/// The supervisor.
+pub struct Supervisor {
+    cfg: HostConfig,
+    procs: BTreeMap<Key, Proc>,
+    applied: BTreeMap<String, Applied>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Supervisor {
+    /// A supervisor with nothing running.
+    pub fn new(cfg: HostConfig, shared: Arc<Mutex<Shared>>) -> Supervisor {
+        Supervisor {
+            cfg,
+            procs: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            shared,
+        }
+    }
+
+    /// Runs until `stop` is set; then stops every VM process it started.
+    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>) {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            self.round();
+            std::thread::sleep(self.cfg.heartbeat);
+        }
+        for p in self.procs.values_mut() {
+            match p.role {
+                ProcRole::Backup => p.stop(Duration::from_secs(5)),
+                ProcRole::Primary => p.stop(Duration::from_secs(2)),
+            }
+        }
+    }
+
+    fn round(&mut self) {
+        let mut obs = Vec::new();
+        for p in self.procs.values_mut() {
+            if p.alive() {
+                p.poll();
+            }
+            obs.push(p.observe());
+        }
+        let want = self.shared.lock().expect("shared").want.clone();
+        if let Some(want) = &want {
+            self.forget_dead(want);
+            for a in reconcile(want, &obs, &self.applied) {
+                if let Err(e) = self.act(a.clone()) {
+                    tracing::error!("{a:?} failed: {e:#}");
+                }
+            }
+        }
+        let vms = self.procs.values_mut().map(|p| p.observe()).collect();
+        self.shared.lock().expect("shared").report = Report { vms };
+    }
+
+    /// Dead processes are reported until the manager no longer assigns their VM here (a dead
+    /// primary stays on record so that nothing boots it again silently).
+    fn forget_dead(&mut self, want: &Assignments) {
+        self.procs
+            .retain(|(vm, _), p| p.exit.is_none() || want.vms.contains_key(vm));
+        self.applied.retain(|vm, _| want.vms.contains_key(vm));
+    }
+
+    fn vm_dir(&self, vm: &str) -> anyhow::Result<PathBuf> {
+        let d = self.cfg.state.join(vm);
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    fn act(&mut self, a: Action) -> anyhow::Result<()> {
+        tracing::info!("doing {a:?}");
+        match a {
+            Action::BootPrimary {
+                spec,
+                term,
+                backups,
+            } => self.start_primary(&spec, term, &backups, false),
+            Action::Promote {
+                spec,
+                term,
+                backups,
+            } => self.promote(&spec, term, &backups),
+            Action::StartBackup { spec, min_term } => self.start_backup(&spec, min_term),
+            Action::SetBackups { vm, backups } => {
+                let p = self
+                    .procs
+                    .get_mut(&(vm.clone(), ProcRole::Primary))
+                    .ok_or_else(|| anyhow::anyhow!("no primary of {vm}"))?;
+                request(&p.control, &format!("backups {}", backup_list(&backups)))?;
+                p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
+                p.polls_since_apply = 0;
+                self.applied.entry(vm).or_default().backups = Some(backups);
+                Ok(())
+            }
+            Action::FenceBackup { vm, term } => {
+                let p = self
+                    .procs
+                    .get_mut(&(vm.clone(), ProcRole::Backup))
+                    .ok_or_else(|| anyhow::anyhow!("no backup of {vm}"))?;
+                request(&p.control, &format!("fence {term}"))?;
+                p.term = term;
+                Ok(())
+            }
+            Action::Stop { vm, role, why } => {
+                if let Some(p) = self.procs.get_mut(&(vm.clone(), role)) {
+                    tracing::warn!("stopping the {role:?} of {vm}: {why}");
+                    match role {
+                        // A superseded primary is fenced at once, not asked.
+                        ProcRole::Primary => p.kill(),
+                        ProcRole::Backup => p.stop(Duration::from_secs(5)),
+                    }
+                    self.procs.remove(&(vm, role));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn start_backup(&mut self, spec: &VmSpec, min_term: u64) -> anyhow::Result<()> {
+        let dir = self.vm_dir(&spec.name)?;
+        let control = dir.join("backup.sock");
+        let mut cmd = Command::new(&self.cfg.exe);
+        cmd.args(["--log", "info", "backup", "--listen"])
+            .arg(format!("{}:{}", self.cfg.repl_ip, spec.port))
+            .arg("--image-dir")
+            .arg(dir.join("image"))
+            .arg("--certs")
+            .arg(&self.cfg.certs)
+            .args(["--host", &self.cfg.host, "--vm-id", &spec.name, "--control"])
+            .arg(&control);
+        let key = (spec.name.clone(), ProcRole::Backup);
+        let p = Proc::spawn(
+            &spec.name,
+            ProcRole::Backup,
+            cmd,
+            control,
+            &dir.join("backup.log"),
+            0,
+        )?;
+        self.procs.insert(key, p);
+        // The next rounds fence it to `min_term` once its socket answers (reconcile sees its
+        // term below the assigned one).
+        let _ = min_term;
+        Ok(())
+    }
+
+    fn start_primary(
+        &mut self,
+        spec: &VmSpec,
+        term: u64,
+        backups: &[BackupTarget],
+        from_image: bool,
+    ) -> anyhow::Result<()> {
+        let dir = self.vm_dir(&spec.name)?;
+        let control = dir.join("primary.sock");
+        let mut cmd = Command::new(&self.cfg.exe);
+        cmd.args(["--log", "info", "primary", "--tap", &self.cfg.tap]);
+        if from_image {
+            cmd.arg("--from-image").arg(dir.join("image"));
+            cmd.arg("--disk")
+                .arg(dir.join(format!("disk-term{term}.img")));
+        } else {
+            let disk = dir.join("disk.img");
+            let f = std::fs::File::create(&disk)?;
+            f.set_len(spec.disk_mib << 20)?;
+            cmd.arg("--guest")
+                .arg(&self.cfg.guest)
+                .arg("--disk")
+                .arg(&disk);
+            cmd.args([
+                "--mem-mib",
+                &spec.mem_mib.to_string(),
+                "--guest-config",
+                &spec.guest_config,
+            ]);
+        }
+        for b in backups {
+            cmd.arg("--backup").arg(format!("{}@{}", b.host, b.addr));
+        }
+        // The manager's grant: a primary of a new term serves before a backup holds it (the
+        // VM is shown unprotected until one does).
+        cmd.arg("--unprotected-start");
+        cmd.arg("--certs").arg(&self.cfg.certs);
+        cmd.args([
+            "--host",
+            &self.cfg.host,
+            "--vm-id",
+            &spec.name,
+            "--term",
+            &term.to_string(),
+        ]);
+        cmd.arg("--control").arg(&control);
+        cmd.arg("--console-log")
+            .arg(dir.join(format!("console-term{term}.log")));
+        cmd.args(&self.cfg.primary_flags);
+        let key = (spec.name.clone(), ProcRole::Primary);
+        let mut p = Proc::spawn(
+            &spec.name,
+            ProcRole::Primary,
+            cmd,
+            control,
+            &dir.join("primary.log"),
+            term,
+        )?;
+        p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
+        self.procs.insert(key, p);
+        let ap = self.applied.entry(spec.name.clone()).or_default();
+        ap.backups = Some(backups.to_vec());
+        Ok(())
+    }
+
+    /// The backup here persists the new term and finalizes its image, then a primary of that
+    /// term starts from the image.
+    fn promote(
+        &mut self,
+        spec: &VmSpec,
+        term: u64,
+        backups: &[BackupTarget],
+    ) -> anyhow::Result<()> {
+        self.applied.entry(spec.name.clone()).or_default().promoting = Some(term);
+        let key = (spec.name.clone(), ProcRole::Backup);
+        if let Some(mut b) = self.procs.remove(&key) {
+            if b.alive() {
+                match request(&b.control, &format!("promote {term}")) {
+                    Ok(a) => tracing::info!("backup of {} promoting: {a}", spec.name),
+                    Err(e) => {
+                        tracing::warn!("promote request to the backup of {}: {e:#}", spec.name)
+                    }
+                }
+                if !b.wait_exit(Duration::from_secs(30)) {
+                    tracing::warn!("the backup of {} did not finish; killing it", spec.name);
+                    b.kill();
+                }
+            }
+        }
+        self.start_primary(spec, term, backups, true)
+    }
+}
+
+/// `backups` request argument.
+fn backup_list(b: &[BackupTarget]) -> String {
+    if b.is_empty() {
+        return "none".into();
+    }
+    b.iter()
+        .map(|t| format!("{}@{}", t.host, t.addr))
+        .collect::<Vec<_>>()
+        .join(",")
+}
