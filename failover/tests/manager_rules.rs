@@ -1,0 +1,297 @@
+//! The manager's rules one at a time, with hand-made agent reports in virtual time.
+
+use std::time::Duration;
+
+use failover::event::EventKind;
+use failover::manager::{Input, Manager, ManagerConfig, Output};
+use failover::model::{Assignments, ProcRole, Report, Role, Source, VmObservation, VmSpec};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn spec(backups: u8) -> VmSpec {
+    VmSpec {
+        name: "web".into(),
+        mem_mib: 64,
+        disk_mib: 64,
+        guest_config: String::new(),
+        backups,
+        hosts: vec![],
+        port: 7100,
+    }
+}
+
+fn primary(term: u64, backups: &[&str], protected: bool) -> VmObservation {
+    VmObservation {
+        vm: "web".into(),
+        role: ProcRole::Primary,
+        alive: true,
+        exit: None,
+        term,
+        image_term: 0,
+        seq: Some(10),
+        protected,
+        backup_hosts: backups.iter().map(|s| s.to_string()).collect(),
+        output_held: true,
+        silent_ms: None,
+    }
+}
+
+fn backup(term: u64, seq: u64, silent_ms: u64) -> VmObservation {
+    VmObservation {
+        vm: "web".into(),
+        role: ProcRole::Backup,
+        alive: true,
+        exit: None,
+        term,
+        image_term: term,
+        seq: Some(seq),
+        protected: false,
+        backup_hosts: vec![],
+        output_held: false,
+        silent_ms: Some(silent_ms),
+    }
+}
+
+struct T {
+    m: Manager,
+    now: Duration,
+    out: Vec<Output>,
+}
+
+impl T {
+    fn new(hosts: &[&str]) -> T {
+        let mut t = T {
+            m: Manager::new(ManagerConfig::default(), Default::default(), Duration::ZERO),
+            now: Duration::ZERO,
+            out: vec![],
+        };
+        for h in hosts {
+            t.m.handle(
+                t.now,
+                Input::Hello {
+                    host: h.to_string(),
+                    repl_ip: format!("ip-{h}"),
+                    capacity_mib: 1024,
+                },
+            );
+        }
+        t.drain();
+        t
+    }
+    fn drain(&mut self) {
+        while let Some(o) = self.m.poll_output() {
+            self.out.push(o);
+        }
+    }
+    fn report(&mut self, host: &str, vms: Vec<VmObservation>) {
+        self.m.handle(
+            self.now,
+            Input::Report {
+                host: host.into(),
+                report: Report { vms },
+            },
+        );
+        self.drain();
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.m.tick(self.now);
+        self.drain();
+    }
+    fn events(&self, kind: EventKind) -> usize {
+        self.out
+            .iter()
+            .filter(|o| matches!(o, Output::Event(e) if e.kind == kind))
+            .count()
+    }
+    fn last_assign(&self, host: &str) -> Option<&Assignments> {
+        self.out.iter().rev().find_map(|o| match o {
+            Output::Assign {
+                host: h,
+                assignments,
+            } if h == host => Some(assignments),
+            _ => None,
+        })
+    }
+    /// A running, protected VM: primary on a, backups on b (seq 10) and c (seq 12).
+    fn protected_vm() -> T {
+        let mut t = T::new(&["a", "b", "c", "d"]);
+        t.m.create(t.now, spec(2)).unwrap();
+        t.drain();
+        let v = t.m.vm(t.now, "web").unwrap();
+        assert_eq!(v.primary.as_deref(), Some("a"));
+        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        t.report("b", vec![backup(1, 10, 5)]);
+        t.report("c", vec![backup(1, 12, 5)]);
+        t.report("d", vec![]);
+        assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+        t
+    }
+}
+
+#[test]
+fn a_manager_cut_from_a_healthy_primary_does_not_fail_it_over() {
+    let mut t = T::protected_vm();
+    // a goes silent for the manager, but its backups keep receiving checkpoints.
+    for _ in 0..100 {
+        t.advance(5 * MS);
+        t.report("b", vec![backup(1, 10, 3)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::Detected), 0);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "unreachable");
+}
+
+#[test]
+fn a_silent_host_with_silent_backups_fails_over_to_the_most_advanced_backup() {
+    let mut t = T::protected_vm();
+    let mut silent = 5;
+    let mut detected_at = None;
+    for _ in 0..40 {
+        t.advance(5 * MS);
+        silent += 5;
+        t.report("b", vec![backup(1, 10, silent)]);
+        t.report("c", vec![backup(1, 12, silent)]);
+        t.report("d", vec![]);
+        if detected_at.is_none() && t.events(EventKind::Detected) > 0 {
+            detected_at = Some(t.now);
+        }
+    }
+    let at = detected_at.expect("detected");
+    assert!(
+        at <= ManagerConfig::default().detect + 10 * MS,
+        "detected after {at:?}"
+    );
+    // The term was persisted before the first assignment naming the new primary left.
+    let persist = t
+        .out
+        .iter()
+        .position(|o| matches!(o, Output::Persist(s) if s.vms["web"].term == 2))
+        .unwrap();
+    let assign = t
+        .out
+        .iter()
+        .position(|o| matches!(o, Output::Assign { assignments, .. } if assignments.vms.get("web").is_some_and(|a| matches!(a.role, Role::Primary { term: 2, .. }))))
+        .unwrap();
+    assert!(
+        persist < assign,
+        "persisted at {persist}, assigned at {assign}"
+    );
+    // c (seq 12) beats b (seq 10); b is fenced to term 2; a runs nothing of it; d becomes a backup.
+    let c = t.last_assign("c").unwrap();
+    assert!(matches!(
+        c.vms["web"].role,
+        Role::Primary {
+            term: 2,
+            source: Source::Promote,
+            ..
+        }
+    ));
+    assert!(matches!(
+        t.last_assign("b").unwrap().vms["web"].role,
+        Role::Backup { min_term: 2 }
+    ));
+    assert!(matches!(
+        t.last_assign("d").unwrap().vms["web"].role,
+        Role::Backup { min_term: 2 }
+    ));
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "promoting");
+    // The promoted primary reports in: running at term 2.
+    t.report("c", vec![primary(2, &["b", "d"], false)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+    t.report("c", vec![primary(2, &["b", "d"], true)]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+}
+
+#[test]
+fn an_exited_primary_process_fails_over_at_once() {
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    dead.exit = Some("killed by signal 9".into());
+    t.report("a", vec![dead]);
+    assert_eq!(t.events(EventKind::Detected), 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+}
+
+#[test]
+fn a_backup_never_synced_at_the_current_term_is_never_promoted() {
+    let mut t = T::new(&["a", "b"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    // The primary never reports itself protected; b holds an image of term 1 anyway.
+    t.report("a", vec![primary(1, &["b"], false)]);
+    t.report("b", vec![backup(1, 10, 5)]);
+    let mut dead = primary(1, &["b"], false);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    assert_eq!(t.events(EventKind::Lost), 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "down");
+}
+
+#[test]
+fn a_restarted_manager_resumes_from_its_store_without_acting_before_reports() {
+    let mut t = T::protected_vm();
+    let state = t.m.state().clone();
+    // A new manager with the stored state: agents reconnect; nothing is failed meanwhile.
+    let mut m = Manager::new(ManagerConfig::default(), state, t.now);
+    for h in ["a", "b", "c", "d"] {
+        m.handle(
+            t.now,
+            Input::Hello {
+                host: h.into(),
+                repl_ip: format!("ip-{h}"),
+                capacity_mib: 1024,
+            },
+        );
+    }
+    for k in 1..50 {
+        m.tick(t.now + k * MS);
+    }
+    let mut outs = vec![];
+    while let Some(o) = m.poll_output() {
+        outs.push(o);
+    }
+    assert!(!outs
+        .iter()
+        .any(|o| matches!(o, Output::Event(e) if e.kind == EventKind::Detected)));
+    // Every host gets the same assignment as before the restart.
+    let a = outs.iter().find_map(|o| match o {
+        Output::Assign { host, assignments } if host == "a" => Some(assignments),
+        _ => None,
+    });
+    assert!(matches!(
+        a.unwrap().vms["web"].role,
+        Role::Primary {
+            term: 1,
+            source: Source::Running,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_lost_backup_leaves_the_set_and_another_host_takes_its_place() {
+    let mut t = T::protected_vm();
+    for _ in 0..400 {
+        t.advance(5 * MS);
+        t.report("a", vec![primary(1, &["b", "c"], false)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    let hosts: Vec<&str> = v.backups.iter().map(|b| b.host.as_str()).collect();
+    assert_eq!(hosts, ["c", "d"]);
+    assert!(
+        matches!(&t.last_assign("a").unwrap().vms["web"].role, Role::Primary { backups, .. } if backups.len() == 2 && backups[1].host == "d")
+    );
+    assert!(t.last_assign("b").unwrap().vms.is_empty());
+}
