@@ -238,7 +238,7 @@ fn a_backup_never_synced_at_the_current_term_is_never_promoted() {
 
 #[test]
 fn a_restarted_manager_resumes_from_its_store_without_acting_before_reports() {
-    let mut t = T::protected_vm();
+    let t = T::protected_vm();
     let state = t.m.state().clone();
     // A new manager with the stored state: agents reconnect; nothing is failed meanwhile.
     let mut m = Manager::new(ManagerConfig::default(), state, t.now);
