@@ -25,7 +25,7 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-pub use view::{HostView, VmView};
+pub use view::{BackupView, HostView, VmView};
 
 use crate::event::{Event, EventKind};
 use crate::model::{
@@ -411,6 +411,14 @@ impl Manager {
                 match self.candidate(now, &rec, None) {
                     Some(c) => {
                         self.counters.failovers += 1;
+                        // Figure only: the primary's last sign of life to this decision.
+                        let seen = rec
+                            .primary
+                            .as_deref()
+                            .and_then(|p| self.hosts.get(p))
+                            .map_or(self.started, |h| h.last_seen);
+                        self.counters.last_detect_ms =
+                            Some(now.saturating_sub(seen).as_millis() as u64);
                         self.promote(now, name, &c, why);
                     }
                     None => self.report_down(now, &rec, why),

@@ -1,0 +1,742 @@
+//! `vmatrix manager` as a process: its HTTP/JSON API and the CLI on top of it, fake agents
+//! speaking the agent protocol over QUIC with mutual TLS (this test is their client), the
+//! refusals (certificate without the agent role, Hello naming another host, wrong version,
+//! corrupt frame, a newer connection replacing an older one), /metrics, the events file, and a
+//! restart from the same state file. No KVM needed: nothing here boots a VM.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use failover::model::{ProcRole, Report, Role, Source, VmObservation};
+use failover::wire::{self, AgentMsg, ManagerMsg};
+use tokio::sync::{mpsc, watch};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmatrix"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("running vmatrix")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "vmatrix {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A CA and certificates: mgr (manager), a1 and a2 (agents), plain (no agent role).
+fn pki(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    let p = pki.to_str().unwrap();
+    ok(&["certs", "init", p]);
+    ok(&["certs", "issue", p, "--host", "mgr", "--role", "manager"]);
+    for h in ["a1", "a2"] {
+        ok(&[
+            "certs", "issue", p, "--host", h, "--role", "agent", "--role", "primary", "--role",
+            "backup",
+        ]);
+    }
+    ok(&[
+        "certs", "issue", p, "--host", "plain", "--role", "primary", "--role", "backup",
+    ]);
+    pki
+}
+
+fn free_ports() -> (SocketAddr, SocketAddr) {
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = TcpListener::bind("127.0.0.1:0").unwrap();
+    (u.local_addr().unwrap(), t.local_addr().unwrap())
+}
+
+/// A running `vmatrix manager`.
+struct Mgr {
+    child: Child,
+    api: SocketAddr,
+    log: PathBuf,
+}
+
+impl Mgr {
+    fn start(dir: &Path, pki: &Path, listen: SocketAddr, api: SocketAddr, tag: &str) -> Mgr {
+        let log = dir.join(format!("manager-{tag}.log"));
+        let child = Command::new(bin())
+            .args([
+                "--log",
+                "info",
+                "manager",
+                "--host",
+                "mgr",
+                "--detect-ms",
+                "500",
+            ])
+            .args(["--listen", &listen.to_string(), "--api", &api.to_string()])
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--events")
+            .arg(dir.join("events.jsonl"))
+            .arg("--certs")
+            .arg(pki)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mgr { child, api, log };
+        let t0 = Instant::now();
+        while http("GET", api, "/v1/hosts", None).is_err() {
+            if let Some(st) = m.child.try_wait().unwrap() {
+                panic!("manager exited ({st}): {}", m.log());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{}", m.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        self.api.to_string()
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "manager exit {st}: {}", self.log());
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "manager did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mgr {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP call: (status, body). Err when the manager cannot be reached.
+fn http(
+    method: &str,
+    api: SocketAddr,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let url = format!("http://{api}{path}");
+    let mut res = match (method, body) {
+        ("GET", _) => agent.get(&url).call()?,
+        ("DELETE", _) => agent.delete(&url).call()?,
+        (_, Some(b)) => agent
+            .post(&url)
+            .content_type("application/json")
+            .send(b.as_bytes())?,
+        (_, None) => agent.post(&url).send_empty()?,
+    };
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string()?;
+    Ok((status, text))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- a fake agent: the agent protocol from the test ------------------------------------------
+
+fn quic_cfg() -> transport::QuicConfig {
+    transport::QuicConfig {
+        keep_alive_ms: 50,
+        idle_timeout_ms: 2000,
+        ..transport::QuicConfig::default()
+    }
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<ManagerMsg> {
+    let mut h = [0u8; wire::HEADER];
+    recv.read_exact(&mut h).await?;
+    let mut p = vec![0u8; wire::payload_len(&h)?];
+    recv.read_exact(&mut p).await?;
+    Ok(wire::decode(&h, &p)?)
+}
+
+/// What became of a connection the manager closed: (code, reason).
+async fn closed(conn: &quinn::Connection) -> (u64, String) {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        Ok(other) => panic!("closed otherwise: {other}"),
+        Err(_) => panic!("the manager did not close the connection"),
+    }
+}
+
+struct FakeAgent {
+    conn: quinn::Connection,
+    /// Assignments received.
+    assigns: mpsc::UnboundedReceiver<ManagerMsg>,
+    /// What it reports every 20 ms.
+    report: watch::Sender<Report>,
+    /// Raw bytes to write on its stream.
+    raw: mpsc::UnboundedSender<Vec<u8>>,
+    _ep: quinn::Endpoint,
+}
+
+/// Connects with `cert`'s certificate and says Hello naming `host` at `version`. Returns the
+/// connection and, unless the manager closed it already, the stream's halves after the Hello
+/// is written (without waiting for Welcome).
+async fn hello(
+    pki: &Path,
+    cert: &str,
+    host: &str,
+    version: u16,
+    mgr: SocketAddr,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    Option<(quinn::SendStream, quinn::RecvStream)>,
+) {
+    let id = transport::certs::load(pki, cert).unwrap();
+    let ep = transport::quic::client(&id, &quic_cfg()).unwrap();
+    let conn = transport::quic::connect_raw(&ep, mgr, "mgr").await.unwrap();
+    let msg = AgentMsg::Hello {
+        version,
+        host: host.into(),
+        repl_ip: "10.80.0.1".into(),
+        capacity_mib: 4096,
+    };
+    let streams = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(&wire::encode(&msg).unwrap()).await?;
+        anyhow::Ok((send, recv))
+    }
+    .await
+    .ok();
+    (ep, conn, streams)
+}
+
+impl FakeAgent {
+    async fn connect(pki: &Path, host: &str, mgr: SocketAddr) -> FakeAgent {
+        let (ep, conn, streams) = hello(pki, host, host, wire::VERSION, mgr).await;
+        let (mut send, mut recv) = streams.expect("stream open, Hello written");
+        match read_frame(&mut recv).await.expect("Welcome") {
+            ManagerMsg::Welcome { version } => assert_eq!(version, wire::VERSION),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        let (atx, assigns) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(m) = read_frame(&mut recv).await {
+                if atx.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        let (report, mut rrx) = watch::channel(Report::default());
+        let (raw, mut raw_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                let frame = tokio::select! {
+                    _ = tick.tick() => {
+                        let r = rrx.borrow_and_update().clone();
+                        wire::encode(&AgentMsg::Report(r)).unwrap()
+                    }
+                    b = raw_rx.recv() => match b { Some(b) => b, None => return },
+                };
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        FakeAgent {
+            conn,
+            assigns,
+            report,
+            raw,
+            _ep: ep,
+        }
+    }
+
+    /// The next assignment (skipping nothing), within 5 s.
+    async fn next_assign(&mut self) -> failover::model::Assignments {
+        match tokio::time::timeout(Duration::from_secs(5), self.assigns.recv()).await {
+            Ok(Some(ManagerMsg::Assign(a))) => a,
+            Ok(other) => panic!("expected Assign, got {other:?}"),
+            Err(_) => panic!("no Assign within 5 s"),
+        }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"test agent leaves");
+    }
+}
+
+fn primary_running(vm: &str, term: u64) -> VmObservation {
+    VmObservation {
+        vm: vm.into(),
+        role: ProcRole::Primary,
+        alive: true,
+        exit: None,
+        term,
+        image_term: 0,
+        seq: Some(7),
+        protected: false,
+        backup_hosts: vec![],
+        output_held: false,
+        silent_ms: None,
+    }
+}
+
+fn spec(name: &str, backups: u8) -> String {
+    format!(
+        r#"{{"name":"{name}","mem_mib":64,"disk_mib":64,"guest_config":"port=7000","backups":{backups},"port":7100}}"#
+    )
+}
+
+/// Runs `f` on a blocking thread (CLI processes and HTTP calls while the fake agents' tasks go
+/// on heartbeating).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_cli_agent_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (listen, api) = free_ports();
+    let mgr = Mgr::start(dir.path(), &pki, listen, api, "1");
+    let url = mgr.url();
+
+    // No agent: nowhere to place a VM.
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("web", 0))))
+        .await
+        .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        body.contains("\"error\"") && body.contains("no live host"),
+        "{body}"
+    );
+    let u = url.clone();
+    let out =
+        blocking(move || run(&["vm", "create", "web", "--backups", "0", "--manager", &u])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("503") && err.contains("no live host may run it"),
+        "{err}"
+    );
+
+    // An agent connects and reports: its host is up.
+    let mut a1 = FakeAgent::connect(&pki, "a1", listen).await;
+    let first = a1.next_assign().await;
+    assert!(first.vms.is_empty(), "{first:?}");
+    let u = url.clone();
+    let hosts = blocking(move || ok(&["host", "list", "--manager", &u])).await;
+    assert!(hosts.starts_with("NAME"), "{hosts}");
+    let row = hosts
+        .lines()
+        .find(|l| l.starts_with("a1 "))
+        .unwrap_or_else(|| panic!("{hosts}"));
+    assert!(
+        row.contains(" up ") && row.contains("yes") && row.contains("10.80.0.1"),
+        "{hosts}"
+    );
+
+    // A VM without backups: a1 is told to boot its primary.
+    let u = url.clone();
+    let out = blocking(move || {
+        ok(&[
+            "vm",
+            "create",
+            "web",
+            "--backups",
+            "0",
+            "--mem-mib",
+            "64",
+            "--disk-mib",
+            "64",
+            "--guest-config",
+            "port=7000",
+            "--port",
+            "7100",
+            "--manager",
+            &u,
+        ])
+    })
+    .await;
+    assert!(out.contains("created web (term 1): primary on a1"), "{out}");
+    let a = a1.next_assign().await;
+    match &a.vms["web"].role {
+        Role::Primary {
+            term: 1,
+            source: Source::Boot,
+            backups,
+        } => assert!(backups.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    // Already exists; invalid; unknown.
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("web", 0))))
+        .await
+        .unwrap();
+    assert_eq!(st, 409, "{body}");
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("bad name", 0))))
+        .await
+        .unwrap();
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some("{\"name\": 3")))
+        .await
+        .unwrap();
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("invalid JSON"), "{body}");
+    let big = "x".repeat(100 << 10);
+    let (st, _) = blocking(move || http("POST", api, "/v1/vms", Some(&big)))
+        .await
+        .unwrap();
+    assert_eq!(st, 413);
+    let (st, body) = blocking(move || http("GET", api, "/v1/vms/nope", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 404, "{body}");
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms/web/failover", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("web is Creating"), "{body}");
+
+    // The primary reports itself running: the VM runs (unprotected: no backups asked).
+    a1.report.send_replace(Report {
+        vms: vec![primary_running("web", 1)],
+    });
+    let u = url.clone();
+    let list = blocking(move || {
+        let mut last = String::new();
+        wait_for("web running", Duration::from_secs(5), || {
+            last = ok(&["vm", "list", "--manager", &u]);
+            last.lines()
+                .any(|l| l.starts_with("web ") && l.contains(" unprotected "))
+        });
+        last
+    })
+    .await;
+    let row = list.lines().find(|l| l.starts_with("web ")).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols, ["web", "unprotected", "1", "a1", "-", "7"], "{list}");
+    let u = url.clone();
+    let show = blocking(move || ok(&["vm", "show", "web", "--manager", &u])).await;
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["spec"]["guest_config"], "port=7000");
+    assert_eq!(v["primary"], "a1");
+    // The assignment now says the primary runs (never boot it again).
+    let a = a1.next_assign().await;
+    assert!(
+        matches!(
+            a.vms["web"].role,
+            Role::Primary {
+                source: Source::Running,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+
+    // No backup to promote; no such host to migrate to.
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms/web/failover", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("no live backup synced"), "{body}");
+    let (st, body) =
+        blocking(move || http("POST", api, "/v1/vms/web/migrate", Some(r#"{"to": "zz"}"#)))
+            .await
+            .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("zz is not a live host"), "{body}");
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms/web/migrate", Some("{}")))
+        .await
+        .unwrap();
+    assert_eq!(st, 400, "{body}");
+
+    // /metrics: OpenMetrics text with the manager's figures.
+    let (st, page) = blocking(move || http("GET", api, "/metrics", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    for want in [
+        "# TYPE vmatrix_manager_vms gauge",
+        "vmatrix_manager_vms{status=\"unprotected\"} 1",
+        "vmatrix_manager_vms{status=\"protected\"} 0",
+        "vmatrix_manager_hosts_up 1",
+        "vmatrix_manager_failovers_total 0",
+        "vmatrix_manager_switchovers_total 0",
+        "vmatrix_manager_last_detect_ms ",
+        "vmatrix_manager_last_promote_ms ",
+        "vmatrix_manager_events_total ",
+        "# EOF",
+    ] {
+        assert!(page.contains(want), "{want} missing:\n{page}");
+    }
+
+    // Delete: the next assignment is empty.
+    let u = url.clone();
+    let out = blocking(move || ok(&["vm", "delete", "web", "--manager", &u])).await;
+    assert!(out.contains("deleted web"), "{out}");
+    let a = a1.next_assign().await;
+    assert!(a.vms.is_empty(), "{a:?}");
+    let (st, _) = blocking(move || http("DELETE", api, "/v1/vms/web", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 404);
+
+    // Another VM, kept over a restart.
+    let u = url.clone();
+    blocking(move || ok(&["vm", "create", "db", "--backups", "0", "--manager", &u])).await;
+    let a = a1.next_assign().await;
+    assert!(a.vms.contains_key("db"), "{a:?}");
+
+    // The events, from the API, the CLI and the file.
+    let u = url.clone();
+    let ev = blocking(move || ok(&["events", "--manager", &u])).await;
+    for kind in ["host_up", "created", "primary_running", "deleted"] {
+        assert!(ev.contains(kind), "{kind} missing:\n{ev}");
+    }
+    let (st, body) = blocking(move || http("GET", api, "/v1/events?since=2", None))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    let since: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(
+        since.iter().all(|e| e["seq"].as_u64().unwrap() > 2),
+        "{body}"
+    );
+    let file = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let created: Vec<serde_json::Value> = file
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "created")
+        .collect();
+    assert_eq!(created.len(), 2, "{file}");
+    assert_eq!(created[0]["vm"], "web");
+    assert!(
+        created[0]["time"].as_str().unwrap().ends_with('Z'),
+        "{file}"
+    );
+    let last_seq = file
+        .lines()
+        .last()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .unwrap();
+
+    // Restart from the same state file: the record survives; events go on numbering.
+    drop(a1);
+    blocking(move || mgr.stop()).await;
+    let d = dir.path().to_path_buf();
+    let p = pki.clone();
+    let mgr = blocking(move || Mgr::start(&d, &p, listen, api, "2")).await;
+    let u = mgr.url();
+    let list = blocking(move || ok(&["vm", "list", "--manager", &u])).await;
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("db "))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(row.split_whitespace().nth(3) == Some("a1"), "{list}");
+    assert!(!list.contains("web "), "{list}");
+    let a1 = FakeAgent::connect(&pki, "a1", listen).await;
+    let u = mgr.url();
+    let ev = blocking(move || {
+        let mut ev = String::new();
+        wait_for("an event after the restart", Duration::from_secs(5), || {
+            ev = ok(&["events", "--manager", &u, "--since", &last_seq.to_string()]);
+            !ev.is_empty()
+        });
+        ev
+    })
+    .await;
+    let first = ev.lines().next().unwrap();
+    assert!(
+        first.trim_start().starts_with(&(last_seq + 1).to_string()) && first.contains("host_up"),
+        "{ev}"
+    );
+    drop(a1);
+    blocking(move || mgr.stop()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_bad_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (listen, api) = free_ports();
+    let mgr = Mgr::start(dir.path(), &pki, listen, api, "1");
+    let mut a2 = FakeAgent::connect(&pki, "a2", listen).await;
+    a2.next_assign().await;
+
+    // A certificate without the agent role.
+    let (_ep, conn, _streams) = hello(&pki, "plain", "plain", wire::VERSION, listen).await;
+    let (code, why) = closed(&conn).await;
+    assert_eq!(code, u64::from(transport::quic::code::REFUSED));
+    assert!(why.contains("may not act as agent"), "{why}");
+
+    // A Hello naming another host than the certificate.
+    let (_ep, conn, _streams) = hello(&pki, "a1", "a2", wire::VERSION, listen).await;
+    let (code, why) = closed(&conn).await;
+    assert_eq!(code, u64::from(transport::quic::code::REFUSED));
+    assert!(
+        why.contains("names host 'a2' but the certificate is for 'a1'"),
+        "{why}"
+    );
+
+    // Another protocol version.
+    let (_ep, conn, _streams) = hello(&pki, "a1", "a1", wire::VERSION + 1, listen).await;
+    let (code, why) = closed(&conn).await;
+    assert_eq!(code, u64::from(transport::quic::code::REFUSED));
+    assert!(why.contains("version"), "{why}");
+
+    // A corrupt frame closes that connection only.
+    let a1 = FakeAgent::connect(&pki, "a1", listen).await;
+    let mut frame = wire::encode(&AgentMsg::Report(Report::default())).unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0x40;
+    frame[4] ^= 0x01; // and the CRC
+    a1.raw.send(frame).unwrap();
+    let (code, why) = closed(&a1.conn).await;
+    assert_eq!(code, u64::from(transport::quic::code::SESSION_FAILED));
+    assert!(why.contains("bad frame"), "{why}");
+    let m = Arc::new(mgr);
+    let hosts = {
+        let m = m.clone();
+        blocking(move || {
+            let mut last = String::new();
+            wait_for("a1 disconnected", Duration::from_secs(5), || {
+                last = ok(&["host", "list", "--manager", &m.url()]);
+                last.lines()
+                    .any(|l| l.starts_with("a1 ") && l.contains(" no "))
+            });
+            last
+        })
+        .await
+    };
+    let a2row = hosts.lines().find(|l| l.starts_with("a2 ")).unwrap();
+    assert!(a2row.contains(" up ") && a2row.contains("yes"), "{hosts}");
+    assert!(m.log().contains("bad frame"), "{}", m.log());
+
+    // It comes back; a newer connection from the same host replaces the older one.
+    let mut a1 = FakeAgent::connect(&pki, "a1", listen).await;
+    a1.next_assign().await;
+    let mut a1b = FakeAgent::connect(&pki, "a1", listen).await;
+    a1b.next_assign().await;
+    let (code, why) = closed(&a1.conn).await;
+    assert_eq!(code, u64::from(transport::quic::code::DONE));
+    assert!(why.contains("replaced"), "{why}");
+    let hosts = {
+        let m = m.clone();
+        blocking(move || ok(&["host", "list", "--manager", &m.url()])).await
+    };
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with("a1 ") && l.contains(" up ") && l.contains("yes")),
+        "{hosts}"
+    );
+    // Still serving agents' VMs: a VM with a backup lands on both.
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("two", 1))))
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "{body}");
+    let (x, y) = (a1b.next_assign().await, a2.next_assign().await);
+    let roles = [&x.vms["two"].role, &y.vms["two"].role];
+    assert!(
+        roles.iter().any(|r| matches!(r, Role::Primary { .. })),
+        "{roles:?}"
+    );
+    assert!(
+        roles
+            .iter()
+            .any(|r| matches!(r, Role::Backup { min_term: 1 })),
+        "{roles:?}"
+    );
+    drop((a1b, a2));
+    let m = Arc::try_unwrap(m).ok().expect("one owner");
+    blocking(move || m.stop()).await;
+}
+
+#[test]
+fn refuses_bad_state_and_public_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let p = pki.to_str().unwrap();
+    let state = dir.path().join("state");
+    std::fs::write(&state, "vmatrix-manager-state 1 00000000 2\n{}").unwrap();
+    let (listen, api) = free_ports();
+    let base = |api: &str, state: &Path| {
+        run(&[
+            "manager",
+            "--listen",
+            &listen.to_string(),
+            "--api",
+            api,
+            "--certs",
+            p,
+            "--host",
+            "mgr",
+            "--state",
+            state.to_str().unwrap(),
+            "--events",
+            dir.path().join("events.jsonl").to_str().unwrap(),
+        ])
+    };
+    let out = base(&api.to_string(), &state);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refusing to start") && err.contains("CRC32 mismatch"),
+        "{err}"
+    );
+
+    let out = base("10.1.2.3:7700", &dir.path().join("fresh"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("loopback") && err.contains("mutual TLS on the API is future work"),
+        "{err}"
+    );
+
+    // The CLI says when nobody answers.
+    let out = run(&["vm", "list", "--manager", &api.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot reach the manager"), "{err}");
+}
