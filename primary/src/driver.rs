@@ -8,6 +8,12 @@
 //! bounded queues without waiting ([`crate::writer`]): a slow backup never holds up the loop or
 //! the others. Input that waited while the loop was busy is handled before timers fire: a backup
 //! that kept talking is never declared silent.
+//!
+//! Every release of guest output goes through the [`Fence`]; when the policy learns that a
+//! newer term exists, the loop fences the primary before anything else and ends the session.
+//! A session asked to stop while a pass or capture runs waits for it and hands it to the
+//! policy first, so the next session (the primary restarts sessions, e.g. with a new set of
+//! backups) finds the record of changes whole and no capture of the old one still running.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +26,7 @@ use vmm::{CaptureKind, EpochCapture, Vm};
 
 use crate::peer;
 use crate::writer::Writer;
-use crate::{Command, Policy, PrimaryConfig, PrimaryError, Stats};
+use crate::{Command, Fence, Policy, PrimaryConfig, PrimaryError, Stats};
 
 /// A pre-copy pass (true) or a full capture (false) on a blocking thread.
 type Work = tokio::task::JoinHandle<(bool, Result<EpochCapture, SnapshotError>)>;
@@ -49,6 +55,7 @@ pub(crate) struct Driver {
     generation: u64,
     work: Option<Work>,
     to_close: Vec<usize>,
+    fence: Arc<Fence>,
 }
 
 impl Driver {
@@ -57,6 +64,7 @@ impl Driver {
         cfg: PrimaryConfig,
         stats: Arc<Stats>,
         history: u64,
+        fence: Arc<Fence>,
     ) -> Result<Self, PrimaryError> {
         let ep = quic::client(&cfg.identity, &cfg.quic)?;
         let (frames_tx, frames) = mpsc::channel(4096);
@@ -76,6 +84,7 @@ impl Driver {
             generation: 0,
             work: None,
             to_close: Vec::new(),
+            fence,
         })
     }
 
@@ -89,9 +98,11 @@ impl Driver {
         let early = self.cfg.early_checkpoints;
         loop {
             p.set_output_waiting(early && self.vm.output_waiting());
+            self.check_fenced(&p)?;
             while let Some(c) = p.poll_command() {
                 self.execute(&mut p, c)?;
             }
+            self.check_fenced(&p)?;
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
             flush(&mut p, &mut self.links, counter);
             for i in std::mem::take(&mut self.to_close) {
@@ -147,6 +158,10 @@ impl Driver {
                 // A writer sent something: there may be room for more.
                 _ = self.progress.notified() => {}
                 _ = stop.changed() => {
+                    if let Some(h) = self.work.take() {
+                        let done = h.await;
+                        let _ = self.on_work_done(&mut p, done);
+                    }
                     p.close_all(Instant::now(), "primary stopping");
                     flush(&mut p, &mut self.links, None);
                     // (A moment for the goodbyes to leave.)
@@ -157,6 +172,18 @@ impl Driver {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Fences the primary (no release from now on) and ends the session if the policy learned
+    /// of a newer term.
+    fn check_fenced(&self, p: &Policy<'_>) -> Result<(), PrimaryError> {
+        match p.fenced() {
+            Some(term) => {
+                self.fence.fence(term);
+                Err(PrimaryError::Fenced { term })
+            }
+            None => Ok(()),
         }
     }
 
@@ -220,8 +247,16 @@ impl Driver {
                 let r = self.vm.capture_epoch_with(kind, &disk_ranges);
                 self.on_work_done(p, Ok((false, r)))?;
             }
+            Command::HoldOutput => {
+                if self.vm.held_output().is_none() {
+                    tracing::info!("guest output is held from now on (the session's sync starts)");
+                    self.vm.hold_output_from_start();
+                }
+            }
             Command::Release(e) => {
-                let n = self.vm.release_output(e);
+                let Some(n) = self.fence.unless_fenced(|| self.vm.release_output(e)) else {
+                    return Ok(());
+                };
                 tracing::trace!("{n} frames of output epoch {e} released");
                 self.stats
                     .released_frames

@@ -18,11 +18,13 @@
 mod driver;
 pub mod encode;
 pub mod epoch;
+pub mod fence;
 pub mod history;
 mod peer;
 pub mod policy;
 mod writer;
 
+pub use fence::{Fence, Fenced};
 pub use policy::{Command, Policy, PolicyConfig};
 
 use std::net::SocketAddr;
@@ -53,6 +55,13 @@ pub enum PrimaryError {
     /// The backup went away.
     #[error("backup lost: {0}")]
     BackupLost(String),
+    /// A backup holds a newer term than ours: this primary is fenced and releases no output
+    /// again.
+    #[error("fenced by term {}", .term.map_or("(not said)".to_string(), |t| t.to_string()))]
+    Fenced {
+        /// The newer term, if the backup said.
+        term: Option<u64>,
+    },
 }
 
 /// Primary settings.
@@ -162,6 +171,8 @@ pub struct Stats {
     pub sync_sent_bytes: AtomicU64,
     /// The initial sync is acknowledged: the VM is protected.
     pub protected: std::sync::atomic::AtomicBool,
+    /// Backups in step with the session (they get every checkpoint).
+    pub in_step: AtomicU64,
 }
 
 /// Pauses kept for percentiles.
@@ -218,6 +229,14 @@ impl PrimaryState {
         Self::with_history(h, encode)
     }
 
+    /// Output commit was turned off (the VM runs unprotected, with the failover manager's
+    /// grant): the output epochs recorded belong to the held output that is gone, and the next
+    /// session holds output again from epoch 0.
+    pub fn output_unheld(&mut self) {
+        self.history.closes.clear();
+        self.history.released = None;
+    }
+
     /// State around an existing history (simulations build one without a VM).
     pub fn with_history(history: history::History, encode: EncodeOptions) -> Self {
         PrimaryState {
@@ -238,6 +257,22 @@ pub async fn run(
     state: &mut PrimaryState,
     stop: watch::Receiver<bool>,
 ) -> Result<(), PrimaryError> {
+    run_fenced(vm, cfg, stats, state, stop, Arc::new(Fence::default())).await
+}
+
+/// [`run`] with a [`Fence`] shared with whoever may fence this primary: every release of
+/// guest output goes through it, and a backup that refuses the primary for a stale term (or
+/// welcomes it with a committed image of a newer term) fences it; the session then ends with
+/// [`PrimaryError::Fenced`]. The session's first sync (or resync) starts holding guest output
+/// if the VM was running unprotected (see [`Command::HoldOutput`]).
+pub async fn run_fenced(
+    vm: Arc<Vm>,
+    cfg: PrimaryConfig,
+    stats: Arc<Stats>,
+    state: &mut PrimaryState,
+    stop: watch::Receiver<bool>,
+    fence: Arc<Fence>,
+) -> Result<(), PrimaryError> {
     // The VM says when output starts waiting (early checkpoints end the epoch then).
     let output_waiting = Arc::new(tokio::sync::Notify::new());
     if cfg.early_checkpoints {
@@ -249,7 +284,7 @@ pub async fn run(
     let mut pc = cfg.policy();
     pc.guest = (vm.mem_size() / protocol::page::PAGE as u64, vm.disk_len());
     let p = Policy::new(pc, state, stats.clone(), Instant::now());
-    driver::Driver::new(vm.clone(), cfg, stats, history)?
+    driver::Driver::new(vm.clone(), cfg, stats, history, fence)?
         .run(p, output_waiting, stop)
         .await
 }

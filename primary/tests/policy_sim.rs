@@ -394,6 +394,7 @@ impl Sim {
                     self.snapshots.insert(seq, (self.guest.crc(), cap.epoch));
                     p.handle_capture(&cap, self.now);
                 }
+                Command::HoldOutput => {}
                 Command::Release(e) => self.check_release(e),
                 Command::Close(i) => self.cut(i),
             }

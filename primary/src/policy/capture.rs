@@ -117,6 +117,13 @@ impl Policy<'_> {
 
     /// Releases the output of every checkpoint enough backups acknowledged.
     pub(super) fn release(&mut self) {
+        self.stats.in_step.store(
+            self.backups.iter().filter(|b| b.active()).count() as u64,
+            Ordering::Relaxed,
+        );
+        if self.fenced.is_some() {
+            return;
+        }
         let Some(c) = self.releasable() else {
             return;
         };

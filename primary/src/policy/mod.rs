@@ -14,22 +14,27 @@
 //!   ([`History::can_resync`]), each gets a **quick resync** at the first capture ([`Kind::Resync`]:
 //!   the pages and disk chunks changed since its position, and the state); otherwise all get a
 //!   **full sync** (pre-copy rounds while the guest runs, then one short pause), which the backup
-//!   builds in a side image. A backup joining a running session gets a quick resync if it can,
-//!   else a full sync from a full capture.
+//!   builds in a side image — except that when some can resync and the guest is small enough
+//!   for one pause (`MAX_RESYNC`), those resync and the others get a full sync from the same
+//!   first capture. A backup joining a running session gets a quick resync if it can, else a
+//!   full sync from a full capture.
 //! - **Epochs**: when to capture (the adaptive tick, or early when guest output waits), with at
 //!   most `window` checkpoints in flight per backup (a full window extends the epoch).
 //! - **Output commit**: guest output of the epochs a checkpoint closed is released once
 //!   `required` backups acknowledged it; acknowledgements of pre-copy rounds release nothing.
 //! - **Slow backups**: one whose window stays full for `drop_after` while more than `required`
 //!   others keep up is dropped (it rejoins by quick resync).
+//! - **Fencing**: a backup that refuses the session for a stale term (or welcomes it with a
+//!   committed image of a newer term) means a newer primary exists: the policy releases nothing
+//!   more and reports [`Policy::fenced`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::message::{Position, RESYNC_VERSION};
-use protocol::{Sender, SenderConfig, SenderEvent};
+use protocol::message::Position;
+use protocol::{Sender, SenderConfig};
 use vmm::CaptureKind;
 
 use crate::{epoch, PrimaryState, Stats};
@@ -103,6 +108,12 @@ pub enum Command {
         /// Disk ranges to read in the same pause (quick resyncs).
         disk_ranges: Vec<(u64, u64)>,
     },
+    /// Hold guest output from now on if it is not held yet (`Vm::hold_output_from_start`):
+    /// asked for when a session starts its sync, before its first pre-copy pass or capture, so
+    /// a VM that ran unprotected (the failover manager's grant) holds every frame the guest
+    /// sends from the moment its state starts being copied. Output sent before is in the
+    /// synced state. A no-op for a VM that holds output already.
+    HoldOutput,
     /// Release guest output of every epoch up to this one.
     Release(u64),
     /// Close the connection of backup `i` (once what was queued for it is sent).
@@ -246,6 +257,7 @@ pub struct Policy<'a> {
     epochs: epoch::EpochController,
     output_waiting: bool,
     failed: Option<String>,
+    fenced: Option<Option<u64>>,
 }
 
 impl<'a> Policy<'a> {
@@ -275,6 +287,7 @@ impl<'a> Policy<'a> {
             epochs: epoch::EpochController::new(base, min, max),
             output_waiting: false,
             failed: None,
+            fenced: None,
             cfg,
         }
     }
@@ -309,6 +322,12 @@ impl<'a> Policy<'a> {
     /// Why the session failed (too few backups remain), if it did.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// A backup holds a newer term than ours (the term, if it said): this primary is fenced.
+    /// Nothing is released from then on.
+    pub fn fenced(&self) -> Option<Option<u64>> {
+        self.fenced
     }
 
     /// Says goodbye to every connected backup (the loop flushes, then drops the links).
@@ -505,120 +524,6 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// How a backup that welcomed us is brought up to date: a quick resync if its position is
-    /// of this history and what changed since is not too big for one checkpoint. At session
-    /// start the bound is `MAX_RESYNC` (beyond it the pre-copied full sync, in slices, is the
-    /// better way); in a running session a full sync is one long pause, so a resync is kept up
-    /// to `MAX_RESYNC_RUNNING` (well inside the receiver's staging bound).
-    fn join_for(&self, b: &Backup, running: bool) -> Join {
-        let Some(c) = b.committed else {
-            return Join::Full;
-        };
-        if b.version < RESYNC_VERSION || !self.st.history.can_resync(&c) {
-            return Join::Full;
-        }
-        let bytes = self.st.history.resync_bytes(c.seq, self.cfg.guest.1);
-        let limit = match running {
-            true => MAX_RESYNC_RUNNING,
-            false => MAX_RESYNC,
-        };
-        if bytes <= limit {
-            return Join::Resync(c.seq);
-        }
-        tracing::info!(
-            "backup {}: {} MiB changed since its checkpoint {}: a full sync instead of a quick resync",
-            b.name,
-            bytes >> 20,
-            c.seq
-        );
-        Join::Full
-    }
-
-    /// Joins decided when a backup welcomed us are checked again at the capture that serves
-    /// them: much may have changed meanwhile (a full sync of another backup ran).
-    fn refresh_joins(&mut self) {
-        if self.phase != Phase::Protected {
-            return;
-        }
-        for i in 0..self.backups.len() {
-            if matches!(self.backups[i].join, Join::Resync(_)) && self.backups[i].ready() {
-                let j = self.join_for(&self.backups[i], true);
-                self.backups[i].join = j;
-            }
-        }
-    }
-
-    fn on_event(&mut self, i: usize, e: SenderEvent, _now: Instant) {
-        match e {
-            SenderEvent::Ready { version, committed } => {
-                let b = &mut self.backups[i];
-                b.version = version;
-                b.committed = committed;
-                let pos = committed.map_or("nothing".into(), |c| {
-                    format!(
-                        "checkpoint {} of term {} (history {:x})",
-                        c.seq, c.term, c.history
-                    )
-                });
-                tracing::info!(
-                    "backup {} ready (protocol v{version}); it holds {pos}",
-                    b.name
-                );
-                if self.phase != Phase::Start {
-                    let j = self.join_for(&self.backups[i], true);
-                    self.backups[i].join = j;
-                }
-            }
-            SenderEvent::Acked { epoch, latency } => {
-                self.backups[i].acked = Some(epoch);
-                self.stats
-                    .ack_latency_us
-                    .store(latency.as_micros() as u64, Ordering::Relaxed);
-            }
-            SenderEvent::Resending { epoch, reason } => tracing::warn!(
-                "backup {}: resending from checkpoint {epoch}: {reason}",
-                self.backups[i].name
-            ),
-            SenderEvent::Failed(e) => self.fail_backup(i, &e.to_string()),
-        }
-    }
-
-    /// `required` backups welcomed the session: quick resyncs if every ready one can have
-    /// one, else a full sync for all.
-    fn choose_sync(&mut self, now: Instant) {
-        let joins: Vec<Join> = self
-            .backups
-            .iter()
-            .filter(|b| b.ready())
-            .map(|b| self.join_for(b, false))
-            .collect();
-        self.sync_started = now;
-        if !joins.is_empty() && joins.iter().all(|j| matches!(j, Join::Resync(_))) {
-            for b in self.backups.iter_mut().filter(|b| b.ready()) {
-                if let Some(c) = b.committed {
-                    b.join = Join::Resync(c.seq);
-                }
-            }
-            tracing::info!("every ready backup holds a checkpoint of this history: quick resync");
-            self.phase = Phase::Protected;
-            self.tick = now;
-            return;
-        }
-        for b in self.backups.iter_mut().filter(|b| b.ready()) {
-            b.join = Join::InStep;
-        }
-        self.stats.sync_rounds.store(0, Ordering::Relaxed);
-        self.phase = match self.cfg.precopy_rounds {
-            0 => Phase::FinalSync,
-            _ => Phase::PreCopy {
-                round: 0,
-                slice: 0,
-                last_pages: None,
-                pages: 0,
-            },
-        };
-    }
-
     fn on_wake(&mut self, now: Instant) {
         match self.phase {
             Phase::Start => {
@@ -715,6 +620,7 @@ impl<'a> Policy<'a> {
 }
 
 mod capture;
+mod join;
 mod precopy;
 mod slow;
 
