@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod applier;
+pub mod fence;
 pub mod image;
 pub mod journal;
 pub mod lock;
@@ -24,8 +25,9 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use fence::Fence;
 pub use lock::ImageLock;
-pub use server::{serve, serve_locked, BackupConfig};
+pub use server::{serve, serve_fenced, serve_locked, BackupConfig};
 pub use stats::BackupStats;
 
 /// Typed errors of the backup.

@@ -7,6 +7,10 @@
 //! timeout is closed, a `Hello` from a certificate that may not act as primary for the VM is
 //! refused (`Refuse WrongPeer`), and every session that ends closes its QUIC connection with an
 //! application error code and the reason (`transport::quic::code`).
+//!
+//! A primary whose term is below the image's minimum term ([`Fence`]: the committed image's
+//! term, or the one the failover manager fenced the image at) is refused (`Refuse
+//! StaleTerm`); a fence raised while a session of an older primary runs ends it the same way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::applier::{Applier, Done};
+use crate::fence::Fence;
 use crate::image::Origin;
 use crate::lock::ImageLock;
 use crate::replica::{Failure, Replica};
@@ -67,8 +72,22 @@ pub async fn serve(
 pub async fn serve_locked(
     cfg: BackupConfig,
     lock: ImageLock,
+    stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<Option<u64>, BackupError> {
+    let fence = Arc::new(Fence::load(lock.dir())?);
+    serve_fenced(cfg, lock, stop, ready, fence).await
+}
+
+/// [`serve_locked`] with the image's [`Fence`] (loaded from the image directory by
+/// [`Fence::load`]) shared with whoever raises it: the failover manager's `fence` and
+/// `promote`.
+pub async fn serve_fenced(
+    cfg: BackupConfig,
+    lock: ImageLock,
     mut stop: watch::Receiver<bool>,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    fence: Arc<Fence>,
 ) -> Result<Option<u64>, BackupError> {
     if lock.dir() != cfg.image_dir {
         return Err(BackupError::Apply(format!(
@@ -87,7 +106,12 @@ pub async fn serve_locked(
         );
         cfg.stats.applied.store(p.seq + 1, Ordering::Relaxed);
         cfg.stats.term.store(p.term, Ordering::Relaxed);
+        cfg.stats.committed.store(p.seq + 1, Ordering::Relaxed);
+        cfg.stats.history.store(p.history, Ordering::Relaxed);
     }
+    let mut min_term = fence.subscribe();
+    // (A raise made before this loop runs is enforced: no session runs yet.)
+    fence.enforced(*min_term.borrow_and_update());
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
     tracing::info!("backup listening on {addr}");
@@ -99,7 +123,8 @@ pub async fn serve_locked(
             c = server.accept() => match c {
                 Ok(conn) => {
                     let peer = conn.remote_address();
-                    let r = session(&cfg, &server, conn, &mut slot, &mut stop).await;
+                    let mut w = Watches { stop: &mut stop, fence: &fence, min_term: &mut min_term };
+                    let r = session(&cfg, &server, conn, &mut slot, &mut w).await;
                     let Some(replica) = slot.as_mut() else {
                         server.close();
                         return Err(BackupError::Apply("the replica was lost with its apply thread".into()));
@@ -123,6 +148,8 @@ pub async fn serve_locked(
                 }
                 Err(e) => tracing::warn!("{e}"),
             },
+            // No session runs: a raised fence is in force at once.
+            _ = min_term.changed() => fence.enforced(*min_term.borrow_and_update()),
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -152,6 +179,13 @@ fn silence_limit(cfg: &BackupConfig) -> Duration {
 
 /// How long a closing session waits for its last frames (a `Refuse`, acks) to be read.
 const LINGER: Duration = Duration::from_millis(250);
+
+/// What a session listens to besides its primary: the backup stopping, and the fence.
+struct Watches<'a> {
+    stop: &'a mut watch::Receiver<bool>,
+    fence: &'a Fence,
+    min_term: &'a mut watch::Receiver<u64>,
+}
 
 /// How a session ended without an error.
 enum End {
@@ -191,7 +225,7 @@ async fn session(
     server: &Server,
     mut conn: quinn::Connection,
     replica: &mut Option<Replica>,
-    stop: &mut watch::Receiver<bool>,
+    w: &mut Watches<'_>,
 ) -> Result<(), Failure> {
     let limit = silence_limit(cfg);
     // A peer that authenticates and never opens its control stream is closed like a silent one.
@@ -217,10 +251,13 @@ async fn session(
                     conn = n;
                 }
             }
-            _ = stop.changed() => {
+            _ = w.stop.changed() => {
                 transport::quic::close(&conn, code::SHUTDOWN, "backup stopping");
                 return Ok(());
             }
+            // No session yet: nothing of an older primary can be acknowledged; the session
+            // loop starts with the new minimum term.
+            _ = w.min_term.changed() => w.fence.enforced(*w.min_term.borrow_and_update()),
         }
     };
     let (mut link, mut rx) = match accepted {
@@ -244,7 +281,7 @@ async fn session(
         return Err(Failure::Fatal(BackupError::Apply("no replica".into())));
     };
     let mut applier = Applier::new(rep);
-    let r = session_loop(cfg, &mut link, &mut rx, &mut applier, stop, &cert, started).await;
+    let r = session_loop(cfg, &mut link, &mut rx, &mut applier, w, &cert, started).await;
     // The replica comes back once a step still running on its thread is done.
     match applier.finish().await {
         Ok(rep) => *replica = Some(rep),
@@ -280,9 +317,12 @@ async fn on_frame(
     r: &mut Receiver,
     link: &mut BackupLink,
     f: &[u8],
-    cert: &Result<PeerCert, TransportError>,
+    (cert, stats): (&Result<PeerCert, TransportError>, &BackupStats),
 ) -> Result<(), Failure> {
     tracing::trace!("frame of {} bytes", f.len());
+    stats
+        .last_heard_ms
+        .store(crate::stats::now_ms(), Ordering::Relaxed);
     if let Some(reason) = refused_hello(f, cert) {
         let mut detail = reason.clone();
         detail.truncate(MAX_TEXT);
@@ -308,13 +348,16 @@ async fn session_loop(
     link: &mut BackupLink,
     rx: &mut transport::FrameRx,
     applier: &mut Applier,
-    stop: &mut watch::Receiver<bool>,
+    w: &mut Watches<'_>,
     cert: &Result<PeerCert, TransportError>,
     started: Instant,
 ) -> Result<End, Failure> {
     let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
     rcfg.committed = applier.replica().and_then(|r| r.position());
-    rcfg.min_term = rcfg.committed.map_or(0, |p| p.term);
+    let fenced_at = *w.min_term.borrow_and_update();
+    rcfg.min_term = rcfg.committed.map_or(0, |p| p.term).max(fenced_at);
+    w.fence.enforced(fenced_at);
+    let built_min = rcfg.min_term;
     rcfg.idle_timeout = silence_limit(cfg);
     // The frames waiting in the connection's channel count too: the receiver's bound leaves
     // room for a full channel (and the one checkpoint on the apply thread is within the
@@ -330,7 +373,7 @@ async fn session_loop(
         let deadline = r.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             f = rx.recv() => match f {
-                Some(Ok(f)) => on_frame(&mut r, link, &f, cert).await?,
+                Some(Ok(f)) => on_frame(&mut r, link, &f, (cert, &cfg.stats)).await?,
                 Some(Err(e)) => return Err(Failure::Session(e.into())),
                 None => return Ok(End::StreamsClosed),
             },
@@ -339,7 +382,7 @@ async fn session_loop(
                 // check: a primary that kept talking is not silent.
                 while let Ok(f) = rx.try_recv() {
                     match f {
-                        Ok(f) => on_frame(&mut r, link, &f, cert).await?,
+                        Ok(f) => on_frame(&mut r, link, &f, (cert, &cfg.stats)).await?,
                         Err(e) => return Err(Failure::Session(e.into())),
                     }
                 }
@@ -347,7 +390,16 @@ async fn session_loop(
             }
             // A step of applying a checkpoint finished on its thread.
             done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
-            _ = stop.changed() => return Ok(End::Stopped),
+            _ = w.stop.changed() => return Ok(End::Stopped),
+            _ = w.min_term.changed() => {
+                let min = *w.min_term.borrow_and_update();
+                let end = fenced(&r, link, built_min, min).await;
+                // Nothing more is acknowledged to an older primary: this loop ends now.
+                w.fence.enforced(min);
+                if let Some(end) = end {
+                    return end;
+                }
+            }
         }
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
         // thread is free to take it.
@@ -382,6 +434,40 @@ async fn session_loop(
     }
 }
 
+/// The image was fenced at term `min`: a session whose primary has an older term is refused
+/// (`Refuse StaleTerm`, so that primary knows it is fenced) and ends; one still waiting for
+/// its primary's `Hello` (its receiver knew only `built_min`) ends too, and the primary's next
+/// attempt meets the new term. None: the session goes on.
+async fn fenced(
+    r: &Receiver,
+    link: &mut BackupLink,
+    built_min: u64,
+    min: u64,
+) -> Option<Result<End, Failure>> {
+    match r.session() {
+        Some((_, term)) if term < min => {
+            let e = ProtocolError::StaleTerm {
+                got: term,
+                current: min,
+            };
+            tracing::warn!(
+                "fenced at term {min}: ending the session of the primary of term {term}"
+            );
+            let refuse = Message::Refuse(Refuse {
+                code: RefuseCode::StaleTerm,
+                epoch: None,
+                detail: e.to_string(),
+            });
+            let _ = link.send(&refuse.encode()).await;
+            Some(Err(Failure::Refused(e.into())))
+        }
+        None if built_min < min => Some(Err(Failure::Session(BackupError::Apply(format!(
+            "fenced at term {min} while the session was starting"
+        ))))),
+        _ => None,
+    }
+}
+
 /// A step of applying a checkpoint is done: after `begin`, the checkpoint is durable (or, for
 /// a full sync, applied and promoted) and is acknowledged, then completed on the apply thread;
 /// a refused one is reported to the primary, which resends it (the receiver drops what it
@@ -403,6 +489,7 @@ fn step_done(
                 .last_durable_us
                 .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             r.ack(cp.epoch);
+            committed(stats, r, &cp);
             match staged {
                 Some(s) => applier.start_complete(s, cp.epoch, cp.pages.len(), started),
                 None => applied(cfg, applier, cp.epoch, cp.pages.len(), started),
@@ -435,6 +522,24 @@ fn step_done(
         }
     }
     Ok(())
+}
+
+/// Counters after checkpoint `cp` was made durable and acknowledged: any but a pre-copy round
+/// is now the committed image's checkpoint (a pre-copy round only advances a side image).
+fn committed(stats: &BackupStats, r: &Receiver, cp: &protocol::Checkpoint) {
+    stats
+        .last_checkpoint_ms
+        .store(crate::stats::now_ms(), Ordering::Relaxed);
+    if cp.kind == protocol::Kind::PreCopy {
+        return;
+    }
+    stats
+        .history
+        .store(r.history().unwrap_or(0), Ordering::Relaxed);
+    if let Some((_, term)) = r.session() {
+        stats.term.store(term, Ordering::Relaxed);
+    }
+    stats.committed.store(cp.epoch + 1, Ordering::Relaxed);
 }
 
 /// Counters after checkpoint `seq` is in the image.
