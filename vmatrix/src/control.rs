@@ -4,7 +4,9 @@
 //! One request line per connection, one response line: `ok <key=value ...>` or
 //! `error: <why>`. A VM answers `pause`, `resume`, `status`, `checksum` (paused VM only),
 //! `snapshot full|diff <dir>`, `stop`, `disk-faults <n>` (fault injection: the next n guest
-//! disk writes fail); a backup answers `status` and `stop`.
+//! disk writes fail); a primary also `backups <name@host:port,...|none>` and `fence <term>`;
+//! a backup answers `status`, `stop`, `fence <term>` and `promote <term>`
+//! (docs/replication.md, "Control by the agent").
 //!
 //! Each client is served on a thread of its own (at most [`MAX_CLIENTS`] at a time; more are
 //! answered `error: busy`) and must send its request line within [`REQUEST_TIMEOUT`]: a
@@ -74,6 +76,19 @@ pub fn parse(line: &str) -> Result<Request, String> {
 
 /// Extra `key=value` fields appended to `status` (the replication loop's figures).
 pub type StatusExtra = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Requests a VM's owner answers besides the VM's own (a primary's `backups`, `fence`): the
+/// answer, or None for a request it does not know.
+pub type ExtraRequests = Arc<dyn Fn(&str) -> Option<Result<String, String>> + Send + Sync>;
+
+/// What a VM's control socket serves besides the VM's own requests.
+#[derive(Clone, Default)]
+pub struct Extra {
+    /// Fields appended to `status`.
+    pub status: Option<StatusExtra>,
+    /// Further requests, tried before the VM's.
+    pub requests: Option<ExtraRequests>,
+}
 
 fn execute(vm: &Vm, req: Request, extra: Option<&StatusExtra>) -> Result<String, String> {
     match req {
@@ -211,12 +226,34 @@ fn serve_one(handler: &Mutex<Handler>, mut stream: UnixStream) -> std::io::Resul
     stream.write_all(reply.as_bytes())
 }
 
-/// Serves a VM's control requests on `path` (see [`serve_with`]).
-pub fn serve(path: &Path, vm: Arc<Vm>, extra: Option<StatusExtra>) -> anyhow::Result<()> {
+/// Serves a VM's control requests on `path` (see [`serve_with`]), and `extra`'s.
+pub fn serve(path: &Path, vm: Arc<Vm>, extra: Extra) -> anyhow::Result<Served> {
     serve_with(
         path,
-        Box::new(move |line| parse(line).and_then(|r| execute(&vm, r, extra.as_ref()))),
+        Box::new(move |line| {
+            if let Some(answer) = extra.requests.as_ref().and_then(|f| f(line)) {
+                return answer;
+            }
+            parse(line).and_then(|r| execute(&vm, r, extra.status.as_ref()))
+        }),
     )
+}
+
+/// A control socket being served.
+pub struct Served {
+    clients: Arc<AtomicUsize>,
+}
+
+impl Served {
+    /// Waits (at most `timeout`) until no client is being served: a process about to exit
+    /// calls it so that the answer to the request that ended it (`stop`, `fence`, `promote`)
+    /// is written first.
+    pub fn wait_idle(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Counts a client thread while it lives.
@@ -230,7 +267,7 @@ impl Drop for Slot {
 
 /// Listens on `path` (replacing a stale socket) and answers each request with `handler`, each
 /// client on a thread of its own with [`REQUEST_TIMEOUT`] to send its line.
-pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
+pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<Served> {
     if path.exists() {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
@@ -239,6 +276,9 @@ pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
     let handler = Arc::new(Mutex::new(handler));
     let clients = Arc::new(AtomicUsize::new(0));
+    let served = Served {
+        clients: clients.clone(),
+    };
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -265,7 +305,7 @@ pub fn serve_with(path: &Path, handler: Handler) -> anyhow::Result<()> {
             }
         })
         .context("spawning the control thread")?;
-    Ok(())
+    Ok(served)
 }
 
 use std::io::Read as _;
@@ -306,6 +346,23 @@ pub enum CtlCmd {
         /// How many writes fail.
         n: u32,
     },
+    /// A primary: replace its backups (`name@host:port,...`, or `none`); the session restarts
+    /// with them (quick resync where possible), all of them required.
+    Backups {
+        /// Comma-separated `name@host:port` list, or `none`.
+        list: String,
+    },
+    /// A primary: stop for good (exit 3) if TERM is newer than its own. A backup: refuse
+    /// primaries older than TERM from now on (persisted).
+    Fence {
+        /// The newer term.
+        term: u64,
+    },
+    /// A backup: fence to TERM, stop serving and finalize the image for a new primary.
+    Promote {
+        /// The term granted to the new primary.
+        term: u64,
+    },
 }
 
 /// Sends one request and prints the answer; fails on `error:`.
@@ -317,6 +374,9 @@ pub fn main(a: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCmd::Checksum => "checksum".into(),
         CtlCmd::Stop => "stop".into(),
         CtlCmd::DiskFaults { n } => format!("disk-faults {n}"),
+        CtlCmd::Backups { list } => format!("backups {list}"),
+        CtlCmd::Fence { term } => format!("fence {term}"),
+        CtlCmd::Promote { term } => format!("promote {term}"),
         CtlCmd::Snapshot { dir, diff } => {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

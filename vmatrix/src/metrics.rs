@@ -15,13 +15,31 @@ use anyhow::Context;
 use primary::Stats;
 use vmm::Vm;
 
-/// Fields appended to `ctl status` on a primary.
-pub fn status_fields(s: &Stats) -> String {
+/// What a primary's `ctl status` reports besides its counters.
+pub struct PrimaryFacts {
+    /// Its term.
+    pub term: u64,
+    /// Backups in its current set.
+    pub backups: usize,
+    /// Guest output is held until acknowledged (output commit on).
+    pub output_held: bool,
+}
+
+/// Fields appended to `ctl status` on a primary: `term`, `protected` (true|false, as it always
+/// was: the session's first sync or resync is acknowledged), `acked_seq` (highest acknowledged consistent
+/// checkpoint, or `none`), `backups` (the set), `backups_in_step`, `output_held` (0|1), then
+/// the counters.
+pub fn status_fields(s: &Stats, f: &PrimaryFacts) -> String {
     let acked = s.acked.load(Ordering::Relaxed);
     let (p50, p99) = s.pause_percentiles();
     format!(
-        "protected={} sync_rounds={} epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        "term={} protected={} acked_seq={} backups={} backups_in_step={} output_held={} sync_rounds={} epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
+        f.term,
         s.protected.load(Ordering::Relaxed),
+        if acked == 0 { "none".to_string() } else { (acked - 1).to_string() },
+        f.backups,
+        s.in_step.load(Ordering::Relaxed),
+        u8::from(f.output_held),
         s.sync_rounds.load(Ordering::Relaxed),
         s.epochs.load(Ordering::Relaxed),
         s.epoch_us.load(Ordering::Relaxed),

@@ -47,15 +47,22 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         console: console.clone(),
         generation: None,
     })?;
-    crate::run::supervise(Arc::new(vm), a.control.as_deref(), console, a.paused, None)
+    crate::run::supervise(
+        Arc::new(vm),
+        a.control.as_deref(),
+        console,
+        a.paused,
+        Default::default(),
+    )
 }
 
 /// A backup's replica image (`replica.bin` or a side image `incoming/`) is locked, and if its
 /// backup died before finalizing it (no `snapshot.bin`, or one older than `replica.bin`),
 /// finalized first: an interrupted promotion is finished or an abandoned full sync removed, an
 /// interrupted checkpoint is completed from its journal, and the snapshot describes the last
-/// committed checkpoint. Returns the lock (None for a plain snapshot directory).
-fn finalize_replica(dir: &Path) -> anyhow::Result<Option<backup::ImageLock>> {
+/// committed checkpoint. Returns the lock (None for a plain snapshot directory). Also used by
+/// `vmatrix primary --from-image`.
+pub(crate) fn finalize_replica(dir: &Path) -> anyhow::Result<Option<backup::ImageLock>> {
     if !backup::image::is_replica(dir) {
         return Ok(None);
     }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -137,21 +138,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = resolve(a)?;
     let console = cfg.console.clone();
     let vm = Arc::new(Vm::new(cfg)?);
-    supervise(vm, control.as_deref(), console, false, None)
+    supervise(vm, control.as_deref(), console, false, Default::default())
 }
 
-/// Serves the control socket, starts the VM (parked if `paused`), stops it on SIGINT/SIGTERM,
-/// and turns its exit into the process exit code.
+/// Serves the control socket (the VM's requests and `extra`'s), starts the VM (parked if
+/// `paused`), stops it on SIGINT/SIGTERM, and turns its exit into the process exit code.
 pub fn supervise(
     vm: Arc<Vm>,
     control: Option<&std::path::Path>,
     console: ConsoleOut,
     paused: bool,
-    extra: Option<crate::control::StatusExtra>,
+    extra: crate::control::Extra,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(path) = control {
-        crate::control::serve(path, vm.clone(), extra)?;
-    }
+    let served = match control {
+        Some(path) => Some(crate::control::serve(path, vm.clone(), extra)?),
+        None => None,
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -175,6 +177,11 @@ pub fn supervise(
     console.flush_partial();
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
+    }
+    // The answer to the request that stopped the VM (`stop`, a primary's `fence`) goes out
+    // before the process ends.
+    if let Some(s) = served {
+        s.wait_idle(Duration::from_secs(1));
     }
     tracing::info!("VM ended: {exit}");
     match exit {

@@ -1,28 +1,44 @@
-//! `vmatrix primary` and `vmatrix backup`: continuous replication of a running VM.
+//! `vmatrix primary` and `vmatrix backup`: continuous replication of a running VM. Their
+//! flags and what they share live here; the commands in [`primary`] and [`backup`], each with
+//! the control requests the failover agent drives them by (docs/replication.md, "Control by
+//! the agent").
+
+mod backup;
+mod primary;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use protocol::page::EncodeOptions;
 use transport::QuicConfig;
-use vmm::Vm;
 
-use crate::run::{resolve, supervise, RunArgs};
+use crate::run::RunArgs;
+
+pub use self::backup::backup_main;
+pub use self::primary::primary_main;
 
 /// Flags of `vmatrix primary`.
 #[derive(Args, Debug)]
 pub struct PrimaryArgs {
-    /// The VM, as for `vmatrix run`.
+    /// The VM, as for `vmatrix run` (with --from-image: --tap, --disk as the working disk,
+    /// --console-log and --control only).
     #[command(flatten)]
     pub run: RunArgs,
+    /// Start the VM from a snapshot or a backup's replica image directory (finalized first, and
+    /// locked while this primary runs from it) instead of booting the guest, as `vmatrix
+    /// restore` does; --disk is then the working disk to create (default <dir>/disk-live.img).
+    #[arg(long, conflicts_with_all = ["guest", "mem_mib", "guest_config", "config", "mac"])]
+    pub from_image: Option<PathBuf>,
+    /// Run without holding guest output until the first replication session starts its
+    /// initial sync (the failover manager's grant to run unprotected); from then on output is
+    /// held until acknowledged. With it, --backup may be left out: the VM runs unprotected and
+    /// backups are added later (`vmatrix ctl <socket> backups ...`).
+    #[arg(long)]
+    pub unprotected_start: bool,
     /// Backup address, `host:port` or `name@host:port` (name = host name in its certificate,
     /// default "backup"). Repeat for several backups.
-    #[arg(long, required = true, value_parser = parse_backup)]
+    #[arg(long, required_unless_present = "unprotected_start", value_parser = parse_backup)]
     pub backup: Vec<(SocketAddr, String)>,
     /// Backups that must acknowledge before output is released: "all" or a number.
     #[arg(long, default_value = "all")]
@@ -113,11 +129,13 @@ pub struct BackupArgs {
     /// concurrently, so abandoned ones never delay a real primary.
     #[arg(long, default_value_t = 2000)]
     pub handshake_timeout_ms: u64,
-    /// Serve `status` and `stop` on this Unix socket (`vmatrix ctl <socket> status|stop`).
+    /// Serve `status`, `stop`, `fence <term>` and `promote <term>` on this Unix socket
+    /// (`vmatrix ctl <socket> status|stop|fence|promote`).
     #[arg(long)]
     pub control: Option<PathBuf>,
 }
 
+/// One backup: `host:port` or `name@host:port`.
 fn parse_backup(s: &str) -> Result<(SocketAddr, String), String> {
     let (name, addr) = match s.split_once('@') {
         Some((n, a)) => (n.to_string(), a),
@@ -127,6 +145,24 @@ fn parse_backup(s: &str) -> Result<(SocketAddr, String), String> {
         .parse()
         .map_err(|e| format!("'{addr}' is not host:port: {e}"))?;
     Ok((addr, name))
+}
+
+/// A set of backups, `name@host:port[,name@host:port...]`, or `none` (no backup); the same
+/// address twice is refused.
+fn parse_backup_list(s: &str) -> Result<Vec<(SocketAddr, String)>, String> {
+    let s = s.trim();
+    if s == "none" {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<(SocketAddr, String)> = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let b = parse_backup(item)?;
+        if out.iter().any(|o| o.0 == b.0) {
+            return Err(format!("backup address {} given twice", b.0));
+        }
+        out.push(b);
+    }
+    Ok(out)
 }
 
 fn quic_config(idle_ms: u64) -> QuicConfig {
@@ -146,154 +182,19 @@ fn load_identity(
         .with_context(|| format!("loading certificates of '{host}' from {}", certs.display()))
 }
 
-/// Pause between losing every backup and trying to reconnect.
-const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Runs a protected VM; if the backups are lost it keeps the guest's output held and reconnects,
-/// starting over with a new initial sync.
-pub fn primary_main(a: PrimaryArgs) -> anyhow::Result<ExitCode> {
-    if !(1..=1000).contains(&a.epoch_ms) {
-        bail!("--epoch-ms must be between 1 and 1000");
+    #[test]
+    fn parses_backup_lists() {
+        assert_eq!(parse_backup_list("none"), Ok(Vec::new()));
+        let l = parse_backup_list("b1@10.0.0.1:7100, 10.0.0.2:7101").unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0], ("10.0.0.1:7100".parse().unwrap(), "b1".to_string()));
+        assert_eq!(l[1].1, "backup");
+        assert!(parse_backup_list("").is_err());
+        assert!(parse_backup_list("b@nowhere").is_err());
+        assert!(parse_backup_list("a@10.0.0.1:1,b@10.0.0.1:1").is_err());
     }
-    let identity = load_identity(&a.certs, &a.host)?;
-    let n = a.backup.len();
-    let required = match a.required.as_str() {
-        "all" => n,
-        x => x
-            .parse::<usize>()
-            .ok()
-            .filter(|&k| (1..=n).contains(&k))
-            .with_context(|| format!("--required must be 'all' or 1..={n}"))?,
-    };
-    let control = a.run.control.clone();
-    let cfg = resolve(a.run)?;
-    let console = cfg.console.clone();
-    let vm = Arc::new(Vm::new(cfg)?);
-    // Nothing the guest sends may leave before the backup holds the state that produced it.
-    vm.hold_output_from_start();
-    let pcfg = primary::PrimaryConfig {
-        epoch: Duration::from_millis(a.epoch_ms),
-        min_epoch: Duration::from_millis(a.min_epoch_ms.clamp(1, 1000)),
-        max_output_delay: Duration::from_millis(a.max_output_delay_ms.clamp(1, 10_000)),
-        backups: a.backup,
-        required,
-        identity,
-        cluster_id: a.cluster_id,
-        vm_id: a.vm_id,
-        term: a.term,
-        lanes: a.lanes,
-        window: 4,
-        quic: quic_config(a.idle_timeout_ms),
-        encode: EncodeOptions::default(),
-        early_checkpoints: a.early_checkpoints,
-        precopy_rounds: a.precopy_rounds,
-        drop_after: Duration::from_millis(a.drop_after_ms),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stats = Arc::new(primary::Stats::default());
-    let (vm2, st2) = (vm.clone(), stats.clone());
-    // One history for the life of this primary: sessions after a failure resync from it.
-    let mut state = primary::PrimaryState::new(&vm, a.term, pcfg.encode);
-    tracing::info!(
-        "history {:x}, term {}",
-        state.history.id,
-        state.history.term
-    );
-    let repl = crate::rt::spawn("replication", async move {
-        // Wait for the VM to be running before the initial sync.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let mut stop_rx = stop_rx;
-        loop {
-            let r = primary::run(vm2.clone(), pcfg.clone(), st2.clone(), &mut state, stop_rx.clone());
-            match r.await {
-                Ok(()) => break,
-                Err(_) if *stop_rx.borrow() => break,
-                Err(e) => {
-                    // Output stays held (no client may see state a failover could lose) until
-                    // a backup holds the VM again: reconnect and sync it from scratch.
-                    st2.protected.store(false, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!("replication lost: {e}; guest output stays held");
-                    eprintln!("vmatrix primary: replication lost: {e}; guest output stays held; reconnecting (a quick resync or a new full sync follows)");
-                    tokio::select! {
-                        _ = tokio::time::sleep(RECONNECT_DELAY) => {}
-                        _ = stop_rx.changed() => break,
-                    }
-                }
-            }
-        }
-    })
-    .context("spawning the replication thread")?;
-    let status: crate::control::StatusExtra = {
-        let s = stats.clone();
-        Arc::new(move || crate::metrics::status_fields(&s))
-    };
-    crate::progress::spawn(stats.clone(), Duration::from_secs(600));
-    if let Some(addr) = a.metrics {
-        crate::metrics::serve(addr, vm.clone(), stats.clone())?;
-    }
-    let code = supervise(vm, control.as_deref(), console, false, Some(status));
-    let _ = stop_tx.send(true);
-    let _ = repl.join();
-    code
-}
-
-/// Runs a backup until SIGINT/SIGTERM or `vmatrix ctl <socket> stop`, then finalizes its image.
-/// The image directory is locked for the whole run, before anything else (a second backup or a
-/// restore of the same image is refused).
-pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    let lock = backup::ImageLock::acquire(&a.image_dir)?;
-    let identity = load_identity(&a.certs, &a.host)?;
-    let cfg = backup::BackupConfig {
-        listen: a.listen,
-        image_dir: a.image_dir,
-        identity,
-        cluster_id: a.cluster_id,
-        vm_id: a.vm_id,
-        quic: QuicConfig {
-            handshake_timeout_ms: a.handshake_timeout_ms.max(1),
-            ..quic_config(a.idle_timeout_ms)
-        },
-        stats: Arc::new(backup::BackupStats::default()),
-    };
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let tx = Arc::new(tx);
-    if let Some(path) = &a.control {
-        let (stats, stop) = (cfg.stats.clone(), tx.clone());
-        crate::control::serve_with(
-            path,
-            Box::new(move |line| match line {
-                "status" => Ok(stats.status_fields()),
-                "stop" => {
-                    let _ = stop.send(true);
-                    Ok("stopping: finalizing the image".into())
-                }
-                other => Err(format!(
-                    "a backup answers 'status' and 'stop', not '{other}'"
-                )),
-            }),
-        )?;
-    }
-    let control = a.control.clone();
-    let rt = crate::rt::runtime().context("tokio runtime")?;
-    let epoch = rt.block_on(async move {
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut t), Ok(mut i)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-            }
-            let _ = tx.send(true);
-        });
-        backup::serve_locked(cfg, lock, rx, None).await
-    })?;
-    if let Some(p) = control {
-        let _ = std::fs::remove_file(p);
-    }
-    match epoch {
-        Some(e) => eprintln!("vmatrix backup: image is a snapshot of checkpoint {e}"),
-        None => eprintln!("vmatrix backup: no full sync ever completed: no image"),
-    }
-    Ok(ExitCode::SUCCESS)
 }
