@@ -557,8 +557,12 @@ pub mod log {
 
 pub mod cluster;
 mod faults;
+pub mod managed;
+mod procs;
 mod replicated;
 #[allow(unused_imports)]
 pub use faults::*;
+#[allow(unused_imports)]
+pub use procs::*;
 #[allow(unused_imports)]
 pub use replicated::*;

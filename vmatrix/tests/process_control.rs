@@ -1,0 +1,237 @@
+//! What the failover agent does to `vmatrix primary` and `vmatrix backup` through their control
+//! sockets, on real KVM, taps and network namespaces: fencing a backup (a primary of an older
+//! term is refused and exits with code 3, at its connection or in a running session; the term
+//! survives a restart of the backup), promoting
+//! a backup (its image becomes the VM of a new primary at the new term, started unprotected with
+//! `--from-image`, then protected again by `backups ...`), and fencing a running primary (it
+//! stops and releases nothing more).
+
+mod support;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+/// Waits for the primary process to exit; its exit code and stderr.
+fn exit_of(p: &mut VmProc, timeout: Duration) -> (Option<i32>, String) {
+    let st = wait_exit(&mut p.child, timeout);
+    // (The stderr pipe is drained by a thread: give it a moment.)
+    std::thread::sleep(Duration::from_millis(100));
+    let text = p.stderr_text();
+    let st = st.unwrap_or_else(|| panic!("the primary did not exit; stderr:\n{text}"));
+    (st.code(), text)
+}
+
+/// Starts a booted primary at `term` protected by the backup at `backup` (`name@addr`).
+fn booted_primary(
+    net: &TestNet,
+    dir: &Path,
+    (host, term): (&str, u64),
+    backup: &str,
+    console: &str,
+) -> (VmProc, std::path::PathBuf) {
+    let socket = dir.join(format!("{console}.sock"));
+    let disk = dir.join("disk.img");
+    if !disk.exists() {
+        make_disk(&disk, 16);
+    }
+    let mut args = primary_args(net, dir, &disk, host, term, &socket);
+    args.extend(["--backup".into(), backup.into()]);
+    let p = VmProc::spawn_args(net, &dir.join(format!("{console}.log")), &args);
+    (p, socket)
+}
+
+#[test]
+fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, &["primary", "backup"]);
+    let listen = net.backup_listen(0);
+    let image = d.join("image");
+    let mut b = BackupProc::spawn(&net.backup_ns(), d, "backup", &listen, &image);
+    let st = b.ctl(&["status"]);
+    assert_eq!(field(&st, "seq").as_deref(), Some("none"), "{st}");
+    assert_eq!(field(&st, "min_term").as_deref(), Some("0"), "{st}");
+    assert_eq!(b.ctl(&["fence", "5"]), "ok term=5");
+    assert_eq!(
+        b.ctl(&["fence", "3"]),
+        "ok term=5",
+        "an older term changes nothing"
+    );
+
+    // The term is persisted: a restarted backup still refuses older primaries.
+    b.stop();
+    let persisted = std::fs::read_to_string(image.join("min-term")).unwrap();
+    assert_eq!(persisted.trim(), "5");
+    drop(b);
+    let b = BackupProc::spawn(&net.backup_ns(), d, "backup", &listen, &image);
+    let st = b.ctl(&["status"]);
+    assert_eq!(field(&st, "min_term").as_deref(), Some("5"), "{st}");
+
+    let (mut old, _) = booted_primary(&net, d, ("primary", 1), &format!("backup@{listen}"), "p1");
+    let (code, stderr) = exit_of(&mut old, Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(3),
+        "a fenced primary exits with 3; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("vmatrix primary: fenced by term 5 (this primary has term 1)"),
+        "{stderr}"
+    );
+
+    // A primary of the fenced term is welcome.
+    let (mut p5, sock) = booted_primary(&net, d, ("primary", 5), &format!("backup@{listen}"), "p5");
+    let mut c = p5.wait_ready(Duration::from_secs(30));
+    assert_eq!(c.cmd("SET k v").unwrap(), "OK");
+    let st = wait_status(&sock, "protected", |v| v == "true", Duration::from_secs(10));
+    assert_eq!(field(&st, "term").as_deref(), Some("5"), "{st}");
+    let bst = wait_status(&b.socket, "seq", |v| v != "none", Duration::from_secs(10));
+    assert_eq!(field(&bst, "term").as_deref(), Some("5"), "{bst}");
+
+    // Fencing the backup while that primary's session runs ends the session and fences it.
+    assert_eq!(b.ctl(&["fence", "6"]), "ok term=6");
+    let (code, stderr) = exit_of(&mut p5, Duration::from_secs(10));
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("vmatrix primary: fenced by term 6 (this primary has term 5)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
+    let net = TestNet::two_hosts();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, &["hosta", "hostb"]);
+    let (a_ns, b_ns) = (net.ns(), net.backup_ns());
+    let b_listen = format!("10.79.{}.2:7100", net.index);
+    let a_listen = format!("10.79.{}.1:7101", net.index);
+
+    // Host A runs the primary (term 1), host B its backup.
+    let mut bb = BackupProc::spawn(&b_ns, d, "hostb", &b_listen, &d.join("image-b"));
+    let (mut pa, _) = booted_primary(&net, d, ("hosta", 1), &format!("hostb@{b_listen}"), "pa");
+    let mut c = pa.wait_ready(Duration::from_secs(30));
+    let mut acked: HashMap<String, String> = HashMap::new();
+    for i in 0..120 {
+        let (k, v) = (format!("key{}", i % 40), format!("v{i}"));
+        assert_eq!(c.cmd(&format!("SET {k} {v}")).unwrap(), "OK");
+        acked.insert(k, v);
+    }
+    let st = bb.ctl(&["status"]);
+    assert_ne!(field(&st, "seq").as_deref(), Some("none"), "{st}");
+
+    // Host A dies. The backup says checkpoints stopped arriving.
+    pa.kill9();
+    wait_status(
+        &bb.socket,
+        "last_checkpoint_ms_ago",
+        |v| v.parse::<u64>().is_ok_and(|ms| ms >= 300),
+        Duration::from_secs(5),
+    );
+    let answer = bb.ctl(&["promote", "2"]);
+    let seq = answer
+        .strip_prefix("ok promoting: image at checkpoint ")
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_string();
+    let st = wait_exit(&mut bb.child, Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", bb.log_text());
+    let log = bb.log_text();
+    assert!(
+        log.contains(&format!(
+            "vmatrix backup: image is a snapshot of checkpoint {seq}"
+        )),
+        "{log}"
+    );
+
+    // The image runs as the new primary (term 2) on host B, unprotected, with no backup; the
+    // guest's gratuitous ARP moves its address to host B.
+    let sock_b = d.join("pb.sock");
+    let mut args: Vec<OsString> = vec![
+        "primary".into(),
+        "--from-image".into(),
+        d.join("image-b").into(),
+        "--tap".into(),
+        "tap0".into(),
+        "--unprotected-start".into(),
+    ];
+    args.extend(from_image_common(d, "hostb", 2, &sock_b));
+    let mut pb = VmProc::spawn_in(&net, &b_ns, &d.join("pb.log"), &args);
+    let mut c2 = pb.wait_ready(Duration::from_secs(30));
+    for (k, v) in &acked {
+        assert_eq!(c2.cmd(&format!("GET {k}")).unwrap(), format!("VALUE {v}"));
+    }
+    let st = ctl(&sock_b, &["status"]);
+    for (k, v) in [
+        ("term", "2"),
+        ("protected", "false"),
+        ("backups", "0"),
+        ("output_held", "0"),
+    ] {
+        assert_eq!(field(&st, k).as_deref(), Some(v), "{k}: {st}");
+    }
+
+    // A fresh backup on host A protects it again.
+    let ba = BackupProc::spawn(&a_ns, d, "hosta", &a_listen, &d.join("image-a"));
+    let set = format!("hosta@{a_listen}");
+    assert_eq!(ctl(&sock_b, &["backups", &set]), "ok backups=1");
+    let st = wait_status(
+        &sock_b,
+        "protected",
+        |v| v == "true",
+        Duration::from_secs(20),
+    );
+    assert_eq!(field(&st, "output_held").as_deref(), Some("1"), "{st}");
+    assert_eq!(field(&st, "backups").as_deref(), Some("1"), "{st}");
+    assert_eq!(c2.cmd("SET after yes").unwrap(), "OK");
+    let bst = ba.ctl(&["status"]);
+    assert_eq!(field(&bst, "term").as_deref(), Some("2"), "{bst}");
+    assert_ne!(field(&bst, "seq").as_deref(), Some("none"), "{bst}");
+}
+
+#[test]
+fn a_fenced_primary_stops_and_releases_no_more_output() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("primary.sock");
+    let mut r = Replicated::start(&net, d, &["--control", sock.to_str().unwrap()]);
+    let mut c = r.wait_ready(Duration::from_secs(30));
+    assert_eq!(c.cmd("SET k1 v1").unwrap(), "OK");
+    let st = wait_status(&sock, "protected", |v| v == "true", Duration::from_secs(10));
+    for (k, v) in [
+        ("term", "1"),
+        ("backups", "1"),
+        ("backups_in_step", "1"),
+        ("output_held", "1"),
+    ] {
+        assert_eq!(field(&st, k).as_deref(), Some(v), "{k}: {st}");
+    }
+    assert_ne!(field(&st, "acked_seq").as_deref(), Some("none"), "{st}");
+    assert_eq!(ctl(&sock, &["fence", "1"]), "ok not fenced");
+
+    // The backup stops acknowledging: the reply to the next write is held.
+    r.signal_backup("-STOP");
+    c.set_timeout(Duration::from_millis(500));
+    assert!(
+        c.cmd("SET k2 v2").is_err(),
+        "the reply waits for its checkpoint"
+    );
+    assert_eq!(ctl(&sock, &["fence", "2"]), "ok fenced term=2");
+    r.signal_backup("-CONT");
+    let (code, stderr) = exit_of(&mut r.primary, Duration::from_secs(10));
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("vmatrix primary: fenced by term 2 (this primary has term 1)"),
+        "{stderr}"
+    );
+    // The held reply never left (any line read here would be it).
+    c.set_timeout(Duration::from_secs(2));
+    let got = c.cmd("GET k1");
+    assert!(got.is_err(), "output left after the fence: {got:?}");
+}
