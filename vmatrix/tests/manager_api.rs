@@ -64,6 +64,17 @@ struct Mgr {
 
 impl Mgr {
     fn start(dir: &Path, pki: &Path, listen: SocketAddr, api: SocketAddr, tag: &str) -> Mgr {
+        Mgr::start_with(dir, pki, listen, api, tag, &dir.join("state"))
+    }
+
+    fn start_with(
+        dir: &Path,
+        pki: &Path,
+        listen: SocketAddr,
+        api: SocketAddr,
+        tag: &str,
+        state: &Path,
+    ) -> Mgr {
         let log = dir.join(format!("manager-{tag}.log"));
         let child = Command::new(bin())
             .args([
@@ -77,7 +88,7 @@ impl Mgr {
             ])
             .args(["--listen", &listen.to_string(), "--api", &api.to_string()])
             .arg("--state")
-            .arg(dir.join("state"))
+            .arg(state)
             .arg("--events")
             .arg(dir.join("events.jsonl"))
             .arg("--certs")
@@ -691,6 +702,46 @@ async fn refusals_and_bad_frames() {
     drop((a1b, a2));
     let m = Arc::try_unwrap(m).ok().expect("one owner");
     blocking(move || m.stop()).await;
+}
+
+/// A decision that cannot be made durable stops the manager (non-zero exit) before any agent
+/// hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpersistable_decision_stops_the_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (listen, api) = free_ports();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let mut mgr = Mgr::start_with(dir.path(), &pki, listen, api, "1", &sub.join("state"));
+    let mut a1 = FakeAgent::connect(&pki, "a1", listen).await;
+    assert!(a1.next_assign().await.vms.is_empty());
+    std::fs::remove_dir(&sub).unwrap(); // the next save cannot create its file
+    let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("web", 0))))
+        .await
+        .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("stopping"), "{body}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = mgr.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = mgr.log();
+    assert!(
+        log.contains("persisting the cluster state") && log.contains("break fencing"),
+        "{log}"
+    );
+    // The agent never heard of the VM: its connection ends without another assignment.
+    match tokio::time::timeout(Duration::from_secs(5), a1.assigns.recv()).await {
+        Ok(None) => {}
+        Ok(Some(m)) => panic!("sent after a failed save: {m:?}"),
+        Err(_) => panic!("the connection did not end"),
+    }
 }
 
 #[test]
