@@ -146,6 +146,16 @@ impl Drop for Mgr {
     }
 }
 
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One HTTP call: (status, body). Err when the manager cannot be reached.
 fn http(
     method: &str,
@@ -572,7 +582,29 @@ async fn api_cli_agent_and_restart() {
         })
         .unwrap();
 
-    // Restart from the same state file: the record survives; events go on numbering.
+    // Restart from the same state file: the record survives; events go on numbering, and
+    // `events --follow` follows across the restart.
+    let mut follow = KillOnDrop(
+        Command::new(bin())
+            .args(["events", "--follow", "--manager", &url, "--since"])
+            .arg(last_seq.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = {
+        let out = follow.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
     drop(a1);
     blocking(move || mgr.stop()).await;
     let d = dir.path().to_path_buf();
@@ -587,20 +619,26 @@ async fn api_cli_agent_and_restart() {
     assert!(row.split_whitespace().nth(3) == Some("a1"), "{list}");
     assert!(!list.contains("web "), "{list}");
     let a1 = FakeAgent::connect(&pki, "a1", listen).await;
-    let u = mgr.url();
-    let ev = blocking(move || {
-        let mut ev = String::new();
-        wait_for("an event after the restart", Duration::from_secs(5), || {
-            ev = ok(&["events", "--manager", &u, "--since", &last_seq.to_string()]);
-            !ev.is_empty()
-        });
-        ev
+    // (a host_down of the first manager may come before the second one's host_up)
+    let seen = blocking(move || {
+        let mut seen: Vec<String> = Vec::new();
+        while !seen.last().is_some_and(|l| l.contains("host_up")) {
+            match lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("events --follow printed no host_up after the restart: {seen:?}"),
+            }
+        }
+        seen
     })
     .await;
-    let first = ev.lines().next().unwrap();
+    drop(follow);
+    let seqs: Vec<u64> = seen
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
     assert!(
-        first.trim_start().starts_with(&(last_seq + 1).to_string()) && first.contains("host_up"),
-        "{ev}"
+        seqs[0] == last_seq + 1 && seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{seen:?}"
     );
     drop(a1);
     blocking(move || mgr.stop()).await;

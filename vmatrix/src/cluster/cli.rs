@@ -108,7 +108,8 @@ pub struct EventsArgs {
     /// Only events numbered above this.
     #[arg(long, default_value_t = 0)]
     pub since: u64,
-    /// Keep printing new events (polls every 200 ms) until interrupted.
+    /// Keep printing new events (polls every 200 ms, also across a manager restart) until
+    /// interrupted.
     #[arg(long)]
     pub follow: bool,
     #[command(flatten)]
@@ -381,8 +382,25 @@ pub fn host_main(c: HostCmd) -> anyhow::Result<ExitCode> {
 pub fn events_main(a: EventsArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&a.m)?;
     let mut since = a.since;
+    let mut lost = false;
     loop {
-        let events: Vec<Stamped> = client.get(&format!("/v1/events?since={since}"))?;
+        let events: Vec<Stamped> = match client.get(&format!("/v1/events?since={since}")) {
+            Ok(e) => {
+                if std::mem::take(&mut lost) {
+                    eprintln!("vmatrix events: the manager answers again");
+                }
+                e
+            }
+            // Following goes on across a manager restart (numbers go on too).
+            Err(e) if a.follow => {
+                if !std::mem::replace(&mut lost, true) {
+                    eprintln!("vmatrix events: {e:#}; retrying");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(first) = events.first() {
             if first.seq > since + 1 && since > 0 {
                 println!(
