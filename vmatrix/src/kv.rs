@@ -59,7 +59,13 @@ pub fn main(a: KvArgs) -> anyhow::Result<ExitCode> {
     let mut w = stream.try_clone()?;
     let mut r = BufReader::new(stream);
     if let Some(n) = a.write_loop {
-        return write_loop(&mut w, &mut r, n, &a.prefix, Duration::from_millis(a.every_ms));
+        return write_loop(
+            &mut w,
+            &mut r,
+            n,
+            &a.prefix,
+            Duration::from_millis(a.every_ms),
+        );
     }
     let requests: Vec<String> = if a.requests.is_empty() {
         std::io::stdin().lock().lines().collect::<Result<_, _>>()?
@@ -119,5 +125,9 @@ fn write_loop(
         }
     }
     println!("{} of {n} acknowledged writes present", n - missing);
-    Ok(if missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
