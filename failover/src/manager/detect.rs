@@ -71,10 +71,10 @@ impl Manager {
                 continue;
             }
             witnesses += 1;
-            let silent = match o.silent_ms {
-                Some(ms) => Duration::from_millis(ms) + self.report_age(now, &b.host),
-                None => Duration::MAX,
-            };
+            // The backup's own measure (a report is at most a heartbeat or two old); not
+            // extended by the report's age, so a manager that stalls does not make every
+            // backup look silent.
+            let silent = o.silent_ms.map_or(Duration::MAX, Duration::from_millis);
             if silent <= self.cfg.detect {
                 return None; // checkpoints still arrive: only the manager's link is cut
             }

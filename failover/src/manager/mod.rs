@@ -158,6 +158,7 @@ pub struct Manager {
     protected: BTreeSet<String>,
     down: BTreeSet<String>,
     counters: Counters,
+    last_decide: Duration,
 }
 
 impl Manager {
@@ -175,6 +176,7 @@ impl Manager {
             protected: BTreeSet::new(),
             down: BTreeSet::new(),
             counters: Counters::default(),
+            last_decide: Duration::ZERO,
         }
     }
 
@@ -250,6 +252,19 @@ impl Manager {
     /// Lets time pass: detection and timeouts.
     pub fn tick(&mut self, now: Duration) {
         self.decide(now);
+    }
+
+    /// If the manager itself was not run for a while (more than half the detection timeout
+    /// between two decisions: its host stalled), the silence it could not hear is not held
+    /// against the hosts.
+    fn forgive_own_stall(&mut self, now: Duration) {
+        let gap = now.saturating_sub(self.last_decide);
+        if self.last_decide > Duration::ZERO && gap > self.cfg.detect / 2 {
+            for h in self.hosts.values_mut() {
+                h.last_seen = (h.last_seen + gap).min(now);
+            }
+        }
+        self.last_decide = now;
     }
 
     /// Creates and places a VM.
@@ -371,6 +386,7 @@ impl Manager {
 
     /// Runs every rule, then persists and sends what changed (in that order).
     fn decide(&mut self, now: Duration) {
+        self.forgive_own_stall(now);
         self.note_hosts_down(now);
         let names: Vec<String> = self.state.vms.keys().cloned().collect();
         for name in names {

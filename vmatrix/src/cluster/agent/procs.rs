@@ -135,6 +135,10 @@ impl Proc {
         self.status.get(k).map(String::as_str)
     }
 
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.field(k), Some("1" | "true"))
+    }
+
     fn num(&self, k: &str) -> Option<u64> {
         self.field(k).and_then(|v| v.parse().ok())
     }
@@ -159,8 +163,15 @@ impl Proc {
             ProcRole::Primary => {
                 o.term = self.num("term").unwrap_or(self.term);
                 o.seq = self.num("acked_seq");
-                o.protected = self.polls_since_apply >= 2 && self.field("protected") == Some("1");
-                o.output_held = self.field("output_held") == Some("1");
+                // Protected with the set last applied: every backup of it in step, judged from a
+                // status taken after the set was applied.
+                let n = self.backup_hosts.len() as u64;
+                o.protected = self.polls_since_apply >= 2
+                    && self.flag("protected")
+                    && n > 0
+                    && self.num("backups") == Some(n)
+                    && self.num("backups_in_step") == Some(n);
+                o.output_held = self.flag("output_held");
                 o.backup_hosts = self.backup_hosts.clone();
             }
             ProcRole::Backup => {
