@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# README's first command: set up everything on a fresh machine and run the demo.
-#   packages -> build (workspace + guest) -> two "hosts" (network namespaces joined by a veth
-#   pair, both on a clients' LAN bridge) -> certificates -> a backup on one host, a protected VM
-#   on the other (QUIC with mutual TLS between them) -> a client stores keys -> the primary is
-#   killed -> the backup's image resumes on its host -> every acknowledged key is there.
+# README's first command: set up everything on a fresh machine and run the failover demo.
+#   packages -> build (workspace + guest) -> three "hosts" (network namespaces on a replication
+#   network and a clients' LAN; scripts/cluster.sh) -> certificates -> the manager here and an
+#   agent on every host -> a protected VM created through the manager -> a client keeps writing
+#   on one TCP connection -> the primary's whole host crashes -> automatic failover -> the same
+#   connection carries on -> re-protection on the third host -> every acknowledged write is there.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -14,81 +15,77 @@ cargo build --locked --release -p vmatrix 2>&1 | tail -n 2
 build_guest
 VMX="$ROOT/target/release/vmatrix"
 
-mkdir -p build
-DISK=build/demo-disk.img
-CONSOLE=build/demo-console.log
-PKI=build/demo-pki
-IMAGE=build/demo-image
-LOGS=build/demo-logs
 NAME=vmxd
 IDX=1
+OUT=build/demo
+PKI=$OUT/pki
 GUEST=10.77.$IDX.2:7000
-REPL_BACKUP=10.79.$IDX.2:7100
-mkdir -p "$LOGS"
-rm -rf "$IMAGE"
-rm -f "$DISK" "$CONSOLE"
-"$VMX" disk create "$DISK" --size-mib 64 >/dev/null
+MGR=10.78.$IDX.254:7700
+export VMATRIX_MANAGER=127.0.0.1:7799
+rm -rf "$OUT"; mkdir -p "$OUT"
 
-step "two hosts on this machine: namespaces ${NAME}a (primary) and ${NAME}b (backup)"
-echo "  replication link: veth 10.79.$IDX.1 <-> 10.79.$IDX.2 (QUIC, mutual TLS)"
-echo "  clients' LAN: bridge ${NAME}lan 10.77.$IDX.1/24 here; the guest is 10.77.$IDX.2 on either host"
-"$ROOT/scripts/hosts.sh" up "$NAME" "$IDX"
+step "three hosts on this machine: namespaces ${NAME}a, ${NAME}b, ${NAME}c"
+echo "  replication/management network 10.78.$IDX.0/24 (the manager listens on $MGR)"
+echo "  clients' LAN 10.77.$IDX.0/24; the guest is $GUEST on whichever host runs it"
+"$ROOT/scripts/cluster.sh" up "$NAME" "$IDX" 3
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  "$ROOT/scripts/hosts.sh" down "$NAME"
+  "$ROOT/scripts/cluster.sh" down "$NAME"
 }
 trap cleanup EXIT
 
-step "cluster CA and host certificates ($PKI)"
-rm -rf "$PKI"
+step "cluster CA, the manager's and the agents' certificates ($PKI)"
 "$VMX" certs init "$PKI" | sed 's/^/  /'
-for h in primary backup; do "$VMX" certs issue "$PKI" --host "$h" | sed 's/^/  /'; done
+"$VMX" certs issue "$PKI" --host manager --role manager | sed 's/^/  /'
+for h in a b c; do
+  "$VMX" certs issue "$PKI" --host "$h" --role agent --role primary --role backup | sed 's/^/  /'
+done
 
-step "backup on host ${NAME}b, listening on $REPL_BACKUP"
-ip netns exec "${NAME}b" "$VMX" --log info backup --listen "$REPL_BACKUP" --image-dir "$IMAGE" \
-  --certs "$PKI" --host backup 2> "$LOGS/backup.log" &
-BACKUP_PID=$!; PIDS+=("$BACKUP_PID")
-
-step "protected VM on host ${NAME}a: pre-copy initial sync, then a checkpoint every ~20 ms"
-ip netns exec "${NAME}a" "$VMX" --log info primary --guest "$GUEST_ELF" --disk "$DISK" --tap tap0 \
-  --mem-mib 64 --guest-config "ip=10.77.$IDX.2/24,gw=10.77.$IDX.1,port=7000" \
-  --backup "backup@$REPL_BACKUP" --certs "$PKI" --host primary --control "$LOGS/primary.sock" \
-  --console-log "$CONSOLE" 2> "$LOGS/primary.log" &
-PRIMARY_PID=$!; PIDS+=("$PRIMARY_PID")
-for _ in $(seq 1 200); do grep -q "protected after" "$LOGS/primary.log" 2>/dev/null && break; sleep 0.05; done
-grep -E "pre-copy round|final pause|protected" "$LOGS/primary.log" | sed -E 's/^.* primary: //; s/^/  /'
-
-step "a client stores 200 keys; each OK means the backup holds that write"
-acked=$(for i in $(seq 1 200); do echo "SET key$i value-$i"; done \
-  | "$VMX" kv --addr "$GUEST" | grep -c -- '-> OK$' || true)
-echo "  $acked writes acknowledged"
-"$VMX" ctl "$LOGS/primary.sock" status | tr ' ' '\n' \
-  | grep -E '^(epochs|acked_epoch|epoch_us|pause_p50_us|pause_p99_us|dirty_pages_sent|bytes_sent|ack_latency_us)=' \
-  | sed 's/^/  /'
-
-step "the primary's host crashes (SIGKILL)"
-kill -9 "$PRIMARY_PID"; wait "$PRIMARY_PID" 2>/dev/null || true
-echo "  primary gone; its clients' unacknowledged output never left the host"
-
-step "failover: the backup finalizes its image and the VM resumes on host ${NAME}b"
-kill -TERM "$BACKUP_PID"; wait "$BACKUP_PID" 2>/dev/null || true
-tail -n 1 "$LOGS/backup.log" | sed 's/^/  /'
-start=$(date +%s%N)
-ip netns exec "${NAME}b" "$VMX" restore "$IMAGE" --tap tap0 --console-log "$LOGS/restored-console.log" \
-  2> "$LOGS/restored.log" &
+step "the manager (state in $OUT/manager.state, API on $VMATRIX_MANAGER) and an agent per host"
+"$VMX" --log info manager --listen "$MGR" --api "$VMATRIX_MANAGER" --state "$OUT/manager.state" \
+  --events "$OUT/events.jsonl" --certs "$PKI" --host manager 2> "$OUT/manager.log" &
 PIDS+=("$!")
-"$VMX" kv --addr "$GUEST" COUNT >/dev/null
-echo "  guest answering on host ${NAME}b after $(( ($(date +%s%N) - start) / 1000000 )) ms, same address $GUEST"
+i=1
+for h in a b c; do
+  ip netns exec "${NAME}$h" "$VMX" --log info agent --manager "$MGR" --certs "$PKI" --host "$h" \
+    --repl-ip "10.78.$IDX.$i" --state-dir "$OUT/host-$h" --guest "$GUEST_ELF" \
+    2> "$OUT/agent-$h.log" &
+  PIDS+=("$!"); i=$((i + 1))
+done
+for _ in $(seq 1 100); do
+  [ "$("$VMX" host list 2>/dev/null | grep -c ' up')" -ge 3 ] && break; sleep 0.1
+done
+"$VMX" host list | sed 's/^/  /'
 
-step "every acknowledged key is there"
-present=$(for i in $(seq 1 200); do echo "GET key$i"; done | "$VMX" kv --addr "$GUEST" \
-  | grep -c -- '-> VALUE value-' || true)
-echo "  $present of $acked acknowledged keys present after the failover"
-"$VMX" kv --addr "$GUEST" "GET key1" "GET key200" "COUNT" | sed 's/^/  /'
-if [ "$present" -lt "$acked" ]; then
-  echo "demo FAILED: acknowledged writes were lost" >&2; exit 1
+step "a protected VM: vmatrix vm create web --backups 1"
+"$VMX" vm create web --mem-mib 64 --disk-mib 16 --backups 1 --port 7100 \
+  --guest-config "ip=10.77.$IDX.2/24,gw=10.77.$IDX.1,port=7000" | sed 's/^/  /'
+for _ in $(seq 1 300); do
+  "$VMX" vm list 2>/dev/null | grep -q ' protected ' && break; sleep 0.1
+done
+"$VMX" vm list | sed 's/^/  /'
+PRIMARY=$("$VMX" vm show web | python3 -c 'import json,sys; print(json.load(sys.stdin)["primary"])')
+
+step "a client writes 400 keys on one TCP connection; meanwhile host ${NAME}$PRIMARY crashes"
+"$VMX" kv --addr "$GUEST" --write-loop 400 --every-ms 10 --prefix key > "$OUT/client.txt" &
+CLIENT=$!
+sleep 1.5
+echo "  $(date +%T.%3N) host $PRIMARY crashes: its links go down and every process in it is killed"
+"$ROOT/scripts/cluster.sh" kill "$NAME" "$PRIMARY"
+status=0; wait "$CLIENT" || status=$?
+sed 's/^/  /' "$OUT/client.txt"
+
+step "what the manager did (vmatrix events)"
+"$VMX" events | sed 's/^/  /'
+
+step "re-protected on the third host"
+for _ in $(seq 1 300); do
+  "$VMX" vm list 2>/dev/null | grep -q ' protected ' && break; sleep 0.1
+done
+"$VMX" vm list | sed 's/^/  /'
+if [ "$status" -ne 0 ]; then
+  echo "demo FAILED: acknowledged writes were lost (client exit $status)" >&2; exit 1
 fi
-
-step "done: logs in $LOGS; next, scripts/test.sh runs the whole test suite"
+step "done: logs in $OUT; scripts/test.sh runs the whole test suite"

@@ -179,6 +179,8 @@ fn silence_limit(cfg: &BackupConfig) -> Duration {
 
 /// How long a closing session waits for its last frames (a `Refuse`, acks) to be read.
 const LINGER: Duration = Duration::from_millis(250);
+/// The same for a primary refused for a stale term (fenced by a promotion).
+const STALE_LINGER: Duration = Duration::from_millis(20);
 
 /// What a session listens to besides its primary: the backup stopping, and the fence.
 struct Watches<'a> {
@@ -290,7 +292,15 @@ async fn session(
     stats.connected.store(false, Ordering::Relaxed);
     stats.syncing.store(false, Ordering::Relaxed);
     let (c, reason) = close_code(&r);
-    link.close(c, &reason, LINGER).await;
+    // A primary refused for a stale term gets its refusal within a round trip; lingering
+    // longer only delays a promotion (whose old primary is usually dead).
+    let stale = matches!(
+        &r,
+        Err(Failure::Session(BackupError::Protocol(ProtocolError::StaleTerm { .. })))
+            | Err(Failure::Refused(BackupError::Protocol(ProtocolError::StaleTerm { .. })))
+    );
+    link.close(c, &reason, if stale { STALE_LINGER } else { LINGER })
+        .await;
     r.map(|_| ())
 }
 

@@ -195,9 +195,14 @@ pub fn parse_fields(line: &str) -> BTreeMap<String, String> {
 
 /// One request on a VM process's control socket; the answer after "ok ".
 pub fn request(sock: &Path, line: &str) -> anyhow::Result<String> {
+    request_within(sock, line, STATUS_TIMEOUT)
+}
+
+/// The same with its own time limit (a promotion answers once the image is final).
+pub fn request_within(sock: &Path, line: &str, limit: Duration) -> anyhow::Result<String> {
     let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(STATUS_TIMEOUT))?;
-    s.set_write_timeout(Some(STATUS_TIMEOUT))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     s.write_all(format!("{line}\n").as_bytes())?;
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer)?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use failover::agent::{reconcile, Action, Applied};
 use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmSpec};
 
-use super::procs::{request, Proc};
+use super::procs::{request, request_within, Proc};
 
 /// What a supervisor needs to start VM processes.
 #[derive(Debug, Clone)]
@@ -270,7 +270,8 @@ impl Supervisor {
         let key = (spec.name.clone(), ProcRole::Backup);
         if let Some(mut b) = self.procs.remove(&key) {
             if b.alive() {
-                match request(&b.control, &format!("promote {term}")) {
+                let line = format!("promote {term}");
+                match request_within(&b.control, &line, Duration::from_secs(30)) {
                     Ok(a) => tracing::info!("backup of {} promoting: {a}", spec.name),
                     Err(e) => {
                         tracing::warn!("promote request to the backup of {}: {e:#}", spec.name)
