@@ -107,3 +107,66 @@ fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
     }
     eprintln!("{events}");
 }
+
+#[test]
+fn an_agent_restart_adopts_its_running_vm_and_failover_still_works() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Managed::start(dir.path(), 3);
+    let cfg = m.net.guest_config();
+    let out = m.cli(&[
+        "vm",
+        "create",
+        "web",
+        "--mem-mib",
+        "64",
+        "--disk-mib",
+        "16",
+        "--guest-config",
+        &cfg,
+        "--backups",
+        "1",
+        "--port",
+        "7100",
+    ]);
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = m.wait_vm("web", "protected", Duration::from_secs(60), |v| {
+        v["status"] == "protected"
+    });
+    let primary = v["primary"].as_str().unwrap().to_string();
+    let p = m.host_index(&primary);
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET before restart").unwrap(), "OK");
+
+    // The primary host's agent dies (its VM does not): the backup still gets checkpoints, so
+    // this is no failover; a new agent adopts the running primary.
+    m.kill_agent(p);
+    for i in 0..50 {
+        assert_eq!(kv.cmd(&format!("SET during{i} x")).unwrap(), "OK");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.start_agent(p);
+    let v = m.wait_vm("web", "protected again", Duration::from_secs(30), |v| {
+        v["status"] == "protected" && v["term"] == 1
+    });
+    assert_eq!(v["primary"].as_str(), Some(primary.as_str()));
+    assert!(!m.events().contains("detected"), "{}", m.events());
+    let count = std::fs::read_to_string(dir.path().join(format!("agent-{primary}.log"))).unwrap();
+    assert!(
+        count.contains("adopted the running Primary of web"),
+        "{count}"
+    );
+
+    // The adopted primary is watched like its own: its host crashes, the VM fails over.
+    m.crash_host(p);
+    kv.set_timeout(Duration::from_secs(30));
+    assert_eq!(kv.cmd("GET before").unwrap(), "VALUE restart");
+    assert_eq!(kv.cmd("GET during49").unwrap(), "VALUE x");
+    m.wait_vm("web", "failed over", Duration::from_secs(60), |v| {
+        v["term"] == 2
+    });
+}

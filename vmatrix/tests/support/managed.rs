@@ -147,6 +147,14 @@ impl Managed {
         self.agents[i] = Some(child);
     }
 
+    /// Kills host `i`'s agent only (SIGKILL); its VM processes go on.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Crashes host `i`: links down, every process in it SIGKILLed.
     pub fn crash_host(&mut self, i: usize) {
         self.net.kill(i);

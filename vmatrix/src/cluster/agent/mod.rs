@@ -55,6 +55,10 @@ pub struct AgentArgs {
     /// Heartbeat (and supervision) interval, ms.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_ms: u64,
+    /// Stop the VM processes when the agent stops (by default they go on running and the next
+    /// agent on this host adopts them: restarting an agent never stops a VM).
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
     /// Extra flag for every `vmatrix primary` it starts (repeat), e.g. `--primary-flag=--epoch-ms=10`.
     #[arg(long = "primary-flag", allow_hyphen_values = true)]
     pub primary_flags: Vec<String>,
@@ -81,9 +85,10 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let sup = Supervisor::new(cfg.clone(), shared.clone());
     let stop2 = stop.clone();
+    let stop_vms = a.stop_vms_on_exit;
     let sup = std::thread::Builder::new()
         .name("supervisor".into())
-        .spawn(move || sup.run(stop2))?;
+        .spawn(move || sup.run(stop2, stop_vms))?;
     let rt = crate::rt::runtime().context("tokio runtime")?;
     let hello = AgentMsg::Hello {
         version: VERSION,
@@ -126,6 +131,10 @@ async fn session(
     shared: &Arc<Mutex<Shared>>,
     heartbeat: Duration,
 ) -> anyhow::Result<()> {
+    // Only complete reports are sent: wait for the supervisor's first look at every process.
+    while !shared.lock().expect("shared").ready {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let conn = transport::quic::connect_raw(ep, a.manager, &a.manager_name).await?;
     transport::roles::check_peer(&conn, HostRole::Manager, None)?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening the agent stream")?;

@@ -20,7 +20,11 @@ pub struct Proc {
     pub vm: String,
     /// Primary or backup.
     pub role: ProcRole,
-    child: Child,
+    /// Our child, or None for a process adopted from an earlier agent (watched through /proc).
+    child: Option<Child>,
+    pid: u32,
+    /// Its record (pid, term, backups) for an agent that restarts: `<vm dir>/<role>.pid`.
+    pidfile: PathBuf,
     /// Its control socket.
     pub control: PathBuf,
     /// How it exited, once it did.
@@ -51,22 +55,97 @@ impl Proc {
             .create(true)
             .append(true)
             .open(log)?;
+        // Its own process group: a signal meant for the agent (a terminal's Ctrl-C) never
+        // reaches the VMs.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
         let child = cmd.spawn()?;
-        tracing::info!("started {role:?} of {vm} (pid {})", child.id());
-        Ok(Proc {
+        let pid = child.id();
+        tracing::info!("started {role:?} of {vm} (pid {pid})");
+        let pidfile = log.with_file_name(pid_name(role));
+        let p = Proc {
             vm: vm.to_string(),
             role,
-            child,
+            child: Some(child),
+            pid,
+            pidfile,
             control,
             exit: None,
             status: BTreeMap::new(),
             term,
             backup_hosts: Vec::new(),
             polls_since_apply: 0,
-        })
+        };
+        p.save_record(&[])?;
+        Ok(p)
+    }
+
+    /// Writes its record (pid, term, backup set) for an agent that restarts.
+    pub fn save_record(&self, backups: &[failover::model::BackupTarget]) -> std::io::Result<()> {
+        let list: Vec<String> = backups
+            .iter()
+            .map(|b| format!("{}@{}", b.host, b.addr))
+            .collect();
+        let tmp = self.pidfile.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            format!("{} {} {}\n", self.pid, self.term, list.join(",")),
+        )?;
+        std::fs::rename(&tmp, &self.pidfile)
+    }
+
+    /// A process an earlier agent started, from its record, if it still runs.
+    pub fn adopt(
+        dir: &Path,
+        vm: &str,
+        role: ProcRole,
+    ) -> Option<(Proc, Vec<failover::model::BackupTarget>)> {
+        let pidfile = dir.join(pid_name(role));
+        let text = std::fs::read_to_string(&pidfile).ok()?;
+        let mut f = text.split_whitespace();
+        let pid: u32 = f.next()?.parse().ok()?;
+        let term: u64 = f.next()?.parse().ok()?;
+        let backups: Vec<failover::model::BackupTarget> = f
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|b| b.split_once('@'))
+            .map(|(h, a)| failover::model::BackupTarget {
+                host: h.into(),
+                addr: a.into(),
+            })
+            .collect();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let want = match role {
+            ProcRole::Primary => "primary",
+            ProcRole::Backup => "backup",
+        };
+        let ours = cmdline.split(|&b| b == 0).any(|a| a == want.as_bytes())
+            && cmdline.split(|&b| b == 0).any(|a| a == vm.as_bytes());
+        if !ours || !pid_alive(pid) {
+            return None;
+        }
+        tracing::info!("adopted the running {role:?} of {vm} (pid {pid}, term {term})");
+        let control = dir.join(match role {
+            ProcRole::Primary => "primary.sock",
+            ProcRole::Backup => "backup.sock",
+        });
+        let p = Proc {
+            vm: vm.to_string(),
+            role,
+            child: None,
+            pid,
+            pidfile,
+            control,
+            exit: None,
+            status: BTreeMap::new(),
+            term,
+            backup_hosts: backups.iter().map(|b| b.host.clone()).collect(),
+            polls_since_apply: 0,
+        };
+        Some((p, backups))
     }
 
     /// Whether it still runs (reaps it if it exited).
@@ -74,7 +153,14 @@ impl Proc {
         if self.exit.is_some() {
             return false;
         }
-        match self.child.try_wait() {
+        let Some(child) = self.child.as_mut() else {
+            if pid_alive(self.pid) {
+                return true;
+            }
+            self.exit = Some("exited (adopted from an earlier agent: status unknown)".into());
+            return false;
+        };
+        match child.try_wait() {
             Ok(None) => true,
             Ok(Some(st)) => {
                 let why = describe_exit(st);
@@ -91,8 +177,21 @@ impl Proc {
 
     /// Kills it at once (fencing at the resource: no output can leave it afterwards).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match self.child.as_mut() {
+            Some(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            None => {
+                if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+                let until = std::time::Instant::now() + Duration::from_secs(2);
+                while pid_alive(self.pid) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
         if self.exit.is_none() {
             self.exit = Some("stopped by the agent".into());
         }
@@ -210,6 +309,25 @@ pub fn request_within(sock: &Path, line: &str, limit: Duration) -> anyhow::Resul
     match answer.strip_prefix("ok") {
         Some(rest) => Ok(rest.trim_start().to_string()),
         None => anyhow::bail!("{line}: {answer}"),
+    }
+}
+
+fn pid_name(role: ProcRole) -> &'static str {
+    match role {
+        ProcRole::Primary => "primary.pid",
+        ProcRole::Backup => "backup.pid",
+    }
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: "pid (comm) S ...".
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
     }
 }
 

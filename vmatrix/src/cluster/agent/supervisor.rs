@@ -44,6 +44,9 @@ pub struct Shared {
     pub want: Option<Assignments>,
     /// The latest report.
     pub report: Report,
+    /// A first round has looked at every process (before it, a report would be incomplete and
+    /// the manager would take a missing primary for a dead one).
+    pub ready: bool,
 }
 
 type Key = (String, ProcRole);
@@ -59,19 +62,44 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor with nothing running.
     pub fn new(cfg: HostConfig, shared: Arc<Mutex<Shared>>) -> Supervisor {
-        Supervisor {
+        let mut s = Supervisor {
             cfg,
             procs: BTreeMap::new(),
             applied: BTreeMap::new(),
             shared,
+        };
+        s.adopt_running();
+        s
+    }
+
+    /// VM processes an earlier agent on this host started and that still run are taken over
+    /// (an agent restart never stops a VM, and never starts a second copy of one).
+    fn adopt_running(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(&self.cfg.state) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let vm = d.file_name().to_string_lossy().into_owned();
+            for role in [ProcRole::Primary, ProcRole::Backup] {
+                if let Some((p, backups)) = Proc::adopt(&d.path(), &vm, role) {
+                    if role == ProcRole::Primary {
+                        self.applied.entry(vm.clone()).or_default().backups = Some(backups);
+                    }
+                    self.procs.insert((vm.clone(), role), p);
+                }
+            }
         }
     }
 
-    /// Runs until `stop` is set; then stops every VM process it started.
-    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>) {
+    /// Runs until `stop` is set. The VM processes go on running (the next agent adopts them)
+    /// unless `stop_vms` is set.
+    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>, stop_vms: bool) {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             self.round();
             std::thread::sleep(self.cfg.heartbeat);
+        }
+        if !stop_vms {
+            return;
         }
         for p in self.procs.values_mut() {
             match p.role {
@@ -99,7 +127,9 @@ impl Supervisor {
             }
         }
         let vms = self.procs.values_mut().map(|p| p.observe()).collect();
-        self.shared.lock().expect("shared").report = Report { vms };
+        let mut sh = self.shared.lock().expect("shared");
+        sh.report = Report { vms };
+        sh.ready = true;
     }
 
     /// Dead processes are reported until the manager no longer assigns their VM here (a dead
@@ -138,6 +168,7 @@ impl Supervisor {
                 request(&p.control, &format!("backups {}", backup_list(&backups)))?;
                 p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
                 p.polls_since_apply = 0;
+                p.save_record(&backups)?;
                 self.applied.entry(vm).or_default().backups = Some(backups);
                 Ok(())
             }
@@ -252,6 +283,7 @@ impl Supervisor {
             term,
         )?;
         p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
+        p.save_record(backups)?;
         self.procs.insert(key, p);
         let ap = self.applied.entry(spec.name.clone()).or_default();
         ap.backups = Some(backups.to_vec());
