@@ -1,14 +1,11 @@
-//! Replication figures: `key=value` fields for `vmatrix ctl status`, and a Prometheus text
-//! endpoint (`vmatrix primary --metrics <addr>`, any path, plain HTTP/1.0).
-//!
-//! Each HTTP client is served on a thread of its own (at most [`MAX_CLIENTS`] at a time; more
-//! are disconnected) and must send its request head within [`REQUEST_TIMEOUT`]: a client that
-//! connects and sends nothing never delays a scrape.
+//! Replication figures: `key=value` fields for `vmatrix ctl status`, and the Prometheus
+//! endpoint (`vmatrix primary --metrics <addr>`, `GET /metrics`): OpenMetrics text encoded by
+//! the `prometheus-client` crate and served by axum, as the manager's page is.
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+#[cfg(test)]
 use std::time::Duration;
 
 use anyhow::Context;
@@ -53,113 +50,123 @@ pub fn status_fields(s: &Stats, f: &PrimaryFacts) -> String {
     )
 }
 
-/// The metrics page in Prometheus text exposition format.
-pub fn render(vm: &Vm, s: &Stats) -> String {
+/// One figure of the page: name (without prefix or `_total`), help, counter or gauge, value.
+type Figure = (&'static str, &'static str, bool, u64);
+
+/// The figures of a primary, read at scrape time.
+fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let (frames, bytes) = vm
         .held_output()
         .map_or((0, 0), |h| (h.0 as u64, h.1 as u64));
     let net = vm.net_stats().unwrap_or_default();
-    let metrics: [(&str, &str, &str, u64); 14] = [
+    vec![
         (
             "protected",
-            "gauge",
-            "1 once the initial sync is acknowledged (output flows).",
+            "1 once the initial sync is acknowledged (output flows)",
+            false,
             u64::from(s.protected.load(Ordering::Relaxed)),
         ),
         (
             "sync_bytes_sent",
-            "counter",
-            "Initial sync bytes handed to QUIC.",
+            "Initial sync bytes handed to QUIC",
+            true,
             ld(&s.sync_sent_bytes),
         ),
-        (
-            "epochs_total",
-            "counter",
-            "Checkpoints sent.",
-            ld(&s.epochs),
-        ),
+        ("epochs", "Checkpoints sent", true, ld(&s.epochs)),
         (
             "acked_epochs",
-            "gauge",
-            "Highest acknowledged checkpoint + 1.",
+            "Highest acknowledged checkpoint + 1",
+            false,
             ld(&s.acked),
         ),
         (
             "pause_last_microseconds",
-            "gauge",
-            "Duration of the last checkpoint pause.",
+            "Duration of the last checkpoint pause",
+            false,
             ld(&s.last_pause_us),
         ),
         (
             "pause_max_microseconds",
-            "gauge",
-            "Longest checkpoint pause.",
+            "Longest checkpoint pause",
+            false,
             ld(&s.max_pause_us),
         ),
+        ("dirty_pages", "Dirty pages sent", true, ld(&s.pages)),
         (
-            "dirty_pages_total",
-            "counter",
-            "Dirty pages sent.",
-            ld(&s.pages),
-        ),
-        (
-            "checkpoint_bytes_total",
-            "counter",
-            "Checkpoint data bytes sent.",
+            "checkpoint_bytes",
+            "Checkpoint data bytes sent",
+            true,
             ld(&s.bytes),
         ),
         (
             "ack_latency_microseconds",
-            "gauge",
-            "Last checkpoint's send-to-ack time.",
+            "Last checkpoint's send-to-ack time",
+            false,
             ld(&s.ack_latency_us),
         ),
         (
-            "released_frames_total",
-            "counter",
-            "Guest frames released by output commit.",
+            "released_frames",
+            "Guest frames released by output commit",
+            true,
             ld(&s.released_frames),
         ),
         (
             "held_output_frames",
-            "gauge",
-            "Guest frames held by output commit.",
+            "Guest frames held by output commit",
+            false,
             frames,
         ),
         (
             "held_output_bytes",
-            "gauge",
-            "Bytes held by output commit.",
+            "Bytes held by output commit",
+            false,
             bytes,
         ),
         (
-            "net_tx_frames_total",
-            "counter",
-            "Frames sent to the tap.",
+            "net_tx_frames",
+            "Frames sent to the tap",
+            true,
             net.tx_frames,
         ),
         (
-            "net_rx_frames_total",
-            "counter",
-            "Frames delivered to the guest.",
+            "net_rx_frames",
+            "Frames delivered to the guest",
+            true,
             net.rx_frames,
         ),
-    ];
-    metrics
-        .iter()
-        .map(|(name, kind, help, v)| {
-            format!(
-                "# HELP vmatrix_{name} {help}\n# TYPE vmatrix_{name} {kind}\nvmatrix_{name} {v}\n"
-            )
-        })
-        .collect()
+    ]
 }
 
-/// Longest time a client may take to send its request head (and to take the page).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Clients served at the same time.
-pub const MAX_CLIENTS: usize = 32;
+/// Encodes figures with the `prometheus-client` crate (OpenMetrics text; counters get their
+/// `_total` suffix from it).
+pub fn encode_figures(figs: &[Figure]) -> String {
+    use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+    let mut reg = prometheus_client::registry::Registry::with_prefix("vmatrix");
+    for &(name, help, counter, v) in figs {
+        if counter {
+            let c: Counter = Counter::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        } else {
+            let g: Gauge = Gauge::default();
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            reg.register(name, help, g);
+        }
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    out
+}
+
+/// The metrics page of a primary (OpenMetrics text, which Prometheus scrapes).
+pub fn render(vm: &Vm, s: &Stats) -> String {
+    encode_figures(&figures(vm, s))
+}
+
+/// Content type of the page.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves the metrics page on `addr` from a background thread.
 pub fn serve(addr: SocketAddr, vm: Arc<Vm>, stats: Arc<Stats>) -> anyhow::Result<()> {
@@ -169,52 +176,38 @@ pub fn serve(addr: SocketAddr, vm: Arc<Vm>, stats: Arc<Stats>) -> anyhow::Result
 /// Produces the page.
 pub type Page = Arc<dyn Fn() -> String + Send + Sync>;
 
-fn answer(mut c: TcpStream, page: &Page) -> std::io::Result<()> {
-    c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    // The request itself does not matter (any path gets the page), but it must arrive.
-    crate::control::read_line_within(
-        &mut c,
-        |s, t| s.set_read_timeout(Some(t)),
-        REQUEST_TIMEOUT,
-        b"\r\n\r\n",
-    )?;
-    let body = page();
-    write!(
-        c,
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-/// Serves `page` over HTTP on `addr` from a background thread, each client on a thread of its
-/// own; returns the bound address.
+/// Serves `page` at `/metrics` over HTTP (axum, on a thread of its own with a small runtime);
+/// returns the bound address. Each connection is served by its own task, so a client that
+/// connects and sends nothing never delays a scrape.
 pub fn serve_page(addr: SocketAddr, page: Page) -> anyhow::Result<SocketAddr> {
-    let l =
-        TcpListener::bind(addr).with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    l.set_nonblocking(true)?;
     let bound = l.local_addr()?;
-    let clients = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("metrics runtime")?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for c in l.incoming().flatten() {
-                if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-                    clients.fetch_sub(1, Ordering::SeqCst);
-                    continue;
-                }
-                let (page, n) = (page.clone(), clients.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("metrics-client".into())
-                    .spawn(move || {
-                        if let Err(e) = answer(c, &page) {
-                            tracing::debug!("metrics client: {e}");
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let page = page.clone();
+                        async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], page()) }
+                    }),
+                );
+                match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, app).await {
+                            tracing::warn!("metrics server: {e}");
                         }
-                        n.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if let Err(e) = spawned {
-                    clients.fetch_sub(1, Ordering::SeqCst);
-                    tracing::warn!("metrics client: no thread for it: {e}");
+                    }
+                    Err(e) => tracing::warn!("metrics server: {e}"),
                 }
-            }
+            })
         })
         .context("spawning the metrics thread")?;
     Ok(bound)
@@ -223,37 +216,33 @@ pub fn serve_page(addr: SocketAddr, page: Page) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
     use std::time::Instant;
 
     #[test]
     fn a_silent_client_does_not_delay_a_scrape() {
         let addr = serve_page(
             "127.0.0.1:0".parse().unwrap(),
-            Arc::new(|| "vmatrix_up 1\n".to_string()),
+            Arc::new(|| encode_figures(&[("up", "Up", false, 1), ("epochs", "E", true, 7)])),
         )
         .unwrap();
-        let mut silent = TcpStream::connect(addr).unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let t0 = Instant::now();
         let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut reply = String::new();
         c.read_to_string(&mut reply).unwrap();
-        assert!(
-            reply.starts_with("HTTP/1.0 200 OK") && reply.ends_with("vmatrix_up 1\n"),
-            "{reply}"
-        );
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.contains("\nvmatrix_up 1\n"), "{reply}");
+        assert!(reply.contains("# TYPE vmatrix_epochs counter\n"), "{reply}");
+        assert!(reply.contains("\nvmatrix_epochs_total 7\n"), "{reply}");
         assert!(
             t0.elapsed() < Duration::from_millis(500),
             "{:?}",
             t0.elapsed()
         );
-        // The silent one is disconnected after the timeout, without a page.
-        silent.set_read_timeout(Some(REQUEST_TIMEOUT * 3)).unwrap();
-        let mut got = String::new();
-        silent.read_to_string(&mut got).unwrap();
-        assert_eq!(got, "");
-        assert!(t0.elapsed() < REQUEST_TIMEOUT + Duration::from_millis(500));
     }
 }
