@@ -88,4 +88,17 @@ done
 if [ "$status" -ne 0 ]; then
   echo "demo FAILED: acknowledged writes were lost (client exit $status)" >&2; exit 1
 fi
+
+TARGET=$("$VMX" vm show web | python3 -c 'import json,sys; print(json.load(sys.stdin)["backups"][0]["host"])')
+step "planned migration to host ${NAME}$TARGET while the client writes (vmatrix vm migrate)"
+"$VMX" kv --addr "$GUEST" --write-loop 300 --every-ms 10 --prefix moved > "$OUT/client2.txt" &
+CLIENT=$!
+sleep 1
+"$VMX" vm migrate web --to "$TARGET" | sed 's/^/  /'
+status=0; wait "$CLIENT" || status=$?
+sed 's/^/  /' "$OUT/client2.txt"
+"$VMX" events --since 13 | sed 's/^/  /'
+if [ "$status" -ne 0 ]; then
+  echo "demo FAILED: acknowledged writes were lost in the migration (client exit $status)" >&2; exit 1
+fi
 step "done: logs in $OUT; scripts/test.sh runs the whole test suite"

@@ -59,6 +59,13 @@ pub enum Action {
         /// Lowest term from now on.
         term: u64,
     },
+    /// Ask the primary to hand over (a planned migration).
+    Handover {
+        /// VM name.
+        vm: String,
+        /// Its term.
+        term: u64,
+    },
     /// Stop this process of the VM (fenced by `term`, or not assigned here).
     Stop {
         /// VM name.
@@ -77,6 +84,8 @@ pub struct Applied {
     pub backups: Option<Vec<BackupTarget>>,
     /// A promotion at this term is under way (the backup was told; the primary not started).
     pub promoting: Option<u64>,
+    /// The primary of this term was asked to hand over.
+    pub handover: Option<u64>,
 }
 
 /// The actions that bring `running` (this host's VM processes) to `want`.
@@ -96,6 +105,7 @@ pub fn reconcile(
                 term,
                 source,
                 backups,
+                handover,
             } => {
                 if let Some(p) = primary.filter(|p| p.term < *term) {
                     out.push(Action::Stop {
@@ -106,6 +116,13 @@ pub fn reconcile(
                     continue;
                 }
                 match (primary, source) {
+                    (Some(_), _) if *handover && ap.handover != Some(*term) => {
+                        out.push(Action::Handover {
+                            vm: name.clone(),
+                            term: *term,
+                        });
+                    }
+                    (Some(_), _) if *handover => {}
                     (Some(_), _) => {
                         if ap.backups.as_ref() != Some(backups) {
                             out.push(Action::SetBackups {

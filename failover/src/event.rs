@@ -33,6 +33,8 @@ pub enum EventKind {
     Deleted,
     /// An instance of an older term was found and fenced.
     Fenced,
+    /// A planned migration's handover began or was abandoned.
+    Handover,
 }
 
 /// One event.

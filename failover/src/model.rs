@@ -89,6 +89,9 @@ pub enum Phase {
     Running,
     /// A backup is being promoted at the record's term.
     Promoting,
+    /// A planned migration: the primary takes a last checkpoint of its paused guest; then the
+    /// target (`handover_to`) is promoted from exactly that checkpoint.
+    Handover,
 }
 
 /// The manager's persisted record of one VM.
@@ -106,6 +109,9 @@ pub struct VmRecord {
     pub started: bool,
     /// Backups in the primary's set.
     pub backups: Vec<BackupSlot>,
+    /// The target of a planned migration under way (phase `Handover`).
+    #[serde(default)]
+    pub handover_to: Option<HostId>,
 }
 
 /// Everything the manager persists.
@@ -147,6 +153,10 @@ pub enum Role {
         /// Its backups; output is held until all of them acknowledged (empty: it runs
         /// unprotected, which only this grant allows).
         backups: Vec<BackupTarget>,
+        /// Hand over: pause the guest for good, checkpoint it, wait for every backup's
+        /// acknowledgement, stop (a planned migration).
+        #[serde(default)]
+        handover: bool,
     },
     /// A backup that refuses primaries older than `min_term`.
     Backup {
@@ -206,6 +216,9 @@ pub struct VmObservation {
     /// Backup: time since a checkpoint or heartbeat from its primary last arrived, ms (None:
     /// never, since it started).
     pub silent_ms: Option<u64>,
+    /// Primary: it stopped after handing over (its last checkpoint is on every backup).
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 /// One report (heartbeat) of an agent.

@@ -186,6 +186,7 @@ mod tests {
                 primary: Some("a".into()),
                 started: true,
                 backups: vec![],
+                handover_to: None,
             },
         );
         s

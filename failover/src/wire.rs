@@ -120,6 +120,7 @@ mod tests {
                 backup_hosts: vec![],
                 output_held: false,
                 silent_ms: Some(7),
+                handed_over: false,
             }],
         })
     }

@@ -33,6 +33,7 @@ fn primary(term: u64, backups: &[&str], protected: bool) -> VmObservation {
         backup_hosts: backups.iter().map(|s| s.to_string()).collect(),
         output_held: true,
         silent_ms: None,
+        handed_over: false,
     }
 }
 
@@ -49,6 +50,7 @@ fn backup(term: u64, seq: u64, silent_ms: u64) -> VmObservation {
         backup_hosts: vec![],
         output_held: false,
         silent_ms: Some(silent_ms),
+        handed_over: false,
     }
 }
 
@@ -294,4 +296,118 @@ fn a_lost_backup_leaves_the_set_and_another_host_takes_its_place() {
         matches!(&t.last_assign("a").unwrap().vms["web"].role, Role::Primary { backups, .. } if backups.len() == 2 && backups[1].host == "d")
     );
     assert!(t.last_assign("b").unwrap().vms.is_empty());
+}
+
+#[test]
+fn a_planned_migration_hands_over_then_promotes_the_target_from_that_checkpoint() {
+    let mut t = T::protected_vm();
+    t.m.migrate(t.now, "web", "d").unwrap();
+    t.drain();
+    // d joins the set; once the primary is protected with it, the handover starts.
+    assert!(matches!(
+        t.last_assign("d").unwrap().vms["web"].role,
+        Role::Backup { min_term: 1 }
+    ));
+    t.report("d", vec![backup(1, 12, 3)]);
+    t.report("a", vec![primary(1, &["b", "c", "d"], true)]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "migrating");
+    assert!(matches!(
+        t.last_assign("a").unwrap().vms["web"].role,
+        Role::Primary {
+            term: 1,
+            handover: true,
+            ..
+        }
+    ));
+    // Nothing is promoted while the primary hands over.
+    t.advance(20 * MS);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 1);
+    let mut done = primary(1, &["b", "c", "d"], true);
+    done.alive = false;
+    done.handed_over = true;
+    done.exit = Some("exit code 4 (handed over)".into());
+    t.report("a", vec![done]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.primary.as_deref()), (2, Some("d")));
+    assert!(matches!(
+        t.last_assign("d").unwrap().vms["web"].role,
+        Role::Primary {
+            term: 2,
+            source: Source::Promote,
+            ..
+        }
+    ));
+    assert!(t.last_assign("a").unwrap().vms.is_empty());
+}
+
+#[test]
+fn a_handover_that_does_not_complete_is_abandoned_and_the_primary_runs_on() {
+    let mut t = T::protected_vm();
+    t.m.migrate(t.now, "web", "b").unwrap();
+    t.drain();
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "migrating");
+    for _ in 0..1100 {
+        t.advance(5 * MS);
+        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        t.report("b", vec![backup(1, 10, 3)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.status.as_str()), (1, "protected"));
+    assert!(matches!(
+        t.last_assign("a").unwrap().vms["web"].role,
+        Role::Primary {
+            handover: false,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_vm_whose_primary_and_backups_hosts_all_went_silent_is_down_until_a_backup_is_back() {
+    let mut t = T::protected_vm();
+    // a, b and c die together: nobody can witness, only d heartbeats.
+    for _ in 0..100 {
+        t.advance(5 * MS);
+        t.report("d", vec![]);
+    }
+    // Within a lost backup's timeout: the manager cannot tell; it only shows it unreachable.
+    assert_eq!(t.events(EventKind::Lost), 0);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "unreachable");
+    for _ in 0..300 {
+        t.advance(5 * MS);
+        t.report("d", vec![]);
+    }
+    // Then it is down, said once, and nothing is promoted or started elsewhere.
+    assert_eq!(t.events(EventKind::Lost), 1);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.status.as_str(), v.term), ("down", 1));
+    assert!(t.last_assign("d").is_none_or(|a| a.vms.is_empty()));
+    // c comes back with its image (a new backup process: it has heard nothing yet): it is
+    // promoted at term 2.
+    t.m.handle(
+        t.now,
+        Input::Hello {
+            host: "c".into(),
+            repl_ip: "ip-c".into(),
+            capacity_mib: 1024,
+        },
+    );
+    // Its agent's first reports, before its backup runs again: still down, not said again.
+    // (Its report from before it died says nothing of now.)
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "down");
+    t.report("c", vec![]);
+    t.advance(5 * MS);
+    t.report("c", vec![]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "down");
+    assert_eq!(t.events(EventKind::Lost), 1);
+    let mut back = backup(1, 12, 0);
+    back.silent_ms = None;
+    t.report("c", vec![back]);
+    assert_eq!(t.events(EventKind::Lost), 1);
+    assert_eq!(t.events(EventKind::Detected), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.primary.as_deref(), v.term), (Some("c"), 2));
 }

@@ -52,6 +52,7 @@ struct PrimaryProc {
     /// Per backup host: the version it acknowledged of this history.
     acked: BTreeMap<String, u64>,
     released: u64,
+    handed_over: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +245,7 @@ impl Sim {
                 backup_hosts: p.backups.clone(),
                 output_held: !p.backups.is_empty(),
                 silent_ms: None,
+                handed_over: p.handed_over,
             });
         }
         if let Some(b) = &h.backup {
@@ -261,6 +263,7 @@ impl Sim {
                 silent_ms: b
                     .last_heard
                     .map(|t| self.now.saturating_sub(t).as_millis() as u64),
+                handed_over: false,
             });
         }
         v
@@ -314,6 +317,7 @@ impl Sim {
             exit: None,
             acked: BTreeMap::new(),
             released: version,
+            handed_over: false,
         }
     }
 
@@ -327,6 +331,7 @@ impl Sim {
                     Applied {
                         backups: Some(backups),
                         promoting: None,
+                        handover: None,
                     },
                 );
                 self.hosts[i].primary = Some(p);
@@ -340,6 +345,7 @@ impl Sim {
                     Applied {
                         backups: Some(backups.clone()),
                         promoting: Some(term),
+                        handover: None,
                     },
                 );
                 match h.image {
@@ -379,6 +385,10 @@ impl Sim {
                 }
                 h.applied.entry(VM.into()).or_default().backups = Some(backups);
             }
+            Action::Handover { term, .. } => {
+                self.hosts[i].applied.entry(VM.into()).or_default().handover = Some(term);
+                self.handover(i);
+            }
             Action::FenceBackup { term, .. } => {
                 self.hosts[i].min_term = self.hosts[i].min_term.max(term);
             }
@@ -387,6 +397,47 @@ impl Sim {
                 ProcRole::Backup => self.hosts[i].backup = None,
             },
         }
+    }
+
+    /// The primary on host `i` pauses its guest, sends a last checkpoint and stops once every
+    /// backup acknowledged it (here at once, if every backup can be reached).
+    fn handover(&mut self, i: usize) {
+        let Some(mut p) = self.hosts[i].primary.clone().filter(|p| p.alive) else {
+            return;
+        };
+        let reach: Vec<usize> = p.backups.iter().map(|b| self.idx(b)).collect();
+        let all = reach.iter().all(|&j| {
+            self.link_up(i, j)
+                && self.hosts[j].backup.as_ref().is_some_and(|b| b.alive)
+                && self.hosts[j].min_term <= p.term
+        });
+        if !all || p.backups.is_empty() {
+            return; // the manager gives up after its limit; the primary runs on
+        }
+        p.version += 1;
+        for &j in &reach {
+            self.hosts[j].image = Some(Image {
+                history: p.history,
+                term: p.term,
+                version: p.version,
+            });
+            self.hosts[j].backup.as_mut().unwrap().last_heard = Some(self.now);
+        }
+        for b in p.backups.clone() {
+            p.acked.insert(b, p.version);
+        }
+        if p.version > p.released {
+            p.released = p.version;
+            self.release(p.term, p.version);
+        }
+        p.alive = false;
+        p.handed_over = true;
+        p.exit = Some("exit code 4 (handed over)".into());
+        self.note(format!(
+            "{} handed over at version {}",
+            self.names[i], p.version
+        ));
+        self.hosts[i].primary = Some(p);
     }
 
     /// Every 10 ms each live primary checkpoints to its backups and releases what all acked.
@@ -502,7 +553,7 @@ impl Sim {
     fn fault(&mut self) {
         let n = self.hosts.len();
         let i = self.rng.below(n as u64) as usize;
-        match self.rng.below(7) {
+        match self.rng.below(8) {
             0 if self.hosts.iter().filter(|h| h.up).count() > 1 => {
                 self.note(format!("FAULT crash host {}", self.names[i]));
                 let h = &mut self.hosts[i];
@@ -545,6 +596,12 @@ impl Sim {
             5 if self.mgr_up => {
                 self.note("FAULT manager crashes".into());
                 self.mgr_up = false;
+            }
+            6 if self.mgr_up => {
+                let to = self.names[i].clone();
+                let r = self.mgr.migrate(self.now, VM, &to);
+                self.note(format!("MIGRATE to {to}: {r:?}"));
+                self.drive_manager();
             }
             _ => self.heal_some(),
         }

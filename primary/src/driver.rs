@@ -97,7 +97,8 @@ impl Driver {
     ) -> Result<(), PrimaryError> {
         let early = self.cfg.early_checkpoints;
         loop {
-            p.set_output_waiting(early && self.vm.output_waiting());
+            let hurry = self.stats.hurry.load(std::sync::atomic::Ordering::Relaxed);
+            p.set_output_waiting(early && (hurry || self.vm.output_waiting()));
             self.check_fenced(&p)?;
             while let Some(c) = p.poll_command() {
                 self.execute(&mut p, c)?;

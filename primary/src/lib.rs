@@ -173,6 +173,9 @@ pub struct Stats {
     pub protected: std::sync::atomic::AtomicBool,
     /// Backups in step with the session (they get every checkpoint).
     pub in_step: AtomicU64,
+    /// Checkpoint as soon as possible, as if guest output waited (a handover is waiting for a
+    /// checkpoint of the paused guest).
+    pub hurry: std::sync::atomic::AtomicBool,
 }
 
 /// Pauses kept for percentiles.

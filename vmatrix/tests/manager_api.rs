@@ -336,6 +336,7 @@ fn primary_running(vm: &str, term: u64) -> VmObservation {
         backup_hosts: vec![],
         output_held: false,
         silent_ms: None,
+        handed_over: false,
     }
 }
 
@@ -423,6 +424,7 @@ async fn api_cli_agent_and_restart() {
             term: 1,
             source: Source::Boot,
             backups,
+            ..
         } => assert!(backups.is_empty()),
         other => panic!("{other:?}"),
     }

@@ -33,6 +33,16 @@ impl Manager {
             .find(|o| o.vm == vm && o.role == role)
     }
 
+    /// A backup's observation from its host's current connection: a report from before the
+    /// agent reconnected (it may have been restarted, its host revived) says nothing of now,
+    /// so it neither witnesses nor makes a candidate.
+    fn backup_obs(&self, host: &str, vm: &str) -> Option<&VmObservation> {
+        self.hosts
+            .get(host)
+            .filter(|h| h.reported)
+            .and(self.obs(host, vm, ProcRole::Backup))
+    }
+
     /// The observation of the VM's primary of the record's term on `host`.
     pub(crate) fn primary_obs(&self, host: &str, rec: &VmRecord) -> Option<&VmObservation> {
         self.obs(host, &rec.spec.name, ProcRole::Primary)
@@ -64,7 +74,7 @@ impl Manager {
             if !self.fresh(now, &b.host) {
                 continue;
             }
-            let Some(o) = self.obs(&b.host, &rec.spec.name, ProcRole::Backup) else {
+            let Some(o) = self.backup_obs(&b.host, &rec.spec.name) else {
                 continue;
             };
             if !o.alive {
@@ -81,7 +91,29 @@ impl Manager {
             quietest = quietest.min(silent);
         }
         if witnesses == 0 {
-            return None; // nobody can tell: do nothing rather than guess
+            // Nobody who could tell is heard: do nothing rather than guess. Except when the
+            // primary's host and every backup's host have all been silent for longer than a
+            // lost backup's timeout: then no host that holds the VM can run it now, and the
+            // VM is down (said once; it stays down while nobody can tell, e.g. while a host
+            // that came back has not yet started its backup). Nothing is promoted on this
+            // ground: a candidate must be a live backup, which would have been a witness.
+            let lost = self.cfg.backup_lost;
+            let silent_backups: Vec<&str> = rec
+                .backups
+                .iter()
+                .filter(|b| self.report_age(now, &b.host) > lost)
+                .map(|b| b.host.as_str())
+                .collect();
+            let all_silent = silent_host > lost && silent_backups.len() == rec.backups.len();
+            if !all_silent && !self.down.contains(&rec.spec.name) {
+                return None;
+            }
+            return Some(format!(
+                "no heartbeat from {p} for {} ms, nor from its backups' hosts {silent_backups:?} \
+                 for over {} ms",
+                silent_host.as_millis(),
+                lost.as_millis()
+            ));
         }
         let quiet = if quietest == Duration::MAX {
             "never heard from it".to_string()
@@ -107,7 +139,7 @@ impl Manager {
             .filter(|b| b.synced_term == Some(rec.term) && self.fresh(now, &b.host))
             .filter(|b| to.is_none_or(|t| t == b.host))
             .filter_map(|b| {
-                let o = self.obs(&b.host, &rec.spec.name, ProcRole::Backup)?;
+                let o = self.backup_obs(&b.host, &rec.spec.name)?;
                 (o.alive && o.image_term == rec.term).then_some((o.seq?, b.host.clone()))
             })
             .max()

@@ -19,6 +19,7 @@
 //!   protected with exactly that set.
 
 mod detect;
+mod handover;
 mod place;
 mod view;
 
@@ -152,6 +153,8 @@ pub struct Manager {
     out: VecDeque<Output>,
     /// When each promotion was decided (for its duration).
     promoting_since: BTreeMap<String, Duration>,
+    /// When each handover began (not persisted: a restarted manager gives it a new limit).
+    handover_since: BTreeMap<String, Duration>,
     /// Planned migrations: VM → target host (not persisted: a restart forgets them).
     migrations: BTreeMap<String, HostId>,
     /// VMs currently known protected / reported down (for transition events).
@@ -172,6 +175,7 @@ impl Manager {
             started: now,
             out: VecDeque::new(),
             promoting_since: BTreeMap::new(),
+            handover_since: BTreeMap::new(),
             migrations: BTreeMap::new(),
             protected: BTreeSet::new(),
             down: BTreeSet::new(),
@@ -283,6 +287,7 @@ impl Manager {
             primary: Some(primary.clone()),
             started: false,
             backups: Vec::new(),
+            handover_to: None,
         };
         self.reprotect(now, &mut rec);
         let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
@@ -409,6 +414,10 @@ impl Manager {
                 self.drop_lost_backups(now, &mut rec);
                 self.mark_synced(now, &mut rec);
             }
+            Phase::Handover => {
+                self.watch_handover(now, name, &rec);
+                return;
+            }
         }
         if rec.phase == Phase::Running || rec.phase == Phase::Promoting {
             self.reprotect(now, &mut rec);
@@ -416,10 +425,9 @@ impl Manager {
         self.state.vms.insert(name.into(), rec.clone());
         if rec.phase == Phase::Running {
             if let Some(to) = self.migrations.get(name).cloned() {
-                if let Some(c) = self.candidate(now, &rec, Some(&to)) {
+                if self.candidate(now, &rec, Some(&to)).is_some() {
                     self.migrations.remove(name);
-                    self.counters.switchovers += 1;
-                    self.promote(now, name, &c, format!("planned migration to {to}"));
+                    self.start_handover(now, name, &to);
                     return;
                 }
             }
@@ -473,6 +481,7 @@ impl Manager {
             ),
         );
         rec.phase = Phase::Promoting;
+        rec.handover_to = None;
         rec.primary = Some(cand.to_string());
         rec.started = false;
         rec.backups.retain(|b| b.host != cand);
@@ -597,6 +606,7 @@ impl Manager {
                     term: rec.term,
                     source,
                     backups: targets,
+                    handover: rec.phase == Phase::Handover,
                 };
                 all.entry(p.clone()).or_default().vms.insert(
                     name.clone(),

@@ -104,6 +104,7 @@ impl Manager {
         let status = match r.phase {
             Phase::Creating => "starting",
             Phase::Promoting => "promoting",
+            Phase::Handover => "migrating",
             Phase::Running if self.down.contains(name) => "down",
             Phase::Running if r.primary.as_deref().is_some_and(|p| !self.fresh(now, p)) => {
                 "unreachable"

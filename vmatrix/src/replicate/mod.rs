@@ -4,6 +4,7 @@
 //! the agent").
 
 mod backup;
+mod handover;
 mod primary;
 
 use std::net::SocketAddr;

@@ -103,6 +103,7 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let repl = crate::rt::spawn("replication", sessions.run())
         .context("spawning the replication thread")?;
     let backups_tx = Arc::new(backups_tx);
+    let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let extra = Extra {
         status: Some(status(
             vm.clone(),
@@ -110,7 +111,13 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             a.term,
             backups_tx.clone(),
         )),
-        requests: Some(requests(vm.clone(), fence.clone(), a.term, backups_tx)),
+        requests: Some(requests(
+            vm.clone(),
+            fence.clone(),
+            a.term,
+            backups_tx,
+            (stats.clone(), handed.clone()),
+        )),
     };
     crate::progress::spawn(stats.clone(), Duration::from_secs(600));
     if let Some(addr) = a.metrics {
@@ -128,6 +135,10 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             a.term
         );
         return Ok(ExitCode::from(FENCED_EXIT));
+    }
+    if handed.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("vmatrix primary: handed over (the guest stopped after its last checkpoint)");
+        return Ok(ExitCode::from(super::handover::HANDED_OVER_EXIT));
     }
     code
 }
@@ -172,16 +183,21 @@ fn status(
     })
 }
 
-/// The primary's own control requests: `backups <list>|none` and `fence <term>`.
+/// The primary's own control requests: `backups <list>|none`, `fence <term>` and `handover`.
 fn requests(
     vm: Arc<Vm>,
     fence: Arc<Fence>,
     term: u64,
     backups: Arc<watch::Sender<BackupSet>>,
+    (stats, handed): (Arc<Stats>, Arc<std::sync::atomic::AtomicBool>),
 ) -> ExtraRequests {
     Arc::new(move |line| {
         let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
         match cmd {
+            "handover" => Some(super::handover::run(&vm, &stats).map(|seq| {
+                handed.store(true, std::sync::atomic::Ordering::Relaxed);
+                format!("handed over at checkpoint {seq}")
+            })),
             "backups" => Some(parse_backup_list(arg).map(|list| {
                 let n = list.len();
                 tracing::info!("new set of {n} backups: the session starts over with it");

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use failover::model::{ProcRole, VmObservation};
 
+/// How a primary that handed over exited (exit code 4).
+const HANDED_OVER: &str = "exit code 4 (handed over)";
+
 /// How long one status request may take.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -257,6 +260,7 @@ impl Proc {
             backup_hosts: Vec::new(),
             output_held: false,
             silent_ms: None,
+            handed_over: self.exit.as_deref() == Some(HANDED_OVER),
         };
         match self.role {
             ProcRole::Primary => {
@@ -335,6 +339,7 @@ fn describe_exit(st: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(3), _) => "exit code 3 (fenced by a newer term)".into(),
+        (Some(4), _) => HANDED_OVER.into(),
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "exited".into(),

@@ -138,6 +138,17 @@ impl Supervisor {
         self.procs
             .retain(|(vm, _), p| p.exit.is_none() || want.vms.contains_key(vm));
         self.applied.retain(|vm, _| want.vms.contains_key(vm));
+        // A handover the manager abandoned may be asked for again later.
+        for (vm, a) in &want.vms {
+            if let failover::model::Role::Primary {
+                handover: false, ..
+            } = a.role
+            {
+                if let Some(ap) = self.applied.get_mut(vm) {
+                    ap.handover = None;
+                }
+            }
+        }
     }
 
     fn vm_dir(&self, vm: &str) -> anyhow::Result<PathBuf> {
@@ -170,6 +181,18 @@ impl Supervisor {
                 p.polls_since_apply = 0;
                 p.save_record(&backups)?;
                 self.applied.entry(vm).or_default().backups = Some(backups);
+                Ok(())
+            }
+            Action::Handover { vm, term } => {
+                self.applied.entry(vm.clone()).or_default().handover = Some(term);
+                let p = self
+                    .procs
+                    .get_mut(&(vm.clone(), ProcRole::Primary))
+                    .ok_or_else(|| anyhow::anyhow!("no primary of {vm}"))?;
+                let a = request_within(&p.control, "handover", Duration::from_secs(10))?;
+                tracing::info!("the primary of {vm}: {a}");
+                // It exits now; its exit code says it handed over.
+                p.wait_exit(Duration::from_secs(5));
                 Ok(())
             }
             Action::FenceBackup { vm, term } => {

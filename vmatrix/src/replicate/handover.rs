@@ -1,0 +1,67 @@
+//! A primary's planned handover (`ctl <socket> handover`): the guest is paused for good, one
+//! more checkpoint is taken of it (the session checkpoints at once: `Stats::hurry`) and, once
+//! every backup in the set acknowledged it, all the guest's output has been released and the
+//! backups hold exactly the paused guest. The VM then stops without resuming and the process
+//! exits with [`HANDED_OVER_EXIT`]; the manager promotes the target backup from that very
+//! checkpoint, so no request in flight is lost and clients see only the switch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use primary::Stats;
+use vmm::Vm;
+
+/// Exit code of a primary that handed over.
+pub const HANDED_OVER_EXIT: u8 = 4;
+
+/// Longest wait for the final checkpoint's acknowledgement; past it the guest runs on.
+pub const LIMIT: Duration = Duration::from_secs(5);
+
+/// Pauses the guest, waits until a checkpoint taken after the pause is acknowledged, stops
+/// the VM. Returns that checkpoint's seq. On failure the guest is resumed and nothing changed.
+pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, String> {
+    if !stats.protected.load(Ordering::Relaxed) {
+        return Err("not protected: nothing to hand over to".into());
+    }
+    vm.pause().map_err(|e| format!("pausing the guest: {e}"))?;
+    // A capture under way may have harvested before the pause; the one after it may not.
+    let first = stats.epochs.load(Ordering::Relaxed) + 1;
+    stats.hurry.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let got = loop {
+        let acked = stats.acked.load(Ordering::Relaxed);
+        if acked > first {
+            break Ok(acked - 1);
+        }
+        if start.elapsed() > LIMIT {
+            break Err(format!(
+                "checkpoint {first} of the paused guest not acknowledged within {} ms",
+                LIMIT.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    stats.hurry.store(false, Ordering::Relaxed);
+    match got {
+        Ok(seq) => {
+            // The acknowledgement releases the output; let the last frames leave.
+            let sent = Instant::now();
+            while vm.held_output().is_some_and(|h| h.0 > 0)
+                && sent.elapsed() < Duration::from_millis(200)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            tracing::info!(
+                "handed over: checkpoint {seq} of the paused guest acknowledged after {} µs",
+                start.elapsed().as_micros()
+            );
+            vm.stop();
+            Ok(seq)
+        }
+        Err(e) => {
+            vm.resume();
+            Err(e)
+        }
+    }
+}
