@@ -119,6 +119,11 @@ pub struct VmRecord {
 pub struct ClusterState {
     /// VMs by name.
     pub vms: BTreeMap<String, VmRecord>,
+    /// The last term of each deleted VM: a VM created again under the same name starts above
+    /// it (images and primaries of the old one on some host refuse, or are refused by, lower
+    /// terms).
+    #[serde(default)]
+    pub retired: BTreeMap<String, u64>,
 }
 
 /// Where a VM's primary on a host comes from.

@@ -72,7 +72,7 @@ impl T {
                 t.now,
                 Input::Hello {
                     host: h.to_string(),
-                    repl_ip: format!("ip-{h}"),
+                    repl_ip: format!("10.0.0.{}", 1 + h.as_bytes()[0] - b'a'),
                     capacity_mib: 1024,
                 },
             );
@@ -206,6 +206,21 @@ fn a_silent_host_with_silent_backups_fails_over_to_the_most_advanced_backup() {
         t.m.vm(t.now, "web").unwrap().status,
         "unprotected (syncing)"
     );
+    // "Protected" alone is not enough: each backup's own report must show the new term's
+    // image at or past what the primary had acknowledged (seq 10).
+    t.report("c", vec![primary(2, &["b", "d"], true)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+    t.report("b", vec![backup(2, 11, 3)]);
+    t.report("d", vec![backup(1, 12, 3)]);
+    t.report("c", vec![primary(2, &["b", "d"], true)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+    t.report("d", vec![backup(2, 10, 3)]);
     t.report("c", vec![primary(2, &["b", "d"], true)]);
     assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
 }
@@ -249,7 +264,7 @@ fn a_restarted_manager_resumes_from_its_store_without_acting_before_reports() {
             t.now,
             Input::Hello {
                 host: h.into(),
-                repl_ip: format!("ip-{h}"),
+                repl_ip: format!("10.0.0.{}", 1 + h.as_bytes()[0] - b'a'),
                 capacity_mib: 1024,
             },
         );
@@ -410,4 +425,67 @@ fn a_vm_whose_primary_and_backups_hosts_all_went_silent_is_down_until_a_backup_i
     assert_eq!(t.events(EventKind::Detected), 1);
     let v = t.m.vm(t.now, "web").unwrap();
     assert_eq!((v.primary.as_deref(), v.term), (Some("c"), 2));
+}
+
+#[test]
+fn a_vm_created_again_under_its_old_name_starts_above_its_old_term() {
+    let mut t = T::protected_vm();
+    t.m.failover(t.now, "web", None).unwrap();
+    t.drain();
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+    t.m.delete(t.now, "web").unwrap();
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 3);
+    assert!(t
+        .out
+        .iter()
+        .any(|o| matches!(o, Output::Persist(s) if s.retired.get("web") == Some(&2))));
+}
+
+#[test]
+fn after_a_restart_no_primary_is_given_a_backup_whose_address_is_unknown() {
+    let t = T::protected_vm();
+    let state = t.m.state().clone();
+    let mut m = Manager::new(ManagerConfig::default(), state, t.now);
+    // Only the primary's host is back so far.
+    m.handle(
+        t.now,
+        Input::Hello {
+            host: "a".into(),
+            repl_ip: "10.0.0.1".into(),
+            capacity_mib: 1024,
+        },
+    );
+    m.tick(t.now + MS);
+    let mut outs = vec![];
+    while let Some(o) = m.poll_output() {
+        outs.push(o);
+    }
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Assign { .. })),
+        "{outs:?}"
+    );
+    for (i, h) in ["b", "c", "d"].iter().enumerate() {
+        m.handle(
+            t.now + MS,
+            Input::Hello {
+                host: h.to_string(),
+                repl_ip: format!("10.0.0.{}", i + 2),
+                capacity_mib: 1024,
+            },
+        );
+    }
+    let mut outs = vec![];
+    while let Some(o) = m.poll_output() {
+        outs.push(o);
+    }
+    let a = outs.iter().find_map(|o| match o {
+        Output::Assign { host, assignments } if host == "a" => Some(assignments),
+        _ => None,
+    });
+    assert!(
+        matches!(&a.unwrap().vms["web"].role, Role::Primary { backups, .. }
+        if backups.iter().map(|b| b.addr.as_str()).collect::<Vec<_>>() == ["10.0.0.2:7100", "10.0.0.3:7100"])
+    );
 }

@@ -14,6 +14,11 @@ impl Manager {
         self.hosts.get(host).map_or(self.started, |h| h.last_seen)
     }
 
+    /// When `host` was last heard of (for other modules).
+    pub(crate) fn last_seen_at(&self, host: &str) -> Duration {
+        self.last_seen(host)
+    }
+
     /// Whether `host`'s agent heartbeated within the detection timeout.
     pub(crate) fn fresh(&self, now: Duration, host: &str) -> bool {
         self.hosts.contains_key(host) && now.saturating_sub(self.last_seen(host)) <= self.cfg.detect
@@ -177,12 +182,17 @@ impl Manager {
         }
     }
 
-    /// Marks the set synced when the primary reports itself protected with exactly this set.
+    /// Marks the set synced when the primary reports itself protected with exactly this set
+    /// and every backup's own report confirms it: an image of the current term at or beyond
+    /// the checkpoint the primary last had acknowledged (a primary's "protected" may still
+    /// describe the session with its previous set for a moment after the set changed; a
+    /// backup with a stale image of the same term never passes this).
     pub(crate) fn mark_synced(&mut self, now: Duration, rec: &mut VmRecord) {
         let name = rec.spec.name.clone();
         let Some(p) = rec.primary.clone() else {
             return;
         };
+        let acked = self.primary_obs(&p, rec).and_then(|o| o.seq);
         let protected = self.fresh(now, &p)
             && self.primary_obs(&p, rec).is_some_and(|o| {
                 let mut have = o.backup_hosts.clone();
@@ -191,7 +201,12 @@ impl Manager {
                 want.sort();
                 o.alive && o.protected && !want.is_empty() && have == want
             });
-        if !protected {
+        let confirmed = |m: &Manager, host: &str| {
+            m.backup_obs(host, &name).is_some_and(|o| {
+                o.alive && o.image_term == rec.term && acked.is_some_and(|a| o.seq >= Some(a))
+            })
+        };
+        if !protected || !rec.backups.iter().all(|b| confirmed(self, &b.host)) {
             self.protected.remove(&name);
             return;
         }

@@ -34,6 +34,10 @@ use crate::model::{
     Source, VmRecord, VmSpec,
 };
 
+/// Longest a new primary (booted or promoted) may take to be seen running before the VM is
+/// reported down.
+pub const START_LIMIT: Duration = Duration::from_secs(30);
+
 /// How often the driver should call [`Manager::tick`].
 pub const TICK: Duration = Duration::from_millis(5);
 
@@ -155,6 +159,8 @@ pub struct Manager {
     promoting_since: BTreeMap<String, Duration>,
     /// When each handover began (not persisted: a restarted manager gives it a new limit).
     handover_since: BTreeMap<String, Duration>,
+    /// When each start (boot or promotion) began to be watched.
+    starting_since: BTreeMap<String, Duration>,
     /// Planned migrations: VM → target host (not persisted: a restart forgets them).
     migrations: BTreeMap<String, HostId>,
     /// VMs currently known protected / reported down (for transition events).
@@ -176,6 +182,7 @@ impl Manager {
             out: VecDeque::new(),
             promoting_since: BTreeMap::new(),
             handover_since: BTreeMap::new(),
+            starting_since: BTreeMap::new(),
             migrations: BTreeMap::new(),
             protected: BTreeSet::new(),
             down: BTreeSet::new(),
@@ -203,6 +210,12 @@ impl Manager {
     pub fn handle(&mut self, now: Duration, input: Input) {
         match input {
             Input::Hello { host, repl_ip, .. } => {
+                if repl_ip.parse::<std::net::IpAddr>().is_err() {
+                    let detail =
+                        format!("refused: replication address '{repl_ip}' is not an IP address");
+                    self.event(now, EventKind::HostDown, None, Some(&host), None, detail);
+                    return;
+                }
                 let h = self.hosts.entry(host.clone()).or_insert(HostState {
                     repl_ip: repl_ip.clone(),
                     connected: true,
@@ -280,9 +293,10 @@ impl Manager {
         let primary = self
             .pick_host(now, &spec, &[])
             .ok_or_else(|| ApiError::Unavailable("no live host may run it".into()))?;
+        let term = self.state.retired.get(&spec.name).map_or(1, |t| t + 1);
         let mut rec = VmRecord {
             spec: spec.clone(),
-            term: 1,
+            term,
             phase: Phase::Creating,
             primary: Some(primary.clone()),
             started: false,
@@ -298,7 +312,7 @@ impl Manager {
             EventKind::Created,
             Some(&spec.name),
             Some(&primary),
-            Some(1),
+            Some(term),
             detail,
         );
         self.decide(now);
@@ -307,9 +321,19 @@ impl Manager {
 
     /// Deletes a VM: every host stops its processes.
     pub fn delete(&mut self, now: Duration, name: &str) -> Result<(), ApiError> {
-        if self.state.vms.remove(name).is_none() {
+        let Some(rec) = self.state.vms.remove(name) else {
             return Err(ApiError::NotFound(name.into()));
+        };
+        self.state.retired.insert(name.into(), rec.term);
+        for m in [
+            &mut self.promoting_since,
+            &mut self.handover_since,
+            &mut self.starting_since,
+        ] {
+            m.remove(name);
         }
+        self.protected.remove(name);
+        self.down.remove(name);
         self.migrations.remove(name);
         self.event(
             now,
@@ -506,16 +530,44 @@ impl Manager {
     }
 
     /// Creating/Promoting → Running once the primary of the term reports itself alive.
+    /// If it never does — its process exited, its host went silent for `backup_lost`, or
+    /// nothing ran within [`START_LIMIT`] — the VM is down, said once: nothing else holds
+    /// what that primary may have released, so nothing else is started.
     fn watch_start(&mut self, now: Duration, rec: &mut VmRecord) {
         let Some(p) = rec.primary.clone() else {
             return;
         };
-        let Some(o) = self.primary_obs(&p, rec) else {
-            return;
-        };
-        if !o.alive {
+        let since = *self
+            .starting_since
+            .entry(rec.spec.name.clone())
+            .or_insert(now);
+        let o = self.primary_obs(&p, rec).cloned();
+        if !o.as_ref().is_some_and(|o| o.alive) {
+            let silent = now.saturating_sub(self.last_seen_at(&p));
+            let why = match &o {
+                Some(o) => Some(format!(
+                    "the primary of term {} on {p} exited before it ran ({})",
+                    rec.term,
+                    o.exit.as_deref().unwrap_or("unknown")
+                )),
+                None if silent > self.cfg.backup_lost => Some(format!(
+                    "{p} went silent while starting the primary of term {}",
+                    rec.term
+                )),
+                None if now.saturating_sub(since) > START_LIMIT => Some(format!(
+                    "no primary of term {} runs on {p} after {} s",
+                    rec.term,
+                    START_LIMIT.as_secs()
+                )),
+                None => None,
+            };
+            if let Some(why) = why {
+                self.report_down(now, rec, why);
+            }
             return;
         }
+        self.starting_since.remove(&rec.spec.name);
+        self.down.remove(&rec.spec.name);
         rec.phase = Phase::Running;
         rec.started = true;
         let since = self.promoting_since.remove(&rec.spec.name);
@@ -593,7 +645,7 @@ impl Manager {
                 .iter()
                 .map(|b| BackupTarget {
                     host: b.host.clone(),
-                    addr: format!("{}:{}", self.repl_ip(&b.host), rec.spec.port),
+                    addr: self.backup_addr(&b.host, rec.spec.port).unwrap_or_default(),
                 })
                 .collect();
             if let Some(p) = &rec.primary {
@@ -630,18 +682,28 @@ impl Manager {
         all
     }
 
-    fn repl_ip(&self, host: &str) -> String {
-        self.hosts
-            .get(host)
-            .map_or_else(|| "0.0.0.0".into(), |h| h.repl_ip.clone())
+    /// `ip:port` of a backup on `host` (None while the host's address is unknown, e.g. after
+    /// a manager restart before its agent said hello).
+    fn backup_addr(&self, host: &str, port: u16) -> Option<String> {
+        let ip: std::net::IpAddr = self.hosts.get(host)?.repl_ip.parse().ok()?;
+        Some(std::net::SocketAddr::new(ip, port).to_string())
     }
 
     /// Sends each connected host its assignment when it differs from what it was last sent.
+    /// One that names a backup whose address is not known yet is held back (the host keeps
+    /// its previous one): a primary is never given a backup set it would have to change again
+    /// a moment later. A host that does not come back leaves the set after `backup_lost`.
     fn send_assignments(&mut self) {
         for (host, a) in self.assignments() {
+            let incomplete = a.vms.values().any(|x| {
+                matches!(&x.role, Role::Primary { backups, .. } if backups.iter().any(|b| b.addr.is_empty()))
+            });
             let Some(h) = self.hosts.get_mut(&host) else {
                 continue;
             };
+            if incomplete {
+                continue;
+            }
             if h.connected && h.sent.as_ref() != Some(&a) {
                 h.sent = Some(a.clone());
                 self.out.push_back(Output::Assign {

@@ -102,6 +102,7 @@ impl Manager {
             })
             .collect::<Vec<_>>();
         let status = match r.phase {
+            Phase::Creating | Phase::Promoting if self.down.contains(name) => "down",
             Phase::Creating => "starting",
             Phase::Promoting => "promoting",
             Phase::Handover => "migrating",

@@ -34,6 +34,8 @@ pub struct Proc {
     pub exit: Option<String>,
     /// Last status fields it answered.
     pub status: BTreeMap<String, String>,
+    /// When it last answered.
+    status_at: Option<std::time::Instant>,
     /// The term it was started with (primary) or told (backup).
     pub term: u64,
     /// Backup hosts applied to a primary.
@@ -77,11 +79,15 @@ impl Proc {
             control,
             exit: None,
             status: BTreeMap::new(),
+            status_at: None,
             term,
             backup_hosts: Vec::new(),
             polls_since_apply: 0,
         };
-        p.save_record(&[])?;
+        if let Err(e) = p.save_record(&[]) {
+            // It runs and is tracked; only an agent restart could not adopt it.
+            tracing::warn!("recording the {role:?} of {vm}: {e}");
+        }
         Ok(p)
     }
 
@@ -144,6 +150,7 @@ impl Proc {
             control,
             exit: None,
             status: BTreeMap::new(),
+            status_at: None,
             term,
             backup_hosts: backups.iter().map(|b| b.host.clone()).collect(),
             polls_since_apply: 0,
@@ -229,8 +236,15 @@ impl Proc {
     pub fn poll(&mut self) {
         if let Ok(line) = request(&self.control, "status") {
             self.status = parse_fields(&line);
+            self.status_at = Some(std::time::Instant::now());
             self.polls_since_apply = self.polls_since_apply.saturating_add(1);
         }
+    }
+
+    /// How old the last status answer is (a process that stopped answering keeps its last
+    /// answer; what it says ages).
+    fn status_age_ms(&self) -> u64 {
+        self.status_at.map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
     fn field(&self, k: &str) -> Option<&str> {
@@ -281,7 +295,17 @@ impl Proc {
                 o.term = self.num("min_term").unwrap_or(self.term);
                 o.image_term = self.num("term").unwrap_or(0);
                 o.seq = self.num("seq");
-                o.silent_ms = self.num("last_checkpoint_ms_ago");
+                // Silent = neither a checkpoint nor a heartbeat from the primary (an epoch may
+                // legitimately last longer than the detection timeout; heartbeats do not stop),
+                // as of the last answer, aged by how old that answer is.
+                let heard = [
+                    self.num("last_checkpoint_ms_ago"),
+                    self.num("last_heard_ms_ago"),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                o.silent_ms = heard.map(|ms| ms + self.status_age_ms());
             }
         }
         o

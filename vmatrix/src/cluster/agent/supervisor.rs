@@ -179,7 +179,9 @@ impl Supervisor {
                 request(&p.control, &format!("backups {}", backup_list(&backups)))?;
                 p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
                 p.polls_since_apply = 0;
-                p.save_record(&backups)?;
+                if let Err(e) = p.save_record(&backups) {
+                    tracing::warn!("recording the backups of {vm}: {e}");
+                }
                 self.applied.entry(vm).or_default().backups = Some(backups);
                 Ok(())
             }
@@ -263,6 +265,7 @@ impl Supervisor {
             cmd.arg("--disk")
                 .arg(dir.join(format!("disk-term{term}.img")));
         } else {
+            boot_once(&dir, term)?;
             let disk = dir.join("disk.img");
             let f = std::fs::File::create(&disk)?;
             f.set_len(spec.disk_mib << 20)?;
@@ -306,7 +309,10 @@ impl Supervisor {
             term,
         )?;
         p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
-        p.save_record(backups)?;
+        // The process runs: it is tracked whatever happens next.
+        if let Err(e) = p.save_record(backups) {
+            tracing::warn!("recording the primary of {}: {e}", spec.name);
+        }
         self.procs.insert(key, p);
         let ap = self.applied.entry(spec.name.clone()).or_default();
         ap.backups = Some(backups.to_vec());
@@ -340,6 +346,30 @@ impl Supervisor {
         }
         self.start_primary(spec, term, backups, true)
     }
+}
+
+/// A VM boots from scratch at most once per term on a host: a marker (`boot-term`, written
+/// and synced before the process starts) says it did, and a second boot of the same term —
+/// after the first one ran and died unseen by the manager, say — is refused rather than
+/// silently starting the service over on an empty disk.
+fn boot_once(dir: &std::path::Path, term: u64) -> anyhow::Result<()> {
+    let marker = dir.join("boot-term");
+    if let Ok(t) = std::fs::read_to_string(&marker) {
+        if t.trim().parse::<u64>().is_ok_and(|t| t >= term) {
+            anyhow::bail!(
+                "refusing to boot term {term} from scratch: this host booted term {} before ({})",
+                t.trim(),
+                marker.display()
+            );
+        }
+    }
+    let tmp = dir.join("boot-term.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, format!("{term}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &marker)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// `backups` request argument.
