@@ -121,6 +121,16 @@ impl Fence {
         self.tx.subscribe()
     }
 
+    /// The server loop, once no session can acknowledge anything to a primary older than the
+    /// latest raise: reports that raise enforced and returns its term. The term is copied out of
+    /// the channel first: a borrow of it held while taking the fence's lock would deadlock with
+    /// a [`Fence::raise`] under way, which publishes to the channel while it holds that lock.
+    pub(crate) fn enforce_latest(&self, rx: &mut watch::Receiver<u64>) -> u64 {
+        let term = *rx.borrow_and_update();
+        self.enforced(term);
+        term
+    }
+
     /// The server loop: no session with a term below `term` can acknowledge anything now.
     pub(crate) fn enforced(&self, term: u64) {
         let mut e = self.enforced.lock().unwrap_or_else(|p| p.into_inner());
@@ -159,6 +169,46 @@ mod tests {
         assert_eq!(read_min_term(dir.path()).unwrap(), 3);
         assert_eq!(Fence::load(dir.path()).unwrap().min_term(), 3);
         assert!(!dir.path().join("min-term.tmp").exists());
+    }
+
+    #[test]
+    fn raises_and_the_server_loop_taking_them_never_deadlock() {
+        // The server loop takes each raise as it comes while raises follow each other (as the
+        // agent's `fence` does right after a backup starts). Holding the channel's borrow while
+        // reporting used to deadlock with the raise publishing the next term.
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Fence::load(dir.path()).unwrap());
+        let mut rx = f.subscribe();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = {
+            let (f, done) = (f.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    f.enforce_latest(&mut rx);
+                }
+            })
+        };
+        let raiser = {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                for t in 1..=50u64 {
+                    assert_eq!(f.raise(t).unwrap(), t);
+                }
+            })
+        };
+        let t0 = Instant::now();
+        while !raiser.is_finished() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "deadlocked at min_term {}",
+                f.min_term()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        raiser.join().unwrap();
+        done.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        assert_eq!(read_min_term(dir.path()).unwrap(), 50);
     }
 
     #[test]

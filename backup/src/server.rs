@@ -111,7 +111,7 @@ pub async fn serve_fenced(
     }
     let mut min_term = fence.subscribe();
     // (A raise made before this loop runs is enforced: no session runs yet.)
-    fence.enforced(*min_term.borrow_and_update());
+    fence.enforce_latest(&mut min_term);
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
     tracing::info!("backup listening on {addr}");
@@ -149,7 +149,9 @@ pub async fn serve_fenced(
                 Err(e) => tracing::warn!("{e}"),
             },
             // No session runs: a raised fence is in force at once.
-            _ = min_term.changed() => fence.enforced(*min_term.borrow_and_update()),
+            _ = min_term.changed() => {
+                fence.enforce_latest(&mut min_term);
+            }
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -259,7 +261,9 @@ async fn session(
             }
             // No session yet: nothing of an older primary can be acknowledged; the session
             // loop starts with the new minimum term.
-            _ = w.min_term.changed() => w.fence.enforced(*w.min_term.borrow_and_update()),
+            _ = w.min_term.changed() => {
+                w.fence.enforce_latest(w.min_term);
+            }
         }
     };
     let (mut link, mut rx) = match accepted {
