@@ -489,3 +489,41 @@ fn after_a_restart_no_primary_is_given_a_backup_whose_address_is_unknown() {
         if backups.iter().map(|b| b.addr.as_str()).collect::<Vec<_>>() == ["10.0.0.2:7100", "10.0.0.3:7100"])
     );
 }
+
+#[test]
+fn a_restarted_manager_does_not_call_a_vm_down_before_hearing_its_hosts() {
+    let t = T::protected_vm();
+    let state = t.m.state().clone();
+    // Agents take a while to reconnect to a restarted manager: only d is back for 3 s.
+    let mut m = Manager::new(ManagerConfig::default(), state, t.now);
+    m.handle(
+        t.now,
+        Input::Hello {
+            host: "d".into(),
+            repl_ip: "10.0.0.4".into(),
+            capacity_mib: 1024,
+        },
+    );
+    for k in 1..600 {
+        let now = t.now + k * 5 * MS;
+        m.handle(
+            now,
+            Input::Report {
+                host: "d".into(),
+                report: Report { vms: vec![] },
+            },
+        );
+        m.tick(now);
+    }
+    let mut outs = vec![];
+    while let Some(o) = m.poll_output() {
+        outs.push(o);
+    }
+    assert!(!outs.iter().any(
+        |o| matches!(o, Output::Event(e) if matches!(e.kind, EventKind::Lost | EventKind::Detected))
+    ));
+    assert_eq!(
+        m.vm(t.now + 3000 * MS, "web").unwrap().status,
+        "unreachable"
+    );
+}

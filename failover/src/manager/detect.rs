@@ -97,19 +97,22 @@ impl Manager {
         }
         if witnesses == 0 {
             // Nobody who could tell is heard: do nothing rather than guess. Except when the
-            // primary's host and every backup's host have all been silent for longer than a
-            // lost backup's timeout: then no host that holds the VM can run it now, and the
-            // VM is down (said once; it stays down while nobody can tell, e.g. while a host
-            // that came back has not yet started its backup). Nothing is promoted on this
-            // ground: a candidate must be a live backup, which would have been a witness.
+            // primary's host and every backup's host, all heard by this manager, have all
+            // been silent for longer than a lost backup's timeout: then no host that holds the
+            // VM can run it now, and the VM is down (said once; it stays down while nobody can
+            // tell, e.g. while a host that came back has not yet started its backup). Nothing
+            // is promoted on this ground: a candidate must be a live backup, which would have
+            // been a witness. (Hosts a restarted manager has not heard yet prove nothing: their
+            // agents may take a while to reconnect.)
             let lost = self.cfg.backup_lost;
+            let silent = |h: &str| self.hosts.contains_key(h) && self.report_age(now, h) > lost;
             let silent_backups: Vec<&str> = rec
                 .backups
                 .iter()
-                .filter(|b| self.report_age(now, &b.host) > lost)
+                .filter(|b| silent(&b.host))
                 .map(|b| b.host.as_str())
                 .collect();
-            let all_silent = silent_host > lost && silent_backups.len() == rec.backups.len();
+            let all_silent = silent(p) && silent_backups.len() == rec.backups.len();
             if !all_silent && !self.down.contains(&rec.spec.name) {
                 return None;
             }
