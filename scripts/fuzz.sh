@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Short fuzzing run of the protocol's frame decoder and receiver state machine (cargo-fuzz,
-# libFuzzer), starting from the seed corpus in protocol/fuzz/corpus. New corpus entries go to a
-# scratch directory, so the repository's corpus stays as committed.
+# Short fuzzing run of the decoders of untrusted bytes (cargo-fuzz, libFuzzer): the replication
+# protocol's frame decoder and receiver state machine (protocol/fuzz), the agent protocol's
+# frames and the manager's state file (failover/fuzz), each from its committed seed corpus. New
+# corpus entries go to a scratch directory, so the repository's corpus stays as committed.
 #   FUZZ_SECONDS=30 scripts/fuzz.sh      (seconds per target; default 30)
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP=1 enables them on the stable toolchain.
 set -euo pipefail
@@ -11,9 +12,10 @@ if ! command -v cargo-fuzz >/dev/null; then
   step "installing cargo-fuzz"
   cargo install cargo-fuzz --locked 2>&1 | tail -n 2
 fi
-cd "$ROOT/protocol"
-for target in frame receiver; do
-  step "fuzzing $target for ${secs}s"
+for spec in protocol:frame protocol:receiver failover:wire failover:state; do
+  crate=${spec%%:*}; target=${spec#*:}
+  cd "$ROOT/$crate"
+  step "fuzzing $crate/$target for ${secs}s"
   scratch=$(mktemp -d)
   log="$scratch.log"
   status=0
@@ -23,7 +25,7 @@ for target in frame receiver; do
   [ "$status" = 0 ] || tail -n 40 "$log"
   rm -rf "$scratch" "$log"
   if [ "$status" != 0 ]; then
-    echo "fuzz target $target failed (crash input in protocol/fuzz/artifacts/$target)" >&2
+    echo "fuzz target $target failed (crash input in $crate/fuzz/artifacts/$target)" >&2
     exit 1
   fi
 done

@@ -714,7 +714,13 @@ fn run(seed: u64, downs: &std::cell::Cell<u32>, promotions: &std::cell::Cell<u32
     }
 }
 
+/// `VMATRIX_SEED=n` replays one run; `VMATRIX_SEEDS=a..b` runs a range (a longer soak);
+/// otherwise seeds 1..=40.
 fn seeds() -> Vec<u64> {
+    if let Ok(r) = std::env::var("VMATRIX_SEEDS") {
+        let (a, b) = r.split_once("..").expect("VMATRIX_SEEDS=a..b");
+        return (a.parse().expect("a")..b.parse().expect("b")).collect();
+    }
     match std::env::var("VMATRIX_SEED") {
         Ok(s) => vec![s.parse().expect("VMATRIX_SEED=<u64>")],
         Err(_) => (1..=40).collect(),
@@ -751,7 +757,7 @@ fn seeded_faults_never_lose_released_output_or_make_two_primaries() {
     // Most runs must end protected: a manager that never marked a backup synced would leave
     // every run down.
     assert!(
-        downs.get() * 3 <= seeds.len() as u32,
+        seeds.len() < 10 || downs.get() * 3 <= seeds.len() as u32,
         "{} of {} runs ended down",
         downs.get(),
         seeds.len()

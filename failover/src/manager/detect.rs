@@ -209,7 +209,9 @@ impl Manager {
                 o.alive && o.image_term == rec.term && acked.is_some_and(|a| o.seq >= Some(a))
             })
         };
-        if !protected || !rec.backups.iter().all(|b| confirmed(self, &b.host)) {
+        // Confirmed once per backup and term: later reports of backups lag the primary's.
+        let all_synced = rec.backups.iter().all(|b| b.synced_term == Some(rec.term));
+        if !protected || !(all_synced || rec.backups.iter().all(|b| confirmed(self, &b.host))) {
             self.protected.remove(&name);
             return;
         }

@@ -436,6 +436,7 @@ impl Manager {
             Phase::Creating | Phase::Promoting => self.watch_start(now, &mut rec),
             Phase::Running => {
                 self.drop_lost_backups(now, &mut rec);
+                self.drop_surplus_backup(now, &mut rec);
                 self.mark_synced(now, &mut rec);
             }
             Phase::Handover => {
@@ -473,8 +474,9 @@ impl Manager {
                 }
                 return;
             }
+            // (Creating/Promoting clear it themselves once their primary runs.)
+            self.down.remove(name);
         }
-        self.down.remove(name);
     }
 
     /// Promotes `cand` at term + 1: persisted (by `decide`) before any assignment leaves.
@@ -587,6 +589,27 @@ impl Manager {
             Some(rec.term),
             detail,
         );
+    }
+
+    /// A backup beyond what the spec asks for (a migration target whose migration was
+    /// abandoned or forgotten by a restart) leaves the set, the last added first.
+    fn drop_surplus_backup(&mut self, now: Duration, rec: &mut VmRecord) {
+        if self.migrations.contains_key(&rec.spec.name) {
+            return;
+        }
+        while rec.backups.len() > rec.spec.backups as usize {
+            let Some(b) = rec.backups.pop() else {
+                return;
+            };
+            self.event(
+                now,
+                EventKind::BackupLost,
+                Some(&rec.spec.name),
+                Some(&b.host),
+                Some(rec.term),
+                "surplus backup (no migration to it any more) leaves the set".into(),
+            );
+        }
     }
 
     /// Adds backups on the least loaded other hosts until the VM has as many as asked.

@@ -265,7 +265,7 @@ impl Supervisor {
             cmd.arg("--disk")
                 .arg(dir.join(format!("disk-term{term}.img")));
         } else {
-            boot_once(&dir, term)?;
+            once(&dir, "boot-term", term)?;
             let disk = dir.join("disk.img");
             let f = std::fs::File::create(&disk)?;
             f.set_len(spec.disk_mib << 20)?;
@@ -328,6 +328,10 @@ impl Supervisor {
         backups: &[BackupTarget],
     ) -> anyhow::Result<()> {
         self.applied.entry(spec.name.clone()).or_default().promoting = Some(term);
+        // The image becomes the new primary's starting point once: a second promotion at the
+        // same term (after this host restarted, say) would fork a history whose first primary
+        // may have released output.
+        once(&self.vm_dir(&spec.name)?, "promote-term", term)?;
         let key = (spec.name.clone(), ProcRole::Backup);
         if let Some(mut b) = self.procs.remove(&key) {
             if b.alive() {
@@ -348,22 +352,23 @@ impl Supervisor {
     }
 }
 
-/// A VM boots from scratch at most once per term on a host: a marker (`boot-term`, written
-/// and synced before the process starts) says it did, and a second boot of the same term —
-/// after the first one ran and died unseen by the manager, say — is refused rather than
-/// silently starting the service over on an empty disk.
-fn boot_once(dir: &std::path::Path, term: u64) -> anyhow::Result<()> {
-    let marker = dir.join("boot-term");
+/// A primary of a term starts at most once on a host, booted (`boot-term`) or promoted from
+/// the image (`promote-term`): a marker, written and synced before the process starts, says
+/// it did, and a second start of the same term — after the first one ran and died unseen by
+/// the manager, say — is refused rather than silently starting the service over from an empty
+/// disk or an older state.
+fn once(dir: &std::path::Path, what: &str, term: u64) -> anyhow::Result<()> {
+    let marker = dir.join(what);
     if let Ok(t) = std::fs::read_to_string(&marker) {
         if t.trim().parse::<u64>().is_ok_and(|t| t >= term) {
             anyhow::bail!(
-                "refusing to boot term {term} from scratch: this host booted term {} before ({})",
+                "refusing to start term {term} again: this host started term {} before ({})",
                 t.trim(),
                 marker.display()
             );
         }
     }
-    let tmp = dir.join("boot-term.tmp");
+    let tmp = dir.join(format!("{what}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     std::io::Write::write_all(&mut f, format!("{term}\n").as_bytes())?;
     f.sync_all()?;

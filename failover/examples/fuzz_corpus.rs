@@ -1,0 +1,91 @@
+//! Writes the seed corpus of the failover fuzz targets (`failover/fuzz/corpus/{wire,state}`):
+//! valid frames of every message kind and a valid state file.
+//! Run: `cargo run -p failover --example fuzz_corpus`.
+
+use failover::model::*;
+use failover::wire::{encode, AgentMsg, ManagerMsg, VERSION};
+
+fn spec() -> VmSpec {
+    VmSpec {
+        name: "web".into(),
+        mem_mib: 64,
+        disk_mib: 16,
+        guest_config: "ip=10.77.1.2/24,gw=10.77.1.1,port=7000".into(),
+        backups: 1,
+        hosts: vec![],
+        port: 7100,
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let obs = VmObservation {
+        vm: "web".into(),
+        role: ProcRole::Primary,
+        alive: true,
+        exit: None,
+        term: 2,
+        image_term: 0,
+        seq: Some(7),
+        protected: true,
+        backup_hosts: vec!["b".into()],
+        output_held: true,
+        silent_ms: None,
+        handed_over: false,
+    };
+    let mut a = Assignments::default();
+    a.vms.insert(
+        "web".into(),
+        Assignment {
+            spec: spec(),
+            role: Role::Primary {
+                term: 2,
+                source: Source::Running,
+                backups: vec![BackupTarget {
+                    host: "b".into(),
+                    addr: "10.78.1.2:7100".into(),
+                }],
+                handover: false,
+            },
+        },
+    );
+    let frames = [
+        encode(&AgentMsg::Hello {
+            version: VERSION,
+            host: "a".into(),
+            repl_ip: "10.78.1.1".into(),
+            capacity_mib: 4096,
+        })?,
+        encode(&AgentMsg::Report(Report { vms: vec![obs] }))?,
+        encode(&ManagerMsg::Welcome { version: VERSION })?,
+        encode(&ManagerMsg::Assign(a))?,
+    ];
+    std::fs::create_dir_all(root.join("wire"))?;
+    for (i, f) in frames.iter().enumerate() {
+        std::fs::write(root.join("wire").join(format!("seed-{i}")), f)?;
+    }
+    let mut st = ClusterState::default();
+    st.vms.insert(
+        "web".into(),
+        VmRecord {
+            spec: spec(),
+            term: 3,
+            phase: Phase::Running,
+            primary: Some("a".into()),
+            started: true,
+            backups: vec![BackupSlot {
+                host: "b".into(),
+                synced_term: Some(3),
+            }],
+            handover_to: None,
+        },
+    );
+    st.retired.insert("old".into(), 5);
+    std::fs::create_dir_all(root.join("state"))?;
+    std::fs::write(
+        root.join("state/seed-0"),
+        failover::store::encode_state(&st)?,
+    )?;
+    println!("wrote the seed corpus under {}", root.display());
+    Ok(())
+}
