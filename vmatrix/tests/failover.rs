@@ -23,11 +23,8 @@ fn backups_of(v: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = Managed::start(dir.path(), 3);
+/// Creates VM "web" (64 MiB, one backup) and waits until it is protected; returns its view.
+fn create_protected(m: &Managed) -> serde_json::Value {
     let cfg = m.net.guest_config();
     let out = m.cli(&[
         "vm",
@@ -44,14 +41,19 @@ fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
         "--port",
         "7100",
     ]);
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = m.wait_vm("web", "protected", Duration::from_secs(60), |v| {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "create: {err}");
+    m.wait_vm("web", "protected", Duration::from_secs(60), |v| {
         v["status"] == "protected"
-    });
+    })
+}
+
+#[test]
+fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Managed::start(dir.path(), 3);
+    let v = create_protected(&m);
     let primary = v["primary"].as_str().unwrap().to_string();
     let backup = backups_of(&v)[0].clone();
     eprintln!("primary on {primary}, backup on {backup}");
@@ -113,30 +115,7 @@ fn an_agent_restart_adopts_its_running_vm_and_failover_still_works() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut m = Managed::start(dir.path(), 3);
-    let cfg = m.net.guest_config();
-    let out = m.cli(&[
-        "vm",
-        "create",
-        "web",
-        "--mem-mib",
-        "64",
-        "--disk-mib",
-        "16",
-        "--guest-config",
-        &cfg,
-        "--backups",
-        "1",
-        "--port",
-        "7100",
-    ]);
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = m.wait_vm("web", "protected", Duration::from_secs(60), |v| {
-        v["status"] == "protected"
-    });
+    let v = create_protected(&m);
     let primary = v["primary"].as_str().unwrap().to_string();
     let p = m.host_index(&primary);
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
