@@ -20,6 +20,8 @@ pub struct Managed {
     agents: Vec<Option<Child>>,
     /// The manager's HTTP API.
     pub api: SocketAddr,
+    /// Extra flags of every `vmatrix manager` it starts (e.g. `--detect-ms`).
+    manager_flags: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -44,6 +46,12 @@ fn run_ok(cmd: &mut Command) -> String {
 impl Managed {
     /// `hosts` hosts with an agent each, and the manager.
     pub fn start(dir: &Path, hosts: usize) -> Managed {
+        Self::start_with(dir, hosts, &[])
+    }
+
+    /// The same, with extra flags for the manager (kept for its restarts), e.g.
+    /// `["--detect-ms", "300"]`.
+    pub fn start_with(dir: &Path, hosts: usize, manager_flags: &[&str]) -> Managed {
         let net = Cluster::up(hosts);
         let certs = dir.join("certs");
         run_ok(
@@ -73,6 +81,7 @@ impl Managed {
             manager: None,
             agents: (0..hosts).map(|_| None).collect(),
             api: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            manager_flags: manager_flags.iter().map(|f| f.to_string()).collect(),
         };
         m.start_manager();
         for i in 0..hosts {
@@ -104,6 +113,7 @@ impl Managed {
             .arg("--certs")
             .arg(self.dir.join("certs"))
             .args(["--host", "manager"])
+            .args(&self.manager_flags)
             .stdout(Stdio::null())
             .stderr(self.log("manager.log"))
             .spawn()
@@ -251,5 +261,436 @@ impl Drop for Managed {
             }
         }
         // The cluster's drop kills whatever still runs in its namespaces.
+    }
+}
+
+/// An nftables table in a host's namespace (or the test's own), deleted on drop (the fault
+/// heals).
+pub struct Nft {
+    ns: Option<String>,
+    family: &'static str,
+    table: String,
+}
+
+impl Nft {
+    /// Installs `table <family> <table> { <body> }` in `ns` (None: the test's namespace).
+    pub fn install(ns: Option<&str>, family: &'static str, table: &str, body: &str) -> Nft {
+        let script = format!("table {family} {table} {{\n{body}\n}}\n");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("nft");
+                c.args(["-f", "-"]);
+                c
+            }
+        };
+        let mut c = cmd
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run nft (apt-get install nftables)");
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "nft refused:\n{script}");
+        Nft {
+            ns: ns.map(str::to_string),
+            family,
+            table: table.to_string(),
+        }
+    }
+
+    fn nft(&self) -> Command {
+        match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+            None => Command::new("nft"),
+        }
+    }
+
+    /// The sum of the packets of every `counter` in the table.
+    pub fn packets(&self) -> u64 {
+        let out = self
+            .nft()
+            .args(["list", "table", self.family, &self.table])
+            .output()
+            .expect("nft list");
+        assert!(out.status.success(), "nft list table {}", self.table);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        words
+            .windows(3)
+            .filter(|w| w[0] == "counter" && w[1] == "packets")
+            .map(|w| w[2].parse::<u64>().unwrap_or(0))
+            .sum()
+    }
+
+    /// Removes the table.
+    pub fn heal(self) {}
+}
+
+impl Drop for Nft {
+    fn drop(&mut self) {
+        let _ = self
+            .nft()
+            .args(["delete", "table", self.family, &self.table])
+            .status();
+    }
+}
+
+/// What a [`KvWriter`] did.
+pub struct Written {
+    /// The connection it wrote on (still open unless `error` says otherwise).
+    pub kv: super::KvClient,
+    /// Every write acknowledged with `OK`, in order.
+    pub acked: Vec<(String, String)>,
+    /// When each was acknowledged.
+    pub acked_at: Vec<Instant>,
+    /// The longest time one request waited for its answer.
+    pub max_wait: Duration,
+    /// When that request was sent.
+    pub max_wait_at: Option<Instant>,
+    /// Why it stopped early (an error or an answer other than `OK`).
+    pub error: Option<String>,
+}
+
+impl Written {
+    /// Writes acknowledged between `from` and `to`.
+    pub fn acked_between(&self, from: Instant, to: Instant) -> usize {
+        self.acked_at
+            .iter()
+            .filter(|t| **t >= from && **t <= to)
+            .count()
+    }
+
+    /// Reads every acknowledged write back on the writer's own connection.
+    pub fn verify_all(&mut self) {
+        for (k, v) in &self.acked {
+            assert_eq!(
+                self.kv.cmd(&format!("GET {k}")).unwrap(),
+                format!("VALUE {v}"),
+                "acknowledged write {k}={v} missing"
+            );
+        }
+    }
+}
+
+/// A client writing `SET <prefix><n> v<n>` on one TCP connection from a thread, one request at
+/// a time, until told to stop (or a request fails).
+pub struct KvWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    waits: std::sync::Arc<std::sync::Mutex<Waits>>,
+    handle: Option<std::thread::JoinHandle<Written>>,
+}
+
+/// When each request of a [`KvWriter`] was sent and how long it waited.
+#[derive(Default)]
+struct Waits {
+    done: Vec<(Instant, Duration)>,
+    in_flight: Option<Instant>,
+}
+
+impl KvWriter {
+    /// Starts writing on `kv`, a request every `pace` (after the previous answer); each request
+    /// may wait `timeout` for its answer.
+    pub fn start(mut kv: super::KvClient, prefix: &str, pace: Duration, timeout: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waits = std::sync::Arc::new(std::sync::Mutex::new(Waits::default()));
+        let (stop2, acked2, prefix) = (stop.clone(), acked.clone(), prefix.to_string());
+        let waits2 = waits.clone();
+        let handle = std::thread::spawn(move || {
+            kv.set_timeout(timeout);
+            let mut w = Written {
+                kv,
+                acked: Vec::new(),
+                acked_at: Vec::new(),
+                max_wait: Duration::ZERO,
+                max_wait_at: None,
+                error: None,
+            };
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                let (k, v) = (format!("{prefix}{n}"), format!("v{n}"));
+                let sent = Instant::now();
+                waits2.lock().unwrap().in_flight = Some(sent);
+                let r = w.kv.cmd(&format!("SET {k} {v}"));
+                let wait = sent.elapsed();
+                {
+                    let mut ws = waits2.lock().unwrap();
+                    ws.in_flight = None;
+                    ws.done.push((sent, wait));
+                }
+                if wait > w.max_wait {
+                    w.max_wait = wait;
+                    w.max_wait_at = Some(sent);
+                }
+                match r {
+                    Ok(a) if a == "OK" => {
+                        w.acked.push((k, v));
+                        w.acked_at.push(Instant::now());
+                        acked2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(a) => {
+                        w.error = Some(format!("SET {k}: answered '{a}'"));
+                        break;
+                    }
+                    Err(e) => {
+                        w.error = Some(format!("SET {k}: {e} after {wait:?}"));
+                        break;
+                    }
+                }
+                n += 1;
+                std::thread::sleep(pace);
+            }
+            w
+        });
+        KvWriter {
+            stop,
+            acked,
+            waits,
+            handle: Some(handle),
+        }
+    }
+
+    /// How long a request had been waiting for its answer, at most, at some moment between
+    /// `from` and `to` (a request still waiting counts until now): how long the VM kept this
+    /// client waiting then.
+    pub fn longest_wait_between(&self, from: Instant, to: Instant) -> Duration {
+        let ws = self.waits.lock().unwrap();
+        let now = Instant::now();
+        ws.done
+            .iter()
+            .copied()
+            .chain(ws.in_flight.map(|t| (t, now.saturating_duration_since(t))))
+            .filter(|(sent, wait)| *sent <= to && *sent + *wait >= from)
+            .map(|(sent, wait)| (sent + wait).min(to).saturating_duration_since(sent))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` writes were acknowledged.
+    pub fn wait_acked(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.acked() < n {
+            assert!(
+                !self.handle.as_ref().is_some_and(|h| h.is_finished()),
+                "the writer stopped after {} writes",
+                self.acked()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} writes acknowledged within {timeout:?}",
+                self.acked()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops after the request under way and returns what it did.
+    pub fn stop(mut self) -> Written {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .unwrap()
+            .join()
+            .expect("writer thread panicked")
+    }
+}
+
+impl Drop for KvWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `vmatrix <role>` processes of this test's binary running in a namespace.
+fn vm_pids(ns: &str, role: &str) -> Vec<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            // vmatrix [--log <level>] <role> ...
+            let sub = args
+                .iter()
+                .skip(1)
+                .scan(false, |skip, a| {
+                    let this = if *skip { None } else { Some(a) };
+                    *skip = a == "--log";
+                    Some(this)
+                })
+                .flatten()
+                .find(|a| !a.starts_with('-'));
+            args.first()
+                .is_some_and(|a| a.ends_with("vmatrix") || a == &vmatrix_bin().to_string_lossy())
+                && sub.is_some_and(|s| s == role)
+        })
+        .collect()
+}
+
+impl Managed {
+    /// Name of the test namespace's end of host `i`'s replication veth (a port of the
+    /// replication bridge).
+    fn repl_port(&self, i: usize) -> String {
+        format!("{}{}r", self.net.name, self.net.host_name(i))
+    }
+
+    /// Cuts only the traffic between the manager and host `i` (both ways; the host still
+    /// reaches every other host): the replication bridge drops what host `i`'s port sends to
+    /// the manager's address and what the manager sends out of that port.
+    pub fn cut_manager_from(&self, i: usize) -> Nft {
+        let port = self.repl_port(i);
+        Nft::install(
+            None,
+            "bridge",
+            &format!("vmxmcut_{port}"),
+            &format!(
+                "  chain cut_input {{\n    type filter hook input priority 0; policy accept;\n    iifname \"{port}\" drop\n  }}\n  chain cut_output {{\n    type filter hook output priority 0; policy accept;\n    oifname \"{port}\" drop\n  }}"
+            ),
+        )
+    }
+
+    /// Isolates host `i` from the replication (and management) network: its port on the
+    /// replication bridge passes nothing either way. Its LAN link stays up.
+    pub fn isolate_replication(&self, i: usize) -> Nft {
+        let port = self.repl_port(i);
+        Nft::install(
+            None,
+            "bridge",
+            &format!("vmxiso_{port}"),
+            &format!(
+                "  chain cut_forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"{port}\" drop\n    oifname \"{port}\" drop\n  }}\n  chain cut_input {{\n    type filter hook input priority 0; policy accept;\n    iifname \"{port}\" drop\n  }}\n  chain cut_output {{\n    type filter hook output priority 0; policy accept;\n    oifname \"{port}\" drop\n  }}"
+            ),
+        )
+    }
+
+    /// Counts (with an nftables counter in host `i`'s namespace) every frame the guest's tap
+    /// sends through the host's bridge, i.e. what leaves the host towards the clients' LAN.
+    pub fn count_guest_frames(&self, i: usize) -> Nft {
+        Nft::install(
+            Some(&self.net.ns(i)),
+            "bridge",
+            "vmxguestout",
+            "  chain count_forward {\n    type filter hook forward priority 0; policy accept;\n    iifname \"tap0\" counter\n  }",
+        )
+    }
+
+    /// Frames the VM process wrote into host `i`'s tap (its RX counter).
+    pub fn tap_frames(&self, i: usize) -> u64 {
+        let out = self
+            .net
+            .command(i, "cat")
+            .arg("/sys/class/net/tap0/statistics/rx_packets")
+            .output()
+            .expect("read tap0 statistics");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("tap0 rx_packets on host {i}: {out:?}"))
+    }
+
+    /// Pids of the `vmatrix primary` (`role` "primary") or `vmatrix backup` processes on host
+    /// `i`.
+    pub fn vm_pids(&self, i: usize, role: &str) -> Vec<u32> {
+        vm_pids(&self.net.ns(i), role)
+    }
+
+    /// SIGKILLs host `i`'s `vmatrix <role>` process (only that one: the host and its agent stay
+    /// up); returns its pid.
+    pub fn kill_vm_process(&self, i: usize, role: &str) -> u32 {
+        let pids = self.vm_pids(i, role);
+        assert_eq!(
+            pids.len(),
+            1,
+            "vmatrix {role} processes on host {i}: {pids:?}"
+        );
+        let st = Command::new("kill")
+            .args(["-9", &pids[0].to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -9 {}", pids[0]);
+        pids[0]
+    }
+
+    /// Waits until host `i` runs no `vmatrix <role>` process.
+    pub fn wait_no_vm_process(&self, i: usize, role: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pids = self.vm_pids(i, role);
+            if pids.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {i} still runs vmatrix {role} ({pids:?}) after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A file of host `i`'s agent state directory (`<vm>/primary.log`, `<vm>/backup.sock`, ...).
+    pub fn host_file(&self, i: usize, rel: &str) -> PathBuf {
+        self.dir
+            .join(format!("host-{}", self.net.host_name(i)))
+            .join(rel)
+    }
+
+    /// A file of the test's directory as text (empty if missing): `agent-a.log`, ...
+    pub fn text(&self, path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// Host `i`'s agent log.
+    pub fn agent_log(&self, i: usize) -> String {
+        self.text(
+            &self
+                .dir
+                .join(format!("agent-{}.log", self.net.host_name(i))),
+        )
+    }
+
+    /// Every event of the events file (one JSON object each), oldest first.
+    pub fn event_log(&self) -> Vec<serde_json::Value> {
+        self.text(&self.dir.join("events.jsonl"))
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Events of `kind` (e.g. "detected") in the events file.
+    pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.event_log()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// Whether the manager's process still runs.
+    pub fn manager_running(&mut self) -> bool {
+        self.manager
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
