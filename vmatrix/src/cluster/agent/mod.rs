@@ -97,9 +97,11 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         capacity_mib: a.capacity_mib,
     };
     rt.block_on(async {
+        // As the manager's (see `manager::agents::quic_config`): detection is the manager's
+        // heartbeat timer, not QUIC's idle timeout.
         let quic = QuicConfig {
             keep_alive_ms: 50,
-            idle_timeout_ms: 300,
+            idle_timeout_ms: 2000,
             ..QuicConfig::default()
         };
         let ep = transport::quic::client(&identity, &quic)?;
