@@ -9,7 +9,7 @@ use std::time::Instant;
 use protocol::message::{RefuseCode, RESYNC_VERSION};
 use protocol::{ProtocolError, SenderEvent};
 
-use super::{Backup, Command, Join, Phase, Policy, MAX_RESYNC, MAX_RESYNC_RUNNING};
+use super::{Backup, Join, Phase, Policy, MAX_RESYNC, MAX_RESYNC_RUNNING};
 
 impl Policy<'_> {
     /// How a backup that welcomed us is brought up to date: a quick resync if its position is
@@ -129,9 +129,6 @@ impl Policy<'_> {
             .map(|&i| self.join_for(&self.backups[i], false))
             .collect();
         self.sync_started = now;
-        // From here on the state is being copied: guest output must be held (if the VM ran
-        // unprotected until now), before the first pass or capture.
-        self.commands.push_back(Command::HoldOutput);
         let resyncs = joins
             .iter()
             .filter(|j| matches!(j, Join::Resync(_)))

@@ -109,10 +109,10 @@ pub enum Command {
         disk_ranges: Vec<(u64, u64)>,
     },
     /// Hold guest output from now on if it is not held yet (`Vm::hold_output_from_start`):
-    /// asked for when a session starts its sync, before its first pre-copy pass or capture, so
-    /// a VM that ran unprotected (the failover manager's grant) holds every frame the guest
-    /// sends from the moment its state starts being copied. Output sent before is in the
-    /// synced state. A no-op for a VM that holds output already.
+    /// asked for before every capture, so a VM that ran unprotected (the failover manager's
+    /// grant) holds every frame the guest sends after the first capture that carries state
+    /// (output sent before is in that state; pre-copy rounds carry none). A no-op for a VM
+    /// that holds output already.
     HoldOutput,
     /// Release guest output of every epoch up to this one.
     Release(u64),
@@ -587,6 +587,12 @@ impl<'a> Policy<'a> {
             full_join,
             early,
         });
+        // A VM that ran unprotected holds its output from the first capture that carries state
+        // on (the driver enables it once, before this capture's pause): what it sent before is
+        // part of that state, what it sends after waits for acknowledgements. Not from the
+        // start of the sync: pre-copy rounds carry no state, and holding output through them
+        // only made a promoted primary's clients wait for its new backup's whole sync.
+        self.commands.push_back(Command::HoldOutput);
         self.commands
             .push_back(Command::Capture { kind, disk_ranges });
     }
