@@ -114,7 +114,10 @@ fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
 fn an_agent_restart_adopts_its_running_vm_and_failover_still_works() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Managed::start(dir.path(), 3);
+    // With its agent dead the primary's host is silent, so only the backup's silence stands
+    // between a stall of this (busy, shared) machine and a failover: a longer timeout keeps
+    // the test about adoption, not about the machine's stalls (see failover_faults.rs).
+    let mut m = Managed::start_with(dir.path(), 3, &["--detect-ms", "1000"]);
     let v = create_protected(&m);
     let primary = v["primary"].as_str().unwrap().to_string();
     let p = m.host_index(&primary);

@@ -27,6 +27,12 @@ type Promoted = Result<Option<u64>, String>;
 /// backup or a restore of the same image is refused).
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
     let lock = backup::ImageLock::acquire(&a.image_dir)?;
+    // A minimum term given at start is persisted before anything listens (no session of an
+    // older primary can begin, and no later `fence` has to end one that is starting).
+    if a.min_term > backup::fence::read_min_term(&a.image_dir)? {
+        std::fs::create_dir_all(&a.image_dir)?;
+        backup::fence::write_min_term(&a.image_dir, a.min_term)?;
+    }
     let fence = Arc::new(Fence::load(&a.image_dir)?);
     let identity = load_identity(&a.certs, &a.host)?;
     let cfg = backup::BackupConfig {

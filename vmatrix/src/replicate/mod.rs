@@ -106,6 +106,10 @@ pub struct BackupArgs {
     /// Address to listen on (host:port).
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Refuse primaries of a term below this one from the start (persisted with the image,
+    /// as `ctl fence` does; the agent starts a backup of a term-N VM with N).
+    #[arg(long, default_value_t = 0)]
+    pub min_term: u64,
     /// Replica image directory (a snapshot of the last committed checkpoint after stop). An
     /// image already there is kept and brought up to date (quick resync or full sync).
     #[arg(long)]

@@ -231,7 +231,8 @@ impl Supervisor {
             .arg(dir.join("image"))
             .arg("--certs")
             .arg(&self.cfg.certs)
-            .args(["--host", &self.cfg.host, "--vm-id", &spec.name, "--control"])
+            .args(["--host", &self.cfg.host, "--vm-id", &spec.name])
+            .args(["--min-term", &min_term.to_string(), "--control"])
             .arg(&control);
         let key = (spec.name.clone(), ProcRole::Backup);
         let p = Proc::spawn(
@@ -243,9 +244,6 @@ impl Supervisor {
             0,
         )?;
         self.procs.insert(key, p);
-        // The next rounds fence it to `min_term` once its socket answers (reconcile sees its
-        // term below the assigned one).
-        let _ = min_term;
         Ok(())
     }
 
