@@ -202,6 +202,8 @@ pub fn materialize(
     out: &Path,
 ) -> Result<(), SnapshotError> {
     let src = File::open(base).map_err(SnapshotError::io(base))?;
+    // A new file: `out` may be another name of `base` (never truncated through it).
+    super::files::replace_target(base, out)?;
     copy_sparse(&src, len, out)?;
     let f = OpenOptions::new()
         .write(true)

@@ -6,7 +6,7 @@
 //!   non-zero runs (`extents`), which are all that is read to verify it.
 //! - **Diff:** `memory.bin` holds the pages dirtied since the parent, packed in `pages` order.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -246,28 +246,6 @@ pub fn verify(path: &Path, part: &MemoryPart, mem_size: u64) -> Result<(), Snaps
     Ok(())
 }
 
-/// Data regions of a sparse file, from `SEEK_DATA`/`SEEK_HOLE` (the whole file where the file
-/// system does not report holes).
-fn data_regions(f: &File, len: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut off = 0i64;
-    while (off as u64) < len {
-        // SAFETY: lseek on an fd we own; it only moves the file offset.
-        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no more data
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        out.push((data as u64, end as u64));
-        off = end;
-    }
-    out
-}
-
 /// Pages outside the extents must be zero: a flipped bit in a hole would otherwise go unseen.
 /// Only data the file system stores there is read.
 fn check_holes(
@@ -281,7 +259,7 @@ fn check_holes(
         i > 0 && pfn < extents[i - 1].0 + extents[i - 1].1
     };
     let mut page = vec![0u8; PAGE];
-    for (start, end) in data_regions(f, mem_size) {
+    for (start, end) in super::files::data_regions(f, mem_size) {
         let mut pfn = start / PAGE_SIZE;
         while pfn * PAGE_SIZE < end.min(mem_size) {
             if !in_extent(pfn) {
@@ -297,13 +275,15 @@ fn check_holes(
     Ok(())
 }
 
-/// Maps a full `memory.bin` copy-on-write as guest RAM.
+/// Maps a raw image of guest RAM (a full `memory.bin`, or a backup's replica memory file)
+/// copy-on-write (`MAP_PRIVATE`) as guest RAM: a page is read from the file when it is first
+/// touched, a write copies it, and the file itself is never written. The file must be exactly
+/// `mem_size` bytes (a page beyond its end could not be read). Device writes are tracked by the
+/// region's bitmap, vCPU writes by KVM's dirty log on the slot, as for anonymous memory.
 pub fn map_full(path: &Path, mem_size: u64) -> Result<GuestMem, SnapshotError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .open(path)
-        .map_err(SnapshotError::io(path))?;
-    let size = mem_size as usize;
+    let file = open_checked(path, mem_size)?;
+    let size = usize::try_from(mem_size)
+        .map_err(|_| invalid(format!("{mem_size} bytes do not fit this host")))?;
     let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
         .with_file_offset(FileOffset::new(file, 0))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)

@@ -11,6 +11,7 @@
 //! any VM is built. See docs/snapshot.md.
 
 pub mod disk;
+pub mod files;
 pub mod format;
 pub mod memory;
 

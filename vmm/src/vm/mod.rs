@@ -31,7 +31,7 @@ use crate::vcpu::{self, Control};
 use crate::vcpu_state;
 use crate::{boot, loader, Error, Result};
 pub use replicate::{CaptureKind, Changes, DiskCapture, EpochCapture};
-pub use restore::RestoreConfig;
+pub use restore::{RestoreConfig, RestoreParts};
 pub use snapshot::{SnapshotKind, SnapshotStats};
 
 /// Everything needed to build a VM.
@@ -90,13 +90,21 @@ pub struct Vm {
     last_snapshot: Mutex<Option<ParentRef>>,
     /// Dirty pages copied during a pause, written out after the resume.
     staging: Mutex<Vec<u8>>,
+    /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
+    start_gate: Mutex<Option<StartGate>>,
 }
+
+/// Work that must be done before the guest runs, or the guest must not run at all.
+pub type StartGate = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
 
 /// The dirty-tracking state of a VM.
 struct Tracking {
     kvm: crate::dirty_log::KvmDirtyLog,
     changes: ChangeTracker,
 }
+
+/// Longest wait at the start for the tap to carry frames ([`Tap::wait_carrier`]).
+const TAP_CARRIER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Environment variable naming another KVM device node (default `/dev/kvm`).
 pub const KVM_DEVICE_ENV: &str = "VMATRIX_KVM_DEVICE";
@@ -122,6 +130,25 @@ pub fn open_kvm() -> Result<Kvm> {
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits (at most [`TAP_CARRIER_WAIT`]) until the VM's tap carries frames, so that nothing the
+/// guest sends first (a restored guest's gratuitous ARP) is dropped; starts anyway after that.
+fn wait_for_tap(n: &NetDev) {
+    let n = lock(n);
+    let tap = n.device().backend();
+    let t0 = std::time::Instant::now();
+    match tap.wait_carrier(TAP_CARRIER_WAIT) {
+        true if t0.elapsed().as_micros() > 500 => {
+            tracing::info!("{} carries frames after {:?}", tap.name(), t0.elapsed())
+        }
+        true => {}
+        false => tracing::warn!(
+            "{} does not carry frames {TAP_CARRIER_WAIT:?} after it was opened (down, or its \
+             bridge port is not forwarding): starting anyway",
+            tap.name()
+        ),
+    }
 }
 
 /// Opens a disk image read-write with a clear error.
@@ -293,6 +320,7 @@ impl Vm {
             thread: Mutex::new(None),
             last_snapshot: Mutex::new(None),
             staging: Mutex::new(Vec::new()),
+            start_gate: Mutex::new(None),
         }
     }
 
@@ -301,12 +329,24 @@ impl Vm {
         self.start_threads(false)
     }
 
+    /// Sets `gate` to run when the VM starts ([`Vm::start`] or [`Vm::start_paused`]), before
+    /// any of its threads: if it fails, the VM does not start and the start returns the error.
+    /// For what must hold before the guest can change anything (a VM started from a replica
+    /// image whose disk it takes over consumes the image first).
+    pub fn gate_start(&self, gate: StartGate) {
+        *lock(&self.start_gate) = Some(gate);
+    }
+
     fn start_threads(&self, paused: bool) -> Result<()> {
         let mut thread = lock(&self.thread);
         if thread.is_some() {
             return Ok(());
         }
+        if let Some(gate) = lock(&self.start_gate).take() {
+            gate().map_err(|e| Error::Host(format!("before the guest starts: {e}")))?;
+        }
         if let Some(n) = &self.devices.net {
+            wait_for_tap(n);
             *lock(&self.rx) = Some(RxThread::spawn(n.clone(), paused)?);
         }
         let (vcpu, pio, mmio, control) = (

@@ -180,6 +180,11 @@ impl<B: NetBackend> Net<B> {
         self.backend.raw_fd()
     }
 
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// Backend access (tests).
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
