@@ -19,7 +19,9 @@
 //! seq, of the image's history) is all recovery needs ([`crate::image::recover`]) — redo its
 //! writes (idempotent) and take its facts — and if N's write was torn by the process dying, the
 //! other slot still holds the previous checkpoint. `replica.bin` is therefore only rewritten
-//! when an image is promoted, recovered or finalized; the journals are removed then.
+//! when an image is promoted, recovered or finalized; the journals are removed then (except
+//! after the recovery of an image fenced beyond its term, whose stale slots stay: see
+//! [`crate::image::recover_locked`]). A slot is read only as far as its record's length.
 //!
 //! The slots are not fsynced: they protect against the backup process dying, not against the
 //! backup host losing its page cache (then the replica is lost with the host and rebuilt by a
@@ -211,7 +213,7 @@ pub fn newest(dir: &Path, history: u64) -> Result<Option<Journal>, BackupError> 
     let mut best: Option<Journal> = None;
     for name in SLOT_FILES {
         let p = dir.join(name);
-        let bytes = match std::fs::read(&p) {
+        let bytes = match read_slot(&p) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(BackupError::Io { path: p, err }),
@@ -229,6 +231,27 @@ pub fn newest(dir: &Path, history: u64) -> Result<Option<Journal>, BackupError> 
         }
     }
     Ok(best)
+}
+
+/// The bytes of slot file `p` that can belong to its journal: as many as its header says
+/// (`total_len`), not what a longer, older journal left after it (a slot that once held a big
+/// checkpoint, overwritten in place by small ones, would otherwise be read whole at every
+/// recovery: hundreds of MiB on a promotion's path). A header that does not parse reads the
+/// whole file, for [`Journal::decode`] to say why.
+fn read_slot(p: &Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(p)?;
+    let len = f.metadata()?.len();
+    let mut head = [0u8; 20];
+    let n = head.len().min(len as usize);
+    f.read_exact_at(&mut head[..n], 0)?;
+    let total = match n == head.len() && &head[..8] == MAGIC {
+        true => u64::from_le_bytes(head[12..20].try_into().unwrap_or_default()),
+        false => len,
+    };
+    let mut buf = vec![0u8; total.min(len) as usize];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
 }
 
 /// Removes both journal slots of `dir`.
@@ -311,6 +334,26 @@ mod tests {
         let mut b = j.encode().unwrap();
         b.extend_from_slice(&[0xee; 1000]);
         assert_eq!(Journal::decode(&b).unwrap(), j);
+    }
+
+    #[test]
+    fn a_slot_is_read_only_as_far_as_its_journal() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SLOT_FILES[0]);
+        let j = sample();
+        let b = j.encode().unwrap();
+        let mut big = vec![0xee; 1 << 20];
+        big[..b.len()].copy_from_slice(&b);
+        std::fs::write(&p, &big).unwrap();
+        assert_eq!(read_slot(&p).unwrap().len(), b.len());
+        let got = newest(d.path(), 0x5eed).unwrap().unwrap();
+        assert_eq!(got, j);
+        // A header that claims more than the file holds is a truncated journal.
+        std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+        assert!(newest(d.path(), 0x5eed).unwrap().is_none());
+        // Not a journal at all: read whole, refused.
+        std::fs::write(&p, [1u8; 7]).unwrap();
+        assert!(newest(d.path(), 0x5eed).unwrap().is_none());
     }
 
     #[test]

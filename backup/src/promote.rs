@@ -9,8 +9,8 @@
 //! 1. *Commit point*: the side files are complete; `memory.bin` and `disk.img` are fsynced;
 //!    `incoming/replica.bin` (consistent, with state) is written through a temporary file,
 //!    fsync and rename, and `incoming/` is fsynced.
-//! 2. *Install* (idempotent): remove `<dir>/journal-*`, `<dir>/snapshot.bin` and
-//!    `<dir>/disk-live.img` (they describe the old image); rename `incoming/memory.bin` and
+//! 2. *Install* (idempotent): remove `<dir>/journal-*`, `<dir>/snapshot.bin`,
+//!    `<dir>/replica.consumed` and `<dir>/disk-live.img` (they describe the old image); rename `incoming/memory.bin` and
 //!    `incoming/disk.img` over the committed ones (or remove `<dir>/disk.img` if the new image
 //!    has no disk); rename `incoming/replica.bin` last; remove `incoming/`; fsync `<dir>`.
 //!
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use vmm::snapshot;
 
-use crate::image::{io, read_meta, ReplicaImage, ReplicaMeta, REPLICA_FILE};
+use crate::image::{io, read_meta, ReplicaImage, ReplicaMeta, CONSUMED_FILE, REPLICA_FILE};
 use crate::{journal, BackupError};
 
 /// Directory of the side image, inside the image directory.
@@ -66,6 +66,7 @@ fn finish(dir: &Path, meta: &ReplicaMeta) -> Result<(), BackupError> {
     let inc = incoming(dir);
     journal::remove(dir)?;
     remove_file_if_present(&dir.join(snapshot::META_FILE))?;
+    remove_file_if_present(&dir.join(CONSUMED_FILE))?;
     remove_file_if_present(&dir.join(LIVE_DISK))?;
     rename_if_present(
         &inc.join(snapshot::MEMORY_FILE),

@@ -1,13 +1,17 @@
-//! `vmatrix restore`: start a VM from a snapshot directory in a new process.
+//! `vmatrix restore`: start a VM from a snapshot directory or a backup's replica image in a new
+//! process. [`restore_dir`] builds the VM for it and for `vmatrix primary --from-image`.
 
 use std::path::{Path, PathBuf};
-
-use anyhow::Context;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
+use anyhow::Context;
+use backup::image::{self, WorkingDisk};
+use backup::ImageLock;
 use clap::Args;
-use vmm::{RestoreConfig, Vm};
+use vmm::devices::serial::ConsoleOut;
+use vmm::{RestoreConfig, RestoreParts, Vm};
 
 /// Flags of `vmatrix restore`.
 #[derive(Args, Debug)]
@@ -36,17 +40,15 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     if a.paused && a.control.is_none() {
         anyhow::bail!("--paused needs --control <socket> (to resume the VM)");
     }
-    // A backup's replica image stays locked while this process works on it (the VM runs from
-    // its memory.bin): a backup started on it meanwhile is refused.
-    let _image_lock = finalize_replica(&a.dir)?;
     let console = crate::run::console(a.console_log)?;
-    let vm = Vm::restore(RestoreConfig {
-        dir: a.dir,
+    let host = Host {
         tap: a.tap,
         disk: a.disk,
         console: console.clone(),
-        generation: None,
-    })?;
+    };
+    // A backup's replica image stays locked while this process runs its VM: a backup started
+    // on it meanwhile is refused.
+    let (vm, _image_lock) = restore_dir(&a.dir, host, false)?;
     crate::run::supervise(
         Arc::new(vm),
         a.control.as_deref(),
@@ -56,36 +58,132 @@ pub fn main(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-/// A backup's replica image (`replica.bin` or a side image `incoming/`) is locked, and if its
-/// backup died before finalizing it (no `snapshot.bin`, or one older than `replica.bin`),
-/// finalized first: an interrupted promotion is finished or an abandoned full sync removed, an
-/// interrupted checkpoint is completed from its journal, and the snapshot describes the last
-/// committed checkpoint. Returns the lock (None for a plain snapshot directory). Also used by
-/// `vmatrix primary --from-image`.
-pub(crate) fn finalize_replica(dir: &Path) -> anyhow::Result<Option<backup::ImageLock>> {
-    if !backup::image::is_replica(dir) {
-        return Ok(None);
+/// The host resources of a VM being restored.
+pub(crate) struct Host {
+    /// Tap for the NIC.
+    pub tap: Option<String>,
+    /// Working disk (default `<dir>/disk-live.img`).
+    pub disk: Option<PathBuf>,
+    /// Console output.
+    pub console: ConsoleOut,
+}
+
+/// Builds (does not start) the VM of `dir`: a snapshot directory, restored and verified as
+/// `Vm::restore` does, or a backup's replica image (`replica.bin`, or a side image
+/// `incoming/`), which is locked — the lock is returned, to be held while the VM runs — and
+/// recovered (an interrupted promotion finished or an abandoned sync removed, an interrupted
+/// checkpoint completed from its journal). A replica image finalized as a snapshot by a stopped
+/// backup (a `snapshot.bin` as new as `replica.bin`) restores as that snapshot; otherwise the
+/// VM is built from the image's parts: `memory.bin` mapped copy-on-write, the state from
+/// `replica.bin`, and a working disk cloned from `disk.img` where the file system can. With
+/// `take` (a new primary: `vmatrix primary --from-image`) and no clone, the VM takes `disk.img`
+/// over (linked, no copy) and the image is consumed when the guest starts
+/// (`backup::image::consume_locked`); without it the disk's data is copied and the image stays.
+pub(crate) fn restore_dir(
+    dir: &Path,
+    host: Host,
+    take: bool,
+) -> anyhow::Result<(Vm, Option<Arc<ImageLock>>)> {
+    if !image::is_replica(dir) {
+        if let Some(m) = image::consumed(dir) {
+            anyhow::bail!(
+                "{}: this replica image was taken over by a VM started from its checkpoint {} \
+                 (term {}), which ran with its disk: it holds no checkpoint any more",
+                dir.display(),
+                m.seq,
+                m.term
+            );
+        }
+        return Ok((snapshot_vm(dir, host)?, None));
     }
-    let lock = backup::ImageLock::acquire(dir)?;
-    backup::image::recover_locked(&lock)
+    let t0 = Instant::now();
+    let lock = ImageLock::acquire(dir)?;
+    let meta = image::committed_locked(&lock)
         .with_context(|| format!("recovering the replica image in {}", dir.display()))?;
+    if finalized(dir) {
+        return Ok((snapshot_vm(dir, host)?, Some(Arc::new(lock))));
+    }
+    let t_recovered = t0.elapsed();
+    let disk = host
+        .disk
+        .clone()
+        .unwrap_or_else(|| dir.join(backup::promote::LIVE_DISK));
+    let made = match meta.disk_len {
+        0 => None,
+        _ => Some(image::working_disk_locked(&lock, &meta, &disk, take)?),
+    };
+    let t_disk = t0.elapsed();
+    let vm = Vm::restore_parts(RestoreParts {
+        memory: dir.join(vmm::snapshot::MEMORY_FILE),
+        mem_size: meta.mem_size,
+        disk: made.map(|_| disk.clone()),
+        state: meta.vm_state()?,
+        tap: host.tap,
+        console: host.console,
+        generation: None,
+    })
+    .with_context(|| format!("starting the VM of the replica image in {}", dir.display()))?;
+    let lock = Arc::new(lock);
+    if made == Some(WorkingDisk::Linked) {
+        let held = lock.clone();
+        vm.gate_start(Box::new(move || {
+            image::consume_locked(&held).map_err(|e| format!("consuming the image: {e}"))
+        }));
+    }
+    tracing::info!(
+        "restored from {}: checkpoint {} (term {}), recovered in {:.1} ms, working disk {} in \
+         {:.1} ms, VM built in {:.1} ms ({} MiB of memory mapped copy-on-write)",
+        dir.display(),
+        meta.seq,
+        meta.term,
+        ms(t_recovered),
+        describe(made),
+        ms(t_disk - t_recovered),
+        ms(t0.elapsed() - t_disk),
+        meta.mem_size >> 20
+    );
+    eprintln!(
+        "vmatrix restore: replica image finalized at checkpoint {} (term {}); the VM starts from \
+         it",
+        meta.seq, meta.term
+    );
+    Ok((vm, Some(lock)))
+}
+
+/// A snapshot directory's VM (every part verified).
+fn snapshot_vm(dir: &Path, host: Host) -> anyhow::Result<Vm> {
+    Vm::restore(RestoreConfig {
+        dir: dir.to_path_buf(),
+        tap: host.tap,
+        disk: host.disk,
+        console: host.console,
+        generation: None,
+    })
+    .with_context(|| format!("restoring the snapshot in {}", dir.display()))
+}
+
+/// A replica image whose backup stopped and finalized it as a snapshot of its checkpoint.
+fn finalized(dir: &Path) -> bool {
     let mtime = |f: &str| {
         std::fs::metadata(dir.join(f))
             .and_then(|m| m.modified())
             .ok()
     };
-    let Some(replica) = mtime(backup::image::REPLICA_FILE) else {
-        anyhow::bail!(
-            "{}: no full sync of this replica image ever completed: there is no consistent \
-             checkpoint to restore",
-            dir.display()
-        );
-    };
-    if mtime(vmm::snapshot::META_FILE).is_some_and(|s| s >= replica) {
-        return Ok(Some(lock));
+    match (mtime(vmm::snapshot::META_FILE), mtime(image::REPLICA_FILE)) {
+        (Some(s), Some(r)) => s >= r,
+        _ => false,
     }
-    let seq = backup::image::finalize_locked(&lock)
-        .with_context(|| format!("finalizing the replica image in {}", dir.display()))?;
-    eprintln!("vmatrix restore: replica image finalized at checkpoint {seq}");
-    Ok(Some(lock))
+}
+
+fn describe(d: Option<WorkingDisk>) -> String {
+    match d {
+        None => "none".into(),
+        Some(WorkingDisk::Cloned) => "cloned (reflink)".into(),
+        Some(WorkingDisk::Linked) => "taken over (linked; the image is consumed at start)".into(),
+        Some(WorkingDisk::Copied { bytes }) => format!("copied ({} KiB of data)", bytes >> 10),
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

@@ -82,6 +82,9 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         });
         backup::serve_fenced(cfg, lock, rx, None, fence).await
     });
+    // Served and finalized (the image's lock is released): only the signal listener is left on
+    // the runtime, and nothing need wait for its threads (a promotion waits for this exit).
+    rt.shutdown_background();
     if promoting.load(Ordering::SeqCst) {
         let _ = promoted_tx.send(match &result {
             Ok(seq) => Ok(*seq),
@@ -89,7 +92,12 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let epoch = result?;
+    let promoted = promoting.load(Ordering::SeqCst);
     match epoch {
+        Some(e) if promoted => eprintln!(
+            "vmatrix backup: image is a snapshot of checkpoint {e} (promoted: recorded in \
+             replica.bin, the new primary starts from it)"
+        ),
         Some(e) => eprintln!("vmatrix backup: image is a snapshot of checkpoint {e}"),
         None => eprintln!("vmatrix backup: no full sync ever completed: no image"),
     }

@@ -16,7 +16,7 @@ use primary::{Fence, PrimaryConfig, PrimaryError, PrimaryState, Stats};
 use protocol::page::EncodeOptions;
 use tokio::sync::watch;
 use vmm::devices::serial::ConsoleOut;
-use vmm::{RestoreConfig, Vm};
+use vmm::Vm;
 
 use super::{load_identity, parse_backup_list, quic_config, PrimaryArgs};
 use crate::control::{Extra, ExtraRequests, StatusExtra};
@@ -144,25 +144,26 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The VM: booted from the flags, or restored from `--from-image` (a backup's replica image is
-/// finalized and locked first, as by `vmatrix restore`; the lock is returned).
+/// locked and recovered first, as by `vmatrix restore`; the lock is returned, to be held while
+/// the VM runs). The new primary takes a replica image over: its memory is mapped, not read,
+/// and its disk becomes the working disk (cloned, or linked with the image consumed when the
+/// guest starts; see `crate::restore::restore_dir`), so the start does not grow with the guest.
 fn build_vm(
     a: &mut PrimaryArgs,
-) -> anyhow::Result<(Arc<Vm>, ConsoleOut, Option<backup::ImageLock>)> {
+) -> anyhow::Result<(Arc<Vm>, ConsoleOut, Option<Arc<backup::ImageLock>>)> {
     let Some(dir) = a.from_image.take() else {
         let cfg = resolve(std::mem::take(&mut a.run))?;
         let console = cfg.console.clone();
         return Ok((Arc::new(Vm::new(cfg)?), console, None));
     };
-    let lock = crate::restore::finalize_replica(&dir)?;
     let console = crate::run::console(a.run.console_log.take())?;
-    let vm = Vm::restore(RestoreConfig {
-        dir: dir.clone(),
+    let host = crate::restore::Host {
         tap: a.run.tap.take(),
         disk: a.run.disk.take(),
         console: console.clone(),
-        generation: None,
-    })
-    .with_context(|| format!("starting the VM from the image in {}", dir.display()))?;
+    };
+    let (vm, lock) = crate::restore::restore_dir(&dir, host, true)
+        .with_context(|| format!("starting the VM from the image in {}", dir.display()))?;
     Ok((Arc::new(vm), console, lock))
 }
 
