@@ -300,8 +300,11 @@ async fn session(
     // longer only delays a promotion (whose old primary is usually dead).
     let stale = matches!(
         &r,
-        Err(Failure::Session(BackupError::Protocol(ProtocolError::StaleTerm { .. })))
-            | Err(Failure::Refused(BackupError::Protocol(ProtocolError::StaleTerm { .. })))
+        Err(Failure::Session(BackupError::Protocol(
+            ProtocolError::StaleTerm { .. }
+        ))) | Err(Failure::Refused(BackupError::Protocol(
+            ProtocolError::StaleTerm { .. }
+        )))
     );
     link.close(c, &reason, if stale { STALE_LINGER } else { LINGER })
         .await;
