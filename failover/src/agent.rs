@@ -15,7 +15,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Assignments, BackupTarget, ProcRole, Role, Source, VmObservation, VmSpec};
+use crate::model::{
+    Assignment, Assignments, BackupTarget, ProcRole, Role, Source, VmObservation, VmSpec,
+};
 
 /// One thing the agent must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,88 +97,11 @@ pub fn reconcile(
     applied: &BTreeMap<String, Applied>,
 ) -> Vec<Action> {
     let mut out = Vec::new();
-    let find = |vm: &str, role: ProcRole| running.iter().find(|o| o.vm == vm && o.role == role);
     for (name, a) in &want.vms {
-        let primary = find(name, ProcRole::Primary).filter(|o| o.alive);
-        let backup = find(name, ProcRole::Backup).filter(|o| o.alive);
         let ap = applied.get(name).cloned().unwrap_or_default();
         match &a.role {
-            Role::Primary {
-                term,
-                source,
-                backups,
-                handover,
-            } => {
-                if let Some(p) = primary.filter(|p| p.term < *term) {
-                    out.push(Action::Stop {
-                        vm: name.clone(),
-                        role: ProcRole::Primary,
-                        why: format!("fenced by term {term} (this primary has term {})", p.term),
-                    });
-                    continue;
-                }
-                match (primary, source) {
-                    (Some(_), _) if *handover && ap.handover != Some(*term) => {
-                        out.push(Action::Handover {
-                            vm: name.clone(),
-                            term: *term,
-                        });
-                    }
-                    (Some(_), _) if *handover => {}
-                    (Some(_), _) => {
-                        if ap.backups.as_ref() != Some(backups) {
-                            out.push(Action::SetBackups {
-                                vm: name.clone(),
-                                backups: backups.clone(),
-                            });
-                        }
-                        if backup.is_some() {
-                            let why = "this host runs the primary".to_string();
-                            out.push(Action::Stop {
-                                vm: name.clone(),
-                                role: ProcRole::Backup,
-                                why,
-                            });
-                        }
-                    }
-                    (None, Source::Boot) if find(name, ProcRole::Primary).is_none() => {
-                        out.push(Action::BootPrimary {
-                            spec: a.spec.clone(),
-                            term: *term,
-                            backups: backups.clone(),
-                        });
-                    }
-                    (None, Source::Promote) if ap.promoting != Some(*term) => {
-                        out.push(Action::Promote {
-                            spec: a.spec.clone(),
-                            term: *term,
-                            backups: backups.clone(),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            Role::Backup { min_term } => {
-                if primary.is_some() {
-                    let why = format!("this host holds a backup of term {min_term} now");
-                    out.push(Action::Stop {
-                        vm: name.clone(),
-                        role: ProcRole::Primary,
-                        why,
-                    });
-                }
-                match backup {
-                    None => out.push(Action::StartBackup {
-                        spec: a.spec.clone(),
-                        min_term: *min_term,
-                    }),
-                    Some(b) if b.term < *min_term => out.push(Action::FenceBackup {
-                        vm: name.clone(),
-                        term: *min_term,
-                    }),
-                    Some(_) => {}
-                }
-            }
+            Role::Primary { .. } => primary_actions(name, a, running, &ap, &mut out),
+            Role::Backup { min_term } => backup_actions(name, a, *min_term, running, &mut out),
         }
     }
     for o in running
@@ -190,4 +115,111 @@ pub fn reconcile(
         });
     }
     out
+}
+
+/// The VM's process of `role` on this host: any (`alive` false) or only a running one.
+fn find<'a>(
+    running: &'a [VmObservation],
+    vm: &str,
+    role: ProcRole,
+    alive: bool,
+) -> Option<&'a VmObservation> {
+    running
+        .iter()
+        .find(|o| o.vm == vm && o.role == role && (o.alive || !alive))
+}
+
+/// What to do for a VM assigned here as primary.
+fn primary_actions(
+    name: &str,
+    a: &Assignment,
+    running: &[VmObservation],
+    ap: &Applied,
+    out: &mut Vec<Action>,
+) {
+    let Role::Primary {
+        term,
+        source,
+        backups,
+        handover,
+    } = &a.role
+    else {
+        return;
+    };
+    let primary = find(running, name, ProcRole::Primary, true);
+    if let Some(p) = primary.filter(|p| p.term < *term) {
+        out.push(Action::Stop {
+            vm: name.to_string(),
+            role: ProcRole::Primary,
+            why: format!("fenced by term {term} (this primary has term {})", p.term),
+        });
+        return;
+    }
+    match (primary, source) {
+        (Some(_), _) if *handover && ap.handover != Some(*term) => {
+            out.push(Action::Handover {
+                vm: name.to_string(),
+                term: *term,
+            });
+        }
+        (Some(_), _) if *handover => {}
+        (Some(_), _) => {
+            if ap.backups.as_ref() != Some(backups) {
+                out.push(Action::SetBackups {
+                    vm: name.to_string(),
+                    backups: backups.clone(),
+                });
+            }
+            if find(running, name, ProcRole::Backup, true).is_some() {
+                out.push(Action::Stop {
+                    vm: name.to_string(),
+                    role: ProcRole::Backup,
+                    why: "this host runs the primary".to_string(),
+                });
+            }
+        }
+        (None, Source::Boot) if find(running, name, ProcRole::Primary, false).is_none() => {
+            out.push(Action::BootPrimary {
+                spec: a.spec.clone(),
+                term: *term,
+                backups: backups.clone(),
+            });
+        }
+        (None, Source::Promote) if ap.promoting != Some(*term) => {
+            out.push(Action::Promote {
+                spec: a.spec.clone(),
+                term: *term,
+                backups: backups.clone(),
+            });
+        }
+        _ => {}
+    }
+}
+
+/// What to do for a VM assigned here as a backup of at least `min_term`.
+fn backup_actions(
+    name: &str,
+    a: &Assignment,
+    min_term: u64,
+    running: &[VmObservation],
+    out: &mut Vec<Action>,
+) {
+    if find(running, name, ProcRole::Primary, true).is_some() {
+        out.push(Action::Stop {
+            vm: name.to_string(),
+            role: ProcRole::Primary,
+            why: format!("this host holds a backup of term {min_term} now"),
+        });
+    }
+    match find(running, name, ProcRole::Backup, true) {
+        None => out.push(Action::StartBackup {
+            spec: a.spec.clone(),
+            min_term,
+        }),
+        Some(b) if b.term < min_term => out.push(Action::FenceBackup {
+            vm: name.to_string(),
+            term: min_term,
+        }),
+        Some(_) => {}
+    }
 }
