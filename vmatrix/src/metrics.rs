@@ -1,6 +1,6 @@
-//! Replication figures: `key=value` fields for `vmatrix ctl status`, and the Prometheus
-//! endpoint (`vmatrix primary --metrics <addr>`, `GET /metrics`): OpenMetrics text encoded by
-//! the `prometheus-client` crate and served by axum, as the manager's page is.
+//! Replication figures: a primary's fields of `GET /status` on its control socket, and the
+//! Prometheus endpoint (`vmatrix primary --metrics <addr>`, `GET /metrics`): OpenMetrics text
+//! encoded by the `prometheus-client` crate and served by axum, as the manager's page is.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,9 @@ use anyhow::Context;
 use primary::Stats;
 use vmm::Vm;
 
-/// What a primary's `ctl status` reports besides its counters.
+use crate::control::types::Replication;
+
+/// What a primary's `GET /status` reports besides its counters.
 pub struct PrimaryFacts {
     /// Its term.
     pub term: u64,
@@ -22,32 +24,34 @@ pub struct PrimaryFacts {
     pub output_held: bool,
 }
 
-/// Fields appended to `ctl status` on a primary: `term`, `protected` (true|false, as it always
-/// was: the session's first sync or resync is acknowledged), `acked_seq` (highest acknowledged consistent
-/// checkpoint, or `none`), `backups` (the set), `backups_in_step`, `output_held` (0|1), then
-/// the counters.
-pub fn status_fields(s: &Stats, f: &PrimaryFacts) -> String {
-    let acked = s.acked.load(Ordering::Relaxed);
+/// A primary's replication figures in `GET /status` (`control::types::Replication`):
+/// `protected` (the session's first sync or resync is acknowledged), `acked_seq` (highest
+/// acknowledged consistent checkpoint, or null), `backups` (the set), `backups_in_step`,
+/// `output_held`, then the counters.
+pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let acked = ld(&s.acked);
     let (p50, p99) = s.pause_percentiles();
-    format!(
-        "term={} protected={} acked_seq={} backups={} backups_in_step={} output_held={} sync_rounds={} epochs={} epoch_us={} acked_epoch={} pause_p50_us={p50} pause_p99_us={p99} last_pause_us={} max_pause_us={} dirty_pages_sent={} bytes_sent={} ack_latency_us={} released_frames={}",
-        f.term,
-        s.protected.load(Ordering::Relaxed),
-        if acked == 0 { "none".to_string() } else { (acked - 1).to_string() },
-        f.backups,
-        s.in_step.load(Ordering::Relaxed),
-        u8::from(f.output_held),
-        s.sync_rounds.load(Ordering::Relaxed),
-        s.epochs.load(Ordering::Relaxed),
-        s.epoch_us.load(Ordering::Relaxed),
-        if acked == 0 { "-".to_string() } else { (acked - 1).to_string() },
-        s.last_pause_us.load(Ordering::Relaxed),
-        s.max_pause_us.load(Ordering::Relaxed),
-        s.pages.load(Ordering::Relaxed),
-        s.bytes.load(Ordering::Relaxed),
-        s.ack_latency_us.load(Ordering::Relaxed),
-        s.released_frames.load(Ordering::Relaxed),
-    )
+    Replication {
+        term: f.term,
+        protected: s.protected.load(Ordering::Relaxed),
+        acked_seq: acked.checked_sub(1),
+        backups: f.backups as u64,
+        backups_in_step: ld(&s.in_step),
+        output_held: f.output_held,
+        sync_rounds: ld(&s.sync_rounds),
+        epochs: ld(&s.epochs),
+        epoch_us: ld(&s.epoch_us),
+        acked_epoch: acked.checked_sub(1),
+        pause_p50_us: u64::from(p50),
+        pause_p99_us: u64::from(p99),
+        last_pause_us: ld(&s.last_pause_us),
+        max_pause_us: ld(&s.max_pause_us),
+        dirty_pages_sent: ld(&s.pages),
+        bytes_sent: ld(&s.bytes),
+        ack_latency_us: ld(&s.ack_latency_us),
+        released_frames: ld(&s.released_frames),
+    }
 }
 
 /// One figure of the page: name (without prefix or `_total`), help, counter or gauge, value.

@@ -1,4 +1,5 @@
-//! `vmatrix run`: build a VM from flags and/or a TOML file, run it, report how it ended.
+//! `vmatrix run`: build a VM from flags and/or a TOML file, run it (serving its control socket,
+//! `crate::control`, with `--control`), report how it ended.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +41,8 @@ pub struct RunArgs {
     /// Write the guest console to this file instead of stdout.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
-    /// Serve pause/resume/snapshot/status on this Unix socket (see `vmatrix ctl`).
+    /// Serve the control API (HTTP + JSON: status, pause/resume, snapshot, ...) on this Unix
+    /// socket (see `vmatrix ctl`, or `curl --unix-socket <path> http://localhost/status`).
     #[arg(long)]
     pub control: Option<PathBuf>,
 }
@@ -151,7 +153,7 @@ pub fn supervise(
     extra: crate::control::Extra,
 ) -> anyhow::Result<ExitCode> {
     let served = match control {
-        Some(path) => Some(crate::control::serve(path, vm.clone(), extra)?),
+        Some(path) => Some(crate::control::serve(path, vm.clone(), extra, paused)?),
         None => None,
     };
     let mut signals = signal_hook::iterator::Signals::new([

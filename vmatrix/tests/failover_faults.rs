@@ -269,7 +269,7 @@ fn assert_no_failover(m: &Managed) {
 }
 
 fn seq_of(status: &str, key: &str) -> u64 {
-    field(status, key)
+    json_field(status, key)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no {key}= in '{status}'"))
 }
@@ -623,8 +623,12 @@ fn an_isolated_primary_is_fenced_and_never_serves_beside_the_new_one() {
         1,
         "the old primary is gone early"
     );
-    assert_eq!(field(&st, "term").as_deref(), Some("1"), "{st}");
-    assert_eq!(field(&st, "output_held").as_deref(), Some("1"), "{st}");
+    assert_eq!(json_field(&st, "term").as_deref(), Some("1"), "{st}");
+    assert_eq!(
+        json_field(&st, "output_held").as_deref(),
+        Some("true"),
+        "{st}"
+    );
     assert_eq!(seq_of(&st, "released_frames"), released0, "{st}");
     assert_eq!(counter.packets(), frames0, "frames left the isolated host");
     assert_eq!(

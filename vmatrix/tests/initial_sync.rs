@@ -66,11 +66,11 @@ fn sync_gives_exact_replica(extra: &[&str], expect_precopy: bool) {
     assert!(text.contains("full sync: final pause"), "{text}");
     let status = ctl(&sock, &["status"]);
     assert_eq!(
-        field(&status, "protected").as_deref(),
+        json_field(&status, "protected").as_deref(),
         Some("true"),
         "{status}"
     );
-    let rounds: u64 = field(&status, "sync_rounds").unwrap().parse().unwrap();
+    let rounds: u64 = json_field(&status, "sync_rounds").unwrap().parse().unwrap();
     assert!(
         (rounds > 1) == expect_precopy && rounds >= 1,
         "sync rounds: {status}"
@@ -246,21 +246,24 @@ fn a_backup_reports_status_and_stops_through_its_control_socket() {
     wait_socket(&sock, Duration::from_secs(5));
     let status = ctl(&sock, &["status"]);
     assert_eq!(
-        field(&status, "role").as_deref(),
+        json_field(&status, "role").as_deref(),
         Some("backup"),
         "{status}"
     );
     assert_eq!(
-        field(&status, "connected").as_deref(),
+        json_field(&status, "connected").as_deref(),
         Some("true"),
         "{status}"
     );
     assert_eq!(
-        field(&status, "syncing").as_deref(),
+        json_field(&status, "syncing").as_deref(),
         Some("false"),
         "{status}"
     );
-    let applied: u64 = field(&status, "applied_epoch").unwrap().parse().unwrap();
+    let applied: u64 = json_field(&status, "applied_epoch")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(applied >= 2, "{status}");
     // A VM-only request is refused with a clear error.
     let out = std::process::Command::new(vmatrix_bin())
@@ -271,7 +274,7 @@ fn a_backup_reports_status_and_stops_through_its_control_socket() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("a backup answers"),
+        String::from_utf8_lossy(&out.stderr).contains("a backup serves"),
         "{out:?}"
     );
     // The primary's host dies; the operator stops the backup through its socket.
@@ -355,9 +358,9 @@ fn a_lost_backup_rejoins_the_running_session() {
     let t = Instant::now();
     loop {
         let st = ctl(&sock, &["status"]);
-        if field(&st, "connected").as_deref() == Some("true")
-            && field(&st, "syncing").as_deref() == Some("false")
-            && field(&st, "checkpoints").and_then(|c| c.parse::<u64>().ok()) > Some(3)
+        if json_field(&st, "connected").as_deref() == Some("true")
+            && json_field(&st, "syncing").as_deref() == Some("false")
+            && json_field(&st, "checkpoints").and_then(|c| c.parse::<u64>().ok()) > Some(3)
         {
             break;
         }
@@ -374,7 +377,7 @@ fn a_lost_backup_rejoins_the_running_session() {
     assert!(log.contains("joins at checkpoint"), "{log}");
     // Make sure backup 1 has the last writes too: output now needs either backup, so wait for
     // it to apply a checkpoint taken after them.
-    let applied = |st: &str| field(st, "applied_epoch").and_then(|a| a.parse::<u64>().ok());
+    let applied = |st: &str| json_field(st, "applied_epoch").and_then(|a| a.parse::<u64>().ok());
     let a0 = applied(&ctl(&sock, &["status"]));
     let t = Instant::now();
     while applied(&ctl(&sock, &["status"])) <= a0.map(|a| a + 2) {

@@ -111,7 +111,10 @@ fn a_failed_disk_write_is_an_error_and_never_visible() {
     let mut kv = vm.wait_ready(Duration::from_secs(20));
     wait_socket(&sock, Duration::from_secs(5));
     assert_eq!(kv.cmd("SET k old").unwrap(), "OK");
-    assert!(ctl(&sock, &["disk-faults", "1"]).contains("failing_writes=1"));
+    assert_eq!(
+        json_field(&ctl(&sock, &["disk-faults", "1"]), "failing_writes").as_deref(),
+        Some("1")
+    );
     // One segment: both requests are handled in the same round, before its commit fails.
     let mut c = std::net::TcpStream::connect(vm.addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -1,10 +1,11 @@
 //! What the failover agent does to `vmatrix primary` and `vmatrix backup` through their control
 //! sockets, on real KVM, taps and network namespaces: fencing a backup (a primary of an older
 //! term is refused and exits with code 3, at its connection or in a running session; the term
-//! survives a restart of the backup), promoting
-//! a backup (its image becomes the VM of a new primary at the new term, started unprotected with
-//! `--from-image`, then protected again by `backups ...`), and fencing a running primary (it
-//! stops and releases nothing more).
+//! survives a restart of the backup), promoting a backup (its image becomes the VM of a new
+//! primary at the new term, started unprotected with `--from-image`, then protected again by
+//! `PUT /backups`), and fencing a running primary (it stops and releases nothing more). And the
+//! control API itself, raw HTTP on a protected VM's socket: every resource, the errors (400 bad
+//! JSON, 404, 405, 409, 413) that leave the VM running, a silent client, and a handover (exit 4).
 
 mod support;
 
@@ -54,12 +55,12 @@ fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts()
     let image = d.join("image");
     let mut b = BackupProc::spawn(&net.backup_ns(), d, "backup", &listen, &image);
     let st = b.ctl(&["status"]);
-    assert_eq!(field(&st, "seq").as_deref(), Some("none"), "{st}");
-    assert_eq!(field(&st, "min_term").as_deref(), Some("0"), "{st}");
-    assert_eq!(b.ctl(&["fence", "5"]), "ok term=5");
+    assert_eq!(json_field(&st, "seq"), None, "no image yet: {st}");
+    assert_eq!(json_field(&st, "min_term").as_deref(), Some("0"), "{st}");
+    assert_eq!(b.ctl(&["fence", "5"]), r#"{"min_term":5}"#);
     assert_eq!(
         b.ctl(&["fence", "3"]),
-        "ok term=5",
+        r#"{"min_term":5}"#,
         "an older term changes nothing"
     );
 
@@ -70,7 +71,7 @@ fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts()
     drop(b);
     let b = BackupProc::spawn(&net.backup_ns(), d, "backup", &listen, &image);
     let st = b.ctl(&["status"]);
-    assert_eq!(field(&st, "min_term").as_deref(), Some("5"), "{st}");
+    assert_eq!(json_field(&st, "min_term").as_deref(), Some("5"), "{st}");
 
     let (mut old, _) = booted_primary(&net, d, ("primary", 1), &format!("backup@{listen}"), "p1");
     let (code, stderr) = exit_of(&mut old, Duration::from_secs(30));
@@ -89,12 +90,12 @@ fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts()
     let mut c = p5.wait_ready(Duration::from_secs(30));
     assert_eq!(c.cmd("SET k v").unwrap(), "OK");
     let st = wait_status(&sock, "protected", |v| v == "true", Duration::from_secs(10));
-    assert_eq!(field(&st, "term").as_deref(), Some("5"), "{st}");
-    let bst = wait_status(&b.socket, "seq", |v| v != "none", Duration::from_secs(10));
-    assert_eq!(field(&bst, "term").as_deref(), Some("5"), "{bst}");
+    assert_eq!(json_field(&st, "term").as_deref(), Some("5"), "{st}");
+    let bst = wait_status(&b.socket, "seq", |_| true, Duration::from_secs(10));
+    assert_eq!(json_field(&bst, "term").as_deref(), Some("5"), "{bst}");
 
     // Fencing the backup while that primary's session runs ends the session and fences it.
-    assert_eq!(b.ctl(&["fence", "6"]), "ok term=6");
+    assert_eq!(b.ctl(&["fence", "6"]), r#"{"min_term":6}"#);
     let (code, stderr) = exit_of(&mut p5, Duration::from_secs(10));
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
@@ -124,7 +125,7 @@ fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
         acked.insert(k, v);
     }
     let st = bb.ctl(&["status"]);
-    assert_ne!(field(&st, "seq").as_deref(), Some("none"), "{st}");
+    assert!(json_field(&st, "seq").is_some(), "{st}");
 
     // Host A dies. The backup says checkpoints stopped arriving.
     pa.kill9();
@@ -135,10 +136,7 @@ fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
         Duration::from_secs(5),
     );
     let answer = bb.ctl(&["promote", "2"]);
-    let seq = answer
-        .strip_prefix("ok promoting: image at checkpoint ")
-        .unwrap_or_else(|| panic!("{answer}"))
-        .to_string();
+    let seq = json_field(&answer, "checkpoint").unwrap_or_else(|| panic!("{answer}"));
     let st = wait_exit(&mut bb.child, Duration::from_secs(10));
     assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", bb.log_text());
     let log = bb.log_text();
@@ -171,27 +169,31 @@ fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
         ("term", "2"),
         ("protected", "false"),
         ("backups", "0"),
-        ("output_held", "0"),
+        ("output_held", "false"),
     ] {
-        assert_eq!(field(&st, k).as_deref(), Some(v), "{k}: {st}");
+        assert_eq!(json_field(&st, k).as_deref(), Some(v), "{k}: {st}");
     }
 
     // A fresh backup on host A protects it again.
     let ba = BackupProc::spawn(&a_ns, d, "hosta", &a_listen, &d.join("image-a"));
     let set = format!("hosta@{a_listen}");
-    assert_eq!(ctl(&sock_b, &["backups", &set]), "ok backups=1");
+    assert_eq!(ctl(&sock_b, &["backups", &set]), r#"{"backups":1}"#);
     let st = wait_status(
         &sock_b,
         "protected",
         |v| v == "true",
         Duration::from_secs(20),
     );
-    assert_eq!(field(&st, "output_held").as_deref(), Some("1"), "{st}");
-    assert_eq!(field(&st, "backups").as_deref(), Some("1"), "{st}");
+    assert_eq!(
+        json_field(&st, "output_held").as_deref(),
+        Some("true"),
+        "{st}"
+    );
+    assert_eq!(json_field(&st, "backups").as_deref(), Some("1"), "{st}");
     assert_eq!(c2.cmd("SET after yes").unwrap(), "OK");
     let bst = ba.ctl(&["status"]);
-    assert_eq!(field(&bst, "term").as_deref(), Some("2"), "{bst}");
-    assert_ne!(field(&bst, "seq").as_deref(), Some("none"), "{bst}");
+    assert_eq!(json_field(&bst, "term").as_deref(), Some("2"), "{bst}");
+    assert!(json_field(&bst, "seq").is_some(), "{bst}");
 }
 
 #[test]
@@ -208,12 +210,12 @@ fn a_fenced_primary_stops_and_releases_no_more_output() {
         ("term", "1"),
         ("backups", "1"),
         ("backups_in_step", "1"),
-        ("output_held", "1"),
+        ("output_held", "true"),
     ] {
-        assert_eq!(field(&st, k).as_deref(), Some(v), "{k}: {st}");
+        assert_eq!(json_field(&st, k).as_deref(), Some(v), "{k}: {st}");
     }
-    assert_ne!(field(&st, "acked_seq").as_deref(), Some("none"), "{st}");
-    assert_eq!(ctl(&sock, &["fence", "1"]), "ok not fenced");
+    assert!(json_field(&st, "acked_seq").is_some(), "{st}");
+    assert_eq!(ctl(&sock, &["fence", "1"]), r#"{"fenced":false,"term":1}"#);
 
     // The backup stops acknowledging: the reply to the next write is held.
     r.signal_backup("-STOP");
@@ -222,7 +224,7 @@ fn a_fenced_primary_stops_and_releases_no_more_output() {
         c.cmd("SET k2 v2").is_err(),
         "the reply waits for its checkpoint"
     );
-    assert_eq!(ctl(&sock, &["fence", "2"]), "ok fenced term=2");
+    assert_eq!(ctl(&sock, &["fence", "2"]), r#"{"fenced":true,"term":2}"#);
     r.signal_backup("-CONT");
     let (code, stderr) = exit_of(&mut r.primary, Duration::from_secs(10));
     assert_eq!(code, Some(3), "{stderr}");
@@ -234,4 +236,161 @@ fn a_fenced_primary_stops_and_releases_no_more_output() {
     c.set_timeout(Duration::from_secs(2));
     let got = c.cmd("GET k1");
     assert!(got.is_err(), "output left after the fence: {got:?}");
+}
+
+/// The JSON body of an answer.
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Asserts an error answer: its status code and a message containing `want`.
+fn refused((code, body): (u16, String), want_code: u16, want: &str) {
+    assert_eq!(code, want_code, "{body}");
+    let msg = json(&body)["error"].as_str().unwrap_or("").to_string();
+    assert!(msg.contains(want), "{want_code} '{want}': {body}");
+}
+
+#[test]
+fn the_control_api_over_http_on_a_protected_vm() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("primary.sock");
+    let mut r = Replicated::start(&net, d, &["--control", sock.to_str().unwrap()]);
+    let mut c = r.wait_ready(Duration::from_secs(30));
+    assert_eq!(c.cmd("SET k1 v1").unwrap(), "OK");
+    wait_status(&sock, "protected", |v| v == "true", Duration::from_secs(10));
+
+    // GET /status: the VM's and the replication's figures, numbers as numbers.
+    let (code, body) = http(&sock, "GET", "/status", "");
+    assert_eq!(code, 200, "{body}");
+    let st = json(&body);
+    assert_eq!(st["role"], "primary", "{body}");
+    assert_eq!(st["state"], "running", "{body}");
+    assert_eq!(st["mem_mib"], 32, "{body}");
+    assert_eq!(st["term"], 1, "{body}");
+    assert_eq!(st["protected"], true, "{body}");
+    assert!(st["epochs"].is_u64() && st["acked_seq"].is_u64(), "{body}");
+    // curl, as the docs show it.
+    if let Ok(out) = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://localhost/status")
+        .output()
+    {
+        assert_eq!(
+            json(&String::from_utf8_lossy(&out.stdout))["role"],
+            "primary"
+        );
+    }
+
+    // PUT /state, idempotent; GET /checksum only while paused.
+    refused(http(&sock, "GET", "/checksum", ""), 409, "must be paused");
+    for _ in 0..2 {
+        let (code, body) = http(&sock, "PUT", "/state", r#"{"state":"paused"}"#);
+        assert_eq!((code, body.as_str()), (200, r#"{"state":"paused"}"#));
+    }
+    assert_eq!(
+        json(&http(&sock, "GET", "/status", "").1)["state"],
+        "paused"
+    );
+    let (code, body) = http(&sock, "GET", "/checksum", "");
+    assert_eq!(code, 200, "{body}");
+    let crc = json(&body)["memory_crc32"].as_u64().expect("a number");
+
+    // PUT /snapshot of the paused VM: its memory is the checksum's.
+    let snap = d.join("snap");
+    let req = serde_json::json!({ "kind": "full", "dir": snap }).to_string();
+    let (code, body) = http(&sock, "PUT", "/snapshot", &req);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["memory_crc32"].as_u64(), Some(crc), "{body}");
+    refused(
+        http(&sock, "PUT", "/snapshot", &req),
+        409,
+        "already holds a snapshot",
+    );
+    let req = r#"{"kind":"diff","dir":"relative/dir"}"#;
+    refused(http(&sock, "PUT", "/snapshot", req), 400, "absolute path");
+    let (code, body) = http(&sock, "PUT", "/state", r#"{"state":"running"}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"state":"running"}"#));
+
+    // Bad requests are refused clearly, and change nothing.
+    refused(
+        http(&sock, "PUT", "/state", r#"{"state":"#),
+        400,
+        "invalid JSON body: EOF while parsing",
+    );
+    refused(
+        http(&sock, "PUT", "/state", r#"{"state":"asleep"}"#),
+        400,
+        "unknown variant `asleep`",
+    );
+    refused(
+        http(&sock, "PUT", "/fence", r#"{"term":"x"}"#),
+        400,
+        "invalid type",
+    );
+    refused(
+        http(&sock, "PUT", "/backups", r#"{"backups":["nowhere"]}"#),
+        400,
+        "'nowhere' is not host:port",
+    );
+    refused(
+        http(&sock, "GET", "/reboot", ""),
+        404,
+        "no resource /reboot",
+    );
+    refused(
+        http(&sock, "PUT", "/promote", r#"{"term":2}"#),
+        404,
+        "PUT /promote is not served by a primary",
+    );
+    refused(http(&sock, "POST", "/status", ""), 405, "GET only");
+    let big = format!(r#"{{"backups":["{}"]}}"#, "b".repeat(20 << 10));
+    refused(http(&sock, "PUT", "/backups", &big), 413, "exceeds");
+    let (code, body) = http(&sock, "PUT", "/faults/disk", r#"{"count":0}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"failing_writes":0}"#));
+    let (code, body) = http(&sock, "PUT", "/fence", r#"{"term":1}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"fenced":false,"term":1}"#));
+
+    // A client that connects and says nothing delays no one.
+    let _silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(http(&sock, "GET", "/status", "").0, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // The VM kept running and protected through all of it.
+    assert_eq!(c.cmd("SET k2 v2").unwrap(), "OK");
+    assert_eq!(c.cmd("GET k1").unwrap(), "VALUE v1");
+    let st = json(&http(&sock, "GET", "/status", "").1);
+    assert_eq!(
+        (&st["state"], &st["protected"]),
+        (&"running".into(), &true.into())
+    );
+
+    // The backup serves its own resources only.
+    let bsock = r.backup_socket(0);
+    let (code, body) = http(&bsock, "GET", "/status", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["role"], "backup", "{body}");
+    assert!(json(&body)["seq"].is_u64(), "{body}");
+    refused(
+        http(&bsock, "PUT", "/state", r#"{"state":"paused"}"#),
+        404,
+        "a backup serves GET /status, PUT /stop, PUT /fence and PUT /promote",
+    );
+
+    // PUT /handover: the backups hold the paused guest's last checkpoint; exit code 4.
+    let (code, body) = http(&sock, "PUT", "/handover", "");
+    assert_eq!(code, 200, "{body}");
+    let seq = json(&body)["checkpoint"].as_u64().expect("a checkpoint");
+    let (code, stderr) = exit_of(&mut r.primary, Duration::from_secs(10));
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("handed over"), "{stderr}");
+    let bst = json(&http(&bsock, "GET", "/status", "").1);
+    assert!(bst["seq"].as_u64() >= Some(seq), "{bst} vs {seq}");
 }

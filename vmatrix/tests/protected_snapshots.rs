@@ -64,7 +64,7 @@ fn diffs_while_writing(
         requested.push(Instant::now());
         let s = dir.join(format!("s{n}"));
         let diff = ctl(sock, &["snapshot", s.to_str().unwrap(), "--diff"]);
-        assert!(field(&diff, "pages").is_some(), "{diff}");
+        assert!(json_field(&diff, "pages").is_some(), "{diff}");
         std::thread::sleep(Duration::from_millis(37));
     }
     // Stop churning at once: the pages a snapshot harvested are not rewritten (which would
@@ -128,7 +128,7 @@ fn snapshots_of_a_protected_primary_take_nothing_from_replication_and_vice_versa
     assert_eq!(kv.cmd("CHURN 3000 5").unwrap(), "OK");
     std::thread::sleep(Duration::from_millis(100));
     let full = ctl(&sock, &["snapshot", p("s0").to_str().unwrap()]);
-    assert!(field(&full, "memory_crc32").is_some(), "{full}");
+    assert!(json_field(&full, "memory_crc32").is_some(), "{full}");
 
     // Writes between the snapshots: replication checkpoints harvest them first; the diffs
     // must still hold them all (memory and disk).

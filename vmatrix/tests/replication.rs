@@ -183,7 +183,7 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
         "held_frames",
     ] {
         assert!(
-            field(&status, key).is_some(),
+            json_field(&status, key).is_some(),
             "status shows {key}: {status}"
         );
     }

@@ -248,14 +248,14 @@ fn a_backup_dropped_for_not_keeping_up_rejoins_by_quick_resync() {
     acked.extend(write_keys(&mut kv, "c", 50));
     // With --required 1 an acknowledgement needs only one backup: wait until backup 1 has
     // applied the last checkpoint taken after the last write, then fail over to it.
-    let taken: u64 = field(&ctl(&sock, &["status"]), "epochs")
+    let taken: u64 = json_field(&ctl(&sock, &["status"]), "epochs")
         .unwrap()
         .parse()
         .unwrap();
     let t = Instant::now();
     loop {
         let st = ctl(&r.backup_socket(1), &["status"]);
-        let applied: Option<u64> = field(&st, "applied_epoch").and_then(|a| a.parse().ok());
+        let applied: Option<u64> = json_field(&st, "applied_epoch").and_then(|a| a.parse().ok());
         if applied.is_some_and(|a| a + 1 >= taken) {
             break;
         }

@@ -1,7 +1,8 @@
 //! `vmatrix backup`: receives a primary's checkpoints into a replica image until it is stopped
-//! (SIGINT/SIGTERM, `ctl stop`) or promoted (`ctl promote <term>`), then finalizes the image as a
-//! snapshot of its last committed checkpoint. Its control socket also answers `fence <term>`:
-//! primaries of an older term are refused from then on (persisted in the image directory).
+//! (SIGINT/SIGTERM, `PUT /stop`) or promoted (`PUT /promote {"term":n}`), then finalizes the
+//! image as a snapshot of its last committed checkpoint. Its control socket (`crate::control`)
+//! also serves `GET /status` and `PUT /fence {"term":n}`: primaries of an older term are
+//! refused from then on (persisted in the image directory).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,9 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use backup::stats::now_ms;
 use backup::{BackupStats, Fence};
+use serde_json::Value;
 use tokio::sync::watch;
 use transport::QuicConfig;
+
+use crate::control::answer;
+use crate::control::types::{
+    BackupFenceAnswer, BackupStatus, CheckpointAnswer, ControlError, Request, Status, StopAnswer,
+};
 
 use super::{load_identity, quic_config, BackupArgs};
 
@@ -21,6 +29,9 @@ const PROMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The outcome of a promotion, handed from the main thread to the waiting control request.
 type Promoted = Result<Option<u64>, String>;
+
+/// What a backup serves, for the 404 of anything else.
+const SERVES: &str = "GET /status, PUT /stop, PUT /fence and PUT /promote";
 
 /// Runs a backup until SIGINT/SIGTERM, `vmatrix ctl <socket> stop` or `promote`, then finalizes
 /// its image. The image directory is locked for the whole run, before anything else (a second
@@ -60,9 +71,9 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
                 promoting: promoting.clone(),
                 promoted: Mutex::new(promoted_rx),
             };
-            Some(crate::control::serve_with(
+            Some(crate::control::server::serve(
                 path,
-                Box::new(move |line| c.answer(line)),
+                Box::new(move |req| c.answer(req)),
             )?)
         }
         None => None,
@@ -121,29 +132,50 @@ struct Controls {
 }
 
 impl Controls {
-    /// Answers one request line.
-    fn answer(&self, line: &str) -> Result<String, String> {
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-        let term = || {
-            arg.trim()
-                .parse::<u64>()
-                .map_err(|_| format!("usage: {cmd} <term>"))
-        };
-        match (cmd, arg) {
-            ("status", "") => Ok(format!(
-                "{} min_term={}",
-                self.stats.status_fields(),
-                self.min_term()
-            )),
-            ("stop", "") => {
+    /// Answers one request.
+    fn answer(&self, req: Request) -> Result<Value, ControlError> {
+        match req {
+            Request::Status => answer(Status::Backup(self.status())),
+            Request::Stop => {
                 let _ = self.stop.send(true);
-                Ok("stopping: finalizing the image".into())
+                answer(StopAnswer { stopping: true })
             }
-            ("fence", _) => self.fence(term()?).map(|t| format!("term={t}")),
-            ("promote", _) => self.promote(term()?),
-            _ => Err(format!(
-                "a backup answers 'status', 'stop', 'fence <term>' and 'promote <term>', not '{line}'"
-            )),
+            Request::Fence(term) => {
+                let min_term = self.fence(term).map_err(ControlError::failed)?;
+                answer(BackupFenceAnswer { min_term })
+            }
+            Request::Promote(term) => {
+                let checkpoint = self.promote(term)?;
+                answer(CheckpointAnswer { checkpoint })
+            }
+            other => Err(ControlError::not_found(format!(
+                "a backup serves {SERVES}, not {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// `GET /status`: the image, the session, the minimum term.
+    fn status(&self) -> BackupStatus {
+        let s = &self.stats;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let ago = |stamp: u64| (stamp != 0).then(|| now_ms().saturating_sub(stamp));
+        let committed = ld(&s.committed);
+        BackupStatus {
+            connected: s.connected.load(Ordering::Relaxed),
+            sessions: ld(&s.sessions),
+            syncing: s.syncing.load(Ordering::Relaxed),
+            term: ld(&s.term),
+            seq: committed.checked_sub(1),
+            history: (committed != 0).then(|| format!("{:x}", ld(&s.history))),
+            last_checkpoint_ms_ago: ago(ld(&s.last_checkpoint_ms)),
+            last_heard_ms_ago: ago(ld(&s.last_heard_ms)),
+            applied_epoch: ld(&s.applied).checked_sub(1),
+            checkpoints: ld(&s.checkpoints),
+            pages: ld(&s.pages),
+            durable_us: ld(&s.last_durable_us),
+            apply_failures: ld(&s.apply_failures),
+            min_term: self.min_term(),
         }
     }
 
@@ -164,34 +196,39 @@ impl Controls {
         self.fence.raise(term).map_err(|e| e.to_string())
     }
 
-    /// Fences the image at `term`, stops serving and waits for the image to be final.
-    fn promote(&self, term: u64) -> Result<String, String> {
+    /// Fences the image at `term`, stops serving and waits for the image to be final; the
+    /// image's checkpoint. 409 when there is nothing to promote or the term is stale.
+    fn promote(&self, term: u64) -> Result<u64, ControlError> {
         if self.stats.committed.load(Ordering::Relaxed) == 0 {
-            return Err(
-                "no committed image (no full sync ever completed): nothing to promote".into(),
-            );
+            return Err(ControlError::conflict(
+                "no committed image (no full sync ever completed): nothing to promote",
+            ));
         }
         let current = self.min_term();
         if term < current {
-            return Err(format!(
+            return Err(ControlError::conflict(format!(
                 "term {term} is older than this image's term {current}: refused"
-            ));
+            )));
         }
         if self.promoting.swap(true, Ordering::SeqCst) {
-            return Err("already promoting".into());
+            return Err(ControlError::conflict("already promoting"));
         }
         if let Err(e) = self.fence(term) {
             self.promoting.store(false, Ordering::SeqCst);
-            return Err(e);
+            return Err(ControlError::failed(e));
         }
         tracing::info!("promoting for term {term}: the session ends and the image is finalized");
         let _ = self.stop.send(true);
         let rx = self.promoted.lock().unwrap_or_else(|p| p.into_inner());
         match rx.recv_timeout(PROMOTE_TIMEOUT) {
-            Ok(Ok(Some(seq))) => Ok(format!("promoting: image at checkpoint {seq}")),
-            Ok(Ok(None)) => Err("no full sync ever completed: no image".into()),
-            Ok(Err(e)) => Err(format!("finalizing the image failed: {e}")),
-            Err(_) => Err("the image was not final in time".into()),
+            Ok(Ok(Some(seq))) => Ok(seq),
+            Ok(Ok(None)) => Err(ControlError::conflict(
+                "no full sync ever completed: no image",
+            )),
+            Ok(Err(e)) => Err(ControlError::failed(format!(
+                "finalizing the image failed: {e}"
+            ))),
+            Err(_) => Err(ControlError::failed("the image was not final in time")),
         }
     }
 }

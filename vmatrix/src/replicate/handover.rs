@@ -1,4 +1,5 @@
-//! A primary's planned handover (`ctl <socket> handover`): the guest is paused for good, one
+//! A primary's planned handover (`PUT /handover` on its control socket, `vmatrix ctl <socket>
+//! handover`): the guest is paused for good, one
 //! more checkpoint is taken of it (the session checkpoints at once: `Stats::hurry`) and, once
 //! every backup in the set acknowledged it, all the guest's output has been released and the
 //! backups hold exactly the paused guest. The VM then stops without resuming and the process
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use primary::Stats;
 use vmm::Vm;
 
+use crate::control::types::ControlError;
+
 /// Exit code of a primary that handed over.
 pub const HANDED_OVER_EXIT: u8 = 4;
 
@@ -19,12 +22,17 @@ pub const HANDED_OVER_EXIT: u8 = 4;
 pub const LIMIT: Duration = Duration::from_secs(5);
 
 /// Pauses the guest, waits until a checkpoint taken after the pause is acknowledged, stops
-/// the VM. Returns that checkpoint's seq. On failure the guest is resumed and nothing changed.
-pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, String> {
+/// the VM. Returns that checkpoint's seq. On failure the guest is resumed and nothing changed:
+/// 409 when there is nothing to hand over to (or the VM ended), 500 when the checkpoint was
+/// not acknowledged in time.
+pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, ControlError> {
     if !stats.protected.load(Ordering::Relaxed) {
-        return Err("not protected: nothing to hand over to".into());
+        return Err(ControlError::conflict(
+            "not protected: nothing to hand over to",
+        ));
     }
-    vm.pause().map_err(|e| format!("pausing the guest: {e}"))?;
+    vm.pause()
+        .map_err(|e| ControlError::conflict(format!("pausing the guest: {e}")))?;
     // A capture under way may have harvested before the pause; the one after it may not.
     let first = stats.epochs.load(Ordering::Relaxed) + 1;
     stats.hurry.store(true, Ordering::Relaxed);
@@ -35,10 +43,10 @@ pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, String> {
             break Ok(acked - 1);
         }
         if start.elapsed() > LIMIT {
-            break Err(format!(
+            break Err(ControlError::failed(format!(
                 "checkpoint {first} of the paused guest not acknowledged within {} ms",
                 LIMIT.as_millis()
-            ));
+            )));
         }
         std::thread::sleep(Duration::from_micros(200));
     };

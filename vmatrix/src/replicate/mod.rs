@@ -34,7 +34,7 @@ pub struct PrimaryArgs {
     /// Run without holding guest output until the first replication session starts its
     /// initial sync (the failover manager's grant to run unprotected); from then on output is
     /// held until acknowledged. With it, --backup may be left out: the VM runs unprotected and
-    /// backups are added later (`vmatrix ctl <socket> backups ...`).
+    /// backups are added later (`PUT /backups`: `vmatrix ctl <socket> backups ...`).
     #[arg(long)]
     pub unprotected_start: bool,
     /// Backup address, `host:port` or `name@host:port` (name = host name in its certificate,
@@ -134,8 +134,8 @@ pub struct BackupArgs {
     /// concurrently, so abandoned ones never delay a real primary.
     #[arg(long, default_value_t = 2000)]
     pub handshake_timeout_ms: u64,
-    /// Serve `status`, `stop`, `fence <term>` and `promote <term>` on this Unix socket
-    /// (`vmatrix ctl <socket> status|stop|fence|promote`).
+    /// Serve the control API on this Unix socket: `GET /status`, `PUT /stop`, `PUT /fence`,
+    /// `PUT /promote` (`vmatrix ctl <socket> status|stop|fence|promote`).
     #[arg(long)]
     pub control: Option<PathBuf>,
 }
@@ -152,15 +152,11 @@ fn parse_backup(s: &str) -> Result<(SocketAddr, String), String> {
     Ok((addr, name))
 }
 
-/// A set of backups, `name@host:port[,name@host:port...]`, or `none` (no backup); the same
+/// A set of backups (`name@host:port` or `host:port` each; empty: no backup); the same
 /// address twice is refused.
-fn parse_backup_list(s: &str) -> Result<Vec<(SocketAddr, String)>, String> {
-    let s = s.trim();
-    if s == "none" {
-        return Ok(Vec::new());
-    }
+fn parse_backup_set(items: &[String]) -> Result<Vec<(SocketAddr, String)>, String> {
     let mut out: Vec<(SocketAddr, String)> = Vec::new();
-    for item in s.split(',').map(str::trim) {
+    for item in items.iter().map(|s| s.trim()) {
         let b = parse_backup(item)?;
         if out.iter().any(|o| o.0 == b.0) {
             return Err(format!("backup address {} given twice", b.0));
@@ -191,15 +187,19 @@ fn load_identity(
 mod tests {
     use super::*;
 
+    fn set(items: &[&str]) -> Result<Vec<(SocketAddr, String)>, String> {
+        parse_backup_set(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
     #[test]
-    fn parses_backup_lists() {
-        assert_eq!(parse_backup_list("none"), Ok(Vec::new()));
-        let l = parse_backup_list("b1@10.0.0.1:7100, 10.0.0.2:7101").unwrap();
+    fn parses_backup_sets() {
+        assert_eq!(set(&[]), Ok(Vec::new()));
+        let l = set(&["b1@10.0.0.1:7100", " 10.0.0.2:7101"]).unwrap();
         assert_eq!(l.len(), 2);
         assert_eq!(l[0], ("10.0.0.1:7100".parse().unwrap(), "b1".to_string()));
         assert_eq!(l[1].1, "backup");
-        assert!(parse_backup_list("").is_err());
-        assert!(parse_backup_list("b@nowhere").is_err());
-        assert!(parse_backup_list("a@10.0.0.1:1,b@10.0.0.1:1").is_err());
+        assert!(set(&[""]).is_err());
+        assert!(set(&["b@nowhere"]).is_err());
+        assert!(set(&["a@10.0.0.1:1", "b@10.0.0.1:1"]).is_err());
     }
 }

@@ -1,9 +1,11 @@
 //! `vmatrix primary`: a VM (booted, or started from a snapshot or a backup's image with
 //! `--from-image`) replicated to its backups, session after session: a session that loses its
-//! backups is followed by another (output stays held meanwhile), and `ctl backups ...` ends the
-//! running session and starts the next one with the new set at once. Its control socket also
-//! answers `fence <term>`; a fenced primary (by that request, or by a backup that refused it
-//! for a stale term) releases no output again, stops its VM and exits with [`FENCED_EXIT`].
+//! backups is followed by another (output stays held meanwhile), and `PUT /backups` on its
+//! control socket (`vmatrix ctl <socket> backups ...`) ends the running session and starts the
+//! next one with the new set at once. Its control socket also serves `PUT /fence`; a fenced
+//! primary (by that request, or by a backup that refused it for a stale term) releases no
+//! output again, stops its VM and exits with [`FENCED_EXIT`]; and `PUT /handover`
+//! ([`super::handover`]). Its `GET /status` adds the replication figures to the VM's.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -18,8 +20,11 @@ use tokio::sync::watch;
 use vmm::devices::serial::ConsoleOut;
 use vmm::Vm;
 
-use super::{load_identity, parse_backup_list, quic_config, PrimaryArgs};
-use crate::control::{Extra, ExtraRequests, StatusExtra};
+use super::{load_identity, parse_backup_set, quic_config, PrimaryArgs};
+use crate::control::types::{
+    BackupsAnswer, CheckpointAnswer, ControlError, PrimaryFenceAnswer, Request,
+};
+use crate::control::{answer, Extra, ExtraRequests, StatusExtra};
 use crate::run::{resolve, supervise};
 
 /// Exit code of a fenced primary.
@@ -167,7 +172,7 @@ fn build_vm(
     Ok((Arc::new(vm), console, lock))
 }
 
-/// The primary's `status` fields (`metrics::status_fields`).
+/// The primary's replication figures for `GET /status` (`metrics::replication_status`).
 fn status(
     vm: Arc<Vm>,
     stats: Arc<Stats>,
@@ -180,11 +185,11 @@ fn status(
             backups: backups.borrow().list.len(),
             output_held: vm.held_output().is_some(),
         };
-        crate::metrics::status_fields(&stats, &facts)
+        crate::metrics::replication_status(&stats, &facts)
     })
 }
 
-/// The primary's own control requests: `backups <list>|none`, `fence <term>` and `handover`.
+/// The primary's own control requests: `PUT /backups`, `PUT /fence` and `PUT /handover`.
 fn requests(
     vm: Arc<Vm>,
     fence: Arc<Fence>,
@@ -192,34 +197,35 @@ fn requests(
     backups: Arc<watch::Sender<BackupSet>>,
     (stats, handed): (Arc<Stats>, Arc<std::sync::atomic::AtomicBool>),
 ) -> ExtraRequests {
-    Arc::new(move |line| {
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-        match cmd {
-            "handover" => Some(super::handover::run(&vm, &stats).map(|seq| {
-                handed.store(true, std::sync::atomic::Ordering::Relaxed);
-                format!("handed over at checkpoint {seq}")
-            })),
-            "backups" => Some(parse_backup_list(arg).map(|list| {
-                let n = list.len();
-                tracing::info!("new set of {n} backups: the session starts over with it");
-                backups.send_replace(BackupSet { list, required: n });
-                format!("backups={n}")
-            })),
-            "fence" => Some(match arg.trim().parse::<u64>() {
-                Ok(t) if t > term => {
-                    let f = fence.fence(Some(t));
-                    tracing::error!("fenced by term {t}: no output is released from now on");
-                    vm.stop();
-                    Ok(format!(
-                        "fenced term={}",
-                        f.term.map_or("-".into(), |t| t.to_string())
-                    ))
-                }
-                Ok(_) => Ok("not fenced".into()),
-                Err(_) => Err("usage: fence <term>".into()),
-            }),
-            _ => None,
+    Arc::new(move |req| match req {
+        Request::Handover => Some(super::handover::run(&vm, &stats).and_then(|seq| {
+            handed.store(true, std::sync::atomic::Ordering::Relaxed);
+            answer(CheckpointAnswer { checkpoint: seq })
+        })),
+        Request::Backups(set) => Some(
+            parse_backup_set(set)
+                .map_err(ControlError::bad_request)
+                .and_then(|list| {
+                    let n = list.len();
+                    tracing::info!("new set of {n} backups: the session starts over with it");
+                    backups.send_replace(BackupSet { list, required: n });
+                    answer(BackupsAnswer { backups: n as u64 })
+                }),
+        ),
+        Request::Fence(t) if *t > term => {
+            let f = fence.fence(Some(*t));
+            tracing::error!("fenced by term {t}: no output is released from now on");
+            vm.stop();
+            Some(answer(PrimaryFenceAnswer {
+                fenced: true,
+                term: f.term.unwrap_or(*t),
+            }))
         }
+        Request::Fence(_) => Some(answer(PrimaryFenceAnswer {
+            fenced: false,
+            term,
+        })),
+        _ => None,
     })
 }
 

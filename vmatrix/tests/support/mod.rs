@@ -382,7 +382,8 @@ impl Drop for VmProc {
     }
 }
 
-/// Sends one `vmatrix ctl` request; returns the `ok ...` line or panics with the error.
+/// Sends one `vmatrix ctl` request; returns its JSON answer (one line) or panics with the
+/// error.
 pub fn ctl(socket: &Path, args: &[&str]) -> String {
     let out = Command::new(vmatrix_bin())
         .arg("ctl")
@@ -417,6 +418,40 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|t| t.strip_prefix(&format!("{key}=")))
         .map(str::to_string)
+}
+
+/// The value of `key` in a control socket's JSON answer, as text (a string's content, a
+/// number or a bool as written); None when it is missing or null.
+pub fn json_field(answer: &str, key: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(answer).ok()?;
+    match v.get(key)? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// One raw HTTP/1.1 request on a control socket (no client library: what curl would send);
+/// the status code and the body.
+pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read the answer");
+    let code = reply
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {reply}"));
+    let body = reply.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (code, body)
 }
 
 /// A tap in the test's own network namespace with the host at 10.78.<index>.1/24 (for

@@ -27,7 +27,7 @@ pub fn make_pki(dir: &Path, hosts: &[&str]) -> PathBuf {
     pki
 }
 
-/// Sends one control request; the `ok ...` line, or the error text.
+/// Sends one control request; its JSON answer, or the error text.
 pub fn ctl_try(socket: &Path, request: &[&str]) -> Result<String, String> {
     let out = Command::new(vmatrix_bin())
         .arg("ctl")
@@ -45,7 +45,7 @@ pub fn ctl_try(socket: &Path, request: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Polls `status` until `pred` holds for field `key`; returns that status line.
+/// Polls `status` until `pred` holds for field `key` (not null); returns that status.
 pub fn wait_status(
     socket: &Path,
     key: &str,
@@ -55,7 +55,7 @@ pub fn wait_status(
     let deadline = Instant::now() + timeout;
     loop {
         let st = ctl_try(socket, &["status"]).unwrap_or_default();
-        if field(&st, key).is_some_and(|v| pred(&v)) {
+        if json_field(&st, key).is_some_and(|v| pred(&v)) {
             return st;
         }
         assert!(

@@ -364,16 +364,16 @@ impl Drop for CorruptingProxy {
 pub fn assert_backup_equals_primary(r: &mut Replicated, sock: &Path) {
     // Pause the primary's guest: the epoch loop keeps checkpointing the (now still) VM.
     ctl(sock, &["pause"]);
-    let c1 = field(&ctl(sock, &["checksum"]), "memory_crc32").unwrap();
+    let c1 = json_field(&ctl(sock, &["checksum"]), "memory_crc32").unwrap();
     // Wait until a checkpoint taken after the pause has been acknowledged.
-    let epochs_at_pause: u64 = field(&ctl(sock, &["status"]), "epochs")
+    let epochs_at_pause: u64 = json_field(&ctl(sock, &["status"]), "epochs")
         .unwrap()
         .parse()
         .unwrap();
     let t = Instant::now();
     loop {
         let st = ctl(sock, &["status"]);
-        let acked: Option<u64> = field(&st, "acked_epoch").and_then(|a| a.parse().ok());
+        let acked: Option<u64> = json_field(&st, "acked_epoch").and_then(|a| a.parse().ok());
         if acked.is_some_and(|a| a > epochs_at_pause) {
             break;
         }
@@ -386,7 +386,7 @@ pub fn assert_backup_equals_primary(r: &mut Replicated, sock: &Path) {
     r.primary.kill9();
     let image = r.finalize_backup();
     let meta = vmm::snapshot::read_meta(&image).unwrap();
-    let c2 = format!("{:#010x}", meta.memory_checksum.unwrap());
+    let c2 = meta.memory_checksum.unwrap().to_string();
     assert_eq!(
         c1, c2,
         "backup memory equals the primary's memory at its last checkpoint"

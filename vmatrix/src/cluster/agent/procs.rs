@@ -1,15 +1,16 @@
 //! The VM processes an agent runs: one `vmatrix primary` or `vmatrix backup` per VM instance,
 //! each in its own process (a crash of one never takes down the agent or another VM), watched
-//! through its exit status and its control socket.
+//! through its exit status and its control socket (`GET /status` every round, with
+//! `crate::control::client`).
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use failover::model::{ProcRole, VmObservation};
+
+use crate::control::client::Client;
+use crate::control::types::{BackupStatus, Replication, Status};
 
 /// How a primary that handed over exited (exit code 4).
 const HANDED_OVER: &str = "exit code 4 (handed over)";
@@ -32,8 +33,8 @@ pub struct Proc {
     pub control: PathBuf,
     /// How it exited, once it did.
     pub exit: Option<String>,
-    /// Last status fields it answered.
-    pub status: BTreeMap<String, String>,
+    /// Last status it answered.
+    pub status: Option<Status>,
     /// When it last answered.
     status_at: Option<std::time::Instant>,
     /// The term it was started with (primary) or told (backup).
@@ -78,7 +79,7 @@ impl Proc {
             pidfile,
             control,
             exit: None,
-            status: BTreeMap::new(),
+            status: None,
             status_at: None,
             term,
             backup_hosts: Vec::new(),
@@ -149,7 +150,7 @@ impl Proc {
             pidfile,
             control,
             exit: None,
-            status: BTreeMap::new(),
+            status: None,
             status_at: None,
             term,
             backup_hosts: backups.iter().map(|b| b.host.clone()).collect(),
@@ -209,7 +210,7 @@ impl Proc {
 
     /// Asks it to stop cleanly (a backup finalizes its image); kills it after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        let _ = request(&self.control, "stop");
+        let _ = self.client(STATUS_TIMEOUT).stop();
         let until = std::time::Instant::now() + grace;
         while std::time::Instant::now() < until {
             if !self.alive() {
@@ -232,10 +233,15 @@ impl Proc {
         false
     }
 
+    /// A client of its control socket whose requests take at most `limit`.
+    pub fn client(&self, limit: Duration) -> Client {
+        Client::new(&self.control, limit)
+    }
+
     /// Refreshes `status` from its control socket (keeps the last one on failure).
     pub fn poll(&mut self) {
-        if let Ok(line) = request(&self.control, "status") {
-            self.status = parse_fields(&line);
+        if let Ok(s) = self.client(STATUS_TIMEOUT).status() {
+            self.status = Some(s);
             self.status_at = Some(std::time::Instant::now());
             self.polls_since_apply = self.polls_since_apply.saturating_add(1);
         }
@@ -247,16 +253,20 @@ impl Proc {
         self.status_at.map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
-    fn field(&self, k: &str) -> Option<&str> {
-        self.status.get(k).map(String::as_str)
+    /// The replication figures of a primary's last status.
+    fn replication(&self) -> Option<&Replication> {
+        match &self.status {
+            Some(Status::Primary(p)) => Some(&p.replication),
+            _ => None,
+        }
     }
 
-    fn flag(&self, k: &str) -> bool {
-        matches!(self.field(k), Some("1" | "true"))
-    }
-
-    fn num(&self, k: &str) -> Option<u64> {
-        self.field(k).and_then(|v| v.parse().ok())
+    /// A backup's last status.
+    fn backup_status(&self) -> Option<&BackupStatus> {
+        match &self.status {
+            Some(Status::Backup(b)) => Some(b),
+            _ => None,
+        }
     }
 
     /// What the manager is told about it.
@@ -278,65 +288,36 @@ impl Proc {
         };
         match self.role {
             ProcRole::Primary => {
-                o.term = self.num("term").unwrap_or(self.term);
-                o.seq = self.num("acked_seq");
+                let r = self.replication();
+                o.term = r.map_or(self.term, |r| r.term);
+                o.seq = r.and_then(|r| r.acked_seq);
                 // Protected with the set last applied: every backup of it in step, judged from a
                 // status taken after the set was applied.
                 let n = self.backup_hosts.len() as u64;
                 o.protected = self.polls_since_apply >= 2
-                    && self.flag("protected")
                     && n > 0
-                    && self.num("backups") == Some(n)
-                    && self.num("backups_in_step") == Some(n);
-                o.output_held = self.flag("output_held");
+                    && r.is_some_and(|r| r.protected && r.backups == n && r.backups_in_step == n);
+                o.output_held = r.is_some_and(|r| r.output_held);
                 o.backup_hosts = self.backup_hosts.clone();
             }
             ProcRole::Backup => {
-                o.term = self.num("min_term").unwrap_or(self.term);
-                o.image_term = self.num("term").unwrap_or(0);
-                o.seq = self.num("seq");
+                let b = self.backup_status();
+                o.term = b.map_or(self.term, |b| b.min_term);
+                o.image_term = b.map_or(0, |b| b.term);
+                o.seq = b.and_then(|b| b.seq);
                 // Silent = neither a checkpoint nor a heartbeat from the primary (an epoch may
                 // legitimately last longer than the detection timeout; heartbeats do not stop),
                 // as of the last answer, aged by how old that answer is.
-                let heard = [
-                    self.num("last_checkpoint_ms_ago"),
-                    self.num("last_heard_ms_ago"),
-                ]
-                .into_iter()
-                .flatten()
-                .min();
+                let heard = b.and_then(|b| {
+                    [b.last_checkpoint_ms_ago, b.last_heard_ms_ago]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                });
                 o.silent_ms = heard.map(|ms| ms + self.status_age_ms());
             }
         }
         o
-    }
-}
-
-/// `key=value` fields of a status answer.
-pub fn parse_fields(line: &str) -> BTreeMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|f| f.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// One request on a VM process's control socket; the answer after "ok ".
-pub fn request(sock: &Path, line: &str) -> anyhow::Result<String> {
-    request_within(sock, line, STATUS_TIMEOUT)
-}
-
-/// The same with its own time limit (a promotion answers once the image is final).
-pub fn request_within(sock: &Path, line: &str, limit: Duration) -> anyhow::Result<String> {
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(limit))?;
-    s.set_write_timeout(Some(limit))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
-    let answer = answer.trim_end();
-    match answer.strip_prefix("ok") {
-        Some(rest) => Ok(rest.trim_start().to_string()),
-        None => anyhow::bail!("{line}: {answer}"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The agent's supervisor thread: every heartbeat it polls the VM processes, asks
-//! [`failover::agent::reconcile`] what to do to match the manager's assignment, does it, and
+//! [`failover::agent::reconcile`] what to do to match the manager's assignment, does it (on
+//! the processes' control sockets: `PUT /backups`, `/handover`, `/fence`, `/promote`), and
 //! publishes the report the connection task sends. It keeps running while the manager is
 //! unreachable (VMs keep running), and does nothing before the first assignment arrives.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use failover::agent::{reconcile, Action, Applied};
 use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmSpec};
 
-use super::procs::{request, request_within, Proc};
+use super::procs::Proc;
 
 /// What a supervisor needs to start VM processes.
 #[derive(Debug, Clone)]
@@ -50,6 +51,9 @@ pub struct Shared {
 }
 
 type Key = (String, ProcRole);
+
+/// How long a control request (other than status, handover, promote) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The supervisor.
 pub struct Supervisor {
@@ -176,7 +180,8 @@ impl Supervisor {
                     .procs
                     .get_mut(&(vm.clone(), ProcRole::Primary))
                     .ok_or_else(|| anyhow::anyhow!("no primary of {vm}"))?;
-                request(&p.control, &format!("backups {}", backup_list(&backups)))?;
+                p.client(REQUEST_TIMEOUT)
+                    .set_backups(backup_list(&backups))?;
                 p.backup_hosts = backups.iter().map(|b| b.host.clone()).collect();
                 p.polls_since_apply = 0;
                 if let Err(e) = p.save_record(&backups) {
@@ -191,8 +196,11 @@ impl Supervisor {
                     .procs
                     .get_mut(&(vm.clone(), ProcRole::Primary))
                     .ok_or_else(|| anyhow::anyhow!("no primary of {vm}"))?;
-                let a = request_within(&p.control, "handover", Duration::from_secs(10))?;
-                tracing::info!("the primary of {vm}: {a}");
+                let a = p.client(Duration::from_secs(10)).handover()?;
+                tracing::info!(
+                    "the primary of {vm}: handed over at checkpoint {}",
+                    a.checkpoint
+                );
                 // It exits now; its exit code says it handed over.
                 p.wait_exit(Duration::from_secs(5));
                 Ok(())
@@ -202,7 +210,7 @@ impl Supervisor {
                     .procs
                     .get_mut(&(vm.clone(), ProcRole::Backup))
                     .ok_or_else(|| anyhow::anyhow!("no backup of {vm}"))?;
-                request(&p.control, &format!("fence {term}"))?;
+                p.client(REQUEST_TIMEOUT).fence_backup(term)?;
                 p.term = term;
                 Ok(())
             }
@@ -333,9 +341,12 @@ impl Supervisor {
         let key = (spec.name.clone(), ProcRole::Backup);
         if let Some(mut b) = self.procs.remove(&key) {
             if b.alive() {
-                let line = format!("promote {term}");
-                match request_within(&b.control, &line, Duration::from_secs(30)) {
-                    Ok(a) => tracing::info!("backup of {} promoting: {a}", spec.name),
+                match b.client(Duration::from_secs(30)).promote(term) {
+                    Ok(a) => tracing::info!(
+                        "backup of {} promoting: image at checkpoint {}",
+                        spec.name,
+                        a.checkpoint
+                    ),
                     Err(e) => {
                         tracing::warn!("promote request to the backup of {}: {e:#}", spec.name)
                     }
@@ -375,13 +386,7 @@ fn once(dir: &std::path::Path, what: &str, term: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `backups` request argument.
-fn backup_list(b: &[BackupTarget]) -> String {
-    if b.is_empty() {
-        return "none".into();
-    }
-    b.iter()
-        .map(|t| format!("{}@{}", t.host, t.addr))
-        .collect::<Vec<_>>()
-        .join(",")
+/// `PUT /backups` body: `name@addr` each (empty: none).
+fn backup_list(b: &[BackupTarget]) -> Vec<String> {
+    b.iter().map(|t| format!("{}@{}", t.host, t.addr)).collect()
 }
