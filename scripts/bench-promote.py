@@ -13,12 +13,12 @@ Per run (fresh directory, fresh processes):
   2. data: 100 SETs; CHURN over --fill-pct of guest RAM, one pass in about 2 s (one byte per
      page: those pages hold data), then CHURN 0 0; 20 more SETs (so the backup holds all);
   3. the primary is killed (SIGKILL) and reaped; then, timed with this process's clock:
-       decision   the moment `promote 2` is written to the backup's control socket
-       answer     its answer `ok promoting: image at checkpoint N`
+       decision   the moment `PUT /promote {"term":2}` is sent on the backup's control socket
+       answer     its answer `{"checkpoint":N}`
        exited     the backup process has exited (polled every 0.5 ms)
        spawned    `vmatrix primary --from-image <image> --disk <dir>/disk-term2.img --term 2
                   --unprotected-start --tap tap0 --control p2.sock ...` is started
-       status     its control socket answers `status` (polled every 0.5 ms)
+       status     its control socket answers `GET /status` (polled every 0.5 ms)
        connected  a new client TCP connection to the guest is established
        reply      that connection's `GET key0` is answered
      and, from the processes' own logs (tracing timestamps), the backup's steps (`promoting for
@@ -37,6 +37,7 @@ Python 3 standard library only.
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import re
@@ -75,30 +76,30 @@ def run(cmd):
     return r.stdout
 
 
-def ctl(sock_path, line, timeout=120.0):
-    """One request on a control socket; the answer line."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP on a Unix socket (a VM process's control socket)."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def ctl(sock_path, method, path, body=None, timeout=120.0):
+    """One request on a control socket (HTTP + JSON); (status code, decoded JSON answer)."""
+    c = UnixHTTPConnection(sock_path, timeout)
     try:
-        s.connect(sock_path)
-        s.sendall((line + "\n").encode())
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf.decode(errors="replace").strip()
+        data = json.dumps(body).encode() if body is not None else None
+        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"null")
     finally:
-        s.close()
-
-
-def field(line, key):
-    for f in line.split():
-        k, _, v = f.partition("=")
-        if k == key:
-            return v
-    return None
+        c.close()
 
 
 class Kv:
@@ -214,13 +215,15 @@ class Run:
                                    "--backup", "hostb@127.0.0.1:7100", "--certs", pki, "--host", "hostp",
                                    "--term", "1", "--control", self.path("p.sock"),
                                    "--console-log", self.path("console1.log")], "primary1.log")
-        wait_until(lambda: field(self.status("p.sock"), "protected") == "true", 120, "protected")
+        wait_until(lambda: self.status("p.sock").get("protected") is True, 120, "protected")
 
-    def status(self, sock):
+    def status(self, sock, timeout=2.0):
+        """`GET /status` of a control socket; {} if it does not answer (yet)."""
         try:
-            return ctl(self.path(sock), "status", timeout=2.0)
-        except OSError:
-            return ""
+            code, st = ctl(self.path(sock), "GET", "/status", timeout=timeout)
+            return st if code == 200 else {}
+        except (OSError, ValueError, http.client.HTTPException):
+            return {}
 
     def fill(self):
         kv = connect_retry(self.guest, 30)
@@ -254,10 +257,10 @@ class Run:
         t = {"backup_rss_mib": rss_mib(self.backup.pid), "load1": os.getloadavg()[0],
              "wall0": time.time()}
         m0 = time.monotonic()
-        answer = ctl(self.path("b.sock"), "promote 2")
+        code, answer = ctl(self.path("b.sock"), "PUT", "/promote", {"term": 2})
         t["answer"] = time.monotonic() - m0
-        if not answer.startswith("ok promoting: image at checkpoint"):
-            raise BenchError(f"promote: {answer}")
+        if code != 200 or "checkpoint" not in answer:
+            raise BenchError(f"promote: HTTP {code} {answer}")
         while self.backup.poll() is None:
             time.sleep(0.0005)
         t["exited"] = time.monotonic() - m0
@@ -273,12 +276,8 @@ class Run:
         while True:
             if self.primary2.poll() is not None:
                 raise BenchError(f"the promoted primary exited: {self.log_tail('primary2.log')}")
-            if os.path.exists(sock):
-                try:
-                    if ctl(sock, "status", timeout=1.0).startswith("ok"):
-                        break
-                except OSError:
-                    pass
+            if os.path.exists(sock) and self.status("p2.sock", timeout=1.0):
+                break
             time.sleep(0.0005)
         t["status"] = time.monotonic() - m0
         kv = connect_retry(self.guest, 10)
@@ -291,7 +290,7 @@ class Run:
         kv.close()
         if missing:
             raise BenchError(f"{len(missing)} acknowledged keys missing after the promotion: {missing[:5]}")
-        t["answer_text"] = answer
+        t["answer_text"] = json.dumps(answer)
         return t
 
     def log_phases(self, wall0):

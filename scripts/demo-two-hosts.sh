@@ -64,9 +64,10 @@ step "a client stores 200 keys; each OK means the backup holds that write"
 acked=$(for i in $(seq 1 200); do echo "SET key$i value-$i"; done \
   | "$VMX" kv --addr "$GUEST" | grep -c -- '-> OK$' || true)
 echo "  $acked writes acknowledged"
-"$VMX" ctl "$LOGS/primary.sock" status | tr ' ' '\n' \
-  | grep -E '^(epochs|acked_epoch|epoch_us|pause_p50_us|pause_p99_us|dirty_pages_sent|bytes_sent|ack_latency_us)=' \
-  | sed 's/^/  /'
+"$VMX" ctl "$LOGS/primary.sock" status | python3 -c 'import json, sys
+st = json.load(sys.stdin)
+for k in ("epochs", "acked_epoch", "epoch_us", "pause_p50_us", "pause_p99_us", "dirty_pages_sent", "bytes_sent", "ack_latency_us"):
+    print(f"  {k}={st[k]}")'
 
 step "the primary's host crashes (SIGKILL)"
 kill -9 "$PRIMARY_PID"; wait "$PRIMARY_PID" 2>/dev/null || true
