@@ -16,7 +16,7 @@ use serde::Serialize;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"VMXSNAP\0";
 /// Current format version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 1;
 /// Largest metadata body accepted (a 3 GiB diff lists at most 786k pages: 6 MiB).
 pub const MAX_META_LEN: u64 = 64 << 20;
 const HEADER_LEN: usize = 20;

@@ -151,15 +151,6 @@ fn wait_for_tap(n: &NetDev) {
     }
 }
 
-/// The first time a restored VM runs: its clients' lost segments are retransmitted now, not
-/// after their retransmission timeout (see `devices/virtio/net/tcp_peers.rs`).
-fn nudge_tcp_peers(n: &NetDev) {
-    let nudged = lock(n).with_device_unchecked(Net::nudge_peers);
-    if nudged > 0 {
-        tracing::info!("nudged {nudged} TCP connection(s) of the checkpoint to retransmit");
-    }
-}
-
 /// Opens a disk image read-write with a clear error.
 pub(crate) fn open_disk(p: &PathBuf) -> Result<File> {
     OpenOptions::new()
@@ -357,9 +348,6 @@ impl Vm {
         if let Some(n) = &self.devices.net {
             wait_for_tap(n);
             *lock(&self.rx) = Some(RxThread::spawn(n.clone(), paused)?);
-            if !paused {
-                nudge_tcp_peers(n);
-            }
         }
         let (vcpu, pio, mmio, control) = (
             self.vcpu.clone(),
@@ -400,9 +388,6 @@ impl Vm {
         if self.control.resume() {
             if let Some(rx) = rx.as_ref() {
                 rx.resume();
-            }
-            if let Some(n) = &self.devices.net {
-                nudge_tcp_peers(n);
             }
         }
     }

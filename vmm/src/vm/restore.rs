@@ -213,15 +213,10 @@ fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
     )
     .map_err(SnapshotError::from)?;
     let net = match (tap, &state.net) {
-        (Some(t), Some(st)) => {
-            let mut dev = MmioTransport::<Net<Tap>>::restore(transport_args(t, &mem, &events), st)
-                .map_err(SnapshotError::from)?;
-            if generation.is_some() {
-                // A clone: the checkpoint's connections belong to its parent.
-                dev.with_device_unchecked(Net::forget_peers);
-            }
-            Some(Arc::new(Mutex::new(dev)))
-        }
+        (Some(t), Some(st)) => Some(Arc::new(Mutex::new(
+            MmioTransport::<Net<Tap>>::restore(transport_args(t, &mem, &events), st)
+                .map_err(SnapshotError::from)?,
+        ))),
         _ => None,
     };
     let blk = match (disk, &state.blk) {

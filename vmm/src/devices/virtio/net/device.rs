@@ -11,7 +11,6 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::chain;
 use super::super::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET};
 use super::commit::OutputCommit;
-use super::tcp_peers::{TcpPeers, NUDGE_COPIES};
 use crate::memory::GuestMem;
 
 /// Length of `virtio_net_hdr_v1`.
@@ -60,10 +59,6 @@ pub struct Net<B: NetBackend> {
     tx_blocked: bool,
     /// Called when output starts waiting for a checkpoint (first held frame of an epoch).
     output_waker: Option<OutputWaker>,
-    /// The guest's TCP connections, for the nudge after a restore.
-    peers: TcpPeers,
-    /// Restored from a checkpoint: nudge the peers when the guest first runs.
-    nudge_due: bool,
 }
 
 /// Callback for "guest output is waiting for a checkpoint" (may run on the vCPU thread).
@@ -83,8 +78,6 @@ impl<B: NetBackend> Net<B> {
             commit: None,
             tx_blocked: false,
             output_waker: None,
-            peers: TcpPeers::default(),
-            nudge_due: false,
         }
     }
 
@@ -161,41 +154,6 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// The guest's TCP connections as learnt from its frames (device state).
-    pub fn tcp_peers(&self) -> &TcpPeers {
-        &self.peers
-    }
-
-    /// Restores the connection table and arms the nudge: the VM continues the checkpoint's
-    /// connections.
-    pub(super) fn restore_peers(&mut self, peers: TcpPeers) {
-        self.nudge_due = !peers.is_empty();
-        self.peers = peers;
-    }
-
-    /// Forgets the checkpoint's connections and disarms the nudge (a clone: it must never
-    /// speak for its parent's connections).
-    pub fn forget_peers(&mut self) {
-        self.peers.clear();
-        self.nudge_due = false;
-    }
-
-    /// Once after a restore: sends every tracked connection's pure ACK [`NUDGE_COPIES`]
-    /// times, straight to the backend (they restate the restored checkpoint, so output commit
-    /// has nothing to hold). Returns the number of connections nudged.
-    pub fn nudge_peers(&mut self) -> usize {
-        if !std::mem::take(&mut self.nudge_due) {
-            return 0;
-        }
-        let frames = self.peers.nudge_frames();
-        for f in &frames {
-            for _ in 0..NUDGE_COPIES {
-                self.send_now(f);
-            }
-        }
-        frames.len()
-    }
-
     /// MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
@@ -266,7 +224,6 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             let data = c.read(mem, NET_HDR_LEN as u64, frame_len)?;
-            self.peers.observe_tx(&data);
             match &mut self.commit {
                 Some(commit) => {
                     tracing::trace!("tx held {} bytes", data.len());
@@ -324,7 +281,6 @@ impl<B: NetBackend> Net<B> {
                 }
             };
             let total = NET_HDR_LEN + n;
-            self.peers.observe_rx(&mut self.frame[NET_HDR_LEN..total]);
             let written = if c.writable_len() >= total as u64 {
                 self.frame[..NET_HDR_LEN].fill(0);
                 // num_buffers = 1

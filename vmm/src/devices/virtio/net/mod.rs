@@ -5,14 +5,12 @@ mod device;
 mod persist;
 mod rx;
 mod tap;
-mod tcp_peers;
 
 pub use commit::{OutputCommit, DEFAULT_MAX_HELD};
 pub use device::{Net, NetBackend, NetStats, OutputWaker, NET_HDR_LEN};
 pub use persist::NetPersist;
 pub use rx::RxThread;
 pub use tap::Tap;
-pub use tcp_peers::{Peer, TcpPeers, MAX_PEERS, NUDGE_COPIES};
 
 #[cfg(test)]
 mod tests;

@@ -1,11 +1,9 @@
-//! virtio-net state: MAC, counters, whether the device was waiting for receive buffers, and
-//! the guest's TCP connections (for the nudge after a restore, see `tcp_peers.rs`).
+//! virtio-net state: MAC, counters and whether the device was waiting for receive buffers.
 //! The tap is a host resource and comes back through `Args` (possibly a different tap).
 
 use serde::{Deserialize, Serialize};
 
 use super::device::{Net, NetBackend, NetStats};
-use super::tcp_peers::TcpPeers;
 use crate::persist::{Persist, RestoreError};
 
 /// Saved network device.
@@ -17,8 +15,6 @@ pub struct NetPersist {
     pub stats: NetStats,
     /// Receive buffers were available at capture.
     pub rx_has_buffers: bool,
-    /// The guest's TCP connections as of the capture.
-    pub tcp_peers: TcpPeers,
 }
 
 impl<B: NetBackend> Persist for Net<B> {
@@ -30,7 +26,6 @@ impl<B: NetBackend> Persist for Net<B> {
             mac: self.mac(),
             stats: self.stats(),
             rx_has_buffers: self.rx_has_buffers(),
-            tcp_peers: self.tcp_peers().clone(),
         }
     }
 
@@ -38,12 +33,8 @@ impl<B: NetBackend> Persist for Net<B> {
         if st.mac[0] & 1 != 0 {
             return Err(RestoreError::new("virtio-net", "multicast MAC address"));
         }
-        st.tcp_peers
-            .validate()
-            .map_err(|why| RestoreError::new("virtio-net", why))?;
         let mut n = Net::new(backend, st.mac);
         n.restore_counters(st.stats, st.rx_has_buffers);
-        n.restore_peers(st.tcp_peers.clone());
         Ok(n)
     }
 }
