@@ -56,6 +56,8 @@ fn connect(addr: SocketAddr, wait: Duration) -> anyhow::Result<TcpStream> {
 pub fn main(a: KvArgs) -> anyhow::Result<ExitCode> {
     let stream = connect(a.addr, Duration::from_secs(a.wait_secs))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // One segment per request, sent at once (see `send_line`).
+    stream.set_nodelay(true)?;
     let mut w = stream.try_clone()?;
     let mut r = BufReader::new(stream);
     if let Some(n) = a.write_loop {
@@ -73,7 +75,7 @@ pub fn main(a: KvArgs) -> anyhow::Result<ExitCode> {
         a.requests
     };
     for req in requests {
-        writeln!(w, "{req}")?;
+        send_line(&mut w, &req)?;
         let mut line = String::new();
         r.read_line(&mut line).context("reading the response")?;
         println!("{req:<24} -> {}", line.trim_end());
@@ -81,8 +83,15 @@ pub fn main(a: KvArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes `req` and its newline in one write: `writeln!` writes them separately, and with
+/// Nagle the newline then waits for the ACK of the rest (one more round trip per request,
+/// through the primary's output commit).
+fn send_line(w: &mut TcpStream, req: &str) -> std::io::Result<()> {
+    w.write_all(format!("{req}\n").as_bytes())
+}
+
 fn ask(w: &mut TcpStream, r: &mut BufReader<TcpStream>, req: &str) -> anyhow::Result<String> {
-    writeln!(w, "{req}")?;
+    send_line(w, req)?;
     let mut line = String::new();
     if r.read_line(&mut line).context("reading the response")? == 0 {
         anyhow::bail!("the connection closed");
