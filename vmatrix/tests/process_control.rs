@@ -261,97 +261,9 @@ fn the_control_api_over_http_on_a_protected_vm() {
     assert_eq!(c.cmd("SET k1 v1").unwrap(), "OK");
     wait_status(&sock, "protected", |v| v == "true", Duration::from_secs(10));
 
-    // GET /status: the VM's and the replication's figures, numbers as numbers.
-    let (code, body) = http(&sock, "GET", "/status", "");
-    assert_eq!(code, 200, "{body}");
-    let st = json(&body);
-    assert_eq!(st["role"], "primary", "{body}");
-    assert_eq!(st["state"], "running", "{body}");
-    assert_eq!(st["mem_mib"], 32, "{body}");
-    assert_eq!(st["term"], 1, "{body}");
-    assert_eq!(st["protected"], true, "{body}");
-    assert!(st["epochs"].is_u64() && st["acked_seq"].is_u64(), "{body}");
-    // curl, as the docs show it.
-    if let Ok(out) = std::process::Command::new("curl")
-        .args(["-s", "--unix-socket"])
-        .arg(&sock)
-        .arg("http://localhost/status")
-        .output()
-    {
-        assert_eq!(
-            json(&String::from_utf8_lossy(&out.stdout))["role"],
-            "primary"
-        );
-    }
-
-    // PUT /state, idempotent; GET /checksum only while paused.
-    refused(http(&sock, "GET", "/checksum", ""), 409, "must be paused");
-    for _ in 0..2 {
-        let (code, body) = http(&sock, "PUT", "/state", r#"{"state":"paused"}"#);
-        assert_eq!((code, body.as_str()), (200, r#"{"state":"paused"}"#));
-    }
-    assert_eq!(
-        json(&http(&sock, "GET", "/status", "").1)["state"],
-        "paused"
-    );
-    let (code, body) = http(&sock, "GET", "/checksum", "");
-    assert_eq!(code, 200, "{body}");
-    let crc = json(&body)["memory_crc32"].as_u64().expect("a number");
-
-    // PUT /snapshot of the paused VM: its memory is the checksum's.
-    let snap = d.join("snap");
-    let req = serde_json::json!({ "kind": "full", "dir": snap }).to_string();
-    let (code, body) = http(&sock, "PUT", "/snapshot", &req);
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["memory_crc32"].as_u64(), Some(crc), "{body}");
-    refused(
-        http(&sock, "PUT", "/snapshot", &req),
-        409,
-        "already holds a snapshot",
-    );
-    let req = r#"{"kind":"diff","dir":"relative/dir"}"#;
-    refused(http(&sock, "PUT", "/snapshot", req), 400, "absolute path");
-    let (code, body) = http(&sock, "PUT", "/state", r#"{"state":"running"}"#);
-    assert_eq!((code, body.as_str()), (200, r#"{"state":"running"}"#));
-
-    // Bad requests are refused clearly, and change nothing.
-    refused(
-        http(&sock, "PUT", "/state", r#"{"state":"#),
-        400,
-        "invalid JSON body: EOF while parsing",
-    );
-    refused(
-        http(&sock, "PUT", "/state", r#"{"state":"asleep"}"#),
-        400,
-        "unknown variant `asleep`",
-    );
-    refused(
-        http(&sock, "PUT", "/fence", r#"{"term":"x"}"#),
-        400,
-        "invalid type",
-    );
-    refused(
-        http(&sock, "PUT", "/backups", r#"{"backups":["nowhere"]}"#),
-        400,
-        "'nowhere' is not host:port",
-    );
-    refused(
-        http(&sock, "GET", "/reboot", ""),
-        404,
-        "no resource /reboot",
-    );
-    refused(
-        http(&sock, "PUT", "/promote", r#"{"term":2}"#),
-        404,
-        "PUT /promote is not served by a primary",
-    );
-    refused(http(&sock, "POST", "/status", ""), 405, "GET only");
-    let big = format!(r#"{{"backups":["{}"]}}"#, "b".repeat(20 << 10));
-    refused(http(&sock, "PUT", "/backups", &big), 413, "exceeds");
-    let (code, body) = http(&sock, "PUT", "/faults/disk", r#"{"count":0}"#);
-    assert_eq!((code, body.as_str()), (200, r#"{"failing_writes":0}"#));
-    let (code, body) = http(&sock, "PUT", "/fence", r#"{"term":1}"#);
-    assert_eq!((code, body.as_str()), (200, r#"{"fenced":false,"term":1}"#));
+    status_and_curl(&sock);
+    pause_checksum_snapshot_resume(&sock, d);
+    bad_requests_are_refused(&sock);
 
     // A client that connects and says nothing delays no one.
     let _silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
@@ -393,4 +305,95 @@ fn the_control_api_over_http_on_a_protected_vm() {
     assert!(stderr.contains("handed over"), "{stderr}");
     let bst = json(&http(&bsock, "GET", "/status", "").1);
     assert!(bst["seq"].as_u64() >= Some(seq), "{bst} vs {seq}");
+}
+
+/// GET /status: the VM's and the replication's figures, numbers as numbers; and curl.
+fn status_and_curl(sock: &Path) {
+    let (code, body) = http(sock, "GET", "/status", "");
+    assert_eq!(code, 200, "{body}");
+    let st = json(&body);
+    assert_eq!(st["role"], "primary", "{body}");
+    assert_eq!(st["state"], "running", "{body}");
+    assert_eq!(st["mem_mib"], 32, "{body}");
+    assert_eq!(st["term"], 1, "{body}");
+    assert_eq!(st["protected"], true, "{body}");
+    assert!(st["epochs"].is_u64() && st["acked_seq"].is_u64(), "{body}");
+    // curl, as the docs show it.
+    if let Ok(out) = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(sock)
+        .arg("http://localhost/status")
+        .output()
+    {
+        assert_eq!(
+            json(&String::from_utf8_lossy(&out.stdout))["role"],
+            "primary"
+        );
+    }
+}
+
+/// PUT /state (idempotent), GET /checksum only while paused, PUT /snapshot of the paused VM.
+fn pause_checksum_snapshot_resume(sock: &Path, d: &Path) {
+    refused(http(sock, "GET", "/checksum", ""), 409, "must be paused");
+    for _ in 0..2 {
+        let (code, body) = http(sock, "PUT", "/state", r#"{"state":"paused"}"#);
+        assert_eq!((code, body.as_str()), (200, r#"{"state":"paused"}"#));
+    }
+    assert_eq!(json(&http(sock, "GET", "/status", "").1)["state"], "paused");
+    let (code, body) = http(sock, "GET", "/checksum", "");
+    assert_eq!(code, 200, "{body}");
+    let crc = json(&body)["memory_crc32"].as_u64().expect("a number");
+
+    // PUT /snapshot of the paused VM: its memory is the checksum's.
+    let snap = d.join("snap");
+    let req = serde_json::json!({ "kind": "full", "dir": snap }).to_string();
+    let (code, body) = http(sock, "PUT", "/snapshot", &req);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["memory_crc32"].as_u64(), Some(crc), "{body}");
+    refused(
+        http(sock, "PUT", "/snapshot", &req),
+        409,
+        "already holds a snapshot",
+    );
+    let req = r#"{"kind":"diff","dir":"relative/dir"}"#;
+    refused(http(sock, "PUT", "/snapshot", req), 400, "absolute path");
+    let (code, body) = http(sock, "PUT", "/state", r#"{"state":"running"}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"state":"running"}"#));
+}
+
+/// Bad requests are refused clearly (and change nothing); a few good ones.
+fn bad_requests_are_refused(sock: &Path) {
+    refused(
+        http(sock, "PUT", "/state", r#"{"state":"#),
+        400,
+        "invalid JSON body: EOF while parsing",
+    );
+    refused(
+        http(sock, "PUT", "/state", r#"{"state":"asleep"}"#),
+        400,
+        "unknown variant `asleep`",
+    );
+    refused(
+        http(sock, "PUT", "/fence", r#"{"term":"x"}"#),
+        400,
+        "invalid type",
+    );
+    refused(
+        http(sock, "PUT", "/backups", r#"{"backups":["nowhere"]}"#),
+        400,
+        "'nowhere' is not host:port",
+    );
+    refused(http(sock, "GET", "/reboot", ""), 404, "no resource /reboot");
+    refused(
+        http(sock, "PUT", "/promote", r#"{"term":2}"#),
+        404,
+        "PUT /promote is not served by a primary",
+    );
+    refused(http(sock, "POST", "/status", ""), 405, "GET only");
+    let big = format!(r#"{{"backups":["{}"]}}"#, "b".repeat(20 << 10));
+    refused(http(sock, "PUT", "/backups", &big), 413, "exceeds");
+    let (code, body) = http(sock, "PUT", "/faults/disk", r#"{"count":0}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"failing_writes":0}"#));
+    let (code, body) = http(sock, "PUT", "/fence", r#"{"term":1}"#);
+    assert_eq!((code, body.as_str()), (200, r#"{"fenced":false,"term":1}"#));
 }
