@@ -24,4 +24,6 @@
 
 pub mod checker;
 pub mod history;
+pub mod report;
+pub mod run_dir;
 pub mod schedule;
