@@ -24,6 +24,7 @@
 
 pub mod checker;
 pub mod history;
+pub mod netem;
 pub mod report;
 pub mod run_dir;
 pub mod schedule;
