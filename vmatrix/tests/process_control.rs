@@ -279,10 +279,7 @@ fn the_control_api_over_http_on_a_protected_vm() {
     assert_eq!(c.cmd("SET k2 v2").unwrap(), "OK");
     assert_eq!(c.cmd("GET k1").unwrap(), "VALUE v1");
     let st = json(&http(&sock, "GET", "/status", "").1);
-    assert_eq!(
-        (&st["state"], &st["protected"]),
-        (&"running".into(), &true.into())
-    );
+    assert_eq!(st["protected"], true, "{st}");
 
     // The backup serves its own resources only.
     let bsock = r.backup_socket(0);
@@ -313,7 +310,11 @@ fn status_and_curl(sock: &Path) {
     assert_eq!(code, 200, "{body}");
     let st = json(&body);
     assert_eq!(st["role"], "primary", "{body}");
-    assert_eq!(st["state"], "running", "{body}");
+    // ("paused" too for the millisecond a checkpoint pauses the VM.)
+    assert!(
+        ["running", "paused"].contains(&st["state"].as_str().unwrap()),
+        "{body}"
+    );
     assert_eq!(st["mem_mib"], 32, "{body}");
     assert_eq!(st["term"], 1, "{body}");
     assert_eq!(st["protected"], true, "{body}");

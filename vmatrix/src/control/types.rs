@@ -292,7 +292,8 @@ pub enum Status {
 /// A VM's state and counters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {
-    /// Running or paused.
+    /// Running or paused (paused also while a checkpoint or a snapshot pauses it, for about a
+    /// millisecond).
     pub state: RunState,
     /// Guest RAM.
     pub mem_mib: u64,

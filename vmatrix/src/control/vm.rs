@@ -80,10 +80,19 @@ impl VmHandler {
                 })
             }
             Request::SetState(state) => self.set_state(state),
-            Request::Checksum => vm
-                .memory_checksum()
-                .map_err(|e| ControlError::conflict(e.to_string()))
-                .and_then(|c| answer(ChecksumAnswer { memory_crc32: c })),
+            Request::Checksum => {
+                // Paused through the API: a checkpoint's or a snapshot's pause may end while
+                // memory is read.
+                if !self.paused_by_api.load(Ordering::SeqCst) {
+                    return Err(ControlError::conflict(
+                        "the VM must be paused (PUT /state {\"state\":\"paused\"}) to checksum \
+                         its memory",
+                    ));
+                }
+                vm.memory_checksum()
+                    .map_err(|e| ControlError::conflict(e.to_string()))
+                    .and_then(|c| answer(ChecksumAnswer { memory_crc32: c }))
+            }
             Request::Snapshot { kind, dir } => snapshot(vm, kind, &dir),
             Request::Stop => {
                 vm.stop();
