@@ -1,5 +1,6 @@
 //! Snapshot and restore of the real guest on real KVM, taps and namespaces: TCP connections
-//! survive a move to a new process, memory is bit-identical, diff chains equal full snapshots.
+//! survive a move to a new process, memory is bit-identical, diff chains equal full snapshots;
+//! a restored VM stops cleanly through its control socket (`PUT /stop`).
 
 mod support;
 
@@ -151,6 +152,11 @@ fn memory_checksum_at_capture_equals_checksum_after_restore() {
     let mut kv = vm2.wait_ready(Duration::from_secs(10));
     assert_eq!(kv.cmd("GET key99").unwrap(), "VALUE value99");
     assert_eq!(kv.cmd("CHURN 0 0").unwrap(), "OK");
+    // PUT /stop: the VM stops cleanly (exit 0), after answering, and its socket goes away.
+    assert_eq!(ctl(&sock2, &["stop"]), r#"{"stopping":true}"#);
+    let st = wait_exit(&mut vm2.child, Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    assert!(!sock2.exists());
 }
 
 #[test]
