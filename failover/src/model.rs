@@ -221,7 +221,8 @@ pub struct VmObservation {
     /// Backup: time since a checkpoint or heartbeat from its primary last arrived, ms (None:
     /// never, since it started).
     pub silent_ms: Option<u64>,
-    /// Primary: it stopped after handing over (its last checkpoint is on every backup).
+    /// Primary: it handed over: its guest is stopped for good and its last checkpoint is on
+    /// every backup (reported as soon as it answered, while its process may still be exiting).
     #[serde(default)]
     pub handed_over: bool,
 }

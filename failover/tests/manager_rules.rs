@@ -315,6 +315,17 @@ fn a_lost_backup_leaves_the_set_and_another_host_takes_its_place() {
 
 #[test]
 fn a_planned_migration_hands_over_then_promotes_the_target_from_that_checkpoint() {
+    planned_migration(false);
+}
+
+/// The agent reports "handed over" as soon as the primary answered, while its process exits:
+/// the target is promoted at once, not after the teardown.
+#[test]
+fn a_primary_still_exiting_after_it_handed_over_does_not_delay_the_target() {
+    planned_migration(true);
+}
+
+fn planned_migration(still_exiting: bool) {
     let mut t = T::protected_vm();
     t.m.migrate(t.now, "web", "d").unwrap();
     t.drain();
@@ -338,9 +349,11 @@ fn a_planned_migration_hands_over_then_promotes_the_target_from_that_checkpoint(
     t.advance(20 * MS);
     assert_eq!(t.m.vm(t.now, "web").unwrap().term, 1);
     let mut done = primary(1, &["b", "c", "d"], true);
-    done.alive = false;
+    done.alive = still_exiting;
     done.handed_over = true;
-    done.exit = Some("exit code 4 (handed over)".into());
+    if !still_exiting {
+        done.exit = Some("exit code 4 (handed over)".into());
+    }
     t.report("a", vec![done]);
     let v = t.m.vm(t.now, "web").unwrap();
     assert_eq!((v.term, v.primary.as_deref()), (2, Some("d")));

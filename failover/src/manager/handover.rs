@@ -41,7 +41,9 @@ impl Manager {
         };
         let p = rec.primary.clone().unwrap_or_default();
         let obs = self.primary_obs(&p, rec).cloned();
-        if obs.as_ref().is_some_and(|o| !o.alive && o.handed_over) {
+        // Handed over = its guest is stopped for good and every backup holds its last
+        // checkpoint: the target may start at once, even while the old process is still exiting.
+        if obs.as_ref().is_some_and(|o| o.handed_over) {
             self.handover_since.remove(name);
             self.counters.switchovers += 1;
             let seq = obs

@@ -33,6 +33,8 @@ pub struct Proc {
     pub control: PathBuf,
     /// How it exited, once it did.
     pub exit: Option<String>,
+    /// A primary that answered `PUT /handover`: its guest is stopped for good (it exits next).
+    pub handed_over: bool,
     /// Last status it answered.
     pub status: Option<Status>,
     /// When it last answered.
@@ -79,6 +81,7 @@ impl Proc {
             pidfile,
             control,
             exit: None,
+            handed_over: false,
             status: None,
             status_at: None,
             term,
@@ -150,6 +153,7 @@ impl Proc {
             pidfile,
             control,
             exit: None,
+            handed_over: false,
             status: None,
             status_at: None,
             term,
@@ -284,7 +288,7 @@ impl Proc {
             backup_hosts: Vec::new(),
             output_held: false,
             silent_ms: None,
-            handed_over: self.exit.as_deref() == Some(HANDED_OVER),
+            handed_over: self.handed_over || self.exit.as_deref() == Some(HANDED_OVER),
         };
         match self.role {
             ProcRole::Primary => {
