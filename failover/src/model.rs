@@ -219,7 +219,8 @@ pub struct VmObservation {
     /// Primary: output waits for a checkpoint.
     pub output_held: bool,
     /// Backup: time since a checkpoint or heartbeat from its primary last arrived, ms (None:
-    /// never, since it started).
+    /// never, since it started). Primary: time since it last answered its agent's status
+    /// request, ms (None: never, since it started).
     pub silent_ms: Option<u64>,
     /// Primary: it handed over: its guest is stopped for good and its last checkpoint is on
     /// every backup (reported as soon as it answered, while its process may still be exiting).

@@ -236,6 +236,45 @@ fn an_exited_primary_process_fails_over_at_once() {
     assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
 }
 
+/// A primary whose agent speaks but which answers it no more (stopped, hung): failed over once
+/// it has been silent for `hung` and its backups say checkpoints stopped as long; not before,
+/// not while any backup still gets checkpoints, and not without a backup to witness it.
+#[test]
+fn a_hung_primary_fails_over_only_when_its_backups_agree() {
+    let hung = |silent_ms: u64| {
+        let mut p = primary(1, &["b", "c"], true);
+        p.silent_ms = Some(silent_ms);
+        p
+    };
+    // Slow to answer, backups silent too, but not yet for `hung`.
+    let mut t = T::protected_vm();
+    t.report("a", vec![hung(900)]);
+    t.report("b", vec![backup(1, 10, 900)]);
+    t.report("c", vec![backup(1, 12, 900)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Not answering for 1.2 s, but one backup still gets checkpoints: only the agent's polls
+    // are slow.
+    t.report("a", vec![hung(1200)]);
+    t.report("b", vec![backup(1, 10, 1200)]);
+    t.report("c", vec![backup(1, 12, 5)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Both backups say checkpoints stopped 1.2 s ago: hung, failed over to the most advanced.
+    t.report("c", vec![backup(1, 12, 1200)]);
+    t.report("a", vec![hung(1200)]);
+    assert_eq!(t.events(EventKind::Detected), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.primary.as_deref()), (2, Some("c")));
+    // The old host is told to run nothing of it: its agent stops the hung process.
+    assert!(t.last_assign("a").unwrap().vms.is_empty());
+
+    // Without any backup heard, a silent primary whose agent speaks is left alone.
+    let mut t = T::protected_vm();
+    t.report("b", vec![]);
+    t.report("c", vec![]);
+    t.report("a", vec![hung(5000)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+}
+
 #[test]
 fn a_backup_never_synced_at_the_current_term_is_never_promoted() {
     let mut t = T::new(&["a", "b"]);

@@ -5,7 +5,8 @@
 //! `(term, version)` on the host's disk, which survives crashes). Agents run the real
 //! [`failover::agent::reconcile`]; the manager is the real [`Manager`] with an in-memory store.
 //! Faults: host crashes and restarts, manager↔host partitions (short ones delay messages, long
-//! ones drop the connection), primary↔backup link cuts, primary process crashes, manager crashes
+//! ones drop the connection), primary↔backup link cuts, primary process crashes and stalls
+//! (SIGSTOP: no checkpoints, no answers to its agent, later perhaps SIGCONT), manager crashes
 //! (it restarts from the store only; unprocessed outputs are lost).
 //!
 //! Checked at every step: terms only grow; at most one live primary per term; no output a
@@ -53,6 +54,8 @@ struct PrimaryProc {
     acked: BTreeMap<String, u64>,
     released: u64,
     handed_over: bool,
+    /// SIGSTOPped (hung) since: no checkpoint, no answer to its agent.
+    stalled_since: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +120,7 @@ fn cfg() -> ManagerConfig {
     ManagerConfig {
         detect: Duration::from_millis(60),
         backup_lost: Duration::from_millis(1500),
+        hung: Duration::from_millis(1000),
     }
 }
 
@@ -244,7 +248,10 @@ impl Sim {
                 protected: !p.backups.is_empty() && acked.is_some(),
                 backup_hosts: p.backups.clone(),
                 output_held: !p.backups.is_empty(),
-                silent_ms: None,
+                silent_ms: Some(
+                    p.stalled_since
+                        .map_or(0, |t| self.now.saturating_sub(t).as_millis() as u64),
+                ),
                 handed_over: p.handed_over,
             });
         }
@@ -318,6 +325,7 @@ impl Sim {
             acked: BTreeMap::new(),
             released: version,
             handed_over: false,
+            stalled_since: None,
         }
     }
 
@@ -449,7 +457,7 @@ impl Sim {
             let Some(mut p) = self.hosts[i].primary.clone().filter(|p| p.alive) else {
                 continue;
             };
-            if !self.hosts[i].up {
+            if !self.hosts[i].up || p.stalled_since.is_some() {
                 continue;
             }
             p.version += 1;
@@ -553,7 +561,7 @@ impl Sim {
     fn fault(&mut self) {
         let n = self.hosts.len();
         let i = self.rng.below(n as u64) as usize;
-        match self.rng.below(8) {
+        match self.rng.below(9) {
             0 if self.hosts.iter().filter(|h| h.up).count() > 1 => {
                 self.note(format!("FAULT crash host {}", self.names[i]));
                 let h = &mut self.hosts[i];
@@ -603,6 +611,20 @@ impl Sim {
                 self.note(format!("MIGRATE to {to}: {r:?}"));
                 self.drive_manager();
             }
+            7 => {
+                let now = self.now;
+                if let Some(p) = self.hosts[i]
+                    .primary
+                    .as_mut()
+                    .filter(|p| p.alive && p.stalled_since.is_none())
+                {
+                    p.stalled_since = Some(now);
+                    self.note(format!(
+                        "FAULT stall the primary process on {}",
+                        self.names[i]
+                    ));
+                }
+            }
             _ => self.heal_some(),
         }
     }
@@ -623,6 +645,17 @@ impl Sim {
         if !self.cuts.is_empty() {
             let k = self.rng.below(self.cuts.len() as u64) as usize;
             self.cuts.remove(k);
+        }
+        for i in 0..self.hosts.len() {
+            if self.hosts[i]
+                .primary
+                .as_ref()
+                .is_some_and(|p| p.stalled_since.is_some())
+                && self.rng.chance(300)
+            {
+                self.hosts[i].primary.as_mut().unwrap().stalled_since = None;
+                self.note(format!("primary process on {} continues", self.names[i]));
+            }
         }
         for i in 0..self.hosts.len() {
             if let Some(since) = self.hosts[i].cut_since {

@@ -6,7 +6,7 @@
 //! 2. the manager crashes and restarts: the VM serves and replicates meanwhile, the restarted
 //!    manager finds it protected at the same term, and a later host crash still fails over;
 //! 3. only the primary's VM process is killed: its agent reports the exit and the manager fails
-//!    over at once;
+//!    over at once; or it is stopped (SIGSTOP): failed over as hung, then killed by its agent;
 //! 4. a planned migration to the third host;
 //! 5. the primary's host is isolated from the replication network (its LAN stays up): the
 //!    backup is promoted, the old primary releases nothing from then on, and after the heal it
@@ -476,6 +476,44 @@ fn a_killed_primary_process_fails_over_at_once() {
         });
         assert_eq!(backups_of(&v).len(), 1);
         assert_eq!(m.vm_pids(b, "primary").len(), 1);
+        eprintln!("events of web:\n{}", story(m));
+        Ok(())
+    });
+}
+
+/// Fault 3b: the primary's VM process is stopped (SIGSTOP: hung, its host and agent up). It
+/// answers its agent no more and checkpoints stop: after `--hung-ms` the manager fails it over
+/// as hung, and the agent kills the stopped process; the client carries on.
+#[test]
+fn a_hung_primary_process_is_failed_over_and_killed() {
+    let _serial = serial();
+    conclusive(|| {
+        let s = protected_vm(3, 1);
+        let (m, p, b) = (&s.m, s.p, s.b);
+        let w = writer(m, "hung", Duration::from_secs(30));
+        let started = Instant::now();
+        w.wait_acked(20, Duration::from_secs(20));
+        premise(m, &w, started, 0)?;
+        let before = w.acked();
+        let stopped = Instant::now();
+        let pid = m.signal_vm_process(p, "primary", "-STOP");
+        m.wait_vm("web", "failed over", LONG, |v| {
+            v["term"] == 2 && v["primary"] == m.net.host_name(b).as_str()
+        });
+        eprintln!(
+            "primary {pid} stopped; term 2 {:?} later",
+            stopped.elapsed()
+        );
+        let detected = m.events_of("detected");
+        let why = detected[0]["detail"].as_str().unwrap_or_default();
+        assert!(why.contains("hung"), "not detected as hung: {why}");
+        m.wait_no_vm_process(p, "primary", LONG);
+        w.wait_acked(before + 20, LONG);
+        // (The hung primary's detection is one "on silence": it is expected.)
+        premise(m, &w, started, 1)?;
+        let mut done = w.stop();
+        assert!(done.error.is_none(), "the client failed: {:?}", done.error);
+        done.verify_all();
         eprintln!("events of web:\n{}", story(m));
         Ok(())
     });

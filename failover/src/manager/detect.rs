@@ -61,9 +61,10 @@ impl Manager {
             if !self.hosts.get(p).is_some_and(|h| h.reported) {
                 return None; // (re)connected, no report yet
             }
-            // Its own agent speaks: failed only if the process is gone.
+            // Its own agent speaks: failed if the process is gone, or hung (not answering its
+            // agent) while its backups say checkpoints stopped.
             return match self.primary_obs(p, rec) {
-                Some(o) if o.alive => None,
+                Some(o) if o.alive => self.primary_hung(now, p, rec, o),
                 Some(o) => Some(format!(
                     "the primary's process on {p} exited ({})",
                     o.exit.as_deref().unwrap_or("unknown")
@@ -73,28 +74,10 @@ impl Manager {
         }
         // Its host is silent: the backups must agree that checkpoints stopped.
         let silent_host = self.report_age(now, p);
-        let mut witnesses = 0;
-        let mut quietest = Duration::MAX;
-        for b in &rec.backups {
-            if !self.fresh(now, &b.host) {
-                continue;
-            }
-            let Some(o) = self.backup_obs(&b.host, &rec.spec.name) else {
-                continue;
-            };
-            if !o.alive {
-                continue;
-            }
-            witnesses += 1;
-            // The backup's own measure (a report is at most a heartbeat or two old); not
-            // extended by the report's age, so a manager that stalls does not make every
-            // backup look silent.
-            let silent = o.silent_ms.map_or(Duration::MAX, Duration::from_millis);
-            if silent <= self.cfg.detect {
-                return None; // checkpoints still arrive: only the manager's link is cut
-            }
-            quietest = quietest.min(silent);
-        }
+        let (witnesses, quietest) = match self.checkpoints_stopped(now, rec) {
+            None => return None, // checkpoints still arrive: only the manager's link is cut
+            Some(w) => w,
+        };
         if witnesses == 0 {
             // Nobody who could tell is heard: do nothing rather than guess. Except when the
             // primary's host and every backup's host, all heard by this manager, have all
@@ -131,6 +114,63 @@ impl Manager {
         Some(format!(
             "no heartbeat from {p} for {} ms and its backups say checkpoints stopped ({quiet})",
             silent_host.as_millis()
+        ))
+    }
+
+    /// The backups' side of detection: `None` if a live backup whose host is heard still gets
+    /// checkpoints or heartbeats (within `detect`); else how many such witnesses say they
+    /// stopped, and the shortest silence among them (`Duration::MAX`: never heard).
+    fn checkpoints_stopped(&self, now: Duration, rec: &VmRecord) -> Option<(usize, Duration)> {
+        let mut witnesses = 0;
+        let mut quietest = Duration::MAX;
+        for b in &rec.backups {
+            if !self.fresh(now, &b.host) {
+                continue;
+            }
+            let Some(o) = self.backup_obs(&b.host, &rec.spec.name) else {
+                continue;
+            };
+            if !o.alive {
+                continue;
+            }
+            witnesses += 1;
+            // The backup's own measure (a report is at most a heartbeat or two old); not
+            // extended by the report's age, so a manager that stalls does not make every
+            // backup look silent.
+            let silent = o.silent_ms.map_or(Duration::MAX, Duration::from_millis);
+            if silent <= self.cfg.detect {
+                return None;
+            }
+            quietest = quietest.min(silent);
+        }
+        Some((witnesses, quietest))
+    }
+
+    /// A primary whose agent speaks but which itself has not answered that agent for `hung`,
+    /// while every heard backup says checkpoints stopped (at least one must say so: without a
+    /// witness a slow primary is not told from a hung one). Its replacement is safe even if it
+    /// wakes up later: the promoted backup and every other backup are fenced at the new term,
+    /// so it can never have output acknowledged again, and its agent stops it.
+    fn primary_hung(
+        &self,
+        now: Duration,
+        p: &str,
+        rec: &VmRecord,
+        o: &VmObservation,
+    ) -> Option<String> {
+        let unanswered = Duration::from_millis(o.silent_ms?);
+        if unanswered < self.cfg.hung {
+            return None;
+        }
+        let (witnesses, quietest) = self.checkpoints_stopped(now, rec)?;
+        if witnesses == 0 || quietest < self.cfg.hung {
+            return None;
+        }
+        Some(format!(
+            "the primary on {p} has not answered its agent for {} ms and its backups say \
+             checkpoints stopped (silent for {} ms): hung",
+            unanswered.as_millis(),
+            quietest.as_millis()
         ))
     }
 

@@ -49,6 +49,10 @@ pub struct ManagerConfig {
     pub detect: Duration,
     /// Silence of a backup's host after which the backup is replaced.
     pub backup_lost: Duration,
+    /// A primary whose host's agent speaks but which has not answered that agent for this
+    /// long (hung, stopped, stuck in the kernel) is failed, if its backups also say that
+    /// checkpoints stopped (for longer than `detect`).
+    pub hung: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -56,6 +60,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             detect: Duration::from_millis(60),
             backup_lost: Duration::from_millis(1500),
+            hung: Duration::from_millis(1000),
         }
     }
 }

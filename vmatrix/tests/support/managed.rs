@@ -620,6 +620,12 @@ impl Managed {
     /// SIGKILLs host `i`'s `vmatrix <role>` process (only that one: the host and its agent stay
     /// up); returns its pid.
     pub fn kill_vm_process(&self, i: usize, role: &str) -> u32 {
+        self.signal_vm_process(i, role, "-9")
+    }
+
+    /// Sends `signal` (`-9`, `-STOP`, ...) to host `i`'s `vmatrix <role>` process (only that
+    /// one); returns its pid.
+    pub fn signal_vm_process(&self, i: usize, role: &str, signal: &str) -> u32 {
         let pids = self.vm_pids(i, role);
         assert_eq!(
             pids.len(),
@@ -627,10 +633,10 @@ impl Managed {
             "vmatrix {role} processes on host {i}: {pids:?}"
         );
         let st = Command::new("kill")
-            .args(["-9", &pids[0].to_string()])
+            .args([signal, &pids[0].to_string()])
             .status()
             .unwrap();
-        assert!(st.success(), "kill -9 {}", pids[0]);
+        assert!(st.success(), "kill {signal} {}", pids[0]);
         pids[0]
     }
 

@@ -303,6 +303,8 @@ impl Proc {
                     && r.is_some_and(|r| r.protected && r.backups == n && r.backups_in_step == n);
                 o.output_held = r.is_some_and(|r| r.output_held);
                 o.backup_hosts = self.backup_hosts.clone();
+                // How long it has not answered (the manager fails a hung primary).
+                o.silent_ms = self.status_at.map(|_| self.status_age_ms());
             }
             ProcRole::Backup => {
                 let b = self.backup_status();

@@ -60,14 +60,20 @@ pub struct ManagerArgs {
     /// Silence of a backup's agent after which the backup is replaced, ms.
     #[arg(long, default_value_t = 1500)]
     pub backup_lost_ms: u64,
+    /// A primary that has not answered its (heard) agent for this long, while its backups say
+    /// checkpoints stopped for as long, is failed as hung, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub hung_ms: u64,
 }
 
 /// Runs the manager until SIGINT/SIGTERM (success) or a decision that cannot be persisted
 /// (an error: the process exits non-zero).
 pub fn main(a: ManagerArgs) -> anyhow::Result<ExitCode> {
     api::check_loopback(a.api)?;
-    if a.detect_ms == 0 || a.backup_lost_ms == 0 {
-        anyhow::bail!("--detect-ms and --backup-lost-ms must be above 0");
+    if a.detect_ms == 0 || a.backup_lost_ms == 0 || a.hung_ms < a.detect_ms {
+        anyhow::bail!(
+            "--detect-ms and --backup-lost-ms must be above 0, and --hung-ms at least --detect-ms"
+        );
     }
     let id = transport::certs::load(&a.certs, &a.host)
         .with_context(|| format!("loading the certificate of '{}'", a.host))?;
@@ -95,6 +101,7 @@ pub fn main(a: ManagerArgs) -> anyhow::Result<ExitCode> {
     let cfg = ManagerConfig {
         detect: Duration::from_millis(a.detect_ms),
         backup_lost: Duration::from_millis(a.backup_lost_ms),
+        hung: Duration::from_millis(a.hung_ms),
     };
     let vms = state.vms.len();
     let start = Instant::now();
