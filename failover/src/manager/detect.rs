@@ -74,10 +74,8 @@ impl Manager {
         }
         // Its host is silent: the backups must agree that checkpoints stopped.
         let silent_host = self.report_age(now, p);
-        let (witnesses, quietest) = match self.checkpoints_stopped(now, rec) {
-            None => return None, // checkpoints still arrive: only the manager's link is cut
-            Some(w) => w,
-        };
+        // (None: checkpoints still arrive, only the manager's link is cut.)
+        let (witnesses, quietest) = self.checkpoints_stopped(now, rec)?;
         if witnesses == 0 {
             // Nobody who could tell is heard: do nothing rather than guess. Except when the
             // primary's host and every backup's host, all heard by this manager, have all
