@@ -314,6 +314,11 @@ impl Core {
                     .append(e),
             }
         }
+        // After the assignments left: the incident's record is durable without delaying them.
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync();
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! `GET /v1/events`, and logged.
 //!
 //! Numbers go on across restarts: on start the tail of the file is read back, so the last
-//! events before a restart are still served and the next event gets the next number.
+//! events before a restart are still served and the next event gets the next number. Lines are
+//! made durable after the decision that logged them was acted on ([`EventLog::sync`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -42,6 +43,8 @@ pub struct EventLog {
     next_seq: u64,
     /// Events of this process.
     written: u64,
+    /// Lines written since the last [`EventLog::sync`].
+    unsynced: bool,
 }
 
 impl EventLog {
@@ -67,6 +70,7 @@ impl EventLog {
             recent,
             next_seq,
             written: 0,
+            unsynced: false,
         })
     }
 
@@ -98,6 +102,7 @@ impl EventLog {
                 line.push(b'\n');
                 // One write per line (O_APPEND): a crash leaves at most a torn last line, which
                 // the next start skips.
+                self.unsynced = true;
                 if let Err(err) = self.file.write_all(&line) {
                     tracing::error!(
                         "cannot append to the events file {}: {err}",
@@ -111,6 +116,18 @@ impl EventLog {
             self.recent.pop_front();
         }
         self.recent.push_back(stamped);
+    }
+
+    /// Makes the lines written so far durable (fdatasync), if any: the manager calls it after
+    /// acting on a decision, so an incident's events survive a crash of the machine too, and
+    /// the sync never delays the decision itself.
+    pub fn sync(&mut self) {
+        if !std::mem::take(&mut self.unsynced) {
+            return;
+        }
+        if let Err(err) = self.file.sync_data() {
+            tracing::error!("cannot sync the events file {}: {err}", self.path.display());
+        }
     }
 
     /// The kept events numbered above `since`.
