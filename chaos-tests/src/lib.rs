@@ -15,6 +15,9 @@
 //! - [`run_dir`]: the names and loaders of the files of a run directory.
 //! - [`report`]: a self-contained HTML page with an SVG timeline, and the manager event-log
 //!   parser it uses.
+//! - [`runner`]: the part that is not pure: it runs a real cluster (namespaces, nftables, the
+//!   `vmatrix` manager, agents and VM processes on KVM), clients and faults, and hands the run
+//!   directory to the core.
 //!
 //! Times are nanoseconds since the run's start (`u64`) everywhere. The model and what each
 //! check proves are in `docs/chaos.md`.
@@ -27,4 +30,5 @@ pub mod history;
 pub mod netem;
 pub mod report;
 pub mod run_dir;
+pub mod runner;
 pub mod schedule;

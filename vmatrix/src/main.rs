@@ -9,6 +9,7 @@
 
 mod bench;
 mod certs;
+mod chaos;
 mod cluster;
 mod control;
 mod disk;
@@ -71,6 +72,9 @@ enum Cmd {
     Host(cluster::cli::HostCmd),
     /// The manager's event log (detections, term changes, promotions, re-protection).
     Events(cluster::cli::EventsArgs),
+    /// The chaos suite: seeded faults on a real cluster here, checks, an HTML report per run.
+    #[command(subcommand)]
+    Chaos(chaos::ChaosCmd),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Cmd::Vm(c) => cluster::cli::vm_main(c),
         Cmd::Host(c) => cluster::cli::host_main(c),
         Cmd::Events(a) => cluster::cli::events_main(a),
+        Cmd::Chaos(c) => chaos::main(c),
     };
     match result {
         Ok(code) => code,

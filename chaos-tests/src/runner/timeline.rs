@@ -1,0 +1,291 @@
+//! The fault loop: every scheduled event becomes timed actions (inject at its start, heal at its
+//! end; a swizzle also stalls its links one by one and heals them in its order), executed in
+//! time order — overlapping events, as a hand-written schedule may have, work too. Each event
+//! is logged to `faults.jsonl` once it is healed (or skipped, or when the run stops), with the
+//! real times and what its role resolved to. While it waits the loop keeps the resolver's view
+//! of the roles fresh, keeps the index lock fresh and notes processes that exited on their own.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use super::faults::{self, Active, Ctx};
+use super::RunnerError;
+use crate::schedule::{Fault, Injection, Schedule};
+
+/// What to do at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Heal the event (everything it left).
+    Heal,
+    /// Swizzle: heal link `i`.
+    SwizzleHeal(usize),
+    /// Swizzle: stall link `i`.
+    SwizzleStall(usize),
+    /// Inject the event.
+    Inject,
+}
+
+/// One timed action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action {
+    /// When (ns on the run's clock).
+    pub at_ns: u64,
+    /// Index into the schedule's events.
+    pub event: usize,
+    /// What.
+    pub step: Step,
+}
+
+/// The actions of a schedule in the order they run (at the same time: heals first).
+pub fn plan(schedule: &Schedule) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (i, ev) in schedule.events.iter().enumerate() {
+        let at = |at_ns, step| Action {
+            at_ns,
+            event: i,
+            step,
+        };
+        out.push(at(ev.start_ns, Step::Inject));
+        if let Fault::Swizzle {
+            links,
+            step_ns,
+            heal_order,
+        } = &ev.fault
+        {
+            let n = links.len() as u64;
+            for k in 1..n {
+                out.push(at(
+                    ev.start_ns + k * step_ns,
+                    Step::SwizzleStall(k as usize),
+                ));
+            }
+            for (j, &l) in heal_order.iter().enumerate() {
+                let t = ev.start_ns + (n + j as u64) * step_ns;
+                out.push(at(t.min(ev.end_ns), Step::SwizzleHeal(l as usize)));
+            }
+        }
+        out.push(at(ev.end_ns, Step::Heal));
+    }
+    let rank = |s: Step| match s {
+        Step::Heal => 0,
+        Step::SwizzleHeal(_) => 1,
+        Step::SwizzleStall(_) => 2,
+        Step::Inject => 3,
+    };
+    out.sort_by_key(|a| (a.at_ns, rank(a.step), a.event));
+    out
+}
+
+/// Where the loop reports.
+pub struct Sinks<'a> {
+    /// `faults.jsonl`.
+    pub injections: &'a mut File,
+    /// The runner's log.
+    pub log: &'a mut dyn FnMut(String),
+    /// Ctrl-C.
+    pub interrupted: &'a dyn Fn() -> bool,
+    /// Called about every 30 s while waiting (keeps the index lock fresh).
+    pub keepalive: &'a mut dyn FnMut(),
+}
+
+fn write_injection(f: &mut File, i: &Injection) -> Result<(), RunnerError> {
+    let mut line = serde_json::to_vec(i).map_err(|e| RunnerError::Config(e.to_string()))?;
+    line.push(b'\n');
+    f.write_all(&line)
+        .map_err(RunnerError::io(std::path::Path::new(
+            crate::run_dir::INJECTIONS_FILE,
+        )))
+}
+
+/// Waits until `at_ns`, refreshing the resolver every 500 ms and noting unexpected exits.
+fn wait_until(ctx: &mut Ctx<'_>, sinks: &mut Sinks<'_>, at_ns: u64) -> Result<(), RunnerError> {
+    let mut last_refresh = Instant::now();
+    let mut last_keepalive = Instant::now();
+    loop {
+        if (sinks.interrupted)() {
+            return Err(RunnerError::Interrupted);
+        }
+        let now = ctx.clock.now_ns();
+        if now >= at_ns {
+            return Ok(());
+        }
+        for what in ctx.fleet.exited() {
+            (sinks.log)(format!(
+                "{:.3} s: {what} (not caused by a fault)",
+                now as f64 / 1e9
+            ));
+        }
+        if last_refresh.elapsed() >= Duration::from_millis(500) {
+            let _ = ctx.resolver.refresh(now);
+            last_refresh = Instant::now();
+        }
+        if last_keepalive.elapsed() >= Duration::from_secs(30) {
+            (sinks.keepalive)();
+            last_keepalive = Instant::now();
+        }
+        let left = Duration::from_nanos(at_ns.saturating_sub(ctx.clock.now_ns()));
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
+/// Runs the schedule's faults until its final heal time; returns the number injected. On an
+/// error (Ctrl-C) the events under way are logged unhealed; the caller's guard tears down.
+pub fn run_faults(
+    ctx: &mut Ctx<'_>,
+    schedule: &Schedule,
+    sinks: &mut Sinks<'_>,
+) -> Result<usize, RunnerError> {
+    let mut active: BTreeMap<usize, (Injection, Active)> = BTreeMap::new();
+    let r = run_actions(ctx, schedule, sinks, &mut active);
+    let injected_total = r.as_ref().copied().unwrap_or(0);
+    // Anything still active (the run stopped early, or an event ends after the final heal):
+    // healed now when the loop ended normally, logged as it is otherwise.
+    for (_, (mut rec, act)) in std::mem::take(&mut active) {
+        if r.is_ok() {
+            if let Err(e) = faults::heal(ctx, act) {
+                rec.note = Some(join_note(rec.note.take(), format!("heal: {e}")));
+            }
+            rec.end_ns = Some(ctx.clock.now_ns());
+        } else {
+            rec.note = Some(join_note(
+                rec.note.take(),
+                "run stopped before its heal".into(),
+            ));
+        }
+        write_injection(sinks.injections, &rec)?;
+    }
+    r.map(|_| injected_total)
+}
+
+fn join_note(a: Option<String>, b: String) -> String {
+    match a {
+        Some(a) => format!("{a}; {b}"),
+        None => b,
+    }
+}
+
+fn run_actions(
+    ctx: &mut Ctx<'_>,
+    schedule: &Schedule,
+    sinks: &mut Sinks<'_>,
+    active: &mut BTreeMap<usize, (Injection, Active)>,
+) -> Result<usize, RunnerError> {
+    let mut injected = 0;
+    for a in plan(schedule) {
+        if a.at_ns > schedule.final_heal_ns {
+            break;
+        }
+        wait_until(ctx, sinks, a.at_ns)?;
+        let ev = &schedule.events[a.event];
+        match a.step {
+            Step::Inject => {
+                let t0 = ctx.clock.now_ns();
+                let mut rec = Injection {
+                    event: ev.index,
+                    kind: ev.fault.kind(),
+                    target: String::new(),
+                    start_ns: t0,
+                    end_ns: None,
+                    note: None,
+                };
+                match faults::inject(ctx, ev) {
+                    Ok(done) => {
+                        (sinks.log)(format!(
+                            "{:.3} s: event {} {} on {}{}",
+                            done.acted_ns as f64 / 1e9,
+                            ev.index,
+                            ev.fault.describe(),
+                            done.target,
+                            done.note
+                                .as_deref()
+                                .map(|n| format!(" ({n})"))
+                                .unwrap_or_default()
+                        ));
+                        rec.start_ns = done.acted_ns;
+                        rec.target = done.target;
+                        rec.note = done.note;
+                        injected += 1;
+                        active.insert(a.event, (rec, done.active));
+                    }
+                    Err(why) => {
+                        (sinks.log)(format!(
+                            "{:.3} s: event {} {} skipped: {why}",
+                            t0 as f64 / 1e9,
+                            ev.index,
+                            ev.fault.describe()
+                        ));
+                        rec.end_ns = Some(t0);
+                        rec.note = Some(format!("skipped: {why}"));
+                        write_injection(sinks.injections, &rec)?;
+                    }
+                }
+            }
+            Step::SwizzleStall(i) | Step::SwizzleHeal(i) => {
+                if let Some((rec, act)) = active.get_mut(&a.event) {
+                    let stall = matches!(a.step, Step::SwizzleStall(_));
+                    if let Err(e) = faults::swizzle_step(ctx, act, i, stall) {
+                        rec.note = Some(join_note(rec.note.take(), format!("link {i}: {e}")));
+                    }
+                }
+            }
+            Step::Heal => {
+                if let Some((mut rec, act)) = active.remove(&a.event) {
+                    if let Err(e) = faults::heal(ctx, act) {
+                        rec.note = Some(join_note(rec.note.take(), format!("heal: {e}")));
+                    }
+                    let now = ctx.clock.now_ns();
+                    rec.end_ns = Some(now);
+                    (sinks.log)(format!(
+                        "{:.3} s: event {} healed",
+                        now as f64 / 1e9,
+                        ev.index
+                    ));
+                    write_injection(sinks.injections, &rec)?;
+                }
+            }
+        }
+    }
+    Ok(injected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{generate, FaultKind, FaultSet, ScheduleConfig};
+
+    #[test]
+    fn a_plan_injects_heals_and_swizzles_in_time_order() {
+        let faults: FaultSet = [FaultKind::Swizzle, FaultKind::KillManager]
+            .into_iter()
+            .collect();
+        let cfg = ScheduleConfig::new(7, Duration::from_secs(60), faults);
+        let s = generate(&cfg).unwrap();
+        let p = plan(&s);
+        assert!(p.windows(2).all(|w| w[0].at_ns <= w[1].at_ns));
+        for (i, ev) in s.events.iter().enumerate() {
+            let mine: Vec<&Action> = p.iter().filter(|a| a.event == i).collect();
+            assert_eq!(mine.first().unwrap().step, Step::Inject);
+            assert_eq!(mine.last().unwrap().step, Step::Heal);
+            assert!(mine
+                .iter()
+                .all(|a| a.at_ns >= ev.start_ns && a.at_ns <= ev.end_ns));
+            if let Fault::Swizzle { links, .. } = &ev.fault {
+                let heals = mine
+                    .iter()
+                    .filter(|a| matches!(a.step, Step::SwizzleHeal(_)))
+                    .count();
+                let stalls = mine
+                    .iter()
+                    .filter(|a| matches!(a.step, Step::SwizzleStall(_)))
+                    .count();
+                assert_eq!((heals, stalls + 1), (links.len(), links.len()));
+            }
+        }
+        assert!(s
+            .events
+            .iter()
+            .any(|e| e.fault.kind() == FaultKind::Swizzle));
+    }
+}
