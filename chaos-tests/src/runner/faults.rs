@@ -11,6 +11,8 @@
 //! | kill vm | SIGKILL of the pid in `<state dir>/<vm>/<role>.pid` | nothing: the agent notices |
 //! | stall host / manager / vm | SIGSTOP of every process of the host's namespace / the manager / the VM process | SIGCONT (of the host's processes as listed again) |
 //! | partitions, loss, swizzle | an nftables table per fault (per link for swizzle) in a host's namespace ([`super::nft`]) | the table deleted |
+//! | crash in checkpoint | the primary's replication datagrams delayed 10 ms through a proxy; once it holds some, the victim's host crashes as above | as a crashed host; the proxy removed |
+//! | link delay, duplication, reordering | the primary's datagrams to the backup's replication port routed through a [`Netem`] proxy in the runner's namespace ([`crate::netem`]) | route removed, proxy stopped |
 //! | disk full | a file filling the backup host's state directory (a tmpfs of its own) | the file deleted |
 
 use std::net::Ipv4Addr;
@@ -24,6 +26,7 @@ use super::cluster::Cluster;
 use super::nft::{self, Dir, Drop, Table};
 use super::procs::{signal, vm_pid, Fleet};
 use super::workload::Clock;
+use crate::netem::{route_through, LinkImpairment, Netem, Route};
 use crate::schedule::{Fault, LinkRef, Role, ScheduledEvent};
 
 /// Who a role resolved to.
@@ -141,6 +144,22 @@ pub enum Active {
     },
     /// A file filling a disk.
     Filled(PathBuf),
+    /// A host crashed with a checkpoint in flight, and the proxy that held it.
+    CrashedInFlight {
+        /// The crashed host.
+        host: usize,
+        /// The proxy.
+        proxy: Netem,
+        /// The route to it.
+        route: Route,
+    },
+    /// A link routed through the degradation proxy.
+    Netem {
+        /// The proxy.
+        proxy: Netem,
+        /// The route to it.
+        route: Route,
+    },
 }
 
 /// An injected fault: the target for a person, a note, what the heal undoes.
@@ -166,6 +185,10 @@ pub struct Ctx<'a> {
     pub own_disks: bool,
     /// The run's clock.
     pub clock: Clock,
+    /// The UDP port the VM's backups listen on (their hosts' replication addresses).
+    pub vm_port: u16,
+    /// The run's seed (the link proxy's decisions are drawn from it and the event's index).
+    pub seed: u64,
 }
 
 impl Ctx<'_> {
@@ -199,7 +222,12 @@ impl Ctx<'_> {
 pub fn inject(ctx: &mut Ctx<'_>, ev: &ScheduledEvent) -> Result<Injected, String> {
     let (roles, note) = ctx.resolver.roles(ctx.clock.now_ns())?;
     let acted_ns = ctx.clock.now_ns();
-    let mut done = inject_resolved(ctx, &ev.fault, &roles)?;
+    let mut done = match LinkImpairment::for_fault(&ev.fault) {
+        Some(imp) if !matches!(ev.fault, Fault::Swizzle { .. } | Fault::LinkLoss { .. }) => {
+            link_netem(ctx, &roles, ev, imp)?
+        }
+        _ => inject_resolved(ctx, &ev.fault, &roles)?,
+    };
     done.acted_ns = acted_ns;
     done.note = match (note, done.note) {
         (Some(a), Some(b)) => Some(format!("{a}; {b}")),
@@ -302,6 +330,7 @@ fn inject_network(ctx: &mut Ctx<'_>, fault: &Fault, roles: &Roles) -> Result<Inj
         Fault::OneWayDrop { from, to } => one_way(ctx, roles, *from, *to),
         Fault::LinkLoss { backup, permille } => link_loss(ctx, roles, *backup, *permille),
         Fault::Swizzle { links, .. } => swizzle_start(ctx, roles, links),
+        Fault::CrashInCheckpoint { victim } => crash_in_checkpoint(ctx, roles, *victim),
         Fault::DiskFull { backup } => disk_full(ctx, roles, *backup),
         other => Err(format!("{} is not supported by this runner", other.kind())),
     }
@@ -328,6 +357,88 @@ fn link_loss(
         ctx.cluster().host_name(b),
     );
     injected(target, Active::Tables(vec![t]))
+}
+
+/// Delay, duplication, reordering: the primary's datagrams to the backup's port go through a
+/// proxy (in the runner's namespace, on the manager's replication address) applying the
+/// fault's impairment both ways.
+fn link_netem(
+    ctx: &mut Ctx<'_>,
+    roles: &Roles,
+    ev: &ScheduledEvent,
+    imp: LinkImpairment,
+) -> Result<Injected, String> {
+    let backup = match ev.fault {
+        Fault::LinkDelay { backup, .. }
+        | Fault::LinkDuplicate { backup, .. }
+        | Fault::LinkReorder { backup, .. } => backup,
+        _ => return Err(format!("{} is not a proxied link fault", ev.fault.kind())),
+    };
+    let p = ctx.host(roles, Role::Primary)?;
+    let b = ctx.host(roles, Role::Backup { index: backup })?;
+    let dst = std::net::SocketAddr::from((ctx.cluster().repl_ip(b), ctx.vm_port));
+    let listen = std::net::SocketAddr::from((ctx.cluster().manager_ip(), 0));
+    let seed = ctx.seed ^ u64::from(ev.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let proxy = Netem::start(listen, dst, LinkImpairment::NONE, seed)
+        .map_err(|e| format!("link proxy on {listen}: {e}"))?;
+    let route =
+        route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()).map_err(|e| e.to_string())?;
+    proxy.set(imp);
+    let target = format!(
+        "link host {} (primary) -> {dst} (backup on host {}) through the proxy {}",
+        ctx.cluster().host_name(p),
+        ctx.cluster().host_name(b),
+        proxy.local_addr()
+    );
+    injected(target, Active::Netem { proxy, route })
+}
+
+/// Routes the primary's replication datagrams to its first backup through a proxy that
+/// delays them by 10 ms, waits until the proxy holds some (a checkpoint or its
+/// acknowledgement is under way: the primary sends only when it has one), then crashes the
+/// victim's host. What the proxy holds is delivered after the crash, as a network would.
+fn crash_in_checkpoint(ctx: &mut Ctx<'_>, roles: &Roles, victim: Role) -> Result<Injected, String> {
+    let p = ctx.host(roles, Role::Primary)?;
+    let b = ctx.host(roles, Role::Backup { index: 0 })?;
+    let v = ctx.host(roles, victim)?;
+    let dst = std::net::SocketAddr::from((ctx.cluster().repl_ip(b), ctx.vm_port));
+    let listen = std::net::SocketAddr::from((ctx.cluster().manager_ip(), 0));
+    let delay = crate::netem::Impairment {
+        delay_ns: 10_000_000,
+        ..crate::netem::Impairment::NONE
+    };
+    let proxy = Netem::start(listen, dst, LinkImpairment::both(delay), ctx.seed)
+        .map_err(|e| format!("link proxy on {listen}: {e}"))?;
+    let route =
+        route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        let c = proxy.counters();
+        // Wait for the traffic to go through the proxy, then for a checkpoint in it.
+        if c.forward.received > 0 && c.forward.queued >= 2 {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let queued = proxy.counters().forward.queued;
+    ctx.fleet.cluster.kill(v).map_err(|e| e.to_string())?;
+    ctx.fleet.forget_agent(v);
+    let mut target = format!(
+        "host {} ({victim}) with {queued} replication datagrams in flight to host {}",
+        ctx.cluster().host_name(v),
+        ctx.cluster().host_name(b)
+    );
+    if !seen {
+        target.push_str(" (no checkpoint seen in flight within 3 s: crashed anyway)");
+    }
+    let active = Active::CrashedInFlight {
+        host: v,
+        proxy,
+        route,
+    };
+    injected(target, active)
 }
 
 fn kill_host(ctx: &mut Ctx<'_>, roles: &Roles, role: Role) -> Result<Injected, String> {
@@ -535,10 +646,43 @@ fn disk_full(ctx: &mut Ctx<'_>, roles: &Roles, backup: u8) -> Result<Injected, S
     injected(target, Active::Filled(file))
 }
 
-/// Undoes what a fault left; `Err` is a note (the final heal retries everything anyway).
-pub fn heal(ctx: &mut Ctx<'_>, active: Active) -> Result<(), String> {
+/// Undoes what a fault left; `Ok` may carry a note (what the link proxy did), `Err` is a
+/// problem (the final heal retries everything anyway).
+pub fn heal(ctx: &mut Ctx<'_>, active: Active) -> Result<Option<String>, String> {
+    match active {
+        Active::Netem { proxy, route } => heal_netem(proxy, route),
+        other => heal_inner(ctx, other).map(|_| None),
+    }
+}
+
+/// Heals a proxied link: healthy again (a stall releases), the route removed, the proxy
+/// stopped; returns what the proxy did.
+fn heal_netem(proxy: Netem, route: Route) -> Result<Option<String>, String> {
+    proxy.set(LinkImpairment::NONE);
+    let removed = route.remove().map_err(|e| e.to_string());
+    let c = proxy.stop();
+    let note = format!(
+        "proxy: forward {} received, {} delivered, {} dropped, {} duplicated, {} reordered; backward {} received, {} delivered",
+        c.forward.received,
+        c.forward.delivered,
+        c.forward.dropped + c.forward.overflowed,
+        c.forward.duplicated,
+        c.forward.reordered,
+        c.backward.received,
+        c.backward.delivered
+    );
+    removed.map(|_| Some(note))
+}
+
+fn heal_inner(ctx: &mut Ctx<'_>, active: Active) -> Result<(), String> {
     match active {
         Active::Nothing => Ok(()),
+        Active::Netem { proxy, route } => heal_netem(proxy, route).map(|_| ()),
+        Active::CrashedInFlight { host, proxy, route } => {
+            let proxied = heal_netem(proxy, route);
+            heal_inner(ctx, Active::HostKilled(host))?;
+            proxied.map(|_| ())
+        }
         Active::HostKilled(h) => {
             ctx.fleet.cluster.revive(h).map_err(|e| e.to_string())?;
             ctx.fleet

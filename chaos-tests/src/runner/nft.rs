@@ -147,7 +147,8 @@ fn run_nft(
     ))
 }
 
-/// Deletes every fault table in every host (the final heal); returns what it deleted.
+/// Deletes every fault table (and link-proxy route) in every host (the final heal); returns
+/// what it deleted.
 pub fn remove_all(cluster: &Cluster) -> Vec<String> {
     let mut removed = Vec::new();
     for h in 0..cluster.hosts {
@@ -157,7 +158,9 @@ pub fn remove_all(cluster: &Cluster) -> Vec<String> {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             if let ["table", family, name] = words[..] {
-                if name.starts_with(TABLE_PREFIX) {
+                if name.starts_with(TABLE_PREFIX)
+                    || name.starts_with(crate::netem::route::TABLE_PREFIX)
+                {
                     let _ = run_nft(cluster, h, &["delete", "table", family, name], None);
                     removed.push(format!("{}:{name}", cluster.host_name(h)));
                 }

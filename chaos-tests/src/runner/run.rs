@@ -31,6 +31,8 @@ use crate::schedule::{self, ClusterShape, FaultKind, FaultSet, Schedule, Schedul
 
 /// The protected VM's name.
 pub const VM_NAME: &str = "chaos";
+/// The UDP port its backups listen on.
+pub const VM_PORT: u16 = 7100;
 /// Size of each host's own filesystem when `disk-full` is on.
 const HOST_FS_SIZE: &str = "512m";
 
@@ -376,7 +378,7 @@ fn create_vm(
         guest_config: c.guest_config(),
         backups: 1,
         hosts: Vec::new(),
-        port: 7100,
+        port: VM_PORT,
     })?;
     procs::wait_for("the VM protected", Duration::from_secs(90), stop, || {
         let vms = api.vms().map_err(|e| e.to_string())?;
@@ -541,6 +543,8 @@ fn run_fault_phase(
         resolver,
         own_disks: schedule.config.faults.contains(FaultKind::DiskFull),
         clock,
+        vm_port: VM_PORT,
+        seed: schedule.config.seed,
     };
     let stop = interrupted(cfg);
     let mut log_line = |l: String| log.line(l);

@@ -144,8 +144,10 @@ pub fn run_faults(
     // healed now when the loop ended normally, logged as it is otherwise.
     for (_, (mut rec, act)) in std::mem::take(&mut active) {
         if r.is_ok() {
-            if let Err(e) = faults::heal(ctx, act) {
-                rec.note = Some(join_note(rec.note.take(), format!("heal: {e}")));
+            match faults::heal(ctx, act) {
+                Ok(Some(n)) => rec.note = Some(join_note(rec.note.take(), n)),
+                Ok(None) => {}
+                Err(e) => rec.note = Some(join_note(rec.note.take(), format!("heal: {e}"))),
             }
             rec.end_ns = Some(ctx.clock.now_ns());
         } else {
@@ -232,8 +234,10 @@ fn run_actions(
             }
             Step::Heal => {
                 if let Some((mut rec, act)) = active.remove(&a.event) {
-                    if let Err(e) = faults::heal(ctx, act) {
-                        rec.note = Some(join_note(rec.note.take(), format!("heal: {e}")));
+                    match faults::heal(ctx, act) {
+                        Ok(Some(n)) => rec.note = Some(join_note(rec.note.take(), n)),
+                        Ok(None) => {}
+                        Err(e) => rec.note = Some(join_note(rec.note.take(), format!("heal: {e}"))),
                     }
                     let now = ctx.clock.now_ns();
                     rec.end_ns = Some(now);
