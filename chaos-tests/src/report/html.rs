@@ -54,14 +54,23 @@ pub struct Table {
 }
 
 impl Table {
-    /// A table with these (trusted) column headers.
+    /// A table with these (trusted) column headers (none: no header row).
     pub fn new(class: &str, headers: &[&str]) -> Table {
-        let mut html = format!("<table class=\"{class}\"><thead><tr>");
-        for h in headers {
-            let _ = write!(html, "<th>{h}</th>");
+        let mut html = format!("<table class=\"{class}\">");
+        if !headers.is_empty() {
+            html.push_str("<thead><tr>");
+            for h in headers {
+                let _ = write!(html, "<th>{h}</th>");
+            }
+            html.push_str("</tr></thead>");
         }
-        html.push_str("</tr></thead><tbody>");
+        html.push_str("<tbody>");
         Table { html }
+    }
+
+    /// A row of a key (a header cell) and its value, both escaped.
+    pub fn key_row(&mut self, key: &str, value: &str) {
+        let _ = write!(self.html, "<tr><th>{key}</th><td>{value}</td></tr>");
     }
 
     /// A row of escaped cells.

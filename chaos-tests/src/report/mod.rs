@@ -60,7 +60,8 @@ table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;pad
 text-align:left;font-size:13px;vertical-align:top}th{background:#f4f4f4}\
 pre{background:#f7f7f7;padding:8px;white-space:pre-wrap;word-break:break-all}\
 .pass{color:#1e8449}.fail{color:#c0392b}.inconclusive{color:#b9770e}\
-h1 span{font-size:70%}.timeline{border:1px solid #ddd}";
+h1 span{font-size:70%}.timeline{border:1px solid #ddd;max-width:100%;height:auto}\
+table.summary th{font-weight:normal;color:#555}";
 
 /// Renders the page.
 pub fn render_html(d: &ReportData<'_>) -> String {
@@ -111,8 +112,8 @@ pub fn render_html(d: &ReportData<'_>) -> String {
 
 /// The summary table.
 fn summary(d: &ReportData<'_>) -> String {
-    let mut t = Table::new("summary", &["", ""]);
-    let mut row = |k: &str, v: String| t.row(&[esc(k), v]);
+    let mut t = Table::new("summary", &[]);
+    let mut row = |k: &str, v: String| t.key_row(&esc(k), &v);
     if let Some(r) = d.run {
         row("seed / run", format!("{} / {}", r.seed, r.run));
         if let Some(c) = &r.commit {
@@ -149,7 +150,7 @@ fn summary(d: &ReportData<'_>) -> String {
             "lost acknowledged writes",
             format!(
                 "{} (keys checked {}, not read back {})",
-                v.lost.violations.len(),
+                count(v.lost.violations.len()),
                 v.lost.keys_checked,
                 v.lost.unread_keys.len()
             ),
@@ -160,9 +161,9 @@ fn summary(d: &ReportData<'_>) -> String {
             .map(|(k, n)| format!("{k:?}: {n}"))
             .collect();
         let bad = if anomalies.is_empty() {
-            "0".to_string()
+            count(0)
         } else {
-            esc(&anomalies.join(", "))
+            format!("<span class=\"fail\">{}</span>", esc(&anomalies.join(", ")))
         };
         row("bad reads", bad);
         let l = &v.linearizability;
@@ -182,13 +183,20 @@ fn summary(d: &ReportData<'_>) -> String {
             "split brain",
             format!(
                 "{} interval(s), {} ns",
-                v.split_brain.intervals_total, v.split_brain.split_brain_ns
+                count(v.split_brain.intervals_total),
+                v.split_brain.split_brain_ns
             ),
         );
         row("liveness after the heal", liveness(v));
         row("time to serve again", recovery(v));
     }
     t.finish()
+}
+
+/// A count of problems: green when zero, red otherwise.
+fn count(n: usize) -> String {
+    let class = if n == 0 { "pass" } else { "fail" };
+    format!("<strong class=\"{class}\">{n}</strong>")
 }
 
 fn lin_name(l: Linearizability) -> &'static str {
