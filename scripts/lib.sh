@@ -14,6 +14,7 @@ ensure_packages() {
   command -v cc >/dev/null || missing+=(gcc)
   command -v python3 >/dev/null || missing+=(python3)
   command -v nft >/dev/null || missing+=(nftables)
+  command -v tcpdump >/dev/null || missing+=(tcpdump)
   command -v chromium >/dev/null || missing+=(chromium) # the chaos report's headless-browser test
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"

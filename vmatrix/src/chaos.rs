@@ -141,7 +141,8 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         None => runner::default_faults(),
     };
     let vmatrix = std::env::current_exe().context("the vmatrix binary's path")?;
-    let mut cfg = RunnerConfig::new(vmatrix, a.guest.clone(), a.out.clone());
+    let guest = std::path::absolute(&a.guest).context("the guest's path")?;
+    let mut cfg = RunnerConfig::new(vmatrix, guest, a.out.clone());
     cfg.hosts = a.hosts;
     cfg.vms = a.vms;
     cfg.mem_mib = a.mem_mib;

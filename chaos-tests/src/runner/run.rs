@@ -104,6 +104,8 @@ pub fn run_schedule(
     dir: &Path,
 ) -> Result<RunResult, RunnerError> {
     let started = Instant::now();
+    // Absolute: mounts and the record must name the same place from any directory.
+    let dir = &std::path::absolute(dir).map_err(RunnerError::io(dir))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(RunnerError::io(dir))?;
     }
