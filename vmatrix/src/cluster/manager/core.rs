@@ -315,10 +315,7 @@ impl Core {
             }
         }
         // After the assignments left: the incident's record is durable without delaying them.
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sync();
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).sync();
         Ok(())
     }
 }
