@@ -629,21 +629,40 @@ fn disk_full(ctx: &mut Ctx<'_>, roles: &Roles, backup: u8) -> Result<Injected, S
     let [blocks, size] = nums[..] else {
         return Err(format!("stat -f {}: {text:?}", dir.display()));
     };
-    let st = Command::new("fallocate")
+    // Most of it at once, then zeros until the filesystem refuses (its own accounting may
+    // refuse the exact free size).
+    let bulk = (blocks * size).saturating_sub(4 << 20);
+    let out = Command::new("fallocate")
         .arg("-l")
-        .arg((blocks * size).to_string())
+        .arg(bulk.to_string())
         .arg(&file)
-        .status()
+        .output()
         .map_err(|e| format!("fallocate: {e}"))?;
-    if !st.success() {
+    if !out.status.success() {
         let _ = std::fs::remove_file(&file);
-        return Err(format!("fallocate of {} bytes failed", blocks * size));
+        return Err(format!(
+            "fallocate of {bulk} bytes: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
-    let target = format!(
-        "host {host} (backup {backup}): {} MiB filled",
-        (blocks * size) >> 20
-    );
+    let filled = bulk + top_up(&file);
+    let target = format!("host {host} (backup {backup}): {} MiB filled", filled >> 20);
     injected(target, Active::Filled(file))
+}
+
+/// Appends zeros to `file` until the filesystem is full (at most 64 MiB); returns the bytes.
+fn top_up(file: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(file) else {
+        return 0;
+    };
+    let zeros = [0u8; 4096];
+    let mut n = 0u64;
+    while n < 64 << 20 && f.write_all(&zeros).is_ok() {
+        n += zeros.len() as u64;
+    }
+    let _ = f.sync_all();
+    n
 }
 
 /// Undoes what a fault left; `Ok` may carry a note (what the link proxy did), `Err` is a
