@@ -4,7 +4,8 @@
 //! Exit status of `run`: 0 when every run passed; 1 when a run failed, was inconclusive or could
 //! not be carried out (an inconclusive run proves nothing, so it does not pass: a sweep that
 //! cannot say "no violation" must not look green); 130 on Ctrl-C (after cleaning up).
-//! `report` re-checks and re-renders a run directory, with the same status for its verdict.
+//! `report` re-checks and re-renders a run directory, with the same status for its verdict;
+//! `summary` prints a soak's figures as Markdown.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,16 @@ pub enum ChaosCmd {
     Run(RunArgs),
     /// Check a run directory again and re-render its report.html.
     Report(ReportArgs),
+    /// A soak's figures (Markdown) from the run directories under an --out directory.
+    Summary(SummaryArgs),
+}
+
+/// `vmatrix chaos summary`.
+#[derive(Args, Debug)]
+pub struct SummaryArgs {
+    /// Directories holding run directories (a run's --out), or run directories.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
 }
 
 /// `vmatrix chaos run`.
@@ -91,7 +102,21 @@ pub fn main(cmd: ChaosCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ChaosCmd::Run(a) => run(a),
         ChaosCmd::Report(a) => report(a),
+        ChaosCmd::Summary(a) => summary(a),
     }
+}
+
+fn summary(a: SummaryArgs) -> anyhow::Result<ExitCode> {
+    let mut dirs = Vec::new();
+    for d in &a.dirs {
+        match d.join(chaos_tests::run_dir::SCHEDULE_FILE).is_file() {
+            true => dirs.push(d.clone()),
+            false => dirs.extend(runner::summary::run_dirs(d)),
+        }
+    }
+    anyhow::ensure!(!dirs.is_empty(), "no run directory under {:?}", a.dirs);
+    print!("{}", runner::summary::SoakSummary::of(&dirs).markdown());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {

@@ -19,6 +19,7 @@ pub mod leftovers;
 pub mod nft;
 pub mod procs;
 pub mod run;
+pub mod summary;
 pub mod timeline;
 pub mod workload;
 
