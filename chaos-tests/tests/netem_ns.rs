@@ -4,7 +4,8 @@
 //! and a UDP flow from host a to an echo server on host b redirected through the proxy by
 //! [`route_through`] while it runs, impaired, then given back its direct path.
 //!
-//! Needs root (namespaces, nft); skipped with a message otherwise. Every name is unique to
+//! A second test runs a real QUIC connection (the replication transport, mutual TLS) across
+//! the same setup. Needs root (namespaces, nft); skipped with a message otherwise. Every name is unique to
 //! this process (`nmtst<pid>…`) and everything is removed at the end, even on failure.
 
 use std::fs::File;
@@ -47,16 +48,16 @@ fn nft_in(ns: &str, script: &str) {
 }
 
 /// Two namespaces `<name>a` (10.x.y.1) and `<name>b` (.2) on bridge `<name>br` (.254) of this
-/// namespace; removed on drop.
+/// namespace, `<name>` = `nmtst<pid><tag>`; removed on drop.
 struct Net {
     name: String,
     subnet: [u8; 3],
 }
 
 impl Net {
-    fn up() -> Net {
-        let name = format!("nmtst{}", std::process::id() % 10_000_000);
-        let subnet = free_subnet();
+    fn up(tag: char) -> Net {
+        let name = format!("nmtst{}{tag}", std::process::id() % 10_000_000);
+        let subnet = free_subnet(tag as u32);
         let net = Net { name, subnet };
         net.down(); // leftovers of an earlier process with the same pid
         let n = &net.name;
@@ -117,14 +118,15 @@ impl Drop for Net {
     }
 }
 
-/// A /24 of 10.213.0.0/16 that no interface of this namespace uses.
-fn free_subnet() -> [u8; 3] {
+/// A /24 of 10.213.0.0/16 that no interface of this namespace uses (`salt` keeps the tests of
+/// this process, which run at once, apart).
+fn free_subnet(salt: u32) -> [u8; 3] {
     let out = Command::new("ip")
         .args(["-o", "-4", "addr", "show"])
         .output()
         .unwrap();
     let used = String::from_utf8_lossy(&out.stdout).into_owned();
-    let start = std::process::id() % 250;
+    let start = (std::process::id() + salt * 37) % 250;
     (0..250)
         .map(|k| [10, 213, ((start + k) % 250 + 1) as u8])
         .find(|s| !used.contains(&format!(" {}.{}.{}.", s[0], s[1], s[2])))
@@ -191,7 +193,7 @@ fn a_flow_between_namespaces_goes_through_the_proxy_and_back_to_its_direct_path(
         eprintln!("skipped: needs root, ip and nft");
         return;
     }
-    let net = Net::up();
+    let net = Net::up('u');
     let (a, b) = (net.ns("a"), net.ns("b"));
     let server = SocketAddrV4::new(net.addr(2), 7000);
     let stop = AtomicBool::new(false);
@@ -353,5 +355,176 @@ fn a_flow_between_namespaces_goes_through_the_proxy_and_back_to_its_direct_path(
     });
     let k = proxy.stop();
     assert_eq!(k.sessions, 1, "one flow, one session, across both routes");
+    drop(net);
+}
+
+/// One request on a new stream of `conn`; the server answers `<peer address it sees> <msg>`.
+async fn quic_echo(conn: &quinn::Connection, msg: &str) -> (String, Duration) {
+    let t0 = Instant::now();
+    let work = async {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+        send.write_all(msg.as_bytes()).await.expect("write");
+        send.finish().expect("finish");
+        let answer = recv.read_to_end(1500).await.expect("answer");
+        String::from_utf8(answer).unwrap()
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {msg} within 5 s"));
+    (answer, t0.elapsed())
+}
+
+/// The case the chaos runner depends on: a QUIC connection (the replication transport, mutual
+/// TLS) from host a to a server on host b keeps working when the route through the proxy is
+/// added while it runs (the server sees the proxy's address: a migration), through delay,
+/// loss, duplication with reordering and a stall, and when the route is removed again.
+#[test]
+fn a_quic_connection_survives_being_routed_impaired_and_given_back() {
+    if !is_root() || !have("nft") || !have("ip") {
+        eprintln!("skipped: needs root, ip and nft");
+        return;
+    }
+    let net = Net::up('q');
+    let (a, b) = (net.ns("a"), net.ns("b"));
+    let server_addr = SocketAddrV4::new(net.addr(2), 7001);
+    let certs = tempfile::tempdir().unwrap();
+    transport::certs::init_ca(certs.path()).unwrap();
+    transport::certs::issue(certs.path(), "backup").unwrap();
+    transport::certs::issue(certs.path(), "primary").unwrap();
+    let cfg = transport::QuicConfig {
+        idle_timeout_ms: 5_000,
+        ..transport::QuicConfig::default()
+    };
+    let proxy = Netem::start(
+        SocketAddr::new(net.addr(254).into(), 0),
+        server_addr.into(),
+        LinkImpairment::NONE,
+        11,
+    )
+    .unwrap();
+    let proxy_ip = net.addr(254).to_string();
+    let host_a_ip = net.addr(1).to_string();
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+    let stop = AtomicBool::new(false);
+
+    std::thread::scope(|s| {
+        // Host b: a QUIC server answering each stream with the peer address it sees.
+        let server = s.spawn(|| {
+            let ready_tx = ready_tx; // moved in
+            enter(&b);
+            rt().block_on(async {
+                let id = transport::certs::load(certs.path(), "backup").unwrap();
+                let server = transport::Server::bind(server_addr.into(), &id, &cfg).unwrap();
+                ready_tx.send(()).unwrap();
+                let accepted = tokio::time::timeout(Duration::from_secs(10), server.accept()).await;
+                let Ok(Ok(conn)) = accepted else { return };
+                while !stop.load(Ordering::Relaxed) {
+                    let next = tokio::time::timeout(Duration::from_millis(100), conn.accept_bi());
+                    let (mut send, mut recv) = match next.await {
+                        Err(_) => continue,
+                        Ok(Ok(pair)) => pair,
+                        Ok(Err(_)) => break, // closed
+                    };
+                    let Ok(msg) = recv.read_to_end(1500).await else {
+                        continue;
+                    };
+                    let answer = format!(
+                        "{} {}",
+                        conn.remote_address().ip(),
+                        String::from_utf8_lossy(&msg)
+                    );
+                    let _ = send.write_all(answer.as_bytes()).await;
+                    let _ = send.finish();
+                }
+            });
+        });
+
+        // Host a: one connection for the whole test.
+        let result = s
+            .spawn(|| {
+                let ready = ready; // moved in
+                enter(&a);
+                ready
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("the QUIC server listens");
+                rt().block_on(async {
+                    let id = transport::certs::load(certs.path(), "primary").unwrap();
+                    let ep = transport::quic::client(&id, &cfg).unwrap();
+                    let conn = transport::quic::connect_raw(&ep, server_addr.into(), "backup")
+                        .await
+                        .expect("connect");
+                    let echo = |msg: &'static str| quic_echo(&conn, msg);
+
+                    assert_eq!(echo("direct").await.0, format!("{host_a_ip} direct"));
+
+                    // Routed while the connection runs: the server sees the proxy.
+                    let route = route_through(&a, server_addr.into(), proxy.local_addr()).unwrap();
+                    assert_eq!(echo("routed").await.0, format!("{proxy_ip} routed"));
+
+                    proxy.set(LinkImpairment::both(Impairment {
+                        delay_ns: 30_000_000,
+                        jitter_ns: 5_000_000,
+                        ..Impairment::NONE
+                    }));
+                    let (_, rtt) = echo("slow").await;
+                    assert!(rtt >= Duration::from_millis(50), "{rtt:?}");
+
+                    proxy.set(LinkImpairment::both(Impairment {
+                        loss_permille: 200,
+                        ..Impairment::NONE
+                    }));
+                    for _ in 0..10 {
+                        assert!(echo("lossy").await.0.ends_with("lossy"));
+                    }
+
+                    proxy.set(LinkImpairment::both(Impairment {
+                        duplicate_permille: 300,
+                        reorder_permille: 300,
+                        reorder_delay_ns: 5_000_000,
+                        ..Impairment::NONE
+                    }));
+                    for _ in 0..10 {
+                        assert!(echo("shuffled").await.0.ends_with("shuffled"));
+                    }
+
+                    // Stalled for 600 ms: the request waits, then completes.
+                    proxy.set(LinkImpairment::stalled());
+                    let release = async {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        proxy.set(LinkImpairment::NONE);
+                    };
+                    let ((answer, rtt), ()) = tokio::join!(echo("clogged"), release);
+                    assert!(answer.ends_with("clogged"));
+                    assert!(rtt >= Duration::from_millis(550), "{rtt:?}");
+
+                    // Given back: the server sees host a again, on the same connection.
+                    route.remove().unwrap();
+                    assert_eq!(
+                        echo("direct again").await.0,
+                        format!("{host_a_ip} direct again")
+                    );
+                    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+                    let k = proxy.counters();
+                    assert!(k.forward.dropped > 0 && k.backward.dropped > 0, "{k:?}");
+                    assert!(k.forward.duplicated > 0 && k.forward.reordered > 0, "{k:?}");
+                    assert!(k.forward.held > 0, "{k:?}");
+                    conn.close(0u32.into(), b"done");
+                    ep.wait_idle().await;
+                });
+            })
+            .join();
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    });
+    drop(proxy);
     drop(net);
 }
