@@ -240,7 +240,7 @@ mod tests {
         let s = seen.clone();
         server::serve(
             &path,
-            Box::new(move |r| {
+            Box::new(move |r: Request| {
                 s.lock().unwrap().push(r.clone());
                 match r {
                     Request::Promote(_) => Err(ControlError::conflict("nothing to promote")),

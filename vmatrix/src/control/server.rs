@@ -7,7 +7,10 @@
 //! disconnected) and its body within as long again (else 408), so a client that connects and
 //! says nothing never delays another; a body larger than [`MAX_BODY`] is refused (413); one
 //! request per connection. Requests are executed one at a time, in the order their bodies
-//! arrive, by one executor thread (an execution may block: a snapshot, a promotion).
+//! arrive, by one executor thread (an execution may block: a snapshot, a promotion), except
+//! `GET /status`, which has an executor thread of its own: the agent's status polls are how it
+//! tells a hung VM process (the manager fails a primary that stops answering), so they never
+//! wait behind a long request.
 
 use std::future::poll_fn;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -42,8 +45,9 @@ pub const MAX_BODY: usize = 16 << 10;
 /// Largest request head (hyper's read buffer; its minimum is 8 KiB).
 const MAX_HEAD: usize = 16 << 10;
 
-/// Executes one request (on the executor thread).
-pub type Handler = Box<dyn Fn(Request) -> Result<Value, ControlError> + Send>;
+/// Executes one request (on an executor thread: `GET /status` on its own, concurrently with
+/// the others).
+pub type Handler = Arc<dyn Fn(Request) -> Result<Value, ControlError> + Send + Sync>;
 
 /// The outcome of one request.
 type Outcome = Result<Value, ControlError>;
@@ -101,7 +105,11 @@ impl Drop for Slot {
 }
 
 /// Listens on `path` (replacing a stale socket) and answers each request with `handler`.
-pub fn serve(path: &Path, handler: Handler) -> anyhow::Result<Served> {
+pub fn serve(
+    path: &Path,
+    handler: impl Fn(Request) -> Result<Value, ControlError> + Send + Sync + 'static,
+) -> anyhow::Result<Served> {
+    let handler: Handler = Arc::new(handler);
     if path.exists() {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
@@ -114,10 +122,17 @@ pub fn serve(path: &Path, handler: Handler) -> anyhow::Result<Served> {
         .build()
         .context("control runtime")?;
     let (jobs, queue) = mpsc::channel::<Job>(MAX_CLIENTS);
+    let (status, status_queue) = mpsc::channel::<Job>(MAX_CLIENTS);
+    let h = handler.clone();
     std::thread::Builder::new()
         .name("control-exec".into())
-        .spawn(move || execute_all(queue, handler))
+        .spawn(move || execute_all(queue, h))
         .context("spawning the control executor")?;
+    std::thread::Builder::new()
+        .name("control-status".into())
+        .spawn(move || execute_all(status_queue, handler))
+        .context("spawning the status executor")?;
+    let queues = Queues { jobs, status };
     let clients = Arc::new(AtomicUsize::new(0));
     let served = Served {
         clients: clients.clone(),
@@ -127,7 +142,7 @@ pub fn serve(path: &Path, handler: Handler) -> anyhow::Result<Served> {
         .spawn(move || {
             rt.block_on(async move {
                 match UnixListener::from_std(listener) {
-                    Ok(l) => accept_all(l, router(jobs), clients).await,
+                    Ok(l) => accept_all(l, router(queues), clients).await,
                     Err(e) => tracing::error!("control socket: {e}"),
                 }
             })
@@ -146,9 +161,16 @@ fn execute_all(mut queue: mpsc::Receiver<Job>, handler: Handler) {
     }
 }
 
+/// Where requests go: `GET /status` to its own executor, everything else to the other.
+#[derive(Clone)]
+pub struct Queues {
+    jobs: mpsc::Sender<Job>,
+    status: mpsc::Sender<Job>,
+}
+
 /// The routes: every resource of every kind of process (each process refuses with 404 the
 /// requests it does not serve), JSON errors for unknown paths and methods.
-pub fn router(jobs: mpsc::Sender<Job>) -> Router {
+pub fn router(queues: Queues) -> Router {
     let mut r = Router::new();
     for p in GET_PATHS {
         r = r.route(p, get(get_resource));
@@ -175,19 +197,18 @@ pub fn router(jobs: mpsc::Sender<Job>) -> Router {
             format!("{path} is served with {method} only"),
         )
     })
-    .with_state(jobs)
+    .with_state(queues)
 }
 
-async fn get_resource(State(jobs): State<mpsc::Sender<Job>>, uri: Uri) -> Response {
-    let req = match uri.path() {
-        "/checksum" => Request::Checksum,
-        _ => Request::Status,
-    };
-    reply(run(&jobs, req).await)
+async fn get_resource(State(q): State<Queues>, uri: Uri) -> Response {
+    match uri.path() {
+        "/checksum" => reply(run(&q.jobs, Request::Checksum).await),
+        _ => reply(run(&q.status, Request::Status).await),
+    }
 }
 
 async fn put_resource(
-    State(jobs): State<mpsc::Sender<Job>>,
+    State(Queues { jobs, .. }): State<Queues>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -379,6 +400,42 @@ mod tests {
         let (code, body) = put(&path, "/backups", &big);
         assert_eq!(code, 413, "{body}");
         assert!(body.contains("exceeds"), "{body}");
+    }
+
+    /// The agent's status polls are its hung-process detector: they never queue behind a
+    /// request that blocks (a promotion, a snapshot, a handover).
+    #[test]
+    fn status_is_answered_while_another_request_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, released) = (
+            std::sync::Mutex::new(entered_tx),
+            std::sync::Mutex::new(released),
+        );
+        let _s = serve(&path, move |r| match r {
+            Request::Promote(_) => {
+                entered_tx.lock().unwrap().send(()).unwrap();
+                released.lock().unwrap().recv().unwrap();
+                Ok(serde_json::json!({ "checkpoint": 7 }))
+            }
+            r => Ok(serde_json::json!({ "got": r.name() })),
+        })
+        .unwrap();
+        let p = path.clone();
+        let promote = std::thread::spawn(move || put(&p, "/promote", r#"{"term":2}"#));
+        entered.recv().unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)
+            .expect("GET /status answered while PUT /promote blocks");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        release.send(()).unwrap();
+        assert_eq!(promote.join().unwrap().0, 200);
     }
 
     #[test]
