@@ -407,6 +407,46 @@ fn planned_migration(still_exiting: bool) {
     assert!(t.last_assign("a").unwrap().vms.is_empty());
 }
 
+/// A primary that handed over while its target went silent: the other synced backup takes
+/// over (every backup holds the handed-over checkpoint), never the silent target.
+#[test]
+fn a_handover_to_a_target_gone_silent_promotes_another_synced_backup() {
+    let mut t = T::protected_vm();
+    t.m.migrate(t.now, "web", "b").unwrap();
+    t.drain();
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "migrating");
+    // b's host falls silent; the primary hands over meanwhile.
+    t.advance(200 * MS);
+    t.report("c", vec![backup(1, 12, 3)]);
+    let mut done = primary(1, &["b", "c"], true);
+    done.handed_over = true;
+    t.report("a", vec![done]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.primary.as_deref()), (2, Some("c")));
+    assert!(t.out.iter().any(|o| matches!(o, Output::Event(e)
+        if e.kind == EventKind::Detected && e.detail.contains("not heard: c instead"))));
+}
+
+/// A handover the manager already gave up on, answered late: the primary is stopped for
+/// good, so it is failed over at once (not after its process exits or the hung timer).
+#[test]
+fn a_handover_answered_after_the_manager_gave_up_fails_over_at_once() {
+    let mut t = T::protected_vm();
+    t.m.migrate(t.now, "web", "b").unwrap();
+    t.drain();
+    for _ in 0..600 {
+        t.advance(10 * MS);
+        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        t.report("b", vec![backup(1, 12, 3)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+    }
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+    let mut done = primary(1, &["b", "c"], true);
+    done.handed_over = true;
+    t.report("a", vec![done]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+}
+
 #[test]
 fn a_handover_that_does_not_complete_is_abandoned_and_the_primary_runs_on() {
     let mut t = T::protected_vm();

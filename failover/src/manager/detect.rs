@@ -64,6 +64,10 @@ impl Manager {
             // Its own agent speaks: failed if the process is gone, or hung (not answering its
             // agent) while its backups say checkpoints stopped.
             return match self.primary_obs(p, rec) {
+                // Handed over after the manager gave the migration up: stopped for good.
+                Some(o) if o.handed_over => Some(format!(
+                    "the primary on {p} handed over (its guest is stopped for good)"
+                )),
                 Some(o) if o.alive => self.primary_hung(now, p, rec, o),
                 Some(o) => Some(format!(
                     "the primary's process on {p} exited ({})",
@@ -161,7 +165,9 @@ impl Manager {
             return None;
         }
         let (witnesses, quietest) = self.checkpoints_stopped(now, rec)?;
-        if witnesses == 0 || quietest < self.cfg.hung {
+        // (`quietest` is MAX when no witness ever heard from it: a primary still starting up,
+        // or one whose backups never synced, is not called hung.)
+        if witnesses == 0 || quietest < self.cfg.hung || quietest == Duration::MAX {
             return None;
         }
         Some(format!(

@@ -44,18 +44,20 @@ impl Manager {
         // Handed over = its guest is stopped for good and every backup holds its last
         // checkpoint: the target may start at once, even while the old process is still exiting.
         if obs.as_ref().is_some_and(|o| o.handed_over) {
-            self.handover_since.remove(name);
-            self.counters.switchovers += 1;
-            let seq = obs
-                .and_then(|o| o.seq)
-                .map_or("?".into(), |s| s.to_string());
-            self.promote(
-                now,
-                name,
-                &to,
-                format!("planned migration: {p} handed over at checkpoint {seq}"),
-            );
-            return;
+            // Every backup holds the handed-over checkpoint (the primary answers only once
+            // all of its set acknowledged it), so any live synced backup may take over: the
+            // target if it can, else the most advanced other one (never a silent target).
+            if let Some(c) = self
+                .candidate(now, rec, Some(&to))
+                .or_else(|| self.candidate(now, rec, None))
+            {
+                return self.switch_over(now, name, &p, &to, &c, obs.and_then(|o| o.seq));
+            }
+            // None heard right now: decided again at the next report; once the old process
+            // has exited this is a failover (or the VM is down), below.
+            if obs.as_ref().is_some_and(|o| o.alive) {
+                return;
+            }
         }
         if let Some(why) = self.primary_failed(now, rec) {
             self.handover_since.remove(name);
@@ -78,6 +80,32 @@ impl Manager {
                 ),
             );
         }
+    }
+
+    /// Promotes `c` (the target `to`, or another backup) after `p` handed over at `seq`.
+    fn switch_over(
+        &mut self,
+        now: Duration,
+        name: &str,
+        p: &str,
+        to: &str,
+        c: &str,
+        seq: Option<u64>,
+    ) {
+        self.handover_since.remove(name);
+        self.counters.switchovers += 1;
+        let seq = seq.map_or("?".into(), |s| s.to_string());
+        let elsewhere = if c == to {
+            String::new()
+        } else {
+            format!(" (target {to} not heard: {c} instead)")
+        };
+        self.promote(
+            now,
+            name,
+            c,
+            format!("planned migration: {p} handed over at checkpoint {seq}{elsewhere}"),
+        );
     }
 
     fn abandon_handover(&mut self, now: Duration, name: &str, why: String) {

@@ -39,6 +39,10 @@ pub struct Proc {
     pub status: Option<Status>,
     /// When it last answered.
     status_at: Option<std::time::Instant>,
+    /// Since when its status polls fail (None: the last one was answered, or none was made
+    /// since it started or was adopted, which counts from then). A poll the agent did not make
+    /// (busy with another action) is not held against the process.
+    unanswered_since: Option<std::time::Instant>,
     /// The term it was started with (primary) or told (backup).
     pub term: u64,
     /// Backup hosts applied to a primary.
@@ -84,6 +88,7 @@ impl Proc {
             handed_over: false,
             status: None,
             status_at: None,
+            unanswered_since: None,
             term,
             backup_hosts: Vec::new(),
             polls_since_apply: 0,
@@ -156,6 +161,7 @@ impl Proc {
             handed_over: false,
             status: None,
             status_at: None,
+            unanswered_since: None,
             term,
             backup_hosts: backups.iter().map(|b| b.host.clone()).collect(),
             polls_since_apply: 0,
@@ -244,11 +250,24 @@ impl Proc {
 
     /// Refreshes `status` from its control socket (keeps the last one on failure).
     pub fn poll(&mut self) {
-        if let Ok(s) = self.client(STATUS_TIMEOUT).status() {
-            self.status = Some(s);
-            self.status_at = Some(std::time::Instant::now());
-            self.polls_since_apply = self.polls_since_apply.saturating_add(1);
+        let asked = std::time::Instant::now();
+        match self.client(STATUS_TIMEOUT).status() {
+            Ok(s) => {
+                self.status = Some(s);
+                self.status_at = Some(std::time::Instant::now());
+                self.unanswered_since = None;
+                self.polls_since_apply = self.polls_since_apply.saturating_add(1);
+            }
+            Err(_) => {
+                self.unanswered_since.get_or_insert(asked);
+            }
         }
+    }
+
+    /// How long its status polls have been failing, ms (0 when the last was answered).
+    fn unanswered_ms(&self) -> u64 {
+        self.unanswered_since
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
     /// How old the last status answer is (a process that stopped answering keeps its last
@@ -304,7 +323,7 @@ impl Proc {
                 o.output_held = r.is_some_and(|r| r.output_held);
                 o.backup_hosts = self.backup_hosts.clone();
                 // How long it has not answered (the manager fails a hung primary).
-                o.silent_ms = self.status_at.map(|_| self.status_age_ms());
+                o.silent_ms = Some(self.unanswered_ms());
             }
             ProcRole::Backup => {
                 let b = self.backup_status();
