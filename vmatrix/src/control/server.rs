@@ -116,6 +116,9 @@ pub fn serve(
     }
     let listener = StdUnixListener::bind(path)
         .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    // Only its owner (root, the agent) may connect: whoever can connect can stop the VM.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting control socket {}", path.display()))?;
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
