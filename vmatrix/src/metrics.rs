@@ -22,6 +22,8 @@ pub struct PrimaryFacts {
     pub backups: usize,
     /// Guest output is held until acknowledged (output commit on).
     pub output_held: bool,
+    /// It handed over: its guest is stopped for good.
+    pub handed_over: bool,
 }
 
 /// A primary's replication figures in `GET /status` (`control::types::Replication`):
@@ -51,6 +53,7 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
         bytes_sent: ld(&s.bytes),
         ack_latency_us: ld(&s.ack_latency_us),
         released_frames: ld(&s.released_frames),
+        handed_over: f.handed_over,
     }
 }
 

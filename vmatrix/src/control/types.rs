@@ -365,6 +365,9 @@ pub struct Replication {
     pub ack_latency_us: u64,
     /// Guest frames released.
     pub released_frames: u64,
+    /// It handed over (`PUT /handover` answered): its guest is stopped for good.
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 /// A backup's image and session.
@@ -598,6 +601,7 @@ mod tests {
                 max_pause_us: 2,
                 dirty_pages_sent: 5,
                 bytes_sent: 6,
+                handed_over: false,
                 ack_latency_us: 7,
                 released_frames: 8,
             },

@@ -6,7 +6,7 @@
 //! exits with [`HANDED_OVER_EXIT`]; the manager promotes the target backup from that very
 //! checkpoint, so no request in flight is lost and clients see only the switch.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,11 +21,12 @@ pub const HANDED_OVER_EXIT: u8 = 4;
 /// Longest wait for the final checkpoint's acknowledgement; past it the guest runs on.
 pub const LIMIT: Duration = Duration::from_secs(5);
 
-/// Pauses the guest, waits until a checkpoint taken after the pause is acknowledged, stops
-/// the VM. Returns that checkpoint's seq. On failure the guest is resumed and nothing changed:
+/// Pauses the guest, waits until a checkpoint taken after the pause is acknowledged, sets
+/// `handed` (before the VM stops: the process then exits with [`HANDED_OVER_EXIT`], and its
+/// status says so meanwhile), stops the VM. Returns that checkpoint's seq. On failure the guest is resumed and nothing changed:
 /// 409 when there is nothing to hand over to (or the VM ended), 500 when the checkpoint was
 /// not acknowledged in time.
-pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, ControlError> {
+pub fn run(vm: &Vm, stats: &Arc<Stats>, handed: &AtomicBool) -> Result<u64, ControlError> {
     if !stats.protected.load(Ordering::Relaxed) {
         return Err(ControlError::conflict(
             "not protected: nothing to hand over to",
@@ -64,6 +65,7 @@ pub fn run(vm: &Vm, stats: &Arc<Stats>) -> Result<u64, ControlError> {
                 "handed over: checkpoint {seq} of the paused guest acknowledged after {} µs",
                 start.elapsed().as_micros()
             );
+            handed.store(true, Ordering::SeqCst);
             vm.stop();
             Ok(seq)
         }

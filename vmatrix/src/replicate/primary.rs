@@ -112,7 +112,7 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let extra = Extra {
         status: Some(status(
             vm.clone(),
-            stats.clone(),
+            (stats.clone(), handed.clone()),
             a.term,
             backups_tx.clone(),
         )),
@@ -131,6 +131,11 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let code = supervise(vm, control.as_deref(), console, false, extra);
     let _ = stop_tx.send(true);
     let _ = repl.join();
+    // (Handed over first: a handover's stop is not a fence, whatever came after it.)
+    if handed.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("vmatrix primary: handed over (the guest stopped after its last checkpoint)");
+        return Ok(ExitCode::from(super::handover::HANDED_OVER_EXIT));
+    }
     if let Some(f) = fence.fenced() {
         let by = f
             .term
@@ -140,10 +145,6 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             a.term
         );
         return Ok(ExitCode::from(FENCED_EXIT));
-    }
-    if handed.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("vmatrix primary: handed over (the guest stopped after its last checkpoint)");
-        return Ok(ExitCode::from(super::handover::HANDED_OVER_EXIT));
     }
     code
 }
@@ -175,7 +176,7 @@ fn build_vm(
 /// The primary's replication figures for `GET /status` (`metrics::replication_status`).
 fn status(
     vm: Arc<Vm>,
-    stats: Arc<Stats>,
+    (stats, handed): (Arc<Stats>, Arc<std::sync::atomic::AtomicBool>),
     term: u64,
     backups: Arc<watch::Sender<BackupSet>>,
 ) -> StatusExtra {
@@ -184,6 +185,7 @@ fn status(
             term,
             backups: backups.borrow().list.len(),
             output_held: vm.held_output().is_some(),
+            handed_over: handed.load(std::sync::atomic::Ordering::SeqCst),
         };
         crate::metrics::replication_status(&stats, &facts)
     })
@@ -198,10 +200,10 @@ fn requests(
     (stats, handed): (Arc<Stats>, Arc<std::sync::atomic::AtomicBool>),
 ) -> ExtraRequests {
     Arc::new(move |req| match req {
-        Request::Handover => Some(super::handover::run(&vm, &stats).and_then(|seq| {
-            handed.store(true, std::sync::atomic::Ordering::Relaxed);
-            answer(CheckpointAnswer { checkpoint: seq })
-        })),
+        Request::Handover => Some(
+            super::handover::run(&vm, &stats, &handed)
+                .and_then(|seq| answer(CheckpointAnswer { checkpoint: seq })),
+        ),
         Request::Backups(set) => Some(
             parse_backup_set(set)
                 .map_err(ControlError::bad_request)

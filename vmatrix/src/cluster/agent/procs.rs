@@ -307,7 +307,9 @@ impl Proc {
             backup_hosts: Vec::new(),
             output_held: false,
             silent_ms: None,
-            handed_over: self.handed_over || self.exit.as_deref() == Some(HANDED_OVER),
+            handed_over: self.handed_over
+                || self.exit.as_deref() == Some(HANDED_OVER)
+                || self.replication().is_some_and(|r| r.handed_over),
         };
         match self.role {
             ProcRole::Primary => {
