@@ -128,6 +128,7 @@ pub struct NflogFrame {
 /// Link type of nflog captures.
 const LINKTYPE_NFLOG: u32 = 239;
 /// NFLOG TLV types.
+const NFULA_TIMESTAMP: u16 = 3;
 const NFULA_PREFIX: u16 = 10;
 const NFULA_HWHEADER: u16 = 16;
 
@@ -179,10 +180,14 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<NflogFrame>, PcapError> {
 }
 
 /// One NFLOG record: a 4-byte header, then TLVs (length and type in host order: little endian
-/// here) padded to 4 bytes.
+/// here) padded to 4 bytes. The time is the kernel's stamp (`NFULA_TIMESTAMP`, seconds and
+/// microseconds, big endian) when present: the pcap record's own time is when libpcap read the
+/// batch, up to ~1.5 s later on a busy machine (nflog flushes its queue every second), which
+/// would blur who sent first.
 fn parse_nflog(rec: &[u8], unix_ns: u64) -> Option<NflogFrame> {
     let mut at = 4;
     let (mut prefix, mut src) = (None, None);
+    let mut unix_ns = unix_ns;
     while at + 4 <= rec.len() {
         let len = usize::from(u16::from_le_bytes([rec[at], rec[at + 1]]));
         let ty = u16::from_le_bytes([rec[at + 2], rec[at + 3]]) & 0x7fff;
@@ -197,6 +202,11 @@ fn parse_nflog(rec: &[u8], unix_ns: u64) -> Option<NflogFrame> {
             }
             NFULA_HWHEADER if value.len() >= 12 => {
                 src = value[6..12].try_into().ok();
+            }
+            NFULA_TIMESTAMP if value.len() >= 16 => {
+                let sec = u64::from_be_bytes(value[0..8].try_into().expect("8 bytes"));
+                let usec = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
+                unix_ns = sec * 1_000_000_000 + usec * 1000;
             }
             _ => {}
         }
@@ -240,8 +250,24 @@ mod tests {
     }
 
     fn record(sec: u32, usec: u32, prefix: &str, src: [u8; 6]) -> Vec<u8> {
+        record_stamped(sec, usec, prefix, src, None)
+    }
+
+    /// A record whose pcap time is `sec.usec` and whose kernel stamp is `stamp` (sec, usec).
+    fn record_stamped(
+        sec: u32,
+        usec: u32,
+        prefix: &str,
+        src: [u8; 6],
+        stamp: Option<(u64, u64)>,
+    ) -> Vec<u8> {
         let mut data = vec![7, 0, 0, 77];
         data.extend(tlv(1, &[0x08, 0x00, 0, 0]));
+        if let Some((s, u)) = stamp {
+            let mut v = s.to_be_bytes().to_vec();
+            v.extend_from_slice(&u.to_be_bytes());
+            data.extend(tlv(NFULA_TIMESTAMP, &v));
+        }
         data.extend(tlv(NFULA_PREFIX, format!("{prefix}\0").as_bytes()));
         let mut hw = vec![0xff; 6];
         hw.extend_from_slice(&src);
@@ -264,7 +290,8 @@ mod tests {
         let guest = DEFAULT_GUEST_MAC;
         pcap.extend(record(100, 5, "a", guest));
         pcap.extend(record(100, 7, "b", [1, 2, 3, 4, 5, 6]));
-        pcap.extend(record(101, 0, "b", guest));
+        // Read by libpcap a second after the kernel stamped it: the stamp wins.
+        pcap.extend(record_stamped(102, 0, "b", guest, Some((101, 0))));
         let cut = record(102, 0, "c", guest);
         pcap.extend(&cut[..cut.len() - 3]);
         let frames = parse_pcap(&pcap).unwrap();

@@ -477,6 +477,7 @@ fn execute(
         api,
         vm: VM_NAME.into(),
         last: None,
+        down_since: None,
     };
     let _ = resolver.refresh(0);
     let injected = run_fault_phase(cfg, schedule, dir, fleet, &mut resolver, clock, log)?;
@@ -558,9 +559,13 @@ fn run_fault_phase(
         keepalive: &mut keepalive,
     };
     let n = timeline::run_faults(&mut ctx, schedule, &mut sinks)?;
-    // The quiet end of the run, up to the final heal.
+    // The quiet end of the run, up to the final heal (not when the VM is down for good).
     let end = Duration::from_nanos(schedule.final_heal_ns);
-    while clock.start.elapsed() < end {
+    let gave_up = ctx
+        .resolver
+        .down_since
+        .is_some_and(|since| clock.now_ns().saturating_sub(since) >= timeline::DOWN_GIVE_UP_NS);
+    while clock.start.elapsed() < end && !gave_up {
         if cfg.interrupted() {
             return Err(RunnerError::Interrupted);
         }
@@ -582,7 +587,8 @@ fn write_frames(
         detail: e.to_string(),
     })?;
     let mac = mac.unwrap_or(capture::DEFAULT_GUEST_MAC);
-    let frames: Vec<GuestFrame> = capture::guest_frames(&all, mac, start_unix_ns);
+    let mut frames: Vec<GuestFrame> = capture::guest_frames(&all, mac, start_unix_ns);
+    frames.sort_by_key(|f| f.time_ns);
     let mut by_host: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &frames {
         *by_host.entry(&f.host).or_default() += 1;

@@ -168,6 +168,17 @@ fn join_note(a: Option<String>, b: String) -> String {
     }
 }
 
+/// How long the VM may stay `down` before the loop stops injecting: faults on a VM that is
+/// gone for good test nothing (a soak would waste the rest of the run).
+pub const DOWN_GIVE_UP_NS: u64 = 10_000_000_000;
+
+/// Whether to stop before an injection: the VM down for [`DOWN_GIVE_UP_NS`] (since when).
+fn gave_up(ctx: &Ctx<'_>, step: Step) -> Option<u64> {
+    let since = ctx.resolver.down_since?;
+    let long = ctx.clock.now_ns().saturating_sub(since) >= DOWN_GIVE_UP_NS;
+    (step == Step::Inject && long).then_some(since)
+}
+
 fn run_actions(
     ctx: &mut Ctx<'_>,
     schedule: &Schedule,
@@ -180,6 +191,15 @@ fn run_actions(
             break;
         }
         wait_until(ctx, sinks, a.at_ns)?;
+        if let Some(since) = gave_up(ctx, a.step) {
+            (sinks.log)(format!(
+                "{:.3} s: the manager has said the VM is down since {:.3} s (it never restarts \
+                 a VM from an older image): no more faults; the heals of those under way follow",
+                ctx.clock.now_ns() as f64 / 1e9,
+                since as f64 / 1e9
+            ));
+            return Ok(injected);
+        }
         let ev = &schedule.events[a.event];
         match a.step {
             Step::Inject => {

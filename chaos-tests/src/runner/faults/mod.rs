@@ -51,6 +51,8 @@ pub struct Resolver {
     pub vm: String,
     /// The last view it got, and when (ns on the run's clock).
     pub last: Option<(u64, Roles)>,
+    /// Since when the manager has said, in every view since, that the VM is `down`.
+    pub down_since: Option<u64>,
 }
 
 impl Resolver {
@@ -62,6 +64,10 @@ impl Resolver {
             .find(|v| v.spec.name == self.vm)
             .ok_or_else(|| format!("the manager knows no VM {}", self.vm))?;
         let roles = Roles::of(v);
+        self.down_since = match roles.status == "down" {
+            true => self.down_since.or(Some(now_ns)),
+            false => None,
+        };
         self.last = Some((now_ns, roles.clone()));
         Ok(roles)
     }
