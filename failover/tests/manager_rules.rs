@@ -333,6 +333,41 @@ fn a_restarted_manager_resumes_from_its_store_without_acting_before_reports() {
     ));
 }
 
+/// The primary's link to one backup is cut (both hosts heard by the manager): that backup hears
+/// nothing for longer than `backup_lost` while the primary answers, so it leaves the set (the
+/// primary would hold output for it forever) and another host takes its place; a backup silent
+/// for less, or silent because the primary itself stopped answering, stays.
+#[test]
+fn a_backup_cut_from_a_running_primary_leaves_the_set() {
+    let mut t = T::protected_vm();
+    let mut answering = primary(1, &["b", "c"], true);
+    answering.silent_ms = Some(0);
+    for _ in 0..100 {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![backup(1, 10, 1000)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+    t.report("b", vec![backup(1, 10, 1600)]);
+    assert_eq!(t.events(EventKind::BackupLost), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    let hosts: Vec<&str> = v.backups.iter().map(|b| b.host.as_str()).collect();
+    assert_eq!(hosts, ["c", "d"]);
+    assert_eq!(v.term, 1);
+
+    // A primary that stopped answering is not kept by dropping its backups.
+    let mut t = T::protected_vm();
+    let mut stuck = primary(1, &["b", "c"], true);
+    stuck.silent_ms = Some(1600);
+    t.report("a", vec![stuck]);
+    t.report("b", vec![backup(1, 10, 1600)]);
+    t.report("c", vec![backup(1, 12, 1600)]);
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+}
+
 #[test]
 fn a_lost_backup_leaves_the_set_and_another_host_takes_its_place() {
     let mut t = T::protected_vm();

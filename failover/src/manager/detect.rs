@@ -198,33 +198,61 @@ impl Manager {
             .map(|(_, h)| h)
     }
 
-    /// Backups whose host has been silent too long leave the set (persisted before the primary
-    /// is told: one that comes back can never be promoted from its older image).
+    /// Backups whose host has been silent too long, or that have heard nothing from a primary
+    /// that runs and answers (the link between them is cut), leave the set: the primary, which
+    /// holds output until every backup of its set acknowledged, releases it again, unprotected
+    /// until a replacement synced (persisted before the primary is told: one that comes back
+    /// can never be promoted from its older image).
     pub(crate) fn drop_lost_backups(&mut self, now: Duration, rec: &mut VmRecord) {
         // Only for a primary that runs (it waits for them); when the primary is gone too, the
         // backups are the VM: they stay in the set until one comes back.
-        let primary_runs = rec.primary.as_deref().is_some_and(|p| {
-            self.fresh(now, p) && self.primary_obs(p, rec).is_some_and(|o| o.alive)
-        });
-        if !primary_runs {
+        let Some(p) = rec.primary.clone() else {
             return;
-        }
-        let lost: Vec<String> = rec
+        };
+        let Some(po) = self
+            .primary_obs(&p, rec)
+            .filter(|o| o.alive && self.fresh(now, &p))
+        else {
+            return;
+        };
+        // Answering its agent (a hung primary is failed over instead, see `primary_hung`).
+        let answers = po
+            .silent_ms
+            .is_none_or(|ms| Duration::from_millis(ms) < self.cfg.hung);
+        let lost: Vec<(String, String)> = rec
             .backups
             .iter()
-            .filter(|b| self.report_age(now, &b.host) > self.cfg.backup_lost)
-            .map(|b| b.host.clone())
+            .filter_map(|b| {
+                let age = self.report_age(now, &b.host);
+                if age > self.cfg.backup_lost {
+                    return Some((
+                        b.host.clone(),
+                        format!("no heartbeat for {} ms", age.as_millis()),
+                    ));
+                }
+                let o = self.backup_obs(&b.host, &rec.spec.name)?;
+                let heard = Duration::from_millis(o.silent_ms?);
+                (answers && o.alive && heard > self.cfg.backup_lost).then(|| {
+                    (
+                        b.host.clone(),
+                        format!(
+                            "nothing from the primary on {p} for {} ms while it runs: the link \
+                             between them is cut; the primary goes on without it",
+                            heard.as_millis()
+                        ),
+                    )
+                })
+            })
             .collect();
-        for h in lost {
+        for (h, why) in lost {
             rec.backups.retain(|b| b.host != h);
-            let ms = self.report_age(now, &h).as_millis();
             self.event(
                 now,
                 EventKind::BackupLost,
                 Some(&rec.spec.name),
                 Some(&h),
                 Some(rec.term),
-                format!("no heartbeat for {ms} ms"),
+                why,
             );
         }
     }
