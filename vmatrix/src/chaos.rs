@@ -84,6 +84,12 @@ pub struct RunArgs {
     /// Print the runner's log (also in <run dir>/runner.log) as it goes.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Inject at the planned times even when the VM has not recovered from the previous fault
+    /// (by default the runner waits up to 30 s for it to be protected again and moves the rest
+    /// of the schedule by the wait). With one backup, a crash before re-protection is a double
+    /// fault whose designed outcome is a VM that stays down.
+    #[arg(long)]
+    pub no_settle: bool,
 }
 
 /// `vmatrix chaos report`.
@@ -147,6 +153,9 @@ fn extra_flags(a: &RunArgs) -> String {
     if a.mem_mib != 64 {
         s.push_str(&format!(" --mem-mib {}", a.mem_mib));
     }
+    if a.no_settle {
+        s.push_str(" --no-settle");
+    }
     s
 }
 
@@ -174,6 +183,9 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     cfg.workload.clients = a.clients;
     cfg.keep_work = a.keep_work;
     cfg.verbose = a.verbose;
+    if a.no_settle {
+        cfg.settle = None;
+    }
     // Ctrl-C (or SIGTERM) asks the runner to stop and clean up; a second one exits at once
     // (the next run cleans up what is left).
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -224,6 +224,9 @@ pub struct RunnerConfig {
     pub keep_work: bool,
     /// Echo the runner's log (`runner.log`) to stderr.
     pub verbose: bool,
+    /// Before each fault, wait up to this long for the VM to be protected again (moving the
+    /// rest of the schedule); `None`: inject at the planned times whatever the state.
+    pub settle: Option<Duration>,
     /// Set by Ctrl-C: the run stops, cleans up and returns [`RunnerError::Interrupted`].
     pub interrupt: Arc<AtomicBool>,
 }
@@ -242,6 +245,7 @@ impl RunnerConfig {
             liveness_wait: Duration::from_secs(60),
             keep_work: false,
             verbose: false,
+            settle: Some(Duration::from_secs(30)),
             interrupt: Arc::new(AtomicBool::new(false)),
         }
     }

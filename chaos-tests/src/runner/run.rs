@@ -550,28 +550,33 @@ fn run_fault_phase(
         seed: schedule.config.seed,
     };
     let stop = interrupted(cfg);
-    let mut log_line = |l: String| log.line(l);
-    let mut keepalive = || cluster.touch_lock();
-    let mut sinks = Sinks {
-        injections: &mut injections,
-        log: &mut log_line,
-        interrupted: &stop,
-        keepalive: &mut keepalive,
+    let settle = cfg.settle.map(schedule::duration_ns);
+    let done = {
+        let mut log_line = |l: String| log.line(l);
+        let mut keepalive = || cluster.touch_lock();
+        let mut sinks = Sinks {
+            injections: &mut injections,
+            log: &mut log_line,
+            interrupted: &stop,
+            keepalive: &mut keepalive,
+        };
+        timeline::run_faults(&mut ctx, schedule, settle, &mut sinks)?
     };
-    let n = timeline::run_faults(&mut ctx, schedule, &mut sinks)?;
-    // The quiet end of the run, up to the final heal (not when the VM is down for good).
-    let end = Duration::from_nanos(schedule.final_heal_ns);
-    let gave_up = ctx
-        .resolver
-        .down_since
-        .is_some_and(|since| clock.now_ns().saturating_sub(since) >= timeline::DOWN_GIVE_UP_NS);
-    while clock.start.elapsed() < end && !gave_up {
+    if done.shift_ns >= 1_000_000 {
+        log.line(format!(
+            "waited {} ms in all for the VM to be protected again before faults",
+            done.shift_ns / 1_000_000
+        ));
+    }
+    // The quiet end of the run, up to the (moved) final heal; not when the VM is down for good.
+    let end = Duration::from_nanos(schedule.final_heal_ns + done.shift_ns);
+    while clock.start.elapsed() < end && !done.gave_up {
         if cfg.interrupted() {
             return Err(RunnerError::Interrupted);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(n)
+    Ok(done.injected)
 }
 
 fn write_frames(

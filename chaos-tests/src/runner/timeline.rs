@@ -4,6 +4,8 @@
 //! is logged to `faults.jsonl` once it is healed (or skipped, or when the run stops), with the
 //! real times and what its role resolved to. While it waits the loop keeps the resolver's view
 //! of the roles fresh, keeps the index lock fresh and notes processes that exited on their own.
+//! Before each injection it may wait for the VM to be protected again ([`run_faults`]), and it
+//! stops injecting once the VM is down for good.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::faults::{self, Active, Ctx};
 use super::RunnerError;
-use crate::schedule::{Fault, Injection, Schedule};
+use crate::schedule::{Fault, Injection, Schedule, ScheduledEvent};
 
 /// What to do at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,26 +132,37 @@ fn wait_until(ctx: &mut Ctx<'_>, sinks: &mut Sinks<'_>, at_ns: u64) -> Result<()
     }
 }
 
-/// Runs the schedule's faults until its final heal time; returns the number injected. On an
+/// What the loop did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopEnd {
+    /// Faults injected (not skipped).
+    pub injected: usize,
+    /// How much later than planned everything after the waits for the VM to be protected again
+    /// ran (the final heal too).
+    pub shift_ns: u64,
+    /// The loop stopped injecting because the VM was down for good.
+    pub gave_up: bool,
+}
+
+/// Runs the schedule's faults until its final heal time. With `settle_ns`, before each
+/// injection it waits (up to that long) until the manager says the VM is protected again, and
+/// moves the rest of the schedule by the wait, so each fault meets a recovered system as the
+/// schedule's quiet gaps intend however slow this machine is (said in the fault's note). On an
 /// error (Ctrl-C) the events under way are logged unhealed; the caller's guard tears down.
 pub fn run_faults(
     ctx: &mut Ctx<'_>,
     schedule: &Schedule,
+    settle_ns: Option<u64>,
     sinks: &mut Sinks<'_>,
-) -> Result<usize, RunnerError> {
+) -> Result<LoopEnd, RunnerError> {
     let mut active: BTreeMap<usize, (Injection, Active)> = BTreeMap::new();
-    let r = run_actions(ctx, schedule, sinks, &mut active);
-    let injected_total = r.as_ref().copied().unwrap_or(0);
+    let mut end = LoopEnd::default();
+    let r = run_actions(ctx, schedule, settle_ns, sinks, &mut active, &mut end);
     // Anything still active (the run stopped early, or an event ends after the final heal):
     // healed now when the loop ended normally, logged as it is otherwise.
     for (_, (mut rec, act)) in std::mem::take(&mut active) {
         if r.is_ok() {
-            match faults::heal(ctx, act) {
-                Ok(Some(n)) => rec.note = Some(join_note(rec.note.take(), n)),
-                Ok(None) => {}
-                Err(e) => rec.note = Some(join_note(rec.note.take(), format!("heal: {e}"))),
-            }
-            rec.end_ns = Some(ctx.clock.now_ns());
+            heal_logged(ctx, &mut rec, act);
         } else {
             rec.note = Some(join_note(
                 rec.note.take(),
@@ -158,7 +171,7 @@ pub fn run_faults(
         }
         write_injection(sinks.injections, &rec)?;
     }
-    r.map(|_| injected_total)
+    r.map(|_| end)
 }
 
 fn join_note(a: Option<String>, b: String) -> String {
@@ -179,18 +192,54 @@ fn gave_up(ctx: &Ctx<'_>, step: Step) -> Option<u64> {
     (step == Step::Inject && long).then_some(since)
 }
 
+/// Waits up to `limit_ns` until the manager says the VM is protected; returns how long it
+/// waited and, unless it got there, why not (a note for the fault). It does not wait when the
+/// manager does not answer (it may be a fault's victim) or says the VM is down.
+fn settle(
+    ctx: &mut Ctx<'_>,
+    sinks: &mut Sinks<'_>,
+    limit_ns: u64,
+) -> Result<(u64, Option<String>), RunnerError> {
+    let t0 = ctx.clock.now_ns();
+    loop {
+        let now = ctx.clock.now_ns();
+        let waited = now - t0;
+        let why = match ctx.resolver.refresh(now) {
+            Ok(r) if r.status == "protected" => return Ok((waited, None)),
+            Ok(r) if r.status == "down" => Some(format!("the VM is down ({})", r.describe())),
+            Ok(r) if waited >= limit_ns => Some(format!(
+                "not protected again after {} ms ({})",
+                waited / 1_000_000,
+                r.describe()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "could not ask the manager whether the VM is protected: {e}"
+            )),
+        };
+        if let Some(why) = why {
+            return Ok((waited, Some(format!("{why}; injected anyway"))));
+        }
+        if (sinks.interrupted)() {
+            return Err(RunnerError::Interrupted);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn run_actions(
     ctx: &mut Ctx<'_>,
     schedule: &Schedule,
+    settle_ns: Option<u64>,
     sinks: &mut Sinks<'_>,
     active: &mut BTreeMap<usize, (Injection, Active)>,
-) -> Result<usize, RunnerError> {
-    let mut injected = 0;
+    end: &mut LoopEnd,
+) -> Result<(), RunnerError> {
     for a in plan(schedule) {
         if a.at_ns > schedule.final_heal_ns {
             break;
         }
-        wait_until(ctx, sinks, a.at_ns)?;
+        wait_until(ctx, sinks, a.at_ns + end.shift_ns)?;
         if let Some(since) = gave_up(ctx, a.step) {
             (sinks.log)(format!(
                 "{:.3} s: the manager has said the VM is down since {:.3} s (it never restarts \
@@ -198,50 +247,29 @@ fn run_actions(
                 ctx.clock.now_ns() as f64 / 1e9,
                 since as f64 / 1e9
             ));
-            return Ok(injected);
+            end.gave_up = true;
+            return Ok(());
         }
         let ev = &schedule.events[a.event];
         match a.step {
             Step::Inject => {
-                let t0 = ctx.clock.now_ns();
-                let mut rec = Injection {
-                    event: ev.index,
-                    kind: ev.fault.kind(),
-                    target: String::new(),
-                    start_ns: t0,
-                    end_ns: None,
-                    note: None,
-                };
-                match faults::inject(ctx, ev) {
-                    Ok(done) => {
-                        (sinks.log)(format!(
-                            "{:.3} s: event {} {} on {}{}",
-                            done.acted_ns as f64 / 1e9,
-                            ev.index,
-                            ev.fault.describe(),
-                            done.target,
-                            done.note
-                                .as_deref()
-                                .map(|n| format!(" ({n})"))
-                                .unwrap_or_default()
-                        ));
-                        rec.start_ns = done.acted_ns;
-                        rec.target = done.target;
-                        rec.note = done.note;
-                        injected += 1;
-                        active.insert(a.event, (rec, done.active));
-                    }
-                    Err(why) => {
-                        (sinks.log)(format!(
-                            "{:.3} s: event {} {} skipped: {why}",
-                            t0 as f64 / 1e9,
-                            ev.index,
-                            ev.fault.describe()
-                        ));
-                        rec.end_ns = Some(t0);
-                        rec.note = Some(format!("skipped: {why}"));
-                        write_injection(sinks.injections, &rec)?;
-                    }
+                let mut note = None;
+                // Only between faults: with another one under way the VM cannot recover.
+                if let Some(limit) = settle_ns.filter(|_| active.is_empty()) {
+                    let (waited, why) = settle(ctx, sinks, limit)?;
+                    end.shift_ns += waited;
+                    note = match (why, waited >= 1_000_000) {
+                        (Some(why), _) => Some(why),
+                        (None, true) => Some(format!(
+                            "waited {} ms for the VM to be protected again",
+                            waited / 1_000_000
+                        )),
+                        (None, false) => None,
+                    };
+                }
+                if let Some((i, act)) = inject_logged(ctx, sinks, ev, note)? {
+                    end.injected += 1;
+                    active.insert(a.event, (i, act));
                 }
             }
             Step::SwizzleStall(i) | Step::SwizzleHeal(i) => {
@@ -254,13 +282,8 @@ fn run_actions(
             }
             Step::Heal => {
                 if let Some((mut rec, act)) = active.remove(&a.event) {
-                    match faults::heal(ctx, act) {
-                        Ok(Some(n)) => rec.note = Some(join_note(rec.note.take(), n)),
-                        Ok(None) => {}
-                        Err(e) => rec.note = Some(join_note(rec.note.take(), format!("heal: {e}"))),
-                    }
-                    let now = ctx.clock.now_ns();
-                    rec.end_ns = Some(now);
+                    heal_logged(ctx, &mut rec, act);
+                    let now = rec.end_ns.unwrap_or_default();
                     (sinks.log)(format!(
                         "{:.3} s: event {} healed",
                         now as f64 / 1e9,
@@ -271,7 +294,71 @@ fn run_actions(
             }
         }
     }
-    Ok(injected)
+    Ok(())
+}
+
+/// Injects one event; `None` if it was skipped (then already logged to `faults.jsonl`).
+fn inject_logged(
+    ctx: &mut Ctx<'_>,
+    sinks: &mut Sinks<'_>,
+    ev: &ScheduledEvent,
+    note: Option<String>,
+) -> Result<Option<(Injection, Active)>, RunnerError> {
+    let t0 = ctx.clock.now_ns();
+    let mut rec = Injection {
+        event: ev.index,
+        kind: ev.fault.kind(),
+        target: String::new(),
+        start_ns: t0,
+        end_ns: None,
+        note,
+    };
+    match faults::inject(ctx, ev) {
+        Ok(done) => {
+            (sinks.log)(format!(
+                "{:.3} s: event {} {} on {}{}",
+                done.acted_ns as f64 / 1e9,
+                ev.index,
+                ev.fault.describe(),
+                done.target,
+                done.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            ));
+            rec.start_ns = done.acted_ns;
+            rec.target = done.target;
+            if let Some(n) = done.note {
+                rec.note = Some(join_note(rec.note.take(), n));
+            }
+            Ok(Some((rec, done.active)))
+        }
+        Err(why) => {
+            (sinks.log)(format!(
+                "{:.3} s: event {} {} skipped: {why}",
+                t0 as f64 / 1e9,
+                ev.index,
+                ev.fault.describe()
+            ));
+            rec.end_ns = Some(t0);
+            rec.note = Some(format!(
+                "skipped: {why}{}",
+                rec.note.map(|n| format!("; {n}")).unwrap_or_default()
+            ));
+            write_injection(sinks.injections, &rec)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Heals one event, noting what the heal said, and stamps its end.
+fn heal_logged(ctx: &mut Ctx<'_>, rec: &mut Injection, act: Active) {
+    match faults::heal(ctx, act) {
+        Ok(Some(n)) => rec.note = Some(join_note(rec.note.take(), n)),
+        Ok(None) => {}
+        Err(e) => rec.note = Some(join_note(rec.note.take(), format!("heal: {e}"))),
+    }
+    rec.end_ns = Some(ctx.clock.now_ns());
 }
 
 #[cfg(test)]
