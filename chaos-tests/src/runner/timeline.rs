@@ -194,7 +194,8 @@ fn gave_up(ctx: &Ctx<'_>, step: Step) -> Option<u64> {
 
 /// Waits up to `limit_ns` until the manager says the VM is protected; returns how long it
 /// waited and, unless it got there, why not (a note for the fault). It does not wait when the
-/// manager does not answer (it may be a fault's victim) or says the VM is down.
+/// manager says the VM is down; a manager that does not answer is asked again (no fault is
+/// under way when this runs: the machine stalled).
 fn settle(
     ctx: &mut Ctx<'_>,
     sinks: &mut Sinks<'_>,
@@ -213,9 +214,12 @@ fn settle(
                 r.describe()
             )),
             Ok(_) => None,
-            Err(e) => Some(format!(
-                "could not ask the manager whether the VM is protected: {e}"
+            // With no fault under way the manager should answer: a machine stall, wait.
+            Err(e) if waited >= limit_ns => Some(format!(
+                "could not ask the manager whether the VM is protected for {} ms: {e}",
+                waited / 1_000_000
             )),
+            Err(_) => None,
         };
         if let Some(why) = why {
             return Ok((waited, Some(format!("{why}; injected anyway"))));
