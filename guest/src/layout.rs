@@ -10,3 +10,5 @@ pub const fn virtio_slot(i: u64) -> u64 {
 pub const VIRTIO_SLOTS: u64 = 4;
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// The generation word (u64) the VMM writes at boot and before a clone's first instruction.
+pub const GENID: u64 = 0xb000;

@@ -32,6 +32,14 @@ struct Tx {
     pending: bool,
 }
 
+fn read_mac(t: &Transport) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (i, m) in mac.iter_mut().enumerate() {
+        *m = t.config8(i as u64);
+    }
+    mac
+}
+
 /// The network device.
 pub struct VirtioNet {
     t: Transport,
@@ -68,14 +76,10 @@ impl VirtioNet {
             rx.vq.push(i);
         }
         tx.free = (0..tx.vq.size()).rev().collect();
-        let mut mac = [0u8; 6];
-        if features & F_MAC != 0 {
-            for (i, m) in mac.iter_mut().enumerate() {
-                *m = t.config8(i as u64);
-            }
-        } else {
-            mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-        }
+        let mac = match features & F_MAC != 0 {
+            true => read_mac(&t),
+            false => [0x02, 0x00, 0x00, 0x00, 0x00, 0x01],
+        };
         t.driver_ok()?;
         t.notify(RXQ);
         Ok(VirtioNet {
@@ -86,6 +90,12 @@ impl VirtioNet {
             rx_frames: 0,
             tx_frames: 0,
         })
+    }
+
+    /// Reads the MAC again from config space (a clone's device has a new one).
+    pub fn reread_mac(&mut self) -> [u8; 6] {
+        self.mac = read_mac(&self.t);
+        self.mac
     }
 
     /// Address and length of the receive buffers (written only by the device).

@@ -24,9 +24,20 @@ pub fn wait(ns: u64) {
 pub fn generation() -> u64 {
     io::read64(PLATFORM + 0x18)
 }
+/// The generation word in memory (no VM exit): the VMM changes it before a clone runs.
+pub fn generation_word() -> u64 {
+    // SAFETY: GENID is an aligned u64 in identity-mapped guest RAM below the image, written
+    // only by the VMM (while no vCPU runs); a volatile read sees the VMM's write.
+    unsafe { core::ptr::read_volatile(crate::layout::GENID as *const u64) }
+}
 /// Incarnation: changes whenever the VM runs in a new VMM process (restore, failover).
 pub fn incarnation() -> u64 {
     io::read64(PLATFORM + 0x48)
+}
+/// Host TSC (PVM passes the raw host counter): entropy for seeds, never a clock.
+pub fn tsc() -> u64 {
+    // SAFETY: rdtsc has no side effects and is allowed in ring 3 (CR4.TSD is clear).
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 /// RAM size in bytes.
 pub fn mem_size() -> u64 {

@@ -81,6 +81,50 @@ pub struct Server {
     ip: core::net::Ipv4Addr,
     /// The VMM incarnation we last announced in.
     incarnation: u64,
+    /// The generation word we took our identity in.
+    generation: u64,
+}
+
+/// The interface: our MAC and address, the default route, a random seed from the generation,
+/// the clock and the host TSC (so two clones of one checkpoint never share TCP sequence
+/// numbers or ports).
+fn make_iface(net: &mut VirtioNet, cfg: &Config, generation: u64) -> Interface {
+    let mut ic = IfConfig::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
+    ic.random_seed = platform::clock_ns()
+        ^ generation.rotate_left(17)
+        ^ platform::tsc().rotate_left(41)
+        ^ 0x5eed;
+    let mut iface = Interface::new(ic, net, now());
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(cfg.ip.into(), cfg.prefix));
+    });
+    if let Some(gw) = cfg.gw {
+        let _ = iface.routes_mut().add_default_ipv4_route(gw);
+    }
+    iface
+}
+
+/// The pool of listening sockets.
+fn make_sockets() -> (SocketSet<'static>, Vec<Conn>) {
+    let mut sockets = SocketSet::new(Vec::new());
+    let mut conns = Vec::new();
+    for _ in 0..SOCKETS {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
+        );
+        // A request/response service: answers leave at once, not after the client's
+        // (possibly delayed) ACK of the previous answer.
+        s.set_nagle_enabled(false);
+        let handle = sockets.add(s);
+        conns.push(Conn {
+            handle,
+            inbuf: Vec::new(),
+            held: Vec::new(),
+            out: Vec::new(),
+        });
+    }
+    (sockets, conns)
 }
 
 /// Mean ns per exit of `n` MMIO reads (platform magic) and `n` port reads (COM1 LSR).
@@ -104,33 +148,9 @@ fn now() -> Instant {
 impl Server {
     /// Builds the interface and the socket pool.
     pub fn new(mut net: VirtioNet, cfg: &Config, store: Store, log: Log) -> Self {
-        let mut ic = IfConfig::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
-        ic.random_seed = platform::clock_ns() ^ platform::generation().rotate_left(17) ^ 0x5eed;
-        let mut iface = Interface::new(ic, &mut net, now());
-        iface.update_ip_addrs(|a| {
-            let _ = a.push(IpCidr::new(cfg.ip.into(), cfg.prefix));
-        });
-        if let Some(gw) = cfg.gw {
-            let _ = iface.routes_mut().add_default_ipv4_route(gw);
-        }
-        let mut sockets = SocketSet::new(Vec::new());
-        let mut conns = Vec::new();
-        for _ in 0..SOCKETS {
-            let mut s = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
-                tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
-            );
-            // A request/response service: answers leave at once, not after the client's
-            // (possibly delayed) ACK of the previous answer.
-            s.set_nagle_enabled(false);
-            let handle = sockets.add(s);
-            conns.push(Conn {
-                handle,
-                inbuf: Vec::new(),
-                held: Vec::new(),
-                out: Vec::new(),
-            });
-        }
+        let generation = platform::generation_word();
+        let iface = make_iface(&mut net, cfg, generation);
+        let (sockets, conns) = make_sockets();
         Server {
             iface,
             net,
@@ -146,7 +166,41 @@ impl Server {
             diskbuf: vec![0u8; 128 * 512],
             ip: cfg.ip,
             incarnation: platform::incarnation(),
+            generation,
         }
+    }
+
+    /// A new generation: this is a clone (or a VM restored as one). Before anything else goes
+    /// out, take the new identity: re-read the config string (IP, gateway, port) and the MAC,
+    /// rebuild the interface with a new random seed (TCP initial sequence numbers, ports),
+    /// drop every connection and half-done request of the parent (they belong to the parent's
+    /// clients; they are dropped silently: a reset would go to them from our new address),
+    /// then announce the new address. The KV data stays: a clone serves the parent's state as
+    /// of its checkpoint, and its own writes are its own.
+    fn reidentify(&mut self, generation: u64) {
+        self.generation = generation;
+        let text = platform::config();
+        let cfg = match crate::config::parse(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::println!("vmatrix-guest: bad config '{}' in the new generation: {}", text, e);
+                platform::exit(3)
+            }
+        };
+        let m = self.net.reread_mac();
+        self.iface = make_iface(&mut self.net, &cfg, generation);
+        let (sockets, conns) = make_sockets();
+        self.sockets = sockets;
+        self.conns = conns;
+        self.port = cfg.port;
+        self.ip = cfg.ip;
+        self.churn = Churn::default();
+        self.incarnation = platform::incarnation();
+        crate::println!(
+            "vmatrix-guest: generation {}: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip {}/{} port {}",
+            generation, m[0], m[1], m[2], m[3], m[4], m[5], cfg.ip, cfg.prefix, cfg.port
+        );
+        self.announce(cfg.ip);
     }
 
     /// Broadcasts a gratuitous ARP so neighbours (and a switch after a failover or restore)
@@ -260,11 +314,11 @@ impl Server {
                 let mut s = alloc::string::String::new();
                 let _ = writeln!(
                     s,
-                    "STATS keys={} sets={} gets={} commits={} failed_commits={} rounds={} log_tail={} churned={} rx={} tx={} heap={} uptime_ms={}",
+                    "STATS keys={} sets={} gets={} commits={} failed_commits={} rounds={} log_tail={} churned={} rx={} tx={} heap={} uptime_ms={} generation={}",
                     self.store.len(), self.stats.sets, self.stats.gets, self.stats.commits,
                     self.stats.failed_commits, self.stats.rounds, self.log.tail(), self.churn.done(),
                     self.net.rx_frames, self.net.tx_frames, crate::rt::heap_used(),
-                    platform::clock_ns() / 1_000_000
+                    platform::clock_ns() / 1_000_000, self.generation
                 );
                 Held::Bytes(s.into_bytes())
             }
@@ -306,6 +360,12 @@ impl Server {
 
     /// One pass over the network, the sockets and the log. Returns true if anything happened.
     fn round(&mut self) -> bool {
+        // First, before anything is received or sent: are we a clone now? (A memory read, no
+        // VM exit; the VMM changed the word before this vCPU ran.)
+        let g = platform::generation_word();
+        if g != self.generation {
+            self.reidentify(g);
+        }
         self.stats.rounds += 1;
         let mut progress = self.iface.poll(now(), &mut self.net, &mut self.sockets)
             == PollResult::SocketStateChanged;

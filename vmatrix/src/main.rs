@@ -10,6 +10,7 @@
 mod bench;
 mod certs;
 mod chaos;
+mod clone;
 mod cluster;
 mod control;
 mod disk;
@@ -47,6 +48,12 @@ enum Cmd {
     Backup(replicate::BackupArgs),
     /// Start a VM from a snapshot directory in this new process.
     Restore(restore::RestoreArgs),
+    /// Start clones of a VM image (a snapshot or a backup's replica image) on this host, each
+    /// with its own generation, MAC, address and tap, memory shared copy-on-write.
+    Clone(clone::CloneArgs),
+    /// One clone in this process (what `vmatrix clone` and an agent start per clone).
+    #[command(hide = true)]
+    CloneVm(clone::CloneVmArgs),
     /// Control a running VM through its --control socket.
     Ctl(control::CtlArgs),
     /// Send requests to a guest's key-value service and print the answers.
@@ -95,6 +102,8 @@ fn main() -> ExitCode {
         Cmd::Backup(a) => replicate::backup_main(a),
         Cmd::Restore(a) => restore::main(a),
         Cmd::Ctl(a) => control::main(a),
+        Cmd::Clone(a) => clone::main(a),
+        Cmd::CloneVm(a) => clone::vm::main(a),
         Cmd::Bench(b) => bench::main(b),
         Cmd::Manager(a) => cluster::manager::main(a),
         Cmd::Agent(a) => cluster::agent::main(a),

@@ -104,6 +104,14 @@ pub fn write_tables(mem: &GuestMem) -> Result<()> {
     Ok(())
 }
 
+/// Writes the generation id into the guest's generation word ([`GENID_ADDR`]): at boot, and
+/// in a clone before its first instruction. A guest reads it from memory at no cost (no VM
+/// exit), as a VMGenID guest reads its id from the buffer the hypervisor fills.
+pub fn write_generation(mem: &GuestMem, generation: u64) -> Result<()> {
+    mem.write_obj(generation, GuestAddress(GENID_ADDR))
+        .map_err(write_err("generation id"))
+}
+
 fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     kvm_segment {
         base: 0,

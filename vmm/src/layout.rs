@@ -4,6 +4,8 @@
 //! 0x0000_0500  GDT (7 entries)
 //! 0x0000_1000  TSS: 104-byte header, 8 KiB I/O bitmap of zeros, trailing 0xff
 //! 0x0000_4000  PML4, 0x5000 PDPT, 0x6000..0xa000 four page directories (2 MiB pages, 4 GiB)
+//! 0x0000_b000  generation word (u64): the platform device's generation id, written by the VMM
+//!              at boot and before a clone's first instruction (the guest polls it for free)
 //! 0x0010_0000  lowest address a guest ELF segment may use
 //! RAM end      at most MMIO_BASE
 //! 0xd000_0000  platform device (4 KiB)
@@ -28,6 +30,8 @@ pub const PML4_ADDR: u64 = 0x4000;
 pub const PDPT_ADDR: u64 = 0x5000;
 /// Address of the first of four page directories.
 pub const PD_ADDR: u64 = 0x6000;
+/// Guest physical address of the generation word (see the module docs).
+pub const GENID_ADDR: u64 = 0xb000;
 /// Lowest address a guest ELF segment may occupy.
 pub const GUEST_MIN_ADDR: u64 = 0x10_0000;
 /// Start of the MMIO hole; guest RAM must end below it.

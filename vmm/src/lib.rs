@@ -29,6 +29,6 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use vm::{
-    CaptureKind, Changes, DiskCapture, EpochCapture, RestoreConfig, RestoreParts, SnapshotKind,
-    SnapshotStats, StartGate, Vm, VmConfig, VmExit,
+    CaptureKind, Changes, CloneDisk, CloneParts, DiskCapture, EpochCapture, RestoreConfig,
+    RestoreParts, SnapshotKind, SnapshotStats, StartGate, Vm, VmConfig, VmExit,
 };

@@ -2,6 +2,7 @@
 //! [`VmConfig`] (this file) or from a snapshot (`restore.rs`); snapshots are taken in
 //! `snapshot.rs`.
 
+mod clone;
 mod replicate;
 mod restore;
 mod snapshot;
@@ -30,6 +31,7 @@ pub use crate::vcpu::VmExit;
 use crate::vcpu::{self, Control};
 use crate::vcpu_state;
 use crate::{boot, loader, Error, Result};
+pub use clone::{CloneDisk, CloneParts};
 pub use replicate::{CaptureKind, Changes, DiskCapture, EpochCapture};
 pub use restore::{RestoreConfig, RestoreParts};
 pub use snapshot::{SnapshotKind, SnapshotStats};
@@ -237,6 +239,7 @@ impl Vm {
         let mem = memory::create(cfg.mem_mib)?;
         loader::load(&mem, &elf, &image).map_err(|e| Error::MemoryMap(e.to_string()))?;
         boot::write_tables(&mem)?;
+        boot::write_generation(&mem, cfg.generation)?;
         let parts = create_kvm_vm(kvm, &mem, mem_size, cfg.dirty_log)?;
         boot::setup_vcpu(&parts.vcpu, image.entry)?;
 

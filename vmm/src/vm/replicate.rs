@@ -205,7 +205,7 @@ impl Vm {
                 let len = t.device().sectors() * SECTOR_SIZE;
                 let mut buf = vec![0u8; len as usize];
                 t.device()
-                    .file()
+                    .disk()
                     .read_exact_at(&mut buf, 0)
                     .map_err(capture_err)?;
                 Some(buf)
@@ -234,7 +234,7 @@ impl Vm {
             }
             let mut buf = vec![0u8; (end - off) as usize];
             t.device()
-                .file()
+                .disk()
                 .read_exact_at(&mut buf, off)
                 .map_err(capture_err)?;
             out.push((off, buf));
@@ -352,7 +352,7 @@ impl Vm {
                     let mut buf = vec![0u8; n as usize];
                     let t = lock(b);
                     t.device()
-                        .file()
+                        .disk()
                         .read_exact_at(&mut buf, off)
                         .map_err(capture_err)?;
                     drop(t);

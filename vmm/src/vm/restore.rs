@@ -13,14 +13,13 @@
 //! size. Sizes are checked (the memory file against the RAM size, the disk against the block
 //! device's capacity); contents carry no CRC to check.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::{create_kvm_vm, open_disk, open_kvm, Devices, Vm};
 use crate::devices::platform::{Platform, PlatformArgs};
 use crate::devices::serial::{ConsoleOut, Serial};
-use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::blk::{Block, Disk};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::persist::TransportArgs;
@@ -67,18 +66,18 @@ pub struct RestoreParts {
 
 /// What every restore hands to [`build`]: guest RAM as of the checkpoint, its state and the
 /// host resources already opened.
-struct Restored {
-    mem: GuestMem,
-    mem_size: u64,
-    state: VmState,
-    tap: Option<Tap>,
-    disk: Option<File>,
-    console: ConsoleOut,
-    generation: Option<u64>,
+pub(super) struct Restored {
+    pub mem: GuestMem,
+    pub mem_size: u64,
+    pub state: VmState,
+    pub tap: Option<Tap>,
+    pub disk: Option<Disk>,
+    pub console: ConsoleOut,
+    pub generation: Option<u64>,
 }
 
 /// Opens the tap the state needs.
-fn open_tap(state: &VmState, tap: &Option<String>) -> Result<Option<Tap>> {
+pub(super) fn open_tap(state: &VmState, tap: &Option<String>) -> Result<Option<Tap>> {
     match (&state.net, tap) {
         (Some(_), Some(name)) => Ok(Some(Tap::open(name)?)),
         (Some(_), None) => Err(Error::Host(
@@ -89,7 +88,7 @@ fn open_tap(state: &VmState, tap: &Option<String>) -> Result<Option<Tap>> {
 }
 
 /// The platform device must agree with the memory part on the RAM size.
-fn check_mem_size(state: &VmState, mem_size: u64) -> Result<()> {
+pub(super) fn check_mem_size(state: &VmState, mem_size: u64) -> Result<()> {
     let pages_ok = mem_size > 0 && mem_size.is_multiple_of(crate::layout::PAGE_SIZE);
     if state.platform.mem_size != mem_size || !pages_ok || mem_size > crate::layout::MMIO_BASE {
         return Err(SnapshotError::Invalid {
@@ -128,7 +127,7 @@ impl Vm {
                     )
                     .into());
                 }
-                Some(open_disk(&out)?)
+                Some(open_disk(&out)?.into())
             }
             None => None,
         };
@@ -162,7 +161,7 @@ impl Vm {
         check_mem_size(&p.state, p.mem_size)?;
         let tap = open_tap(&p.state, &p.tap)?;
         let disk = match (&p.state.blk, &p.disk) {
-            (Some(_), Some(path)) => Some(open_disk(path)?),
+            (Some(_), Some(path)) => Some(open_disk(path)?.into()),
             (Some(_), None) => {
                 return Err(Error::Host(
                     "the checkpoint has a disk device: a working disk is needed".into(),
@@ -186,8 +185,10 @@ impl Vm {
     }
 }
 
-/// Creates the KVM VM on the restored memory, restores the vCPU and every device.
-fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
+/// Creates the KVM VM on the restored memory, restores the vCPU and every device. A new
+/// generation id (a clone) is also written to the guest's generation word
+/// ([`GENID_ADDR`](crate::layout::GENID_ADDR)) before any guest instruction can run.
+pub(super) fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
     let Restored {
         mem,
         mem_size,
@@ -197,6 +198,9 @@ fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
         console,
         generation,
     } = r;
+    if let Some(g) = generation {
+        crate::boot::write_generation(&mem, g)?;
+    }
     let parts = create_kvm_vm(kvm, &mem, mem_size, true)?;
     vcpu_state::restore(&parts.vcpu, &state.vcpu)?;
     let events = Arc::new(GuestEvents::default());

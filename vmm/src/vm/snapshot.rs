@@ -242,10 +242,19 @@ impl Vm {
                 let len = t.device().sectors() * crate::devices::virtio::blk::SECTOR_SIZE;
                 match kind {
                     SnapshotKind::Diff if !changes.disk.overflowed => Some(StagedDisk::Delta(len)),
-                    _ => Some(StagedDisk::Full(disk::write_full(
-                        t.device().file(),
-                        &dir.join(DISK_FILE),
-                    )?)),
+                    _ => {
+                        let raw = t.device().disk().raw().ok_or_else(|| {
+                            SnapshotError::Capture(
+                                "a clone's copy-on-write disk cannot be copied into a full \
+                                 snapshot (not supported yet)"
+                                    .into(),
+                            )
+                        })?;
+                        Some(StagedDisk::Full(disk::write_full(
+                            raw,
+                            &dir.join(DISK_FILE),
+                        )?))
+                    }
                 }
             }
             None => None,

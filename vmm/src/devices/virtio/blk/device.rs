@@ -11,6 +11,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::super::chain::{self, Chain};
 use super::super::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_BLOCK};
+use super::disk::Disk;
 use crate::memory::GuestMem;
 
 /// Sector size of the virtio-blk protocol.
@@ -47,9 +48,9 @@ pub struct DiskWrites {
     pub overflowed: bool,
 }
 
-/// A block device on a raw file.
+/// A block device on a raw file or a copy-on-write overlay ([`Disk`]).
 pub struct Block {
-    file: File,
+    disk: Disk,
     sectors: u64,
     id: [u8; BLK_ID_LEN],
     queue_sizes: [u16; 1],
@@ -69,7 +70,7 @@ impl Block {
         let n = id.len().min(BLK_ID_LEN);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Block {
-            file,
+            disk: Disk::Raw(file),
             sectors: len / SECTOR_SIZE,
             id: idb,
             queue_sizes: [QUEUE_SIZE],
@@ -80,10 +81,10 @@ impl Block {
     }
 
     /// A device with a raw 20-byte id (restore path; the caller checked the size).
-    pub(super) fn with_id(file: File, id: [u8; BLK_ID_LEN]) -> Self {
-        let sectors = file.metadata().map(|m| m.len() / SECTOR_SIZE).unwrap_or(0);
+    pub(super) fn with_id(disk: Disk, id: [u8; BLK_ID_LEN]) -> Self {
+        let sectors = disk.len().map(|l| l / SECTOR_SIZE).unwrap_or(0);
         Block {
-            file,
+            disk,
             sectors,
             id,
             queue_sizes: [QUEUE_SIZE],
@@ -98,9 +99,9 @@ impl Block {
         self.id
     }
 
-    /// The disk file (for copying it into a snapshot while the VM is paused).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The disk (for copying it into a snapshot while the VM is paused).
+    pub fn disk(&self) -> &Disk {
+        &self.disk
     }
 
     /// Starts (or restarts) recording guest writes; returns what was recorded so far.
@@ -175,7 +176,7 @@ impl Block {
                     (S_IOERR, 0)
                 } else {
                     let mut buf = vec![0u8; data_in as usize];
-                    match self.file.read_exact_at(&mut buf, sector * SECTOR_SIZE) {
+                    match self.disk.read_exact_at(&mut buf, sector * SECTOR_SIZE) {
                         Ok(()) => {
                             c.write(mem, 0, &buf)?;
                             (S_OK, data_in as u32)
@@ -209,7 +210,7 @@ impl Block {
                     (S_IOERR, 0)
                 } else {
                     let buf = c.read(mem, HDR_LEN, data_out as usize)?;
-                    match self.file.write_all_at(&buf, sector * SECTOR_SIZE) {
+                    match self.disk.write_all_at(&buf, sector * SECTOR_SIZE) {
                         Ok(()) => {
                             self.record(sector * SECTOR_SIZE, &buf);
                             (S_OK, 0)
@@ -221,7 +222,7 @@ impl Block {
                     }
                 }
             }
-            T_FLUSH => match self.file.sync_data() {
+            T_FLUSH => match self.disk.sync_data() {
                 Ok(()) => (S_OK, 0),
                 Err(e) => {
                     tracing::warn!("virtio-blk: flush failed: {e}");

@@ -1,11 +1,10 @@
-//! virtio-blk state: geometry, device id and counters. The disk file is a host resource and
-//! comes back through `Args`; it must have the saved size.
-
-use std::fs::File;
+//! virtio-blk state: geometry, device id and counters. The disk (a raw file or a clone's
+//! overlay) is a host resource and comes back through `Args`; it must have the saved size.
 
 use serde::{Deserialize, Serialize};
 
 use super::device::{Block, BLK_ID_LEN, SECTOR_SIZE};
+use super::disk::Disk;
 use crate::persist::{Persist, RestoreError};
 
 /// Saved block device.
@@ -21,7 +20,7 @@ pub struct BlkPersist {
 
 impl Persist for Block {
     type State = BlkPersist;
-    type Args = File;
+    type Args = Disk;
 
     fn save(&self) -> BlkPersist {
         BlkPersist {
@@ -31,11 +30,10 @@ impl Persist for Block {
         }
     }
 
-    fn restore(file: File, st: &BlkPersist) -> Result<Self, RestoreError> {
-        let len = file
-            .metadata()
-            .map_err(|e| RestoreError::new("virtio-blk", format!("disk metadata: {e}")))?
-            .len();
+    fn restore(disk: Disk, st: &BlkPersist) -> Result<Self, RestoreError> {
+        let len = disk
+            .len()
+            .map_err(|e| RestoreError::new("virtio-blk", format!("disk metadata: {e}")))?;
         if len / SECTOR_SIZE != st.sectors {
             return Err(RestoreError::new(
                 "virtio-blk",
@@ -46,7 +44,7 @@ impl Persist for Block {
                 ),
             ));
         }
-        let mut b = Block::with_id(file, st.id);
+        let mut b = Block::with_id(disk, st.id);
         b.completed = st.completed;
         Ok(b)
     }

@@ -59,6 +59,11 @@ pub struct Net<B: NetBackend> {
     tx_blocked: bool,
     /// Called when output starts waiting for a checkpoint (first held frame of an epoch).
     output_waker: Option<OutputWaker>,
+    /// Drop transmitted frames whose Ethernet source is not this device's MAC (a clone: the
+    /// guest may still send with its parent's identity until it sees its new generation).
+    source_filter: bool,
+    /// Frames dropped by the source filter (not part of the VM state).
+    foreign_dropped: u64,
 }
 
 /// Callback for "guest output is waiting for a checkpoint" (may run on the vCPU thread).
@@ -78,6 +83,8 @@ impl<B: NetBackend> Net<B> {
             commit: None,
             tx_blocked: false,
             output_waker: None,
+            source_filter: false,
+            foreign_dropped: 0,
         }
     }
 
@@ -159,6 +166,19 @@ impl<B: NetBackend> Net<B> {
         self.mac
     }
 
+    /// From now on, drop every transmitted frame whose Ethernet source address is not this
+    /// device's MAC (and count it, [`Net::foreign_dropped`]). A clone's device has a new MAC:
+    /// whatever the guest sends with its parent's identity before it re-identifies never
+    /// leaves the host.
+    pub fn set_source_filter(&mut self, on: bool) {
+        self.source_filter = on;
+    }
+
+    /// Frames the source filter dropped.
+    pub fn foreign_dropped(&self) -> u64 {
+        self.foreign_dropped
+    }
+
     /// Restores counters after a snapshot.
     pub(super) fn restore_counters(&mut self, stats: NetStats, rx_has_buffers: bool) {
         self.stats = stats;
@@ -224,6 +244,11 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             let data = c.read(mem, NET_HDR_LEN as u64, frame_len)?;
+            if self.source_filter && data.get(6..12) != Some(&self.mac[..]) {
+                self.foreign_dropped += 1;
+                q.add_used(mem, c.head, 0).map_err(DeviceError::queue(TX))?;
+                continue;
+            }
             match &mut self.commit {
                 Some(commit) => {
                     tracing::trace!("tx held {} bytes", data.len());

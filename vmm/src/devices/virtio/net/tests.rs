@@ -142,3 +142,38 @@ fn malformed_chains_are_device_errors() {
     assert_eq!(checksum_outside(&mem, &[(DESC, 0x4000)]), before);
     assert_eq!(net.backend_mut().incoming.len(), 1, "frame not consumed");
 }
+
+#[test]
+fn a_clones_source_filter_drops_frames_of_another_mac() {
+    let mem = mem();
+    let mac = [2, 0, 0, 0, 0, 9];
+    let mut net = Net::new(Loop::default(), mac);
+    net.set_source_filter(true);
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    let mut own = frame(60, 7);
+    own[6..12].copy_from_slice(&mac);
+    let mut parents = frame(60, 8);
+    parents[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    for (i, f) in [&parents, &own].iter().enumerate() {
+        let at = DATA + i as u64 * 0x1000;
+        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(at))
+            .unwrap();
+        mem.write_slice(f, GuestAddress(at + NET_HDR_LEN as u64))
+            .unwrap();
+        d.desc(&mem, i as u16, at, (NET_HDR_LEN + 60) as u32, 0, 0);
+        d.push(&mem, i as u16);
+    }
+    net.process_queue(1, &mut qs, &mem).unwrap();
+    assert_eq!(
+        net.backend_mut().sent,
+        vec![own],
+        "only the clone's own frame leaves"
+    );
+    assert_eq!(net.foreign_dropped(), 1);
+    assert_eq!(
+        d.used_idx(&mem),
+        2,
+        "the dropped frame's buffer is returned too"
+    );
+}

@@ -1,0 +1,117 @@
+//! A clone's identity: generation id, MAC, address and config string, all new, decided
+//! before the clone's first instruction. Never the parent's replication role or term: a clone
+//! is started as a plain VM (`role: vm`), with no backup and no output commit.
+
+use std::net::Ipv4Addr;
+
+/// What makes one clone unique on its network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Name (its files and control socket are named after it).
+    pub name: String,
+    /// Tap device.
+    pub tap: String,
+    /// Generation id (random, never 0, never the parent's).
+    pub generation: u64,
+    /// MAC address: locally administered unicast, from the generation.
+    pub mac: [u8; 6],
+    /// The guest config string with the clone's address.
+    pub config: String,
+}
+
+/// A random u64 (never 0) from the kernel.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let v = match ok {
+        Ok(()) => u64::from_le_bytes(b),
+        // No /dev/urandom: time and pid (unique on this host, which is what matters).
+        Err(_) => vmm::snapshot::new_id(),
+    };
+    v.max(1)
+}
+
+/// A locally administered unicast MAC (02:xx:...) from 40 bits of `seed`.
+pub fn mac_from(seed: u64) -> [u8; 6] {
+    let b = seed.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// Formats a MAC address.
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The parent's config string with `ip=` (and `gw=` if given) replaced: the rest (port, ...)
+/// stays the parent's.
+pub fn config_for(parent: &str, ip: Ipv4Addr, prefix: u8, gw: Option<Ipv4Addr>) -> String {
+    let mut out: Vec<String> = vec![format!("ip={ip}/{prefix}")];
+    let mut had_gw = false;
+    for item in parent.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        match item.split_once('=').map(|(k, _)| k) {
+            Some("ip") => {}
+            Some("gw") => {
+                had_gw = true;
+                match gw {
+                    Some(g) => out.push(format!("gw={g}")),
+                    None => out.push(item.to_string()),
+                }
+            }
+            _ => out.push(item.to_string()),
+        }
+    }
+    if let (false, Some(g)) = (had_gw, gw) {
+        out.push(format!("gw={g}"));
+    }
+    out.join(",")
+}
+
+/// Address `i` after `first` (clone i of a run gets `first + i`).
+pub fn nth_ip(first: Ipv4Addr, i: u32) -> Option<Ipv4Addr> {
+    u32::from(first).checked_add(i).map(Ipv4Addr::from)
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (a, p) = s.split_once('/').unwrap_or((s, "24"));
+    let ip = a.parse().map_err(|_| format!("'{s}': bad IPv4 address"))?;
+    let prefix = p
+        .parse::<u8>()
+        .ok()
+        .filter(|&p| p <= 32)
+        .ok_or_else(|| format!("'{s}': prefix length must be 0..=32"))?;
+    Ok((ip, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_keeps_the_parents_other_keys() {
+        let ip = Ipv4Addr::new(10, 77, 1, 12);
+        assert_eq!(
+            config_for("ip=10.77.1.2/24,gw=10.77.1.1,port=7000", ip, 24, None),
+            "ip=10.77.1.12/24,gw=10.77.1.1,port=7000"
+        );
+        assert_eq!(
+            config_for("ip=10.0.0.2/24", ip, 16, Some(Ipv4Addr::new(10, 77, 0, 1))),
+            "ip=10.77.1.12/16,gw=10.77.0.1"
+        );
+        assert!(crate::guest_config::validate(&config_for("port=7001", ip, 24, None)).is_ok());
+    }
+
+    #[test]
+    fn macs_are_unicast_and_locally_administered() {
+        for s in [0, 1, u64::MAX, random_u64()] {
+            let m = mac_from(s);
+            assert_eq!(m[0], 0x02);
+        }
+        assert_eq!(mac_string(&[2, 0xab, 0, 1, 2, 3]), "02:ab:00:01:02:03");
+        assert_ne!(random_u64(), 0);
+    }
+}

@@ -1,0 +1,149 @@
+//! Building a clone: a VM started from a checkpoint's parts (as [`Vm::restore_parts`] does)
+//! with an identity of its own, given before its first instruction.
+//!
+//! - Guest RAM is the checkpoint's memory file mapped copy-on-write (`MAP_PRIVATE`): every
+//!   clone of the same file shares the pages it has not written through the page cache.
+//! - The disk is a copy-on-write [`Overlay`] of the checkpoint's disk: the base is opened
+//!   read-only and never written; the clone's writes go to its own delta file.
+//! - The generation id, the config string (IP, ...) and the MAC are replaced in the state
+//!   before the devices are restored; the new generation is written to the guest's generation
+//!   word ([`GENID_ADDR`](crate::layout::GENID_ADDR)) before the vCPU exists.
+//! - The NIC drops transmitted frames whose source MAC is not the clone's: whatever the guest
+//!   sends with its parent's identity before it notices the new generation never leaves.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+
+use super::restore::{build, check_mem_size, open_tap, Restored};
+use super::{open_kvm, Vm};
+use crate::devices::serial::ConsoleOut;
+use crate::devices::virtio::blk::{Disk, Overlay};
+use crate::snapshot::{self, VmState};
+use crate::{Error, Result};
+
+/// A clone's disk: the checkpoint's disk as a read-only base, and the clone's own delta.
+pub struct CloneDisk {
+    /// The checkpoint's disk (opened read-only; never written).
+    pub base: PathBuf,
+    /// The clone's delta file: created (it must not exist), sparse, as large as the base.
+    pub delta: PathBuf,
+}
+
+/// What a clone is built from: the checkpoint's parts and the clone's identity.
+pub struct CloneParts {
+    /// Raw image of guest RAM (`mem_size` bytes), mapped copy-on-write. It must not change
+    /// while any clone runs.
+    pub memory: PathBuf,
+    /// Guest RAM size in bytes.
+    pub mem_size: u64,
+    /// The checkpoint's disk and the clone's delta, if the VM has a disk.
+    pub disk: Option<CloneDisk>,
+    /// vCPU and device state of the checkpoint.
+    pub state: VmState,
+    /// The clone's tap (required if the state has a NIC).
+    pub tap: Option<String>,
+    /// Console output.
+    pub console: ConsoleOut,
+    /// The clone's generation id (must differ from the checkpoint's).
+    pub generation: u64,
+    /// The clone's config string (what the guest reads through the platform device).
+    pub config: String,
+    /// The clone's MAC address (unicast).
+    pub mac: [u8; 6],
+}
+
+fn host_err(why: String) -> Error {
+    Error::Host(why)
+}
+
+/// Opens the clone's disk: the base read-only, the delta created exclusively.
+fn open_overlay(d: &CloneDisk) -> Result<Disk> {
+    let base = File::open(&d.base).map_err(|err| Error::Disk {
+        path: d.base.clone(),
+        err,
+    })?;
+    let delta = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&d.delta)
+        .map_err(|err| Error::Disk {
+            path: d.delta.clone(),
+            err,
+        })?;
+    let o = Overlay::new(base, delta).map_err(|err| Error::Disk {
+        path: d.delta.clone(),
+        err,
+    })?;
+    Ok(Disk::Overlay(o))
+}
+
+impl Vm {
+    /// Builds a clone (see the module docs). The VM is not started.
+    pub fn restore_clone(p: CloneParts) -> Result<Vm> {
+        let mut state = p.state;
+        check_mem_size(&state, p.mem_size)?;
+        if p.generation == state.platform.generation {
+            return Err(host_err(format!(
+                "a clone needs a new generation id ({} is the checkpoint's)",
+                p.generation
+            )));
+        }
+        if p.config.len() > 4096 {
+            return Err(host_err("the config string is longer than 4 KiB".into()));
+        }
+        if p.mac[0] & 1 != 0 {
+            return Err(host_err(
+                "the clone's MAC address is a multicast one".into(),
+            ));
+        }
+        state.platform.config = p.config.into_bytes();
+        if let Some(n) = state.net.as_mut() {
+            n.device.mac = p.mac;
+        }
+        let kvm = open_kvm()?;
+        let tap = open_tap(&state, &p.tap)?;
+        let disk = match (&state.blk, &p.disk) {
+            (Some(_), Some(d)) => Some(open_overlay(d)?),
+            (Some(_), None) => {
+                return Err(host_err(
+                    "the checkpoint has a disk device: a clone needs its base disk".into(),
+                ))
+            }
+            (None, _) => None,
+        };
+        let mem = snapshot::memory::map_full(&p.memory, p.mem_size)?;
+        let vm = build(
+            kvm,
+            Restored {
+                mem,
+                mem_size: p.mem_size,
+                state,
+                tap,
+                disk,
+                console: p.console,
+                generation: Some(p.generation),
+            },
+        )?;
+        if let Some(n) = &vm.devices.net {
+            super::lock(n).with_device_unchecked(|d| d.set_source_filter(true));
+        }
+        Ok(vm)
+    }
+
+    /// Frames the clone's NIC refused to send because their source was not its MAC (0 for a
+    /// VM that is not a clone).
+    pub fn foreign_frames_dropped(&self) -> u64 {
+        self.devices
+            .net
+            .as_ref()
+            .map_or(0, |n| super::lock(n).device().foreign_dropped())
+    }
+
+    /// Blocks the clone has written to its disk overlay (None without an overlay).
+    pub fn overlay_blocks_written(&self) -> Option<u64> {
+        let b = self.devices.blk.as_ref()?;
+        let t = super::lock(b);
+        t.device().disk().overlay().map(|o| o.blocks_written())
+    }
+}
