@@ -183,7 +183,11 @@ impl Server {
         let cfg = match crate::config::parse(&text) {
             Ok(c) => c,
             Err(e) => {
-                crate::println!("vmatrix-guest: bad config '{}' in the new generation: {}", text, e);
+                crate::println!(
+                    "vmatrix-guest: bad config '{}' in the new generation: {}",
+                    text,
+                    e
+                );
                 platform::exit(3)
             }
         };
