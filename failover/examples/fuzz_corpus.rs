@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         output_held: true,
         silent_ms: None,
         handed_over: false,
+        never_ran: false,
     };
     let mut a = Assignments::default();
     a.vms.insert(

@@ -6,7 +6,8 @@
 //! The rules:
 //! - a primary is started from scratch only for [`Source::Boot`]; for [`Source::Promote`] the
 //!   backup on this host is told to promote (it persists the new term and finalizes its image)
-//!   and a primary then starts from that image; for [`Source::Running`] nothing is ever started
+//!   and a primary then starts from that image, once per term (a dead primary of the term,
+//!   reported, is never started again); for [`Source::Running`] nothing is ever started
 //!   (a missing primary is a failure the manager must see, never a silent reboot);
 //! - a backup that exited is started again on its image (its committed image survives, and a
 //!   quick resync brings it up to date);
@@ -185,7 +186,12 @@ fn primary_actions(
                 backups: backups.clone(),
             });
         }
-        (None, Source::Promote) if ap.promoting != Some(*term) => {
+        // (A primary of this term that died here — before its guest ran, after a restart of
+        // this host, say — is never started again: the manager promotes at a new term.)
+        (None, Source::Promote)
+            if ap.promoting != Some(*term)
+                && find(running, name, ProcRole::Primary, false).is_none_or(|p| p.term < *term) =>
+        {
             out.push(Action::Promote {
                 spec: a.spec.clone(),
                 term: *term,
@@ -221,5 +227,62 @@ fn backup_actions(
             term: min_term,
         }),
         Some(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn promote_at(term: u64) -> Assignments {
+        let spec = VmSpec {
+            name: "web".into(),
+            mem_mib: 64,
+            disk_mib: 16,
+            guest_config: String::new(),
+            backups: 1,
+            hosts: vec![],
+            port: 7100,
+        };
+        let role = Role::Primary {
+            term,
+            source: Source::Promote,
+            backups: vec![],
+            handover: false,
+        };
+        let mut a = Assignments::default();
+        a.vms.insert("web".into(), Assignment { spec, role });
+        a
+    }
+
+    fn dead_primary(term: u64) -> VmObservation {
+        VmObservation {
+            vm: "web".into(),
+            role: ProcRole::Primary,
+            alive: false,
+            exit: Some("this host restarted before its guest ran".into()),
+            term,
+            image_term: 0,
+            seq: None,
+            protected: false,
+            backup_hosts: vec![],
+            output_held: false,
+            silent_ms: None,
+            handed_over: false,
+            never_ran: true,
+        }
+    }
+
+    /// A promotion is carried out once per term: not again after this host restarted (the
+    /// agent forgot it had begun; the dead primary of that term is reported instead), but at
+    /// the next term the manager grants.
+    #[test]
+    fn a_promotion_is_never_started_twice_at_one_term() {
+        let none = BTreeMap::new();
+        let first = reconcile(&promote_at(2), &[], &none);
+        assert!(matches!(first[..], [Action::Promote { term: 2, .. }]));
+        assert!(reconcile(&promote_at(2), &[dead_primary(2)], &none).is_empty());
+        let again = reconcile(&promote_at(3), &[dead_primary(2)], &none);
+        assert!(matches!(again[..], [Action::Promote { term: 3, .. }]));
     }
 }

@@ -226,6 +226,13 @@ pub struct VmObservation {
     /// every backup (reported as soon as it answered, while its process may still be exiting).
     #[serde(default)]
     pub handed_over: bool,
+    /// Primary (not alive): it was promoted from this host's image and never ran its guest:
+    /// the image it started from is still unconsumed (a VM consumes it, durably, right before
+    /// its first instruction), so nothing of its term was ever released and the image still
+    /// holds everything the term before released. Its host crashed between the promotion's
+    /// marker and the guest's start, or the process failed before the guest ran.
+    #[serde(default)]
+    pub never_ran: bool,
 }
 
 /// One report (heartbeat) of an agent.

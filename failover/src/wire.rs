@@ -121,6 +121,7 @@ mod tests {
                 output_held: false,
                 silent_ms: Some(7),
                 handed_over: false,
+                never_ran: false,
             }],
         })
     }

@@ -34,6 +34,7 @@ fn primary(term: u64, backups: &[&str], protected: bool) -> VmObservation {
         output_held: true,
         silent_ms: None,
         handed_over: false,
+        never_ran: false,
     }
 }
 
@@ -51,6 +52,7 @@ fn backup(term: u64, seq: u64, silent_ms: u64) -> VmObservation {
         output_held: false,
         silent_ms: Some(silent_ms),
         handed_over: false,
+        never_ran: false,
     }
 }
 
@@ -144,6 +146,54 @@ fn a_manager_cut_from_a_healthy_primary_does_not_fail_it_over() {
     assert_eq!(t.events(EventKind::Detected), 0);
     assert_eq!(t.m.vm(t.now, "web").unwrap().term, 1);
     assert_eq!(t.m.vm(t.now, "web").unwrap().status, "unreachable");
+}
+
+/// The primary's host is cut from the manager; then the backups' hosts stall (this machine's
+/// hosts share two CPUs): the first report after the stall says checkpoints stopped for longer
+/// than `detect`, but that silence is the backups' own stall, so it counts only from when their
+/// hosts were heard again (a chaos soak finding: such a primary was failed over). A primary that
+/// really died is still failed over, `detect` after the backups' hosts came back.
+#[test]
+fn a_backup_host_back_from_its_own_stall_does_not_witness_its_stall() {
+    let mut t = T::protected_vm();
+    let healthy = |t: &mut T, silent: u64| {
+        t.report("b", vec![backup(1, 10, silent)]);
+        t.report("c", vec![backup(1, 12, silent)]);
+        t.report("d", vec![]);
+    };
+    for _ in 0..20 {
+        t.advance(5 * MS);
+        healthy(&mut t, 3);
+    }
+    // b, c and d stall together for 70 ms (no reports), then say 129 ms.
+    for _ in 0..14 {
+        t.advance(5 * MS);
+    }
+    healthy(&mut t, 129);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // The primary was alive all along: checkpoints flow again.
+    for _ in 0..40 {
+        t.advance(5 * MS);
+        healthy(&mut t, 3);
+    }
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Same stall, but the primary is dead: failed over once the silence since the backups'
+    // hosts came back exceeds `detect`.
+    for _ in 0..14 {
+        t.advance(5 * MS);
+    }
+    let mut silent = 129;
+    healthy(&mut t, silent);
+    let back = t.now;
+    while t.events(EventKind::Detected) == 0 {
+        assert!(t.now - back < 200 * MS, "never detected");
+        t.advance(5 * MS);
+        silent += 5;
+        healthy(&mut t, silent);
+    }
+    let after = t.now - back;
+    let detect = ManagerConfig::default().detect;
+    assert!(after > detect && after <= detect + 10 * MS, "{after:?}");
 }
 
 #[test]
@@ -652,5 +702,90 @@ fn a_restarted_manager_does_not_call_a_vm_down_before_hearing_its_hosts() {
     assert_eq!(
         m.vm(t.now + 3000 * MS, "web").unwrap().status,
         "unreachable"
+    );
+}
+
+/// The promoted primary's host crashes before its guest ran (the chaos soak's finding): the VM
+/// is down meanwhile; when the host is back and its agent reports that the term never ran (its
+/// image unconsumed), the same host is promoted again at a new term. A dead primary that did
+/// run (image consumed) leaves the VM down; a retry that never runs either is tried at most
+/// `RETRY_LIMIT` times.
+#[test]
+fn a_promotion_whose_host_died_before_the_guest_ran_is_retried_from_the_same_image() {
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    dead.exit = Some("killed by signal 9".into());
+    t.report("a", vec![dead]);
+    assert!(matches!(
+        t.last_assign("c").unwrap().vms["web"].role,
+        Role::Primary { term: 2, .. }
+    ));
+    // c dies in the promotion; b and d go on.
+    for _ in 0..400 {
+        t.advance(5 * MS);
+        t.report("b", vec![backup(2, 10, 5)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::Lost), 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "down");
+    t.m.handle(
+        t.now,
+        Input::Hello {
+            host: "c".into(),
+            repl_ip: "10.0.0.3".into(),
+            capacity_mib: 1024,
+        },
+    );
+    let mut never = primary(2, &["b", "d"], false);
+    (never.alive, never.never_ran) = (false, true);
+    never.exit = Some("its host restarted before the guest ran".into());
+    t.report("c", vec![never.clone()]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.primary.as_deref(), v.term), (Some("c"), 3), "{v:?}");
+    assert_eq!(v.status, "promoting");
+    assert!(matches!(
+        t.last_assign("c").unwrap().vms["web"].role,
+        Role::Primary {
+            term: 3,
+            source: Source::Promote,
+            ..
+        }
+    ));
+    assert!(matches!(
+        t.last_assign("b").unwrap().vms["web"].role,
+        Role::Backup { min_term: 3 }
+    ));
+    // Retried at most RETRY_LIMIT times in a row: then down.
+    for term in 3..3 + u64::from(failover::manager::RETRY_LIMIT) {
+        never.term = term;
+        t.report("c", vec![never.clone()]);
+    }
+    let v = t.m.vm(t.now, "web").unwrap();
+    let last = 2 + u64::from(failover::manager::RETRY_LIMIT);
+    assert_eq!((v.term, v.status.as_str()), (last, "down"), "{v:?}");
+    // A dead primary that ran is never retried.
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    let mut ran = primary(2, &["b", "d"], false);
+    ran.alive = false;
+    ran.exit = Some("killed by signal 9".into());
+    t.report("c", vec![ran]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.status.as_str()), (2, "down"), "{v:?}");
+    // Once a retried primary runs, the count starts over.
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    let mut never = primary(2, &["b", "d"], false);
+    (never.alive, never.never_ran) = (false, true);
+    t.report("c", vec![never]);
+    t.report("c", vec![primary(3, &["b", "d"], false)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
     );
 }

@@ -80,6 +80,11 @@ struct Host {
     image: Option<Image>,
     /// The backup's persisted lowest term (on disk).
     min_term: u64,
+    /// The agent's `promote-term` marker (on disk): a primary of this term was promoted here.
+    promote_marker: Option<u64>,
+    /// A promoted primary starting: it consumes the image and runs at this time (lost if the
+    /// host crashes first).
+    starting: Option<(Duration, u64, Vec<BackupTarget>)>,
     applied: BTreeMap<String, Applied>,
     want: Assignments,
     /// Manager link: down since (None: up).
@@ -231,6 +236,27 @@ impl Sim {
     fn observe(&self, i: usize) -> Vec<VmObservation> {
         let h = &self.hosts[i];
         let mut v = Vec::new();
+        // A promotion that a crash cut short: the marker names the term and the image is still
+        // unconsumed (the real agent finds the same on disk).
+        if let (None, None, Some(t)) = (&h.primary, &h.starting, h.promote_marker) {
+            if h.image.is_some_and(|im| im.term < t) {
+                v.push(VmObservation {
+                    vm: VM.into(),
+                    role: ProcRole::Primary,
+                    alive: false,
+                    exit: Some("this host restarted before its guest ran".into()),
+                    term: t,
+                    image_term: 0,
+                    seq: None,
+                    protected: false,
+                    backup_hosts: vec![],
+                    output_held: false,
+                    silent_ms: None,
+                    handed_over: false,
+                    never_ran: true,
+                });
+            }
+        }
         if let Some(p) = &h.primary {
             let acked = p
                 .backups
@@ -253,6 +279,7 @@ impl Sim {
                         .map_or(0, |t| self.now.saturating_sub(t).as_millis() as u64),
                 ),
                 handed_over: p.handed_over,
+                never_ran: false,
             });
         }
         if let Some(b) = &h.backup {
@@ -271,6 +298,7 @@ impl Sim {
                     .last_heard
                     .map(|t| self.now.saturating_sub(t).as_millis() as u64),
                 handed_over: false,
+                never_ran: false,
             });
         }
         v
@@ -297,6 +325,7 @@ impl Sim {
             self.hosts[i].needs_hello = false;
             self.hello(i);
         }
+        self.start_promoted(i);
         let obs = self.observe(i);
         let actions = reconcile(&self.hosts[i].want, &obs, &self.hosts[i].applied);
         for a in actions {
@@ -310,6 +339,47 @@ impl Sim {
             let host = self.names[i].clone();
             self.to_mgr
                 .push_back((self.now + delay, Input::Report { host, report }));
+        }
+    }
+
+    /// A promoted primary whose start is due consumes the image and runs (or exits at once if
+    /// there is no image).
+    fn start_promoted(&mut self, i: usize) {
+        let Some((ready, term, backups)) = self.hosts[i].starting.clone() else {
+            return;
+        };
+        if ready > self.now {
+            return;
+        }
+        // Now and then the host dies right before the guest's start (a chaos soak's finding).
+        if self.rng.chance(50) && self.hosts.iter().filter(|h| h.up).count() > 1 {
+            self.note(format!(
+                "FAULT crash host {} before its promoted guest runs",
+                self.names[i]
+            ));
+            self.crash_host(i);
+            return;
+        }
+        self.hosts[i].starting = None;
+        match self.hosts[i].image {
+            Some(im) => {
+                let floor = im.version;
+                // Every version released by older terms must be in this image.
+                for (&t, &v) in &self.released {
+                    assert!(t >= term || v <= floor, "promotion at term {term} from version {floor} loses version {v} released at term {t}");
+                }
+                self.floors.insert(term, floor);
+                self.promotions += 1;
+                let p = self.new_primary(term, floor, &backups);
+                self.hosts[i].primary = Some(p);
+                self.hosts[i].image = None; // the image now runs
+            }
+            None => {
+                let mut p = self.new_primary(term, 0, &backups);
+                p.alive = false;
+                p.exit = Some("no image to promote".into());
+                self.hosts[i].primary = Some(p);
+            }
         }
     }
 
@@ -346,8 +416,6 @@ impl Sim {
             }
             Action::Promote { term, backups, .. } => {
                 let h = &mut self.hosts[i];
-                h.min_term = h.min_term.max(term);
-                h.backup = None;
                 h.applied.insert(
                     VM.into(),
                     Applied {
@@ -356,26 +424,24 @@ impl Sim {
                         handover: None,
                     },
                 );
-                match h.image {
-                    Some(im) => {
-                        let floor = im.version;
-                        // Every version released by older terms must be in this image.
-                        for (&t, &v) in &self.released {
-                            assert!(t >= term || v <= floor, "promotion at term {term} from version {floor} loses version {v} released at term {t}");
-                        }
-                        self.floors.insert(term, floor);
-                        self.promotions += 1;
-                        let p = self.new_primary(term, floor, &backups);
-                        self.hosts[i].primary = Some(p);
-                        self.hosts[i].image = None; // the image now runs
-                    }
-                    None => {
-                        let mut p = self.new_primary(term, 0, &backups);
-                        p.alive = false;
-                        p.exit = Some("no image to promote".into());
-                        self.hosts[i].primary = Some(p);
-                    }
+                // (The real agent's marker refuses a second start of a term.)
+                if h.promote_marker.is_some_and(|t| t >= term) {
+                    let mut p = self.new_primary(term, 0, &backups);
+                    (p.alive, p.exit) = (false, Some("refusing to start term again".into()));
+                    self.hosts[i].primary = Some(p);
+                    return;
                 }
+                h.promote_marker = Some(term);
+                h.min_term = h.min_term.max(term);
+                h.backup = None;
+                // The new primary consumes the image and runs a little later (on a busy
+                // machine, much later now and then).
+                let ms = match self.rng.chance(100) {
+                    true => 100 + self.rng.below(400),
+                    false => self.rng.below(30),
+                };
+                let ready = self.now + Duration::from_millis(ms);
+                self.hosts[i].starting = Some((ready, term, backups));
             }
             Action::StartBackup { min_term, .. } => {
                 let h = &mut self.hosts[i];
@@ -401,7 +467,10 @@ impl Sim {
                 self.hosts[i].min_term = self.hosts[i].min_term.max(term);
             }
             Action::Stop { role, .. } => match role {
-                ProcRole::Primary => self.hosts[i].primary = None,
+                ProcRole::Primary => {
+                    self.hosts[i].primary = None;
+                    self.hosts[i].starting = None;
+                }
                 ProcRole::Backup => self.hosts[i].backup = None,
             },
         }
@@ -564,16 +633,7 @@ impl Sim {
         match self.rng.below(9) {
             0 if self.hosts.iter().filter(|h| h.up).count() > 1 => {
                 self.note(format!("FAULT crash host {}", self.names[i]));
-                let h = &mut self.hosts[i];
-                h.up = false;
-                h.primary = None;
-                h.backup = None;
-                h.applied.clear();
-                h.inbox.clear();
-                h.want = Assignments::default();
-                h.connected = false;
-                let host = self.names[i].clone();
-                self.to_mgr.retain(|(_, inp)| !matches!(inp, Input::Report { host: h, .. } | Input::Hello { host: h, .. } if *h == host));
+                self.crash_host(i);
             }
             1 if !self.hosts[i].up => {
                 self.note(format!("FAULT restart host {}", self.names[i]));
@@ -627,6 +687,21 @@ impl Sim {
             }
             _ => self.heal_some(),
         }
+    }
+
+    /// Host `i` dies: its processes and the agent's memory are gone, its disk stays.
+    fn crash_host(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        h.up = false;
+        h.primary = None;
+        h.starting = None;
+        h.backup = None;
+        h.applied.clear();
+        h.inbox.clear();
+        h.want = Assignments::default();
+        h.connected = false;
+        let host = self.names[i].clone();
+        self.to_mgr.retain(|(_, inp)| !matches!(inp, Input::Report { host: h, .. } | Input::Hello { host: h, .. } if *h == host));
     }
 
     fn heal_some(&mut self) {
@@ -745,7 +820,16 @@ fn run(seed: u64, downs: &std::cell::Cell<u32>, promotions: &std::cell::Cell<u32
         let v = s.mgr.vm(s.now, VM);
         panic!("seed {seed}: not protected after the heal: {v:?}");
     }
+    let retried = s
+        .log
+        .iter()
+        .filter(|l| l.contains("never ran its guest"))
+        .count();
+    RETRIES.fetch_add(retried, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Promotions retried because a crash cut the first one short before its guest ran.
+static RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// `VMATRIX_SEED=n` replays one run; `VMATRIX_SEEDS=a..b` runs a range (a longer soak);
 /// otherwise seeds 1..=40.
@@ -778,9 +862,10 @@ fn seeded_faults_never_lose_released_output_or_make_two_primaries() {
         }
     }
     eprintln!(
-        "{} runs, {} promotions, {} ended down",
+        "{} runs, {} promotions ({} retried after a crash before the guest ran), {} ended down",
         seeds.len(),
         promotions.get(),
+        RETRIES.load(std::sync::atomic::Ordering::Relaxed),
         downs.get()
     );
     assert!(

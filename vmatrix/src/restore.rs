@@ -77,8 +77,9 @@ pub(crate) struct Host {
 /// VM is built from the image's parts: `memory.bin` mapped copy-on-write, the state from
 /// `replica.bin`, and a working disk cloned from `disk.img` where the file system can. With
 /// `take` (a new primary: `vmatrix primary --from-image`) and no clone, the VM takes `disk.img`
-/// over (linked, no copy) and the image is consumed when the guest starts
-/// (`backup::image::consume_locked`); without it the disk's data is copied and the image stays.
+/// over (linked, no copy); with `take` the image is consumed when the guest starts, cloned disk
+/// or not (`backup::image::consume_locked`); without it the disk's data is copied and the image
+/// stays.
 pub(crate) fn restore_dir(
     dir: &Path,
     host: Host,
@@ -124,7 +125,11 @@ pub(crate) fn restore_dir(
     })
     .with_context(|| format!("starting the VM of the replica image in {}", dir.display()))?;
     let lock = Arc::new(lock);
-    if made == Some(WorkingDisk::Linked) {
+    // A new primary consumes the image whatever its disk (linked or cloned), durably, right
+    // before its guest's first instruction: an image still whole afterwards proves that no
+    // guest ever ran from it, so nothing of the new term was released (the agent reports such
+    // a promotion as never run and the manager promotes that image again: failover::manager).
+    if take {
         let held = lock.clone();
         vm.gate_start(Box::new(move || {
             image::consume_locked(&held).map_err(|e| format!("consuming the image: {e}"))

@@ -9,51 +9,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::managed::Managed;
+use support::managed::{backups_of, Managed};
 use support::*;
-
-fn backups_of(v: &serde_json::Value) -> Vec<String> {
-    v["backups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["host"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Creates VM "web" (64 MiB, one backup) and waits until it is protected; returns its view.
-fn create_protected(m: &Managed) -> serde_json::Value {
-    let cfg = m.net.guest_config();
-    let out = m.cli(&[
-        "vm",
-        "create",
-        "web",
-        "--mem-mib",
-        "64",
-        "--disk-mib",
-        "16",
-        "--guest-config",
-        &cfg,
-        "--backups",
-        "1",
-        "--port",
-        "7100",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "create: {err}");
-    m.wait_vm("web", "protected", Duration::from_secs(60), |v| {
-        v["status"] == "protected"
-    })
-}
 
 #[test]
 fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut m = Managed::start(dir.path(), 3);
-    let v = create_protected(&m);
+    let v = m.create_protected(1);
     let primary = v["primary"].as_str().unwrap().to_string();
     let backup = backups_of(&v)[0].clone();
     eprintln!("primary on {primary}, backup on {backup}");
@@ -118,7 +82,7 @@ fn an_agent_restart_adopts_its_running_vm_and_failover_still_works() {
     // between a stall of this (busy, shared) machine and a failover: a longer timeout keeps
     // the test about adoption, not about the machine's stalls (see failover_faults.rs).
     let mut m = Managed::start_with(dir.path(), 3, &["--detect-ms", "1000"]);
-    let v = create_protected(&m);
+    let v = m.create_protected(1);
     let primary = v["primary"].as_str().unwrap().to_string();
     let p = m.host_index(&primary);
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));

@@ -23,7 +23,7 @@ mod support;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use support::managed::{KvWriter, Managed};
+use support::managed::{backups_of, KvWriter, Managed};
 use support::*;
 
 /// The tests of this file run one after another (each runs several VMs on this machine).
@@ -63,17 +63,6 @@ const LONG: Duration = Duration::from_secs(60);
 /// 776 ms)"). Such a failover is safe, but it is not the fault a test injects. Every fault here
 /// lasts far longer than this.
 const DETECT_MS: &str = "1000";
-
-fn backups_of(v: &serde_json::Value) -> Vec<String> {
-    v["backups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["host"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// A managed cluster of `hosts` hosts running VM "web" with `backups` backups, protected.
 struct Setup {
@@ -126,28 +115,7 @@ fn protected_vm(hosts: usize, backups: u8) -> Setup {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let m = Managed::start_with(dir.path(), hosts, &["--detect-ms", DETECT_MS]);
-    let cfg = m.net.guest_config();
-    let out = m.cli(&[
-        "vm",
-        "create",
-        "web",
-        "--mem-mib",
-        "64",
-        "--disk-mib",
-        "16",
-        "--guest-config",
-        &cfg,
-        "--backups",
-        &backups.to_string(),
-        "--port",
-        "7100",
-    ]);
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = m.wait_vm("web", "protected", LONG, |v| v["status"] == "protected");
+    let v = m.create_protected(backups);
     let p = m.host_index(v["primary"].as_str().unwrap());
     let b = m.host_index(&backups_of(&v)[0]);
     eprintln!(

@@ -337,6 +337,7 @@ fn primary_running(vm: &str, term: u64) -> VmObservation {
         output_held: false,
         silent_ms: None,
         handed_over: false,
+        never_ran: false,
     }
 }
 

@@ -138,8 +138,19 @@ impl Manager {
             witnesses += 1;
             // The backup's own measure (a report is at most a heartbeat or two old); not
             // extended by the report's age, so a manager that stalls does not make every
-            // backup look silent.
-            let silent = o.silent_ms.map_or(Duration::MAX, Duration::from_millis);
+            // backup look silent. Counted only from when its host was last heard again after a
+            // stall: a backup whose own host stalled (its process unscheduled) measures its
+            // own stall as the primary's silence (a chaos soak finding: a primary merely cut
+            // from the manager was failed over when its backup's host stalled for 63 ms).
+            let since_resumed = self
+                .hosts
+                .get(&b.host)
+                .and_then(|h| h.resumed_at)
+                .map_or(Duration::MAX, |t| now.saturating_sub(t));
+            let silent = match o.silent_ms {
+                None => Duration::MAX,
+                Some(ms) => Duration::from_millis(ms).min(since_resumed),
+            };
             if silent <= self.cfg.detect {
                 return None;
             }

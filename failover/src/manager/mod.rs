@@ -21,11 +21,13 @@
 mod detect;
 mod handover;
 mod place;
+mod retry;
 mod view;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+pub use retry::RETRY_LIMIT;
 pub use view::{BackupView, HostView, VmView};
 
 use crate::event::{Event, EventKind};
@@ -135,6 +137,10 @@ pub(crate) struct HostState {
     pub(crate) reported: bool,
     pub(crate) sent: Option<Assignments>,
     pub(crate) down: bool,
+    /// When it was last heard again after a gap of more than half the detection timeout (its
+    /// host, or the path to it, stalled): what its backups say of their silence counts only
+    /// from then (see `detect::checkpoints_stopped`).
+    pub(crate) resumed_at: Option<Duration>,
 }
 
 /// Counters for the metrics page.
@@ -173,6 +179,8 @@ pub struct Manager {
     down: BTreeSet<String>,
     counters: Counters,
     last_decide: Duration,
+    /// Promotions retried in a row because their primary never ran (see `retry`).
+    retries: BTreeMap<String, u32>,
 }
 
 impl Manager {
@@ -193,6 +201,7 @@ impl Manager {
             down: BTreeSet::new(),
             counters: Counters::default(),
             last_decide: Duration::ZERO,
+            retries: BTreeMap::new(),
         }
     }
 
@@ -229,7 +238,11 @@ impl Manager {
                     reported: false,
                     sent: None,
                     down: false,
+                    resumed_at: None,
                 });
+                if now.saturating_sub(h.last_seen) > self.cfg.detect / 2 {
+                    h.resumed_at = Some(now);
+                }
                 h.repl_ip = repl_ip;
                 h.connected = true;
                 h.last_seen = now;
@@ -247,6 +260,9 @@ impl Manager {
             }
             Input::Report { host, report } => {
                 if let Some(h) = self.hosts.get_mut(&host) {
+                    if now.saturating_sub(h.last_seen) > self.cfg.detect / 2 {
+                        h.resumed_at = Some(now);
+                    }
                     h.last_seen = now;
                     h.report = report;
                     h.reported = true;
@@ -340,6 +356,7 @@ impl Manager {
         self.protected.remove(name);
         self.down.remove(name);
         self.migrations.remove(name);
+        self.retries.remove(name);
         self.event(
             now,
             EventKind::Deleted,
@@ -549,6 +566,13 @@ impl Manager {
             .entry(rec.spec.name.clone())
             .or_insert(now);
         let o = self.primary_obs(&p, rec).cloned();
+        if let Some(again) = o
+            .as_ref()
+            .and_then(|o| self.retry_unstarted(now, rec, &p, o))
+        {
+            *rec = again;
+            return;
+        }
         if !o.as_ref().is_some_and(|o| o.alive) {
             let silent = now.saturating_sub(self.last_seen_at(&p));
             let why = match &o {
@@ -575,6 +599,7 @@ impl Manager {
         }
         self.starting_since.remove(&rec.spec.name);
         self.down.remove(&rec.spec.name);
+        self.retries.remove(&rec.spec.name);
         rec.phase = Phase::Running;
         rec.started = true;
         let since = self.promoting_since.remove(&rec.spec.name);

@@ -152,8 +152,9 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
 /// The VM: booted from the flags, or restored from `--from-image` (a backup's replica image is
 /// locked and recovered first, as by `vmatrix restore`; the lock is returned, to be held while
 /// the VM runs). The new primary takes a replica image over: its memory is mapped, not read,
-/// and its disk becomes the working disk (cloned, or linked with the image consumed when the
-/// guest starts; see `crate::restore::restore_dir`), so the start does not grow with the guest.
+/// and its disk becomes the working disk (cloned or linked; either way the image is consumed,
+/// durably, right before the guest's first instruction: see `crate::restore::restore_dir`), so
+/// the start does not grow with the guest.
 fn build_vm(
     a: &mut PrimaryArgs,
 ) -> anyhow::Result<(Arc<Vm>, ConsoleOut, Option<Arc<backup::ImageLock>>)> {

@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 use super::cluster::Cluster;
 use super::{guest_elf, vmatrix_bin};
 
+/// The hosts of a VM's backups in its JSON view.
+pub fn backups_of(v: &serde_json::Value) -> Vec<String> {
+    v["backups"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["host"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Manager, agents and hosts.
 pub struct Managed {
     /// The hosts.
@@ -131,6 +143,11 @@ impl Managed {
 
     /// Starts host `i`'s agent.
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_with(i, &[]);
+    }
+
+    /// Starts host `i`'s agent with extra flags (e.g. its `--crash-at` test hook).
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
         let host = self.net.host_name(i);
         let state = self.dir.join(format!("host-{host}"));
         let child = self
@@ -150,6 +167,7 @@ impl Managed {
             .arg(&state)
             .arg("--guest")
             .arg(guest_elf())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(self.log(&format!("agent-{host}.log")))
             .spawn()
@@ -181,6 +199,33 @@ impl Managed {
             .env("VMATRIX_MANAGER", self.api.to_string())
             .output()
             .expect("spawn the CLI")
+    }
+
+    /// Creates VM "web" (64 MiB, 16 MiB disk, port 7100) with `backups` backups and waits until
+    /// it is protected; returns its view.
+    pub fn create_protected(&self, backups: u8) -> serde_json::Value {
+        let cfg = self.net.guest_config();
+        let n = backups.to_string();
+        let out = self.cli(&[
+            "vm",
+            "create",
+            "web",
+            "--mem-mib",
+            "64",
+            "--disk-mib",
+            "16",
+            "--guest-config",
+            &cfg,
+            "--backups",
+            &n,
+            "--port",
+            "7100",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "create: {err}");
+        self.wait_vm("web", "protected", Duration::from_secs(60), |v| {
+            v["status"] == "protected"
+        })
     }
 
     /// `vmatrix vm show <name>` as JSON (None if it fails).

@@ -62,6 +62,10 @@ pub struct AgentArgs {
     /// Extra flag for every `vmatrix primary` it starts (repeat), e.g. `--primary-flag=--epoch-ms=10`.
     #[arg(long = "primary-flag", allow_hyphen_values = true)]
     pub primary_flags: Vec<String>,
+    /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
+    /// after a promotion's marker is durable, before the new primary starts).
+    #[arg(long, hide = true, value_parser = clap::builder::PossibleValuesParser::new(supervisor::CRASH_POINTS))]
+    pub crash_at: Option<String>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM; then stops its VM processes.
@@ -80,6 +84,7 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         exe: std::env::current_exe().context("locating the vmatrix binary")?,
         heartbeat: Duration::from_millis(a.heartbeat_ms.clamp(1, 1000)),
         primary_flags: a.primary_flags.clone(),
+        crash_at: a.crash_at.clone(),
     };
     let shared = Arc::new(Mutex::new(Shared::default()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -310,6 +310,8 @@ impl Proc {
             handed_over: self.handed_over
                 || self.exit.as_deref() == Some(HANDED_OVER)
                 || self.replication().is_some_and(|r| r.handed_over),
+            // (Set by the supervisor from the VM's files.)
+            never_ran: false,
         };
         match self.role {
             ProcRole::Primary => {

@@ -5,13 +5,13 @@
 //! unreachable (VMs keep running), and does nothing before the first assignment arrives.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failover::agent::{reconcile, Action, Applied};
-use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmSpec};
+use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmObservation, VmSpec};
 
 use super::procs::Proc;
 
@@ -36,7 +36,16 @@ pub struct HostConfig {
     pub heartbeat: Duration,
     /// Extra flags for every `vmatrix primary` (e.g. epoch length).
     pub primary_flags: Vec<String>,
+    /// A test hook: crash (abort) at this point, as the host would (see [`CRASH_POINTS`]).
+    pub crash_at: Option<String>,
 }
+
+/// Crash right after the promotion's `promote-term` marker is durable, before the backup is
+/// told and the new primary starts.
+pub const CRASH_AFTER_PROMOTE_MARKER: &str = "after-promote-marker";
+
+/// Where `--crash-at` may crash the agent.
+pub const CRASH_POINTS: &[&str] = &[CRASH_AFTER_PROMOTE_MARKER];
 
 /// Shared between the supervisor and the connection task.
 #[derive(Default)]
@@ -61,6 +70,11 @@ pub struct Supervisor {
     procs: BTreeMap<Key, Proc>,
     applied: BTreeMap<String, Applied>,
     shared: Arc<Mutex<Shared>>,
+    /// Primaries of promotions that a crash of this host cut short before their guest ran
+    /// (found at start: see [`unstarted_promotion`]): VM → term, reported as dead and never run.
+    unstarted: BTreeMap<String, u64>,
+    /// Whether the dead primary of (VM, term) never ran its guest (files checked once).
+    never_ran: BTreeMap<(String, u64), bool>,
 }
 
 impl Supervisor {
@@ -71,6 +85,8 @@ impl Supervisor {
             procs: BTreeMap::new(),
             applied: BTreeMap::new(),
             shared,
+            unstarted: BTreeMap::new(),
+            never_ran: BTreeMap::new(),
         };
         s.adopt_running();
         s
@@ -92,7 +108,36 @@ impl Supervisor {
                     self.procs.insert((vm.clone(), role), p);
                 }
             }
+            let adopted = self.procs.contains_key(&(vm.clone(), ProcRole::Primary));
+            if let Some(term) = unstarted_promotion(&d.path()).filter(|_| !adopted) {
+                tracing::warn!(
+                    "{vm}: the promotion at term {term} never ran its guest (this host stopped \
+                     first; its image is whole): reported so"
+                );
+                self.unstarted.insert(vm, term);
+            }
         }
+    }
+
+    /// What every VM process here (and every promotion cut short) looks like to the manager.
+    fn observe_all(&mut self) -> Vec<VmObservation> {
+        let mut obs: Vec<VmObservation> = self.procs.values_mut().map(|p| p.observe()).collect();
+        for (vm, term) in &self.unstarted {
+            if !self.procs.contains_key(&(vm.clone(), ProcRole::Primary)) {
+                obs.push(unstarted_observation(vm, *term));
+            }
+        }
+        for o in obs
+            .iter_mut()
+            .filter(|o| o.role == ProcRole::Primary && !o.alive)
+        {
+            let dir = self.cfg.state.join(&o.vm);
+            o.never_ran = *self
+                .never_ran
+                .entry((o.vm.clone(), o.term))
+                .or_insert_with(|| image_never_ran(&dir, o.term));
+        }
+        obs
     }
 
     /// Runs until `stop` is set. The VM processes go on running (the next agent adopts them)
@@ -114,13 +159,12 @@ impl Supervisor {
     }
 
     fn round(&mut self) {
-        let mut obs = Vec::new();
         for p in self.procs.values_mut() {
             if p.alive() {
                 p.poll();
             }
-            obs.push(p.observe());
         }
+        let obs = self.observe_all();
         let want = self.shared.lock().expect("shared").want.clone();
         if let Some(want) = &want {
             self.forget_dead(want);
@@ -130,7 +174,7 @@ impl Supervisor {
                 }
             }
         }
-        let vms = self.procs.values_mut().map(|p| p.observe()).collect();
+        let vms = self.observe_all();
         let mut sh = self.shared.lock().expect("shared");
         sh.report = Report { vms };
         sh.ready = true;
@@ -142,6 +186,7 @@ impl Supervisor {
         self.procs
             .retain(|(vm, _), p| p.exit.is_none() || want.vms.contains_key(vm));
         self.applied.retain(|vm, _| want.vms.contains_key(vm));
+        self.unstarted.retain(|vm, _| want.vms.contains_key(vm));
         // A handover the manager abandoned may be asked for again later.
         for (vm, a) in &want.vms {
             if let failover::model::Role::Primary {
@@ -340,6 +385,11 @@ impl Supervisor {
         // same term (after this host restarted, say) would fork a history whose first primary
         // may have released output.
         once(&self.vm_dir(&spec.name)?, "promote-term", term)?;
+        self.unstarted.remove(&spec.name);
+        if self.cfg.crash_at.as_deref() == Some(CRASH_AFTER_PROMOTE_MARKER) {
+            tracing::error!("test hook: crashing after the promotion's marker, as a host would");
+            std::process::abort();
+        }
         let key = (spec.name.clone(), ProcRole::Backup);
         if let Some(mut b) = self.procs.remove(&key) {
             if b.alive() {
@@ -386,6 +436,52 @@ fn once(dir: &std::path::Path, what: &str, term: u64) -> anyhow::Result<()> {
     std::fs::rename(&tmp, &marker)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// The term of a promotion on this host whose guest never ran, from the VM directory's files:
+/// the `promote-term` marker (written before the promoted primary starts) names it, and the
+/// image it was to start from is still whole (see [`image_never_ran`]).
+fn unstarted_promotion(dir: &Path) -> Option<u64> {
+    let term = read_marker(dir, "promote-term")?;
+    image_never_ran(dir, term).then_some(term)
+}
+
+/// Whether the primary of `term` promoted on this host never ran its guest: the marker names
+/// that term, and the image is still an unconsumed replica image committed by an older term (a
+/// new primary consumes it, durably, right before its guest's first instruction:
+/// `crate::restore::restore_dir`). Anything unreadable counts as "it may have run".
+fn image_never_ran(dir: &Path, term: u64) -> bool {
+    let image = dir.join("image");
+    read_marker(dir, "promote-term") == Some(term)
+        && backup::image::consumed(&image).is_none()
+        && backup::image::read_meta(&image).is_ok_and(|m| m.term < term && !m.syncing())
+}
+
+fn read_marker(dir: &Path, what: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(what))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A dead primary of `term` that never ran (its host restarted before its guest's start).
+fn unstarted_observation(vm: &str, term: u64) -> VmObservation {
+    VmObservation {
+        vm: vm.to_string(),
+        role: ProcRole::Primary,
+        alive: false,
+        exit: Some("this host restarted before its guest ran".into()),
+        term,
+        image_term: 0,
+        seq: None,
+        protected: false,
+        backup_hosts: Vec::new(),
+        output_held: false,
+        silent_ms: None,
+        handed_over: false,
+        never_ran: true,
+    }
 }
 
 /// `PUT /backups` body: `name@addr` each (empty: none).
