@@ -7,6 +7,10 @@ use super::Manager;
 use crate::event::EventKind;
 use crate::model::{ProcRole, VmObservation, VmRecord};
 
+/// How long a host whose backup was dropped for a failed link to the primary is avoided by
+/// re-protection (another host is used if there is one).
+pub(crate) const SHUN: Duration = Duration::from_secs(30);
+
 impl Manager {
     /// When `host` was last heard of (a host never heard of since this manager started counts
     /// from the start: a restart is not a detection).
@@ -230,6 +234,7 @@ impl Manager {
         let answers = po
             .silent_ms
             .is_none_or(|ms| Duration::from_millis(ms) < self.cfg.hung);
+        let unheard = self.note_unheard(now, rec, &po.backup_hosts.clone());
         let lost: Vec<(String, String)> = rec
             .backups
             .iter()
@@ -239,6 +244,17 @@ impl Manager {
                     return Some((
                         b.host.clone(),
                         format!("no heartbeat for {} ms", age.as_millis()),
+                    ));
+                }
+                if let Some(since) = unheard.get(&b.host).filter(|_| answers) {
+                    let ms = now.saturating_sub(*since).as_millis();
+                    return Some((
+                        b.host.clone(),
+                        format!(
+                            "it has heard nothing from the primary on {p} in the {ms} ms the \
+                             primary has had it in its set: the link between them is cut; the \
+                             primary goes on without it"
+                        ),
                     ));
                 }
                 let o = self.backup_obs(&b.host, &rec.spec.name)?;
@@ -257,6 +273,11 @@ impl Manager {
             .collect();
         for (h, why) in lost {
             rec.backups.retain(|b| b.host != h);
+            let key = (rec.spec.name.clone(), h.clone());
+            self.unheard_since.remove(&key);
+            if !why.starts_with("no heartbeat") {
+                self.shunned.insert(key, now + SHUN);
+            }
             self.event(
                 now,
                 EventKind::BackupLost,
@@ -266,6 +287,37 @@ impl Manager {
                 why,
             );
         }
+    }
+
+    /// Backups that the running primary has had in its set (`in_set`, from its report) for
+    /// longer than twice `backup_lost` without their ever hearing from it (alive, heard by the
+    /// manager, `silent_ms` None): a link cut before their first session (the primary, which
+    /// holds output from its first session on, retries every second; twice the timeout leaves
+    /// room for a retry on a busy host). Keeps the clocks.
+    fn note_unheard(
+        &mut self,
+        now: Duration,
+        rec: &VmRecord,
+        in_set: &[String],
+    ) -> std::collections::BTreeMap<String, Duration> {
+        let mut out = std::collections::BTreeMap::new();
+        for b in &rec.backups {
+            let key = (rec.spec.name.clone(), b.host.clone());
+            let never = in_set.contains(&b.host)
+                && self.fresh(now, &b.host)
+                && self
+                    .backup_obs(&b.host, &rec.spec.name)
+                    .is_some_and(|o| o.alive && o.silent_ms.is_none());
+            if !never {
+                self.unheard_since.remove(&key);
+                continue;
+            }
+            let since = *self.unheard_since.entry(key).or_insert(now);
+            if now.saturating_sub(since) > 2 * self.cfg.backup_lost {
+                out.insert(b.host.clone(), since);
+            }
+        }
+        out
     }
 
     /// Marks the set synced when the primary reports itself protected with exactly this set

@@ -181,6 +181,12 @@ pub struct Manager {
     last_decide: Duration,
     /// Promotions retried in a row because their primary never ran (see `retry`).
     retries: BTreeMap<String, u32>,
+    /// (VM, backup host): since when the running primary has had it in its set while the
+    /// backup never heard from it (see `detect::drop_lost_backups`).
+    unheard_since: BTreeMap<(String, HostId), Duration>,
+    /// (VM, host): a backup there was dropped because its link to the primary failed, until
+    /// then; re-protection prefers other hosts meanwhile.
+    shunned: BTreeMap<(String, HostId), Duration>,
 }
 
 impl Manager {
@@ -202,6 +208,8 @@ impl Manager {
             counters: Counters::default(),
             last_decide: Duration::ZERO,
             retries: BTreeMap::new(),
+            unheard_since: BTreeMap::new(),
+            shunned: BTreeMap::new(),
         }
     }
 
@@ -357,6 +365,8 @@ impl Manager {
         self.down.remove(name);
         self.migrations.remove(name);
         self.retries.remove(name);
+        self.unheard_since.retain(|(vm, _), _| vm != name);
+        self.shunned.retain(|(vm, _), _| vm != name);
         self.event(
             now,
             EventKind::Deleted,
@@ -647,7 +657,20 @@ impl Manager {
         while rec.backups.len() < rec.spec.backups as usize {
             let mut exclude: Vec<HostId> = rec.backups.iter().map(|b| b.host.clone()).collect();
             exclude.extend(rec.primary.clone());
-            let Some(h) = self.pick_host(now, &rec.spec, &exclude) else {
+            // A host whose link to the primary just failed only if no other host may take it.
+            let name = rec.spec.name.clone();
+            self.shunned.retain(|_, until| *until > now);
+            let shunned: Vec<HostId> = self
+                .shunned
+                .keys()
+                .filter(|(vm, _)| *vm == name)
+                .map(|(_, h)| h.clone())
+                .collect();
+            let avoid: Vec<HostId> = exclude.iter().chain(&shunned).cloned().collect();
+            let pick = self
+                .pick_host(now, &rec.spec, &avoid)
+                .or_else(|| self.pick_host(now, &rec.spec, &exclude));
+            let Some(h) = pick else {
                 return;
             };
             rec.backups.push(BackupSlot {

@@ -1,0 +1,259 @@
+//! The manager's rules about failing links, stalled hosts and promotions cut short, with
+//! hand-made agent reports in virtual time (the rest: `manager_rules.rs`).
+
+mod common;
+
+use common::*;
+use failover::event::EventKind;
+use failover::manager::{Input, ManagerConfig};
+use failover::model::{Role, Source};
+
+/// The primary's host is cut from the manager; then the backups' hosts stall (this machine's
+/// hosts share two CPUs): the first report after the stall says checkpoints stopped for longer
+/// than `detect`, but that silence is the backups' own stall, so it counts only from when their
+/// hosts were heard again (a chaos soak finding: such a primary was failed over). A primary that
+/// really died is still failed over, `detect` after the backups' hosts came back.
+#[test]
+fn a_backup_host_back_from_its_own_stall_does_not_witness_its_stall() {
+    let mut t = T::protected_vm();
+    let healthy = |t: &mut T, silent: u64| {
+        t.report("b", vec![backup(1, 10, silent)]);
+        t.report("c", vec![backup(1, 12, silent)]);
+        t.report("d", vec![]);
+    };
+    for _ in 0..20 {
+        t.advance(5 * MS);
+        healthy(&mut t, 3);
+    }
+    // b, c and d stall together for 70 ms (no reports), then say 129 ms.
+    for _ in 0..14 {
+        t.advance(5 * MS);
+    }
+    healthy(&mut t, 129);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // The primary was alive all along: checkpoints flow again.
+    for _ in 0..40 {
+        t.advance(5 * MS);
+        healthy(&mut t, 3);
+    }
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Same stall, but the primary is dead: failed over once the silence since the backups'
+    // hosts came back exceeds `detect`.
+    for _ in 0..14 {
+        t.advance(5 * MS);
+    }
+    let mut silent = 129;
+    healthy(&mut t, silent);
+    let back = t.now;
+    while t.events(EventKind::Detected) == 0 {
+        assert!(t.now - back < 200 * MS, "never detected");
+        t.advance(5 * MS);
+        silent += 5;
+        healthy(&mut t, silent);
+    }
+    let after = t.now - back;
+    let detect = ManagerConfig::default().detect;
+    assert!(after > detect && after <= detect + 10 * MS, "{after:?}");
+}
+
+/// A primary whose agent speaks but which answers it no more (stopped, hung): failed over once
+/// it has been silent for `hung` and its backups say checkpoints stopped as long; not before,
+/// not while any backup still gets checkpoints, and not without a backup to witness it.
+#[test]
+fn a_hung_primary_fails_over_only_when_its_backups_agree() {
+    let hung = |silent_ms: u64| {
+        let mut p = primary(1, &["b", "c"], true);
+        p.silent_ms = Some(silent_ms);
+        p
+    };
+    // Slow to answer, backups silent too, but not yet for `hung`.
+    let mut t = T::protected_vm();
+    t.report("a", vec![hung(900)]);
+    t.report("b", vec![backup(1, 10, 900)]);
+    t.report("c", vec![backup(1, 12, 900)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Not answering for 1.2 s, but one backup still gets checkpoints: only the agent's polls
+    // are slow.
+    t.report("a", vec![hung(1200)]);
+    t.report("b", vec![backup(1, 10, 1200)]);
+    t.report("c", vec![backup(1, 12, 5)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+    // Both backups say checkpoints stopped 1.2 s ago: hung, failed over to the most advanced.
+    t.report("c", vec![backup(1, 12, 1200)]);
+    t.report("a", vec![hung(1200)]);
+    assert_eq!(t.events(EventKind::Detected), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.primary.as_deref()), (2, Some("c")));
+    // The old host is told to run nothing of it: its agent stops the hung process.
+    assert!(t.last_assign("a").unwrap().vms.is_empty());
+
+    // Without any backup heard, a silent primary whose agent speaks is left alone.
+    let mut t = T::protected_vm();
+    t.report("b", vec![]);
+    t.report("c", vec![]);
+    t.report("a", vec![hung(5000)]);
+    assert_eq!(t.events(EventKind::Detected), 0);
+}
+
+/// The primary's link to one backup is cut (both hosts heard by the manager): that backup hears
+/// nothing for longer than `backup_lost` while the primary answers, so it leaves the set (the
+/// primary would hold output for it forever) and another host takes its place; a backup silent
+/// for less, or silent because the primary itself stopped answering, stays.
+#[test]
+fn a_backup_cut_from_a_running_primary_leaves_the_set() {
+    let mut t = T::protected_vm();
+    let mut answering = primary(1, &["b", "c"], true);
+    answering.silent_ms = Some(0);
+    for _ in 0..100 {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![backup(1, 10, 1000)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+    t.report("b", vec![backup(1, 10, 1600)]);
+    assert_eq!(t.events(EventKind::BackupLost), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    let hosts: Vec<&str> = v.backups.iter().map(|b| b.host.as_str()).collect();
+    assert_eq!(hosts, ["c", "d"]);
+    assert_eq!(v.term, 1);
+
+    // A primary that stopped answering is not kept by dropping its backups.
+    let mut t = T::protected_vm();
+    let mut stuck = primary(1, &["b", "c"], true);
+    stuck.silent_ms = Some(1600);
+    t.report("a", vec![stuck]);
+    t.report("b", vec![backup(1, 10, 1600)]);
+    t.report("c", vec![backup(1, 12, 1600)]);
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+}
+
+/// A backup that has never heard from the running primary that has it in its set (the link was
+/// cut before their first session; the primary holds output and retries) leaves the set after
+/// twice `backup_lost`, and re-protection avoids its host while another one can take it.
+#[test]
+fn a_backup_that_never_heard_from_its_primary_leaves_the_set_for_another_host() {
+    let mut t = T::new(&["a", "b", "c"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    let never = || {
+        let mut b = backup(1, 0, 0);
+        (b.silent_ms, b.image_term, b.seq) = (None, 0, None);
+        b
+    };
+    let lost = ManagerConfig::default().backup_lost;
+    let mut answering = primary(1, &["b"], false);
+    answering.silent_ms = Some(0);
+    while t.now < 2 * lost {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![never()]);
+        t.report("c", vec![]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+    t.advance(20 * MS);
+    t.report("a", vec![answering.clone()]);
+    t.report("b", vec![never()]);
+    assert_eq!(t.events(EventKind::BackupLost), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    let hosts: Vec<&str> = v.backups.iter().map(|b| b.host.as_str()).collect();
+    // (b and c are equally loaded now: c, because b's link to the primary just failed.)
+    assert_eq!(hosts, ["c"]);
+    // A backup that does hear from it is never dropped on this ground.
+    let mut t = T::protected_vm();
+    for _ in 0..400 {
+        t.advance(10 * MS);
+        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        t.report("b", vec![backup(1, 10, 3)]);
+        t.report("c", vec![backup(1, 12, 3)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 0);
+}
+
+/// The promoted primary's host crashes before its guest ran (the chaos soak's finding): the VM
+/// is down meanwhile; when the host is back and its agent reports that the term never ran (its
+/// image unconsumed), the same host is promoted again at a new term. A dead primary that did
+/// run (image consumed) leaves the VM down; a retry that never runs either is tried at most
+/// `RETRY_LIMIT` times.
+#[test]
+fn a_promotion_whose_host_died_before_the_guest_ran_is_retried_from_the_same_image() {
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    dead.exit = Some("killed by signal 9".into());
+    t.report("a", vec![dead]);
+    assert!(matches!(
+        t.last_assign("c").unwrap().vms["web"].role,
+        Role::Primary { term: 2, .. }
+    ));
+    // c dies in the promotion; b and d go on.
+    for _ in 0..400 {
+        t.advance(5 * MS);
+        t.report("b", vec![backup(2, 10, 5)]);
+        t.report("d", vec![]);
+    }
+    assert_eq!(t.events(EventKind::Lost), 1);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "down");
+    t.m.handle(
+        t.now,
+        Input::Hello {
+            host: "c".into(),
+            repl_ip: "10.0.0.3".into(),
+            capacity_mib: 1024,
+        },
+    );
+    let mut never = primary(2, &["b", "d"], false);
+    (never.alive, never.never_ran) = (false, true);
+    never.exit = Some("its host restarted before the guest ran".into());
+    t.report("c", vec![never.clone()]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.primary.as_deref(), v.term), (Some("c"), 3), "{v:?}");
+    assert_eq!(v.status, "promoting");
+    assert!(matches!(
+        t.last_assign("c").unwrap().vms["web"].role,
+        Role::Primary {
+            term: 3,
+            source: Source::Promote,
+            ..
+        }
+    ));
+    assert!(matches!(
+        t.last_assign("b").unwrap().vms["web"].role,
+        Role::Backup { min_term: 3 }
+    ));
+    // Retried at most RETRY_LIMIT times in a row: then down.
+    for term in 3..3 + u64::from(failover::manager::RETRY_LIMIT) {
+        never.term = term;
+        t.report("c", vec![never.clone()]);
+    }
+    let v = t.m.vm(t.now, "web").unwrap();
+    let last = 2 + u64::from(failover::manager::RETRY_LIMIT);
+    assert_eq!((v.term, v.status.as_str()), (last, "down"), "{v:?}");
+    // A dead primary that ran is never retried.
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    let mut ran = primary(2, &["b", "d"], false);
+    ran.alive = false;
+    ran.exit = Some("killed by signal 9".into());
+    t.report("c", vec![ran]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.status.as_str()), (2, "down"), "{v:?}");
+    // Once a retried primary runs, the count starts over.
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    let mut never = primary(2, &["b", "d"], false);
+    (never.alive, never.never_ran) = (false, true);
+    t.report("c", vec![never]);
+    t.report("c", vec![primary(3, &["b", "d"], false)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+}
