@@ -8,48 +8,50 @@ use failover::event::EventKind;
 use failover::manager::{Input, ManagerConfig};
 use failover::model::{Role, Source};
 
-/// The primary's host is cut from the manager; then the backups' hosts stall (this machine's
-/// hosts share two CPUs): the first report after the stall says checkpoints stopped for longer
-/// than `detect`, but that silence is the backups' own stall, so it counts only from when their
-/// hosts were heard again (a chaos soak finding: such a primary was failed over). A primary that
-/// really died is still failed over, `detect` after the backups' hosts came back.
+/// Every host stalls together for 70 ms (this machine's hosts share two CPUs), and the backups'
+/// first reports after it, which reach the manager before the primary's, say checkpoints
+/// stopped 129 ms ago: that silence is their own stall, so it counts only from when their hosts
+/// were heard again (a chaos soak finding). A primary that really died in the stall is still
+/// failed over, `detect` after the backups' hosts came back.
 #[test]
 fn a_backup_host_back_from_its_own_stall_does_not_witness_its_stall() {
     let mut t = T::protected_vm();
-    let healthy = |t: &mut T, silent: u64| {
+    let backups = |t: &mut T, silent: u64| {
         t.report("b", vec![backup(1, 10, silent)]);
         t.report("c", vec![backup(1, 12, silent)]);
         t.report("d", vec![]);
     };
+    let primary_ok = |t: &mut T| t.report("a", vec![primary(1, &["b", "c"], true)]);
+    let stall = |t: &mut T| {
+        for _ in 0..14 {
+            t.advance(5 * MS);
+        }
+    };
     for _ in 0..20 {
         t.advance(5 * MS);
-        healthy(&mut t, 3);
+        primary_ok(&mut t);
+        backups(&mut t, 3);
     }
-    // b, c and d stall together for 70 ms (no reports), then say 129 ms.
-    for _ in 0..14 {
-        t.advance(5 * MS);
-    }
-    healthy(&mut t, 129);
+    stall(&mut t);
+    backups(&mut t, 129);
     assert_eq!(t.events(EventKind::Detected), 0);
-    // The primary was alive all along: checkpoints flow again.
+    primary_ok(&mut t);
     for _ in 0..40 {
         t.advance(5 * MS);
-        healthy(&mut t, 3);
+        primary_ok(&mut t);
+        backups(&mut t, 3);
     }
     assert_eq!(t.events(EventKind::Detected), 0);
-    // Same stall, but the primary is dead: failed over once the silence since the backups'
-    // hosts came back exceeds `detect`.
-    for _ in 0..14 {
-        t.advance(5 * MS);
-    }
+    // The same stall, but the primary's host died in it.
+    stall(&mut t);
     let mut silent = 129;
-    healthy(&mut t, silent);
+    backups(&mut t, silent);
     let back = t.now;
     while t.events(EventKind::Detected) == 0 {
         assert!(t.now - back < 200 * MS, "never detected");
         t.advance(5 * MS);
         silent += 5;
-        healthy(&mut t, silent);
+        backups(&mut t, silent);
     }
     let after = t.now - back;
     let detect = ManagerConfig::default().detect;
@@ -255,5 +257,35 @@ fn a_promotion_whose_host_died_before_the_guest_ran_is_retried_from_the_same_ima
     assert_eq!(
         t.m.vm(t.now, "web").unwrap().status,
         "unprotected (syncing)"
+    );
+}
+
+/// The primary is cut from the manager only; later, its checkpoints pause for longer than
+/// `detect` (a busy host): the manager lost it well before its backups did, so it was alive
+/// while cut, and the pause must last `hung` before it is failed over. A crash (both signals
+/// stop together) is still detected after `detect`.
+#[test]
+fn a_pause_of_a_primary_already_cut_from_the_manager_must_last_as_long_as_a_hang() {
+    let mut t = T::protected_vm();
+    let report = |t: &mut T, silent: u64| {
+        t.report("b", vec![backup(1, 10, silent)]);
+        t.report("c", vec![backup(1, 12, silent)]);
+        t.report("d", vec![]);
+    };
+    for _ in 0..100 {
+        t.advance(5 * MS);
+        report(&mut t, 3);
+    }
+    let mut silent = 3;
+    while t.events(EventKind::Detected) == 0 {
+        t.advance(5 * MS);
+        silent += 5;
+        report(&mut t, silent);
+        assert!(silent < 2000, "never failed over");
+    }
+    let hung = ManagerConfig::default().hung;
+    assert!(
+        silent > hung.as_millis() as u64 && silent <= hung.as_millis() as u64 + 10,
+        "failed over after a pause of {silent} ms"
     );
 }
