@@ -296,7 +296,9 @@ impl Supervisor {
             cmd,
             control,
             &dir.join("backup.log"),
-            0,
+            // (Started with this lowest term: until its first status says so, it is not
+            // taken for an older backup to fence, a request its socket could not answer yet.)
+            min_term,
         )?;
         self.procs.insert(key, p);
         Ok(())
