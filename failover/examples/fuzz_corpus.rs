@@ -57,9 +57,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             repl_ip: "10.78.1.1".into(),
             capacity_mib: 4096,
         })?,
-        encode(&AgentMsg::Report(Report { vms: vec![obs] }))?,
+        encode(&AgentMsg::Report(Report {
+            vms: vec![obs.clone()],
+            ..Default::default()
+        }))?,
         encode(&ManagerMsg::Welcome { version: VERSION })?,
-        encode(&ManagerMsg::Assign(a))?,
+        encode(&ManagerMsg::Assign(a.clone()))?,
+        // With clones (issue 11): the fields appended to both messages.
+        encode(&AgentMsg::Report(Report {
+            vms: vec![obs],
+            clones: vec![CloneObservation {
+                name: "web-c0".into(),
+                vm: "web".into(),
+                alive: true,
+                running: true,
+                exit: None,
+                base_term: 2,
+            }],
+            bases: vec![BaseObservation {
+                vm: "web".into(),
+                term: 2,
+                age_ms: 1500,
+            }],
+        }))?,
+        encode(&ManagerMsg::Assign(Assignments {
+            clones: vec![CloneAssignment {
+                name: "web-c0".into(),
+                vm: "web".into(),
+                index: 0,
+                guest_config: "ip=10.77.1.10/24,gw=10.77.1.1,port=7000".into(),
+                mem_mib: 64,
+            }],
+            bases: vec!["web".into()],
+            ..a
+        }))?,
     ];
     std::fs::create_dir_all(root.join("wire"))?;
     for (i, f) in frames.iter().enumerate() {
@@ -79,6 +110,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 synced_term: Some(3),
             }],
             handover_to: None,
+            clones: CloneSet {
+                desired: 2,
+                first_ip: Some("10.77.1.10/24".into()),
+                warm: false,
+                autoscale: Some(failover::clones::AutoscaleSpec {
+                    target: 50.0,
+                    min: 0,
+                    max: 8,
+                    up_cooldown_ms: 1000,
+                    down_cooldown_ms: 10_000,
+                    hysteresis: 0.2,
+                }),
+                placed: vec![failover::clones::CloneSlot {
+                    index: 0,
+                    host: "a".into(),
+                }],
+            },
         },
     );
     st.retired.insert("old".into(), 5);

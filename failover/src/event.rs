@@ -35,6 +35,13 @@ pub enum EventKind {
     Fenced,
     /// A planned migration's handover began or was abandoned.
     Handover,
+    /// A VM's clone count changed (by hand or by its autoscaler: the detail says why), or a
+    /// clone waits for a host.
+    Scaled,
+    /// A clone's VM runs on its host.
+    CloneStarted,
+    /// A clone was stopped (scaled down) or lost with its host.
+    CloneStopped,
 }
 
 /// One event.

@@ -5,7 +5,9 @@
 //! virtual time through crashes, partitions, lost messages and manager restarts:
 //!
 //! - [`manager::Manager`]: desired and observed state, placement, two-signal failure
-//!   detection, terms and fencing, promotion, re-protection, migration.
+//!   detection, terms and fencing, promotion, re-protection, migration, clones.
+//! - [`clones`]: a VM's clones (desired count, placement, what agents run and report).
+//! - [`scaler`]: the autoscaler: from load samples and time, the clone count to ask for.
 //! - [`agent`]: what an agent must do to make its host's VM processes match the manager's
 //!   [`model::Assignments`].
 //! - [`wire`]: the agent protocol's messages and their checked framing.
@@ -18,9 +20,11 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod clones;
 pub mod event;
 pub mod manager;
 pub mod model;
+pub mod scaler;
 pub mod store;
 pub mod wire;
 

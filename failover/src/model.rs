@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clones::{BaseObservation, CloneAssignment, CloneObservation, CloneSet};
+
 /// A host's name (as in its certificate).
 pub type HostId = String;
 
@@ -112,6 +114,9 @@ pub struct VmRecord {
     /// The target of a planned migration under way (phase `Handover`).
     #[serde(default)]
     pub handover_to: Option<HostId>,
+    /// Its clones: how many, where (absent in state files written before clones).
+    #[serde(default)]
+    pub clones: CloneSet,
 }
 
 /// Everything the manager persists.
@@ -180,10 +185,20 @@ pub struct Assignment {
 }
 
 /// The whole of what a host must run (anything else of ours on it is stopped).
+///
+/// The clone fields come last and default to empty: an agent built before clones decodes an
+/// assignment of a newer manager (postcard ignores the trailing bytes) and runs its VMs, and
+/// an agent built after decodes an older manager's (the missing fields read as empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignments {
     /// By VM name.
     pub vms: BTreeMap<String, Assignment>,
+    /// Clones to run on this host (each a plain VM of its own; anything else is stopped).
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub clones: Vec<CloneAssignment>,
+    /// VMs whose primary on this host keeps a clone base warm.
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub bases: Vec<String>,
 }
 
 /// Kind of a VM process an agent runs.
@@ -236,8 +251,18 @@ pub struct VmObservation {
 }
 
 /// One report (heartbeat) of an agent.
+///
+/// The clone fields come last and default to empty: a manager built before clones decodes the
+/// report of a newer agent (postcard ignores the trailing bytes), and a newer manager an older
+/// agent's (the missing fields read as empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     /// Every VM process the agent runs or ran recently.
     pub vms: Vec<VmObservation>,
+    /// Every clone it runs or ran recently.
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub clones: Vec<CloneObservation>,
+    /// The clone bases it holds.
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub bases: Vec<BaseObservation>,
 }

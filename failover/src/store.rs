@@ -187,6 +187,7 @@ mod tests {
                 started: true,
                 backups: vec![],
                 handover_to: None,
+                clones: Default::default(),
             },
         );
         s

@@ -123,6 +123,7 @@ mod tests {
                 handed_over: false,
                 never_ran: false,
             }],
+            ..Default::default()
         })
     }
 
@@ -149,6 +150,92 @@ mod tests {
         for n in 0..f.len() {
             assert!(decode_frame::<AgentMsg>(&f[..n]).is_err());
         }
+    }
+
+    /// The messages as an agent and a manager built before clones (issue 11) knew them.
+    mod before_clones {
+        use serde::{Deserialize, Serialize};
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Assignments {
+            pub vms: BTreeMap<String, crate::model::Assignment>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub enum ManagerMsg {
+            Welcome { version: u16 },
+            Assign(Assignments),
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Report {
+            pub vms: Vec<crate::model::VmObservation>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub enum AgentMsg {
+            Hello {
+                version: u16,
+                host: String,
+                repl_ip: String,
+                capacity_mib: u64,
+            },
+            Report(Report),
+        }
+    }
+
+    #[test]
+    fn peers_built_before_clones_still_understand_each_other() {
+        use crate::clones::{BaseObservation, CloneAssignment, CloneObservation};
+        let AgentMsg::Report(mut r) = report() else {
+            unreachable!()
+        };
+        r.clones.push(CloneObservation {
+            name: "web-c0".into(),
+            vm: "web".into(),
+            alive: true,
+            running: true,
+            exit: None,
+            base_term: 3,
+        });
+        r.bases.push(BaseObservation {
+            vm: "web".into(),
+            term: 3,
+            age_ms: 9,
+        });
+        // A new agent's report to an old manager: the clone fields are skipped.
+        let f = encode(&AgentMsg::Report(r.clone())).unwrap();
+        let old: before_clones::AgentMsg = decode_frame(&f).unwrap();
+        assert_eq!(
+            old,
+            before_clones::AgentMsg::Report(before_clones::Report { vms: r.vms.clone() })
+        );
+        // An old agent's report to a new manager: no clones.
+        let f = encode(&old).unwrap();
+        let new: AgentMsg = decode_frame(&f).unwrap();
+        assert_eq!(
+            new,
+            AgentMsg::Report(Report {
+                vms: r.vms,
+                ..Default::default()
+            })
+        );
+        // Assignments both ways.
+        let a = Assignments {
+            vms: Default::default(),
+            clones: vec![CloneAssignment {
+                name: "web-c0".into(),
+                vm: "web".into(),
+                index: 0,
+                guest_config: "ip=10.0.0.9/24".into(),
+                mem_mib: 64,
+            }],
+            bases: vec!["web".into()],
+        };
+        let f = encode(&ManagerMsg::Assign(a)).unwrap();
+        let old: before_clones::ManagerMsg = decode_frame(&f).unwrap();
+        assert!(matches!(old, before_clones::ManagerMsg::Assign(ref x) if x.vms.is_empty()));
+        let f = encode(&old).unwrap();
+        let new: ManagerMsg = decode_frame(&f).unwrap();
+        assert_eq!(new, ManagerMsg::Assign(Assignments::default()));
     }
 
     #[test]

@@ -440,7 +440,7 @@ fn a_restarted_manager_does_not_call_a_vm_down_before_hearing_its_hosts() {
             now,
             Input::Report {
                 host: "d".into(),
-                report: Report { vms: vec![] },
+                report: Report::default(),
             },
         );
         m.tick(now);

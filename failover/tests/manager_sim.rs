@@ -334,6 +334,7 @@ impl Sim {
         if self.now.as_millis() % 10 == (i as u128) % 10 && link_ok && self.hosts[i].connected {
             let report = failover::model::Report {
                 vms: self.observe(i),
+                ..Default::default()
             };
             let delay = Duration::from_millis(1 + self.rng.below(4));
             let host = self.names[i].clone();

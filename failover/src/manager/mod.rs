@@ -18,6 +18,7 @@
 //!   on the least loaded other host; it counts as synced only once the primary reports itself
 //!   protected with exactly that set.
 
+mod clones;
 mod detect;
 mod handover;
 mod place;
@@ -27,6 +28,7 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+pub use clones::{CloneView, ClonesView, ScaleRequest};
 pub use retry::RETRY_LIMIT;
 pub use view::{BackupView, HostView, VmView};
 
@@ -141,6 +143,8 @@ pub(crate) struct HostState {
     /// host, or the path to it, stalled): what its backups say of their silence counts only
     /// from then (see `detect::checkpoints_stopped`).
     pub(crate) resumed_at: Option<Duration>,
+    /// Memory it offers to VMs, MiB (its hello): room for clones.
+    pub(crate) capacity_mib: u64,
 }
 
 /// Counters for the metrics page.
@@ -187,6 +191,8 @@ pub struct Manager {
     /// (VM, host): a backup there was dropped because its link to the primary failed, until
     /// then; re-protection prefers other hosts meanwhile.
     shunned: BTreeMap<(String, HostId), Duration>,
+    /// Autoscalers and clone events (see `clones`).
+    clone_tracker: clones::CloneTracker,
 }
 
 impl Manager {
@@ -210,6 +216,7 @@ impl Manager {
             retries: BTreeMap::new(),
             unheard_since: BTreeMap::new(),
             shunned: BTreeMap::new(),
+            clone_tracker: clones::CloneTracker::default(),
         }
     }
 
@@ -231,7 +238,11 @@ impl Manager {
     /// Handles an agent's input.
     pub fn handle(&mut self, now: Duration, input: Input) {
         match input {
-            Input::Hello { host, repl_ip, .. } => {
+            Input::Hello {
+                host,
+                repl_ip,
+                capacity_mib,
+            } => {
                 if repl_ip.parse::<std::net::IpAddr>().is_err() {
                     let detail =
                         format!("refused: replication address '{repl_ip}' is not an IP address");
@@ -247,11 +258,13 @@ impl Manager {
                     sent: None,
                     down: false,
                     resumed_at: None,
+                    capacity_mib,
                 });
                 if now.saturating_sub(h.last_seen) > self.cfg.detect / 2 {
                     h.resumed_at = Some(now);
                 }
                 h.repl_ip = repl_ip;
+                h.capacity_mib = capacity_mib;
                 h.connected = true;
                 h.last_seen = now;
                 h.reported = false;
@@ -331,6 +344,7 @@ impl Manager {
             started: false,
             backups: Vec::new(),
             handover_to: None,
+            clones: Default::default(),
         };
         self.reprotect(now, &mut rec);
         let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
@@ -453,6 +467,7 @@ impl Manager {
         for name in names {
             self.decide_vm(now, &name);
         }
+        self.decide_clones(now);
         if self.state != self.persisted {
             self.persisted = self.state.clone();
             self.out.push_back(Output::Persist(self.state.clone()));
@@ -755,6 +770,7 @@ impl Manager {
                 );
             }
         }
+        self.clone_assignments(&mut all);
         all
     }
 

@@ -21,7 +21,7 @@ pub struct BackupView {
 }
 
 /// One VM as shown by `vmatrix vm list/show`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmView {
     /// Its spec.
     pub spec: VmSpec,
@@ -35,6 +35,9 @@ pub struct VmView {
     pub acked_seq: Option<u64>,
     /// Its backups.
     pub backups: Vec<BackupView>,
+    /// Its clones (absent in answers of a manager built before clones).
+    #[serde(default)]
+    pub clones: super::ClonesView,
 }
 
 /// One host as shown by `vmatrix host list`.
@@ -121,6 +124,7 @@ impl Manager {
             primary: r.primary.clone(),
             acked_seq: pobs.and_then(|o| o.seq),
             backups,
+            clones: self.clones_view(now, r),
         }
     }
 }

@@ -93,7 +93,21 @@ impl T {
             self.now,
             Input::Report {
                 host: host.into(),
-                report: Report { vms },
+                report: Report {
+                    vms,
+                    ..Default::default()
+                },
+            },
+        );
+        self.drain();
+    }
+    /// A whole report (with clones and bases).
+    pub fn report_all(&mut self, host: &str, report: Report) {
+        self.m.handle(
+            self.now,
+            Input::Report {
+                host: host.into(),
+                report,
             },
         );
         self.drain();
