@@ -173,6 +173,37 @@ fn a_backup_that_never_heard_from_its_primary_leaves_the_set_for_another_host() 
         t.report("d", vec![]);
     }
     assert_eq!(t.events(EventKind::BackupLost), 0);
+    // A clock from an earlier stretch does not count: b never heard for 2 s, then the manager
+    // stops hearing the primary (b gets checkpoints again), then b's process restarts (never
+    // heard again) as the primary is heard again: b is not dropped at once (the chaos soak
+    // saw "27595 ms" this way, right after a promotion), only after the full wait again.
+    let mut t = T::new(&["a", "b", "c"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    let (start, lost) = (t.now, ManagerConfig::default().backup_lost);
+    while t.now < start + 2 * MS * 1000 {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![never()]);
+    }
+    for i in 0..100 {
+        t.advance(10 * MS);
+        match !(10..90).contains(&i) {
+            true => t.report("b", vec![never()]),
+            false => t.report("b", vec![backup(1, 0, 3)]),
+        }
+    }
+    let back = t.now;
+    while t.now < back + lost {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![never()]);
+    }
+    assert_eq!(
+        t.events(EventKind::BackupLost),
+        0,
+        "dropped on an old clock"
+    );
 }
 
 /// The promoted primary's host crashes before its guest ran (the chaos soak's finding): the VM

@@ -347,7 +347,15 @@ impl Manager {
                 self.unheard_since.remove(&key);
                 continue;
             }
-            let since = *self.unheard_since.entry(key).or_insert(now);
+            // (A clock is kept only while it is seen never heard decision after decision: one
+            // left from an earlier stretch — the primary unheard meanwhile, a new primary, a
+            // restarted backup process — starts over.)
+            let (since, last) = self.unheard_since.entry(key).or_insert((now, now));
+            if now.saturating_sub(*last) > self.cfg.detect {
+                *since = now;
+            }
+            *last = now;
+            let since = *since;
             if now.saturating_sub(since) > 2 * self.cfg.backup_lost {
                 out.insert(b.host.clone(), since);
             }

@@ -186,8 +186,9 @@ pub struct Manager {
     /// Promotions retried in a row because their primary never ran (see `retry`).
     retries: BTreeMap<String, u32>,
     /// (VM, backup host): since when the running primary has had it in its set while the
-    /// backup never heard from it (see `detect::drop_lost_backups`).
-    unheard_since: BTreeMap<(String, HostId), Duration>,
+    /// backup never heard from it, and when that was last seen (see
+    /// `detect::drop_lost_backups`).
+    unheard_since: BTreeMap<(String, HostId), (Duration, Duration)>,
     /// (VM, host): a backup there was dropped because its link to the primary failed, until
     /// then; re-protection prefers other hosts meanwhile.
     shunned: BTreeMap<(String, HostId), Duration>,
@@ -555,6 +556,7 @@ impl Manager {
         );
         rec.phase = Phase::Promoting;
         rec.handover_to = None;
+        self.unheard_since.retain(|(vm, _), _| vm != name);
         rec.primary = Some(cand.to_string());
         rec.started = false;
         rec.backups.retain(|b| b.host != cand);

@@ -12,6 +12,7 @@
 //! | stall host / manager / vm | SIGSTOP of every process of the host's namespace / the manager / the VM process | SIGCONT (of the host's processes as listed again) |
 //! | partitions, loss, swizzle | an nftables table per fault (per link for swizzle) in a host's namespace ([`super::nft`]) | the table deleted |
 //! | crash in checkpoint | the primary's replication datagrams delayed 10 ms through a proxy; once it holds some, the victim's host crashes as above | as a crashed host; the proxy removed |
+//! | crash in sync | the backup's process killed (its image removed first if the backup is the victim), its agent restarts it, the primary syncs it again through a counting proxy; once the new session's datagrams flow, the victim's host crashes ([`sync`]) | as a crashed host; the proxy removed |
 //! | link delay, duplication, reordering | the primary's datagrams to the backup's replication port routed through a [`Netem`] proxy in the runner's namespace ([`crate::netem`]) | route removed, proxy stopped |
 //! | disk full | a file filling the backup host's state directory (a tmpfs of its own) | the file deleted |
 
@@ -30,6 +31,7 @@ use crate::netem::{LinkImpairment, Netem, Route};
 use crate::schedule::{Fault, Role, ScheduledEvent};
 
 mod net;
+mod sync;
 pub use net::swizzle_step;
 use net::{heal_netem, inject_network, link_netem};
 
@@ -297,6 +299,9 @@ fn inject_resolved(ctx: &mut Ctx<'_>, fault: &Fault, roles: &Roles) -> Result<In
             injected(target, active)
         }
         Fault::DiskFull { backup } => disk_full(ctx, roles, *backup),
+        Fault::CrashInSync { syncing, victim } => {
+            sync::crash_in_sync(ctx, roles, *syncing, *victim)
+        }
         _ => inject_network(ctx, fault, roles),
     }
 }
