@@ -2,6 +2,7 @@
 //! needed), on real KVM, a real tap device and real QUIC. They print Markdown tables for
 //! docs/BENCHMARKS.md.
 
+mod clones;
 mod harness;
 mod replication;
 
@@ -15,6 +16,8 @@ use clap::{Args, Subcommand};
 pub enum BenchCmd {
     /// Continuous replication: pauses, epoch rate, bandwidth vs raw quinn, KV protected vs not.
     Replication(BenchArgs),
+    /// Clones (`vmatrix clone`): time until N clones answer, memory per clone.
+    Clones(clones::ClonesArgs),
 }
 
 /// Flags shared by the benchmarks.
@@ -45,6 +48,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             };
             replication::run(&env, timing)?;
         }
+        BenchCmd::Clones(a) => clones::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }
