@@ -83,6 +83,63 @@ pub enum VmCmd {
         #[command(flatten)]
         m: ManagerOpt,
     },
+    /// Run N clones of the VM (each its own VM with its own address, started from a frozen
+    /// checkpoint of the primary; docs/clones.md). 0 stops them.
+    Scale {
+        /// The VM.
+        name: String,
+        /// Clones wanted.
+        #[arg(long)]
+        clones: u32,
+        /// Address of the first clone (a.b.c.d/len; clone i has the i-th next one). Needed once.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Keep a clone base warm on the primary's host even with no clone (true/false).
+        #[arg(long)]
+        warm: Option<bool>,
+        #[command(flatten)]
+        m: ManagerOpt,
+    },
+    /// Let the manager scale the VM's clones from its load (fed by the load balancer).
+    Autoscale {
+        /// The VM.
+        name: String,
+        /// Load one replica (the primary or a clone) should carry (connections or requests/s).
+        #[arg(long, alias = "target-conns")]
+        target: Option<f64>,
+        /// Fewest clones.
+        #[arg(long, default_value_t = 0)]
+        min: u32,
+        /// Most clones.
+        #[arg(long, default_value_t = 8)]
+        max: u32,
+        /// Cool-down after a change before scaling up, e.g. 2s, 500ms.
+        #[arg(long, default_value = "2s", value_parser = super::cli_clones::parse_ms)]
+        cooldown_up: u64,
+        /// Cool-down after a change before scaling down (and how long the load must stay low).
+        #[arg(long, alias = "cooldown", default_value = "30s", value_parser = super::cli_clones::parse_ms)]
+        cooldown_down: u64,
+        /// Dead band, a fraction of the target.
+        #[arg(long, default_value_t = 0.2)]
+        hysteresis: f64,
+        /// Address of the first clone (a.b.c.d/len), if not set yet.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Stop autoscaling (the clone count stays where it is).
+        #[arg(long, conflicts_with = "target")]
+        off: bool,
+        #[command(flatten)]
+        m: ManagerOpt,
+    },
+    /// Feed one load sample to the VM's autoscaler (what a load balancer's driver does).
+    Load {
+        /// The VM.
+        name: String,
+        /// Connections (or requests/s) over the primary and its clones.
+        load: f64,
+        #[command(flatten)]
+        m: ManagerOpt,
+    },
     /// Delete a VM (every host stops its processes).
     Delete {
         /// The VM.
@@ -117,13 +174,13 @@ pub struct EventsArgs {
 }
 
 /// The API's client.
-struct Client {
+pub(super) struct Client {
     base: String,
     agent: ureq::Agent,
 }
 
 impl Client {
-    fn new(m: &ManagerOpt) -> anyhow::Result<Client> {
+    pub(super) fn new(m: &ManagerOpt) -> anyhow::Result<Client> {
         let addr = m.manager.trim_end_matches('/');
         let base = if addr.starts_with("http://") {
             addr.to_string()
@@ -142,7 +199,7 @@ impl Client {
 
     /// Sends a request and returns the body of a 2xx answer; any other answer is an error
     /// with the manager's message.
-    fn call(
+    pub(super) fn call(
         &self,
         method: &str,
         path: &str,
@@ -152,6 +209,11 @@ impl Client {
         let res = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
             ("DELETE", _) => self.agent.delete(&url).call(),
+            ("PUT", b) => self
+                .agent
+                .put(&url)
+                .content_type("application/json")
+                .send(b.unwrap_or_default().to_string().as_bytes()),
             (_, Some(b)) => self
                 .agent
                 .post(&url)
@@ -246,11 +308,14 @@ pub fn vm_table(vms: &[VmView]) -> String {
                     backups
                 },
                 opt(v.acked_seq),
+                super::cli_clones::clones_cell(v),
             ]
         })
         .collect();
     table(
-        &["NAME", "STATUS", "TERM", "PRIMARY", "BACKUPS", "ACKED"],
+        &[
+            "NAME", "STATUS", "TERM", "PRIMARY", "BACKUPS", "ACKED", "CLONES",
+        ],
         &rows,
     )
 }
@@ -359,6 +424,9 @@ pub fn vm_main(c: VmCmd) -> anyhow::Result<ExitCode> {
             Client::new(&m)?.call("POST", &format!("/v1/vms/{name}/migrate"), Some(body))?;
             println!("{name}: migrating to {to} (a backup syncs there, then it takes over)");
         }
+        c @ (VmCmd::Scale { .. } | VmCmd::Autoscale { .. } | VmCmd::Load { .. }) => {
+            return super::cli_clones::run(c);
+        }
         VmCmd::Delete { name, m } => {
             Client::new(&m)?.call("DELETE", &format!("/v1/vms/{name}"), None)?;
             println!("deleted {name}");
@@ -459,11 +527,12 @@ mod tests {
                     image_term: 0,
                 },
             ],
+            clones: Default::default(),
         };
         let t = vm_table(&[v]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME  STATUS"), "{t}");
         assert!(lines[1].contains("b:41*,c:-"), "{t}");
-        assert!(lines[1].ends_with("41"), "{t}");
+        assert!(lines[1].ends_with("-") && lines[1].contains(" 41 "), "{t}");
     }
 }

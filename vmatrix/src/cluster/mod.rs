@@ -3,5 +3,6 @@
 
 pub mod agent;
 pub mod cli;
+mod cli_clones;
 pub mod link;
 pub mod manager;

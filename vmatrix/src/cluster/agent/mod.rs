@@ -1,8 +1,11 @@
 //! `vmatrix agent`: one per host. It connects to the manager over QUIC with mutual TLS (its
 //! certificate must grant the agent role), heartbeats every `--heartbeat-ms` with a report of
 //! every VM process it runs, and makes its host run what the manager assigns (see
-//! [`supervisor`]). Losing the manager never stops a VM: the agent reconnects and goes on.
+//! [`supervisor`]), clones included ([`clones`]). Losing the manager never stops a VM: the
+//! agent reconnects and goes on.
 
+mod clone_io;
+mod clones;
 mod procs;
 mod supervisor;
 
@@ -62,6 +65,12 @@ pub struct AgentArgs {
     /// Extra flag for every `vmatrix primary` it starts (repeat), e.g. `--primary-flag=--epoch-ms=10`.
     #[arg(long = "primary-flag", allow_hyphen_values = true)]
     pub primary_flags: Vec<String>,
+    /// The bridge the clones' taps join (this host's guest LAN).
+    #[arg(long, default_value = "br0")]
+    pub clone_bridge: String,
+    /// A clone base older than this is replaced by a fresh snapshot of the primary, s.
+    #[arg(long, default_value_t = 60)]
+    pub clone_base_refresh_s: u64,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).
     #[arg(long, hide = true, value_parser = clap::builder::PossibleValuesParser::new(supervisor::CRASH_POINTS))]
@@ -85,6 +94,12 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         heartbeat: Duration::from_millis(a.heartbeat_ms.clamp(1, 1000)),
         primary_flags: a.primary_flags.clone(),
         crash_at: a.crash_at.clone(),
+        clones: clones::CloneConfig {
+            dir: a.state_dir.join("clones"),
+            exe: std::env::current_exe().context("locating the vmatrix binary")?,
+            bridge: a.clone_bridge.clone(),
+            refresh: Duration::from_secs(a.clone_base_refresh_s.max(1)),
+        },
     };
     let shared = Arc::new(Mutex::new(Shared::default()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -13,6 +13,7 @@ use std::time::Duration;
 use failover::agent::{reconcile, Action, Applied};
 use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmObservation, VmSpec};
 
+use super::clones::{CloneConfig, Clones, LocalPrimary};
 use super::procs::Proc;
 
 /// What a supervisor needs to start VM processes.
@@ -38,6 +39,8 @@ pub struct HostConfig {
     pub primary_flags: Vec<String>,
     /// A test hook: crash (abort) at this point, as the host would (see [`CRASH_POINTS`]).
     pub crash_at: Option<String>,
+    /// Clones: where, which bridge, how often a base is refreshed.
+    pub clones: CloneConfig,
 }
 
 /// Crash right after the promotion's `promote-term` marker is durable, before the backup is
@@ -75,13 +78,17 @@ pub struct Supervisor {
     unstarted: BTreeMap<String, u64>,
     /// Whether the dead primary of (VM, term) never ran its guest (files checked once).
     never_ran: BTreeMap<(String, u64), bool>,
+    /// The clones of this host.
+    clones: Clones,
 }
 
 impl Supervisor {
     /// A supervisor with nothing running.
     pub fn new(cfg: HostConfig, shared: Arc<Mutex<Shared>>) -> Supervisor {
+        let clones = Clones::new(cfg.clones.clone());
         let mut s = Supervisor {
             cfg,
+            clones,
             procs: BTreeMap::new(),
             applied: BTreeMap::new(),
             shared,
@@ -150,6 +157,7 @@ impl Supervisor {
         if !stop_vms {
             return;
         }
+        self.clones.stop_all();
         for p in self.procs.values_mut() {
             match p.role {
                 ProcRole::Backup => p.stop(Duration::from_secs(5)),
@@ -174,10 +182,31 @@ impl Supervisor {
                 }
             }
         }
+        if let Some(want) = &want {
+            let primaries = self.local_primaries();
+            self.clones.round(want, &primaries);
+        }
         let vms = self.observe_all();
+        let (clones, bases) = self.clones.observe();
         let mut sh = self.shared.lock().expect("shared");
-        sh.report = Report { vms };
+        sh.report = Report { vms, clones, bases };
         sh.ready = true;
+    }
+
+    /// The primaries running here (a clone base is made from one's snapshot).
+    fn local_primaries(&self) -> BTreeMap<String, LocalPrimary> {
+        self.procs
+            .iter()
+            .filter(|((_, role), p)| *role == ProcRole::Primary && !p.handed_over)
+            .filter(|(_, p)| p.exit.is_none() && p.status.is_some())
+            .map(|((vm, _), p)| {
+                let lp = LocalPrimary {
+                    control: p.control.clone(),
+                    term: p.term,
+                };
+                (vm.clone(), lp)
+            })
+            .collect()
     }
 
     /// Dead processes are reported until the manager no longer assigns their VM here (a dead

@@ -8,6 +8,9 @@
 //! | `DELETE /v1/vms/{name}` | `{"deleted": name}`, 404 |
 //! | `POST /v1/vms/{name}/failover` (optional `{"to": host}`) | `{"term": n}`, 404, 503 |
 //! | `POST /v1/vms/{name}/migrate` (`{"to": host}`) | 202 `{"migrating": name, "to": host}` |
+//! | `PUT /v1/vms/{name}/clones` (`{"count": n, "ip": "a.b.c.d/len", "warm": bool}`) | `VmView` once durable; 400, 404 |
+//! | `PUT /v1/vms/{name}/autoscale` (`{"autoscale": AutoscaleSpec or null, "ip": ...}`) | `{"autoscale": ...}`; 400, 404 |
+//! | `PUT /v1/vms/{name}/load` (`{"load": x}`) | `{"load": x}`; 400 (no autoscaling), 404 |
 //! | `GET /v1/hosts` | `[HostView]` |
 //! | `GET /v1/events?since=n` | events numbered above n (the last 1000 at most) |
 //! | `GET /metrics` | OpenMetrics text |
@@ -22,9 +25,10 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use failover::manager::ApiError;
+use failover::clones::AutoscaleSpec;
+use failover::manager::{ApiError, ScaleRequest};
 use failover::model::VmSpec;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -90,6 +94,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/failover", post(failover))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/clones", put(scale))
+        .route("/v1/vms/{name}/autoscale", put(autoscale))
+        .route("/v1/vms/{name}/load", put(load))
         .route("/v1/hosts", get(hosts))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -188,6 +195,52 @@ async fn migrate(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "migrating": name, "to": to })),
     ))
+}
+
+async fn scale(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let req: ScaleRequest = json_body(body, false)?.expect("required");
+    Ok(Json(ask(&api, |tx| ApiCall::Scale(name, req, tx)).await??))
+}
+
+/// Body of `PUT /v1/vms/{name}/autoscale`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Autoscale {
+    autoscale: Option<AutoscaleSpec>,
+    #[serde(default)]
+    ip: Option<String>,
+}
+
+async fn autoscale(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let a: Autoscale = json_body(body, false)?.expect("required");
+    let spec = a.autoscale.clone();
+    ask(&api, |tx| ApiCall::Autoscale(name, a.autoscale, a.ip, tx)).await??;
+    Ok(Json(serde_json::json!({ "autoscale": spec })))
+}
+
+/// Body of `PUT /v1/vms/{name}/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Load {
+    load: f64,
+}
+
+async fn load(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let l: Load = json_body(body, false)?.expect("required");
+    ask(&api, |tx| ApiCall::Load(name, l.load, tx)).await??;
+    Ok(Json(serde_json::json!({ "load": l.load })))
 }
 
 async fn hosts(State(api): State<Api>) -> Answer<impl IntoResponse> {

@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use failover::manager::{ApiError, HostView, Input, Manager, Output, VmView, TICK};
+use failover::clones::AutoscaleSpec;
+use failover::manager::{ApiError, HostView, Input, Manager, Output, ScaleRequest, VmView, TICK};
 use failover::model::{Assignments, HostId, Report, VmSpec};
 use failover::store::{FileStore, Store};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -60,6 +61,21 @@ pub enum ApiCall {
     ),
     /// Moves the primary to a host.
     Migrate(String, String, oneshot::Sender<Result<(), ApiError>>),
+    /// Sets a VM's clone count; answers its view once the record is durable.
+    Scale(
+        String,
+        ScaleRequest,
+        oneshot::Sender<Result<VmView, ApiError>>,
+    ),
+    /// Sets (or ends) a VM's autoscaling, with the first clone's address if given.
+    Autoscale(
+        String,
+        Option<AutoscaleSpec>,
+        Option<String>,
+        oneshot::Sender<Result<(), ApiError>>,
+    ),
+    /// A load sample for a VM's autoscaler.
+    Load(String, f64, oneshot::Sender<Result<(), ApiError>>),
     /// Every host.
     Hosts(oneshot::Sender<Vec<HostView>>),
     /// Figures for the metrics page.
@@ -267,6 +283,26 @@ impl Core {
             }
             ApiCall::Failover(name, to, tx) => {
                 let r = self.mgr.failover(now, &name, to.as_deref());
+                self.drain()?;
+                let _ = tx.send(r);
+            }
+            ApiCall::Scale(name, req, tx) => {
+                let r = self.mgr.scale(now, &name, req);
+                self.drain()?;
+                let r = r.and_then(|()| {
+                    self.mgr
+                        .vm(self.now(), &name)
+                        .ok_or_else(|| ApiError::NotFound(name.clone()))
+                });
+                let _ = tx.send(r);
+            }
+            ApiCall::Autoscale(name, spec, ip, tx) => {
+                let r = self.mgr.autoscale(now, &name, spec, ip);
+                self.drain()?;
+                let _ = tx.send(r);
+            }
+            ApiCall::Load(name, load, tx) => {
+                let r = self.mgr.load_sample(now, &name, load);
                 self.drain()?;
                 let _ = tx.send(r);
             }

@@ -1,0 +1,496 @@
+//! The agent's clones (issue 11; docs/clones.md, "Clones through the manager"): it keeps a
+//! clone base warm for every VM whose primary runs here and the manager asks for one, starts
+//! one `vmatrix clone-vm` process per clone assigned to this host, drains and stops the ones no
+//! longer assigned, and reports both.
+//!
+//! **The base.** Made from the local primary's own snapshot (`PUT /snapshot` on its control
+//! socket: one capture pause; the service and its protection go on), frozen with
+//! `clone::base::prepare` (a full snapshot is used in place: nothing is copied), on a thread of
+//! its own so the supervisor's rounds (status polls, reports, promotions) never wait for it.
+//! It is refreshed every `refresh` (default 60 s) and whenever the primary's term changes; a
+//! new clone starts from the newest base; a running clone keeps the base it started from,
+//! which is removed once no clone uses it and a newer one exists (or the VM wants none here).
+//! Clones therefore run on hosts that hold a base: the primary's host, or a host that kept
+//! one after the primary moved away.
+//!
+//! **Processes.** Each clone is its own process with its own tap (`vx<n>`, created as a port
+//! of `--clone-bridge` with one `ip -batch` for every tap a round needs and kept for reuse),
+//! control socket, console and disk delta under `<state>/clones/`. A record
+//! (`<name>.rec`: pid, VM, tap, base, term) lets a restarted agent adopt it. A clone that
+//! exits is reported, and started again after a second while it is still assigned.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use failover::model::{Assignments, BaseObservation, CloneAssignment, CloneObservation};
+
+use super::clone_io::{drain, ensure_taps, free_tap, make_base, remove_dir, signal, CloneProc};
+use crate::control::client::Client;
+
+/// How long a clone that exited waits before it is started again.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+/// How long a clone's status request may take.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a clone may take to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Clones started by one thread each, at most (spawning waits for the child's exec).
+const SPAWNERS: usize = 4;
+
+/// The agent's clone settings.
+#[derive(Debug, Clone)]
+pub struct CloneConfig {
+    /// `<state>/clones`.
+    pub dir: PathBuf,
+    /// The vmatrix binary.
+    pub exe: PathBuf,
+    /// The bridge the clones' taps join (the guests' LAN on this host).
+    pub bridge: String,
+    /// A base older than this is replaced by a fresh one.
+    pub refresh: Duration,
+}
+
+/// One frozen checkpoint of a VM on this host.
+pub(super) struct Base {
+    /// `<dir>/<vm>/base-<id>`: `snap/` (the snapshot), `base/` (the clone base), `term`.
+    pub(super) dir: PathBuf,
+    pub(super) term: u64,
+    pub(super) made: Instant,
+}
+
+impl Base {
+    pub(super) fn base_dir(&self) -> PathBuf {
+        self.dir.join("base")
+    }
+}
+
+/// A base being made: (VM, term) and its thread.
+type Making = (u64, JoinHandle<anyhow::Result<Base>>);
+
+/// The clones of this host.
+pub struct Clones {
+    cfg: CloneConfig,
+    procs: BTreeMap<String, CloneProc>,
+    bases: BTreeMap<String, Vec<Base>>,
+    making: BTreeMap<String, Making>,
+    /// Clones assigned here that cannot start (no base of their VM here): name → why.
+    blocked: BTreeMap<String, (String, String)>,
+}
+
+/// A live primary on this host: its control socket and term.
+pub struct LocalPrimary {
+    /// Control socket.
+    pub control: PathBuf,
+    /// Its term.
+    pub term: u64,
+}
+
+impl Clones {
+    /// The clones of this host; adopts the clone processes and bases an earlier agent left.
+    pub fn new(cfg: CloneConfig) -> Clones {
+        let mut c = Clones {
+            cfg,
+            procs: BTreeMap::new(),
+            bases: BTreeMap::new(),
+            making: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+        };
+        if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
+            tracing::warn!("creating {}: {e}", c.cfg.dir.display());
+        }
+        c.adopt();
+        c
+    }
+
+    /// Bases and clone processes left by an earlier agent.
+    fn adopt(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                let vm = e.file_name().to_string_lossy().into_owned();
+                for b in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                    let term = std::fs::read_to_string(b.path().join("term"))
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok());
+                    match term {
+                        Some(term) if b.path().join("base/clone-base.bin").exists() => {
+                            self.bases.entry(vm.clone()).or_default().push(Base {
+                                dir: b.path(),
+                                term,
+                                made: Instant::now(),
+                            });
+                        }
+                        // Half made when the agent stopped.
+                        _ => remove_dir(&b.path()),
+                    }
+                }
+            } else if p.extension().is_some_and(|x| x == "rec") {
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match self.adopt_proc(&name, &p) {
+                    Some(c) => {
+                        tracing::info!("adopted clone {name} (pid {})", c.pid);
+                        self.procs.insert(name, c);
+                    }
+                    None => {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn adopt_proc(&self, name: &str, rec: &Path) -> Option<CloneProc> {
+        let text = std::fs::read_to_string(rec).ok()?;
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let [pid, vm, tap, base, term] = f.as_slice() else {
+            return None;
+        };
+        let pid: u32 = pid.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let ours = cmdline.split(|&b| b == 0).any(|a| a == b"clone-vm")
+            && cmdline.split(|&b| b == 0).any(|a| a == name.as_bytes());
+        ours.then(|| CloneProc {
+            vm: vm.to_string(),
+            child: None,
+            pid,
+            tap: tap.to_string(),
+            base: PathBuf::from(base),
+            base_term: term.parse().unwrap_or(0),
+            control: self.cfg.dir.join(format!("{name}.sock")),
+            exit: None,
+            running: false,
+            exited_at: None,
+        })
+    }
+
+    /// One round: bases, starts, stops; `primaries` are the live primaries of this host.
+    pub fn round(&mut self, want: &Assignments, primaries: &BTreeMap<String, LocalPrimary>) {
+        self.collect_bases();
+        for vm in &want.bases {
+            if let Some(p) = primaries.get(vm) {
+                self.keep_base_warm(vm, p);
+            }
+        }
+        self.stop_unassigned(want);
+        self.start_assigned(want);
+        self.poll();
+        self.remove_unused_bases(want);
+    }
+
+    /// Bases whose thread finished.
+    fn collect_bases(&mut self) {
+        let done: Vec<String> = self
+            .making
+            .iter()
+            .filter(|(_, (_, h))| h.is_finished())
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm in done {
+            let Some((term, h)) = self.making.remove(&vm) else {
+                continue;
+            };
+            match h.join() {
+                Ok(Ok(b)) => {
+                    tracing::info!(
+                        "{vm}: clone base of term {term} ready in {}",
+                        b.dir.display()
+                    );
+                    self.bases.entry(vm).or_default().push(b);
+                }
+                Ok(Err(e)) => tracing::warn!("{vm}: making a clone base: {e:#}"),
+                Err(_) => tracing::warn!("{vm}: the clone base's thread panicked"),
+            }
+        }
+    }
+
+    /// Starts making a base of `vm` if it has none of the primary's term, or only an old one.
+    fn keep_base_warm(&mut self, vm: &str, p: &LocalPrimary) {
+        if self.making.contains_key(vm) {
+            return;
+        }
+        let fresh = self
+            .bases
+            .get(vm)
+            .and_then(|b| b.last())
+            .is_some_and(|b| b.term == p.term && b.made.elapsed() < self.cfg.refresh);
+        if fresh {
+            return;
+        }
+        let id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let dir = self.cfg.dir.join(vm).join(format!("base-{id}"));
+        let (control, term, vm2) = (p.control.clone(), p.term, vm.to_string());
+        let h = std::thread::Builder::new()
+            .name(format!("base-{vm}"))
+            .spawn(move || make_base(&vm2, &control, term, dir));
+        match h {
+            Ok(h) => {
+                self.making.insert(vm.to_string(), (term, h));
+            }
+            Err(e) => tracing::warn!("{vm}: no thread for a clone base: {e}"),
+        }
+    }
+
+    /// Drains and stops every clone not assigned here any more (all signalled at once).
+    fn stop_unassigned(&mut self, want: &Assignments) {
+        let gone: Vec<String> = self
+            .procs
+            .keys()
+            .filter(|n| !want.clones.iter().any(|c| &c.name == *n))
+            .cloned()
+            .collect();
+        let mut stopping = Vec::new();
+        for name in gone {
+            let Some(mut c) = self.procs.remove(&name) else {
+                continue;
+            };
+            if c.alive() {
+                drain(&name, &c);
+                signal(c.pid, rustix::process::Signal::TERM);
+                stopping.push((name, c));
+            } else {
+                self.forget(&name);
+            }
+        }
+        let until = Instant::now() + STOP_GRACE;
+        for (name, mut c) in stopping {
+            while c.alive() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if c.alive() {
+                tracing::warn!("clone {name} did not stop within {STOP_GRACE:?}; killing it");
+                c.kill();
+            }
+            tracing::info!("stopped clone {name}");
+            self.forget(&name);
+        }
+        self.blocked
+            .retain(|n, _| want.clones.iter().any(|c| &c.name == n));
+    }
+
+    fn forget(&self, name: &str) {
+        for ext in ["rec", "sock", "delta"] {
+            let _ = std::fs::remove_file(self.cfg.dir.join(format!("{name}.{ext}")));
+        }
+    }
+
+    /// Starts the assigned clones that do not run (a dead one after [`RESTART_AFTER`]).
+    fn start_assigned(&mut self, want: &Assignments) {
+        let mut todo: Vec<(&CloneAssignment, PathBuf, u64)> = Vec::new();
+        for a in &want.clones {
+            if let Some(c) = self.procs.get_mut(&a.name) {
+                if c.alive() || c.exited_at.is_some_and(|t| t.elapsed() < RESTART_AFTER) {
+                    continue;
+                }
+            }
+            match self.bases.get(&a.vm).and_then(|b| b.last()) {
+                Some(b) => {
+                    self.blocked.remove(&a.name);
+                    todo.push((a, b.base_dir(), b.term));
+                }
+                None if want.bases.contains(&a.vm) => {} // (being made)
+                None => {
+                    let why = format!("no clone base of {} on this host", a.vm);
+                    self.blocked.insert(a.name.clone(), (a.vm.clone(), why));
+                }
+            }
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let mut used: Vec<String> = self.procs.values().map(|c| c.tap.clone()).collect();
+        let mut plans = Vec::new();
+        for (a, base, term) in todo {
+            let tap = match self.procs.get(&a.name) {
+                Some(c) => c.tap.clone(),
+                None => free_tap(&used),
+            };
+            used.push(tap.clone());
+            plans.push((a.clone(), base, term, tap));
+        }
+        let taps: Vec<String> = plans.iter().map(|p| p.3.clone()).collect();
+        if let Err(e) = ensure_taps(&taps, &self.cfg.bridge) {
+            tracing::error!("clone taps: {e:#}");
+            return;
+        }
+        for (name, r) in self.spawn_all(plans) {
+            match r {
+                Ok(c) => {
+                    self.procs.insert(name, c);
+                }
+                Err(e) => tracing::error!("starting clone {name}: {e:#}"),
+            }
+        }
+    }
+
+    /// Spawns the clones, [`SPAWNERS`] at a time.
+    fn spawn_all(
+        &self,
+        plans: Vec<(CloneAssignment, PathBuf, u64, String)>,
+    ) -> Vec<(String, anyhow::Result<CloneProc>)> {
+        let per = plans.len().div_ceil(SPAWNERS).max(1);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = plans
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(a, base, term, tap)| {
+                                (a.name.clone(), self.spawn(a, base, *term, tap))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    }
+
+    fn spawn(
+        &self,
+        a: &CloneAssignment,
+        base: &Path,
+        term: u64,
+        tap: &str,
+    ) -> anyhow::Result<CloneProc> {
+        let d = &self.cfg.dir;
+        let control = d.join(format!("{}.sock", a.name));
+        let delta = d.join(format!("{}.delta", a.name));
+        let _ = std::fs::remove_file(&control);
+        let _ = std::fs::remove_file(&delta);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join(format!("{}.log", a.name)))?;
+        let mut cmd = Command::new(&self.cfg.exe);
+        cmd.args(["--log", "info", "clone-vm", "--base"])
+            .arg(base)
+            .args(["--name", &a.name, "--tap", tap])
+            .args(["--guest-config", &a.guest_config, "--delta"])
+            .arg(&delta)
+            .arg("--control")
+            .arg(&control)
+            .arg("--console-log")
+            .arg(d.join(format!("{}.console", a.name)));
+        // Its own process group: a signal meant for the agent never reaches it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("spawning vmatrix clone-vm")?;
+        let pid = child.id();
+        let rec = format!("{pid} {} {tap} {} {term}\n", a.vm, base.display());
+        let recfile = d.join(format!("{}.rec", a.name));
+        if let Err(e) = std::fs::write(&recfile, rec) {
+            tracing::warn!("recording clone {}: {e}", a.name);
+        }
+        tracing::info!(
+            "started clone {} of {} (pid {pid}, tap {tap})",
+            a.name,
+            a.vm
+        );
+        Ok(CloneProc {
+            vm: a.vm.clone(),
+            child: Some(child),
+            pid,
+            tap: tap.to_string(),
+            base: base.to_path_buf(),
+            base_term: term,
+            control,
+            exit: None,
+            running: false,
+            exited_at: None,
+        })
+    }
+
+    /// Whether each clone runs; a clone is `running` once its control socket answers.
+    fn poll(&mut self) {
+        for (name, c) in &mut self.procs {
+            if !c.alive() {
+                if c.exited_at.is_none() {
+                    tracing::warn!("clone {name} exited: {}", c.exit.as_deref().unwrap_or("?"));
+                    c.exited_at = Some(Instant::now());
+                    c.running = false;
+                }
+                continue;
+            }
+            if !c.running {
+                c.running = Client::new(&c.control, STATUS_TIMEOUT).status().is_ok();
+            }
+        }
+    }
+
+    /// Removes the bases no clone uses that are not the newest of a VM wanting one here.
+    fn remove_unused_bases(&mut self, want: &Assignments) {
+        for (vm, bases) in &mut self.bases {
+            let wanted = want.bases.contains(vm) || want.clones.iter().any(|c| &c.vm == vm);
+            let newest = bases.len().saturating_sub(1);
+            let old = std::mem::take(bases);
+            for (i, b) in old.into_iter().enumerate() {
+                let used = self.procs.values().any(|c| c.base == b.base_dir());
+                if used || (wanted && i == newest) {
+                    bases.push(b);
+                } else {
+                    tracing::info!("{vm}: removing the unused clone base {}", b.dir.display());
+                    remove_dir(&b.dir);
+                }
+            }
+        }
+        self.bases.retain(|_, b| !b.is_empty());
+    }
+
+    /// What the manager is told.
+    pub fn observe(&self) -> (Vec<CloneObservation>, Vec<BaseObservation>) {
+        let mut clones: Vec<CloneObservation> = self
+            .procs
+            .iter()
+            .map(|(name, c)| CloneObservation {
+                name: name.clone(),
+                vm: c.vm.clone(),
+                alive: c.exit.is_none(),
+                running: c.running,
+                exit: c.exit.clone(),
+                base_term: c.base_term,
+            })
+            .collect();
+        for (name, (vm, why)) in &self.blocked {
+            clones.push(CloneObservation {
+                name: name.clone(),
+                vm: vm.clone(),
+                alive: false,
+                running: false,
+                exit: Some(why.clone()),
+                base_term: 0,
+            });
+        }
+        let bases = self
+            .bases
+            .iter()
+            .filter_map(|(vm, b)| b.last().map(|b| (vm, b)))
+            .map(|(vm, b)| BaseObservation {
+                vm: vm.clone(),
+                term: b.term,
+                age_ms: b.made.elapsed().as_millis() as u64,
+            })
+            .collect();
+        (clones, bases)
+    }
+
+    /// Stops every clone (the agent stops with `--stop-vms-on-exit`).
+    pub fn stop_all(&mut self) {
+        self.stop_unassigned(&Assignments::default());
+    }
+}

@@ -1,0 +1,178 @@
+//! Clones through the manager and agents (issue 11, part 2b) on real KVM, taps and namespaces:
+//! a protected VM is created, `vmatrix vm scale --clones 2` starts two clones (from a base its
+//! primary's agent froze from the primary's own snapshot, the service and its protection going
+//! on) that answer with the parent's data on their own addresses; a failover of the parent
+//! leaves them running (same processes); the crash of their host has them placed again where a
+//! base can be made (the new primary's host); `--clones 0` stops them.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::managed::Managed;
+use support::*;
+
+/// The address of clone `i` (slot i: .10 + i on the cluster's LAN).
+fn clone_addr(m: &Managed, i: u32) -> SocketAddr {
+    format!("10.77.{}.{}:7000", m.net.index, 10 + i)
+        .parse()
+        .unwrap()
+}
+
+/// Waits until clone `i` answers `GET colour` with `want`; how long it took.
+fn wait_clone(m: &Managed, i: u32, want: &str, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    let addr = clone_addr(m, i);
+    loop {
+        let got = KvClient::connect(addr).and_then(|mut kv| {
+            kv.set_timeout(Duration::from_millis(500));
+            kv.cmd("GET colour")
+        });
+        match got {
+            Ok(v) if v == want => return t0.elapsed(),
+            other => assert!(
+                t0.elapsed() < timeout,
+                "clone {i} at {addr}: {other:?} after {timeout:?}\nevents:\n{}",
+                m.events()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn scale(m: &Managed, n: u32) {
+    let ip = format!("10.77.{}.10/24", m.net.index);
+    let out = m.cli(&[
+        "vm",
+        "scale",
+        "web",
+        "--clones",
+        &n.to_string(),
+        "--ip",
+        &ip,
+    ]);
+    assert!(
+        out.status.success(),
+        "scale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn clone_hosts(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["clones"]["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("host"), s("state"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Managed::start(dir.path(), 3);
+    let v = m.create_protected(1);
+    let primary = v["primary"].as_str().unwrap().to_string();
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET colour blue").unwrap(), "OK");
+
+    // Two clones: each answers with the parent's data on its own address.
+    let t0 = Instant::now();
+    scale(&m, 2);
+    for i in 0..2 {
+        wait_clone(&m, i, "VALUE blue", Duration::from_secs(20));
+    }
+    eprintln!(
+        "scale --clones 2 → both answering: {} ms (base made on demand)",
+        t0.elapsed().as_millis()
+    );
+    let v = m.wait_vm("web", "clones running", Duration::from_secs(10), |v| {
+        clone_hosts(v)
+            .iter()
+            .filter(|(_, s)| s == "running")
+            .count()
+            == 2
+    });
+    assert!(
+        clone_hosts(&v).iter().all(|(h, _)| *h == primary),
+        "placed on the primary's host, the one that can make a base: {v}"
+    );
+    assert_eq!(v["status"], "protected", "the parent is still protected");
+    assert_eq!(v["term"], 1, "clones take no term");
+    // A write on a clone is its own; the parent keeps its value.
+    let mut c0 = KvClient::connect(clone_addr(&m, 0)).unwrap();
+    assert_eq!(c0.cmd("SET colour red").unwrap(), "OK");
+    assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
+    wait_clone(&m, 1, "VALUE blue", Duration::from_secs(5));
+    let ph = m.host_index(&primary);
+    let pids = m.vm_pids(ph, "clone-vm");
+    assert_eq!(pids.len(), 2, "one process per clone: {pids:?}");
+
+    // The parent fails over to its backup: the clones run on, the same processes.
+    let out = m.cli(&["vm", "failover", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = m.wait_vm("web", "running at term 2", Duration::from_secs(30), |v| {
+        v["term"] == 2 && v["primary"] != primary.as_str() && v["status"] != "promoting"
+    });
+    let new_primary = v["primary"].as_str().unwrap().to_string();
+    assert_eq!(
+        m.vm_pids(ph, "clone-vm"),
+        pids,
+        "clones untouched by the failover"
+    );
+    wait_clone(&m, 0, "VALUE red", Duration::from_secs(5));
+    wait_clone(&m, 1, "VALUE blue", Duration::from_secs(5));
+
+    // The clones' host crashes: they are placed again where a base can be made (the new
+    // primary's host) and serve the parent's data again.
+    let t1 = Instant::now();
+    m.crash_host(ph);
+    for i in 0..2 {
+        wait_clone(&m, i, "VALUE blue", Duration::from_secs(30));
+    }
+    eprintln!(
+        "clones' host crashed → both answering again elsewhere: {} ms",
+        t1.elapsed().as_millis()
+    );
+    let v = m.wait_vm("web", "clones re-placed", Duration::from_secs(10), |v| {
+        let c = clone_hosts(v);
+        c.len() == 2 && c.iter().all(|(h, s)| *h == new_primary && s == "running")
+    });
+    let stopped = m.events_of("clone_stopped");
+    assert!(
+        stopped.iter().any(|e| e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("host went silent"))),
+        "{stopped:?}"
+    );
+    assert_eq!(m.events_of("clone_started").len(), 4, "{v}");
+    assert!(!m.events_of("scaled").is_empty());
+
+    // Scale to 0: the clones stop.
+    let np = m.host_index(&new_primary);
+    scale(&m, 0);
+    m.wait_no_vm_process(np, "clone-vm", Duration::from_secs(10));
+    assert!(KvClient::connect(clone_addr(&m, 0))
+        .and_then(|mut c| {
+            c.set_timeout(Duration::from_millis(300));
+            c.cmd("GET colour")
+        })
+        .is_err());
+    let v = m.vm("web").unwrap();
+    assert_eq!(v["clones"]["desired"], 0);
+    assert!(clone_hosts(&v).is_empty());
+    // The parent served all along.
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(10));
+    assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
+}
