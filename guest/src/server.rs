@@ -104,8 +104,9 @@ fn make_iface(net: &mut VirtioNet, cfg: &Config, generation: u64) -> Interface {
     iface
 }
 
-/// The pool of listening sockets.
-fn make_sockets() -> (SocketSet<'static>, Vec<Conn>) {
+/// The pool of sockets, listening on `port` at once (a SYN handled in the same round as a
+/// re-identification finds a listener, not a reset).
+fn make_sockets(port: u16) -> (SocketSet<'static>, Vec<Conn>) {
     let mut sockets = SocketSet::new(Vec::new());
     let mut conns = Vec::new();
     for _ in 0..SOCKETS {
@@ -116,6 +117,7 @@ fn make_sockets() -> (SocketSet<'static>, Vec<Conn>) {
         // A request/response service: answers leave at once, not after the client's
         // (possibly delayed) ACK of the previous answer.
         s.set_nagle_enabled(false);
+        let _ = s.listen(port);
         let handle = sockets.add(s);
         conns.push(Conn {
             handle,
@@ -150,7 +152,7 @@ impl Server {
     pub fn new(mut net: VirtioNet, cfg: &Config, store: Store, log: Log) -> Self {
         let generation = platform::generation_word();
         let iface = make_iface(&mut net, cfg, generation);
-        let (sockets, conns) = make_sockets();
+        let (sockets, conns) = make_sockets(cfg.port);
         Server {
             iface,
             net,
@@ -193,7 +195,7 @@ impl Server {
         };
         let m = self.net.reread_mac();
         self.iface = make_iface(&mut self.net, &cfg, generation);
-        let (sockets, conns) = make_sockets();
+        let (sockets, conns) = make_sockets(cfg.port);
         self.sockets = sockets;
         self.conns = conns;
         self.port = cfg.port;

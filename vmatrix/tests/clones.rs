@@ -58,6 +58,7 @@ impl Clones {
         let mut err = String::new();
         use std::io::Read;
         let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        let _ = child.wait();
         panic!("vmatrix clone ended early: {err}");
     }
 

@@ -264,6 +264,23 @@ fn write(base_dir: &Path, meta: &BaseMeta) -> Result<(), BaseError> {
         .map_err(snap_err(&what))
 }
 
+/// A base already in `base_dir` for the same snapshot (a clone base is made once and may be
+/// kept, `vmatrix clone --keep`): the snapshot's id is read again (its `snapshot.bin` only;
+/// a snapshot is never rewritten, and its memory and disk were verified when the base was
+/// made). Never for a replica image: its checkpoint may have moved on.
+pub fn reuse(image_dir: &Path, base_dir: &Path) -> Option<BaseMeta> {
+    let meta = read(base_dir).ok()?;
+    let Origin::Snapshot { id } = meta.origin else {
+        return None;
+    };
+    let same = std::fs::canonicalize(image_dir).ok()? == meta.source
+        && !image::is_replica(image_dir)
+        && snapshot::read_meta(image_dir).ok()?.id == id
+        && meta.memory.exists()
+        && meta.disk.as_ref().is_none_or(|d| d.exists());
+    same.then_some(meta)
+}
+
 /// Reads and checks `clone-base.bin` of `base_dir`.
 pub fn read(base_dir: &Path) -> Result<BaseMeta, BaseError> {
     let p = base_dir.join(BASE_FILE);

@@ -13,7 +13,7 @@ pub struct Identity {
     pub tap: String,
     /// Generation id (random, never 0, never the parent's).
     pub generation: u64,
-    /// MAC address: locally administered unicast, from the generation.
+    /// MAC address: locally administered unicast, from the clone's address.
     pub mac: [u8; 6],
     /// The guest config string with the clone's address.
     pub config: String,
@@ -32,10 +32,22 @@ pub fn random_u64() -> u64 {
     v.max(1)
 }
 
-/// A locally administered unicast MAC (02:xx:...) from 40 bits of `seed`.
-pub fn mac_from(seed: u64) -> [u8; 6] {
-    let b = seed.to_le_bytes();
-    [0x02, b[0], b[1], b[2], b[3], b[4]]
+/// The MAC of the clone at `ip`: locally administered unicast `02:76:a:b:c:d`. Unique as
+/// long as addresses are, and the same for every clone that ever holds this address: a
+/// neighbour's ARP entry for it stays right when a clone is replaced (a new MAC per
+/// generation left peers sending to the dead clone's MAC until their entry was refreshed:
+/// measured, a first SYN lost). The parent's default MAC (`02:78:6d:..`) is never one of these.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x76, o[0], o[1], o[2], o[3]]
+}
+
+/// The address (`ip=`) of a config string.
+pub fn ip_of(config: &str) -> Option<Ipv4Addr> {
+    config
+        .split(',')
+        .filter_map(|i| i.trim().strip_prefix("ip="))
+        .find_map(|v| v.split('/').next()?.parse().ok())
 }
 
 /// Formats a MAC address.
@@ -107,10 +119,13 @@ mod tests {
 
     #[test]
     fn macs_are_unicast_and_locally_administered() {
-        for s in [0, 1, u64::MAX, random_u64()] {
-            let m = mac_from(s);
-            assert_eq!(m[0], 0x02);
-        }
+        let m = mac_for(Ipv4Addr::new(10, 77, 1, 12));
+        assert_eq!(m, [0x02, 0x76, 10, 77, 1, 12]);
+        assert_eq!(
+            ip_of("gw=1.2.3.4,ip=10.0.0.9/16"),
+            Some(Ipv4Addr::new(10, 0, 0, 9))
+        );
+        assert_eq!(ip_of("port=7"), None);
         assert_eq!(mac_string(&[2, 0xab, 0, 1, 2, 3]), "02:ab:00:01:02:03");
         assert_ne!(random_u64(), 0);
     }

@@ -62,13 +62,30 @@ pub struct Built<'a> {
     pub mac: String,
     /// Config string.
     pub config: &'a str,
+    /// From the parent's spawn to this process's `main` (exec, loading, runtime), ms; None if
+    /// the parent did not say when it spawned it.
+    pub startup_ms: Option<f64>,
     /// Time to read the base and build the VM, ms.
     pub build_ms: f64,
+}
+
+/// Environment variable with the Unix time (ns) at which the parent spawned the clone.
+pub const SPAWNED_ENV: &str = "VMATRIX_CLONE_SPAWNED_NS";
+
+/// Unix time in ns.
+pub fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// Runs one clone until it stops.
 pub fn main(a: CloneVmArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
+    let startup_ms = std::env::var(SPAWNED_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u128>().ok())
+        .map(|s| unix_ns().saturating_sub(s) as f64 / 1e6);
     crate::guest_config::validate(&a.guest_config)
         .map_err(|e| anyhow::anyhow!("--guest-config: {e}"))?;
     let meta = base::read(&a.base)?;
@@ -77,7 +94,9 @@ pub fn main(a: CloneVmArgs) -> anyhow::Result<ExitCode> {
         name: a.name.clone(),
         tap: a.tap.clone(),
         generation,
-        mac: identity::mac_from(generation),
+        mac: identity::ip_of(&a.guest_config)
+            .map(identity::mac_for)
+            .ok_or_else(|| anyhow::anyhow!("--guest-config has no ip= for the clone"))?,
         config: a.guest_config.clone(),
     };
     let delta = a.delta.clone().unwrap_or_else(|| {
@@ -102,6 +121,7 @@ pub fn main(a: CloneVmArgs) -> anyhow::Result<ExitCode> {
         generation,
         mac: identity::mac_string(&id.mac),
         config: &id.config,
+        startup_ms,
         build_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
     println!("{}", serde_json::to_string(&line)?);
