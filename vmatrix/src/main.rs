@@ -16,6 +16,7 @@ mod control;
 mod disk;
 mod guest_config;
 mod kv;
+mod lb;
 mod metrics;
 mod progress;
 mod replicate;
@@ -54,6 +55,10 @@ enum Cmd {
     /// One clone in this process (what `vmatrix clone` and an agent start per clone).
     #[command(hide = true)]
     CloneVm(clone::CloneVmArgs),
+    /// One address for a service: a VIP whose new connections are spread over real servers
+    /// (the primary and its clones) by the kernel's NAT (nftables numgen), with draining.
+    #[command(subcommand)]
+    Lb(lb::cli::LbCmd),
     /// Control a running VM through its --control socket.
     Ctl(control::CtlArgs),
     /// Send requests to a guest's key-value service and print the answers.
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Cmd::Primary(a) => replicate::primary_main(*a),
         Cmd::Backup(a) => replicate::backup_main(a),
         Cmd::Restore(a) => restore::main(a),
+        Cmd::Lb(c) => lb::cli::main(c),
         Cmd::Ctl(a) => control::main(a),
         Cmd::Clone(a) => clone::main(a),
         Cmd::CloneVm(a) => clone::vm::main(a),

@@ -1,0 +1,533 @@
+//! One address for the service (`vmatrix lb`, issue 11 part 2a), on real KVM, taps, network
+//! namespaces and the kernel's NAT: a VM and three clones behind a VIP that a load balancer's
+//! namespace on the clients' LAN holds (`scripts/lb-net.sh`); 40 fresh connections land on all
+//! four and read the parent's data; a connection opened before a scale-up and one open on a
+//! clone being drained keep working until closed; a client loop through the VIP sees no error
+//! while clones are added, drained and stopped; bad input and a missing nft are clear errors.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// `vmatrix lb <args>`; panics unless it succeeds; its stdout.
+fn lb(args: &[&str]) -> String {
+    let out = lb_output(args);
+    assert!(
+        out.status.success(),
+        "vmatrix lb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn lb_output(args: &[&str]) -> Output {
+    Command::new(vmatrix_bin())
+        .arg("lb")
+        .args(args)
+        .output()
+        .expect("run vmatrix lb")
+}
+
+/// A load balancer's namespace on the test network's LAN (lan0 = 10.77.<index>.4); removed on
+/// drop.
+struct LbNet {
+    ns: String,
+}
+
+impl LbNet {
+    fn up(net: &TestNet) -> LbNet {
+        let ns = format!("vmxl{}", net.index);
+        let st = Command::new(root().join("scripts/lb-net.sh"))
+            .args(["up", &ns, &net.index.to_string(), "br0", &net.ns()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/lb-net.sh up failed");
+        LbNet { ns }
+    }
+}
+
+impl Drop for LbNet {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/lb-net.sh"))
+            .args(["down", &self.ns])
+            .status();
+    }
+}
+
+/// A running `vmatrix clone` group and the clones it printed.
+struct Group {
+    child: Child,
+    clones: Vec<serde_json::Value>,
+}
+
+impl Group {
+    /// `n` clones of `image` from 10.77.<index>.<first>, names `<prefix><i>`, taps `<prefix>t<i>`.
+    fn start(net: &TestNet, image: &Path, n: u32, first: u32, prefix: &str, work: &Path) -> Group {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &net.ns()])
+            .arg(vmatrix_bin())
+            .arg("clone")
+            .arg(image)
+            .args(["--clones", &n.to_string(), "--bridge", "br0"])
+            .args(["--ip", &format!("10.77.{}.{first}/24", net.index)])
+            .args([
+                "--name-prefix",
+                prefix,
+                "--tap-prefix",
+                &format!("{prefix}t"),
+            ])
+            .arg("--work")
+            .arg(work)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vmatrix clone");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        // Stopped on drop, whatever happens next.
+        let mut g = Group {
+            child,
+            clones: Vec::new(),
+        };
+        for line in out.lines() {
+            let line = line.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+            if v.get("clones").is_some() {
+                assert!(
+                    v["ready_ms"].as_f64().is_some(),
+                    "every clone answered: {v}"
+                );
+                return g;
+            }
+            g.clones.push(v);
+        }
+        panic!("vmatrix clone ended early");
+    }
+
+    /// `ip:7000` of clone `i`.
+    fn server(&self, i: usize) -> String {
+        format!("{}:7000", self.clones[i]["ip"].as_str().unwrap())
+    }
+
+    fn generation(&self, i: usize) -> String {
+        self.clones[i]["generation"].to_string()
+    }
+
+    fn control(&self, i: usize) -> String {
+        self.clones[i]["control"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection through the VIP, with generous timeouts for this busy machine.
+struct Conn {
+    s: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_nodelay(true)?;
+        Ok(Conn {
+            r: BufReader::new(s.try_clone()?),
+            s,
+        })
+    }
+
+    fn cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.s.write_all(format!("{line}\n").as_bytes())?;
+        let mut resp = String::new();
+        if self.r.read_line(&mut resp)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(resp.trim_end().to_string())
+    }
+
+    /// The generation of the VM that serves this connection.
+    fn generation(&mut self) -> String {
+        field(&self.cmd("STATS").unwrap(), "generation").unwrap()
+    }
+}
+
+/// Fresh connections through `vip` until stopped: connect, `GET k1`, close. Counts the
+/// successes and keeps every error.
+fn client_loop(
+    vip: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>, Duration)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut errors, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
+        while !stop.load(Ordering::SeqCst) {
+            let t = Instant::now();
+            let r = Conn::open(vip).and_then(|mut c| c.cmd("GET k1"));
+            match r {
+                Ok(v) if v == "VALUE v1" => ok += 1,
+                Ok(v) => errors.push(format!("answer {v:?}")),
+                Err(e) => errors.push(e.to_string()),
+            }
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, errors, slowest)
+    })
+}
+
+/// Per-server stats lines of `vmatrix lb stats`, by server.
+fn stats(name: &str, ns: &str) -> BTreeMap<String, serde_json::Value> {
+    lb(&["stats", "--name", name, "--netns", ns])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["server"].as_str().unwrap().to_string(), v))
+        .collect()
+}
+
+#[test]
+fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 16);
+    let sock = dir.path().join("vm.sock");
+    let mut vm = VmProc::spawn_with(
+        &net,
+        &disk,
+        &dir.path().join("parent.log"),
+        64,
+        &["--control", sock.to_str().unwrap()],
+    );
+    let mut parent = vm.wait_ready(Duration::from_secs(20));
+    wait_socket(&sock, Duration::from_secs(5));
+    for i in 0..20 {
+        assert_eq!(parent.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
+    }
+    let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
+    let snap = dir.path().join("snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let lbnet = LbNet::up(&net);
+    let g = Group::start(&net, &snap, 3, 10, "c", &dir.path().join("w1"));
+
+    // The service: the parent and its three clones behind 10.77.<index>.100:7000.
+    let name = format!("t{}", net.index);
+    let vip_s = format!("10.77.{}.100:7000", net.index);
+    let vip: SocketAddr = vip_s.parse().unwrap();
+    let parent_s = net.guest_addr().to_string();
+    let ns = lbnet.ns.as_str();
+    lb(&[
+        "create",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--vip",
+        &vip_s,
+        "--vip-dev",
+        "lan0",
+    ]);
+    let all = [parent_s.clone(), g.server(0), g.server(1), g.server(2)];
+    lb(&[
+        "add",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--server",
+        &all.join(","),
+    ]);
+
+    // 40 fresh connections land on all four, 10 each (round robin), with the parent's data.
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 0..40 {
+        let mut c = Conn::open(vip).expect("connect through the VIP");
+        assert_eq!(
+            c.cmd(&format!("GET k{}", i % 20)).unwrap(),
+            format!("VALUE v{}", i % 20)
+        );
+        *seen.entry(c.generation()).or_default() += 1;
+    }
+    let expected: HashSet<String> = [
+        parent_gen.clone(),
+        g.generation(0),
+        g.generation(1),
+        g.generation(2),
+    ]
+    .into();
+    assert_eq!(
+        seen.keys().cloned().collect::<HashSet<_>>(),
+        expected,
+        "{seen:?}"
+    );
+    assert!(seen.values().all(|&n| n == 10), "round robin: {seen:?}");
+    let st = stats(&name, ns);
+    for s in &all {
+        assert_eq!(st[s]["connections"], 10, "{s}: {}", st[s]);
+        assert_eq!(st[s]["weight"], 1);
+        assert!(st[s]["packets"].as_u64().unwrap() >= 60, "{}", st[s]);
+    }
+
+    // A long-lived connection from before the scale-up, and a client loop all along.
+    let mut long = Conn::open(vip).unwrap();
+    let long_gen = long.generation();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_h = client_loop(vip, stop.clone());
+
+    // Scale up: one more clone, added to the service.
+    let g2 = Group::start(&net, &snap, 1, 13, "u", &dir.path().join("w2"));
+    lb(&[
+        "add",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--server",
+        &g2.server(0),
+    ]);
+    assert_eq!(
+        long.cmd("GET k2").unwrap(),
+        "VALUE v2",
+        "open across the scale-up"
+    );
+    assert_eq!(long.generation(), long_gen, "still on the same VM");
+    // (the client loop's connections take turns in the round robin too: vary the pace so the
+    // two do not fall into step)
+    let mut gens = Vec::new();
+    while gens.len() < 60 && !gens.contains(&g2.generation(0)) {
+        gens.push(Conn::open(vip).unwrap().generation());
+        std::thread::sleep(Duration::from_millis(gens.len() as u64 % 7));
+    }
+    assert!(
+        gens.contains(&g2.generation(0)),
+        "the new clone {} gets new connections: {gens:?}, {:?}",
+        g2.generation(0),
+        stats(&name, ns)
+    );
+
+    // A connection on clone 2, then clone 2 drained: no new connection goes there, the open
+    // one works until closed, then the drain ends and the clone is stopped.
+    let mut on_victim = (0..60)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(i % 7));
+            Conn::open(vip).unwrap()
+        })
+        .find_map(|mut c| (c.generation() == g.generation(2)).then_some(c))
+        .expect("a connection on clone 2");
+    let drain = Command::new(vmatrix_bin())
+        .args([
+            "lb",
+            "drain",
+            "--name",
+            &name,
+            "--netns",
+            ns,
+            "--server",
+            &g.server(2),
+        ])
+        .args(["--timeout-ms", "20000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while stats(&name, ns)[&g.server(2)]["weight"] != 0 {
+        assert!(Instant::now() < until, "drain never set weight 0");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..12 {
+        assert_ne!(
+            Conn::open(vip).unwrap().generation(),
+            g.generation(2),
+            "draining"
+        );
+    }
+    assert_eq!(
+        on_victim.cmd("GET k3").unwrap(),
+        "VALUE v3",
+        "open during the drain"
+    );
+    drop(on_victim);
+    let out = drain.wait_with_output().unwrap();
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drain's line");
+    assert_eq!(d["drained"], true, "{d}");
+    assert!(
+        !stats(&name, ns).contains_key(&g.server(2)),
+        "removed after the drain"
+    );
+    ctl(Path::new(&g.control(2)), &["stop"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    stop.store(true, Ordering::SeqCst);
+    let (ok, errors, slowest) = loop_h.join().unwrap();
+    eprintln!("client loop: {ok} requests, slowest {slowest:?}, errors {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "no client error during scale up and down: {errors:?}"
+    );
+    assert!(ok >= 20, "the loop ran: {ok}");
+    assert_eq!(long.cmd("GET k4").unwrap(), "VALUE v4", "open until closed");
+
+    // Delete: the VIP and the table are gone.
+    lb(&["delete", "--name", &name, "--netns", ns]);
+    let addrs = Command::new("ip")
+        .args(["-n", ns, "-o", "addr", "show", "dev", "lan0"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&addrs.stdout).contains(&format!("10.77.{}.100", net.index)));
+    let e = lb_output(&["stats", "--name", &name, "--netns", ns]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no load-balancer service"));
+    drop(g2);
+    drop(g);
+    vm.kill9();
+}
+
+#[test]
+fn a_crashed_runs_service_is_replaced_by_the_next_create() {
+    let net = TestNet::new();
+    let lbnet = LbNet::up(&net);
+    let ns = lbnet.ns.as_str();
+    let name = format!("r{}", net.index);
+    let old_vip = format!("10.77.{}.101:7000", net.index);
+    lb(&[
+        "create",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--vip",
+        &old_vip,
+        "--vip-dev",
+        "lan0",
+    ]);
+    lb(&[
+        "add",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--server",
+        "10.77.9.9:7000",
+        "--weight",
+        "3",
+    ]);
+    // (the creating process is gone: its service stays in the kernel, as after a crash)
+    let vip = format!("10.77.{}.102:7000", net.index);
+    lb(&[
+        "create",
+        "--name",
+        &name,
+        "--netns",
+        ns,
+        "--vip",
+        &vip,
+        "--vip-dev",
+        "lan0",
+    ]);
+    assert!(
+        stats(&name, ns).is_empty(),
+        "the leftover's servers are gone"
+    );
+    let addrs = Command::new("ip")
+        .args(["-n", ns, "-o", "addr", "show", "dev", "lan0"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(
+        !addrs.contains(&format!("10.77.{}.101/32", net.index)),
+        "{addrs}"
+    );
+    assert!(
+        addrs.contains(&format!("10.77.{}.102/32", net.index)),
+        "{addrs}"
+    );
+    lb(&["delete", "--name", &name, "--netns", ns]);
+}
+
+#[test]
+fn bad_input_and_a_missing_nft_are_clear_errors() {
+    let err = |args: &[&str]| {
+        let out = lb_output(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(&["create", "--name", "x", "--vip", "not-an-address"]);
+    assert!(
+        e.contains("\"not-an-address\" is not an IPv4 address with a port"),
+        "{e}"
+    );
+    let e = err(&["create", "--name", "x", "--vip", "10.0.0.1"]);
+    assert!(e.contains("is not an IPv4 address with a port"), "{e}");
+    let e = err(&["create", "--name", "x", "--vip", "0.0.0.0:80"]);
+    assert!(e.contains("unicast"), "{e}");
+    let e = err(&["create", "--name", "Bad Name!", "--vip", "10.0.0.1:80"]);
+    assert!(e.contains("service name"), "{e}");
+    let e = err(&[
+        "create",
+        "--name",
+        "x",
+        "--vip",
+        "10.0.0.1:80",
+        "--scheduler",
+        "wlc",
+    ]);
+    assert!(e.contains("rr (weighted round robin) or random"), "{e}");
+    let e = err(&[
+        "add",
+        "--name",
+        "x",
+        "--server",
+        "10.0.0.1:80",
+        "--weight",
+        "1000",
+    ]);
+    assert!(e.contains("weight"), "{e}");
+    let e = err(&[
+        "stats",
+        "--name",
+        "nosuchservice",
+        "--netns",
+        "vmx-no-such-ns",
+    ]);
+    assert!(
+        e.contains("network namespace \"vmx-no-such-ns\" does not exist"),
+        "{e}"
+    );
+    let e = err(&["stats", "--name", "nosuchservice"]);
+    assert!(
+        e.contains("no load-balancer service \"nosuchservice\""),
+        "{e}"
+    );
+
+    // nft missing: a PATH with ip(8) only.
+    let bin = tempfile::tempdir().unwrap();
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap();
+    std::os::unix::fs::symlink(ip, bin.path().join("ip")).unwrap();
+    let out = Command::new(vmatrix_bin())
+        .args(["lb", "create", "--name", "x", "--vip", "10.0.0.1:80"])
+        .env("PATH", bin.path())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("nft not found on PATH") && e.contains("nftables"),
+        "{e}"
+    );
+}
