@@ -69,7 +69,7 @@ impl Env {
         let index = (200..=250)
             .find(|i| !used.contains(&format!(" 10.78.{i}.")))
             .context("no free 10.78.200-250.0/24 subnet")?;
-        let bridge = format!("vxcbr{index}");
+        let bridge = format!("vclbr{index}");
         let _ = ip(&["link", "del", &bridge]);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ip(&[
@@ -111,7 +111,7 @@ impl Drop for Env {
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&format!("vxc{}-", self.index)))
+                    .filter(|n| n.starts_with(&format!("vcl{}-", self.index)))
                     .collect()
             })
             .unwrap_or_default();
@@ -119,14 +119,14 @@ impl Drop for Env {
             let _ = ip(&["link", "del", &t]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
-        let _ = ip(&["link", "del", &format!("vxcp{}", self.index)]);
+        let _ = ip(&["link", "del", &format!("vclp{}", self.index)]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Boots the parent, writes data, snapshots it, stops it; the snapshot directory.
 fn parent_snapshot(env: &Env, a: &ClonesArgs) -> anyhow::Result<PathBuf> {
-    let tap = format!("vxcp{}", env.index);
+    let tap = format!("vclp{}", env.index);
     let _ = ip(&["link", "del", &tap]);
     ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
     ip(&["link", "set", &tap, "master", &env.bridge, "up"])?;
@@ -245,7 +245,7 @@ fn one_round(env: &Env, snap: &Path, n: u32) -> anyhow::Result<Round> {
             "--bridge",
             &env.bridge,
             "--tap-prefix",
-            &format!("vxc{}-", env.index),
+            &format!("vcl{}-", env.index),
         ])
         .arg("--work")
         .arg(&work)
