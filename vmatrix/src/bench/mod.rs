@@ -4,6 +4,7 @@
 
 mod clones;
 mod harness;
+mod lb;
 mod replication;
 
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ pub enum BenchCmd {
     Replication(BenchArgs),
     /// Clones (`vmatrix clone`): time until N clones answer, memory per clone.
     Clones(clones::ClonesArgs),
+    /// One address (`vmatrix lb`): read throughput through the VIP vs replicas behind it.
+    Lb(lb::LbArgs),
 }
 
 /// Flags shared by the benchmarks.
@@ -49,6 +52,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             replication::run(&env, timing)?;
         }
         BenchCmd::Clones(a) => clones::run(a)?,
+        BenchCmd::Lb(a) => lb::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }
