@@ -13,6 +13,7 @@ ensure_packages() {
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v cc >/dev/null || missing+=(gcc)
   command -v python3 >/dev/null || missing+=(python3)
+  # nft: also the load balancer of `vmatrix lb` (this kernel has no IPVS, so no ipvsadm).
   command -v nft >/dev/null || missing+=(nftables)
   command -v tcpdump >/dev/null || missing+=(tcpdump)
   command -v chromium >/dev/null || missing+=(chromium) # the chaos report's headless-browser test
