@@ -1,0 +1,108 @@
+//! `cargo bench -p vmatrix --bench clones_managed`: time from `vmatrix vm scale web --clones N`
+//! (the CLI process started) to every clone answering `GET` with the parent's data on its own
+//! address, through the manager and an agent (issue 11), for N = 1, 4, 16, 32, with the clone
+//! base already warm on the primary's host (`--warm`), and once from a cold start (no base:
+//! the agent first takes the primary's snapshot). Two hosts (network namespaces), a protected
+//! 64 MiB VM. Prints a Markdown table for docs/BENCHMARKS.md. Needs root and /dev/kvm.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::managed::Managed;
+use support::*;
+
+fn addr(m: &Managed, i: u32) -> SocketAddr {
+    format!("10.77.{}.{}:7000", m.net.index, 10 + i)
+        .parse()
+        .unwrap()
+}
+
+/// `GET colour` on a fresh connection whose SYN may wait 10 ms for an answer: a SYN sent
+/// before the clone's tap exists is lost (the LAN still knows the address's MAC from an earlier
+/// run), and the client's own retransmission would measure its timer, not the clone.
+fn get_colour(a: SocketAddr) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let s = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(10))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.set_nodelay(true)?;
+    (&s).write_all(b"GET colour\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
+}
+
+/// Asks for `n` clones and returns (CLI answered, first answering, all answering), ms.
+fn scale_and_wait(m: &Managed, n: u32, warm: bool) -> (f64, f64, f64) {
+    let ip = format!("10.77.{}.10/24", m.net.index);
+    let t0 = Instant::now();
+    let waiters: Vec<_> = (0..n)
+        .map(|i| {
+            let a = addr(m, i);
+            std::thread::spawn(move || loop {
+                let r = get_colour(a);
+                if r.as_deref().is_ok_and(|v| v == "VALUE blue") {
+                    return t0.elapsed();
+                }
+                assert!(t0.elapsed() < Duration::from_secs(60), "clone {i}: {r:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            })
+        })
+        .collect();
+    let warm = warm.to_string();
+    let out = m.cli(&[
+        "vm",
+        "scale",
+        "web",
+        "--clones",
+        &n.to_string(),
+        "--ip",
+        &ip,
+        "--warm",
+        &warm,
+    ]);
+    let cli = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: Vec<Duration> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let first = done.iter().min().copied().unwrap_or_default();
+    let all = done.iter().max().copied().unwrap_or_default();
+    (ms(cli), ms(first), ms(all))
+}
+
+fn scale_to_zero(m: &Managed, host: usize) {
+    let out = m.cli(&["vm", "scale", "web", "--clones", "0"]);
+    assert!(out.status.success());
+    m.wait_no_vm_process(host, "clone-vm", Duration::from_secs(30));
+}
+
+fn main() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let m = Managed::start(dir.path(), 2);
+    let v = m.create_protected(1);
+    let host = m.host_index(v["primary"].as_str().unwrap());
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET colour blue").unwrap(), "OK");
+    println!(
+        "| clones | base | CLI answered (ms) | first clone answering (ms) | all answering (ms) |"
+    );
+    println!("|---:|---|---:|---:|---:|");
+    // Cold: no base yet; the agent snapshots the primary first.
+    let (cli, first, all) = scale_and_wait(&m, 1, true);
+    println!("| 1 | cold (snapshot of the primary first) | {cli:.1} | {first:.1} | {all:.1} |");
+    scale_to_zero(&m, host);
+    for n in [1, 4, 16, 32] {
+        for _ in 0..3 {
+            let (cli, first, all) = scale_and_wait(&m, n, true);
+            println!("| {n} | warm | {cli:.1} | {first:.1} | {all:.1} |");
+            scale_to_zero(&m, host);
+        }
+    }
+}
