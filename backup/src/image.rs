@@ -776,6 +776,8 @@ pub fn consume_locked(lock: &ImageLock) -> Result<(), BackupError> {
     std::fs::rename(&from, &to).map_err(io(&to))?;
     promote::remove_file_if_present(&dir.join(snapshot::DISK_FILE))?;
     promote::remove_file_if_present(&dir.join(snapshot::MEMORY_FILE))?;
+    // (A snapshot a stopped backup finalized describes the files just removed.)
+    promote::remove_file_if_present(&dir.join(snapshot::META_FILE))?;
     promote::sync_dir(dir)
 }
 

@@ -110,6 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 synced_term: Some(3),
             }],
             handover_to: None,
+            retries: 0,
             clones: CloneSet {
                 desired: 2,
                 first_ip: Some("10.77.1.10/24".into()),

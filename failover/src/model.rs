@@ -114,6 +114,10 @@ pub struct VmRecord {
     /// The target of a planned migration under way (phase `Handover`).
     #[serde(default)]
     pub handover_to: Option<HostId>,
+    /// Promotions retried in a row because their primary never ran its guest (reset once the
+    /// VM is protected again; persisted so that a restarted manager keeps the bound).
+    #[serde(default)]
+    pub retries: u32,
     /// Its clones: how many, where (absent in state files written before clones).
     #[serde(default)]
     pub clones: CloneSet,

@@ -187,6 +187,7 @@ mod tests {
                 started: true,
                 backups: vec![],
                 handover_to: None,
+                retries: 0,
                 clones: Default::default(),
             },
         );

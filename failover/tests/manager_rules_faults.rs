@@ -106,7 +106,8 @@ fn a_backup_cut_from_a_running_primary_leaves_the_set() {
     let mut t = T::protected_vm();
     let mut answering = primary(1, &["b", "c"], true);
     answering.silent_ms = Some(0);
-    for _ in 0..100 {
+    // (A backup's silence counts from when this term's primary was first seen running.)
+    for _ in 0..200 {
         t.advance(10 * MS);
         t.report("a", vec![answering.clone()]);
         t.report("b", vec![backup(1, 10, 1000)]);
@@ -257,10 +258,21 @@ fn a_promotion_whose_host_died_before_the_guest_ran_is_retried_from_the_same_ima
         t.last_assign("b").unwrap().vms["web"].role,
         Role::Backup { min_term: 3 }
     ));
-    // Retried at most RETRY_LIMIT times in a row: then down.
+    // Retried at most RETRY_LIMIT times in a row, each after a growing backoff: then down.
+    never.term = 3;
+    t.report("c", vec![never.clone()]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().term,
+        3,
+        "retried without a backoff"
+    );
     for term in 3..3 + u64::from(failover::manager::RETRY_LIMIT) {
         never.term = term;
-        t.report("c", vec![never.clone()]);
+        for _ in 0..300 {
+            t.advance(5 * MS);
+            t.report("c", vec![never.clone()]);
+            t.report("b", vec![backup(term, 10, 5)]);
+        }
     }
     let v = t.m.vm(t.now, "web").unwrap();
     let last = 2 + u64::from(failover::manager::RETRY_LIMIT);
@@ -319,4 +331,39 @@ fn a_pause_of_a_primary_already_cut_from_the_manager_must_last_as_long_as_a_hang
         silent > hung.as_millis() as u64 && silent <= hung.as_millis() as u64 + 10,
         "failed over after a pause of {silent} ms"
     );
+}
+
+/// A promoted primary is seen alive from its process's start, before its guest's (review
+/// finding): one that then dies before the start gate (its image still whole) is promoted again
+/// although the VM already counted as running; the backups' silence from the previous primary
+/// does not drop them from the new one's set; the retry count is persisted (a restarted manager
+/// keeps the bound).
+#[test]
+fn a_primary_seen_running_that_died_before_its_guest_ran_is_promoted_again() {
+    let mut t = T::protected_vm();
+    let mut dead = primary(1, &["b", "c"], true);
+    dead.alive = false;
+    t.report("a", vec![dead]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().term, 2);
+    // c's process runs (not its guest yet); b last heard the old primary 2 s ago.
+    t.report("c", vec![primary(2, &["b", "d"], false)]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+    t.advance(10 * MS);
+    t.report("b", vec![backup(2, 10, 2000)]);
+    t.report("c", vec![primary(2, &["b", "d"], false)]);
+    assert_eq!(
+        t.events(EventKind::BackupLost),
+        0,
+        "dropped for the old primary's silence"
+    );
+    // Then it dies before the gate.
+    let mut never = primary(2, &["b", "d"], false);
+    (never.alive, never.never_ran) = (false, true);
+    t.report("c", vec![never]);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!((v.term, v.primary.as_deref()), (3, Some("c")), "{v:?}");
+    assert_eq!(t.m.state().vms["web"].retries, 1);
 }

@@ -257,6 +257,25 @@ impl Sim {
                 });
             }
         }
+        // A promoted primary whose process runs is reported alive before its guest starts (as
+        // the real agent does).
+        if let (None, Some((_, term, backups))) = (&h.primary, &h.starting) {
+            v.push(VmObservation {
+                vm: VM.into(),
+                role: ProcRole::Primary,
+                alive: true,
+                exit: None,
+                term: *term,
+                image_term: 0,
+                seq: None,
+                protected: false,
+                backup_hosts: backups.iter().map(|b| b.host.clone()).collect(),
+                output_held: false,
+                silent_ms: Some(0),
+                handed_over: false,
+                never_ran: false,
+            });
+        }
         if let Some(p) = &h.primary {
             let acked = p
                 .backups
@@ -279,7 +298,10 @@ impl Sim {
                         .map_or(0, |t| self.now.saturating_sub(t).as_millis() as u64),
                 ),
                 handed_over: p.handed_over,
-                never_ran: false,
+                // (As the real agent: the marker names its term and the image is whole.)
+                never_ran: !p.alive
+                    && h.promote_marker == Some(p.term)
+                    && h.image.is_some_and(|im| im.term < p.term),
             });
         }
         if let Some(b) = &h.backup {
@@ -362,6 +384,18 @@ impl Sim {
             return;
         }
         self.hosts[i].starting = None;
+        // Now and then the process fails before its start gate (the image stays whole).
+        if self.rng.chance(30) {
+            let mut p = self.new_primary(term, 0, &backups);
+            p.alive = false;
+            p.exit = Some("failed before its guest ran".into());
+            self.note(format!(
+                "primary on {} failed before its guest ran",
+                self.names[i]
+            ));
+            self.hosts[i].primary = Some(p);
+            return;
+        }
         match self.hosts[i].image {
             Some(im) => {
                 let floor = im.version;
@@ -457,6 +491,10 @@ impl Sim {
                 if let Some(p) = h.primary.as_mut() {
                     p.backups = backups.iter().map(|b| b.host.clone()).collect();
                     p.acked.clear();
+                }
+                // (A primary whose process runs, its guest not started yet, gets it too.)
+                if let Some((_, _, set)) = h.starting.as_mut() {
+                    *set = backups.clone();
                 }
                 h.applied.entry(VM.into()).or_default().backups = Some(backups);
             }

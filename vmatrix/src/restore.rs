@@ -101,7 +101,10 @@ pub(crate) fn restore_dir(
     let lock = ImageLock::acquire(dir)?;
     let meta = image::committed_locked(&lock)
         .with_context(|| format!("recovering the replica image in {}", dir.display()))?;
-    if finalized(dir) {
+    // (A new primary — `take` — never starts from the snapshot a stopped backup finalized: it
+    // is built from the image's parts below so that its start gate consumes the image; a guest
+    // that ran from a still-whole image would be taken for one that never ran.)
+    if finalized(dir) && !take {
         return Ok((snapshot_vm(dir, host)?, Some(Arc::new(lock))));
     }
     let t_recovered = t0.elapsed();

@@ -476,7 +476,11 @@ async fn api_cli_agent_and_restart() {
     .await;
     let row = list.lines().find(|l| l.starts_with("web ")).unwrap();
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(cols, ["web", "unprotected", "1", "a1", "-", "7", "-"], "{list}");
+    assert_eq!(
+        cols,
+        ["web", "unprotected", "1", "a1", "-", "7", "-"],
+        "{list}"
+    );
     let u = url.clone();
     let show = blocking(move || ok(&["vm", "show", "web", "--manager", &u])).await;
     let v: serde_json::Value = serde_json::from_str(&show).unwrap();

@@ -270,6 +270,12 @@ impl Manager {
             .silent_ms
             .is_none_or(|ms| Duration::from_millis(ms) < self.cfg.hung);
         let unheard = self.note_unheard(now, rec, &po.backup_hosts.clone());
+        let running_for = now.saturating_sub(
+            self.running_since
+                .get(&rec.spec.name)
+                .copied()
+                .unwrap_or(self.started),
+        );
         let lost: Vec<(String, String)> = rec
             .backups
             .iter()
@@ -293,7 +299,9 @@ impl Manager {
                     ));
                 }
                 let o = self.backup_obs(&b.host, &rec.spec.name)?;
-                let heard = Duration::from_millis(o.silent_ms?);
+                // (Counted only since this term's primary runs: before, the silence is the
+                // previous primary's, not a cut link to this one.)
+                let heard = Duration::from_millis(o.silent_ms?).min(running_for);
                 (answers && o.alive && heard > self.cfg.backup_lost).then(|| {
                     (
                         b.host.clone(),
@@ -396,6 +404,7 @@ impl Manager {
         for b in &mut rec.backups {
             b.synced_term = Some(rec.term);
         }
+        rec.retries = 0;
         if self.protected.insert(name.clone()) {
             let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
             self.event(

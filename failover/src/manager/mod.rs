@@ -183,8 +183,10 @@ pub struct Manager {
     down: BTreeSet<String>,
     counters: Counters,
     last_decide: Duration,
-    /// Promotions retried in a row because their primary never ran (see `retry`).
-    retries: BTreeMap<String, u32>,
+    /// When each VM's last retried promotion was decided (see `retry`).
+    last_retry: BTreeMap<String, Duration>,
+    /// When the primary of each VM's current term was first seen running.
+    running_since: BTreeMap<String, Duration>,
     /// (VM, backup host): since when the running primary has had it in its set while the
     /// backup never heard from it, and when that was last seen (see
     /// `detect::drop_lost_backups`).
@@ -214,7 +216,8 @@ impl Manager {
             down: BTreeSet::new(),
             counters: Counters::default(),
             last_decide: Duration::ZERO,
-            retries: BTreeMap::new(),
+            last_retry: BTreeMap::new(),
+            running_since: BTreeMap::new(),
             unheard_since: BTreeMap::new(),
             shunned: BTreeMap::new(),
             clone_tracker: clones::CloneTracker::default(),
@@ -345,6 +348,7 @@ impl Manager {
             started: false,
             backups: Vec::new(),
             handover_to: None,
+            retries: 0,
             clones: Default::default(),
         };
         self.reprotect(now, &mut rec);
@@ -379,7 +383,8 @@ impl Manager {
         self.protected.remove(name);
         self.down.remove(name);
         self.migrations.remove(name);
-        self.retries.remove(name);
+        self.last_retry.remove(name);
+        self.running_since.remove(name);
         self.unheard_since.retain(|(vm, _), _| vm != name);
         self.shunned.retain(|(vm, _), _| vm != name);
         self.event(
@@ -504,6 +509,14 @@ impl Manager {
                     return;
                 }
             }
+            // A primary counts as running once its process runs, before its guest's start: one
+            // that died before the start (its image still whole) is promoted again.
+            if let Some(p) = rec.primary.clone() {
+                let o = self.primary_obs(&p, &rec).cloned();
+                if o.is_some_and(|o| self.retry_unstarted(now, &rec, &p, &o).is_some()) {
+                    return;
+                }
+            }
             if let Some(why) = self.primary_failed(now, &rec) {
                 match self.candidate(now, &rec, None) {
                     Some(c) => {
@@ -556,6 +569,7 @@ impl Manager {
         );
         rec.phase = Phase::Promoting;
         rec.handover_to = None;
+        self.running_since.remove(name);
         self.unheard_since.retain(|(vm, _), _| vm != name);
         rec.primary = Some(cand.to_string());
         rec.started = false;
@@ -626,7 +640,7 @@ impl Manager {
         }
         self.starting_since.remove(&rec.spec.name);
         self.down.remove(&rec.spec.name);
-        self.retries.remove(&rec.spec.name);
+        self.running_since.insert(rec.spec.name.clone(), now);
         rec.phase = Phase::Running;
         rec.started = true;
         let since = self.promoting_since.remove(&rec.spec.name);

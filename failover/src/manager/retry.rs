@@ -18,10 +18,15 @@ use crate::model::{VmObservation, VmRecord};
 /// Promotions of one VM retried in a row (each at a new term) before it is left down.
 pub const RETRY_LIMIT: u32 = 3;
 
+/// Least time between two retries, times the retries made (a transient failure — the image
+/// locked a moment, a tap not ready — does not use them all up in a few agent rounds).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
 impl Manager {
-    /// In `watch_start`, for the dead primary `o` of `rec`'s term on `host`: promotes `host`
-    /// again if `o` never ran and its host speaks, and the retries are not used up. Returns
-    /// the record as it is now if it did.
+    /// For the dead primary `o` of `rec`'s term on `host` (starting, or already counted as
+    /// running: a primary is seen alive from its process's start, before its guest's): promotes
+    /// `host` again if `o` never ran and its host speaks, the retries are not used up and the
+    /// backoff has passed. Returns the record as it is now if it did.
     pub(crate) fn retry_unstarted(
         &mut self,
         now: Duration,
@@ -33,17 +38,28 @@ impl Manager {
             return None;
         }
         let name = rec.spec.name.clone();
-        let tries = self.retries.entry(name.clone()).or_insert(0);
-        if *tries >= RETRY_LIMIT {
+        if rec.retries >= RETRY_LIMIT {
             return None;
         }
-        *tries += 1;
+        let wait = RETRY_BACKOFF * rec.retries;
+        if self
+            .last_retry
+            .get(&name)
+            .is_some_and(|t| now.saturating_sub(*t) < wait)
+        {
+            return None;
+        }
+        let tries = rec.retries + 1;
+        let mut counted = rec.clone();
+        counted.retries = tries;
+        self.state.vms.insert(name.clone(), counted);
+        self.last_retry.insert(name.clone(), now);
         let why = format!(
             "the primary of term {} on {host} never ran its guest ({}): the image it was \
              promoted from is still whole there, so it is promoted again (retry {} of {})",
             rec.term,
             o.exit.as_deref().unwrap_or("its host restarted"),
-            *tries,
+            tries,
             RETRY_LIMIT
         );
         self.starting_since.remove(&name);

@@ -345,11 +345,15 @@ impl Vm {
         if thread.is_some() {
             return Ok(());
         }
+        // (The tap first: it may take a while to carry frames, and a gate that consumes an
+        // image should run as close to the first instruction as it can.)
+        if let Some(n) = &self.devices.net {
+            wait_for_tap(n);
+        }
         if let Some(gate) = lock(&self.start_gate).take() {
             gate().map_err(|e| Error::Host(format!("before the guest starts: {e}")))?;
         }
         if let Some(n) = &self.devices.net {
-            wait_for_tap(n);
             *lock(&self.rx) = Some(RxThread::spawn(n.clone(), paused)?);
         }
         let (vcpu, pio, mmio, control) = (
