@@ -367,3 +367,31 @@ fn a_primary_seen_running_that_died_before_its_guest_ran_is_promoted_again() {
     assert_eq!((v.term, v.primary.as_deref()), (3, Some("c")), "{v:?}");
     assert_eq!(t.m.state().vms["web"].retries, 1);
 }
+
+/// A backup dropped for a cut link and added again (the only host left) is not dropped again
+/// at once on its unchanged report ("nothing from the primary for 5516 ms"): its silence counts
+/// from when it joined the set again (a crash-in-sync soak finding: a drop/add loop).
+#[test]
+fn a_backup_added_again_is_not_dropped_again_on_its_old_silence() {
+    let mut t = T::new(&["a", "b"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    let mut answering = primary(1, &["b"], true);
+    answering.silent_ms = Some(0);
+    let lost = ManagerConfig::default().backup_lost;
+    let start = t.now;
+    while t.now < start + lost + 200 * MS {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![backup(1, 10, 5516)]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 1);
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert_eq!(v.backups.len(), 1, "b added again (the only host): {v:?}");
+    for _ in 0..50 {
+        t.advance(10 * MS);
+        t.report("a", vec![answering.clone()]);
+        t.report("b", vec![backup(1, 10, 5516)]);
+    }
+    assert_eq!(t.events(EventKind::BackupLost), 1, "dropped again at once");
+}

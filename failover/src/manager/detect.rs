@@ -299,9 +299,17 @@ impl Manager {
                     ));
                 }
                 let o = self.backup_obs(&b.host, &rec.spec.name)?;
-                // (Counted only since this term's primary runs: before, the silence is the
-                // previous primary's, not a cut link to this one.)
-                let heard = Duration::from_millis(o.silent_ms?).min(running_for);
+                // (Counted only since this term's primary runs and since the backup joined the
+                // set: before, the silence is the previous primary's, or the one for which it
+                // was dropped, not a cut link to this one — a backup dropped and added again
+                // was dropped again at once, in a loop, on its unchanged report.)
+                let joined = self
+                    .added_at
+                    .get(&(rec.spec.name.clone(), b.host.clone()))
+                    .map_or(running_for, |t| now.saturating_sub(*t));
+                let heard = Duration::from_millis(o.silent_ms?)
+                    .min(running_for)
+                    .min(joined);
                 (answers && o.alive && heard > self.cfg.backup_lost).then(|| {
                     (
                         b.host.clone(),

@@ -187,6 +187,8 @@ pub struct Manager {
     last_retry: BTreeMap<String, Duration>,
     /// When the primary of each VM's current term was first seen running.
     running_since: BTreeMap<String, Duration>,
+    /// (VM, host): when a backup there last joined the VM's set.
+    added_at: BTreeMap<(String, HostId), Duration>,
     /// (VM, backup host): since when the running primary has had it in its set while the
     /// backup never heard from it, and when that was last seen (see
     /// `detect::drop_lost_backups`).
@@ -218,6 +220,7 @@ impl Manager {
             last_decide: Duration::ZERO,
             last_retry: BTreeMap::new(),
             running_since: BTreeMap::new(),
+            added_at: BTreeMap::new(),
             unheard_since: BTreeMap::new(),
             shunned: BTreeMap::new(),
             clone_tracker: clones::CloneTracker::default(),
@@ -385,6 +388,7 @@ impl Manager {
         self.migrations.remove(name);
         self.last_retry.remove(name);
         self.running_since.remove(name);
+        self.added_at.retain(|(vm, _), _| vm != name);
         self.unheard_since.retain(|(vm, _), _| vm != name);
         self.shunned.retain(|(vm, _), _| vm != name);
         self.event(
@@ -708,6 +712,7 @@ impl Manager {
                 host: h.clone(),
                 synced_term: None,
             });
+            self.added_at.insert((name.clone(), h.clone()), now);
             if rec.phase != Phase::Creating {
                 self.event(
                     now,
