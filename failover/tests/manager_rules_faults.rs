@@ -395,3 +395,29 @@ fn a_backup_added_again_is_not_dropped_again_on_its_old_silence() {
     }
     assert_eq!(t.events(EventKind::BackupLost), 1, "dropped again at once");
 }
+
+/// With only backups that never heard from the primary (a restarted backup process), a short
+/// silence of the primary's host is not a failure (the VM was called lost after 60-130 ms
+/// stalls); a long one (`hung`) still is.
+#[test]
+fn backups_that_never_heard_from_the_primary_need_a_long_silence() {
+    let mut t = T::new(&["a", "b"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    t.report("a", vec![primary(1, &["b"], false)]);
+    let mut never = backup(1, 0, 0);
+    never.silent_ms = None;
+    for _ in 0..30 {
+        t.advance(5 * MS);
+        t.report("b", vec![never.clone()]);
+    }
+    assert_eq!(t.events(EventKind::Lost) + t.events(EventKind::Detected), 0);
+    t.report("a", vec![primary(1, &["b"], false)]);
+    let start = t.now;
+    while t.events(EventKind::Lost) == 0 {
+        assert!(t.now - start < 2 * ManagerConfig::default().hung, "never");
+        t.advance(5 * MS);
+        t.report("b", vec![never.clone()]);
+    }
+    assert!(t.now - start >= ManagerConfig::default().hung);
+}

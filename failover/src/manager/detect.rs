@@ -132,6 +132,13 @@ impl Manager {
         // once), so a gap in its checkpoints is likelier a stall of a busy host than a death,
         // and it must last as long as a hung primary's (a chaos soak finding: 24 of 88 cuts of
         // a primary from the manager alone failed it over on a gap of 61-78 ms).
+        // Backups that have never heard from this primary (a process just restarted, or new
+        // after a failover) cannot tell a dead primary from a slow one: with only them to go
+        // by, the primary's host must be silent as long as a hung primary (a soak saw the VM
+        // called lost after stalls of 60-130 ms of a primary that ran on).
+        if quietest == Duration::MAX && silent_host < self.cfg.hung {
+            return None;
+        }
         let cut_first = silent_host > measured.saturating_add(self.cfg.detect);
         if cut_first && quietest < self.cfg.hung {
             return None;
