@@ -273,9 +273,14 @@ impl Manager {
             return;
         };
         // Answering its agent (a hung primary is failed over instead, see `primary_hung`).
+        // And not protected by its whole set: a primary that says every backup is in step
+        // contradicts a backup's silence (a stall of the backup's host, a stale report); on an
+        // overloaded host that silence alone dropped a synced backup, and the next crash found
+        // only its unsynced replacement (a crash soak finding).
         let answers = po
             .silent_ms
-            .is_none_or(|ms| Duration::from_millis(ms) < self.cfg.hung);
+            .is_none_or(|ms| Duration::from_millis(ms) < self.cfg.hung)
+            && !po.protected;
         let unheard = self.note_unheard(now, rec, &po.backup_hosts.clone());
         let running_for = now.saturating_sub(
             self.running_since
