@@ -56,7 +56,18 @@ pub(crate) struct Driver {
     work: Option<Work>,
     to_close: Vec<usize>,
     fence: Arc<Fence>,
+    /// When the last input from the backups (a frame, a timeout) was handled: a release it
+    /// authorized must leave within [`RELEASE_LEASE`] of it.
+    handled_at: Instant,
 }
+
+/// Longest time from handling the acknowledgement that authorizes a release to the frame's
+/// leaving: a primary stopped in between (SIGSTOP of its host, a long stall) may have been
+/// superseded meanwhile — the manager promotes a backup once it has heard nothing for its
+/// detection timeout (60 ms by default) — so a later frame is dropped (TCP retransmits it to
+/// whichever primary serves). Found by the chaos sweep: an old primary continued after 3.9 s
+/// sent one released frame 0.1 ms after SIGCONT, beside the new primary.
+pub const RELEASE_LEASE: Duration = Duration::from_millis(50);
 
 impl Driver {
     pub fn new(
@@ -85,6 +96,7 @@ impl Driver {
             work: None,
             to_close: Vec::new(),
             fence,
+            handled_at: Instant::now(),
         })
     }
 
@@ -143,7 +155,8 @@ impl Driver {
                     while let Ok(f) = self.frames.try_recv() {
                         self.on_frame(&mut p, f);
                     }
-                    p.handle_timeout(Instant::now());
+                    self.handled_at = Instant::now();
+                    p.handle_timeout(self.handled_at);
                 }
                 done = async {
                     match work.as_mut() {
@@ -193,8 +206,9 @@ impl Driver {
         if self.links[i].as_ref().map(|l| l.0) != Some(g) {
             return;
         }
+        self.handled_at = Instant::now();
         match f {
-            Ok(f) => p.handle_frame(i, &f, Instant::now()),
+            Ok(f) => p.handle_frame(i, &f, self.handled_at),
             Err(e) => {
                 if let Some((_, l)) = self.links[i].take() {
                     l.close(quic::code::SESSION_FAILED, &e.to_string());
@@ -255,7 +269,11 @@ impl Driver {
                 }
             }
             Command::Release(e) => {
-                let Some(n) = self.fence.unless_fenced(|| self.vm.release_output(e)) else {
+                let not_after = Some(self.handled_at + RELEASE_LEASE);
+                let Some(n) = self
+                    .fence
+                    .unless_fenced(|| self.vm.release_output(e, not_after))
+                else {
                     return Ok(());
                 };
                 tracing::trace!("{n} frames of output epoch {e} released");

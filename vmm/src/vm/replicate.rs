@@ -397,12 +397,14 @@ impl Vm {
         })
     }
 
-    /// Releases guest output of epochs up to `upto` (checkpoint `upto` is safe on the backups).
-    pub fn release_output(&self, upto: u64) -> usize {
+    /// Releases guest output of epochs up to `upto` (checkpoint `upto` is safe on the backups);
+    /// a frame that would leave after `not_after` is dropped instead (see
+    /// `Net::release_output`).
+    pub fn release_output(&self, upto: u64, not_after: Option<Instant>) -> usize {
         let mut released = 0;
         if let Some(n) = &self.devices.net {
             let _ = lock(n).with_device(|net, queues, mem| {
-                released = net.release_output(upto, queues, mem)?;
+                released = net.release_output(upto, not_after, queues, mem)?;
                 Ok(false)
             });
         }

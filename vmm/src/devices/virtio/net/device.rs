@@ -112,11 +112,16 @@ impl<B: NetBackend> Net<B> {
         self.commit.as_mut().map(OutputCommit::advance)
     }
 
-    /// Sends held frames of epochs up to `upto`; then, if the transmit ring was blocked on a
-    /// full buffer, processes it again. Returns the number of frames released.
+    /// Sends held frames of epochs up to `upto` — each only if it leaves before `not_after`
+    /// (a release is authorized by acknowledgements received at a moment: a process stopped
+    /// between that moment and the send, e.g. by SIGSTOP, may have been superseded by a newer
+    /// term meanwhile, so a late frame is dropped, as a network may drop it, rather than sent
+    /// beside the new primary's) — then, if the transmit ring was blocked on a full buffer,
+    /// processes it again. Returns the number of frames sent.
     pub fn release_output(
         &mut self,
         upto: u64,
+        not_after: Option<std::time::Instant>,
         queues: &mut [Queue],
         mem: &GuestMem,
     ) -> Result<usize, DeviceError> {
@@ -124,8 +129,19 @@ impl<B: NetBackend> Net<B> {
             Some(c) => c.release(upto),
             None => return Ok(0),
         };
+        let mut sent = 0;
         for f in &frames {
+            if not_after.is_some_and(|t| std::time::Instant::now() > t) {
+                continue;
+            }
             self.send_now(f);
+            sent += 1;
+        }
+        if sent < frames.len() {
+            tracing::warn!(
+                "{} released frames dropped: the release came too late after its acknowledgement",
+                frames.len() - sent
+            );
         }
         if self.tx_blocked {
             self.tx_blocked = false;
@@ -133,7 +149,7 @@ impl<B: NetBackend> Net<B> {
                 self.transmit(q, mem)?;
             }
         }
-        Ok(frames.len())
+        Ok(sent)
     }
 
     /// True if output of the current epoch waits for a checkpoint not yet taken.
