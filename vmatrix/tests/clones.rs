@@ -22,12 +22,16 @@ struct Clones {
     clones: Vec<serde_json::Value>,
     summary: serde_json::Value,
     net_index: u32,
+    /// Clone i is at 10.77.<net>.<first + i>.
+    first: u32,
 }
 
 impl Clones {
-    /// `vmatrix clone <image> --clones n` inside `ns` of `net`, clone i at 10.77.<net>.<10+i>.
-    fn start(net: &TestNet, ns: &str, image: &Path, n: u32, work: &Path) -> Clones {
-        let ip = format!("10.77.{}.10/24", net.index);
+    /// `vmatrix clone <image> --clones n` inside `ns` of `net`, clone i at
+    /// 10.77.<net>.<first+i>. (Each set of a test gets addresses of its own: a stopped set's
+    /// guests may still answer ARP for a moment with the same address and MAC.)
+    fn start(net: &TestNet, ns: &str, image: &Path, n: u32, work: &Path, first: u32) -> Clones {
+        let ip = format!("10.77.{}.{first}/24", net.index);
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(vmatrix_bin())
@@ -51,6 +55,7 @@ impl Clones {
                     clones,
                     summary: v,
                     net_index: net.index,
+                    first,
                 };
             }
             clones.push(v);
@@ -63,7 +68,7 @@ impl Clones {
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
-        format!("10.77.{}.{}:7000", self.net_index, 10 + i)
+        format!("10.77.{}.{}:7000", self.net_index, self.first as usize + i)
             .parse()
             .unwrap()
     }
@@ -163,7 +168,7 @@ fn four_clones_each_serve_the_parents_data_alone_and_share_its_memory() {
     let image = files(&snap);
     let parent_gen = generation(&mut parent);
 
-    let c = Clones::start(&net, &net.ns(), &snap, 4, &dir.path().join("work"));
+    let c = Clones::start(&net, &net.ns(), &snap, 4, &dir.path().join("work"), 10);
     assert!(
         c.summary["ready_ms"].as_f64().is_some(),
         "every clone answered: {}",
@@ -265,7 +270,7 @@ fn clones_of_a_protected_vm_from_its_primary_snapshot_and_its_stopped_backup() {
     let psnap = dir.path().join("psnap");
     ctl(&psock, &["snapshot", psnap.to_str().unwrap()]);
     assert_eq!(kv.cmd("SET later y").unwrap(), "OK");
-    let c = Clones::start(&net, &net.ns(), &psnap, 2, &dir.path().join("w1"));
+    let c = Clones::start(&net, &net.ns(), &psnap, 2, &dir.path().join("w1"), 10);
     for i in 0..2 {
         assert_eq!(c.kv(i).cmd("GET a7").unwrap(), "VALUE x7");
         assert_eq!(
@@ -279,7 +284,7 @@ fn clones_of_a_protected_vm_from_its_primary_snapshot_and_its_stopped_backup() {
     // The stopped backup's image: every acknowledged write, and the image stays as it was.
     r.finalize_backup();
     let before = files(&image);
-    let c = Clones::start(&net, &net.ns(), &image, 2, &dir.path().join("w2"));
+    let c = Clones::start(&net, &net.ns(), &image, 2, &dir.path().join("w2"), 20);
     for i in 0..2 {
         assert_eq!(c.kv(i).cmd("GET later").unwrap(), "VALUE y");
         assert_eq!(c.kv(i).cmd("GET after").unwrap(), "VALUE refusal");
