@@ -256,21 +256,7 @@ mod tests {
     }
 
     fn dead_primary(term: u64) -> VmObservation {
-        VmObservation {
-            vm: "web".into(),
-            role: ProcRole::Primary,
-            alive: false,
-            exit: Some("this host restarted before its guest ran".into()),
-            term,
-            image_term: 0,
-            seq: None,
-            protected: false,
-            backup_hosts: vec![],
-            output_held: false,
-            silent_ms: None,
-            handed_over: false,
-            never_ran: true,
-        }
+        VmObservation::unstarted_primary("web", term)
     }
 
     /// A promotion is carried out once per term: not again after this host restarted (the

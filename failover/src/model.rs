@@ -254,6 +254,29 @@ pub struct VmObservation {
     pub never_ran: bool,
 }
 
+impl VmObservation {
+    /// The primary of `term` that a promotion on this host began but that never ran its
+    /// guest, because the host restarted first (the agent finds it from the promotion's
+    /// marker and the still-whole image).
+    pub fn unstarted_primary(vm: &str, term: u64) -> VmObservation {
+        VmObservation {
+            vm: vm.to_string(),
+            role: ProcRole::Primary,
+            alive: false,
+            exit: Some("this host restarted before its guest ran".into()),
+            term,
+            image_term: 0,
+            seq: None,
+            protected: false,
+            backup_hosts: Vec::new(),
+            output_held: false,
+            silent_ms: None,
+            handed_over: false,
+            never_ran: true,
+        }
+    }
+}
+
 /// One report (heartbeat) of an agent.
 ///
 /// The clone fields come last and default to empty: a manager built before clones decodes the

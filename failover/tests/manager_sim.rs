@@ -240,21 +240,7 @@ impl Sim {
         // unconsumed (the real agent finds the same on disk).
         if let (None, None, Some(t)) = (&h.primary, &h.starting, h.promote_marker) {
             if h.image.is_some_and(|im| im.term < t) {
-                v.push(VmObservation {
-                    vm: VM.into(),
-                    role: ProcRole::Primary,
-                    alive: false,
-                    exit: Some("this host restarted before its guest ran".into()),
-                    term: t,
-                    image_term: 0,
-                    seq: None,
-                    protected: false,
-                    backup_hosts: vec![],
-                    output_held: false,
-                    silent_ms: None,
-                    handed_over: false,
-                    never_ran: true,
-                });
+                v.push(VmObservation::unstarted_primary(VM, t));
             }
         }
         // A promoted primary whose process runs is reported alive before its guest starts (as

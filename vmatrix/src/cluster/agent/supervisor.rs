@@ -131,7 +131,7 @@ impl Supervisor {
         let mut obs: Vec<VmObservation> = self.procs.values_mut().map(|p| p.observe()).collect();
         for (vm, term) in &self.unstarted {
             if !self.procs.contains_key(&(vm.clone(), ProcRole::Primary)) {
-                obs.push(unstarted_observation(vm, *term));
+                obs.push(VmObservation::unstarted_primary(vm, *term));
             }
         }
         for o in obs
@@ -494,25 +494,6 @@ fn read_marker(dir: &Path, what: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// A dead primary of `term` that never ran (its host restarted before its guest's start).
-fn unstarted_observation(vm: &str, term: u64) -> VmObservation {
-    VmObservation {
-        vm: vm.to_string(),
-        role: ProcRole::Primary,
-        alive: false,
-        exit: Some("this host restarted before its guest ran".into()),
-        term,
-        image_term: 0,
-        seq: None,
-        protected: false,
-        backup_hosts: Vec::new(),
-        output_held: false,
-        silent_ms: None,
-        handed_over: false,
-        never_ran: true,
-    }
 }
 
 /// `PUT /backups` body: `name@addr` each (empty: none).
