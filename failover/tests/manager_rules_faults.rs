@@ -431,3 +431,38 @@ fn backups_that_never_heard_from_the_primary_need_a_long_silence() {
     }
     assert!(t.now - start >= ManagerConfig::default().hung);
 }
+
+/// A primary's "protected" outlives a backup that restarted from nothing or whose host died:
+/// the VM is protected only while every backup is heard and holds an image of the term (the
+/// chaos runner once crashed a "protected" primary whose only backup held nothing).
+#[test]
+fn protected_needs_every_backup_heard_and_holding_an_image_of_the_term() {
+    let mut t = T::protected_vm();
+    // c's backup process restarted with its image removed: it holds nothing yet.
+    let mut empty = backup(1, 0, 0);
+    empty.image_term = 0;
+    empty.seq = None;
+    empty.silent_ms = None;
+    t.advance(5 * MS);
+    t.report("a", vec![primary(1, &["b", "c"], true)]);
+    t.report("b", vec![backup(1, 14, 5)]);
+    t.report("c", vec![empty]);
+    assert_eq!(
+        t.m.vm(t.now, "web").unwrap().status,
+        "unprotected (syncing)"
+    );
+    // It holds the term's image again: protected again.
+    t.advance(5 * MS);
+    t.report("c", vec![backup(1, 14, 5)]);
+    t.report("a", vec![primary(1, &["b", "c"], true)]);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+    // c's host goes silent while the stale primary still says protected: not for long.
+    let lost = ManagerConfig::default().backup_lost;
+    let start = t.now;
+    while t.now < start + lost + 20 * MS {
+        t.advance(10 * MS);
+        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        t.report("b", vec![backup(1, 14, 5)]);
+    }
+    assert_ne!(t.m.vm(t.now, "web").unwrap().status, "protected");
+}

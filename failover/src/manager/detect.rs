@@ -417,7 +417,20 @@ impl Manager {
         };
         // Confirmed once per backup and term: later reports of backups lag the primary's.
         let all_synced = rec.backups.iter().all(|b| b.synced_term == Some(rec.term));
-        if !protected || !(all_synced || rec.backups.iter().all(|b| confirmed(self, &b.host))) {
+        // But every backup must still be heard and still hold an image of the term: a primary's
+        // "protected" outlives a backup that died (its host down for seconds) or restarted from
+        // nothing, and a "protected" VM whose only backup held nothing was crashed by the
+        // chaos runner as a single fault (a crash-in-sync soak finding).
+        let holds = |m: &Manager, host: &str| {
+            m.report_age(now, host) <= m.cfg.backup_lost
+                && m.backup_obs(host, &name)
+                    .is_some_and(|o| o.alive && o.image_term == rec.term)
+        };
+        let holding = rec.backups.iter().all(|b| holds(self, &b.host));
+        if !protected
+            || !holding
+            || !(all_synced || rec.backups.iter().all(|b| confirmed(self, &b.host)))
+        {
             self.protected.remove(&name);
             return;
         }
