@@ -177,3 +177,45 @@ fn a_clones_source_filter_drops_frames_of_another_mac() {
         "the dropped frame's buffer is returned too"
     );
 }
+
+/// Transmits one 60-byte frame filled with `fill` through the TX queue.
+fn transmit_one(net: &mut Net<Loop>, mem: &crate::memory::GuestMem, fill: u8, slot: u16) {
+    let mut d = Driver::new();
+    let mut qs = [queue(mem), queue(mem)];
+    let at = DATA + slot as u64 * 0x1000;
+    mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(at))
+        .unwrap();
+    mem.write_slice(&frame(60, fill), GuestAddress(at + NET_HDR_LEN as u64))
+        .unwrap();
+    d.desc(mem, 0, at, (NET_HDR_LEN + 60) as u32, 0, 0);
+    d.push(mem, 0);
+    net.process_queue(1, &mut qs, mem).unwrap();
+}
+
+/// The release lease: a release authorized by an acknowledgement sends its frames only until
+/// `not_after`; a late one (the process was stopped between the acknowledgement and the send,
+/// and may have been superseded meanwhile) drops them for good instead of sending them beside
+/// a new primary's. A release within its lease sends, in order.
+#[test]
+fn a_release_after_its_lease_drops_the_frames_instead_of_sending_them() {
+    use std::time::{Duration, Instant};
+    let mem = mem();
+    let mut net = Net::new(Loop::default(), [2, 0, 0, 0, 0, 1]);
+    net.enable_output_commit(1, 1 << 20);
+    transmit_one(&mut net, &mem, 1, 0);
+    assert!(net.backend_mut().sent.is_empty(), "held");
+    assert_eq!(net.advance_output_epoch(), Some(1), "epoch 1 closed");
+    transmit_one(&mut net, &mem, 2, 1);
+    assert_eq!(net.advance_output_epoch(), Some(2), "epoch 2 closed");
+    let mut qs = [queue(&mem), queue(&mem)];
+    // Epoch 1's release comes too late: dropped, and never sent afterwards.
+    let late = Instant::now() - Duration::from_millis(1);
+    assert_eq!(net.release_output(1, Some(late), &mut qs, &mem), Ok(0));
+    assert!(net.backend_mut().sent.is_empty());
+    assert_eq!(net.held_output().map(|(f, _, _)| f), Some(1));
+    // Epoch 2's release is within its lease: sent.
+    let lease = Instant::now() + Duration::from_secs(60);
+    assert_eq!(net.release_output(2, Some(lease), &mut qs, &mem), Ok(1));
+    assert_eq!(net.backend_mut().sent, vec![frame(60, 2)]);
+    assert_eq!(net.held_output().map(|(f, _, _)| f), Some(0));
+}
