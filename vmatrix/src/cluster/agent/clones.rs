@@ -186,6 +186,19 @@ impl Clones {
         self.remove_unused_bases(want);
     }
 
+    /// Starts the assigned clones that have no process here yet (the rest waits for
+    /// [`Clones::round`]): called first in a round, before anything slow.
+    pub fn start_new(&mut self, want: &Assignments) {
+        if want
+            .clones
+            .iter()
+            .any(|c| !self.procs.contains_key(&c.name))
+        {
+            self.collect_bases();
+            self.start_assigned(want);
+        }
+    }
+
     /// Bases whose thread finished.
     fn collect_bases(&mut self) {
         let done: Vec<String> = self
@@ -387,6 +400,10 @@ impl Clones {
             .arg(d.join(format!("{}.console", a.name)));
         // Its own process group: a signal meant for the agent never reaches it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.env(
+            crate::clone::vm::SPAWNED_ENV,
+            crate::clone::vm::unix_ns().to_string(),
+        );
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -23,7 +23,7 @@ use transport::roles::HostRole;
 use transport::QuicConfig;
 
 use super::link::{read_msg, write_msg};
-use supervisor::{HostConfig, Shared, Supervisor};
+use supervisor::{HostConfig, Shared, Supervisor, Wake};
 
 /// Flags of `vmatrix agent`.
 #[derive(Args, Debug)]
@@ -106,9 +106,11 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let sup = Supervisor::new(cfg.clone(), shared.clone());
     let stop2 = stop.clone();
     let stop_vms = a.stop_vms_on_exit;
+    let wake = Arc::new(Wake::default());
+    let wake2 = wake.clone();
     let sup = std::thread::Builder::new()
         .name("supervisor".into())
-        .spawn(move || sup.run(stop2, stop_vms))?;
+        .spawn(move || sup.run(stop2, stop_vms, &wake2))?;
     let rt = crate::rt::runtime().context("tokio runtime")?;
     let hello = AgentMsg::Hello {
         version: VERSION,
@@ -127,7 +129,7 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let ep = transport::quic::client(&identity, &quic)?;
         let conn_loop = async {
             loop {
-                match session(&ep, &a, &hello, &shared, cfg.heartbeat).await {
+                match session(&ep, &a, &hello, (&shared, &wake), cfg.heartbeat).await {
                     Ok(()) => tracing::warn!("the manager closed the connection"),
                     Err(e) => tracing::warn!("manager connection: {e:#}"),
                 }
@@ -141,6 +143,7 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     stop.store(true, Ordering::Relaxed);
+    wake.notify();
     let _ = sup.join();
     Ok(ExitCode::SUCCESS)
 }
@@ -150,7 +153,7 @@ async fn session(
     ep: &quinn::Endpoint,
     a: &AgentArgs,
     hello: &AgentMsg,
-    shared: &Arc<Mutex<Shared>>,
+    (shared, wake): (&Arc<Mutex<Shared>>, &Wake),
     heartbeat: Duration,
 ) -> anyhow::Result<()> {
     // Only complete reports are sent: wait for the supervisor's first look at every process.
@@ -170,6 +173,7 @@ async fn session(
         while let Some(m) = read_msg::<ManagerMsg>(&mut recv).await? {
             if let ManagerMsg::Assign(x) = m {
                 shared.lock().expect("shared").want = Some(x);
+                wake.notify();
             }
         }
         anyhow::Ok(())

@@ -64,6 +64,32 @@ pub struct Shared {
 
 type Key = (String, ProcRole);
 
+/// Wakes the supervisor before its next tick: a new assignment arrived (a scale-up should not
+/// wait up to a heartbeat for the round that starts its clones).
+#[derive(Default)]
+pub struct Wake {
+    pending: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Wake {
+    /// Ends the supervisor's current (or next) wait.
+    pub fn notify(&self) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits up to `timeout`, or until [`Wake::notify`].
+    fn wait(&self, timeout: Duration) {
+        let g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |pending| !*pending)
+            .unwrap_or_else(|p| p.into_inner());
+        *g = false;
+    }
+}
+
 /// How long a control request (other than status, handover, promote) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -149,10 +175,10 @@ impl Supervisor {
 
     /// Runs until `stop` is set. The VM processes go on running (the next agent adopts them)
     /// unless `stop_vms` is set.
-    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>, stop_vms: bool) {
+    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>, stop_vms: bool, wake: &Wake) {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             self.round();
-            std::thread::sleep(self.cfg.heartbeat);
+            wake.wait(self.cfg.heartbeat);
         }
         if !stop_vms {
             return;
@@ -167,6 +193,12 @@ impl Supervisor {
     }
 
     fn round(&mut self) {
+        // New clones first: polling the VM processes can take a while on a busy host (each
+        // status request up to its timeout), and a scale-up is waited for by clients.
+        let want = self.shared.lock().expect("shared").want.clone();
+        if let Some(want) = &want {
+            self.clones.start_new(want);
+        }
         for p in self.procs.values_mut() {
             if p.alive() {
                 p.poll();
