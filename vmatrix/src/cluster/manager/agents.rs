@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use failover::model::Assignments;
 use failover::wire::{AgentMsg, ManagerMsg, VERSION};
 use failover::FailoverError;
 use tokio::sync::{mpsc, watch};
@@ -61,88 +62,36 @@ fn refuse(conn: &quinn::Connection, peer: SocketAddr, why: &str) {
     close(conn, code::REFUSED, why);
 }
 
+/// An agent that said hello: its stream and what it said.
+struct Greeted {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    host: String,
+    repl_ip: String,
+    capacity_mib: u64,
+}
+
 async fn connection(conn: quinn::Connection, id: ConnId, core: mpsc::Sender<Cmd>) {
     let peer = conn.remote_address();
-    let cert = match transport::roles::check_peer(&conn, HostRole::Agent, None) {
-        Ok(c) => c,
-        Err(e) => return refuse(&conn, peer, &e.to_string()),
+    let Some(g) = greet(&conn, peer, id).await else {
+        return;
     };
-    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let msg = read_msg::<AgentMsg>(&mut recv).await?;
-        anyhow::Ok((send, recv, msg))
-    })
-    .await;
-    let (mut send, mut recv, hello) = match opened {
-        Err(_) => {
-            return refuse(
-                &conn,
-                peer,
-                &format!("no Hello within {} ms", HELLO_TIMEOUT.as_millis()),
-            )
-        }
-        Ok(Err(e)) => return refuse(&conn, peer, &format!("no Hello: {e:#}")),
-        Ok(Ok((_, _, None))) => return refuse(&conn, peer, "stream finished before Hello"),
-        Ok(Ok((s, r, Some(m)))) => (s, r, m),
-    };
-    let (host, repl_ip, capacity_mib) = match hello {
-        AgentMsg::Hello {
-            version,
-            host,
-            repl_ip,
-            capacity_mib,
-        } => {
-            if version != VERSION {
-                return refuse(
-                    &conn,
-                    peer,
-                    &format!("agent protocol version {version}, this manager speaks {VERSION}"),
-                );
-            }
-            if host != cert.host {
-                return refuse(
-                    &conn,
-                    peer,
-                    &format!(
-                        "Hello names host '{host}' but the certificate is for '{}'",
-                        cert.host
-                    ),
-                );
-            }
-            (host, repl_ip, capacity_mib)
-        }
-        AgentMsg::Report(_) => return refuse(&conn, peer, "first message is not Hello"),
-    };
-    if let Err(e) = write_msg(&mut send, &ManagerMsg::Welcome { version: VERSION }).await {
-        tracing::warn!("agent {host} ({peer}): cannot welcome it: {e:#}");
-        return close(&conn, code::SESSION_FAILED, "cannot write Welcome");
-    }
-    tracing::info!(
-        "agent {host} connected from {peer} (connection {id}, replication address {repl_ip}, \
-         {capacity_mib} MiB)"
-    );
-
+    let Greeted {
+        send,
+        mut recv,
+        host,
+        repl_ip,
+        capacity_mib,
+    } = g;
     // The writer sends the newest whole assignment; the decision loop never waits for it.
-    let (assign, mut latest) = watch::channel(None);
-    let writer = {
-        let (conn, host) = (conn.clone(), host.clone());
-        tokio::spawn(async move {
-            while latest.changed().await.is_ok() {
-                let Some(a) = latest.borrow_and_update().clone() else {
-                    continue;
-                };
-                if let Err(e) = write_msg(&mut send, &ManagerMsg::Assign(a)).await {
-                    tracing::info!("agent {host} (connection {id}): {e:#}");
-                    close(
-                        &conn,
-                        code::SESSION_FAILED,
-                        "cannot write to the agent stream",
-                    );
-                    return;
-                }
-            }
-        })
-    };
+    let (assign, latest) = watch::channel(None);
+    let writer = tokio::spawn(write_assignments(
+        conn.clone(),
+        host.clone(),
+        id,
+        send,
+        latest,
+    ));
     let link = AgentLink {
         assign,
         conn: conn.clone(),
@@ -158,48 +107,144 @@ async fn connection(conn: quinn::Connection, id: ConnId, core: mpsc::Sender<Cmd>
         writer.abort();
         return close(&conn, code::SHUTDOWN, "manager stops");
     }
+    read_reports(&conn, peer, id, &host, &mut recv, &core).await;
+    writer.abort();
+    let _ = core.send(Cmd::Gone { conn: id, host }).await;
+}
 
+/// Checks the agent's certificate and its Hello (within [`HELLO_TIMEOUT`]), then welcomes it;
+/// refuses the connection (None) otherwise.
+async fn greet(conn: &quinn::Connection, peer: SocketAddr, id: ConnId) -> Option<Greeted> {
+    let cert = match transport::roles::check_peer(conn, HostRole::Agent, None) {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(conn, peer, &e.to_string());
+            return None;
+        }
+    };
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let msg = read_msg::<AgentMsg>(&mut recv).await?;
+        anyhow::Ok((send, recv, msg))
+    })
+    .await;
+    let refused = |why: String| {
+        refuse(conn, peer, &why);
+        None
+    };
+    let (mut send, recv, hello) = match opened {
+        Err(_) => return refused(format!("no Hello within {} ms", HELLO_TIMEOUT.as_millis())),
+        Ok(Err(e)) => return refused(format!("no Hello: {e:#}")),
+        Ok(Ok((_, _, None))) => return refused("stream finished before Hello".into()),
+        Ok(Ok((s, r, Some(m)))) => (s, r, m),
+    };
+    let (host, repl_ip, capacity_mib) = match hello {
+        AgentMsg::Hello { version, .. } if version != VERSION => {
+            return refused(format!(
+                "agent protocol version {version}, this manager speaks {VERSION}"
+            ))
+        }
+        AgentMsg::Hello { host, .. } if host != cert.host => {
+            return refused(format!(
+                "Hello names host '{host}' but the certificate is for '{}'",
+                cert.host
+            ))
+        }
+        AgentMsg::Hello {
+            host,
+            repl_ip,
+            capacity_mib,
+            ..
+        } => (host, repl_ip, capacity_mib),
+        AgentMsg::Report(_) => return refused("first message is not Hello".into()),
+    };
+    if let Err(e) = write_msg(&mut send, &ManagerMsg::Welcome { version: VERSION }).await {
+        tracing::warn!("agent {host} ({peer}): cannot welcome it: {e:#}");
+        close(conn, code::SESSION_FAILED, "cannot write Welcome");
+        return None;
+    }
+    tracing::info!(
+        "agent {host} connected from {peer} (connection {id}, replication address {repl_ip}, \
+         {capacity_mib} MiB)"
+    );
+    Some(Greeted {
+        send,
+        recv,
+        host,
+        repl_ip,
+        capacity_mib,
+    })
+}
+
+/// Sends the newest whole assignment whenever it changes, until the stream fails.
+async fn write_assignments(
+    conn: quinn::Connection,
+    host: String,
+    id: ConnId,
+    mut send: quinn::SendStream,
+    mut latest: watch::Receiver<Option<Assignments>>,
+) {
+    while latest.changed().await.is_ok() {
+        let Some(a) = latest.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Err(e) = write_msg(&mut send, &ManagerMsg::Assign(a)).await {
+            tracing::info!("agent {host} (connection {id}): {e:#}");
+            close(
+                &conn,
+                code::SESSION_FAILED,
+                "cannot write to the agent stream",
+            );
+            return;
+        }
+    }
+}
+
+/// Hands the agent's reports to the decision loop until the stream ends, fails or breaks the
+/// protocol (then the connection is closed, saying why).
+async fn read_reports(
+    conn: &quinn::Connection,
+    peer: SocketAddr,
+    id: ConnId,
+    host: &str,
+    recv: &mut quinn::RecvStream,
+    core: &mpsc::Sender<Cmd>,
+) {
     loop {
-        match read_msg::<AgentMsg>(&mut recv).await {
+        match read_msg::<AgentMsg>(recv).await {
             Ok(Some(AgentMsg::Report(report))) => {
                 let r = Cmd::Report {
                     conn: id,
-                    host: host.clone(),
+                    host: host.to_string(),
                     report,
                 };
                 if core.send(r).await.is_err() {
-                    break;
+                    return;
                 }
             }
             Ok(Some(AgentMsg::Hello { .. })) => {
                 tracing::warn!(
                     "agent {host} ({peer}): a second Hello on connection {id}; closing it"
                 );
-                close(&conn, code::SESSION_FAILED, "protocol: a second Hello");
-                break;
+                return close(conn, code::SESSION_FAILED, "protocol: a second Hello");
             }
             Ok(None) => {
                 tracing::info!("agent {host} ({peer}) finished its stream (connection {id})");
-                close(&conn, code::DONE, "stream finished");
-                break;
+                return close(conn, code::DONE, "stream finished");
             }
             Err(e) if e.downcast_ref::<FailoverError>().is_some() => {
                 tracing::warn!(
                     "agent {host} ({peer}): bad frame on connection {id}: {e:#}; closing it"
                 );
-                close(&conn, code::SESSION_FAILED, &format!("bad frame: {e:#}"));
-                break;
+                return close(conn, code::SESSION_FAILED, &format!("bad frame: {e:#}"));
             }
             Err(e) => {
                 let why = conn
                     .close_reason()
                     .map_or_else(|| format!("{e:#}"), |r| r.to_string());
                 tracing::info!("agent {host} ({peer}): connection {id} ended: {why}");
-                close(&conn, code::SESSION_FAILED, "stream failed");
-                break;
+                return close(conn, code::SESSION_FAILED, "stream failed");
             }
         }
     }
-    writer.abort();
-    let _ = core.send(Cmd::Gone { conn: id, host }).await;
 }
