@@ -63,24 +63,7 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         // Nothing the guest sends may leave before the backup holds the state that produced it.
         vm.hold_output_from_start();
     }
-    let pcfg = PrimaryConfig {
-        epoch: Duration::from_millis(a.epoch_ms),
-        min_epoch: Duration::from_millis(a.min_epoch_ms.clamp(1, 1000)),
-        max_output_delay: Duration::from_millis(a.max_output_delay_ms.clamp(1, 10_000)),
-        backups: Vec::new(),
-        required,
-        identity,
-        cluster_id: a.cluster_id,
-        vm_id: a.vm_id,
-        term: a.term,
-        lanes: a.lanes,
-        window: 4,
-        quic: quic_config(a.idle_timeout_ms),
-        encode: EncodeOptions::default(),
-        early_checkpoints: a.early_checkpoints,
-        precopy_rounds: a.precopy_rounds,
-        drop_after: Duration::from_millis(a.drop_after_ms),
-    };
+    let pcfg = primary_config(&a, required, identity);
     let (backups_tx, backups_rx) = watch::channel(BackupSet {
         list: a.backup,
         required,
@@ -131,6 +114,16 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let code = supervise(vm, control.as_deref(), console, false, extra);
     let _ = stop_tx.send(true);
     let _ = repl.join();
+    exit_code(code, &handed, &fence, a.term)
+}
+
+/// How the primary ended: handed over, fenced by a newer term, or as its VM did.
+fn exit_code(
+    code: anyhow::Result<ExitCode>,
+    handed: &std::sync::atomic::AtomicBool,
+    fence: &Fence,
+    term: u64,
+) -> anyhow::Result<ExitCode> {
     // (Handed over first: a handover's stop is not a fence, whatever came after it.)
     if handed.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!("vmatrix primary: handed over (the guest stopped after its last checkpoint)");
@@ -140,13 +133,36 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         let by = f
             .term
             .map_or("a newer term".to_string(), |t| format!("term {t}"));
-        eprintln!(
-            "vmatrix primary: fenced by {by} (this primary has term {})",
-            a.term
-        );
+        eprintln!("vmatrix primary: fenced by {by} (this primary has term {term})");
         return Ok(ExitCode::from(FENCED_EXIT));
     }
     code
+}
+
+/// The replication settings from the flags.
+fn primary_config(
+    a: &PrimaryArgs,
+    required: usize,
+    identity: transport::certs::Identity,
+) -> PrimaryConfig {
+    PrimaryConfig {
+        epoch: Duration::from_millis(a.epoch_ms),
+        min_epoch: Duration::from_millis(a.min_epoch_ms.clamp(1, 1000)),
+        max_output_delay: Duration::from_millis(a.max_output_delay_ms.clamp(1, 10_000)),
+        backups: Vec::new(),
+        required,
+        identity,
+        cluster_id: a.cluster_id,
+        vm_id: a.vm_id.clone(),
+        term: a.term,
+        lanes: a.lanes,
+        window: 4,
+        quic: quic_config(a.idle_timeout_ms),
+        encode: EncodeOptions::default(),
+        early_checkpoints: a.early_checkpoints,
+        precopy_rounds: a.precopy_rounds,
+        drop_after: Duration::from_millis(a.drop_after_ms),
+    }
 }
 
 /// The VM: booted from the flags, or restored from `--from-image` (a backup's replica image is
