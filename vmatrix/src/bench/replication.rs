@@ -188,6 +188,15 @@ fn wait_protected(s: &primary::Stats) -> anyhow::Result<()> {
 
 /// Runs the whole benchmark and prints it.
 pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
+    let quinn = raw_quinn(env, &t)?;
+    pauses_under_churn(env, &t, quinn)?;
+    epoch_rate_fast(env, &t)?;
+    kv_protected_vs_unprotected(env, &t)
+}
+
+/// Prints the title and the raw quinn throughput of this run (bytes/s), the yardstick of the
+/// checkpoint bandwidth.
+fn raw_quinn(env: &BenchEnv, t: &Timing) -> anyhow::Result<f64> {
     println!(
         "## Continuous replication (`vmatrix bench replication`; primary, backup and clients on this machine, QUIC over loopback, {} MiB guest)\n",
         env.mem_mib
@@ -208,7 +217,11 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         quinn / 1e6
     );
 
-    // Pauses and bandwidth under CHURN, fixed 20 ms epochs.
+    Ok(quinn)
+}
+
+/// Pauses and bandwidth under CHURN, fixed 20 ms epochs.
+fn pauses_under_churn(env: &BenchEnv, t: &Timing, quinn: f64) -> anyhow::Result<()> {
     let vm = RunningVm::protected(
         env,
         "churn",
@@ -253,7 +266,11 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
     drop(kv);
     drop(vm);
 
-    // Epoch rate at 1 ms epochs, idle and under KV writes.
+    Ok(())
+}
+
+/// Epoch rate at 1 ms epochs, idle and under KV writes.
+fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
     let vm = RunningVm::protected(
         env,
         "fast",
@@ -286,7 +303,14 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
     println!("| idle guest | {idle:.0} | {ip50} µs | {ip99} µs |");
     println!("| 4 KV clients writing ({rate:.0} SETs/s) | {loaded:.0} | {lp50} µs | {lp99} µs |");
 
-    // KV protected vs unprotected.
+    Ok(())
+}
+
+/// One pipelined run: its label, SETs/s and what replication did meanwhile.
+type Pipelined = (String, f64, String);
+
+/// KV service, protected vs unprotected, same run: closed-loop and pipelined clients.
+fn kv_protected_vs_unprotected(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
     println!("\n### KV service, protected vs unprotected (same run)\n");
     println!("| setup | clients | SETs/s | p50 | p99 | throughput vs unprotected |\n|---|---|---|---|---|---|");
     let loads = [(1usize, t.kv_ops), (16, t.kv_ops / 3 + 1)];
@@ -321,6 +345,25 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         }
         drop(vm);
     }
+    protected_kv(env, t, (&loads, &base), depth, &mut pipelined)?;
+    println!("\n16 clients, each keeping {depth} SETs in flight (pipelined):\n");
+    println!("| setup | SETs/s | throughput vs unprotected | replication during the run |\n|---|---|---|---|");
+    let unprotected = pipelined.first().map_or(1.0, |p| p.1);
+    for (label, r, detail) in &pipelined {
+        println!("| {label} | {r:.0} | {:.2}× | {detail} |", r / unprotected);
+    }
+    Ok(())
+}
+
+/// The protected half of [`kv_protected_vs_unprotected`]: closed loop against `base` (the
+/// unprotected SETs/s of each load), then pipelined (pushed to `pipelined`).
+fn protected_kv(
+    env: &BenchEnv,
+    t: &Timing,
+    (loads, base): (&[(usize, usize)], &[f64]),
+    depth: usize,
+    pipelined: &mut Vec<Pipelined>,
+) -> anyhow::Result<()> {
     for (label, early) in [
         ("protected, fixed 20 ms epochs", false),
         ("protected (default: early checkpoints)", true),
@@ -336,7 +379,7 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         let stats = vm.stats.clone().context("protected VM without stats")?;
         drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
         wait_protected(&stats)?;
-        for (i, (c, ops)) in loads.into_iter().enumerate() {
+        for (i, &(c, ops)) in loads.iter().enumerate() {
             let (r, p50, p99) = kv_load(env.guest_addr(), c, ops)?;
             println!(
                 "| {label} | {c} | {r:.0} | {} | {} | {:.2}× |",
@@ -359,12 +402,6 @@ pub fn run(env: &BenchEnv, t: Timing) -> anyhow::Result<()> {
         );
         pipelined.push((label.to_string(), r, detail));
         drop(vm);
-    }
-    println!("\n16 clients, each keeping {depth} SETs in flight (pipelined):\n");
-    println!("| setup | SETs/s | throughput vs unprotected | replication during the run |\n|---|---|---|---|");
-    let unprotected = pipelined.first().map_or(1.0, |p| p.1);
-    for (label, r, detail) in &pipelined {
-        println!("| {label} | {r:.0} | {:.2}× | {detail} |", r / unprotected);
     }
     Ok(())
 }
