@@ -123,10 +123,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     down_cooldown_ms: 10_000,
                     hysteresis: 0.2,
                 }),
-                placed: vec![failover::clones::CloneSlot {
-                    index: 0,
-                    host: "a".into(),
-                }],
+                placed: vec![
+                    failover::clones::CloneSlot {
+                        index: 0,
+                        host: "a".into(),
+                        draining: false,
+                    },
+                    failover::clones::CloneSlot {
+                        index: 2,
+                        host: "a".into(),
+                        draining: true,
+                    },
+                ],
+                balancer: Some(failover::clones::Balancer {
+                    vip: "10.77.1.100:7000".into(),
+                    lease_ms: 3000,
+                }),
             },
         },
     );

@@ -72,6 +72,47 @@ pub struct CloneSlot {
     pub index: u32,
     /// Where it runs.
     pub host: HostId,
+    /// Scaled down while a load balancer's driver was attached: it gets no new connection and
+    /// runs on until the driver says its connections ended (or the manager's drain limit), then
+    /// it is stopped. It is not serving, not placed again, and its slot (so its address) is
+    /// taken by nobody else meanwhile. (Absent in state files written before draining.)
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// The load balancer's driver attached to a VM (`vmatrix lb serve`; persisted, so a restarted
+/// manager still drains; its lease is not: a restarted manager counts it from its own start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balancer {
+    /// The service's address (the VIP, `a.b.c.d:port`), for the record.
+    pub vip: String,
+    /// The driver renews within this, ms; after it without a renewal it is detached.
+    pub lease_ms: u64,
+}
+
+/// Shortest and longest lease a driver may ask for, ms.
+pub const LEASE_MS: std::ops::RangeInclusive<u64> = 200..=60_000;
+
+impl Balancer {
+    /// Checks what a driver sent.
+    pub fn validate(&self) -> Result<(), String> {
+        let vip: std::net::SocketAddrV4 = self
+            .vip
+            .parse()
+            .map_err(|_| format!("vip '{}' is not a.b.c.d:port", self.vip))?;
+        if vip.ip().is_unspecified() || vip.port() == 0 {
+            return Err(format!("vip '{}' needs an address and a port", self.vip));
+        }
+        if !LEASE_MS.contains(&self.lease_ms) {
+            return Err(format!(
+                "lease_ms {} not in {}..={}",
+                self.lease_ms,
+                LEASE_MS.start(),
+                LEASE_MS.end()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A VM's clones as the manager keeps them (persisted, inside its record).
@@ -93,6 +134,9 @@ pub struct CloneSet {
     /// Where each clone runs.
     #[serde(default)]
     pub placed: Vec<CloneSlot>,
+    /// The load balancer's driver, while one is attached (scale-down then drains).
+    #[serde(default)]
+    pub balancer: Option<Balancer>,
 }
 
 impl Eq for CloneSet {}
@@ -246,6 +290,42 @@ mod tests {
         let st: crate::model::ClusterState = serde_json::from_str(old).unwrap();
         assert_eq!(st.vms["web"].clones, CloneSet::default());
         assert!(!st.vms["web"].clones.wants_base());
+    }
+
+    #[test]
+    fn a_state_file_from_before_draining_still_parses() {
+        let old = r#"{"vms":{"web":{"spec":{"name":"web","mem_mib":64,"disk_mib":16,
+            "guest_config":"ip=10.0.0.2/24","backups":1,"hosts":[],"port":7100},
+            "term":3,"phase":"Running","primary":"a","started":true,"backups":[],
+            "handover_to":null,"clones":{"desired":1,"first_ip":"10.0.0.10/24","warm":false,
+            "autoscale":null,"placed":[{"index":0,"host":"a"}]}}},"retired":{}}"#;
+        let st: crate::model::ClusterState = serde_json::from_str(old).unwrap();
+        let c = &st.vms["web"].clones;
+        assert!(!c.placed[0].draining);
+        assert_eq!(c.balancer, None);
+    }
+
+    #[test]
+    fn balancers_are_checked() {
+        let ok = Balancer {
+            vip: "10.0.0.100:7000".into(),
+            lease_ms: 3000,
+        };
+        assert!(ok.validate().is_ok());
+        for (vip, lease_ms) in [
+            ("10.0.0.100", 3000),
+            ("0.0.0.0:7000", 3000),
+            ("10.0.0.100:0", 3000),
+            ("web:7000", 3000),
+            ("10.0.0.100:7000", 10),
+            ("10.0.0.100:7000", 3_600_000),
+        ] {
+            let b = Balancer {
+                vip: vip.into(),
+                lease_ms,
+            };
+            assert!(b.validate().is_err(), "{b:?}");
+        }
     }
 
     #[test]

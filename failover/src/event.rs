@@ -42,6 +42,10 @@ pub enum EventKind {
     CloneStarted,
     /// A clone was stopped (scaled down) or lost with its host.
     CloneStopped,
+    /// A scaled-down clone began draining on the load balancer (or went back into service).
+    CloneDraining,
+    /// A load balancer's driver attached to a VM or detached (its lease ran out, or it said so).
+    Balancer,
 }
 
 /// One event.

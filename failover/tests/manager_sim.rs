@@ -126,6 +126,7 @@ fn cfg() -> ManagerConfig {
         detect: Duration::from_millis(60),
         backup_lost: Duration::from_millis(1500),
         hung: Duration::from_millis(1000),
+        ..ManagerConfig::default()
     }
 }
 

@@ -5,7 +5,9 @@
 //!   event saying why.
 //! - **Slots**: clone `i` of a VM has slot `i` (its name `<vm>-c<i>` and its address, the
 //!   `i`-th after the VM's `first_ip`, so its MAC too). Slots `0..desired` are placed; a slot
-//!   at or above the count is removed (`clone_stopped`: its agent drains and stops it).
+//!   at or above the count is removed (`clone_stopped`: its agent stops it) — or, while a load
+//!   balancer's driver is attached, kept as `draining` until the driver says its connections
+//!   ended (`clone_draining`, then `clone_stopped`; see `super::drain`).
 //! - **Placement**: a live host allowed for the VM, with room (its hello's capacity minus
 //!   `mem_mib` per primary or backup assigned to it and [`CLONE_SHARE_MIB`] per clone), that
 //!   can start a clone now or soon: it reports a clone base of the VM, or it runs the VM's
@@ -24,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, Manager};
 use crate::clones::{
-    clone_config, clone_name, slot_ip, AutoscaleSpec, CloneAssignment, CloneSlot, CLONE_SHARE_MIB,
-    MAX_CLONES,
+    clone_config, clone_name, slot_ip, AutoscaleSpec, Balancer, CloneAssignment, CloneSlot,
+    CLONE_SHARE_MIB, MAX_CLONES,
 };
 use crate::event::EventKind;
 use crate::model::{Assignments, HostId, Phase, VmRecord};
@@ -51,7 +53,7 @@ pub(crate) struct CloneTracker {
     /// Autoscalers by VM (their samples; the settings are in the record).
     scalers: BTreeMap<String, Scaler>,
     /// Clones seen running (a `clone_started` event each time one starts running).
-    running: BTreeSet<String>,
+    pub(super) running: BTreeSet<String>,
     /// Slots said to be waiting for a host (said once).
     waiting: BTreeSet<String>,
 }
@@ -67,7 +69,8 @@ pub struct CloneView {
     pub host: String,
     /// Its address (with prefix).
     pub ip: String,
-    /// `starting`, `running`, `exited (…)` or `unreachable`.
+    /// `starting`, `running`, `draining` (scaled down, waiting for its connections to end on
+    /// the load balancer), `exited (…)` or `unreachable`.
     pub state: String,
 }
 
@@ -86,6 +89,9 @@ pub struct ClonesView {
     pub load: Option<f64>,
     /// Every placed clone.
     pub instances: Vec<CloneView>,
+    /// The load balancer's driver attached (absent in answers of a manager built before it).
+    #[serde(default)]
+    pub balancer: Option<Balancer>,
 }
 
 impl Manager {
@@ -205,12 +211,15 @@ impl Manager {
                 continue;
             };
             self.autoscale_step(now, &mut rec);
+            self.expire_balancer(now, &mut rec);
             self.drop_lost_clones(now, &mut rec);
+            self.watch_drains(now, &mut rec);
             self.drop_surplus_clones(now, &mut rec);
             self.place_clones(now, &mut rec);
             self.note_started_clones(now, &rec);
             self.state.vms.insert(name, rec);
         }
+        self.prune_drains();
     }
 
     fn autoscale_step(&mut self, now: Duration, rec: &mut VmRecord) {
@@ -273,17 +282,34 @@ impl Manager {
         }
     }
 
-    /// Slots at or above the count, the highest first.
+    /// Slots at or above the count, the highest first: drained first while a load balancer's
+    /// driver is attached and the clone runs, else stopped at once.
     fn drop_surplus_clones(&mut self, now: Duration, rec: &mut VmRecord) {
         let desired = rec.clones.desired;
         rec.clones.placed.sort_by_key(|s| s.index);
-        while rec.clones.placed.last().is_some_and(|s| s.index >= desired) {
-            let Some(s) = rec.clones.placed.pop() else {
-                break;
-            };
-            let cname = clone_name(&rec.spec.name, s.index);
+        let surplus: Vec<u32> = rec
+            .clones
+            .placed
+            .iter()
+            .rev()
+            .filter(|s| s.index >= desired && !s.draining)
+            .map(|s| s.index)
+            .collect();
+        for index in surplus {
+            if self.start_drain(now, rec, index) {
+                continue;
+            }
+            let cname = clone_name(&rec.spec.name, index);
             self.clone_tracker.running.remove(&cname);
-            let why = format!("{cname}: scaled down to {desired} (drained, then stopped)");
+            let Some(pos) = rec.clones.placed.iter().position(|s| s.index == index) else {
+                continue;
+            };
+            let s = rec.clones.placed.remove(pos);
+            let how = match rec.clones.balancer {
+                Some(_) => "not running: nothing to drain",
+                None => "no load balancer attached: not drained",
+            };
+            let why = format!("{cname}: scaled down to {desired} ({how}); stopped");
             let (vm, term) = (rec.spec.name.clone(), Some(rec.term));
             self.event(
                 now,
@@ -325,6 +351,7 @@ impl Manager {
             rec.clones.placed.push(CloneSlot {
                 index,
                 host: host.clone(),
+                draining: false,
             });
             // (Counted at once: the next slot sees this one's share.)
             self.state.vms.insert(rec.spec.name.clone(), rec.clone());
@@ -333,7 +360,7 @@ impl Manager {
 
     /// `clone_started` once a placed clone reports its VM running.
     fn note_started_clones(&mut self, now: Duration, rec: &VmRecord) {
-        for s in &rec.clones.placed {
+        for s in rec.clones.placed.iter().filter(|s| !s.draining) {
             let cname = clone_name(&rec.spec.name, s.index);
             let running = self
                 .clone_obs(&s.host, &cname)
@@ -363,7 +390,11 @@ impl Manager {
         }
     }
 
-    fn clone_obs(&self, host: &str, cname: &str) -> Option<&crate::model::CloneObservation> {
+    pub(super) fn clone_obs(
+        &self,
+        host: &str,
+        cname: &str,
+    ) -> Option<&crate::model::CloneObservation> {
         self.hosts
             .get(host)?
             .report
@@ -461,6 +492,7 @@ impl Manager {
                 let o = self.clone_obs(&s.host, &name);
                 let state = match o {
                     _ if !self.fresh(now, &s.host) => "unreachable".to_string(),
+                    Some(o) if o.alive && s.draining => "draining".into(),
                     Some(o) if o.alive && o.running => "running".into(),
                     Some(o) if !o.alive => {
                         format!("exited ({})", o.exit.as_deref().unwrap_or("?"))
@@ -493,6 +525,7 @@ impl Manager {
                 .get(&rec.spec.name)
                 .and_then(|s| s.last_load()),
             instances,
+            balancer: rec.clones.balancer.clone(),
         }
     }
 }

@@ -20,6 +20,7 @@
 
 mod clones;
 mod detect;
+mod drain;
 mod handover;
 mod place;
 mod promote;
@@ -30,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 pub use clones::{CloneView, ClonesView, ScaleRequest};
+pub use drain::DrainedReport;
 pub use retry::RETRY_LIMIT;
 pub use view::{BackupView, HostView, VmView};
 
@@ -58,7 +60,12 @@ pub struct ManagerConfig {
     /// long (hung, stopped, stuck in the kernel) is failed, if its backups also say that
     /// checkpoints stopped (for longer than `detect`).
     pub hung: Duration,
+    /// Longest a scaled-down clone drains on the load balancer before it is stopped anyway.
+    pub drain_limit: Duration,
 }
+
+/// Default [`ManagerConfig::drain_limit`].
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -66,6 +73,7 @@ impl Default for ManagerConfig {
             detect: Duration::from_millis(60),
             backup_lost: Duration::from_millis(1500),
             hung: Duration::from_millis(1000),
+            drain_limit: DRAIN_LIMIT,
         }
     }
 }
@@ -199,6 +207,8 @@ pub struct Manager {
     shunned: BTreeMap<(String, HostId), Duration>,
     /// Autoscalers and clone events (see `clones`).
     clone_tracker: clones::CloneTracker,
+    /// Balancers' leases and drains' start times (see `drain`).
+    drains: drain::DrainTracker,
 }
 
 impl Manager {
@@ -225,6 +235,7 @@ impl Manager {
             unheard_since: BTreeMap::new(),
             shunned: BTreeMap::new(),
             clone_tracker: clones::CloneTracker::default(),
+            drains: drain::DrainTracker::default(),
         }
     }
 

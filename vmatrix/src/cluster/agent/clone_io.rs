@@ -1,5 +1,6 @@
 //! The agent's clone I/O (see `clones.rs`): one clone process, making a clone base from the
-//! local primary's snapshot, the clones' taps, and the drain seam before a clone stops.
+//! local primary's snapshot, the clones' taps, and the note before a clone stops (draining is
+//! the manager's and the load balancer's driver's: see [`note_stop`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,16 +94,17 @@ fn pid_alive(pid: u32) -> bool {
     })
 }
 
-/// The drain before a clone stops: the load balancer must send it no new connection and let
-/// its connections end first.
-///
-/// SEAM (issue 11, part 2a): the load balancer (`vmatrix/src/lb/`, IPVS) is being built by
-/// another engineer and has not landed; when it does, this calls its drain (weight 0, wait
-/// until the clone's active connections are gone or a limit passes). Until then a clone
-/// is stopped at once and its open connections are reset by its end.
-pub(super) fn drain(name: &str, c: &CloneProc) {
+/// A clone is about to stop because its assignment no longer lists it. Draining is not done
+/// here: while a load balancer's driver (`vmatrix lb serve`, `crate::lb::serve`) is attached
+/// to the VM, the manager keeps a scaled-down clone assigned (as `draining`) until the driver
+/// took it out of the service and saw its last connection end, and only then drops it from
+/// this host's assignment (`failover::manager` `drain` rules; docs/clones.md, "Drain before
+/// stop"). So by the time the agent stops a clone it was drained, or nothing was to be drained
+/// (no balancer attached, the drain limit passed, the driver gone).
+pub(super) fn note_stop(name: &str, c: &CloneProc) {
     tracing::info!(
-        "clone {name} (tap {}): no load balancer to drain it in yet; stopping it",
+        "clone {name} (tap {}): no longer assigned (drained first if a load balancer is \
+         attached); stopping it",
         c.tap
     );
 }

@@ -1,7 +1,8 @@
 //! The agent's clones (issue 11; docs/clones.md, "Clones through the manager"): it keeps a
 //! clone base warm for every VM whose primary runs here and the manager asks for one, starts
-//! one `vmatrix clone-vm` process per clone assigned to this host, drains and stops the ones no
-//! longer assigned, and reports both.
+//! one `vmatrix clone-vm` process per clone assigned to this host, stops the ones no longer
+//! assigned (a load balancer's driver drained them first: the manager keeps a draining clone
+//! assigned until then), and reports both.
 //!
 //! **The base.** Made from the local primary's own snapshot (`PUT /snapshot` on its control
 //! socket: one capture pause; the service and its protection go on), frozen with
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use failover::model::{Assignments, BaseObservation, CloneAssignment, CloneObservation};
 
-use super::clone_io::{drain, ensure_taps, free_tap, make_base, remove_dir, signal, CloneProc};
+use super::clone_io::{ensure_taps, free_tap, make_base, note_stop, remove_dir, signal, CloneProc};
 use crate::control::client::Client;
 
 /// How long a clone that exited waits before it is started again.
@@ -268,7 +269,7 @@ impl Clones {
                 continue;
             };
             if c.alive() {
-                drain(&name, &c);
+                note_stop(&name, &c);
                 signal(c.pid, rustix::process::Signal::TERM);
                 stopping.push((name, c));
             } else {

@@ -11,6 +11,9 @@
 //! | `PUT /v1/vms/{name}/clones` (`{"count": n, "ip": "a.b.c.d/len", "warm": bool}`) | `VmView` once durable; 400, 404 |
 //! | `PUT /v1/vms/{name}/autoscale` (`{"autoscale": AutoscaleSpec or null, "ip": ...}`) | `{"autoscale": ...}`; 400, 404 |
 //! | `PUT /v1/vms/{name}/load` (`{"load": x}`) | `{"load": x}`; 400 (no autoscaling), 404 |
+//! | `PUT /v1/vms/{name}/balancer` (`{"vip": "a.b.c.d:port", "lease_ms": n}`) | attaches (or renews) a load balancer's driver: `{"attached": name, "lease_ms": n}`; 400, 404 |
+//! | `DELETE /v1/vms/{name}/balancer` | `{"detached": name}` (draining clones stop); 404 |
+//! | `PUT /v1/vms/{name}/clones/{slot}/drained` (`{"drained": bool, "active_left": n, "waited_ms": n}`) | the draining clone of that slot is stopped: `{"stopped": clone}`; 400 (not draining, bad slot), 404 |
 //! | `GET /v1/hosts` | `[HostView]` |
 //! | `GET /v1/events?since=n` | events numbered above n (the last 1000 at most) |
 //! | `GET /metrics` | OpenMetrics text |
@@ -27,8 +30,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use failover::clones::AutoscaleSpec;
-use failover::manager::{ApiError, ScaleRequest};
+use failover::clones::{AutoscaleSpec, Balancer};
+use failover::manager::{ApiError, DrainedReport, ScaleRequest};
 use failover::model::VmSpec;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -97,6 +100,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/vms/{name}/clones", put(scale))
         .route("/v1/vms/{name}/autoscale", put(autoscale))
         .route("/v1/vms/{name}/load", put(load))
+        .route("/v1/vms/{name}/balancer", put(attach).delete(detach))
+        .route("/v1/vms/{name}/clones/{slot}/drained", put(drained))
         .route("/v1/hosts", get(hosts))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -241,6 +246,54 @@ async fn load(
     let l: Load = json_body(body, false)?.expect("required");
     ask(&api, |tx| ApiCall::Load(name, l.load, tx)).await??;
     Ok(Json(serde_json::json!({ "load": l.load })))
+}
+
+/// Body of `PUT /v1/vms/{name}/balancer`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attach {
+    vip: String,
+    lease_ms: u64,
+}
+
+async fn attach(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let a: Attach = json_body(body, false)?.expect("required");
+    let b = Balancer {
+        vip: a.vip,
+        lease_ms: a.lease_ms,
+    };
+    let n = name.clone();
+    ask(&api, |tx| ApiCall::Attach(n, b, tx)).await??;
+    Ok(Json(
+        serde_json::json!({ "attached": name, "lease_ms": a.lease_ms }),
+    ))
+}
+
+async fn detach(State(api): State<Api>, Path(name): Path<String>) -> Answer<impl IntoResponse> {
+    ask(&api, |tx| ApiCall::Detach(name.clone(), tx)).await??;
+    Ok(Json(serde_json::json!({ "detached": name })))
+}
+
+async fn drained(
+    State(api): State<Api>,
+    Path((name, slot)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let slot: u32 = slot.parse().map_err(|_| {
+        HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("slot '{slot}' is not a clone's slot number"),
+        )
+    })?;
+    let r: DrainedReport = json_body(body, false)?.expect("required");
+    let n = name.clone();
+    ask(&api, |tx| ApiCall::Drained(n, slot, r, tx)).await??;
+    let clone = failover::clones::clone_name(&name, slot);
+    Ok(Json(serde_json::json!({ "stopped": clone })))
 }
 
 async fn hosts(State(api): State<Api>) -> Answer<impl IntoResponse> {

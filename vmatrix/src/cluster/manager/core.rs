@@ -19,8 +19,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use failover::clones::AutoscaleSpec;
-use failover::manager::{ApiError, HostView, Input, Manager, Output, ScaleRequest, VmView, TICK};
+use failover::clones::{AutoscaleSpec, Balancer};
+use failover::manager::{
+    ApiError, DrainedReport, HostView, Input, Manager, Output, ScaleRequest, VmView, TICK,
+};
 use failover::model::{Assignments, HostId, Report, VmSpec};
 use failover::store::{FileStore, Store};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -76,6 +78,17 @@ pub enum ApiCall {
     ),
     /// A load sample for a VM's autoscaler.
     Load(String, f64, oneshot::Sender<Result<(), ApiError>>),
+    /// A load balancer's driver attaches to a VM or renews its lease.
+    Attach(String, Balancer, oneshot::Sender<Result<(), ApiError>>),
+    /// The driver detaches.
+    Detach(String, oneshot::Sender<Result<(), ApiError>>),
+    /// The driver drained a clone (VM, slot).
+    Drained(
+        String,
+        u32,
+        DrainedReport,
+        oneshot::Sender<Result<(), ApiError>>,
+    ),
     /// Every host.
     Hosts(oneshot::Sender<Vec<HostView>>),
     /// Figures for the metrics page.
@@ -303,6 +316,21 @@ impl Core {
             }
             ApiCall::Load(name, load, tx) => {
                 let r = self.mgr.load_sample(now, &name, load);
+                self.drain()?;
+                let _ = tx.send(r);
+            }
+            ApiCall::Attach(name, b, tx) => {
+                let r = self.mgr.attach_balancer(now, &name, b);
+                self.drain()?;
+                let _ = tx.send(r);
+            }
+            ApiCall::Detach(name, tx) => {
+                let r = self.mgr.detach_balancer(now, &name);
+                self.drain()?;
+                let _ = tx.send(r);
+            }
+            ApiCall::Drained(name, slot, report, tx) => {
+                let r = self.mgr.clone_drained(now, &name, slot, report);
                 self.drain()?;
                 let _ = tx.send(r);
             }

@@ -64,6 +64,10 @@ pub struct ManagerArgs {
     /// checkpoints stopped for as long, is failed as hung, ms.
     #[arg(long, default_value_t = 1000)]
     pub hung_ms: u64,
+    /// Longest a scaled-down clone drains on its VM's load balancer (no new connections, open
+    /// ones finishing) before it is stopped anyway, ms (docs/clones.md, "Drain before stop").
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_limit_ms: u64,
 }
 
 /// Runs the manager until SIGINT/SIGTERM (success) or a decision that cannot be persisted
@@ -102,6 +106,7 @@ pub fn main(a: ManagerArgs) -> anyhow::Result<ExitCode> {
         detect: Duration::from_millis(a.detect_ms),
         backup_lost: Duration::from_millis(a.backup_lost_ms),
         hung: Duration::from_millis(a.hung_ms),
+        drain_limit: Duration::from_millis(a.drain_limit_ms),
     };
     let vms = state.vms.len();
     let start = Instant::now();
