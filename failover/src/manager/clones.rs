@@ -72,6 +72,10 @@ pub struct CloneView {
     /// `starting`, `running`, `draining` (scaled down, waiting for its connections to end on
     /// the load balancer), `exited (…)` or `unreachable`.
     pub state: String,
+    /// Scaled down and draining (whatever its host's freshness makes `state` say); absent in
+    /// answers of a manager built before draining.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A VM's clones as the API shows them.
@@ -511,6 +515,7 @@ impl Manager {
                     host: s.host.clone(),
                     ip,
                     state,
+                    draining: s.draining,
                 }
             })
             .collect();

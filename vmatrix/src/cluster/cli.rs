@@ -173,14 +173,14 @@ pub struct EventsArgs {
     pub m: ManagerOpt,
 }
 
-/// The API's client.
-pub(super) struct Client {
+/// The API's client (also the load balancer's driver's, `crate::lb::serve`).
+pub(crate) struct Client {
     base: String,
     agent: ureq::Agent,
 }
 
 impl Client {
-    pub(super) fn new(m: &ManagerOpt) -> anyhow::Result<Client> {
+    pub(crate) fn new(m: &ManagerOpt) -> anyhow::Result<Client> {
         let addr = m.manager.trim_end_matches('/');
         let base = if addr.starts_with("http://") {
             addr.to_string()
@@ -199,7 +199,7 @@ impl Client {
 
     /// Sends a request and returns the body of a 2xx answer; any other answer is an error
     /// with the manager's message.
-    pub(super) fn call(
+    pub(crate) fn call(
         &self,
         method: &str,
         path: &str,

@@ -1,4 +1,4 @@
-//! `vmatrix lb create|add|drain|remove|stats|delete`: one address for a service from the shell
+//! `vmatrix lb create|add|drain|remove|stats|delete|serve`: one address for a service from the shell
 //! (docs/clones.md, "One address: the load balancer"). Each command is one short process
 //! working on the kernel's record of the service (`super::Service::open`), so a script (or a
 //! test) can start clones with `vmatrix clone`, add them, drain one and stop it.
@@ -27,6 +27,10 @@ pub enum LbCmd {
     Stats(StatsArgs),
     /// Remove the service (its VIP and every server).
     Delete(Which),
+    /// Drive the service of a VM of `vmatrix manager`: the primary and its running clones in
+    /// it, scaled-down clones drained before the manager stops them, the load sent to its
+    /// autoscaler; runs until SIGINT/SIGTERM.
+    Serve(super::serve::ServeArgs),
 }
 
 /// Which service.
@@ -170,6 +174,7 @@ pub fn main(cmd: LbCmd) -> anyhow::Result<ExitCode> {
             }
         }
         LbCmd::Delete(w) => open(&w)?.delete()?,
+        LbCmd::Serve(a) => return super::serve::main(a),
     }
     Ok(ExitCode::SUCCESS)
 }

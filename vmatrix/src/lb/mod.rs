@@ -31,6 +31,8 @@
 pub mod cli;
 mod conntrack;
 mod nft;
+pub mod reconcile;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::fs::File;
