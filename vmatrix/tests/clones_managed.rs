@@ -13,13 +13,6 @@ use std::time::{Duration, Instant};
 use support::managed::Managed;
 use support::*;
 
-/// The address of clone `i` (slot i: .10 + i on the cluster's LAN).
-fn clone_addr(m: &Managed, i: u32) -> SocketAddr {
-    format!("10.77.{}.{}:7000", m.net.index, 10 + i)
-        .parse()
-        .unwrap()
-}
-
 /// Waits until clone `i` answers `GET colour` with `want`; how long it took.
 fn wait_clone(m: &Managed, i: u32, want: &str, timeout: Duration) -> Duration {
     let t0 = Instant::now();
@@ -42,35 +35,15 @@ fn wait_clone(m: &Managed, i: u32, want: &str, timeout: Duration) -> Duration {
 }
 
 fn scale(m: &Managed, n: u32) {
-    let ip = format!("10.77.{}.10/24", m.net.index);
-    let out = m.cli(&[
-        "vm",
-        "scale",
-        "web",
-        "--clones",
-        &n.to_string(),
-        "--ip",
-        &ip,
-    ]);
-    assert!(
-        out.status.success(),
-        "scale: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    m.scale(n);
 }
 
 fn clone_hosts(v: &serde_json::Value) -> Vec<(String, String)> {
-    v["clones"]["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("host"), s("state"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    Managed::clone_states(v)
+}
+
+fn clone_addr(m: &Managed, i: u32) -> SocketAddr {
+    m.clone_addr(i)
 }
 
 #[test]

@@ -8,14 +8,15 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::lb::{client_loop, Conn, LbNet};
 use support::*;
 
 /// `vmatrix lb <args>`; panics unless it succeeds; its stdout.
@@ -35,32 +36,6 @@ fn lb_output(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run vmatrix lb")
-}
-
-/// A load balancer's namespace on the test network's LAN (lan0 = 10.77.<index>.4); removed on
-/// drop.
-struct LbNet {
-    ns: String,
-}
-
-impl LbNet {
-    fn up(net: &TestNet) -> LbNet {
-        let ns = format!("vmxl{}", net.index);
-        let st = Command::new(root().join("scripts/lb-net.sh"))
-            .args(["up", &ns, &net.index.to_string(), "br0", &net.ns()])
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/lb-net.sh up failed");
-        LbNet { ns }
-    }
-}
-
-impl Drop for LbNet {
-    fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/lb-net.sh"))
-            .args(["down", &self.ns])
-            .status();
-    }
 }
 
 /// A running `vmatrix clone` group and the clones it printed.
@@ -135,61 +110,6 @@ impl Drop for Group {
     }
 }
 
-/// A connection through the VIP, with generous timeouts for this busy machine.
-struct Conn {
-    s: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Conn {
-    fn open(addr: SocketAddr) -> std::io::Result<Conn> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_nodelay(true)?;
-        Ok(Conn {
-            r: BufReader::new(s.try_clone()?),
-            s,
-        })
-    }
-
-    fn cmd(&mut self, line: &str) -> std::io::Result<String> {
-        self.s.write_all(format!("{line}\n").as_bytes())?;
-        let mut resp = String::new();
-        if self.r.read_line(&mut resp)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(resp.trim_end().to_string())
-    }
-
-    /// The generation of the VM that serves this connection.
-    fn generation(&mut self) -> String {
-        field(&self.cmd("STATS").unwrap(), "generation").unwrap()
-    }
-}
-
-/// Fresh connections through `vip` until stopped: connect, `GET k1`, close. Counts the
-/// successes and keeps every error.
-fn client_loop(
-    vip: SocketAddr,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, Vec<String>, Duration)> {
-    std::thread::spawn(move || {
-        let (mut ok, mut errors, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
-        while !stop.load(Ordering::SeqCst) {
-            let t = Instant::now();
-            let r = Conn::open(vip).and_then(|mut c| c.cmd("GET k1"));
-            match r {
-                Ok(v) if v == "VALUE v1" => ok += 1,
-                Ok(v) => errors.push(format!("answer {v:?}")),
-                Err(e) => errors.push(e.to_string()),
-            }
-            slowest = slowest.max(t.elapsed());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (ok, errors, slowest)
-    })
-}
-
 /// Per-server stats lines of `vmatrix lb stats`, by server.
 fn stats(name: &str, ns: &str) -> BTreeMap<String, serde_json::Value> {
     lb(&["stats", "--name", name, "--netns", ns])
@@ -221,7 +141,7 @@ fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
     let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
     let snap = dir.path().join("snap");
     ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
-    let lbnet = LbNet::up(&net);
+    let lbnet = LbNet::up(net.index, "br0", Some(&net.ns()));
     let g = Group::start(&net, &snap, 3, 10, "c", &dir.path().join("w1"));
 
     // The service: the parent and its three clones behind 10.77.<index>.100:7000.
@@ -398,7 +318,7 @@ fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
 #[test]
 fn a_crashed_runs_service_is_replaced_by_the_next_create() {
     let net = TestNet::new();
-    let lbnet = LbNet::up(&net);
+    let lbnet = LbNet::up(net.index, "br0", Some(&net.ns()));
     let ns = lbnet.ns.as_str();
     let name = format!("r{}", net.index);
     let old_vip = format!("10.77.{}.101:7000", net.index);

@@ -279,6 +279,44 @@ impl Managed {
         String::from_utf8_lossy(&self.cli(&["events"]).stdout).into_owned()
     }
 
+    /// The address of clone `i` of "web" (slot i: 10.77.<index>.(10 + i), port 7000).
+    pub fn clone_addr(&self, i: u32) -> SocketAddr {
+        format!("10.77.{}.{}:7000", self.net.index, 10 + i)
+            .parse()
+            .unwrap()
+    }
+
+    /// `vmatrix vm scale web --clones n --ip 10.77.<index>.10/24`; panics unless it succeeds.
+    pub fn scale(&self, n: u32) {
+        let ip = format!("10.77.{}.10/24", self.net.index);
+        let out = self.cli(&[
+            "vm",
+            "scale",
+            "web",
+            "--clones",
+            &n.to_string(),
+            "--ip",
+            &ip,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "scale: {err}");
+    }
+
+    /// (host, state) of every clone in a VM's JSON view.
+    pub fn clone_states(v: &serde_json::Value) -> Vec<(String, String)> {
+        v["clones"]["instances"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                        (s("host"), s("state"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Index of host `name`.
     pub fn host_index(&self, name: &str) -> usize {
         (0..self.net.hosts)

@@ -606,6 +606,7 @@ pub mod log {
 
 pub mod cluster;
 mod faults;
+pub mod lb;
 pub mod managed;
 mod procs;
 mod replicated;
