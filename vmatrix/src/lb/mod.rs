@@ -31,6 +31,7 @@
 pub mod cli;
 mod conntrack;
 mod nft;
+pub mod probe;
 pub mod reconcile;
 pub mod serve;
 
@@ -83,6 +84,10 @@ pub enum LbError {
     },
     #[error("unexpected nft listing: {0}")]
     Parse(String),
+    #[error("entering network namespace {ns:?}: {source}")]
+    Setns { ns: String, source: std::io::Error },
+    #[error("the readiness prober's thread is gone")]
+    ProberGone,
 }
 
 fn package_of(tool: &str) -> &'static str {

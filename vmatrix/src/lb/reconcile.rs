@@ -7,8 +7,10 @@
 //!   not in the service.
 //! - [`Reconciler::step`]: from the targets, the servers the kernel holds (with weights) and
 //!   their active connections, the actions of one round:
-//!   - a serving target missing or at weight 0 is **added** at weight 1 (a clone brought back
-//!     into service during its drain gets new connections again);
+//!   - a serving target missing or at weight 0 is **added** at weight 1 once it is ready (a
+//!     TCP connection from the balancer's namespace succeeded, [`to_probe`] and
+//!     `super::probe`: a clone that just started may still be waking); a clone brought back
+//!     into service during its drain gets new connections again;
 //!   - a draining target at weight > 0 is **quiesced** (weight 0: no new connection, open ones
 //!     go on); one missing (e.g. the driver restarted) is put back at weight 0, so its
 //!     connections can be watched;
@@ -18,7 +20,7 @@
 //!     leftover, a clone the manager stopped at its drain limit).
 //! - [`load`]: the autoscaler's sample from the per-server statistics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
 use std::time::Duration;
@@ -111,6 +113,18 @@ pub fn targets(view: &VmView) -> Result<BTreeMap<SocketAddrV4, Role>, String> {
     Ok(out)
 }
 
+/// Serving targets not (or no longer) getting new connections: to probe before adding them.
+pub fn to_probe(
+    targets: &BTreeMap<SocketAddrV4, Role>,
+    current: &BTreeMap<SocketAddrV4, u32>,
+) -> Vec<SocketAddrV4> {
+    targets
+        .iter()
+        .filter(|(a, r)| **r == Role::Serving && current.get(a).is_none_or(|&w| w == 0))
+        .map(|(a, _)| *a)
+        .collect()
+}
+
 /// The driver's memory between rounds: when each draining server was first seen draining.
 #[derive(Debug, Default)]
 pub struct Reconciler {
@@ -119,13 +133,15 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// One round's actions (see the module's doc). `current`: the servers and their weights;
-    /// `active`: their connections in the handshake or established.
+    /// `active`: their connections in the handshake or established; `ready`: the probed
+    /// servers of [`to_probe`] that answered.
     pub fn step(
         &mut self,
         now: Duration,
         targets: &BTreeMap<SocketAddrV4, Role>,
         current: &BTreeMap<SocketAddrV4, u32>,
         active: &BTreeMap<SocketAddrV4, u32>,
+        ready: &BTreeSet<SocketAddrV4>,
     ) -> Vec<Action> {
         let mut out = Vec::new();
         self.since
@@ -133,7 +149,9 @@ impl Reconciler {
         for (&addr, &role) in targets {
             let weight = current.get(&addr).copied();
             match role {
-                Role::Serving if weight.is_none_or(|w| w == 0) => out.push(Action::Add(addr, 1)),
+                Role::Serving if weight.is_none_or(|w| w == 0) && ready.contains(&addr) => {
+                    out.push(Action::Add(addr, 1))
+                }
                 Role::Serving => {}
                 Role::Draining { slot } => {
                     let since = *self.since.entry(addr).or_insert(now);
@@ -234,22 +252,33 @@ mod tests {
     fn a_drain_quiesces_waits_for_the_last_connection_then_reports() {
         let mut r = Reconciler::default();
         let ms = Duration::from_millis;
+        let none = BTreeMap::new();
         let mut t: BTreeMap<_, _> = [(a(2), Role::Serving), (a(10), Role::Serving)].into();
-        // An empty service: both added.
-        let acts = r.step(ms(0), &t, &BTreeMap::new(), &BTreeMap::new());
-        assert_eq!(acts, [Action::Add(a(2), 1), Action::Add(a(10), 1)]);
+        // An empty service: both to probe; added once they answer, the clone a round later.
+        assert_eq!(to_probe(&t, &none), [a(2), a(10)]);
+        let acts = r.step(ms(0), &t, &none, &none, &[a(2)].into());
+        assert_eq!(acts, [Action::Add(a(2), 1)]);
+        let cur: BTreeMap<_, _> = [(a(2), 1)].into();
+        assert_eq!(to_probe(&t, &cur), [a(10)]);
+        let acts = r.step(ms(200), &t, &cur, &none, &[a(10)].into());
+        assert_eq!(acts, [Action::Add(a(10), 1)]);
         let mut cur: BTreeMap<_, _> = [(a(2), 1), (a(10), 1)].into();
-        assert!(r.step(ms(500), &t, &cur, &BTreeMap::new()).is_empty());
+        assert!(to_probe(&t, &cur).is_empty());
+        assert!(r
+            .step(ms(500), &t, &cur, &none, &BTreeSet::new())
+            .is_empty());
         // The manager drains slot 0: quiesced first, even with no connection.
         t.insert(a(10), Role::Draining { slot: 0 });
-        let acts = r.step(ms(1000), &t, &cur, &BTreeMap::new());
+        let acts = r.step(ms(1000), &t, &cur, &none, &BTreeSet::new());
         assert_eq!(acts, [Action::Quiesce(a(10))]);
         cur.insert(a(10), 0);
         // One connection left: wait.
         let one: BTreeMap<_, _> = [(a(10), 1)].into();
-        assert!(r.step(ms(1500), &t, &cur, &one).is_empty());
+        assert!(r
+            .step(ms(1500), &t, &cur, &one, &BTreeSet::new())
+            .is_empty());
         // Gone: drained, with the time since the drain was seen.
-        let acts = r.step(ms(2000), &t, &cur, &BTreeMap::new());
+        let acts = r.step(ms(2000), &t, &cur, &none, &BTreeSet::new());
         let drained = Action::Drained {
             slot: 0,
             server: a(10),
@@ -259,7 +288,7 @@ mod tests {
         // The manager stopped it: removed.
         t.remove(&a(10));
         assert_eq!(
-            r.step(ms(2500), &t, &cur, &BTreeMap::new()),
+            r.step(ms(2500), &t, &cur, &none, &BTreeSet::new()),
             [Action::Remove(a(10))]
         );
     }
@@ -271,15 +300,18 @@ mod tests {
         // Brought back during its drain: weight 1 again.
         let t: BTreeMap<_, _> = [(a(2), Role::Serving), (a(10), Role::Serving)].into();
         let cur: BTreeMap<_, _> = [(a(2), 1), (a(10), 0), (a(99), 3)].into();
-        let acts = r.step(ms(0), &t, &cur, &BTreeMap::new());
+        assert_eq!(to_probe(&t, &cur), [a(10)]);
+        let acts = r.step(ms(0), &t, &cur, &BTreeMap::new(), &[a(10)].into());
         assert_eq!(acts, [Action::Add(a(10), 1), Action::Remove(a(99))]);
         // A draining clone missing from the service (a restarted driver): back at weight 0,
         // then watched.
         let t: BTreeMap<_, _> = [(a(11), Role::Draining { slot: 1 })].into();
-        let acts = r.step(ms(100), &t, &BTreeMap::new(), &BTreeMap::new());
+        let none = BTreeMap::new();
+        let acts = r.step(ms(100), &t, &none, &none, &BTreeSet::new());
         assert_eq!(acts, [Action::Add(a(11), 0)]);
         let cur: BTreeMap<_, _> = [(a(11), 0)].into();
-        let acts = r.step(ms(600), &t, &cur, &BTreeMap::new());
+        assert!(to_probe(&t, &cur).is_empty(), "draining: not probed");
+        let acts = r.step(ms(600), &t, &cur, &none, &BTreeSet::new());
         assert!(matches!(acts[..], [Action::Drained { slot: 1, .. }]));
     }
 

@@ -9,7 +9,8 @@
 //!    drains scaled-down clones instead of stopping them;
 //! 2. reads the service's servers and statistics from the kernel;
 //! 3. acts on what [`Reconciler::step`] decides (a pure state machine, `reconcile.rs`): the
-//!    primary and the running clones in the service at weight 1, draining clones quiesced and,
+//!    primary and the running clones in the service at weight 1 once they accept a TCP
+//!    connection from the balancer's namespace (`probe.rs`), draining clones quiesced and,
 //!    once their last connection ended, reported drained (`PUT .../clones/{slot}/drained`, the
 //!    manager then stops them), anything else removed;
 //! 4. sends the load (`--signal`: active connections or new connections per second over every
@@ -33,6 +34,7 @@ use anyhow::Context;
 use clap::Args;
 use failover::manager::VmView;
 
+use super::probe::Prober;
 use super::reconcile::{self, Action, Reconciler, Signal};
 use super::{parse_addr, Service, Spec};
 use crate::cluster::cli::{Client, ManagerOpt};
@@ -67,6 +69,10 @@ pub struct ServeArgs {
     /// is detached and the VM's draining clones stop.
     #[arg(long)]
     pub lease_ms: Option<u64>,
+    /// A server (the primary, a clone) enters the service once a TCP connection to it from the
+    /// balancer's namespace succeeds within this, ms.
+    #[arg(long, default_value_t = 300)]
+    pub probe_timeout_ms: u64,
     /// Leave the service in the kernel when stopping.
     #[arg(long)]
     pub keep: bool,
@@ -99,6 +105,7 @@ struct Driver {
     vm: String,
     client: Client,
     svc: Service,
+    prober: Prober,
     vip: SocketAddrV4,
     lease_ms: u64,
     signal: Signal,
@@ -122,8 +129,9 @@ impl Driver {
         let stats = self.svc.stats()?;
         let active: BTreeMap<SocketAddrV4, u32> =
             stats.iter().map(|s| (s.server, s.active)).collect();
+        let ready = self.prober.ready(reconcile::to_probe(&targets, &current))?;
         let now = self.start.elapsed();
-        for act in self.rec.step(now, &targets, &current, &active) {
+        for act in self.rec.step(now, &targets, &current, &active, &ready) {
             self.act(&act)?;
         }
         if view.clones.autoscale.is_some() {
@@ -174,6 +182,10 @@ pub fn main(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let name = a.service.clone().unwrap_or_else(|| service_name(&a.vm));
     let client = Client::new(&a.m)?;
     let svc = open_service(&a, &name, vip)?;
+    let prober = Prober::start(
+        a.netns.as_deref(),
+        Duration::from_millis(a.probe_timeout_ms),
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
@@ -182,6 +194,7 @@ pub fn main(a: ServeArgs) -> anyhow::Result<ExitCode> {
         vm: a.vm.clone(),
         client,
         svc,
+        prober,
         vip,
         lease_ms,
         signal: a.signal,

@@ -41,7 +41,9 @@ impl Drop for LbNet {
     }
 }
 
-/// A connection (through a VIP), with generous timeouts for this busy machine.
+/// A connection (through a VIP), with generous timeouts for this busy machine: a protected
+/// primary's output commit delays its SYN-ACK until the backup acknowledged the epoch, which
+/// took over a second here under load (a SYN retransmission; measured 1.1–2.5 s).
 pub struct Conn {
     s: TcpStream,
     r: BufReader<TcpStream>,
@@ -49,7 +51,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(addr: SocketAddr) -> std::io::Result<Conn> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.set_nodelay(true)?;
         Ok(Conn {
