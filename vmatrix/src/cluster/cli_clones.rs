@@ -32,15 +32,21 @@ pub fn parse_ms(s: &str) -> Result<u64, String> {
     Ok((v * f64::from(mul)) as u64)
 }
 
-/// `running/desired` and `auto` when the autoscaler decides (`-` without clones).
+/// `running/desired`, `auto` when the autoscaler decides, `+n draining` while scaled-down
+/// clones drain on the load balancer (`-` without clones).
 pub fn clones_cell(v: &VmView) -> String {
     let c = &v.clones;
     if c.desired == 0 && c.instances.is_empty() && c.autoscale.is_none() {
         return "-".into();
     }
     let running = c.instances.iter().filter(|i| i.state == "running").count();
+    let draining = c.instances.iter().filter(|i| i.draining).count();
     let auto = if c.autoscale.is_some() { " auto" } else { "" };
-    format!("{running}/{}{auto}", c.desired)
+    let drain = match draining {
+        0 => String::new(),
+        n => format!(" +{n} draining"),
+    };
+    format!("{running}/{}{auto}{drain}", c.desired)
 }
 
 /// Runs `vm scale`, `vm autoscale` or `vm load`.
@@ -119,6 +125,32 @@ pub fn run(c: VmCmd) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clones_cell_counts_running_and_draining() {
+        let mut v: VmView = serde_json::from_value(serde_json::json!({
+            "spec": {"name": "web", "mem_mib": 64, "disk_mib": 16, "guest_config": "",
+                     "backups": 1, "hosts": [], "port": 7100},
+            "term": 1, "status": "protected", "primary": "a", "acked_seq": null,
+            "backups": []}))
+        .unwrap();
+        assert_eq!(
+            clones_cell(&v),
+            "-",
+            "an answer without clones (an older manager)"
+        );
+        let clone = |index: u32, state: &str, draining: bool| failover::manager::CloneView {
+            name: format!("web-c{index}"),
+            index,
+            host: "a".into(),
+            ip: String::new(),
+            state: state.into(),
+            draining,
+        };
+        v.clones.desired = 1;
+        v.clones.instances = vec![clone(0, "running", false), clone(1, "draining", true)];
+        assert_eq!(clones_cell(&v), "1/1 +1 draining");
+    }
 
     #[test]
     fn durations() {
