@@ -12,6 +12,7 @@
 
 pub mod base;
 mod identity;
+mod standby;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

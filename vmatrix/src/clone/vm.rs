@@ -24,14 +24,14 @@ pub struct CloneVmArgs {
     #[arg(long)]
     pub base: PathBuf,
     /// The clone's name.
-    #[arg(long)]
-    pub name: String,
+    #[arg(long, required_unless_present = "standby")]
+    pub name: Option<String>,
     /// Its tap.
     #[arg(long)]
     pub tap: String,
     /// Its guest config string (its own address; see `vmatrix run --guest-config`).
-    #[arg(long)]
-    pub guest_config: String,
+    #[arg(long, required_unless_present = "standby")]
+    pub guest_config: Option<String>,
     /// Its generation id (default: random).
     #[arg(long)]
     pub generation: Option<u64>,
@@ -47,6 +47,11 @@ pub struct CloneVmArgs {
     /// Keep the delta file when the clone ends.
     #[arg(long)]
     pub keep_delta: bool,
+    /// A standby clone: built and running idle, isolated, as its parent, until `PUT /identity`
+    /// on its control socket gives it a name and an address (see `clone::standby`). Needs
+    /// `--control` and `--delta`; `--name`, `--guest-config` and `--generation` are not used.
+    #[arg(long, conflicts_with_all = ["name", "guest_config", "generation"])]
+    pub standby: bool,
 }
 
 /// The line a clone prints on stdout once its VM is built.
@@ -81,29 +86,25 @@ pub fn unix_ns() -> u128 {
 
 /// Runs one clone until it stops.
 pub fn main(a: CloneVmArgs) -> anyhow::Result<ExitCode> {
+    if a.standby {
+        return super::standby::main(a);
+    }
+    let (Some(name), Some(guest_config)) = (a.name.clone(), a.guest_config.clone()) else {
+        anyhow::bail!("--name and --guest-config are needed (or --standby)");
+    };
     let t0 = Instant::now();
     let startup_ms = std::env::var(SPAWNED_ENV)
         .ok()
         .and_then(|v| v.parse::<u128>().ok())
         .map(|s| unix_ns().saturating_sub(s) as f64 / 1e6);
-    crate::guest_config::validate(&a.guest_config)
-        .map_err(|e| anyhow::anyhow!("--guest-config: {e}"))?;
     let meta = base::read(&a.base)?;
     let generation = a.generation.unwrap_or_else(identity::random_u64);
-    let id = Identity {
-        name: a.name.clone(),
-        tap: a.tap.clone(),
-        generation,
-        mac: identity::ip_of(&a.guest_config)
-            .map(identity::mac_for)
-            .ok_or_else(|| anyhow::anyhow!("--guest-config has no ip= for the clone"))?,
-        config: a.guest_config.clone(),
-    };
+    let id = identity_of(&name, &a.tap, generation, &guest_config)?;
     let delta = a.delta.clone().unwrap_or_else(|| {
         a.base
             .parent()
             .unwrap_or(&a.base)
-            .join(format!("{}.delta", a.name))
+            .join(format!("{name}.delta"))
     });
     let console = crate::run::console(a.console_log.clone())?;
     let vm = build(&meta, &id, &delta, console.clone());
@@ -142,6 +143,26 @@ pub fn main(a: CloneVmArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(&delta);
     }
     code
+}
+
+/// A clone's identity from its name, tap, generation and config string (checked: it must
+/// give the clone's address, from which its MAC comes).
+pub(super) fn identity_of(
+    name: &str,
+    tap: &str,
+    generation: u64,
+    config: &str,
+) -> anyhow::Result<Identity> {
+    crate::guest_config::validate(config).map_err(|e| anyhow::anyhow!("guest config: {e}"))?;
+    Ok(Identity {
+        name: name.to_string(),
+        tap: tap.to_string(),
+        generation,
+        mac: identity::ip_of(config)
+            .map(identity::mac_for)
+            .ok_or_else(|| anyhow::anyhow!("the guest config has no ip= for the clone"))?,
+        config: config.to_string(),
+    })
 }
 
 /// Builds the clone's VM from the base.

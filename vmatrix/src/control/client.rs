@@ -263,6 +263,10 @@ mod tests {
             Request::Backups(vec![]),
             Request::Fence(9),
             Request::Handover,
+            Request::Identity {
+                name: "web-c0".into(),
+                config: "ip=10.0.0.9/24".into(),
+            },
         ];
         for r in &all {
             assert_eq!(

@@ -72,6 +72,16 @@ pub enum CtlCmd {
         /// The term granted to the new primary.
         term: u64,
     },
+    /// A standby clone (`vmatrix clone-vm --standby`): take this name and address and start
+    /// serving as that clone (`PUT /identity`).
+    Identity {
+        /// The clone's name.
+        #[arg(long)]
+        name: String,
+        /// Its guest config string, e.g. `ip=10.77.1.10/24,gw=10.77.1.1,port=7000`.
+        #[arg(long)]
+        config: String,
+    },
 }
 
 /// The request `cmd` sends (a snapshot directory is created first).
@@ -87,6 +97,7 @@ fn request(cmd: CtlCmd) -> anyhow::Result<Request> {
         CtlCmd::Fence { term } => Request::Fence(term),
         CtlCmd::Handover => Request::Handover,
         CtlCmd::Promote { term } => Request::Promote(term),
+        CtlCmd::Identity { name, config } => Request::Identity { name, config },
         CtlCmd::Snapshot { dir, diff } => {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

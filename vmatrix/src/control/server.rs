@@ -58,7 +58,7 @@ type Job = (Request, oneshot::Sender<Outcome>);
 /// Resources served with GET (no body).
 const GET_PATHS: [&str; 2] = ["/status", "/checksum"];
 /// Resources served with PUT (a JSON body; see `Request::from_put`).
-const PUT_PATHS: [&str; 8] = [
+const PUT_PATHS: [&str; 9] = [
     "/state",
     "/snapshot",
     "/stop",
@@ -67,6 +67,7 @@ const PUT_PATHS: [&str; 8] = [
     "/fence",
     "/handover",
     "/promote",
+    "/identity",
 ];
 
 impl IntoResponse for ControlError {
@@ -184,7 +185,7 @@ pub fn router(queues: Queues) -> Router {
     r.fallback(|uri: Uri| async move {
         ControlError::not_found(format!(
             "no resource {}: GET /status, /checksum; PUT /state, /snapshot, /stop, \
-             /faults/disk, /backups, /fence, /handover, /promote",
+             /faults/disk, /backups, /fence, /handover, /promote, /identity",
             uri.path()
         ))
     })

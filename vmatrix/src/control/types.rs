@@ -38,6 +38,13 @@ pub enum Request {
     Handover,
     /// `PUT /promote`: a backup's promotion to the term.
     Promote(u64),
+    /// `PUT /identity`: a standby clone's identity (it starts serving as that clone).
+    Identity {
+        /// The clone's name.
+        name: String,
+        /// Its guest config string (its own address).
+        config: String,
+    },
 }
 
 /// A VM running or paused (`PUT /state`, `status`).
@@ -102,6 +109,16 @@ pub struct TermBody {
     pub term: u64,
 }
 
+/// Body of `PUT /identity`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBody {
+    /// The clone's name.
+    pub name: String,
+    /// Its guest config string.
+    pub config: String,
+}
+
 /// Body of a request that carries none (`{}` or nothing).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +138,7 @@ impl Request {
             Request::Fence(_) => (Method::PUT, "/fence"),
             Request::Handover => (Method::PUT, "/handover"),
             Request::Promote(_) => (Method::PUT, "/promote"),
+            Request::Identity { .. } => (Method::PUT, "/identity"),
         }
     }
 
@@ -142,6 +160,10 @@ impl Request {
             Request::Fence(term) | Request::Promote(term) => {
                 v(serde_json::to_value(TermBody { term: *term }))
             }
+            Request::Identity { name, config } => v(serde_json::to_value(IdentityBody {
+                name: name.clone(),
+                config: config.clone(),
+            })),
         }
     }
 
@@ -167,6 +189,13 @@ impl Request {
             "/backups" => Request::Backups(json::<BackupsBody>(body)?.backups),
             "/fence" => Request::Fence(json::<TermBody>(body)?.term),
             "/promote" => Request::Promote(json::<TermBody>(body)?.term),
+            "/identity" => {
+                let b: IdentityBody = json(body)?;
+                Request::Identity {
+                    name: b.name,
+                    config: b.config,
+                }
+            }
             "/stop" | "/handover" => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
                     json::<NoBody>(body)?;
@@ -507,6 +536,14 @@ mod tests {
         );
         assert_eq!(put("/fence", r#"{"term":7}"#), Ok(Request::Fence(7)));
         assert_eq!(put("/promote", r#"{"term":2}"#), Ok(Request::Promote(2)));
+        assert_eq!(
+            put("/identity", r#"{"name":"c","config":"ip=10.0.0.9/24"}"#),
+            Ok(Request::Identity {
+                name: "c".into(),
+                config: "ip=10.0.0.9/24".into()
+            })
+        );
+        assert!(put("/identity", r#"{"name":"c"}"#).is_err());
         assert_eq!(put("/stop", ""), Ok(Request::Stop));
         assert_eq!(put("/stop", " {} "), Ok(Request::Stop));
         assert_eq!(put("/handover", ""), Ok(Request::Handover));

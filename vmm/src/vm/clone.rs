@@ -10,6 +10,12 @@
 //!   word ([`GENID_ADDR`](crate::layout::GENID_ADDR)) before the vCPU exists.
 //! - The NIC drops transmitted frames whose source MAC is not the clone's: whatever the guest
 //!   sends with its parent's identity before it notices the new generation never leaves.
+//!
+//! A **standby** clone ([`Vm::restore_standby`]) is built the same way but keeps its parent's
+//! generation and config: it runs idle as its parent would, behind a NIC whose MAC is a
+//! placeholder (so the source filter drops everything it sends), its pages and the hypervisor's
+//! tables for them warm, until [`Vm::assume_identity`] gives it its own identity — paused for
+//! the change, so the guest sees generation, config and MAC change together.
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -78,26 +84,71 @@ fn open_overlay(d: &CloneDisk) -> Result<Disk> {
     Ok(Disk::Overlay(o))
 }
 
+/// Checks a clone's identity: a generation other than its checkpoint's (`parent`), a config
+/// string of at most 4 KiB, a unicast MAC.
+fn check_identity(parent: u64, generation: u64, config: &str, mac: [u8; 6]) -> Result<()> {
+    if generation == parent {
+        return Err(host_err(format!(
+            "a clone needs a new generation id ({generation} is the checkpoint's)"
+        )));
+    }
+    if config.len() > 4096 {
+        return Err(host_err("the config string is longer than 4 KiB".into()));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(host_err(
+            "the clone's MAC address is a multicast one".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Vm {
     /// Builds a clone (see the module docs). The VM is not started.
     pub fn restore_clone(p: CloneParts) -> Result<Vm> {
+        check_identity(p.state.platform.generation, p.generation, &p.config, p.mac)?;
+        Self::build_clone(p, true)
+    }
+
+    /// Builds a standby clone (see the module docs): `p.mac` is its placeholder MAC; its
+    /// `generation` and `config` are not used (the checkpoint's are kept until
+    /// [`Vm::assume_identity`]). The VM is not started.
+    pub fn restore_standby(p: CloneParts) -> Result<Vm> {
+        if p.mac[0] & 1 != 0 {
+            return Err(host_err("the placeholder MAC is a multicast one".into()));
+        }
+        Self::build_clone(p, false)
+    }
+
+    /// Gives a running standby clone its identity: pauses it, sets the config string, the MAC
+    /// (and so the source filter) and the generation id and word, and resumes it. The guest's
+    /// next look at its generation word makes it take the new identity before it sends
+    /// anything. Refused if the generation is the current one (given twice, or the parent's).
+    pub fn assume_identity(&self, generation: u64, config: &str, mac: [u8; 6]) -> Result<()> {
+        let current = super::lock(&self.devices.platform).generation();
+        check_identity(current, generation, config, mac)?;
+        self.pause()
+            .map_err(|e| host_err(format!("the standby clone stopped: {e}")))?;
+        let r = (|| {
+            if let Some(n) = &self.devices.net {
+                super::lock(n).with_device_unchecked(|d| d.set_mac(mac));
+            }
+            crate::boot::write_generation(self.memory(), generation)?;
+            // (Last: it also wakes a guest waiting in the VMM.)
+            super::lock(&self.devices.platform)
+                .set_identity(generation, config.as_bytes().to_vec());
+            Ok(())
+        })();
+        self.resume();
+        r
+    }
+
+    fn build_clone(p: CloneParts, identity: bool) -> Result<Vm> {
         let mut state = p.state;
         check_mem_size(&state, p.mem_size)?;
-        if p.generation == state.platform.generation {
-            return Err(host_err(format!(
-                "a clone needs a new generation id ({} is the checkpoint's)",
-                p.generation
-            )));
+        if identity {
+            state.platform.config = p.config.into_bytes();
         }
-        if p.config.len() > 4096 {
-            return Err(host_err("the config string is longer than 4 KiB".into()));
-        }
-        if p.mac[0] & 1 != 0 {
-            return Err(host_err(
-                "the clone's MAC address is a multicast one".into(),
-            ));
-        }
-        state.platform.config = p.config.into_bytes();
         if let Some(n) = state.net.as_mut() {
             n.device.mac = p.mac;
         }
@@ -122,7 +173,7 @@ impl Vm {
                 tap,
                 disk,
                 console: p.console,
-                generation: Some(p.generation),
+                generation: identity.then_some(p.generation),
             },
         )?;
         if let Some(n) = &vm.devices.net {

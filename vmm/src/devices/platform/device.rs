@@ -110,6 +110,19 @@ impl Platform {
         }
     }
 
+    /// The generation id the guest reads.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A new identity (a standby clone's): the generation id and config string the guest reads
+    /// from now on; a guest waiting in the VMM is woken to look.
+    pub fn set_identity(&mut self, generation: u64, config: Vec<u8>) {
+        self.generation = generation;
+        self.config = config;
+        self.events.signal();
+    }
+
     /// Guest clock now, in ns.
     pub fn clock_ns(&self) -> u64 {
         self.clock_base_ns

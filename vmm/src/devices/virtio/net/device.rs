@@ -182,6 +182,12 @@ impl<B: NetBackend> Net<B> {
         self.mac
     }
 
+    /// Changes the MAC (a standby clone taking its identity): what the guest reads from the
+    /// config space, and what the source filter lets through, from now on.
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.mac = mac;
+    }
+
     /// From now on, drop every transmitted frame whose Ethernet source address is not this
     /// device's MAC (and count it, [`Net::foreign_dropped`]). A clone's device has a new MAC:
     /// whatever the guest sends with its parent's identity before it re-identifies never

@@ -1,0 +1,140 @@
+//! A standby clone (`vmatrix clone-vm --standby`, real KVM, taps, a namespace): built from a
+//! base and running idle as its parent, nothing of it reaches the network (its parent keeps
+//! answering on its own address and MAC: a frame of the standby's with the parent's MAC would
+//! have moved that MAC to the standby's bridge port); `PUT /identity` makes it a clone that
+//! answers on its own address with the parent's data and a generation of its own; a second
+//! identity, and a bad one, are refused.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Makes a clone base of `snap` in `work/base` with `vmatrix clone --keep` (one clone, then
+/// stopped; its tap `vc0` kept on the namespace's bridge).
+fn make_base(net: &TestNet, snap: &Path, work: &Path) {
+    let ip = format!("10.77.{}.40/24", net.index);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.ns()])
+        .arg(vmatrix_bin())
+        .arg("clone")
+        .arg(snap)
+        .args(["--clones", "1", "--ip", &ip, "--bridge", "br0", "--keep"])
+        .args(["--ready-timeout-ms", "0"])
+        .arg("--work")
+        .arg(work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmatrix clone");
+    let pid = out.id().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let st = out.wait_with_output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(work.join("base").join("clone-base.bin").exists());
+}
+
+fn identity(sock: &Path, name: &str, config: &str) -> std::process::Output {
+    Command::new(vmatrix_bin())
+        .arg("ctl")
+        .arg(sock)
+        .args(["identity", "--name", name, "--config", config])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 16);
+    let sock = dir.path().join("vm.sock");
+    let mut vm = VmProc::spawn_with(
+        &net,
+        &disk,
+        &dir.path().join("parent.log"),
+        64,
+        &["--control", sock.to_str().unwrap()],
+    );
+    let mut parent = vm.wait_ready(Duration::from_secs(20));
+    wait_socket(&sock, Duration::from_secs(5));
+    assert_eq!(parent.cmd("SET colour blue").unwrap(), "OK");
+    let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
+    let snap = dir.path().join("snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let work = dir.path().join("work");
+    make_base(&net, &snap, &work);
+
+    let standby_sock = dir.path().join("standby.sock");
+    let mut standby = Command::new("ip")
+        .args(["netns", "exec", &net.ns()])
+        .arg(vmatrix_bin())
+        .args(["clone-vm", "--standby", "--tap", "vc0", "--base"])
+        .arg(work.join("base"))
+        .arg("--delta")
+        .arg(dir.path().join("standby.delta"))
+        .arg("--control")
+        .arg(&standby_sock)
+        .arg("--console-log")
+        .arg(dir.path().join("standby.console"))
+        .stderr(std::fs::File::create(dir.path().join("standby.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_socket(&standby_sock, Duration::from_secs(10));
+    // Running as its parent, idle (it announces its parent's address on its first round):
+    // the parent keeps answering on fresh connections, so nothing of the standby left.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..20 {
+        let mut kv = KvClient::connect(net.guest_addr()).expect("the parent answers");
+        kv.set_timeout(Duration::from_secs(2));
+        assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue", "try {i}");
+    }
+
+    let ip = format!("10.77.{}.30", net.index);
+    let config = format!("ip={ip}/24,gw=10.77.{}.1,port=7000", net.index);
+    let bad = identity(&standby_sock, "s0", "gw=10.0.0.1");
+    assert!(!bad.status.success(), "an identity without an address");
+    let t0 = Instant::now();
+    let out = identity(&standby_sock, "s0", &config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut kv = connect_retry(
+        format!("{ip}:7000").parse().unwrap(),
+        Duration::from_secs(10),
+    );
+    eprintln!("the standby answered {:?} after its identity", t0.elapsed());
+    kv.set_timeout(Duration::from_secs(5));
+    assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
+    let gen = field(&kv.cmd("STATS").unwrap(), "generation").unwrap();
+    assert_ne!(gen, parent_gen);
+    assert_eq!(kv.cmd("SET colour red").unwrap(), "OK");
+    assert_eq!(
+        parent.cmd("GET colour").unwrap(),
+        "VALUE blue",
+        "its writes are its own"
+    );
+    let again = identity(&standby_sock, "s1", &config);
+    assert!(!again.status.success(), "a second identity is refused");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &standby.id().to_string()])
+        .status();
+    let _ = standby.wait();
+    vm.kill9();
+}
