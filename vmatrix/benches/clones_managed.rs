@@ -108,10 +108,15 @@ fn scale_and_wait(m: &Managed, n: u32, warm: bool, via: Via) -> (f64, f64, f64) 
     (ms(cli), ms(first), ms(all))
 }
 
+/// Back to no clone, and (warm) a standby clone ready on the host again: the agent keeps one
+/// per VM wanting clones (`--clone-standby`), and the first clone of a scale-up takes it over.
 fn scale_to_zero(m: &Managed, host: usize) {
     let out = m.cli(&["vm", "scale", "web", "--clones", "0"]);
     assert!(out.status.success());
     m.wait_no_vm_process(host, "clone-vm", Duration::from_secs(30));
+    m.wait_vm_process(host, "standby", Duration::from_secs(30));
+    // (Its guest's first rounds after the build.)
+    std::thread::sleep(Duration::from_millis(20));
 }
 
 fn main() {

@@ -42,6 +42,19 @@ fn make_base(net: &TestNet, snap: &Path, work: &Path) {
     assert!(work.join("base").join("clone-base.bin").exists());
 }
 
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = st.rsplit_once(')').unwrap();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    f[0] + f[1]
+}
+
 fn identity(sock: &Path, name: &str, config: &str) -> std::process::Output {
     Command::new(vmatrix_bin())
         .arg("ctl")
@@ -92,7 +105,12 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     wait_socket(&standby_sock, Duration::from_secs(10));
     // Running as its parent, idle (it announces its parent's address on its first round):
     // the parent keeps answering on fresh connections, so nothing of the standby left.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_ticks(standby.id());
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle = cpu_ticks(standby.id()) - cpu0;
+    eprintln!("an idle standby used {idle} ticks (1/100 s) of CPU in 1 s");
+    assert!(idle < 30, "an idle standby used {idle} ticks of CPU in 1 s");
     for i in 0..20 {
         let mut kv = KvClient::connect(net.guest_addr()).expect("the parent answers");
         kv.set_timeout(Duration::from_secs(2));

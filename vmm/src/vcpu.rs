@@ -118,6 +118,11 @@ impl Control {
         }
     }
 
+    /// Ends a guest's wait in the VMM (a device event).
+    pub(crate) fn wake_guest(&self) {
+        self.events.signal();
+    }
+
     /// Asks the vCPU to stop with `reason` (the first reason wins).
     fn request_stop(&self, reason: VmExit) {
         let mut s = self.lock();

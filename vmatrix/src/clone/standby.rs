@@ -7,8 +7,8 @@
 //! see docs/BENCHMARKS.md); being spawned already saves the process start.
 //!
 //! `PUT /identity {"name": ..., "config": "ip=..."}` on its control socket gives it a name,
-//! an address, the MAC of that address and a new generation, all at once while it is paused
-//! ([`vmm::Vm::assume_identity`]); the guest takes them on its next round, before it sends
+//! an address, the MAC of that address and a new generation, all at once (the generation word
+//! last: [`vmm::Vm::assume_identity`]); the guest takes them on its next round, before it sends
 //! anything, exactly as a clone built with them would on its first. Once only: a second
 //! `PUT /identity` is refused (409). The answer is the line a clone prints when built.
 

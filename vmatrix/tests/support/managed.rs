@@ -626,9 +626,23 @@ fn vm_pids(ns: &str, role: &str) -> Vec<u32> {
                 })
                 .flatten()
                 .find(|a| !a.starts_with('-'));
+            // (A standby clone — `clone-vm --standby`, idle, isolated — is role "standby" while
+            // its control socket has its standby name; once it took a clone's identity, the
+            // agent renamed the socket and it is a "clone-vm".)
+            let control = args
+                .iter()
+                .skip_while(|a| *a != "--control")
+                .nth(1)
+                .map(std::path::Path::new);
+            let standby =
+                args.iter().any(|a| a == "--standby") && control.is_some_and(|c| c.exists());
+            let sub = match (sub, standby) {
+                (Some(s), true) if s == "clone-vm" => Some("standby"),
+                (s, _) => s.map(String::as_str),
+            };
             args.first()
                 .is_some_and(|a| a.ends_with("vmatrix") || a == &vmatrix_bin().to_string_lossy())
-                && sub.is_some_and(|s| s == role)
+                && sub == Some(role)
         })
         .collect()
 }
@@ -721,6 +735,24 @@ impl Managed {
             .unwrap();
         assert!(st.success(), "kill {signal} {}", pids[0]);
         pids[0]
+    }
+
+    /// Waits until host `i` runs no `vmatrix <role>` process.
+    /// Waits until host `i` runs a `vmatrix <role>` process (a standby: one whose control
+    /// socket is up, so it is built); returns their pids.
+    pub fn wait_vm_process(&self, i: usize, role: &str, timeout: Duration) -> Vec<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pids = self.vm_pids(i, role);
+            if !pids.is_empty() {
+                return pids;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {i} runs no vmatrix {role} after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits until host `i` runs no `vmatrix <role>` process.

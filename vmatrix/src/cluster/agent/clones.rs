@@ -30,6 +30,7 @@ use anyhow::Context;
 use failover::model::{Assignments, BaseObservation, CloneAssignment, CloneObservation};
 
 use super::clone_io::{ensure_taps, free_tap, make_base, note_stop, remove_dir, signal, CloneProc};
+use super::standby;
 use crate::control::client::Client;
 
 /// How long a clone that exited waits before it is started again.
@@ -40,6 +41,18 @@ const STATUS_TIMEOUT: Duration = Duration::from_millis(100);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Clones started by one thread each, at most (spawning waits for the child's exec).
 const SPAWNERS: usize = 4;
+/// How long a starting standby is waited for, by a clone or at all.
+const STANDBY_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Whether a standby took a clone over.
+enum Taken {
+    /// It did.
+    Yes,
+    /// One is starting: the clone waits for it.
+    Wait,
+    /// None can: start the clone.
+    No,
+}
 
 /// The agent's clone settings.
 #[derive(Debug, Clone)]
@@ -52,6 +65,8 @@ pub struct CloneConfig {
     pub bridge: String,
     /// A base older than this is replaced by a fresh one.
     pub refresh: Duration,
+    /// Standby clones kept per VM wanting clones here (see `standby.rs`).
+    pub standby: usize,
 }
 
 /// One frozen checkpoint of a VM on this host.
@@ -79,6 +94,10 @@ pub struct Clones {
     making: BTreeMap<String, Making>,
     /// Clones assigned here that cannot start (no base of their VM here): name → why.
     blocked: BTreeMap<String, (String, String)>,
+    /// Standby clones: (file stem, process, started).
+    standby: Vec<(String, CloneProc, Instant)>,
+    /// The number of the next standby.
+    standby_seq: u64,
 }
 
 /// A live primary on this host: its control socket and term.
@@ -98,6 +117,8 @@ impl Clones {
             bases: BTreeMap::new(),
             making: BTreeMap::new(),
             blocked: BTreeMap::new(),
+            standby: Vec::new(),
+            standby_seq: 0,
         };
         if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
@@ -136,6 +157,10 @@ impl Clones {
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                if standby::is_standby(&name) {
+                    standby::kill_leftover(&self.cfg.dir, &name, &p);
+                    continue;
+                }
                 match self.adopt_proc(&name, &p) {
                     Some(c) => {
                         tracing::info!("adopted clone {name} (pid {})", c.pid);
@@ -152,13 +177,23 @@ impl Clones {
     fn adopt_proc(&self, name: &str, rec: &Path) -> Option<CloneProc> {
         let text = std::fs::read_to_string(rec).ok()?;
         let f: Vec<&str> = text.split_whitespace().collect();
-        let [pid, vm, tap, base, term] = f.as_slice() else {
-            return None;
+        // (A sixth field: the standby it was, whose control socket its command line names.)
+        let (pid, vm, tap, base, term, was) = match f.as_slice() {
+            [p, v, t, b, tm] => (p, v, t, b, tm, None),
+            [p, v, t, b, tm, w] => (p, v, t, b, tm, Some(*w)),
+            _ => return None,
         };
         let pid: u32 = pid.parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let ours = cmdline.split(|&b| b == 0).any(|a| a == b"clone-vm")
-            && cmdline.split(|&b| b == 0).any(|a| a == name.as_bytes());
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let named = match was {
+            Some(w) => {
+                let sock = self.cfg.dir.join(format!("{w}.sock"));
+                args.contains(&sock.as_os_str().as_encoded_bytes())
+            }
+            None => args.contains(&name.as_bytes()),
+        };
+        let ours = args.contains(&&b"clone-vm"[..]) && named;
         ours.then(|| CloneProc {
             vm: vm.to_string(),
             child: None,
@@ -183,6 +218,7 @@ impl Clones {
         }
         self.stop_unassigned(want);
         self.start_assigned(want);
+        self.keep_standby(want);
         self.poll();
         self.remove_unused_bases(want);
     }
@@ -319,10 +355,24 @@ impl Clones {
                 }
             }
         }
+        // A standby of the clone's base takes it over; one still starting is waited for (a
+        // fresh process would take as long to build); the rest are started.
+        let mut waiting: Vec<PathBuf> = Vec::new();
+        let todo: Vec<_> = todo
+            .into_iter()
+            .filter(|(a, base, _)| match self.take_standby(a, base, &waiting) {
+                Taken::Yes => false,
+                Taken::Wait => {
+                    waiting.push(base.clone());
+                    false
+                }
+                Taken::No => true,
+            })
+            .collect();
         if todo.is_empty() {
             return;
         }
-        let mut used: Vec<String> = self.procs.values().map(|c| c.tap.clone()).collect();
+        let mut used = self.taps_in_use();
         let mut plans = Vec::new();
         for (a, base, term) in todo {
             let tap = match self.procs.get(&a.name) {
@@ -343,6 +393,108 @@ impl Clones {
                     self.procs.insert(name, c);
                 }
                 Err(e) => tracing::error!("starting clone {name}: {e:#}"),
+            }
+        }
+    }
+
+    /// Makes a ready standby of `base` the clone `a`, if there is one. A standby of `base`
+    /// still starting (for less than [`STANDBY_PATIENCE`]) and not yet promised to another
+    /// clone of this round (`waiting`: one entry per promise) is waited for.
+    fn take_standby(&mut self, a: &CloneAssignment, base: &Path, waiting: &[PathBuf]) -> Taken {
+        let Some(i) = self
+            .standby
+            .iter()
+            .position(|(_, s, _)| s.running && s.base == base)
+        else {
+            let starting = self
+                .standby
+                .iter()
+                .filter(|(_, s, t)| {
+                    !s.running
+                        && s.exit.is_none()
+                        && s.base == base
+                        && t.elapsed() < STANDBY_PATIENCE
+                })
+                .count();
+            let promised = waiting.iter().filter(|b| *b == base).count();
+            return match starting > promised {
+                true => Taken::Wait,
+                false => Taken::No,
+            };
+        };
+        let (stem, s, _) = self.standby.remove(i);
+        let pid = s.pid;
+        match standby::activate(&self.cfg.dir, &stem, s, a) {
+            Ok(c) => {
+                self.procs.insert(a.name.clone(), c);
+                Taken::Yes
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}; starting {} the usual way", a.name);
+                super::clone_io::signal(pid, rustix::process::Signal::KILL);
+                Taken::No
+            }
+        }
+    }
+
+    /// Taps of the clones and the standbys.
+    fn taps_in_use(&self) -> Vec<String> {
+        self.procs
+            .values()
+            .chain(self.standby.iter().map(|(_, s, _)| s))
+            .map(|c| c.tap.clone())
+            .collect()
+    }
+
+    /// Keeps `cfg.standby` standbys of the newest base of every VM wanting clones here, and
+    /// no other (dead ones, those of an older base or of a VM wanting none here are removed).
+    fn keep_standby(&mut self, want: &Assignments) {
+        let wanted =
+            |vm: &str| want.bases.iter().any(|b| b == vm) || want.clones.iter().any(|c| c.vm == vm);
+        let targets: Vec<(String, PathBuf, u64)> = self
+            .bases
+            .iter()
+            .filter(|(vm, _)| wanted(vm))
+            .filter_map(|(vm, b)| b.last().map(|b| (vm.clone(), b.base_dir(), b.term)))
+            .collect();
+        let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut self.standby)
+            .into_iter()
+            .partition(|(_, s, t)| {
+                // (One that never got ready is given up: it is replaced.)
+                let stuck = !s.running && t.elapsed() >= STANDBY_PATIENCE;
+                !stuck
+                    && s.exit.is_none()
+                    && targets.iter().any(|(vm, b, _)| *vm == s.vm && *b == s.base)
+            });
+        self.standby = keep;
+        for (stem, s, _) in stale {
+            standby::discard(&self.cfg.dir, &stem, s);
+        }
+        for (vm, base, term) in targets {
+            let have = self
+                .standby
+                .iter()
+                .filter(|(_, s, _)| s.base == base)
+                .count();
+            for _ in have..self.cfg.standby {
+                let tap = free_tap(&self.taps_in_use());
+                if let Err(e) = ensure_taps(std::slice::from_ref(&tap), &self.cfg.bridge) {
+                    tracing::error!("standby clone tap: {e:#}");
+                    return;
+                }
+                let stem = standby::stem(self.standby_seq);
+                self.standby_seq += 1;
+                let made = standby::spawn(
+                    &self.cfg.dir,
+                    &self.cfg.exe,
+                    (&vm, &base, term),
+                    &tap,
+                    &stem,
+                );
+                match made {
+                    Ok(s) => self.standby.push((stem, s, Instant::now())),
+                    Err(e) => tracing::warn!("{vm}: starting a standby clone: {e:#}"),
+                }
             }
         }
     }
@@ -434,8 +586,17 @@ impl Clones {
         })
     }
 
-    /// Whether each clone runs; a clone is `running` once its control socket answers.
+    /// Whether each clone runs; a clone is `running` once its control socket answers (and a
+    /// standby is ready then).
     fn poll(&mut self) {
+        // (A standby is ready once its control socket exists: `clone-vm` binds it when its VM
+        // is built. Not asked: a status request to a process still starting could hold the
+        // round up to its timeout, and a busy host missed any short one again and again.)
+        for (_, s, _) in &mut self.standby {
+            if s.alive() && !s.running {
+                s.running = s.control.exists();
+            }
+        }
         for (name, c) in &mut self.procs {
             if !c.alive() {
                 if c.exited_at.is_none() {
@@ -458,7 +619,8 @@ impl Clones {
             let newest = bases.len().saturating_sub(1);
             let old = std::mem::take(bases);
             for (i, b) in old.into_iter().enumerate() {
-                let used = self.procs.values().any(|c| c.base == b.base_dir());
+                let used = self.procs.values().any(|c| c.base == b.base_dir())
+                    || self.standby.iter().any(|(_, s, _)| s.base == b.base_dir());
                 if used || (wanted && i == newest) {
                     bases.push(b);
                 } else {
@@ -510,5 +672,8 @@ impl Clones {
     /// Stops every clone (the agent stops with `--stop-vms-on-exit`).
     pub fn stop_all(&mut self) {
         self.stop_unassigned(&Assignments::default());
+        for (stem, s, _) in std::mem::take(&mut self.standby) {
+            standby::discard(&self.cfg.dir, &stem, s);
+        }
     }
 }

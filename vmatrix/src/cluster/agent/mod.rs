@@ -7,6 +7,7 @@
 mod clone_io;
 mod clones;
 mod procs;
+mod standby;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -71,6 +72,10 @@ pub struct AgentArgs {
     /// A clone base older than this is replaced by a fresh snapshot of the primary, s.
     #[arg(long, default_value_t = 60)]
     pub clone_base_refresh_s: u64,
+    /// Standby clones kept per VM wanting clones here: built and idle, isolated, each takes
+    /// over the next clone assigned here (0: every clone is started when assigned).
+    #[arg(long, default_value_t = 1)]
+    pub clone_standby: usize,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).
     #[arg(long, hide = true, value_parser = clap::builder::PossibleValuesParser::new(supervisor::CRASH_POINTS))]
@@ -99,6 +104,7 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
             exe: std::env::current_exe().context("locating the vmatrix binary")?,
             bridge: a.clone_bridge.clone(),
             refresh: Duration::from_secs(a.clone_base_refresh_s.max(1)),
+            standby: a.clone_standby.min(64),
         },
     };
     let shared = Arc::new(Mutex::new(Shared::default()));

@@ -115,11 +115,14 @@ impl Platform {
         self.generation
     }
 
-    /// A new identity (a standby clone's): the generation id and config string the guest reads
-    /// from now on; a guest waiting in the VMM is woken to look.
-    pub fn set_identity(&mut self, generation: u64, config: Vec<u8>) {
-        self.generation = generation;
+    /// A standby clone's new config string (what the guest reads from now on).
+    pub fn set_config(&mut self, config: Vec<u8>) {
         self.config = config;
+    }
+
+    /// A standby clone's new generation id; a guest waiting in the VMM is woken to look.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
         self.events.signal();
     }
 
