@@ -156,3 +156,68 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     let _ = standby.wait();
     vm.kill9();
 }
+
+/// Through the agent: a standby of the primary's base is kept, the next clone takes it over
+/// (the same process answers as the clone) and a new standby is started behind it; a restarted
+/// agent adopts the clone that was a standby (same process, still answering) and kills the
+/// standby the earlier agent left, starting its own.
+#[test]
+fn the_agent_keeps_a_standby_and_the_next_clone_takes_it_over() {
+    use support::managed::Managed;
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Managed::start(dir.path(), 2);
+    let v = m.create_protected(1);
+    let host = m.host_index(v["primary"].as_str().unwrap());
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET colour blue").unwrap(), "OK");
+    m.scale(1);
+    let first = m.clone_addr(0);
+    assert_eq!(
+        connect_retry(first, Duration::from_secs(10))
+            .cmd("GET colour")
+            .unwrap(),
+        "VALUE blue"
+    );
+    let standby = m.wait_vm_process(host, "standby", Duration::from_secs(10));
+    assert_eq!(standby.len(), 1, "one standby per VM: {standby:?}");
+
+    m.scale(2);
+    let mut c1 = connect_retry(m.clone_addr(1), Duration::from_secs(10));
+    assert_eq!(c1.cmd("GET colour").unwrap(), "VALUE blue");
+    let clones = m.vm_pids(host, "clone-vm");
+    assert!(
+        clones.contains(&standby[0]),
+        "the standby became clone 1: {clones:?}"
+    );
+    let next = m.wait_vm_process(host, "standby", Duration::from_secs(10));
+    assert!(
+        !next.contains(&standby[0]),
+        "a new standby behind it: {next:?}"
+    );
+
+    m.kill_agent(host);
+    m.start_agent(host);
+    m.wait_vm_process(host, "standby", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let clones_after = m.vm_pids(host, "clone-vm");
+    assert_eq!(
+        clones_after.len(),
+        2,
+        "both clones adopted: {clones_after:?}"
+    );
+    assert!(
+        clones_after.contains(&standby[0]),
+        "the former standby adopted"
+    );
+    let again = m.vm_pids(host, "standby");
+    assert_eq!(again.len(), 1, "the old standby killed, one new: {again:?}");
+    assert!(
+        !again.contains(&next[0]),
+        "the earlier agent's standby was killed"
+    );
+    assert_eq!(
+        c1.cmd("GET colour").unwrap(),
+        "VALUE blue",
+        "clone 1 still serves"
+    );
+}

@@ -118,7 +118,11 @@ impl Clones {
             making: BTreeMap::new(),
             blocked: BTreeMap::new(),
             standby: Vec::new(),
-            standby_seq: 0,
+            // (Never a number an earlier agent used: a clone that was a standby is known by its
+            // standby name's control socket in its command line.)
+            standby_seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
         };
         if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
