@@ -4,6 +4,9 @@
 //! base already warm on the primary's host (`--warm`), and once from a cold start (no base:
 //! the agent first takes the primary's snapshot). Two hosts (network namespaces), a protected
 //! 64 MiB VM. Prints a Markdown table for docs/BENCHMARKS.md. Needs root and /dev/kvm.
+//! Warm runs start with the agent's standby clone ready (the first clone takes it over);
+//! `VMATRIX_BENCH_STANDBY=0` runs the agents with `--clone-standby 0` instead. Also:
+//! `VMATRIX_BENCH_CLONES=n` (one size only), `VMATRIX_BENCH_KEEP=1` (keep the logs).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -108,15 +111,18 @@ fn scale_and_wait(m: &Managed, n: u32, warm: bool, via: Via) -> (f64, f64, f64) 
     (ms(cli), ms(first), ms(all))
 }
 
-/// Back to no clone, and (warm) a standby clone ready on the host again: the agent keeps one
-/// per VM wanting clones (`--clone-standby`), and the first clone of a scale-up takes it over.
-fn scale_to_zero(m: &Managed, host: usize) {
+/// Back to no clone, and (with standbys) a standby clone ready on the host again: the agent
+/// keeps one per VM wanting clones (`--clone-standby`), and the first clone of a scale-up takes
+/// it over.
+fn scale_to_zero(m: &Managed, host: usize, standby: bool) {
     let out = m.cli(&["vm", "scale", "web", "--clones", "0"]);
     assert!(out.status.success());
     m.wait_no_vm_process(host, "clone-vm", Duration::from_secs(30));
-    m.wait_vm_process(host, "standby", Duration::from_secs(30));
-    // (Its guest's first rounds after the build.)
-    std::thread::sleep(Duration::from_millis(20));
+    if standby {
+        m.wait_vm_process(host, "standby", Duration::from_secs(30));
+        // (Its guest's first rounds after the build.)
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn main() {
@@ -131,7 +137,17 @@ fn main() {
         }
         None => Some(dir),
     };
-    let m = Managed::start(&path, 2);
+    let mut m = Managed::start(&path, 2);
+    // VMATRIX_BENCH_STANDBY=0: agents without standby clones (every clone spawned and built
+    // when assigned), for a same-run comparison.
+    let standby = std::env::var("VMATRIX_BENCH_STANDBY").map_or(true, |v| v != "0");
+    if !standby {
+        for i in 0..2 {
+            m.kill_agent(i);
+            m.start_agent_with(i, &["--clone-standby", "0"]);
+        }
+        m.wait_hosts_up(2, Duration::from_secs(20));
+    }
     let v = m.create_protected(1);
     let host = m.host_index(v["primary"].as_str().unwrap());
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
@@ -145,7 +161,7 @@ fn main() {
     println!(
         "| 1 | cold (snapshot of the primary first) | CLI | {cli:.1} | {first:.1} | {all:.1} |"
     );
-    scale_to_zero(&m, host);
+    scale_to_zero(&m, host, standby);
     let only = std::env::var("VMATRIX_BENCH_CLONES").ok();
     for n in [1, 4, 16, 32] {
         if only.as_ref().is_some_and(|o| o != &n.to_string()) {
@@ -156,7 +172,7 @@ fn main() {
             for _ in 0..3 {
                 let (asked, first, all) = scale_and_wait(&m, n, true, via);
                 println!("| {n} | warm | {name} | {asked:.1} | {first:.1} | {all:.1} |");
-                scale_to_zero(&m, host);
+                scale_to_zero(&m, host, standby);
             }
         }
     }
