@@ -17,9 +17,29 @@ fn spec() -> VmSpec {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    let obs = VmObservation {
+    std::fs::create_dir_all(root.join("wire"))?;
+    for (i, f) in frames()?.iter().enumerate() {
+        std::fs::write(root.join("wire").join(format!("seed-{i}")), f)?;
+    }
+    let mut st = ClusterState::default();
+    st.vms.insert("web".into(), record());
+    st.retired.insert("old".into(), 5);
+    std::fs::create_dir_all(root.join("state"))?;
+    std::fs::write(
+        root.join("state/seed-0"),
+        failover::store::encode_state(&st)?,
+    )?;
+    println!("wrote the seed corpus under {}", root.display());
+    Ok(())
+}
+
+/// A primary's observation.
+fn observation() -> VmObservation {
+    VmObservation {
         vm: "web".into(),
         role: ProcRole::Primary,
         alive: true,
@@ -33,7 +53,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         silent_ms: None,
         handed_over: false,
         never_ran: false,
-    };
+    }
+}
+
+/// A primary's assignment with one backup.
+fn assignments() -> Assignments {
     let mut a = Assignments::default();
     a.vms.insert(
         "web".into(),
@@ -50,7 +74,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         },
     );
-    let frames = [
+    a
+}
+
+/// One frame of every message kind, with and without the clone fields.
+fn frames() -> Res<Vec<Vec<u8>>> {
+    let (obs, a) = (observation(), assignments());
+    Ok(vec![
         encode(&AgentMsg::Hello {
             version: VERSION,
             host: "a".into(),
@@ -91,63 +121,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bases: vec!["web".into()],
             ..a
         }))?,
-    ];
-    std::fs::create_dir_all(root.join("wire"))?;
-    for (i, f) in frames.iter().enumerate() {
-        std::fs::write(root.join("wire").join(format!("seed-{i}")), f)?;
-    }
-    let mut st = ClusterState::default();
-    st.vms.insert(
-        "web".into(),
-        VmRecord {
-            spec: spec(),
-            term: 3,
-            phase: Phase::Running,
-            primary: Some("a".into()),
-            started: true,
-            backups: vec![BackupSlot {
-                host: "b".into(),
-                synced_term: Some(3),
-            }],
-            handover_to: None,
-            retries: 0,
-            clones: CloneSet {
-                desired: 2,
-                first_ip: Some("10.77.1.10/24".into()),
-                warm: false,
-                autoscale: Some(failover::clones::AutoscaleSpec {
-                    target: 50.0,
-                    min: 0,
-                    max: 8,
-                    up_cooldown_ms: 1000,
-                    down_cooldown_ms: 10_000,
-                    hysteresis: 0.2,
-                }),
-                placed: vec![
-                    failover::clones::CloneSlot {
-                        index: 0,
-                        host: "a".into(),
-                        draining: false,
-                    },
-                    failover::clones::CloneSlot {
-                        index: 2,
-                        host: "a".into(),
-                        draining: true,
-                    },
-                ],
-                balancer: Some(failover::clones::Balancer {
-                    vip: "10.77.1.100:7000".into(),
-                    lease_ms: 3000,
-                }),
-            },
+    ])
+}
+
+/// A running VM's record with clones (one draining) and a balancer.
+fn record() -> VmRecord {
+    VmRecord {
+        spec: spec(),
+        term: 3,
+        phase: Phase::Running,
+        primary: Some("a".into()),
+        started: true,
+        backups: vec![BackupSlot {
+            host: "b".into(),
+            synced_term: Some(3),
+        }],
+        handover_to: None,
+        retries: 0,
+        clones: CloneSet {
+            desired: 2,
+            first_ip: Some("10.77.1.10/24".into()),
+            warm: false,
+            autoscale: Some(failover::clones::AutoscaleSpec {
+                target: 50.0,
+                min: 0,
+                max: 8,
+                up_cooldown_ms: 1000,
+                down_cooldown_ms: 10_000,
+                hysteresis: 0.2,
+            }),
+            placed: vec![
+                failover::clones::CloneSlot {
+                    index: 0,
+                    host: "a".into(),
+                    draining: false,
+                },
+                failover::clones::CloneSlot {
+                    index: 2,
+                    host: "a".into(),
+                    draining: true,
+                },
+            ],
+            balancer: Some(failover::clones::Balancer {
+                vip: "10.77.1.100:7000".into(),
+                lease_ms: 3000,
+            }),
         },
-    );
-    st.retired.insert("old".into(), 5);
-    std::fs::create_dir_all(root.join("state"))?;
-    std::fs::write(
-        root.join("state/seed-0"),
-        failover::store::encode_state(&st)?,
-    )?;
-    println!("wrote the seed corpus under {}", root.display());
-    Ok(())
+    }
 }
