@@ -10,7 +10,7 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -119,17 +119,59 @@ fn stats(name: &str, ns: &str) -> BTreeMap<String, serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
-    let net = TestNet::new();
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
+/// The service under test: its name, the balancer's namespace and the VIP.
+struct Svc {
+    name: String,
+    ns: String,
+    vip: SocketAddr,
+}
+
+impl Svc {
+    /// `vmatrix lb create` of `10.77.<index>.100:7000` in `ns`, then `add` of `servers`.
+    fn create(index: u32, ns: &str, servers: &[String]) -> Svc {
+        let name = format!("t{index}");
+        let vip_s = format!("10.77.{index}.100:7000");
+        lb(&[
+            "create",
+            "--name",
+            &name,
+            "--netns",
+            ns,
+            "--vip",
+            &vip_s,
+            "--vip-dev",
+            "lan0",
+        ]);
+        lb(&[
+            "add",
+            "--name",
+            &name,
+            "--netns",
+            ns,
+            "--server",
+            &servers.join(","),
+        ]);
+        Svc {
+            name,
+            ns: ns.to_string(),
+            vip: vip_s.parse().unwrap(),
+        }
+    }
+
+    fn stats(&self) -> BTreeMap<String, serde_json::Value> {
+        stats(&self.name, &self.ns)
+    }
+}
+
+/// A VM with 20 keys and its snapshot: (process, client, generation, snapshot directory).
+fn parent_with_snapshot(net: &TestNet, dir: &Path) -> (VmProc, KvClient, String, PathBuf) {
+    let disk = dir.join("disk.img");
     make_disk(&disk, 16);
-    let sock = dir.path().join("vm.sock");
+    let sock = dir.join("vm.sock");
     let mut vm = VmProc::spawn_with(
-        &net,
+        net,
         &disk,
-        &dir.path().join("parent.log"),
+        &dir.join("parent.log"),
         64,
         &["--control", sock.to_str().unwrap()],
     );
@@ -139,83 +181,46 @@ fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
         assert_eq!(parent.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
     }
     let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
-    let snap = dir.path().join("snap");
+    let snap = dir.join("snap");
     ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
-    let lbnet = LbNet::up(net.index, "br0", Some(&net.ns()));
-    let g = Group::start(&net, &snap, 3, 10, "c", &dir.path().join("w1"));
+    (vm, parent, parent_gen, snap)
+}
 
-    // The service: the parent and its three clones behind 10.77.<index>.100:7000.
-    let name = format!("t{}", net.index);
-    let vip_s = format!("10.77.{}.100:7000", net.index);
-    let vip: SocketAddr = vip_s.parse().unwrap();
-    let parent_s = net.guest_addr().to_string();
-    let ns = lbnet.ns.as_str();
-    lb(&[
-        "create",
-        "--name",
-        &name,
-        "--netns",
-        ns,
-        "--vip",
-        &vip_s,
-        "--vip-dev",
-        "lan0",
-    ]);
-    let all = [parent_s.clone(), g.server(0), g.server(1), g.server(2)];
-    lb(&[
-        "add",
-        "--name",
-        &name,
-        "--netns",
-        ns,
-        "--server",
-        &all.join(","),
-    ]);
-
-    // 40 fresh connections land on all four, 10 each (round robin), with the parent's data.
+/// 40 fresh connections land on all of `servers` (their generations `gens`), 10 each (round
+/// robin), with the parent's data; the balancer's stats count them.
+fn forty_connections_spread(svc: &Svc, servers: &[String], gens: HashSet<String>) {
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     for i in 0..40 {
-        let mut c = Conn::open(vip).expect("connect through the VIP");
+        let mut c = Conn::open(svc.vip).expect("connect through the VIP");
         assert_eq!(
             c.cmd(&format!("GET k{}", i % 20)).unwrap(),
             format!("VALUE v{}", i % 20)
         );
         *seen.entry(c.generation()).or_default() += 1;
     }
-    let expected: HashSet<String> = [
-        parent_gen.clone(),
-        g.generation(0),
-        g.generation(1),
-        g.generation(2),
-    ]
-    .into();
     assert_eq!(
         seen.keys().cloned().collect::<HashSet<_>>(),
-        expected,
+        gens,
         "{seen:?}"
     );
     assert!(seen.values().all(|&n| n == 10), "round robin: {seen:?}");
-    let st = stats(&name, ns);
-    for s in &all {
+    let st = svc.stats();
+    for s in servers {
         assert_eq!(st[s]["connections"], 10, "{s}: {}", st[s]);
         assert_eq!(st[s]["weight"], 1);
         assert!(st[s]["packets"].as_u64().unwrap() >= 60, "{}", st[s]);
     }
+}
 
-    // A long-lived connection from before the scale-up, and a client loop all along.
-    let mut long = Conn::open(vip).unwrap();
+/// One more clone added: an open connection stays on its VM, the new clone gets new ones.
+fn scale_up(svc: &Svc, long: &mut Conn, g2: &Group) {
     let long_gen = long.generation();
-    let stop = Arc::new(AtomicBool::new(false));
-    let loop_h = client_loop(vip, stop.clone());
-
-    // Scale up: one more clone, added to the service.
-    let g2 = Group::start(&net, &snap, 1, 13, "u", &dir.path().join("w2"));
     lb(&[
         "add",
         "--name",
-        &name,
+        &svc.name,
         "--netns",
-        ns,
+        &svc.ns,
         "--server",
         &g2.server(0),
     ]);
@@ -229,67 +234,100 @@ fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
     // two do not fall into step)
     let mut gens = Vec::new();
     while gens.len() < 60 && !gens.contains(&g2.generation(0)) {
-        gens.push(Conn::open(vip).unwrap().generation());
+        gens.push(Conn::open(svc.vip).unwrap().generation());
         std::thread::sleep(Duration::from_millis(gens.len() as u64 % 7));
     }
     assert!(
         gens.contains(&g2.generation(0)),
         "the new clone {} gets new connections: {gens:?}, {:?}",
         g2.generation(0),
-        stats(&name, ns)
+        svc.stats()
     );
+}
 
-    // A connection on clone 2, then clone 2 drained: no new connection goes there, the open
-    // one works until closed, then the drain ends and the clone is stopped.
+/// A connection on clone `i` of `g`, then that clone drained: no new connection goes there,
+/// the open one works until closed, then the drain ends and the clone is stopped.
+fn drain_one(svc: &Svc, g: &Group, i: usize) {
     let mut on_victim = (0..60)
-        .map(|i| {
-            std::thread::sleep(Duration::from_millis(i % 7));
-            Conn::open(vip).unwrap()
+        .map(|n| {
+            std::thread::sleep(Duration::from_millis(n % 7));
+            Conn::open(svc.vip).unwrap()
         })
-        .find_map(|mut c| (c.generation() == g.generation(2)).then_some(c))
-        .expect("a connection on clone 2");
+        .find_map(|mut c| (c.generation() == g.generation(i)).then_some(c))
+        .expect("a connection on the clone");
     let drain = Command::new(vmatrix_bin())
-        .args([
-            "lb",
-            "drain",
-            "--name",
-            &name,
-            "--netns",
-            ns,
-            "--server",
-            &g.server(2),
-        ])
-        .args(["--timeout-ms", "20000"])
+        .args(["lb", "drain", "--name", &svc.name, "--netns", &svc.ns])
+        .args(["--server", &g.server(i), "--timeout-ms", "20000"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(10);
-    while stats(&name, ns)[&g.server(2)]["weight"] != 0 {
+    while svc.stats()[&g.server(i)]["weight"] != 0 {
         assert!(Instant::now() < until, "drain never set weight 0");
         std::thread::sleep(Duration::from_millis(20));
     }
     for _ in 0..12 {
-        assert_ne!(
-            Conn::open(vip).unwrap().generation(),
-            g.generation(2),
-            "draining"
-        );
+        let gen = Conn::open(svc.vip).unwrap().generation();
+        assert_ne!(gen, g.generation(i), "draining");
     }
-    assert_eq!(
-        on_victim.cmd("GET k3").unwrap(),
-        "VALUE v3",
-        "open during the drain"
-    );
+    let open = on_victim.cmd("GET k3").unwrap();
+    assert_eq!(open, "VALUE v3", "open during the drain");
     drop(on_victim);
     let out = drain.wait_with_output().unwrap();
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drain's line");
     assert_eq!(d["drained"], true, "{d}");
     assert!(
-        !stats(&name, ns).contains_key(&g.server(2)),
+        !svc.stats().contains_key(&g.server(i)),
         "removed after the drain"
     );
-    ctl(Path::new(&g.control(2)), &["stop"]);
+    ctl(Path::new(&g.control(i)), &["stop"]);
     std::thread::sleep(Duration::from_millis(300));
+}
+
+/// `lb delete`: the VIP and the table are gone.
+fn delete(svc: &Svc, index: u32) {
+    lb(&["delete", "--name", &svc.name, "--netns", &svc.ns]);
+    let addrs = Command::new("ip")
+        .args(["-n", &svc.ns, "-o", "addr", "show", "dev", "lan0"])
+        .output()
+        .unwrap();
+    let vip = format!("10.77.{index}.100");
+    assert!(!String::from_utf8_lossy(&addrs.stdout).contains(&vip));
+    let e = lb_output(&["stats", "--name", &svc.name, "--netns", &svc.ns]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no load-balancer service"));
+}
+
+#[test]
+fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, _parent, parent_gen, snap) = parent_with_snapshot(&net, dir.path());
+    let lbnet = LbNet::up(net.index, "br0", Some(&net.ns()));
+    let g = Group::start(&net, &snap, 3, 10, "c", &dir.path().join("w1"));
+
+    // The service: the parent and its three clones behind 10.77.<index>.100:7000.
+    let all = [
+        net.guest_addr().to_string(),
+        g.server(0),
+        g.server(1),
+        g.server(2),
+    ];
+    let svc = Svc::create(net.index, &lbnet.ns, &all);
+    let gens = [
+        parent_gen,
+        g.generation(0),
+        g.generation(1),
+        g.generation(2),
+    ];
+    forty_connections_spread(&svc, &all, gens.into());
+
+    // A long-lived connection from before the scale-up, and a client loop all along.
+    let mut long = Conn::open(svc.vip).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_h = client_loop(svc.vip, stop.clone());
+    let g2 = Group::start(&net, &snap, 1, 13, "u", &dir.path().join("w2"));
+    scale_up(&svc, &mut long, &g2);
+    drain_one(&svc, &g, 2);
 
     stop.store(true, Ordering::SeqCst);
     let (ok, errors, slowest) = loop_h.join().unwrap();
@@ -300,16 +338,7 @@ fn a_vip_spreads_new_connections_and_scales_without_a_client_error() {
     );
     assert!(ok >= 20, "the loop ran: {ok}");
     assert_eq!(long.cmd("GET k4").unwrap(), "VALUE v4", "open until closed");
-
-    // Delete: the VIP and the table are gone.
-    lb(&["delete", "--name", &name, "--netns", ns]);
-    let addrs = Command::new("ip")
-        .args(["-n", ns, "-o", "addr", "show", "dev", "lan0"])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&addrs.stdout).contains(&format!("10.77.{}.100", net.index)));
-    let e = lb_output(&["stats", "--name", &name, "--netns", ns]);
-    assert!(String::from_utf8_lossy(&e.stderr).contains("no load-balancer service"));
+    delete(&svc, net.index);
     drop(g2);
     drop(g);
     vm.kill9();
