@@ -107,12 +107,17 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     wait_clone(&m, 0, "VALUE red", Duration::from_secs(5));
     wait_clone(&m, 1, "VALUE blue", Duration::from_secs(5));
 
-    // The clones' host crashes: they are placed again where a base can be made (the new
-    // primary's host) and serve the parent's data again.
+    host_crash_then_scale_down(&mut m, ph, &new_primary);
+}
+
+/// The clones' host `ph` crashes: they are placed again where a base can be made (the new
+/// primary's host) and serve the parent's data again; then scaled to 0, they stop, and the
+/// parent served all along.
+fn host_crash_then_scale_down(m: &mut Managed, ph: usize, new_primary: &str) {
     let t1 = Instant::now();
     m.crash_host(ph);
     for i in 0..2 {
-        wait_clone(&m, i, "VALUE blue", Duration::from_secs(30));
+        wait_clone(m, i, "VALUE blue", Duration::from_secs(30));
     }
     eprintln!(
         "clones' host crashed → both answering again elsewhere: {} ms",
@@ -120,7 +125,7 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     );
     let v = m.wait_vm("web", "clones re-placed", Duration::from_secs(10), |v| {
         let c = clone_hosts(v);
-        c.len() == 2 && c.iter().all(|(h, s)| *h == new_primary && s == "running")
+        c.len() == 2 && c.iter().all(|(h, s)| h == new_primary && s == "running")
     });
     let stopped = m.events_of("clone_stopped");
     assert!(
@@ -133,10 +138,10 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     assert!(!m.events_of("scaled").is_empty());
 
     // Scale to 0: the clones stop.
-    let np = m.host_index(&new_primary);
-    scale(&m, 0);
+    let np = m.host_index(new_primary);
+    scale(m, 0);
     m.wait_no_vm_process(np, "clone-vm", Duration::from_secs(10));
-    assert!(KvClient::connect(clone_addr(&m, 0))
+    assert!(KvClient::connect(clone_addr(m, 0))
         .and_then(|mut c| {
             c.set_timeout(Duration::from_millis(300));
             c.cmd("GET colour")
