@@ -68,22 +68,9 @@ fn identity(sock: &Path, name: &str, config: &str) -> std::process::Output {
 fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_disk(&disk, 16);
-    let sock = dir.path().join("vm.sock");
-    let mut vm = VmProc::spawn_with(
-        &net,
-        &disk,
-        &dir.path().join("parent.log"),
-        64,
-        &["--control", sock.to_str().unwrap()],
-    );
-    let mut parent = vm.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
-    assert_eq!(parent.cmd("SET colour blue").unwrap(), "OK");
+    let (mut vm, mut parent, snap) =
+        vm_with_snapshot(&net, dir.path(), &["SET colour blue".into()]);
     let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
-    let snap = dir.path().join("snap");
-    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     let work = dir.path().join("work");
     make_base(&net, &snap, &work);
 

@@ -147,24 +147,9 @@ fn generation(kv: &mut KvClient) -> String {
 fn four_clones_each_serve_the_parents_data_alone_and_share_its_memory() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_disk(&disk, 16);
-    let sock = dir.path().join("vm.sock");
-    let mut vm = VmProc::spawn_with(
-        &net,
-        &disk,
-        &dir.path().join("parent.log"),
-        64,
-        &["--control", sock.to_str().unwrap()],
-    );
-    let mut parent = vm.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
-    for i in 0..50 {
-        assert_eq!(parent.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
-    }
-    assert_eq!(parent.cmd("SET colour blue").unwrap(), "OK");
-    let snap = dir.path().join("snap");
-    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let mut setup: Vec<String> = (0..50).map(|i| format!("SET k{i} v{i}")).collect();
+    setup.push("SET colour blue".into());
+    let (mut vm, mut parent, snap) = vm_with_snapshot(&net, dir.path(), &setup);
     let image = files(&snap);
     let parent_gen = generation(&mut parent);
 

@@ -119,6 +119,12 @@ fn stats(name: &str, ns: &str) -> BTreeMap<String, serde_json::Value> {
         .collect()
 }
 
+/// `vmatrix lb create` of service `name` in `ns` with `vip` on `lan0`.
+fn lb_create(name: &str, ns: &str, vip: &str) {
+    let args = ["create", "--name", name, "--netns", ns, "--vip", vip];
+    lb(&[&args[..], &["--vip-dev", "lan0"]].concat());
+}
+
 /// The service under test: its name, the balancer's namespace and the VIP.
 struct Svc {
     name: String,
@@ -131,17 +137,7 @@ impl Svc {
     fn create(index: u32, ns: &str, servers: &[String]) -> Svc {
         let name = format!("t{index}");
         let vip_s = format!("10.77.{index}.100:7000");
-        lb(&[
-            "create",
-            "--name",
-            &name,
-            "--netns",
-            ns,
-            "--vip",
-            &vip_s,
-            "--vip-dev",
-            "lan0",
-        ]);
+        lb_create(&name, ns, &vip_s);
         lb(&[
             "add",
             "--name",
@@ -165,24 +161,9 @@ impl Svc {
 
 /// A VM with 20 keys and its snapshot: (process, client, generation, snapshot directory).
 fn parent_with_snapshot(net: &TestNet, dir: &Path) -> (VmProc, KvClient, String, PathBuf) {
-    let disk = dir.join("disk.img");
-    make_disk(&disk, 16);
-    let sock = dir.join("vm.sock");
-    let mut vm = VmProc::spawn_with(
-        net,
-        &disk,
-        &dir.join("parent.log"),
-        64,
-        &["--control", sock.to_str().unwrap()],
-    );
-    let mut parent = vm.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
-    for i in 0..20 {
-        assert_eq!(parent.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
-    }
+    let setup: Vec<String> = (0..20).map(|i| format!("SET k{i} v{i}")).collect();
+    let (vm, mut parent, snap) = vm_with_snapshot(net, dir, &setup);
     let parent_gen = field(&parent.cmd("STATS").unwrap(), "generation").unwrap();
-    let snap = dir.join("snap");
-    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     (vm, parent, parent_gen, snap)
 }
 
@@ -350,42 +331,11 @@ fn a_crashed_runs_service_is_replaced_by_the_next_create() {
     let lbnet = LbNet::up(net.index, "br0", Some(&net.ns()));
     let ns = lbnet.ns.as_str();
     let name = format!("r{}", net.index);
-    let old_vip = format!("10.77.{}.101:7000", net.index);
-    lb(&[
-        "create",
-        "--name",
-        &name,
-        "--netns",
-        ns,
-        "--vip",
-        &old_vip,
-        "--vip-dev",
-        "lan0",
-    ]);
-    lb(&[
-        "add",
-        "--name",
-        &name,
-        "--netns",
-        ns,
-        "--server",
-        "10.77.9.9:7000",
-        "--weight",
-        "3",
-    ]);
+    lb_create(&name, ns, &format!("10.77.{}.101:7000", net.index));
+    let weight3 = ["--server", "10.77.9.9:7000", "--weight", "3"];
+    lb(&[&["add", "--name", &name, "--netns", ns][..], &weight3].concat());
     // (the creating process is gone: its service stays in the kernel, as after a crash)
-    let vip = format!("10.77.{}.102:7000", net.index);
-    lb(&[
-        "create",
-        "--name",
-        &name,
-        "--netns",
-        ns,
-        "--vip",
-        &vip,
-        "--vip-dev",
-        "lan0",
-    ]);
+    lb_create(&name, ns, &format!("10.77.{}.102:7000", net.index));
     assert!(
         stats(&name, ns).is_empty(),
         "the leftover's servers are gone"

@@ -400,6 +400,33 @@ pub fn ctl(socket: &Path, args: &[&str]) -> String {
     stdout
 }
 
+/// A VM (64 MiB, a 16 MiB disk, a control socket) in `net`, given `commands` (each answered
+/// `OK`), and a full snapshot of it in `<dir>/snap`: (its process, a client, the snapshot).
+pub fn vm_with_snapshot(
+    net: &TestNet,
+    dir: &Path,
+    commands: &[String],
+) -> (VmProc, KvClient, PathBuf) {
+    let disk = dir.join("disk.img");
+    make_disk(&disk, 16);
+    let sock = dir.join("vm.sock");
+    let mut vm = VmProc::spawn_with(
+        net,
+        &disk,
+        &dir.join("parent.log"),
+        64,
+        &["--control", sock.to_str().unwrap()],
+    );
+    let mut parent = vm.wait_ready(Duration::from_secs(20));
+    wait_socket(&sock, Duration::from_secs(5));
+    for c in commands {
+        assert_eq!(parent.cmd(c).unwrap(), "OK", "{c}");
+    }
+    let snap = dir.join("snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    (vm, parent, snap)
+}
+
 /// Waits until a control socket accepts connections.
 pub fn wait_socket(socket: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
