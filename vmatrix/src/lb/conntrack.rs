@@ -15,6 +15,10 @@ use std::net::SocketAddrV4;
 pub struct Conns {
     pub active: u32,
     pub inactive: u32,
+    /// Not yet done: active, or half closed with data still able to flow (`FIN_WAIT`,
+    /// `CLOSE_WAIT`, `LAST_ACK`: a client that shut its side down may still be receiving the
+    /// answer). A drain waits for these, not only for the active ones.
+    pub open: u32,
 }
 
 /// One parsed line: (state, original destination, reply source).
@@ -71,6 +75,12 @@ pub fn count(table: &str, vip: SocketAddrV4) -> BTreeMap<SocketAddrV4, Conns> {
             "ESTABLISHED" | "SYN_SENT" | "SYN_RECV" => c.active += 1,
             _ => c.inactive += 1,
         }
+        if matches!(
+            state,
+            "ESTABLISHED" | "SYN_SENT" | "SYN_RECV" | "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK"
+        ) {
+            c.open += 1;
+        }
     }
     out
 }
@@ -100,20 +110,46 @@ ipv4 2 tcp 6 1 ESTABLISHED src=x dst=10.77.5.100 sport=1 dport=7000 src=10.77.5.
             c[&s10],
             Conns {
                 active: 1,
-                inactive: 1
+                inactive: 1,
+                open: 1
             }
         );
         assert_eq!(
             c[&s2],
             Conns {
                 active: 1,
-                inactive: 0
+                inactive: 0,
+                open: 1
             }
         );
         // Malformed addresses elsewhere in the line do not matter: only the tuple's parts
         // we use must parse.
         assert_eq!(c[&s11].active, 1);
         assert_eq!(c.len(), 3, "{c:?}");
+    }
+
+    /// A half-closed connection (the client shut its side, the answer may still flow) is not
+    /// active but still open: a drain waits for it; TIME_WAIT is done.
+    #[test]
+    fn half_closed_connections_are_open_until_done() {
+        let vip: SocketAddrV4 = "10.77.5.100:7000".parse().unwrap();
+        let line = |state: &str, port: u16| {
+            format!(
+                "ipv4 2 tcp 6 60 {state} src=10.77.5.1 dst=10.77.5.100 sport={port} dport=7000 \
+                 src=10.77.5.10 dst=10.77.5.4 sport=7000 dport={port} [ASSURED] mark=0 use=2\n"
+            )
+        };
+        let table: String = [
+            line("FIN_WAIT", 1),
+            line("CLOSE_WAIT", 2),
+            line("LAST_ACK", 3),
+            line("TIME_WAIT", 4),
+            line("CLOSE", 5),
+        ]
+        .concat();
+        let s10: SocketAddrV4 = "10.77.5.10:7000".parse().unwrap();
+        let c = count(&table, vip)[&s10];
+        assert_eq!((c.active, c.inactive, c.open), (0, 5, 3), "{c:?}");
     }
 
     #[test]

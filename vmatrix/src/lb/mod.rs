@@ -346,6 +346,9 @@ pub struct ServerStats {
     pub active: u32,
     /// Connections closing (FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE).
     pub inactive: u32,
+    /// Connections not yet done: active or half closed (FIN_WAIT, CLOSE_WAIT, LAST_ACK), what
+    /// a drain waits for.
+    pub open: u32,
     /// Connections sent to it since it was added.
     pub connections: u64,
     /// Packets and bytes of its connections (both directions) that went through the balancer.
@@ -555,7 +558,7 @@ impl Service {
             let table = r.read("/proc/net/nf_conntrack")?;
             Ok(conntrack::count(&table, vip)
                 .get(&server)
-                .map_or(0, |c| c.active))
+                .map_or(0, |c| c.open))
         };
         let mut left = active(&self.runner)?;
         while left > 0 && t0.elapsed() < timeout {
@@ -599,6 +602,7 @@ impl Service {
                 weight,
                 active: c.active,
                 inactive: c.inactive,
+                open: c.open,
                 connections: new,
                 packets,
                 bytes,

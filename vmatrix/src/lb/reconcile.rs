@@ -133,7 +133,7 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// One round's actions (see the module's doc). `current`: the servers and their weights;
-    /// `active`: their connections in the handshake or established; `ready`: the probed
+    /// `active`: their open connections (handshake, established, half closed); `ready`: the probed
     /// servers of [`to_probe`] that answered.
     pub fn step(
         &mut self,
@@ -322,6 +322,7 @@ mod tests {
             weight: 1,
             active,
             inactive: 0,
+            open: active,
             connections: 0,
             packets: 0,
             bytes: 0,

@@ -128,7 +128,7 @@ impl Driver {
         let current = self.svc.servers()?;
         let stats = self.svc.stats()?;
         let active: BTreeMap<SocketAddrV4, u32> =
-            stats.iter().map(|s| (s.server, s.active)).collect();
+            stats.iter().map(|s| (s.server, s.open)).collect();
         let ready = self.prober.ready(reconcile::to_probe(&targets, &current))?;
         let now = self.start.elapsed();
         for act in self.rec.step(now, &targets, &current, &active, &ready) {

@@ -189,14 +189,15 @@ impl<B: NetBackend> Net<B> {
     }
 
     /// From now on, drop every transmitted frame whose Ethernet source address is not this
-    /// device's MAC (and count it, [`Net::foreign_dropped`]). A clone's device has a new MAC:
-    /// whatever the guest sends with its parent's identity before it re-identifies never
-    /// leaves the host.
+    /// device's MAC, and every received unicast frame addressed to another MAC (counted,
+    /// [`Net::foreign_dropped`]). A clone's device has a new MAC: whatever the guest sends with
+    /// its parent's identity before it re-identifies never leaves the host, and nothing sent
+    /// to its parent (a frame the bridge floods to every port) reaches it.
     pub fn set_source_filter(&mut self, on: bool) {
         self.source_filter = on;
     }
 
-    /// Frames the source filter dropped.
+    /// Frames the source filter dropped (sent and received).
     pub fn foreign_dropped(&self) -> u64 {
         self.foreign_dropped
     }
@@ -327,6 +328,16 @@ impl<B: NetBackend> Net<B> {
                     return Ok(used);
                 }
             };
+            if self.source_filter
+                && !addressed_to(&self.frame[NET_HDR_LEN..NET_HDR_LEN + n], &self.mac)
+            {
+                // (Unicast for another MAC, flooded by the bridge: not for this clone. A standby
+                // still holds its parent's connections and would take a client's request for
+                // the parent as its own.)
+                self.foreign_dropped += 1;
+                q.go_to_previous_position();
+                continue;
+            }
             let total = NET_HDR_LEN + n;
             let written = if c.writable_len() >= total as u64 {
                 self.frame[..NET_HDR_LEN].fill(0);
@@ -392,5 +403,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             },
             _ => Ok(false),
         }
+    }
+}
+
+/// Whether an Ethernet frame is for `mac`: addressed to it, or to a group (broadcast,
+/// multicast).
+fn addressed_to(frame: &[u8], mac: &[u8; 6]) -> bool {
+    match frame.get(..6) {
+        Some(dst) => dst[0] & 1 == 1 || dst == mac,
+        None => false,
     }
 }

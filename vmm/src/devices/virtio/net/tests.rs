@@ -219,3 +219,44 @@ fn a_release_after_its_lease_drops_the_frames_instead_of_sending_them() {
     assert_eq!(net.backend_mut().sent, vec![frame(60, 2)]);
     assert_eq!(net.held_output().map(|(f, _, _)| f), Some(0));
 }
+
+/// A clone's (and a standby's) device receives only frames for its MAC or a group: a unicast
+/// frame for another MAC (the parent's, flooded by the bridge) is dropped without using a
+/// buffer.
+#[test]
+fn a_filtered_device_receives_only_its_own_and_group_frames() {
+    let mem = mem();
+    let mac = [2, 0x73, 0, 0, 0, 9];
+    let mut net = Net::new(Loop::default(), mac);
+    net.set_source_filter(true);
+    let mut to = |dst: [u8; 6], fill: u8| {
+        let mut f = frame(60, fill);
+        f[..6].copy_from_slice(&dst);
+        net.backend_mut().incoming.push_back(f);
+    };
+    to([2, 0x78, 0x6d, 0, 0, 2], 1); // the parent's
+    to(mac, 2); // its own
+    to([0xff; 6], 3); // broadcast
+    to([2, 0x78, 0x6d, 0, 0, 2], 4); // the parent's again
+    let mut d = Driver::new();
+    let mut qs = [queue(&mem), queue(&mem)];
+    for i in 0..4u16 {
+        d.desc(&mem, i, DATA + i as u64 * 0x1000, 2048, F_WRITE, 0);
+        d.push(&mem, i);
+    }
+    assert_eq!(net.receive(&mut qs, &mem), Ok(true));
+    assert_eq!(
+        d.used_idx(&mem),
+        2,
+        "two frames delivered, two buffers left"
+    );
+    let mut b = [0u8; 1];
+    mem.read_slice(&mut b, GuestAddress(DATA + NET_HDR_LEN as u64 + 6))
+        .unwrap();
+    assert_eq!(b[0], 2, "its own frame first");
+    mem.read_slice(&mut b, GuestAddress(DATA + 0x1000 + NET_HDR_LEN as u64 + 6))
+        .unwrap();
+    assert_eq!(b[0], 3, "then the broadcast");
+    assert_eq!(net.foreign_dropped(), 2);
+    assert!(net.backend_mut().incoming.is_empty());
+}
