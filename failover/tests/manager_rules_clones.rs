@@ -606,3 +606,29 @@ fn a_drained_report_for_nothing_draining_is_refused_and_changes_nothing() {
     // The real one still works.
     t.m.clone_drained(t.now, "web", 2, drained()).unwrap();
 }
+
+/// One driver per VM: a second one (another VIP) is refused while the first one's lease holds
+/// (two would take turns rewriting the attachment, persisted each time), and may attach once
+/// it lapsed.
+#[test]
+fn a_second_driver_is_refused_while_the_first_ones_lease_holds() {
+    let mut t = T::new(&["a", "b"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    t.drain();
+    attach(&mut t);
+    let other = Balancer {
+        vip: "10.77.1.101:7000".into(),
+        lease_ms: 2000,
+    };
+    let before = t.m.state().clone();
+    assert!(matches!(
+        t.m.attach_balancer(t.now, "web", other.clone()),
+        Err(ApiError::Exists(_))
+    ));
+    assert_eq!(t.m.state(), &before, "nothing changed");
+    // The first one renews (same VIP): fine.
+    attach(&mut t);
+    // Its lease lapses: the other may attach.
+    t.advance(Duration::from_millis(2100));
+    t.m.attach_balancer(t.now, "web", other).unwrap();
+}

@@ -24,10 +24,12 @@ pub fn wait(ns: u64) {
 pub fn generation() -> u64 {
     io::read64(PLATFORM + 0x18)
 }
-/// The generation word in memory (no VM exit): the VMM changes it before a clone runs.
+/// The generation word in memory (no VM exit): the VMM changes it before a clone runs, or
+/// while a standby clone runs (its config and MAC changed first).
 pub fn generation_word() -> u64 {
     // SAFETY: GENID is an aligned u64 in identity-mapped guest RAM below the image, written
-    // only by the VMM (while no vCPU runs); a volatile read sees the VMM's write.
+    // only by the VMM (before the vCPU runs, or with one atomic store while it runs); an
+    // aligned volatile 8-byte read cannot tear on x86 and sees the VMM's write.
     unsafe { core::ptr::read_volatile(crate::layout::GENID as *const u64) }
 }
 /// Incarnation: changes whenever the VM runs in a new VMM process (restore, failover).

@@ -63,6 +63,16 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let mut rec = self.record(name)?;
         b.validate().map_err(ApiError::Invalid)?;
+        // One driver per VM: another one's attachment (another VIP) stands while its lease
+        // holds (two drivers would take turns rewriting it, persisted each time).
+        if let Some(other) = rec.clones.balancer.as_ref().filter(|o| o.vip != b.vip) {
+            if self.balancer_attached(now, &rec) {
+                return Err(ApiError::Exists(format!(
+                    "{name} has a load balancer attached at {} until its lease runs out",
+                    other.vip
+                )));
+            }
+        }
         self.drains.renewed.insert(name.into(), now);
         if rec.clones.balancer.as_ref() != Some(&b) {
             let detail = format!(

@@ -43,6 +43,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const SPAWNERS: usize = 4;
 /// How long a starting standby is waited for, by a clone or at all.
 const STANDBY_PATIENCE: Duration = Duration::from_secs(2);
+/// After a standby of a VM failed, how long none is started for it.
+const STANDBY_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Whether a standby took a clone over.
 enum Taken {
@@ -98,6 +100,8 @@ pub struct Clones {
     standby: Vec<(String, CloneProc, Instant)>,
     /// The number of the next standby.
     standby_seq: u64,
+    /// When a standby of a VM last failed (none is started for [`STANDBY_BACKOFF`] after).
+    standby_failed: BTreeMap<String, Instant>,
 }
 
 /// A live primary on this host: its control socket and term.
@@ -123,6 +127,7 @@ impl Clones {
             standby_seq: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
+            standby_failed: BTreeMap::new(),
         };
         if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
@@ -131,38 +136,26 @@ impl Clones {
         c
     }
 
-    /// Bases and clone processes left by an earlier agent.
+    /// Bases, clone processes and standbys left by an earlier agent: bases and clones are
+    /// adopted (bases in the order they were made: their names hold the time), standbys killed
+    /// — after the clones, so that one a clone record claims is not.
     fn adopt(&mut self) {
         let Ok(rd) = std::fs::read_dir(&self.cfg.dir) else {
             return;
         };
-        for e in rd.flatten() {
-            let p = e.path();
+        let mut standbys = Vec::new();
+        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
             if p.is_dir() {
-                let vm = e.file_name().to_string_lossy().into_owned();
-                for b in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-                    let term = std::fs::read_to_string(b.path().join("term"))
-                        .ok()
-                        .and_then(|t| t.trim().parse().ok());
-                    match term {
-                        Some(term) if b.path().join("base/clone-base.bin").exists() => {
-                            self.bases.entry(vm.clone()).or_default().push(Base {
-                                dir: b.path(),
-                                term,
-                                made: Instant::now(),
-                            });
-                        }
-                        // Half made when the agent stopped.
-                        _ => remove_dir(&b.path()),
-                    }
-                }
+                self.adopt_bases(&p);
             } else if p.extension().is_some_and(|x| x == "rec") {
                 let name = p
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 if standby::is_standby(&name) {
-                    standby::kill_leftover(&self.cfg.dir, &name, &p);
+                    standbys.push((name, p));
                     continue;
                 }
                 match self.adopt_proc(&name, &p) {
@@ -174,6 +167,42 @@ impl Clones {
                         let _ = std::fs::remove_file(&p);
                     }
                 }
+            }
+        }
+        let claimed: Vec<u32> = self.procs.values().map(|c| c.pid).collect();
+        for (name, p) in standbys {
+            standby::kill_leftover(&self.cfg.dir, &name, &p, &claimed);
+        }
+    }
+
+    /// The whole bases of one VM's directory, oldest first; half-made ones removed.
+    fn adopt_bases(&mut self, vm_dir: &Path) {
+        let vm = vm_dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(vm_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|b| b.path())
+            .collect();
+        // (`base-<µs since the epoch>`: the same number of digits for centuries.)
+        dirs.sort();
+        for b in dirs {
+            let term = std::fs::read_to_string(b.join("term"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            match term {
+                Some(term) if b.join("base/clone-base.bin").exists() => {
+                    self.bases.entry(vm.clone()).or_default().push(Base {
+                        dir: b,
+                        term,
+                        made: Instant::now(),
+                    });
+                }
+                // Half made when the agent stopped.
+                _ => remove_dir(&b),
             }
         }
     }
@@ -198,6 +227,12 @@ impl Clones {
             None => args.contains(&name.as_bytes()),
         };
         let ours = args.contains(&&b"clone-vm"[..]) && named;
+        // (An earlier agent that died in the middle of a standby's takeover may not have
+        // renamed its socket yet.)
+        let mut control = self.cfg.dir.join(format!("{name}.sock"));
+        if let Some(w) = was.filter(|_| !control.exists()) {
+            control = self.cfg.dir.join(format!("{w}.sock"));
+        }
         ours.then(|| CloneProc {
             vm: vm.to_string(),
             child: None,
@@ -205,7 +240,7 @@ impl Clones {
             tap: tap.to_string(),
             base: PathBuf::from(base),
             base_term: term.parse().unwrap_or(0),
-            control: self.cfg.dir.join(format!("{name}.sock")),
+            control,
             exit: None,
             running: false,
             exited_at: None,
@@ -227,16 +262,25 @@ impl Clones {
         self.remove_unused_bases(want);
     }
 
-    /// Starts the assigned clones that have no process here yet (the rest waits for
-    /// [`Clones::round`]): called first in a round, before anything slow.
+    /// Gives newly assigned clones the ready standbys of their VM's newest base (a few ms
+    /// each, bounded): called first in a round, before anything slow. Spawning the others
+    /// waits for [`Clones::round`], after the supervisor's own actions (a promotion must not
+    /// wait for clone processes to be spawned).
     pub fn start_new(&mut self, want: &Assignments) {
-        if want
-            .clones
-            .iter()
-            .any(|c| !self.procs.contains_key(&c.name))
-        {
-            self.collect_bases();
-            self.start_assigned(want);
+        self.collect_bases();
+        for a in &want.clones {
+            if self.procs.contains_key(&a.name) {
+                continue;
+            }
+            let Some(base) = self
+                .bases
+                .get(&a.vm)
+                .and_then(|b| b.last())
+                .map(Base::base_dir)
+            else {
+                continue;
+            };
+            let _ = self.take_standby(a, &base, &[]);
         }
     }
 
@@ -427,15 +471,17 @@ impl Clones {
             };
         };
         let (stem, s, _) = self.standby.remove(i);
-        let pid = s.pid;
         match standby::activate(&self.cfg.dir, &stem, s, a) {
             Ok(c) => {
                 self.procs.insert(a.name.clone(), c);
                 Taken::Yes
             }
-            Err(e) => {
+            Err(failed) => {
+                let (e, s) = *failed;
                 tracing::warn!("{e:#}; starting {} the usual way", a.name);
-                super::clone_io::signal(pid, rustix::process::Signal::KILL);
+                // (Killed and reaped before its tap can be given to another.)
+                standby::discard(&self.cfg.dir, &stem, s);
+                let _ = std::fs::remove_file(self.cfg.dir.join(format!("{}.rec", a.name)));
                 Taken::No
             }
         }
@@ -461,43 +507,66 @@ impl Clones {
             .filter(|(vm, _)| wanted(vm))
             .filter_map(|(vm, b)| b.last().map(|b| (vm.clone(), b.base_dir(), b.term)))
             .collect();
-        let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut self.standby)
-            .into_iter()
-            .partition(|(_, s, t)| {
-                // (One that never got ready is given up: it is replaced.)
-                let stuck = !s.running && t.elapsed() >= STANDBY_PATIENCE;
-                !stuck
-                    && s.exit.is_none()
-                    && targets.iter().any(|(vm, b, _)| *vm == s.vm && *b == s.base)
-            });
-        self.standby = keep;
-        for (stem, s, _) in stale {
+        for (stem, s, t) in std::mem::take(&mut self.standby) {
+            // (One that never got ready, its socket still missing, is given up.)
+            let stuck = !s.running && !s.control.exists() && t.elapsed() >= STANDBY_PATIENCE;
+            let failed = stuck || s.exit.is_some();
+            let target = targets.iter().any(|(vm, b, _)| *vm == s.vm && *b == s.base);
+            if !failed && target {
+                self.standby.push((stem, s, t));
+                continue;
+            }
+            if failed {
+                // Not again for a while (a standby that cannot start would be respawned every
+                // round), and its log kept for a look.
+                tracing::warn!(
+                    "standby clone {stem} of {} failed ({}): none for {STANDBY_BACKOFF:?}; its log \
+                     is standby-failed-{}.log",
+                    s.vm,
+                    s.exit.as_deref().unwrap_or("never ready"),
+                    s.vm
+                );
+                let log = self.cfg.dir.join(format!("{stem}.log"));
+                let _ = std::fs::rename(
+                    log,
+                    self.cfg.dir.join(format!("standby-failed-{}.log", s.vm)),
+                );
+                self.standby_failed.insert(s.vm.clone(), Instant::now());
+            }
             standby::discard(&self.cfg.dir, &stem, s);
         }
         for (vm, base, term) in targets {
+            let backoff = self
+                .standby_failed
+                .get(&vm)
+                .is_some_and(|t| t.elapsed() < STANDBY_BACKOFF);
             let have = self
                 .standby
                 .iter()
                 .filter(|(_, s, _)| s.base == base)
                 .count();
-            for _ in have..self.cfg.standby {
-                let tap = free_tap(&self.taps_in_use());
-                if let Err(e) = ensure_taps(std::slice::from_ref(&tap), &self.cfg.bridge) {
-                    tracing::error!("standby clone tap: {e:#}");
-                    return;
-                }
-                let stem = standby::stem(self.standby_seq);
-                self.standby_seq += 1;
-                let made = standby::spawn(
-                    &self.cfg.dir,
-                    &self.cfg.exe,
-                    (&vm, &base, term),
-                    &tap,
-                    &stem,
-                );
-                match made {
-                    Ok(s) => self.standby.push((stem, s, Instant::now())),
-                    Err(e) => tracing::warn!("{vm}: starting a standby clone: {e:#}"),
+            if !backoff && have < self.cfg.standby {
+                self.spawn_standbys(&vm, &base, term, self.cfg.standby - have);
+            }
+        }
+    }
+
+    /// Starts `n` standbys of `vm` from `base` (of `term`).
+    fn spawn_standbys(&mut self, vm: &str, base: &Path, term: u64, n: usize) {
+        for _ in 0..n {
+            let tap = free_tap(&self.taps_in_use());
+            if let Err(e) = ensure_taps(std::slice::from_ref(&tap), &self.cfg.bridge) {
+                tracing::error!("standby clone tap: {e:#}");
+                return;
+            }
+            let stem = standby::stem(self.standby_seq);
+            self.standby_seq += 1;
+            let made = standby::spawn(&self.cfg.dir, &self.cfg.exe, (vm, base, term), &tap, &stem);
+            match made {
+                Ok(s) => self.standby.push((stem, s, Instant::now())),
+                Err(e) => {
+                    tracing::warn!("{vm}: starting a standby clone: {e:#}");
+                    self.standby_failed.insert(vm.to_string(), Instant::now());
                 }
             }
         }

@@ -22,8 +22,9 @@ use super::clone_io::CloneProc;
 use crate::control::client::Client;
 use crate::control::types::Request;
 
-/// How long an activation may take.
-const ACTIVATE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long an activation may take (it runs before the supervisor's other actions: bounded
+/// tight; a standby too slow for it is replaced).
+const ACTIVATE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// File name prefix of a standby.
 pub(super) const PREFIX: &str = "standby-";
@@ -79,32 +80,29 @@ pub(super) fn spawn(
     })
 }
 
-/// Makes standby `s` (named `stem`) the clone `a`: gives it its identity, then renames its
-/// files to the clone's and records it. On an error the standby is of no more use (the
-/// caller kills it and starts the clone the usual way).
+/// Makes standby `s` (named `stem`) the clone `a`: gives it its identity, records it as the
+/// clone (atomically; the record names the standby it was), renames its files to the clone's
+/// and removes the standby's record, in that order — an agent that dies in between leaves
+/// either a standby record (its process is killed at the next start) or a clone record (it is
+/// adopted). On an error the standby is handed back with it: it is of no more use (the caller
+/// discards it and starts the clone the usual way).
 pub(super) fn activate(
     dir: &Path,
     stem: &str,
     mut s: CloneProc,
     a: &CloneAssignment,
-) -> anyhow::Result<CloneProc> {
+) -> Result<CloneProc, Box<(anyhow::Error, CloneProc)>> {
     let t0 = std::time::Instant::now();
     let req = Request::Identity {
         name: a.name.clone(),
         config: a.guest_config.clone(),
     };
-    Client::new(&s.control, ACTIVATE_TIMEOUT)
+    let given = Client::new(&s.control, ACTIVATE_TIMEOUT)
         .send_blocking(&req)
-        .with_context(|| format!("giving standby {stem} the identity of {}", a.name))?;
-    for ext in ["sock", "delta", "log", "console"] {
-        let from = dir.join(format!("{stem}.{ext}"));
-        let to = dir.join(format!("{}.{ext}", a.name));
-        if let Err(e) = std::fs::rename(&from, &to) {
-            tracing::warn!("renaming {} to {}: {e}", from.display(), to.display());
-        }
+        .with_context(|| format!("giving standby {stem} the identity of {}", a.name));
+    if let Err(e) = given {
+        return Err(Box::new((e, s)));
     }
-    let _ = std::fs::remove_file(dir.join(format!("{stem}.rec")));
-    // (The standby it was, last: its command line names that standby's control socket.)
     let rec = format!(
         "{} {} {} {} {} {stem}\n",
         s.pid,
@@ -113,9 +111,21 @@ pub(super) fn activate(
         s.base.display(),
         s.base_term
     );
-    if let Err(e) = std::fs::write(dir.join(format!("{}.rec", a.name)), rec) {
-        tracing::warn!("recording clone {}: {e}", a.name);
+    if let Err(e) = write_atomic(&dir.join(format!("{}.rec", a.name)), &rec) {
+        // (Unrecorded, it would outlive a restart of the agent unknown: it must not run.)
+        return Err(Box::new((
+            e.context(format!("recording clone {}", a.name)),
+            s,
+        )));
     }
+    for ext in ["sock", "delta", "log", "console"] {
+        let from = dir.join(format!("{stem}.{ext}"));
+        let to = dir.join(format!("{}.{ext}", a.name));
+        if let Err(e) = std::fs::rename(&from, &to) {
+            tracing::warn!("renaming {} to {}: {e}", from.display(), to.display());
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{stem}.rec")));
     tracing::info!(
         "clone {} of {} is the standby {stem} (pid {}, tap {}; {:.1} ms)",
         a.name,
@@ -127,6 +137,17 @@ pub(super) fn activate(
     s.control = dir.join(format!("{}.sock", a.name));
     s.running = true;
     Ok(s)
+}
+
+/// Writes `path` whole or not at all (a temporary file, synced, renamed over it).
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("rec.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Kills standby `s` (named `stem`) and removes its files.
@@ -142,11 +163,17 @@ fn remove_files(dir: &Path, stem: &str) {
 }
 
 /// A standby an earlier agent left (its record `rec`): killed if it still runs (a
-/// `clone-vm --standby` whose control socket is this one), its files removed.
-pub(super) fn kill_leftover(dir: &Path, stem: &str, rec: &Path) {
+/// `clone-vm --standby` whose control socket is this one) unless a clone record claims it
+/// (`claimed`: the earlier agent died in the middle of its takeover, after the clone's record
+/// was written: it is that clone now), its files removed (the claimed one's are the clone's).
+pub(super) fn kill_leftover(dir: &Path, stem: &str, rec: &Path, claimed: &[u32]) {
     let pid = std::fs::read_to_string(rec)
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok());
+    if pid.is_some_and(|p| claimed.contains(&p)) {
+        let _ = std::fs::remove_file(rec);
+        return;
+    }
     if let Some(pid) = pid {
         let sock = dir.join(format!("{stem}.sock"));
         let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {

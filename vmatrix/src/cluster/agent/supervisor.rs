@@ -193,8 +193,9 @@ impl Supervisor {
     }
 
     fn round(&mut self) {
-        // New clones first: polling the VM processes can take a while on a busy host (each
-        // status request up to its timeout), and a scale-up is waited for by clients.
+        // New clones first, where a ready standby takes them over (a few ms): polling the VM
+        // processes can take a while on a busy host (each status request up to its timeout),
+        // and a scale-up is waited for by clients. Spawns wait for the end of the round.
         let want = self.shared.lock().expect("shared").want.clone();
         if let Some(want) = &want {
             self.clones.start_new(want);
