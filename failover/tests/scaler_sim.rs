@@ -10,25 +10,11 @@
 
 use std::time::Duration;
 
+mod sim;
+
 use failover::clones::AutoscaleSpec;
 use failover::scaler::Scaler;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    /// Uniform in [-1, 1].
-    fn unit(&mut self) -> f64 {
-        (self.below(2_000_001) as f64 - 1e6) / 1e6
-    }
-}
+use sim::rng::Rng;
 
 /// One run's world: the scaler, the count it set, and the checks of every change.
 struct Run {
@@ -44,7 +30,7 @@ struct Run {
 
 impl Run {
     fn new(seed: u64) -> Run {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = Rng::from_seed(seed);
         let max = 1 + rng.below(16) as u32;
         let spec = AutoscaleSpec {
             target: 10.0 + rng.below(90) as f64,
@@ -208,27 +194,7 @@ fn run(seed: u64) {
     );
 }
 
-fn seeds() -> Vec<u64> {
-    if let Ok(r) = std::env::var("VMATRIX_SEEDS") {
-        let (a, b) = r.split_once("..").expect("VMATRIX_SEEDS=a..b");
-        return (a.parse().expect("a")..b.parse().expect("b")).collect();
-    }
-    match std::env::var("VMATRIX_SEED") {
-        Ok(s) => vec![s.parse().expect("VMATRIX_SEED=<u64>")],
-        Err(_) => (1..=200).collect(),
-    }
-}
-
 #[test]
 fn seeded_loads_scale_within_bounds_and_cool_downs_without_flapping() {
-    for seed in seeds() {
-        eprintln!(
-            "seed {seed} (replay: VMATRIX_SEED={seed} cargo test -p failover --test scaler_sim)"
-        );
-        let r = std::panic::catch_unwind(|| run(seed));
-        if let Err(e) = r {
-            eprintln!("seed {seed} FAILED");
-            std::panic::resume_unwind(e);
-        }
-    }
+    sim::for_each_seed("scaler_sim", 1..=200, run);
 }
