@@ -37,10 +37,13 @@ impl Sim {
         for a in actions {
             self.act(i, a);
         }
+        self.clone_round(i);
         if self.now.as_millis() % 10 == (i as u128) % 10 && link_ok && self.hosts[i].connected {
+            let (clones, bases) = self.observe_clones(i);
             let report = failover::model::Report {
                 vms: self.observe(i),
-                ..Default::default()
+                clones,
+                bases,
             };
             let delay = Duration::from_millis(1 + self.rng.below(4));
             let host = self.names[i].clone();
@@ -215,6 +218,7 @@ impl Sim {
             self.link_up(i, j)
                 && self.hosts[j].backup.as_ref().is_some_and(|b| b.alive)
                 && self.hosts[j].min_term <= p.term
+                && self.hosts[j].image.is_none_or(|im| im.term <= p.term)
         });
         if !all || p.backups.is_empty() {
             return; // the manager gives up after its limit; the primary runs on

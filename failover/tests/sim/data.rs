@@ -25,9 +25,13 @@ impl Sim {
                 if !alive || !self.link_up(i, j) {
                     continue;
                 }
-                if self.hosts[j].min_term > p.term {
+                // (A backup refuses a primary older than its fence or than the image it
+                // committed: the real one starts each session at the higher of the two.)
+                let floor = self.hosts[j].image.map_or(0, |im| im.term);
+                let fence = self.hosts[j].min_term.max(floor);
+                if fence > p.term {
                     p.alive = false;
-                    p.exit = Some(format!("fenced by term {}", self.hosts[j].min_term));
+                    p.exit = Some(format!("fenced by term {fence}"));
                     break;
                 }
                 // Same history: the checkpoint; another: a full sync (takes one step here).
