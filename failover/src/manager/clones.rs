@@ -108,7 +108,7 @@ impl Manager {
                 req.count
             )));
         }
-        self.set_first_ip(&mut rec, req.ip.as_deref(), req.count)?;
+        self.set_first_ip(now, &mut rec, req.ip.as_deref(), req.count)?;
         if let Some(w) = req.warm {
             rec.clones.warm = w;
         }
@@ -127,9 +127,12 @@ impl Manager {
     }
 
     /// Checks (and sets) the address of slot 0: needed before any clone, changed only while
-    /// none is placed (a running clone keeps its address).
+    /// none is placed and no host reports one still running (a running clone keeps its
+    /// address: an agent that still runs `web-c0` when `web-c0` is assigned to it again keeps
+    /// that process, so a slot placed back at a new address would serve the old one).
     fn set_first_ip(
         &self,
+        now: Duration,
         rec: &mut VmRecord,
         ip: Option<&str>,
         count: u32,
@@ -141,6 +144,15 @@ impl Manager {
                     "{} has clones from {}: scale to 0 before changing the address",
                     rec.spec.name,
                     rec.clones.first_ip.as_deref().unwrap_or("?")
+                )));
+            }
+            if let Some((host, clone)) = self
+                .live_clone(now, &rec.spec.name)
+                .filter(|_| rec.clones.first_ip.as_deref() != Some(ip))
+            {
+                return Err(ApiError::Unavailable(format!(
+                    "{clone} still runs on {host} at its old address: wait until it stopped \
+                     before changing the address"
                 )));
             }
             rec.clones.first_ip = Some(ip.to_string());
@@ -171,7 +183,7 @@ impl Manager {
         }
         rec.clones.autoscale = spec.clone();
         let count = rec.clones.desired;
-        self.set_first_ip(&mut rec, ip.as_deref(), count)?;
+        self.set_first_ip(now, &mut rec, ip.as_deref(), count)?;
         let detail = match &spec {
             Some(s) => format!(
                 "autoscaling on: {:.1} per replica, {}..={} clones, cool-down up {} ms, down {} ms",
@@ -392,6 +404,18 @@ impl Manager {
                 );
             }
         }
+    }
+
+    /// A clone of `vm` that a host heard within `backup_lost` last reported alive (its host
+    /// and name): whatever the slots say, it may still run there.
+    fn live_clone(&self, now: Duration, vm: &str) -> Option<(&str, &str)> {
+        self.hosts
+            .iter()
+            .filter(|(n, _)| now.saturating_sub(self.last_seen_at(n)) <= self.cfg.backup_lost)
+            .find_map(|(n, h)| {
+                let c = h.report.clones.iter().find(|o| o.vm == vm && o.alive)?;
+                Some((n.as_str(), c.name.as_str()))
+            })
     }
 
     pub(super) fn clone_obs(
