@@ -24,6 +24,10 @@ impl Sim {
             if t > self.now || self.hosts[i].cut_since.is_some() {
                 keep.push_back((t, input));
             } else if self.mgr_up {
+                if let (Some(_), Input::Report { host, report }) = (&self.outputs, &input) {
+                    self.reports
+                        .insert(host.clone(), (self.now, report.clone()));
+                }
                 self.mgr.handle(self.now, input);
             }
         }
@@ -107,6 +111,9 @@ impl Sim {
         h.inbox.clear();
         h.want = Assignments::default();
         h.connected = false;
+        h.clones.clear();
+        h.making = None;
+        h.blocked.clear();
         let host = self.names[i].clone();
         self.to_mgr.retain(|(_, inp)| !matches!(inp, Input::Report { host: h, .. } | Input::Hello { host: h, .. } if *h == host));
     }
@@ -117,6 +124,7 @@ impl Sim {
             let st = self.store.load().unwrap();
             self.mgr = Manager::new(cfg(), st, self.now);
             self.mgr_up = true;
+            self.reports.clear();
             // Every connection went with the old manager: what was in flight is lost, and each
             // agent reconnects.
             self.to_mgr.clear();

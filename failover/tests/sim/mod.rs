@@ -6,12 +6,14 @@
 //! - `world.rs`: hosts (VM processes, disks, the agent's memory, the manager link), the real
 //!   [`failover::manager::Manager`] with an in-memory store, the driver of its outputs;
 //! - `agent.rs`: agents running the real [`failover::agent::reconcile`];
+//! - `clones.rs`: the agents' clone bases and clone processes (as the real agent runs them);
 //! - `data.rs`: the VM's checkpoints and released output, and the failover invariants;
 //! - `faults.rs`: message delivery with partitions, host and manager crashes (the manager
 //!   restarts from its store), process kills and stalls, and healing.
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod clones;
 pub mod data;
 pub mod faults;
 pub mod rng;

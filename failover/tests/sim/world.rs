@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use failover::agent::Applied;
 use failover::manager::{Input, Manager, ManagerConfig, Output};
-use failover::model::{Assignments, BackupTarget, ProcRole, VmObservation, VmSpec};
+use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmObservation, VmSpec};
 use failover::store::{MemStore, Store};
 
+use super::clones::{SimBase, SimClone};
 use super::rng::Rng;
 
 /// One step of virtual time.
@@ -73,6 +74,14 @@ pub struct Host {
     pub needs_hello: bool,
     /// Messages in flight from the manager, with delivery time.
     pub inbox: VecDeque<(Duration, Assignments)>,
+    /// Clone processes by name (gone with a crash).
+    pub clones: BTreeMap<String, SimClone>,
+    /// Clone bases on disk (survive crashes), the newest last.
+    pub bases: Vec<SimBase>,
+    /// A base being made: its term and when it is ready (gone with a crash).
+    pub making: Option<(u64, Duration)>,
+    /// Clones assigned that cannot start (no base here), with why (the agent's memory).
+    pub blocked: BTreeMap<String, String>,
 }
 
 pub struct Sim {
@@ -98,6 +107,12 @@ pub struct Sim {
     pub newest_releasing: u64,
     pub promotions: u32,
     pub log: Vec<String>,
+    /// Ids of clone bases.
+    pub next_base: u64,
+    /// When kept (Some), every persist and event the manager output, for a test's checks.
+    pub outputs: Option<Vec<Output>>,
+    /// When outputs are kept: each host's last report delivered to this manager and when.
+    pub reports: BTreeMap<String, (Duration, Report)>,
 }
 
 pub fn cfg() -> ManagerConfig {
@@ -134,6 +149,9 @@ impl Sim {
             newest_releasing: 0,
             promotions: 0,
             log: Vec::new(),
+            next_base: 0,
+            outputs: None,
+            reports: BTreeMap::new(),
         };
         for i in 0..hosts {
             s.hello(i);
@@ -184,6 +202,9 @@ impl Sim {
         while let Some(o) = self.mgr.poll_output() {
             match o {
                 Output::Persist(st) => {
+                    if let Some(o) = self.outputs.as_mut() {
+                        o.push(Output::Persist(st.clone()));
+                    }
                     for (n, r) in &st.vms {
                         let old = self.store.state.vms.get(n).map_or(0, |r| r.term);
                         assert!(r.term >= old, "term of {n} went down: {old} → {}", r.term);
@@ -198,6 +219,9 @@ impl Sim {
                         .push_back((self.now + delay, assignments));
                 }
                 Output::Event(e) => {
+                    if let Some(o) = self.outputs.as_mut() {
+                        o.push(Output::Event(e.clone()));
+                    }
                     self.note(format!("event {:?} {:?} {}", e.kind, e.host, e.detail))
                 }
             }

@@ -1,0 +1,247 @@
+//! The agents' clones, modelled on the real agent (`vmatrix/src/cluster/agent/clones.rs`):
+//!
+//! - **Bases**: for every VM the manager lists in the host's `bases` whose primary runs here
+//!   (alive and answering: a stalled one takes no snapshot), a base is made from the primary's
+//!   snapshot on a thread of its own (here: ready 20–200 ms later, lost if the host crashes
+//!   first, failed if the primary died or stalled meanwhile) whenever the newest base is not of
+//!   the primary's term. Bases are on disk: they survive a crash (a restarted agent adopts
+//!   them). A base no clone uses is removed unless it is the newest of a VM still wanted here
+//!   (listed in `bases` or with a clone assigned). (The real agent also refreshes a base every
+//!   60 s; a run here is shorter than that.)
+//! - **Clones**: one process per clone assigned here, started from the newest base; none while
+//!   a base is being made for it; "blocked" (reported dead: no base of its VM on this host)
+//!   when there is no base and none is wanted. A clone answers (`running`) 5–55 ms after its
+//!   start; one that exited is started again after a second while it is still assigned; one
+//!   no longer assigned is stopped (at once here: the real agent drains it and waits up to its
+//!   stop grace). Processes die with their host.
+
+use std::time::Duration;
+
+use failover::model::{BaseObservation, CloneObservation};
+
+use super::world::{Sim, VM};
+
+/// How long a clone that exited waits before its agent starts it again (as the real agent).
+pub const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// One clone process on a host.
+#[derive(Debug, Clone)]
+pub struct SimClone {
+    pub vm: String,
+    /// The guest config it was started with (its address).
+    pub config: String,
+    pub alive: bool,
+    /// When its VM answers on its control socket.
+    pub running_at: Duration,
+    pub exit: Option<String>,
+    pub exited_at: Option<Duration>,
+    /// The base it started from (its id) and that base's term.
+    pub base: u64,
+    pub base_term: u64,
+}
+
+impl SimClone {
+    pub fn running(&self, now: Duration) -> bool {
+        self.alive && self.running_at <= now
+    }
+}
+
+/// A frozen checkpoint of the VM on a host's disk.
+#[derive(Debug, Clone, Copy)]
+pub struct SimBase {
+    pub id: u64,
+    pub term: u64,
+    pub made: Duration,
+}
+
+impl Sim {
+    /// One clone round of host `i`'s agent (after its VM processes were reconciled).
+    pub fn clone_round(&mut self, i: usize) {
+        self.collect_base(i);
+        if self.hosts[i].want.bases.iter().any(|v| v == VM) {
+            self.keep_base_warm(i);
+        }
+        self.stop_unassigned_clones(i);
+        self.start_assigned_clones(i);
+        self.remove_unused_bases(i);
+    }
+
+    /// The primary of this host, alive and answering: its term.
+    fn local_primary(&self, i: usize) -> Option<u64> {
+        self.hosts[i]
+            .primary
+            .as_ref()
+            .filter(|p| p.alive && p.stalled_since.is_none())
+            .map(|p| p.term)
+    }
+
+    /// A base whose making finished joins the host's bases (if its snapshot could be taken).
+    fn collect_base(&mut self, i: usize) {
+        let Some((term, ready)) = self.hosts[i].making else {
+            return;
+        };
+        if ready > self.now {
+            return;
+        }
+        self.hosts[i].making = None;
+        if self.local_primary(i) != Some(term) {
+            self.note(format!(
+                "{}: base of term {term} failed (no primary to snapshot)",
+                self.names[i]
+            ));
+            return;
+        }
+        self.next_base += 1;
+        let b = SimBase {
+            id: self.next_base,
+            term,
+            made: self.now,
+        };
+        self.note(format!(
+            "{}: base {} of term {term} ready",
+            self.names[i], b.id
+        ));
+        self.hosts[i].bases.push(b);
+    }
+
+    fn keep_base_warm(&mut self, i: usize) {
+        let Some(term) = self.local_primary(i) else {
+            return;
+        };
+        let h = &self.hosts[i];
+        if h.making.is_some() || h.bases.last().is_some_and(|b| b.term == term) {
+            return;
+        }
+        let ready = self.now + Duration::from_millis(20 + self.rng.below(180));
+        self.hosts[i].making = Some((term, ready));
+    }
+
+    fn stop_unassigned_clones(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        let want = &h.want.clones;
+        let gone: Vec<String> = h
+            .clones
+            .keys()
+            .filter(|n| !want.iter().any(|c| &c.name == *n))
+            .cloned()
+            .collect();
+        for name in &gone {
+            h.clones.remove(name);
+        }
+        h.blocked.retain(|n, _| want.iter().any(|c| &c.name == n));
+        for name in gone {
+            self.note(format!("{} stops clone {name}", self.names[i]));
+        }
+    }
+
+    fn start_assigned_clones(&mut self, i: usize) {
+        let now = self.now;
+        for a in self.hosts[i].want.clones.clone() {
+            let h = &self.hosts[i];
+            if let Some(c) = h.clones.get(&a.name) {
+                if c.alive || c.exited_at.is_some_and(|t| now < t + RESTART_AFTER) {
+                    continue;
+                }
+            }
+            match h.bases.last().copied() {
+                Some(b) => {
+                    let ms = 5 + self.rng.below(50);
+                    let h = &mut self.hosts[i];
+                    h.blocked.remove(&a.name);
+                    h.clones.insert(
+                        a.name.clone(),
+                        SimClone {
+                            vm: a.vm.clone(),
+                            config: a.guest_config.clone(),
+                            alive: true,
+                            running_at: now + Duration::from_millis(ms),
+                            exit: None,
+                            exited_at: None,
+                            base: b.id,
+                            base_term: b.term,
+                        },
+                    );
+                    self.note(format!(
+                        "{} starts clone {} (base {})",
+                        self.names[i], a.name, b.id
+                    ));
+                }
+                None if h.want.bases.contains(&a.vm) => {} // (being made)
+                None => {
+                    let why = format!("no clone base of {} on this host", a.vm);
+                    self.hosts[i].blocked.insert(a.name.clone(), why);
+                }
+            }
+        }
+    }
+
+    fn remove_unused_bases(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        let wanted =
+            h.want.bases.iter().any(|v| v == VM) || h.want.clones.iter().any(|c| c.vm == VM);
+        let newest = h.bases.len().saturating_sub(1);
+        let old = std::mem::take(&mut h.bases);
+        for (k, b) in old.into_iter().enumerate() {
+            let used = h.clones.values().any(|c| c.base == b.id);
+            if used || (wanted && k == newest) {
+                h.bases.push(b);
+            }
+        }
+    }
+
+    /// What host `i`'s agent reports of its clones and bases.
+    pub fn observe_clones(&self, i: usize) -> (Vec<CloneObservation>, Vec<BaseObservation>) {
+        let h = &self.hosts[i];
+        let mut clones: Vec<CloneObservation> = h
+            .clones
+            .iter()
+            .map(|(name, c)| CloneObservation {
+                name: name.clone(),
+                vm: c.vm.clone(),
+                alive: c.alive,
+                running: c.running(self.now),
+                exit: c.exit.clone(),
+                base_term: c.base_term,
+            })
+            .collect();
+        for (name, why) in &h.blocked {
+            clones.push(CloneObservation {
+                name: name.clone(),
+                vm: VM.into(),
+                alive: false,
+                running: false,
+                exit: Some(why.clone()),
+                base_term: 0,
+            });
+        }
+        let bases = h
+            .bases
+            .last()
+            .map(|b| BaseObservation {
+                vm: VM.into(),
+                term: b.term,
+                age_ms: self.now.saturating_sub(b.made).as_millis() as u64,
+            })
+            .into_iter()
+            .collect();
+        (clones, bases)
+    }
+
+    /// Kills one clone process on host `i` (its agent starts it again after a second).
+    pub fn kill_clone(&mut self, i: usize) {
+        let now = self.now;
+        let n = self.hosts[i].clones.len() as u64;
+        let k = self.rng.below(n) as usize;
+        let Some((name, c)) = self.hosts[i].clones.iter_mut().nth(k) else {
+            return;
+        };
+        if !c.alive {
+            return;
+        }
+        c.alive = false;
+        c.exit = Some("killed by signal 9".into());
+        c.exited_at = Some(now);
+        let what = format!("FAULT kill clone {name} on {}", self.names[i]);
+        self.note(what);
+    }
+}
