@@ -101,6 +101,8 @@ struct Run {
     events: Vec<Event>,
     /// Since when each host can be told its assignment.
     reach_since: Vec<Option<Duration>>,
+    /// Since when each host is down.
+    down_since: Vec<Option<Duration>>,
     /// Since when each slot has two live copies.
     dup_since: BTreeMap<String, Duration>,
     /// Since when each live copy (slot, host) is not where the manager places its slot.
@@ -129,6 +131,7 @@ impl Run {
             last: None,
             events: Vec::new(),
             reach_since: vec![None; n],
+            down_since: vec![None; n],
             dup_since: BTreeMap::new(),
             stale_since: BTreeMap::new(),
             held_at: BTreeMap::new(),
@@ -507,6 +510,13 @@ impl Run {
             s.now.saturating_sub(*at) <= detect,
             "seed {seed}: a clone placed on {host}, silent since {at:?}"
         );
+        // (Its last report left it at most 4 ms before its crash, and counts for `detect`.)
+        let i = s.idx(host);
+        let down = self.down_since[i].map_or(Duration::ZERO, |t| s.now - t);
+        assert!(
+            s.hosts[i].up || down <= detect + Duration::from_millis(5),
+            "seed {seed}: a clone placed on {host}, down for {down:?}"
+        );
         let base = report.bases.iter().any(|b| b.vm == VM);
         let primary = rec.primary.as_deref() == Some(host)
             && rec.started
@@ -558,6 +568,11 @@ impl Run {
             match (reach, self.reach_since[i]) {
                 (true, None) => self.reach_since[i] = Some(now),
                 (false, _) => self.reach_since[i] = None,
+                _ => {}
+            }
+            match (h.up, self.down_since[i]) {
+                (false, None) => self.down_since[i] = Some(now),
+                (true, _) => self.down_since[i] = None,
                 _ => {}
             }
         }
