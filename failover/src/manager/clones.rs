@@ -56,6 +56,8 @@ pub(crate) struct CloneTracker {
     pub(super) running: BTreeSet<String>,
     /// Slots said to be waiting for a host (said once).
     waiting: BTreeSet<String>,
+    /// When each VM last had a slot placed (for an address change, see `set_first_ip`).
+    placed_at: BTreeMap<String, Duration>,
 }
 
 /// One clone as the API shows it.
@@ -127,9 +129,14 @@ impl Manager {
     }
 
     /// Checks (and sets) the address of slot 0: needed before any clone, changed only while
-    /// none is placed and no host reports one still running (a running clone keeps its
-    /// address: an agent that still runs `web-c0` when `web-c0` is assigned to it again keeps
-    /// that process, so a slot placed back at a new address would serve the old one).
+    /// none is placed, none was for `backup_lost` (nor since this manager started) and no host
+    /// heard within `backup_lost` reports one still running. A running clone keeps its address:
+    /// an agent that still runs `web-c0` when `web-c0` is assigned to it again keeps that
+    /// process (it may get the assignment without it and the one with it in one round, or
+    /// have started it just before, unreported), so a slot placed back at a new address would
+    /// serve the old one. Within `backup_lost` every host either applied the assignment
+    /// without it and reported so, or is silent and must say hello again, whose assignment
+    /// comes before it can hold a slot again.
     fn set_first_ip(
         &self,
         now: Duration,
@@ -146,13 +153,21 @@ impl Manager {
                     rec.clones.first_ip.as_deref().unwrap_or("?")
                 )));
             }
-            if let Some((host, clone)) = self
-                .live_clone(now, &rec.spec.name)
-                .filter(|_| rec.clones.first_ip.as_deref() != Some(ip))
-            {
+            let changes = rec.clones.first_ip.as_deref() != Some(ip);
+            if let Some((host, clone)) = self.live_clone(now, &rec.spec.name).filter(|_| changes) {
                 return Err(ApiError::Unavailable(format!(
                     "{clone} still runs on {host} at its old address: wait until it stopped \
                      before changing the address"
+                )));
+            }
+            let placed_at = self.clone_tracker.placed_at.get(&rec.spec.name);
+            let since = now.saturating_sub(placed_at.copied().unwrap_or(self.started));
+            if changes && rec.clones.first_ip.is_some() && since <= self.cfg.backup_lost {
+                return Err(ApiError::Unavailable(format!(
+                    "{} had clones at its old address {} ms ago: wait {} ms before changing it",
+                    rec.spec.name,
+                    since.as_millis(),
+                    self.cfg.backup_lost.as_millis()
                 )));
             }
             rec.clones.first_ip = Some(ip.to_string());
@@ -233,6 +248,9 @@ impl Manager {
             self.drop_surplus_clones(now, &mut rec);
             self.place_clones(now, &mut rec);
             self.note_started_clones(now, &rec);
+            if !rec.clones.placed.is_empty() {
+                self.clone_tracker.placed_at.insert(name.clone(), now);
+            }
             self.state.vms.insert(name, rec);
         }
         self.prune_drains();
