@@ -7,7 +7,8 @@
 //! Faults and requests, at random: every fault of `manager_sim` (host crashes and restarts,
 //! manager↔host partitions, primary↔backup link cuts, primary kills and stalls, manager
 //! crashes with a restart from the store, migrations), `scale` requests through the manager's
-//! API (counts 0..=8 now and then 20, the first address, now and then another one, `warm`),
+//! API (counts 0..=8 now and then 20, the first address, now and then another one — also
+//! right after a scale to 0, and again a second or two later — and `warm`),
 //! autoscaling switched on (random settings) and off, load samples while it is on, clone
 //! processes killed, requested failovers.
 //!
@@ -17,7 +18,8 @@
 //!   store holds no record of it; a failover never moves or stops a clone (a placed slot leaves
 //!   its host only with a `clone_stopped` event for a scale-down or a loss);
 //! - names and addresses are unique: slot `i` is `web-c<i>` at the `i`-th address after the
-//!   first, each at most once in all assignments;
+//!   first, each at most once in all assignments; a `clone_started` event names the address
+//!   the process on its host was started with;
 //! - never more slots placed than desired (and none at or above the count);
 //! - a slot is placed only on a host that the manager heard from within `detect`, that was up
 //!   (or crashed within `detect`, unknown to the manager), and that reported a base of the VM
@@ -29,7 +31,7 @@
 //!
 //! Then a liveness phase (everything healed, no more load samples): within [`LIVE_BOUND`]
 //! the VM is protected and every desired clone is placed and reported running by its host,
-//! with no stale copy left anywhere.
+//! at its slot's address, with no stale copy left anywhere.
 //!
 //! Every run prints its seed; `VMATRIX_SEED=n` replays one, `VMATRIX_SEEDS=a..b` runs a range.
 
@@ -43,6 +45,9 @@ use failover::event::{Event, EventKind};
 use failover::manager::{Output, ScaleRequest};
 use failover::model::{ClusterState, Role};
 use sim::world::{cfg, Sim, VM};
+
+/// Each host's last report delivered to the manager, and when.
+type Reports = BTreeMap<String, (Duration, failover::model::Report)>;
 
 /// The first clone's address.
 const IP: &str = "10.77.1.10/24";
@@ -73,7 +78,8 @@ const LIVE_BOUND: Duration = Duration::from_secs(8);
 struct Stats {
     runs: usize,
     clone_starts: usize,
-    /// Address changes refused while a clone of the old address still ran.
+    /// Address changes made, and refused while a clone of the old address might still run.
+    address_changes: usize,
     address_refused: usize,
     lost: usize,
     scale_downs: usize,
@@ -116,6 +122,9 @@ struct Run {
     dups: usize,
     longest_dup: Duration,
     longest_dup_reachable: Duration,
+    address_changes: usize,
+    /// A readdressing request due then, for that many clones.
+    readdress: Option<(Duration, u32)>,
 }
 
 impl Run {
@@ -140,6 +149,8 @@ impl Run {
             dups: 0,
             longest_dup: Duration::ZERO,
             longest_dup_reachable: Duration::ZERO,
+            address_changes: 0,
+            readdress: None,
         };
         let count = 1 + r.s.rng.below(4) as u32;
         r.scale(count, Some(IP), None);
@@ -162,7 +173,8 @@ impl Run {
         if res.is_ok() {
             self.asked = true;
             if let Some(ip) = ip {
-                self.first_ip = Some(ip.to_string());
+                let old = self.first_ip.replace(ip.to_string());
+                self.address_changes += usize::from(old.is_some_and(|o| o != ip));
             }
         }
         self.s.drive_manager();
@@ -225,10 +237,13 @@ impl Run {
                     _ => Some(now_ip),
                 };
                 let warm = self.s.rng.chance(300).then(|| self.s.rng.chance(500));
-                // Now and then two requests at once: none, then some at another address.
+                // Now and then two requests at once: none, then some at another address (and
+                // again a little later, once it may be taken).
                 if self.s.rng.chance(150) {
                     self.scale(0, None, None);
                     self.scale(count.max(1), Some(other), warm);
+                    let later = Duration::from_millis(1000 + self.s.rng.below(1500));
+                    self.readdress = Some((self.s.now + later, count.max(1)));
                     return;
                 }
                 self.scale(count, ip, warm);
@@ -247,6 +262,19 @@ impl Run {
             }
             _ => {}
         }
+    }
+
+    /// A request to readdress the clones, when it is due.
+    fn readdress_step(&mut self) {
+        let Some((_, count)) = self.readdress.filter(|(at, _)| *at <= self.s.now) else {
+            return;
+        };
+        self.readdress = None;
+        let other = match self.first_ip.as_deref() {
+            Some(OTHER_IP) => IP,
+            _ => OTHER_IP,
+        };
+        self.scale(count, Some(other), None);
     }
 
     /// A load sample now and then while the VM autoscales (its level changes now and then).
@@ -277,12 +305,16 @@ impl Run {
     /// Every check of a step.
     fn check(&mut self) {
         let outs = std::mem::take(self.s.outputs.as_mut().expect("outputs kept"));
+        let mut reports = std::mem::take(&mut self.s.persist_reports).into_iter();
         let mut changed = false;
         for o in outs {
             match o {
-                Output::Event(e) => self.events.push(e),
+                Output::Event(e) => {
+                    self.check_started(&e);
+                    self.events.push(e);
+                }
                 Output::Persist(st) => {
-                    self.check_persist(&st);
+                    self.check_persist(&st, &reports.next().expect("reports"));
                     changed = true;
                 }
                 Output::Assign { .. } => {}
@@ -303,6 +335,7 @@ fn main_loop(r: &mut Run, stats: &mut Stats) {
             r.fault();
         }
         r.load_step();
+        r.readdress_step();
         r.step();
     }
     stats.promotions += r.s.promotions;
@@ -348,6 +381,7 @@ fn run(seed: u64, stats: &mut Stats) {
         stats.autoscaled += usize::from(e.contains("autoscaler:"));
     }
     stats.duplicates += r.dups;
+    stats.address_changes += r.address_changes;
     stats.longest_duplicate = stats.longest_duplicate.max(r.longest_dup);
     stats.longest_duplicate_reachable = stats
         .longest_duplicate_reachable
@@ -438,7 +472,7 @@ impl Run {
     /// A persisted state: no clone record; the first address and the count change only when
     /// asked (or by the autoscaler); slots leave only with a `clone_stopped` event, are placed
     /// only where allowed, never at or above the count.
-    fn check_persist(&mut self, st: &ClusterState) {
+    fn check_persist(&mut self, st: &ClusterState, reports: &Reports) {
         let seed = self.seed;
         assert!(
             st.vms.keys().all(|k| k == VM),
@@ -493,17 +527,16 @@ impl Run {
             );
         }
         for p in cs.placed.iter().filter(|p| !prev.placed.contains(p)) {
-            self.check_placement(&p.host, rec);
+            self.check_placement(&p.host, rec, reports);
         }
     }
 
     /// A new slot's host: heard within `detect`, up (or crashed within `detect`), holding a
     /// base or running the primary.
-    fn check_placement(&self, host: &str, rec: &failover::model::VmRecord) {
+    fn check_placement(&self, host: &str, rec: &failover::model::VmRecord, reports: &Reports) {
         let (s, seed) = (&self.s, self.seed);
         let detect = cfg().detect;
-        let (at, report) = s
-            .reports
+        let (at, report) = reports
             .get(host)
             .unwrap_or_else(|| panic!("seed {seed}: a clone placed on {host}, never heard from"));
         assert!(
@@ -523,8 +556,29 @@ impl Run {
             && rec.phase == failover::model::Phase::Running;
         assert!(
             base || primary,
-            "seed {seed}: a clone placed on {host}, which holds no base and runs no primary"
+            "seed {seed}: a clone placed on {host}, which holds no base and runs no primary (its last report at {at:?}: {report:?}; {rec:?})"
         );
+    }
+
+    /// A `clone_started` event: the process its host runs under that name (if it still does)
+    /// serves the address the event names.
+    fn check_started(&self, e: &Event) {
+        if e.kind != EventKind::CloneStarted {
+            return;
+        }
+        let (name, ip) = e
+            .detail
+            .split_once(" serves on ")
+            .expect("clone_started detail");
+        let i = self.s.idx(e.host.as_deref().expect("a host"));
+        if let Some(p) = self.s.hosts[i].clones.get(name).filter(|p| p.alive) {
+            assert!(
+                p.config.starts_with(&format!("ip={ip}/")),
+                "seed {}: {name} said to serve on {ip}, runs with {}",
+                self.seed,
+                p.config
+            );
+        }
     }
 
     /// Clone assignments: each slot once, under its own name and address; no clone as a VM.

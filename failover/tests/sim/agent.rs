@@ -26,6 +26,7 @@ impl Sim {
         {
             let (_, a) = self.hosts[i].inbox.pop_front().unwrap();
             self.hosts[i].want = a;
+            self.hosts[i].assigned = true;
         }
         if link_ok && self.hosts[i].needs_hello && self.mgr_up {
             self.hosts[i].needs_hello = false;
@@ -37,7 +38,9 @@ impl Sim {
         for a in actions {
             self.act(i, a);
         }
-        self.clone_round(i);
+        if self.hosts[i].assigned {
+            self.clone_round(i);
+        }
         if self.now.as_millis() % 10 == (i as u128) % 10 && link_ok && self.hosts[i].connected {
             let (clones, bases) = self.observe_clones(i);
             let report = failover::model::Report {

@@ -13,7 +13,8 @@
 //!   when there is no base and none is wanted. A clone answers (`running`) 5–55 ms after its
 //!   start; one that exited is started again after a second while it is still assigned; one
 //!   no longer assigned is stopped (at once here: the real agent drains it and waits up to its
-//!   stop grace). Processes die with their host.
+//!   stop grace). Processes die with their host. Nothing of this runs before the agent's
+//!   first assignment since it started (its bases stay until the manager says what it wants).
 
 use std::time::Duration;
 

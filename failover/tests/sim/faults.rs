@@ -29,6 +29,10 @@ impl Sim {
                         .insert(host.clone(), (self.now, report.clone()));
                 }
                 self.mgr.handle(self.now, input);
+                // (When outputs are kept, each with what the manager knew when it decided.)
+                if self.outputs.is_some() {
+                    self.drive_manager();
+                }
             }
         }
         self.to_mgr = keep;
@@ -114,6 +118,7 @@ impl Sim {
         h.clones.clear();
         h.making = None;
         h.blocked.clear();
+        h.assigned = false;
         let host = self.names[i].clone();
         self.to_mgr.retain(|(_, inp)| !matches!(inp, Input::Report { host: h, .. } | Input::Hello { host: h, .. } if *h == host));
     }

@@ -82,6 +82,9 @@ pub struct Host {
     pub making: Option<(u64, Duration)>,
     /// Clones assigned that cannot start (no base here), with why (the agent's memory).
     pub blocked: BTreeMap<String, String>,
+    /// The agent received an assignment since it started (before it, the real agent leaves
+    /// its clones and bases alone).
+    pub assigned: bool,
 }
 
 pub struct Sim {
@@ -113,6 +116,8 @@ pub struct Sim {
     pub outputs: Option<Vec<Output>>,
     /// When outputs are kept: each host's last report delivered to this manager and when.
     pub reports: BTreeMap<String, (Duration, Report)>,
+    /// When outputs are kept: `reports` as they were at each persist kept, in order.
+    pub persist_reports: Vec<BTreeMap<String, (Duration, Report)>>,
 }
 
 pub fn cfg() -> ManagerConfig {
@@ -152,6 +157,7 @@ impl Sim {
             next_base: 0,
             outputs: None,
             reports: BTreeMap::new(),
+            persist_reports: Vec::new(),
         };
         for i in 0..hosts {
             s.hello(i);
@@ -204,6 +210,7 @@ impl Sim {
                 Output::Persist(st) => {
                     if let Some(o) = self.outputs.as_mut() {
                         o.push(Output::Persist(st.clone()));
+                        self.persist_reports.push(self.reports.clone());
                     }
                     for (n, r) in &st.vms {
                         let old = self.store.state.vms.get(n).map_or(0, |r| r.term);
