@@ -633,28 +633,42 @@ fn a_second_driver_is_refused_while_the_first_ones_lease_holds() {
     t.m.attach_balancer(t.now, "web", other).unwrap();
 }
 
-/// Found by `clones_sim` (seed 15): scaled to 0 and at once up again at another address, the
-/// slots were placed back on the host whose agent had not applied the scale-down yet (it
-/// still reported them running); an agent keeps a running clone whose name is assigned again,
-/// so they went on serving the old addresses while the manager said they served the new ones
-/// (and said `clone_started` at once). The address changes only once no host reports a clone
-/// of the old one alive.
+/// Found by `clones_sim` (seeds 8 and 15 without the fix; seed 505 with only its first part,
+/// the reports): scaled to 0 and at once up again at another address, the slots went back to
+/// the host whose agent had not applied the scale-down yet: it still reported them running
+/// (seed 15), or had started them a moment before and not reported them yet (seed 505). An
+/// agent keeps a running clone whose name is assigned again, so they went on serving the old
+/// addresses while the manager said (`clone_started`) they served the new ones. The address
+/// changes only once no slot is placed and none was for `backup_lost`, and no host heard
+/// within `backup_lost` reports a clone of the VM alive.
 #[test]
 fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
     let mut t = T::protected_vm();
-    scale(&mut t, 2).unwrap();
-    let p = primary(1, &["b", "c"], true);
-    t.report_all(
-        "a",
-        with_clones(vec![p.clone()], &["web-c0", "web-c1"], Some(1)),
-    );
-    scale(&mut t, 0).unwrap();
-    assert!(clones_on(&t, "a").is_empty());
+    let healthy = |t: &mut T, clones: &[&str]| {
+        let p = primary(1, &["b", "c"], true);
+        t.report_all("a", with_clones(vec![p], clones, Some(1)));
+        t.report("b", vec![backup(1, 10, 5)]);
+        t.report("c", vec![backup(1, 12, 5)]);
+    };
     let other = |count| ScaleRequest {
         count,
         ip: Some("10.77.2.10/24".into()),
         warm: None,
     };
+    // Seed 505: started but not reported yet.
+    scale(&mut t, 2).unwrap();
+    scale(&mut t, 0).unwrap();
+    let r = t.m.scale(t.now, "web", other(2));
+    assert!(matches!(r, Err(ApiError::Unavailable(_))), "{r:?}");
+    // Seed 15: reported running, then scaled down; still reported a while later.
+    scale(&mut t, 2).unwrap();
+    healthy(&mut t, &["web-c0", "web-c1"]);
+    scale(&mut t, 0).unwrap();
+    assert!(clones_on(&t, "a").is_empty());
+    for _ in 0..160 {
+        t.advance(MS * 10);
+        healthy(&mut t, &["web-c0", "web-c1"]);
+    }
     let r = t.m.scale(t.now, "web", other(2));
     t.drain();
     assert!(matches!(r, Err(ApiError::Unavailable(_))), "{r:?}");
@@ -662,10 +676,9 @@ fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
     assert_eq!(v.clones.first_ip.as_deref(), Some("10.77.1.10/24"));
     assert_eq!(v.clones.desired, 0);
     // (The same address is fine: the clones keep theirs.)
-    scale(&mut t, 1).unwrap();
     scale(&mut t, 0).unwrap();
     // Once a reports them gone, the new address is taken.
-    t.report_all("a", with_clones(vec![p], &[], Some(1)));
+    healthy(&mut t, &[]);
     t.m.scale(t.now, "web", other(2)).unwrap();
     t.drain();
     let a = t.last_assign("a").unwrap();
@@ -673,13 +686,12 @@ fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
     // A host silent for longer than backup_lost (crashed for good, say) no longer holds it
     // back: its clones went with it, or it stops them when it is back (its first assignment
     // comes before any slot can be placed there again).
-    let p = primary(1, &["b", "c"], true);
-    t.report_all("a", with_clones(vec![p], &["web-c0", "web-c1"], Some(1)));
     let none = |ip: &str| ScaleRequest {
         count: 0,
         ip: Some(ip.into()),
         warm: None,
     };
+    healthy(&mut t, &["web-c0", "web-c1"]);
     t.m.scale(t.now, "web", none("10.77.2.10/24")).unwrap();
     assert!(t.m.scale(t.now, "web", none("10.77.1.10/24")).is_err());
     for _ in 0..160 {
