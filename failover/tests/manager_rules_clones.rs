@@ -701,3 +701,38 @@ fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
     }
     t.m.scale(t.now, "web", none("10.77.1.10/24")).unwrap();
 }
+
+/// A slot is not placed on one host while its previous clone (same name, same address) is
+/// still reported alive by another (its scale-down not yet applied there): two VMs would answer
+/// for one address. It is placed once that host no longer reports it (a review finding).
+#[test]
+fn a_slot_waits_while_its_previous_clone_still_runs_elsewhere() {
+    let mut t = T::protected_vm();
+    t.report_all("d", with_clones(vec![], &[], Some(1)));
+    scale(&mut t, 1).unwrap();
+    assert_eq!(
+        clones_on(&t, "d"),
+        ["web-c0"],
+        "placed on the host with a base"
+    );
+    t.advance(MS * 10);
+    t.report_all("d", with_clones(vec![], &["web-c0"], Some(1)));
+    scale(&mut t, 0).unwrap();
+    // d has not applied it yet (still reports web-c0), and its base is gone: only a (the
+    // primary's host) can take the slot now.
+    t.advance(MS * 10);
+    t.report_all("d", with_clones(vec![], &["web-c0"], None));
+    scale(&mut t, 1).unwrap();
+    assert!(clones_on(&t, "a").is_empty(), "not beside the old copy");
+    let v = t.m.vm(t.now, "web").unwrap();
+    assert!(v.clones.instances.is_empty(), "{v:?}");
+    assert!(detail_of(&t, EventKind::Scaled)
+        .iter()
+        .any(|d| d.contains("still runs on d")));
+    // d stops it: the slot is placed.
+    t.advance(MS * 10);
+    t.report_all("d", with_clones(vec![], &[], None));
+    t.report("a", vec![primary(1, &["b", "c"], true)]);
+    t.advance(MS * 10);
+    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+}

@@ -381,6 +381,19 @@ impl Manager {
                 }
                 break;
             };
+            // Never two VMs with one address: the slot's last clone may still run on another
+            // host (its scale-down or drain not yet applied there, its process not yet gone).
+            if let Some(other) = self.clone_alive_elsewhere(now, &cname, &host) {
+                if self.clone_tracker.waiting.insert(cname.clone()) {
+                    let why = format!(
+                        "{cname} waits: its previous process still runs on {other} (same \
+                         address)"
+                    );
+                    let vm = rec.spec.name.clone();
+                    self.event(now, EventKind::Scaled, Some(&vm), None, None, why);
+                }
+                continue;
+            }
             self.clone_tracker.waiting.remove(&cname);
             rec.clones.placed.push(CloneSlot {
                 index,
@@ -422,6 +435,17 @@ impl Manager {
                 );
             }
         }
+    }
+
+    /// A host other than `host`, heard within `backup_lost`, that last reported clone `cname`
+    /// alive.
+    fn clone_alive_elsewhere(&self, now: Duration, cname: &str, host: &str) -> Option<String> {
+        self.hosts
+            .iter()
+            .filter(|(n, _)| n.as_str() != host)
+            .filter(|(n, _)| now.saturating_sub(self.last_seen_at(n)) <= self.cfg.backup_lost)
+            .find(|(_, h)| h.report.clones.iter().any(|o| o.name == cname && o.alive))
+            .map(|(n, _)| n.clone())
     }
 
     /// A clone of `vm` that a host heard within `backup_lost` last reported alive (its host
