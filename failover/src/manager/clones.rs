@@ -437,27 +437,32 @@ impl Manager {
         }
     }
 
-    /// A host other than `host`, heard within `backup_lost`, that last reported clone `cname`
-    /// alive.
-    fn clone_alive_elsewhere(&self, now: Duration, cname: &str, host: &str) -> Option<String> {
+    /// The clones hosts heard within `backup_lost` last reported alive, with their host:
+    /// whatever the slots say, they may still run there.
+    fn recent_live_clones(
+        &self,
+        now: Duration,
+    ) -> impl Iterator<Item = (&str, &crate::model::CloneObservation)> {
         self.hosts
             .iter()
-            .filter(|(n, _)| n.as_str() != host)
-            .filter(|(n, _)| now.saturating_sub(self.last_seen_at(n)) <= self.cfg.backup_lost)
-            .find(|(_, h)| h.report.clones.iter().any(|o| o.name == cname && o.alive))
-            .map(|(n, _)| n.clone())
+            .filter(move |(n, _)| now.saturating_sub(self.last_seen_at(n)) <= self.cfg.backup_lost)
+            .flat_map(|(n, h)| h.report.clones.iter().map(move |o| (n.as_str(), o)))
+            .filter(|(_, o)| o.alive)
     }
 
-    /// A clone of `vm` that a host heard within `backup_lost` last reported alive (its host
-    /// and name): whatever the slots say, it may still run there.
+    /// A host other than `host` that last reported clone `cname` alive (heard within
+    /// `backup_lost`).
+    fn clone_alive_elsewhere(&self, now: Duration, cname: &str, host: &str) -> Option<String> {
+        self.recent_live_clones(now)
+            .find(|(n, o)| *n != host && o.name == cname)
+            .map(|(n, _)| n.to_string())
+    }
+
+    /// A clone of `vm` last reported alive (its host and name; heard within `backup_lost`).
     fn live_clone(&self, now: Duration, vm: &str) -> Option<(&str, &str)> {
-        self.hosts
-            .iter()
-            .filter(|(n, _)| now.saturating_sub(self.last_seen_at(n)) <= self.cfg.backup_lost)
-            .find_map(|(n, h)| {
-                let c = h.report.clones.iter().find(|o| o.vm == vm && o.alive)?;
-                Some((n.as_str(), c.name.as_str()))
-            })
+        self.recent_live_clones(now)
+            .find(|(_, o)| o.vm == vm)
+            .map(|(n, o)| (n, o.name.as_str()))
     }
 
     pub(super) fn clone_obs(
