@@ -43,7 +43,7 @@ use protocol::message::Position;
 use protocol::page::{decode, PAGE};
 use protocol::{Checkpoint, Kind};
 use serde::{Deserialize, Serialize};
-use vmm::snapshot::{self, format, DiskPart, SnapshotMeta, VmState};
+use vmm::snapshot::{self, format, VmState};
 
 use crate::journal::{self, Journal};
 use crate::lock::ImageLock;
@@ -118,6 +118,15 @@ pub struct Staged {
     ends_sync: bool,
 }
 
+impl Staged {
+    /// The pages and disk ranges `(offset, len)` it writes into the image.
+    pub(crate) fn writes(&self) -> (Vec<u64>, Vec<(u64, u64)>) {
+        let disk = self.journal.disk.iter();
+        let disk = disk.map(|(o, d)| (*o, d.len() as u64)).collect();
+        (self.journal.gfns.clone(), disk)
+    }
+}
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
     move |err| BackupError::Io {
         path: path.to_path_buf(),
@@ -125,7 +134,7 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_
     }
 }
 
-fn decode_state(bytes: &[u8]) -> Result<VmState, BackupError> {
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<VmState, BackupError> {
     postcard::from_bytes(bytes)
         .map_err(|e| BackupError::Apply(format!("state does not decode: {e}")))
 }
@@ -655,29 +664,7 @@ pub fn finalize_locked(lock: &ImageLock) -> Result<u64, BackupError> {
         );
         return Ok(meta.seq);
     }
-    let vm = decode_state(&meta.state)?;
-    let (memory, checksum) =
-        snapshot::memory::describe_file(&dir.join(snapshot::MEMORY_FILE), meta.mem_size)?;
-    let disk_part = if meta.disk_len > 0 {
-        let crc = snapshot::disk::file_crc(&dir.join(snapshot::DISK_FILE), meta.disk_len)?;
-        Some(DiskPart::Full {
-            len: meta.disk_len,
-            crc,
-        })
-    } else {
-        None
-    };
-    let sm = SnapshotMeta {
-        id: snapshot::new_id(),
-        parent: None,
-        created_unix_ms: snapshot::now_unix_ms(),
-        mem_size: meta.mem_size,
-        memory,
-        memory_checksum: Some(checksum),
-        disk: disk_part,
-        vm,
-    };
-    snapshot::write_meta(dir, &sm)?;
+    crate::export::write_snapshot(dir, meta.mem_size, meta.disk_len, &meta.state)?;
     Ok(meta.seq)
 }
 

@@ -12,6 +12,9 @@
 #![forbid(unsafe_code)]
 
 mod applier;
+pub mod export;
+#[cfg(test)]
+mod export_tests;
 pub mod fence;
 pub mod image;
 pub mod journal;
@@ -25,6 +28,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use export::{Exported, Exports};
 pub use fence::Fence;
 pub use lock::ImageLock;
 pub use server::{serve, serve_fenced, serve_locked, BackupConfig};

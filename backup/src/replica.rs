@@ -19,7 +19,8 @@ use std::path::Path;
 use protocol::message::Position;
 use protocol::{Checkpoint, Kind};
 
-use crate::image::{self, Origin, ReplicaImage, Staged, REPLICA_FILE};
+use crate::export::Tracker;
+use crate::image::{self, Origin, ReplicaImage, ReplicaMeta, Staged, REPLICA_FILE};
 use crate::lock::ImageLock;
 use crate::{promote, BackupError};
 
@@ -44,6 +45,8 @@ pub struct Replica {
     lock: ImageLock,
     committed: Option<ReplicaImage>,
     side: Option<ReplicaImage>,
+    /// Where writes into the committed image are recorded while an export runs.
+    tracker: Tracker,
 }
 
 impl Replica {
@@ -60,7 +63,21 @@ impl Replica {
             lock,
             committed,
             side: None,
+            tracker: Tracker::default(),
         })
+    }
+
+    /// Records the writes into the committed image in `tracker` (shared with the exports).
+    pub(crate) fn set_tracker(&mut self, tracker: Tracker) {
+        self.tracker = tracker;
+    }
+
+    /// The committed image's facts, if it holds a consistent checkpoint.
+    pub(crate) fn committed_meta(&self) -> Option<&ReplicaMeta> {
+        self.committed
+            .as_ref()
+            .map(|i| i.meta())
+            .filter(|m| !m.syncing())
     }
 
     /// The image directory.
@@ -135,7 +152,15 @@ impl Replica {
     /// recoverable from its journal, but this process cannot go on with it.
     pub fn complete(&mut self, s: Staged) -> Result<(), Failure> {
         match self.committed.as_mut() {
-            Some(img) => img.complete(s).map_err(Failure::Fatal),
+            Some(img) => {
+                let writes = self.tracker.active().then(|| s.writes());
+                img.complete(s).map_err(Failure::Fatal)?;
+                // (After the write: see `crate::export`.)
+                if let Some((gfns, disk)) = writes {
+                    self.tracker.record(&gfns, &disk);
+                }
+                Ok(())
+            }
             None => Err(Failure::Fatal(BackupError::Apply(
                 "a staged checkpoint without a committed image".into(),
             ))),
@@ -158,6 +183,7 @@ impl Replica {
             lock,
             committed,
             side,
+            ..
         } = self;
         drop((committed, side));
         image::recover_locked(&lock)?;
@@ -213,6 +239,7 @@ impl Replica {
             return Ok(());
         };
         self.committed = None;
+        self.tracker.replaced();
         let dir = self.lock.dir().to_path_buf();
         self.committed = Some(promote::promote(side, &dir)?);
         Ok(())

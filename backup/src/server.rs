@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::applier::{Applier, Done};
+use crate::export::{Exporter, Exports};
 use crate::fence::Fence;
 use crate::image::Origin;
 use crate::lock::ImageLock;
@@ -51,6 +52,8 @@ pub struct BackupConfig {
     pub quic: QuicConfig,
     /// Counters, shared with whoever reports them.
     pub stats: Arc<BackupStats>,
+    /// Export requests (`PUT /snapshot` on the control socket: see [`crate::export`]).
+    pub exports: Exports,
 }
 
 /// Serves primaries until `stop` turns true; then finalizes the committed image as a snapshot
@@ -96,7 +99,10 @@ pub async fn serve_fenced(
             cfg.image_dir.display()
         )));
     }
-    let mut slot = Some(Replica::open(lock)?);
+    let mut replica = Replica::open(lock)?;
+    replica.set_tracker(cfg.exports.tracker());
+    let mut slot = Some(replica);
+    let mut exporter = Exporter::new(cfg.exports.clone());
     if let Some(p) = slot.as_ref().and_then(|r| r.position()) {
         tracing::info!(
             "committed image: checkpoint {} (term {}, history {:#x})",
@@ -123,7 +129,7 @@ pub async fn serve_fenced(
             c = server.accept() => match c {
                 Ok(conn) => {
                     let peer = conn.remote_address();
-                    let mut w = Watches { stop: &mut stop, fence: &fence, min_term: &mut min_term };
+                    let mut w = Watches { stop: &mut stop, fence: &fence, min_term: &mut min_term, exporter: &mut exporter };
                     let r = session(&cfg, &server, conn, &mut slot, &mut w).await;
                     let Some(replica) = slot.as_mut() else {
                         server.close();
@@ -152,6 +158,8 @@ pub async fn serve_fenced(
             _ = min_term.changed() => {
                 fence.enforce_latest(&mut min_term);
             }
+            // No session runs: the replica is idle, an export goes on at once.
+            _ = cfg.exports.wait() => exporter.poll(slot.as_ref()),
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -184,11 +192,13 @@ const LINGER: Duration = Duration::from_millis(250);
 /// The same for a primary refused for a stale term (fenced by a promotion).
 const STALE_LINGER: Duration = Duration::from_millis(20);
 
-/// What a session listens to besides its primary: the backup stopping, and the fence.
+/// What a session listens to besides its primary: the backup stopping, the fence, and
+/// exports (whose steps it takes while the replica is idle).
 struct Watches<'a> {
     stop: &'a mut watch::Receiver<bool>,
     fence: &'a Fence,
     min_term: &'a mut watch::Receiver<u64>,
+    exporter: &'a mut Exporter,
 }
 
 /// How a session ended without an error.
@@ -415,6 +425,8 @@ async fn session_loop(
             // A step of applying a checkpoint finished on its thread.
             done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
             _ = w.stop.changed() => return Ok(End::Stopped),
+            // (Taken below, once the replica is idle.)
+            _ = cfg.exports.wait() => {}
             _ = w.min_term.changed() => {
                 let min = *w.min_term.borrow_and_update();
                 let end = fenced(&r, link, built_min, min).await;
@@ -425,6 +437,9 @@ async fn session_loop(
                 }
             }
         }
+        // An export's final step (bounded: `export::FINAL_PAGES`) is taken before the next
+        // checkpoint, or a steady stream would never leave the replica idle for it.
+        w.exporter.poll(applier.replica());
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
         // thread is free to take it.
         if applier.idle() {

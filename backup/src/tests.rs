@@ -33,7 +33,7 @@ const C: Origin = Origin {
 };
 
 /// A `VmState` (all zero, with a disk of `disk` bytes), postcard-encoded.
-fn state(disk: u64) -> Vec<u8> {
+pub(crate) fn state(disk: u64) -> Vec<u8> {
     let zeros = vec![0u8; 1 << 16];
     let mut vm: VmState = postcard::from_bytes(&zeros).unwrap();
     if disk > 0 {

@@ -41,6 +41,7 @@ async fn start_backup(pki: &Path) -> Backup {
         vm_id: VM.into(),
         quic: quic_cfg(),
         stats: Arc::new(backup::BackupStats::default()),
+        exports: backup::Exports::default(),
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

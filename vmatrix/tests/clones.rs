@@ -266,6 +266,31 @@ fn clones_of_a_protected_vm_from_its_primary_snapshot_and_its_stopped_backup() {
     }
     c.stop();
 
+    // Clones of the live VM from its backup: the backup exports its committed checkpoint while
+    // it keeps applying checkpoints (a writer goes on meanwhile), the primary never pauses for
+    // it and stays protected.
+    let bsnap = dir.path().join("bsnap");
+    let acked = writes_during(net.guest_addr(), || {
+        let a = ctl(&r.backup_socket(0), &["snapshot", bsnap.to_str().unwrap()]);
+        eprintln!("backup export: {a}");
+        assert!(json_field(&a, "memory_crc32").is_some(), "{a}");
+    });
+    assert_eq!(kv.cmd("SET bafter z").unwrap(), "OK", "still protected");
+    let c = Clones::start(&net, &net.ns(), &bsnap, 2, &dir.path().join("w3"), 30);
+    for i in 0..2 {
+        let mut k = c.kv(i);
+        assert_eq!(
+            k.cmd("GET later").unwrap(),
+            "VALUE y",
+            "acknowledged before"
+        );
+        assert_eq!(k.cmd("GET bafter").unwrap(), "NOTFOUND", "as of the export");
+        for key in &acked.before {
+            assert_eq!(k.cmd(&format!("GET {key}")).unwrap(), "VALUE v", "{key}");
+        }
+    }
+    c.stop();
+
     // The stopped backup's image: every acknowledged write, and the image stays as it was.
     r.finalize_backup();
     let before = files(&image);
@@ -279,6 +304,42 @@ fn clones_of_a_protected_vm_from_its_primary_snapshot_and_its_stopped_backup() {
     for name in ["memory.bin", "disk.img", "replica.bin"] {
         let p = image.join(name);
         assert!(before[&p] == after[&p], "{name} unchanged");
+    }
+}
+
+/// Keys a writer set (value `v`), split by whether they were acknowledged before `during` began.
+struct Acked {
+    before: Vec<String>,
+}
+
+/// Runs `during` while a second client writes keys `w<i>` as fast as it is answered.
+fn writes_during(addr: SocketAddr, during: impl FnOnce()) -> Acked {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (s, d) = (stop.clone(), done.clone());
+    let writer = std::thread::spawn(move || {
+        let mut c = KvClient::connect(addr).expect("writer connects");
+        c.set_timeout(Duration::from_secs(10));
+        let mut i = 0;
+        while !s.load(Ordering::SeqCst) {
+            assert_eq!(c.cmd(&format!("SET w{i} v")).unwrap(), "OK");
+            i += 1;
+            d.store(i, Ordering::SeqCst);
+        }
+        i
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let before = done.load(Ordering::SeqCst);
+    during();
+    stop.store(true, Ordering::SeqCst);
+    let total = writer.join().expect("the writer saw no error");
+    assert!(total > before, "writes went on during the export");
+    Acked {
+        before: (0..before).map(|i| format!("w{i}")).collect(),
     }
 }
 

@@ -220,6 +220,7 @@ impl RunningVm {
             vm_id: "vm".into(),
             quic: transport::QuicConfig::default(),
             stats: Arc::new(backup::BackupStats::default()),
+            exports: backup::Exports::default(),
         };
         let brx = stop_rx.clone();
         let backup_thread = crate::rt::spawn("bench-backup", async move {

@@ -18,7 +18,9 @@
 //! such writes in every page the clone has not written itself. The image is never taken over
 //! and nothing of it is consumed. An image a running backup holds is refused
 //! ([`BaseError::InUse`]): that backup writes it in place between its checkpoints; a clone of
-//! a live VM starts from a snapshot its primary takes (`vmatrix ctl <sock> snapshot`).
+//! a live VM starts from a snapshot that backup exports (`vmatrix ctl <backup sock> snapshot`,
+//! `backup::export`: the apply loop is held for the last ~1–3 ms only) or its primary takes
+//! (`vmatrix ctl <sock> snapshot`: one capture pause).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,7 +45,9 @@ pub enum BaseError {
     /// A running backup holds the replica image.
     #[error(
         "{dir}: a running backup holds this replica image and writes it in place; clone from \
-         a snapshot of the primary (vmatrix ctl <socket> snapshot <dir>) or of a stopped backup"
+         a snapshot it exports (vmatrix ctl <backup socket> snapshot <dir>: no pause, \
+         replication goes on), of the primary (vmatrix ctl <socket> snapshot <dir>) or of a \
+         stopped backup"
     )]
     InUse {
         /// The directory.

@@ -110,6 +110,16 @@ pub fn serve(
     path: &Path,
     handler: impl Fn(Request) -> Result<Value, ControlError> + Send + Sync + 'static,
 ) -> anyhow::Result<Served> {
+    serve_with(path, handler, false)
+}
+
+/// [`serve`], with `PUT /snapshot` on an executor of its own when `own_snapshots`: a backup's
+/// export takes long and must not hold its `fence` or `promote` (a failover) back.
+pub fn serve_with(
+    path: &Path,
+    handler: impl Fn(Request) -> Result<Value, ControlError> + Send + Sync + 'static,
+    own_snapshots: bool,
+) -> anyhow::Result<Served> {
     let handler: Handler = Arc::new(handler);
     if path.exists() {
         std::fs::remove_file(path)
@@ -132,11 +142,27 @@ pub fn serve(
         .name("control-exec".into())
         .spawn(move || execute_all(queue, h))
         .context("spawning the control executor")?;
+    let snapshots = match own_snapshots {
+        true => {
+            let (tx, rx) = mpsc::channel::<Job>(MAX_CLIENTS);
+            let h = handler.clone();
+            std::thread::Builder::new()
+                .name("control-snap".into())
+                .spawn(move || execute_all(rx, h))
+                .context("spawning the snapshot executor")?;
+            Some(tx)
+        }
+        false => None,
+    };
     std::thread::Builder::new()
         .name("control-status".into())
         .spawn(move || execute_all(status_queue, handler))
         .context("spawning the status executor")?;
-    let queues = Queues { jobs, status };
+    let queues = Queues {
+        jobs,
+        status,
+        snapshots,
+    };
     let clients = Arc::new(AtomicUsize::new(0));
     let served = Served {
         clients: clients.clone(),
@@ -165,11 +191,13 @@ fn execute_all(mut queue: mpsc::Receiver<Job>, handler: Handler) {
     }
 }
 
-/// Where requests go: `GET /status` to its own executor, everything else to the other.
+/// Where requests go: `GET /status` to its own executor, `PUT /snapshot` to its own if it has
+/// one, everything else to the other.
 #[derive(Clone)]
 pub struct Queues {
     jobs: mpsc::Sender<Job>,
     status: mpsc::Sender<Job>,
+    snapshots: Option<mpsc::Sender<Job>>,
 }
 
 /// The routes: every resource of every kind of process (each process refuses with 404 the
@@ -212,7 +240,9 @@ async fn get_resource(State(q): State<Queues>, uri: Uri) -> Response {
 }
 
 async fn put_resource(
-    State(Queues { jobs, .. }): State<Queues>,
+    State(Queues {
+        jobs, snapshots, ..
+    }): State<Queues>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -220,7 +250,10 @@ async fn put_resource(
     let outcome = async {
         let bytes = read_body(&headers, body).await?;
         let req = Request::from_put(uri.path(), &bytes)?;
-        run(&jobs, req).await
+        match (&req, &snapshots) {
+            (Request::Snapshot { .. }, Some(q)) => run(q, req).await,
+            _ => run(&jobs, req).await,
+        }
     };
     reply(outcome.await)
 }

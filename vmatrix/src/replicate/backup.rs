@@ -4,6 +4,7 @@
 //! also serves `GET /status` and `PUT /fence {"term":n}`: primaries of an older term are
 //! refused from then on (persisted in the image directory).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -19,7 +20,8 @@ use transport::QuicConfig;
 
 use crate::control::answer;
 use crate::control::types::{
-    BackupFenceAnswer, BackupStatus, CheckpointAnswer, ControlError, Request, Status, StopAnswer,
+    BackupFenceAnswer, BackupStatus, CheckpointAnswer, ControlError, Request, SnapshotAnswer,
+    SnapshotKind, Status, StopAnswer,
 };
 
 use super::{load_identity, quic_config, BackupArgs};
@@ -31,7 +33,9 @@ const PROMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 type Promoted = Result<Option<u64>, String>;
 
 /// What a backup serves, for the 404 of anything else.
-const SERVES: &str = "GET /status, PUT /stop, PUT /fence and PUT /promote";
+const SERVES: &str = "GET /status, PUT /stop, PUT /fence, PUT /promote and PUT /snapshot";
+/// Longest wait of `snapshot` for the export (a 4 GiB image copies in a few seconds).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a backup until SIGINT/SIGTERM, `vmatrix ctl <socket> stop` or `promote`, then finalizes
 /// its image. The image directory is locked for the whole run, before anything else (a second
@@ -57,6 +61,7 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
             ..quic_config(a.idle_timeout_ms)
         },
         stats: Arc::new(BackupStats::default()),
+        exports: backup::Exports::default(),
     };
     let (tx, rx) = watch::channel(false);
     let tx = Arc::new(tx);
@@ -66,14 +71,16 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let c = Controls {
                 stats: cfg.stats.clone(),
+                exports: cfg.exports.clone(),
                 fence: fence.clone(),
                 stop: tx.clone(),
                 promoting: promoting.clone(),
                 promoted: Mutex::new(promoted_rx),
             };
-            Some(crate::control::server::serve(
+            Some(crate::control::server::serve_with(
                 path,
                 Box::new(move |req| c.answer(req)),
+                true,
             )?)
         }
         None => None,
@@ -125,6 +132,7 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
 /// What the backup's control requests act on.
 struct Controls {
     stats: Arc<BackupStats>,
+    exports: backup::Exports,
     fence: Arc<Fence>,
     stop: Arc<watch::Sender<bool>>,
     promoting: Arc<AtomicBool>,
@@ -148,11 +156,40 @@ impl Controls {
                 let checkpoint = self.promote(term)?;
                 answer(CheckpointAnswer { checkpoint })
             }
+            Request::Snapshot { kind, dir } => self.export(kind, dir),
             other => Err(ControlError::not_found(format!(
                 "a backup serves {SERVES}, not {}",
                 other.name()
             ))),
         }
+    }
+
+    /// `PUT /snapshot`: a full snapshot of the committed checkpoint, exported while replication
+    /// goes on (`backup::export`); its `pause_us` is how long the apply loop was held (the
+    /// guest never pauses for it).
+    fn export(&self, kind: SnapshotKind, dir: PathBuf) -> Result<Value, ControlError> {
+        if kind != SnapshotKind::Full {
+            return Err(ControlError::bad_request(
+                "a backup exports full snapshots only (its image holds one checkpoint)",
+            ));
+        }
+        if self.promoting.load(Ordering::SeqCst) {
+            return Err(ControlError::conflict("promoting: no export"));
+        }
+        let e = self
+            .exports
+            .export(dir, EXPORT_TIMEOUT)
+            .map_err(|e| match e {
+                backup::BackupError::NoImage { .. } => ControlError::conflict(e.to_string()),
+                e => ControlError::failed(e.to_string()),
+            })?;
+        answer(SnapshotAnswer {
+            id: e.id,
+            pause_us: e.held_us,
+            pages: e.bytes / 4096,
+            total_ms: e.total_ms,
+            memory_crc32: Some(e.memory_crc32),
+        })
     }
 
     /// `GET /status`: the image, the session, the minimum term.

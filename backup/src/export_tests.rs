@@ -1,0 +1,330 @@
+//! Exports on real files, concurrent with applying checkpoints: the exported snapshot equals,
+//! byte for byte, the image at the checkpoint it names (a model replays the same stream), the
+//! image goes on unchanged, and every way an export can fail (a full sync replacing the image,
+//! the backup stopping, a directory that exists, no image, a second request) answers with an
+//! error and leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use protocol::page::{PageData, PAGE};
+use protocol::{Checkpoint, Kind};
+use vmm::snapshot::{self, format};
+
+use crate::export::{Exported, Exporter, Exports};
+use crate::image::Origin;
+use crate::lock::ImageLock;
+use crate::replica::Replica;
+use crate::tests::state;
+use crate::BackupError;
+
+/// 16 MiB of guest RAM, 1 MiB of disk: big enough that the pass copies while checkpoints apply.
+const MEM: u64 = 4096 * PAGE as u64;
+const DISK: u64 = 1 << 20;
+const O: Origin = Origin {
+    history: 0xe,
+    term: 3,
+};
+
+/// A small seeded generator (xorshift), so a failing seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Guest memory and disk as the stream leaves them.
+struct Model {
+    mem: Vec<u8>,
+    disk: Vec<u8>,
+}
+
+impl Model {
+    fn apply(&mut self, cp: &Checkpoint) {
+        for (gfn, p) in &cp.pages {
+            let page = protocol::page::decode(*gfn, p, None).unwrap();
+            let at = *gfn as usize * PAGE;
+            self.mem[at..at + PAGE].copy_from_slice(&page);
+        }
+        for (off, d) in &cp.disk {
+            self.disk[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+        }
+    }
+}
+
+/// Checkpoint `seq` of `kind`, writing random pages and disk ranges.
+fn random_cp(rng: &mut Rng, seq: u64, kind: Kind, pages: usize) -> Checkpoint {
+    let mut gfns: Vec<u64> = (0..pages).map(|_| rng.below(MEM / PAGE as u64)).collect();
+    gfns.sort_unstable();
+    gfns.dedup();
+    let disk = (0..rng.below(4))
+        .map(|_| {
+            let len = 1 + rng.below(9000) as usize;
+            let off = rng.below(DISK - len as u64);
+            (off, vec![rng.next() as u8; len])
+        })
+        .collect();
+    Checkpoint {
+        epoch: seq,
+        kind,
+        mem_size: MEM,
+        pages: gfns
+            .into_iter()
+            .map(|g| {
+                let fill = rng.next() as u8;
+                (g, PageData::Raw(vec![fill ^ g as u8; PAGE]))
+            })
+            .collect(),
+        disk,
+        state: Some((format::FORMAT_VERSION, state(DISK))),
+    }
+}
+
+fn apply(r: &mut Replica, m: &mut Model, cp: &Checkpoint, opens: bool) {
+    if let Some(s) = r.begin(cp, O, opens).unwrap() {
+        r.complete(s).unwrap();
+    }
+    m.apply(cp);
+}
+
+/// A committed image in `dir` (a full sync writing most pages: the pass has data to copy).
+fn synced(dir: &Path, rng: &mut Rng) -> (Replica, Model, Exports, u64) {
+    let exports = Exports::default();
+    let mut r = Replica::open(ImageLock::acquire(dir).unwrap()).unwrap();
+    r.set_tracker(exports.tracker());
+    let mut m = Model {
+        mem: vec![0; MEM as usize],
+        disk: vec![0; DISK as usize],
+    };
+    let sync = random_cp(rng, 100, Kind::Sync, 3000);
+    apply(&mut r, &mut m, &sync, true);
+    (r, m, exports, 100)
+}
+
+/// Asks for an export into `dst` on a thread (the request blocks until answered).
+fn request(exports: &Exports, dst: &Path) -> JoinHandle<Result<Exported, BackupError>> {
+    let (e, d) = (exports.clone(), dst.to_path_buf());
+    std::thread::spawn(move || e.export(d, Duration::from_secs(30)))
+}
+
+/// Polls until the request was taken.
+fn until_running(x: &mut Exporter, r: &Replica) {
+    for _ in 0..2000 {
+        x.poll(Some(r));
+        if x.running() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("the export never started");
+}
+
+fn check_snapshot(dst: &Path, m: &Model, seq: u64, e: &Exported) {
+    assert_eq!(
+        e.position.seq, seq,
+        "the export names the checkpoint it holds"
+    );
+    assert_eq!((e.position.history, e.position.term), (O.history, O.term));
+    let mem = std::fs::read(dst.join(snapshot::MEMORY_FILE)).unwrap();
+    assert!(
+        mem == m.mem,
+        "exported memory differs from checkpoint {seq}"
+    );
+    let disk = std::fs::read(dst.join(snapshot::DISK_FILE)).unwrap();
+    assert!(
+        disk == m.disk,
+        "exported disk differs from checkpoint {seq}"
+    );
+    // A full snapshot a clone (or `vmatrix restore`) starts from: every CRC verifies.
+    let chain = snapshot::load_chain(dst).unwrap();
+    assert_eq!(chain.len(), 1);
+    snapshot::memory::verify(&dst.join(snapshot::MEMORY_FILE), &chain[0].meta.memory, MEM).unwrap();
+    assert_eq!(chain[0].meta.memory_checksum, Some(e.memory_crc32));
+}
+
+fn exported_while_applying(seed: u64) {
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed | 1);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (mut r, mut m, exports, mut seq) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    let asked = request(&exports, &dst);
+    until_running(&mut x, &r);
+    // Checkpoints go on while the pass copies (with a few more after it finished).
+    let mut after = 0;
+    while after < 3 {
+        seq += 1;
+        let big = rng.below(8) == 0;
+        let n = 1 + rng.below(if big { 3000 } else { 60 }) as usize;
+        apply(
+            &mut r,
+            &mut m,
+            &random_cp(&mut rng, seq, Kind::Incremental, n),
+            false,
+        );
+        if x.wants_final() {
+            after += 1;
+        }
+    }
+    // The replica is idle: the final step, at checkpoint `seq`.
+    x.poll(Some(&r));
+    let at = seq;
+    let frozen = Model {
+        mem: m.mem.clone(),
+        disk: m.disk.clone(),
+    };
+    // The image goes on; the export does not.
+    for _ in 0..5 {
+        seq += 1;
+        apply(
+            &mut r,
+            &mut m,
+            &random_cp(&mut rng, seq, Kind::Incremental, 50),
+            false,
+        );
+    }
+    let e = asked.join().unwrap().expect("exported");
+    check_snapshot(&dst, &frozen, at, &e);
+    assert!(!x.running());
+}
+
+#[test]
+fn an_export_concurrent_with_checkpoints_is_the_checkpoint_it_names() {
+    let seeds: u64 = std::env::var("VMATRIX_EXPORT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    for seed in 1..=seeds {
+        exported_while_applying(seed * 0x9e37_79b9);
+    }
+}
+
+#[test]
+fn an_export_between_sessions_needs_no_checkpoint() {
+    let mut rng = Rng(7);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (r, m, exports, seq) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    let asked = request(&exports, &dst);
+    until_running(&mut x, &r);
+    while !x.wants_final() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    x.poll(Some(&r));
+    let e = asked.join().unwrap().unwrap();
+    check_snapshot(&dst, &m, seq, &e);
+    assert_eq!(e.final_pages, 0);
+}
+
+fn failed(asked: JoinHandle<Result<Exported, BackupError>>, want: &str, dst: &Path) {
+    let e = asked.join().unwrap().expect_err("the export must fail");
+    assert!(e.to_string().contains(want), "{e}");
+    assert!(!dst.exists(), "a failed export leaves nothing behind");
+}
+
+#[test]
+fn a_full_sync_during_an_export_fails_it() {
+    let mut rng = Rng(11);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (mut r, mut m, exports, _) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    let asked = request(&exports, &dst);
+    until_running(&mut x, &r);
+    // A new primary's full sync replaces the image.
+    apply(
+        &mut r,
+        &mut m,
+        &random_cp(&mut rng, 5, Kind::Sync, 10),
+        true,
+    );
+    while !x.wants_final() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    x.poll(Some(&r));
+    failed(asked, "replaced the image", &dst);
+}
+
+#[test]
+fn a_backup_that_stops_during_an_export_answers_and_cleans_up() {
+    let mut rng = Rng(13);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (r, _, exports, _) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    let asked = request(&exports, &dst);
+    until_running(&mut x, &r);
+    drop(x);
+    failed(asked, "stopped", &dst);
+}
+
+#[test]
+fn refusals_touch_nothing() {
+    let mut rng = Rng(17);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    // No committed image yet.
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let exports = Exports::default();
+    let r0 = Replica::open(ImageLock::acquire(&empty).unwrap()).unwrap();
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("never");
+    let asked = request(&exports, &dst);
+    poll_until_answered(&mut x, &r0, &asked);
+    failed(asked, "no consistent replica image", &dst);
+    // A directory that exists is not written.
+    let (r, _, exports, _) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let taken: PathBuf = d.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("mine"), b"x").unwrap();
+    let asked = request(&exports, &taken);
+    poll_until_answered(&mut x, &r, &asked);
+    let e = asked.join().unwrap().expect_err("refused");
+    assert!(e.to_string().contains("exists"), "{e}");
+    assert_eq!(std::fs::read(taken.join("mine")).unwrap(), b"x");
+    // One at a time.
+    let first = d.path().join("first");
+    let asked = request(&exports, &first);
+    until_running(&mut x, &r);
+    let second = request(&exports, &d.path().join("second"));
+    poll_until_answered(&mut x, &r, &second);
+    failed(second, "one at a time", &d.path().join("second"));
+    while !x.wants_final() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    x.poll(Some(&r));
+    asked.join().unwrap().expect("the first export goes on");
+}
+
+fn poll_until_answered<T>(x: &mut Exporter, r: &Replica, h: &JoinHandle<T>) {
+    for _ in 0..5000 {
+        x.poll(Some(r));
+        if h.is_finished() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("never answered");
+}
