@@ -532,7 +532,7 @@ impl Run {
     }
 
     /// A new slot's host: heard within `detect`, up (or crashed within `detect`), holding a
-    /// base or running the primary.
+    /// base or running the primary or a backup synced at the term.
     fn check_placement(&self, host: &str, rec: &failover::model::VmRecord, reports: &Reports) {
         let (s, seed) = (&self.s, self.seed);
         let detect = cfg().detect;
@@ -551,12 +551,16 @@ impl Run {
             "seed {seed}: a clone placed on {host}, down for {down:?}"
         );
         let base = report.bases.iter().any(|b| b.vm == VM);
-        let primary = rec.primary.as_deref() == Some(host)
-            && rec.started
-            && rec.phase == failover::model::Phase::Running;
+        let running = rec.started && rec.phase == failover::model::Phase::Running;
+        let primary = rec.primary.as_deref() == Some(host) && running;
+        let backup = running
+            && rec
+                .backups
+                .iter()
+                .any(|b| b.host == host && b.synced_term == Some(rec.term));
         assert!(
-            base || primary,
-            "seed {seed}: a clone placed on {host}, which holds no base and runs no primary (its last report at {at:?}: {report:?}; {rec:?})"
+            base || primary || backup,
+            "seed {seed}: a clone placed on {host}, which holds no base and runs no primary or synced backup (its last report at {at:?}: {report:?}; {rec:?})"
         );
     }
 

@@ -49,6 +49,24 @@ fn base(term: u64) -> BaseObservation {
     }
 }
 
+/// A protected VM (primary on a, backups on b and c) whose backups' hosts have no room for a
+/// clone (their capacity is their backup's memory): every clone goes to a (or d, if it holds a
+/// base).
+fn protected_room_on_a() -> T {
+    let mut t = T::protected_vm();
+    for (h, seq) in [("b", 10), ("c", 12)] {
+        let hello = Input::Hello {
+            host: h.into(),
+            repl_ip: format!("10.0.0.{}", 1 + h.as_bytes()[0] - b'a'),
+            capacity_mib: 64,
+        };
+        t.m.handle(t.now, hello);
+        t.report(h, vec![backup(1, seq, 5)]);
+    }
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+    t
+}
+
 /// A report of `vms` with these clones and a base (or none).
 fn with_clones(vms: Vec<VmObservation>, clones: &[&str], base_term: Option<u64>) -> Report {
     Report {
@@ -115,15 +133,21 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
         Err(ApiError::NotFound(_))
     ));
     scale(&mut t, 2).unwrap();
-    // Only the primary's host can make a base: both clones go there, with their own address.
+    // The primary's host and the backups' (synced at the term: they export their image) can
+    // make a base; the clones go where there is the most room, each with its own address.
     let a = t.last_assign("a").unwrap().clone();
-    assert_eq!(clones_on(&t, "a"), ["web-c0", "web-c1"]);
-    assert_eq!(a.bases, ["web"]);
+    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+    assert_eq!(clones_on(&t, "b"), ["web-c1"]);
+    for h in ["a", "b", "c"] {
+        assert_eq!(t.last_assign(h).unwrap().bases, ["web"], "{h} makes a base");
+    }
+    assert!(t.last_assign("d").is_none_or(|d| d.bases.is_empty()));
+    let b = t.last_assign("b").unwrap().clone();
     assert_eq!(
-        a.clones[1].guest_config, "ip=10.77.1.11/24",
+        b.clones[0].guest_config, "ip=10.77.1.11/24",
         "the parent's config with its own ip"
     );
-    assert!(clones_on(&t, "b").is_empty() && clones_on(&t, "c").is_empty());
+    assert!(clones_on(&t, "c").is_empty() && clones_on(&t, "d").is_empty());
     assert_eq!(t.events(EventKind::Scaled), 1);
     // Clones never get a role: the VM's own assignments are unchanged.
     assert_eq!(a.vms.len(), 1);
@@ -133,11 +157,11 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
     assert_eq!(v.clones.instances[0].state, "starting");
     // Reported running: clone_started once each.
     let p = primary(1, &["b", "c"], true);
-    t.report_all(
-        "a",
-        with_clones(vec![p.clone()], &["web-c0", "web-c1"], Some(1)),
-    );
-    t.report_all("a", with_clones(vec![p], &["web-c0", "web-c1"], Some(1)));
+    for _ in 0..2 {
+        t.report_all("a", with_clones(vec![p.clone()], &["web-c0"], Some(1)));
+        let bk = backup(1, 10, 5);
+        t.report_all("b", with_clones(vec![bk], &["web-c1"], Some(1)));
+    }
     assert_eq!(t.events(EventKind::CloneStarted), 2);
     let v = t.m.vm(t.now, "web").unwrap();
     assert_eq!(v.clones.instances[1].state, "running");
@@ -153,8 +177,9 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
 #[test]
 fn clones_go_to_hosts_with_room_and_a_base_and_wait_otherwise() {
     let mut t = T::protected_vm();
-    // d offers 200 MiB and holds a base: it is filled first (25 clones of 8 MiB), the rest go
-    // to a (1024 MiB, the 64 MiB primary on it), which runs the primary and can make a base.
+    // d offers 200 MiB and holds a base: it is filled first (25 clones of 8 MiB), the rest are
+    // spread by room over a, b and c (1024 MiB, 64 of it their VM's primary or backup), which
+    // can make a base (a snapshot of the primary, an export of a synced backup's image).
     t.m.handle(
         t.now,
         failover::manager::Input::Hello {
@@ -165,10 +190,25 @@ fn clones_go_to_hosts_with_room_and_a_base_and_wait_otherwise() {
     );
     t.report_all("d", with_clones(vec![], &[], Some(1)));
     scale(&mut t, 64).unwrap();
-    let (on_a, on_d) = (clones_on(&t, "a").len(), clones_on(&t, "d").len());
-    assert_eq!((on_a, on_d), (39, 25));
-    // b and c hold no base and run no primary: none there.
-    assert!(clones_on(&t, "b").is_empty() && clones_on(&t, "c").is_empty());
+    let on = |h| clones_on(&t, h).len();
+    assert_eq!((on("a"), on("b"), on("c"), on("d")), (13, 13, 13, 25));
+    // Once b's backup is no longer synced at the term (a failover to c; b not yet re-synced),
+    // b can make no base of the term: a new clone goes elsewhere.
+    scale(&mut t, 0).unwrap();
+    t.m.failover(t.now, "web", Some("c")).unwrap();
+    t.drain();
+    t.report("c", vec![primary(2, &["b"], false)]);
+    t.report_all("d", with_clones(vec![], &[], None));
+    scale(&mut t, 3).unwrap();
+    assert_eq!(
+        clones_on(&t, "c").len(),
+        3,
+        "only the new primary's host can make a base of term 2"
+    );
+    assert!(
+        t.last_assign("b").unwrap().bases.is_empty(),
+        "b has no image of term 2"
+    );
 
     // A host with no room: a small one alone.
     let mut t = T::new(&["a"]);
@@ -197,7 +237,7 @@ fn clones_go_to_hosts_with_room_and_a_base_and_wait_otherwise() {
 
 #[test]
 fn scaling_down_stops_the_highest_slots_and_a_failover_leaves_clones_running() {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     scale(&mut t, 3).unwrap();
     assert_eq!(clones_on(&t, "a").len(), 3);
     let all = ["web-c0", "web-c1", "web-c2"];
@@ -279,7 +319,7 @@ fn a_clone_that_died_where_no_base_is_left_is_placed_again() {
 
 #[test]
 fn the_autoscaler_sets_the_count_and_says_why() {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     let spec = AutoscaleSpec {
         target: 50.0,
         min: 0,
@@ -378,7 +418,7 @@ fn drained() -> DrainedReport {
 
 /// A protected VM with a driver attached and three clones running on a.
 fn three_behind_a_balancer() -> T {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     attach(&mut t);
     scale(&mut t, 3).unwrap();
     rounds(&mut t, MS * 200, &ALL3, true);
@@ -435,7 +475,7 @@ fn with_a_balancer_scale_down_drains_and_stops_only_once_drained() {
 
 #[test]
 fn without_a_balancer_or_a_running_clone_scale_down_stops_at_once() {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     scale(&mut t, 2).unwrap();
     rounds(&mut t, MS * 200, &["web-c0", "web-c1"], false);
     scale(&mut t, 1).unwrap();
@@ -643,7 +683,7 @@ fn a_second_driver_is_refused_while_the_first_ones_lease_holds() {
 /// within `backup_lost` reports a clone of the VM alive.
 #[test]
 fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     let healthy = |t: &mut T, clones: &[&str]| {
         let p = primary(1, &["b", "c"], true);
         t.report_all("a", with_clones(vec![p], clones, Some(1)));
@@ -707,7 +747,7 @@ fn the_address_changes_only_once_no_clone_of_the_old_one_runs() {
 /// for one address. It is placed once that host no longer reports it (a review finding).
 #[test]
 fn a_slot_waits_while_its_previous_clone_still_runs_elsewhere() {
-    let mut t = T::protected_vm();
+    let mut t = protected_room_on_a();
     t.report_all("d", with_clones(vec![], &[], Some(1)));
     scale(&mut t, 1).unwrap();
     assert_eq!(

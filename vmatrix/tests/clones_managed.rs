@@ -1,9 +1,10 @@
 //! Clones through the manager and agents (issue 11, part 2b) on real KVM, taps and namespaces:
-//! a protected VM is created, `vmatrix vm scale --clones 2` starts two clones (from a base its
-//! primary's agent froze from the primary's own snapshot, the service and its protection going
-//! on) that answer with the parent's data on their own addresses; a failover of the parent
-//! leaves them running (same processes); the crash of their host has them placed again where a
-//! base can be made (the new primary's host); `--clones 0` stops them.
+//! a protected VM is created, `vmatrix vm scale --clones 2` starts two clones, spread over the
+//! primary's host (a base from the primary's own snapshot) and its backup's (a base its backup
+//! exported between two checkpoints), the service and its protection going on; they answer
+//! with the parent's data on their own addresses; a failover of the parent leaves them running
+//! (same processes); the crash of a clone's host has it placed again where a base can be made;
+//! `--clones 0` stops them.
 
 mod support;
 
@@ -73,9 +74,15 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
             .count()
             == 2
     });
-    assert!(
-        clone_hosts(&v).iter().all(|(h, _)| *h == primary),
-        "placed on the primary's host, the one that can make a base: {v}"
+    let backup = v["backups"][0]["host"].as_str().unwrap().to_string();
+    let mut hosts: Vec<String> = clone_hosts(&v).into_iter().map(|(h, _)| h).collect();
+    hosts.sort();
+    let mut want = vec![primary.clone(), backup.clone()];
+    want.sort();
+    assert_eq!(
+        hosts, want,
+        "spread over the hosts that can make a base: the primary's (a snapshot) and the \
+         backup's (an export of its image): {v}"
     );
     assert_eq!(v["status"], "protected", "the parent is still protected");
     assert_eq!(v["term"], 1, "clones take no term");
@@ -85,8 +92,12 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
     wait_clone(&m, 1, "VALUE blue", Duration::from_secs(5));
     let ph = m.host_index(&primary);
-    let pids = m.vm_pids(ph, "clone-vm");
-    assert_eq!(pids.len(), 2, "one process per clone: {pids:?}");
+    let bh = m.host_index(&backup);
+    let pids = [m.vm_pids(ph, "clone-vm"), m.vm_pids(bh, "clone-vm")];
+    assert!(
+        pids.iter().all(|p| p.len() == 1),
+        "one process per clone: {pids:?}"
+    );
 
     // The parent fails over to its backup: the clones run on, the same processes.
     let out = m.cli(&["vm", "failover", "web"]);
@@ -100,7 +111,7 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     });
     let new_primary = v["primary"].as_str().unwrap().to_string();
     assert_eq!(
-        m.vm_pids(ph, "clone-vm"),
+        [m.vm_pids(ph, "clone-vm"), m.vm_pids(bh, "clone-vm")],
         pids,
         "clones untouched by the failover"
     );
@@ -110,10 +121,11 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     host_crash_then_scale_down(&mut m, ph, &new_primary);
 }
 
-/// The clones' host `ph` crashes: they are placed again where a base can be made (the new
-/// primary's host) and serve the parent's data again; then scaled to 0, they stop, and the
-/// parent served all along.
+/// A clone's host `ph` (the former primary's) crashes: its clone is placed again where a base
+/// can be made and serves the parent's data again; then scaled to 0, they stop, and the parent
+/// served all along.
 fn host_crash_then_scale_down(m: &mut Managed, ph: usize, new_primary: &str) {
+    let crashed = m.net.host_name(ph);
     let t1 = Instant::now();
     m.crash_host(ph);
     for i in 0..2 {
@@ -125,7 +137,7 @@ fn host_crash_then_scale_down(m: &mut Managed, ph: usize, new_primary: &str) {
     );
     let v = m.wait_vm("web", "clones re-placed", Duration::from_secs(10), |v| {
         let c = clone_hosts(v);
-        c.len() == 2 && c.iter().all(|(h, s)| h == new_primary && s == "running")
+        c.len() == 2 && c.iter().all(|(h, s)| *h != crashed && s == "running")
     });
     let stopped = m.events_of("clone_stopped");
     assert!(
@@ -134,13 +146,19 @@ fn host_crash_then_scale_down(m: &mut Managed, ph: usize, new_primary: &str) {
             .is_some_and(|d| d.contains("host went silent"))),
         "{stopped:?}"
     );
-    assert_eq!(m.events_of("clone_started").len(), 4, "{v}");
+    // (Two at first, and the one of the crashed host again.)
+    assert_eq!(m.events_of("clone_started").len(), 3, "{v}");
     assert!(!m.events_of("scaled").is_empty());
 
     // Scale to 0: the clones stop.
-    let np = m.host_index(new_primary);
+    let holders: Vec<usize> = clone_hosts(&v)
+        .iter()
+        .map(|(h, _)| m.host_index(h))
+        .collect();
     scale(m, 0);
-    m.wait_no_vm_process(np, "clone-vm", Duration::from_secs(10));
+    for h in holders {
+        m.wait_no_vm_process(h, "clone-vm", Duration::from_secs(10));
+    }
     assert!(KvClient::connect(clone_addr(m, 0))
         .and_then(|mut c| {
             c.set_timeout(Duration::from_millis(300));
@@ -148,6 +166,7 @@ fn host_crash_then_scale_down(m: &mut Managed, ph: usize, new_primary: &str) {
         })
         .is_err());
     let v = m.vm("web").unwrap();
+    assert_eq!(v["primary"], new_primary, "the parent did not move");
     assert_eq!(v["clones"]["desired"], 0);
     assert!(clone_hosts(&v).is_empty());
     // The parent served all along.

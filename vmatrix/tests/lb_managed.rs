@@ -26,8 +26,6 @@ struct Setup {
     _lbnet: LbNet,
     m: Managed,
     vip: SocketAddr,
-    /// The primary's host.
-    ph: usize,
     _dir: tempfile::TempDir,
 }
 
@@ -37,8 +35,7 @@ fn setup(extra: &[&str]) -> Setup {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let m = Managed::start(dir.path(), 2);
-    let v = m.create_protected(1);
-    let ph = m.host_index(v["primary"].as_str().unwrap());
+    m.create_protected(1);
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
     assert_eq!(kv.cmd("SET k1 v1").unwrap(), "OK");
     let lbnet = LbNet::up(m.net.index, &format!("{}lan", m.net.name), None);
@@ -62,7 +59,6 @@ fn setup(extra: &[&str]) -> Setup {
         _lbnet: lbnet,
         m,
         vip,
-        ph,
         _dir: dir,
     }
 }
@@ -121,6 +117,21 @@ fn held_on(s: &Setup, gen: &str) -> Conn {
         .unwrap_or_else(|| panic!("no connection reached generation {gen}"))
 }
 
+/// The clone processes of every host (clones are spread over the primary's and the
+/// backup's host).
+fn clone_pids(s: &Setup) -> Vec<u32> {
+    (0..s.m.net.hosts)
+        .flat_map(|h| s.m.vm_pids(h, "clone-vm"))
+        .collect()
+}
+
+/// Waits until no host runs a clone process.
+fn no_clone_process(s: &Setup, timeout: Duration) {
+    for h in 0..s.m.net.hosts {
+        s.m.wait_no_vm_process(h, "clone-vm", timeout);
+    }
+}
+
 /// Step 2: scale to 0 with `held` open on clone 1: clone 0 drains and stops, clone 1 drains
 /// and keeps serving `held` only, and stops once it is closed.
 fn scale_down_drains(s: &Setup, mut held: Conn, gen1: &str) {
@@ -151,7 +162,7 @@ fn scale_down_drains(s: &Setup, mut held: Conn, gen1: &str) {
     // c1 runs while it drains (c0's process may still be on its way out on a busy host).
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let pids = s.m.vm_pids(s.ph, "clone-vm");
+        let pids = clone_pids(s);
         if pids.len() == 1 {
             break;
         }
@@ -163,7 +174,7 @@ fn scale_down_drains(s: &Setup, mut held: Conn, gen1: &str) {
     }
     let t1 = Instant::now();
     drop(held);
-    s.m.wait_no_vm_process(s.ph, "clone-vm", Duration::from_secs(10));
+    no_clone_process(s, Duration::from_secs(10));
     eprintln!(
         "held connection closed → clone stopped: {} ms",
         t1.elapsed().as_millis()
@@ -330,7 +341,7 @@ fn the_drivers_measured_connections_drive_the_autoscaler() {
     let t1 = Instant::now();
     drop(held);
     wait_states(&s, "autoscaled to 0", &[], Duration::from_secs(30));
-    s.m.wait_no_vm_process(s.ph, "clone-vm", Duration::from_secs(10));
+    no_clone_process(&s, Duration::from_secs(10));
     eprintln!(
         "connections closed → clones stopped: {} ms",
         t1.elapsed().as_millis()

@@ -104,6 +104,14 @@ fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts()
     );
 }
 
+/// `dir` is a whole snapshot: its chain loads and its memory verifies.
+fn vmatrix_snapshot_loads(dir: &Path) {
+    let chain = vmm::snapshot::load_chain(dir).expect("the export is a snapshot");
+    let m = &chain[0].meta;
+    vmm::snapshot::memory::verify(&dir.join("memory.bin"), &m.memory, m.mem_size)
+        .expect("its memory verifies");
+}
+
 #[test]
 fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
     let net = TestNet::two_hosts();
@@ -135,8 +143,37 @@ fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
         |v| v.parse::<u64>().is_ok_and(|ms| ms >= 300),
         Duration::from_secs(5),
     );
+    // An export (a clone base) asked for just before the promotion never holds it back: it
+    // either completes (a whole snapshot) or fails and leaves nothing.
+    let export = d.join("export");
+    let (sock, e) = (bb.socket.clone(), export.clone());
+    let exporting = std::thread::spawn(move || {
+        std::process::Command::new(vmatrix_bin())
+            .arg("ctl")
+            .arg(&sock)
+            .arg("snapshot")
+            .arg(&e)
+            .output()
+            .unwrap()
+    });
+    let t0 = std::time::Instant::now();
     let answer = bb.ctl(&["promote", "2"]);
     let seq = json_field(&answer, "checkpoint").unwrap_or_else(|| panic!("{answer}"));
+    eprintln!(
+        "promoted in {} ms beside an export",
+        t0.elapsed().as_millis()
+    );
+    let out = exporting.join().unwrap();
+    match out.status.success() {
+        true => {
+            vmatrix_snapshot_loads(&export);
+        }
+        false => assert!(
+            std::fs::read_dir(&export).map_or(true, |mut d| d.next().is_none()),
+            "a failed export leaves nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
     let st = wait_exit(&mut bb.child, Duration::from_secs(10));
     assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", bb.log_text());
     let log = bb.log_text();

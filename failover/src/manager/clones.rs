@@ -478,9 +478,23 @@ impl Manager {
             .find(|o| o.name == cname)
     }
 
-    /// Whether `host` holds a base of the VM or runs its primary (which makes one).
+    /// Whether `host` holds a base of the VM or runs its primary or a backup synced at its
+    /// term (each makes one: a snapshot, an export).
     fn can_hold_base(&self, host: &str, rec: &VmRecord) -> bool {
-        self.holds_base(host, &rec.spec.name) || self.runs_primary(host, rec)
+        self.holds_base(host, &rec.spec.name)
+            || self.runs_primary(host, rec)
+            || self.runs_synced_backup(host, rec)
+    }
+
+    /// Whether `host` runs a backup of the VM synced at its current term while its primary
+    /// runs: its image holds a committed checkpoint of this term, which it can export.
+    fn runs_synced_backup(&self, host: &str, rec: &VmRecord) -> bool {
+        rec.started
+            && rec.phase == Phase::Running
+            && rec
+                .backups
+                .iter()
+                .any(|b| b.host == host && b.synced_term == Some(rec.term))
     }
 
     fn holds_base(&self, host: &str, vm: &str) -> bool {
@@ -533,6 +547,14 @@ impl Manager {
             if rec.clones.wants_base() {
                 if let Some(p) = rec.primary.as_ref().filter(|p| self.runs_primary(p, rec)) {
                     all.entry(p.clone()).or_default().bases.push(name.clone());
+                }
+                for b in &rec.backups {
+                    if self.runs_synced_backup(&b.host, rec) {
+                        all.entry(b.host.clone())
+                            .or_default()
+                            .bases
+                            .push(name.clone());
+                    }
                 }
             }
             let Some(first) = rec.clones.first_ip.as_deref() else {

@@ -1,10 +1,10 @@
 //! The agents' clones, modelled on the real agent (`vmatrix/src/cluster/agent/clones.rs`):
 //!
 //! - **Bases**: for every VM the manager lists in the host's `bases` whose primary runs here
-//!   (alive and answering: a stalled one takes no snapshot), a base is made from the primary's
-//!   snapshot on a thread of its own (here: ready 20–200 ms later, lost if the host crashes
-//!   first, failed if the primary died or stalled meanwhile) whenever the newest base is not of
-//!   the primary's term. Bases are on disk: they survive a crash (a restarted agent adopts
+//!   (alive and answering: a stalled one takes no snapshot) or whose backup runs here with a
+//!   committed image (exported), a base is made from it on a thread of its own (here: ready
+//!   20–200 ms later, lost if the host crashes first, failed if the source died or its term
+//!   changed meanwhile) whenever the newest base is not of the source's term. Bases are on disk: they survive a crash (a restarted agent adopts
 //!   them). A base no clone uses is removed unless it is the newest of a VM still wanted here
 //!   (listed in `bases` or with a clone assigned). (The real agent also refreshes a base every
 //!   60 s; a run here is shorter than that.)
@@ -67,13 +67,14 @@ impl Sim {
         self.remove_unused_bases(i);
     }
 
-    /// The primary of this host, alive and answering: its term.
-    fn local_primary(&self, i: usize) -> Option<u64> {
-        self.hosts[i]
-            .primary
-            .as_ref()
-            .filter(|p| p.alive && p.stalled_since.is_none())
-            .map(|p| p.term)
+    /// What this host can make a base from: its primary, alive and answering (a snapshot),
+    /// else its live backup's committed image (an export): the term of either.
+    fn local_source(&self, i: usize) -> Option<u64> {
+        let h = &self.hosts[i];
+        let primary = h.primary.as_ref();
+        let primary = primary.filter(|p| p.alive && p.stalled_since.is_none());
+        let backup = h.backup.as_ref().filter(|b| b.alive).and(h.image);
+        primary.map(|p| p.term).or(backup.map(|im| im.term))
     }
 
     /// A base whose making finished joins the host's bases (if its snapshot could be taken).
@@ -85,9 +86,9 @@ impl Sim {
             return;
         }
         self.hosts[i].making = None;
-        if self.local_primary(i) != Some(term) {
+        if self.local_source(i) != Some(term) {
             self.note(format!(
-                "{}: base of term {term} failed (no primary to snapshot)",
+                "{}: base of term {term} failed (no primary or backup of that term)",
                 self.names[i]
             ));
             return;
@@ -106,7 +107,7 @@ impl Sim {
     }
 
     fn keep_base_warm(&mut self, i: usize) {
-        let Some(term) = self.local_primary(i) else {
+        let Some(term) = self.local_source(i) else {
             return;
         };
         let h = &self.hosts[i];

@@ -191,6 +191,8 @@ impl Default for Protection {
 pub struct RunningVm {
     pub vm: Arc<Vm>,
     pub stats: Option<Arc<primary::Stats>>,
+    /// The backup's export requests (a protected VM).
+    pub exports: Option<backup::Exports>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -203,6 +205,7 @@ impl RunningVm {
         Ok(RunningVm {
             vm,
             stats: None,
+            exports: None,
             stop: None,
             threads: Vec::new(),
         })
@@ -222,6 +225,7 @@ impl RunningVm {
             stats: Arc::new(backup::BackupStats::default()),
             exports: backup::Exports::default(),
         };
+        let exports = bcfg.exports.clone();
         let brx = stop_rx.clone();
         let backup_thread = crate::rt::spawn("bench-backup", async move {
             if let Err(e) = backup::serve(bcfg, brx, Some(ready_tx)).await {
@@ -263,6 +267,7 @@ impl RunningVm {
         Ok(RunningVm {
             vm,
             stats: Some(stats),
+            exports: Some(exports),
             stop: Some(stop_tx),
             threads: vec![primary_thread, backup_thread],
         })

@@ -3,6 +3,7 @@
 //! docs/BENCHMARKS.md.
 
 mod clones;
+mod export;
 mod harness;
 mod lb;
 mod replication;
@@ -21,6 +22,8 @@ pub enum BenchCmd {
     Clones(clones::ClonesArgs),
     /// One address (`vmatrix lb`): read throughput through the VIP vs replicas behind it.
     Lb(lb::LbArgs),
+    /// Clone bases beside a protected VM: a backup's export vs a primary's snapshot vs none.
+    Export(export::ExportArgs),
 }
 
 /// Flags shared by the benchmarks.
@@ -53,6 +56,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         }
         BenchCmd::Clones(a) => clones::run(a)?,
         BenchCmd::Lb(a) => lb::run(a)?,
+        BenchCmd::Export(a) => export::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

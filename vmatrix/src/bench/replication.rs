@@ -174,7 +174,7 @@ fn reset_pauses(s: &primary::Stats) {
     }
 }
 
-fn wait_protected(s: &primary::Stats) -> anyhow::Result<()> {
+pub(super) fn wait_protected(s: &primary::Stats) -> anyhow::Result<()> {
     let t = Instant::now();
     while !s.protected.load(Ordering::Relaxed) {
         anyhow::ensure!(

@@ -475,6 +475,39 @@ mod tests {
         assert_eq!(promote.join().unwrap().0, 200);
     }
 
+    /// A backup's export (`serve_with(.., true)`) never holds a `fence` or `promote` back: a
+    /// failover does not wait for a clone base.
+    #[test]
+    fn a_backups_long_snapshot_does_not_hold_a_promotion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, released) = (
+            std::sync::Mutex::new(entered_tx),
+            std::sync::Mutex::new(released),
+        );
+        let handler = move |r: Request| match r {
+            Request::Snapshot { .. } => {
+                entered_tx.lock().unwrap().send(()).unwrap();
+                released.lock().unwrap().recv().unwrap();
+                Ok(serde_json::json!({ "id": 1 }))
+            }
+            r => Ok(serde_json::json!({ "got": r.name() })),
+        };
+        let _s = serve_with(&path, handler, true).unwrap();
+        let p = path.clone();
+        let snap =
+            std::thread::spawn(move || put(&p, "/snapshot", r#"{"kind":"full","dir":"/tmp/x"}"#));
+        entered.recv().unwrap();
+        for (what, body) in [("/fence", r#"{"term":2}"#), ("/promote", r#"{"term":2}"#)] {
+            let (code, got) = put(&path, what, body);
+            assert_eq!(code, 200, "{what} answered while an export runs: {got}");
+        }
+        release.send(()).unwrap();
+        assert_eq!(snap.join().unwrap().0, 200);
+    }
+
     #[test]
     fn a_silent_client_does_not_delay_others() {
         let (_d, path, _s) = echo_server();

@@ -1,5 +1,5 @@
-//! The agent's clone I/O (see `clones.rs`): one clone process, making a clone base from the
-//! local primary's snapshot, the clones' taps, and the note before a clone stops (draining is
+//! The agent's clone I/O (see `clones.rs`): one clone process, making a clone base from a
+//! snapshot of the local primary or backup, the clones' taps, and the note before a clone stops (draining is
 //! the manager's and the load balancer's driver's: see [`note_stop`]).
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use super::clones::Base;
 use crate::control::client::Client;
 use crate::control::types::{Request, SnapshotKind};
 
-/// How long a primary's snapshot for a base may take.
+/// How long a snapshot (or a backup's export) for a base may take.
 const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One clone process (`vmatrix clone-vm`).
@@ -109,8 +109,9 @@ pub(super) fn note_stop(name: &str, c: &CloneProc) {
     );
 }
 
-/// Makes a base of `vm` in `dir`: the primary's snapshot (one capture pause; the service and
-/// its protection go on), frozen as a clone base (a full snapshot is used in place), and a
+/// Makes a base of `vm` in `dir`: a snapshot from `control`, the VM's primary (one capture
+/// pause; the service and its protection go on) or its backup (exported between two
+/// checkpoints: no pause), frozen as a clone base (a full snapshot is used in place), and a
 /// `term` file written last (a base without it is half made and removed at the next start).
 pub(super) fn make_base(vm: &str, control: &Path, term: u64, dir: PathBuf) -> anyhow::Result<Base> {
     let t0 = Instant::now();
@@ -121,7 +122,7 @@ pub(super) fn make_base(vm: &str, control: &Path, term: u64, dir: PathBuf) -> an
             kind: SnapshotKind::Full,
             dir: snap.clone(),
         });
-        let a = a.with_context(|| format!("snapshot of the primary of {vm}"))?;
+        let a = a.with_context(|| format!("snapshot of {vm} from {}", control.display()))?;
         crate::clone::base::prepare(&snap, &dir.join("base"))
             .with_context(|| format!("freezing the snapshot of {vm}"))?;
         std::fs::write(dir.join("term"), format!("{term}\n"))?;

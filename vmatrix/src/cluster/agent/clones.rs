@@ -45,6 +45,9 @@ const SPAWNERS: usize = 4;
 const STANDBY_PATIENCE: Duration = Duration::from_secs(2);
 /// After a standby of a VM failed, how long none is started for it.
 const STANDBY_BACKOFF: Duration = Duration::from_secs(10);
+/// After a base of a VM could not be made (its primary stalled, its backup re-syncing), how
+/// long before the next attempt.
+const BASE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Whether a standby took a clone over.
 enum Taken {
@@ -102,10 +105,13 @@ pub struct Clones {
     standby_seq: u64,
     /// When a standby of a VM last failed (none is started for [`STANDBY_BACKOFF`] after).
     standby_failed: BTreeMap<String, Instant>,
+    /// When making a base of a VM last failed (none is tried for [`BASE_BACKOFF`] after).
+    base_failed: BTreeMap<String, Instant>,
 }
 
-/// A live primary on this host: its control socket and term.
-pub struct LocalPrimary {
+/// A live primary or backup on this host a clone base is made from (`PUT /snapshot`): its
+/// control socket and term.
+pub struct LocalSource {
     /// Control socket.
     pub control: PathBuf,
     /// Its term.
@@ -128,6 +134,7 @@ impl Clones {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
             standby_failed: BTreeMap::new(),
+            base_failed: BTreeMap::new(),
         };
         if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
@@ -247,11 +254,11 @@ impl Clones {
         })
     }
 
-    /// One round: bases, starts, stops; `primaries` are the live primaries of this host.
-    pub fn round(&mut self, want: &Assignments, primaries: &BTreeMap<String, LocalPrimary>) {
+    /// One round: bases, starts, stops; `sources` are what this host can make bases from.
+    pub fn round(&mut self, want: &Assignments, sources: &BTreeMap<String, LocalSource>) {
         self.collect_bases();
         for vm in &want.bases {
-            if let Some(p) = primaries.get(vm) {
+            if let Some(p) = sources.get(vm) {
                 self.keep_base_warm(vm, p);
             }
         }
@@ -304,15 +311,19 @@ impl Clones {
                     );
                     self.bases.entry(vm).or_default().push(b);
                 }
-                Ok(Err(e)) => tracing::warn!("{vm}: making a clone base: {e:#}"),
+                Ok(Err(e)) => {
+                    tracing::warn!("{vm}: making a clone base: {e:#} (again in {BASE_BACKOFF:?})");
+                    self.base_failed.insert(vm, Instant::now());
+                }
                 Err(_) => tracing::warn!("{vm}: the clone base's thread panicked"),
             }
         }
     }
 
-    /// Starts making a base of `vm` if it has none of the primary's term, or only an old one.
-    fn keep_base_warm(&mut self, vm: &str, p: &LocalPrimary) {
-        if self.making.contains_key(vm) {
+    /// Starts making a base of `vm` if it has none of the source's term, or only an old one.
+    fn keep_base_warm(&mut self, vm: &str, p: &LocalSource) {
+        let failed = self.base_failed.get(vm);
+        if self.making.contains_key(vm) || failed.is_some_and(|t| t.elapsed() < BASE_BACKOFF) {
             return;
         }
         let fresh = self

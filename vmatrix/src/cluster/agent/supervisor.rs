@@ -13,8 +13,9 @@ use std::time::Duration;
 use failover::agent::{reconcile, Action, Applied};
 use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmObservation, VmSpec};
 
-use super::clones::{CloneConfig, Clones, LocalPrimary};
+use super::clones::{CloneConfig, Clones, LocalSource};
 use super::procs::Proc;
+use crate::control::types::Status;
 
 /// What a supervisor needs to start VM processes.
 #[derive(Debug, Clone)]
@@ -216,8 +217,8 @@ impl Supervisor {
             }
         }
         if let Some(want) = &want {
-            let primaries = self.local_primaries();
-            self.clones.round(want, &primaries);
+            let sources = self.base_sources();
+            self.clones.round(want, &sources);
         }
         let vms = self.observe_all();
         let (clones, bases) = self.clones.observe();
@@ -226,20 +227,31 @@ impl Supervisor {
         sh.ready = true;
     }
 
-    /// The primaries running here (a clone base is made from one's snapshot).
-    fn local_primaries(&self) -> BTreeMap<String, LocalPrimary> {
-        self.procs
-            .iter()
-            .filter(|((_, role), p)| *role == ProcRole::Primary && !p.handed_over)
-            .filter(|(_, p)| p.exit.is_none() && p.status.is_some())
-            .map(|((vm, _), p)| {
-                let lp = LocalPrimary {
+    /// What a clone base can be made from here, by VM: its live primary (a snapshot: one
+    /// capture pause) or, else, its backup holding a committed image of the current term (an
+    /// export: no pause, `backup::export`).
+    fn base_sources(&self) -> BTreeMap<String, LocalSource> {
+        let mut out = BTreeMap::new();
+        for ((vm, role), p) in &self.procs {
+            if p.exit.is_some() || p.handed_over {
+                continue;
+            }
+            let ok = match (role, &p.status) {
+                (ProcRole::Primary, Some(_)) => true,
+                (ProcRole::Backup, Some(Status::Backup(b))) => {
+                    b.seq.is_some() && b.term == p.term && !b.syncing
+                }
+                _ => false,
+            };
+            if ok && (*role == ProcRole::Primary || !out.contains_key(vm)) {
+                let src = LocalSource {
                     control: p.control.clone(),
                     term: p.term,
                 };
-                (vm.clone(), lp)
-            })
-            .collect()
+                out.insert(vm.clone(), src);
+            }
+        }
+        out
     }
 
     /// Dead processes are reported until the manager no longer assigns their VM here (a dead
