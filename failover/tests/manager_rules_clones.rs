@@ -50,10 +50,12 @@ fn base(term: u64) -> BaseObservation {
 }
 
 /// A protected VM (primary on a, backups on b and c) whose backups' hosts have no room for a
-/// clone (their capacity is their backup's memory): every clone goes to a (or d, if it holds a
-/// base).
+/// clone (their capacity is their backup's memory) and whose primary's host holds a base (made
+/// before): every clone goes to a (or d, if it holds a base).
 fn protected_room_on_a() -> T {
     let mut t = T::protected_vm();
+    let p = primary(1, &["b", "c"], true);
+    t.report_all("a", with_clones(vec![p], &[], Some(1)));
     for (h, seq) in [("b", 10), ("c", 12)] {
         let hello = Input::Hello {
             host: h.into(),
@@ -133,21 +135,23 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
         Err(ApiError::NotFound(_))
     ));
     scale(&mut t, 2).unwrap();
-    // The primary's host and the backups' (synced at the term: they export their image) can
-    // make a base; the clones go where there is the most room, each with its own address.
+    // The backups' hosts (synced at the term) make the bases, each by exporting its image;
+    // the primary's host does not (a snapshot would pause the guest). The clones go where
+    // there is the most room, each with its own address.
     let a = t.last_assign("a").unwrap().clone();
-    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
-    assert_eq!(clones_on(&t, "b"), ["web-c1"]);
-    for h in ["a", "b", "c"] {
+    assert_eq!(clones_on(&t, "b"), ["web-c0"]);
+    assert_eq!(clones_on(&t, "c"), ["web-c1"]);
+    for h in ["b", "c"] {
         assert_eq!(t.last_assign(h).unwrap().bases, ["web"], "{h} makes a base");
     }
+    assert!(a.bases.is_empty(), "no base made from the primary");
     assert!(t.last_assign("d").is_none_or(|d| d.bases.is_empty()));
-    let b = t.last_assign("b").unwrap().clone();
+    let c = t.last_assign("c").unwrap().clone();
     assert_eq!(
-        b.clones[0].guest_config, "ip=10.77.1.11/24",
+        c.clones[0].guest_config, "ip=10.77.1.11/24",
         "the parent's config with its own ip"
     );
-    assert!(clones_on(&t, "c").is_empty() && clones_on(&t, "d").is_empty());
+    assert!(clones_on(&t, "a").is_empty() && clones_on(&t, "d").is_empty());
     assert_eq!(t.events(EventKind::Scaled), 1);
     // Clones never get a role: the VM's own assignments are unchanged.
     assert_eq!(a.vms.len(), 1);
@@ -156,11 +160,11 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
     assert_eq!(v.clones.instances.len(), 2);
     assert_eq!(v.clones.instances[0].state, "starting");
     // Reported running: clone_started once each.
-    let p = primary(1, &["b", "c"], true);
     for _ in 0..2 {
-        t.report_all("a", with_clones(vec![p.clone()], &["web-c0"], Some(1)));
         let bk = backup(1, 10, 5);
-        t.report_all("b", with_clones(vec![bk], &["web-c1"], Some(1)));
+        t.report_all("b", with_clones(vec![bk], &["web-c0"], Some(1)));
+        let bk = backup(1, 12, 5);
+        t.report_all("c", with_clones(vec![bk], &["web-c1"], Some(1)));
     }
     assert_eq!(t.events(EventKind::CloneStarted), 2);
     let v = t.m.vm(t.now, "web").unwrap();
@@ -178,8 +182,8 @@ fn scaling_places_clones_where_a_base_can_be_made_and_says_so() {
 fn clones_go_to_hosts_with_room_and_a_base_and_wait_otherwise() {
     let mut t = T::protected_vm();
     // d offers 200 MiB and holds a base: it is filled first (25 clones of 8 MiB), the rest are
-    // spread by room over a, b and c (1024 MiB, 64 of it their VM's primary or backup), which
-    // can make a base (a snapshot of the primary, an export of a synced backup's image).
+    // spread by room over b and c (1024 MiB, 64 of it their backup), which make a base by
+    // exporting their image; a (the primary's host) makes none while they can.
     t.m.handle(
         t.now,
         failover::manager::Input::Hello {
@@ -191,9 +195,10 @@ fn clones_go_to_hosts_with_room_and_a_base_and_wait_otherwise() {
     t.report_all("d", with_clones(vec![], &[], Some(1)));
     scale(&mut t, 64).unwrap();
     let on = |h| clones_on(&t, h).len();
-    assert_eq!((on("a"), on("b"), on("c"), on("d")), (13, 13, 13, 25));
+    assert_eq!((on("a"), on("b"), on("c"), on("d")), (0, 20, 19, 25));
     // Once b's backup is no longer synced at the term (a failover to c; b not yet re-synced),
-    // b can make no base of the term: a new clone goes elsewhere.
+    // b can make no base of the term, and the VM has no synced backup: its new primary's host
+    // makes one (a snapshot), and new clones go there.
     scale(&mut t, 0).unwrap();
     t.m.failover(t.now, "web", Some("c")).unwrap();
     t.drain();
@@ -274,19 +279,23 @@ fn clones_of_a_lost_host_are_placed_again() {
     // d holds a base and has the most room: the clone goes there.
     scale(&mut t, 1).unwrap();
     assert_eq!(clones_on(&t, "d"), ["web-c0"]);
-    // d goes silent: within backup_lost nothing moves, after it the clone is on a.
-    for _ in 0..140 {
+    // d goes silent: within backup_lost nothing moves, after it the clone is on b (a backup's
+    // host, which exports a base; the first of b and c, which have as much room).
+    let beat = |t: &mut T| {
         t.advance(MS * 10);
         t.report("a", vec![primary(1, &["b", "c"], true)]);
         t.report("b", vec![backup(1, 10, 5)]);
         t.report("c", vec![backup(1, 12, 5)]);
+    };
+    for _ in 0..140 {
+        beat(&mut t);
     }
-    assert_eq!(clones_on(&t, "a"), Vec::<String>::new());
+    assert_eq!(clones_on(&t, "b"), Vec::<String>::new());
     for _ in 0..20 {
-        t.advance(MS * 10);
-        t.report("a", vec![primary(1, &["b", "c"], true)]);
+        beat(&mut t);
     }
-    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+    assert_eq!(clones_on(&t, "b"), ["web-c0"]);
+    assert!(clones_on(&t, "a").is_empty(), "not on the primary's host");
     let stopped = detail_of(&t, EventKind::CloneStopped);
     assert!(stopped[0].contains("host went silent"), "{stopped:?}");
     // The VM itself was never touched.
@@ -297,24 +306,26 @@ fn clones_of_a_lost_host_are_placed_again() {
 fn a_clone_that_died_where_no_base_is_left_is_placed_again() {
     let mut t = T::protected_vm();
     scale(&mut t, 1).unwrap();
-    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
-    // The parent moves to b; a keeps no base and its clone dies: it cannot restart it there.
-    t.m.failover(t.now, "web", Some("b")).unwrap();
+    assert_eq!(clones_on(&t, "b"), ["web-c0"]);
+    // The parent moves to c; b's backup is of the old term, b keeps no base and its clone
+    // dies: it cannot restart it there. With no backup synced at term 2, the new primary's
+    // host makes a base (a snapshot): the clone goes there.
+    t.m.failover(t.now, "web", Some("c")).unwrap();
     t.drain();
-    t.report("b", vec![primary(2, &["c"], false)]);
+    t.report("c", vec![primary(2, &["b"], false)]);
     let mut dead = running("web-c0");
     dead.alive = false;
     dead.exit = Some("killed by signal 9".into());
     t.report_all(
-        "a",
+        "b",
         Report {
-            vms: vec![],
+            vms: vec![backup(1, 10, 5)],
             clones: vec![dead],
             bases: vec![],
         },
     );
-    assert_eq!(clones_on(&t, "b"), ["web-c0"]);
-    assert!(clones_on(&t, "a").is_empty());
+    assert_eq!(clones_on(&t, "c"), ["web-c0"]);
+    assert!(clones_on(&t, "b").is_empty());
 }
 
 #[test]
@@ -339,8 +350,10 @@ fn the_autoscaler_sets_the_count_and_says_why() {
     t.m.autoscale(t.now, "web", Some(spec), Some("10.77.1.10/24".into()))
         .unwrap();
     t.drain();
-    // A base is kept warm for it although no clone runs yet.
-    assert_eq!(t.last_assign("a").unwrap().bases, ["web"]);
+    // A base is kept warm for it although no clone runs yet (by the backups' hosts).
+    for h in ["b", "c"] {
+        assert_eq!(t.last_assign(h).unwrap().bases, ["web"], "{h}");
+    }
     assert!(matches!(
         t.m.load_sample(t.now, "web", f64::NAN),
         Err(ApiError::Invalid(_))

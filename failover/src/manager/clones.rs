@@ -478,12 +478,26 @@ impl Manager {
             .find(|o| o.name == cname)
     }
 
-    /// Whether `host` holds a base of the VM or runs its primary or a backup synced at its
-    /// term (each makes one: a snapshot, an export).
+    /// Whether `host` holds a base of the VM or can make one ([`Self::makes_base`]).
     fn can_hold_base(&self, host: &str, rec: &VmRecord) -> bool {
-        self.holds_base(host, &rec.spec.name)
-            || self.runs_primary(host, rec)
-            || self.runs_synced_backup(host, rec)
+        self.holds_base(host, &rec.spec.name) || self.makes_base(host, rec)
+    }
+
+    /// Whether `host` is where a base of the VM is made: the hosts of its backups synced at
+    /// its term (each exports its committed checkpoint: no pause of the guest, ~1 ms of its
+    /// apply loop), or, only while it has none, its primary's host (a snapshot: a pause of
+    /// the guest of tens of ms per 100 MiB, measured — so never while a backup can export).
+    fn makes_base(&self, host: &str, rec: &VmRecord) -> bool {
+        match self.has_synced_backup(rec) {
+            true => self.runs_synced_backup(host, rec),
+            false => self.runs_primary(host, rec),
+        }
+    }
+
+    fn has_synced_backup(&self, rec: &VmRecord) -> bool {
+        rec.backups
+            .iter()
+            .any(|b| self.runs_synced_backup(&b.host, rec))
     }
 
     /// Whether `host` runs a backup of the VM synced at its current term while its primary
@@ -545,16 +559,13 @@ impl Manager {
     pub(crate) fn clone_assignments(&self, all: &mut BTreeMap<HostId, Assignments>) {
         for (name, rec) in &self.state.vms {
             if rec.clones.wants_base() {
-                if let Some(p) = rec.primary.as_ref().filter(|p| self.runs_primary(p, rec)) {
-                    all.entry(p.clone()).or_default().bases.push(name.clone());
-                }
-                for b in &rec.backups {
-                    if self.runs_synced_backup(&b.host, rec) {
-                        all.entry(b.host.clone())
-                            .or_default()
-                            .bases
-                            .push(name.clone());
-                    }
+                let hosts = rec
+                    .backups
+                    .iter()
+                    .map(|b| &b.host)
+                    .chain(rec.primary.as_ref());
+                for h in hosts.filter(|h| self.makes_base(h, rec)) {
+                    all.entry(h.clone()).or_default().bases.push(name.clone());
                 }
             }
             let Some(first) = rec.clones.first_ip.as_deref() else {
