@@ -199,6 +199,7 @@ impl Server {
             }
         };
         let m = self.net.reread_mac();
+        let peers = self.peers(&cfg);
         self.iface = make_iface(&mut self.net, &cfg, generation);
         self.drop_connections(cfg.port);
         self.port = cfg.port;
@@ -210,6 +211,33 @@ impl Server {
             generation, m[0], m[1], m[2], m[3], m[4], m[5], cfg.ip, cfg.prefix, cfg.port
         );
         self.announce(cfg.ip);
+        // The new interface knows no neighbour: ask at once for those the parent talked to (a
+        // load balancer's address, the gateway), so a first answer does not wait for an ARP
+        // round trip (~2.6 ms measured) after the first request.
+        for p in peers {
+            self.arp_request(cfg.ip, p);
+        }
+        self.net.flush();
+    }
+
+    /// The on-link addresses the parent's connections came from, and the gateway: at most 8.
+    fn peers(&self, cfg: &crate::config::Config) -> Vec<core::net::Ipv4Addr> {
+        let net = IpCidr::new(cfg.ip.into(), cfg.prefix);
+        let mut out: Vec<core::net::Ipv4Addr> = cfg.gw.into_iter().collect();
+        for c in &self.conns {
+            let s = self.sockets.get::<tcp::Socket>(c.handle);
+            if let Some(smoltcp::wire::IpEndpoint {
+                addr: smoltcp::wire::IpAddress::Ipv4(a),
+                ..
+            }) = s.remote_endpoint()
+            {
+                if net.contains_addr(&a.into()) && a != cfg.ip && !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        out.truncate(8);
+        out
     }
 
     /// Drops every connection (and half-done request) silently. A socket still listening on
@@ -233,6 +261,12 @@ impl Server {
     /// Broadcasts a gratuitous ARP so neighbours (and a switch after a failover or restore)
     /// learn where this address lives now.
     pub fn announce(&mut self, ip: core::net::Ipv4Addr) {
+        self.arp_request(ip, ip);
+        self.net.flush();
+    }
+
+    /// Queues a broadcast ARP request for `target` from `ip` (a gratuitous one if the same).
+    fn arp_request(&mut self, ip: core::net::Ipv4Addr, target: core::net::Ipv4Addr) {
         use smoltcp::phy::{Device, TxToken};
         let mac = self.net.mac;
         if let Some(tx) = self.net.transmit(now()) {
@@ -245,10 +279,9 @@ impl Server {
                 f[22..28].copy_from_slice(&mac);
                 f[28..32].copy_from_slice(&ip.octets());
                 f[32..38].fill(0);
-                f[38..42].copy_from_slice(&ip.octets());
+                f[38..42].copy_from_slice(&target.octets());
             });
         }
-        self.net.flush();
     }
 
     /// Serves forever.

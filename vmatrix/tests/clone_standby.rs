@@ -115,6 +115,25 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // With its new address it asks at once for its parent's neighbours (here the gateway,
+    // 10.77.<n>.1 on this side): the host learns the clone from that request before any
+    // client talks to it (a gratuitous ARP alone creates no entry), so its first answer need
+    // not wait for an ARP round trip.
+    let asked = Instant::now();
+    loop {
+        let n = Command::new("ip")
+            .args(["neigh", "show", &ip])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&n.stdout).contains("lladdr") {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "the clone never asked for its gateway"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let mut kv = connect_retry(
         format!("{ip}:7000").parse().unwrap(),
         Duration::from_secs(10),
