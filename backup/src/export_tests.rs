@@ -162,29 +162,26 @@ fn exported_while_applying(seed: u64) {
     let dst = d.path().join("export");
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
-    // Checkpoints go on while the pass copies (with a few more after it finished).
-    let mut after = 0;
-    while after < 3 {
+    // Checkpoints go on while the pass and the rounds copy; whenever the thread is done, the
+    // loop tries the final step with the replica idle (as the network loop does between two
+    // checkpoints): it runs more rounds while too much was recorded, then ends at `seq`.
+    let mut frozen = None;
+    for _ in 0..20_000 {
         seq += 1;
         let big = rng.below(8) == 0;
         let n = 1 + rng.below(if big { 3000 } else { 60 }) as usize;
-        apply(
-            &mut r,
-            &mut m,
-            &random_cp(&mut rng, seq, Kind::Incremental, n),
-            false,
-        );
+        let cp = random_cp(&mut rng, seq, Kind::Incremental, n);
+        apply(&mut r, &mut m, &cp, false);
         if x.wants_final() {
-            after += 1;
+            x.poll(Some(&r));
+            if !x.running() {
+                frozen = Some((seq, m.mem.clone(), m.disk.clone()));
+                break;
+            }
         }
     }
-    // The replica is idle: the final step, at checkpoint `seq`.
-    x.poll(Some(&r));
-    let at = seq;
-    let frozen = Model {
-        mem: m.mem.clone(),
-        disk: m.disk.clone(),
-    };
+    let (at, mem, disk) = frozen.expect("the export ended");
+    let frozen = Model { mem, disk };
     // The image goes on; the export does not.
     for _ in 0..5 {
         seq += 1;
@@ -197,7 +194,10 @@ fn exported_while_applying(seed: u64) {
     }
     let e = asked.join().unwrap().expect("exported");
     check_snapshot(&dst, &frozen, at, &e);
-    assert!(!x.running());
+    eprintln!(
+        "  checkpoint {at}: {} rounds, final step {} pages/blocks in {} µs",
+        e.rounds, e.final_pages, e.held_us
+    );
 }
 
 #[test]
@@ -234,6 +234,13 @@ fn an_export_between_sessions_needs_no_checkpoint() {
 fn failed(asked: JoinHandle<Result<Exported, BackupError>>, want: &str, dst: &Path) {
     let e = asked.join().unwrap().expect_err("the export must fail");
     assert!(e.to_string().contains(want), "{e}");
+    // (Removed on a thread of its own.)
+    for _ in 0..2000 {
+        if !dst.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(!dst.exists(), "a failed export leaves nothing behind");
 }
 
@@ -316,6 +323,98 @@ fn refusals_touch_nothing() {
     }
     x.poll(Some(&r));
     asked.join().unwrap().expect("the first export goes on");
+}
+
+#[test]
+fn a_requester_that_gives_up_cancels_its_export() {
+    let mut rng = Rng(19);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (r, _, exports, _) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    // Nobody polls in time: the request times out, and the next poll cancels it.
+    let e = exports
+        .export(dst.clone(), Duration::from_millis(20))
+        .expect_err("timed out");
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    x.poll(Some(&r));
+    assert!(!x.running(), "an abandoned request is not started");
+    // One abandoned while it runs is cancelled and its directory removed.
+    let (e2, d2) = (exports.clone(), dst.clone());
+    let asked = std::thread::spawn(move || e2.export(d2, Duration::from_millis(300)));
+    until_running(&mut x, &r);
+    let _ = asked.join().unwrap();
+    for _ in 0..2000 {
+        x.poll(Some(&r));
+        if !x.running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!x.running());
+    for _ in 0..2000 {
+        if !dst.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!dst.exists(), "a cancelled export leaves nothing");
+}
+
+#[test]
+fn a_big_checkpoint_before_the_final_step_is_copied_by_a_round_first() {
+    let mut rng = Rng(23);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (mut r, mut m, exports, mut seq) = synced(&dir, &mut rng);
+    let mut x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    let asked = request(&exports, &dst);
+    until_running(&mut x, &r);
+    while !x.wants_final() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // ~3,100 pages land after the pass: the step runs another round instead of copying them
+    // while the apply loop waits.
+    seq += 1;
+    apply(
+        &mut r,
+        &mut m,
+        &random_cp(&mut rng, seq, Kind::Incremental, 6000),
+        false,
+    );
+    x.poll(Some(&r));
+    assert!(
+        x.running(),
+        "not finished with more than FINAL_PAGES recorded"
+    );
+    poll_until_answered(&mut x, &r, &asked);
+    let e = asked.join().unwrap().expect("exported");
+    assert!(e.rounds >= 1, "{e:?}");
+    assert!(
+        e.final_pages as usize <= crate::export::FINAL_PAGES,
+        "{e:?}"
+    );
+    check_snapshot(&dst, &m, seq, &e);
+}
+
+#[test]
+fn an_abandoned_generation_takes_nothing_of_the_next() {
+    let t = crate::export::Tracker::default();
+    let old = t.start();
+    let new = t.start();
+    t.record(&[1, 2], &[(0, 10)]);
+    assert!(t.take(old).is_err(), "a stale thread gets nothing");
+    assert_eq!(t.pending(old), 0);
+    assert_eq!(t.pending(new), 3);
+    t.stop(old);
+    assert!(t.active(), "stopping a stale generation stops nothing");
+    assert_eq!(t.take(new).unwrap(), (vec![1, 2], vec![0]));
+    t.stop(new);
+    assert!(!t.active());
 }
 
 fn poll_until_answered<T>(x: &mut Exporter, r: &Replica, h: &JoinHandle<T>) {

@@ -76,6 +76,9 @@ pub enum BackupError {
     /// A checkpoint that cannot be applied.
     #[error("cannot apply checkpoint: {0}")]
     Apply(String),
+    /// An export of the committed image that failed or was cancelled (`export`).
+    #[error("export: {0}")]
+    Export(String),
     /// Protocol failure.
     #[error("protocol: {0}")]
     Protocol(#[from] protocol::ProtocolError),

@@ -165,7 +165,12 @@ pub async fn serve_fenced(
         if *stop.borrow() {
             break;
         }
+        // The replica is idle between sessions: whatever an export waits for (a wake-up taken
+        // by a session that then ended included) is taken now.
+        exporter.poll(slot.as_ref());
     }
+    // Stopping or promoting: an export is cancelled before the image is finalized.
+    drop(exporter);
     server.close();
     let Some(replica) = slot else {
         return Err(BackupError::Apply(

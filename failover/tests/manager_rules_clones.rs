@@ -273,6 +273,29 @@ fn scaling_down_stops_the_highest_slots_and_a_failover_leaves_clones_running() {
 }
 
 #[test]
+fn a_backup_that_restarted_empty_makes_no_base_and_gets_no_clone() {
+    let mut t = T::protected_vm();
+    // b's backup restarted from nothing (its host rebooted): alive, no committed image. It
+    // stays "synced at term 1" in the record until a promotion, but it can export nothing.
+    let mut empty = backup(1, 0, 5);
+    empty.seq = None;
+    empty.image_term = 0;
+    t.report("b", vec![empty]);
+    scale(&mut t, 6).unwrap();
+    assert!(
+        clones_on(&t, "b").is_empty(),
+        "no clone where no base can be made"
+    );
+    assert!(t.last_assign("b").is_none_or(|a| a.bases.is_empty()));
+    assert_eq!(
+        clones_on(&t, "c").len(),
+        6,
+        "c's backup exports: all go there"
+    );
+    assert_eq!(t.last_assign("c").unwrap().bases, ["web"]);
+}
+
+#[test]
 fn clones_of_a_lost_host_are_placed_again() {
     let mut t = T::protected_vm();
     t.report_all("d", with_clones(vec![], &[], Some(1)));

@@ -30,7 +30,7 @@ use crate::clones::{
     CLONE_SHARE_MIB, MAX_CLONES,
 };
 use crate::event::EventKind;
-use crate::model::{Assignments, HostId, Phase, VmRecord};
+use crate::model::{Assignments, HostId, Phase, ProcRole, VmRecord};
 use crate::scaler::Scaler;
 
 /// Body of `PUT /v1/vms/{name}/clones`.
@@ -501,9 +501,22 @@ impl Manager {
     }
 
     /// Whether `host` runs a backup of the VM synced at its current term while its primary
-    /// runs: its image holds a committed checkpoint of this term, which it can export.
+    /// runs, and its host's last report shows it alive with a committed image of this term:
+    /// it can export it. (`synced_term` alone stays set until a promotion, also while the
+    /// backup restarts empty or re-syncs: its agent could make no base, and a clone placed
+    /// there would wait.)
     fn runs_synced_backup(&self, host: &str, rec: &VmRecord) -> bool {
-        rec.started
+        let reported = self.hosts.get(host).is_some_and(|h| {
+            h.report.vms.iter().any(|o| {
+                o.vm == rec.spec.name
+                    && o.role == ProcRole::Backup
+                    && o.alive
+                    && o.image_term == rec.term
+                    && o.seq.is_some()
+            })
+        });
+        reported
+            && rec.started
             && rec.phase == Phase::Running
             && rec
                 .backups

@@ -73,7 +73,13 @@ impl Sim {
         let h = &self.hosts[i];
         let primary = h.primary.as_ref();
         let primary = primary.filter(|p| p.alive && p.stalled_since.is_none());
+        // (As the agent: a live backup whose image is of the term it was told.)
+        let told = h.want.vms.get(VM).and_then(|a| match a.role {
+            failover::model::Role::Backup { min_term } => Some(min_term),
+            _ => None,
+        });
         let backup = h.backup.as_ref().filter(|b| b.alive).and(h.image);
+        let backup = backup.filter(|im| Some(im.term) == told);
         primary.map(|p| p.term).or(backup.map(|im| im.term))
     }
 

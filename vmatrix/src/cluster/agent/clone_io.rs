@@ -12,8 +12,9 @@ use super::clones::Base;
 use crate::control::client::Client;
 use crate::control::types::{Request, SnapshotKind};
 
-/// How long a snapshot (or a backup's export) for a base may take.
-const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a snapshot (or a backup's export) for a base may take: longer than a backup waits
+/// for its export (60 s, then cancelled), so the answer is the backup's.
+const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// One clone process (`vmatrix clone-vm`).
 pub(super) struct CloneProc {

@@ -407,9 +407,15 @@ impl Clones {
                     self.blocked.remove(&a.name);
                     todo.push((a, b.base_dir(), b.term));
                 }
-                None if want.bases.contains(&a.vm) => {} // (being made)
+                // (Being made.)
+                None if self.making.contains_key(&a.vm) => {}
+                // Nothing to make one from here (the backup re-syncing, the primary gone) or
+                // the last try failed: reported, so the manager places the clone elsewhere.
                 None => {
-                    let why = format!("no clone base of {} on this host", a.vm);
+                    let why = format!(
+                        "no clone base of {} on this host, and none can be made now",
+                        a.vm
+                    );
                     self.blocked.insert(a.name.clone(), (a.vm.clone(), why));
                 }
             }

@@ -228,8 +228,8 @@ impl Supervisor {
     }
 
     /// What a clone base can be made from here, by VM: its live primary (a snapshot: one
-    /// capture pause) or, else, its backup holding a committed image of the current term (an
-    /// export: no pause, `backup::export`).
+    /// capture pause) or, else, its backup holding a committed image of the term it was told
+    /// (an export: no pause, `backup::export`).
     fn base_sources(&self) -> BTreeMap<String, LocalSource> {
         let mut out = BTreeMap::new();
         for ((vm, role), p) in &self.procs {
@@ -238,9 +238,8 @@ impl Supervisor {
             }
             let ok = match (role, &p.status) {
                 (ProcRole::Primary, Some(_)) => true,
-                (ProcRole::Backup, Some(Status::Backup(b))) => {
-                    b.seq.is_some() && b.term == p.term && !b.syncing
-                }
+                // (A full sync in progress keeps the committed image exportable.)
+                (ProcRole::Backup, Some(Status::Backup(b))) => b.seq.is_some() && b.term == p.term,
                 _ => false,
             };
             if ok && (*role == ProcRole::Primary || !out.contains_key(vm)) {
