@@ -16,7 +16,7 @@ use crate::export::{Exported, Exporter, Exports};
 use crate::image::Origin;
 use crate::lock::ImageLock;
 use crate::replica::Replica;
-use crate::tests::state;
+use crate::tests::{state, Model};
 use crate::BackupError;
 
 /// 16 MiB of guest RAM, 1 MiB of disk: big enough that the pass copies while checkpoints apply.
@@ -39,25 +39,6 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
-    }
-}
-
-/// Guest memory and disk as the stream leaves them.
-struct Model {
-    mem: Vec<u8>,
-    disk: Vec<u8>,
-}
-
-impl Model {
-    fn apply(&mut self, cp: &Checkpoint) {
-        for (gfn, p) in &cp.pages {
-            let page = protocol::page::decode(*gfn, p, None).unwrap();
-            let at = *gfn as usize * PAGE;
-            self.mem[at..at + PAGE].copy_from_slice(&page);
-        }
-        for (off, d) in &cp.disk {
-            self.disk[*off as usize..*off as usize + d.len()].copy_from_slice(d);
-        }
     }
 }
 
@@ -101,13 +82,42 @@ fn synced(dir: &Path, rng: &mut Rng) -> (Replica, Model, Exports, u64) {
     let exports = Exports::default();
     let mut r = Replica::open(ImageLock::acquire(dir).unwrap()).unwrap();
     r.set_tracker(exports.tracker());
-    let mut m = Model {
-        mem: vec![0; MEM as usize],
-        disk: vec![0; DISK as usize],
-    };
+    let mut m = Model::sized(MEM, DISK);
     let sync = random_cp(rng, 100, Kind::Sync, 3000);
     apply(&mut r, &mut m, &sync, true);
     (r, m, exports, 100)
+}
+
+/// A committed image, its exporter and where an export goes.
+struct Setup {
+    d: tempfile::TempDir,
+    rng: Rng,
+    r: Replica,
+    m: Model,
+    exports: Exports,
+    seq: u64,
+    x: Exporter,
+    dst: PathBuf,
+}
+
+fn setup(seed: u64) -> Setup {
+    let mut rng = Rng(seed);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("image");
+    std::fs::create_dir(&dir).unwrap();
+    let (r, m, exports, seq) = synced(&dir, &mut rng);
+    let x = Exporter::new(exports.clone());
+    let dst = d.path().join("export");
+    Setup {
+        d,
+        rng,
+        r,
+        m,
+        exports,
+        seq,
+        x,
+        dst,
+    }
 }
 
 /// Asks for an export into `dst` on a thread (the request blocks until answered).
@@ -153,13 +163,17 @@ fn check_snapshot(dst: &Path, m: &Model, seq: u64, e: &Exported) {
 
 fn exported_while_applying(seed: u64) {
     eprintln!("seed {seed}");
-    let mut rng = Rng(seed | 1);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (mut r, mut m, exports, mut seq) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        mut rng,
+        mut r,
+        mut m,
+        exports,
+        mut seq,
+        mut x,
+        dst,
+        ..
+    } = setup(seed | 1);
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
     // Checkpoints go on while the pass and the rounds copy; whenever the thread is done, the
@@ -213,13 +227,16 @@ fn an_export_concurrent_with_checkpoints_is_the_checkpoint_it_names() {
 
 #[test]
 fn an_export_between_sessions_needs_no_checkpoint() {
-    let mut rng = Rng(7);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (r, m, exports, seq) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        r,
+        m,
+        exports,
+        seq,
+        mut x,
+        dst,
+        ..
+    } = setup(7);
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
     while !x.wants_final() {
@@ -246,13 +263,16 @@ fn failed(asked: JoinHandle<Result<Exported, BackupError>>, want: &str, dst: &Pa
 
 #[test]
 fn a_full_sync_during_an_export_fails_it() {
-    let mut rng = Rng(11);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (mut r, mut m, exports, _) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        mut rng,
+        mut r,
+        mut m,
+        exports,
+        mut x,
+        dst,
+        ..
+    } = setup(11);
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
     // A new primary's full sync replaces the image.
@@ -271,13 +291,14 @@ fn a_full_sync_during_an_export_fails_it() {
 
 #[test]
 fn a_backup_that_stops_during_an_export_answers_and_cleans_up() {
-    let mut rng = Rng(13);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (r, _, exports, _) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        r,
+        exports,
+        mut x,
+        dst,
+        ..
+    } = setup(13);
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
     drop(x);
@@ -327,13 +348,14 @@ fn refusals_touch_nothing() {
 
 #[test]
 fn a_requester_that_gives_up_cancels_its_export() {
-    let mut rng = Rng(19);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (r, _, exports, _) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        r,
+        exports,
+        mut x,
+        dst,
+        ..
+    } = setup(19);
     // Nobody polls in time: the request times out, and the next poll cancels it.
     let e = exports
         .export(dst.clone(), Duration::from_millis(20))
@@ -365,13 +387,17 @@ fn a_requester_that_gives_up_cancels_its_export() {
 
 #[test]
 fn a_big_checkpoint_before_the_final_step_is_copied_by_a_round_first() {
-    let mut rng = Rng(23);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("image");
-    std::fs::create_dir(&dir).unwrap();
-    let (mut r, mut m, exports, mut seq) = synced(&dir, &mut rng);
-    let mut x = Exporter::new(exports.clone());
-    let dst = d.path().join("export");
+    let Setup {
+        d: _d,
+        mut rng,
+        mut r,
+        mut m,
+        exports,
+        mut seq,
+        mut x,
+        dst,
+        ..
+    } = setup(23);
     let asked = request(&exports, &dst);
     until_running(&mut x, &r);
     while !x.wants_final() {

@@ -48,20 +48,25 @@ pub(crate) fn state(disk: u64) -> Vec<u8> {
 
 /// Guest memory and disk as a checkpoint stream leaves them.
 #[derive(Clone, PartialEq, Eq, Debug)]
-struct Model {
-    mem: Vec<u8>,
-    disk: Vec<u8>,
+pub(crate) struct Model {
+    pub(crate) mem: Vec<u8>,
+    pub(crate) disk: Vec<u8>,
 }
 
 impl Model {
     fn new() -> Model {
+        Model::sized(MEM, DISK)
+    }
+
+    /// All zeros, `mem` bytes of RAM and `disk` of disk.
+    pub(crate) fn sized(mem: u64, disk: u64) -> Model {
         Model {
-            mem: vec![0; MEM as usize],
-            disk: vec![0; DISK as usize],
+            mem: vec![0; mem as usize],
+            disk: vec![0; disk as usize],
         }
     }
 
-    fn apply(&mut self, cp: &Checkpoint) {
+    pub(crate) fn apply(&mut self, cp: &Checkpoint) {
         for (gfn, p) in &cp.pages {
             let page = protocol::page::decode(*gfn, p, None).unwrap();
             let at = *gfn as usize * PAGE;

@@ -439,27 +439,50 @@ mod tests {
         assert!(body.contains("exceeds"), "{body}");
     }
 
+    /// A control socket whose handler blocks in the requests `blocks` picks (saying so on
+    /// `entered`) until `release`; others are echoed.
+    struct Blocking {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        entered: std::sync::mpsc::Receiver<()>,
+        release: std::sync::mpsc::Sender<()>,
+        _served: Served,
+    }
+
+    impl Blocking {
+        fn serve(blocks: fn(&Request) -> bool, own_snapshots: bool) -> Blocking {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ctl.sock");
+            let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let (entered_tx, released) = (
+                std::sync::Mutex::new(entered_tx),
+                std::sync::Mutex::new(released),
+            );
+            let handler = move |r: Request| {
+                if blocks(&r) {
+                    entered_tx.lock().unwrap().send(()).unwrap();
+                    released.lock().unwrap().recv().unwrap();
+                }
+                Ok(serde_json::json!({ "got": r.name() }))
+            };
+            let served = serve_with(&path, handler, own_snapshots).unwrap();
+            Blocking {
+                _dir: dir,
+                path,
+                entered,
+                release,
+                _served: served,
+            }
+        }
+    }
+
     /// The agent's status polls are its hung-process detector: they never queue behind a
     /// request that blocks (a promotion, a snapshot, a handover).
     #[test]
     fn status_is_answered_while_another_request_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ctl.sock");
-        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let (entered_tx, released) = (
-            std::sync::Mutex::new(entered_tx),
-            std::sync::Mutex::new(released),
-        );
-        let _s = serve(&path, move |r| match r {
-            Request::Promote(_) => {
-                entered_tx.lock().unwrap().send(()).unwrap();
-                released.lock().unwrap().recv().unwrap();
-                Ok(serde_json::json!({ "checkpoint": 7 }))
-            }
-            r => Ok(serde_json::json!({ "got": r.name() })),
-        })
-        .unwrap();
+        let b = Blocking::serve(|r| matches!(r, Request::Promote(_)), false);
+        let (path, entered, release) = (b.path.clone(), &b.entered, &b.release);
         let p = path.clone();
         let promote = std::thread::spawn(move || put(&p, "/promote", r#"{"term":2}"#));
         entered.recv().unwrap();
@@ -479,23 +502,8 @@ mod tests {
     /// failover does not wait for a clone base.
     #[test]
     fn a_backups_long_snapshot_does_not_hold_a_promotion() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ctl.sock");
-        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let (entered_tx, released) = (
-            std::sync::Mutex::new(entered_tx),
-            std::sync::Mutex::new(released),
-        );
-        let handler = move |r: Request| match r {
-            Request::Snapshot { .. } => {
-                entered_tx.lock().unwrap().send(()).unwrap();
-                released.lock().unwrap().recv().unwrap();
-                Ok(serde_json::json!({ "id": 1 }))
-            }
-            r => Ok(serde_json::json!({ "got": r.name() })),
-        };
-        let _s = serve_with(&path, handler, true).unwrap();
+        let b = Blocking::serve(|r| matches!(r, Request::Snapshot { .. }), true);
+        let (path, entered, release) = (b.path.clone(), &b.entered, &b.release);
         let p = path.clone();
         let snap =
             std::thread::spawn(move || put(&p, "/snapshot", r#"{"kind":"full","dir":"/tmp/x"}"#));

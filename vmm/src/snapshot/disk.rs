@@ -172,17 +172,16 @@ pub fn read_delta(path: &Path, part: &DiskPart) -> Result<Vec<(u64, Vec<u8>)>, S
 /// CRC32 of the first `len` bytes of a file.
 pub fn file_crc(path: &Path, len: u64) -> Result<u32, SnapshotError> {
     let f = File::open(path).map_err(SnapshotError::io(path))?;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < len {
-        let n = (CHUNK as u64).min(len - off) as usize;
-        f.read_exact_at(&mut buf[..n], off)
-            .map_err(SnapshotError::io(path))?;
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(h.finalize())
+    // Only the data regions are read: holes are zeros.
+    let regions = super::files::data_regions(&f, len);
+    let all = super::files::walk_sparse(
+        len,
+        &regions,
+        &mut vec![0u8; CHUNK],
+        |off, buf| f.read_exact_at(buf, off).map_err(SnapshotError::io(path)),
+        |_, _| Ok(()),
+    )?;
+    Ok(all.finalize())
 }
 
 /// Verifies a full `disk.img`.

@@ -45,6 +45,58 @@ pub fn data_regions(f: &File, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// A CRC32 hasher of `n` zero bytes, in O(log n) combines (for a sparse file's holes: a hole
+/// of a GiB costs microseconds, not a read of a GiB of zeros).
+pub fn zeros_crc(n: u64) -> crc32fast::Hasher {
+    const BLOCK: usize = 4096;
+    let mut out = crc32fast::Hasher::new();
+    let mut block = crc32fast::Hasher::new();
+    block.update(&[0u8; BLOCK]);
+    let mut k = n / BLOCK as u64;
+    while k > 0 {
+        if k & 1 == 1 {
+            out.combine(&block);
+        }
+        let b = block.clone();
+        block.combine(&b);
+        k >>= 1;
+    }
+    out.update(&[0u8; BLOCK][..(n % BLOCK as u64) as usize]);
+    out
+}
+
+/// Reads the data `regions` (sorted `(start, end)`) of the first `len` bytes of a sparse file
+/// through `read`, `buf.len()` bytes at a time, handing each piece to `on(offset, bytes)`;
+/// returns the CRC32 state of all `len` bytes, holes counted as zeros without being read.
+pub fn walk_sparse<E>(
+    len: u64,
+    regions: &[(u64, u64)],
+    buf: &mut [u8],
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    mut on: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<crc32fast::Hasher, E> {
+    let mut all = crc32fast::Hasher::new();
+    let mut at = 0u64;
+    for &(start, end) in regions {
+        let (start, end) = (start.max(at), end.min(len));
+        if start >= end {
+            continue;
+        }
+        all.combine(&zeros_crc(start - at));
+        let mut off = start;
+        while off < end {
+            let n = (buf.len() as u64).min(end - off) as usize;
+            read(off, &mut buf[..n])?;
+            all.update(&buf[..n]);
+            on(off, &buf[..n])?;
+            off += n as u64;
+        }
+        at = end;
+    }
+    all.combine(&zeros_crc(len - at.min(len)));
+    Ok(all)
+}
+
 /// Makes `dst` a copy-on-write clone of `src` (`FICLONE`). Fails with `EOPNOTSUPP`, `EXDEV` or
 /// `EINVAL` where the file system cannot (ext4, tmpfs, two file systems).
 pub fn clone_file(src: &File, dst: &File) -> std::io::Result<()> {
@@ -213,6 +265,61 @@ mod tests {
         use std::os::unix::fs::FileExt;
         w.write_all_at(&[1; 16], 0).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), [9u8; 4096]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// A sparse file's CRC and memory description read only its data regions, and equal
+        /// a read of every byte (holes as zeros): zero pages written as data, holes of any
+        /// length, a tail hole, a file without holes.
+        #[test]
+        fn sparse_crcs_equal_a_full_read(
+            writes in proptest::collection::vec((0u64..2048, 1usize..20000, 0u8..3), 0..12),
+            pages in 64u64..2048,
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("f.img");
+            let f = File::create(&p).unwrap();
+            let len = pages * 4096;
+            f.set_len(len).unwrap();
+            for (page, n, fill) in writes {
+                let off = (page % pages) * 4096 + (n as u64 % 3000);
+                let n = n.min((len - off) as usize);
+                f.write_all_at(&vec![fill; n], off).unwrap();
+            }
+            let all = std::fs::read(&p).unwrap();
+            proptest::prop_assert_eq!(
+                crate::snapshot::disk::file_crc(&p, len).unwrap(),
+                crc32fast::hash(&all)
+            );
+            let (part, crc) = crate::snapshot::memory::describe_file(&p, len).unwrap();
+            proptest::prop_assert_eq!(crc, crc32fast::hash(&all));
+            // The extents are the non-zero pages, their CRC that of their bytes.
+            let nonzero: Vec<u64> = (0..pages)
+                .filter(|i| all[(*i * 4096) as usize..][..4096].iter().any(|b| *b != 0))
+                .collect();
+            let crate::snapshot::memory::MemoryPart::Full { extents, crc } = part else {
+                panic!("a full part");
+            };
+            let listed: Vec<u64> = extents.iter().flat_map(|(f, c)| *f..*f + *c).collect();
+            proptest::prop_assert_eq!(&listed, &nonzero);
+            let mut h = crc32fast::Hasher::new();
+            for i in &nonzero {
+                h.update(&all[(*i * 4096) as usize..][..4096]);
+            }
+            proptest::prop_assert_eq!(crc, h.finalize());
+        }
+    }
+
+    #[test]
+    fn zeros_crc_is_the_crc_of_zeros() {
+        for n in [0u64, 1, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20] {
+            assert_eq!(
+                zeros_crc(n).finalize(),
+                crc32fast::hash(&vec![0u8; n as usize]),
+                "{n}"
+            );
+        }
     }
 
     #[test]

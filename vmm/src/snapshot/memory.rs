@@ -51,39 +51,29 @@ fn is_zero(p: &[u8]) -> bool {
 /// part (extents and the CRC of their data) and the CRC32 of the whole image.
 fn scan(
     mem_size: u64,
+    read: impl FnMut(u64, &mut [u8]) -> Result<(), SnapshotError>,
+    on_run: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+) -> Result<(MemoryPart, u32), SnapshotError> {
+    scan_regions(mem_size, &[(0, mem_size)], read, on_run)
+}
+
+/// [`scan`] of only the `regions` (sorted, page-aligned `(start, end)`) that may hold data:
+/// the rest reads as zeros and counts in the whole image's CRC without being read.
+fn scan_regions(
+    mem_size: u64,
+    regions: &[(u64, u64)],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), SnapshotError>,
     mut on_run: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
 ) -> Result<(MemoryPart, u32), SnapshotError> {
-    let mut all = crc32fast::Hasher::new();
     let mut data = crc32fast::Hasher::new();
     let mut extents: Vec<(u64, u64)> = Vec::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < mem_size {
-        let n = (CHUNK as u64).min(mem_size - off) as usize;
-        read(off, &mut buf[..n])?;
-        all.update(&buf[..n]);
-        let mut run: Option<usize> = None;
-        for p in 0..=n / PAGE {
-            let nonzero = p < n / PAGE && !is_zero(&buf[p * PAGE..(p + 1) * PAGE]);
-            match (nonzero, run) {
-                (true, None) => run = Some(p),
-                (false, Some(s)) => {
-                    let bytes = &buf[s * PAGE..p * PAGE];
-                    on_run(off + (s * PAGE) as u64, bytes)?;
-                    data.update(bytes);
-                    let first = (off / PAGE_SIZE) + s as u64;
-                    match extents.last_mut() {
-                        Some((f, c)) if *f + *c == first => *c += (p - s) as u64,
-                        _ => extents.push((first, (p - s) as u64)),
-                    }
-                    run = None;
-                }
-                _ => {}
-            }
-        }
-        off += n as u64;
-    }
+    let all = super::files::walk_sparse(
+        mem_size,
+        regions,
+        &mut vec![0u8; CHUNK],
+        &mut read,
+        |off, buf| scan_chunk(off, buf, &mut on_run, &mut data, &mut extents),
+    )?;
     Ok((
         MemoryPart::Full {
             extents,
@@ -91,6 +81,37 @@ fn scan(
         },
         all.finalize(),
     ))
+}
+
+/// The non-zero page runs of one chunk read at `off`.
+fn scan_chunk(
+    off: u64,
+    buf: &[u8],
+    on_run: &mut impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+    data: &mut crc32fast::Hasher,
+    extents: &mut Vec<(u64, u64)>,
+) -> Result<(), SnapshotError> {
+    let n = buf.len();
+    let mut run: Option<usize> = None;
+    for p in 0..=n / PAGE {
+        let nonzero = p < n / PAGE && !is_zero(&buf[p * PAGE..(p + 1) * PAGE]);
+        match (nonzero, run) {
+            (true, None) => run = Some(p),
+            (false, Some(s)) => {
+                let bytes = &buf[s * PAGE..p * PAGE];
+                on_run(off + (s * PAGE) as u64, bytes)?;
+                data.update(bytes);
+                let first = (off / PAGE_SIZE) + s as u64;
+                match extents.last_mut() {
+                    Some((f, c)) if *f + *c == first => *c += (p - s) as u64,
+                    _ => extents.push((first, (p - s) as u64)),
+                }
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes all of guest RAM as a sparse image. Returns the part description and the CRC32 of
@@ -117,10 +138,16 @@ pub fn write_full(
 
 /// Describes an existing raw memory image file (a backup's replica) as the memory part of a
 /// full snapshot: its non-zero extents, their CRC, and the CRC of all of it.
+/// Only its data regions are read (`SEEK_DATA`): its holes are zeros.
 pub fn describe_file(path: &Path, mem_size: u64) -> Result<(MemoryPart, u32), SnapshotError> {
     let f = open_checked(path, mem_size)?;
-    scan(
+    let regions: Vec<(u64, u64)> = super::files::data_regions(&f, mem_size)
+        .into_iter()
+        .map(|(s, e)| (s / PAGE_SIZE * PAGE_SIZE, e.div_ceil(PAGE_SIZE) * PAGE_SIZE))
+        .collect();
+    scan_regions(
         mem_size,
+        &regions,
         |off, buf| f.read_exact_at(buf, off).map_err(SnapshotError::io(path)),
         |_, _| Ok(()),
     )
