@@ -31,6 +31,10 @@ pub struct ExportArgs {
     /// Rounds of the three phases.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Pause between two bases, ms (0: back to back, the worst case; an agent refreshes a
+    /// base every 60 s).
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
 }
 
 /// What makes bases during a phase.
@@ -65,10 +69,19 @@ fn pct<T: Copy + Default>(sorted: &[T], p: f64) -> T {
 }
 
 /// Makes bases back to back into `dir` until `stop` (each removed once made).
-fn make_bases(vm: &RunningVm, maker: Maker, dir: &Path, stop: &AtomicBool) -> Vec<Made> {
+fn make_bases(
+    vm: &RunningVm,
+    maker: Maker,
+    dir: &Path,
+    stop: &AtomicBool,
+    interval: Duration,
+) -> Vec<Made> {
     let mut made = Vec::new();
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) && maker != Maker::None {
+        if n > 0 {
+            std::thread::sleep(interval);
+        }
         n += 1;
         let d = dir.join(format!("base-{n}"));
         let t0 = Instant::now();
@@ -100,13 +113,19 @@ fn make_bases(vm: &RunningVm, maker: Maker, dir: &Path, stop: &AtomicBool) -> Ve
 }
 
 /// One phase: `secs` of closed-loop SETs while `maker` makes bases.
-fn phase(vm: &RunningVm, env: &BenchEnv, maker: Maker, secs: f64) -> anyhow::Result<Phase> {
+fn phase(
+    vm: &RunningVm,
+    env: &BenchEnv,
+    maker: Maker,
+    secs: f64,
+    interval: Duration,
+) -> anyhow::Result<Phase> {
     let stop = Arc::new(AtomicBool::new(false));
     let dir = env.dir.join("bases");
     std::fs::create_dir_all(&dir)?;
     let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(10))?;
     let (made, lat) = std::thread::scope(|s| -> anyhow::Result<_> {
-        let maker_t = s.spawn(|| make_bases(vm, maker, &dir, &stop));
+        let maker_t = s.spawn(|| make_bases(vm, maker, &dir, &stop, interval));
         let t0 = Instant::now();
         let mut lat = Vec::new();
         let mut i = 0u64;
@@ -144,7 +163,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let makers = [Maker::None, Maker::Export, Maker::Snapshot];
     for _ in 0..a.rounds.max(1) {
         for (i, m) in makers.iter().enumerate() {
-            let p = phase(&vm, &env, *m, secs)?;
+            let p = phase(&vm, &env, *m, secs, Duration::from_millis(a.interval_ms))?;
             all[i].lat.extend(p.lat);
             all[i].made.extend(p.made);
             all[i].secs += p.secs;
@@ -158,8 +177,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
 fn print(a: &ExportArgs, all: &mut [Phase; 3]) {
     println!(
         "\n**Clone bases beside a protected VM** ({} MiB guest, {} MiB written, CHURN {} \
-         pages/ms in the background, {} rounds of each phase, interleaved)\n",
-        a.common.mem_mib, a.fill_mib, a.churn, a.rounds
+         pages/ms in the background, a base every {} ms after the last, {} rounds of each \
+         phase, interleaved)\n",
+        a.common.mem_mib, a.fill_mib, a.churn, a.interval_ms, a.rounds
     );
     println!("| bases made by | SETs/s | SET p50 | SET p99 | SET max | bases | base total p50 | held p50 | held max | copied per base |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
