@@ -1,9 +1,9 @@
 //! `cargo bench -p vmatrix --bench clones_managed`: time from `vmatrix vm scale web --clones N`
 //! (the CLI process started) to every clone answering `GET` with the parent's data on its own
 //! address, through the manager and an agent (issue 11), for N = 1, 4, 16, 32, with the clone
-//! base already warm on the primary's host (`--warm`), and once from a cold start (no base:
-//! the agent first takes the primary's snapshot). Two hosts (network namespaces), a protected
-//! 64 MiB VM. Prints a Markdown table for docs/BENCHMARKS.md. Needs root and /dev/kvm.
+//! base already warm on the backup's host (`--warm`), and once from a cold start (no base: the
+//! agent first has the backup export its image). Two hosts (network namespaces), a protected
+//! 64 MiB VM; its clones run on its backup's host. Prints a Markdown table for docs/BENCHMARKS.md. Needs root and /dev/kvm.
 //! Warm runs start with the agent's standby clone ready (the first clone takes it over);
 //! `VMATRIX_BENCH_STANDBY=0` runs the agents with `--clone-standby 0` instead. Also:
 //! `VMATRIX_BENCH_CLONES=n` (one size only), `VMATRIX_BENCH_KEEP=1` (keep the logs).
@@ -149,17 +149,18 @@ fn main() {
         m.wait_hosts_up(2, Duration::from_secs(20));
     }
     let v = m.create_protected(1);
-    let host = m.host_index(v["primary"].as_str().unwrap());
+    // (A protected VM's clones run on its backup's host: docs/clones.md.)
+    let host = m.host_index(v["backups"][0]["host"].as_str().unwrap());
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
     assert_eq!(kv.cmd("SET colour blue").unwrap(), "OK");
     println!(
         "| clones | base | asked via | answered (ms) | first clone answering (ms) | all answering (ms) |"
     );
     println!("|---:|---|---|---:|---:|---:|");
-    // Cold: no base yet; the agent snapshots the primary first.
+    // Cold: no base yet; the backup exports its image first.
     let (cli, first, all) = scale_and_wait(&m, 1, true, Via::Cli);
     println!(
-        "| 1 | cold (snapshot of the primary first) | CLI | {cli:.1} | {first:.1} | {all:.1} |"
+        "| 1 | cold (the backup's export first) | CLI | {cli:.1} | {first:.1} | {all:.1} |"
     );
     scale_to_zero(&m, host, standby);
     let only = std::env::var("VMATRIX_BENCH_CLONES").ok();
