@@ -159,9 +159,7 @@ fn main() {
     println!("|---:|---|---|---:|---:|---:|");
     // Cold: no base yet; the backup exports its image first.
     let (cli, first, all) = scale_and_wait(&m, 1, true, Via::Cli);
-    println!(
-        "| 1 | cold (the backup's export first) | CLI | {cli:.1} | {first:.1} | {all:.1} |"
-    );
+    println!("| 1 | cold (the backup's export first) | CLI | {cli:.1} | {first:.1} | {all:.1} |");
     scale_to_zero(&m, host, standby);
     let only = std::env::var("VMATRIX_BENCH_CLONES").ok();
     for n in [1, 4, 16, 32] {

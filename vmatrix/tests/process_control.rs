@@ -104,45 +104,10 @@ fn a_fenced_backup_refuses_an_older_primary_and_keeps_its_term_across_restarts()
     );
 }
 
-/// `dir` is a whole snapshot: its chain loads and its memory verifies.
-fn vmatrix_snapshot_loads(dir: &Path) {
-    let chain = vmm::snapshot::load_chain(dir).expect("the export is a snapshot");
-    let m = &chain[0].meta;
-    vmm::snapshot::memory::verify(&dir.join("memory.bin"), &m.memory, m.mem_size)
-        .expect("its memory verifies");
-}
-
-#[test]
-fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
-    let net = TestNet::two_hosts();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    make_pki(d, &["hosta", "hostb"]);
-    let (a_ns, b_ns) = (net.ns(), net.backup_ns());
-    let b_listen = format!("10.79.{}.2:7100", net.index);
-    let a_listen = format!("10.79.{}.1:7101", net.index);
-
-    // Host A runs the primary (term 1), host B its backup.
-    let mut bb = BackupProc::spawn(&b_ns, d, "hostb", &b_listen, &d.join("image-b"));
-    let (mut pa, _) = booted_primary(&net, d, ("hosta", 1), &format!("hostb@{b_listen}"), "pa");
-    let mut c = pa.wait_ready(Duration::from_secs(30));
-    let mut acked: HashMap<String, String> = HashMap::new();
-    for i in 0..120 {
-        let (k, v) = (format!("key{}", i % 40), format!("v{i}"));
-        assert_eq!(c.cmd(&format!("SET {k} {v}")).unwrap(), "OK");
-        acked.insert(k, v);
-    }
-    let st = bb.ctl(&["status"]);
-    assert!(json_field(&st, "seq").is_some(), "{st}");
-
-    // Host A dies. The backup says checkpoints stopped arriving.
-    pa.kill9();
-    wait_status(
-        &bb.socket,
-        "last_checkpoint_ms_ago",
-        |v| v.parse::<u64>().is_ok_and(|ms| ms >= 300),
-        Duration::from_secs(5),
-    );
+/// Promotes `bb` (to term 2) while it exports its image (a clone base): the promotion is
+/// answered at once, and the export either completes (a whole snapshot) or fails and is no
+/// snapshot. Returns the promoted checkpoint.
+fn promote_beside_an_export(bb: &BackupProc, d: &Path) -> String {
     // An export (a clone base) asked for just before the promotion never holds it back: it
     // either completes (a whole snapshot) or fails and leaves nothing.
     let export = d.join("export");
@@ -190,6 +155,49 @@ fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+    seq
+}
+
+/// `dir` is a whole snapshot: its chain loads and its memory verifies.
+fn vmatrix_snapshot_loads(dir: &Path) {
+    let chain = vmm::snapshot::load_chain(dir).expect("the export is a snapshot");
+    let m = &chain[0].meta;
+    vmm::snapshot::memory::verify(&dir.join("memory.bin"), &m.memory, m.mem_size)
+        .expect("its memory verifies");
+}
+
+#[test]
+fn a_promoted_backup_serves_every_acknowledged_write_and_is_protected_again() {
+    let net = TestNet::two_hosts();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, &["hosta", "hostb"]);
+    let (a_ns, b_ns) = (net.ns(), net.backup_ns());
+    let b_listen = format!("10.79.{}.2:7100", net.index);
+    let a_listen = format!("10.79.{}.1:7101", net.index);
+
+    // Host A runs the primary (term 1), host B its backup.
+    let mut bb = BackupProc::spawn(&b_ns, d, "hostb", &b_listen, &d.join("image-b"));
+    let (mut pa, _) = booted_primary(&net, d, ("hosta", 1), &format!("hostb@{b_listen}"), "pa");
+    let mut c = pa.wait_ready(Duration::from_secs(30));
+    let mut acked: HashMap<String, String> = HashMap::new();
+    for i in 0..120 {
+        let (k, v) = (format!("key{}", i % 40), format!("v{i}"));
+        assert_eq!(c.cmd(&format!("SET {k} {v}")).unwrap(), "OK");
+        acked.insert(k, v);
+    }
+    let st = bb.ctl(&["status"]);
+    assert!(json_field(&st, "seq").is_some(), "{st}");
+
+    // Host A dies. The backup says checkpoints stopped arriving.
+    pa.kill9();
+    wait_status(
+        &bb.socket,
+        "last_checkpoint_ms_ago",
+        |v| v.parse::<u64>().is_ok_and(|ms| ms >= 300),
+        Duration::from_secs(5),
+    );
+    let seq = promote_beside_an_export(&bb, d);
     let st = wait_exit(&mut bb.child, Duration::from_secs(10));
     assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", bb.log_text());
     let log = bb.log_text();

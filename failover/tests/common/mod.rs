@@ -1,6 +1,8 @@
 //! Helpers of the manager's rule tests: hand-made agent reports in virtual time.
 #![allow(dead_code)]
 
+pub mod clones;
+
 use std::time::Duration;
 
 use failover::event::EventKind;
