@@ -172,3 +172,50 @@ fn host_crash_then_scale_down(m: &mut Managed, ph: usize) {
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(10));
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
 }
+
+/// The backup whose export is to make the clones' base is killed -9 right after the scale-up
+/// (its export under way or about to start): no clone starts from a half-made base, the clone
+/// answers once a base can be made again (from the primary while the VM has no synced backup,
+/// or from its backup once it is back), and the parent is served throughout.
+#[test]
+fn a_backup_killed_while_it_exports_a_base_leaves_no_half_base_and_the_clone_comes() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let m = Managed::start(dir.path(), 2);
+    let v = m.create_protected(1);
+    let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    assert_eq!(kv.cmd("SET colour blue").unwrap(), "OK");
+    let bh = m.host_index(v["backups"][0]["host"].as_str().unwrap());
+    let t0 = Instant::now();
+    scale(&m, 1);
+    m.kill_vm_process(bh, "backup");
+    let took = wait_clone(&m, 0, "VALUE blue", Duration::from_secs(30));
+    eprintln!("backup killed at the scale-up → clone answering: {took:?}");
+    let log = m.agent_log(bh);
+    for l in log.lines().filter(|l| l.contains("clone base")) {
+        eprintln!("  agent: {l}");
+    }
+    assert_eq!(
+        kv.cmd("GET colour").unwrap(),
+        "VALUE blue",
+        "the parent served"
+    );
+    // Every base left on either host is whole: its term file is written last, after the
+    // snapshot's own description; a failed one was removed.
+    for h in 0..2 {
+        let vm_dir = m.host_file(h, "clones/web");
+        for b in std::fs::read_dir(&vm_dir).into_iter().flatten().flatten() {
+            let p = b.path();
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("base-"))
+            {
+                assert!(
+                    !p.join("term").exists() || p.join("snap/snapshot.bin").exists(),
+                    "a base without its snapshot: {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}
