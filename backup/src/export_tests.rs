@@ -427,6 +427,34 @@ fn a_big_checkpoint_before_the_final_step_is_copied_by_a_round_first() {
     check_snapshot(&dst, &m, seq, &e);
 }
 
+/// A stopping backup answers every export asked at once (a control request left waiting holds
+/// the process's exit, and so a promotion) and takes no new one.
+#[test]
+fn a_stopping_backup_answers_what_was_asked_and_takes_nothing_more() {
+    let Setup {
+        d: _d,
+        exports,
+        x,
+        dst,
+        ..
+    } = setup(29);
+    let asked = request(&exports, &dst);
+    // (Queued: nobody polls.)
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = std::time::Instant::now();
+    drop(x);
+    let e = asked.join().unwrap().expect_err("answered");
+    assert!(e.to_string().contains("stopped"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "answered at once");
+    let t0 = std::time::Instant::now();
+    let e = exports
+        .export(dst.clone(), Duration::from_secs(30))
+        .expect_err("refused");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "refused at once");
+    assert!(!dst.exists());
+}
+
 #[test]
 fn an_abandoned_generation_takes_nothing_of_the_next() {
     let t = crate::export::Tracker::default();

@@ -224,14 +224,15 @@ pub fn write_snapshot(
     Ok((sm.id, checksum))
 }
 
-/// Syncs the frozen files and writes their `snapshot.bin`, unless cancelled first.
+/// Syncs the frozen files and writes their `snapshot.bin`, unless cancelled first (any of
+/// `cancel`: the backup stopping, the requester gone).
 pub(super) fn snapshot_of(
     p: &Passed,
     meta: &ReplicaMeta,
-    cancel: &AtomicBool,
+    cancel: &[&AtomicBool],
 ) -> Result<(u64, u32), BackupError> {
     let f = &p.files;
-    let cancelled = || match cancel.load(Ordering::Relaxed) {
+    let cancelled = || match cancel.iter().any(|c| c.load(Ordering::Relaxed)) {
         true => Err(BackupError::Export(
             "the backup stopped or was promoted during the export".into(),
         )),

@@ -82,6 +82,9 @@ pub struct Exported {
 /// What the requester waits on.
 type Reply = mpsc::SyncSender<Result<Exported, BackupError>>;
 
+/// A snapshot thread still writing: its cancel flag and its answer (taken by whoever answers).
+type Finishing = (Arc<AtomicBool>, Arc<Mutex<Option<Reply>>>);
+
 /// Removes a failed export's directory on a thread of its own.
 fn remove(dir: &Path) {
     let dir = dir.to_path_buf();
@@ -111,9 +114,16 @@ struct Request {
 
 #[derive(Default)]
 struct Shared {
-    queue: Mutex<Vec<Request>>,
+    queue: Mutex<Queue>,
     wake: tokio::sync::Notify,
     tracker: Tracker,
+}
+
+/// Requests waiting for the network loop, and whether it stopped taking them.
+#[derive(Default)]
+struct Queue {
+    requests: Vec<Request>,
+    closed: bool,
 }
 
 /// Export requests for a backup (shared between its control socket, which asks, and its
@@ -138,11 +148,13 @@ impl Exports {
             reply,
             abandoned: abandoned.clone(),
         };
-        self.0
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(req);
+        {
+            let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.closed {
+                return Err(BackupError::Export("the backup is stopping".into()));
+            }
+            q.requests.push(req);
+        }
         self.0.wake.notify_one();
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
@@ -214,14 +226,38 @@ impl Drop for Running {
 pub(crate) struct Exporter {
     exports: Exports,
     running: Option<Running>,
-    /// Cancel flags of the snapshot threads still writing.
-    finishing: Vec<Arc<AtomicBool>>,
+    /// The snapshot threads still writing: their cancel flags and their answers.
+    finishing: Vec<Finishing>,
+}
+
+/// The answer to a stopping backup's pending export.
+fn stopping() -> BackupError {
+    BackupError::Export("the backup stopped or was promoted during the export".into())
 }
 
 impl Drop for Exporter {
+    /// The backup stops (or is promoted): everything asked is answered at once (a control
+    /// request left waiting would hold the process's exit, and a promotion, for its timeout),
+    /// what runs is cancelled, and no new request is taken.
     fn drop(&mut self) {
-        for c in &self.finishing {
-            c.store(true, Ordering::Relaxed);
+        let waiting = {
+            let mut q = self
+                .exports
+                .0
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.closed = true;
+            std::mem::take(&mut q.requests)
+        };
+        for r in waiting {
+            let _ = r.reply.try_send(Err(stopping()));
+        }
+        for (cancel, reply) in &self.finishing {
+            cancel.store(true, Ordering::Relaxed);
+            if let Some(r) = reply.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = r.try_send(Err(stopping()));
+            }
         }
     }
 }
@@ -253,7 +289,7 @@ impl Exporter {
     /// Takes what can be taken now, with the replica idle (`None`: the replica is busy).
     /// Returns quickly: at most the final step's copy runs here.
     pub(crate) fn poll(&mut self, replica: Option<&Replica>) {
-        self.finishing.retain(|c| Arc::strong_count(c) > 1);
+        self.finishing.retain(|(c, _)| Arc::strong_count(c) > 1);
         if self
             .running
             .as_ref()
@@ -268,12 +304,13 @@ impl Exporter {
             self.step(replica);
         }
         let requests = std::mem::take(
-            &mut *self
+            &mut self
                 .exports
                 .0
                 .queue
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
+                .unwrap_or_else(|p| p.into_inner())
+                .requests,
         );
         for req in requests {
             if req.abandoned.load(Ordering::SeqCst) {
@@ -417,6 +454,7 @@ impl Exporter {
         run.tracker.stop(run.gen);
         let held_us = t0.elapsed().as_micros() as u64;
         let (reply, dst, started) = (run.reply.take(), run.dst.clone(), run.started);
+        let abandoned = run.abandoned.clone();
         drop(run);
         let Some(reply) = reply else { return };
         let (meta, final_pages, bytes) = match last {
@@ -428,11 +466,13 @@ impl Exporter {
             }
         };
         let cancel = Arc::new(AtomicBool::new(false));
-        self.finishing.push(cancel.clone());
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        self.finishing.push((cancel.clone(), reply.clone()));
         let spawned = std::thread::Builder::new()
             .name("export-meta".into())
             .spawn(move || {
-                let r = copy::snapshot_of(&p, &meta, &cancel).map(|(id, crc)| Exported {
+                let flags = [&*cancel, &*abandoned];
+                let r = copy::snapshot_of(&p, &meta, &flags).map(|(id, crc)| Exported {
                     id,
                     position: Position {
                         history: meta.history,
@@ -459,8 +499,10 @@ impl Exporter {
                     ),
                     Err(_) => remove_now(&p.files.dst),
                 }
+                if let Some(reply) = reply.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = reply.try_send(r);
+                }
                 drop(cancel);
-                let _ = reply.try_send(r);
             });
         if let Err(e) = spawned {
             tracing::warn!("no thread to finish the export: {e}");

@@ -154,6 +154,9 @@ pub(crate) struct HostState {
     pub(crate) resumed_at: Option<Duration>,
     /// Memory it offers to VMs, MiB (its hello): room for clones.
     pub(crate) capacity_mib: u64,
+    /// By VM: the term of the committed image its backup last reported alive, and when
+    /// (what it can export as a clone base; `clones::runs_synced_backup`).
+    pub(crate) exportable: BTreeMap<String, (u64, Duration)>,
 }
 
 /// Counters for the metrics page.
@@ -278,6 +281,7 @@ impl Manager {
                     down: false,
                     resumed_at: None,
                     capacity_mib,
+                    exportable: BTreeMap::new(),
                 });
                 if now.saturating_sub(h.last_seen) > self.cfg.detect / 2 {
                     h.resumed_at = Some(now);
@@ -304,6 +308,11 @@ impl Manager {
                         h.resumed_at = Some(now);
                     }
                     h.last_seen = now;
+                    for o in &report.vms {
+                        if o.role == crate::model::ProcRole::Backup && o.alive && o.seq.is_some() {
+                            h.exportable.insert(o.vm.clone(), (o.image_term, now));
+                        }
+                    }
                     h.report = report;
                     h.reported = true;
                     if std::mem::replace(&mut h.down, false) {

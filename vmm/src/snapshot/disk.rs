@@ -172,6 +172,15 @@ pub fn read_delta(path: &Path, part: &DiskPart) -> Result<Vec<(u64, Vec<u8>)>, S
 /// CRC32 of the first `len` bytes of a file.
 pub fn file_crc(path: &Path, len: u64) -> Result<u32, SnapshotError> {
     let f = File::open(path).map_err(SnapshotError::io(path))?;
+    let got = f.metadata().map_err(SnapshotError::io(path))?.len();
+    if got < len {
+        // (A short file's tail is not zeros: it is missing.)
+        return Err(SnapshotError::Truncated {
+            part: Part::Disk,
+            expected: len,
+            got,
+        });
+    }
     // Only the data regions are read: holes are zeros.
     let regions = super::files::data_regions(&f, len);
     let all = super::files::walk_sparse(

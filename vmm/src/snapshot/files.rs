@@ -34,7 +34,12 @@ pub fn data_regions(f: &File, len: u64) -> Vec<(u64, u64)> {
         // SAFETY: lseek on an fd we own; it only moves the file offset.
         let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
         if data < 0 {
-            break; // ENXIO: no more data
+            // ENXIO: no data after `off`. Any other error (EINVAL where the file system does
+            // not tell, EIO): the rest counts as data, never as zeros that were not read.
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                out.push((off as u64, len));
+            }
+            break;
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
