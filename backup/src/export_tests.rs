@@ -251,14 +251,18 @@ fn an_export_between_sessions_needs_no_checkpoint() {
 fn failed(asked: JoinHandle<Result<Exported, BackupError>>, want: &str, dst: &Path) {
     let e = asked.join().unwrap().expect_err("the export must fail");
     assert!(e.to_string().contains(want), "{e}");
-    // (Removed on a thread of its own.)
+    gone(dst, "a failed export leaves nothing behind");
+}
+
+/// Waits (2 s at most) until `dst` is removed (on a thread of its own), else fails with `why`.
+fn gone(dst: &Path, why: &str) {
     for _ in 0..2000 {
         if !dst.exists() {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(!dst.exists(), "a failed export leaves nothing behind");
+    assert!(!dst.exists(), "{why}");
 }
 
 #[test]
@@ -376,13 +380,7 @@ fn a_requester_that_gives_up_cancels_its_export() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(!x.running());
-    for _ in 0..2000 {
-        if !dst.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(!dst.exists(), "a cancelled export leaves nothing");
+    gone(&dst, "a cancelled export leaves nothing");
 }
 
 #[test]

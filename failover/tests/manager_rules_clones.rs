@@ -9,7 +9,7 @@ use common::clones::*;
 use common::*;
 use failover::clones::AutoscaleSpec;
 use failover::event::EventKind;
-use failover::manager::{ApiError, Input, Output, ScaleRequest};
+use failover::manager::{ApiError, Output, ScaleRequest};
 use failover::model::Report;
 
 #[test]
@@ -225,15 +225,7 @@ fn the_primarys_host_makes_a_base_only_when_no_backup_host_can_take_a_waiting_cl
     let mut t = T::protected_vm();
     // b and c (the backups' hosts) have no room for a clone: a slot would wait forever for
     // them, so the primary's host makes a base (a snapshot) and takes the clones.
-    for (h, seq) in [("b", 10), ("c", 12)] {
-        let hello = Input::Hello {
-            host: h.into(),
-            repl_ip: format!("10.0.0.{}", 1 + h.as_bytes()[0] - b'a'),
-            capacity_mib: 64,
-        };
-        t.m.handle(t.now, hello);
-        t.report(h, vec![backup(1, seq, 5)]);
-    }
+    no_room_on_the_backups_hosts(&mut t);
     assert!(
         t.last_assign("a").unwrap().bases.is_empty(),
         "no base wanted yet"

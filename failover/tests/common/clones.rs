@@ -51,6 +51,14 @@ pub fn protected_room_on_a() -> T {
     let mut t = T::protected_vm();
     let p = primary(1, &["b", "c"], true);
     t.report_all("a", with_clones(vec![p], &[], Some(1)));
+    no_room_on_the_backups_hosts(&mut t);
+    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
+    t
+}
+
+/// b and c (the protected VM's backups' hosts) say hello again offering only their backup's
+/// memory (no room for a clone), and report their backups.
+pub fn no_room_on_the_backups_hosts(t: &mut T) {
     for (h, seq) in [("b", 10), ("c", 12)] {
         let hello = Input::Hello {
             host: h.into(),
@@ -60,8 +68,6 @@ pub fn protected_room_on_a() -> T {
         t.m.handle(t.now, hello);
         t.report(h, vec![backup(1, seq, 5)]);
     }
-    assert_eq!(t.m.vm(t.now, "web").unwrap().status, "protected");
-    t
 }
 
 /// A report of `vms` with these clones and a base (or none).
