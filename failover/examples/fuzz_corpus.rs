@@ -109,6 +109,7 @@ fn frames() -> Res<Vec<Vec<u8>>> {
                 term: 2,
                 age_ms: 1500,
             }],
+            base_port: 7400,
         }))?,
         encode(&ManagerMsg::Assign(Assignments {
             clones: vec![CloneAssignment {
@@ -119,6 +120,14 @@ fn frames() -> Res<Vec<Vec<u8>>> {
                 mem_mib: 64,
             }],
             bases: vec!["web".into()],
+            fetch: vec![failover::clones::BaseFetch {
+                vm: "web".into(),
+                sources: vec![failover::clones::BaseSource {
+                    host: "b".into(),
+                    addr: "10.0.0.2:7400".into(),
+                    term: 2,
+                }],
+            }],
             ..a
         }))?,
     ])

@@ -163,6 +163,29 @@ pub struct CloneAssignment {
     pub mem_mib: u64,
 }
 
+/// Where a host gets a clone base of a VM it makes none of (its assignment's `fetch`): it
+/// copies the newest base one of `sources` holds, over QUIC with mutual TLS (agent role both
+/// ways), and verifies every CRC of it before a clone starts from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseFetch {
+    /// The VM.
+    pub vm: String,
+    /// Hosts holding a base of it, the best first (newest term, then the hosts that make
+    /// theirs, then by name).
+    pub sources: Vec<BaseSource>,
+}
+
+/// A host a base can be copied from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseSource {
+    /// Its name (its certificate's).
+    pub host: HostId,
+    /// `ip:port` of its agent's base server.
+    pub addr: String,
+    /// The term of the base it reported.
+    pub term: u64,
+}
+
 /// How a clone looks to its host's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloneObservation {

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::clones::{BaseObservation, CloneAssignment, CloneObservation, CloneSet};
+pub use crate::clones::{
+    BaseFetch, BaseObservation, BaseSource, CloneAssignment, CloneObservation, CloneSet,
+};
 
 /// A host's name (as in its certificate).
 pub type HostId = String;
@@ -200,9 +202,12 @@ pub struct Assignments {
     /// Clones to run on this host (each a plain VM of its own; anything else is stopped).
     #[serde(default, deserialize_with = "crate::clones::trailing")]
     pub clones: Vec<CloneAssignment>,
-    /// VMs whose primary on this host keeps a clone base warm.
+    /// VMs whose primary or backup on this host makes (and keeps warm) a clone base.
     #[serde(default, deserialize_with = "crate::clones::trailing")]
     pub bases: Vec<String>,
+    /// VMs with clones here whose bases this host copies from another host's agent.
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub fetch: Vec<BaseFetch>,
 }
 
 /// Kind of a VM process an agent runs.
@@ -292,4 +297,7 @@ pub struct Report {
     /// The clone bases it holds.
     #[serde(default, deserialize_with = "crate::clones::trailing")]
     pub bases: Vec<BaseObservation>,
+    /// The UDP port its agent serves clone bases on, on its replication address (0: none).
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub base_port: u16,
 }

@@ -182,6 +182,45 @@ mod tests {
         }
     }
 
+    /// Messages as agents built before copied bases knew them.
+    mod before_fetch {
+        use serde::{Deserialize, Serialize};
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Assignments {
+            pub vms: BTreeMap<String, crate::model::Assignment>,
+            pub clones: Vec<crate::clones::CloneAssignment>,
+            pub bases: Vec<String>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub enum ManagerMsg {
+            Welcome { version: u16 },
+            Assign(Assignments),
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Report {
+            pub vms: Vec<crate::model::VmObservation>,
+            pub clones: Vec<crate::clones::CloneObservation>,
+            pub bases: Vec<crate::clones::BaseObservation>,
+        }
+    }
+
+    #[test]
+    fn a_base_port_reads_as_none_from_an_agent_built_before_it() {
+        let AgentMsg::Report(mut r) = report() else {
+            unreachable!()
+        };
+        r.base_port = 7400;
+        let f = encode(&r).unwrap();
+        let old: before_fetch::Report = decode_frame(&f).unwrap();
+        assert_eq!(old.vms, r.vms);
+        let f = encode(&old).unwrap();
+        let new: Report = decode_frame(&f).unwrap();
+        assert_eq!(new.base_port, 0);
+        assert_eq!(new.vms, r.vms);
+    }
+
     #[test]
     fn peers_built_before_clones_still_understand_each_other() {
         use crate::clones::{BaseObservation, CloneAssignment, CloneObservation};
@@ -229,7 +268,19 @@ mod tests {
                 mem_mib: 64,
             }],
             bases: vec!["web".into()],
+            fetch: vec![crate::clones::BaseFetch {
+                vm: "web".into(),
+                sources: vec![crate::clones::BaseSource {
+                    host: "b".into(),
+                    addr: "10.0.0.2:7400".into(),
+                    term: 3,
+                }],
+            }],
         };
+        // An agent built before copied bases: the fetch list is skipped.
+        let f = encode(&ManagerMsg::Assign(a.clone())).unwrap();
+        let mid: before_fetch::ManagerMsg = decode_frame(&f).unwrap();
+        assert!(matches!(mid, before_fetch::ManagerMsg::Assign(ref x) if x.bases == a.bases));
         let f = encode(&ManagerMsg::Assign(a)).unwrap();
         let old: before_clones::ManagerMsg = decode_frame(&f).unwrap();
         assert!(matches!(old, before_clones::ManagerMsg::Assign(ref x) if x.vms.is_empty()));

@@ -292,6 +292,7 @@ fn a_clone_that_died_where_no_base_is_left_is_placed_again() {
             vms: vec![backup(1, 10, 5)],
             clones: vec![dead],
             bases: vec![],
+            base_port: 0,
         },
     );
     assert_eq!(clones_on(&t, "c"), ["web-c0"]);

@@ -58,6 +58,10 @@ pub(crate) struct CloneTracker {
     waiting: BTreeSet<String>,
     /// When each VM last had a slot placed (for an address change, see `set_first_ip`).
     placed_at: BTreeMap<String, Duration>,
+    /// Since when each placed clone has been reported dead (see `fetch::stuck_clones`).
+    pub(super) dead_since: BTreeMap<String, Duration>,
+    /// (VM, host) pairs avoided until then: a slot of the VM was re-placed away from the host.
+    pub(super) avoid: BTreeMap<(String, HostId), Duration>,
 }
 
 /// One clone as the API shows it.
@@ -254,6 +258,20 @@ impl Manager {
             self.state.vms.insert(name, rec);
         }
         self.prune_drains();
+        let placed: BTreeSet<String> = self
+            .state
+            .vms
+            .values()
+            .flat_map(|r| {
+                r.clones
+                    .placed
+                    .iter()
+                    .map(|s| clone_name(&r.spec.name, s.index))
+            })
+            .collect();
+        self.clone_tracker
+            .dead_since
+            .retain(|c, _| placed.contains(c));
     }
 
     fn autoscale_step(&mut self, now: Duration, rec: &mut VmRecord) {
@@ -295,6 +313,11 @@ impl Manager {
                 let exit = o.exit.as_deref().unwrap_or("exited");
                 let why = format!("{exit}; no base of {name} is left on that host");
                 stopped.push((s.index, s.host.clone(), why));
+            }
+        }
+        for stuck in self.stuck_clones(now, rec) {
+            if !stopped.iter().any(|(i, _, _)| *i == stuck.0) {
+                stopped.push(stuck);
             }
         }
         for (index, host, why) in stopped {
@@ -395,6 +418,7 @@ impl Manager {
                 continue;
             }
             self.clone_tracker.waiting.remove(&cname);
+            self.note_fetch_placement(now, rec, &host);
             rec.clones.placed.push(CloneSlot {
                 index,
                 host: host.clone(),
@@ -478,18 +502,22 @@ impl Manager {
             .find(|o| o.name == cname)
     }
 
-    /// Whether `host` holds a base of the VM or can make one ([`Self::makes_base`]).
+    /// Whether `host` holds a base of the VM, can make one ([`Self::makes_base`]) or can copy
+    /// one from another host (`fetch::can_fetch`).
     fn can_hold_base(&self, host: &str, rec: &VmRecord) -> bool {
-        self.holds_base(host, &rec.spec.name) || self.makes_base(host, rec)
+        self.holds_base(host, &rec.spec.name)
+            || self.makes_base(host, rec)
+            || self.can_fetch(host, rec)
     }
 
     /// Whether `host` is where a base of the VM is made: the hosts of its backups synced at
     /// its term (each exports its committed checkpoint: no pause of the guest, ~0.4 ms of its
     /// apply loop), or its primary's host only when needed (a snapshot: a pause of the guest
     /// of tens of ms per 100 MiB, measured — so not while a backup can export): the VM has no
-    /// backup that can, clones run there already (their restarts need a base), or a slot waits
-    /// that no such backup's host has room for.
-    fn makes_base(&self, host: &str, rec: &VmRecord) -> bool {
+    /// backup that can, or clones run there already (their restarts need a base) or a slot
+    /// waits that no such backup's host has room for, and the primary's host cannot copy the
+    /// base a backup's host makes (`fetch`: its agent or theirs serves no bases).
+    pub(super) fn makes_base(&self, host: &str, rec: &VmRecord) -> bool {
         if self.runs_synced_backup(host, rec) {
             return true;
         }
@@ -507,7 +535,9 @@ impl Manager {
         let no_room = exporters
             .iter()
             .all(|h| self.room_mib(h) < CLONE_SHARE_MIB as i64);
-        exporters.is_empty() || runs_here || (waiting && no_room)
+        let copies =
+            self.base_addr(host).is_some() && exporters.iter().any(|h| self.base_addr(h).is_some());
+        exporters.is_empty() || ((runs_here || (waiting && no_room)) && !copies)
     }
 
     /// Whether `host` runs a backup of the VM synced at its current term while its primary
@@ -533,7 +563,7 @@ impl Manager {
                 .any(|b| b.host == host && b.synced_term == Some(rec.term))
     }
 
-    fn holds_base(&self, host: &str, vm: &str) -> bool {
+    pub(super) fn holds_base(&self, host: &str, vm: &str) -> bool {
         self.hosts
             .get(host)
             .is_some_and(|h| h.report.bases.iter().any(|b| b.vm == vm))
@@ -564,12 +594,16 @@ impl Manager {
         self.hosts
             .iter()
             .filter(|(n, h)| h.connected && !h.down && h.reported && self.fresh(now, n))
-            .filter(|(n, _)| rec.spec.allows(n) && self.can_hold_base(n, rec))
+            .filter(|(n, _)| rec.spec.allows(n) && !self.avoided(now, n, &rec.spec.name))
+            .filter(|(n, _)| self.can_hold_base(n, rec))
             .map(|(n, _)| (n, self.room_mib(n)))
             .filter(|(_, room)| *room >= CLONE_SHARE_MIB as i64)
             .max_by_key(|(n, room)| {
+                let holds = self.holds_base(n, &rec.spec.name);
                 (
-                    self.holds_base(n, &rec.spec.name),
+                    holds,
+                    // (Among hosts holding none: one that makes its own before one that copies.)
+                    holds || self.makes_base(n, rec),
                     *room,
                     std::cmp::Reverse(*n),
                 )
@@ -609,6 +643,7 @@ impl Manager {
                     });
             }
         }
+        self.fetch_assignments(all);
     }
 
     /// A VM's clones as shown.

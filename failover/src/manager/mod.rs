@@ -21,6 +21,7 @@
 mod clones;
 mod detect;
 mod drain;
+mod fetch;
 mod handover;
 mod place;
 mod promote;

@@ -76,6 +76,7 @@ pub fn with_clones(vms: Vec<VmObservation>, clones: &[&str], base_term: Option<u
         vms,
         clones: clones.iter().map(|c| running(c)).collect(),
         bases: base_term.into_iter().map(base).collect(),
+        base_port: 0,
     }
 }
 

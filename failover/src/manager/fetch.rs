@@ -1,0 +1,170 @@
+//! The manager's rules for clone bases copied between hosts (issue 11; docs/clones.md,
+//! "Clones on any host").
+//!
+//! A base is made where the VM's image is: by its backups (an export, no pause) or, when it has
+//! none that can, by its primary (a snapshot). A host that runs nothing of the VM gets one by
+//! copying it from a host that holds one: every agent serves its bases on its replication
+//! address (`Report::base_port`), to agents only (mutual TLS, agent role). So clones can run on
+//! any live host with room:
+//!
+//! - **Can fetch**: a host whose agent serves bases (so it is new enough to fetch) while
+//!   another live host serving bases holds a base of the VM or makes one.
+//! - **Assignment**: a host with clone slots of a VM it makes no base of gets a
+//!   [`BaseFetch`] naming the hosts it can copy from, the best first (the newest term, then
+//!   the hosts that make theirs, then by name). The list holds no age (it would change every
+//!   report and so the assignment); the agent refreshes a copied base every `refresh`.
+//! - **Placement** prefers hosts holding a base, then those making one, then those that must
+//!   copy one (seconds, not milliseconds: the base travels first), each by room.
+//! - **A slot that cannot start** (its clone reported dead, with no base or crashing, for
+//!   [`STUCK_AFTER`] on end, on a host that could hold a base) is re-placed on another host,
+//!   and its old host is avoided for that VM for [`AVOID_FOR`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::Manager;
+use crate::clones::{clone_name, BaseFetch, BaseSource};
+use crate::event::EventKind;
+use crate::model::{Assignments, HostId, VmRecord};
+
+/// How long a placed clone may be reported dead before its slot is re-placed elsewhere.
+pub const STUCK_AFTER: Duration = Duration::from_secs(20);
+/// How long a host a slot was re-placed away from is not given that VM's clones again.
+pub const AVOID_FOR: Duration = Duration::from_secs(60);
+
+impl Manager {
+    /// `ip:port` of `host`'s base server (None: it serves none, or its address is unknown).
+    pub(super) fn base_addr(&self, host: &str) -> Option<String> {
+        let h = self.hosts.get(host)?;
+        let ip: std::net::IpAddr = h.repl_ip.parse().ok()?;
+        (h.report.base_port != 0)
+            .then(|| std::net::SocketAddr::new(ip, h.report.base_port).to_string())
+    }
+
+    /// The hosts other than `host` that `host` can copy a base of the VM from, the best first.
+    pub(super) fn base_sources(&self, host: &str, rec: &VmRecord) -> Vec<BaseSource> {
+        let vm = &rec.spec.name;
+        let mut out: Vec<(BaseSource, bool)> = self
+            .hosts
+            .iter()
+            .filter(|(n, h)| n.as_str() != host && h.connected && !h.down)
+            .filter_map(|(n, h)| {
+                let b = h.report.bases.iter().find(|b| &b.vm == vm)?;
+                let addr = self.base_addr(n)?;
+                let src = BaseSource {
+                    host: n.clone(),
+                    addr,
+                    term: b.term,
+                };
+                Some((src, self.makes_base(n, rec)))
+            })
+            .collect();
+        out.sort_by(|(a, am), (b, bm)| {
+            (b.term, bm)
+                .cmp(&(a.term, am))
+                .then_with(|| a.host.cmp(&b.host))
+        });
+        out.into_iter().map(|(s, _)| s).collect()
+    }
+
+    /// Whether `host` can get a base of the VM by copying one (see the module docs).
+    pub(super) fn can_fetch(&self, host: &str, rec: &VmRecord) -> bool {
+        if self.base_addr(host).is_none() {
+            return false;
+        }
+        let makers_serve = self
+            .hosts
+            .iter()
+            .filter(|(n, h)| n.as_str() != host && h.connected && !h.down)
+            .any(|(n, _)| self.makes_base(n, rec) && self.base_addr(n).is_some());
+        makers_serve || !self.base_sources(host, rec).is_empty()
+    }
+
+    /// Adds a [`BaseFetch`] to the assignment of every host with clone slots of a VM it makes
+    /// no base of.
+    pub(super) fn fetch_assignments(&self, all: &mut BTreeMap<HostId, Assignments>) {
+        for (name, rec) in &self.state.vms {
+            let mut hosts: Vec<&HostId> = rec.clones.placed.iter().map(|s| &s.host).collect();
+            hosts.sort();
+            hosts.dedup();
+            for h in hosts.into_iter().filter(|h| !self.makes_base(h, rec)) {
+                let sources = self.base_sources(h, rec);
+                if sources.is_empty() {
+                    continue;
+                }
+                all.entry(h.clone()).or_default().fetch.push(BaseFetch {
+                    vm: name.clone(),
+                    sources,
+                });
+            }
+        }
+    }
+
+    /// Whether `host` is avoided for the VM's clones (a slot was re-placed away from it).
+    pub(super) fn avoided(&self, now: Duration, host: &str, vm: &str) -> bool {
+        self.clone_tracker
+            .avoid
+            .get(&(vm.to_string(), host.to_string()))
+            .is_some_and(|until| now < *until)
+    }
+
+    /// Slots whose clone has been reported dead for [`STUCK_AFTER`] on end on a host that
+    /// could hold a base (a host that cannot is handled at once by `drop_lost_clones`): the
+    /// host cannot start it (its base cannot be made or copied, its clone crashes at once).
+    /// Returns them (index, host, why) and avoids the host for the VM.
+    pub(super) fn stuck_clones(
+        &mut self,
+        now: Duration,
+        rec: &VmRecord,
+    ) -> Vec<(u32, HostId, String)> {
+        let vm = rec.spec.name.clone();
+        let mut out = Vec::new();
+        for s in rec.clones.placed.iter().filter(|s| !s.draining) {
+            let cname = clone_name(&vm, s.index);
+            let dead = self.clone_obs(&s.host, &cname).filter(|o| !o.alive);
+            let Some(o) = dead else {
+                self.clone_tracker.dead_since.remove(&cname);
+                continue;
+            };
+            let why = o.exit.clone().unwrap_or_else(|| "exited".into());
+            let since = *self
+                .clone_tracker
+                .dead_since
+                .entry(cname.clone())
+                .or_insert(now);
+            if now.saturating_sub(since) < STUCK_AFTER {
+                continue;
+            }
+            self.clone_tracker.dead_since.remove(&cname);
+            self.clone_tracker
+                .avoid
+                .insert((vm.clone(), s.host.clone()), now + AVOID_FOR);
+            let why = format!(
+                "cannot start there for {} s ({why}); that host is avoided for {} s",
+                STUCK_AFTER.as_secs(),
+                AVOID_FOR.as_secs()
+            );
+            out.push((s.index, s.host.clone(), why));
+        }
+        self.clone_tracker.avoid.retain(|_, until| now < *until);
+        out
+    }
+
+    /// A `scaled` event saying where a slot's base comes from, when it is copied.
+    pub(super) fn note_fetch_placement(&mut self, now: Duration, rec: &VmRecord, host: &str) {
+        if self.makes_base(host, rec) || self.holds_base(host, &rec.spec.name) {
+            return;
+        }
+        let from: Vec<String> = self
+            .base_sources(host, rec)
+            .into_iter()
+            .map(|s| s.host)
+            .collect();
+        let why = match from.is_empty() {
+            true => format!("{host} copies a base once one is made"),
+            false => format!("{host} copies a base from {}", from.join(" or ")),
+        };
+        let vm = rec.spec.name.clone();
+        self.event(now, EventKind::Scaled, Some(&vm), Some(host), None, why);
+    }
+}
