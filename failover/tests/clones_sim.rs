@@ -82,6 +82,11 @@ struct Stats {
     address_changes: usize,
     address_refused: usize,
     lost: usize,
+    /// Bases copied from another host, and copies that failed.
+    copies: usize,
+    copies_failed: usize,
+    /// Slots re-placed away from a host that could not start them.
+    stuck: usize,
     scale_downs: usize,
     autoscaled: usize,
     duplicates: usize,
@@ -377,6 +382,9 @@ fn run(seed: u64, stats: &mut Stats) {
         stats.clone_starts += usize::from(e.contains(" starts clone "));
         stats.address_refused += usize::from(e.contains("at its old address"));
         stats.lost += usize::from(e.contains("re-placed if still wanted"));
+        stats.copies += usize::from(e.contains(" copied from "));
+        stats.copies_failed += usize::from(e.contains(": copy of a base from "));
+        stats.stuck += usize::from(e.contains("cannot start there"));
         stats.scale_downs += usize::from(e.contains("scaled down to"));
         stats.autoscaled += usize::from(e.contains("autoscaler:"));
     }
@@ -399,6 +407,7 @@ fn seeded_clones_with_faults_keep_their_slots_unique_and_come_back() {
     if n >= 50 {
         assert!(stats.clone_starts >= n, "too few clone starts: {stats:?}");
         assert!(stats.lost * 10 >= n, "too few clones lost: {stats:?}");
+        assert!(stats.copies * 5 >= n, "too few bases copied: {stats:?}");
         assert!(
             stats.autoscaled * 5 >= n,
             "too few autoscaler decisions: {stats:?}"
@@ -532,7 +541,7 @@ impl Run {
     }
 
     /// A new slot's host: heard within `detect`, up (or crashed within `detect`), holding a
-    /// base or running the primary or a backup synced at the term.
+    /// base, running the primary or a backup synced at the term, or able to copy a base.
     fn check_placement(&self, host: &str, rec: &failover::model::VmRecord, reports: &Reports) {
         let (s, seed) = (&self.s, self.seed);
         let detect = cfg().detect;
@@ -558,9 +567,23 @@ impl Run {
                 .backups
                 .iter()
                 .any(|b| b.host == host && b.synced_term == Some(rec.term));
+        // Or it copies one: it serves bases (so its agent copies them) and another host that
+        // serves them reported one or makes one.
+        let makes = |h: &str| {
+            running
+                && (rec.primary.as_deref() == Some(h)
+                    || rec
+                        .backups
+                        .iter()
+                        .any(|b| b.host == h && b.synced_term == Some(rec.term)))
+        };
+        let copies = report.base_port != 0
+            && reports.iter().any(|(h, (_, r))| {
+                h != host && r.base_port != 0 && (r.bases.iter().any(|b| b.vm == VM) || makes(h))
+            });
         assert!(
-            base || primary || backup,
-            "seed {seed}: a clone placed on {host}, which holds no base and runs no primary or synced backup (its last report at {at:?}: {report:?}; {rec:?})"
+            base || primary || backup || copies,
+            "seed {seed}: a clone placed on {host}, which holds no base, runs no primary or synced backup and can copy none (its last report at {at:?}: {report:?}; {rec:?})"
         );
     }
 

@@ -10,14 +10,17 @@
 //!   ended (`clone_draining`, then `clone_stopped`; see `super::drain`).
 //! - **Placement**: a live host allowed for the VM, with room (its hello's capacity minus
 //!   `mem_mib` per primary or backup assigned to it and [`CLONE_SHARE_MIB`] per clone), that
-//!   can start a clone now or soon: it reports a clone base of the VM, or it runs the VM's
-//!   primary (whose agent makes one from a snapshot). Hosts holding a base first, then the one
-//!   with most room. No such host: the slot waits (said once).
+//!   can start a clone now or soon: it reports a clone base of the VM, makes one (`makes_base`:
+//!   its synced backup exports one, or its primary snapshots, only when needed), or can copy
+//!   one from another host (`super::fetch`). Hosts holding a base first, then those making
+//!   one, then those copying, each by most room; hosts avoided for the VM (a slot stuck there)
+//!   are not taken. No such host: the slot waits (said once).
 //! - **Independence**: clones take no role and no term; promotion, re-protection and
 //!   migration never look at them, and a failover of the parent leaves them where they run.
 //! - **Loss**: a clone whose host has been silent for `backup_lost` is re-placed; so is one
 //!   reported dead by a host that holds no base of its VM any more (it cannot restart it
-//!   there). Any other dead clone is restarted by its agent.
+//!   there), or one reported dead for `fetch::STUCK_AFTER` on end by a host that could hold
+//!   a base. Any other dead clone is restarted by its agent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -47,7 +47,7 @@ impl Sim {
                 vms: self.observe(i),
                 clones,
                 bases,
-                base_port: 0,
+                base_port: super::clones::base_port(i),
             };
             let delay = Duration::from_millis(1 + self.rng.below(4));
             let host = self.names[i].clone();

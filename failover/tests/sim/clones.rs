@@ -8,6 +8,10 @@
 //!   them). A base no clone uses is removed unless it is the newest of a VM still wanted here
 //!   (listed in `bases` or with a clone assigned). (The real agent also refreshes a base every
 //!   60 s; a run here is shorter than that.)
+//! - **Copies**: every host but the fourth serves its bases (its report's `base_port`); for a
+//!   VM its assignment lists in `fetch`, a host with no base as new as the first source's term
+//!   copies one from that source (20–500 ms; failed if the source is down or holds no such
+//!   base by then, or one time in eight at random; none tried for a second after a failure).
 //! - **Clones**: one process per clone assigned here, started from the newest base; none while
 //!   a base is being made for it; "blocked" (reported dead: no base of its VM on this host)
 //!   when there is no base and none is wanted. A clone answers (`running`) 5–55 ms after its
@@ -24,6 +28,15 @@ use super::world::{Sim, VM};
 
 /// How long a clone that exited waits before its agent starts it again (as the real agent).
 pub const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// The base server port host `i` reports (the fourth host serves none).
+pub fn base_port(i: usize) -> u16 {
+    if i == 3 {
+        0
+    } else {
+        7400
+    }
+}
 
 /// One clone process on a host.
 #[derive(Debug, Clone)]
@@ -59,9 +72,11 @@ impl Sim {
     /// One clone round of host `i`'s agent (after its VM processes were reconciled).
     pub fn clone_round(&mut self, i: usize) {
         self.collect_base(i);
+        self.collect_copy(i);
         if self.hosts[i].want.bases.iter().any(|v| v == VM) {
             self.keep_base_warm(i);
         }
+        self.keep_copy(i);
         self.stop_unassigned_clones(i);
         self.start_assigned_clones(i);
         self.remove_unused_bases(i);
@@ -124,6 +139,60 @@ impl Sim {
         self.hosts[i].making = Some((term, ready));
     }
 
+    /// Starts copying a base if the host's assignment lists a source with a newer one.
+    fn keep_copy(&mut self, i: usize) {
+        let h = &self.hosts[i];
+        let Some(f) = h.want.fetch.iter().find(|f| f.vm == VM) else {
+            return;
+        };
+        let Some(best) = f.sources.first() else {
+            return;
+        };
+        let backoff = h
+            .copy_failed
+            .is_some_and(|t| self.now < t + Duration::from_secs(1));
+        let fresh = h.bases.last().is_some_and(|b| b.term >= best.term);
+        if h.copying.is_some() || h.making.is_some() || backoff || fresh {
+            return;
+        }
+        let (term, src) = (best.term, self.idx(&best.host));
+        let ready = self.now + Duration::from_millis(20 + self.rng.below(480));
+        self.hosts[i].copying = Some((term, src, ready));
+    }
+
+    /// A copy that ended: a base if its source still held one of that term.
+    fn collect_copy(&mut self, i: usize) {
+        let Some((term, src, ready)) = self.hosts[i].copying else {
+            return;
+        };
+        if ready > self.now {
+            return;
+        }
+        self.hosts[i].copying = None;
+        let s = &self.hosts[src];
+        let held = s.up && s.bases.last().is_some_and(|b| b.term >= term);
+        if !held || self.rng.below(8) == 0 {
+            self.hosts[i].copy_failed = Some(self.now);
+            self.note(format!(
+                "{}: copy of a base from {} failed",
+                self.names[i], self.names[src]
+            ));
+            return;
+        }
+        let term = self.hosts[src].bases.last().map_or(term, |b| b.term);
+        self.next_base += 1;
+        let b = SimBase {
+            id: self.next_base,
+            term,
+            made: self.now,
+        };
+        self.note(format!(
+            "{}: base {} of term {term} copied from {}",
+            self.names[i], b.id, self.names[src]
+        ));
+        self.hosts[i].bases.push(b);
+    }
+
     fn stop_unassigned_clones(&mut self, i: usize) {
         let h = &mut self.hosts[i];
         let want = &h.want.clones;
@@ -174,7 +243,8 @@ impl Sim {
                         self.names[i], a.name, b.id
                     ));
                 }
-                None if h.want.bases.contains(&a.vm) => {} // (being made)
+                // (Being made or copied.)
+                None if h.want.bases.contains(&a.vm) || h.copying.is_some() => {}
                 None => {
                     let why = format!("no clone base of {} on this host", a.vm);
                     self.hosts[i].blocked.insert(a.name.clone(), why);

@@ -117,6 +117,7 @@ impl Sim {
         h.connected = false;
         h.clones.clear();
         h.making = None;
+        h.copying = None;
         h.blocked.clear();
         h.assigned = false;
         let host = self.names[i].clone();

@@ -80,6 +80,11 @@ pub struct Host {
     pub bases: Vec<SimBase>,
     /// A base being made: its term and when it is ready (gone with a crash).
     pub making: Option<(u64, Duration)>,
+    /// A base being copied from another host: the term its source reported, the source's
+    /// index and when the copy ends (gone with a crash).
+    pub copying: Option<(u64, usize, Duration)>,
+    /// When the last copy failed (none is tried for a second after, as the real agent).
+    pub copy_failed: Option<Duration>,
     /// Clones assigned that cannot start (no base here), with why (the agent's memory).
     pub blocked: BTreeMap<String, String>,
     /// The agent received an assignment since it started (before it, the real agent leaves

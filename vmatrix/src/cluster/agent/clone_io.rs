@@ -1,6 +1,7 @@
 //! The agent's clone I/O (see `clones.rs`): one clone process, making a clone base from a
-//! snapshot of the local primary or backup, the clones' taps, and the note before a clone stops (draining is
-//! the manager's and the load balancer's driver's: see [`note_stop`]).
+//! snapshot of the local primary or backup or from a copy of another host's base, the clones'
+//! taps, and the note before a clone stops (draining is the manager's and the load balancer's
+//! driver's: see [`note_stop`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,6 +143,49 @@ pub(super) fn make_base(vm: &str, control: &Path, term: u64, dir: PathBuf) -> an
         term,
         made: Instant::now(),
     })
+}
+
+/// Makes a base of `vm` in `dir` from a copy of another host's (the first of `sources` that
+/// sends one whole; `base_share::fetch`), verified and frozen as a local one (every CRC of the
+/// snapshot is checked by `clone::base::prepare`), and a `term` file written last.
+pub(super) fn copy_base(
+    vm: &str,
+    sources: &[failover::clones::BaseSource],
+    (certs, host): &(PathBuf, String),
+    dir: PathBuf,
+) -> anyhow::Result<Base> {
+    let t0 = Instant::now();
+    let snap = dir.join("snap");
+    let r = (|| {
+        let id = transport::certs::load(certs, host)
+            .with_context(|| format!("loading the certificate of '{host}'"))?;
+        let (c, from) = super::base_share::fetch(&id, sources, vm, &snap)?;
+        let copied = t0.elapsed();
+        crate::clone::base::prepare(&snap, &dir.join("base"))
+            .with_context(|| format!("checking the base of {vm} copied from {from}"))?;
+        std::fs::write(dir.join("term"), format!("{}\n", c.term))?;
+        tracing::info!(
+            "{vm}: clone base of term {} copied from {from}: {:.1} MiB of data in {:.0} ms, \
+             checked in {:.0} ms (its age there {} ms)",
+            c.term,
+            c.bytes as f64 / (1 << 20) as f64,
+            copied.as_secs_f64() * 1e3,
+            (t0.elapsed() - copied).as_secs_f64() * 1e3,
+            c.age_ms
+        );
+        anyhow::Ok(c.term)
+    })();
+    match r {
+        Ok(term) => Ok(Base {
+            dir,
+            term,
+            made: Instant::now(),
+        }),
+        Err(e) => {
+            remove_dir(&dir);
+            Err(e)
+        }
+    }
 }
 
 /// Removes a directory tree (logged if it fails).

@@ -4,15 +4,16 @@
 //! assigned (a load balancer's driver drained them first: the manager keeps a draining clone
 //! assigned until then), and reports both.
 //!
-//! **The base.** Made from the local primary's own snapshot (`PUT /snapshot` on its control
-//! socket: one capture pause; the service and its protection go on), frozen with
-//! `clone::base::prepare` (a full snapshot is used in place: nothing is copied), on a thread of
-//! its own so the supervisor's rounds (status polls, reports, promotions) never wait for it.
-//! It is refreshed every `refresh` (default 60 s) and whenever the primary's term changes; a
-//! new clone starts from the newest base; a running clone keeps the base it started from,
-//! which is removed once no clone uses it and a newer one exists (or the VM wants none here).
-//! Clones therefore run on hosts that hold a base: the primary's host, or a host that kept
-//! one after the primary moved away.
+//! **The base.** Made from what this host runs of the VM when the manager lists it in
+//! `bases`: its backup's export (`PUT /snapshot` on the backup's control socket: no pause) or
+//! its primary's own snapshot (one capture pause), frozen with `clone::base::prepare` (a full
+//! snapshot is used in place: nothing is copied); or, for a VM listed in `fetch`, copied from
+//! another host's agent (`base_share`: QUIC, mutual TLS, every CRC checked). Each on a thread
+//! of its own so the supervisor's rounds (status polls, reports, promotions) never wait for it.
+//! It is refreshed every `refresh` (default 60 s) and whenever the term changes; a new clone
+//! starts from the newest base; a running clone keeps the base it started from, which is
+//! removed once no clone uses it and a newer one exists (or the VM wants none here). The
+//! newest base of each VM is published to this host's base server.
 //!
 //! **Processes.** Each clone is its own process with its own tap (`vx<n>`, created as a port
 //! of `--clone-bridge` with one `ip -batch` for every tap a round needs and kept for reuse),
@@ -27,9 +28,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use failover::model::{Assignments, BaseObservation, CloneAssignment, CloneObservation};
+use failover::model::{Assignments, BaseFetch, BaseObservation, CloneAssignment, CloneObservation};
 
-use super::clone_io::{ensure_taps, free_tap, make_base, note_stop, remove_dir, signal, CloneProc};
+use super::base_share::{Published, Served};
+use super::clone_io::{
+    copy_base, ensure_taps, free_tap, make_base, note_stop, remove_dir, signal, CloneProc,
+};
 use super::standby;
 use crate::control::client::Client;
 
@@ -48,6 +52,9 @@ const STANDBY_BACKOFF: Duration = Duration::from_secs(10);
 /// After a base of a VM could not be made (its primary stalled, its backup re-syncing), how
 /// long before the next attempt.
 const BASE_BACKOFF: Duration = Duration::from_secs(1);
+
+#[path = "clones_adopt.rs"]
+mod adopt;
 
 /// Whether a standby took a clone over.
 enum Taken {
@@ -72,6 +79,10 @@ pub struct CloneConfig {
     pub refresh: Duration,
     /// Standby clones kept per VM wanting clones here (see `standby.rs`).
     pub standby: usize,
+    /// The newest base of each VM, as this host's base server serves them.
+    pub published: Published,
+    /// Certificate directory and this host's name (copying a base from another host).
+    pub identity: (PathBuf, String),
 }
 
 /// One frozen checkpoint of a VM on this host.
@@ -105,8 +116,9 @@ pub struct Clones {
     standby_seq: u64,
     /// When a standby of a VM last failed (none is started for [`STANDBY_BACKOFF`] after).
     standby_failed: BTreeMap<String, Instant>,
-    /// When making a base of a VM last failed (none is tried for [`BASE_BACKOFF`] after).
-    base_failed: BTreeMap<String, Instant>,
+    /// When making or copying a base of a VM last failed, and why (none is tried for
+    /// [`BASE_BACKOFF`] after).
+    base_failed: BTreeMap<String, (Instant, String)>,
 }
 
 /// A live primary or backup on this host a clone base is made from (`PUT /snapshot`): its
@@ -140,118 +152,8 @@ impl Clones {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
         }
         c.adopt();
+        c.publish();
         c
-    }
-
-    /// Bases, clone processes and standbys left by an earlier agent: bases and clones are
-    /// adopted (bases in the order they were made: their names hold the time), standbys killed
-    /// — after the clones, so that one a clone record claims is not.
-    fn adopt(&mut self) {
-        let Ok(rd) = std::fs::read_dir(&self.cfg.dir) else {
-            return;
-        };
-        let mut standbys = Vec::new();
-        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                self.adopt_bases(&p);
-            } else if p.extension().is_some_and(|x| x == "rec") {
-                let name = p
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if standby::is_standby(&name) {
-                    standbys.push((name, p));
-                    continue;
-                }
-                match self.adopt_proc(&name, &p) {
-                    Some(c) => {
-                        tracing::info!("adopted clone {name} (pid {})", c.pid);
-                        self.procs.insert(name, c);
-                    }
-                    None => {
-                        let _ = std::fs::remove_file(&p);
-                    }
-                }
-            }
-        }
-        let claimed: Vec<u32> = self.procs.values().map(|c| c.pid).collect();
-        for (name, p) in standbys {
-            standby::kill_leftover(&self.cfg.dir, &name, &p, &claimed);
-        }
-    }
-
-    /// The whole bases of one VM's directory, oldest first; half-made ones removed.
-    fn adopt_bases(&mut self, vm_dir: &Path) {
-        let vm = vm_dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(vm_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|b| b.path())
-            .collect();
-        // (`base-<µs since the epoch>`: the same number of digits for centuries.)
-        dirs.sort();
-        for b in dirs {
-            let term = std::fs::read_to_string(b.join("term"))
-                .ok()
-                .and_then(|t| t.trim().parse().ok());
-            match term {
-                Some(term) if b.join("base/clone-base.bin").exists() => {
-                    self.bases.entry(vm.clone()).or_default().push(Base {
-                        dir: b,
-                        term,
-                        made: Instant::now(),
-                    });
-                }
-                // Half made when the agent stopped.
-                _ => remove_dir(&b),
-            }
-        }
-    }
-
-    fn adopt_proc(&self, name: &str, rec: &Path) -> Option<CloneProc> {
-        let text = std::fs::read_to_string(rec).ok()?;
-        let f: Vec<&str> = text.split_whitespace().collect();
-        // (A sixth field: the standby it was, whose control socket its command line names.)
-        let (pid, vm, tap, base, term, was) = match f.as_slice() {
-            [p, v, t, b, tm] => (p, v, t, b, tm, None),
-            [p, v, t, b, tm, w] => (p, v, t, b, tm, Some(*w)),
-            _ => return None,
-        };
-        let pid: u32 = pid.parse().ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let named = match was {
-            Some(w) => {
-                let sock = self.cfg.dir.join(format!("{w}.sock"));
-                args.contains(&sock.as_os_str().as_encoded_bytes())
-            }
-            None => args.contains(&name.as_bytes()),
-        };
-        let ours = args.contains(&&b"clone-vm"[..]) && named;
-        // (An earlier agent that died in the middle of a standby's takeover may not have
-        // renamed its socket yet.)
-        let mut control = self.cfg.dir.join(format!("{name}.sock"));
-        if let Some(w) = was.filter(|_| !control.exists()) {
-            control = self.cfg.dir.join(format!("{w}.sock"));
-        }
-        ours.then(|| CloneProc {
-            vm: vm.to_string(),
-            child: None,
-            pid,
-            tap: tap.to_string(),
-            base: PathBuf::from(base),
-            base_term: term.parse().unwrap_or(0),
-            control,
-            exit: None,
-            running: false,
-            exited_at: None,
-        })
     }
 
     /// One round: bases, starts, stops; `sources` are what this host can make bases from.
@@ -262,11 +164,33 @@ impl Clones {
                 self.keep_base_warm(vm, p);
             }
         }
+        for f in &want.fetch {
+            self.keep_copy_warm(f);
+        }
         self.stop_unassigned(want);
         self.start_assigned(want);
         self.keep_standby(want);
         self.poll();
         self.remove_unused_bases(want);
+        self.publish();
+    }
+
+    /// Tells the base server the newest base of each VM.
+    fn publish(&self) {
+        let served: BTreeMap<String, Served> = self
+            .bases
+            .iter()
+            .filter_map(|(vm, b)| b.last().map(|b| (vm, b)))
+            .map(|(vm, b)| {
+                let s = Served {
+                    term: b.term,
+                    snap: b.dir.join("snap"),
+                    made: b.made,
+                };
+                (vm.clone(), s)
+            })
+            .collect();
+        *self.cfg.published.lock().expect("published bases") = served;
     }
 
     /// Gives newly assigned clones the ready standbys of their VM's newest base (a few ms
@@ -313,7 +237,8 @@ impl Clones {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!("{vm}: making a clone base: {e:#} (again in {BASE_BACKOFF:?})");
-                    self.base_failed.insert(vm, Instant::now());
+                    self.base_failed
+                        .insert(vm, (Instant::now(), format!("{e:#}")));
                 }
                 Err(_) => tracing::warn!("{vm}: the clone base's thread panicked"),
             }
@@ -322,8 +247,7 @@ impl Clones {
 
     /// Starts making a base of `vm` if it has none of the source's term, or only an old one.
     fn keep_base_warm(&mut self, vm: &str, p: &LocalSource) {
-        let failed = self.base_failed.get(vm);
-        if self.making.contains_key(vm) || failed.is_some_and(|t| t.elapsed() < BASE_BACKOFF) {
+        if !self.may_make(vm) {
             return;
         }
         let fresh = self
@@ -334,15 +258,60 @@ impl Clones {
         if fresh {
             return;
         }
+        let dir = self.new_base_dir(vm);
+        let (control, term, vm2) = (p.control.clone(), p.term, vm.to_string());
+        self.make_on_thread(vm, term, move || make_base(&vm2, &control, term, dir));
+    }
+
+    /// Starts copying a base of `f.vm` from another host if it has none as new as the best
+    /// source's term, or only one older than `refresh` (a copy is as old as its source's base
+    /// was, at most one more `refresh`).
+    fn keep_copy_warm(&mut self, f: &BaseFetch) {
+        let Some(best) = f.sources.first() else {
+            return;
+        };
+        if !self.may_make(&f.vm) {
+            return;
+        }
+        let fresh = self
+            .bases
+            .get(&f.vm)
+            .and_then(|b| b.last())
+            .is_some_and(|b| b.term >= best.term && b.made.elapsed() < self.cfg.refresh);
+        if fresh {
+            return;
+        }
+        let dir = self.new_base_dir(&f.vm);
+        let (sources, vm2, id) = (f.sources.clone(), f.vm.clone(), self.cfg.identity.clone());
+        self.make_on_thread(&f.vm, best.term, move || {
+            copy_base(&vm2, &sources, &id, dir)
+        });
+    }
+
+    /// Whether a base of `vm` may be started now: none is being made, and the last try did
+    /// not fail within [`BASE_BACKOFF`].
+    fn may_make(&self, vm: &str) -> bool {
+        let failed = self.base_failed.get(vm);
+        !self.making.contains_key(vm) && failed.is_none_or(|(t, _)| t.elapsed() >= BASE_BACKOFF)
+    }
+
+    fn new_base_dir(&self, vm: &str) -> PathBuf {
         let id = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        let dir = self.cfg.dir.join(vm).join(format!("base-{id}"));
-        let (control, term, vm2) = (p.control.clone(), p.term, vm.to_string());
-        let h = std::thread::Builder::new()
+        self.cfg.dir.join(vm).join(format!("base-{id}"))
+    }
+
+    fn make_on_thread(
+        &mut self,
+        vm: &str,
+        term: u64,
+        f: impl FnOnce() -> anyhow::Result<Base> + Send + 'static,
+    ) {
+        match std::thread::Builder::new()
             .name(format!("base-{vm}"))
-            .spawn(move || make_base(&vm2, &control, term, dir));
-        match h {
+            .spawn(f)
+        {
             Ok(h) => {
                 self.making.insert(vm.to_string(), (term, h));
             }
@@ -412,9 +381,11 @@ impl Clones {
                 // Nothing to make one from here (the backup re-syncing, the primary gone) or
                 // the last try failed: reported, so the manager places the clone elsewhere.
                 None => {
+                    let last = self.base_failed.get(&a.vm).map(|(_, e)| e.as_str());
                     let why = format!(
-                        "no clone base of {} on this host, and none can be made now",
-                        a.vm
+                        "no clone base of {} on this host, and none can be made or copied now{}",
+                        a.vm,
+                        last.map_or(String::new(), |e| format!(" (last try: {e})"))
                     );
                     self.blocked.insert(a.name.clone(), (a.vm.clone(), why));
                 }

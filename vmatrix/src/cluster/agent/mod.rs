@@ -4,6 +4,7 @@
 //! [`supervisor`]), clones included ([`clones`]). Losing the manager never stops a VM: the
 //! agent reconnects and goes on.
 
+pub mod base_share;
 mod clone_io;
 mod clones;
 mod procs;
@@ -76,6 +77,10 @@ pub struct AgentArgs {
     /// over the next clone assigned here (0: every clone is started when assigned).
     #[arg(long, default_value_t = 1)]
     pub clone_standby: usize,
+    /// UDP port of this host's clone base server, on `--repl-ip` (agents of other hosts copy
+    /// bases from it; 0: serve none).
+    #[arg(long, default_value_t = base_share::DEFAULT_PORT)]
+    pub base_port: u16,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).
     #[arg(long, hide = true, value_parser = clap::builder::PossibleValuesParser::new(supervisor::CRASH_POINTS))]
@@ -88,6 +93,9 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let identity = transport::certs::load(&a.certs, &a.host)
         .with_context(|| format!("loading the certificate of '{}'", a.host))?;
+    let rt = crate::rt::runtime().context("tokio runtime")?;
+    let published = base_share::Published::default();
+    let base_port = serve_bases(&rt, &a, &identity, published.clone());
     let cfg = HostConfig {
         host: a.host.clone(),
         certs: a.certs.clone(),
@@ -105,7 +113,10 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
             bridge: a.clone_bridge.clone(),
             refresh: Duration::from_secs(a.clone_base_refresh_s.max(1)),
             standby: a.clone_standby.min(64),
+            published,
+            identity: (a.certs.clone(), a.host.clone()),
         },
+        base_port,
     };
     let shared = Arc::new(Mutex::new(Shared::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -117,7 +128,6 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let sup = std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || sup.run(stop2, stop_vms, &wake2))?;
-    let rt = crate::rt::runtime().context("tokio runtime")?;
     let hello = AgentMsg::Hello {
         version: VERSION,
         host: a.host.clone(),
@@ -152,6 +162,43 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
     wake.notify();
     let _ = sup.join();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts this host's clone base server; its port (0: none, said in the log).
+fn serve_bases(
+    rt: &tokio::runtime::Runtime,
+    a: &AgentArgs,
+    identity: &transport::certs::Identity,
+    published: base_share::Published,
+) -> u16 {
+    if a.base_port == 0 {
+        return 0;
+    }
+    let _rt = rt.enter();
+    let bound = a
+        .repl_ip
+        .parse::<std::net::IpAddr>()
+        .map_err(|e| anyhow::anyhow!("replication address '{}': {e}", a.repl_ip))
+        .and_then(|ip| {
+            let addr = SocketAddr::new(ip, a.base_port);
+            Ok(transport::quic::Server::bind(
+                addr,
+                identity,
+                &QuicConfig::default(),
+            )?)
+        });
+    match bound {
+        Ok(server) => {
+            let port = server.local_addr().map_or(0, |x| x.port());
+            tracing::info!("serving clone bases on {}:{port}", a.repl_ip);
+            rt.spawn(base_share::serve(server, published));
+            port
+        }
+        Err(e) => {
+            tracing::warn!("no clone base server ({e:#}): clones here copy no bases");
+            0
+        }
+    }
 }
 
 /// One connection to the manager: hello, then heartbeats out and assignments in.

@@ -42,6 +42,8 @@ pub struct HostConfig {
     pub crash_at: Option<String>,
     /// Clones: where, which bridge, how often a base is refreshed.
     pub clones: CloneConfig,
+    /// The port this host's clone base server listens on (0: none).
+    pub base_port: u16,
 }
 
 /// Crash right after the promotion's `promote-term` marker is durable, before the backup is
@@ -223,7 +225,12 @@ impl Supervisor {
         let vms = self.observe_all();
         let (clones, bases) = self.clones.observe();
         let mut sh = self.shared.lock().expect("shared");
-        sh.report = Report { vms, clones, bases };
+        sh.report = Report {
+            vms,
+            clones,
+            bases,
+            base_port: self.cfg.base_port,
+        };
         sh.ready = true;
     }
 

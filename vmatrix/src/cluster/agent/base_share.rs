@@ -1,0 +1,366 @@
+//! Clone bases copied between hosts (issue 11; docs/clones.md, "Clones on any host").
+//!
+//! Every agent serves the newest clone base of each VM it holds on `--base-port` of its
+//! replication address, over QUIC with mutual TLS: only a peer whose certificate grants the
+//! agent role gets one (the copier checks the server's the same way, and TLS that its name is
+//! the host the manager named). A host with clones of a VM it makes no base of copies one
+//! ([`fetch`]) from the hosts its assignment lists, the best first.
+//!
+//! **The exchange** (one bidirectional stream; every message a [`failover::wire`] frame:
+//! length checked before allocation, CRC32, postcard): `Want { vm }` → `Header { term, age,
+//! lens }`, then `Chunk { file, offset, data }` for the data regions of the base's full
+//! snapshot (`snapshot.bin`, `memory.bin`, `disk.img`; holes are not sent and stay holes), then
+//! `Done`; or `Refused { why }`. The server opens the three files before it answers, so a base
+//! its agent removes meanwhile is still sent whole.
+//!
+//! **Trust nothing**: the copier checks every length (file sizes within [`LIMITS`], every chunk
+//! inside its file), bounds each read by [`READ_TIMEOUT`] and the whole copy by
+//! [`COPY_TIMEOUT`], and the copy becomes a base only through `clone::base::prepare`, which
+//! verifies every CRC of the snapshot: a peer sending bad bytes makes a copy fail, never a
+//! clone start from them. A failed copy is removed and the next source tried. The server
+//! serves at most [`SERVING`] copies at once (others are refused as busy) and reads its files
+//! off its runtime's thread.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use failover::clones::BaseSource;
+use serde::{Deserialize, Serialize};
+use transport::roles::HostRole;
+use transport::QuicConfig;
+use vmm::snapshot::{files, DISK_FILE, MEMORY_FILE, META_FILE};
+
+use crate::cluster::link::{read_msg, write_msg};
+
+/// Default UDP port of an agent's base server.
+pub const DEFAULT_PORT: u16 = 7400;
+/// The files of a base's full snapshot, in the order they are sent.
+pub const FILES: [&str; 3] = [META_FILE, MEMORY_FILE, DISK_FILE];
+/// Largest size accepted for each of [`FILES`]: a snapshot's description, guest RAM (the
+/// largest a VM spec allows, rounded up), a disk (idem).
+pub const LIMITS: [u64; 3] = [64 << 20, 4 << 30, 1 << 40];
+/// Bytes of data per chunk (a frame holds at most `failover::wire::MAX_FRAME`).
+const CHUNK: usize = 512 << 10;
+/// Longest wait for any one message of a copy.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a whole copy may take.
+pub const COPY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Copies served at once.
+pub const SERVING: usize = 4;
+
+/// One message of the exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// Copier → server: the newest base of this VM.
+    Want {
+        /// The VM.
+        vm: String,
+    },
+    /// The base that follows.
+    Header {
+        /// The term of the primary whose checkpoint it froze.
+        term: u64,
+        /// Its age on the server, ms.
+        age_ms: u64,
+        /// The sizes of [`FILES`].
+        lens: [u64; 3],
+    },
+    /// Bytes of one file.
+    Chunk {
+        /// Index in [`FILES`].
+        file: u8,
+        /// Where they go.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Everything was sent.
+    Done,
+    /// No base is sent.
+    Refused {
+        /// Why.
+        why: String,
+    },
+}
+
+/// One base a host serves: its term, its snapshot directory, when it was made.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The term of the primary whose checkpoint it froze.
+    pub term: u64,
+    /// Its full snapshot's directory.
+    pub snap: PathBuf,
+    /// When it was made (or copied).
+    pub made: Instant,
+}
+
+/// The newest base of each VM this host holds (the clones' bookkeeping keeps it current).
+pub type Published = Arc<Mutex<BTreeMap<String, Served>>>;
+
+/// Serves the published bases on `server` until the endpoint closes.
+pub async fn serve(server: transport::quic::Server, published: Published) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(SERVING));
+    while let Ok(conn) = server.accept().await {
+        let (published, slots) = (published.clone(), slots.clone());
+        tokio::spawn(async move {
+            let peer = conn.remote_address();
+            if let Err(e) = serve_one(&conn, &published, &slots).await {
+                tracing::warn!("clone base for {peer}: {e:#}");
+            }
+            transport::quic::close(&conn, 0, "done");
+        });
+    }
+}
+
+async fn serve_one(
+    conn: &quinn::Connection,
+    published: &Published,
+    slots: &tokio::sync::Semaphore,
+) -> anyhow::Result<()> {
+    let peer = transport::roles::check_peer(conn, HostRole::Agent, None)?;
+    let (mut send, mut recv) = tokio::time::timeout(READ_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no request")??;
+    let vm = match tokio::time::timeout(READ_TIMEOUT, read_msg::<Msg>(&mut recv)).await {
+        Ok(Ok(Some(Msg::Want { vm }))) => vm,
+        other => bail!("expected a request, got {other:?}"),
+    };
+    let refuse = |why: String| Msg::Refused { why };
+    let Ok(_slot) = slots.try_acquire() else {
+        write_msg(
+            &mut send,
+            &refuse(format!("busy: {SERVING} copies under way")),
+        )
+        .await?;
+        return finish(send).await;
+    };
+    let base = published.lock().expect("published bases").get(&vm).cloned();
+    let Some(base) = base else {
+        write_msg(&mut send, &refuse(format!("no clone base of {vm} here"))).await?;
+        return finish(send).await;
+    };
+    let opened = tokio::task::spawn_blocking(move || open_base(&base)).await?;
+    let (files, header) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            write_msg(&mut send, &refuse(format!("{e:#}"))).await?;
+            return finish(send).await;
+        }
+    };
+    let t0 = Instant::now();
+    write_msg(&mut send, &header).await?;
+    let files = Arc::new(files);
+    let mut sent = 0u64;
+    for i in 0..FILES.len() {
+        let f = files.clone();
+        let regions = tokio::task::spawn_blocking(move || {
+            let (file, len) = &f[i];
+            files::data_regions(file, *len)
+        })
+        .await?;
+        for (start, end) in regions {
+            let mut off = start;
+            while off < end {
+                let n = (end - off).min(CHUNK as u64) as usize;
+                let f = files.clone();
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    f[i].0.read_exact_at(&mut buf, off).map(|()| buf)
+                })
+                .await??;
+                let chunk = Msg::Chunk {
+                    file: i as u8,
+                    offset: off,
+                    data,
+                };
+                write_msg(&mut send, &chunk).await?;
+                off += n as u64;
+                sent += n as u64;
+            }
+        }
+    }
+    write_msg(&mut send, &Msg::Done).await?;
+    finish(send).await?;
+    tracing::info!(
+        "sent the clone base of {vm} to {} ({:.1} MiB of data in {:.0} ms)",
+        peer.host,
+        sent as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Ends the answer and waits (at most [`READ_TIMEOUT`]) until the copier has it all: the
+/// connection is closed right after.
+async fn finish(mut send: quinn::SendStream) -> anyhow::Result<()> {
+    send.finish()?;
+    let _ = tokio::time::timeout(READ_TIMEOUT, send.stopped()).await;
+    Ok(())
+}
+
+/// Opens a base's files (so that it is sent whole even if it is removed meanwhile).
+fn open_base(b: &Served) -> anyhow::Result<(Vec<(File, u64)>, Msg)> {
+    let mut out = Vec::new();
+    let mut lens = [0u64; 3];
+    for (i, name) in FILES.iter().enumerate() {
+        let p = b.snap.join(name);
+        let f = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+        lens[i] = f.metadata()?.len();
+        out.push((f, lens[i]));
+    }
+    let header = Msg::Header {
+        term: b.term,
+        age_ms: b.made.elapsed().as_millis() as u64,
+        lens,
+    };
+    Ok((out, header))
+}
+
+/// What a copy brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    /// The term of the base.
+    pub term: u64,
+    /// Its age on the server when the copy began, ms.
+    pub age_ms: u64,
+    /// Bytes of data received.
+    pub bytes: u64,
+}
+
+/// Copies the newest base of `vm` from the first of `sources` that sends one whole, into
+/// `snap` (a full snapshot directory; not yet verified: `clone::base::prepare` does it).
+/// Blocking: runs its own runtime (the caller is a thread of its own).
+pub fn fetch(
+    identity: &transport::certs::Identity,
+    sources: &[BaseSource],
+    vm: &str,
+    snap: &Path,
+) -> anyhow::Result<(Copied, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let quic = QuicConfig {
+            idle_timeout_ms: READ_TIMEOUT.as_millis() as u64,
+            ..QuicConfig::default()
+        };
+        let ep = transport::quic::client(identity, &quic)?;
+        let mut why = Vec::new();
+        for s in sources {
+            let _ = std::fs::remove_dir_all(snap);
+            let copy = tokio::time::timeout(COPY_TIMEOUT, fetch_one(&ep, s, vm, snap)).await;
+            match copy {
+                Ok(Ok(c)) => return Ok((c, s.host.clone())),
+                Ok(Err(e)) => why.push(format!("{}: {e:#}", s.host)),
+                Err(_) => why.push(format!("{}: not done within {COPY_TIMEOUT:?}", s.host)),
+            }
+        }
+        let _ = std::fs::remove_dir_all(snap);
+        bail!("no source sent a base: {}", why.join("; "))
+    })
+}
+
+/// Copies from one source.
+async fn fetch_one(
+    ep: &quinn::Endpoint,
+    src: &BaseSource,
+    vm: &str,
+    snap: &Path,
+) -> anyhow::Result<Copied> {
+    let addr: std::net::SocketAddr = src
+        .addr
+        .parse()
+        .with_context(|| format!("address '{}'", src.addr))?;
+    let conn = tokio::time::timeout(
+        READ_TIMEOUT,
+        transport::quic::connect_raw(ep, addr, &src.host),
+    )
+    .await
+    .context("connecting: timed out")??;
+    let r = copy_from(&conn, vm, snap).await;
+    transport::quic::close(&conn, 0, "done");
+    r
+}
+
+async fn copy_from(conn: &quinn::Connection, vm: &str, snap: &Path) -> anyhow::Result<Copied> {
+    transport::roles::check_peer(conn, HostRole::Agent, None)?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(&mut send, &Msg::Want { vm: vm.into() }).await?;
+    let (term, age_ms, lens) = match next(&mut recv).await? {
+        Msg::Header { term, age_ms, lens } => (term, age_ms, lens),
+        Msg::Refused { why } => bail!("refused: {why}"),
+        m => bail!("expected a header, got {}", kind(&m)),
+    };
+    let out = create_files(snap, &lens)?;
+    let mut bytes = 0u64;
+    loop {
+        match next(&mut recv).await? {
+            Msg::Chunk { file, offset, data } => {
+                let i = file as usize;
+                let end = offset.checked_add(data.len() as u64);
+                if i >= FILES.len() || end.is_none_or(|e| e > lens[i]) {
+                    bail!(
+                        "a chunk outside its file (file {file}, {offset}+{})",
+                        data.len()
+                    );
+                }
+                out[i].write_all_at(&data, offset)?;
+                bytes += data.len() as u64;
+            }
+            Msg::Done => break,
+            m => bail!("expected a chunk, got {}", kind(&m)),
+        }
+    }
+    Ok(Copied {
+        term,
+        age_ms,
+        bytes,
+    })
+}
+
+/// The next message, within [`READ_TIMEOUT`].
+async fn next(recv: &mut quinn::RecvStream) -> anyhow::Result<Msg> {
+    match tokio::time::timeout(READ_TIMEOUT, read_msg::<Msg>(recv)).await {
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => bail!("the server ended the stream early"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!("nothing for {READ_TIMEOUT:?}"),
+    }
+}
+
+/// Creates the files of a copy at their sizes (sparse), after checking the sizes.
+fn create_files(snap: &Path, lens: &[u64; 3]) -> anyhow::Result<Vec<File>> {
+    for (i, (len, max)) in lens.iter().zip(LIMITS).enumerate() {
+        if *len > max {
+            bail!("{} of {len} bytes (at most {max})", FILES[i]);
+        }
+    }
+    std::fs::create_dir_all(snap).with_context(|| format!("creating {}", snap.display()))?;
+    let mut out = Vec::new();
+    for (name, len) in FILES.iter().zip(lens) {
+        let p = snap.join(name);
+        let f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        f.set_len(*len)?;
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn kind(m: &Msg) -> &'static str {
+    match m {
+        Msg::Want { .. } => "a request",
+        Msg::Header { .. } => "a header",
+        Msg::Chunk { .. } => "a chunk",
+        Msg::Done => "the end",
+        Msg::Refused { .. } => "a refusal",
+    }
+}
+
+#[cfg(test)]
+#[path = "base_share_tests.rs"]
+mod tests;
