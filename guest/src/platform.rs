@@ -12,6 +12,15 @@ const MAGIC: u32 = 0x504d_5856;
 pub fn present() -> bool {
     io::read32(PLATFORM) == MAGIC
 }
+/// The device's register layout version (2: it has the console register).
+pub fn version() -> u32 {
+    io::read32(PLATFORM + 0x04)
+}
+/// Writes `bytes` (at most 4 KiB) to the console in one VM exit (version 2).
+pub fn console(bytes: &[u8]) {
+    let len = bytes.len().min(4096) as u64;
+    io::write64(PLATFORM + 0x50, bytes.as_ptr() as u64 | (len << 48));
+}
 /// Guest monotonic clock in ns.
 pub fn clock_ns() -> u64 {
     io::read64(PLATFORM + 0x08)

@@ -206,10 +206,6 @@ impl Server {
         self.ip = cfg.ip;
         self.churn = Churn::default();
         self.incarnation = platform::incarnation();
-        crate::println!(
-            "vmatrix-guest: generation {}: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip {}/{} port {}",
-            generation, m[0], m[1], m[2], m[3], m[4], m[5], cfg.ip, cfg.prefix, cfg.port
-        );
         self.announce(cfg.ip);
         // The new interface knows no neighbour: ask at once for those the parent talked to (a
         // load balancer's address, the gateway), so a first answer does not wait for an ARP
@@ -218,6 +214,11 @@ impl Server {
             self.arp_request(cfg.ip, p);
         }
         self.net.flush();
+        // (After the frames: even through the platform device a line costs a VM exit.)
+        crate::println!(
+            "vmatrix-guest: generation {}: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip {}/{} port {}",
+            generation, m[0], m[1], m[2], m[3], m[4], m[5], cfg.ip, cfg.prefix, cfg.port
+        );
     }
 
     /// The on-link addresses the parent's connections came from, and the gateway: at most 8.

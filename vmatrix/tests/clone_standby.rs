@@ -78,7 +78,15 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     let mut standby = Command::new("ip")
         .args(["netns", "exec", &net.ns()])
         .arg(vmatrix_bin())
-        .args(["clone-vm", "--standby", "--tap", "vc0", "--base"])
+        .args([
+            "--log",
+            "info",
+            "clone-vm",
+            "--standby",
+            "--tap",
+            "vc0",
+            "--base",
+        ])
         .arg(work.join("base"))
         .arg("--delta")
         .arg(dir.path().join("standby.delta"))
@@ -139,6 +147,13 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
         Duration::from_secs(10),
     );
     eprintln!("the standby answered {:?} after its identity", t0.elapsed());
+    let log = std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("first frame") || l.contains("is s0 now"))
+    {
+        eprintln!("  standby: {l}");
+    }
     kv.set_timeout(Duration::from_secs(5));
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
     let gen = field(&kv.cmd("STATS").unwrap(), "generation").unwrap();

@@ -90,13 +90,37 @@ fn identity_requests(vm: Arc<Vm>, tap: String) -> ExtraRequests {
                 "this standby clone already has its identity",
             )));
         }
+        let before = vm.net_stats().map_or(0, |n| n.tx_frames);
         let r = assume(&vm, &tap, name, config);
+        if r.is_ok() {
+            note_first_frame(vm.clone(), before);
+        }
         if r.is_err() {
             // (Nothing changed: it may be given one again.)
             taken.store(false, Ordering::SeqCst);
         }
         Some(r)
     })
+}
+
+/// Logs when the guest sends its first frame with its new identity (its announcement): how
+/// long its wake-up and re-identification took (watched for at most 100 ms, on a thread).
+fn note_first_frame(vm: Arc<Vm>, before: u64) {
+    let t0 = Instant::now();
+    let _ = std::thread::Builder::new()
+        .name("first-frame".into())
+        .spawn(move || {
+            while t0.elapsed() < std::time::Duration::from_millis(100) {
+                if vm.net_stats().is_some_and(|n| n.tx_frames > before) {
+                    tracing::info!(
+                        "first frame of the new identity {:.2} ms after it was given",
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        });
 }
 
 fn assume(vm: &Vm, tap: &str, name: &str, config: &str) -> Result<serde_json::Value, ControlError> {

@@ -247,14 +247,18 @@ impl Vm {
         let control = Arc::new(Control::new(events.clone()));
         let devices = Devices {
             serial: Arc::new(Mutex::new(Serial::new(cfg.console.clone()))),
-            platform: Arc::new(Mutex::new(Platform::new(
-                events.clone(),
-                control.clone(),
-                mem.clone(),
-                mem_size,
-                cfg.guest_config.into_bytes(),
-                cfg.generation,
-            ))),
+            platform: Arc::new(Mutex::new({
+                let mut p = Platform::new(
+                    events.clone(),
+                    control.clone(),
+                    mem.clone(),
+                    mem_size,
+                    cfg.guest_config.into_bytes(),
+                    cfg.generation,
+                );
+                p.set_console(cfg.console.clone());
+                p
+            })),
             net: tap.map(|t| {
                 Arc::new(Mutex::new(MmioTransport::new(
                     Net::new(t, cfg.mac),

@@ -205,8 +205,8 @@ pub(super) fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
     vcpu_state::restore(&parts.vcpu, &state.vcpu)?;
     let events = Arc::new(GuestEvents::default());
     let control = Arc::new(Control::new(events.clone()));
-    let serial = Serial::restore(console, &state.serial).map_err(SnapshotError::from)?;
-    let platform = Platform::restore(
+    let serial = Serial::restore(console.clone(), &state.serial).map_err(SnapshotError::from)?;
+    let mut platform = Platform::restore(
         PlatformArgs {
             events: events.clone(),
             control: control.clone(),
@@ -216,6 +216,7 @@ pub(super) fn build(kvm: kvm_ioctls::Kvm, r: Restored) -> Result<Vm> {
         &state.platform,
     )
     .map_err(SnapshotError::from)?;
+    platform.set_console(console);
     let net = match (tap, &state.net) {
         (Some(t), Some(st)) => Some(Arc::new(Mutex::new(
             MmioTransport::<Net<Tap>>::restore(transport_args(t, &mem, &events), st)

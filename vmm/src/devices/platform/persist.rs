@@ -84,6 +84,8 @@ impl Persist for Platform {
             last_wait,
             // A new process: a new incarnation (deliberately not saved).
             incarnation: super::device::new_incarnation(),
+            // (Host resource: set by the VM with its serial port's console.)
+            console: None,
         })
     }
 }
