@@ -16,14 +16,15 @@
 //! clones present):
 //! - a clone never holds a replication role or a term: no assignment names it as a VM, the
 //!   store holds no record of it; a failover never moves or stops a clone (a placed slot leaves
-//!   its host only with a `clone_stopped` event for a scale-down or a loss);
+//!   its host only with a `clone_stopped` event for a scale-down, a loss, or as stuck — then
+//!   only if its host's last report said it was not running);
 //! - names and addresses are unique: slot `i` is `web-c<i>` at the `i`-th address after the
 //!   first, each at most once in all assignments; a `clone_started` event names the address
 //!   the process on its host was started with;
 //! - never more slots placed than desired (and none at or above the count);
 //! - a slot is placed only on a host that the manager heard from within `detect`, that was up
 //!   (or crashed within `detect`, unknown to the manager), and that reported a base of the VM
-//!   or runs its primary;
+//!   or runs its primary, or can copy one;
 //! - persisted clone state survives manager restarts: the first address changes only by an
 //!   accepted request, the desired count only by a request or an autoscaler decision;
 //! - two live processes of one slot on two hosts for no longer than [`DUP_WINDOW`] once the
@@ -383,7 +384,7 @@ fn run(seed: u64, stats: &mut Stats) {
         stats.address_refused += usize::from(e.contains("at its old address"));
         stats.lost += usize::from(e.contains("re-placed if still wanted"));
         stats.copies += usize::from(e.contains(" copied from "));
-        stats.copies_failed += usize::from(e.contains(": copy of a base from "));
+        stats.copies_failed += usize::from(e.contains(": copy of a base failed"));
         stats.stuck += usize::from(e.contains("cannot start there"));
         stats.scale_downs += usize::from(e.contains("scaled down to"));
         stats.autoscaled += usize::from(e.contains("autoscaler:"));
@@ -408,6 +409,10 @@ fn seeded_clones_with_faults_keep_their_slots_unique_and_come_back() {
         assert!(stats.clone_starts >= n, "too few clone starts: {stats:?}");
         assert!(stats.lost * 10 >= n, "too few clones lost: {stats:?}");
         assert!(stats.copies * 5 >= n, "too few bases copied: {stats:?}");
+        assert!(
+            stats.stuck * 10 >= n,
+            "too few stuck slots re-placed: {stats:?}"
+        );
         assert!(
             stats.autoscaled * 5 >= n,
             "too few autoscaler decisions: {stats:?}"
@@ -525,10 +530,24 @@ impl Run {
                     "scaled down",
                     "its host went silent",
                     "no base of web is left",
+                    "cannot start there",
                 ]
                 .iter()
                 .any(|w| e.detail.contains(w))
             });
+            // A slot moved as stuck had no running clone on its host as far as the manager
+            // knew (its host's last report; a clone that started since is stopped by the next
+            // assignment, a start wasted, never two clones serving one address for long).
+            if why.is_some_and(|e| e.detail.contains("cannot start there")) {
+                let last = reports.get(&p.host).map(|(_, r)| r);
+                let ran =
+                    last.is_some_and(|r| r.clones.iter().any(|o| o.name == name && o.running));
+                assert!(
+                    !ran,
+                    "seed {seed}: {name} moved off {} as stuck while its host said it ran",
+                    p.host
+                );
+            }
             assert!(
                 ok,
                 "seed {seed}: {name} left {} without a scale-down or a loss: {why:?}",

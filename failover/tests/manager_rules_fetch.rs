@@ -205,3 +205,83 @@ fn a_slot_stuck_on_its_host_is_re_placed_and_the_host_avoided() {
     scale(&mut t, 3).unwrap();
     assert_eq!(clones_on(&t, "d"), ["web-c2"]);
 }
+
+/// A copying host is told to copy even before any base exists (it waits for the first, not
+/// reported as stuck), and only hosts serving bases are told to.
+#[test]
+fn a_copier_waits_for_the_first_base_with_an_empty_source_list() {
+    let mut t = T::protected_vm();
+    capacity(&mut t, &["a", "b", "c"], 64);
+    let none = |vms| served(vms, &[], None, PORT);
+    t.report_all("a", none(vec![primary(1, &["b", "c"], true)]));
+    t.report_all("b", none(vec![backup(1, 10, 5)]));
+    t.report_all("c", none(vec![backup(1, 12, 5)]));
+    t.report_all("d", none(vec![]));
+    scale(&mut t, 1).unwrap();
+    assert_eq!(clones_on(&t, "d"), ["web-c0"]);
+    let d = t.last_assign("d").unwrap();
+    assert_eq!(d.fetch.len(), 1);
+    assert!(d.fetch[0].sources.is_empty(), "{:?}", d.fetch);
+    // b's first base comes: the list names it.
+    reports(&mut t, PORT, 5, none(vec![]));
+    assert_eq!(t.last_assign("d").unwrap().fetch[0].sources[0].host, "b");
+}
+
+/// The backups' hosts are asked for a base and none comes (their exports fail): after 20 s
+/// the primary's host, which has clones to start, makes its own from a snapshot rather than
+/// wait for ever to copy theirs.
+#[test]
+fn when_the_exports_never_come_the_primarys_host_makes_its_own() {
+    let mut t = full_but_d(PORT);
+    capacity(&mut t, &["a"], 1024);
+    capacity(&mut t, &["d"], 64);
+    let no_bases = |t: &mut T| {
+        let none = |vms| served(vms, &[], None, PORT);
+        t.report_all("a", none(vec![primary(1, &["b", "c"], true)]));
+        t.report_all("b", none(vec![backup(1, 10, 5)]));
+        t.report_all("c", none(vec![backup(1, 12, 5)]));
+        t.report_all("d", none(vec![]));
+    };
+    no_bases(&mut t);
+    scale(&mut t, 1).unwrap();
+    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+    let a = t.last_assign("a").unwrap();
+    assert!(!a.bases.contains(&"web".to_string()));
+    for _ in 0..190 {
+        t.advance(MS * 100);
+        no_bases(&mut t);
+    }
+    assert!(!t
+        .last_assign("a")
+        .unwrap()
+        .bases
+        .contains(&"web".to_string()));
+    for _ in 0..20 {
+        t.advance(MS * 100);
+        no_bases(&mut t);
+    }
+    let a = t.last_assign("a").unwrap();
+    assert!(a.bases.contains(&"web".to_string()), "{a:?}");
+    assert!(a.fetch.is_empty());
+}
+
+/// A clone in a crash loop (alive, dead, alive... never running) is stuck too.
+#[test]
+fn a_clone_in_a_crash_loop_is_re_placed() {
+    let mut t = full_but_d(PORT);
+    scale(&mut t, 1).unwrap();
+    capacity(&mut t, &["a"], 1024);
+    for i in 0..210 {
+        t.advance(MS * 100);
+        let mut r = served(vec![], &[], None, PORT);
+        r.clones.push(CloneObservation {
+            alive: i % 3 != 0,
+            running: false,
+            exit: (i % 3 == 0).then(|| "killed by signal 11".to_string()),
+            ..running("web-c0")
+        });
+        reports(&mut t, PORT, i, r);
+    }
+    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+    assert!(clones_on(&t, "d").is_empty());
+}

@@ -19,8 +19,8 @@
 //!   migration never look at them, and a failover of the parent leaves them where they run.
 //! - **Loss**: a clone whose host has been silent for `backup_lost` is re-placed; so is one
 //!   reported dead by a host that holds no base of its VM any more (it cannot restart it
-//!   there), or one reported dead for `fetch::STUCK_AFTER` on end by a host that could hold
-//!   a base. Any other dead clone is restarted by its agent.
+//!   there), or one its host has reported but not running for `clone_stuck` on end
+//!   (`super::fetch`). Any other dead clone is restarted by its agent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -65,6 +65,10 @@ pub(crate) struct CloneTracker {
     pub(super) dead_since: BTreeMap<String, Duration>,
     /// (VM, host) pairs avoided until then: a slot of the VM was re-placed away from the host.
     pub(super) avoid: BTreeMap<(String, HostId), Duration>,
+    /// VMs whose exporters were asked for a base and hold none yet, since when; and those
+    /// asked for longer than `clone_stuck` (see `fetch::note_exporters`).
+    pub(super) asked: BTreeMap<String, Duration>,
+    pub(super) late: BTreeSet<String>,
 }
 
 /// One clone as the API shows it.
@@ -249,6 +253,7 @@ impl Manager {
                 continue;
             };
             self.autoscale_step(now, &mut rec);
+            self.note_exporters(now, &rec);
             self.expire_balancer(now, &mut rec);
             self.drop_lost_clones(now, &mut rec);
             self.watch_drains(now, &mut rec);
@@ -275,6 +280,9 @@ impl Manager {
         self.clone_tracker
             .dead_since
             .retain(|c, _| placed.contains(c));
+        let vms: BTreeSet<String> = self.state.vms.keys().cloned().collect();
+        self.clone_tracker.asked.retain(|v, _| vms.contains(v));
+        self.clone_tracker.late.retain(|v| vms.contains(v));
     }
 
     fn autoscale_step(&mut self, now: Duration, rec: &mut VmRecord) {
@@ -538,8 +546,10 @@ impl Manager {
         let no_room = exporters
             .iter()
             .all(|h| self.room_mib(h) < CLONE_SHARE_MIB as i64);
-        let copies =
-            self.base_addr(host).is_some() && exporters.iter().any(|h| self.base_addr(h).is_some());
+        // (Unless they have been asked for one for long and none came: their exports fail.)
+        let copies = self.base_addr(host).is_some()
+            && exporters.iter().any(|h| self.base_addr(h).is_some())
+            && !self.clone_tracker.late.contains(&rec.spec.name);
         exporters.is_empty() || ((runs_here || (waiting && no_room)) && !copies)
     }
 
@@ -550,7 +560,7 @@ impl Manager {
     /// make no base, and a clone placed there would wait. The grace of `backup_lost` keeps a
     /// backup restarting in place from handing base-making to the primary, a pause, for a
     /// report or two.)
-    fn runs_synced_backup(&self, host: &str, rec: &VmRecord) -> bool {
+    pub(super) fn runs_synced_backup(&self, host: &str, rec: &VmRecord) -> bool {
         let reported = self.hosts.get(host).is_some_and(|h| {
             !h.down
                 && h.exportable.get(&rec.spec.name).is_some_and(|(term, at)| {

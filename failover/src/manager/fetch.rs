@@ -15,9 +15,11 @@
 //!   report and so the assignment); the agent refreshes a copied base every `refresh`.
 //! - **Placement** prefers hosts holding a base, then those making one, then those that must
 //!   copy one (seconds, not milliseconds: the base travels first), each by room.
-//! - **A slot that cannot start** (its clone reported dead, with no base or crashing, for
-//!   [`STUCK_AFTER`] on end, on a host that could hold a base) is re-placed on another host,
-//!   and its old host is avoided for that VM for [`AVOID_FOR`].
+//! - **A slot that cannot start** (its clone reported but not running — dead, blocked with no
+//!   base, or crashing — for `clone_stuck` (20 s) on end) is re-placed on another host, and its
+//!   old host is avoided for that VM three times as long.
+//! - **Exports that never come**: when the VM's exporters were asked for a base `clone_stuck`
+//!   ago and none holds one, its primary's host makes its own (a snapshot) for clones there.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,11 +28,6 @@ use super::Manager;
 use crate::clones::{clone_name, BaseFetch, BaseSource};
 use crate::event::EventKind;
 use crate::model::{Assignments, HostId, VmRecord};
-
-/// How long a placed clone may be reported dead before its slot is re-placed elsewhere.
-pub const STUCK_AFTER: Duration = Duration::from_secs(20);
-/// How long a host a slot was re-placed away from is not given that VM's clones again.
-pub const AVOID_FOR: Duration = Duration::from_secs(60);
 
 impl Manager {
     /// `ip:port` of `host`'s base server (None: it serves none, or its address is unknown).
@@ -87,11 +84,12 @@ impl Manager {
             let mut hosts: Vec<&HostId> = rec.clones.placed.iter().map(|s| &s.host).collect();
             hosts.sort();
             hosts.dedup();
-            for h in hosts.into_iter().filter(|h| !self.makes_base(h, rec)) {
+            let copiers = hosts
+                .into_iter()
+                .filter(|h| !self.makes_base(h, rec) && self.base_addr(h).is_some());
+            for h in copiers {
+                // (Empty while the first base is being made elsewhere: the host waits for it.)
                 let sources = self.base_sources(h, rec);
-                if sources.is_empty() {
-                    continue;
-                }
                 all.entry(h.clone()).or_default().fetch.push(BaseFetch {
                     vm: name.clone(),
                     sources,
@@ -108,9 +106,9 @@ impl Manager {
             .is_some_and(|until| now < *until)
     }
 
-    /// Slots whose clone has been reported dead for [`STUCK_AFTER`] on end on a host that
-    /// could hold a base (a host that cannot is handled at once by `drop_lost_clones`): the
-    /// host cannot start it (its base cannot be made or copied, its clone crashes at once).
+    /// Slots whose clone its host has reported, but not running, for `clone_stuck` on end
+    /// (dead, blocked with no base, or in a crash loop: a clone waiting for its base is not
+    /// reported; a silent host is `drop_lost_clones`' case): the host cannot start it.
     /// Returns them (index, host, why) and avoids the host for the VM.
     pub(super) fn stuck_clones(
         &mut self,
@@ -121,33 +119,61 @@ impl Manager {
         let mut out = Vec::new();
         for s in rec.clones.placed.iter().filter(|s| !s.draining) {
             let cname = clone_name(&vm, s.index);
-            let dead = self.clone_obs(&s.host, &cname).filter(|o| !o.alive);
-            let Some(o) = dead else {
+            let fresh = self.fresh(now, &s.host);
+            let down = self
+                .clone_obs(&s.host, &cname)
+                .filter(|o| fresh && !o.running);
+            let Some(o) = down else {
                 self.clone_tracker.dead_since.remove(&cname);
                 continue;
             };
-            let why = o.exit.clone().unwrap_or_else(|| "exited".into());
+            let why = o.exit.clone().unwrap_or_else(|| "not running".into());
             let since = *self
                 .clone_tracker
                 .dead_since
                 .entry(cname.clone())
                 .or_insert(now);
-            if now.saturating_sub(since) < STUCK_AFTER {
+            let (stuck, avoid) = (self.cfg.clone_stuck, self.cfg.clone_stuck * 3);
+            if now.saturating_sub(since) < stuck {
                 continue;
             }
             self.clone_tracker.dead_since.remove(&cname);
             self.clone_tracker
                 .avoid
-                .insert((vm.clone(), s.host.clone()), now + AVOID_FOR);
+                .insert((vm.clone(), s.host.clone()), now + avoid);
             let why = format!(
-                "cannot start there for {} s ({why}); that host is avoided for {} s",
-                STUCK_AFTER.as_secs(),
-                AVOID_FOR.as_secs()
+                "cannot start there for {} ms ({why}); that host is avoided for {} ms",
+                stuck.as_millis(),
+                avoid.as_millis()
             );
             out.push((s.index, s.host.clone(), why));
         }
         self.clone_tracker.avoid.retain(|_, until| now < *until);
         out
+    }
+
+    /// Notes whether the VM's exporters (its synced backups' hosts) have been asked for a base
+    /// for `clone_stuck` without any of them holding one: then its primary's host makes its
+    /// own rather than wait to copy theirs (`makes_base`).
+    pub(super) fn note_exporters(&mut self, now: Duration, rec: &VmRecord) {
+        let vm = &rec.spec.name;
+        let exporters: Vec<&str> = rec
+            .backups
+            .iter()
+            .map(|b| b.host.as_str())
+            .filter(|h| self.runs_synced_backup(h, rec))
+            .collect();
+        let delivered = exporters.iter().any(|h| self.holds_base(h, vm));
+        let t = &mut self.clone_tracker;
+        if !rec.clones.wants_base() || exporters.is_empty() || delivered {
+            t.asked.remove(vm);
+            t.late.remove(vm);
+            return;
+        }
+        let since = *t.asked.entry(vm.clone()).or_insert(now);
+        if now.saturating_sub(since) >= self.cfg.clone_stuck {
+            t.late.insert(vm.clone());
+        }
     }
 
     /// A `scaled` event saying where a slot's base comes from, when it is copied.

@@ -63,6 +63,10 @@ pub struct ManagerConfig {
     pub hung: Duration,
     /// Longest a scaled-down clone drains on the load balancer before it is stopped anyway.
     pub drain_limit: Duration,
+    /// A placed clone its host reports but not running for this long is placed on another
+    /// host, and that host avoided for the VM three times as long (`fetch::stuck_clones`); an
+    /// exporter asked for a base this long without one has the primary make its own.
+    pub clone_stuck: Duration,
 }
 
 /// Default [`ManagerConfig::drain_limit`].
@@ -75,6 +79,7 @@ impl Default for ManagerConfig {
             backup_lost: Duration::from_millis(1500),
             hung: Duration::from_millis(1000),
             drain_limit: DRAIN_LIMIT,
+            clone_stuck: Duration::from_secs(20),
         }
     }
 }

@@ -9,9 +9,12 @@
 //!   (listed in `bases` or with a clone assigned). (The real agent also refreshes a base every
 //!   60 s; a run here is shorter than that.)
 //! - **Copies**: every host but the fourth serves its bases (its report's `base_port`); for a
-//!   VM its assignment lists in `fetch`, a host with no base as new as the first source's term
-//!   copies one from that source (20–500 ms; failed if the source is down or holds no such
-//!   base by then, or one time in eight at random; none tried for a second after a failure).
+//!   VM its assignment lists in `fetch`, a host with no base, or one of an older term than the
+//!   first source's, copies one (20–500 ms) from the first of the sources that is up and holds
+//!   one by then (failed if none does, or one time in eight at random; none tried for a
+//!   second after a failure; with a base here, none begun within 2 s of the last, as the real
+//!   agent's `refresh / 2`). A clone told to wait for a copy (no copy failed yet) is not
+//!   reported.
 //! - **Clones**: one process per clone assigned here, started from the newest base; none while
 //!   a base is being made for it; "blocked" (reported dead: no base of its VM on this host)
 //!   when there is no base and none is wanted. A clone answers (`running`) 5–55 ms after its
@@ -151,35 +154,41 @@ impl Sim {
         let backoff = h
             .copy_failed
             .is_some_and(|t| self.now < t + Duration::from_secs(1));
-        let fresh = h.bases.last().is_some_and(|b| b.term >= best.term);
-        if h.copying.is_some() || h.making.is_some() || backoff || fresh {
+        let have = h.bases.last();
+        let fresh = have.is_some_and(|b| b.term >= best.term);
+        let recent = have.is_some()
+            && h.copied_at
+                .is_some_and(|t| self.now < t + Duration::from_secs(2));
+        if h.copying.is_some() || h.making.is_some() || backoff || fresh || recent {
             return;
         }
-        let (term, src) = (best.term, self.idx(&best.host));
+        let sources: Vec<usize> = f.sources.iter().map(|s| self.idx(&s.host)).collect();
         let ready = self.now + Duration::from_millis(20 + self.rng.below(480));
-        self.hosts[i].copying = Some((term, src, ready));
+        self.hosts[i].copied_at = Some(self.now);
+        self.hosts[i].copying = Some((sources, ready));
     }
 
-    /// A copy that ended: a base if its source still held one of that term.
+    /// A copy that ended: a base from the first source that is up and holds one.
     fn collect_copy(&mut self, i: usize) {
-        let Some((term, src, ready)) = self.hosts[i].copying else {
+        let Some((sources, ready)) = self.hosts[i].copying.clone() else {
             return;
         };
         if ready > self.now {
             return;
         }
         self.hosts[i].copying = None;
-        let s = &self.hosts[src];
-        let held = s.up && s.bases.last().is_some_and(|b| b.term >= term);
-        if !held || self.rng.below(8) == 0 {
+        let src = sources
+            .iter()
+            .copied()
+            .find(|s| self.hosts[*s].up && !self.hosts[*s].bases.is_empty());
+        let src = src.filter(|_| self.rng.below(8) != 0);
+        let Some(src) = src else {
             self.hosts[i].copy_failed = Some(self.now);
-            self.note(format!(
-                "{}: copy of a base from {} failed",
-                self.names[i], self.names[src]
-            ));
+            self.note(format!("{}: copy of a base failed", self.names[i]));
             return;
-        }
-        let term = self.hosts[src].bases.last().map_or(term, |b| b.term);
+        };
+        self.hosts[i].copy_failed = None;
+        let term = self.hosts[src].bases.last().map_or(0, |b| b.term);
         self.next_base += 1;
         let b = SimBase {
             id: self.next_base,
@@ -243,8 +252,13 @@ impl Sim {
                         self.names[i], a.name, b.id
                     ));
                 }
-                // (Being made or copied.)
-                None if h.want.bases.contains(&a.vm) || h.copying.is_some() => {}
+                // (Being made or copied, or to be copied with no copy failed yet.)
+                None if h.want.bases.contains(&a.vm) || h.copying.is_some() => {
+                    self.hosts[i].blocked.remove(&a.name);
+                }
+                None if h.want.fetch.iter().any(|f| f.vm == a.vm) && h.copy_failed.is_none() => {
+                    self.hosts[i].blocked.remove(&a.name);
+                }
                 None => {
                     let why = format!("no clone base of {} on this host", a.vm);
                     self.hosts[i].blocked.insert(a.name.clone(), why);

@@ -80,11 +80,14 @@ pub struct Host {
     pub bases: Vec<SimBase>,
     /// A base being made: its term and when it is ready (gone with a crash).
     pub making: Option<(u64, Duration)>,
-    /// A base being copied from another host: the term its source reported, the source's
-    /// index and when the copy ends (gone with a crash).
-    pub copying: Option<(u64, usize, Duration)>,
-    /// When the last copy failed (none is tried for a second after, as the real agent).
+    /// A base being copied from other hosts: the sources (indexes, the best first) and when
+    /// the copy ends (gone with a crash).
+    pub copying: Option<(Vec<usize>, Duration)>,
+    /// When the last copy failed (none is tried for a second after, as the real agent;
+    /// cleared by a success).
     pub copy_failed: Option<Duration>,
+    /// When the last copy began (with a base here, none is begun within 2 s of it).
+    pub copied_at: Option<Duration>,
     /// Clones assigned that cannot start (no base here), with why (the agent's memory).
     pub blocked: BTreeMap<String, String>,
     /// The agent received an assignment since it started (before it, the real agent leaves
@@ -130,6 +133,8 @@ pub fn cfg() -> ManagerConfig {
         detect: Duration::from_millis(60),
         backup_lost: Duration::from_millis(1500),
         hung: Duration::from_millis(1000),
+        // (Short, so that a run of a few seconds sees slots re-placed and hosts avoided.)
+        clone_stuck: Duration::from_millis(1000),
         ..ManagerConfig::default()
     }
 }

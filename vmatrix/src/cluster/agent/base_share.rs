@@ -1,10 +1,12 @@
 //! Clone bases copied between hosts (issue 11; docs/clones.md, "Clones on any host").
 //!
 //! Every agent serves the newest clone base of each VM it holds on `--base-port` of its
-//! replication address, over QUIC with mutual TLS: only a peer whose certificate grants the
-//! agent role gets one (the copier checks the server's the same way, and TLS that its name is
-//! the host the manager named). A host with clones of a VM it makes no base of copies one
-//! ([`fetch`]) from the hosts its assignment lists, the best first.
+//! replication address, over QUIC with mutual TLS, on a thread and runtime of its own (a copy
+//! of GiBs never delays the agent's heartbeats): only a peer whose certificate grants the
+//! agent role, and the primary or backup role for that VM (it may hold the VM's image), gets
+//! one; the copier checks the server's the same way, and TLS that its name is the host the
+//! manager named. A host with clones of a VM it makes no base of copies one ([`fetch`]) from
+//! the hosts its assignment lists, the best first.
 //!
 //! **The exchange** (one bidirectional stream; every message a [`failover::wire`] frame:
 //! length checked before allocation, CRC32, postcard): `Want { vm }` → `Header { term, age,
@@ -14,12 +16,13 @@
 //! its agent removes meanwhile is still sent whole.
 //!
 //! **Trust nothing**: the copier checks every length (file sizes within [`LIMITS`], every chunk
-//! inside its file), bounds each read by [`READ_TIMEOUT`] and the whole copy by
-//! [`COPY_TIMEOUT`], and the copy becomes a base only through `clone::base::prepare`, which
-//! verifies every CRC of the snapshot: a peer sending bad bytes makes a copy fail, never a
-//! clone start from them. A failed copy is removed and the next source tried. The server
-//! serves at most [`SERVING`] copies at once (others are refused as busy) and reads its files
-//! off its runtime's thread.
+//! inside its file), bounds each message by [`READ_TIMEOUT`] and the whole copy by
+//! [`COPY_TIMEOUT`], writes off its runtime's thread, and the copy becomes a base only as one
+//! full snapshot of the VM's size through `clone::base::prepare`, which verifies every CRC:
+//! a peer sending bad bytes makes a copy fail, never a clone start from them. A failed copy is
+//! removed and the next source tried. The server serves at most [`SERVING`] copies at once
+//! (others are refused as busy), reads its files off its runtime's thread, and gives up on a
+//! copier that takes nothing for [`READ_TIMEOUT`] (a stalled reader holds no slot for long).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -48,8 +51,9 @@ pub const LIMITS: [u64; 3] = [64 << 20, 4 << 30, 1 << 40];
 const CHUNK: usize = 512 << 10;
 /// Longest wait for any one message of a copy.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a whole copy may take.
-pub const COPY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a whole copy may take (progress is bounded by [`READ_TIMEOUT`] per message; this
+/// bounds a peer that trickles).
+pub const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Copies served at once.
 pub const SERVING: usize = 4;
 
@@ -102,6 +106,47 @@ pub struct Served {
 /// The newest base of each VM this host holds (the clones' bookkeeping keeps it current).
 pub type Published = Arc<Mutex<BTreeMap<String, Served>>>;
 
+/// The QUIC settings of copies (both ends): a disk that stalls a second is no lost peer.
+pub fn quic_config() -> QuicConfig {
+    QuicConfig {
+        idle_timeout_ms: READ_TIMEOUT.as_millis() as u64,
+        ..QuicConfig::default()
+    }
+}
+
+/// Starts a base server on `addr` on a thread and runtime of its own, with the certificate of
+/// `host` in `certs`; its port.
+pub fn start(
+    addr: std::net::SocketAddr,
+    (certs, host): (PathBuf, String),
+    published: Published,
+) -> anyhow::Result<u16> {
+    let identity = transport::certs::load(&certs, &host)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("base-server".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return drop(tx.send(Err(anyhow::anyhow!("runtime: {e}")))),
+            };
+            rt.block_on(async move {
+                match transport::quic::Server::bind(addr, &identity, &quic_config()) {
+                    Ok(server) => {
+                        let port = server.local_addr().map_or(0, |a| a.port());
+                        let _ = tx.send(Ok(port));
+                        serve(server, published).await;
+                    }
+                    Err(e) => drop(tx.send(Err(e.into()))),
+                }
+            });
+        })?;
+    rx.recv().context("the base server's thread ended")?
+}
+
 /// Serves the published bases on `server` until the endpoint closes.
 pub async fn serve(server: transport::quic::Server, published: Published) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SERVING));
@@ -131,6 +176,11 @@ async fn serve_one(
         other => bail!("expected a request, got {other:?}"),
     };
     let refuse = |why: String| Msg::Refused { why };
+    if let Err(why) = may_hold(&peer, &vm) {
+        write_msg(&mut send, &refuse(why.clone())).await?;
+        finish(send).await?;
+        bail!("{}: {why}", peer.host);
+    }
     let Ok(_slot) = slots.try_acquire() else {
         write_msg(
             &mut send,
@@ -178,7 +228,11 @@ async fn serve_one(
                     offset: off,
                     data,
                 };
-                write_msg(&mut send, &chunk).await?;
+                tokio::time::timeout(READ_TIMEOUT, write_msg(&mut send, &chunk))
+                    .await
+                    .with_context(|| {
+                        format!("{} took nothing for {READ_TIMEOUT:?}", peer.host)
+                    })??;
                 off += n as u64;
                 sent += n as u64;
             }
@@ -193,6 +247,13 @@ async fn serve_one(
         t0.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// Whether `peer`'s certificate lets it hold `vm`'s image (the primary or backup role for it).
+fn may_hold(peer: &transport::roles::PeerCert, vm: &str) -> Result<(), String> {
+    peer.check(HostRole::Backup, Some(vm))
+        .or_else(|_| peer.check(HostRole::Primary, Some(vm)))
+        .map_err(|e| format!("may not hold {vm}: {e}"))
 }
 
 /// Ends the answer and waits (at most [`READ_TIMEOUT`]) until the copier has it all: the
@@ -245,11 +306,7 @@ pub fn fetch(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let quic = QuicConfig {
-            idle_timeout_ms: READ_TIMEOUT.as_millis() as u64,
-            ..QuicConfig::default()
-        };
-        let ep = transport::quic::client(identity, &quic)?;
+        let ep = transport::quic::client(identity, &quic_config())?;
         let mut why = Vec::new();
         for s in sources {
             let _ = std::fs::remove_dir_all(snap);
@@ -288,7 +345,8 @@ async fn fetch_one(
 }
 
 async fn copy_from(conn: &quinn::Connection, vm: &str, snap: &Path) -> anyhow::Result<Copied> {
-    transport::roles::check_peer(conn, HostRole::Agent, None)?;
+    let peer = transport::roles::check_peer(conn, HostRole::Agent, None)?;
+    may_hold(&peer, vm).map_err(|why| anyhow::anyhow!("the server {why}"))?;
     let (mut send, mut recv) = conn.open_bi().await?;
     write_msg(&mut send, &Msg::Want { vm: vm.into() }).await?;
     let (term, age_ms, lens) = match next(&mut recv).await? {
@@ -296,7 +354,7 @@ async fn copy_from(conn: &quinn::Connection, vm: &str, snap: &Path) -> anyhow::R
         Msg::Refused { why } => bail!("refused: {why}"),
         m => bail!("expected a header, got {}", kind(&m)),
     };
-    let out = create_files(snap, &lens)?;
+    let out = Arc::new(create_files(snap, &lens)?);
     let mut bytes = 0u64;
     loop {
         match next(&mut recv).await? {
@@ -309,8 +367,9 @@ async fn copy_from(conn: &quinn::Connection, vm: &str, snap: &Path) -> anyhow::R
                         data.len()
                     );
                 }
-                out[i].write_all_at(&data, offset)?;
                 bytes += data.len() as u64;
+                let out = out.clone();
+                tokio::task::spawn_blocking(move || out[i].write_all_at(&data, offset)).await??;
             }
             Msg::Done => break,
             m => bail!("expected a chunk, got {}", kind(&m)),

@@ -29,6 +29,11 @@ impl Net {
             transport::certs::issue_for(certs.path(), h, &all).unwrap();
         }
         transport::certs::issue_for(certs.path(), "x", &no_agent).unwrap();
+        // An agent that may not hold VM "web": agent only, or backup of another VM.
+        let agent_only = Grants::new(&[HostRole::Agent], &[]).unwrap();
+        let other_vm = Grants::new(&[HostRole::Agent, HostRole::Backup], &["db".into()]).unwrap();
+        transport::certs::issue_for(certs.path(), "y", &agent_only).unwrap();
+        transport::certs::issue_for(certs.path(), "z", &other_vm).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -175,11 +180,24 @@ fn only_agents_copy_and_only_from_agents() {
     let dst = work.path().join("copy");
     let e = fetch(&net.id("x"), &[s], "web", &dst).unwrap_err();
     assert!(!dst.exists(), "nothing left: {e:#}");
+    // (The server closes the connection at once: the copier reads no answer.)
+    assert!(format!("{e:#}").contains("reading"), "{e:#}");
     // A server without the agent role is not copied from.
     let s = net.serve("x", published("web", &src));
     let e = fetch(&net.id("c"), &[s], "web", &dst).unwrap_err();
     assert!(format!("{e:#}").contains("agent"), "{e:#}");
     assert!(!dst.exists());
+    // Agents that may not hold the VM's image get nothing, and are not copied from.
+    for h in ["y", "z"] {
+        let s = net.serve("b", published("web", &src));
+        let e = format!("{:#}", fetch(&net.id(h), &[s], "web", &dst).unwrap_err());
+        assert!(e.contains("may not hold web"), "{h}: {e}");
+        assert!(!dst.exists());
+        let s = net.serve(h, published("web", &src));
+        let e = format!("{:#}", fetch(&net.id("c"), &[s], "web", &dst).unwrap_err());
+        assert!(e.contains("may not hold web"), "{h}: {e}");
+        assert!(!dst.exists());
+    }
     // A server whose certificate is not the host named: refused by TLS.
     let mut s = net.serve("b", published("web", &src));
     s.host = "d".into();

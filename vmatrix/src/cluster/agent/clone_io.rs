@@ -146,12 +146,15 @@ pub(super) fn make_base(vm: &str, control: &Path, term: u64, dir: PathBuf) -> an
 }
 
 /// Makes a base of `vm` in `dir` from a copy of another host's (the first of `sources` that
-/// sends one whole; `base_share::fetch`), verified and frozen as a local one (every CRC of the
-/// snapshot is checked by `clone::base::prepare`), and a `term` file written last.
+/// sends one whole; `base_share::fetch`): it must be one full snapshot (no parent: a chain
+/// would be followed on this host's disk) of the VM's memory size (`mem_mib`, if known),
+/// every CRC of which `clone::base::prepare` checks; a `term` file is written last. Its age is
+/// its source's.
 pub(super) fn copy_base(
     vm: &str,
     sources: &[failover::clones::BaseSource],
     (certs, host): &(PathBuf, String),
+    mem_mib: Option<u64>,
     dir: PathBuf,
 ) -> anyhow::Result<Base> {
     let t0 = Instant::now();
@@ -161,6 +164,17 @@ pub(super) fn copy_base(
             .with_context(|| format!("loading the certificate of '{host}'"))?;
         let (c, from) = super::base_share::fetch(&id, sources, vm, &snap)?;
         let copied = t0.elapsed();
+        let meta = vmm::snapshot::read_meta(&snap)
+            .with_context(|| format!("the base of {vm} copied from {from}"))?;
+        if meta.is_diff() {
+            bail!("the base of {vm} copied from {from} is a diff snapshot, not a full one");
+        }
+        if let Some(m) = mem_mib.filter(|m| meta.mem_size != m << 20) {
+            bail!(
+                "the base of {vm} copied from {from} has {} bytes of memory, not {m} MiB",
+                meta.mem_size
+            );
+        }
         crate::clone::base::prepare(&snap, &dir.join("base"))
             .with_context(|| format!("checking the base of {vm} copied from {from}"))?;
         std::fs::write(dir.join("term"), format!("{}\n", c.term))?;
@@ -173,14 +187,17 @@ pub(super) fn copy_base(
             (t0.elapsed() - copied).as_secs_f64() * 1e3,
             c.age_ms
         );
-        anyhow::Ok(c.term)
+        anyhow::Ok(c)
     })();
     match r {
-        Ok(term) => Ok(Base {
-            dir,
-            term,
-            made: Instant::now(),
-        }),
+        Ok(c) => {
+            let age = std::time::Duration::from_millis(c.age_ms);
+            Ok(Base {
+                dir,
+                term: c.term,
+                made: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            })
+        }
         Err(e) => {
             remove_dir(&dir);
             Err(e)

@@ -117,8 +117,10 @@ pub struct Clones {
     /// When a standby of a VM last failed (none is started for [`STANDBY_BACKOFF`] after).
     standby_failed: BTreeMap<String, Instant>,
     /// When making or copying a base of a VM last failed, and why (none is tried for
-    /// [`BASE_BACKOFF`] after).
+    /// [`BASE_BACKOFF`] after; cleared by a success).
     base_failed: BTreeMap<String, (Instant, String)>,
+    /// When a copy of a base of a VM last began (see `keep_copy_warm`).
+    copied_at: BTreeMap<String, Instant>,
 }
 
 /// A live primary or backup on this host a clone base is made from (`PUT /snapshot`): its
@@ -147,6 +149,7 @@ impl Clones {
                 .map_or(0, |d| d.as_micros() as u64),
             standby_failed: BTreeMap::new(),
             base_failed: BTreeMap::new(),
+            copied_at: BTreeMap::new(),
         };
         if let Err(e) = std::fs::create_dir_all(&c.cfg.dir) {
             tracing::warn!("creating {}: {e}", c.cfg.dir.display());
@@ -165,7 +168,8 @@ impl Clones {
             }
         }
         for f in &want.fetch {
-            self.keep_copy_warm(f);
+            let mem_mib = want.clones.iter().find(|c| c.vm == f.vm).map(|c| c.mem_mib);
+            self.keep_copy_warm(f, mem_mib);
         }
         self.stop_unassigned(want);
         self.start_assigned(want);
@@ -229,6 +233,7 @@ impl Clones {
             };
             match h.join() {
                 Ok(Ok(b)) => {
+                    self.base_failed.remove(&vm);
                     tracing::info!(
                         "{vm}: clone base of term {term} ready in {}",
                         b.dir.display()
@@ -263,29 +268,37 @@ impl Clones {
         self.make_on_thread(vm, term, move || make_base(&vm2, &control, term, dir));
     }
 
-    /// Starts copying a base of `f.vm` from another host if it has none as new as the best
-    /// source's term, or only one older than `refresh` (a copy is as old as its source's base
-    /// was, at most one more `refresh`).
-    fn keep_copy_warm(&mut self, f: &BaseFetch) {
+    /// Starts copying a base of `f.vm` from another host if it has none, or one older than
+    /// `refresh` (a copy is as old as its source's base: it counts from when that was made)
+    /// or of an older term than the best source's — but, once it has one, not within
+    /// `refresh / 2` of the last copy's start: a source whose own base is old, or a fallback
+    /// source of an older term, would otherwise be copied again and again.
+    fn keep_copy_warm(&mut self, f: &BaseFetch, mem_mib: Option<u64>) {
         let Some(best) = f.sources.first() else {
             return;
         };
         if !self.may_make(&f.vm) {
             return;
         }
-        let fresh = self
-            .bases
-            .get(&f.vm)
-            .and_then(|b| b.last())
-            .is_some_and(|b| b.term >= best.term && b.made.elapsed() < self.cfg.refresh);
-        if fresh {
+        let have = self.bases.get(&f.vm).and_then(|b| b.last());
+        let stale = have.is_none_or(|b| b.term < best.term || b.made.elapsed() >= self.cfg.refresh);
+        let gap = (self.cfg.refresh / 2).max(BASE_BACKOFF);
+        let recent = self.copied_at.get(&f.vm).is_some_and(|t| t.elapsed() < gap);
+        if !stale || (have.is_some() && recent) {
             return;
         }
+        self.copied_at.insert(f.vm.clone(), Instant::now());
         let dir = self.new_base_dir(&f.vm);
         let (sources, vm2, id) = (f.sources.clone(), f.vm.clone(), self.cfg.identity.clone());
         self.make_on_thread(&f.vm, best.term, move || {
-            copy_base(&vm2, &sources, &id, dir)
+            copy_base(&vm2, &sources, &id, mem_mib, dir)
         });
+    }
+
+    /// Whether this host is told to copy a base of `vm` and no copy of it failed since the last
+    /// success.
+    fn awaits_copy(&self, want: &Assignments, vm: &str) -> bool {
+        want.fetch.iter().any(|f| f.vm == vm) && !self.base_failed.contains_key(vm)
     }
 
     /// Whether a base of `vm` may be started now: none is being made, and the last try did
@@ -376,8 +389,12 @@ impl Clones {
                     self.blocked.remove(&a.name);
                     todo.push((a, b.base_dir(), b.term));
                 }
-                // (Being made.)
-                None if self.making.contains_key(&a.vm) => {}
+                // Being made or copied, or to be copied once a source holds one (the first base
+                // of a VM being made elsewhere) with no copy failed yet: it waits, and is not
+                // reported (a dead report for long has the manager place it elsewhere).
+                None if self.making.contains_key(&a.vm) || self.awaits_copy(want, &a.vm) => {
+                    self.blocked.remove(&a.name);
+                }
                 // Nothing to make one from here (the backup re-syncing, the primary gone) or
                 // the last try failed: reported, so the manager places the clone elsewhere.
                 None => {

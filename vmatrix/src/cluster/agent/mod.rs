@@ -95,7 +95,7 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("loading the certificate of '{}'", a.host))?;
     let rt = crate::rt::runtime().context("tokio runtime")?;
     let published = base_share::Published::default();
-    let base_port = serve_bases(&rt, &a, &identity, published.clone());
+    let base_port = serve_bases(&a, published.clone());
     let cfg = HostConfig {
         host: a.host.clone(),
         certs: a.certs.clone(),
@@ -165,33 +165,21 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Starts this host's clone base server; its port (0: none, said in the log).
-fn serve_bases(
-    rt: &tokio::runtime::Runtime,
-    a: &AgentArgs,
-    identity: &transport::certs::Identity,
-    published: base_share::Published,
-) -> u16 {
+fn serve_bases(a: &AgentArgs, published: base_share::Published) -> u16 {
     if a.base_port == 0 {
         return 0;
     }
-    let _rt = rt.enter();
-    let bound = a
+    let started = a
         .repl_ip
         .parse::<std::net::IpAddr>()
         .map_err(|e| anyhow::anyhow!("replication address '{}': {e}", a.repl_ip))
         .and_then(|ip| {
             let addr = SocketAddr::new(ip, a.base_port);
-            Ok(transport::quic::Server::bind(
-                addr,
-                identity,
-                &QuicConfig::default(),
-            )?)
+            base_share::start(addr, (a.certs.clone(), a.host.clone()), published)
         });
-    match bound {
-        Ok(server) => {
-            let port = server.local_addr().map_or(0, |x| x.port());
+    match started {
+        Ok(port) => {
             tracing::info!("serving clone bases on {}:{port}", a.repl_ip);
-            rt.spawn(base_share::serve(server, published));
             port
         }
         Err(e) => {

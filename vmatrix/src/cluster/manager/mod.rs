@@ -68,6 +68,10 @@ pub struct ManagerArgs {
     /// ones finishing) before it is stopped anyway, ms (docs/clones.md, "Drain before stop").
     #[arg(long, default_value_t = 30_000)]
     pub drain_limit_ms: u64,
+    /// A clone its host reports but not running for this long is placed on another host (and
+    /// that host avoided for the VM three times as long), ms (docs/clones.md).
+    #[arg(long, default_value_t = 20_000)]
+    pub clone_stuck_ms: u64,
 }
 
 /// Runs the manager until SIGINT/SIGTERM (success) or a decision that cannot be persisted
@@ -107,6 +111,7 @@ pub fn main(a: ManagerArgs) -> anyhow::Result<ExitCode> {
         backup_lost: Duration::from_millis(a.backup_lost_ms),
         hung: Duration::from_millis(a.hung_ms),
         drain_limit: Duration::from_millis(a.drain_limit_ms),
+        clone_stuck: Duration::from_millis(a.clone_stuck_ms.max(1)),
     };
     let vms = state.vms.len();
     let start = Instant::now();
