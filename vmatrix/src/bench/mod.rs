@@ -3,6 +3,7 @@
 //! docs/BENCHMARKS.md.
 
 mod clones;
+mod copy;
 mod export;
 mod harness;
 mod lb;
@@ -24,6 +25,8 @@ pub enum BenchCmd {
     Lb(lb::LbArgs),
     /// Clone bases beside a protected VM: a backup's export vs a primary's snapshot vs none.
     Export(export::ExportArgs),
+    /// A clone base copied between two agents' base servers vs raw quinn (same run).
+    Copy(copy::CopyArgs),
 }
 
 /// Flags shared by the benchmarks.
@@ -57,6 +60,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Clones(a) => clones::run(a)?,
         BenchCmd::Lb(a) => lb::run(a)?,
         BenchCmd::Export(a) => export::run(a)?,
+        BenchCmd::Copy(a) => copy::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

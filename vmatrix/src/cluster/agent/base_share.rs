@@ -10,10 +10,12 @@
 //!
 //! **The exchange** (one bidirectional stream; every message a [`failover::wire`] frame:
 //! length checked before allocation, CRC32, postcard): `Want { vm }` → `Header { term, age,
-//! lens }`, then `Chunk { file, offset, data }` for the data regions of the base's full
-//! snapshot (`snapshot.bin`, `memory.bin`, `disk.img`; holes are not sent and stay holes), then
-//! `Done`; or `Refused { why }`. The server opens the three files before it answers, so a base
-//! its agent removes meanwhile is still sent whole.
+//! lens }`, then `Chunk { file, offset, len }` each followed by `len` raw bytes (at most
+//! [`CHUNK`]; QUIC's AEAD protects them on the way, the snapshot's own CRCs end to end) for the
+//! data regions of the base's full snapshot (`snapshot.bin`, `memory.bin`, `disk.img`; holes
+//! are not sent and stay holes), then `Done`; or `Refused { why }`. The server opens the three
+//! files before it answers, so a base its agent removes meanwhile is still sent whole. Reads
+//! (server) and writes (copier) run on threads of their own a few chunks ahead of the stream.
 //!
 //! **Trust nothing**: the copier checks every length (file sizes within [`LIMITS`], every chunk
 //! inside its file), bounds each message by [`READ_TIMEOUT`] and the whole copy by
@@ -47,8 +49,10 @@ pub const FILES: [&str; 3] = [META_FILE, MEMORY_FILE, DISK_FILE];
 /// Largest size accepted for each of [`FILES`]: a snapshot's description, guest RAM (the
 /// largest a VM spec allows, rounded up), a disk (idem).
 pub const LIMITS: [u64; 3] = [64 << 20, 4 << 30, 1 << 40];
-/// Bytes of data per chunk (a frame holds at most `failover::wire::MAX_FRAME`).
-const CHUNK: usize = 512 << 10;
+/// Most bytes of data per chunk.
+pub const CHUNK: usize = 1 << 20;
+/// Chunks read ahead (server) or waiting to be written (copier).
+const AHEAD: usize = 4;
 /// Longest wait for any one message of a copy.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a whole copy may take (progress is bounded by [`READ_TIMEOUT`] per message; this
@@ -74,14 +78,14 @@ pub enum Msg {
         /// The sizes of [`FILES`].
         lens: [u64; 3],
     },
-    /// Bytes of one file.
+    /// Bytes of one file: `len` raw bytes follow on the stream.
     Chunk {
         /// Index in [`FILES`].
         file: u8,
         /// Where they go.
         offset: u64,
-        /// The bytes.
-        data: Vec<u8>,
+        /// How many (at most [`CHUNK`]).
+        len: u32,
     },
     /// Everything was sent.
     Done,
@@ -204,40 +208,26 @@ async fn serve_one(
     };
     let t0 = Instant::now();
     write_msg(&mut send, &header).await?;
-    let files = Arc::new(files);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(AHEAD);
+    let reader = tokio::task::spawn_blocking(move || read_chunks(&files, &tx));
     let mut sent = 0u64;
-    for i in 0..FILES.len() {
-        let f = files.clone();
-        let regions = tokio::task::spawn_blocking(move || {
-            let (file, len) = &f[i];
-            files::data_regions(file, *len)
-        })
-        .await?;
-        for (start, end) in regions {
-            let mut off = start;
-            while off < end {
-                let n = (end - off).min(CHUNK as u64) as usize;
-                let f = files.clone();
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n];
-                    f[i].0.read_exact_at(&mut buf, off).map(|()| buf)
-                })
-                .await??;
-                let chunk = Msg::Chunk {
-                    file: i as u8,
-                    offset: off,
-                    data,
-                };
-                tokio::time::timeout(READ_TIMEOUT, write_msg(&mut send, &chunk))
-                    .await
-                    .with_context(|| {
-                        format!("{} took nothing for {READ_TIMEOUT:?}", peer.host)
-                    })??;
-                off += n as u64;
-                sent += n as u64;
-            }
-        }
+    while let Some(c) = rx.recv().await {
+        let (file, offset, data) = c?;
+        let head = Msg::Chunk {
+            file,
+            offset,
+            len: data.len() as u32,
+        };
+        let write = async {
+            write_msg(&mut send, &head).await?;
+            send.write_all(&data).await.context("sending a chunk")
+        };
+        tokio::time::timeout(READ_TIMEOUT, write)
+            .await
+            .with_context(|| format!("{} took nothing for {READ_TIMEOUT:?}", peer.host))??;
+        sent += data.len() as u64;
     }
+    reader.await?;
     write_msg(&mut send, &Msg::Done).await?;
     finish(send).await?;
     tracing::info!(
@@ -247,6 +237,31 @@ async fn serve_one(
         t0.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// One chunk read: (file, offset, bytes).
+type ReadChunk = std::io::Result<(u8, u64, Vec<u8>)>;
+
+/// Reads the data regions of `files` in chunks into `tx` (a blocking thread; it stops when the
+/// receiver is gone).
+fn read_chunks(files: &[(File, u64)], tx: &tokio::sync::mpsc::Sender<ReadChunk>) {
+    for (i, (file, len)) in files.iter().enumerate() {
+        for (start, end) in files::data_regions(file, *len) {
+            let mut off = start;
+            while off < end {
+                let n = (end - off).min(CHUNK as u64) as usize;
+                let mut buf = vec![0u8; n];
+                let r = file
+                    .read_exact_at(&mut buf, off)
+                    .map(|()| (i as u8, off, buf));
+                let failed = r.is_err();
+                if tx.blocking_send(r).is_err() || failed {
+                    return;
+                }
+                off += n as u64;
+            }
+        }
+    }
 }
 
 /// Whether `peer`'s certificate lets it hold `vm`'s image (the primary or backup role for it).
@@ -354,32 +369,63 @@ async fn copy_from(conn: &quinn::Connection, vm: &str, snap: &Path) -> anyhow::R
         Msg::Refused { why } => bail!("refused: {why}"),
         m => bail!("expected a header, got {}", kind(&m)),
     };
-    let out = Arc::new(create_files(snap, &lens)?);
-    let mut bytes = 0u64;
-    loop {
-        match next(&mut recv).await? {
-            Msg::Chunk { file, offset, data } => {
-                let i = file as usize;
-                let end = offset.checked_add(data.len() as u64);
-                if i >= FILES.len() || end.is_none_or(|e| e > lens[i]) {
-                    bail!(
-                        "a chunk outside its file (file {file}, {offset}+{})",
-                        data.len()
-                    );
-                }
-                bytes += data.len() as u64;
-                let out = out.clone();
-                tokio::task::spawn_blocking(move || out[i].write_all_at(&data, offset)).await??;
-            }
-            Msg::Done => break,
-            m => bail!("expected a chunk, got {}", kind(&m)),
+    let out = create_files(snap, &lens)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, u64, Vec<u8>)>(AHEAD);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for (i, offset, data) in rx {
+            out[i].write_all_at(&data, offset)?;
         }
-    }
+        Ok(())
+    });
+    let received = receive_chunks(&mut recv, &lens, &tx).await;
+    drop(tx);
+    // (The writer's error, if any, explains a closed channel best.)
+    writer.await??;
+    let bytes = received?;
     Ok(Copied {
         term,
         age_ms,
         bytes,
     })
+}
+
+/// Receives chunks until `Done` into `tx` (checked against the files' sizes); the bytes.
+async fn receive_chunks(
+    recv: &mut quinn::RecvStream,
+    lens: &[u64; 3],
+    tx: &std::sync::mpsc::SyncSender<(usize, u64, Vec<u8>)>,
+) -> anyhow::Result<u64> {
+    let mut bytes = 0u64;
+    loop {
+        match next(recv).await? {
+            Msg::Chunk { file, offset, len } => {
+                let i = file as usize;
+                let end = offset.checked_add(u64::from(len));
+                if i >= FILES.len() || len as usize > CHUNK || end.is_none_or(|e| e > lens[i]) {
+                    bail!("a chunk outside its file (file {file}, {offset}+{len})");
+                }
+                let mut data = vec![0u8; len as usize];
+                tokio::time::timeout(READ_TIMEOUT, recv.read_exact(&mut data))
+                    .await
+                    .context("a chunk's bytes: timed out")?
+                    .context("a chunk's bytes")?;
+                bytes += u64::from(len);
+                // (A full queue waits for the disk, off this runtime's thread.)
+                let item = (i, offset, data);
+                let sent = match tx.try_send(item) {
+                    Ok(()) => Ok(()),
+                    Err(std::sync::mpsc::TrySendError::Full(item)) => {
+                        let tx = tx.clone();
+                        tokio::task::spawn_blocking(move || tx.send(item).map_err(|_| ())).await?
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(()),
+                };
+                sent.map_err(|()| anyhow::anyhow!("writing the copy failed"))?;
+            }
+            Msg::Done => return Ok(bytes),
+            m => bail!("expected a chunk, got {}", kind(&m)),
+        }
+    }
 }
 
 /// The next message, within [`READ_TIMEOUT`].

@@ -85,6 +85,11 @@ impl Net {
                 let _ = read_msg::<Msg>(&mut recv).await;
                 for m in &msgs {
                     let _ = write_msg(&mut send, m).await;
+                    // (A chunk's bytes follow it; at most 4 KiB of them here.)
+                    if let Msg::Chunk { len, .. } = m {
+                        let n = (*len as usize).min(4096);
+                        let _ = send.write_all(&vec![7u8; n]).await;
+                    }
                 }
                 let _ = send.finish();
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -233,11 +238,7 @@ fn a_hostile_or_dying_server_leaves_nothing() {
         age_ms: 1,
         lens,
     };
-    let chunk = |file, offset, n| Msg::Chunk {
-        file,
-        offset,
-        data: vec![7u8; n],
-    };
+    let chunk = |file, offset, len| Msg::Chunk { file, offset, len };
     let cases = [
         // Sizes beyond the limits: refused before any file is made.
         (vec![header([1, 1 << 41, 1])], "at most"),
@@ -251,6 +252,16 @@ fn a_hostile_or_dying_server_leaves_nothing() {
         (
             vec![header([10, 4096, 4096]), chunk(1, u64::MAX - 2, 10)],
             "outside",
+        ),
+        // A chunk longer than the most a chunk holds.
+        (
+            vec![header([10, 4 << 20, 4096]), chunk(1, 0, (CHUNK + 1) as u32)],
+            "outside",
+        ),
+        // A chunk whose bytes never come whole.
+        (
+            vec![header([10, 1 << 20, 4096]), chunk(1, 0, 8192)],
+            "bytes",
         ),
         // Half a copy, then the connection drops.
         (vec![header([10, 4096, 4096]), chunk(1, 0, 100)], "early"),
