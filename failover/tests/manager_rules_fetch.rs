@@ -285,3 +285,58 @@ fn a_clone_in_a_crash_loop_is_re_placed() {
     assert_eq!(clones_on(&t, "a"), ["web-c0"]);
     assert!(clones_on(&t, "d").is_empty());
 }
+
+/// The exports never come and the clones are on a host that copies: after `clone_stuck` the
+/// primary's host makes a base too (a snapshot), and the copier is told to copy it.
+#[test]
+fn when_the_exports_never_come_a_copier_gets_the_primarys_base() {
+    let mut t = full_but_d(PORT);
+    let none = |vms| served(vms, &[], None, PORT);
+    let round = |t: &mut T, a_base: bool| {
+        let a = served(
+            vec![primary(1, &["b", "c"], true)],
+            &[],
+            a_base.then_some((1, 5)),
+            PORT,
+        );
+        t.report_all("a", a);
+        t.report_all("b", none(vec![backup(1, 10, 5)]));
+        t.report_all("c", none(vec![backup(1, 12, 5)]));
+        t.report_all("d", none(vec![]));
+    };
+    round(&mut t, false);
+    scale(&mut t, 1).unwrap();
+    assert_eq!(clones_on(&t, "d"), ["web-c0"]);
+    for _ in 0..210 {
+        t.advance(MS * 100);
+        round(&mut t, false);
+    }
+    let a = t.last_assign("a").unwrap();
+    assert!(a.bases.contains(&"web".to_string()), "{a:?}");
+    round(&mut t, true);
+    let d = t.last_assign("d").unwrap();
+    assert_eq!(d.fetch[0].sources[0].host, "a", "{:?}", d.fetch);
+}
+
+/// A clone its host never reports (it waits for a base that never comes) is re-placed after
+/// six times `clone_stuck`; a host that is merely slow to report it keeps it.
+#[test]
+fn a_clone_never_reported_is_re_placed_after_six_times_clone_stuck() {
+    let mut t = full_but_d(PORT);
+    scale(&mut t, 1).unwrap();
+    assert_eq!(clones_on(&t, "d"), ["web-c0"]);
+    capacity(&mut t, &["a"], 1024);
+    for i in 0..1190 {
+        t.advance(MS * 100);
+        reports(&mut t, PORT, i, served(vec![], &[], None, PORT));
+    }
+    assert_eq!(clones_on(&t, "d"), ["web-c0"], "not before 120 s");
+    for i in 0..20 {
+        t.advance(MS * 100);
+        reports(&mut t, PORT, i, served(vec![], &[], None, PORT));
+    }
+    assert_eq!(clones_on(&t, "a"), ["web-c0"]);
+    assert!(detail_of(&t, EventKind::CloneStopped)
+        .iter()
+        .any(|e| e.contains("never reported there")));
+}

@@ -62,6 +62,12 @@ pub fn inb(port: u16) -> u8 {
 /// register.
 static CONSOLE_WAY: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
 
+/// Forgets how the console is written (a new VMM process may be an older one: asked again
+/// at the next write).
+pub fn console_reprobe() {
+    CONSOLE_WAY.store(0, core::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes `buf` to the console: through the platform device's console register (one VM exit
 /// per 4 KiB) where the VMM has it (platform version 2), else through the serial port with one
 /// string-I/O instruction — which nested PVM emulates a byte at a time (~60–80 µs each).

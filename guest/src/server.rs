@@ -206,6 +206,7 @@ impl Server {
         self.ip = cfg.ip;
         self.churn = Churn::default();
         self.incarnation = platform::incarnation();
+        crate::io::console_reprobe();
         self.announce(cfg.ip);
         // The new interface knows no neighbour: ask at once for those the parent talked to (a
         // load balancer's address, the gateway), so a first answer does not wait for an ARP
@@ -295,6 +296,7 @@ impl Server {
                 let inc = platform::incarnation();
                 if inc != self.incarnation {
                     self.incarnation = inc;
+                    crate::io::console_reprobe();
                     self.announce(self.ip);
                 }
                 let t = now();

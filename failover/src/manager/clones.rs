@@ -546,10 +546,13 @@ impl Manager {
         let no_room = exporters
             .iter()
             .all(|h| self.room_mib(h) < CLONE_SHARE_MIB as i64);
-        // (Unless they have been asked for one for long and none came: their exports fail.)
-        let copies = self.base_addr(host).is_some()
-            && exporters.iter().any(|h| self.base_addr(h).is_some())
-            && !self.clone_tracker.late.contains(&rec.spec.name);
+        // The exporters were asked for a base for long and none came (their exports fail):
+        // the primary's host makes one, for its own clones and for every copier.
+        if self.clone_tracker.late.contains(&rec.spec.name) {
+            return true;
+        }
+        let copies =
+            self.base_addr(host).is_some() && exporters.iter().any(|h| self.base_addr(h).is_some());
         exporters.is_empty() || ((runs_here || (waiting && no_room)) && !copies)
     }
 

@@ -16,10 +16,12 @@
 //! - **Placement** prefers hosts holding a base, then those making one, then those that must
 //!   copy one (seconds, not milliseconds: the base travels first), each by room.
 //! - **A slot that cannot start** (its clone reported but not running — dead, blocked with no
-//!   base, or crashing — for `clone_stuck` (20 s) on end) is re-placed on another host, and its
-//!   old host is avoided for that VM three times as long.
+//!   base, or crashing — for `clone_stuck` (20 s) on end, or not reported at all by a host that
+//!   reports for six times as long) is re-placed on another host, and its old host is avoided
+//!   for that VM three times as long.
 //! - **Exports that never come**: when the VM's exporters were asked for a base `clone_stuck`
-//!   ago and none holds one, its primary's host makes its own (a snapshot) for clones there.
+//!   ago and none holds one, its primary's host makes one (a snapshot), for clones there and
+//!   for every copier.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -107,9 +109,10 @@ impl Manager {
     }
 
     /// Slots whose clone its host has reported, but not running, for `clone_stuck` on end
-    /// (dead, blocked with no base, or in a crash loop: a clone waiting for its base is not
-    /// reported; a silent host is `drop_lost_clones`' case): the host cannot start it.
-    /// Returns them (index, host, why) and avoids the host for the VM.
+    /// (dead, blocked with no base, or in a crash loop), or has not reported at all for six
+    /// times as long (a clone waiting for its first base is not reported; a silent host is
+    /// `drop_lost_clones`' case): the host cannot start it. Returns them (index, host, why)
+    /// and avoids the host for the VM.
     pub(super) fn stuck_clones(
         &mut self,
         now: Duration,
@@ -120,30 +123,42 @@ impl Manager {
         for s in rec.clones.placed.iter().filter(|s| !s.draining) {
             let cname = clone_name(&vm, s.index);
             let fresh = self.fresh(now, &s.host);
-            let down = self
-                .clone_obs(&s.host, &cname)
-                .filter(|o| fresh && !o.running);
-            let Some(o) = down else {
+            let obs = self.clone_obs(&s.host, &cname).filter(|_| fresh);
+            // (Not reported by a host that reports: it waits for a base that never comes, or
+            // never started it. Six times as long: a big base's first copy is not reported
+            // while it runs.)
+            let (why, limit) = match obs {
+                Some(o) if o.running => (None, Duration::ZERO),
+                Some(o) => (
+                    Some(o.exit.clone().unwrap_or_else(|| "not running".into())),
+                    self.cfg.clone_stuck,
+                ),
+                None if fresh && self.hosts.get(&s.host).is_some_and(|h| h.reported) => (
+                    Some("never reported there".to_string()),
+                    self.cfg.clone_stuck * 6,
+                ),
+                None => (None, Duration::ZERO),
+            };
+            let Some(why) = why else {
                 self.clone_tracker.dead_since.remove(&cname);
                 continue;
             };
-            let why = o.exit.clone().unwrap_or_else(|| "not running".into());
             let since = *self
                 .clone_tracker
                 .dead_since
                 .entry(cname.clone())
                 .or_insert(now);
-            let (stuck, avoid) = (self.cfg.clone_stuck, self.cfg.clone_stuck * 3);
-            if now.saturating_sub(since) < stuck {
+            if now.saturating_sub(since) < limit {
                 continue;
             }
+            let avoid = self.cfg.clone_stuck * 3;
             self.clone_tracker.dead_since.remove(&cname);
             self.clone_tracker
                 .avoid
                 .insert((vm.clone(), s.host.clone()), now + avoid);
             let why = format!(
                 "cannot start there for {} ms ({why}); that host is avoided for {} ms",
-                stuck.as_millis(),
+                limit.as_millis(),
                 avoid.as_millis()
             );
             out.push((s.index, s.host.clone(), why));

@@ -13,8 +13,10 @@
 //!   first source's, copies one (20–500 ms) from the first of the sources that is up and holds
 //!   one by then (failed if none does, or one time in eight at random; none tried for a
 //!   second after a failure; with a base here, none begun within 2 s of the last, as the real
-//!   agent's `refresh / 2`). A clone told to wait for a copy (no copy failed yet) is not
-//!   reported.
+//!   agent's `refresh / 2`); in one seed of four every copy is refused (certificates that do
+//!   not cover the VM, say). A clone whose base is being made or copied, or is to be copied,
+//!   with no try failed since the last success, waits unreported; after a failure it is
+//!   reported blocked, also while the next try runs (as the real agent).
 //! - **Clones**: one process per clone assigned here, started from the newest base; none while
 //!   a base is being made for it; "blocked" (reported dead: no base of its VM on this host)
 //!   when there is no base and none is wanted. A clone answers (`running`) 5–55 ms after its
@@ -111,6 +113,7 @@ impl Sim {
         }
         self.hosts[i].making = None;
         if self.local_source(i) != Some(term) {
+            self.hosts[i].copy_failed = Some(self.now);
             self.note(format!(
                 "{}: base of term {term} failed (no primary or backup of that term)",
                 self.names[i]
@@ -127,6 +130,7 @@ impl Sim {
             "{}: base {} of term {term} ready",
             self.names[i], b.id
         ));
+        self.hosts[i].copy_failed = None;
         self.hosts[i].bases.push(b);
     }
 
@@ -181,10 +185,12 @@ impl Sim {
             .iter()
             .copied()
             .find(|s| self.hosts[*s].up && !self.hosts[*s].bases.is_empty());
-        let src = src.filter(|_| self.rng.below(8) != 0);
+        let refused = self.copies_refused;
+        let src = src.filter(|_| self.rng.below(8) != 0 && !refused);
         let Some(src) = src else {
             self.hosts[i].copy_failed = Some(self.now);
-            self.note(format!("{}: copy of a base failed", self.names[i]));
+            let why = if refused { " (refused)" } else { "" };
+            self.note(format!("{}: copy of a base failed{why}", self.names[i]));
             return;
         };
         self.hosts[i].copy_failed = None;
@@ -252,15 +258,22 @@ impl Sim {
                         self.names[i], a.name, b.id
                     ));
                 }
-                // (Being made or copied, or to be copied with no copy failed yet.)
-                None if h.want.bases.contains(&a.vm) || h.copying.is_some() => {
-                    self.hosts[i].blocked.remove(&a.name);
-                }
-                None if h.want.fetch.iter().any(|f| f.vm == a.vm) && h.copy_failed.is_none() => {
+                // Being made or copied, or to be copied, with no try failed since the last
+                // success: it waits, unreported (as the real agent).
+                None if h.copy_failed.is_none()
+                    && (h.making.is_some()
+                        || h.copying.is_some()
+                        || h.want.fetch.iter().any(|f| f.vm == a.vm)) =>
+                {
                     self.hosts[i].blocked.remove(&a.name);
                 }
                 None => {
-                    let why = format!("no clone base of {} on this host", a.vm);
+                    let refused = self.copies_refused && h.copy_failed.is_some();
+                    let why = format!(
+                        "no clone base of {} on this host{}",
+                        a.vm,
+                        if refused { " (copies refused)" } else { "" }
+                    );
                     self.hosts[i].blocked.insert(a.name.clone(), why);
                 }
             }

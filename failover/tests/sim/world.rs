@@ -83,8 +83,8 @@ pub struct Host {
     /// A base being copied from other hosts: the sources (indexes, the best first) and when
     /// the copy ends (gone with a crash).
     pub copying: Option<(Vec<usize>, Duration)>,
-    /// When the last copy failed (none is tried for a second after, as the real agent;
-    /// cleared by a success).
+    /// When making or copying a base last failed (none is copied for a second after, as the
+    /// real agent; cleared by a success).
     pub copy_failed: Option<Duration>,
     /// When the last copy began (with a base here, none is begun within 2 s of it).
     pub copied_at: Option<Duration>,
@@ -120,6 +120,9 @@ pub struct Sim {
     pub log: Vec<String>,
     /// Ids of clone bases.
     pub next_base: u64,
+    /// Every copy of a base is refused (the hosts' certificates do not cover the VM, say): in
+    /// one seed of four, so that copies that keep failing are exercised.
+    pub copies_refused: bool,
     /// When kept (Some), every persist and event the manager output, for a test's checks.
     pub outputs: Option<Vec<Output>>,
     /// When outputs are kept: each host's last report delivered to this manager and when.
@@ -133,8 +136,9 @@ pub fn cfg() -> ManagerConfig {
         detect: Duration::from_millis(60),
         backup_lost: Duration::from_millis(1500),
         hung: Duration::from_millis(1000),
-        // (Short, so that a run of a few seconds sees slots re-placed and hosts avoided.)
-        clone_stuck: Duration::from_millis(1000),
+        // (Short, so that a run of a few seconds sees slots re-placed and hosts avoided; longer
+        // than a killed clone's restart, 1 s.)
+        clone_stuck: Duration::from_millis(1500),
         ..ManagerConfig::default()
     }
 }
@@ -165,6 +169,7 @@ impl Sim {
             promotions: 0,
             log: Vec::new(),
             next_base: 0,
+            copies_refused: seed.is_multiple_of(4),
             outputs: None,
             reports: BTreeMap::new(),
             persist_reports: Vec::new(),

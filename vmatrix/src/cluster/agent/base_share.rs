@@ -18,13 +18,14 @@
 //! (server) and writes (copier) run on threads of their own a few chunks ahead of the stream.
 //!
 //! **Trust nothing**: the copier checks every length (file sizes within [`LIMITS`], every chunk
-//! inside its file), bounds each message by [`READ_TIMEOUT`] and the whole copy by
-//! [`COPY_TIMEOUT`], writes off its runtime's thread, and the copy becomes a base only as one
+//! inside its file), bounds each message by [`READ_TIMEOUT`] and the whole copy by a least
+//! average rate ([`SLOW`]), writes off its runtime's thread, and the copy becomes a base only as one
 //! full snapshot of the VM's size through `clone::base::prepare`, which verifies every CRC:
 //! a peer sending bad bytes makes a copy fail, never a clone start from them. A failed copy is
 //! removed and the next source tried. The server serves at most [`SERVING`] copies at once
 //! (others are refused as busy), reads its files off its runtime's thread, and gives up on a
-//! copier that takes nothing for [`READ_TIMEOUT`] (a stalled reader holds no slot for long).
+//! copier that takes nothing for [`READ_TIMEOUT`] or trickles (the same [`SLOW`] rule): no
+//! reader holds a slot for long without making progress.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -55,9 +56,25 @@ pub const CHUNK: usize = 1 << 20;
 const AHEAD: usize = 4;
 /// Longest wait for any one message of a copy.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a whole copy may take (progress is bounded by [`READ_TIMEOUT`] per message; this
-/// bounds a peer that trickles).
-pub const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A copy is given up (by either end) once it has run for `SLOW.0` and averaged less than
+/// `SLOW.1` bytes per second: a peer that trickles (a chunk every few seconds) neither holds a
+/// server's slot nor keeps a copier waiting for ever, whatever the base's size.
+pub const SLOW: (Duration, u64) = (Duration::from_secs(60), 1 << 20);
+
+/// Errs if a copy that began at `t0` and moved `bytes` is too slow (see [`SLOW`]).
+fn check_rate(t0: Instant, bytes: u64) -> anyhow::Result<()> {
+    let dt = t0.elapsed();
+    if dt >= SLOW.0 && (bytes as f64) < SLOW.1 as f64 * dt.as_secs_f64() {
+        bail!(
+            "too slow: {:.1} MiB in {:.0} s (at least {} KiB/s after {} s)",
+            bytes as f64 / (1 << 20) as f64,
+            dt.as_secs_f64(),
+            SLOW.1 >> 10,
+            SLOW.0.as_secs()
+        );
+    }
+    Ok(())
+}
 /// Copies served at once.
 pub const SERVING: usize = 4;
 
@@ -226,9 +243,12 @@ async fn serve_one(
             .await
             .with_context(|| format!("{} took nothing for {READ_TIMEOUT:?}", peer.host))??;
         sent += data.len() as u64;
+        check_rate(t0, sent).with_context(|| format!("sending to {}", peer.host))?;
     }
     reader.await?;
-    write_msg(&mut send, &Msg::Done).await?;
+    tokio::time::timeout(READ_TIMEOUT, write_msg(&mut send, &Msg::Done))
+        .await
+        .context("the end: timed out")??;
     finish(send).await?;
     tracing::info!(
         "sent the clone base of {vm} to {} ({:.1} MiB of data in {:.0} ms)",
@@ -325,11 +345,9 @@ pub fn fetch(
         let mut why = Vec::new();
         for s in sources {
             let _ = std::fs::remove_dir_all(snap);
-            let copy = tokio::time::timeout(COPY_TIMEOUT, fetch_one(&ep, s, vm, snap)).await;
-            match copy {
-                Ok(Ok(c)) => return Ok((c, s.host.clone())),
-                Ok(Err(e)) => why.push(format!("{}: {e:#}", s.host)),
-                Err(_) => why.push(format!("{}: not done within {COPY_TIMEOUT:?}", s.host)),
+            match fetch_one(&ep, s, vm, snap).await {
+                Ok(c) => return Ok((c, s.host.clone())),
+                Err(e) => why.push(format!("{}: {e:#}", s.host)),
             }
         }
         let _ = std::fs::remove_dir_all(snap);
@@ -395,8 +413,9 @@ async fn receive_chunks(
     lens: &[u64; 3],
     tx: &std::sync::mpsc::SyncSender<(usize, u64, Vec<u8>)>,
 ) -> anyhow::Result<u64> {
-    let mut bytes = 0u64;
+    let (t0, mut bytes) = (Instant::now(), 0u64);
     loop {
+        check_rate(t0, bytes)?;
         match next(recv).await? {
             Msg::Chunk { file, offset, len } => {
                 let i = file as usize;

@@ -191,11 +191,18 @@ pub(super) fn copy_base(
     })();
     match r {
         Ok(c) => {
+            // (An age beyond this host's clock's start, a host just booted: as old as can be
+            // said, never newer than it is.)
+            let now = Instant::now();
             let age = std::time::Duration::from_millis(c.age_ms);
+            let made = (0..64)
+                .map(|k| age / (1 << k))
+                .find_map(|a| now.checked_sub(a))
+                .unwrap_or(now);
             Ok(Base {
                 dir,
                 term: c.term,
-                made: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                made,
             })
         }
         Err(e) => {

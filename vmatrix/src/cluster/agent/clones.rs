@@ -295,10 +295,9 @@ impl Clones {
         });
     }
 
-    /// Whether this host is told to copy a base of `vm` and no copy of it failed since the last
-    /// success.
+    /// Whether this host is told to copy a base of `vm`.
     fn awaits_copy(&self, want: &Assignments, vm: &str) -> bool {
-        want.fetch.iter().any(|f| f.vm == vm) && !self.base_failed.contains_key(vm)
+        want.fetch.iter().any(|f| f.vm == vm)
     }
 
     /// Whether a base of `vm` may be started now: none is being made, and the last try did
@@ -390,9 +389,13 @@ impl Clones {
                     todo.push((a, b.base_dir(), b.term));
                 }
                 // Being made or copied, or to be copied once a source holds one (the first base
-                // of a VM being made elsewhere) with no copy failed yet: it waits, and is not
-                // reported (a dead report for long has the manager place it elsewhere).
-                None if self.making.contains_key(&a.vm) || self.awaits_copy(want, &a.vm) => {
+                // of a VM being made elsewhere), with no try failed since the last success: it
+                // waits, and is not reported. Once a try failed it is reported blocked, also
+                // while the next try runs (a dead report for long has the manager place it
+                // elsewhere: tries that keep failing must not hide it).
+                None if !self.base_failed.contains_key(&a.vm)
+                    && (self.making.contains_key(&a.vm) || self.awaits_copy(want, &a.vm)) =>
+                {
                     self.blocked.remove(&a.name);
                 }
                 // Nothing to make one from here (the backup re-syncing, the primary gone) or

@@ -99,6 +99,8 @@ pub struct Platform {
     pub(super) incarnation: u64,
     /// Where console writes go (the serial port's console; none: dropped).
     pub(super) console: Option<ConsoleOut>,
+    /// Console writes from outside guest memory (logged the first few times).
+    pub(super) bad_console: u64,
 }
 
 impl Platform {
@@ -124,6 +126,7 @@ impl Platform {
             last_wait: WaitOutcome::Timeout,
             incarnation: new_incarnation(),
             console: None,
+            bad_console: 0,
         }
     }
 
@@ -137,7 +140,11 @@ impl Platform {
         let (addr, len) = (v & ((1 << 48) - 1), (v >> 48).min(CONSOLE_MAX));
         let mut buf = vec![0u8; len as usize];
         if let Err(e) = self.mem.read_slice(&mut buf, GuestAddress(addr)) {
-            tracing::warn!("platform: console write from {addr:#x} ({len} bytes) failed: {e}");
+            // (The guest cannot flood the log: the first few only.)
+            self.bad_console += 1;
+            if self.bad_console <= 8 {
+                tracing::warn!("platform: console write from {addr:#x} ({len} bytes) failed: {e}");
+            }
             return;
         }
         if let Some(c) = self.console.as_mut() {

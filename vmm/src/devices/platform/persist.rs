@@ -86,6 +86,7 @@ impl Persist for Platform {
             incarnation: super::device::new_incarnation(),
             // (Host resource: set by the VM with its serial port's console.)
             console: None,
+            bad_console: 0,
         })
     }
 }
