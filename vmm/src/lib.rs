@@ -22,6 +22,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod persist;
+pub mod rt;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -56,12 +56,16 @@ struct CtlState {
     paused: bool,
     stop: Option<VmExit>,
     exited: Option<VmExit>,
+    /// Threads raised to real-time priority for the current pause (`crate::rt`).
+    boosted: Vec<i32>,
 }
 
 /// Interrupts a vCPU thread out of `KVM_RUN`.
 struct Kicker {
     immediate_exit: *mut u8,
     thread: libc::pthread_t,
+    /// Its kernel thread id (for its scheduling priority).
+    tid: i32,
 }
 
 // SAFETY: `immediate_exit` points into the vCPU's `kvm_run` mapping, which lives as long as
@@ -87,6 +91,8 @@ pub struct Control {
     stop_flag: AtomicBool,
     events: Arc<GuestEvents>,
     kicker: Mutex<Option<Kicker>>,
+    /// Real-time priority for the pause path (off unless the VM's owner turns it on).
+    pub(crate) boost: crate::rt::PauseBoost,
 }
 
 impl Control {
@@ -98,7 +104,17 @@ impl Control {
             stop_flag: AtomicBool::new(false),
             events,
             kicker: Mutex::new(None),
+            boost: crate::rt::PauseBoost::default(),
         }
+    }
+
+    /// The vCPU thread's kernel id, once it runs.
+    fn vcpu_tid(&self) -> Option<i32> {
+        self.kicker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|k| k.tid)
     }
 
     fn lock(&self) -> MutexGuard<'_, CtlState> {
@@ -154,6 +170,14 @@ impl Control {
         }
         s.pauses += 1;
         if s.pauses == 1 {
+            // The vCPU thread (to reach its parking point) and this one (to capture) do not
+            // wait for a neighbour's time slice until the resume.
+            let tids: Vec<i32> = self
+                .vcpu_tid()
+                .into_iter()
+                .chain([crate::rt::gettid()])
+                .collect();
+            s.boosted = self.boost.raise(&tids);
             self.events.set_interrupted(true);
             self.kick(&s);
         }
@@ -161,7 +185,11 @@ impl Control {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         match &s.exited {
-            Some(e) => Err(e.clone()),
+            Some(e) => {
+                let e = e.clone();
+                self.boost.lower(&std::mem::take(&mut s.boosted));
+                Err(e)
+            }
             None => Ok(()),
         }
     }
@@ -190,6 +218,10 @@ impl Control {
         let mut s = self.lock();
         s.pauses = s.pauses.saturating_sub(1);
         let run = s.pauses == 0;
+        if run {
+            // (Lowered before the vCPU runs guest code again.)
+            self.boost.lower(&std::mem::take(&mut s.boosted));
+        }
         if run && s.stop.is_none() {
             self.events.set_interrupted(false);
         }
@@ -290,6 +322,7 @@ fn register_kicker(vcpu: &mut VcpuFd, control: &Control) -> Result<(), String> {
         immediate_exit,
         // SAFETY: pthread_self has no preconditions.
         thread: unsafe { libc::pthread_self() },
+        tid: crate::rt::gettid(),
     };
     *control.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(kicker);
     Ok(())

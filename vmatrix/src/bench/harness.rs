@@ -174,6 +174,8 @@ pub struct Protection {
     pub min_epoch_ms: u64,
     pub max_output_delay_ms: u64,
     pub early_checkpoints: bool,
+    /// Pauses at real-time priority (`Vm::set_rt_pause`).
+    pub rt_pause: bool,
 }
 
 impl Default for Protection {
@@ -183,6 +185,7 @@ impl Default for Protection {
             min_epoch_ms: 10,
             max_output_delay_ms: 200,
             early_checkpoints: true,
+            rt_pause: false,
         }
     }
 }
@@ -237,6 +240,7 @@ impl RunningVm {
             .context("the benchmark's backup did not start")?;
         let vm = env.vm(name)?;
         vm.hold_output_from_start();
+        vm.set_rt_pause(p.rt_pause);
         let cfg = primary::PrimaryConfig {
             epoch: Duration::from_millis(p.epoch_ms),
             min_epoch: Duration::from_millis(p.min_epoch_ms),

@@ -2,6 +2,7 @@
 //! needed), on real KVM, a real tap device and real QUIC. They print Markdown tables for
 //! docs/BENCHMARKS.md.
 
+mod busy;
 mod clones;
 mod copy;
 mod export;
@@ -17,8 +18,9 @@ use clap::{Args, Subcommand};
 /// `vmatrix bench <what>`.
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
-    /// Continuous replication: pauses, epoch rate, bandwidth vs raw quinn, KV protected vs not.
-    Replication(BenchArgs),
+    /// Continuous replication: pauses, epoch rate, bandwidth vs raw quinn, KV protected vs not;
+    /// with `--busy N`, pauses beside N CPU-bound neighbours, ordinary vs real-time pause path.
+    Replication(ReplicationArgs),
     /// Clones (`vmatrix clone`): time until N clones answer, memory per clone.
     Clones(clones::ClonesArgs),
     /// One address (`vmatrix lb`): read throughput through the VIP vs replicas behind it.
@@ -46,16 +48,34 @@ pub struct BenchArgs {
     pub quick: bool,
 }
 
+/// Flags of `vmatrix bench replication`.
+#[derive(Args, Debug)]
+pub struct ReplicationArgs {
+    /// Flags shared by the benchmarks.
+    #[command(flatten)]
+    pub common: BenchArgs,
+    /// Measure on a busy host instead: this many CPU-bound neighbours run meanwhile, and the
+    /// pause path is measured at ordinary and at real-time priority, alternating.
+    #[arg(long, default_value_t = 0)]
+    pub busy: usize,
+    /// Rounds of the busy-host measurement.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
 /// Runs a benchmark.
 pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Replication(a) => {
-            let env = harness::BenchEnv::new(a.guest, a.mem_mib)?;
-            let timing = match a.quick {
+            let env = harness::BenchEnv::new(a.common.guest, a.common.mem_mib)?;
+            let timing = match a.common.quick {
                 true => replication::Timing::quick(),
                 false => replication::Timing::full(),
             };
-            replication::run(&env, timing)?;
+            match a.busy {
+                0 => replication::run(&env, timing)?,
+                n => busy::run(&env, &timing, n, a.rounds.max(1))?,
+            }
         }
         BenchCmd::Clones(a) => clones::run(a)?,
         BenchCmd::Lb(a) => lb::run(a)?,

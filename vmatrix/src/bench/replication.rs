@@ -167,7 +167,7 @@ fn snap(s: &primary::Stats) -> Snap {
 }
 
 /// Starts a measurement window: pause percentiles and the maximum cover only what follows.
-fn reset_pauses(s: &primary::Stats) {
+pub(super) fn reset_pauses(s: &primary::Stats) {
     s.max_pause_us.store(0, Ordering::Relaxed);
     if let Ok(mut r) = s.recent_pauses.lock() {
         r.clear();
@@ -279,6 +279,7 @@ fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
             min_epoch_ms: 1,
             max_output_delay_ms: 1,
             early_checkpoints: false,
+            rt_pause: false,
         },
     )?;
     let stats = vm.stats.clone().context("protected VM without stats")?;

@@ -98,6 +98,18 @@ pub struct PrimaryArgs {
     /// others keep up; it rejoins by quick resync.
     #[arg(long, default_value_t = 1000)]
     pub drop_after_ms: u64,
+    /// Run each checkpoint's pause at real-time priority (the vCPU thread and the capturing
+    /// thread are SCHED_FIFO from the pause request to the resume, ordinary threads otherwise):
+    /// a pause does not wait for a busy neighbour's time slice (docs/replication.md). Needs
+    /// CAP_SYS_NICE; skipped (said once) without it.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub rt_pause: bool,
 }
 
 /// Flags of `vmatrix backup`.

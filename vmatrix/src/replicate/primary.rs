@@ -59,6 +59,7 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     let control = a.run.control.clone();
     // (The image lock, if the VM runs from a replica image, is held until this returns.)
     let (vm, console, _image_lock) = build_vm(&mut a)?;
+    vm.set_rt_pause(a.rt_pause);
     if !a.unprotected_start {
         // Nothing the guest sends may leave before the backup holds the state that produced it.
         vm.hold_output_from_start();

@@ -403,6 +403,13 @@ impl Vm {
         }
     }
 
+    /// Runs the pause path at real-time priority (`crate::rt`): from each pause request to its
+    /// resume, the vCPU thread and the pausing thread are `SCHED_FIFO`, so a pause does not
+    /// wait for a busy neighbour's time slice. Off by default.
+    pub fn set_rt_pause(&self, on: bool) {
+        self.control.boost.set_enabled(on);
+    }
+
     /// True while paused.
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()

@@ -1,0 +1,104 @@
+//! `vmatrix bench replication --busy N`: checkpoint pauses on a busy host (issue 12). N
+//! CPU-bound neighbours (shell busy loops, separate processes, as other tenants' work would
+//! be) run for the whole measurement; a protected VM (primary and backup in this process over
+//! loopback QUIC, fixed 20 ms epochs) is measured idle and under CHURN, with the pause path at
+//! ordinary priority and at real-time priority (`Vm::set_rt_pause`), alternating, several
+//! rounds: the same host, the same minutes, the same neighbours.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+
+use super::harness::{BenchEnv, Kv, Protection, RunningVm};
+use super::replication::{reset_pauses, wait_protected, Timing};
+
+/// CPU-bound neighbours, killed on drop.
+struct Hogs(Vec<Child>);
+
+impl Hogs {
+    fn start(n: usize) -> anyhow::Result<Hogs> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let c = Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting a CPU-bound neighbour (sh)")?;
+            v.push(c);
+        }
+        Ok(Hogs(v))
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One measurement: pause p50, p99, max (µs) and checkpoints per second.
+fn measure(vm: &RunningVm, kv: &mut Kv, churn: &str, t: &Timing) -> anyhow::Result<[f64; 4]> {
+    let stats = vm.stats.clone().context("protected VM without stats")?;
+    anyhow::ensure!(kv.cmd(churn)? == "OK", "{churn} refused");
+    std::thread::sleep(t.settle);
+    reset_pauses(&stats);
+    let e0 = stats.epochs.load(Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(t.measure);
+    let epochs = stats.epochs.load(Ordering::Relaxed) - e0;
+    let (p50, p99) = stats.pause_percentiles();
+    let max = stats.max_pause_us.load(Ordering::Relaxed);
+    Ok([
+        p50 as f64,
+        p99 as f64,
+        max as f64,
+        epochs as f64 / t0.elapsed().as_secs_f64(),
+    ])
+}
+
+/// Runs the busy-host pause A/B and prints a Markdown table.
+pub fn run(env: &BenchEnv, t: &Timing, busy: usize, rounds: usize) -> anyhow::Result<()> {
+    println!(
+        "## Pauses on a busy host (`vmatrix bench replication --busy {busy}`; {} MiB guest, 20 ms \
+         epochs, {busy} CPU-bound neighbours on this {}-CPU host)\n",
+        env.mem_mib,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| round | pause path | workload | pause p50 | pause p99 | pause max | checkpoints/s |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|");
+    let _hogs = Hogs::start(busy)?;
+    for r in 1..=rounds {
+        for rt in [false, true] {
+            let vm = RunningVm::protected(
+                env,
+                if rt { "busy-rt" } else { "busy" },
+                Protection {
+                    min_epoch_ms: 20,
+                    early_checkpoints: false,
+                    rt_pause: rt,
+                    ..Protection::default()
+                },
+            )?;
+            let stats = vm.stats.clone().context("protected VM without stats")?;
+            let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
+            wait_protected(&stats)?;
+            for (name, churn) in [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")] {
+                let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
+                let path = if rt { "real-time" } else { "ordinary" };
+                println!(
+                    "| {r} | {path} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
+                );
+            }
+            drop(kv);
+            drop(vm);
+        }
+    }
+    Ok(())
+}
