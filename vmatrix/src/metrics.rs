@@ -24,6 +24,12 @@ pub struct PrimaryFacts {
     pub output_held: bool,
     /// It handed over: its guest is stopped for good.
     pub handed_over: bool,
+    /// `Vm::dirty_source`.
+    pub dirty_source: &'static str,
+    /// Pauses at real-time priority.
+    pub rt_pause: bool,
+    /// `Vm::dirty_ring_full`.
+    pub dirty_ring_full: u64,
 }
 
 /// A primary's replication figures in `GET /status` (`control::types::Replication`):
@@ -54,6 +60,9 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
         ack_latency_us: ld(&s.ack_latency_us),
         released_frames: ld(&s.released_frames),
         handed_over: f.handed_over,
+        dirty_source: f.dirty_source.to_string(),
+        rt_pause: f.rt_pause,
+        dirty_ring_full: f.dirty_ring_full,
     }
 }
 

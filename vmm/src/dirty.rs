@@ -71,16 +71,19 @@ pub fn bits(bitmap: &[u64], limit: u64) -> Vec<u64> {
     out
 }
 
-/// Reads and resets both dirty sources (KVM's hot pages stay set, see
-/// [`crate::dirty_log`]). The caller must have quiesced vCPUs and device threads, so that no
+/// Reads and resets both dirty sources (KVM's ring where the VM has one, else its bitmap,
+/// whose hot pages stay set, see [`crate::dirty_log`]). The caller must have quiesced vCPUs and device threads, so that no
 /// write falls between the two reads — or copy the pages only after this returns (pre-copy).
 pub fn harvest(
-    log: &mut KvmDirtyLog,
+    (log, ring): (&mut KvmDirtyLog, Option<&crate::dirty_ring::DirtyRing>),
     vm_fd: &VmFd,
     mem: &GuestMem,
     mem_size: u64,
 ) -> Result<DirtyPages> {
-    let kvm = log.harvest(vm_fd, mem_size)?;
+    let kvm = match ring {
+        Some(r) => r.harvest()?,
+        None => log.harvest(vm_fd, mem_size)?,
+    };
     let region = mem
         .find_region(GuestAddress(0))
         .ok_or_else(|| Error::MemoryMap("no guest RAM region".into()))?;

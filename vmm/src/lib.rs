@@ -16,6 +16,7 @@ pub mod bus;
 pub mod devices;
 pub mod dirty;
 pub mod dirty_log;
+pub mod dirty_ring;
 pub mod error;
 pub mod events;
 pub mod layout;

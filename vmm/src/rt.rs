@@ -7,8 +7,10 @@
 //! request to the resume. The rest of the time they run as ordinary threads, so a busy guest
 //! never starves its neighbours (and the kernel's real-time throttling, 95 % of a CPU by
 //! default, still bounds a boosted thread). A thread already running under a real-time policy
-//! (set by the user) is left alone. Without the privilege (`CAP_SYS_NICE`) the boost is
-//! skipped, said once in the log.
+//! (set by the user) is left alone. Without the privilege (`CAP_SYS_NICE`, or an
+//! `RLIMIT_RTPRIO` of 1) the boost turns itself off, said once in the log. Only short captures
+//! are boosted (incremental checkpoints): a full capture or snapshot that copies all of guest
+//! RAM in its pause is not, so no thread runs real-time for seconds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,11 +48,16 @@ fn set(tid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
     }
 }
 
+/// Threads raised for one pause, to lower at its resume (a pause that raised nothing holds
+/// none).
+#[derive(Debug, Default)]
+#[must_use = "lower what was raised"]
+pub struct Boosted(Vec<i32>);
+
 /// Raises threads to `SCHED_FIFO` for a pause and lowers them again (see the module docs).
 #[derive(Debug, Default)]
 pub struct PauseBoost {
     enabled: AtomicBool,
-    warned: AtomicBool,
 }
 
 impl PauseBoost {
@@ -64,35 +71,40 @@ impl PauseBoost {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Raises every ordinary thread of `tids` to `SCHED_FIFO`; the ones raised (to lower
-    /// again with [`PauseBoost::lower`]).
-    pub fn raise(&self, tids: &[i32]) -> Vec<i32> {
-        if !self.enabled() {
-            return Vec::new();
-        }
+    /// Raises every ordinary thread of `tids` to `SCHED_FIFO` (with `SCHED_RESET_ON_FORK`:
+    /// a thread it starts meanwhile is ordinary). Without the privilege the boost turns itself
+    /// off, said once: no syscalls per pause for nothing.
+    pub fn raise(&self, tids: &[i32]) -> Boosted {
         let mut out = Vec::new();
+        if !self.enabled() {
+            return Boosted(out);
+        }
         for &tid in tids {
             if out.contains(&tid) || policy(tid).ok() != Some(libc::SCHED_OTHER) {
                 continue;
             }
-            match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
+            match set(
+                tid,
+                libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+                BOOST_PRIORITY,
+            ) {
                 Ok(()) => out.push(tid),
                 Err(e) => {
-                    if !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "no real-time priority for the pause path ({e}): pauses wait for \
-                             the scheduler on a busy host"
-                        );
-                    }
+                    self.set_enabled(false);
+                    tracing::warn!(
+                        "no real-time priority for the pause path ({e}): pauses wait for the \
+                         scheduler on a busy host; boost off"
+                    );
+                    break;
                 }
             }
         }
-        out
+        Boosted(out)
     }
 
-    /// Lowers threads raised by [`PauseBoost::raise`] back to `SCHED_OTHER`.
-    pub fn lower(&self, tids: &[i32]) {
-        for &tid in tids {
+    /// Lowers the threads of `b` that `keep_ok` accepts back to `SCHED_OTHER`.
+    pub fn lower_if(&self, b: Boosted, keep_ok: impl Fn(i32) -> bool) {
+        for tid in b.0.into_iter().filter(|t| keep_ok(*t)) {
             // (A thread that exited meanwhile: nothing to lower.)
             let _ = set(tid, libc::SCHED_OTHER, 0);
         }
@@ -103,23 +115,40 @@ impl PauseBoost {
 mod tests {
     use super::*;
 
+    /// Lowers this thread even if the test fails half way.
+    struct Lower;
+    impl Drop for Lower {
+        fn drop(&mut self) {
+            let _ = set(gettid(), libc::SCHED_OTHER, 0);
+        }
+    }
+
     #[test]
     fn a_boost_raises_ordinary_threads_for_the_pause_only() {
+        let _lower = Lower;
         let b = PauseBoost::default();
         let me = gettid();
-        assert!(b.raise(&[me]).is_empty(), "off by default");
+        let ordinary = policy(me).unwrap() == libc::SCHED_OTHER;
+        assert!(b.raise(&[me]).0.is_empty(), "off by default");
         b.set_enabled(true);
         let raised = b.raise(&[me, me]);
-        if raised.is_empty() {
-            // (No CAP_SYS_NICE where this runs: skipped, said once; nothing changed.)
-            assert_eq!(policy(me).unwrap(), libc::SCHED_OTHER);
+        if raised.0.is_empty() {
+            // No privilege here (or not an ordinary thread): nothing changed, and without the
+            // privilege the boost turned itself off.
+            assert!(!ordinary || !b.enabled());
             return;
         }
-        assert_eq!(raised, [me], "each thread once");
-        assert_eq!(policy(me).unwrap(), libc::SCHED_FIFO);
-        // A thread already real-time is not raised again (nor lowered by us).
-        assert!(b.raise(&[me]).is_empty());
-        b.lower(&raised);
+        assert_eq!(raised.0, [me], "each thread once");
+        assert_eq!(
+            policy(me).unwrap() & !libc::SCHED_RESET_ON_FORK,
+            libc::SCHED_FIFO
+        );
+        // A thread already real-time is not raised again.
+        assert!(b.raise(&[me]).0.is_empty());
+        // One the caller says must not be touched stays as it is.
+        b.lower_if(Boosted(vec![me]), |_| false);
+        assert_ne!(policy(me).unwrap(), libc::SCHED_OTHER);
+        b.lower_if(raised, |_| true);
         assert_eq!(policy(me).unwrap(), libc::SCHED_OTHER);
     }
 }

@@ -56,8 +56,6 @@ struct CtlState {
     paused: bool,
     stop: Option<VmExit>,
     exited: Option<VmExit>,
-    /// Threads raised to real-time priority for the current pause (`crate::rt`).
-    boosted: Vec<i32>,
 }
 
 /// Interrupts a vCPU thread out of `KVM_RUN`.
@@ -93,6 +91,8 @@ pub struct Control {
     kicker: Mutex<Option<Kicker>>,
     /// Real-time priority for the pause path (off unless the VM's owner turns it on).
     pub(crate) boost: crate::rt::PauseBoost,
+    /// The vCPU's dirty ring, collected by its thread when it fills (`crate::dirty_ring`).
+    ring: std::sync::OnceLock<Arc<crate::dirty_ring::DirtyRing>>,
 }
 
 impl Control {
@@ -105,6 +105,24 @@ impl Control {
             events,
             kicker: Mutex::new(None),
             boost: crate::rt::PauseBoost::default(),
+            ring: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The vCPU's dirty ring, if it has one (set once, when the VM is assembled).
+    pub(crate) fn set_ring(&self, ring: Option<Arc<crate::dirty_ring::DirtyRing>>) {
+        if let Some(r) = ring {
+            let _ = self.ring.set(r);
+        }
+    }
+
+    /// The vCPU exited because its dirty ring is full: collect it (the next harvest returns
+    /// those pages) so that it can run on.
+    fn ring_full(&self) -> Owned {
+        match self.ring.get().map(|r| r.collect_full()) {
+            Some(Ok(_)) => Owned::Done,
+            Some(Err(e)) => Owned::Error(format!("collecting the full dirty ring: {e}")),
+            None => Owned::Unexpected("dirty ring full without a ring".into()),
         }
     }
 
@@ -170,14 +188,6 @@ impl Control {
         }
         s.pauses += 1;
         if s.pauses == 1 {
-            // The vCPU thread (to reach its parking point) and this one (to capture) do not
-            // wait for a neighbour's time slice until the resume.
-            let tids: Vec<i32> = self
-                .vcpu_tid()
-                .into_iter()
-                .chain([crate::rt::gettid()])
-                .collect();
-            s.boosted = self.boost.raise(&tids);
             self.events.set_interrupted(true);
             self.kick(&s);
         }
@@ -185,13 +195,47 @@ impl Control {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         match &s.exited {
-            Some(e) => {
-                let e = e.clone();
-                self.boost.lower(&std::mem::take(&mut s.boosted));
-                Err(e)
-            }
+            Some(e) => Err(e.clone()),
             None => Ok(()),
         }
+    }
+
+    /// [`pause`](Self::pause) for a short capture by this thread, which ends it with
+    /// [`resume_boosted`](Self::resume_boosted): where the pause path runs at real-time
+    /// priority (`crate::rt`), this thread — and the vCPU thread, if this pause is the one
+    /// that parks it — are raised first, so neither waits for a neighbour's time slice.
+    pub fn pause_boosted(&self) -> Result<crate::rt::Boosted, VmExit> {
+        let tids: Vec<i32> = {
+            let s = self.lock();
+            let vcpu = self
+                .vcpu_tid()
+                .filter(|_| s.exited.is_none() && s.pauses == 0);
+            vcpu.into_iter().chain([crate::rt::gettid()]).collect()
+        };
+        let b = self.boost.raise(&tids);
+        match self.pause() {
+            Ok(()) => Ok(b),
+            Err(e) => {
+                self.lower_boosted(b);
+                Err(e)
+            }
+        }
+    }
+
+    /// Lowers what a [`pause_boosted`](Self::pause_boosted) raised; a vCPU thread that exited
+    /// meanwhile is not touched (its id may be another thread's by now).
+    fn lower_boosted(&self, b: crate::rt::Boosted) {
+        let s = self.lock();
+        let me = crate::rt::gettid();
+        self.boost
+            .lower_if(b, |tid| tid == me || s.exited.is_none());
+    }
+
+    /// Ends a [`pause_boosted`](Self::pause_boosted): its threads are lowered first (the vCPU
+    /// runs guest code again at its ordinary priority), then the pause ends.
+    pub fn resume_boosted(&self, b: crate::rt::Boosted) -> bool {
+        self.lower_boosted(b);
+        self.resume()
     }
 
     /// Makes the vCPU park as soon as it starts (restore with `--paused`).
@@ -218,10 +262,6 @@ impl Control {
         let mut s = self.lock();
         s.pauses = s.pauses.saturating_sub(1);
         let run = s.pauses == 0;
-        if run {
-            // (Lowered before the vCPU runs guest code again.)
-            self.boost.lower(&std::mem::take(&mut s.boosted));
-        }
         if run && s.stop.is_none() {
             self.events.set_interrupted(false);
         }
@@ -369,6 +409,9 @@ fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) ->
             Ok(VcpuExit::FailEntry(reason, _)) => Owned::FailEntry(reason),
             Ok(VcpuExit::InternalError) => Owned::Fault("KVM internal error (emulation failure)"),
             Ok(VcpuExit::Intr) => Owned::Intr,
+            Ok(VcpuExit::Unsupported(crate::dirty_ring::EXIT_DIRTY_RING_FULL)) => {
+                control.ring_full()
+            }
             Ok(other) => Owned::Unexpected(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR => Owned::Intr,
             Err(e) if e.errno() == libc::EAGAIN => Owned::Again,

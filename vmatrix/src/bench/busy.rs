@@ -4,6 +4,9 @@
 //! loopback QUIC, fixed 20 ms epochs) is measured idle and under CHURN, with the pause path at
 //! ordinary priority and at real-time priority (`Vm::set_rt_pause`), alternating, several
 //! rounds: the same host, the same minutes, the same neighbours.
+//!
+//! `--dirty-sources`: on a quiet host instead, the harvest from KVM's bitmap (with hot pages)
+//! against KVM's dirty ring, alternating, idle and under CHURN.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -89,11 +92,57 @@ pub fn run(env: &BenchEnv, t: &Timing, busy: usize, rounds: usize) -> anyhow::Re
             let stats = vm.stats.clone().context("protected VM without stats")?;
             let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
             wait_protected(&stats)?;
+            // (Unmeasured: the backup applies the initial sync meanwhile.)
+            measure(&vm, &mut kv, "CHURN 0 0", t)?;
             for (name, churn) in [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")] {
                 let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
                 let path = if rt { "real-time" } else { "ordinary" };
                 println!(
                     "| {r} | {path} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
+                );
+            }
+            drop(kv);
+            drop(vm);
+        }
+    }
+    Ok(())
+}
+
+/// Pauses with the bitmap vs the ring as the harvest source, alternating; a Markdown table.
+pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
+    println!(
+        "## Harvest source: KVM's bitmap (hot pages) vs its dirty ring (`vmatrix bench \
+         replication --dirty-sources`; {} MiB guest, 20 ms epochs)\n",
+        env.mem_mib
+    );
+    println!("| round | source | workload | pause p50 | pause p99 | pause max | checkpoints/s |");
+    println!("|---:|---|---|---:|---:|---:|---:|");
+    for r in 1..=rounds {
+        for ring in [false, true] {
+            let vm = RunningVm::protected(
+                env,
+                if ring { "ring" } else { "bitmap" },
+                Protection {
+                    min_epoch_ms: 20,
+                    early_checkpoints: false,
+                    dirty_ring: ring,
+                    ..Protection::default()
+                },
+            )?;
+            let source = vm.vm.dirty_source();
+            let stats = vm.stats.clone().context("protected VM without stats")?;
+            let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
+            wait_protected(&stats)?;
+            // (Unmeasured: the backup applies the initial sync meanwhile.)
+            measure(&vm, &mut kv, "CHURN 0 0", t)?;
+            for (name, churn) in [
+                ("idle", "CHURN 0 0"),
+                ("CHURN 1k pages/s", "CHURN 2048 1"),
+                ("CHURN 10k pages/s", "CHURN 2048 10"),
+            ] {
+                let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
+                println!(
+                    "| {r} | {source} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
                 );
             }
             drop(kv);

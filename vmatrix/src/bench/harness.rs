@@ -176,6 +176,8 @@ pub struct Protection {
     pub early_checkpoints: bool,
     /// Pauses at real-time priority (`Vm::set_rt_pause`).
     pub rt_pause: bool,
+    /// KVM's dirty ring as the harvest source (`vmm::dirty_ring`), where KVM has it.
+    pub dirty_ring: bool,
 }
 
 impl Default for Protection {
@@ -186,6 +188,7 @@ impl Default for Protection {
             max_output_delay_ms: 200,
             early_checkpoints: true,
             rt_pause: false,
+            dirty_ring: false,
         }
     }
 }
@@ -238,7 +241,10 @@ impl RunningVm {
         let backup_addr = ready_rx
             .blocking_recv()
             .context("the benchmark's backup did not start")?;
-        let vm = env.vm(name)?;
+        vmm::dirty_ring::prefer(p.dirty_ring);
+        let vm = env.vm(name);
+        vmm::dirty_ring::prefer(false);
+        let vm = vm?;
         vm.hold_output_from_start();
         vm.set_rt_pause(p.rt_pause);
         let cfg = primary::PrimaryConfig {

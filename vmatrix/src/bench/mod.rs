@@ -58,9 +58,12 @@ pub struct ReplicationArgs {
     /// pause path is measured at ordinary and at real-time priority, alternating.
     #[arg(long, default_value_t = 0)]
     pub busy: usize,
-    /// Rounds of the busy-host measurement.
+    /// Rounds of the busy-host (or harvest source) measurement.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Measure the harvest sources instead: KVM's bitmap with hot pages vs its dirty ring.
+    #[arg(long)]
+    pub dirty_sources: bool,
 }
 
 /// Runs a benchmark.
@@ -73,6 +76,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 false => replication::Timing::full(),
             };
             match a.busy {
+                _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1))?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1))?,
             }

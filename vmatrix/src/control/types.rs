@@ -397,6 +397,16 @@ pub struct Replication {
     /// It handed over (`PUT /handover` answered): its guest is stopped for good.
     #[serde(default)]
     pub handed_over: bool,
+    /// Where the vCPU's dirty pages come from (`ring`, `bitmap+hot`, `bitmap`; chosen at
+    /// start, `--dirty-source`).
+    #[serde(default)]
+    pub dirty_source: String,
+    /// Pauses run at real-time priority (`--rt-pause`).
+    #[serde(default)]
+    pub rt_pause: bool,
+    /// Times the dirty ring filled between two checkpoints.
+    #[serde(default)]
+    pub dirty_ring_full: u64,
 }
 
 /// A backup's image and session.
@@ -641,6 +651,9 @@ mod tests {
                 handed_over: false,
                 ack_latency_us: 7,
                 released_frames: 8,
+                dirty_source: "ring".into(),
+                rt_pause: true,
+                dirty_ring_full: 0,
             },
         });
         let v = serde_json::to_value(&p).unwrap();

@@ -110,6 +110,24 @@ pub struct PrimaryArgs {
         default_missing_value = "true"
     )]
     pub rt_pause: bool,
+    /// Where the vCPU's dirty pages come from: `bitmap` (KVM_GET_DIRTY_LOG with hot pages:
+    /// cheaper for a guest that rewrites the same pages every epoch) or `ring` (KVM's dirty
+    /// ring where it has one: a harvest costs what was dirtied, not what the guest's size is;
+    /// the bitmap where it has none). Reported in `status` (docs/replication.md).
+    #[arg(long, value_enum, default_value = "bitmap")]
+    pub dirty_source: DirtySource,
+    /// The dirty ring's size, bytes (a power of two, at least 4096; KVM's largest if smaller).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub dirty_ring_bytes: u32,
+}
+
+/// `--dirty-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirtySource {
+    /// KVM_GET_DIRTY_LOG, manual protection, hot pages.
+    Bitmap,
+    /// KVM's dirty ring (the bitmap where KVM has none).
+    Ring,
 }
 
 /// Flags of `vmatrix backup`.

@@ -58,8 +58,15 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     };
     let control = a.run.control.clone();
     // (The image lock, if the VM runs from a replica image, is held until this returns.)
+    vmm::dirty_ring::prefer(a.dirty_source == super::DirtySource::Ring);
+    vmm::dirty_ring::set_size(a.dirty_ring_bytes);
     let (vm, console, _image_lock) = build_vm(&mut a)?;
     vm.set_rt_pause(a.rt_pause);
+    tracing::info!(
+        "dirty pages from: {}; pauses at real-time priority: {}",
+        vm.dirty_source(),
+        a.rt_pause
+    );
     if !a.unprotected_start {
         // Nothing the guest sends may leave before the backup holds the state that produced it.
         vm.hold_output_from_start();
@@ -204,6 +211,9 @@ fn status(
             backups: backups.borrow().list.len(),
             output_held: vm.held_output().is_some(),
             handed_over: handed.load(std::sync::atomic::Ordering::SeqCst),
+            dirty_source: vm.dirty_source(),
+            rt_pause: vm.rt_pause(),
+            dirty_ring_full: vm.dirty_ring_full(),
         };
         crate::metrics::replication_status(&stats, &facts)
     })

@@ -102,6 +102,7 @@ pub type StartGate = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>
 /// The dirty-tracking state of a VM.
 struct Tracking {
     kvm: crate::dirty_log::KvmDirtyLog,
+    ring: Option<Arc<crate::dirty_ring::DirtyRing>>,
     changes: ChangeTracker,
 }
 
@@ -172,6 +173,8 @@ pub(crate) struct KvmParts {
     pub vcpu: VcpuFd,
     pub msr_indices: Vec<u32>,
     pub dirty: crate::dirty_log::KvmDirtyLog,
+    /// The vCPU's dirty ring, where it replaces the bitmap (`crate::dirty_ring`).
+    pub ring: Option<Arc<crate::dirty_ring::DirtyRing>>,
 }
 
 /// Creates the KVM VM, registers `mem` as slot 0 and creates vCPU 0 with the host's CPUID.
@@ -184,10 +187,14 @@ pub(crate) fn create_kvm_vm(
     vcpu_state::check_xsave_size(&kvm)?;
     let msr_indices = vcpu_state::msr_indices(&kvm)?;
     let vm_fd = kvm.create_vm().map_err(Error::kvm("create_vm"))?;
-    // Hot-page dirty logging must be chosen before the slot exists.
-    let dirty = match dirty_log {
-        true => crate::dirty_log::KvmDirtyLog::new(&vm_fd),
-        false => Default::default(),
+    // The ring (before any vCPU exists) or hot-page dirty logging (before the slot exists).
+    let ring_bytes = match dirty_log && crate::dirty_ring::preferred() {
+        true => crate::dirty_ring::enable(&vm_fd),
+        false => None,
+    };
+    let dirty = match (dirty_log, ring_bytes) {
+        (true, None) => crate::dirty_log::KvmDirtyLog::new(&vm_fd),
+        _ => Default::default(),
     };
     let host = mem
         .get_host_address(GuestAddress(0))
@@ -213,12 +220,17 @@ pub(crate) fn create_kvm_vm(
         .map_err(Error::kvm("get_supported_cpuid"))?;
     vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("set_cpuid2"))?;
     vcpu.set_kvm_immediate_exit(0);
+    let pages = mem_size / crate::layout::PAGE_SIZE;
+    let ring = ring_bytes
+        .map(|b| crate::dirty_ring::DirtyRing::map(&vm_fd, &vcpu, b, pages).map(Arc::new))
+        .transpose()?;
     Ok(KvmParts {
         kvm,
         vm_fd,
         vcpu,
         msr_indices,
         dirty,
+        ring,
     })
 }
 
@@ -307,6 +319,7 @@ impl Vm {
         if let Some(b) = &devices.blk {
             mmio.insert(virtio_slot(1), MMIO_WINDOW, b.clone());
         }
+        control.set_ring(parts.ring.clone());
         Vm {
             _kvm: parts.kvm,
             vm_fd: parts.vm_fd,
@@ -315,6 +328,7 @@ impl Vm {
             dirty_log,
             tracking: Mutex::new(Tracking {
                 kvm: parts.dirty,
+                ring: parts.ring,
                 changes: ChangeTracker::new(crate::devices::virtio::blk::MAX_RECORDED),
             }),
             msr_indices: parts.msr_indices,
@@ -403,11 +417,56 @@ impl Vm {
         }
     }
 
-    /// Runs the pause path at real-time priority (`crate::rt`): from each pause request to its
-    /// resume, the vCPU thread and the pausing thread are `SCHED_FIFO`, so a pause does not
-    /// wait for a busy neighbour's time slice. Off by default.
+    /// [`pause`](Self::pause) for a short capture by this thread, at real-time priority where
+    /// the VM's owner asked for it ([`Vm::set_rt_pause`]); end it with `resume_boosted`.
+    pub(crate) fn pause_boosted(&self) -> std::result::Result<crate::rt::Boosted, VmExit> {
+        let b = self.control.pause_boosted()?;
+        if let (Some(rx), Some(n)) = (lock(&self.rx).as_ref(), &self.devices.net) {
+            rx.quiesce(n);
+        }
+        Ok(b)
+    }
+
+    /// Ends a [`pause_boosted`](Self::pause_boosted).
+    pub(crate) fn resume_boosted(&self, b: crate::rt::Boosted) {
+        let rx = lock(&self.rx);
+        if self.control.resume_boosted(b) {
+            if let Some(rx) = rx.as_ref() {
+                rx.resume();
+            }
+        }
+    }
+
+    /// Runs the pause path of incremental captures at real-time priority (`crate::rt`): from
+    /// the pause request to the resume, the vCPU thread and the capturing thread are
+    /// `SCHED_FIFO`, so a pause does not wait for a busy neighbour's time slice. Off by default.
     pub fn set_rt_pause(&self, on: bool) {
         self.control.boost.set_enabled(on);
+    }
+
+    /// Whether pauses run at real-time priority.
+    pub fn rt_pause(&self) -> bool {
+        self.control.boost.enabled()
+    }
+
+    /// Where the vCPU's dirty pages come from: `ring` (KVM's dirty ring), `bitmap+hot`
+    /// (`KVM_GET_DIRTY_LOG` with manual protection and hot pages), `bitmap`, or `off`.
+    pub fn dirty_source(&self) -> &'static str {
+        let t = lock(&self.tracking);
+        match (self.dirty_log, t.ring.is_some(), t.kvm.manual()) {
+            (false, _, _) => "off",
+            (true, true, _) => "ring",
+            (true, false, true) => "bitmap+hot",
+            (true, false, false) => "bitmap",
+        }
+    }
+
+    /// Times the dirty ring filled between two harvests (0 without a ring).
+    pub fn dirty_ring_full(&self) -> u64 {
+        lock(&self.tracking)
+            .ring
+            .as_ref()
+            .map_or(0, |r| r.full_count())
     }
 
     /// True while paused.
@@ -520,7 +579,13 @@ impl Vm {
         if !self.dirty_log {
             return Err(Error::Host("dirty logging is off for this VM".into()));
         }
-        let dirty = crate::dirty::harvest(&mut t.kvm, &self.vm_fd, &self.mem, self.mem_size)?;
+        let ring = t.ring.clone();
+        let dirty = crate::dirty::harvest(
+            (&mut t.kvm, ring.as_deref()),
+            &self.vm_fd,
+            &self.mem,
+            self.mem_size,
+        )?;
         if t.changes.any_active() {
             let disk = match &self.devices.blk {
                 Some(b) => lock(b).with_device_unchecked(|d| d.take_writes()),

@@ -98,9 +98,13 @@ impl Vm {
         disk_ranges: &[(u64, u64)],
     ) -> Result<EpochCapture, SnapshotError> {
         let t0 = Instant::now();
-        // Pauses are counted: this one nests inside a user's pause without ending it.
+        // Pauses are counted: this one nests inside a user's pause without ending it. An
+        // incremental capture is short: its pause path may run at real-time priority.
         let must_resume = self.thread_running();
-        if must_resume {
+        let mut boosted = None;
+        if must_resume && kind == CaptureKind::Incremental && disk_ranges.is_empty() {
+            boosted = Some(self.pause_boosted().map_err(capture_err)?);
+        } else if must_resume {
             self.pause().map_err(capture_err)?;
         }
         // The ranges are read first: nothing can fail after the epoch's changes are taken
@@ -110,8 +114,10 @@ impl Vm {
             c.extra_disk = extra;
             Ok(c)
         });
-        if must_resume {
-            self.resume();
+        match boosted {
+            Some(b) => self.resume_boosted(b),
+            None if must_resume => self.resume(),
+            None => {}
         }
         let mut c = r?;
         c.pause = t0.elapsed();
