@@ -7,12 +7,10 @@ use std::process::Command;
 
 use support::*;
 
-#[test]
-fn bench_replication_quick_prints_every_table() {
-    require_kvm();
+/// Runs `vmatrix <args>` and checks that it succeeds and prints every one of `needles`.
+fn prints(args: &[&str], needles: &[&str]) {
     let out = Command::new(vmatrix_bin())
-        .args(["bench", "replication", "--quick", "--guest"])
-        .arg(guest_elf())
+        .args(args)
         .output()
         .expect("run vmatrix bench");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -21,23 +19,42 @@ fn bench_replication_quick_prints_every_table() {
         "bench failed: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in [
-        "Raw quinn on loopback",
-        "| CHURN 50k pages/s |",
-        "| idle guest |",
-        "| unprotected | 16 |",
-        "| protected (default: early checkpoints) | 16 |",
-    ] {
+    for needle in needles {
         assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
     }
 }
 
-/// `--busy 1 --rounds 1`: a CPU-bound neighbour beside the protected VM, both pause paths.
 #[test]
-fn bench_replication_busy_prints_both_pause_paths() {
+fn bench_replication_quick_prints_every_table() {
     require_kvm();
-    let out = Command::new(vmatrix_bin())
-        .args([
+    let guest = guest_elf();
+    prints(
+        &[
+            "bench",
+            "replication",
+            "--quick",
+            "--guest",
+            guest.to_str().unwrap(),
+        ],
+        &[
+            "Raw quinn on loopback",
+            "| CHURN 50k pages/s |",
+            "| idle guest |",
+            "| unprotected | 16 |",
+            "| protected (default: early checkpoints) | 16 |",
+        ],
+    );
+}
+
+/// `--busy 1 --rounds 1`: a CPU-bound neighbour beside the protected VM, both pause paths;
+/// `--dirty-sources --rounds 1`: the bitmap and the ring.
+#[test]
+fn bench_replication_busy_and_dirty_sources_print_both_sides() {
+    require_kvm();
+    let guest = guest_elf();
+    let g = guest.to_str().unwrap();
+    prints(
+        &[
             "bench",
             "replication",
             "--quick",
@@ -46,30 +63,37 @@ fn bench_replication_busy_prints_both_pause_paths() {
             "--rounds",
             "1",
             "--guest",
-        ])
-        .arg(guest_elf())
-        .output()
-        .expect("run vmatrix bench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+            g,
+        ],
+        &[
+            "| 1 | ordinary | idle |",
+            "| 1 | real-time | idle |",
+            "| 1 | real-time | CHURN 1k pages/s |",
+        ],
     );
-    for needle in [
-        "| 1 | ordinary | idle |",
-        "| 1 | real-time | idle |",
-        "| 1 | real-time | CHURN 1k pages/s |",
-    ] {
-        assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
-    }
+    prints(
+        &[
+            "bench",
+            "replication",
+            "--quick",
+            "--dirty-sources",
+            "--rounds",
+            "1",
+            "--guest",
+            g,
+        ],
+        &[
+            "| 1 | bitmap+hot | idle |",
+            "| 1 | ring | CHURN 10k pages/s |",
+        ],
+    );
 }
 
 /// `vmatrix bench copy`: a base copied between two base servers, against raw quinn.
 #[test]
 fn bench_copy_prints_its_table() {
-    let out = Command::new(vmatrix_bin())
-        .args([
+    prints(
+        &[
             "bench",
             "copy",
             "--mem-mib",
@@ -78,14 +102,7 @@ fn bench_copy_prints_its_table() {
             "8",
             "--rounds",
             "1",
-        ])
-        .output()
-        .expect("run vmatrix bench copy");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &["| 1 | 9.1 |"],
     );
-    assert!(text.contains("| 1 | 9.1 |"), "{text}");
 }

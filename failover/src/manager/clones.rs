@@ -535,12 +535,7 @@ impl Manager {
         if !self.runs_primary(host, rec) {
             return false;
         }
-        let exporters: Vec<&str> = rec
-            .backups
-            .iter()
-            .map(|b| b.host.as_str())
-            .filter(|h| self.runs_synced_backup(h, rec))
-            .collect();
+        let exporters = self.exporters(rec);
         let runs_here = rec.clones.placed.iter().any(|s| s.host == host);
         let waiting = (rec.clones.placed.len() as u32) < rec.clones.desired;
         let no_room = exporters
@@ -563,6 +558,15 @@ impl Manager {
     /// make no base, and a clone placed there would wait. The grace of `backup_lost` keeps a
     /// backup restarting in place from handing base-making to the primary, a pause, for a
     /// report or two.)
+    /// The hosts of the VM's backups that export its bases ([`Self::runs_synced_backup`]).
+    pub(super) fn exporters<'a>(&self, rec: &'a VmRecord) -> Vec<&'a str> {
+        rec.backups
+            .iter()
+            .map(|b| b.host.as_str())
+            .filter(|h| self.runs_synced_backup(h, rec))
+            .collect()
+    }
+
     pub(super) fn runs_synced_backup(&self, host: &str, rec: &VmRecord) -> bool {
         let reported = self.hosts.get(host).is_some_and(|h| {
             !h.down

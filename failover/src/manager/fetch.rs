@@ -172,12 +172,7 @@ impl Manager {
     /// own rather than wait to copy theirs (`makes_base`).
     pub(super) fn note_exporters(&mut self, now: Duration, rec: &VmRecord) {
         let vm = &rec.spec.name;
-        let exporters: Vec<&str> = rec
-            .backups
-            .iter()
-            .map(|b| b.host.as_str())
-            .filter(|h| self.runs_synced_backup(h, rec))
-            .collect();
+        let exporters = self.exporters(rec);
         let delivered = exporters.iter().any(|h| self.holds_base(h, vm));
         let t = &mut self.clone_tracker;
         if !rec.clones.wants_base() || exporters.is_empty() || delivered {

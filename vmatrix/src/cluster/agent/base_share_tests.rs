@@ -46,37 +46,34 @@ impl Net {
         transport::certs::load(self.certs.path(), host).unwrap()
     }
 
-    /// A base server of `host` serving `published`.
-    fn serve(&self, host: &str, published: Published) -> BaseSource {
-        let id = self.id(host);
+    /// A QUIC server of `host` on loopback, and the source naming it.
+    fn bind(&self, host: &str) -> (transport::quic::Server, BaseSource) {
         let _g = self.rt.enter();
         let server = transport::quic::Server::bind(
             "127.0.0.1:0".parse().unwrap(),
-            &id,
+            &self.id(host),
             &QuicConfig::default(),
         )
         .unwrap();
-        let addr = server.local_addr().unwrap();
-        self.rt.spawn(serve(server, published));
-        BaseSource {
+        let src = BaseSource {
             host: host.into(),
-            addr: addr.to_string(),
+            addr: server.local_addr().unwrap().to_string(),
             term: 3,
-        }
+        };
+        (server, src)
+    }
+
+    /// A base server of `host` serving `published`.
+    fn serve(&self, host: &str, published: Published) -> BaseSource {
+        let (server, src) = self.bind(host);
+        self.rt.spawn(serve(server, published));
+        src
     }
 
     /// A server of `host` that answers every request with `msgs` and then drops the
     /// connection.
     fn hostile(&self, host: &str, msgs: Vec<Msg>) -> BaseSource {
-        let id = self.id(host);
-        let _g = self.rt.enter();
-        let server = transport::quic::Server::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            &id,
-            &QuicConfig::default(),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
+        let (server, src) = self.bind(host);
         self.rt.spawn(async move {
             while let Ok(conn) = server.accept().await {
                 let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -96,11 +93,7 @@ impl Net {
                 conn.close(0u32.into(), b"bye");
             }
         });
-        BaseSource {
-            host: host.into(),
-            addr: addr.to_string(),
-            term: 3,
-        }
+        src
     }
 }
 
