@@ -64,6 +64,36 @@ fn identity(sock: &Path, name: &str, config: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Waits until the host has a neighbour entry for `ip` (the clone asked it something).
+fn wait_neighbour(ip: &str, timeout: Duration) {
+    let asked = Instant::now();
+    loop {
+        let n = Command::new("ip")
+            .args(["neigh", "show", ip])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&n.stdout).contains("lladdr") {
+            return;
+        }
+        assert!(
+            asked.elapsed() < timeout,
+            "the clone never asked for its gateway"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Prints the lines of a log that contain any of `needles`.
+fn print_lines(log: &std::path::Path, needles: &[&str]) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for l in text
+        .lines()
+        .filter(|l| needles.iter().any(|n| l.contains(n)))
+    {
+        eprintln!("  {l}");
+    }
+}
+
 #[test]
 fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     let net = TestNet::new();
@@ -127,33 +157,16 @@ fn a_standby_clone_stays_off_the_network_until_it_takes_its_identity() {
     // 10.77.<n>.1 on this side): the host learns the clone from that request before any
     // client talks to it (a gratuitous ARP alone creates no entry), so its first answer need
     // not wait for an ARP round trip.
-    let asked = Instant::now();
-    loop {
-        let n = Command::new("ip")
-            .args(["neigh", "show", &ip])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&n.stdout).contains("lladdr") {
-            break;
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(3),
-            "the clone never asked for its gateway"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_neighbour(&ip, Duration::from_secs(3));
     let mut kv = connect_retry(
         format!("{ip}:7000").parse().unwrap(),
         Duration::from_secs(10),
     );
     eprintln!("the standby answered {:?} after its identity", t0.elapsed());
-    let log = std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default();
-    for l in log
-        .lines()
-        .filter(|l| l.contains("first frame") || l.contains("is s0 now"))
-    {
-        eprintln!("  standby: {l}");
-    }
+    print_lines(
+        &dir.path().join("standby.log"),
+        &["first frame", "is s0 now"],
+    );
     kv.set_timeout(Duration::from_secs(5));
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
     let gen = field(&kv.cmd("STATS").unwrap(), "generation").unwrap();
