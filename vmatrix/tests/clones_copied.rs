@@ -42,7 +42,23 @@ fn clones_on_a_host_running_nothing_of_the_vm_copy_its_base() {
         m.kill_agent(h);
         m.start_agent_with(h, &["--capacity-mib", "64"]);
     }
-    m.wait_hosts_up(3, Duration::from_secs(20));
+    // (Once the manager heard both again: `host list`'s CAPACITY_MIB column.)
+    let (pn, bn) = (m.net.host_name(ph), m.net.host_name(bh));
+    let t0 = Instant::now();
+    loop {
+        let out = String::from_utf8_lossy(&m.cli(&["host", "list"]).stdout).into_owned();
+        let full = |n: &str| {
+            out.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&n) && f.get(1) == Some(&"up") && f.get(6) == Some(&"64")
+            })
+        };
+        if full(&pn) && full(&bn) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let t0 = Instant::now();
     m.scale(2);

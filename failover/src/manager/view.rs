@@ -55,6 +55,12 @@ pub struct HostView {
     pub status: String,
     /// VM instances assigned to it.
     pub instances: usize,
+    /// Memory its agent offers to VMs, MiB (its hello; absent in answers of older managers).
+    #[serde(default)]
+    pub capacity_mib: u64,
+    /// What is left of it for another instance or clone, MiB (negative: overcommitted).
+    #[serde(default)]
+    pub room_mib: i64,
 }
 
 impl Manager {
@@ -79,6 +85,8 @@ impl Manager {
                 silent_ms: now.saturating_sub(h.last_seen).as_millis() as u64,
                 status: if self.fresh(now, n) { "up" } else { "down" }.into(),
                 instances: self.load(n),
+                capacity_mib: h.capacity_mib,
+                room_mib: self.room_mib(n),
             })
             .collect()
     }

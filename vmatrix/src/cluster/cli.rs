@@ -332,6 +332,8 @@ pub fn host_table(hosts: &[HostView]) -> String {
                 h.silent_ms.to_string(),
                 h.instances.to_string(),
                 h.repl_ip.clone(),
+                h.capacity_mib.to_string(),
+                h.room_mib.to_string(),
             ]
         })
         .collect();
@@ -343,6 +345,8 @@ pub fn host_table(hosts: &[HostView]) -> String {
             "SILENT_MS",
             "INSTANCES",
             "REPL_IP",
+            "CAPACITY_MIB",
+            "ROOM_MIB",
         ],
         &rows,
     )
