@@ -14,6 +14,10 @@
 //! its thread then collects the entries into [`DirtyRing`]'s pending bitmap (the next harvest
 //! returns them too) and runs on. The ring is chosen when the VM is created and reported by
 //! `Vm::dirty_source`.
+//!
+//! A harvest while the guest runs (a pre-copy pass) may miss pages still in the CPU's PML
+//! buffer (flushed to the ring at the vCPU's next exit): they come with the next harvest. A
+//! paused capture is complete — the pause makes the vCPU exit first.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -27,8 +31,8 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::{Error, Result};
 
-/// `KVM_EXIT_DIRTY_RING_FULL`.
-pub const EXIT_DIRTY_RING_FULL: u32 = 31;
+/// `KVM_EXIT_DIRTY_RING_FULL` (kvm-ioctls 0.25 reports it as `VcpuExit::Unsupported`).
+pub const EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 /// `_IO(KVMIO, 0xc7)`.
 const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xAEC7;
 /// Entry flags.
@@ -40,13 +44,20 @@ static SIZE: AtomicU32 = AtomicU32::new(RING_BYTES);
 
 static PREFER: AtomicBool = AtomicBool::new(false);
 
-/// The size of the rings of VMs created from now on, bytes: a power of two of at least a page
-/// (else the default, 1 MiB, is kept); KVM's largest if smaller. A small ring fills between
-/// harvests (tests).
-pub fn set_size(bytes: u32) {
-    if bytes.is_power_of_two() && bytes >= crate::layout::PAGE_SIZE as u32 {
-        SIZE.store(bytes, Ordering::Relaxed);
+/// The smallest ring accepted, bytes: KVM refuses rings under (64 + 512 PML entries) × 16
+/// bytes on Intel hosts with PML.
+pub const MIN_BYTES: u32 = 16 << 10;
+
+/// The size of the rings of VMs created from now on, bytes: a power of two of at least
+/// [`MIN_BYTES`]; KVM's largest if smaller. A small ring fills between harvests (tests).
+pub fn set_size(bytes: u32) -> Result<()> {
+    if !bytes.is_power_of_two() || bytes < MIN_BYTES {
+        return Err(Error::Host(format!(
+            "dirty ring of {bytes} bytes: a power of two of at least {MIN_BYTES} is needed"
+        )));
     }
+    SIZE.store(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 /// VMs created by this process from now on use the dirty ring where KVM has it (or not).
@@ -99,6 +110,10 @@ struct Inner {
     /// Pages collected and not yet harvested (a bit per page of slot 0).
     pending: Vec<u64>,
     pages: u64,
+    /// Entries collected and marked, but `KVM_RESET_DIRTY_RINGS` failed since: retried.
+    unreset: bool,
+    /// Entries of another slot or beyond guest RAM (none expected), counted.
+    stray: u64,
 }
 
 // SAFETY: `gfns` points into a mapping this struct owns (unmapped on drop); it is only
@@ -127,8 +142,9 @@ impl DirtyRing {
                 std::io::Error::last_os_error()
             )));
         }
-        // SAFETY: dup of an fd we hold; the new fd is owned by the OwnedFd.
-        let dup = unsafe { libc::dup(vm_fd.as_raw_fd()) };
+        // SAFETY: a close-on-exec duplicate of an fd we hold (no child process inherits it);
+        // the new fd is owned by the OwnedFd.
+        let dup = unsafe { libc::fcntl(vm_fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             // SAFETY: unmapping what was just mapped.
             unsafe { libc::munmap(p, bytes as usize) };
@@ -144,6 +160,8 @@ impl DirtyRing {
                 vm: unsafe { OwnedFd::from_raw_fd(dup) },
                 pending: vec![0; pages.div_ceil(64) as usize],
                 pages,
+                unreset: false,
+                stray: 0,
             }),
             full: Default::default(),
         })
@@ -180,23 +198,36 @@ impl Inner {
         let mut n = 0;
         while n < self.count {
             let i = (self.fetch % self.count) as usize;
-            // SAFETY: `i < count`, so the entry lies inside the mapping; `flags` is a u32 KVM
-            // writes with release semantics, read here through an atomic view.
-            let e = unsafe { &mut *self.gfns.add(i) };
-            // SAFETY: as above: an aligned u32 inside the live mapping.
-            let flags = unsafe { AtomicU32::from_ptr(&mut e.flags) };
+            // SAFETY: `i < count`, so the entry lies inside the mapping. No reference to the
+            // entry is made while KVM may write it: `flags` (an aligned u32 at its start) is
+            // read through an atomic view with acquire, and the rest only after it says DIRTY.
+            let e = unsafe { self.gfns.add(i) };
+            // SAFETY: as above.
+            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).flags)) };
             if flags.load(Ordering::Acquire) & F_DIRTY == 0 {
                 break;
             }
+            // SAFETY: as above; KVM does not write an entry it published until it is reset.
+            let (slot, offset) = unsafe {
+                (
+                    std::ptr::addr_of!((*e).slot).read_volatile(),
+                    std::ptr::addr_of!((*e).offset).read_volatile(),
+                )
+            };
             // (Slot 0 is guest RAM, the only slot with dirty logging.)
-            if e.slot == 0 && e.offset < self.pages {
-                self.pending[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
+            if slot == 0 && offset < self.pages {
+                self.pending[(offset / 64) as usize] |= 1 << (offset % 64);
+            } else {
+                self.stray += 1;
             }
             flags.store(F_RESET, Ordering::Release);
             self.fetch = self.fetch.wrapping_add(1);
             n += 1;
         }
-        if n > 0 {
+        // (Also when nothing new was found but an earlier reset failed: a vCPU whose ring is
+        // full does not run again until it is reset.)
+        if n > 0 || self.unreset {
+            self.unreset = true;
             // SAFETY: an argument-less ioctl on our duplicate of the VM fd.
             let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
             if r < 0 {
@@ -205,6 +236,7 @@ impl Inner {
                     std::io::Error::last_os_error()
                 )));
             }
+            self.unreset = false;
         }
         Ok(n)
     }
