@@ -79,31 +79,45 @@ pub fn run(env: &BenchEnv, t: &Timing, busy: usize, rounds: usize) -> anyhow::Re
     let _hogs = Hogs::start(busy)?;
     for r in 1..=rounds {
         for rt in [false, true] {
-            let vm = RunningVm::protected(
-                env,
-                if rt { "busy-rt" } else { "busy" },
-                Protection {
-                    min_epoch_ms: 20,
-                    early_checkpoints: false,
-                    rt_pause: rt,
-                    ..Protection::default()
-                },
-            )?;
-            let stats = vm.stats.clone().context("protected VM without stats")?;
-            let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
-            wait_protected(&stats)?;
-            // (Unmeasured: the backup applies the initial sync meanwhile.)
-            measure(&vm, &mut kv, "CHURN 0 0", t)?;
-            for (name, churn) in [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")] {
-                let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
-                let path = if rt { "real-time" } else { "ordinary" };
-                println!(
-                    "| {r} | {path} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
-                );
-            }
-            drop(kv);
-            drop(vm);
+            let p = Protection {
+                rt_pause: rt,
+                ..Protection::default()
+            };
+            let path = if rt { "real-time" } else { "ordinary" };
+            let workloads = [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")];
+            let name = if rt { "busy-rt" } else { "busy" };
+            rows(env, t, (r, name, path), p, &workloads)?;
         }
+    }
+    Ok(())
+}
+
+/// One VM of a round, fixed 20 ms epochs, `p`'s pause path and harvest source: an unmeasured
+/// settle phase (the backup applies the initial sync meanwhile), then one table row per
+/// workload, labelled `round | label` (`{source}` in it: the VM's harvest source).
+fn rows(
+    env: &BenchEnv,
+    t: &Timing,
+    (r, name, label): (usize, &str, &str),
+    p: Protection,
+    workloads: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let p = Protection {
+        min_epoch_ms: 20,
+        early_checkpoints: false,
+        ..p
+    };
+    let vm = RunningVm::protected(env, name, p)?;
+    let label = label.replace("{source}", vm.vm.dirty_source());
+    let stats = vm.stats.clone().context("protected VM without stats")?;
+    let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
+    wait_protected(&stats)?;
+    measure(&vm, &mut kv, "CHURN 0 0", t)?;
+    for (name, churn) in workloads {
+        let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
+        println!(
+            "| {r} | {label} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
+        );
     }
     Ok(())
 }
@@ -119,34 +133,17 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> 
     println!("|---:|---|---|---:|---:|---:|---:|");
     for r in 1..=rounds {
         for ring in [false, true] {
-            let vm = RunningVm::protected(
-                env,
-                if ring { "ring" } else { "bitmap" },
-                Protection {
-                    min_epoch_ms: 20,
-                    early_checkpoints: false,
-                    dirty_ring: ring,
-                    ..Protection::default()
-                },
-            )?;
-            let source = vm.vm.dirty_source();
-            let stats = vm.stats.clone().context("protected VM without stats")?;
-            let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
-            wait_protected(&stats)?;
-            // (Unmeasured: the backup applies the initial sync meanwhile.)
-            measure(&vm, &mut kv, "CHURN 0 0", t)?;
-            for (name, churn) in [
+            let p = Protection {
+                dirty_ring: ring,
+                ..Protection::default()
+            };
+            let workloads = [
                 ("idle", "CHURN 0 0"),
                 ("CHURN 1k pages/s", "CHURN 2048 1"),
                 ("CHURN 10k pages/s", "CHURN 2048 10"),
-            ] {
-                let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
-                println!(
-                    "| {r} | {source} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
-                );
-            }
-            drop(kv);
-            drop(vm);
+            ];
+            let name = if ring { "ring" } else { "bitmap" };
+            rows(env, t, (r, name, "{source}"), p, &workloads)?;
         }
     }
     Ok(())
