@@ -110,6 +110,16 @@ fn frames() -> Res<Vec<Vec<u8>>> {
                 age_ms: 1500,
             }],
             base_port: 7400,
+            usage: vec![failover::limits::ProcUsage {
+                vm: "web".into(),
+                of: failover::limits::UsageOf::Clone("web-c0".into()),
+                cpu_millis: 250,
+                throttled_us: 1200,
+                mem_bytes: 90 << 20,
+                mem_limit_bytes: 256 << 20,
+                oom_kills: 1,
+                error: String::new(),
+            }],
         }))?,
         encode(&ManagerMsg::Assign(Assignments {
             clones: vec![CloneAssignment {
@@ -128,6 +138,15 @@ fn frames() -> Res<Vec<Vec<u8>>> {
                     term: 2,
                 }],
             }],
+            limits: [(
+                "web".to_string(),
+                failover::limits::Limits {
+                    cpu_millis: 500,
+                    memory_mib: 256,
+                    ..Default::default()
+                },
+            )]
+            .into(),
             ..a
         }))?,
     ])
@@ -175,6 +194,13 @@ fn record() -> VmRecord {
                 vip: "10.77.1.100:7000".into(),
                 lease_ms: 3000,
             }),
+        },
+        limits: failover::limits::Limits {
+            cpu_millis: 750,
+            cpu_weight: 200,
+            memory_mib: 512,
+            io_read_bps: 8 << 20,
+            io_write_bps: 4 << 20,
         },
     }
 }

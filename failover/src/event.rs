@@ -46,6 +46,8 @@ pub enum EventKind {
     CloneDraining,
     /// A load balancer's driver attached to a VM or detached (its lease ran out, or it said so).
     Balancer,
+    /// A VM's resource limits were set or changed.
+    Limited,
 }
 
 /// One event.

@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod clones;
 pub mod event;
+pub mod limits;
 pub mod manager;
 pub mod model;
 pub mod scaler;

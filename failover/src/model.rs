@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::limits::{Limits, ProcUsage, UsageOf};
+
 pub use crate::clones::{
     BaseFetch, BaseObservation, BaseSource, CloneAssignment, CloneObservation, CloneSet,
 };
@@ -123,6 +125,9 @@ pub struct VmRecord {
     /// Its clones: how many, where (absent in state files written before clones).
     #[serde(default)]
     pub clones: CloneSet,
+    /// Resource limits of each of its processes (absent in state files written before them).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// Everything the manager persists.
@@ -208,6 +213,10 @@ pub struct Assignments {
     /// VMs with clones here whose bases this host copies from another host's agent.
     #[serde(default, deserialize_with = "crate::clones::trailing")]
     pub fetch: Vec<BaseFetch>,
+    /// Resource limits of the VMs with a process here (primary, backup or clone), by VM name;
+    /// a VM absent has none.
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub limits: BTreeMap<String, Limits>,
 }
 
 /// Kind of a VM process an agent runs.
@@ -300,4 +309,7 @@ pub struct Report {
     /// The UDP port its agent serves clone bases on, on its replication address (0: none).
     #[serde(default, deserialize_with = "crate::clones::trailing")]
     pub base_port: u16,
+    /// Each VM process's use of its resource limits (only processes in a group of their own).
+    #[serde(default, deserialize_with = "crate::clones::trailing")]
+    pub usage: Vec<ProcUsage>,
 }

@@ -189,6 +189,7 @@ mod tests {
                 handover_to: None,
                 retries: 0,
                 clones: Default::default(),
+                limits: Default::default(),
             },
         );
         s

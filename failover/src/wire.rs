@@ -276,6 +276,7 @@ mod tests {
                     term: 3,
                 }],
             }],
+            limits: Default::default(),
         };
         // An agent built before copied bases: the fetch list is skipped.
         let f = encode(&ManagerMsg::Assign(a.clone())).unwrap();
@@ -287,6 +288,51 @@ mod tests {
         let f = encode(&old).unwrap();
         let new: ManagerMsg = decode_frame(&f).unwrap();
         assert_eq!(new, ManagerMsg::Assign(Assignments::default()));
+    }
+
+    /// An agent built before resource limits skips them (and runs its VMs unlimited); a
+    /// manager built before them skips the agents' usage; and the other way round both read
+    /// as none.
+    #[test]
+    fn peers_built_before_limits_still_understand_each_other() {
+        let mut a = Assignments::default();
+        a.bases.push("web".into());
+        a.limits.insert(
+            "web".into(),
+            crate::limits::Limits {
+                cpu_millis: 500,
+                ..Default::default()
+            },
+        );
+        let f = encode(&ManagerMsg::Assign(a.clone())).unwrap();
+        let old: before_fetch::ManagerMsg = decode_frame(&f).unwrap();
+        assert!(matches!(old, before_fetch::ManagerMsg::Assign(ref x) if x.bases == a.bases));
+        let f = encode(&old).unwrap();
+        let ManagerMsg::Assign(new) = decode_frame(&f).unwrap() else {
+            unreachable!()
+        };
+        assert!(new.limits.is_empty());
+        assert_eq!(new.bases, a.bases);
+
+        let AgentMsg::Report(mut r) = report() else {
+            unreachable!()
+        };
+        r.base_port = 7400;
+        r.usage.push(crate::limits::ProcUsage {
+            vm: "web".into(),
+            of: crate::limits::UsageOf::Vm(crate::model::ProcRole::Primary),
+            cpu_millis: 480,
+            throttled_us: 12,
+            mem_bytes: 1 << 20,
+            mem_limit_bytes: 2 << 20,
+            oom_kills: 0,
+            error: String::new(),
+        });
+        let f = encode(&r).unwrap();
+        let back: Report = decode_frame(&f).unwrap();
+        assert_eq!(back, r);
+        let old: before_fetch::Report = decode_frame(&f).unwrap();
+        assert_eq!(old.vms, r.vms);
     }
 
     #[test]

@@ -293,6 +293,7 @@ fn a_clone_that_died_where_no_base_is_left_is_placed_again() {
             clones: vec![dead],
             bases: vec![],
             base_port: 0,
+            usage: vec![],
         },
     );
     assert_eq!(clones_on(&t, "c"), ["web-c0"]);

@@ -23,6 +23,7 @@ mod detect;
 mod drain;
 mod fetch;
 mod handover;
+mod limits;
 mod place;
 mod promote;
 mod retry;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 pub use clones::{CloneView, ClonesView, ScaleRequest};
 pub use drain::DrainedReport;
+pub use limits::UsageView;
 pub use retry::RETRY_LIMIT;
 pub use view::{BackupView, HostView, VmView};
 
@@ -380,6 +382,7 @@ impl Manager {
             handover_to: None,
             retries: 0,
             clones: Default::default(),
+            limits: Default::default(),
         };
         self.reprotect(now, &mut rec);
         let hosts: Vec<&str> = rec.backups.iter().map(|b| b.host.as_str()).collect();
@@ -697,6 +700,7 @@ impl Manager {
             }
         }
         self.clone_assignments(&mut all);
+        self.limit_assignments(&mut all);
         all
     }
 

@@ -38,6 +38,12 @@ pub struct VmView {
     /// Its clones (absent in answers of a manager built before clones).
     #[serde(default)]
     pub clones: super::ClonesView,
+    /// Resource limits of each of its processes (absent in answers of older managers).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
+    /// Each process's use of them, as its agent last reported it.
+    #[serde(default)]
+    pub usage: Vec<super::UsageView>,
 }
 
 /// One host as shown by `vmatrix host list`.
@@ -133,6 +139,8 @@ impl Manager {
             acked_seq: pobs.and_then(|o| o.seq),
             backups,
             clones: self.clones_view(now, r),
+            limits: r.limits,
+            usage: self.usage_view(r),
         }
     }
 }

@@ -77,6 +77,7 @@ pub fn with_clones(vms: Vec<VmObservation>, clones: &[&str], base_term: Option<u
         clones: clones.iter().map(|c| running(c)).collect(),
         bases: base_term.into_iter().map(base).collect(),
         base_port: 0,
+        usage: vec![],
     }
 }
 

@@ -48,6 +48,7 @@ impl Sim {
                 clones,
                 bases,
                 base_port: super::clones::base_port(i),
+                usage: vec![],
             };
             let delay = Duration::from_millis(1 + self.rng.below(4));
             let host = self.names[i].clone();
