@@ -83,7 +83,7 @@ fn limits_follow_the_vm_through_a_failover_and_a_manager_restart() {
     let mut t = T::protected_vm();
     t.m.set_limits(t.now, "web", half_cpu()).unwrap();
     t.drain();
-    t.m.failover(t.now, "web", Some("c".into())).unwrap();
+    t.m.failover(t.now, "web", Some("c")).unwrap();
     t.drain();
     assert_eq!(limits_on(&t, "c"), Some(half_cpu()));
     // A manager started from the persisted state hands out the same limits.

@@ -9,6 +9,7 @@
 
 mod bench;
 mod certs;
+mod cgroup;
 mod chaos;
 mod clone;
 mod cluster;

@@ -42,6 +42,13 @@ pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x76, o[0], o[1], o[2], o[3]]
 }
 
+/// The MAC of a managed VM's primary whose guest is at `ip`: `02:78:a:b:c:d`, so VMs of one
+/// cluster never share one (the VMM's default, `02:78:6d:00:00:02`, is for single VMs).
+pub fn primary_mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x78, o[0], o[1], o[2], o[3]]
+}
+
 /// The address (`ip=`) of a config string.
 pub fn ip_of(config: &str) -> Option<Ipv4Addr> {
     config

@@ -11,7 +11,7 @@
 //! (deltas, the taps it created, the base) unless `--keep`.
 
 pub mod base;
-mod identity;
+pub(crate) mod identity;
 mod standby;
 pub mod vm;
 

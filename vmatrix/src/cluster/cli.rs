@@ -49,8 +49,13 @@ pub enum VmCmd {
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
         #[command(flatten)]
+        limits: super::cli_limits::LimitArgs,
+        #[command(flatten)]
         m: ManagerOpt,
     },
+    /// Show (and with flags, set) the resource limits of each of the VM's processes and
+    /// their use: CPU, CPU weight, memory, disk bytes per second (docs/limits.md).
+    Limits(super::cli_limits::LimitsCmd),
     /// List VMs: name, status, term, primary, backups (host:seq, * when synced), acked seq.
     List {
         #[command(flatten)]
@@ -243,7 +248,7 @@ impl Client {
         anyhow::bail!("the manager answered {status}: {msg}")
     }
 
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let text = self.call("GET", path, None)?;
         serde_json::from_str(&text).with_context(|| format!("the manager's answer to GET {path}"))
     }
@@ -381,6 +386,7 @@ pub fn vm_main(c: VmCmd) -> anyhow::Result<ExitCode> {
             backups,
             port,
             hosts,
+            limits,
             m,
         } => {
             let spec = VmSpec {
@@ -392,7 +398,10 @@ pub fn vm_main(c: VmCmd) -> anyhow::Result<ExitCode> {
                 hosts,
                 port,
             };
-            let body = serde_json::to_value(&spec)?;
+            let mut body = serde_json::to_value(&spec)?;
+            if limits.any() {
+                body["limits"] = serde_json::to_value(limits.over(Default::default()))?;
+            }
             let text = Client::new(&m)?.call("POST", "/v1/vms", Some(body))?;
             let v: VmView = serde_json::from_str(&text).context("the manager's answer")?;
             println!(
@@ -428,6 +437,7 @@ pub fn vm_main(c: VmCmd) -> anyhow::Result<ExitCode> {
             Client::new(&m)?.call("POST", &format!("/v1/vms/{name}/migrate"), Some(body))?;
             println!("{name}: migrating to {to} (a backup syncs there, then it takes over)");
         }
+        VmCmd::Limits(c) => return super::cli_limits::run(c),
         c @ (VmCmd::Scale { .. } | VmCmd::Autoscale { .. } | VmCmd::Load { .. }) => {
             return super::cli_clones::run(c);
         }
@@ -532,6 +542,8 @@ mod tests {
                 },
             ],
             clones: Default::default(),
+            limits: Default::default(),
+            usage: vec![],
         };
         let t = vm_table(&[v]);
         let lines: Vec<&str> = t.lines().collect();

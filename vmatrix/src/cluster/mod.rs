@@ -4,5 +4,6 @@
 pub mod agent;
 pub mod cli;
 mod cli_clones;
+mod cli_limits;
 pub mod link;
 pub mod manager;

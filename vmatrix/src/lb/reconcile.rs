@@ -222,6 +222,8 @@ mod tests {
                 instances,
                 ..Default::default()
             },
+            limits: Default::default(),
+            usage: vec![],
         }
     }
 

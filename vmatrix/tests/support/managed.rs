@@ -34,6 +34,8 @@ pub struct Managed {
     pub api: SocketAddr,
     /// Extra flags of every `vmatrix manager` it starts (e.g. `--detect-ms`).
     manager_flags: Vec<String>,
+    /// The agents' cgroups, removed after everything else.
+    _cgroups: super::cgroups::Cleanup,
 }
 
 fn free_port() -> u16 {
@@ -65,6 +67,7 @@ impl Managed {
     /// `["--detect-ms", "300"]`.
     pub fn start_with(dir: &Path, hosts: usize, manager_flags: &[&str]) -> Managed {
         let net = Cluster::up(hosts);
+        let index = net.index;
         let certs = dir.join("certs");
         run_ok(
             Command::new(vmatrix_bin())
@@ -94,6 +97,7 @@ impl Managed {
             agents: (0..hosts).map(|_| None).collect(),
             api: SocketAddr::from(([127, 0, 0, 1], free_port())),
             manager_flags: manager_flags.iter().map(|f| f.to_string()).collect(),
+            _cgroups: super::cgroups::Cleanup(format!("vmx-t{}-{}-", std::process::id(), index)),
         };
         m.start_manager();
         for i in 0..hosts {
@@ -167,6 +171,8 @@ impl Managed {
             .arg(&state)
             .arg("--guest")
             .arg(guest_elf())
+            .arg("--cgroup-name")
+            .arg(super::cgroups::group_name(self.net.index, &host))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(self.log(&format!("agent-{host}.log")))

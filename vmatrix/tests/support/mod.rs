@@ -631,6 +631,7 @@ pub mod log {
     }
 }
 
+pub mod cgroups;
 pub mod clones;
 pub mod cluster;
 mod faults;

@@ -9,6 +9,20 @@ use super::super::standby;
 use super::{Base, Clones};
 
 impl Clones {
+    /// Clone processes that run, for their cgroups: (name, VM, pid).
+    pub fn running_pids(&self) -> Vec<(String, String, u32)> {
+        self.procs
+            .iter()
+            .filter(|(_, c)| c.exit.is_none())
+            .map(|(n, c)| (n.clone(), c.vm.clone(), c.pid))
+            .collect()
+    }
+
+    /// Where the clones' files are.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
     /// Bases, clone processes and standbys left by an earlier agent: bases and clones are
     /// adopted (bases in the order they were made: their names hold the time), standbys killed
     /// — after the clones, so that one a clone record claims is not.

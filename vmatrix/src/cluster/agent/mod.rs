@@ -7,6 +7,7 @@
 pub mod base_share;
 mod clone_io;
 mod clones;
+mod limiter;
 mod procs;
 mod standby;
 mod supervisor;
@@ -81,6 +82,22 @@ pub struct AgentArgs {
     /// bases from it; 0: serve none).
     #[arg(long, default_value_t = base_share::DEFAULT_PORT)]
     pub base_port: u16,
+    /// Put every VM process (primary, backup, clone) in a cgroup of its own with its VM's
+    /// resource limits (`vmatrix vm limits`), cgroup v2 or v1, whichever the host offers.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub cgroups: String,
+    /// Name of the agent's own group of VM groups (default `vmatrix-<host>`).
+    #[arg(long)]
+    pub cgroup_name: Option<String>,
+    /// Real-time budget of all this agent's VM groups, µs per second (v1 hosts grouping
+    /// real-time tasks: a group without one cannot boost its pauses).
+    #[arg(long, default_value_t = 600_000)]
+    pub cgroup_rt_us: u64,
+    /// Real-time budget of each primary's group, µs per second: a boosted pause path that
+    /// used it up would wait for the next second, so it is far above what pauses take (a
+    /// primary whose group gets none pauses at ordinary priority).
+    #[arg(long, default_value_t = 200_000)]
+    pub cgroup_rt_vm_us: u64,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).
     #[arg(long, hide = true, value_parser = clap::builder::PossibleValuesParser::new(supervisor::CRASH_POINTS))]
@@ -117,6 +134,15 @@ pub fn main(a: AgentArgs) -> anyhow::Result<ExitCode> {
             identity: (a.certs.clone(), a.host.clone()),
         },
         base_port,
+        cgroups: a.cgroups == "on",
+        cgroup_name: a
+            .cgroup_name
+            .clone()
+            .unwrap_or_else(|| format!("vmatrix-{}", a.host)),
+        rt_budget: crate::cgroup::RtBudget {
+            total_us: a.cgroup_rt_us.min(950_000),
+            vm_us: a.cgroup_rt_vm_us.min(950_000),
+        },
     };
     let shared = Arc::new(Mutex::new(Shared::default()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -169,6 +169,11 @@ impl Proc {
         Some((p, backups))
     }
 
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Whether it still runs (reaps it if it exited).
     pub fn alive(&mut self) -> bool {
         if self.exit.is_some() {

@@ -13,7 +13,10 @@ use std::time::Duration;
 use failover::agent::{reconcile, Action, Applied};
 use failover::model::{Assignments, BackupTarget, ProcRole, Report, VmObservation, VmSpec};
 
+use failover::limits::UsageOf;
+
 use super::clones::{CloneConfig, Clones, LocalSource};
+use super::limiter::{Limiter, Target};
 use super::procs::Proc;
 use crate::control::types::Status;
 
@@ -44,6 +47,12 @@ pub struct HostConfig {
     pub clones: CloneConfig,
     /// The port this host's clone base server listens on (0: none).
     pub base_port: u16,
+    /// Put each VM process in a cgroup of its own with its VM's limits.
+    pub cgroups: bool,
+    /// The agent's base group (under its own group in each hierarchy).
+    pub cgroup_name: String,
+    /// Real-time budgets of those groups.
+    pub rt_budget: crate::cgroup::RtBudget,
 }
 
 /// Crash right after the promotion's `promote-term` marker is durable, before the backup is
@@ -109,13 +118,18 @@ pub struct Supervisor {
     never_ran: BTreeMap<(String, u64), bool>,
     /// The clones of this host.
     clones: Clones,
+    /// The VM processes' cgroups.
+    limiter: Limiter,
 }
 
 impl Supervisor {
     /// A supervisor with nothing running.
     pub fn new(cfg: HostConfig, shared: Arc<Mutex<Shared>>) -> Supervisor {
         let clones = Clones::new(cfg.clones.clone());
+        let private = cfg.state.join(".cgroup");
+        let limiter = Limiter::new(&cfg.cgroup_name, cfg.cgroups, cfg.rt_budget, &private);
         let mut s = Supervisor {
+            limiter,
             cfg,
             clones,
             procs: BTreeMap::new(),
@@ -224,14 +238,48 @@ impl Supervisor {
         }
         let vms = self.observe_all();
         let (clones, bases) = self.clones.observe();
+        let limits = want.map(|w| w.limits).unwrap_or_default();
+        let usage = self.limiter.round(&limits, &self.limit_targets());
         let mut sh = self.shared.lock().expect("shared");
         sh.report = Report {
             vms,
             clones,
             bases,
             base_port: self.cfg.base_port,
+            usage,
         };
         sh.ready = true;
+    }
+
+    /// Every VM process that runs here, for its cgroup.
+    fn limit_targets(&self) -> Vec<Target> {
+        let mut out: Vec<Target> = self
+            .procs
+            .values()
+            .filter(|p| p.exit.is_none())
+            .map(|p| {
+                let role = format!("{:?}", p.role).to_lowercase();
+                Target {
+                    name: format!("{}.{role}", p.vm),
+                    vm: p.vm.clone(),
+                    of: UsageOf::Vm(p.role),
+                    pid: p.pid(),
+                    realtime: p.role == ProcRole::Primary,
+                    disk_at: self.cfg.state.clone(),
+                }
+            })
+            .collect();
+        for (name, vm, pid) in self.clones.running_pids() {
+            out.push(Target {
+                name: format!("{name}.clone"),
+                vm,
+                of: UsageOf::Clone(name),
+                pid,
+                realtime: false,
+                disk_at: self.clones.dir().to_path_buf(),
+            });
+        }
+        out
     }
 
     /// What a clone base can be made from here, by VM: its live primary (a snapshot: one
@@ -414,6 +462,11 @@ impl Supervisor {
                 "--guest-config",
                 &spec.guest_config,
             ]);
+            // A MAC of its own (from its address): two VMs of a cluster on one LAN.
+            if let Some(ip) = crate::clone::identity::ip_of(&spec.guest_config) {
+                let mac = crate::clone::identity::primary_mac_for(ip);
+                cmd.args(["--mac", &crate::clone::identity::mac_string(&mac)]);
+            }
         }
         for b in backups {
             cmd.arg("--backup").arg(format!("{}@{}", b.host, b.addr));

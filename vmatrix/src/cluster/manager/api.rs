@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `GET /v1/vms` | `[VmView]` |
 //! | `GET /v1/vms/{name}` | `VmView`, 404 |
-//! | `POST /v1/vms` (a `VmSpec`) | 201 `VmView` once the record is durable; 400, 409, 503 |
+//! | `POST /v1/vms` (a `VmSpec`, optionally with `"limits": Limits`) | 201 `VmView` once the record is durable; 400, 409, 503 |
+//! | `PUT /v1/vms/{name}/limits` (a `Limits`: `cpu_millis`, `cpu_weight`, `memory_mib`, `io_read_bps`, `io_write_bps`; absent: 0, none) | `VmView` once durable; 400, 404 |
 //! | `DELETE /v1/vms/{name}` | `{"deleted": name}`, 404 |
 //! | `POST /v1/vms/{name}/failover` (optional `{"to": host}`) | `{"term": n}`, 404, 503 |
 //! | `POST /v1/vms/{name}/migrate` (`{"to": host}`) | 202 `{"migrating": name, "to": host}` |
@@ -31,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use failover::clones::{AutoscaleSpec, Balancer};
+use failover::limits::Limits;
 use failover::manager::{ApiError, DrainedReport, ScaleRequest};
 use failover::model::VmSpec;
 use serde::de::DeserializeOwned;
@@ -98,6 +100,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/vms/{name}/failover", post(failover))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/clones", put(scale))
+        .route("/v1/vms/{name}/limits", put(set_limits))
         .route("/v1/vms/{name}/autoscale", put(autoscale))
         .route("/v1/vms/{name}/load", put(load))
         .route("/v1/vms/{name}/balancer", put(attach).delete(detach))
@@ -155,9 +158,27 @@ async fn create_vm(
     State(api): State<Api>,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<impl IntoResponse> {
-    let spec: VmSpec = json_body(body, false)?.expect("required");
-    let view = ask(&api, |tx| ApiCall::Create(spec, tx)).await??;
+    let c: CreateBody = json_body(body, false)?.expect("required");
+    let view = ask(&api, |tx| ApiCall::Create(c.spec, c.limits, tx)).await??;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Body of `POST /v1/vms`: a spec and, optionally, its limits.
+#[derive(Debug, Deserialize)]
+struct CreateBody {
+    #[serde(flatten)]
+    spec: VmSpec,
+    #[serde(default)]
+    limits: Limits,
+}
+
+async fn set_limits(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<impl IntoResponse> {
+    let l: Limits = json_body(body, false)?.expect("required");
+    Ok(Json(ask(&api, |tx| ApiCall::Limits(name, l, tx)).await??))
 }
 
 async fn delete_vm(State(api): State<Api>, Path(name): Path<String>) -> Answer<impl IntoResponse> {

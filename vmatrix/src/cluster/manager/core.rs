@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use failover::clones::{AutoscaleSpec, Balancer};
+use failover::limits::Limits;
 use failover::manager::{
     ApiError, DrainedReport, HostView, Input, Manager, Output, ScaleRequest, VmView, TICK,
 };
@@ -52,7 +53,9 @@ pub enum ApiCall {
     /// One VM.
     Vm(String, oneshot::Sender<Option<VmView>>),
     /// Creates a VM; answers its view once the record is durable.
-    Create(VmSpec, oneshot::Sender<Result<VmView, ApiError>>),
+    Create(VmSpec, Limits, oneshot::Sender<Result<VmView, ApiError>>),
+    /// Sets a VM's resource limits; answers its view once the record is durable.
+    Limits(String, Limits, oneshot::Sender<Result<VmView, ApiError>>),
     /// Deletes a VM.
     Delete(String, oneshot::Sender<Result<(), ApiError>>),
     /// Promotes a synced backup (`to`, or the most advanced); answers the new term.
@@ -282,11 +285,22 @@ impl Core {
                 };
                 let _ = tx.send(f);
             }
-            ApiCall::Create(spec, tx) => {
+            ApiCall::Create(spec, limits, tx) => {
                 let name = spec.name.clone();
-                let r = self.mgr.create(now, spec);
+                // Limits checked first: a VM is never created without the limits asked for.
+                let r = limits
+                    .validate(spec.mem_mib)
+                    .map_err(ApiError::Invalid)
+                    .and_then(|()| self.mgr.create(now, spec))
+                    .and_then(|()| self.mgr.set_limits(now, &name, limits));
                 self.drain()?;
                 let r = r.map(|()| self.mgr.vm(self.now(), &name).expect("just created"));
+                let _ = tx.send(r);
+            }
+            ApiCall::Limits(name, limits, tx) => {
+                let r = self.mgr.set_limits(now, &name, limits);
+                self.drain()?;
+                let r = r.map(|()| self.mgr.vm(self.now(), &name).expect("it exists"));
                 let _ = tx.send(r);
             }
             ApiCall::Delete(name, tx) => {

@@ -1,0 +1,647 @@
+//! Control groups for VM processes: one group per process (primary, backup, clone) with the
+//! VM's [`Limits`] — CPU bandwidth and weight, memory, disk bytes per second — and its usage.
+//!
+//! Both hierarchies are handled, because hosts have both: **cgroup v2** (`cpu.max`,
+//! `cpu.weight`, `memory.max`, `io.max`) where the unified hierarchy offers the `cpu` and
+//! `memory` controllers, else **cgroup v1** (`cpu.cfs_quota_us`, `cpu.shares`,
+//! `memory.limit_in_bytes`, `blkio.throttle.*`), as on this project's test machines. The
+//! groups live under the agent's own group in each hierarchy (`<its group>/vmatrix-<host>/`,
+//! or `--cgroup-name`), so an agent confined by its own limits confines its VMs too, and agents
+//! of several hosts on one machine (the tests' namespaces) never share a group.
+//!
+//! Real-time pauses (`vmm::rt`, `--rt-pause`) need a real-time budget where the kernel groups
+//! real-time tasks (v1 `cpu.rt_runtime_us`, `CONFIG_RT_GROUP_SCHED`): a group without one may
+//! not use `SCHED_FIFO` at all. The agent's base group takes `rt_total_us` of each second (less
+//! if its parent cannot give that much) and each primary's group `rt_vm_us`, so boosted pauses
+//! keep working inside a CPU limit; CFS bandwidth limits do not throttle real-time threads.
+//!
+//! Caveat of v1: its `blkio` throttles only I/O the kernel can attribute to the process (direct
+//! and synchronous I/O, reads); buffered writes flushed later by the kernel's writeback threads
+//! are not throttled (v2's `io.max` attributes them). `status`/`vm show` say which hierarchy
+//! applies.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use failover::limits::Limits;
+
+/// Why a group could not be made, set or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// Neither a usable v2 hierarchy nor v1 `cpu` and `memory` hierarchies are mounted.
+    #[error("no cgroup hierarchy with cpu and memory controllers is mounted")]
+    NoHierarchy,
+    /// A file of a group could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The limits cannot be expressed here.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which hierarchy, with the directories of the agent's base group in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// cgroup v2: one directory.
+    V2(PathBuf),
+    /// cgroup v1: one directory per controller (`cpuacct` and `blkio` optional; `cpuacct` may
+    /// be the `cpu` directory when they are mounted together).
+    V1 {
+        /// `cpu`.
+        cpu: PathBuf,
+        /// `cpuacct`.
+        cpuacct: Option<PathBuf>,
+        /// `memory`.
+        memory: PathBuf,
+        /// `blkio`.
+        blkio: Option<PathBuf>,
+    },
+}
+
+impl Hierarchy {
+    /// "v1" or "v2".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hierarchy::V2(_) => "v2",
+            Hierarchy::V1 { .. } => "v1",
+        }
+    }
+
+    /// Every directory of it.
+    fn dirs(&self) -> Vec<&Path> {
+        match self {
+            Hierarchy::V2(d) => vec![d],
+            Hierarchy::V1 {
+                cpu,
+                cpuacct,
+                memory,
+                blkio,
+            } => {
+                let mut v = vec![cpu.as_path(), memory.as_path()];
+                v.extend(cpuacct.as_deref().filter(|c| *c != cpu.as_path()));
+                v.extend(blkio.as_deref());
+                v
+            }
+        }
+    }
+
+    /// The same hierarchy one level down (`name` under every directory).
+    fn child(&self, name: &str) -> Hierarchy {
+        match self {
+            Hierarchy::V2(d) => Hierarchy::V2(d.join(name)),
+            Hierarchy::V1 {
+                cpu,
+                cpuacct,
+                memory,
+                blkio,
+            } => Hierarchy::V1 {
+                cpu: cpu.join(name),
+                cpuacct: cpuacct.as_ref().map(|c| c.join(name)),
+                memory: memory.join(name),
+                blkio: blkio.as_ref().map(|b| b.join(name)),
+            },
+        }
+    }
+}
+
+/// The agent's groups: a base group and one group per VM process below it.
+#[derive(Debug)]
+pub struct Cgroups {
+    base: Hierarchy,
+    /// Real-time budget of each primary's group, µs per second (0: none given).
+    rt_vm_us: u64,
+}
+
+/// Real-time budget settings (v1 with `CONFIG_RT_GROUP_SCHED` only).
+#[derive(Debug, Clone, Copy)]
+pub struct RtBudget {
+    /// Of the agent's base group, µs per second.
+    pub total_us: u64,
+    /// Of each primary's group.
+    pub vm_us: u64,
+}
+
+impl Cgroups {
+    /// Finds the hierarchy from `/proc/self/mountinfo` and `/proc/self/cgroup` and makes the
+    /// base group `name` (`vmatrix-<host>` by default) under the agent's own group. In a mount
+    /// namespace without the cgroup file systems (`ip netns exec` mounts a /sys of its own),
+    /// the hierarchies the process belongs to are mounted under `private` first (the same
+    /// hierarchies as the host's: one group tree, seen from here).
+    pub fn detect(name: &str, rt: RtBudget, private: &Path) -> Result<Cgroups, CgroupError> {
+        let own = read(Path::new("/proc/self/cgroup"))?;
+        let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+        let own_root = match find_hierarchy(&mountinfo, &own, Path::new("/")) {
+            Some(h) => h,
+            None => {
+                mount_own(&own, private)?;
+                let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+                find_hierarchy(&mountinfo, &own, Path::new("/")).ok_or(CgroupError::NoHierarchy)?
+            }
+        };
+        Cgroups::at(&own_root, &sanitize(name), rt)
+    }
+
+    /// Makes the base group `name` under `parent` (a hierarchy's directories).
+    pub fn at(parent: &Hierarchy, name: &str, rt: RtBudget) -> Result<Cgroups, CgroupError> {
+        if let Hierarchy::V2(p) = parent {
+            enable_v2_controllers(p)?;
+        }
+        let base = parent.child(name);
+        for d in base.dirs() {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let mut rt_vm_us = 0;
+        // (Groups of real-time tasks exist where the parent has a budget file.)
+        let grouped_rt =
+            matches!(parent, Hierarchy::V1 { cpu, .. } if cpu.join("cpu.rt_runtime_us").exists());
+        if let Hierarchy::V1 { cpu, .. } = &base {
+            if grouped_rt && rt.total_us > 0 {
+                let got = grant_rt(cpu, rt.total_us);
+                if got == 0 {
+                    tracing::warn!(
+                        "no real-time budget for {}: boosted pauses fall back to ordinary ones",
+                        cpu.display()
+                    );
+                }
+                rt_vm_us = rt.vm_us.min(got);
+            }
+        } else if let Hierarchy::V2(d) = &base {
+            enable_v2_controllers(d)?;
+        }
+        Ok(Cgroups { base, rt_vm_us })
+    }
+
+    /// Which hierarchy.
+    pub fn kind(&self) -> &'static str {
+        self.base.name()
+    }
+
+    /// The base group's directories.
+    pub fn base(&self) -> &Hierarchy {
+        &self.base
+    }
+
+    /// Makes (or finds) the group of one process.
+    pub fn group(&self, name: &str, realtime: bool) -> Result<Group, CgroupError> {
+        let h = self.base.child(&sanitize(name));
+        for d in h.dirs() {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let g = Group {
+            h,
+            last: None,
+            rate: 0,
+            applied: None,
+        };
+        if let Hierarchy::V1 { cpu, memory, .. } = &g.h {
+            // Pages the process touched before it moved in go with it (v1 only; best effort:
+            // newer kernels deprecate it).
+            let _ = fs::write(memory.join("memory.move_charge_at_immigrate"), "3");
+            if realtime && self.rt_vm_us > 0 && grant_rt(cpu, self.rt_vm_us) == 0 {
+                tracing::warn!(
+                    "{}: no real-time budget left: its pauses are not boosted",
+                    cpu.display()
+                );
+            }
+        }
+        Ok(g)
+    }
+
+    /// Names of the groups under the base (what an earlier agent may have left).
+    pub fn children(&self) -> Vec<String> {
+        let dir = match &self.base {
+            Hierarchy::V2(d) => d,
+            Hierarchy::V1 { cpu, .. } => cpu,
+        };
+        let Ok(rd) = fs::read_dir(dir) else {
+            return vec![];
+        };
+        rd.flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Removes the group `name` if no process is left in it.
+    pub fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        let h = self.base.child(&sanitize(name));
+        for d in h.dirs() {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(d)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mounts, under `at`, each hierarchy `/proc/self/cgroup` (`own`) names with a controller
+/// the groups use (v1: one per controller set, `at/cpu,cpuacct`; v2: `at/unified`).
+fn mount_own(own: &str, at: &Path) -> Result<(), CgroupError> {
+    use rustix::mount::{mount, MountFlags};
+    let wanted = ["cpu", "cpuacct", "memory", "blkio"];
+    let mut any = false;
+    for line in own.lines() {
+        let mut it = line.splitn(3, ':');
+        let (Some(_), Some(ctls), Some(_)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let (dir, fs, opts) = if ctls.is_empty() {
+            (at.join("unified"), "cgroup2", String::new())
+        } else if ctls.split(',').any(|c| wanted.contains(&c)) {
+            (at.join(ctls), "cgroup", ctls.to_string())
+        } else {
+            continue;
+        };
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let data = std::ffi::CString::new(opts)
+            .map_err(|e| CgroupError::Unsupported(format!("controller list {ctls:?}: {e}")))?;
+        match mount(fs, &dir, fs, MountFlags::empty(), data.as_c_str()) {
+            Ok(()) => any = true,
+            Err(e) => tracing::warn!("mounting cgroup {ctls:?} at {}: {e}", dir.display()),
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(CgroupError::NoHierarchy)
+    }
+}
+
+/// Gives a v1 `cpu` group `want` µs of real time per second, or the most below it its parent
+/// allows (halving); answers what it got.
+fn grant_rt(cpu: &Path, want: u64) -> u64 {
+    let f = cpu.join("cpu.rt_runtime_us");
+    let mut us = want;
+    while us >= 1000 {
+        if fs::write(&f, us.to_string()).is_ok() {
+            return us;
+        }
+        us /= 2;
+    }
+    0
+}
+
+/// v2: the `cpu`, `memory` and `io` controllers for the children of `dir` (those it offers).
+fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
+    let have = read(&dir.join("cgroup.controllers")).unwrap_or_default();
+    let want: Vec<String> = ["cpu", "memory", "io"]
+        .iter()
+        .filter(|c| have.split_whitespace().any(|h| h == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    let f = dir.join("cgroup.subtree_control");
+    fs::write(&f, want.join(" ")).map_err(|e| {
+        CgroupError::Unsupported(format!(
+            "cannot enable {} under {}: {e} (cgroup v2 refuses controllers below a group that \
+             holds processes: start the agent in a group of its own, e.g. with systemd-run \
+             --scope -p Delegate=yes)",
+            want.join(" "),
+            dir.display()
+        ))
+    })
+}
+
+/// One process's group.
+#[derive(Debug)]
+pub struct Group {
+    h: Hierarchy,
+    /// Start of the current CPU window: (time, CPU used µs).
+    last: Option<(Instant, u64)>,
+    /// CPU rate over the last whole window, thousandths of a CPU.
+    rate: u32,
+    /// Limits last written (and the disk device they were written for).
+    applied: Option<(Limits, Option<(u32, u32)>)>,
+}
+
+/// One sample of a group's use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU over the last whole window of [`RATE_WINDOW`], thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Held back by the CPU limit since the group was made, µs.
+    pub throttled_us: u64,
+    /// Memory charged now.
+    pub mem_bytes: u64,
+    /// Memory limit (0: none).
+    pub mem_limit_bytes: u64,
+    /// OOM kills in it.
+    pub oom_kills: u64,
+}
+
+/// Shortest window a CPU rate is measured over.
+pub const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The v1 period of CPU bandwidth, µs.
+const PERIOD_US: u64 = 100_000;
+
+impl Group {
+    /// Moves process `pid` (all its threads) into the group.
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        for d in self.h.dirs() {
+            let f = d.join("cgroup.procs");
+            fs::write(&f, pid.to_string()).map_err(io_err(&f))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `pid` is in it (its `cpu` or unified directory).
+    #[cfg(test)]
+    pub fn holds(&self, pid: u32) -> bool {
+        let d = match &self.h {
+            Hierarchy::V2(d) => d,
+            Hierarchy::V1 { cpu, .. } => cpu,
+        };
+        read(&d.join("cgroup.procs"))
+            .map(|s| s.lines().any(|l| l.trim() == pid.to_string()))
+            .unwrap_or(false)
+    }
+
+    /// Writes the limits (only what changed since the last call). `disk` is the block device
+    /// (major, minor) disk limits apply to.
+    pub fn set(&mut self, l: &Limits, disk: Option<(u32, u32)>) -> Result<(), CgroupError> {
+        if self.applied == Some((*l, disk)) {
+            return Ok(());
+        }
+        match &self.h {
+            Hierarchy::V2(d) => set_v2(d, l, disk)?,
+            Hierarchy::V1 {
+                cpu, memory, blkio, ..
+            } => set_v1(cpu, memory, blkio.as_deref(), l, disk)?,
+        }
+        self.applied = Some((*l, disk));
+        Ok(())
+    }
+
+    /// Its use now (CPU over the time since the previous call).
+    pub fn usage(&mut self) -> Usage {
+        let (cpu_us, throttled_us, mem, limit, ooms) = match &self.h {
+            Hierarchy::V2(d) => {
+                let stat = read(&d.join("cpu.stat")).unwrap_or_default();
+                let ev = read(&d.join("memory.events")).unwrap_or_default();
+                (
+                    field(&stat, "usage_usec"),
+                    field(&stat, "throttled_usec"),
+                    number(&d.join("memory.current")),
+                    number(&d.join("memory.max")),
+                    field(&ev, "oom_kill"),
+                )
+            }
+            Hierarchy::V1 {
+                cpu,
+                cpuacct,
+                memory,
+                ..
+            } => {
+                let stat = read(&cpu.join("cpu.stat")).unwrap_or_default();
+                let oom = read(&memory.join("memory.oom_control")).unwrap_or_default();
+                let used = cpuacct
+                    .as_ref()
+                    .map_or(0, |c| number(&c.join("cpuacct.usage")) / 1000);
+                let limit = number(&memory.join("memory.limit_in_bytes"));
+                (
+                    used,
+                    field(&stat, "throttled_time") / 1000,
+                    number(&memory.join("memory.usage_in_bytes")),
+                    // (v1 says "no limit" with a page-rounded i64::MAX.)
+                    if limit >= 1 << 62 { 0 } else { limit },
+                    field(&oom, "oom_kill"),
+                )
+            }
+        };
+        // The CPU rate over windows of at least RATE_WINDOW: a bandwidth limit lets a group
+        // run flat out for its quota and then holds it back, so shorter windows swing between
+        // 0 and all CPUs.
+        let now = Instant::now();
+        match self.last {
+            None => self.last = Some((now, cpu_us)),
+            Some((t, before)) if now.duration_since(t) >= RATE_WINDOW => {
+                let wall = now.duration_since(t).as_micros().max(1) as u64;
+                let rate = cpu_us.saturating_sub(before) * 1000 / wall;
+                self.rate = rate.min(u64::from(u32::MAX)) as u32;
+                self.last = Some((now, cpu_us));
+            }
+            Some(_) => {}
+        }
+        Usage {
+            cpu_millis: self.rate,
+            throttled_us,
+            mem_bytes: mem,
+            mem_limit_bytes: limit,
+            oom_kills: ooms,
+        }
+    }
+}
+
+fn set_v2(d: &Path, l: &Limits, disk: Option<(u32, u32)>) -> Result<(), CgroupError> {
+    let max = |v: u64| {
+        if v == 0 {
+            "max".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let cpu = if l.cpu_millis == 0 {
+        format!("max {PERIOD_US}")
+    } else {
+        format!("{} {PERIOD_US}", u64::from(l.cpu_millis) * PERIOD_US / 1000)
+    };
+    write(&d.join("cpu.max"), &cpu)?;
+    let weight = if l.cpu_weight == 0 { 100 } else { l.cpu_weight };
+    write(&d.join("cpu.weight"), &weight.to_string())?;
+    write(&d.join("memory.max"), &max(l.memory_mib << 20))?;
+    if let Some((ma, mi)) = disk {
+        let io = format!(
+            "{ma}:{mi} rbps={} wbps={}",
+            max(l.io_read_bps),
+            max(l.io_write_bps)
+        );
+        write(&d.join("io.max"), &io)?;
+    } else if l.io_read_bps != 0 || l.io_write_bps != 0 {
+        return Err(no_disk());
+    }
+    Ok(())
+}
+
+fn set_v1(
+    cpu: &Path,
+    memory: &Path,
+    blkio: Option<&Path>,
+    l: &Limits,
+    disk: Option<(u32, u32)>,
+) -> Result<(), CgroupError> {
+    write(&cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+    let quota = if l.cpu_millis == 0 {
+        "-1".to_string()
+    } else {
+        (u64::from(l.cpu_millis) * PERIOD_US / 1000).to_string()
+    };
+    write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+    // v2's weight 100 is v1's 1024 shares.
+    let weight = if l.cpu_weight == 0 { 100 } else { l.cpu_weight };
+    let shares = (u64::from(weight) * 1024 / 100).max(2);
+    write(&cpu.join("cpu.shares"), &shares.to_string())?;
+    let mem = if l.memory_mib == 0 {
+        "-1".to_string()
+    } else {
+        (l.memory_mib << 20).to_string()
+    };
+    write(&memory.join("memory.limit_in_bytes"), &mem)?;
+    let wants_io = l.io_read_bps != 0 || l.io_write_bps != 0;
+    match (blkio, disk) {
+        (Some(b), Some((ma, mi))) => {
+            for (file, v) in [
+                ("blkio.throttle.read_bps_device", l.io_read_bps),
+                ("blkio.throttle.write_bps_device", l.io_write_bps),
+            ] {
+                // (0 removes the rule.)
+                write(&b.join(file), &format!("{ma}:{mi} {v}"))?;
+            }
+        }
+        _ if wants_io => return Err(no_disk()),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn no_disk() -> CgroupError {
+    CgroupError::Unsupported(
+        "disk limits need the VM's files on a block device (and the io or blkio controller)".into(),
+    )
+}
+
+fn write(path: &Path, v: &str) -> Result<(), CgroupError> {
+    fs::write(path, v).map_err(io_err(path))
+}
+
+fn read(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// A file holding one number ("max" and unreadable files: 0).
+fn number(path: &Path) -> u64 {
+    read(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `key value` lines: the value of `key` (0 if absent).
+fn field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A group name from a host, VM or clone name: `[A-Za-z0-9_.-]`, others become `_`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+/// The block device (major, minor) of the file system holding `path` (None for a virtual
+/// file system such as tmpfs or overlay: device major 0).
+pub fn block_device(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(path).ok()?.dev();
+    // glibc's gnu_dev_major/minor.
+    let major = (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32;
+    let minor = (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32;
+    (major != 0).then_some((major, minor))
+}
+
+/// From `/proc/self/mountinfo` and `/proc/self/cgroup`: the directories of our own group in a
+/// usable hierarchy (v2 if its root offers `cpu` and `memory`, else v1 `cpu` and `memory`);
+/// mount points are taken under `prefix` (another namespace's root, or `/`).
+pub fn find_hierarchy(mountinfo: &str, own: &str, prefix: &Path) -> Option<Hierarchy> {
+    // (mount point, root within the hierarchy, super options) of each cgroup mount.
+    let mut v2 = None;
+    let mut v1: Vec<(PathBuf, String, Vec<String>)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 5 || post.len() < 3 {
+            continue;
+        }
+        let (root, mnt) = (
+            pre[3].to_string(),
+            prefix.join(pre[4].trim_start_matches('/')),
+        );
+        match post[0] {
+            "cgroup2" => v2 = Some((mnt, root)),
+            "cgroup" => {
+                let opts = post[2].split(',').map(str::to_string).collect();
+                v1.push((mnt, root, opts));
+            }
+            _ => {}
+        }
+    }
+    // Our path in each hierarchy: "0::/path" (v2), "4:memory:/path" or "1:cpu,cpuacct:/path".
+    let own_path = |ctl: &str| {
+        own.lines().find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctls, path) = (it.next()?, it.next()?, it.next()?);
+            let hit = if ctl.is_empty() {
+                ctls.is_empty()
+            } else {
+                ctls.split(',').any(|c| c == ctl)
+            };
+            hit.then(|| path.to_string())
+        })
+    };
+    let join = |mnt: &Path, root: &str, path: &str| {
+        // A mount of a sub-tree (root other than "/") shows paths relative to it.
+        let rel = path.strip_prefix(root).unwrap_or(path);
+        mnt.join(rel.trim_start_matches('/'))
+    };
+    if let Some((mnt, root)) = &v2 {
+        let ctl = fs::read_to_string(mnt.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| ctl.split_whitespace().any(|x| x == c);
+        if has("cpu") && has("memory") {
+            return Some(Hierarchy::V2(join(mnt, root, &own_path("")?)));
+        }
+    }
+    let dir = |ctl: &str| {
+        let (mnt, root, _) = v1.iter().find(|(_, _, o)| o.iter().any(|x| x == ctl))?;
+        Some(join(mnt, root, &own_path(ctl)?))
+    };
+    Some(Hierarchy::V1 {
+        cpu: dir("cpu")?,
+        cpuacct: dir("cpuacct"),
+        memory: dir("memory")?,
+        blkio: dir("blkio"),
+    })
+}
+
+#[cfg(test)]
+#[path = "cgroup_tests.rs"]
+mod tests;

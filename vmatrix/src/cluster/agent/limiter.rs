@@ -1,0 +1,185 @@
+//! The agent's per-VM resource limits (issue 12, "Virtual Services"): every VM process it runs
+//! — primary, backup, clone — goes into a control group of its own (`crate::cgroup`) as soon as
+//! it is started or adopted, gets its VM's limits from the manager's assignment (changed live
+//! when they change), and its usage is sampled every round for the heartbeat. Groups of
+//! processes that are gone are removed; so are empty ones an earlier agent left.
+//!
+//! Where the host has no usable hierarchy (or `--cgroups off`), VM processes run as before and
+//! the reason is logged once; a VM with limits then reports the reason as its usage's error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use failover::limits::{Limits, ProcUsage, UsageOf};
+
+use crate::cgroup::{block_device, Cgroups, Group, RtBudget, Usage};
+
+/// One VM process to confine.
+pub struct Target {
+    /// Its group's name (`web.primary`, `web.backup`, `web-c0.clone`).
+    pub name: String,
+    /// Its VM.
+    pub vm: String,
+    /// Which process of the VM.
+    pub of: UsageOf,
+    /// Its pid.
+    pub pid: u32,
+    /// It may boost its pauses to real time (a primary).
+    pub realtime: bool,
+    /// A file or directory on the file system of its disk (for disk limits).
+    pub disk_at: PathBuf,
+}
+
+/// A process in its group.
+struct Member {
+    /// None: the process could not be moved into its group (`error` says why).
+    group: Option<Group>,
+    pid: u32,
+    error: String,
+}
+
+/// The agent's groups.
+pub struct Limiter {
+    cg: Result<Cgroups, String>,
+    members: BTreeMap<String, Member>,
+    /// Groups whose process is gone but which could not be removed yet (a process still exits).
+    leaving: BTreeSet<String>,
+}
+
+impl Limiter {
+    /// Finds the hierarchy (mounting it under `private` where this mount namespace has none)
+    /// and makes this agent's base group `name` (`enabled` false: none), removing what an
+    /// earlier agent left empty.
+    pub fn new(name: &str, enabled: bool, rt: RtBudget, private: &Path) -> Limiter {
+        let cg = if enabled {
+            Cgroups::detect(name, rt, private).map_err(|e| e.to_string())
+        } else {
+            Err("cgroups are off (--cgroups off)".into())
+        };
+        match &cg {
+            Ok(c) => tracing::info!(
+                "VM processes get cgroup {} groups under {:?}",
+                c.kind(),
+                c.base()
+            ),
+            Err(e) => tracing::warn!("VM processes run without resource limits: {e}"),
+        }
+        let mut l = Limiter {
+            cg,
+            members: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+        };
+        if let Ok(c) = &l.cg {
+            // Groups of processes an earlier agent ran and that still run stay (they are
+            // adopted: busy groups refuse removal); empty ones go.
+            l.leaving.extend(c.children());
+        }
+        l
+    }
+
+    /// Puts each target in its group, applies its VM's limits (`limits`; absent: none),
+    /// removes groups of processes gone, and answers each target's usage.
+    pub fn round(
+        &mut self,
+        limits: &BTreeMap<String, Limits>,
+        targets: &[Target],
+    ) -> Vec<ProcUsage> {
+        let cg = match &self.cg {
+            Ok(c) => c,
+            Err(why) => return unlimited(why, limits, targets),
+        };
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            self.leaving.remove(&t.name);
+            let m = match self.members.get_mut(&t.name) {
+                Some(m) if m.pid == t.pid => m,
+                _ => {
+                    let m = join(cg, t);
+                    self.members.insert(t.name.clone(), m);
+                    self.members.get_mut(&t.name).expect("just inserted")
+                }
+            };
+            let want = limits.get(&t.vm).copied().unwrap_or_default();
+            let disk = block_device(&t.disk_at);
+            let mut u = Usage::default();
+            if let Some(g) = m.group.as_mut() {
+                m.error = match g.set(&want, disk) {
+                    Ok(()) => String::new(),
+                    Err(e) => {
+                        if m.error.is_empty() {
+                            tracing::warn!("limits of {}: {e}", t.name);
+                        }
+                        format!("limits: {e}")
+                    }
+                };
+                u = g.usage();
+            }
+            out.push(ProcUsage {
+                vm: t.vm.clone(),
+                of: t.of.clone(),
+                cpu_millis: u.cpu_millis,
+                throttled_us: u.throttled_us,
+                mem_bytes: u.mem_bytes,
+                mem_limit_bytes: u.mem_limit_bytes,
+                oom_kills: u.oom_kills,
+                error: m.error.clone(),
+            });
+        }
+        let names: BTreeSet<&String> = targets.iter().map(|t| &t.name).collect();
+        let gone: Vec<String> = self
+            .members
+            .keys()
+            .filter(|n| !names.contains(n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.members.remove(&n);
+            self.leaving.insert(n);
+        }
+        self.leaving.retain(|n| cg.remove(n).is_err());
+        out
+    }
+}
+
+/// A new member: its group made and the process moved in.
+fn join(cg: &Cgroups, t: &Target) -> Member {
+    let made = cg
+        .group(&t.name, t.realtime)
+        .and_then(|g| g.add(t.pid).map(|()| g));
+    match made {
+        Ok(group) => {
+            tracing::info!("{} (pid {}) runs in its cgroup", t.name, t.pid);
+            Member {
+                group: Some(group),
+                pid: t.pid,
+                error: String::new(),
+            }
+        }
+        Err(e) => {
+            tracing::warn!("{} (pid {}): no cgroup: {e}", t.name, t.pid);
+            Member {
+                group: None,
+                pid: t.pid,
+                error: format!("joining its cgroup: {e}"),
+            }
+        }
+    }
+}
+
+/// Without cgroups: usage rows only for VMs that asked for limits, saying why none apply.
+fn unlimited(why: &str, limits: &BTreeMap<String, Limits>, targets: &[Target]) -> Vec<ProcUsage> {
+    targets
+        .iter()
+        .filter(|t| limits.contains_key(&t.vm))
+        .map(|t| ProcUsage {
+            vm: t.vm.clone(),
+            of: t.of.clone(),
+            cpu_millis: 0,
+            throttled_us: 0,
+            mem_bytes: 0,
+            mem_limit_bytes: 0,
+            oom_kills: 0,
+            error: format!("not applied: {why}"),
+        })
+        .collect()
+}

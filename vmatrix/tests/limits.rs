@@ -1,0 +1,182 @@
+//! Per-VM resource limits through the manager and agents (issue 12, "Virtual Services") on real
+//! KVM, namespaces and the kernel's cgroups: every VM process runs in a group of its own with
+//! its VM's limits, set at creation or live (`vmatrix vm limits`), shown with their use; a
+//! CPU-hog guest capped at 0.2 CPU stays there while a protected neighbour on the same machine
+//! goes on serving and checkpointing; the limits follow the VM through a failover; groups of
+//! processes gone are removed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::cgroups;
+use support::managed::{KvWriter, Managed};
+use support::*;
+
+/// Waits until `check` holds (polling every 50 ms); panics with `what` after `timeout`.
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(why) = check() else {
+            return;
+        };
+        assert!(Instant::now() < deadline, "{what}: {why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the one `vmatrix <role>` process of host `i` is in a group named `<vm>.<role>`
+/// with CPU quota `quota` (µs per 100 ms, or -1); returns its pid.
+fn wait_quota(m: &Managed, i: usize, role: &str, vm: &str, quota: &str) -> u32 {
+    let mut pid = 0;
+    wait_for(
+        &format!("{vm}'s {role} on host {i} with quota {quota}"),
+        Duration::from_secs(10),
+        || {
+            let pids = m.vm_pids(i, role);
+            let [p] = pids[..] else {
+                return Some(format!("processes {pids:?}"));
+            };
+            pid = p;
+            let dir = cgroups::dir_of(p, "cpu").unwrap_or_default();
+            let q = cgroups::read(p, "cpu", "cpu.cfs_quota_us");
+            let name = format!("{vm}.{role}");
+            (dir.file_name().is_none_or(|n| n != name.as_str()) || q != quota)
+                .then(|| format!("group {} quota {q}", dir.display()))
+        },
+    );
+    pid
+}
+
+fn cli_ok(m: &Managed, args: &[&str]) -> String {
+    let out = m.cli(args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "vmatrix {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let m = Managed::start(dir.path(), 3);
+    let v = m.create_protected(1);
+    let (p, b) = (
+        m.host_index(v["primary"].as_str().unwrap()),
+        m.host_index(v["backups"][0]["host"].as_str().unwrap()),
+    );
+    let other = (0..3).find(|i| *i != p && *i != b).unwrap();
+
+    // Every process is in its own group from the start (no limits: none written).
+    let pid = wait_quota(&m, p, "primary", "web", "-1");
+    let bpid = wait_quota(&m, b, "backup", "web", "-1");
+
+    // A memory limit below the guest's RAM plus the VMM's share is refused.
+    let out = m.cli(&["vm", "limits", "web", "--memory-mib", "100"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("below the guest's 64 MiB"), "{err}");
+
+    // Limits set live: the same processes get them.
+    let t = cli_ok(
+        &m,
+        &["vm", "limits", "web", "--cpu", "0.8", "--memory-mib", "200"],
+    );
+    assert!(t.contains("limits: cpu 0.80, memory 200 MiB"), "{t}");
+    assert_eq!(wait_quota(&m, p, "primary", "web", "80000"), pid);
+    assert_eq!(wait_quota(&m, b, "backup", "web", "80000"), bpid);
+    // Its pauses are still boosted to real time inside its group (a budget of its own).
+    let psock = m.host_file(p, "web/primary.sock");
+    std::thread::sleep(Duration::from_millis(300));
+    let st = ctl(&psock, &["status"]);
+    assert!(st.contains("\"rt_pause\":true"), "{st}");
+    for pid in [pid, bpid] {
+        let limit = cgroups::read(pid, "memory", "memory.limit_in_bytes");
+        assert_eq!(limit, (200u64 << 20).to_string());
+    }
+    // Their use is shown against the limits.
+    wait_for("usage of both processes", Duration::from_secs(5), || {
+        let t = cli_ok(&m, &["vm", "limits", "web"]);
+        let rows = t
+            .lines()
+            .filter(|l| l.contains("/200 MiB") && l.ends_with(" -"));
+        (rows.count() != 2).then_some(t)
+    });
+
+    // A CPU hog on the third host, capped at 0.2 CPU from its creation.
+    let hog_ip = format!("10.77.{}.3", m.net.index);
+    let cfg = format!("ip={hog_ip}/24,gw=10.77.{}.1,port=7000", m.net.index);
+    let hog_host = m.net.host_name(other);
+    cli_ok(
+        &m,
+        &[
+            "vm",
+            "create",
+            "hog",
+            "--mem-mib",
+            "64",
+            "--disk-mib",
+            "16",
+            "--guest-config",
+            &cfg,
+            "--backups",
+            "0",
+            "--port",
+            "7101",
+            "--hosts",
+            &hog_host,
+            "--cpu",
+            "0.2",
+        ],
+    );
+    let hog_pid = wait_quota(&m, other, "primary", "hog", "20000");
+    let addr: SocketAddr = format!("{hog_ip}:7000").parse().unwrap();
+    let mut hog = connect_retry(addr, Duration::from_secs(20));
+    let r = hog.cmd("CHURN 256 10000000").unwrap();
+    assert!(r.starts_with("OK"), "{r}");
+
+    // The neighbour serves (and checkpoints) on while the hog spins at its cap.
+    let kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
+    let writer = KvWriter::start(kv, "n", Duration::from_millis(5), Duration::from_secs(10));
+    let seq0 = m.vm("web").unwrap()["acked_seq"].as_u64().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let hog_view = m.vm("hog").unwrap();
+    let u = &hog_view["usage"][0]["usage"];
+    let cpu = u["cpu_millis"].as_u64().unwrap();
+    let throttled = u["throttled_us"].as_u64().unwrap();
+    eprintln!("hog: {cpu} millis of CPU, throttled {throttled} µs");
+    assert!((100..=320).contains(&cpu), "hog at its 0.2 CPU cap: {u}");
+    assert!(throttled > 0, "{u}");
+    let seq1 = m.vm("web").unwrap()["acked_seq"].as_u64().unwrap_or(0);
+    assert!(
+        seq1 > seq0 + 20,
+        "web's checkpoints went on: {seq0} → {seq1}"
+    );
+    writer.wait_acked(50, Duration::from_secs(10));
+
+    // The hog goes: its group with it.
+    let hog_dir = cgroups::dir_of(hog_pid, "cpu").unwrap();
+    cli_ok(&m, &["vm", "delete", "hog"]);
+    wait_for("the hog's group removed", Duration::from_secs(15), || {
+        hog_dir.exists().then(|| hog_dir.display().to_string())
+    });
+
+    // A failover: the new primary (on the backup's host) runs under the same limits.
+    m.kill_vm_process(p, "primary");
+    m.wait_vm("web", "failed over", Duration::from_secs(30), |v| {
+        v["primary"].as_str() == Some(m.net.host_name(b).as_str())
+    });
+    wait_quota(&m, b, "primary", "web", "80000");
+    let mut written = writer.stop();
+    written.verify_all();
+
+    // Cleared: no limit left.
+    cli_ok(&m, &["vm", "limits", "web", "--clear"]);
+    wait_quota(&m, b, "primary", "web", "-1");
+    drop(m);
+}
