@@ -95,7 +95,7 @@ pub fn run(env: &BenchEnv, t: &Timing, busy: usize, rounds: usize) -> anyhow::Re
 /// One VM of a round, fixed 20 ms epochs, `p`'s pause path and harvest source: an unmeasured
 /// settle phase (the backup applies the initial sync meanwhile), then one table row per
 /// workload, labelled `round | label` (`{source}` in it: the VM's harvest source).
-fn rows(
+pub(super) fn rows(
     env: &BenchEnv,
     t: &Timing,
     (r, name, label): (usize, &str, &str),

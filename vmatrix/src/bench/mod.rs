@@ -3,6 +3,7 @@
 //! docs/BENCHMARKS.md.
 
 mod busy;
+mod hog;
 mod clones;
 mod copy;
 mod export;
@@ -64,6 +65,10 @@ pub struct ReplicationArgs {
     /// Measure the harvest sources instead: KVM's bitmap with hot pages vs its dirty ring.
     #[arg(long)]
     pub dirty_sources: bool,
+    /// Measure beside a CPU-hog VM instead: stopped, without a limit, and capped by its
+    /// cgroup at this many CPUs (e.g. 0.5), alternating.
+    #[arg(long)]
+    pub hog_vm: Option<f64>,
 }
 
 /// Runs a benchmark.
@@ -76,6 +81,10 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 false => replication::Timing::full(),
             };
             match a.busy {
+                _ if a.hog_vm.is_some() => {
+                    let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
+                    hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
+                }
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1))?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1))?,
