@@ -43,6 +43,9 @@ impl GuestEvents {
     pub fn signal(&self) {
         let mut s = self.lock();
         s.seq = s.seq.wrapping_add(1);
+        // Woken after the lock is released, so the waiter does not wake only to block on it
+        // (and, on the signaller's CPU, preempt it in between: see `Control::pause`).
+        drop(s);
         self.cv.notify_all();
     }
 
@@ -55,6 +58,7 @@ impl GuestEvents {
     pub fn set_interrupted(&self, on: bool) {
         let mut s = self.lock();
         s.interrupted = on;
+        drop(s);
         self.cv.notify_all();
     }
 
