@@ -293,7 +293,11 @@ impl Driver {
     ) -> Result<(), PrimaryError> {
         match done {
             Ok((true, Ok(cap))) => p.handle_precopy(&cap, Instant::now()),
-            Ok((false, Ok(cap))) => p.handle_capture(&cap, Instant::now()),
+            Ok((false, Ok(cap))) => {
+                p.handle_capture(&cap, Instant::now());
+                // Its pages are encoded (and shadowed) by now: the buffer serves the next one.
+                self.vm.recycle_capture(cap.data);
+            }
             Ok((_, Err(e))) => {
                 p.handle_capture_failed(&e.to_string());
                 return Err(e.into());

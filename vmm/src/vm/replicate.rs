@@ -79,6 +79,9 @@ pub struct Changes {
     pub disk: DiskCapture,
 }
 
+/// Largest page buffer kept for reuse (a checkpoint of 16,384 dirty pages).
+pub const POOLED_MAX: usize = 64 << 20;
+
 fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Capture(e.to_string())
 }
@@ -122,6 +125,21 @@ impl Vm {
         let mut c = r?;
         c.pause = t0.elapsed();
         Ok(c)
+    }
+
+    /// Gives back the page buffer of a capture the caller is done with (`EpochCapture::data`):
+    /// a later capture copies its pages into it (no allocation, no page faults in the pause).
+    /// It is refilled to its capacity here, outside any pause, so the next capture never has
+    /// to grow it within that. Buffers above [`POOLED_MAX`] and beyond two are dropped.
+    pub fn recycle_capture(&self, mut data: Vec<u8>) {
+        if data.capacity() > POOLED_MAX {
+            return;
+        }
+        data.resize(data.capacity(), 0);
+        let mut pool = lock(&self.capture_pool);
+        if pool.len() < 2 {
+            pool.push(data);
+        }
     }
 
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
@@ -202,8 +220,9 @@ impl Vm {
             CaptureKind::Incremental => ch.page_list(self.mem_size / PAGE_SIZE),
             CaptureKind::Full => self.nonzero_pages(0..self.mem_size / PAGE_SIZE)?,
         };
-        let mut data = Vec::new();
+        let mut data = lock(&self.capture_pool).pop().unwrap_or_default();
         crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data)?;
+        data.truncate(pages.len() * PAGE_SIZE as usize);
         let whole_disk = match &self.devices.blk {
             Some(b) if kind == CaptureKind::Full || ch.disk.overflowed => {
                 use std::os::unix::fs::FileExt;
