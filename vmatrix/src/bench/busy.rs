@@ -103,7 +103,7 @@ pub(super) fn rows(
     workloads: &[(&str, &str)],
 ) -> anyhow::Result<()> {
     let p = Protection {
-        min_epoch_ms: 20,
+        min_epoch_us: 20_000,
         early_checkpoints: false,
         ..p
     };

@@ -173,8 +173,8 @@ impl Kv {
 /// Settings of a protected VM.
 #[derive(Debug, Clone, Copy)]
 pub struct Protection {
-    pub epoch_ms: u64,
-    pub min_epoch_ms: u64,
+    pub epoch_us: u64,
+    pub min_epoch_us: u64,
     pub max_output_delay_ms: u64,
     pub early_checkpoints: bool,
     /// Pauses at real-time priority (`Vm::set_rt_pause`).
@@ -186,8 +186,8 @@ pub struct Protection {
 impl Default for Protection {
     fn default() -> Self {
         Protection {
-            epoch_ms: 20,
-            min_epoch_ms: 10,
+            epoch_us: 20_000,
+            min_epoch_us: 10_000,
             max_output_delay_ms: 200,
             early_checkpoints: true,
             rt_pause: false,
@@ -251,8 +251,8 @@ impl RunningVm {
         vm.hold_output_from_start();
         vm.set_rt_pause(p.rt_pause);
         let cfg = primary::PrimaryConfig {
-            epoch: Duration::from_millis(p.epoch_ms),
-            min_epoch: Duration::from_millis(p.min_epoch_ms),
+            epoch: Duration::from_micros(p.epoch_us),
+            min_epoch: Duration::from_micros(p.min_epoch_us),
             max_output_delay: Duration::from_millis(p.max_output_delay_ms),
             backups: vec![(backup_addr, "backup".into())],
             required: 1,
