@@ -11,9 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ProcRole;
 
-/// Memory a VM process needs beyond its guest's RAM (the VMM, its threads, staging buffers,
-/// the QUIC stack): a memory limit below the guest's RAM plus this is refused.
-pub const VMM_OVERHEAD_MIB: u64 = 64;
+/// Memory a VM process needs beyond twice its guest's RAM: the VMM, its threads, the capture
+/// buffers it reuses (up to 2 × 64 MiB), the QUIC stack.
+pub const VMM_OVERHEAD_MIB: u64 = 192;
+
+/// The smallest memory limit of a VM with `guest_mem_mib` of RAM: its primary holds the guest's
+/// RAM and a copy of every page it sent to its backups (the base of the next checkpoint's
+/// encoding and of a quick resync), so up to twice the RAM, plus [`VMM_OVERHEAD_MIB`].
+pub fn memory_floor_mib(guest_mem_mib: u64) -> u64 {
+    guest_mem_mib
+        .saturating_mul(2)
+        .saturating_add(VMM_OVERHEAD_MIB)
+}
 
 /// Limits of each process of one VM (0 everywhere: none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,11 +65,12 @@ impl Limits {
         if self.cpu_weight > 10_000 {
             return Err(format!("cpu_weight {} not in 1..=10000", self.cpu_weight));
         }
-        let floor = guest_mem_mib + VMM_OVERHEAD_MIB;
+        let floor = memory_floor_mib(guest_mem_mib);
         if self.memory_mib != 0 && self.memory_mib < floor {
             return Err(format!(
-                "memory_mib {} is below the guest's {guest_mem_mib} MiB plus the {VMM_OVERHEAD_MIB} \
-                 MiB its VMM needs ({floor} MiB)",
+                "memory_mib {} is below the {floor} MiB a VM of {guest_mem_mib} MiB needs (twice \
+                 its RAM: the guest and its primary's copy of every page sent to its backups, \
+                 plus {VMM_OVERHEAD_MIB} MiB for the VMM and its buffers)",
                 self.memory_mib
             ));
         }
@@ -147,13 +157,13 @@ mod tests {
         let l = Limits {
             cpu_millis: 500,
             cpu_weight: 200,
-            memory_mib: 128,
+            memory_mib: 320,
             io_read_bps: 1 << 20,
             io_write_bps: 1 << 20,
         };
         assert!(l.validate(64).is_ok());
         let e = l.validate(128).unwrap_err();
-        assert!(e.contains("below the guest's 128 MiB"), "{e}");
+        assert!(e.contains("below the 448 MiB a VM of 128 MiB needs"), "{e}");
         for bad in [
             Limits { cpu_millis: 5, ..l },
             Limits {

@@ -14,7 +14,7 @@ use failover::model::{ProcRole, Report};
 fn half_cpu() -> Limits {
     Limits {
         cpu_millis: 500,
-        memory_mib: 256,
+        memory_mib: 320,
         ..Default::default()
     }
 }
@@ -32,12 +32,12 @@ fn limits_reach_every_host_with_a_process_of_the_vm_and_change_live() {
 
     // Below the guest's RAM plus the VMM's share: refused, nothing changes.
     let low = Limits {
-        memory_mib: 64,
+        memory_mib: 319,
         ..Default::default()
     };
     assert!(matches!(
         t.m.set_limits(t.now, "web", low),
-        Err(ApiError::Invalid(e)) if e.contains("below the guest's 64 MiB")
+        Err(ApiError::Invalid(e)) if e.contains("below the 320 MiB a VM of 64 MiB needs")
     ));
     assert!(matches!(
         t.m.set_limits(t.now, "nope", half_cpu()),

@@ -146,6 +146,8 @@ impl Cgroups {
         let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
         let own_root = match find_hierarchy(&mountinfo, &own, Path::new("/")) {
             Some(h) => h,
+            // (Cgroup file systems mounted, only not usable ones: nothing to mount.)
+            None if mountinfo.contains(" - cgroup") => return Err(CgroupError::NoHierarchy),
             None => {
                 mount_own(&own, private)?;
                 let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
@@ -157,6 +159,11 @@ impl Cgroups {
 
     /// Makes the base group `name` under `parent` (a hierarchy's directories).
     pub fn at(parent: &Hierarchy, name: &str, rt: RtBudget) -> Result<Cgroups, CgroupError> {
+        if name.is_empty() || sanitize(name) != name {
+            return Err(CgroupError::Unsupported(format!(
+                "group name {name:?}: 1 or more of [A-Za-z0-9_.-], not starting with '.'"
+            )));
+        }
         if let Hierarchy::V2(p) = parent {
             enable_v2_controllers(p)?;
         }
@@ -206,6 +213,7 @@ impl Cgroups {
             last: None,
             rate: 0,
             applied: None,
+            failed: None,
         };
         if let Hierarchy::V1 { cpu, memory, .. } = &g.h {
             // Pages the process touched before it moved in go with it (v1 only; best effort:
@@ -234,6 +242,14 @@ impl Cgroups {
             .filter(|e| e.path().is_dir())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect()
+    }
+
+    /// Removes the base group itself if nothing is left in it.
+    pub fn remove_base(&self) -> Result<(), CgroupError> {
+        for d in self.base.dirs() {
+            fs::remove_dir(d).map_err(io_err(d))?;
+        }
+        Ok(())
     }
 
     /// Removes the group `name` if no process is left in it.
@@ -327,6 +343,8 @@ pub struct Group {
     rate: u32,
     /// Limits last written (and the disk device they were written for).
     applied: Option<(Limits, Option<(u32, u32)>)>,
+    /// Limits last refused, when, and why.
+    failed: Option<((Limits, Option<(u32, u32)>), Instant, String)>,
 }
 
 /// One sample of a group's use.
@@ -342,6 +360,13 @@ pub struct Usage {
     pub mem_limit_bytes: u64,
     /// OOM kills in it.
     pub oom_kills: u64,
+}
+
+/// A refused write of the same limits is tried again after this.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn has_io(l: &Limits) -> bool {
+    l.io_read_bps != 0 || l.io_write_bps != 0
 }
 
 /// Shortest window a CPU rate is measured over.
@@ -378,14 +403,34 @@ impl Group {
         if self.applied == Some((*l, disk)) {
             return Ok(());
         }
-        match &self.h {
-            Hierarchy::V2(d) => set_v2(d, l, disk)?,
+        // The same write failed a moment ago (a memory limit below what the process holds:
+        // v1 reclaims, then refuses): not again every round.
+        if let Some((f, at, e)) = &self.failed {
+            if *f == (*l, disk) && at.elapsed() < RETRY_AFTER {
+                return Err(CgroupError::Unsupported(e.clone()));
+            }
+        }
+        // Disk rules only when asked for now or before (to lift them): a device that refuses
+        // them (a partition, a v2 host without io) must not fail every other limit.
+        let had_io = self.applied.is_some_and(|(a, _)| has_io(&a));
+        let io = (has_io(l) || had_io).then_some(disk);
+        let r = match &self.h {
+            Hierarchy::V2(d) => set_v2(d, l, io),
             Hierarchy::V1 {
                 cpu, memory, blkio, ..
-            } => set_v1(cpu, memory, blkio.as_deref(), l, disk)?,
+            } => set_v1(cpu, memory, blkio.as_deref(), l, io),
+        };
+        match r {
+            Ok(()) => {
+                self.applied = Some((*l, disk));
+                self.failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(((*l, disk), Instant::now(), e.to_string()));
+                Err(e)
+            }
         }
-        self.applied = Some((*l, disk));
-        Ok(())
     }
 
     /// Its use now (CPU over the time since the previous call).
@@ -448,7 +493,9 @@ impl Group {
     }
 }
 
-fn set_v2(d: &Path, l: &Limits, disk: Option<(u32, u32)>) -> Result<(), CgroupError> {
+/// `io`: None leaves the disk rules alone; Some(None): they are wanted but no block device
+/// holds the VM's files.
+fn set_v2(d: &Path, l: &Limits, io: Option<Option<(u32, u32)>>) -> Result<(), CgroupError> {
     let max = |v: u64| {
         if v == 0 {
             "max".to_string()
@@ -465,17 +512,18 @@ fn set_v2(d: &Path, l: &Limits, disk: Option<(u32, u32)>) -> Result<(), CgroupEr
     let weight = if l.cpu_weight == 0 { 100 } else { l.cpu_weight };
     write(&d.join("cpu.weight"), &weight.to_string())?;
     write(&d.join("memory.max"), &max(l.memory_mib << 20))?;
-    if let Some((ma, mi)) = disk {
-        let io = format!(
-            "{ma}:{mi} rbps={} wbps={}",
-            max(l.io_read_bps),
-            max(l.io_write_bps)
-        );
-        write(&d.join("io.max"), &io)?;
-    } else if l.io_read_bps != 0 || l.io_write_bps != 0 {
-        return Err(no_disk());
+    match io {
+        Some(Some((ma, mi))) => {
+            let rule = format!(
+                "{ma}:{mi} rbps={} wbps={}",
+                max(l.io_read_bps),
+                max(l.io_write_bps)
+            );
+            write(&d.join("io.max"), &rule)
+        }
+        Some(None) => Err(no_disk()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn set_v1(
@@ -483,7 +531,7 @@ fn set_v1(
     memory: &Path,
     blkio: Option<&Path>,
     l: &Limits,
-    disk: Option<(u32, u32)>,
+    io: Option<Option<(u32, u32)>>,
 ) -> Result<(), CgroupError> {
     write(&cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
     let quota = if l.cpu_millis == 0 {
@@ -502,9 +550,9 @@ fn set_v1(
         (l.memory_mib << 20).to_string()
     };
     write(&memory.join("memory.limit_in_bytes"), &mem)?;
-    let wants_io = l.io_read_bps != 0 || l.io_write_bps != 0;
-    match (blkio, disk) {
-        (Some(b), Some((ma, mi))) => {
+    match (blkio, io) {
+        (_, None) => {}
+        (Some(b), Some(Some((ma, mi)))) => {
             for (file, v) in [
                 ("blkio.throttle.read_bps_device", l.io_read_bps),
                 ("blkio.throttle.write_bps_device", l.io_write_bps),
@@ -513,8 +561,7 @@ fn set_v1(
                 write(&b.join(file), &format!("{ma}:{mi} {v}"))?;
             }
         }
-        _ if wants_io => return Err(no_disk()),
-        _ => {}
+        _ => return Err(no_disk()),
     }
     Ok(())
 }
@@ -573,7 +620,18 @@ pub fn block_device(path: &Path) -> Option<(u32, u32)> {
     // glibc's gnu_dev_major/minor.
     let major = (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32;
     let minor = (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32;
-    (major != 0).then_some((major, minor))
+    if major == 0 {
+        return None;
+    }
+    // Throttling rules take whole disks: a partition's are refused (ENODEV).
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if sys.join("partition").exists() {
+        let parent = fs::canonicalize(&sys).ok()?.parent()?.join("dev");
+        let text = fs::read_to_string(parent).ok()?;
+        let (ma, mi) = text.trim().split_once(':')?;
+        return Some((ma.parse().ok()?, mi.parse().ok()?));
+    }
+    Some((major, minor))
 }
 
 /// From `/proc/self/mountinfo` and `/proc/self/cgroup`: the directories of our own group in a
@@ -620,8 +678,10 @@ pub fn find_hierarchy(mountinfo: &str, own: &str, prefix: &Path) -> Option<Hiera
     };
     let join = |mnt: &Path, root: &str, path: &str| {
         // A mount of a sub-tree (root other than "/") shows paths relative to it.
-        let rel = path.strip_prefix(root).unwrap_or(path);
-        mnt.join(rel.trim_start_matches('/'))
+        let rel = Path::new(path)
+            .strip_prefix(root)
+            .unwrap_or(Path::new(path.trim_start_matches('/')));
+        mnt.join(rel)
     };
     if let Some((mnt, root)) = &v2 {
         let ctl = fs::read_to_string(mnt.join("cgroup.controllers")).unwrap_or_default();

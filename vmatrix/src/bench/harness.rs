@@ -64,10 +64,8 @@ impl BenchEnv {
         ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
         ip(&["addr", "add", &format!("10.78.{index}.1/24"), "dev", &tap])?;
         ip(&["link", "set", &tap, "up"])?;
-        let dir = std::env::temp_dir().join(format!(
-            "vmatrix-bench-{}-{index}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("vmatrix-bench-{}-{index}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let pki = dir.join("pki");
         transport::certs::init_ca(&pki)?;

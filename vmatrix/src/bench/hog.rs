@@ -22,7 +22,7 @@ use crate::cgroup::{Cgroups, Group, RtBudget};
 struct HogVm {
     child: Child,
     group: Group,
-    _cg: Cgroups,
+    cg: Cgroups,
     _env: BenchEnv,
 }
 
@@ -33,7 +33,7 @@ impl HogVm {
         std::fs::File::create(&disk)?.set_len(16 << 20)?;
         let exe = std::env::current_exe().context("locating the vmatrix binary")?;
         let cfg = format!("ip=10.78.{0}.2/24,gw=10.78.{0}.1,port=7000", env.index);
-        let child = Command::new(exe)
+        let mut child = Command::new(exe)
             .args(["run", "--guest"])
             .arg(&env.guest)
             .arg("--disk")
@@ -47,6 +47,30 @@ impl HogVm {
             .stderr(Stdio::null())
             .spawn()
             .context("starting the hog VM (vmatrix run)")?;
+        let placed = Self::confine(&env, child.id()).and_then(|(cg, group)| {
+            let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(30))?;
+            let r = kv.cmd("CHURN 256 10000000")?;
+            anyhow::ensure!(r == "OK", "the hog refused CHURN: {r}");
+            Ok((cg, group))
+        });
+        match placed {
+            Ok((cg, group)) => Ok(HogVm {
+                child,
+                group,
+                cg,
+                _env: env,
+            }),
+            Err(e) => {
+                // Never a spinning VM left behind.
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// The hog's own group (and the bench's base group).
+    fn confine(env: &BenchEnv, pid: u32) -> anyhow::Result<(Cgroups, Group)> {
         let name = format!("vmatrix-bench-{}", std::process::id());
         let rt = RtBudget {
             total_us: 0,
@@ -55,16 +79,8 @@ impl HogVm {
         let cg = Cgroups::detect(&name, rt, &env.dir.join("cgroup"))
             .context("cgroups for the hog VM")?;
         let group = cg.group("hog", false)?;
-        group.add(child.id())?;
-        let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(30))?;
-        let r = kv.cmd("CHURN 256 10000000")?;
-        anyhow::ensure!(r == "OK", "the hog refused CHURN: {r}");
-        Ok(HogVm {
-            child,
-            group,
-            _cg: cg,
-            _env: env,
-        })
+        group.add(pid)?;
+        Ok((cg, group))
     }
 
     fn signal(&self, s: Signal) -> anyhow::Result<()> {
@@ -79,7 +95,8 @@ impl Drop for HogVm {
         let _ = self.signal(Signal::CONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = self.group.set(&Limits::default(), None);
+        let _ = self.cg.remove("hog");
+        let _ = self.cg.remove_base();
     }
 }
 
@@ -119,10 +136,19 @@ pub fn run(env: &BenchEnv, t: &Timing, cap_millis: u32, rounds: usize) -> anyhow
                 "capped" => format!("capped at {cpus} CPU"),
                 l => l.to_string(),
             };
-            rows(env, t, (r, "hogbench", &label), Protection::default(), &workloads)?;
+            rows(
+                env,
+                t,
+                (r, "hogbench", &label),
+                Protection::default(),
+                &workloads,
+            )?;
         }
         let u = hog.group.usage();
-        eprintln!("round {r}: hog throttled {} ms so far", u.throttled_us / 1000);
+        eprintln!(
+            "round {r}: hog throttled {} ms so far",
+            u.throttled_us / 1000
+        );
     }
     Ok(())
 }

@@ -3,11 +3,11 @@
 //! docs/BENCHMARKS.md.
 
 mod busy;
-mod hog;
 mod clones;
 mod copy;
 mod export;
 mod harness;
+mod hog;
 mod lb;
 mod replication;
 

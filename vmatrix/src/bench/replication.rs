@@ -304,7 +304,10 @@ fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
     let loaded = (b.epochs - a.epochs) as f64 / (b.at - a.at).as_secs_f64();
     let (lp50, lp99) = stats.pause_percentiles();
     drop(vm);
-    println!("\n### Epoch rate at {} ms epochs\n", EPOCH_US as f64 / 1000.0);
+    println!(
+        "\n### Epoch rate at {} ms epochs\n",
+        EPOCH_US as f64 / 1000.0
+    );
     println!("| load | checkpoints/s | pause p50 | pause p99 |\n|---|---|---|---|");
     println!("| idle guest | {idle:.0} | {ip50} µs | {ip99} µs |");
     println!("| 4 KV clients writing ({rate:.0} SETs/s) | {loaded:.0} | {lp50} µs | {lp99} µs |");

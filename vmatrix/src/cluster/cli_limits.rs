@@ -72,8 +72,10 @@ fn parse_cpus(s: &str) -> Result<u32, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a number of CPUs (0.5, 2)"))?;
-    if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
-        return Err(format!("'{s}' is not between 0 and 1000 CPUs"));
+    if !(v.is_finite() && (v == 0.0 || (0.01..=1000.0).contains(&v))) {
+        return Err(format!(
+            "'{s}' is not 0 (no limit) or between 0.01 and 1000 CPUs"
+        ));
     }
     Ok((v * 1000.0).round() as u32)
 }
@@ -167,6 +169,8 @@ mod tests {
         assert_eq!(parse_cpus("0.5"), Ok(500));
         assert_eq!(parse_cpus("2"), Ok(2000));
         assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("0.004").is_err(), "not silently unlimited");
+        assert_eq!(parse_cpus("0"), Ok(0));
         assert!(parse_cpus("lots").is_err());
         let base = Limits {
             cpu_millis: 250,

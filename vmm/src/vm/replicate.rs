@@ -130,9 +130,12 @@ impl Vm {
     /// Gives back the page buffer of a capture the caller is done with (`EpochCapture::data`):
     /// a later capture copies its pages into it (no allocation, no page faults in the pause).
     /// It is refilled to its capacity here, outside any pause, so the next capture never has
-    /// to grow it within that. Buffers above [`POOLED_MAX`] and beyond two are dropped.
+    /// to grow it within that. Buffers above [`POOLED_MAX`], beyond two, or much larger than
+    /// what their capture used (a full capture's, then an epoch's: the refill would rewrite
+    /// the difference after every epoch) are dropped.
     pub fn recycle_capture(&self, mut data: Vec<u8>) {
-        if data.capacity() > POOLED_MAX {
+        let used = data.len().max(256 << 10);
+        if data.capacity() > POOLED_MAX || data.capacity() > 4 * used {
             return;
         }
         data.resize(data.capacity(), 0);

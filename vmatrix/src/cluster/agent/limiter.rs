@@ -77,41 +77,43 @@ impl Limiter {
         l
     }
 
-    /// Puts each target in its group, applies its VM's limits (`limits`; absent: none),
-    /// removes groups of processes gone, and answers each target's usage.
+    /// Puts each target in its group (again, if an earlier try failed), applies its VM's
+    /// limits (`limits`; a VM absent has none; `None`: not known yet — the first rounds of an
+    /// agent before the manager's assignment — so whatever groups hold stays), removes groups
+    /// of processes gone, and answers each target's usage.
     pub fn round(
         &mut self,
-        limits: &BTreeMap<String, Limits>,
+        limits: Option<&BTreeMap<String, Limits>>,
         targets: &[Target],
     ) -> Vec<ProcUsage> {
-        let cg = match &self.cg {
-            Ok(c) => c,
-            Err(why) => return unlimited(why, limits, targets),
+        let Ok(cg) = &self.cg else {
+            let why = self.cg.as_ref().err().cloned().unwrap_or_default();
+            return unlimited(&why, limits, targets);
         };
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
             self.leaving.remove(&t.name);
-            let m = match self.members.get_mut(&t.name) {
-                Some(m) if m.pid == t.pid => m,
-                _ => {
-                    let m = join(cg, t);
-                    self.members.insert(t.name.clone(), m);
-                    self.members.get_mut(&t.name).expect("just inserted")
-                }
-            };
-            let want = limits.get(&t.vm).copied().unwrap_or_default();
-            let disk = block_device(&t.disk_at);
+            let m = self
+                .members
+                .entry(t.name.clone())
+                .or_insert_with(|| join(cg, t));
+            if m.pid != t.pid || m.group.is_none() {
+                *m = join(cg, t);
+            }
             let mut u = Usage::default();
             if let Some(g) = m.group.as_mut() {
-                m.error = match g.set(&want, disk) {
-                    Ok(()) => String::new(),
-                    Err(e) => {
-                        if m.error.is_empty() {
-                            tracing::warn!("limits of {}: {e}", t.name);
+                if let Some(l) = limits {
+                    let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
+                    m.error = match g.set(&want, block_device(&t.disk_at)) {
+                        Ok(()) => String::new(),
+                        Err(e) => {
+                            if m.error.is_empty() {
+                                tracing::warn!("limits of {}: {e}", t.name);
+                            }
+                            format!("limits: {e}")
                         }
-                        format!("limits: {e}")
-                    }
-                };
+                    };
+                }
                 u = g.usage();
             }
             out.push(ProcUsage {
@@ -141,6 +143,36 @@ impl Limiter {
     }
 }
 
+/// The limits a process of this kind gets: a backup only applies checkpoints, so a CPU cap
+/// meant for the guest would only delay its acknowledgements (and the primary's output): it
+/// keeps its weight and memory limit, not the cap.
+fn for_role(of: &UsageOf, l: Limits) -> Limits {
+    match of {
+        UsageOf::Vm(failover::model::ProcRole::Backup) => Limits { cpu_millis: 0, ..l },
+        _ => l,
+    }
+}
+
+impl Limiter {
+    /// Puts a process just started into its group with its VM's last known limits at once (the
+    /// next round would, but a process can do much in a round: a promoted primary loads its
+    /// whole image).
+    pub fn place_now(&mut self, limits: Option<&BTreeMap<String, Limits>>, t: Target) {
+        let Ok(cg) = &self.cg else {
+            return;
+        };
+        let mut m = join(cg, &t);
+        if let (Some(g), Some(l)) = (m.group.as_mut(), limits) {
+            let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
+            if let Err(e) = g.set(&want, block_device(&t.disk_at)) {
+                m.error = format!("limits: {e}");
+            }
+        }
+        self.leaving.remove(&t.name);
+        self.members.insert(t.name, m);
+    }
+}
+
 /// A new member: its group made and the process moved in.
 fn join(cg: &Cgroups, t: &Target) -> Member {
     let made = cg
@@ -167,10 +199,14 @@ fn join(cg: &Cgroups, t: &Target) -> Member {
 }
 
 /// Without cgroups: usage rows only for VMs that asked for limits, saying why none apply.
-fn unlimited(why: &str, limits: &BTreeMap<String, Limits>, targets: &[Target]) -> Vec<ProcUsage> {
+fn unlimited(
+    why: &str,
+    limits: Option<&BTreeMap<String, Limits>>,
+    targets: &[Target],
+) -> Vec<ProcUsage> {
     targets
         .iter()
-        .filter(|t| limits.contains_key(&t.vm))
+        .filter(|t| limits.is_some_and(|l| l.contains_key(&t.vm)))
         .map(|t| ProcUsage {
             vm: t.vm.clone(),
             of: t.of.clone(),

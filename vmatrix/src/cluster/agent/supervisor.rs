@@ -238,8 +238,10 @@ impl Supervisor {
         }
         let vms = self.observe_all();
         let (clones, bases) = self.clones.observe();
-        let limits = want.map(|w| w.limits).unwrap_or_default();
-        let usage = self.limiter.round(&limits, &self.limit_targets());
+        let targets = self.limit_targets();
+        let usage = self
+            .limiter
+            .round(want.as_ref().map(|w| &w.limits), &targets);
         let mut sh = self.shared.lock().expect("shared");
         sh.report = Report {
             vms,
@@ -251,23 +253,35 @@ impl Supervisor {
         sh.ready = true;
     }
 
+    /// The cgroup target of a VM process.
+    fn target_of(&self, p: &Proc) -> Target {
+        let role = format!("{:?}", p.role).to_lowercase();
+        Target {
+            name: format!("{}.{role}", p.vm),
+            vm: p.vm.clone(),
+            of: UsageOf::Vm(p.role),
+            pid: p.pid(),
+            realtime: p.role == ProcRole::Primary,
+            disk_at: self.cfg.state.clone(),
+        }
+    }
+
+    /// A VM process just started goes into its cgroup at once.
+    fn place(&mut self, key: &Key) {
+        let Some(t) = self.procs.get(key).map(|p| self.target_of(p)) else {
+            return;
+        };
+        let want = self.shared.lock().expect("shared").want.clone();
+        self.limiter.place_now(want.as_ref().map(|w| &w.limits), t);
+    }
+
     /// Every VM process that runs here, for its cgroup.
     fn limit_targets(&self) -> Vec<Target> {
         let mut out: Vec<Target> = self
             .procs
             .values()
             .filter(|p| p.exit.is_none())
-            .map(|p| {
-                let role = format!("{:?}", p.role).to_lowercase();
-                Target {
-                    name: format!("{}.{role}", p.vm),
-                    vm: p.vm.clone(),
-                    of: UsageOf::Vm(p.role),
-                    pid: p.pid(),
-                    realtime: p.role == ProcRole::Primary,
-                    disk_at: self.cfg.state.clone(),
-                }
-            })
+            .map(|p| self.target_of(p))
             .collect();
         for (name, vm, pid) in self.clones.running_pids() {
             out.push(Target {
@@ -428,7 +442,8 @@ impl Supervisor {
             // taken for an older backup to fence, a request its socket could not answer yet.)
             min_term,
         )?;
-        self.procs.insert(key, p);
+        self.procs.insert(key.clone(), p);
+        self.place(&key);
         Ok(())
     }
 
@@ -501,7 +516,8 @@ impl Supervisor {
         if let Err(e) = p.save_record(backups) {
             tracing::warn!("recording the primary of {}: {e}", spec.name);
         }
-        self.procs.insert(key, p);
+        self.procs.insert(key.clone(), p);
+        self.place(&key);
         let ap = self.applied.entry(spec.name.clone()).or_default();
         ap.backups = Some(backups.to_vec());
         Ok(())
