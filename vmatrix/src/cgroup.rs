@@ -333,6 +333,9 @@ fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// Limits and the disk device (major, minor) they were written for.
+type Applied = (Limits, Option<(u32, u32)>);
+
 /// One process's group.
 #[derive(Debug)]
 pub struct Group {
@@ -342,9 +345,9 @@ pub struct Group {
     /// CPU rate over the last whole window, thousandths of a CPU.
     rate: u32,
     /// Limits last written (and the disk device they were written for).
-    applied: Option<(Limits, Option<(u32, u32)>)>,
+    applied: Option<Applied>,
     /// Limits last refused, when, and why.
-    failed: Option<((Limits, Option<(u32, u32)>), Instant, String)>,
+    failed: Option<(Applied, Instant, String)>,
 }
 
 /// One sample of a group's use.
