@@ -85,15 +85,42 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
         "{err}"
     );
 
-    // Limits set live: the same processes get them.
+    set_live(&mut m, (p, pid), (b, bpid));
+    let (hog_pid, writer) = hog_beside_web(&m, other);
+
+    // The hog goes: its group with it.
+    let hog_dir = cgroups::dir_of(hog_pid, "cpu").unwrap();
+    cli_ok(&m, &["vm", "delete", "hog"]);
+    wait_for("the hog's group removed", Duration::from_secs(15), || {
+        hog_dir.exists().then(|| hog_dir.display().to_string())
+    });
+
+    // A failover: the new primary (on the backup's host) runs under the same limits.
+    m.kill_vm_process(p, "primary");
+    m.wait_vm("web", "failed over", Duration::from_secs(30), |v| {
+        v["primary"].as_str() == Some(m.net.host_name(b).as_str())
+    });
+    wait_quota(&m, b, "primary", "web", "80000");
+    let mut written = writer.stop();
+    written.verify_all();
+
+    // Cleared: no limit left.
+    cli_ok(&m, &["vm", "limits", "web", "--clear"]);
+    wait_quota(&m, b, "primary", "web", "-1");
+    drop(m);
+}
+
+/// Limits set live on web (primary on host `p`, backup on `b`): the same processes get them,
+/// boosted pauses go on, an agent restart keeps them, their use is shown.
+fn set_live(m: &mut Managed, (p, pid): (usize, u32), (b, bpid): (usize, u32)) {
     let t = cli_ok(
-        &m,
+        m,
         &["vm", "limits", "web", "--cpu", "0.8", "--memory-mib", "400"],
     );
     assert!(t.contains("limits: cpu 0.80, memory 400 MiB"), "{t}");
-    assert_eq!(wait_quota(&m, p, "primary", "web", "80000"), pid);
+    assert_eq!(wait_quota(m, p, "primary", "web", "80000"), pid);
     // (A backup keeps its weight and memory limit, not the CPU cap: its acks must not wait.)
-    assert_eq!(wait_quota(&m, b, "backup", "web", "-1"), bpid);
+    assert_eq!(wait_quota(m, b, "backup", "web", "-1"), bpid);
     // Its pauses are still boosted to real time inside its group (a budget of its own).
     let psock = m.host_file(p, "web/primary.sock");
     std::thread::sleep(Duration::from_millis(300));
@@ -116,19 +143,22 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
     }
     // Their use is shown against the limits.
     wait_for("usage of both processes", Duration::from_secs(5), || {
-        let t = cli_ok(&m, &["vm", "limits", "web"]);
+        let t = cli_ok(m, &["vm", "limits", "web"]);
         let rows = t
             .lines()
             .filter(|l| l.contains("/400 MiB") && l.ends_with(" -"));
         (rows.count() != 2).then_some(t)
     });
+}
 
-    // A CPU hog on the third host, capped at 0.2 CPU from its creation.
+/// A CPU hog on host `other`, capped at 0.2 CPU from its creation, stays there while web serves
+/// (and checkpoints) on; returns the hog's pid and web's writer, still writing.
+fn hog_beside_web(m: &Managed, other: usize) -> (u32, KvWriter) {
     let hog_ip = format!("10.77.{}.3", m.net.index);
     let cfg = format!("ip={hog_ip}/24,gw=10.77.{}.1,port=7000", m.net.index);
     let hog_host = m.net.host_name(other);
     cli_ok(
-        &m,
+        m,
         &[
             "vm",
             "create",
@@ -149,7 +179,7 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
             "0.2",
         ],
     );
-    let hog_pid = wait_quota(&m, other, "primary", "hog", "20000");
+    let hog_pid = wait_quota(m, other, "primary", "hog", "20000");
     let addr: SocketAddr = format!("{hog_ip}:7000").parse().unwrap();
     let mut hog = connect_retry(addr, Duration::from_secs(20));
     let r = hog.cmd("CHURN 256 10000000").unwrap();
@@ -173,25 +203,5 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
         "web's checkpoints went on: {seq0} → {seq1}"
     );
     writer.wait_acked(50, Duration::from_secs(10));
-
-    // The hog goes: its group with it.
-    let hog_dir = cgroups::dir_of(hog_pid, "cpu").unwrap();
-    cli_ok(&m, &["vm", "delete", "hog"]);
-    wait_for("the hog's group removed", Duration::from_secs(15), || {
-        hog_dir.exists().then(|| hog_dir.display().to_string())
-    });
-
-    // A failover: the new primary (on the backup's host) runs under the same limits.
-    m.kill_vm_process(p, "primary");
-    m.wait_vm("web", "failed over", Duration::from_secs(30), |v| {
-        v["primary"].as_str() == Some(m.net.host_name(b).as_str())
-    });
-    wait_quota(&m, b, "primary", "web", "80000");
-    let mut written = writer.stop();
-    written.verify_all();
-
-    // Cleared: no limit left.
-    cli_ok(&m, &["vm", "limits", "web", "--clear"]);
-    wait_quota(&m, b, "primary", "web", "-1");
-    drop(m);
+    (hog_pid, writer)
 }

@@ -102,7 +102,7 @@ pub fn usage_table(v: &VmView) -> String {
         out.push_str("(no process reported yet)\n");
         return out;
     }
-    let rows: Vec<[String; 7]> = v
+    let rows: Vec<Vec<String>> = v
         .usage
         .iter()
         .map(|u| {
@@ -111,7 +111,7 @@ pub fn usage_table(v: &VmView) -> String {
                 0 => format!("{} MiB", x.mem_bytes >> 20),
                 l => format!("{}/{} MiB", x.mem_bytes >> 20, l >> 20),
             };
-            [
+            vec![
                 u.host.clone(),
                 u.process.clone(),
                 format!("{:.2}", f64::from(x.cpu_millis) / 1000.0),
@@ -135,28 +135,7 @@ pub fn usage_table(v: &VmView) -> String {
         "OOM_KILLS",
         "ERROR",
     ];
-    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<width$}  ", width = w[i]));
-            }
-        }
-        l.push('\n');
-        l
-    };
-    out.push_str(&line(head.to_vec()));
-    for r in &rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
+    out.push_str(&super::cli::table(&head, &rows));
     out
 }
 
