@@ -113,7 +113,8 @@ fn v1_limits_land_in_the_kernels_files_and_usage_reads_back() {
     assert_eq!(cg.kind(), "v1");
     let base_rt = d.path().join("cpu/vmatrix-h1/cpu.rt_runtime_us");
     assert_eq!(fs::read_to_string(base_rt).unwrap(), "300000");
-    let mut g = cg.group("web.primary", true).unwrap();
+    let mut g = cg.group("web.primary").unwrap();
+    assert_eq!(cg.share_rt(&[&g]), 50_000);
     let cpu = d.path().join("cpu/vmatrix-h1/web.primary");
     let mem = d.path().join("memory/vmatrix-h1/web.primary");
     let blk = d.path().join("blkio/vmatrix-h1/web.primary");
@@ -206,7 +207,7 @@ fn v2_limits_land_in_the_kernels_files() {
         fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
         "+cpu +memory +io"
     );
-    let mut g = cg.group("web-c0.clone", false).unwrap();
+    let mut g = cg.group("web-c0.clone").unwrap();
     let l = Limits {
         cpu_millis: 1500,
         cpu_weight: 0,

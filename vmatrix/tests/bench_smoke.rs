@@ -46,8 +46,8 @@ fn bench_replication_quick_prints_every_table() {
     );
 }
 
-/// `--busy 1 --rounds 1`: a CPU-bound neighbour beside the protected VM, both pause paths;
-/// `--dirty-sources --rounds 1`: the bitmap and the ring.
+/// `--busy 1 --second-vm --rounds 1`: a CPU-bound neighbour and a second protected VM beside
+/// the measured one, both pause paths; `--dirty-sources --rounds 1`: the bitmap and the ring.
 #[test]
 fn bench_replication_busy_and_dirty_sources_print_both_sides() {
     require_kvm();
@@ -60,12 +60,14 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
             "--quick",
             "--busy",
             "1",
+            "--second-vm",
             "--rounds",
             "1",
             "--guest",
             g,
         ],
         &[
+            "and a second protected VM",
             "| 1 | ordinary | idle |",
             "| 1 | real-time | idle |",
             "| 1 | real-time | CHURN 1k pages/s |",
@@ -85,6 +87,33 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
         &[
             "| 1 | bitmap+hot | idle |",
             "| 1 | ring | CHURN 10k pages/s |",
+        ],
+    );
+}
+
+/// `--hog-vm 0.5 --rounds 1`: the protected VM beside a CPU-hog VM stopped, unlimited and
+/// capped by its cgroup.
+#[test]
+fn bench_replication_hog_vm_prints_every_condition() {
+    require_kvm();
+    let guest = guest_elf();
+    let g = guest.to_str().unwrap();
+    prints(
+        &[
+            "bench",
+            "replication",
+            "--quick",
+            "--hog-vm",
+            "0.5",
+            "--rounds",
+            "1",
+            "--guest",
+            g,
+        ],
+        &[
+            "| 1 | stopped | idle |",
+            "| 1 | no limit | CHURN 1k pages/s |",
+            "| 1 | capped at 0.5 CPU | idle |",
         ],
     );
 }

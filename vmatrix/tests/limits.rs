@@ -49,6 +49,25 @@ fn wait_quota(m: &Managed, i: usize, role: &str, vm: &str, quota: &str) -> u32 {
     pid
 }
 
+/// Waits until the one `vmatrix <role>` process of host `i` is in a group named `<vm>.<role>`
+/// of controller `ctl` (or, with `inside` false, in another one); returns its pid.
+fn wait_group(m: &Managed, i: usize, role: &str, vm: &str, ctl: &str, inside: bool) -> u32 {
+    let mut pid = 0;
+    let what = format!("{vm}'s {role} on host {i} in its {ctl} group: {inside}");
+    wait_for(&what, Duration::from_secs(10), || {
+        let pids = m.vm_pids(i, role);
+        let [p] = pids[..] else {
+            return Some(format!("processes {pids:?}"));
+        };
+        pid = p;
+        let dir = cgroups::dir_of(p, ctl).unwrap_or_default();
+        let name = format!("{vm}.{role}");
+        let is = dir.file_name().is_some_and(|n| n == name.as_str());
+        (is != inside).then(|| dir.display().to_string())
+    });
+    pid
+}
+
 fn cli_ok(m: &Managed, args: &[&str]) -> String {
     let out = m.cli(args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -72,8 +91,11 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
     );
     let other = (0..3).find(|i| *i != p && *i != b).unwrap();
 
-    // Every process is in its own group from the start (no limits: none written).
-    let pid = wait_quota(&m, p, "primary", "web", "-1");
+    // Every process is in its own group from the start (no limits: none written). A primary
+    // joins its cpu group only with a CPU limit here (v1 groups real-time tasks: its boosted
+    // pauses would depend on the group's real-time share).
+    let pid = wait_group(&m, p, "primary", "web", "memory", true);
+    wait_group(&m, p, "primary", "web", "cpu", false);
     let bpid = wait_quota(&m, b, "backup", "web", "-1");
 
     // A memory limit below the guest's RAM plus the VMM's share is refused.
@@ -104,9 +126,15 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
     let mut written = writer.stop();
     written.verify_all();
 
-    // Cleared: no limit left.
+    // Cleared: no limit left (and the primary back in the agent's cpu group).
     cli_ok(&m, &["vm", "limits", "web", "--clear"]);
-    wait_quota(&m, b, "primary", "web", "-1");
+    wait_group(&m, b, "primary", "web", "cpu", false);
+    let newpid = wait_group(&m, b, "primary", "web", "memory", true);
+    let limit = cgroups::read(newpid, "memory", "memory.limit_in_bytes");
+    assert!(
+        limit.parse::<u64>().unwrap() > 1 << 60,
+        "no memory limit: {limit}"
+    );
     drop(m);
 }
 

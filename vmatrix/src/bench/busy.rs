@@ -64,14 +64,53 @@ fn measure(vm: &RunningVm, kv: &mut Kv, churn: &str, t: &Timing) -> anyhow::Resu
     ])
 }
 
-/// Runs the busy-host pause A/B and prints a Markdown table.
-pub fn run(env: &BenchEnv, t: &Timing, busy: usize, rounds: usize) -> anyhow::Result<()> {
+/// A second protected VM on the host (its own tap; primary and backup in this process),
+/// its guest dirtying 1,000 pages per second, for the whole measurement.
+struct SecondVm {
+    _vm: RunningVm,
+    _env: BenchEnv,
+}
+
+impl SecondVm {
+    fn start(guest: &std::path::Path, mem_mib: u64) -> anyhow::Result<SecondVm> {
+        let env = BenchEnv::new(guest.to_path_buf(), mem_mib)?;
+        let vm = RunningVm::protected(&env, "second", Protection::default())?;
+        let stats = vm.stats.clone().context("protected VM without stats")?;
+        let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
+        wait_protected(&stats)?;
+        anyhow::ensure!(
+            kv.cmd("CHURN 2048 1")? == "OK",
+            "the second VM refused CHURN"
+        );
+        Ok(SecondVm { _vm: vm, _env: env })
+    }
+}
+
+/// Runs the busy-host pause A/B and prints a Markdown table; `second`: a second protected VM
+/// runs beside the measured one.
+pub fn run(
+    env: &BenchEnv,
+    t: &Timing,
+    busy: usize,
+    rounds: usize,
+    second: bool,
+) -> anyhow::Result<()> {
+    let also = if second {
+        " and a second protected VM (CHURN 1k pages/s)"
+    } else {
+        ""
+    };
     println!(
-        "## Pauses on a busy host (`vmatrix bench replication --busy {busy}`; {} MiB guest, 20 ms \
-         epochs, {busy} CPU-bound neighbours on this {}-CPU host)\n",
+        "## Pauses on a busy host (`vmatrix bench replication --busy {busy}{}`; {} MiB guest, 20 \
+         ms epochs, {busy} CPU-bound neighbours{also} on this {}-CPU host)\n",
+        if second { " --second-vm" } else { "" },
         env.mem_mib,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let _second = match second {
+        true => Some(SecondVm::start(&env.guest, env.mem_mib)?),
+        false => None,
+    };
     println!(
         "| round | pause path | workload | pause p50 | pause p99 | pause max | checkpoints/s |"
     );

@@ -78,7 +78,7 @@ impl HogVm {
         };
         let cg = Cgroups::detect(&name, rt, &env.dir.join("cgroup"))
             .context("cgroups for the hog VM")?;
-        let group = cg.group("hog", false)?;
+        let group = cg.group("hog")?;
         group.add(pid)?;
         Ok((cg, group))
     }

@@ -65,6 +65,10 @@ pub struct ReplicationArgs {
     /// Measure the harvest sources instead: KVM's bitmap with hot pages vs its dirty ring.
     #[arg(long)]
     pub dirty_sources: bool,
+    /// With `--busy`: a second protected VM (its guest dirtying 1,000 pages/s) runs beside the
+    /// measured one.
+    #[arg(long)]
+    pub second_vm: bool,
     /// Measure beside a CPU-hog VM instead: stopped, without a limit, and capped by its
     /// cgroup at this many CPUs (e.g. 0.5), alternating.
     #[arg(long)]
@@ -80,6 +84,10 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 true => replication::Timing::quick(),
                 false => replication::Timing::full(),
             };
+            anyhow::ensure!(
+                !a.second_vm || a.busy > 0,
+                "--second-vm goes with --busy N (the busy-host measurement)"
+            );
             match a.busy {
                 _ if a.hog_vm.is_some() => {
                     let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
@@ -87,7 +95,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 }
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1))?,
                 0 => replication::run(&env, timing)?,
-                n => busy::run(&env, &timing, n, a.rounds.max(1))?,
+                n => busy::run(&env, &timing, n, a.rounds.max(1), a.second_vm)?,
             }
         }
         BenchCmd::Clones(a) => clones::run(a)?,

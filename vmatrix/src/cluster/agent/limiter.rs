@@ -34,6 +34,11 @@ pub struct Target {
 struct Member {
     /// None: the process could not be moved into its group (`error` says why).
     group: Option<Group>,
+    /// A primary (its group shares the real-time budget).
+    realtime: bool,
+    /// It is in its group's `cpu` directory (a primary on a host grouping real-time tasks is
+    /// only while its VM has a CPU limit: `Cgroups::rt_grouped`).
+    in_cpu: bool,
     pid: u32,
     error: String,
 }
@@ -44,6 +49,8 @@ pub struct Limiter {
     members: BTreeMap<String, Member>,
     /// Groups whose process is gone but which could not be removed yet (a process still exits).
     leaving: BTreeSet<String>,
+    /// A primary joined: the real-time budget is to be shared again.
+    rt_dirty: bool,
 }
 
 impl Limiter {
@@ -68,6 +75,7 @@ impl Limiter {
             cg,
             members: BTreeMap::new(),
             leaving: BTreeSet::new(),
+            rt_dirty: false,
         };
         if let Ok(c) = &l.cg {
             // Groups of processes an earlier agent ran and that still run stay (they are
@@ -93,17 +101,33 @@ impl Limiter {
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
             self.leaving.remove(&t.name);
+            let fresh = !self.members.contains_key(&t.name);
             let m = self
                 .members
                 .entry(t.name.clone())
                 .or_insert_with(|| join(cg, t));
-            if m.pid != t.pid || m.group.is_none() {
-                *m = join(cg, t);
+            if m.pid != t.pid || m.group.is_none() || fresh {
+                if !fresh {
+                    *m = join(cg, t);
+                }
+                self.rt_dirty |= t.realtime;
             }
             let mut u = Usage::default();
             if let Some(g) = m.group.as_mut() {
                 if let Some(l) = limits {
                     let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
+                    let cpu = !(t.realtime && cg.rt_grouped())
+                        || want.cpu_millis != 0
+                        || want.cpu_weight != 0;
+                    if cpu != m.in_cpu {
+                        match g.move_cpu(t.pid, cpu) {
+                            Ok(()) => {
+                                m.in_cpu = cpu;
+                                self.rt_dirty = true;
+                            }
+                            Err(e) => tracing::warn!("{}: cpu group: {e}", t.name),
+                        }
+                    }
                     m.error = match g.set(&want, block_device(&t.disk_at)) {
                         Ok(()) => String::new(),
                         Err(e) => {
@@ -134,11 +158,15 @@ impl Limiter {
             .filter(|n| !names.contains(n))
             .cloned()
             .collect();
+        let changed = !gone.is_empty();
         for n in gone {
             self.members.remove(&n);
             self.leaving.insert(n);
         }
         self.leaving.retain(|n| cg.remove(n).is_err());
+        if changed || self.rt_dirty {
+            self.share_rt();
+        }
         out
     }
 }
@@ -164,25 +192,47 @@ impl Limiter {
         let mut m = join(cg, &t);
         if let (Some(g), Some(l)) = (m.group.as_mut(), limits) {
             let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
+            if !m.in_cpu && (want.cpu_millis != 0 || want.cpu_weight != 0) {
+                m.in_cpu = g.move_cpu(t.pid, true).is_ok();
+            }
             if let Err(e) = g.set(&want, block_device(&t.disk_at)) {
                 m.error = format!("limits: {e}");
             }
         }
         self.leaving.remove(&t.name);
         self.members.insert(t.name, m);
+        self.share_rt();
+    }
+
+    /// The primaries' groups share the real-time budget (again, after one came or went).
+    fn share_rt(&mut self) {
+        let Ok(cg) = &self.cg else {
+            return;
+        };
+        let groups: Vec<&Group> = self
+            .members
+            .values()
+            .filter(|m| m.realtime && m.in_cpu)
+            .filter_map(|m| m.group.as_ref())
+            .collect();
+        cg.share_rt(&groups);
+        self.rt_dirty = false;
     }
 }
 
 /// A new member: its group made and the process moved in.
 fn join(cg: &Cgroups, t: &Target) -> Member {
+    let in_cpu = !(t.realtime && cg.rt_grouped());
     let made = cg
-        .group(&t.name, t.realtime)
-        .and_then(|g| g.add(t.pid).map(|()| g));
+        .group(&t.name)
+        .and_then(|g| g.add_but_cpu(t.pid, in_cpu).map(|()| g));
     match made {
         Ok(group) => {
             tracing::info!("{} (pid {}) runs in its cgroup", t.name, t.pid);
             Member {
                 group: Some(group),
+                realtime: t.realtime,
+                in_cpu,
                 pid: t.pid,
                 error: String::new(),
             }
@@ -191,6 +241,8 @@ fn join(cg: &Cgroups, t: &Target) -> Member {
             tracing::warn!("{} (pid {}): no cgroup: {e}", t.name, t.pid);
             Member {
                 group: None,
+                realtime: t.realtime,
+                in_cpu,
                 pid: t.pid,
                 error: format!("joining its cgroup: {e}"),
             }

@@ -93,10 +93,10 @@ pub struct AgentArgs {
     /// real-time tasks: a group without one cannot boost its pauses).
     #[arg(long, default_value_t = 600_000)]
     pub cgroup_rt_us: u64,
-    /// Real-time budget of each primary's group, µs per second: a boosted pause path that
-    /// used it up would wait for the next second, so it is far above what pauses take (a
-    /// primary whose group gets none pauses at ordinary priority).
-    #[arg(long, default_value_t = 200_000)]
+    /// Most of that budget one primary's group gets, µs per second (the primaries share the
+    /// budget equally up to this): a boosted pause path that used its share up would stall
+    /// until the next second, so each gets as much as there is.
+    #[arg(long, default_value_t = 600_000)]
     pub cgroup_rt_vm_us: u64,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).
