@@ -125,6 +125,8 @@ pub struct Cgroups {
     base: Hierarchy,
     /// Real-time budget the base group got, µs per second (0: none).
     rt_total_us: u64,
+    /// The kernel groups real-time tasks here.
+    rt_grouped: bool,
     /// Most of it one primary's group gets.
     rt_vm_us: u64,
 }
@@ -195,6 +197,7 @@ impl Cgroups {
         Ok(Cgroups {
             base,
             rt_total_us,
+            rt_grouped: grouped_rt,
             rt_vm_us,
         })
     }
@@ -206,7 +209,7 @@ impl Cgroups {
     /// group, clients of a load-balancer test saw 1 s replies in 2 runs of 5, even with the
     /// whole budget shared; not understood yet).
     pub fn rt_grouped(&self) -> bool {
-        matches!(&self.base, Hierarchy::V1 { cpu, .. } if cpu.join("cpu.rt_runtime_us").exists())
+        self.rt_grouped
     }
 
     /// Which hierarchy.
@@ -224,26 +227,50 @@ impl Cgroups {
     /// shares shrink first and grow after. A group whose real-time threads used up their
     /// share in a period stall until the next one (measured: 1 s stalls of a primary
     /// checkpointing hundreds of times a second with a fixed 200 ms share), so each gets as
-    /// much as there is. Answers the share.
-    pub fn share_rt(&self, groups: &[&Group]) -> u64 {
-        if self.rt_total_us == 0 || groups.is_empty() {
-            return 0;
+    /// much as there is. Answers whether every write was taken.
+    pub fn share_rt(&self, groups: &[&Group]) -> bool {
+        let Hierarchy::V1 { cpu: base, .. } = &self.base else {
+            return true;
+        };
+        if self.rt_total_us == 0 {
+            return true;
         }
-        let share = (self.rt_total_us / groups.len() as u64).min(self.rt_vm_us);
+        let share = match groups.len() {
+            0 => 0,
+            n => (self.rt_total_us / n as u64).min(self.rt_vm_us),
+        };
+        let ours: Vec<PathBuf> = groups
+            .iter()
+            .filter_map(|g| match &g.h {
+                Hierarchy::V1 { cpu, .. } => Some(cpu.clone()),
+                Hierarchy::V2(_) => None,
+            })
+            .collect();
+        // Every other child of the base gives its budget back (a primary that left its cpu
+        // group, a group still being removed).
+        let children: Vec<PathBuf> = fs::read_dir(base)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ok = true;
         for shrink in [true, false] {
-            for g in groups {
-                if let Hierarchy::V1 { cpu, .. } = &g.h {
-                    let f = cpu.join("cpu.rt_runtime_us");
-                    let now = number(&f);
-                    if (shrink && now > share) || (!shrink && now < share) {
-                        if let Err(e) = fs::write(&f, share.to_string()) {
-                            tracing::warn!("{}: real-time share {share} µs: {e}", f.display());
-                        }
+            for c in &children {
+                let want = if ours.contains(c) { share } else { 0 };
+                let f = c.join("cpu.rt_runtime_us");
+                let now = number(&f);
+                if (shrink && now > want) || (!shrink && now < want) {
+                    if let Err(e) = fs::write(&f, want.to_string()) {
+                        tracing::warn!("{}: real-time share {want} µs: {e}", f.display());
+                        ok = false;
                     }
                 }
             }
         }
-        share
+        ok
     }
 
     /// Makes (or finds) the group of one process (a primary's gets its real-time share from
@@ -337,17 +364,34 @@ fn mount_own(own: &str, at: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Gives a v1 `cpu` group `want` µs of real time per second, or the most below it its parent
-/// allows (halving); answers what it got.
+/// The least real-time budget worth granting, µs per second: a primary whose boosted pause
+/// path used up a smaller share would stall for the rest of the second (measured: ~1 s client
+/// replies with a 37.5 ms budget); below it primaries get none and pause at ordinary priority.
+pub const RT_FLOOR_US: u64 = 100_000;
+
+/// Gives a v1 `cpu` group `want` µs of real time per second, or what its parent has left if
+/// less (its own budget minus its other children's); none below [`RT_FLOOR_US`]. Answers what
+/// it got.
 fn grant_rt(cpu: &Path, want: u64) -> u64 {
     let f = cpu.join("cpu.rt_runtime_us");
-    let mut us = want;
-    while us >= 1000 {
-        if fs::write(&f, us.to_string()).is_ok() {
-            return us;
-        }
-        us /= 2;
+    let left = cpu.parent().map_or(0, |parent| {
+        let own = number(&parent.join("cpu.rt_runtime_us"));
+        let others: u64 = fs::read_dir(parent)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir() && p != cpu)
+                    .map(|p| number(&p.join("cpu.rt_runtime_us")))
+                    .sum()
+            })
+            .unwrap_or(0);
+        own.saturating_sub(others)
+    });
+    let us = want.min(left);
+    if us >= RT_FLOOR_US && fs::write(&f, us.to_string()).is_ok() {
+        return us;
     }
+    let _ = fs::write(&f, "0");
     0
 }
 
@@ -451,7 +495,7 @@ impl Group {
                 .parent()
                 .and_then(Path::parent)
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| cpu.clone()),
+                .ok_or_else(|| CgroupError::Unsupported(format!("{}: no parent", cpu.display())))?,
         };
         let f = dir.join("cgroup.procs");
         fs::write(&f, pid.to_string()).map_err(io_err(&f))

@@ -114,7 +114,7 @@ fn v1_limits_land_in_the_kernels_files_and_usage_reads_back() {
     let base_rt = d.path().join("cpu/vmatrix-h1/cpu.rt_runtime_us");
     assert_eq!(fs::read_to_string(base_rt).unwrap(), "300000");
     let mut g = cg.group("web.primary").unwrap();
-    assert_eq!(cg.share_rt(&[&g]), 50_000);
+    assert!(cg.share_rt(&[&g]));
     let cpu = d.path().join("cpu/vmatrix-h1/web.primary");
     let mem = d.path().join("memory/vmatrix-h1/web.primary");
     let blk = d.path().join("blkio/vmatrix-h1/web.primary");

@@ -54,6 +54,16 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// No groups (yet).
+    pub fn off() -> Limiter {
+        Limiter {
+            cg: Err("cgroups not set up yet".into()),
+            members: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            rt_dirty: false,
+        }
+    }
+
     /// Finds the hierarchy (mounting it under `private` where this mount namespace has none)
     /// and makes this agent's base group `name` (`enabled` false: none), removing what an
     /// earlier agent left empty.
@@ -99,6 +109,7 @@ impl Limiter {
             return unlimited(&why, limits, targets);
         };
         let mut out = Vec::with_capacity(targets.len());
+        let mut moves = Vec::new();
         for t in targets {
             self.leaving.remove(&t.name);
             let fresh = !self.members.contains_key(&t.name);
@@ -120,23 +131,21 @@ impl Limiter {
                         || want.cpu_millis != 0
                         || want.cpu_weight != 0;
                     if cpu != m.in_cpu {
-                        match g.move_cpu(t.pid, cpu) {
-                            Ok(()) => {
-                                m.in_cpu = cpu;
-                                self.rt_dirty = true;
-                            }
-                            Err(e) => tracing::warn!("{}: cpu group: {e}", t.name),
-                        }
+                        // (Moved after this loop: into its cpu group only once the group has
+                        // its real-time share, or a boosted pause would find none.)
+                        moves.push((t.name.clone(), t.pid, cpu));
                     }
+                    let was = std::mem::take(&mut m.error);
                     m.error = match g.set(&want, block_device(&t.disk_at)) {
                         Ok(()) => String::new(),
-                        Err(e) => {
-                            if m.error.is_empty() {
-                                tracing::warn!("limits of {}: {e}", t.name);
-                            }
-                            format!("limits: {e}")
-                        }
+                        Err(e) => format!("limits: {e}"),
                     };
+                    if m.error.is_empty() && cpu && !m.in_cpu {
+                        m.error = "its CPU limit waits for its move into its cpu group".into();
+                    }
+                    if !m.error.is_empty() && m.error != was {
+                        tracing::warn!("{}: {}", t.name, m.error);
+                    }
                 }
                 u = g.usage();
             }
@@ -163,11 +172,45 @@ impl Limiter {
             self.members.remove(&n);
             self.leaving.insert(n);
         }
+        let before = self.leaving.len();
         self.leaving.retain(|n| cg.remove(n).is_err());
-        if changed || self.rt_dirty {
+        if changed || self.rt_dirty || self.leaving.len() != before {
             self.share_rt();
         }
+        for (name, pid, into) in moves {
+            self.move_cpu(&name, pid, into);
+        }
         out
+    }
+
+    /// Moves a primary into its cpu group (after the group got its real-time share) or out
+    /// of it (then its share goes back to the others).
+    fn move_cpu(&mut self, name: &str, pid: u32, into: bool) {
+        if into {
+            if let Some(m) = self.members.get_mut(name) {
+                m.in_cpu = true;
+            }
+            self.share_rt();
+        }
+        let Some(m) = self.members.get_mut(name) else {
+            return;
+        };
+        let Some(g) = m.group.as_ref() else {
+            return;
+        };
+        match g.move_cpu(pid, into) {
+            Ok(()) => {
+                m.in_cpu = into;
+                if m.error.starts_with("its CPU limit waits") {
+                    m.error.clear();
+                }
+            }
+            Err(e) => {
+                m.in_cpu = !into;
+                tracing::warn!("{name}: cpu group: {e}");
+            }
+        }
+        self.share_rt();
     }
 }
 
@@ -190,18 +233,22 @@ impl Limiter {
             return;
         };
         let mut m = join(cg, &t);
+        let mut into_cpu = false;
         if let (Some(g), Some(l)) = (m.group.as_mut(), limits) {
             let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
-            if !m.in_cpu && (want.cpu_millis != 0 || want.cpu_weight != 0) {
-                m.in_cpu = g.move_cpu(t.pid, true).is_ok();
-            }
+            into_cpu = !m.in_cpu && (want.cpu_millis != 0 || want.cpu_weight != 0);
             if let Err(e) = g.set(&want, block_device(&t.disk_at)) {
                 m.error = format!("limits: {e}");
+                tracing::warn!("{}: {}", t.name, m.error);
             }
         }
         self.leaving.remove(&t.name);
+        let (name, pid) = (t.name.clone(), t.pid);
         self.members.insert(t.name, m);
-        self.share_rt();
+        match into_cpu {
+            true => self.move_cpu(&name, pid, true),
+            false => self.share_rt(),
+        }
     }
 
     /// The primaries' groups share the real-time budget (again, after one came or went).
@@ -215,17 +262,22 @@ impl Limiter {
             .filter(|m| m.realtime && m.in_cpu)
             .filter_map(|m| m.group.as_ref())
             .collect();
-        cg.share_rt(&groups);
-        self.rt_dirty = false;
+        // (Kept dirty while a write is refused: tried again next round.)
+        self.rt_dirty = !cg.share_rt(&groups);
     }
 }
 
 /// A new member: its group made and the process moved in.
 fn join(cg: &Cgroups, t: &Target) -> Member {
     let in_cpu = !(t.realtime && cg.rt_grouped());
-    let made = cg
-        .group(&t.name)
-        .and_then(|g| g.add_but_cpu(t.pid, in_cpu).map(|()| g));
+    let made = cg.group(&t.name).and_then(|g| {
+        g.add_but_cpu(t.pid, in_cpu)?;
+        if !in_cpu {
+            // (An adopted primary may still be in its cpu group from an earlier agent.)
+            g.move_cpu(t.pid, false)?;
+        }
+        Ok(g)
+    });
     match made {
         Ok(group) => {
             tracing::info!("{} (pid {}) runs in its cgroup", t.name, t.pid);

@@ -91,12 +91,12 @@ pub struct AgentArgs {
     pub cgroup_name: Option<String>,
     /// Real-time budget of all this agent's VM groups, µs per second (v1 hosts grouping
     /// real-time tasks: a group without one cannot boost its pauses).
-    #[arg(long, default_value_t = 600_000)]
+    #[arg(long, default_value_t = 300_000)]
     pub cgroup_rt_us: u64,
     /// Most of that budget one primary's group gets, µs per second (the primaries share the
     /// budget equally up to this): a boosted pause path that used its share up would stall
     /// until the next second, so each gets as much as there is.
-    #[arg(long, default_value_t = 600_000)]
+    #[arg(long, default_value_t = 300_000)]
     pub cgroup_rt_vm_us: u64,
     /// Test hook: abort at this point as a crashing host would (`after-promote-marker`: right
     /// after a promotion's marker is durable, before the new primary starts).

@@ -126,10 +126,10 @@ impl Supervisor {
     /// A supervisor with nothing running.
     pub fn new(cfg: HostConfig, shared: Arc<Mutex<Shared>>) -> Supervisor {
         let clones = Clones::new(cfg.clones.clone());
-        let private = cfg.state.join(".cgroup");
-        let limiter = Limiter::new(&cfg.cgroup_name, cfg.cgroups, cfg.rt_budget, &private);
         let mut s = Supervisor {
-            limiter,
+            // (Set up after the adoption below: finding and mounting the hierarchies can take
+            // a moment, and a restarted agent says what it adopted first.)
+            limiter: Limiter::off(),
             cfg,
             clones,
             procs: BTreeMap::new(),
@@ -139,6 +139,8 @@ impl Supervisor {
             never_ran: BTreeMap::new(),
         };
         s.adopt_running();
+        let private = s.cfg.state.join(".cgroup");
+        s.limiter = Limiter::new(&s.cfg.cgroup_name, s.cfg.cgroups, s.cfg.rt_budget, &private);
         s
     }
 
