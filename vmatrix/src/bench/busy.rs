@@ -74,7 +74,12 @@ struct SecondVm {
 impl SecondVm {
     fn start(guest: &std::path::Path, mem_mib: u64) -> anyhow::Result<SecondVm> {
         let env = BenchEnv::new(guest.to_path_buf(), mem_mib)?;
-        let vm = RunningVm::protected(&env, "second", Protection::default())?;
+        // (Its pauses on the default path, real-time: two boosted pause paths compete.)
+        let p = Protection {
+            rt_pause: true,
+            ..Protection::default()
+        };
+        let vm = RunningVm::protected(&env, "second", p)?;
         let stats = vm.stats.clone().context("protected VM without stats")?;
         let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
         wait_protected(&stats)?;
