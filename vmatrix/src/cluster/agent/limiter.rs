@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use failover::limits::{Limits, ProcUsage, UsageOf};
 
-use crate::cgroup::{block_device, Cgroups, Group, RtBudget, Usage};
+use crate::cgroup::{block_device, Cgroups, Group, RtBudget};
 
 /// One VM process to confine.
 pub struct Target {
@@ -40,7 +40,32 @@ struct Member {
     /// only while its VM has a CPU limit: `Cgroups::rt_grouped`).
     in_cpu: bool,
     pid: u32,
+    /// The block device of its files (disk limits), found once: it does not change.
+    disk: Option<(u32, u32)>,
     error: String,
+}
+
+impl Member {
+    /// Writes `want` to its group (if it has one), keeping the error and saying it when it
+    /// changes; answers whether the process belongs in its group's `cpu` directory.
+    fn apply(&mut self, name: &str, want: &Limits, rt_grouped: bool) -> bool {
+        let cpu = !(self.realtime && rt_grouped) || want.cpu_millis != 0 || want.cpu_weight != 0;
+        let Some(g) = self.group.as_mut() else {
+            return self.in_cpu;
+        };
+        let was = std::mem::take(&mut self.error);
+        self.error = match g.set(want, self.disk) {
+            Ok(()) => String::new(),
+            Err(e) => format!("limits: {e}"),
+        };
+        if self.error.is_empty() && cpu && !self.in_cpu {
+            self.error = "its CPU limit waits for its move into its cpu group".into();
+        }
+        if !self.error.is_empty() && self.error != was {
+            tracing::warn!("{name}: {}", self.error);
+        }
+        cpu
+    }
 }
 
 /// The agent's groups.
@@ -123,32 +148,16 @@ impl Limiter {
                 }
                 self.rt_dirty |= t.realtime;
             }
-            let mut u = Usage::default();
-            if let Some(g) = m.group.as_mut() {
-                if let Some(l) = limits {
-                    let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
-                    let cpu = !(t.realtime && cg.rt_grouped())
-                        || want.cpu_millis != 0
-                        || want.cpu_weight != 0;
-                    if cpu != m.in_cpu {
-                        // (Moved after this loop: into its cpu group only once the group has
-                        // its real-time share, or a boosted pause would find none.)
-                        moves.push((t.name.clone(), t.pid, cpu));
-                    }
-                    let was = std::mem::take(&mut m.error);
-                    m.error = match g.set(&want, block_device(&t.disk_at)) {
-                        Ok(()) => String::new(),
-                        Err(e) => format!("limits: {e}"),
-                    };
-                    if m.error.is_empty() && cpu && !m.in_cpu {
-                        m.error = "its CPU limit waits for its move into its cpu group".into();
-                    }
-                    if !m.error.is_empty() && m.error != was {
-                        tracing::warn!("{}: {}", t.name, m.error);
-                    }
+            if let (Some(l), true) = (limits, m.group.is_some()) {
+                let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
+                let cpu = m.apply(&t.name, &want, cg.rt_grouped());
+                if cpu != m.in_cpu {
+                    // (Moved after this loop: into its cpu group only once the group has its
+                    // real-time share, or a boosted pause would find none.)
+                    moves.push((t.name.clone(), t.pid, cpu));
                 }
-                u = g.usage();
             }
+            let u = m.group.as_mut().map(Group::usage).unwrap_or_default();
             out.push(ProcUsage {
                 vm: t.vm.clone(),
                 of: t.of.clone(),
@@ -234,13 +243,9 @@ impl Limiter {
         };
         let mut m = join(cg, &t);
         let mut into_cpu = false;
-        if let (Some(g), Some(l)) = (m.group.as_mut(), limits) {
+        if let (Some(l), true) = (limits, m.group.is_some()) {
             let want = for_role(&t.of, l.get(&t.vm).copied().unwrap_or_default());
-            into_cpu = !m.in_cpu && (want.cpu_millis != 0 || want.cpu_weight != 0);
-            if let Err(e) = g.set(&want, block_device(&t.disk_at)) {
-                m.error = format!("limits: {e}");
-                tracing::warn!("{}: {}", t.name, m.error);
-            }
+            into_cpu = m.apply(&t.name, &want, cg.rt_grouped()) && !m.in_cpu;
         }
         self.leaving.remove(&t.name);
         let (name, pid) = (t.name.clone(), t.pid);
@@ -286,6 +291,7 @@ fn join(cg: &Cgroups, t: &Target) -> Member {
                 realtime: t.realtime,
                 in_cpu,
                 pid: t.pid,
+                disk: block_device(&t.disk_at),
                 error: String::new(),
             }
         }
@@ -296,6 +302,7 @@ fn join(cg: &Cgroups, t: &Target) -> Member {
                 realtime: t.realtime,
                 in_cpu,
                 pid: t.pid,
+                disk: block_device(&t.disk_at),
                 error: format!("joining its cgroup: {e}"),
             }
         }
