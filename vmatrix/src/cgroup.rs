@@ -502,7 +502,6 @@ impl Group {
     }
 
     /// Whether `pid` is in it (its `cpu` or unified directory).
-    #[cfg(test)]
     pub fn holds(&self, pid: u32) -> bool {
         let d = match &self.h {
             Hierarchy::V2(d) => d,

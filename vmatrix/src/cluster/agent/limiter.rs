@@ -274,13 +274,13 @@ impl Limiter {
 
 /// A new member: its group made and the process moved in.
 fn join(cg: &Cgroups, t: &Target) -> Member {
-    let in_cpu = !(t.realtime && cg.rt_grouped());
+    let mut in_cpu = !(t.realtime && cg.rt_grouped());
     let made = cg.group(&t.name).and_then(|g| {
+        // An adopted primary still in its cpu group (capped under an earlier agent) stays
+        // there until its limits are known: a round that knows them moves it out if they say
+        // so (moving it out here lifted its CPU limit while the agent restarted).
+        in_cpu |= g.holds(t.pid);
         g.add_but_cpu(t.pid, in_cpu)?;
-        if !in_cpu {
-            // (An adopted primary may still be in its cpu group from an earlier agent.)
-            g.move_cpu(t.pid, false)?;
-        }
         Ok(g)
     });
     match made {
