@@ -83,7 +83,7 @@ fn hello(vm: &str) -> Vec<u8> {
 /// Says Hello on `conn`; returns the backup's first answer.
 async fn say_hello(conn: quinn::Connection, vm: &str) -> (PrimaryLink, Message) {
     let (mut link, mut rx) = PrimaryLink::open(conn, 1).await.unwrap();
-    link.send(0, &hello(vm)).await.unwrap();
+    link.send(0, hello(vm)).await.unwrap();
     let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("an answer to Hello")
@@ -211,7 +211,7 @@ async fn a_refused_session_closes_its_connection_with_the_reason() {
     // Garbage on the control stream: the session fails and is closed with the reason.
     let conn = connect(dir.path(), "primary", b.addr).await;
     let (mut link, _rx) = PrimaryLink::open(conn.clone(), 1).await.unwrap();
-    link.send(0, b"this is not a vmatrix frame at all")
+    link.send(0, b"this is not a vmatrix frame at all".to_vec())
         .await
         .unwrap();
     let (c, reason) = closed_by_backup(&conn, Duration::from_secs(5)).await;

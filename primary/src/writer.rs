@@ -43,7 +43,7 @@ impl Writer {
         let (e1, p1) = (errors.clone(), progress.clone());
         tokio::spawn(async move {
             while let Some(f) = control_rx.recv().await {
-                if let Err(e) = control_stream.write_all(&f).await {
+                if let Err(e) = control_stream.write_chunk(bytes::Bytes::from(f)).await {
                     let e = TransportError::Stream(e.to_string());
                     let _ = e1.send((index, generation, Err(e))).await;
                     return;
@@ -57,7 +57,7 @@ impl Writer {
                 let Some(s) = data_streams.get_mut((usize::from(lane).max(1) - 1) % n) else {
                     return;
                 };
-                if let Err(e) = s.write_all(&f).await {
+                if let Err(e) = s.write_chunk(bytes::Bytes::from(f)).await {
                     let e = TransportError::Stream(e.to_string());
                     let _ = errors.send((index, generation, Err(e))).await;
                     return;

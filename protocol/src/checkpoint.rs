@@ -122,7 +122,8 @@ pub fn encode_frames(term: u64, attempt: u32, cp: &Checkpoint) -> Vec<Vec<u8>> {
             runs: runs(&gfns),
             pages: cp.pages[i..j].iter().map(|p| &p.1).collect(),
         };
-        let (f, crc, len) = frame::encode_value(4, &batch);
+        let hint = bytes + 24 * batch.runs.len() + 64;
+        let (f, crc, len) = frame::encode_value(4, &batch, hint);
         crcs.push(PartCrc { crc, len });
         parts.push(f);
         i = j;

@@ -76,15 +76,20 @@ fn check_header(h: &[u8]) -> Result<(u8, usize), ProtocolError> {
 }
 
 /// Serializes `value` (postcard) straight into a new frame: no intermediate payload buffer.
+/// `size_hint` is the expected payload length (the frame is allocated once when it is right).
 /// Returns the frame, its CRC and the length the CRC covers.
-pub fn encode_value<T: serde::Serialize>(msg_type: u8, value: &T) -> (Vec<u8>, u32, u64) {
-    let mut f = Vec::with_capacity(HEADER_LEN + 64);
+pub fn encode_value<T: serde::Serialize>(
+    msg_type: u8,
+    value: &T,
+    size_hint: usize,
+) -> (Vec<u8>, u32, u64) {
+    let mut f = Vec::with_capacity(HEADER_LEN + size_hint.min(MAX_PAYLOAD) + TRAILER_LEN);
     f.extend_from_slice(&MAGIC);
     f.push(FRAME_VERSION);
     f.push(msg_type);
     f.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     // Serializing plain data into a Vec cannot fail.
-    let mut f = postcard::to_extend(value, f).unwrap_or_default();
+    let mut f = postcard::serialize_with_flavor(value, VecFlavor(f)).unwrap_or_default();
     let len = f.len().saturating_sub(HEADER_LEN) as u32;
     if f.len() < HEADER_LEN {
         f.resize(HEADER_LEN, 0);
@@ -94,6 +99,28 @@ pub fn encode_value<T: serde::Serialize>(msg_type: u8, value: &T) -> (Vec<u8>, u
     let covered = f.len() as u64;
     f.extend_from_slice(&crc.to_le_bytes());
     (f, crc, covered)
+}
+
+/// Postcard output into a `Vec`, copying byte strings with one `memcpy` (postcard's own
+/// `Extend` flavor copies them byte by byte).
+struct VecFlavor(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecFlavor {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Decodes one complete frame (exactly one, no trailing bytes); returns type and payload.
@@ -132,9 +159,19 @@ pub fn decode_with_crc(frame: &[u8]) -> Result<(u8, &[u8], u32), ProtocolError> 
 }
 
 /// Incremental reader of frames from a byte stream.
+///
+/// Every byte is copied once, from the received chunk into the frame it belongs to: once a
+/// frame's header is in (and checked), its buffer is allocated at its whole length.
 #[derive(Debug, Default)]
 pub struct FrameReader {
-    buf: Vec<u8>,
+    /// The frame being filled (its capacity is its whole length once the header is known).
+    cur: Vec<u8>,
+    /// Its whole length, once its header has been checked.
+    total: Option<usize>,
+    /// Complete frames not yet returned.
+    ready: std::collections::VecDeque<Vec<u8>>,
+    /// A bad header: returned after the frames before it; nothing after it is read.
+    failed: Option<ProtocolError>,
 }
 
 impl FrameReader {
@@ -144,28 +181,53 @@ impl FrameReader {
     }
 
     /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.failed.is_none() {
+            let want = match self.total {
+                Some(t) => t,
+                None => HEADER_LEN,
+            } - self.cur.len();
+            let n = want.min(bytes.len());
+            if self.cur.capacity() == 0 {
+                self.cur.reserve_exact(HEADER_LEN);
+            }
+            self.cur.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if n < want {
+                return;
+            }
+            match self.total {
+                Some(_) => {
+                    self.total = None;
+                    self.ready.push_back(std::mem::take(&mut self.cur));
+                }
+                None => match check_header(&self.cur) {
+                    Ok((_, len)) => {
+                        let total = HEADER_LEN + len + TRAILER_LEN;
+                        self.cur.reserve_exact(total - HEADER_LEN);
+                        self.total = Some(total);
+                    }
+                    Err(e) => self.failed = Some(e),
+                },
+            }
+        }
     }
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.cur.len() + self.ready.iter().map(Vec::len).sum::<usize>()
     }
 
     /// The next complete frame, if buffered. A bad header is an error at once (the length is
     /// not trusted); the CRC is checked later by [`decode`].
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ProtocolError> {
-        if self.buf.len() < HEADER_LEN {
-            return Ok(None);
+        if let Some(f) = self.ready.pop_front() {
+            return Ok(Some(f));
         }
-        let (_, len) = check_header(&self.buf[..HEADER_LEN])?;
-        let total = HEADER_LEN + len + TRAILER_LEN;
-        if self.buf.len() < total {
-            return Ok(None);
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(None),
         }
-        let rest = self.buf.split_off(total);
-        Ok(Some(std::mem::replace(&mut self.buf, rest)))
     }
 }
 
@@ -209,5 +271,54 @@ mod tests {
             r.next_frame(),
             Err(ProtocolError::Oversize { .. })
         ));
+    }
+
+    #[test]
+    fn reader_gives_the_same_frames_at_every_chunking_and_the_frames_before_a_bad_header() {
+        let frames: Vec<Vec<u8>> = [0usize, 1, 11, 12, 13, 4096, 70_000]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| encode(i as u8, &vec![i as u8 ^ 0x5a; n]))
+            .collect();
+        let stream = frames.concat();
+        for size in [
+            1,
+            2,
+            3,
+            11,
+            12,
+            13,
+            16,
+            4095,
+            1452,
+            6500,
+            65_536,
+            stream.len(),
+        ] {
+            let mut r = FrameReader::new();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(size) {
+                r.push(chunk);
+                while let Some(f) = r.next_frame().unwrap() {
+                    assert_eq!(f.capacity(), f.len(), "one allocation per frame");
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, frames, "chunks of {size}");
+            assert_eq!(r.buffered(), 0);
+        }
+        let mut bad = frames[..2].concat();
+        bad.extend_from_slice(b"XXXXXXXXXXXXXXXXXXXX");
+        bad.extend_from_slice(&frames[2]);
+        let mut r = FrameReader::new();
+        r.push(&bad);
+        assert_eq!(r.next_frame().unwrap().unwrap(), frames[0]);
+        assert_eq!(r.next_frame().unwrap().unwrap(), frames[1]);
+        assert!(matches!(r.next_frame(), Err(ProtocolError::BadMagic)));
+        r.push(&frames[3]);
+        assert!(
+            r.next_frame().is_err(),
+            "nothing is read after a bad header"
+        );
     }
 }

@@ -25,7 +25,11 @@ fn cfg() -> QuicConfig {
 fn checkpoint(epoch: u64, data: &[u8]) -> Checkpoint {
     Checkpoint {
         epoch,
-        kind: Kind::Incremental,
+        kind: if epoch == 0 {
+            Kind::Sync
+        } else {
+            Kind::Incremental
+        },
         mem_size: PAGES_PER_CP * PAGE as u64,
         pages: (0..PAGES_PER_CP)
             .map(|g| {
@@ -36,7 +40,7 @@ fn checkpoint(epoch: u64, data: &[u8]) -> Checkpoint {
             })
             .collect(),
         disk: vec![],
-        state: None,
+        state: (epoch == 0).then(|| (1, vec![0; 64])),
     }
 }
 
@@ -82,7 +86,7 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
     let mut t0 = None;
     while s.acked() != Some(n_cp - 1) {
         while let Some((lane, f)) = s.poll_transmit(std::time::Instant::now()) {
-            link.send(lane, &f).await.unwrap();
+            link.send(lane, f).await.unwrap();
         }
         if s.is_ready() && s.can_send() {
             if let Some(cp) = it.next() {

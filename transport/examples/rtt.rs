@@ -46,7 +46,7 @@ fn main() {
         for seq in 0..n {
             let f = Message::Heartbeat(Heartbeat { term: 1, seq }).encode();
             let t = Instant::now();
-            link.send(0, &f).await.unwrap();
+            link.send(0, f.clone()).await.unwrap();
             rx.recv().await.unwrap().unwrap();
             lat.push(t.elapsed().as_micros());
         }

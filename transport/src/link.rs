@@ -84,8 +84,8 @@ impl PrimaryLink {
         ))
     }
 
-    /// Sends a frame on a lane (0 = control).
-    pub async fn send(&mut self, lane: u8, frame: &[u8]) -> Result<(), TransportError> {
+    /// Sends a frame on a lane (0 = control); quinn takes the buffer as it is (no copy).
+    pub async fn send(&mut self, lane: u8, frame: Vec<u8>) -> Result<(), TransportError> {
         let s = match lane {
             0 => &mut self.control,
             l => {
@@ -93,7 +93,9 @@ impl PrimaryLink {
                 &mut self.data[(usize::from(l) - 1) % n]
             }
         };
-        s.write_all(frame).await.map_err(stream_err)
+        s.write_chunk(bytes::Bytes::from(frame))
+            .await
+            .map_err(stream_err)
     }
 
     /// The underlying connection.

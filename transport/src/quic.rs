@@ -69,7 +69,18 @@ pub struct QuicConfig {
     pub conn_window: u64,
     /// Longest time a server waits for an incoming handshake (mutual TLS) to complete, ms.
     pub handshake_timeout_ms: u64,
+    /// Largest UDP payload sent or accepted, bytes: the upper bound of QUIC's path MTU
+    /// discovery (which starts at 1,200 and finds what the path carries: 1,452 on Ethernet,
+    /// more on loopback and jumbo-frame links). At most [`MAX_UDP_PAYLOAD`].
+    pub max_udp_payload: u16,
 }
+
+/// Largest useful [`QuicConfig::max_udp_payload`]: quinn hands the kernel up to 10 datagrams
+/// per GSO send, which must fit in one 64 KiB UDP message; larger datagrams fail to send.
+pub const MAX_UDP_PAYLOAD: u16 = 6_500;
+
+/// QUIC's smallest datagram (RFC 9000 §14): the start of path MTU discovery.
+pub const MIN_UDP_PAYLOAD: u16 = 1_200;
 
 impl Default for QuicConfig {
     fn default() -> Self {
@@ -79,6 +90,7 @@ impl Default for QuicConfig {
             stream_window: 32 << 20,
             conn_window: 128 << 20,
             handshake_timeout_ms: 2000,
+            max_udp_payload: MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -95,7 +107,33 @@ fn transport_config(c: &QuicConfig) -> Result<quinn::TransportConfig, TransportE
     t.send_window(c.conn_window);
     t.max_concurrent_uni_streams(win(64));
     t.max_concurrent_bidi_streams(win(16));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(udp_payload(c));
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
+}
+
+fn udp_payload(c: &QuicConfig) -> u16 {
+    c.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+}
+
+/// An endpoint on a socket bound to `addr`, accepting datagrams up to the configured size.
+fn endpoint(
+    addr: SocketAddr,
+    cfg: &QuicConfig,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, TransportError> {
+    let err = |e: std::io::Error| TransportError::Endpoint {
+        addr: addr.to_string(),
+        err: e.to_string(),
+    };
+    let mut ec = quinn::EndpointConfig::default();
+    ec.max_udp_payload_size(udp_payload(cfg))
+        .map_err(|e| TransportError::Tls(format!("max UDP payload: {e}")))?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| err(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(ec, server, socket, runtime).map_err(err)
 }
 
 /// A listening endpoint (the backup side).
@@ -119,10 +157,7 @@ impl Server {
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         sc.transport_config(Arc::new(transport_config(cfg)?));
-        let endpoint = quinn::Endpoint::server(sc, addr).map_err(|e| TransportError::Endpoint {
-            addr: addr.to_string(),
-            err: e.to_string(),
-        })?;
+        let endpoint = endpoint(addr, cfg, Some(sc))?;
         let refusals = RefusalLog::default();
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let timeout = Duration::from_millis(cfg.handshake_timeout_ms.max(1));
@@ -257,10 +292,7 @@ pub fn client_with(
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(Arc::new(transport_config(cfg)?));
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut ep = quinn::Endpoint::client(bind).map_err(|e| TransportError::Endpoint {
-        addr: bind.to_string(),
-        err: e.to_string(),
-    })?;
+    let mut ep = endpoint(bind, cfg, None)?;
     ep.set_default_client_config(cc);
     Ok(ep)
 }

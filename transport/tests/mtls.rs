@@ -24,7 +24,7 @@ async fn attempt(server: &Server, addr: SocketAddr, ep: quinn::Endpoint) -> (boo
     let client = async move {
         let conn = quic::connect(&ep, addr, "backup").await?;
         let (mut link, mut rx) = transport::PrimaryLink::open(conn, 1).await?;
-        link.send(0, &protocol::frame::encode(9, b"ping")).await?;
+        link.send(0, protocol::frame::encode(9, b"ping")).await?;
         match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
             Ok(Some(Ok(_))) => Ok(()),
             Ok(Some(Err(e))) => Err(e),

@@ -106,7 +106,7 @@ async fn one_gib_of_checkpoints_arrives_intact_over_quic() {
     let mut next = 0;
     while s.acked() != Some(CHECKPOINTS - 1) {
         while let Some((lane, f)) = s.poll_transmit(std::time::Instant::now()) {
-            link.send(lane, &f).await.expect("send");
+            link.send(lane, f).await.expect("send");
         }
         if s.is_ready() && next < CHECKPOINTS && s.can_send() {
             s.send_checkpoint(Instant::now(), checkpoint(next))
