@@ -1,6 +1,8 @@
 //! `cargo bench -p transport --bench throughput`: checkpoint streaming over loopback QUIC with
-//! 1, 2 and 4 data streams (protocol Sender → Receiver, mutual TLS), next to raw quinn (one
-//! stream, bytes only) and raw TCP measured in the same run. Prints Markdown.
+//! 1, 2 and 4 data streams on one connection and spread over 2 and 4 connections (each to a
+//! socket of its own on the backup) — protocol Sender → Receiver, mutual TLS — next to raw quinn
+//! (one stream, bytes only) and raw TCP measured in the same run, with the CPU the process used
+//! (cores) while checkpoints streamed. Prints Markdown.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -44,7 +46,8 @@ fn checkpoint(epoch: u64, data: &[u8]) -> Checkpoint {
     }
 }
 
-async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
+/// Checkpoint data per second and the CPU this process used meanwhile (cores).
+async fn protocol_run(dir: &std::path::Path, lanes: u8, conns: usize) -> (f64, f64) {
     let server = Server::bind(
         "127.0.0.1:0".parse().unwrap(),
         &certs::load(dir, "backup").unwrap(),
@@ -52,10 +55,27 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
     )
     .unwrap();
     let addr = server.local_addr().unwrap();
+    let extra_servers: Vec<Server> = (1..conns)
+        .map(|_| {
+            Server::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &certs::load(dir, "backup").unwrap(),
+                &cfg(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let extra_addrs: Vec<SocketAddr> = extra_servers
+        .iter()
+        .map(|s| s.local_addr().unwrap())
+        .collect();
     let n_cp = TOTAL / (PAGES_PER_CP * PAGE as u64);
     let backup = tokio::spawn(async move {
         let conn = server.accept().await.unwrap();
         let (mut link, mut rx) = BackupLink::accept(conn).await.unwrap();
+        for s in &extra_servers {
+            link.join(s.accept().await.unwrap());
+        }
         let mut r = Receiver::new(ReceiverConfig::new(1, "vm"));
         let mut done = 0;
         while done < n_cp {
@@ -74,7 +94,11 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
     let cps: Vec<Checkpoint> = (0..n_cp).map(|e| checkpoint(e, &data)).collect();
     let ep = quic::client(&certs::load(dir, "primary").unwrap(), &cfg()).unwrap();
     let conn = quic::connect(&ep, addr, "backup").await.unwrap();
-    let (mut link, mut rx) = PrimaryLink::open(conn, lanes).await.unwrap();
+    let mut extra = Vec::new();
+    for a in &extra_addrs {
+        extra.push(quic::connect(&ep, *a, "backup").await.unwrap());
+    }
+    let (mut link, mut rx) = PrimaryLink::open_multi(conn, &extra, lanes).await.unwrap();
     let mut sc = SenderConfig::new(1, "vm", 1);
     sc.lanes = lanes;
     sc.window = 4;
@@ -90,7 +114,7 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
         }
         if s.is_ready() && s.can_send() {
             if let Some(cp) = it.next() {
-                t0.get_or_insert_with(Instant::now);
+                t0.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
                 s.send_checkpoint(Instant::now(), cp).unwrap();
                 continue;
             }
@@ -99,9 +123,19 @@ async fn protocol_run(dir: &std::path::Path, lanes: u8) -> f64 {
         s.handle_frame(Instant::now(), &f).unwrap();
         while s.poll_event().is_some() {}
     }
-    let secs = t0.unwrap().elapsed().as_secs_f64();
+    let (t0, c0) = t0.expect("a checkpoint was sent");
+    let secs = t0.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - c0) / secs;
     backup.await.unwrap();
-    TOTAL as f64 / secs
+    (TOTAL as f64 / secs, cores)
+}
+
+/// CPU time of this process so far (user + system), seconds.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
 }
 
 async fn raw_quinn(dir: &std::path::Path) -> f64 {
@@ -156,7 +190,7 @@ fn main() {
         let quinn = raw_quinn(dir.path()).await;
         let gb = |x: f64| x / 1e9;
         println!("## Checkpoint streaming over loopback QUIC (1 GiB per row, same run)\n");
-        println!("| transport | throughput | vs raw quinn |\n|---|---|---|");
+        println!("| transport | throughput | vs raw quinn | CPU (cores) |\n|---|---|---|---|");
         println!(
             "| raw TCP (1 connection) | {:.2} GB/s | {:.2}× |",
             gb(tcp),
@@ -166,10 +200,10 @@ fn main() {
             "| raw quinn (1 stream, mutual TLS) | {:.2} GB/s | 1.00× |",
             gb(quinn)
         );
-        for lanes in [1u8, 2, 4] {
-            let p = protocol_run(dir.path(), lanes).await;
+        for (lanes, conns) in [(1u8, 1usize), (2, 1), (4, 1), (2, 2), (4, 2), (4, 4)] {
+            let (p, cores) = protocol_run(dir.path(), lanes, conns).await;
             println!(
-                "| checkpoints, {lanes} data stream(s) | {:.2} GB/s | {:.2}× |",
+                "| checkpoints, {lanes} data stream(s), {conns} connection(s) | {:.2} GB/s | {:.2}× | {cores:.2} |",
                 gb(p),
                 p / quinn
             );

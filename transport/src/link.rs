@@ -67,10 +67,21 @@ impl PrimaryLink {
         conn: quinn::Connection,
         lanes: u8,
     ) -> Result<(PrimaryLink, FrameRx), TransportError> {
+        Self::open_multi(conn, &[], lanes).await
+    }
+
+    /// Opens the control stream on `conn` and `lanes` data streams spread over `conn` and
+    /// `extra` (lane 1 on `conn`, lane 2 on `extra[0]`, …).
+    pub async fn open_multi(
+        conn: quinn::Connection,
+        extra: &[quinn::Connection],
+        lanes: u8,
+    ) -> Result<(PrimaryLink, FrameRx), TransportError> {
         let (control, recv) = conn.open_bi().await.map_err(stream_err)?;
         let mut data = Vec::new();
-        for _ in 0..lanes.max(1) {
-            data.push(conn.open_uni().await.map_err(stream_err)?);
+        let all: Vec<&quinn::Connection> = std::iter::once(&conn).chain(extra).collect();
+        for i in 0..usize::from(lanes.max(1)) {
+            data.push(all[i % all.len()].open_uni().await.map_err(stream_err)?);
         }
         let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
         tokio::spawn(read_frames(recv, tx));
@@ -140,6 +151,7 @@ impl PrimaryLink {
 pub struct BackupLink {
     conn: quinn::Connection,
     control: quinn::SendStream,
+    frames: FrameTx,
 }
 
 impl BackupLink {
@@ -148,13 +160,23 @@ impl BackupLink {
         let (control, recv) = conn.accept_bi().await.map_err(stream_err)?;
         let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
         tokio::spawn(read_frames(recv, tx.clone()));
-        let c = conn.clone();
+        let link = BackupLink {
+            conn,
+            control,
+            frames: tx,
+        };
+        link.join(link.conn.clone());
+        Ok((link, rx))
+    }
+
+    /// Takes the data streams of another connection of the same primary into this session.
+    pub fn join(&self, conn: quinn::Connection) {
+        let tx = self.frames.clone();
         tokio::spawn(async move {
-            while let Ok(uni) = c.accept_uni().await {
+            while let Ok(uni) = conn.accept_uni().await {
                 tokio::spawn(read_frames(uni, tx.clone()));
             }
         });
-        Ok((BackupLink { conn, control }, rx))
     }
 
     /// Sends a frame to the primary (control stream).

@@ -1,6 +1,7 @@
 //! A real loopback QUIC session (mutual TLS) that streams 1 GiB of checkpoint data from a
-//! protocol `Sender` to a protocol `Receiver` over 4 data streams; the receiver verifies every
-//! page against an independent CRC of what was generated.
+//! protocol `Sender` to a protocol `Receiver` over 4 data streams, and one that spreads them
+//! over two connections (to two sockets of the backup); the receiver verifies every page
+//! against an independent CRC of what was generated.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,6 @@ use protocol::page::{PageData, PAGE};
 use protocol::{Receiver, ReceiverConfig, Sender, SenderConfig, SenderEvent};
 use transport::{certs, quic, BackupLink, PrimaryLink, QuicConfig, Server};
 
-const CHECKPOINTS: u64 = 16;
 const PAGES: u64 = 16_384; // 64 MiB per checkpoint, 1 GiB in all
 
 fn page(epoch: u64, gfn: u64) -> Vec<u8> {
@@ -44,6 +44,17 @@ fn checkpoint(epoch: u64) -> Checkpoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_of_checkpoints_arrives_intact_over_quic() {
+    stream(16, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_spread_over_two_connections_arrive_intact() {
+    stream(4, 2).await;
+}
+
+/// Streams `checkpoints` checkpoints of 64 MiB over 4 data streams spread over `conns`
+/// connections, each to a socket of its own on the backup.
+async fn stream(checkpoints: u64, conns: usize) {
     let dir = tempfile::tempdir().unwrap();
     certs::init_ca(dir.path()).unwrap();
     certs::issue(dir.path(), "backup").unwrap();
@@ -59,14 +70,24 @@ async fn one_gib_of_checkpoints_arrives_intact_over_quic() {
     )
     .unwrap();
     let addr = server.local_addr().unwrap();
+    let extra: Vec<Server> = (1..conns)
+        .map(|_| {
+            let id = certs::load(dir.path(), "backup").unwrap();
+            Server::bind("127.0.0.1:0".parse().unwrap(), &id, &cfg).unwrap()
+        })
+        .collect();
+    let extra_addrs: Vec<_> = extra.iter().map(|s| s.local_addr().unwrap()).collect();
 
     let backup = tokio::spawn(async move {
         let conn = server.accept().await.expect("accept");
         let (mut link, mut rx) = BackupLink::accept(conn).await.expect("link");
+        for s in &extra {
+            link.join(s.accept().await.expect("accept a data connection"));
+        }
         let mut r = Receiver::new(ReceiverConfig::new(1, "vm"));
         let mut verified = 0u64;
         let mut bytes = 0u64;
-        while verified < CHECKPOINTS {
+        while verified < checkpoints {
             let f = rx.recv().await.expect("stream open").expect("frame");
             r.handle_frame(Instant::now(), &f).expect("valid frame");
             while let Some(cp) = r.poll_checkpoint() {
@@ -94,21 +115,27 @@ async fn one_gib_of_checkpoints_arrives_intact_over_quic() {
 
     let ep = quic::client(&certs::load(dir.path(), "primary").unwrap(), &cfg).unwrap();
     let conn = quic::connect(&ep, addr, "backup").await.expect("connect");
+    let mut data = Vec::new();
+    for a in extra_addrs {
+        data.push(quic::connect(&ep, a, "backup").await.expect("connect"));
+    }
     let mut scfg = SenderConfig::new(1, "vm", 1);
     scfg.lanes = 4;
     scfg.window = 2;
     scfg.ack_timeout = Duration::from_secs(30);
     scfg.idle_timeout = Duration::from_secs(30);
     let mut s = Sender::new(scfg);
-    let (mut link, mut rx) = PrimaryLink::open(conn, 4).await.expect("open");
+    let (mut link, mut rx) = PrimaryLink::open_multi(conn, &data, 4)
+        .await
+        .expect("open");
     let started = Instant::now();
     s.start(Instant::now());
     let mut next = 0;
-    while s.acked() != Some(CHECKPOINTS - 1) {
+    while s.acked() != Some(checkpoints - 1) {
         while let Some((lane, f)) = s.poll_transmit(std::time::Instant::now()) {
             link.send(lane, f).await.expect("send");
         }
-        if s.is_ready() && next < CHECKPOINTS && s.can_send() {
+        if s.is_ready() && next < checkpoints && s.can_send() {
             s.send_checkpoint(Instant::now(), checkpoint(next))
                 .expect("queue");
             next += 1;
@@ -128,7 +155,15 @@ async fn one_gib_of_checkpoints_arrives_intact_over_quic() {
         }
     }
     let bytes = backup.await.unwrap();
-    assert_eq!(bytes, CHECKPOINTS * PAGES * PAGE as u64);
+    let streams: Vec<u64> = std::iter::once(link.connection())
+        .chain(&data)
+        .map(|c| c.stats().frame_tx.stream)
+        .collect();
+    assert!(
+        streams.iter().all(|&n| n > 1000),
+        "every connection carried data: {streams:?} stream frames"
+    );
+    assert_eq!(bytes, checkpoints * PAGES * PAGE as u64);
     eprintln!(
         "streamed {} MiB in {:.2} s",
         bytes >> 20,
