@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod applier;
+mod data;
 pub mod export;
 #[cfg(test)]
 mod export_tests;

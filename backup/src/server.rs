@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::applier::{Applier, Done};
+use crate::data::DataSockets;
 use crate::export::{Exporter, Exports};
 use crate::fence::Fence;
 use crate::image::Origin;
@@ -54,6 +55,9 @@ pub struct BackupConfig {
     pub stats: Arc<BackupStats>,
     /// Export requests (`PUT /snapshot` on the control socket: see [`crate::export`]).
     pub exports: Exports,
+    /// Extra sockets offered to a primary for data connections ([`crate::data`]; at most
+    /// `protocol::message::MAX_DATA_PORTS`, 0: none).
+    pub data_sockets: u8,
 }
 
 /// Serves primaries until `stop` turns true; then finalizes the committed image as a snapshot
@@ -120,7 +124,8 @@ pub async fn serve_fenced(
     fence.enforce_latest(&mut min_term);
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
-    tracing::info!("backup listening on {addr}");
+    let mut data = DataSockets::bind(cfg.data_sockets, addr, &cfg.identity, &cfg.quic)?;
+    tracing::info!("backup listening on {addr} (data ports {:?})", data.ports());
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
@@ -129,7 +134,7 @@ pub async fn serve_fenced(
             c = server.accept() => match c {
                 Ok(conn) => {
                     let peer = conn.remote_address();
-                    let mut w = Watches { stop: &mut stop, fence: &fence, min_term: &mut min_term, exporter: &mut exporter };
+                    let mut w = Watches { stop: &mut stop, fence: &fence, min_term: &mut min_term, exporter: &mut exporter, data: &mut data };
                     let r = session(&cfg, &server, conn, &mut slot, &mut w).await;
                     let Some(replica) = slot.as_mut() else {
                         server.close();
@@ -160,6 +165,7 @@ pub async fn serve_fenced(
             }
             // No session runs: the replica is idle, an export goes on at once.
             _ = cfg.exports.wait() => exporter.poll(slot.as_ref()),
+            c = data.next() => DataSockets::refuse_idle(&c),
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -204,6 +210,7 @@ struct Watches<'a> {
     fence: &'a Fence,
     min_term: &'a mut watch::Receiver<u64>,
     exporter: &'a mut Exporter,
+    data: &'a mut DataSockets,
 }
 
 /// How a session ended without an error.
@@ -398,6 +405,8 @@ async fn session_loop(
     w.fence.enforced(fenced_at);
     let built_min = rcfg.min_term;
     rcfg.idle_timeout = silence_limit(cfg);
+    rcfg.data_ports = w.data.ports().to_vec();
+    w.data.refuse_waiting();
     // The frames waiting in the connection's channel count too: the receiver's bound leaves
     // room for a full channel (and the one checkpoint on the apply thread is within the
     // window the primary keeps).
@@ -429,6 +438,12 @@ async fn session_loop(
             }
             // A step of applying a checkpoint finished on its thread.
             done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
+            c = w.data.next() => {
+                if DataSockets::admit(link.connection(), &c).is_ok() {
+                    link.join(c);
+                    tracing::info!("data connection {} joined the session", link.joined());
+                }
+            }
             _ = w.stop.changed() => return Ok(End::Stopped),
             // (Taken below, once the replica is idle.)
             _ = cfg.exports.wait() => {}

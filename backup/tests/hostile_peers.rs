@@ -3,7 +3,8 @@
 //! the silence limit and the next primary is served; a `Hello` from a certificate that may not
 //! act as primary for the VM is refused (`Refuse WrongPeer` with the reason, then the
 //! connection is closed with the `REFUSED` code); every failed session closes its connection
-//! with an application error code and reason.
+//! with an application error code and reason; a data connection (protocol v4) is taken only
+//! from the running session's own primary, and closed with its session.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ async fn start_backup(pki: &Path) -> Backup {
         quic: quic_cfg(),
         stats: Arc::new(backup::BackupStats::default()),
         exports: backup::Exports::default(),
+        data_sockets: 1,
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -190,6 +192,68 @@ async fn a_hello_from_a_certificate_that_may_not_be_primary_is_refused() {
         assert!(matches!(answer, Message::Welcome(_)), "{host}: {answer:?}");
         link.close(code::DONE, "test done");
     }
+    stop(b).await;
+}
+
+/// The next message from the backup.
+async fn next(rx: &mut transport::FrameRx) -> Message {
+    let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a frame from the backup")
+        .expect("stream open")
+        .expect("a frame");
+    Message::decode(&f).unwrap()
+}
+
+/// The data ports the backup offered in `answer` (a `Welcome`).
+fn data_ports(answer: &Message) -> Vec<u16> {
+    match answer {
+        Message::Welcome(w) => w.data_ports.clone(),
+        m => panic!("expected a Welcome, got {m:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_sessions_own_primary_may_open_data_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let this_vm = Grants::new(&[HostRole::Primary], &[VM.into()]).unwrap();
+    certs::issue_for(dir.path(), "other-primary", &this_vm).unwrap();
+    let b = start_backup(dir.path()).await;
+    let main = connect(dir.path(), "primary", b.addr).await;
+    let (mut link, mut rx) = PrimaryLink::open(main, 1).await.unwrap();
+    link.send(0, hello(VM)).await.unwrap();
+    let ports = data_ports(&next(&mut rx).await);
+    assert_eq!(ports.len(), 1, "one data socket offered");
+    let data_addr = std::net::SocketAddr::new(b.addr.ip(), ports[0]);
+    // Another host, even one that may be primary for this VM, is not this session's primary.
+    let other = connect(dir.path(), "other-primary", data_addr).await;
+    let (c, reason) = closed_by_backup(&other, Duration::from_secs(5)).await;
+    assert_eq!(c, code::REFUSED, "{reason}");
+    assert!(reason.contains("the session's certificate"), "{reason}");
+    // The session's own primary is taken in: a heartbeat sent on a stream of the data
+    // connection is answered on the session's control stream.
+    let data = connect(dir.path(), "primary", data_addr).await;
+    let mut s = data.open_uni().await.unwrap();
+    let hb = Message::Heartbeat(protocol::message::Heartbeat { term: 1, seq: 77 });
+    s.write_all(&hb.encode()).await.unwrap();
+    loop {
+        if let Message::Heartbeat(h) = next(&mut rx).await {
+            if h.seq == 77 {
+                break;
+            }
+        }
+    }
+    // The session ends: its data connection is closed with it.
+    link.close(code::DONE, "test done");
+    let (c, reason) = closed_by_backup(&data, Duration::from_secs(5)).await;
+    assert_ne!(c, code::REFUSED, "{reason}");
+    // No session runs: a data connection is refused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = connect(dir.path(), "primary", data_addr).await;
+    let (c, reason) = closed_by_backup(&late, Duration::from_secs(5)).await;
+    assert_eq!(c, code::REFUSED, "{reason}");
+    assert!(reason.contains("no session"), "{reason}");
     stop(b).await;
 }
 

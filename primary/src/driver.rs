@@ -37,6 +37,9 @@ type Frame = (usize, u64, Result<Vec<u8>, TransportError>);
 /// A connection attempt's result.
 type Connected = (usize, u64, Result<PrimaryLink, PrimaryError>);
 
+/// Data connections opened for backup `i`'s connection of a generation.
+type DataOpened = (usize, u64, peer::DataConns);
+
 /// See the module docs.
 pub(crate) struct Driver {
     vm: Arc<Vm>,
@@ -48,6 +51,8 @@ pub(crate) struct Driver {
     frames: mpsc::Receiver<Frame>,
     conn_tx: mpsc::Sender<Connected>,
     conns: mpsc::Receiver<Connected>,
+    data_tx: mpsc::Sender<DataOpened>,
+    data: mpsc::Receiver<DataOpened>,
     /// Each backup's writers and their connection's generation.
     links: Vec<Option<(u64, Writer)>>,
     /// A writer made progress: there may be room for more frames.
@@ -80,6 +85,7 @@ impl Driver {
         let ep = quic::client(&cfg.identity, &cfg.quic)?;
         let (frames_tx, frames) = mpsc::channel(4096);
         let (conn_tx, conns) = mpsc::channel(16);
+        let (data_tx, data) = mpsc::channel(16);
         Ok(Driver {
             links: cfg.backups.iter().map(|_| None).collect(),
             progress: Arc::new(Notify::new()),
@@ -92,6 +98,8 @@ impl Driver {
             frames,
             conn_tx,
             conns,
+            data_tx,
+            data,
             generation: 0,
             work: None,
             to_close: Vec::new(),
@@ -143,6 +151,23 @@ impl Driver {
                         p.handle_connected(i, self.history, Instant::now());
                     }
                     Err(e) => p.handle_connect_failed(i, &e.to_string()),
+                },
+                Some((i, g, (conns, streams))) = self.data.recv() => match &mut self.links[i] {
+                    Some((lg, w)) if *lg == g => {
+                        tracing::info!(
+                            "backup {}: {} data connection(s) with {} stream(s) joined",
+                            self.cfg.backups[i].1,
+                            conns.len(),
+                            streams.len()
+                        );
+                        w.add_data(conns, streams);
+                    }
+                    // The connection they were for is gone: so are they.
+                    _ => {
+                        for c in conns {
+                            quic::close(&c, quic::code::SESSION_FAILED, "connection gone");
+                        }
+                    }
                 },
                 // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
                 _ = async {
@@ -282,6 +307,24 @@ impl Driver {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             Command::Close(i) => self.to_close.push(i),
+            Command::OpenData { backup: i, ports } => {
+                let Some((g, _)) = &self.links[i] else {
+                    return Ok(());
+                };
+                let (g, ep, tx) = (*g, self.ep.clone(), self.data_tx.clone());
+                let (addr, name) = self.cfg.backups[i].clone();
+                let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
+                tokio::spawn(async move {
+                    let d = peer::connect_data(&ep, (addr, &name), &vm_id, &ports, lanes).await;
+                    if let Err(mpsc::error::SendError((_, _, (conns, _)))) =
+                        tx.send((i, g, d)).await
+                    {
+                        for c in conns {
+                            quic::close(&c, quic::code::SHUTDOWN, "the session ended");
+                        }
+                    }
+                });
+            }
         }
         Ok(())
     }

@@ -103,6 +103,9 @@ pub struct PrimaryConfig {
     /// A backup whose window stays full this long, while more than `required` others keep
     /// up, is dropped (it rejoins by quick resync).
     pub drop_after: Duration,
+    /// Spread data streams over the data connections a backup offers in its `Welcome` (each
+    /// to a socket of its own on the backup: more cores on the receive path).
+    pub data_connections: bool,
 }
 
 impl PrimaryConfig {
@@ -127,6 +130,7 @@ impl PrimaryConfig {
             drop_after: self.drop_after,
             guest: (0, 0),
             slice: (policy::SLICE_PAGES, policy::SLICE_DISK),
+            data_connections: self.data_connections,
         }
     }
 }

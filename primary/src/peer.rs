@@ -68,3 +68,51 @@ pub(crate) async fn connect(
     });
     Ok(link)
 }
+
+/// Longest wait for a data connection's handshake: a port the path does not let through
+/// (a firewall) costs this once, and the session goes on without it.
+const DATA_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// A backup's data connections and their streams (`lanes` on each).
+pub(crate) type DataConns = (Vec<quinn::Connection>, Vec<quinn::SendStream>);
+
+/// Connects to the data `ports` the backup at `addr` offered (its certificate checked as for
+/// the session's connection) and opens `lanes` data streams on each; a port that cannot be
+/// reached in [`DATA_ATTEMPT`] is left out with a warning.
+pub(crate) async fn connect_data(
+    ep: &quinn::Endpoint,
+    (addr, name): (SocketAddr, &str),
+    vm: &str,
+    ports: &[u16],
+    lanes: u8,
+) -> DataConns {
+    let (mut conns, mut streams) = (Vec::new(), Vec::new());
+    for &port in ports {
+        let at = SocketAddr::new(addr.ip(), port);
+        let c =
+            match tokio::time::timeout(DATA_ATTEMPT, quic::connect_backup(ep, at, name, Some(vm)))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::warn!("backup {name}: data connection to {at} failed: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("backup {name}: no data connection to {at} within 1 s");
+                    continue;
+                }
+            };
+        for _ in 0..lanes.max(1) {
+            match c.open_uni().await {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    tracing::warn!("backup {name}: data stream to {at}: {e}");
+                    break;
+                }
+            }
+        }
+        conns.push(c);
+    }
+    (conns, streams)
+}

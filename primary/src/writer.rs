@@ -4,6 +4,10 @@
 //! a writer made progress. So a slow backup — its link, or QUIC's flow control while it is
 //! busy — never holds up the epoch loop or the other backups, and heartbeats on the control
 //! stream never wait behind checkpoint data.
+//!
+//! Data frames go round-robin over every data stream: those of the session's connection and,
+//! once they are up, those of the data connections the backup offered ([`Writer::add_data`]).
+//! The receiver takes parts and `End` in any order.
 
 use std::sync::Arc;
 
@@ -21,6 +25,10 @@ pub(crate) type WriteError = (usize, u64, Result<Vec<u8>, TransportError>);
 /// See the module docs.
 pub(crate) struct Writer {
     conn: quinn::Connection,
+    /// Data connections taken into the session (closed with it).
+    extra: Vec<quinn::Connection>,
+    /// More data streams for the data task.
+    add: mpsc::UnboundedSender<Vec<quinn::SendStream>>,
     control: mpsc::Sender<Vec<u8>>,
     data: mpsc::Sender<(u8, Vec<u8>)>,
     /// Frames taken from the policy that did not fit their queue: they go first next time.
@@ -40,6 +48,7 @@ impl Writer {
         let (conn, mut control_stream, mut data_streams) = link.into_parts();
         let (control, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_FRAMES);
         let (data, mut data_rx) = mpsc::channel::<(u8, Vec<u8>)>(DATA_FRAMES);
+        let (add, mut add_rx) = mpsc::unbounded_channel::<Vec<quinn::SendStream>>();
         let (e1, p1) = (errors.clone(), progress.clone());
         tokio::spawn(async move {
             while let Some(f) = control_rx.recv().await {
@@ -52,11 +61,24 @@ impl Writer {
             }
         });
         tokio::spawn(async move {
-            let n = data_streams.len().max(1);
-            while let Some((lane, f)) = data_rx.recv().await {
-                let Some(s) = data_streams.get_mut((usize::from(lane).max(1) - 1) % n) else {
+            let mut next = 0usize;
+            loop {
+                let f = tokio::select! {
+                    biased;
+                    Some(more) = add_rx.recv() => {
+                        data_streams.extend(more);
+                        continue;
+                    }
+                    f = data_rx.recv() => match f {
+                        Some((_lane, f)) => f,
+                        None => return,
+                    },
+                };
+                let n = data_streams.len().max(1);
+                let Some(s) = data_streams.get_mut(next % n) else {
                     return;
                 };
+                next = next.wrapping_add(1);
                 if let Err(e) = s.write_chunk(bytes::Bytes::from(f)).await {
                     let e = TransportError::Stream(e.to_string());
                     let _ = errors.send((index, generation, Err(e))).await;
@@ -67,6 +89,8 @@ impl Writer {
         });
         Writer {
             conn,
+            extra: Vec::new(),
+            add,
             control,
             data,
             stash_control: None,
@@ -109,8 +133,20 @@ impl Writer {
         }
     }
 
-    /// Closes the connection (the writers end with it).
+    /// Takes data connections and their streams into the session: data frames go over them
+    /// too from now on.
+    pub fn add_data(&mut self, conns: Vec<quinn::Connection>, streams: Vec<quinn::SendStream>) {
+        self.extra.extend(conns);
+        // (The data task ends only with the session's connection: the send cannot fail while
+        // it matters.)
+        let _ = self.add.send(streams);
+    }
+
+    /// Closes the connection and the data connections (the writers end with them).
     pub fn close(&self, code: u32, reason: &str) {
         quic::close(&self.conn, code, reason);
+        for c in &self.extra {
+            quic::close(c, code, reason);
+        }
     }
 }

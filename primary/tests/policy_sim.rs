@@ -397,6 +397,8 @@ impl Sim {
                 Command::HoldOutput => {}
                 Command::Release(e) => self.check_release(e),
                 Command::Close(i) => self.cut(i),
+                // Extra connections are transport: the simulated link is one.
+                Command::OpenData { .. } => {}
             }
         }
     }
@@ -602,6 +604,7 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
         guest: (PAGES as u64, DISK as u64),
         // Round 0 in 4 slices.
         slice: (PAGES as u64 / 4, DISK as u64 / 4),
+        data_connections: true,
     }
 }
 

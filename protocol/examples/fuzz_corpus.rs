@@ -55,6 +55,14 @@ fn main() -> std::io::Result<()> {
             term: 1,
             seq: 4,
         }),
+        data_ports: vec![],
+    }));
+    msgs.push(Message::Welcome(Welcome {
+        version: 4,
+        term: 1,
+        last_committed: None,
+        committed: None,
+        data_ports: vec![7001, 7002],
     }));
     for (i, m) in msgs.iter().enumerate() {
         let f = m.encode();

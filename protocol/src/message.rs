@@ -3,7 +3,7 @@
 //! | type | message | direction | purpose |
 //! |---|---|---|---|
 //! | 1 | `Hello` | primary → backup | versions, cluster, VM, term, role, stream count |
-//! | 2 | `Welcome` | backup → primary | chosen version, last committed checkpoint |
+//! | 2 | `Welcome` | backup → primary | chosen version, last committed checkpoint, data ports (v4) |
 //! | 3 | `Begin` | primary → backup | checkpoint N: kind, attempt, number of parts |
 //! | 4 | `Pages` | primary → backup | a batch of pages: runs of guest frame numbers + encoded data |
 //! | 5 | `Disk` | primary → backup | a disk write of the epoch (offset, data) |
@@ -21,14 +21,19 @@ use crate::frame;
 use crate::page::PageData;
 
 /// Highest protocol version this build speaks. Version 2 added [`Kind::PreCopy`]; version 3 the
-/// checkpoint identity: `Hello.history`, `Welcome.committed` and [`Kind::Resync`].
-pub const PROTOCOL_VERSION: u16 = 3;
+/// checkpoint identity: `Hello.history`, `Welcome.committed` and [`Kind::Resync`]; version 4
+/// the backup's data connections (`Welcome.data_ports`).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First protocol version with pre-copy rounds ([`Kind::PreCopy`]).
 pub const PRECOPY_VERSION: u16 = 2;
 /// First protocol version with the checkpoint identity and quick resync ([`Kind::Resync`]).
 pub const RESYNC_VERSION: u16 = 3;
+/// First protocol version with data connections (`Welcome.data_ports`).
+pub const DATA_CONN_VERSION: u16 = 4;
 /// Lowest protocol version this build accepts (the current and the previous).
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// Most data ports a `Welcome` may offer.
+pub const MAX_DATA_PORTS: usize = 8;
 const _: () = assert!(PROTOCOL_VERSION - MIN_PROTOCOL_VERSION <= 1);
 /// Longest VM id.
 pub const MAX_VM_ID: usize = 64;
@@ -97,6 +102,10 @@ pub struct Welcome {
     /// The receiver's committed image (v3): the primary sends a quick resync from it if it
     /// still knows every change since, else a full sync into a side image.
     pub committed: Option<Position>,
+    /// Ports on the backup's address where this session's data connections are accepted (v4):
+    /// the primary may spread its data streams over connections to them, each to a socket (and
+    /// a receive path) of its own. Empty: the session's one connection carries everything.
+    pub data_ports: Vec<u16>,
 }
 
 /// Kind of checkpoint.
@@ -307,6 +316,28 @@ impl WelcomeV2 {
             term: self.term,
             last_committed: self.last_committed,
             committed: None,
+            data_ports: Vec::new(),
+        }
+    }
+}
+
+/// `Welcome` as version 3 encodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct WelcomeV3 {
+    version: u16,
+    term: u64,
+    last_committed: Option<u64>,
+    committed: Option<Position>,
+}
+
+impl WelcomeV3 {
+    fn upgrade(self) -> Welcome {
+        Welcome {
+            version: self.version,
+            term: self.term,
+            last_committed: self.last_committed,
+            committed: self.committed,
+            data_ports: Vec::new(),
         }
     }
 }
@@ -366,6 +397,15 @@ impl Message {
                 term: m.term,
                 last_committed: m.last_committed,
             }),
+            // A version-3 primary gets the version-3 layout (no `data_ports`).
+            Message::Welcome(m) if m.version < DATA_CONN_VERSION => {
+                postcard::to_stdvec(&WelcomeV3 {
+                    version: m.version,
+                    term: m.term,
+                    last_committed: m.last_committed,
+                    committed: m.committed,
+                })
+            }
             Message::Welcome(m) => postcard::to_stdvec(m),
             Message::Begin(m) => postcard::to_stdvec(m),
             Message::Pages(m) => postcard::to_stdvec(m),
@@ -408,16 +448,18 @@ impl Message {
             }
         }
         let m = match t {
-            // Version 3 appended fields to Hello and Welcome: the previous layout still decodes
-            // (a v3 payload never decodes as v2: trailing bytes; a v2 one never as v3: too short).
+            // Versions 3 and 4 appended fields to Hello and Welcome: the previous layouts still
+            // decode (a newer payload never decodes as an older one: trailing bytes; an older
+            // one never as a newer one: too short).
             1 => Message::Hello(de("Hello", p).or_else(|e| {
                 de::<HelloV2>("Hello", p)
                     .map(HelloV2::upgrade)
                     .map_err(|_| e)
             })?),
             2 => Message::Welcome(de("Welcome", p).or_else(|e| {
-                de::<WelcomeV2>("Welcome", p)
-                    .map(WelcomeV2::upgrade)
+                de::<WelcomeV3>("Welcome", p)
+                    .map(WelcomeV3::upgrade)
+                    .or_else(|_| de::<WelcomeV2>("Welcome", p).map(WelcomeV2::upgrade))
                     .map_err(|_| e)
             })?),
             3 => Message::Begin(de("Begin", p)?),
@@ -441,6 +483,12 @@ impl Message {
             Message::Hello(h) if h.vm_id.len() > MAX_VM_ID => bad("Hello", "vm id too long".into()),
             Message::Hello(h) if h.min_version > h.max_version => {
                 bad("Hello", "min_version > max_version".into())
+            }
+            Message::Welcome(w) if w.data_ports.len() > MAX_DATA_PORTS => {
+                bad("Welcome", format!("{} data ports", w.data_ports.len()))
+            }
+            Message::Welcome(w) if w.data_ports.contains(&0) => {
+                bad("Welcome", "data port 0".into())
             }
             Message::Begin(b) if b.parts > MAX_PARTS => bad("Begin", format!("{} parts", b.parts)),
             Message::Pages(p) => {

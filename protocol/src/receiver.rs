@@ -34,6 +34,9 @@ pub struct ReceiverConfig {
     pub max_staged_bytes: u64,
     /// Silence after which the peer is declared gone.
     pub idle_timeout: Duration,
+    /// Ports where this session's data connections are accepted, offered in `Welcome` to a
+    /// version-4 primary (at most [`crate::message::MAX_DATA_PORTS`]).
+    pub data_ports: Vec<u16>,
 }
 
 impl ReceiverConfig {
@@ -47,6 +50,7 @@ impl ReceiverConfig {
             window: 8,
             max_staged_bytes: 4 << 30,
             idle_timeout: Duration::from_millis(3000),
+            data_ports: Vec::new(),
         }
     }
 }
@@ -276,6 +280,13 @@ impl Receiver {
             term: h.term,
             last_committed: None,
             committed: self.cfg.committed,
+            data_ports: self
+                .cfg
+                .data_ports
+                .iter()
+                .copied()
+                .take(crate::message::MAX_DATA_PORTS)
+                .collect(),
         }));
         Ok(())
     }

@@ -65,6 +65,8 @@ pub enum SenderEvent {
         version: u16,
         /// The backup's committed image (v3; None from a v2 backup or an empty one).
         committed: Option<Position>,
+        /// Ports on the backup's address that take this session's data connections (v4).
+        data_ports: Vec<u16>,
     },
     /// Checkpoints up to `epoch` are applied on the backup.
     Acked {
@@ -347,6 +349,7 @@ impl Sender {
                 self.events.push_back(SenderEvent::Ready {
                     version: w.version,
                     committed: w.committed,
+                    data_ports: w.data_ports,
                 });
                 Ok(())
             }

@@ -438,6 +438,55 @@ fn checkpoint_crc_mismatch_keeps_previous_state_and_tells_the_sender() {
 }
 
 #[test]
+fn data_ports_reach_a_version_4_primary_only_and_hostile_lists_are_refused() {
+    use protocol::message::{Welcome, MAX_DATA_PORTS};
+    let now = Instant::now();
+    let offer = |max: u16| {
+        let mut cfg = ReceiverConfig::new(7, "vm1");
+        cfg.data_ports = vec![7001, 7002];
+        let mut r = Receiver::new(cfg);
+        r.handle_frame(now, &hello(1, 3, max)).unwrap();
+        let f = r.poll_transmit().expect("a Welcome");
+        match Message::decode(&f).unwrap() {
+            Message::Welcome(w) => (w.version, w.data_ports),
+            m => panic!("{m:?}"),
+        }
+    };
+    assert_eq!(offer(4), (4, vec![7001, 7002]));
+    // A version-3 primary gets the version-3 layout, which it can decode: no ports.
+    assert_eq!(offer(3), (3, vec![]));
+    // The sender reports them with Ready.
+    let mut s = Sender::new(SenderConfig::new(7, "vm1", 3));
+    s.start(now);
+    while s.poll_transmit(now).is_some() {}
+    let w = |ports: Vec<u16>| {
+        Message::Welcome(Welcome {
+            version: 4,
+            term: 3,
+            last_committed: None,
+            committed: None,
+            data_ports: ports,
+        })
+        .encode()
+    };
+    s.handle_frame(now, &w(vec![7001])).unwrap();
+    assert!(matches!(
+        s.poll_event(),
+        Some(SenderEvent::Ready { version: 4, ref data_ports, .. }) if data_ports == &[7001]
+    ));
+    // Too many ports, or port 0: malformed.
+    for bad in [vec![7001; MAX_DATA_PORTS + 1], vec![7001, 0]] {
+        assert!(matches!(
+            Message::decode(&w(bad)),
+            Err(ProtocolError::Malformed {
+                kind: "Welcome",
+                ..
+            })
+        ));
+    }
+}
+
+#[test]
 fn a_previous_version_peer_is_accepted_at_its_version() {
     use protocol::message::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
     assert_eq!(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION - 1);
@@ -679,6 +728,7 @@ fn version_2_hello_and_welcome_still_decode() {
         term: 4,
         last_committed: None,
         committed: None,
+        data_ports: vec![],
     };
     let f = Message::Welcome(w.clone()).encode();
     assert_eq!(Message::decode(&f).unwrap(), Message::Welcome(w));
@@ -695,6 +745,7 @@ fn a_checkpoint_still_being_transmitted_is_never_resent_and_heartbeats_overtake_
         term: 3,
         last_committed: None,
         committed: None,
+        data_ports: vec![],
     });
     s.handle_frame(t0, &welcome.encode()).unwrap();
     while s.poll_event().is_some() {}

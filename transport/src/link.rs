@@ -152,6 +152,8 @@ pub struct BackupLink {
     conn: quinn::Connection,
     control: quinn::SendStream,
     frames: FrameTx,
+    /// Connections taken in by [`BackupLink::join`] (closed with the session).
+    joined: Vec<quinn::Connection>,
 }
 
 impl BackupLink {
@@ -164,13 +166,25 @@ impl BackupLink {
             conn,
             control,
             frames: tx,
+            joined: Vec::new(),
         };
-        link.join(link.conn.clone());
+        link.read_streams(link.conn.clone());
         Ok((link, rx))
     }
 
-    /// Takes the data streams of another connection of the same primary into this session.
-    pub fn join(&self, conn: quinn::Connection) {
+    /// Takes the data streams of another connection of the same primary into this session
+    /// (the caller checked that it is the same primary); it is closed with the session.
+    pub fn join(&mut self, conn: quinn::Connection) {
+        self.read_streams(conn.clone());
+        self.joined.push(conn);
+    }
+
+    /// Connections taken in by [`BackupLink::join`].
+    pub fn joined(&self) -> usize {
+        self.joined.len()
+    }
+
+    fn read_streams(&self, conn: quinn::Connection) {
         let tx = self.frames.clone();
         tokio::spawn(async move {
             while let Ok(uni) = conn.accept_uni().await {
@@ -192,6 +206,9 @@ impl BackupLink {
             let _ = tokio::time::timeout(linger, self.control.stopped()).await;
         }
         crate::quic::close(&self.conn, code, reason);
+        for c in &self.joined {
+            crate::quic::close(c, code, reason);
+        }
     }
 
     /// The underlying connection.

@@ -308,6 +308,16 @@ pub fn peer_cert(conn: &quinn::Connection) -> Result<PeerCert, TransportError> {
     PeerCert::from_der(ee).map_err(no)
 }
 
+/// True if the peers of `a` and `b` presented the same end-entity certificate.
+pub fn same_peer(a: &quinn::Connection, b: &quinn::Connection) -> bool {
+    let leaf = |c: &quinn::Connection| {
+        c.peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().map(|ee| ee.as_ref().to_vec()))
+    };
+    matches!((leaf(a), leaf(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Checks that the peer of `conn` may act as `role` (for `vm`).
 pub fn check_peer(
     conn: &quinn::Connection,

@@ -125,9 +125,7 @@ async fn stream(checkpoints: u64, conns: usize) {
     scfg.ack_timeout = Duration::from_secs(30);
     scfg.idle_timeout = Duration::from_secs(30);
     let mut s = Sender::new(scfg);
-    let (mut link, mut rx) = PrimaryLink::open_multi(conn, &data, 4)
-        .await
-        .expect("open");
+    let (mut link, mut rx) = PrimaryLink::open_multi(conn, &data, 4).await.expect("open");
     let started = Instant::now();
     s.start(Instant::now());
     let mut next = 0;

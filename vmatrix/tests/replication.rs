@@ -188,6 +188,21 @@ fn the_backup_image_equals_the_primary_at_a_checkpoint() {
         );
     }
     assert_backup_equals_primary(&mut r, &sock);
+    // The checkpoints travelled over the session's connection and the data connection the
+    // backup offered (a socket of its own: `--data-sockets 1` by default).
+    assert!(
+        r.primary
+            .stderr_text()
+            .contains("1 data connection(s) with 2 stream(s) joined"),
+        "the primary used the data connection: {}",
+        r.primary.stderr_text()
+    );
+    assert!(
+        r.backup_log()
+            .contains("data connection 1 joined the session"),
+        "{}",
+        r.backup_log()
+    );
 }
 
 fn replies_within(addr: std::net::SocketAddr, req: &str, wait: Duration) -> Option<String> {

@@ -3,7 +3,8 @@
 //! resync (only what changed since its committed checkpoint), and a primary crash afterwards
 //! loses no acknowledged write; a new full sync never destroys the committed image, even when
 //! the primary dies in the middle of it (the defect of issue 8: every acknowledged write was
-//! lost). Replicas are compared with the primary byte for byte.
+//! lost). A cut of the backup's data port alone (its extra socket for data connections) is
+//! healed the same way. Replicas are compared with the primary byte for byte.
 
 mod support;
 
@@ -51,8 +52,12 @@ fn restore_image_and_check(
 /// How the backup is cut off for a while.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    /// Every packet of the replication link dropped for 2 s (nftables).
+    /// Every packet of the replication link (the backup's port and its data port) dropped
+    /// for 2 s (nftables).
     Blip,
+    /// Every packet of the backup's data port only dropped for 2 s: the data connection dies
+    /// under the session, and the next session's attempt to reach the port fails.
+    DataBlip,
     /// The backup process killed (SIGKILL) and started again.
     BackupRestart,
     /// The backup stopped (SIGSTOP) for 5 s.
@@ -93,8 +98,13 @@ fn fault_then_crash(fault: Fault) {
         (reply, sent.elapsed())
     });
     let healed = match fault {
-        Fault::Blip => {
-            let f = LinkFault::drop_all(&net.ns(), PORT);
+        Fault::Blip | Fault::DataBlip => {
+            let data = data_port(&r.backup_log());
+            let ports: &[u16] = match fault {
+                Fault::Blip => &[PORT, data],
+                _ => &[data],
+            };
+            let f = LinkFault::drop_ports(&net.ns(), ports);
             std::thread::sleep(Duration::from_secs(2));
             f.heal();
             Instant::now()
@@ -134,6 +144,14 @@ fn fault_then_crash(fault: Fault) {
             || log.matches("full sync: final pause").count() == 1,
         "{fault:?}: no second full sync; primary log:\n{log}"
     );
+    if let Fault::DataBlip = fault {
+        // The session that lost its data connection was replaced; the new one found the data
+        // port cut and went on without it.
+        assert!(
+            log.contains("no data connection to") || log.contains("data connection to"),
+            "{fault:?}: the cut data port was noticed; primary log:\n{log}"
+        );
+    }
     assert_backup_equals_primary(&mut r, &sock);
     restore_and_check(&net, dir.path(), &acked);
 }
@@ -141,6 +159,20 @@ fn fault_then_crash(fault: Fault) {
 #[test]
 fn a_link_blip_is_healed_by_quick_resync_and_a_crash_after_it_loses_nothing() {
     fault_then_crash(Fault::Blip);
+}
+
+#[test]
+fn a_cut_data_port_is_healed_by_quick_resync_and_a_crash_after_it_loses_nothing() {
+    fault_then_crash(Fault::DataBlip);
+}
+
+/// The backup's data port, from its log ("… (data ports [P])").
+fn data_port(log: &str) -> u16 {
+    log.split("data ports [")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the backup offers a data port:\n{log}"))
 }
 
 #[test]

@@ -57,7 +57,17 @@ impl Policy<'_> {
 
     pub(super) fn on_event(&mut self, i: usize, e: SenderEvent, _now: Instant) {
         match e {
-            SenderEvent::Ready { version, committed } => {
+            SenderEvent::Ready {
+                version,
+                committed,
+                data_ports,
+            } => {
+                if !data_ports.is_empty() && self.cfg.data_connections {
+                    self.commands.push_back(super::Command::OpenData {
+                        backup: i,
+                        ports: data_ports,
+                    });
+                }
                 let b = &mut self.backups[i];
                 b.version = version;
                 b.committed = committed;

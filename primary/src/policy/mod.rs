@@ -83,6 +83,8 @@ pub struct PolicyConfig {
     pub guest: (u64, u64),
     /// Pages and disk bytes per slice of pre-copy round 0 ([`SLICE_PAGES`], [`SLICE_DISK`]).
     pub slice: (u64, u64),
+    /// Use the data connections a backup offers ([`Command::OpenData`]).
+    pub data_connections: bool,
 }
 
 /// What the loop must do.
@@ -118,6 +120,15 @@ pub enum Command {
     Release(u64),
     /// Close the connection of backup `i` (once what was queued for it is sent).
     Close(usize),
+    /// Open data connections to backup `i` at these ports of its address (its `Welcome`
+    /// offered them) and spread its data streams over them too; a port that cannot be reached
+    /// is left out (its streams stay on the session's connection).
+    OpenData {
+        /// The backup.
+        backup: usize,
+        /// Its data ports.
+        ports: Vec<u16>,
+    },
 }
 
 /// One slice of pre-copy round 0.

@@ -231,6 +231,7 @@ impl RunningVm {
             quic: transport::QuicConfig::default(),
             stats: Arc::new(backup::BackupStats::default()),
             exports: backup::Exports::default(),
+            data_sockets: 1,
         };
         let exports = bcfg.exports.clone();
         let brx = stop_rx.clone();
@@ -265,6 +266,7 @@ impl RunningVm {
             early_checkpoints: p.early_checkpoints,
             precopy_rounds: 8,
             drop_after: Duration::from_secs(1),
+            data_connections: true,
         };
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());

@@ -66,9 +66,13 @@ pub struct PrimaryArgs {
     /// VM id shared by primary and backup.
     #[arg(long, default_value = "vm")]
     pub vm_id: String,
-    /// Data streams.
+    /// Data streams (per connection).
     #[arg(long, default_value_t = 2)]
     pub lanes: u8,
+    /// Spread the data streams over the extra connections a backup offers (`--data-sockets`
+    /// on the backup): each reaches a socket, and a receive path, of its own there.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub data_connections: bool,
     /// QUIC idle timeout (failure detection), ms.
     #[arg(long, default_value_t = 1000)]
     pub idle_timeout_ms: u64,
@@ -166,6 +170,11 @@ pub struct BackupArgs {
     /// concurrently, so abandoned ones never delay a real primary.
     #[arg(long, default_value_t = 2000)]
     pub handshake_timeout_ms: u64,
+    /// Extra sockets (any free port on the listening address) offered to a primary for data
+    /// connections: each brings a receive path of its own (0: none; at most 8). A firewall
+    /// must let them through like the listening port, or the primary goes on without them.
+    #[arg(long, default_value_t = 1)]
+    pub data_sockets: u8,
     /// Serve the control API on this Unix socket: `GET /status`, `PUT /stop`, `PUT /fence`,
     /// `PUT /promote` (`vmatrix ctl <socket> status|stop|fence|promote`).
     #[arg(long)]

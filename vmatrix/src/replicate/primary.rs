@@ -185,6 +185,7 @@ fn primary_config(
         early_checkpoints: a.early_checkpoints,
         precopy_rounds: a.precopy_rounds,
         drop_after: Duration::from_millis(a.drop_after_ms),
+        data_connections: a.data_connections,
     }
 }
 

@@ -1,0 +1,118 @@
+//! Data sockets: extra sockets on the backup's address where the session's primary may open
+//! more connections for its data streams (protocol v4: `Welcome.data_ports`). Each socket has
+//! a quinn endpoint, and so a receive path (socket, packet routing, decryption), of its own:
+//! one connection's receive path is one task, and a second one lets the backup use a second
+//! core (docs/BENCHMARKS.md, "A stream that fills 10 GbE").
+//!
+//! Handshakes on them are bounded like the main socket's (`transport::quic::Server`). Only the
+//! running session's own primary is taken in: a data connection must present the very
+//! certificate of the session's connection (whose roles the session checked at its `Hello`);
+//! any other, and any that arrives while no session runs, is closed with `REFUSED`. Data
+//! connections end with their session ([`transport::BackupLink::close`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use transport::certs::Identity;
+use transport::quic::code;
+use transport::{QuicConfig, Server};
+
+use crate::BackupError;
+
+/// Authenticated data connections waiting to be taken or refused.
+const WAITING: usize = 8;
+
+/// See the module docs.
+pub(crate) struct DataSockets {
+    servers: Vec<Arc<Server>>,
+    ports: Vec<u16>,
+    rx: mpsc::Receiver<quinn::Connection>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DataSockets {
+    /// Binds `n` sockets on `listen`'s address (any free port each).
+    pub fn bind(
+        n: u8,
+        listen: SocketAddr,
+        id: &Identity,
+        quic: &QuicConfig,
+    ) -> Result<DataSockets, BackupError> {
+        let n = usize::from(n).min(protocol::message::MAX_DATA_PORTS);
+        let (tx, rx) = mpsc::channel(WAITING);
+        let (mut servers, mut ports, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let s = Arc::new(Server::bind(SocketAddr::new(listen.ip(), 0), id, quic)?);
+            ports.push(s.local_addr()?.port());
+            let (s2, tx) = (s.clone(), tx.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Ok(c) = s2.accept().await {
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            servers.push(s);
+        }
+        Ok(DataSockets {
+            servers,
+            ports,
+            rx,
+            tasks,
+        })
+    }
+
+    /// The ports to offer in `Welcome`.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// The next authenticated data connection (never, without data sockets).
+    pub async fn next(&mut self) -> quinn::Connection {
+        match self.rx.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Refuses a data connection that arrived while no session runs.
+    pub fn refuse_idle(c: &quinn::Connection) {
+        tracing::warn!(
+            "data connection from {} while no session runs: refused",
+            c.remote_address()
+        );
+        transport::quic::close(c, code::REFUSED, "no session runs");
+    }
+
+    /// Refuses the data connections that arrived before the session now starting sent its
+    /// `Welcome` (so none can be its own: a primary opens them after it).
+    pub fn refuse_waiting(&mut self) {
+        while let Ok(c) = self.rx.try_recv() {
+            Self::refuse_idle(&c);
+        }
+    }
+
+    /// Takes `c` into the session whose connection is `session`, if it is the same primary:
+    /// the reason to refuse it otherwise (it is closed with that reason).
+    pub fn admit(session: &quinn::Connection, c: &quinn::Connection) -> Result<(), String> {
+        if transport::roles::same_peer(session, c) {
+            return Ok(());
+        }
+        let why = "a data connection must present the session's certificate".to_string();
+        tracing::warn!("data connection from {}: {why}", c.remote_address());
+        transport::quic::close(c, code::REFUSED, &why);
+        Err(why)
+    }
+}
+
+impl Drop for DataSockets {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for s in &self.servers {
+            s.close();
+        }
+    }
+}
