@@ -23,6 +23,11 @@ use crate::BackupError;
 /// Authenticated data connections waiting to be taken or refused.
 const WAITING: usize = 8;
 
+/// Handshakes each data socket drives at a time: one primary opens one connection per socket,
+/// so a flood of handshakes there costs little (the main socket allows
+/// `transport::quic::MAX_HANDSHAKES`).
+const HANDSHAKES: usize = 4;
+
 /// See the module docs.
 pub(crate) struct DataSockets {
     servers: Vec<Arc<Server>>,
@@ -43,7 +48,8 @@ impl DataSockets {
         let (tx, rx) = mpsc::channel(WAITING);
         let (mut servers, mut ports, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..n {
-            let s = Arc::new(Server::bind(SocketAddr::new(listen.ip(), 0), id, quic)?);
+            let at = SocketAddr::new(listen.ip(), 0);
+            let s = Arc::new(Server::bind_limited(at, id, quic, HANDSHAKES)?);
             ports.push(s.local_addr()?.port());
             let (s2, tx) = (s.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {
@@ -77,32 +83,39 @@ impl DataSockets {
     }
 
     /// Refuses a data connection that arrived while no session runs.
-    pub fn refuse_idle(c: &quinn::Connection) {
-        tracing::warn!(
-            "data connection from {} while no session runs: refused",
-            c.remote_address()
-        );
-        transport::quic::close(c, code::REFUSED, "no session runs");
+    pub fn refuse_idle(&self, c: &quinn::Connection) {
+        self.refuse(c, "no session runs");
+    }
+
+    /// Closes `c` with `REFUSED` and `why`, recorded in the (rate-limited) refusal log of the
+    /// data sockets.
+    fn refuse(&self, c: &quinn::Connection, why: &str) {
+        if let Some(s) = self.servers.first() {
+            s.refusal_log()
+                .record(c.remote_address(), format!("data connection: {why}"));
+        }
+        transport::quic::close(c, code::REFUSED, why);
     }
 
     /// Refuses the data connections that arrived before the session now starting sent its
     /// `Welcome` (so none can be its own: a primary opens them after it).
     pub fn refuse_waiting(&mut self) {
         while let Ok(c) = self.rx.try_recv() {
-            Self::refuse_idle(&c);
+            self.refuse(&c, "it came before the session's Welcome");
         }
     }
 
     /// Takes `c` into the session whose connection is `session`, if it is the same primary:
     /// the reason to refuse it otherwise (it is closed with that reason).
-    pub fn admit(session: &quinn::Connection, c: &quinn::Connection) -> Result<(), String> {
+    pub fn admit(&self, session: &quinn::Connection, c: &quinn::Connection) -> Result<(), ()> {
         if transport::roles::same_peer(session, c) {
             return Ok(());
         }
-        let why = "a data connection must present the session's certificate".to_string();
-        tracing::warn!("data connection from {}: {why}", c.remote_address());
-        transport::quic::close(c, code::REFUSED, &why);
-        Err(why)
+        self.refuse(
+            c,
+            "a data connection must present the session's certificate",
+        );
+        Err(())
     }
 }
 

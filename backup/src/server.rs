@@ -165,7 +165,7 @@ pub async fn serve_fenced(
             }
             // No session runs: the replica is idle, an export goes on at once.
             _ = cfg.exports.wait() => exporter.poll(slot.as_ref()),
-            c = data.next() => DataSockets::refuse_idle(&c),
+            c = data.next() => data.refuse_idle(&c),
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -178,6 +178,7 @@ pub async fn serve_fenced(
     // Stopping or promoting: an export is cancelled before the image is finalized.
     drop(exporter);
     server.close();
+    drop(data);
     let Some(replica) = slot else {
         return Err(BackupError::Apply(
             "the replica was lost with its apply thread".into(),
@@ -342,11 +343,12 @@ async fn session(
 
 /// A `Hello` from a certificate that may not act as primary for its VM: the refusal's text.
 fn refused_hello(frame: &[u8], cert: &Result<PeerCert, TransportError>) -> Option<String> {
-    let (t, payload) = protocol::frame::decode(frame).ok()?;
-    // Only a Hello opens (or reopens) a session; anything else is the receiver's to judge.
-    if t != 1 {
+    // Only a Hello opens (or reopens) a session; anything else is the receiver's to judge (the
+    // type is looked at before the CRC: checkpoint data is not hashed twice).
+    if frame.get(5) != Some(&1) {
         return None;
     }
+    let (t, payload) = protocol::frame::decode(frame).ok()?;
     let Ok(Message::Hello(h)) = Message::from_payload(t, payload) else {
         return None;
     };
@@ -409,9 +411,11 @@ async fn session_loop(
     w.data.refuse_waiting();
     // The frames waiting in the connection's channel count too: the receiver's bound leaves
     // room for a full channel (and the one checkpoint on the apply thread is within the
-    // window the primary keeps).
+    // window the primary keeps), and for what QUIC buffers: a connection window for the
+    // session's connection and each data connection.
     let channel = (transport::CHANNEL_FRAMES * (protocol::frame::MAX_PAYLOAD + 16)) as u64;
-    rcfg.max_staged_bytes = rcfg.max_staged_bytes.saturating_sub(channel);
+    let quic = (1 + w.data.ports().len() as u64) * cfg.quic.conn_window;
+    rcfg.max_staged_bytes = rcfg.max_staged_bytes.saturating_sub(channel + quic);
     let mut r = Receiver::new(rcfg);
     // A primary that connects and says nothing is timed out from here.
     r.start(started);
@@ -438,12 +442,7 @@ async fn session_loop(
             }
             // A step of applying a checkpoint finished on its thread.
             done = applier.next_done() => step_done(cfg, &mut r, applier, done?)?,
-            c = w.data.next() => {
-                if DataSockets::admit(link.connection(), &c).is_ok() {
-                    link.join(c);
-                    tracing::info!("data connection {} joined the session", link.joined());
-                }
-            }
+            c = w.data.next() => admit_data(w.data, link, c),
             _ = w.stop.changed() => return Ok(End::Stopped),
             // (Taken below, once the replica is idle.)
             _ = cfg.exports.wait() => {}
@@ -490,6 +489,14 @@ async fn session_loop(
                 e => Err(Failure::Session(e.clone().into())),
             };
         }
+    }
+}
+
+/// Takes data connection `c` into the session if it is the session's primary's.
+fn admit_data(data: &DataSockets, link: &mut BackupLink, c: quinn::Connection) {
+    if data.admit(link.connection(), &c).is_ok() {
+        link.join(c);
+        tracing::info!("data connection {} joined the session", link.joined());
     }
 }
 

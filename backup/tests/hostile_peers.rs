@@ -234,6 +234,9 @@ async fn only_the_sessions_own_primary_may_open_data_connections() {
     // The session's own primary is taken in: a heartbeat sent on a stream of the data
     // connection is answered on the session's control stream.
     let data = connect(dir.path(), "primary", data_addr).await;
+    transport::link::joined(&data, Duration::from_secs(5))
+        .await
+        .expect("the backup confirms the data connection it took in");
     let mut s = data.open_uni().await.unwrap();
     let hb = Message::Heartbeat(protocol::message::Heartbeat { term: 1, seq: 77 });
     s.write_all(&hb.encode()).await.unwrap();

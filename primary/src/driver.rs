@@ -37,8 +37,8 @@ type Frame = (usize, u64, Result<Vec<u8>, TransportError>);
 /// A connection attempt's result.
 type Connected = (usize, u64, Result<PrimaryLink, PrimaryError>);
 
-/// Data connections opened for backup `i`'s connection of a generation.
-type DataOpened = (usize, u64, peer::DataConns);
+/// A data connection opened for backup `i`'s connection of a generation.
+type DataOpened = (usize, u64, peer::DataConn);
 
 /// See the module docs.
 pub(crate) struct Driver {
@@ -152,23 +152,7 @@ impl Driver {
                     }
                     Err(e) => p.handle_connect_failed(i, &e.to_string()),
                 },
-                Some((i, g, (conns, streams))) = self.data.recv() => match &mut self.links[i] {
-                    Some((lg, w)) if *lg == g => {
-                        tracing::info!(
-                            "backup {}: {} data connection(s) with {} stream(s) joined",
-                            self.cfg.backups[i].1,
-                            conns.len(),
-                            streams.len()
-                        );
-                        w.add_data(conns, streams);
-                    }
-                    // The connection they were for is gone: so are they.
-                    _ => {
-                        for c in conns {
-                            quic::close(&c, quic::code::SESSION_FAILED, "connection gone");
-                        }
-                    }
-                },
+                Some(d) = self.data.recv() => self.on_data_conn(d),
                 // (A wake-up due now must not go through the timer: its resolution is 1 ms.)
                 _ = async {
                     match deadline {
@@ -243,6 +227,44 @@ impl Driver {
         }
     }
 
+    /// Connects to backup `i`'s data ports, each on its own (see [`peer::connect_data`]).
+    fn open_data(&mut self, i: usize, ports: &[u16]) {
+        let Some((g, _)) = &self.links[i] else {
+            return;
+        };
+        for &port in ports {
+            let (g, ep, tx) = (*g, self.ep.clone(), self.data_tx.clone());
+            let (addr, name) = self.cfg.backups[i].clone();
+            let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
+            tokio::spawn(async move {
+                let Some(d) = peer::connect_data(&ep, (addr, &name), &vm_id, port, lanes).await
+                else {
+                    return;
+                };
+                if let Err(mpsc::error::SendError((_, _, (c, _)))) = tx.send((i, g, d)).await {
+                    quic::close(&c, quic::code::SHUTDOWN, "the session ended");
+                }
+            });
+        }
+    }
+
+    /// A data connection is up: its streams join backup `i`'s writer if the connection it was
+    /// opened for is still the current one, else it is closed.
+    fn on_data_conn(&mut self, (i, g, (conn, streams)): DataOpened) {
+        match &mut self.links[i] {
+            Some((lg, w)) if *lg == g => {
+                tracing::info!(
+                    "backup {}: data connection to {} joined with {} stream(s)",
+                    self.cfg.backups[i].1,
+                    conn.remote_address(),
+                    streams.len()
+                );
+                w.add_data(conn, streams);
+            }
+            _ => quic::close(&conn, quic::code::SESSION_FAILED, "connection gone"),
+        }
+    }
+
     fn execute(&mut self, p: &mut Policy<'_>, c: Command) -> Result<(), PrimaryError> {
         match c {
             Command::Connect(i) => {
@@ -307,24 +329,7 @@ impl Driver {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             Command::Close(i) => self.to_close.push(i),
-            Command::OpenData { backup: i, ports } => {
-                let Some((g, _)) = &self.links[i] else {
-                    return Ok(());
-                };
-                let (g, ep, tx) = (*g, self.ep.clone(), self.data_tx.clone());
-                let (addr, name) = self.cfg.backups[i].clone();
-                let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
-                tokio::spawn(async move {
-                    let d = peer::connect_data(&ep, (addr, &name), &vm_id, &ports, lanes).await;
-                    if let Err(mpsc::error::SendError((_, _, (conns, _)))) =
-                        tx.send((i, g, d)).await
-                    {
-                        for c in conns {
-                            quic::close(&c, quic::code::SHUTDOWN, "the session ended");
-                        }
-                    }
-                });
-            }
+            Command::OpenData { backup: i, ports } => self.open_data(i, &ports),
         }
         Ok(())
     }
@@ -364,6 +369,9 @@ impl Drop for Driver {
         }
         while let Ok((_, _, Ok(link))) = self.conns.try_recv() {
             link.close(quic::code::SESSION_FAILED, "session over");
+        }
+        while let Ok((_, _, (c, _))) = self.data.try_recv() {
+            quic::close(&c, quic::code::SESSION_FAILED, "session over");
         }
     }
 }

@@ -69,50 +69,52 @@ pub(crate) async fn connect(
     Ok(link)
 }
 
-/// Longest wait for a data connection's handshake: a port the path does not let through
-/// (a firewall) costs this once, and the session goes on without it.
+/// Longest wait for a data connection's handshake and the backup's confirmation: a port the
+/// path does not let through (a firewall) costs this once, and the session goes on without it.
 const DATA_ATTEMPT: Duration = Duration::from_secs(1);
 
-/// A backup's data connections and their streams (`lanes` on each).
-pub(crate) type DataConns = (Vec<quinn::Connection>, Vec<quinn::SendStream>);
+/// A data connection to a backup and its streams.
+pub(crate) type DataConn = (quinn::Connection, Vec<quinn::SendStream>);
 
-/// Connects to the data `ports` the backup at `addr` offered (its certificate checked as for
-/// the session's connection) and opens `lanes` data streams on each; a port that cannot be
-/// reached in [`DATA_ATTEMPT`] is left out with a warning.
+/// Connects to the data `port` the backup at `addr` offered (its certificate checked as for
+/// the session's connection), waits for the backup to take it into the session
+/// ([`transport::link::joined`]) and opens `lanes` data streams on it. None (with a warning)
+/// if that does not happen within [`DATA_ATTEMPT`]: the session goes on without it.
 pub(crate) async fn connect_data(
     ep: &quinn::Endpoint,
     (addr, name): (SocketAddr, &str),
     vm: &str,
-    ports: &[u16],
+    port: u16,
     lanes: u8,
-) -> DataConns {
-    let (mut conns, mut streams) = (Vec::new(), Vec::new());
-    for &port in ports {
-        let at = SocketAddr::new(addr.ip(), port);
-        let c =
-            match tokio::time::timeout(DATA_ATTEMPT, quic::connect_backup(ep, at, name, Some(vm)))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    tracing::warn!("backup {name}: data connection to {at} failed: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!("backup {name}: no data connection to {at} within 1 s");
-                    continue;
-                }
-            };
-        for _ in 0..lanes.max(1) {
-            match c.open_uni().await {
-                Ok(s) => streams.push(s),
-                Err(e) => {
-                    tracing::warn!("backup {name}: data stream to {at}: {e}");
-                    break;
-                }
-            }
+) -> Option<DataConn> {
+    let at = SocketAddr::new(addr.ip(), port);
+    let deadline = tokio::time::Instant::now() + DATA_ATTEMPT;
+    let attempt = async {
+        let c = quic::connect_backup(ep, at, name, Some(vm)).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Err(e) = transport::link::joined(&c, left).await {
+            quic::close(&c, quic::code::SESSION_FAILED, "not taken into the session");
+            return Err(e);
         }
-        conns.push(c);
+        let mut streams = Vec::new();
+        for _ in 0..lanes.max(1) {
+            streams.push(
+                c.open_uni()
+                    .await
+                    .map_err(|e| TransportError::Stream(e.to_string()))?,
+            );
+        }
+        Ok::<_, TransportError>((c, streams))
+    };
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(Ok(d)) => Some(d),
+        Ok(Err(e)) => {
+            tracing::warn!("backup {name}: no data connection to {at}: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("backup {name}: no data connection to {at} within {DATA_ATTEMPT:?}");
+            None
+        }
     }
-    (conns, streams)
 }

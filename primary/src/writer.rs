@@ -133,10 +133,10 @@ impl Writer {
         }
     }
 
-    /// Takes data connections and their streams into the session: data frames go over them
+    /// Takes a data connection and its streams into the session: data frames go over them
     /// too from now on.
-    pub fn add_data(&mut self, conns: Vec<quinn::Connection>, streams: Vec<quinn::SendStream>) {
-        self.extra.extend(conns);
+    pub fn add_data(&mut self, conn: quinn::Connection, streams: Vec<quinn::SendStream>) {
+        self.extra.push(conn);
         // (The data task ends only with the session's connection: the send cannot fail while
         // it matters.)
         let _ = self.add.send(streams);

@@ -342,6 +342,38 @@ impl WelcomeV3 {
     }
 }
 
+/// Decodes a `Welcome` in whichever layout it came, checking that its version is one of
+/// that layout's.
+fn welcome_of(p: &[u8]) -> Result<Welcome, ProtocolError> {
+    fn whole<'a, T: Deserialize<'a>>(p: &'a [u8]) -> Result<T, String> {
+        match postcard::take_from_bytes::<T>(p) {
+            Ok((v, [])) => Ok(v),
+            Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    let (w, versions) = match whole::<Welcome>(p) {
+        Ok(w) => (w, DATA_CONN_VERSION..u16::MAX),
+        Err(why) => match (whole::<WelcomeV3>(p), whole::<WelcomeV2>(p)) {
+            (Ok(w), _) => (w.upgrade(), RESYNC_VERSION..DATA_CONN_VERSION),
+            (_, Ok(w)) => (w.upgrade(), 0..RESYNC_VERSION),
+            _ => {
+                return Err(ProtocolError::Malformed {
+                    kind: "Welcome",
+                    why,
+                })
+            }
+        },
+    };
+    if !versions.contains(&w.version) {
+        return Err(ProtocolError::Malformed {
+            kind: "Welcome",
+            why: format!("version {} in another version's layout", w.version),
+        });
+    }
+    Ok(w)
+}
+
 /// Any message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -448,20 +480,16 @@ impl Message {
             }
         }
         let m = match t {
-            // Versions 3 and 4 appended fields to Hello and Welcome: the previous layouts still
-            // decode (a newer payload never decodes as an older one: trailing bytes; an older
-            // one never as a newer one: too short).
+            // Version 3 appended fields to Hello and Welcome, version 4 to Welcome: the previous
+            // layouts still decode (a newer payload never decodes as an older one: trailing
+            // bytes; an older one never as a newer one: too short), each only with a version
+            // it belongs to (a Welcome re-encodes in the layout of its version).
             1 => Message::Hello(de("Hello", p).or_else(|e| {
                 de::<HelloV2>("Hello", p)
                     .map(HelloV2::upgrade)
                     .map_err(|_| e)
             })?),
-            2 => Message::Welcome(de("Welcome", p).or_else(|e| {
-                de::<WelcomeV3>("Welcome", p)
-                    .map(WelcomeV3::upgrade)
-                    .or_else(|_| de::<WelcomeV2>("Welcome", p).map(WelcomeV2::upgrade))
-                    .map_err(|_| e)
-            })?),
+            2 => Message::Welcome(welcome_of(p)?),
             3 => Message::Begin(de("Begin", p)?),
             4 => Message::Pages(de("Pages", p)?),
             5 => Message::Disk(de("Disk", p)?),

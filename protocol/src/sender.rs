@@ -223,8 +223,9 @@ impl Sender {
         let n = frames.len();
         for (i, fr) in frames.into_iter().enumerate() {
             // Begin on the control lane; the parts spread over the data lanes, and End after
-            // them on a data lane: a writer that sends each lane in order sends End only once
-            // the parts before it on that lane are out (the receiver takes any order).
+            // them on a data lane: the primary's one data writer sends data frames in this
+            // order (over any of its streams), so End leaves after the parts (the receiver
+            // takes any order).
             let (lane, end) = match i {
                 0 => (0, None),
                 i if i == n - 1 => (self.data_lane(), Some((epoch, attempt))),

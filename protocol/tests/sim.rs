@@ -438,55 +438,6 @@ fn checkpoint_crc_mismatch_keeps_previous_state_and_tells_the_sender() {
 }
 
 #[test]
-fn data_ports_reach_a_version_4_primary_only_and_hostile_lists_are_refused() {
-    use protocol::message::{Welcome, MAX_DATA_PORTS};
-    let now = Instant::now();
-    let offer = |max: u16| {
-        let mut cfg = ReceiverConfig::new(7, "vm1");
-        cfg.data_ports = vec![7001, 7002];
-        let mut r = Receiver::new(cfg);
-        r.handle_frame(now, &hello(1, 3, max)).unwrap();
-        let f = r.poll_transmit().expect("a Welcome");
-        match Message::decode(&f).unwrap() {
-            Message::Welcome(w) => (w.version, w.data_ports),
-            m => panic!("{m:?}"),
-        }
-    };
-    assert_eq!(offer(4), (4, vec![7001, 7002]));
-    // A version-3 primary gets the version-3 layout, which it can decode: no ports.
-    assert_eq!(offer(3), (3, vec![]));
-    // The sender reports them with Ready.
-    let mut s = Sender::new(SenderConfig::new(7, "vm1", 3));
-    s.start(now);
-    while s.poll_transmit(now).is_some() {}
-    let w = |ports: Vec<u16>| {
-        Message::Welcome(Welcome {
-            version: 4,
-            term: 3,
-            last_committed: None,
-            committed: None,
-            data_ports: ports,
-        })
-        .encode()
-    };
-    s.handle_frame(now, &w(vec![7001])).unwrap();
-    assert!(matches!(
-        s.poll_event(),
-        Some(SenderEvent::Ready { version: 4, ref data_ports, .. }) if data_ports == &[7001]
-    ));
-    // Too many ports, or port 0: malformed.
-    for bad in [vec![7001; MAX_DATA_PORTS + 1], vec![7001, 0]] {
-        assert!(matches!(
-            Message::decode(&w(bad)),
-            Err(ProtocolError::Malformed {
-                kind: "Welcome",
-                ..
-            })
-        ));
-    }
-}
-
-#[test]
 fn a_previous_version_peer_is_accepted_at_its_version() {
     use protocol::message::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
     assert_eq!(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION - 1);
@@ -693,45 +644,6 @@ fn a_failed_apply_with_checkpoints_pipelined_behind_it_does_not_livelock() {
         .map(|c| c.epoch)
         .collect();
     assert_eq!(got, vec![11, 12, 13]);
-}
-
-#[test]
-fn version_2_hello_and_welcome_still_decode() {
-    // Version 2 layouts: Hello without history, Welcome without committed.
-    #[derive(serde::Serialize)]
-    struct HelloV2<'a> {
-        min_version: u16,
-        max_version: u16,
-        cluster_id: u64,
-        vm_id: &'a str,
-        term: u64,
-        role: Role,
-        streams: u8,
-    }
-    let p = postcard::to_stdvec(&HelloV2 {
-        min_version: 1,
-        max_version: 2,
-        cluster_id: 7,
-        vm_id: "vm1",
-        term: 4,
-        role: Role::Primary,
-        streams: 2,
-    })
-    .unwrap();
-    match Message::from_payload(1, &p).unwrap() {
-        Message::Hello(h) => assert_eq!((h.term, h.history, h.max_version), (4, 0, 2)),
-        m => panic!("{m:?}"),
-    }
-    // A Welcome at version 2 is encoded in the version-2 layout and decodes back.
-    let w = protocol::message::Welcome {
-        version: 2,
-        term: 4,
-        last_committed: None,
-        committed: None,
-        data_ports: vec![],
-    };
-    let f = Message::Welcome(w.clone()).encode();
-    assert_eq!(Message::decode(&f).unwrap(), Message::Welcome(w));
 }
 
 #[test]

@@ -2,15 +2,42 @@
 //!
 //! The primary opens one bidirectional **control** stream (lane 0: `Hello`, `Begin`,
 //! heartbeats, `Goodbye`; the backup answers on its return direction) and `lanes`
-//! unidirectional **data** streams (lanes 1..: checkpoint parts spread round-robin by the
-//! protocol's sender, and each checkpoint's `End` after them). Each
-//! stream is a sequence of frames; the receiving side cuts them with `FrameReader` (refusing a
-//! bad header before buffering its length) and merges all streams into one channel.
+//! unidirectional **data** streams (lanes 1..: checkpoint parts and each checkpoint's `End`).
+//! More data streams may come on **data connections** of the same primary
+//! ([`BackupLink::join`]): the backup confirms each it takes in with [`JOINED`] on a stream
+//! of its own, which the primary waits for ([`joined`]) before it writes there. Each stream is
+//! a sequence of frames; the receiving side cuts them with `FrameReader` (refusing a bad
+//! header before buffering its length) and merges all streams into one channel.
 
 use protocol::frame::FrameReader;
 use tokio::sync::mpsc;
 
 use crate::error::TransportError;
+
+/// What the backup sends on a data connection it took into a session.
+pub const JOINED: &[u8] = b"VMXJOIN1";
+
+/// Waits (at most `within`) for the backup's confirmation that it took data connection
+/// `conn` into the session.
+pub async fn joined(
+    conn: &quinn::Connection,
+    within: std::time::Duration,
+) -> Result<(), TransportError> {
+    let confirm = async {
+        let mut s = conn.accept_uni().await.map_err(stream_err)?;
+        let got = s.read_to_end(JOINED.len()).await.map_err(stream_err)?;
+        if got != JOINED {
+            return Err(TransportError::Stream("not a join confirmation".into()));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(within, confirm).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Stream(format!(
+            "the backup did not take the data connection within {within:?}"
+        ))),
+    }
+}
 
 /// Incoming frames of all streams of a connection.
 pub type FrameRx = mpsc::Receiver<Result<Vec<u8>, TransportError>>;
@@ -48,6 +75,15 @@ async fn read_frames(mut recv: quinn::RecvStream, tx: FrameTx) {
             }
         }
     }
+}
+
+/// Reads every data stream `conn` opens into `tx`.
+fn read_streams(conn: quinn::Connection, tx: FrameTx) {
+    tokio::spawn(async move {
+        while let Ok(uni) = conn.accept_uni().await {
+            tokio::spawn(read_frames(uni, tx.clone()));
+        }
+    });
 }
 
 fn stream_err(e: impl std::fmt::Display) -> TransportError {
@@ -151,7 +187,8 @@ impl PrimaryLink {
 pub struct BackupLink {
     conn: quinn::Connection,
     control: quinn::SendStream,
-    frames: FrameTx,
+    /// (Weak: once every stream's reader has ended, the session's channel closes.)
+    frames: mpsc::WeakSender<Result<Vec<u8>, TransportError>>,
     /// Connections taken in by [`BackupLink::join`] (closed with the session).
     joined: Vec<quinn::Connection>,
 }
@@ -165,32 +202,36 @@ impl BackupLink {
         let link = BackupLink {
             conn,
             control,
-            frames: tx,
+            frames: tx.downgrade(),
             joined: Vec::new(),
         };
-        link.read_streams(link.conn.clone());
+        read_streams(link.conn.clone(), tx);
         Ok((link, rx))
     }
 
     /// Takes the data streams of another connection of the same primary into this session
-    /// (the caller checked that it is the same primary); it is closed with the session.
+    /// (the caller checked that it is the same primary) and confirms it ([`JOINED`]); it is
+    /// closed with the session.
     pub fn join(&mut self, conn: quinn::Connection) {
-        self.read_streams(conn.clone());
+        let Some(tx) = self.frames.upgrade() else {
+            crate::quic::close(&conn, crate::quic::code::SESSION_FAILED, "session over");
+            return;
+        };
+        read_streams(conn.clone(), tx);
+        let c = conn.clone();
+        tokio::spawn(async move {
+            if let Ok(mut s) = c.open_uni().await {
+                if s.write_all(JOINED).await.is_ok() {
+                    let _ = s.finish();
+                }
+            }
+        });
         self.joined.push(conn);
     }
 
     /// Connections taken in by [`BackupLink::join`].
     pub fn joined(&self) -> usize {
         self.joined.len()
-    }
-
-    fn read_streams(&self, conn: quinn::Connection) {
-        let tx = self.frames.clone();
-        tokio::spawn(async move {
-            while let Ok(uni) = conn.accept_uni().await {
-                tokio::spawn(read_frames(uni, tx.clone()));
-            }
-        });
     }
 
     /// Sends a frame to the primary (control stream).

@@ -152,6 +152,17 @@ impl Server {
         id: &Identity,
         cfg: &QuicConfig,
     ) -> Result<Server, TransportError> {
+        Self::bind_limited(addr, id, cfg, MAX_HANDSHAKES)
+    }
+
+    /// [`Server::bind`] driving at most `handshakes` handshakes at a time (more are refused at
+    /// once).
+    pub fn bind_limited(
+        addr: SocketAddr,
+        id: &Identity,
+        cfg: &QuicConfig,
+        handshakes: usize,
+    ) -> Result<Server, TransportError> {
         let tls = tls::server_config(id)?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -161,7 +172,8 @@ impl Server {
         let refusals = RefusalLog::default();
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let timeout = Duration::from_millis(cfg.handshake_timeout_ms.max(1));
-        let driver = tokio::spawn(drive(endpoint.clone(), tx, refusals.clone(), timeout));
+        let limits = (timeout, handshakes.max(1));
+        let driver = tokio::spawn(drive(endpoint.clone(), tx, refusals.clone(), limits));
         Ok(Server {
             endpoint,
             refusals,
@@ -230,17 +242,14 @@ async fn drive(
     endpoint: quinn::Endpoint,
     ready: mpsc::Sender<quinn::Connection>,
     refusals: RefusalLog,
-    timeout: Duration,
+    (timeout, handshakes): (Duration, usize),
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let slots = Arc::new(Semaphore::new(handshakes));
     while let Some(incoming) = endpoint.accept().await {
         let peer = incoming.remote_address();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             incoming.refuse();
-            refusals.record(
-                peer,
-                format!("{MAX_HANDSHAKES} handshakes already in progress"),
-            );
+            refusals.record(peer, format!("{handshakes} handshakes already in progress"));
             continue;
         };
         let (ready, refusals) = (ready.clone(), refusals.clone());

@@ -52,6 +52,43 @@ async fn checkpoints_spread_over_two_connections_arrive_intact() {
     stream(4, 2).await;
 }
 
+/// The backup's side: takes the session and its data connections, verifies every page of
+/// `checkpoints` checkpoints and acknowledges them; returns the page bytes verified.
+async fn receive(server: Server, extra: Vec<Server>, checkpoints: u64) -> u64 {
+    let conn = server.accept().await.expect("accept");
+    let (mut link, mut rx) = BackupLink::accept(conn).await.expect("link");
+    for s in &extra {
+        link.join(s.accept().await.expect("accept a data connection"));
+    }
+    let mut r = Receiver::new(ReceiverConfig::new(1, "vm"));
+    let mut verified = 0u64;
+    let mut bytes = 0u64;
+    while verified < checkpoints {
+        let f = rx.recv().await.expect("stream open").expect("frame");
+        r.handle_frame(Instant::now(), &f).expect("valid frame");
+        while let Some(cp) = r.poll_checkpoint() {
+            assert_eq!(cp.pages.len() as u64, PAGES);
+            for (g, d) in &cp.pages {
+                let PageData::Raw(got) = d else {
+                    panic!("raw pages")
+                };
+                assert!(
+                    crc32fast::hash(got) == crc32fast::hash(&page(cp.epoch, *g)),
+                    "page {g} of {}",
+                    cp.epoch
+                );
+                bytes += got.len() as u64;
+            }
+            r.ack(cp.epoch);
+            verified += 1;
+        }
+        while let Some(out) = r.poll_transmit() {
+            link.send(&out).await.expect("send");
+        }
+    }
+    bytes
+}
+
 /// Streams `checkpoints` checkpoints of 64 MiB over 4 data streams spread over `conns`
 /// connections, each to a socket of its own on the backup.
 async fn stream(checkpoints: u64, conns: usize) {
@@ -78,40 +115,7 @@ async fn stream(checkpoints: u64, conns: usize) {
         .collect();
     let extra_addrs: Vec<_> = extra.iter().map(|s| s.local_addr().unwrap()).collect();
 
-    let backup = tokio::spawn(async move {
-        let conn = server.accept().await.expect("accept");
-        let (mut link, mut rx) = BackupLink::accept(conn).await.expect("link");
-        for s in &extra {
-            link.join(s.accept().await.expect("accept a data connection"));
-        }
-        let mut r = Receiver::new(ReceiverConfig::new(1, "vm"));
-        let mut verified = 0u64;
-        let mut bytes = 0u64;
-        while verified < checkpoints {
-            let f = rx.recv().await.expect("stream open").expect("frame");
-            r.handle_frame(Instant::now(), &f).expect("valid frame");
-            while let Some(cp) = r.poll_checkpoint() {
-                assert_eq!(cp.pages.len() as u64, PAGES);
-                for (g, d) in &cp.pages {
-                    let PageData::Raw(got) = d else {
-                        panic!("raw pages")
-                    };
-                    assert!(
-                        crc32fast::hash(got) == crc32fast::hash(&page(cp.epoch, *g)),
-                        "page {g} of {}",
-                        cp.epoch
-                    );
-                    bytes += got.len() as u64;
-                }
-                r.ack(cp.epoch);
-                verified += 1;
-            }
-            while let Some(out) = r.poll_transmit() {
-                link.send(&out).await.expect("send");
-            }
-        }
-        bytes
-    });
+    let backup = tokio::spawn(receive(server, extra, checkpoints));
 
     let ep = quic::client(&certs::load(dir.path(), "primary").unwrap(), &cfg).unwrap();
     let conn = quic::connect(&ep, addr, "backup").await.expect("connect");

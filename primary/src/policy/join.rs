@@ -62,7 +62,10 @@ impl Policy<'_> {
                 committed,
                 data_ports,
             } => {
-                if !data_ports.is_empty() && self.cfg.data_connections {
+                if !data_ports.is_empty()
+                    && self.cfg.data_connections
+                    && version >= protocol::message::DATA_CONN_VERSION
+                {
                     self.commands.push_back(super::Command::OpenData {
                         backup: i,
                         ports: data_ports,

@@ -173,7 +173,7 @@ pub struct BackupArgs {
     /// Extra sockets (any free port on the listening address) offered to a primary for data
     /// connections: each brings a receive path of its own (0: none; at most 8). A firewall
     /// must let them through like the listening port, or the primary goes on without them.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=8))]
     pub data_sockets: u8,
     /// Serve the control API on this Unix socket: `GET /status`, `PUT /stop`, `PUT /fence`,
     /// `PUT /promote` (`vmatrix ctl <socket> status|stop|fence|promote`).

@@ -20,11 +20,7 @@ impl LinkFault {
     /// Drops every packet to and from these UDP ports inside `ns` (a replication link: the
     /// backup's port and its data ports).
     pub fn drop_ports(ns: &str, ports: &[u16]) -> LinkFault {
-        let set = ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let set = port_set(ports);
         Self::install(
             ns,
             "vmxblip",
@@ -32,13 +28,16 @@ impl LinkFault {
         )
     }
 
-    /// Lets at most `kbytes_per_s` through to UDP `port` inside `ns` (the rest is dropped, as a
-    /// policer does; QUIC's congestion control adapts).
-    pub fn rate_limit(ns: &str, port: u16, kbytes_per_s: u32) -> LinkFault {
+    /// Lets at most `kbytes_per_s` in all through to these UDP ports inside `ns` (the rest is
+    /// dropped, as a policer does; QUIC's congestion control adapts).
+    pub fn rate_limit(ns: &str, ports: &[u16], kbytes_per_s: u32) -> LinkFault {
         Self::install(
             ns,
             "vmxslow",
-            &format!("udp dport {port} limit rate over {kbytes_per_s} kbytes/second drop"),
+            &format!(
+                "udp dport {{ {} }} limit rate over {kbytes_per_s} kbytes/second drop",
+                port_set(ports)
+            ),
         )
     }
 
@@ -65,6 +64,15 @@ impl LinkFault {
 
     /// Removes the fault.
     pub fn heal(self) {}
+}
+
+/// `a, b, …` for an nftables anonymous set.
+fn port_set(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Drop for LinkFault {

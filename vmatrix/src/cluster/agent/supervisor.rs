@@ -432,7 +432,10 @@ impl Supervisor {
             .arg(&self.cfg.certs)
             .args(["--host", &self.cfg.host, "--vm-id", &spec.name])
             .args(["--min-term", &min_term.to_string(), "--control"])
-            .arg(&control);
+            .arg(&control)
+            // A managed VM has one replication port (its spec's, which firewalls and the
+            // chaos suite's link faults know): no data sockets on random ports.
+            .args(["--data-sockets", "0"]);
         let key = (spec.name.clone(), ProcRole::Backup);
         let p = Proc::spawn(
             &spec.name,
