@@ -13,7 +13,7 @@ the root namespace and talks to the guest's KV service at 10.77.<N>.2:7000.
   2. data: 500 SETs, then CHURN over --churn-mib of guest RAM (default half of it) for one pass
      (one byte per page: those pages are non-zero but encode to almost nothing), then idle;
   3. quick resync runs (--runs): with two client connections open, the replication link is cut
-     (nftables drops UDP port 7100 both ways) for --blip-s seconds; a SET is sent during the cut
+     (nftables drops UDP ports 7100 and 7101, the data port, both ways) for --blip-s seconds; a SET is sent during the cut
      (its reply is held: output commit); the link heals. Measured from the heal: (a) the held
      SET's OK, (b) a SET sent right at the heal on the other (already open) connection,
      (c) a SET on a brand-new TCP connection opened at the heal. The primary's log must show
@@ -63,6 +63,9 @@ VMX = os.path.join(ROOT, "target", "release", "vmatrix")
 GUEST = os.path.join(ROOT, "guest", "target", "x86_64-unknown-linux-gnu", "release", "vmatrix-guest")
 NETNS = os.path.join(ROOT, "scripts", "netns.sh")
 BACKUP_PORT = 7100
+# The backup's data socket (the primary's second connection): link faults cover it too.
+DATA_PORT = 7101
+LINK_PORTS = f"{{ {BACKUP_PORT}, {DATA_PORT} }}"
 KV_PORT = 7000
 PAGE = 4096
 BLIP_TABLE = "vmxblip"
@@ -70,8 +73,8 @@ BLIP_RULES = (
     "table inet vmxblip {\n"
     "  chain input {\n"
     "    type filter hook input priority 0; policy accept;\n"
-    f"    udp dport {BACKUP_PORT} drop\n"
-    f"    udp sport {BACKUP_PORT} drop\n"
+    f"    udp dport {LINK_PORTS} drop\n"
+    f"    udp sport {LINK_PORTS} drop\n"
     "  }\n"
     "}\n"
 )
@@ -87,7 +90,7 @@ def slow_rules(rate_mbps):
         f"table inet {SLOW_TABLE} {{\n"
         "  chain input {\n"
         "    type filter hook input priority 0; policy accept;\n"
-        f"    udp dport {BACKUP_PORT} limit rate over {int(round(rate_mbps * 1024))} kbytes/second counter drop\n"
+        f"    udp dport {LINK_PORTS} limit rate over {int(round(rate_mbps * 1024))} kbytes/second counter drop\n"
         "  }\n"
         "}\n"
     )
@@ -384,7 +387,8 @@ class Bench:
         p = self.paths()
         return ["ip", "netns", "exec", self.ns, VMX, "backup", "--listen", f"127.0.0.1:{BACKUP_PORT}",
                 "--image-dir", p["image"], "--certs", p["pki"], "--host", "backup",
-                "--idle-timeout-ms", "500", "--log", "info"]
+                "--idle-timeout-ms", "500", "--log", "info"] + (
+                    ["--data-ports", str(DATA_PORT)] if self.a.data_socket else ["--data-sockets", "0"])
 
     def primary_cmd(self):
         p, i = self.paths(), self.index
@@ -694,7 +698,7 @@ class Bench:
         if self.a.rate_mbps:
             self.slow_on()
             say(f"full run {r}: replication link limited to {self.a.rate_mbps} MB/s "
-                f"(nft table inet {SLOW_TABLE}: udp dport {BACKUP_PORT} limit rate over "
+                f"(nft table inet {SLOW_TABLE}: udp dport {LINK_PORTS} limit rate over "
                 f"{int(round(self.a.rate_mbps * 1024))} kbytes/second drop)")
         try:
             return self.full_run_limited(r, kv_main, kv, off_p, off_b, out)
@@ -1060,6 +1064,8 @@ def main():
                     help="network index (namespace vmxbench<N>, 10.77.<N>.0/24); default: first free")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="timeout of each wait, s (default 120)")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the primary/backup logs here before cleanup")
+    ap.add_argument("--no-data-socket", dest="data_socket", action="store_false",
+                    help="run the backup without its data socket (one connection)")
     ap.add_argument("--disk-mib", type=int, default=256, help="disk size, MiB (default 256)")
     ap.add_argument("--fill-disk", action="store_true",
                     help=f"fill the disk with random data before the VM starts (the first {FILL_ZERO_MIB} MiB, "

@@ -37,18 +37,22 @@ pub(crate) struct DataSockets {
 }
 
 impl DataSockets {
-    /// Binds `n` sockets on `listen`'s address (any free port each).
+    /// Binds sockets on `listen`'s address: at `ports` if any are given, else `n` on any free
+    /// port each.
     pub fn bind(
-        n: u8,
+        (n, fixed): (u8, &[u16]),
         listen: SocketAddr,
         id: &Identity,
         quic: &QuicConfig,
     ) -> Result<DataSockets, BackupError> {
-        let n = usize::from(n).min(protocol::message::MAX_DATA_PORTS);
+        let at: Vec<u16> = match fixed {
+            [] => vec![0; usize::from(n)],
+            p => p.to_vec(),
+        };
         let (tx, rx) = mpsc::channel(WAITING);
         let (mut servers, mut ports, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..n {
-            let at = SocketAddr::new(listen.ip(), 0);
+        for port in at.into_iter().take(protocol::message::MAX_DATA_PORTS) {
+            let at = SocketAddr::new(listen.ip(), port);
             let s = Arc::new(Server::bind_limited(at, id, quic, HANDSHAKES)?);
             ports.push(s.local_addr()?.port());
             let (s2, tx) = (s.clone(), tx.clone());

@@ -56,8 +56,10 @@ pub struct BackupConfig {
     /// Export requests (`PUT /snapshot` on the control socket: see [`crate::export`]).
     pub exports: Exports,
     /// Extra sockets offered to a primary for data connections ([`crate::data`]; at most
-    /// `protocol::message::MAX_DATA_PORTS`, 0: none).
+    /// `protocol::message::MAX_DATA_PORTS`, 0: none), on any free port each...
     pub data_sockets: u8,
+    /// ... or on these ports (when not empty).
+    pub data_ports: Vec<u16>,
 }
 
 /// Serves primaries until `stop` turns true; then finalizes the committed image as a snapshot
@@ -124,7 +126,8 @@ pub async fn serve_fenced(
     fence.enforce_latest(&mut min_term);
     let server = Server::bind(cfg.listen, &cfg.identity, &cfg.quic)?;
     let addr = server.local_addr()?;
-    let mut data = DataSockets::bind(cfg.data_sockets, addr, &cfg.identity, &cfg.quic)?;
+    let offered = (cfg.data_sockets, &cfg.data_ports[..]);
+    let mut data = DataSockets::bind(offered, addr, &cfg.identity, &cfg.quic)?;
     tracing::info!("backup listening on {addr} (data ports {:?})", data.ports());
     if let Some(r) = ready {
         let _ = r.send(addr);

@@ -44,6 +44,7 @@ async fn start_backup(pki: &Path) -> Backup {
         stats: Arc::new(backup::BackupStats::default()),
         exports: backup::Exports::default(),
         data_sockets: 1,
+        data_ports: Vec::new(),
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -232,6 +232,7 @@ impl RunningVm {
             stats: Arc::new(backup::BackupStats::default()),
             exports: backup::Exports::default(),
             data_sockets: 1,
+            data_ports: Vec::new(),
         };
         let exports = bcfg.exports.clone();
         let brx = stop_rx.clone();

@@ -63,6 +63,7 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         stats: Arc::new(BackupStats::default()),
         exports: backup::Exports::default(),
         data_sockets: a.data_sockets,
+        data_ports: a.data_ports.clone(),
     };
     let (tx, rx) = watch::channel(false);
     let tx = Arc::new(tx);

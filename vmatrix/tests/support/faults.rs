@@ -12,11 +12,6 @@ pub struct LinkFault {
 }
 
 impl LinkFault {
-    /// Drops every packet to and from UDP `port` inside `ns`.
-    pub fn drop_all(ns: &str, port: u16) -> LinkFault {
-        Self::drop_ports(ns, &[port])
-    }
-
     /// Drops every packet to and from these UDP ports inside `ns` (a replication link: the
     /// backup's port and its data ports).
     pub fn drop_ports(ns: &str, ports: &[u16]) -> LinkFault {
