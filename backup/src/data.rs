@@ -25,8 +25,11 @@ const WAITING: usize = 8;
 
 /// Handshakes each data socket drives at a time: one primary opens one connection per socket,
 /// so a flood of handshakes there costs little (the main socket allows
-/// `transport::quic::MAX_HANDSHAKES`).
-const HANDSHAKES: usize = 4;
+/// `transport::quic::MAX_HANDSHAKES`)...
+const HANDSHAKES: usize = 16;
+/// ... each for at most this long (the primary waits 1 s for its data connection): abandoned
+/// handshakes hold a slot briefly.
+const HANDSHAKE_MS: u64 = 500;
 
 /// See the module docs.
 pub(crate) struct DataSockets {
@@ -53,7 +56,11 @@ impl DataSockets {
         let (mut servers, mut ports, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
         for port in at.into_iter().take(protocol::message::MAX_DATA_PORTS) {
             let at = SocketAddr::new(listen.ip(), port);
-            let s = Arc::new(Server::bind_limited(at, id, quic, HANDSHAKES)?);
+            let cfg = QuicConfig {
+                handshake_timeout_ms: HANDSHAKE_MS.min(quic.handshake_timeout_ms),
+                ..*quic
+            };
+            let s = Arc::new(Server::bind_limited(at, id, &cfg, HANDSHAKES)?);
             ports.push(s.local_addr()?.port());
             let (s2, tx) = (s.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {
@@ -109,17 +116,22 @@ impl DataSockets {
         }
     }
 
-    /// Takes `c` into the session whose connection is `session`, if it is the same primary:
-    /// the reason to refuse it otherwise (it is closed with that reason).
-    pub fn admit(&self, session: &quinn::Connection, c: &quinn::Connection) -> Result<(), ()> {
-        if transport::roles::same_peer(session, c) {
-            return Ok(());
+    /// True if `c` may join the session whose connection is `session` and which took `joined`
+    /// data connections already: the same primary, one connection per data socket at most.
+    /// Otherwise it is closed with the reason (`REFUSED`).
+    pub fn admit(&self, session: &quinn::Connection, c: &quinn::Connection, joined: usize) -> bool {
+        if !transport::roles::same_peer(session, c) {
+            self.refuse(
+                c,
+                "a data connection must present the session's certificate",
+            );
+            return false;
         }
-        self.refuse(
-            c,
-            "a data connection must present the session's certificate",
-        );
-        Err(())
+        if joined >= self.ports.len() {
+            self.refuse(c, "the session has a data connection on every data socket");
+            return false;
+        }
+        true
     }
 }
 

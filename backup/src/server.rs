@@ -497,7 +497,7 @@ async fn session_loop(
 
 /// Takes data connection `c` into the session if it is the session's primary's.
 fn admit_data(data: &DataSockets, link: &mut BackupLink, c: quinn::Connection) {
-    if data.admit(link.connection(), &c).is_ok() {
+    if data.admit(link.connection(), &c, link.joined()) {
         link.join(c);
         tracing::info!("data connection {} joined the session", link.joined());
     }

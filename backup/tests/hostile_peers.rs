@@ -248,6 +248,11 @@ async fn only_the_sessions_own_primary_may_open_data_connections() {
             }
         }
     }
+    // One data connection per data socket: a second one of the same primary is refused.
+    let second = connect(dir.path(), "primary", data_addr).await;
+    let (c, reason) = closed_by_backup(&second, Duration::from_secs(5)).await;
+    assert_eq!(c, code::REFUSED, "{reason}");
+    assert!(reason.contains("every data socket"), "{reason}");
     // The session ends: its data connection is closed with it.
     link.close(code::DONE, "test done");
     let (c, reason) = closed_by_backup(&data, Duration::from_secs(5)).await;

@@ -89,32 +89,32 @@ pub(crate) async fn connect_data(
 ) -> Option<DataConn> {
     let at = SocketAddr::new(addr.ip(), port);
     let deadline = tokio::time::Instant::now() + DATA_ATTEMPT;
-    let attempt = async {
-        let c = quic::connect_backup(ep, at, name, Some(vm)).await?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Err(e) = transport::link::joined(&c, left).await {
-            quic::close(&c, quic::code::SESSION_FAILED, "not taken into the session");
-            return Err(e);
-        }
-        let mut streams = Vec::new();
-        for _ in 0..lanes.max(1) {
-            streams.push(
-                c.open_uni()
-                    .await
-                    .map_err(|e| TransportError::Stream(e.to_string()))?,
-            );
-        }
-        Ok::<_, TransportError>((c, streams))
-    };
-    match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(Ok(d)) => Some(d),
+    let connect = quic::connect_backup(ep, at, name, Some(vm));
+    let c = match tokio::time::timeout_at(deadline, connect).await {
+        Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!("backup {name}: no data connection to {at}: {e}");
-            None
+            return None;
         }
         Err(_) => {
             tracing::warn!("backup {name}: no data connection to {at} within {DATA_ATTEMPT:?}");
-            None
+            return None;
         }
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let mut streams = Vec::new();
+    let opened = async {
+        transport::link::joined(&c, left).await?;
+        for _ in 0..lanes.max(1) {
+            let s = c.open_uni().await;
+            streams.push(s.map_err(|e| TransportError::Stream(e.to_string()))?);
+        }
+        Ok::<_, TransportError>(())
+    };
+    if let Err(e) = opened.await {
+        tracing::warn!("backup {name}: no data connection to {at}: {e}");
+        quic::close(&c, quic::code::SESSION_FAILED, "not taken into the session");
+        return None;
     }
+    Some((c, streams))
 }

@@ -353,10 +353,10 @@ fn welcome_of(p: &[u8]) -> Result<Welcome, ProtocolError> {
         }
     }
     let (w, versions) = match whole::<Welcome>(p) {
-        Ok(w) => (w, DATA_CONN_VERSION..u16::MAX),
+        Ok(w) => (w, DATA_CONN_VERSION..=u16::MAX),
         Err(why) => match (whole::<WelcomeV3>(p), whole::<WelcomeV2>(p)) {
-            (Ok(w), _) => (w.upgrade(), RESYNC_VERSION..DATA_CONN_VERSION),
-            (_, Ok(w)) => (w.upgrade(), 0..RESYNC_VERSION),
+            (Ok(w), _) => (w.upgrade(), RESYNC_VERSION..=DATA_CONN_VERSION - 1),
+            (_, Ok(w)) => (w.upgrade(), 0..=RESYNC_VERSION - 1),
             _ => {
                 return Err(ProtocolError::Malformed {
                     kind: "Welcome",

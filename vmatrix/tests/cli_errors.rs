@@ -251,3 +251,35 @@ fn certs_init_and_issue() {
         "ca.key",
     );
 }
+
+#[test]
+fn bad_data_ports_are_refused_before_anything_listens() {
+    let d = tempfile::tempdir().unwrap();
+    let image = d.path().join("image");
+    let img = image.to_str().unwrap();
+    let base = |ports: &'static str| {
+        vec![
+            "backup",
+            "--listen",
+            "127.0.0.1:7190",
+            "--image-dir",
+            img,
+            "--certs",
+            "/nonexistent",
+            "--host",
+            "b",
+            "--data-ports",
+            ports,
+        ]
+    };
+    for (ports, needle) in [
+        ("7191,7191", "port 7191 given twice"),
+        ("7190", "is the listening port"),
+        ("1,2,3,4,5,6,7,8,9", "at most 8 ports"),
+    ] {
+        assert_fails_with(&vmatrix(&base(ports), &[]), needle);
+    }
+    let mut both = base("7191");
+    both.extend(["--data-sockets", "2"]);
+    assert_fails_with(&vmatrix(&both, &[]), "cannot be used with");
+}

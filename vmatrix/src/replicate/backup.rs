@@ -37,10 +37,30 @@ const SERVES: &str = "GET /status, PUT /stop, PUT /fence, PUT /promote and PUT /
 /// Longest wait of `snapshot` for the export (a 4 GiB image copies in a few seconds).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `--data-ports`: at most 8, distinct, none the listening port.
+fn check_data_ports(a: &BackupArgs) -> anyhow::Result<()> {
+    let p = &a.data_ports;
+    let max = protocol::message::MAX_DATA_PORTS;
+    if p.len() > max {
+        anyhow::bail!("--data-ports: at most {max} ports, not {}", p.len());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for &port in p {
+        if port != 0 && !seen.insert(port) {
+            anyhow::bail!("--data-ports: port {port} given twice");
+        }
+        if port != 0 && port == a.listen.port() {
+            anyhow::bail!("--data-ports: port {port} is the listening port (--listen)");
+        }
+    }
+    Ok(())
+}
+
 /// Runs a backup until SIGINT/SIGTERM, `vmatrix ctl <socket> stop` or `promote`, then finalizes
 /// its image. The image directory is locked for the whole run, before anything else (a second
 /// backup or a restore of the same image is refused).
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    check_data_ports(&a)?;
     let lock = backup::ImageLock::acquire(&a.image_dir)?;
     // A minimum term given at start is persisted before anything listens (no session of an
     // older primary can begin, and no later `fence` has to end one that is starting).

@@ -175,9 +175,9 @@ pub struct BackupArgs {
     /// must let them through like the listening port, or the primary goes on without them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=8))]
     pub data_sockets: u8,
-    /// The data sockets' ports, instead of free ones (`--data-ports 7101,7102`: for firewall
-    /// rules and link faults that name ports).
-    #[arg(long, value_delimiter = ',', num_args = 1..=8)]
+    /// The data sockets' ports, instead of `--data-sockets` free ones (`--data-ports
+    /// 7101,7102`, at most 8: for firewall rules and link faults that name ports).
+    #[arg(long, value_delimiter = ',', conflicts_with = "data_sockets")]
     pub data_ports: Vec<u16>,
     /// Serve the control API on this Unix socket: `GET /status`, `PUT /stop`, `PUT /fence`,
     /// `PUT /promote` (`vmatrix ctl <socket> status|stop|fence|promote`).
