@@ -116,8 +116,9 @@ impl DataSockets {
         }
     }
 
-    /// True if `c` may join the session whose connection is `session` and which took `joined`
-    /// data connections already: the same primary, one connection per data socket at most.
+    /// True if `c` may join the session whose connection is `session` and which holds `joined`
+    /// open data connections: the same primary, one open connection per data socket at most
+    /// (one the primary gave up on, closed, does not count).
     /// Otherwise it is closed with the reason (`REFUSED`).
     pub fn admit(&self, session: &quinn::Connection, c: &quinn::Connection, joined: usize) -> bool {
         if !transport::roles::same_peer(session, c) {

@@ -74,6 +74,9 @@ pub(crate) struct Driver {
 /// sent one released frame 0.1 ms after SIGCONT, beside the new primary.
 pub const RELEASE_LEASE: Duration = Duration::from_millis(50);
 
+/// Longest wait between two attempts at a data connection that failed.
+const DATA_RETRY_MAX: Duration = Duration::from_secs(30);
+
 impl Driver {
     pub fn new(
         vm: Arc<Vm>,
@@ -228,21 +231,37 @@ impl Driver {
     }
 
     /// Connects to backup `i`'s data ports, each on its own (see [`peer::connect_data`]).
+    /// A port that fails is tried again, 2 s later and then less and less often (at most every
+    /// [`DATA_RETRY_MAX`]), as long as the connection it is for lives.
     fn open_data(&mut self, i: usize, ports: &[u16]) {
-        let Some((g, _)) = &self.links[i] else {
+        let Some((g, w)) = &self.links[i] else {
             return;
         };
         for &port in ports {
-            let (g, ep, tx) = (*g, self.ep.clone(), self.data_tx.clone());
+            let (g, ep, tx, alive) = (*g, self.ep.clone(), self.data_tx.clone(), w.alive());
             let (addr, name) = self.cfg.backups[i].clone();
             let (lanes, vm_id) = (self.cfg.lanes, self.cfg.vm_id.clone());
             tokio::spawn(async move {
-                let Some(d) = peer::connect_data(&ep, (addr, &name), &vm_id, port, lanes).await
-                else {
-                    return;
-                };
-                if let Err(mpsc::error::SendError((_, _, (c, _)))) = tx.send((i, g, d)).await {
-                    quic::close(&c, quic::code::SHUTDOWN, "the session ended");
+                let mut wait = Duration::from_secs(2);
+                for attempt in 0u32.. {
+                    let to = (addr, name.as_str());
+                    let d = peer::connect_data(&ep, to, &vm_id, (port, lanes), attempt > 0).await;
+                    if alive.strong_count() == 0 {
+                        return;
+                    }
+                    if let Some(d) = d {
+                        if let Err(mpsc::error::SendError((_, _, (c, _)))) =
+                            tx.send((i, g, d)).await
+                        {
+                            quic::close(&c, quic::code::SHUTDOWN, "the session ended");
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(DATA_RETRY_MAX);
+                    if alive.strong_count() == 0 {
+                        return;
+                    }
                 }
             });
         }

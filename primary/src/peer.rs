@@ -78,26 +78,33 @@ pub(crate) type DataConn = (quinn::Connection, Vec<quinn::SendStream>);
 
 /// Connects to the data `port` the backup at `addr` offered (its certificate checked as for
 /// the session's connection), waits for the backup to take it into the session
-/// ([`transport::link::joined`]) and opens `lanes` data streams on it. None (with a warning)
-/// if that does not happen within [`DATA_ATTEMPT`]: the session goes on without it.
+/// ([`transport::link::joined`]) and opens `lanes` data streams on it. None (with a warning,
+/// or a debug line if `quiet`) if that does not happen within [`DATA_ATTEMPT`].
 pub(crate) async fn connect_data(
     ep: &quinn::Endpoint,
     (addr, name): (SocketAddr, &str),
     vm: &str,
-    port: u16,
-    lanes: u8,
+    (port, lanes): (u16, u8),
+    quiet: bool,
 ) -> Option<DataConn> {
+    let failed = |why: String| {
+        if quiet {
+            tracing::debug!("backup {name}: no data connection to port {port}: {why}");
+        } else {
+            tracing::warn!("backup {name}: no data connection to port {port}: {why} (retrying)");
+        }
+    };
     let at = SocketAddr::new(addr.ip(), port);
     let deadline = tokio::time::Instant::now() + DATA_ATTEMPT;
     let connect = quic::connect_backup(ep, at, name, Some(vm));
     let c = match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::warn!("backup {name}: no data connection to {at}: {e}");
+            failed(e.to_string());
             return None;
         }
         Err(_) => {
-            tracing::warn!("backup {name}: no data connection to {at} within {DATA_ATTEMPT:?}");
+            failed(format!("nothing within {DATA_ATTEMPT:?}"));
             return None;
         }
     };
@@ -112,7 +119,7 @@ pub(crate) async fn connect_data(
         Ok::<_, TransportError>(())
     };
     if let Err(e) = opened.await {
-        tracing::warn!("backup {name}: no data connection to {at}: {e}");
+        failed(e.to_string());
         quic::close(&c, quic::code::SESSION_FAILED, "not taken into the session");
         return None;
     }

@@ -27,6 +27,8 @@ pub(crate) struct Writer {
     conn: quinn::Connection,
     /// Data connections taken into the session (closed with it).
     extra: Vec<quinn::Connection>,
+    /// Lives as long as this writer: attempts to open data connections for it stop with it.
+    alive: Arc<()>,
     /// More data streams for the data task.
     add: mpsc::UnboundedSender<Vec<quinn::SendStream>>,
     control: mpsc::Sender<Vec<u8>>,
@@ -90,6 +92,7 @@ impl Writer {
         Writer {
             conn,
             extra: Vec::new(),
+            alive: Arc::new(()),
             add,
             control,
             data,
@@ -131,6 +134,11 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Gone once this writer is (its connection replaced or closed).
+    pub fn alive(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     /// Takes a data connection and its streams into the session: data frames go over them

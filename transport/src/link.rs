@@ -213,6 +213,7 @@ impl BackupLink {
     /// (the caller checked that it is the same primary) and confirms it ([`JOINED`]); it is
     /// closed with the session.
     pub fn join(&mut self, conn: quinn::Connection) {
+        self.joined.retain(|c| c.close_reason().is_none());
         let Some(tx) = self.frames.upgrade() else {
             crate::quic::close(&conn, crate::quic::code::SESSION_FAILED, "session over");
             return;
@@ -229,9 +230,12 @@ impl BackupLink {
         self.joined.push(conn);
     }
 
-    /// Connections taken in by [`BackupLink::join`].
+    /// Connections taken in by [`BackupLink::join`] that are still open.
     pub fn joined(&self) -> usize {
-        self.joined.len()
+        self.joined
+            .iter()
+            .filter(|c| c.close_reason().is_none())
+            .count()
     }
 
     /// Sends a frame to the primary (control stream).

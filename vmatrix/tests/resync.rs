@@ -146,19 +146,17 @@ fn fault_then_crash(fault: Fault) {
     );
     if let Fault::DataBlip = fault {
         // The session that lost its data connection was replaced; the new one went on without
-        // one (its attempt, made while the port was cut, gives up within 1 s) or got one again
-        // after the heal.
+        // one while the port was cut, and gets one again after the heal (its attempts are
+        // retried).
         let t = Instant::now();
-        let settled = |log: &str| {
-            log.contains("no data connection to") || log.matches("joined with").count() >= 2
-        };
-        while !settled(&r.primary.stderr_text()) && t.elapsed() < Duration::from_secs(3) {
+        let rejoined = |log: &str| log.matches("joined with").count() >= 2;
+        while !rejoined(&r.primary.stderr_text()) && t.elapsed() < Duration::from_secs(8) {
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = r.primary.stderr_text();
         assert!(
-            settled(&log),
-            "{fault:?}: the next session's data connection attempt; primary log:\n{log}"
+            rejoined(&log),
+            "{fault:?}: a data connection again after the heal; primary log:\n{log}"
         );
     }
     assert_backup_equals_primary(&mut r, &sock);
