@@ -107,20 +107,9 @@ pub async fn serve_fenced(
     }
     let mut replica = Replica::open(lock)?;
     replica.set_tracker(cfg.exports.tracker());
+    report_committed(&cfg.stats, &replica);
     let mut slot = Some(replica);
     let mut exporter = Exporter::new(cfg.exports.clone());
-    if let Some(p) = slot.as_ref().and_then(|r| r.position()) {
-        tracing::info!(
-            "committed image: checkpoint {} (term {}, history {:#x})",
-            p.seq,
-            p.term,
-            p.history
-        );
-        cfg.stats.applied.store(p.seq + 1, Ordering::Relaxed);
-        cfg.stats.term.store(p.term, Ordering::Relaxed);
-        cfg.stats.committed.store(p.seq + 1, Ordering::Relaxed);
-        cfg.stats.history.store(p.history, Ordering::Relaxed);
-    }
     let mut min_term = fence.subscribe();
     // (A raise made before this loop runs is enforced: no session runs yet.)
     fence.enforce_latest(&mut min_term);
@@ -192,6 +181,23 @@ pub async fn serve_fenced(
         tracing::info!("image finalized at checkpoint {s}");
     }
     Ok(seq)
+}
+
+/// Logs the replica's committed image, if any, and counts it in `stats`.
+fn report_committed(stats: &BackupStats, replica: &Replica) {
+    let Some(p) = replica.position() else {
+        return;
+    };
+    tracing::info!(
+        "committed image: checkpoint {} (term {}, history {:#x})",
+        p.seq,
+        p.term,
+        p.history
+    );
+    stats.applied.store(p.seq + 1, Ordering::Relaxed);
+    stats.term.store(p.term, Ordering::Relaxed);
+    stats.committed.store(p.seq + 1, Ordering::Relaxed);
+    stats.history.store(p.history, Ordering::Relaxed);
 }
 
 /// How long the primary may stay silent (it sends heartbeats): the receiver's default (3 s),
