@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use support::*;
 
-fn churn_and_compare(run: u32) {
+/// One run; returns how often the ring filled.
+fn churn_and_compare(run: u32) -> u64 {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("ctl.sock");
@@ -31,7 +32,7 @@ fn churn_and_compare(run: u32) {
     for i in 0..50 {
         assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
     }
-    assert_eq!(kv.cmd("CHURN 4096 100").unwrap(), "OK");
+    assert_eq!(kv.cmd("CHURN 4096 400").unwrap(), "OK");
     std::thread::sleep(Duration::from_secs(2));
     let status = ctl(&sock, &["status"]);
     assert_eq!(
@@ -43,14 +44,17 @@ fn churn_and_compare(run: u32) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     eprintln!("run {run}: the ring filled {full} times");
-    assert!(full > 0, "the ring filled between checkpoints: {status}");
     assert_backup_equals_primary(&mut r, &sock);
+    full
 }
 
 #[test]
 fn a_backup_fed_by_a_ring_that_keeps_filling_equals_its_primary() {
     std::env::set_var("VMATRIX_EXPERIMENTAL_DIRTY_RING", "1");
-    for run in 0..3 {
-        churn_and_compare(run);
-    }
+    let filled: u64 = (0..3).map(churn_and_compare).sum();
+    // (How often a ring fills between checkpoints varies from run to run: 0 to thousands.)
+    assert!(
+        filled > 0,
+        "the ring filled between checkpoints in some run"
+    );
 }
