@@ -32,10 +32,10 @@ pub(crate) struct Writer {
     /// More data streams for the data task.
     add: mpsc::UnboundedSender<Vec<quinn::SendStream>>,
     control: mpsc::Sender<Vec<u8>>,
-    data: mpsc::Sender<(u8, Vec<u8>)>,
+    data: mpsc::Sender<Vec<u8>>,
     /// Frames taken from the policy that did not fit their queue: they go first next time.
     stash_control: Option<Vec<u8>>,
-    stash_data: Option<(u8, Vec<u8>)>,
+    stash_data: Option<Vec<u8>>,
 }
 
 impl Writer {
@@ -49,7 +49,7 @@ impl Writer {
     ) -> Writer {
         let (conn, mut control_stream, mut data_streams) = link.into_parts();
         let (control, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_FRAMES);
-        let (data, mut data_rx) = mpsc::channel::<(u8, Vec<u8>)>(DATA_FRAMES);
+        let (data, mut data_rx) = mpsc::channel::<Vec<u8>>(DATA_FRAMES);
         let (add, mut add_rx) = mpsc::unbounded_channel::<Vec<quinn::SendStream>>();
         let (e1, p1) = (errors.clone(), progress.clone());
         tokio::spawn(async move {
@@ -72,7 +72,7 @@ impl Writer {
                         continue;
                     }
                     f = data_rx.recv() => match f {
-                        Some((_lane, f)) => f,
+                        Some(f) => f,
                         None => return,
                     },
                 };
@@ -114,8 +114,8 @@ impl Writer {
         if let Some(f) = self.stash_control.take() {
             self.offer(0, f);
         }
-        if let Some((lane, f)) = self.stash_data.take() {
-            self.offer(lane, f);
+        if let Some(f) = self.stash_data.take() {
+            self.offer(1, f);
         }
     }
 
@@ -128,8 +128,9 @@ impl Writer {
                     self.stash_control = Some(e.into_inner());
                 }
             }
-            l => {
-                if let Err(e) = self.data.try_send((l, f)) {
+            // (Data frames go round-robin over every data stream, whatever their lane.)
+            _ => {
+                if let Err(e) = self.data.try_send(f) {
                     self.stash_data = Some(e.into_inner());
                 }
             }
