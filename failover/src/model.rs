@@ -51,8 +51,8 @@ impl VmSpec {
                 self.name
             ));
         }
-        if !(16..=3328).contains(&self.mem_mib) {
-            return Err(format!("mem_mib {} not in 16..=3328", self.mem_mib));
+        if !(16..=16384).contains(&self.mem_mib) {
+            return Err(format!("mem_mib {} not in 16..=16384", self.mem_mib));
         }
         if !(1..=1 << 20).contains(&self.disk_mib) {
             return Err(format!("disk_mib {} not in 1..=1048576", self.disk_mib));

@@ -12,3 +12,5 @@ pub const VIRTIO_SLOTS: u64 = 4;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// The generation word (u64) the VMM writes at boot and before a clone's first instruction.
 pub const GENID: u64 = 0xb000;
+/// Guest RAM beyond the part below the MMIO hole (which ends at [`PLATFORM`]) is here.
+pub const HIGH_RAM: u64 = 1 << 32;

@@ -46,12 +46,19 @@ extern "C" fn guest_main() -> ! {
     if mem <= heap_start + (4 << 20) {
         fail("not enough memory for the heap");
     }
-    rt::init_heap(heap_start, mem);
+    // RAM is [0, PLATFORM) and [HIGH_RAM, ..) for the rest (`layout`).
+    let low_end = mem.min(layout::PLATFORM);
+    rt::init_heap(0, heap_start, low_end);
+    let high = mem - low_end;
+    if high > 0 {
+        rt::init_heap(1, layout::HIGH_RAM, layout::HIGH_RAM + high);
+    }
     println!(
-        "vmatrix-guest: booting, {} MiB RAM, heap {:#x}..{:#x}, generation {}",
+        "vmatrix-guest: booting, {} MiB RAM, heap {:#x}..{:#x} (+{} MiB at 4 GiB), generation {}",
         mem >> 20,
         heap_start,
-        mem,
+        low_end,
+        high >> 20,
         platform::generation()
     );
     let cfg_str = platform::config();

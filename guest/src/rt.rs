@@ -28,38 +28,48 @@ pub fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64
 }
 
-struct GuestAlloc(UnsafeCell<Heap>);
+/// Two heaps: RAM below the MMIO hole, and RAM at 4 GiB and beyond (guests larger than the
+/// part below the hole; see `layout::HIGH_RAM`). The high one is tried first, so that a big
+/// guest's data, churn and device buffers live above 4 GiB (KVM slot 1) from the start.
+struct GuestAlloc(UnsafeCell<[Heap; 2]>);
 // SAFETY: the guest has a single thread of execution and no interrupts.
 unsafe impl Sync for GuestAlloc {}
 
 // SAFETY: delegates to linked_list_allocator, which upholds the GlobalAlloc contract.
 unsafe impl GlobalAlloc for GuestAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: single-threaded; no other reference to the heap is live.
-        let heap = unsafe { &mut *self.0.get() };
-        heap.allocate_first_fit(layout)
+        // SAFETY: single-threaded; no other reference to the heaps is live.
+        let heaps = unsafe { &mut *self.0.get() };
+        heaps
+            .iter_mut()
+            .rev()
+            .find_map(|h| h.allocate_first_fit(layout).ok())
             .map(|p| p.as_ptr())
             .unwrap_or(null_mut())
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `alloc` with this layout; single-threaded.
-        unsafe { (*self.0.get()).deallocate(NonNull::new_unchecked(ptr), layout) }
+        let i = usize::from(ptr as u64 >= crate::layout::HIGH_RAM);
+        // SAFETY: `ptr` came from `alloc` with this layout, from the heap its address is in
+        // (the low heap ends below the MMIO hole, the high one starts at 4 GiB);
+        // single-threaded.
+        unsafe { (*self.0.get())[i].deallocate(NonNull::new_unchecked(ptr), layout) }
     }
 }
 
 #[global_allocator]
-static ALLOC: GuestAlloc = GuestAlloc(UnsafeCell::new(Heap::empty()));
+static ALLOC: GuestAlloc = GuestAlloc(UnsafeCell::new([Heap::empty(), Heap::empty()]));
 
-/// Hands `[start, end)` to the allocator.
-pub fn init_heap(start: u64, end: u64) {
-    // SAFETY: called once at boot, before any allocation; the range is unused guest RAM.
-    unsafe { (*ALLOC.0.get()).init(start as *mut u8, (end - start) as usize) }
+/// Hands `[start, end)` to the allocator: heap 0 (below the MMIO hole) or 1 (at 4 GiB).
+pub fn init_heap(heap: usize, start: u64, end: u64) {
+    // SAFETY: called once per heap at boot, before any allocation; the range is unused
+    // guest RAM.
+    unsafe { (*ALLOC.0.get())[heap].init(start as *mut u8, (end - start) as usize) }
 }
 
 /// Bytes of heap in use.
 pub fn heap_used() -> usize {
     // SAFETY: single-threaded read.
-    unsafe { (*ALLOC.0.get()).used() }
+    unsafe { (*ALLOC.0.get()).iter().map(|h| h.used()).sum() }
 }
 
 #[panic_handler]

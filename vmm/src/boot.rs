@@ -1,14 +1,14 @@
 //! x86-64 boot state for the ring-3 test guest.
 //!
 //! No ring-0 guest code ever runs: the VMM writes identity page tables (2 MiB pages, user
-//! accessible, covering 4 GiB including the MMIO hole), a GDT with ring-3 segments and a
+//! accessible, covering 4 GiB including the MMIO hole, and the RAM beyond it at 4 GiB), a GDT with ring-3 segments and a
 //! 64-bit TSS whose I/O permission bitmap opens every port (PVM ignores IOPL for ring-3
 //! guests), then sets the vCPU registers so that the first instruction executed is the guest
 //! ELF's entry point at CPL 3.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::*;
 use crate::memory::GuestMem;
@@ -59,11 +59,13 @@ fn write_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> 
 
 /// Writes page tables, GDT and TSS into guest memory.
 pub fn write_tables(mem: &GuestMem) -> Result<()> {
-    // PML4[0] -> PDPT; PDPT[0..4] -> four PDs; each PD maps 1 GiB with 2 MiB pages.
+    // PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages: the first 4 GiB
+    // (RAM below the hole and the hole), then one per GiB of RAM at 4 GiB and beyond.
+    let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
     mem.write_obj(PDPT_ADDR | PTE_P | PTE_RW | PTE_US, GuestAddress(PML4_ADDR))
         .map_err(write_err("PML4"))?;
-    for pd in 0..4u64 {
-        let pd_addr = PD_ADDR + pd * PAGE_SIZE;
+    for pd in 0..page_dirs(mem_size) {
+        let pd_addr = page_dir_addr(pd);
         mem.write_obj(
             pd_addr | PTE_P | PTE_RW | PTE_US,
             GuestAddress(PDPT_ADDR + pd * 8),

@@ -11,7 +11,7 @@
 //! consumer what was harvested but not yet handed to it, and a capture takes only its own.
 
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
 use crate::devices::virtio::blk::DiskWrites;
 use crate::dirty_log::KvmDirtyLog;
@@ -84,10 +84,15 @@ pub fn harvest(
         Some(r) => r.harvest()?,
         None => log.harvest(vm_fd, mem_size)?,
     };
-    let region = mem
-        .find_region(GuestAddress(0))
-        .ok_or_else(|| Error::MemoryMap("no guest RAM region".into()))?;
-    let device = region.bitmap().get_and_reset();
+    // One bitmap per RAM region, in address order: the low one covers a whole number of
+    // 64-page words (`crate::layout`), so concatenated they are the bitmap of the linear image.
+    let mut device = Vec::new();
+    for region in mem.iter() {
+        device.extend(region.bitmap().get_and_reset());
+    }
+    if device.is_empty() {
+        return Err(Error::MemoryMap("no guest RAM region".into()));
+    }
     Ok(DirtyPages {
         kvm,
         device,
@@ -269,7 +274,7 @@ impl ChangeTracker {
 /// Clears the device bitmap without reading it (after the VMM itself wrote guest memory, e.g.
 /// when restoring pages).
 pub fn reset_device_bitmap(mem: &GuestMem) {
-    if let Some(r) = mem.find_region(GuestAddress(0)) {
+    for r in mem.iter() {
         r.bitmap().reset();
     }
 }

@@ -64,7 +64,7 @@ fn next_heat(h: Heat) -> Heat {
     }
 }
 
-/// KVM dirty log of slot 0 with hot-page handling.
+/// KVM dirty log of the RAM slots with hot-page handling.
 #[derive(Debug, Default)]
 pub struct KvmDirtyLog {
     manual: bool,
@@ -100,15 +100,27 @@ impl KvmDirtyLog {
     /// The pages written since they were last cleared (hot pages included), as a bitmap; the
     /// non-hot ones are cleared and write-protected again before this returns.
     pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64) -> Result<Vec<u64>> {
-        let bitmap = vm_fd
-            .get_dirty_log(0, mem_size as usize)
-            .map_err(Error::kvm("get_dirty_log"))?;
+        // One bitmap per slot (`crate::layout::ram_ranges`); the low slot is a whole number of
+        // words, so concatenated they are the bitmap of the linear image.
+        let ranges = crate::layout::ram_ranges(mem_size);
+        let mut bitmap = Vec::new();
+        for (slot, r) in ranges.iter().enumerate() {
+            let b = vm_fd
+                .get_dirty_log(slot as u32, r.len as usize)
+                .map_err(Error::kvm("get_dirty_log"))?;
+            bitmap.extend(b);
+        }
         if !self.manual {
             return Ok(bitmap);
         }
         let pages = mem_size / crate::layout::PAGE_SIZE;
         let mut clear = self.plan_clear(&bitmap, pages);
-        self.clear(vm_fd, &mut clear, pages)?;
+        for (slot, r) in ranges.iter().enumerate() {
+            let first = (r.off / crate::layout::PAGE_SIZE / 64) as usize;
+            let words = (r.len / crate::layout::PAGE_SIZE).div_ceil(64) as usize;
+            let pages = r.len / crate::layout::PAGE_SIZE;
+            self.clear(vm_fd, slot as u32, &mut clear[first..first + words], pages)?;
+        }
         Ok(bitmap)
     }
 
@@ -141,13 +153,13 @@ impl KvmDirtyLog {
         }
     }
 
-    /// Clears (and write-protects) the pages set in `bitmap`.
-    fn clear(&self, vm_fd: &VmFd, bitmap: &mut [u64], pages: u64) -> Result<()> {
+    /// Clears (and write-protects) the pages of `slot` set in `bitmap`.
+    fn clear(&self, vm_fd: &VmFd, slot: u32, bitmap: &mut [u64], pages: u64) -> Result<()> {
         if bitmap.iter().all(|&w| w == 0) {
             return Ok(());
         }
         let mut arg = kvm_clear_dirty_log {
-            slot: 0,
+            slot,
             // The whole slot: a multiple of 64 pages, or its end.
             num_pages: pages as u32,
             first_page: 0,
@@ -155,7 +167,7 @@ impl KvmDirtyLog {
         };
         arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
         // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap points to `bitmap`, which
-        // holds at least `pages` bits (one per page of slot 0) and outlives the call; the
+        // holds at least `pages` bits (one per page of the slot) and outlives the call; the
         // ioctl only reads it. The fd is this VM's.
         let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
         if r < 0 {

@@ -107,7 +107,7 @@ struct Inner {
     map_len: usize,
     /// A duplicate of the VM's fd (for `KVM_RESET_DIRTY_RINGS` from the vCPU thread).
     vm: OwnedFd,
-    /// Pages collected and not yet harvested (a bit per page of slot 0).
+    /// Pages collected and not yet harvested (a bit per page of the linear RAM image).
     pending: Vec<u64>,
     pages: u64,
     /// Entries collected and marked, but `KVM_RESET_DIRTY_RINGS` failed since: retried.
@@ -214,11 +214,10 @@ impl Inner {
                     std::ptr::addr_of!((*e).offset).read_volatile(),
                 )
             };
-            // (Slot 0 is guest RAM, the only slot with dirty logging.)
-            if slot == 0 && offset < self.pages {
-                self.pending[(offset / 64) as usize] |= 1 << (offset % 64);
-            } else {
-                self.stray += 1;
+            // Slots 0 and 1 are guest RAM (below the MMIO hole, and beyond it at 4 GiB).
+            match page_of(slot, offset).filter(|&p| p < self.pages) {
+                Some(p) => self.pending[(p / 64) as usize] |= 1 << (p % 64),
+                None => self.stray += 1,
             }
             flags.store(F_RESET, Ordering::Release);
             self.fetch = self.fetch.wrapping_add(1);
@@ -242,6 +241,16 @@ impl Inner {
     }
 }
 
+/// The page of the linear RAM image that page `offset` of KVM memory slot `slot` is.
+fn page_of(slot: u32, offset: u64) -> Option<u64> {
+    let low_pages = crate::layout::MMIO_BASE / crate::layout::PAGE_SIZE;
+    match slot {
+        0 if offset < low_pages => Some(offset),
+        1 => offset.checked_add(low_pages),
+        _ => None,
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // SAFETY: unmapping the mapping made in `DirtyRing::map`, used by nothing else.
@@ -253,5 +262,18 @@ impl std::fmt::Debug for DirtyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = self.lock();
         write!(f, "DirtyRing({} entries, fetch {})", g.count, g.fetch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ring_entries_of_both_slots_map_to_the_linear_image() {
+        let low = crate::layout::MMIO_BASE / crate::layout::PAGE_SIZE;
+        assert_eq!(super::page_of(0, 5), Some(5));
+        assert_eq!(super::page_of(0, low), None);
+        assert_eq!(super::page_of(1, 0), Some(low));
+        assert_eq!(super::page_of(1, u64::MAX), None);
+        assert_eq!(super::page_of(2, 0), None);
     }
 }

@@ -18,9 +18,17 @@ pub struct Replicated {
     /// Further backups (index 1..), when started with `start_n`.
     pub more: Vec<Child>,
     pub primary: VmProc,
+    /// The guest's RAM (32 MiB unless started with `start_sized`).
+    pub mem_mib: u64,
 }
 
 impl Replicated {
+    /// Like `start`, with a guest of `mem_mib` MiB.
+    pub fn start_sized(net: &TestNet, dir: &Path, mem_mib: u64, extra: &[&str]) -> Replicated {
+        let listen = [net.backup_listen(0)];
+        Self::start_with_mem(net, dir, &listen, &listen, mem_mib, extra)
+    }
+
     /// Starts a backup and a protected primary; `extra` goes to `vmatrix primary`.
     pub fn start(net: &TestNet, dir: &Path, extra: &[&str]) -> Replicated {
         Self::start_n(net, dir, 1, extra)
@@ -40,6 +48,17 @@ impl Replicated {
         dir: &Path,
         listen: &[String],
         connect: &[String],
+        extra: &[&str],
+    ) -> Replicated {
+        Self::start_with_mem(net, dir, listen, connect, 32, extra)
+    }
+
+    fn start_with_mem(
+        net: &TestNet,
+        dir: &Path,
+        listen: &[String],
+        connect: &[String],
+        mem_mib: u64,
         extra: &[&str],
     ) -> Replicated {
         let n = listen.len();
@@ -62,12 +81,19 @@ impl Replicated {
             .map(|i| Self::spawn_backup(net, dir, extra, i, &listen[i]))
             .collect();
         make_disk(&dir.join("disk.img"), 16);
-        let primary = Self::spawn_primary_in(net, dir, &connect[..n], extra, "primary-console.log");
+        let primary = Self::spawn_primary_in(
+            net,
+            dir,
+            &connect[..n],
+            (mem_mib, extra),
+            "primary-console.log",
+        );
         Replicated {
             dir: dir.to_path_buf(),
             backup: Some(backup),
             more,
             primary,
+            mem_mib,
         }
     }
 
@@ -76,10 +102,10 @@ impl Replicated {
         net: &TestNet,
         dir: &Path,
         connect: &[String],
-        extra: &[&str],
+        (mem_mib, extra): (u64, &[&str]),
         console: &str,
     ) -> VmProc {
-        let mut args = vm_args("primary", net, &dir.join("disk.img"), 32);
+        let mut args = vm_args("primary", net, &dir.join("disk.img"), mem_mib);
         args.extend([
             "--certs".into(),
             dir.join("pki").into(),
@@ -100,7 +126,8 @@ impl Replicated {
     /// to backup 0, after the previous one was killed; its console is `<console>`.
     pub fn new_primary(&mut self, net: &TestNet, extra: &[&str], console: &str) {
         let connect = [net.backup_listen(0)];
-        self.primary = Self::spawn_primary_in(net, &self.dir, &connect, extra, console);
+        let sized = (self.mem_mib, extra);
+        self.primary = Self::spawn_primary_in(net, &self.dir, &connect, sized, console);
     }
 
     /// SIGKILL the first backup (see `respawn_backup`).

@@ -126,7 +126,7 @@ pub fn write_full(
     scan(
         mem_size,
         |off, buf| {
-            mem.read_slice(buf, GuestAddress(off))
+            mem.read_slice(buf, crate::memory::ram_addr(off))
                 .map_err(|e| SnapshotError::Capture(format!("reading guest memory: {e}")))
         },
         |off, bytes| {
@@ -164,7 +164,7 @@ pub fn stage_pages(mem: &GuestMem, pages: &[u64], out: &mut Vec<u8>) -> Result<(
     for (i, &pfn) in pages.iter().enumerate() {
         mem.read_slice(
             &mut out[i * PAGE..(i + 1) * PAGE],
-            GuestAddress(pfn * PAGE_SIZE),
+            crate::memory::page_addr(pfn),
         )
         .map_err(|e| SnapshotError::Capture(format!("reading page {pfn}: {e}")))?;
     }
@@ -309,17 +309,23 @@ fn check_holes(
 /// region's bitmap, vCPU writes by KVM's dirty log on the slot, as for anonymous memory.
 pub fn map_full(path: &Path, mem_size: u64) -> Result<GuestMem, SnapshotError> {
     let file = open_checked(path, mem_size)?;
-    let size = usize::try_from(mem_size)
-        .map_err(|_| invalid(format!("{mem_size} bytes do not fit this host")))?;
-    let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
-        .with_file_offset(FileOffset::new(file, 0))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-        .build()
-        .map_err(|e| SnapshotError::Capture(format!("mapping {}: {e}", path.display())))?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .ok_or_else(|| SnapshotError::Capture("guest RAM region overflows".into()))?;
-    GuestMemoryMmap::from_regions(vec![region])
+    let mut regions = Vec::new();
+    // One mapping per RAM range, at its offset in the image (`crate::layout::ram_ranges`).
+    for r in crate::layout::ram_ranges(mem_size) {
+        let size = usize::try_from(r.len)
+            .map_err(|_| invalid(format!("{mem_size} bytes do not fit this host")))?;
+        let f = file.try_clone().map_err(SnapshotError::io(path))?;
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(FileOffset::new(f, r.off))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| SnapshotError::Capture(format!("mapping {}: {e}", path.display())))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
+            .ok_or_else(|| SnapshotError::Capture("guest RAM region overflows".into()))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
         .map_err(|e| SnapshotError::Capture(format!("guest memory: {e}")))
 }
 
@@ -332,7 +338,7 @@ pub fn apply_diff(mem: &GuestMem, path: &Path, pages: &[u64]) -> Result<(), Snap
     for (i, &pfn) in pages.iter().enumerate() {
         mem.write_slice(
             &data[i * PAGE..(i + 1) * PAGE],
-            GuestAddress(pfn * PAGE_SIZE),
+            crate::memory::page_addr(pfn),
         )
         .map_err(|e| invalid(format!("page {pfn}: {e}")))?;
     }
@@ -346,7 +352,10 @@ pub fn checksum(mem: &GuestMem, mem_size: u64) -> u32 {
     let mut off = 0;
     while off < mem_size {
         let n = (CHUNK as u64).min(mem_size - off) as usize;
-        if mem.read_slice(&mut buf[..n], GuestAddress(off)).is_err() {
+        if mem
+            .read_slice(&mut buf[..n], crate::memory::ram_addr(off))
+            .is_err()
+        {
             break;
         }
         h.update(&buf[..n]);

@@ -151,7 +151,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     let meta: SnapshotMeta = format::decode(&bytes)?;
     if meta.mem_size == 0
         || !meta.mem_size.is_multiple_of(crate::layout::PAGE_SIZE)
-        || meta.mem_size > crate::layout::MMIO_BASE
+        || meta.mem_size > crate::layout::MAX_MEM_MIB << 20
     {
         return Err(SnapshotError::Invalid {
             part: Part::Meta,

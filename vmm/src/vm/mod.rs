@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::bus::Bus;
 use crate::devices::platform::Platform;
@@ -181,7 +181,7 @@ pub(crate) struct KvmParts {
     pub ring: Option<Arc<crate::dirty_ring::DirtyRing>>,
 }
 
-/// Creates the KVM VM, registers `mem` as slot 0 and creates vCPU 0 with the host's CPUID.
+/// Creates the KVM VM, registers `mem` as slots 0 and 1 (`crate::layout::ram_ranges`) and creates vCPU 0 with the host's CPUID.
 pub(crate) fn create_kvm_vm(
     kvm: Kvm,
     mem: &GuestMem,
@@ -200,24 +200,33 @@ pub(crate) fn create_kvm_vm(
         (true, None) => crate::dirty_log::KvmDirtyLog::new(&vm_fd),
         _ => Default::default(),
     };
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| Error::MemoryMap(e.to_string()))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: if dirty_log {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        },
-        guest_phys_addr: 0,
-        memory_size: mem_size,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host` is the start of a live mapping of `mem_size` bytes owned by `mem`,
-    // which the `Vm` keeps alive for as long as the KVM VM exists.
-    unsafe { vm_fd.set_user_memory_region(region) }
-        .map_err(Error::kvm("set_user_memory_region"))?;
+    for (slot, r) in crate::layout::ram_ranges(mem_size).iter().enumerate() {
+        let whole = mem.find_region(GuestAddress(r.gpa)).map(|g| g.len());
+        if whole != Some(r.len) {
+            return Err(Error::MemoryMap(format!(
+                "guest RAM at {:#x} is not one region of {} bytes",
+                r.gpa, r.len
+            )));
+        }
+        let host = mem
+            .get_host_address(GuestAddress(r.gpa))
+            .map_err(|e| Error::MemoryMap(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: r.gpa,
+            memory_size: r.len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mapping of `r.len` bytes owned by `mem` (one
+        // region per RAM range), which the `Vm` keeps alive for as long as the KVM VM exists.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(Error::kvm("set_user_memory_region"))?;
+    }
     let mut vcpu = vm_fd.create_vcpu(0).map_err(Error::kvm("create_vcpu"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -11,7 +11,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 
 use super::{lock, Vm};
 use crate::devices::virtio::blk::SECTOR_SIZE;
@@ -276,7 +276,7 @@ impl Vm {
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for pfn in range {
             self.mem
-                .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+                .read_slice(&mut page, crate::memory::page_addr(pfn))
                 .map_err(capture_err)?;
             // OR-folding fixed chunks vectorizes; an early-exit byte loop does not.
             if page

@@ -90,7 +90,10 @@ pub(super) fn open_tap(state: &VmState, tap: &Option<String>) -> Result<Option<T
 /// The platform device must agree with the memory part on the RAM size.
 pub(super) fn check_mem_size(state: &VmState, mem_size: u64) -> Result<()> {
     let pages_ok = mem_size > 0 && mem_size.is_multiple_of(crate::layout::PAGE_SIZE);
-    if state.platform.mem_size != mem_size || !pages_ok || mem_size > crate::layout::MMIO_BASE {
+    if state.platform.mem_size != mem_size
+        || !pages_ok
+        || mem_size > crate::layout::MAX_MEM_MIB << 20
+    {
         return Err(SnapshotError::Invalid {
             part: snapshot::Part::Meta,
             why: format!(
