@@ -54,6 +54,14 @@ fn set(tid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
 #[must_use = "lower what was raised"]
 pub struct Boosted(Vec<i32>);
 
+impl Boosted {
+    /// Splits off thread `tid`: (`tid` if it was raised, the others).
+    pub fn split(self, tid: i32) -> (Boosted, Boosted) {
+        let (a, b) = self.0.into_iter().partition(|&t| t == tid);
+        (Boosted(a), Boosted(b))
+    }
+}
+
 /// Raises threads to `SCHED_FIFO` for a pause and lowers them again (see the module docs).
 #[derive(Debug, Default)]
 pub struct PauseBoost {
@@ -121,6 +129,15 @@ mod tests {
         fn drop(&mut self) {
             let _ = set(gettid(), libc::SCHED_OTHER, 0);
         }
+    }
+
+    #[test]
+    fn the_caller_is_split_off_to_be_lowered_last() {
+        let (mine, others) = Boosted(vec![7, 3, 9]).split(3);
+        assert_eq!((mine.0, others.0), (vec![3], vec![7, 9]));
+        let (mine, others) = Boosted(vec![7]).split(3);
+        assert!(mine.0.is_empty());
+        assert_eq!(others.0, vec![7]);
     }
 
     #[test]

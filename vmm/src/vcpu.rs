@@ -215,7 +215,13 @@ impl Control {
             let vcpu = self
                 .vcpu_tid()
                 .filter(|_| s.exited.is_none() && s.pauses == 0);
-            vcpu.into_iter().chain([crate::rt::gettid()]).collect()
+            // This thread first: a vCPU running guest code, raised while this thread is still
+            // ordinary, preempts it if they share a CPU — and a guest that never waits (a
+            // CPU-bound one) then keeps it off that CPU until the scheduler moves it: pauses
+            // of 60-110 ms beside a busy neighbour (the 1,000 pages per epoch rows of
+            // docs/BENCHMARKS.md). Two threads at the same FIFO priority do not preempt
+            // each other.
+            [crate::rt::gettid()].into_iter().chain(vcpu).collect()
         };
         let b = self.boost.raise(&tids);
         match self.pause() {
@@ -229,18 +235,24 @@ impl Control {
 
     /// Lowers what a [`pause_boosted`](Self::pause_boosted) raised; a vCPU thread that exited
     /// meanwhile is not touched (its id may be another thread's by now).
-    fn lower_boosted(&self, b: crate::rt::Boosted) {
+    pub(crate) fn lower_boosted(&self, b: crate::rt::Boosted) {
         let s = self.lock();
         let me = crate::rt::gettid();
         self.boost
             .lower_if(b, |tid| tid == me || s.exited.is_none());
     }
 
-    /// Ends a [`pause_boosted`](Self::pause_boosted): its threads are lowered first (the vCPU
-    /// runs guest code again at its ordinary priority), then the pause ends.
-    pub fn resume_boosted(&self, b: crate::rt::Boosted) -> bool {
-        self.lower_boosted(b);
-        self.resume()
+    /// Ends a [`pause_boosted`](Self::pause_boosted): the vCPU thread is lowered first (it
+    /// runs guest code again at its ordinary priority), then the pause ends; returns whether
+    /// the vCPU runs, and what is left boosted — this thread, which the caller lowers with
+    /// [`lower_boosted`](Self::lower_boosted) once the pause is over (lowered before the
+    /// resume, it could be preempted by any ordinary thread between the two: resumes of 0.5-0.7
+    /// ms beside a busy neighbour).
+    pub fn resume_boosted(&self, b: crate::rt::Boosted) -> (bool, crate::rt::Boosted) {
+        let me = crate::rt::gettid();
+        let (mine, vcpu) = b.split(me);
+        self.lower_boosted(vcpu);
+        (self.resume(), mine)
     }
 
     /// Makes the vCPU park as soon as it starts (restore with `--paused`).

@@ -5,8 +5,9 @@
 //! ordinary priority and at real-time priority (`Vm::set_rt_pause`), alternating, several
 //! rounds: the same host, the same minutes, the same neighbours.
 //!
-//! `--dirty-sources`: on a quiet host instead, the harvest from KVM's bitmap (with hot pages)
-//! against KVM's dirty ring, alternating, idle and under CHURN.
+//! `--dirty-sources`: the harvest from KVM's bitmap (with hot pages) against KVM's dirty ring,
+//! alternating, idle and under CHURN (up to 1,000 pages per epoch), on a quiet host or beside
+//! `--busy N` neighbours (then with the real-time pause path).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -167,24 +168,30 @@ pub(super) fn rows(
 }
 
 /// Pauses with the bitmap vs the ring as the harvest source, alternating; a Markdown table.
-pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
+/// With `busy` CPU-bound neighbours running meanwhile (and the real-time pause path).
+pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow::Result<()> {
     println!(
         "## Harvest source: KVM's bitmap (hot pages) vs its dirty ring (`vmatrix bench \
-         replication --dirty-sources`; {} MiB guest, 20 ms epochs)\n",
-        env.mem_mib
+         replication --dirty-sources --busy {busy}`; {} MiB guest, 20 ms epochs, {busy} CPU-bound \
+         neighbours on this {}-CPU host)\n",
+        env.mem_mib,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("| round | source | workload | pause p50 | pause p99 | pause max | checkpoints/s |");
     println!("|---:|---|---|---:|---:|---:|---:|");
+    let _hogs = Hogs::start(busy)?;
     for r in 1..=rounds {
         for ring in [false, true] {
             let p = Protection {
                 dirty_ring: ring,
+                rt_pause: busy > 0,
                 ..Protection::default()
             };
+            // (50 pages per ms over 4,096: 1,000 distinct pages in each 20 ms epoch.)
             let workloads = [
                 ("idle", "CHURN 0 0"),
                 ("CHURN 1k pages/s", "CHURN 2048 1"),
-                ("CHURN 10k pages/s", "CHURN 2048 10"),
+                ("1,000 pages per epoch", "CHURN 4096 50"),
             ];
             let name = if ring { "ring" } else { "bitmap" };
             rows(env, t, (r, name, "{source}"), p, &workloads)?;

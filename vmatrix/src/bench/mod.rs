@@ -62,7 +62,8 @@ pub struct ReplicationArgs {
     /// Rounds of the busy-host (or harvest source) measurement.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Measure the harvest sources instead: KVM's bitmap with hot pages vs its dirty ring.
+    /// Measure the harvest sources instead: KVM's bitmap with hot pages vs its dirty ring
+    /// (beside `--busy N` neighbours if given).
     #[arg(long)]
     pub dirty_sources: bool,
     /// With `--busy`: a second protected VM (its guest dirtying 1,000 pages/s) runs beside the
@@ -93,7 +94,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
                     hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
                 }
-                _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1))?,
+                _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1), a.second_vm)?,
             }

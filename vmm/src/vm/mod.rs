@@ -442,13 +442,22 @@ impl Vm {
     }
 
     /// Ends a [`pause_boosted`](Self::pause_boosted).
-    pub(crate) fn resume_boosted(&self, b: crate::rt::Boosted) {
+    /// Returns what is still boosted (this thread): lower it with
+    /// [`lower_boosted`](Self::lower_boosted) once the pause's end is taken.
+    pub(crate) fn resume_boosted(&self, b: crate::rt::Boosted) -> crate::rt::Boosted {
         let rx = lock(&self.rx);
-        if self.control.resume_boosted(b) {
+        let (runs, mine) = self.control.resume_boosted(b);
+        if runs {
             if let Some(rx) = rx.as_ref() {
                 rx.resume();
             }
         }
+        mine
+    }
+
+    /// Lowers this thread after a [`resume_boosted`](Self::resume_boosted).
+    pub(crate) fn lower_boosted(&self, b: crate::rt::Boosted) {
+        self.control.lower_boosted(b);
     }
 
     /// Runs the pause path of incremental captures at real-time priority (`crate::rt`): from

@@ -117,13 +117,21 @@ impl Vm {
             c.extra_disk = extra;
             Ok(c)
         });
-        match boosted {
-            Some(b) => self.resume_boosted(b),
-            None if must_resume => self.resume(),
-            None => {}
+        let still = match boosted {
+            Some(b) => Some(self.resume_boosted(b)),
+            None if must_resume => {
+                self.resume();
+                None
+            }
+            None => None,
+        };
+        // The pause ends when the vCPU is released; this thread is lowered after that.
+        let pause = t0.elapsed();
+        if let Some(b) = still {
+            self.lower_boosted(b);
         }
         let mut c = r?;
-        c.pause = t0.elapsed();
+        c.pause = pause;
         Ok(c)
     }
 
