@@ -1,5 +1,5 @@
 //! Dirty-page tracking: pages written by vCPUs (KVM dirty log) OR by the VMM's devices
-//! (vm-memory `AtomicBitmap`), harvested and reset together while the VM is paused — and
+//! (vm-memory, `crate::device_bitmap`), harvested and reset together while the VM is paused — and
 //! handed to every consumer of changes ([`ChangeTracker`]).
 //!
 //! Two consumers want the changes of one VM: replication (each checkpoint carries what changed
@@ -33,12 +33,11 @@ pub struct DirtyPages {
 impl DirtyPages {
     /// Bitmap of pages dirty from either source.
     pub fn union(&self) -> Vec<u64> {
-        let n = self.kvm.len().max(self.device.len());
-        (0..n)
-            .map(|i| {
-                self.kvm.get(i).copied().unwrap_or(0) | self.device.get(i).copied().unwrap_or(0)
-            })
-            .collect()
+        // (A copy and an OR over two slices: vectorized; indexing both with bounds checks is
+        // not, ~50 µs for a 4 GiB guest.)
+        let mut out = self.kvm.clone();
+        or_into(&mut out, &self.device);
+        out
     }
 
     /// Sorted page numbers dirty from either source.

@@ -1,7 +1,7 @@
 //! # vmm — one KVM virtual machine
 //!
-//! This crate owns everything that touches KVM for one VM: guest memory (vm-memory with an
-//! [`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap) so every device write is tracked), the
+//! This crate owns everything that touches KVM for one VM: guest memory (vm-memory with a
+//! [`DeviceBitmap`](device_bitmap::DeviceBitmap) so every device write is tracked), the
 //! loader for the ring-3 test guest, the x86-64 boot state (page tables, GDT, TSS with an I/O
 //! permission bitmap), the vCPU thread and its exit dispatch, and the devices (serial console,
 //! the vmatrix platform device, virtio-mmio net and block).
@@ -13,6 +13,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod device_bitmap;
 pub mod devices;
 pub mod dirty;
 pub mod dirty_log;

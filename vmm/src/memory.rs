@@ -1,15 +1,15 @@
 //! Guest memory: anonymous mappings at the guest addresses of [`crate::layout::ram_ranges`] (one
-//! below the MMIO hole, one at 4 GiB for RAM beyond it), each with an [`AtomicBitmap`] that
+//! below the MMIO hole, one at 4 GiB for RAM beyond it), each with a [`DeviceBitmap`] that
 //! records every write made through vm-memory (that is, by the VMM's devices).
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::device_bitmap::DeviceBitmap;
 use crate::layout::{ram_ranges, MAX_MEM_MIB, MIN_MEM_MIB};
 use crate::{Error, Result};
 
 /// Guest memory with device-write dirty tracking.
-pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMem = GuestMemoryMmap<DeviceBitmap>;
 
 /// Checks that `mib` MiB is a usable guest RAM size; returns it in bytes.
 pub fn check_size(mib: u64) -> Result<usize> {

@@ -11,11 +11,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::format::{Part, SnapshotError};
+use crate::device_bitmap::DeviceBitmap;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestMem;
 
@@ -315,7 +315,7 @@ pub fn map_full(path: &Path, mem_size: u64) -> Result<GuestMem, SnapshotError> {
         let size = usize::try_from(r.len)
             .map_err(|_| invalid(format!("{mem_size} bytes do not fit this host")))?;
         let f = file.try_clone().map_err(SnapshotError::io(path))?;
-        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        let region = MmapRegionBuilder::new_with_bitmap(size, DeviceBitmap::new(size))
             .with_file_offset(FileOffset::new(f, r.off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
