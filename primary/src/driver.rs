@@ -349,6 +349,16 @@ impl Driver {
             }
             Command::Close(i) => self.to_close.push(i),
             Command::OpenData { backup: i, ports } => self.open_data(i, &ports),
+            Command::PreCopyEpoch => match self.vm.precopy_epoch() {
+                Ok(n) => {
+                    tracing::trace!("{n} pages of this epoch copied early");
+                    self.stats
+                        .early_pages
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                // (Nothing is lost: the pages are pending again for the capture.)
+                Err(e) => tracing::warn!("early copy of an epoch's pages failed: {e}"),
+            },
         }
         Ok(())
     }

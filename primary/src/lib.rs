@@ -106,6 +106,9 @@ pub struct PrimaryConfig {
     /// Spread data streams over the data connections a backup offers in its `Welcome` (each
     /// to a socket of its own on the backup: more cores on the receive path).
     pub data_connections: bool,
+    /// Copy a busy epoch's dirty pages while the guest runs, shortly before its pause, so
+    /// the pause copies only those dirtied since (`Vm::precopy_epoch`).
+    pub epoch_precopy: bool,
 }
 
 impl PrimaryConfig {
@@ -131,6 +134,9 @@ impl PrimaryConfig {
             guest: (0, 0),
             slice: (policy::SLICE_PAGES, policy::SLICE_DISK),
             data_connections: self.data_connections,
+            epoch_precopy: self
+                .epoch_precopy
+                .then_some(policy::EPOCH_PRECOPY_MIN_PAGES),
         }
     }
 }
@@ -180,6 +186,8 @@ pub struct Stats {
     /// Checkpoint as soon as possible, as if guest output waited (a handover is waiting for a
     /// checkpoint of the paused guest).
     pub hurry: std::sync::atomic::AtomicBool,
+    /// Dirty pages copied early, while the guest ran (`Command::PreCopyEpoch`).
+    pub early_pages: AtomicU64,
 }
 
 /// Pauses kept for percentiles.

@@ -63,6 +63,7 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
         dirty_source: f.dirty_source.to_string(),
         rt_pause: f.rt_pause,
         dirty_ring_full: f.dirty_ring_full,
+        early_copied_pages: ld(&s.early_pages),
     }
 }
 
@@ -109,6 +110,12 @@ fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
             ld(&s.max_pause_us),
         ),
         ("dirty_pages", "Dirty pages sent", true, ld(&s.pages)),
+        (
+            "early_copied_pages",
+            "Dirty pages copied while the guest ran, before their epoch's pause",
+            true,
+            ld(&s.early_pages),
+        ),
         (
             "checkpoint_bytes",
             "Checkpoint data bytes sent",

@@ -57,6 +57,7 @@ impl Policy<'_> {
         stats.epochs.store(seq + 1, Ordering::Relaxed);
         self.last_capture = now;
         self.last_pause = cap.pause;
+        self.epoch_pages = (cap.pages.len(), false);
         tracing::trace!(
             "checkpoint {seq}: {} pages, pause {} µs",
             cap.pages.len(),

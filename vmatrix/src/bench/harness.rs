@@ -179,6 +179,8 @@ pub struct Protection {
     pub rt_pause: bool,
     /// KVM's dirty ring as the harvest source (`vmm::dirty_ring`), where KVM has it.
     pub dirty_ring: bool,
+    /// Busy epochs copy their pages early (`--epoch-precopy`).
+    pub epoch_precopy: bool,
 }
 
 impl Default for Protection {
@@ -190,6 +192,7 @@ impl Default for Protection {
             early_checkpoints: true,
             rt_pause: false,
             dirty_ring: false,
+            epoch_precopy: true,
         }
     }
 }
@@ -268,6 +271,7 @@ impl RunningVm {
             precopy_rounds: 8,
             drop_after: Duration::from_secs(1),
             data_connections: true,
+            epoch_precopy: p.epoch_precopy,
         };
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());

@@ -285,6 +285,7 @@ fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
             early_checkpoints: false,
             rt_pause: false,
             dirty_ring: false,
+            epoch_precopy: true,
         },
     )?;
     let stats = vm.stats.clone().context("protected VM without stats")?;

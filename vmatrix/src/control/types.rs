@@ -407,6 +407,10 @@ pub struct Replication {
     /// Times the dirty ring filled between two checkpoints.
     #[serde(default)]
     pub dirty_ring_full: u64,
+    /// Dirty pages copied early, while the guest ran, a quarter epoch before a busy epoch's
+    /// pause (`--epoch-precopy`).
+    #[serde(default)]
+    pub early_copied_pages: u64,
 }
 
 /// A backup's image and session.
@@ -654,6 +658,7 @@ mod tests {
                 dirty_source: "ring".into(),
                 rt_pause: true,
                 dirty_ring_full: 0,
+                early_copied_pages: 9,
             },
         });
         let v = serde_json::to_value(&p).unwrap();

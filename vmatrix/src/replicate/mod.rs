@@ -73,6 +73,11 @@ pub struct PrimaryArgs {
     /// on the backup): each reaches a socket, and a receive path, of its own there.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub data_connections: bool,
+    /// Copy a busy epoch's dirty pages while the guest runs, a quarter of an epoch before
+    /// its pause (after an epoch of 256 pages or more), so the pause copies only those
+    /// dirtied since.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub epoch_precopy: bool,
     /// QUIC idle timeout (failure detection), ms.
     #[arg(long, default_value_t = 1000)]
     pub idle_timeout_ms: u64,

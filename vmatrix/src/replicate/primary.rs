@@ -186,6 +186,7 @@ fn primary_config(
         precopy_rounds: a.precopy_rounds,
         drop_after: Duration::from_millis(a.drop_after_ms),
         data_connections: a.data_connections,
+        epoch_precopy: a.epoch_precopy,
     }
 }
 

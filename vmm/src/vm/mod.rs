@@ -3,6 +3,7 @@
 //! `snapshot.rs`.
 
 mod clone;
+mod epoch_pre;
 mod replicate;
 mod restore;
 mod snapshot;
@@ -96,6 +97,8 @@ pub struct Vm {
     /// copied into one of them, already faulted in, instead of a fresh allocation whose first
     /// touch of every page (~2-8 µs each here) would lengthen the pause.
     capture_pool: Mutex<Vec<Vec<u8>>>,
+    /// Pages of the current epoch copied before its pause ([`Vm::precopy_epoch`]).
+    epoch_pre: Mutex<epoch_pre::EpochPre>,
     /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
     start_gate: Mutex<Option<StartGate>>,
 }
@@ -355,6 +358,7 @@ impl Vm {
             last_snapshot: Mutex::new(None),
             staging: Mutex::new(Vec::new()),
             capture_pool: Mutex::new(Vec::new()),
+            epoch_pre: Mutex::default(),
             start_gate: Mutex::new(None),
         }
     }

@@ -130,8 +130,15 @@ impl Vm {
         if let Some(b) = still {
             self.lower_boosted(b);
         }
-        let mut c = r?;
+        let mut c = match r {
+            Ok(c) => c,
+            Err(e) => {
+                self.give_back_epoch_pre();
+                return Err(e);
+            }
+        };
         c.pause = pause;
+        self.merge_epoch_pre(&mut c, kind);
         Ok(c)
     }
 
@@ -318,7 +325,8 @@ impl Vm {
                 return Err(e);
             }
         };
-        let dirty = ch.page_list(self.mem_size / PAGE_SIZE);
+        let mut dirty = ch.page_list(self.mem_size / PAGE_SIZE);
+        self.fold_epoch_pre(&mut dirty);
         let disk_changes = match (&self.devices.blk, ch.disk.overflowed) {
             (None, _) => DiskCapture::None,
             (Some(_), false) => DiskCapture::Writes(ch.disk.writes),
