@@ -43,11 +43,11 @@ extern "C" fn guest_main() -> ! {
     }
     let mem = platform::mem_size();
     let heap_start = rt::image_end().next_multiple_of(4096);
-    if mem <= heap_start + (4 << 20) {
-        fail("not enough memory for the heap");
-    }
     // RAM is [0, PLATFORM) and [HIGH_RAM, ..) for the rest (`layout`).
     let low_end = mem.min(layout::PLATFORM);
+    if low_end <= heap_start + (4 << 20) {
+        fail("not enough memory for the heap");
+    }
     rt::init_heap(0, heap_start, low_end);
     let high = mem - low_end;
     if high > 0 {

@@ -356,8 +356,13 @@ impl Driver {
                         .early_pages
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
-                // (Nothing is lost: the pages are pending again for the capture.)
-                Err(e) => tracing::warn!("early copy of an epoch's pages failed: {e}"),
+                // A harvest that failed half way (one RAM slot read, the other not) may have
+                // lost dirty pages: like a failed capture, the session fails and the record
+                // of changes no longer vouches for anything (the next sync is a full one).
+                Err(e) => {
+                    p.handle_capture_failed(&format!("early copy: {e}"));
+                    return Err(e.into());
+                }
             },
         }
         Ok(())

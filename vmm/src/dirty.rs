@@ -76,12 +76,12 @@ pub fn bits(bitmap: &[u64], limit: u64) -> Vec<u64> {
 pub fn harvest(
     (log, ring): (&mut KvmDirtyLog, Option<&crate::dirty_ring::DirtyRing>),
     vm_fd: &VmFd,
-    mem: &GuestMem,
-    mem_size: u64,
+    (mem, mem_size): (&GuestMem, u64),
+    running: bool,
 ) -> Result<DirtyPages> {
     let kvm = match ring {
         Some(r) => r.harvest()?,
-        None => log.harvest(vm_fd, mem_size)?,
+        None => log.harvest(vm_fd, mem_size, running)?,
     };
     // One bitmap per RAM region, in address order: the low one covers a whole number of
     // 64-page words (`crate::layout`), so concatenated they are the bitmap of the linear image.

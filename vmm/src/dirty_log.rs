@@ -14,6 +14,11 @@
 //! the dirty set is a superset of the pages written — and the replication encoder drops pages
 //! identical to what the backup holds.
 //!
+//! Heat follows the paused harvests (checkpoints): a harvest while the guest runs (an early
+//! copy of a busy epoch, a pre-copy pass) reports and clears as usual, but its pages only count
+//! at the next paused harvest, together with that one's — so a page written once per epoch
+//! before its early copy still becomes hot, as it did with one harvest per epoch.
+//!
 //! Without the capability (or with hot pages off) harvests clear everything, as before.
 
 use std::collections::HashMap;
@@ -69,6 +74,8 @@ fn next_heat(h: Heat) -> Heat {
 pub struct KvmDirtyLog {
     manual: bool,
     heat: HashMap<u64, Heat>,
+    /// Pages reported by running harvests since the last paused one.
+    seen: Vec<u64>,
 }
 
 impl KvmDirtyLog {
@@ -89,6 +96,7 @@ impl KvmDirtyLog {
         KvmDirtyLog {
             manual,
             heat: HashMap::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -98,8 +106,9 @@ impl KvmDirtyLog {
     }
 
     /// The pages written since they were last cleared (hot pages included), as a bitmap; the
-    /// non-hot ones are cleared and write-protected again before this returns.
-    pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64) -> Result<Vec<u64>> {
+    /// non-hot ones are cleared and write-protected again before this returns. `running`: the
+    /// guest runs (see the module docs on heat).
+    pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64, running: bool) -> Result<Vec<u64>> {
         // One bitmap per slot (`crate::layout::ram_ranges`); the low slot is a whole number of
         // words, so concatenated they are the bitmap of the linear image.
         let ranges = crate::layout::ram_ranges(mem_size);
@@ -114,7 +123,7 @@ impl KvmDirtyLog {
             return Ok(bitmap);
         }
         let pages = mem_size / crate::layout::PAGE_SIZE;
-        let mut clear = self.plan_clear(&bitmap, pages);
+        let mut clear = self.plan(&bitmap, pages, running);
         for (slot, r) in ranges.iter().enumerate() {
             let first = (r.off / crate::layout::PAGE_SIZE / 64) as usize;
             let words = (r.len / crate::layout::PAGE_SIZE).div_ceil(64) as usize;
@@ -122,6 +131,40 @@ impl KvmDirtyLog {
             self.clear(vm_fd, slot as u32, &mut clear[first..first + words], pages)?;
         }
         Ok(bitmap)
+    }
+
+    /// [`plan_clear`](Self::plan_clear) for a harvest while the guest runs (`running`: heat is
+    /// not updated, the pages are kept for the next paused harvest, and the reported pages
+    /// that are not hot are cleared) or paused (the pages of both count).
+    pub fn plan(&mut self, bitmap: &[u64], pages: u64, running: bool) -> Vec<u64> {
+        if running {
+            let mut clear = vec![0u64; bitmap.len()];
+            for pfn in crate::dirty::bits(bitmap, pages) {
+                if self.heat.get(&pfn).is_none_or(|h| h.hot_left == 0) {
+                    clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
+                }
+            }
+            if self.seen.len() < bitmap.len() {
+                self.seen.resize(bitmap.len(), 0);
+            }
+            for (s, b) in self.seen.iter_mut().zip(bitmap) {
+                *s |= b;
+            }
+            return clear;
+        }
+        match std::mem::take(&mut self.seen) {
+            seen if seen.is_empty() => self.plan_clear(bitmap, pages),
+            mut seen => {
+                if seen.len() < bitmap.len() {
+                    seen.resize(bitmap.len(), 0);
+                }
+                for (s, b) in seen.iter_mut().zip(bitmap) {
+                    *s |= b;
+                }
+                // (Clearing a page the running harvest cleared already changes nothing.)
+                self.plan_clear(&seen, pages)
+            }
+        }
     }
 
     /// The hot-page decision of one harvest (pure): updates every page's heat from the pages
@@ -150,6 +193,7 @@ impl KvmDirtyLog {
         KvmDirtyLog {
             manual: true,
             heat: HashMap::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -183,6 +227,25 @@ impl KvmDirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_written_once_per_epoch_before_its_early_copy_still_becomes_hot() {
+        let mut log = KvmDirtyLog::manual_model();
+        let page = vec![1u64 << 5];
+        let none = vec![0u64];
+        let mut hot_at = None;
+        for epoch in 0..5 {
+            // The early (running) harvest finds it, the paused one does not.
+            let running = log.plan(&page, 64, true);
+            log.plan(&none, 64, false);
+            if running[0] == 0 && hot_at.is_none() {
+                hot_at = Some(epoch);
+            }
+        }
+        // Cleared by the early harvests of epochs 0-2 (which make it hot at their pause);
+        // left writable from epoch 3 on.
+        assert_eq!(hot_at, Some(3));
+    }
 
     #[test]
     fn a_page_dirty_in_three_harvests_stays_hot_for_a_while_then_is_protected_again() {

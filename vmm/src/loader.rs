@@ -157,13 +157,16 @@ pub fn parse(file: &[u8], mem_size: u64) -> Result<Image, ElfError> {
                 "address {vaddr:#x} is below the guest minimum {GUEST_MIN_ADDR:#x}"
             )));
         }
+        // (Below the MMIO hole: RAM beyond it is at 4 GiB, `crate::layout`.)
+        let low_end = mem_size.min(crate::layout::MMIO_BASE);
         let seg_end = vaddr
             .checked_add(memsz)
-            .filter(|&e| e <= mem_size)
+            .filter(|&e| e <= low_end)
             .ok_or_else(|| {
                 bad(format!(
-                    "[{vaddr:#x}, +{memsz:#x}) does not fit in {} MiB of guest RAM",
-                    mem_size >> 20
+                    "[{vaddr:#x}, +{memsz:#x}) does not fit in the {} MiB of guest RAM below \
+                     the MMIO hole",
+                    low_end >> 20
                 ))
             })?;
         end = end.max(seg_end);

@@ -57,7 +57,13 @@ impl Policy<'_> {
         stats.epochs.store(seq + 1, Ordering::Relaxed);
         self.last_capture = now;
         self.last_pause = cap.pause;
-        self.epoch_pages = (cap.pages.len(), false);
+        // (A full capture's pages are all of RAM, not an epoch's.)
+        let busy = if cap.changes.is_some() {
+            0
+        } else {
+            cap.pages.len()
+        };
+        self.epoch_pages = (busy, false);
         tracing::trace!(
             "checkpoint {seq}: {} pages, pause {} µs",
             cap.pages.len(),

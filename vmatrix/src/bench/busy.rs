@@ -167,8 +167,9 @@ pub(super) fn rows(
     Ok(())
 }
 
-/// Pauses with the bitmap vs the ring as the harvest source, alternating; a Markdown table.
-/// With `busy` CPU-bound neighbours running meanwhile (and the real-time pause path).
+/// Pauses with the bitmap vs the ring as the harvest source (and the ring without early copies
+/// of busy epochs), alternating; a Markdown table. With `busy` CPU-bound neighbours running
+/// meanwhile (and the real-time pause path).
 pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow::Result<()> {
     println!(
         "## Harvest source: KVM's bitmap (hot pages) vs its dirty ring (`vmatrix bench \
@@ -181,10 +182,12 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
     println!("|---:|---|---|---:|---:|---:|---:|");
     let _hogs = Hogs::start(busy)?;
     for r in 1..=rounds {
-        for ring in [false, true] {
+        // The ring also without early copies of busy epochs (`--epoch-precopy false`).
+        for (ring, early) in [(false, true), (true, true), (true, false)] {
             let p = Protection {
                 dirty_ring: ring,
                 rt_pause: busy > 0,
+                epoch_precopy: early,
                 ..Protection::default()
             };
             // (50 pages per ms over 4,096: 1,000 distinct pages in each 20 ms epoch.)
@@ -194,7 +197,12 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
                 ("1,000 pages per epoch", "CHURN 4096 50"),
             ];
             let name = if ring { "ring" } else { "bitmap" };
-            rows(env, t, (r, name, "{source}"), p, &workloads)?;
+            let label = if early {
+                "{source}"
+            } else {
+                "{source}, no early copy"
+            };
+            rows(env, t, (r, name, label), p, &workloads)?;
         }
     }
     Ok(())

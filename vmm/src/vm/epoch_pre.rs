@@ -32,6 +32,7 @@ impl Vm {
     /// Copies the pages dirtied since the last capture (or early copy) while the guest runs,
     /// for the next incremental capture to send (see the module docs). Returns how many.
     pub fn precopy_epoch(&self) -> Result<usize, SnapshotError> {
+        let _one = lock(&self.captures);
         let dirty = self
             .take_dirty_running(Consumer::Replication)
             .map_err(|e| SnapshotError::Capture(e.to_string()))?;

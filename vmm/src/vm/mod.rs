@@ -99,6 +99,9 @@ pub struct Vm {
     capture_pool: Mutex<Vec<Vec<u8>>>,
     /// Pages of the current epoch copied before its pause ([`Vm::precopy_epoch`]).
     epoch_pre: Mutex<epoch_pre::EpochPre>,
+    /// Held by every capture and pre-copy for replication, so that one never overlaps another
+    /// (a capture left running by an ended session and the next session's, for example).
+    captures: Mutex<()>,
     /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
     start_gate: Mutex<Option<StartGate>>,
 }
@@ -359,6 +362,7 @@ impl Vm {
             staging: Mutex::new(Vec::new()),
             capture_pool: Mutex::new(Vec::new()),
             epoch_pre: Mutex::default(),
+            captures: Mutex::new(()),
             start_gate: Mutex::new(None),
         }
     }
@@ -553,7 +557,7 @@ impl Vm {
     /// them.
     pub fn harvest_dirty(&self) -> Result<DirtyPages> {
         self.check_paused("harvest dirty pages")?;
-        self.harvest(&mut lock(&self.tracking))
+        self.harvest(&mut lock(&self.tracking), false)
     }
 
     /// Harvests (see [`harvest`](Self::harvest)) and hands consumer `c` every change not yet
@@ -567,7 +571,7 @@ impl Vm {
         }
         let mut t = lock(&self.tracking);
         t.changes.activate(c);
-        self.harvest(&mut t)?;
+        self.harvest(&mut t, running)?;
         Ok(t.changes.take(c))
     }
 
@@ -576,7 +580,7 @@ impl Vm {
     pub(crate) fn take_dirty_running(&self, c: Consumer) -> Result<Vec<u64>> {
         let mut t = lock(&self.tracking);
         t.changes.activate(c);
-        self.harvest(&mut t)?;
+        self.harvest(&mut t, true)?;
         Ok(t.changes.take_dirty(c))
     }
 
@@ -602,7 +606,7 @@ impl Vm {
     /// and, while a consumer is active, the disk write log (which starts recording), and adds
     /// all of it to every active consumer. Callers hold `tracking` for the harvest and their
     /// take, so no harvest can slip between another's reads and its fan-out.
-    fn harvest(&self, t: &mut Tracking) -> Result<DirtyPages> {
+    fn harvest(&self, t: &mut Tracking, running: bool) -> Result<DirtyPages> {
         if !self.dirty_log {
             return Err(Error::Host("dirty logging is off for this VM".into()));
         }
@@ -610,8 +614,8 @@ impl Vm {
         let dirty = crate::dirty::harvest(
             (&mut t.kvm, ring.as_deref()),
             &self.vm_fd,
-            &self.mem,
-            self.mem_size,
+            (&self.mem, self.mem_size),
+            running,
         )?;
         if t.changes.any_active() {
             let disk = match &self.devices.blk {

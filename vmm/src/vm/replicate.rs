@@ -100,6 +100,7 @@ impl Vm {
         kind: CaptureKind,
         disk_ranges: &[(u64, u64)],
     ) -> Result<EpochCapture, SnapshotError> {
+        let _one = lock(&self.captures);
         let t0 = Instant::now();
         // Pauses are counted: this one nests inside a user's pause without ending it. An
         // incremental capture is short: its pause path may run at real-time priority.
@@ -313,12 +314,13 @@ impl Vm {
         pages: Range<u64>,
         disk: Range<u64>,
     ) -> Result<EpochCapture, SnapshotError> {
+        let _one = lock(&self.captures);
         // What changed since the previous capture is no longer tracked after this: returned as
         // `changes`, so a caller that tracks changes per checkpoint (quick resync) loses nothing.
         let ch = self
             .take_changes(Consumer::Replication, true)
             .map_err(capture_err)?;
-        let mut cap = match self.precopy_slice(pages, disk) {
+        let mut cap = match self.slice_capture(pages, disk) {
             Ok(c) => c,
             Err(e) => {
                 self.give_back(Consumer::Replication, ch);
@@ -346,6 +348,15 @@ impl Vm {
     /// disk writes. Round 0 goes in slices so that no buffer, checkpoint or staging area on
     /// either side has to hold a whole big guest.
     pub fn precopy_slice(
+        &self,
+        pages: Range<u64>,
+        disk: Range<u64>,
+    ) -> Result<EpochCapture, SnapshotError> {
+        let _one = lock(&self.captures);
+        self.slice_capture(pages, disk)
+    }
+
+    fn slice_capture(
         &self,
         pages: Range<u64>,
         disk: Range<u64>,
@@ -415,6 +426,7 @@ impl Vm {
     /// A later pre-copy pass, while the guest runs: the pages dirtied since the previous pass
     /// (by the vCPU or a device), copied. Disk writes stay pending for the final capture.
     pub fn precopy_pass(&self) -> Result<EpochCapture, SnapshotError> {
+        let _one = lock(&self.captures);
         let dirty = self
             .take_dirty_running(Consumer::Replication)
             .map_err(capture_err)?;
