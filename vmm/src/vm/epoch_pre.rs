@@ -33,23 +33,10 @@ impl Vm {
     /// for the next incremental capture to send (see the module docs). Returns how many.
     pub fn precopy_epoch(&self) -> Result<usize, SnapshotError> {
         let _one = lock(&self.captures);
-        let dirty = self
-            .take_dirty_running(Consumer::Replication)
-            .map_err(|e| SnapshotError::Capture(e.to_string()))?;
-        let pages = crate::dirty::bits(&dirty, self.mem_size / PAGE_SIZE);
+        let (pages, data) = self.copy_dirty_running()?;
         if pages.is_empty() {
             return Ok(0);
         }
-        let mut data = Vec::new();
-        if let Err(e) = crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data) {
-            let taken = Pending {
-                dirty,
-                ..Default::default()
-            };
-            self.give_back(Consumer::Replication, taken);
-            return Err(e);
-        }
-        data.truncate(pages.len() * PAGE);
         let n = pages.len();
         let mut pre = lock(&self.epoch_pre);
         // A second early copy in one epoch: its pages are the newer copies.

@@ -427,6 +427,24 @@ impl Vm {
     /// (by the vCPU or a device), copied. Disk writes stay pending for the final capture.
     pub fn precopy_pass(&self) -> Result<EpochCapture, SnapshotError> {
         let _one = lock(&self.captures);
+        let (pages, data) = self.copy_dirty_running()?;
+        Ok(EpochCapture {
+            epoch: 0,
+            pause: Duration::ZERO,
+            pages,
+            data,
+            disk: DiskCapture::Writes(Vec::new()),
+            state: Vec::new(),
+            mem_size: self.mem_size,
+            changes: None,
+            extra_disk: Vec::new(),
+        })
+    }
+
+    /// Takes replication's dirty pages while the guest runs and copies them (after the harvest
+    /// protected them again: a write during the copy is in the next harvest); on failure they
+    /// are pending again. Page numbers ascending, and their contents.
+    pub(crate) fn copy_dirty_running(&self) -> Result<(Vec<u64>, Vec<u8>), SnapshotError> {
         let dirty = self
             .take_dirty_running(Consumer::Replication)
             .map_err(capture_err)?;
@@ -440,17 +458,8 @@ impl Vm {
             self.give_back(Consumer::Replication, taken);
             return Err(e);
         }
-        Ok(EpochCapture {
-            epoch: 0,
-            pause: Duration::ZERO,
-            pages,
-            data,
-            disk: DiskCapture::Writes(Vec::new()),
-            state: Vec::new(),
-            mem_size: self.mem_size,
-            changes: None,
-            extra_disk: Vec::new(),
-        })
+        data.truncate(pages.len() * PAGE_SIZE as usize);
+        Ok((pages, data))
     }
 
     /// Releases guest output of epochs up to `upto` (checkpoint `upto` is safe on the backups);
