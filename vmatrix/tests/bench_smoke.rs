@@ -47,7 +47,8 @@ fn bench_replication_quick_prints_every_table() {
 }
 
 /// `--busy 1 --second-vm --rounds 1`: a CPU-bound neighbour and a second protected VM beside
-/// the measured one, both pause paths; `--dirty-sources --rounds 1`: the bitmap and the ring.
+/// the measured one, both pause paths; `--dirty-sources --busy 1 --rounds 1`: the bitmap, the
+/// ring, and the ring without early copies of busy epochs, beside a neighbour.
 #[test]
 fn bench_replication_busy_and_dirty_sources_print_both_sides() {
     require_kvm();
@@ -79,14 +80,18 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
             "replication",
             "--quick",
             "--dirty-sources",
+            "--busy",
+            "1",
             "--rounds",
             "1",
             "--guest",
             g,
         ],
         &[
+            "1 CPU-bound neighbours",
             "| 1 | bitmap+hot | idle |",
-            "| 1 | ring | CHURN 10k pages/s |",
+            "| 1 | ring | 1,000 pages per epoch |",
+            "| 1 | ring, no early copy | 1,000 pages per epoch |",
         ],
     );
 }
