@@ -93,6 +93,11 @@ pub struct Control {
     pub(crate) boost: crate::rt::PauseBoost,
     /// The vCPU's dirty ring, collected by its thread when it fills (`crate::dirty_ring`).
     ring: std::sync::OnceLock<Arc<crate::dirty_ring::DirtyRing>>,
+    /// KVM copies registers, special registers and events to the run page at every exit.
+    sync_regs: AtomicBool,
+    /// A `KVM_RUN` has returned since the vCPU was set up: the run page's copy is its state
+    /// (until then it holds nothing; the VMM sets state only before the vCPU thread starts).
+    synced: AtomicBool,
 }
 
 impl Control {
@@ -106,7 +111,20 @@ impl Control {
             kicker: Mutex::new(None),
             boost: crate::rt::PauseBoost::default(),
             ring: std::sync::OnceLock::new(),
+            sync_regs: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
         }
+    }
+
+    /// KVM keeps the vCPU's registers in its run page (see `KvmParts::sync_regs`).
+    pub(crate) fn set_sync_regs(&self, on: bool) {
+        self.sync_regs.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the run page holds the vCPU's registers, special registers and events as of
+    /// its last exit (the vCPU must be parked or stopped for them to be current).
+    pub(crate) fn regs_in_run_page(&self) -> bool {
+        self.sync_regs.load(Ordering::SeqCst) && self.synced.load(Ordering::SeqCst)
     }
 
     /// The vCPU's dirty ring, if it has one (set once, when the VM is assembled).
@@ -440,6 +458,9 @@ fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) ->
         match owned {
             Owned::Done | Owned::Again => {}
             Owned::Intr => {
+                // (This KVM_RUN completed any access in flight before returning: the run
+                // page's registers are the state a capture wants.)
+                control.synced.store(true, Ordering::SeqCst);
                 vcpu.set_kvm_immediate_exit(0);
                 // Release the vCPU while parked so its state can be captured or restored.
                 drop(vcpu);

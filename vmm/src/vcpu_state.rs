@@ -98,8 +98,9 @@ pub fn check_xsave_size(kvm: &Kvm) -> Result<()> {
     Ok(())
 }
 
-/// Reads the whole state of a parked vCPU.
-pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
+/// Reads the whole state of a parked vCPU; `synced`: its registers, special registers and
+/// events are current in its run page (`KVM_CAP_SYNC_REGS`), read there instead of by ioctls.
+pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32], synced: bool) -> Result<VcpuState> {
     let entries: Vec<kvm_msr_entry> = msr_indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -111,18 +112,43 @@ pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
         Msrs::from_entries(&entries).map_err(|e| Error::Host(format!("MSR list: {e:?}")))?;
     let n = vcpu.get_msrs(&mut msrs).map_err(Error::kvm("get_msrs"))?;
     let msrs = msrs.as_slice()[..n].to_vec();
+    let by_ioctl = || -> Result<(kvm_regs, kvm_sregs, kvm_vcpu_events)> {
+        Ok((
+            vcpu.get_regs().map_err(Error::kvm("get_regs"))?,
+            vcpu.get_sregs().map_err(Error::kvm("get_sregs"))?,
+            vcpu.get_vcpu_events()
+                .map_err(Error::kvm("get_vcpu_events"))?,
+        ))
+    };
+    let (regs, sregs, events) = match synced {
+        true => {
+            let s = vcpu.sync_regs();
+            let got = (s.regs, s.sregs, s.events);
+            // Debug builds (every test) check the run page against the ioctls.
+            if cfg!(debug_assertions) {
+                let bytes = |x: &(kvm_regs, kvm_sregs, kvm_vcpu_events)| {
+                    postcard::to_stdvec(x).unwrap_or_default()
+                };
+                if bytes(&got) != bytes(&by_ioctl()?) {
+                    return Err(Error::Host(
+                        "the run page's registers differ from KVM's (KVM_CAP_SYNC_REGS)".into(),
+                    ));
+                }
+            }
+            got
+        }
+        false => by_ioctl()?,
+    };
     Ok(VcpuState {
-        regs: vcpu.get_regs().map_err(Error::kvm("get_regs"))?,
-        sregs: vcpu.get_sregs().map_err(Error::kvm("get_sregs"))?,
+        regs,
+        sregs,
         xsave: vcpu.get_xsave().map_err(Error::kvm("get_xsave"))?,
         xcrs: vcpu.get_xcrs().map_err(Error::kvm("get_xcrs"))?,
         debugregs: vcpu
             .get_debug_regs()
             .map_err(Error::kvm("get_debug_regs"))?,
         mp_state: vcpu.get_mp_state().map_err(Error::kvm("get_mp_state"))?,
-        events: vcpu
-            .get_vcpu_events()
-            .map_err(Error::kvm("get_vcpu_events"))?,
+        events,
         msrs,
         tsc_khz: vcpu.get_tsc_khz().ok(),
     })

@@ -185,6 +185,9 @@ pub(crate) struct KvmParts {
     pub dirty: crate::dirty_log::KvmDirtyLog,
     /// The vCPU's dirty ring, where it replaces the bitmap (`crate::dirty_ring`).
     pub ring: Option<Arc<crate::dirty_ring::DirtyRing>>,
+    /// KVM copies the vCPU's registers, special registers and events into the shared run
+    /// page at every exit (`KVM_CAP_SYNC_REGS`): a capture reads them there.
+    pub sync_regs: bool,
 }
 
 /// Creates the KVM VM, registers `mem` as slots 0 and 1 (`crate::layout::ram_ranges`) and creates vCPU 0 with the host's CPUID.
@@ -239,6 +242,18 @@ pub(crate) fn create_kvm_vm(
         .map_err(Error::kvm("get_supported_cpuid"))?;
     vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("set_cpuid2"))?;
     vcpu.set_kvm_immediate_exit(0);
+    // Three ioctls fewer in every checkpoint's pause (~8-16 µs each on this host).
+    let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+    if sync_regs {
+        use kvm_ioctls::SyncReg;
+        for r in [
+            SyncReg::Register,
+            SyncReg::SystemRegister,
+            SyncReg::VcpuEvents,
+        ] {
+            vcpu.set_sync_valid_reg(r);
+        }
+    }
     let pages = mem_size / crate::layout::PAGE_SIZE;
     let ring = ring_bytes
         .map(|b| crate::dirty_ring::DirtyRing::map(&vm_fd, &vcpu, b, pages).map(Arc::new))
@@ -250,6 +265,7 @@ pub(crate) fn create_kvm_vm(
         msr_indices,
         dirty,
         ring,
+        sync_regs,
     })
 }
 
@@ -339,6 +355,7 @@ impl Vm {
             mmio.insert(virtio_slot(1), MMIO_WINDOW, b.clone());
         }
         control.set_ring(parts.ring.clone());
+        control.set_sync_regs(parts.sync_regs);
         Vm {
             _kvm: parts.kvm,
             vm_fd: parts.vm_fd,
