@@ -100,7 +100,13 @@ pub fn check_xsave_size(kvm: &Kvm) -> Result<()> {
 
 /// Reads the whole state of a parked vCPU; `synced`: its registers, special registers and
 /// events are current in its run page (`KVM_CAP_SYNC_REGS`), read there instead of by ioctls.
-pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32], synced: bool) -> Result<VcpuState> {
+/// `tsc_khz`: the vCPU's TSC frequency, read once (it is set only before the vCPU first runs).
+pub fn capture(
+    vcpu: &VcpuFd,
+    msr_indices: &[u32],
+    synced: bool,
+    tsc_khz: &std::sync::OnceLock<Option<u32>>,
+) -> Result<VcpuState> {
     let entries: Vec<kvm_msr_entry> = msr_indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -150,7 +156,7 @@ pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32], synced: bool) -> Result<VcpuS
         mp_state: vcpu.get_mp_state().map_err(Error::kvm("get_mp_state"))?,
         events,
         msrs,
-        tsc_khz: vcpu.get_tsc_khz().ok(),
+        tsc_khz: *tsc_khz.get_or_init(|| vcpu.get_tsc_khz().ok()),
     })
 }
 

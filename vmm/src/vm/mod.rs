@@ -102,6 +102,8 @@ pub struct Vm {
     /// Held by every capture and pre-copy for replication, so that one never overlaps another
     /// (a capture left running by an ended session and the next session's, for example).
     captures: Mutex<()>,
+    /// The vCPU's TSC frequency, read at the first capture (`vcpu_state::capture`).
+    tsc_khz: std::sync::OnceLock<Option<u32>>,
     /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
     start_gate: Mutex<Option<StartGate>>,
 }
@@ -380,6 +382,7 @@ impl Vm {
             capture_pool: Mutex::new(Vec::new()),
             epoch_pre: Mutex::default(),
             captures: Mutex::new(()),
+            tsc_khz: std::sync::OnceLock::new(),
             start_gate: Mutex::new(None),
         }
     }

@@ -70,8 +70,13 @@ impl Vm {
     pub fn capture_state(&self) -> Result<VmState, SnapshotError> {
         let vcpu = lock(&self.vcpu);
         Ok(VmState {
-            vcpu: vcpu_state::capture(&vcpu, &self.msr_indices, self.control.regs_in_run_page())
-                .map_err(capture_err)?,
+            vcpu: vcpu_state::capture(
+                &vcpu,
+                &self.msr_indices,
+                self.control.regs_in_run_page(),
+                &self.tsc_khz,
+            )
+            .map_err(capture_err)?,
             serial: lock(&self.devices.serial).save(),
             platform: lock(&self.devices.platform).save(),
             net: self.devices.net.as_ref().map(|n| lock(n).save()),
