@@ -63,9 +63,11 @@ impl Vm {
             pages: std::mem::take(&mut c.pages),
             data: std::mem::take(&mut c.data),
         };
-        let both = merge(pre, now);
+        let both = merge_refs(&pre, &now);
         c.pages = both.pages;
         c.data = both.data;
+        // (The pause's buffer came from the capture pool: it goes back for the next pause.)
+        self.recycle_capture(now.data);
     }
 
     /// A capture failed: the pages of the early copy are pending again.
@@ -112,6 +114,11 @@ fn merge(old: EpochPre, new: EpochPre) -> EpochPre {
     if new.pages.is_empty() {
         return old;
     }
+    merge_refs(&old, &new)
+}
+
+/// [`merge`] into a new buffer.
+fn merge_refs(old: &EpochPre, new: &EpochPre) -> EpochPre {
     let mut pages = Vec::with_capacity(old.pages.len() + new.pages.len());
     let mut data = Vec::with_capacity((old.pages.len() + new.pages.len()) * PAGE);
     let (mut i, mut j) = (0, 0);
