@@ -86,10 +86,7 @@ fn a_guest_over_its_memory_limit_is_stopped_in_its_group_and_its_neighbour_check
     require_kvm();
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let mut r = Replicated::start(&net, dir.path(), &["--control", sock.to_str().unwrap()]);
-    let mut kv = r.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
+    let (mut r, mut kv, sock) = Replicated::start_controlled(&net, dir.path());
     for i in 0..20 {
         assert_eq!(kv.cmd(&format!("SET before{i} v{i}")).unwrap(), "OK");
     }

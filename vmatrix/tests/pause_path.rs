@@ -51,10 +51,7 @@ fn status_field(sock: &Path, key: &str) -> String {
 fn no_thread_stays_real_time_outside_its_pauses() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let mut r = Replicated::start(&net, dir.path(), &["--control", sock.to_str().unwrap()]);
-    let mut kv = r.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
+    let (mut r, mut kv, sock) = Replicated::start_controlled(&net, dir.path());
     assert_eq!(status_field(&sock, "rt_pause"), "true");
     assert_eq!(status_field(&sock, "dirty_source"), "bitmap+hot");
     assert_eq!(kv.cmd("CHURN 2048 20").unwrap(), "OK");

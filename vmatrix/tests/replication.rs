@@ -165,10 +165,7 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
 fn the_backup_image_equals_the_primary_at_a_checkpoint() {
     let net = TestNet::new();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let mut r = Replicated::start(&net, dir.path(), &["--control", sock.to_str().unwrap()]);
-    let mut kv = r.wait_ready(Duration::from_secs(20));
-    wait_socket(&sock, Duration::from_secs(5));
+    let (mut r, mut kv, sock) = Replicated::start_controlled(&net, dir.path());
     for i in 0..50 {
         assert_eq!(kv.cmd(&format!("SET k{i} v{i}")).unwrap(), "OK");
     }

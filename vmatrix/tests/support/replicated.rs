@@ -23,6 +23,16 @@ pub struct Replicated {
 }
 
 impl Replicated {
+    /// `start` with a control socket (`<dir>/ctl.sock`): waits for the guest and the socket;
+    /// returns the pair, a KV client and the socket.
+    pub fn start_controlled(net: &TestNet, dir: &Path) -> (Replicated, KvClient, PathBuf) {
+        let sock = dir.join("ctl.sock");
+        let mut r = Replicated::start(net, dir, &["--control", sock.to_str().unwrap()]);
+        let kv = r.wait_ready(Duration::from_secs(20));
+        wait_socket(&sock, Duration::from_secs(5));
+        (r, kv, sock)
+    }
+
     /// Like `start`, with a guest of `mem_mib` MiB.
     pub fn start_sized(net: &TestNet, dir: &Path, mem_mib: u64, extra: &[&str]) -> Replicated {
         let listen = [net.backup_listen(0)];
