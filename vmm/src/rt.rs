@@ -97,6 +97,9 @@ impl PauseBoost {
                 BOOST_PRIORITY,
             ) {
                 Ok(()) => out.push(tid),
+                // A thread that exited meanwhile (a vCPU thread ending): nothing to raise;
+                // only a refusal turns the boost off.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                 Err(e) => {
                     self.set_enabled(false);
                     tracing::warn!(
