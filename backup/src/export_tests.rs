@@ -341,17 +341,26 @@ fn refusals_touch_nothing() {
     let asked = request(&exports, &first);
     until_running(&mut x, &r);
     let second = request(&exports, &d.path().join("second"));
-    poll_until_answered(&mut x, &r, &second);
-    failed(second, "one at a time", &d.path().join("second"));
-    let t = std::time::Instant::now();
-    while !x.wants_final() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the first export never asked for its final step (it hung a CI run for 17 min)"
-        );
+    // (Taken only once it waits: the poll that takes it refuses it, the first export being in
+    // progress until its final step — even if its copy has just ended.)
+    while exports.queued() == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
-    x.poll(Some(&r));
+    poll_until_answered(&mut x, &r, &second);
+    failed(second, "one at a time", &d.path().join("second"));
+    // The first export goes on to its end. (The polls that answered the second request may
+    // have taken its final step already: waiting for it to *ask* for that step, without
+    // polling, then waited forever — it hung a CI run for 17 min, and failed another at a
+    // 60 s bound.)
+    let t = std::time::Instant::now();
+    while !asked.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the first export never finished"
+        );
+        x.poll(Some(&r));
+        std::thread::sleep(Duration::from_millis(1));
+    }
     asked.join().unwrap().expect("the first export goes on");
 }
 

@@ -138,6 +138,13 @@ impl std::fmt::Debug for Exports {
 }
 
 impl Exports {
+    /// Requests waiting to be taken.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        let q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.requests.len()
+    }
+
     /// Asks for the committed image to be exported into `dst` (a new directory, or an empty
     /// one) and waits up to `timeout` for the answer; an export not done by then is cancelled.
     pub fn export(&self, dst: PathBuf, timeout: Duration) -> Result<Exported, BackupError> {
@@ -300,9 +307,6 @@ impl Exporter {
         let Some(replica) = replica else {
             return;
         };
-        if self.wants_final() {
-            self.step(replica);
-        }
         let requests = std::mem::take(
             &mut self
                 .exports
@@ -332,6 +336,11 @@ impl Exporter {
                     let _ = req.reply.try_send(Err(e));
                 }
             }
+        }
+        // After the requests: an export is in progress until its final step is taken, so a
+        // request that comes while its copy ends is refused, one at a time, in every order.
+        if self.wants_final() {
+            self.step(replica);
         }
     }
 
