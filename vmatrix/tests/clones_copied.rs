@@ -113,7 +113,7 @@ fn clones_on_a_host_running_nothing_of_the_vm_copy_its_base() {
         assert!(a == b, "{f} of the copy differs from its source's");
     }
     // A write on a clone is its own.
-    let mut c0 = KvClient::connect(m.clone_addr(0)).unwrap();
+    let mut c0 = connect_retry(m.clone_addr(0), Duration::from_secs(10));
     assert_eq!(c0.cmd("SET colour red").unwrap(), "OK");
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
 

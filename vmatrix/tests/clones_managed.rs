@@ -63,7 +63,7 @@ fn clones_through_the_manager_follow_the_count_and_survive_the_parents_failover(
     assert_eq!(v["status"], "protected", "the parent is still protected");
     assert_eq!(v["term"], 1, "clones take no term");
     // A write on a clone is its own; the parent keeps its value.
-    let mut c0 = KvClient::connect(clone_addr(&m, 0)).unwrap();
+    let mut c0 = connect_retry(clone_addr(&m, 0), Duration::from_secs(10));
     assert_eq!(c0.cmd("SET colour red").unwrap(), "OK");
     assert_eq!(kv.cmd("GET colour").unwrap(), "VALUE blue");
     wait_clone(&m, 1, "VALUE blue", Duration::from_secs(5));
