@@ -491,6 +491,8 @@ async fn session_loop(
                 .await
                 .map_err(|e| Failure::Session(e.into()))?;
         }
+        // (After the acknowledgement left.)
+        applier.run_deferred();
         if let Some(e) = r.closed() {
             tracing::info!("session closed: {e}");
             return match e {
@@ -560,9 +562,15 @@ fn step_done(
             result: Ok(staged),
             started,
         } => {
+            let took = started.elapsed();
             stats
                 .last_durable_us
-                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .store(took.as_micros() as u64, Ordering::Relaxed);
+            stats
+                .durable_ns
+                .0
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+            stats.durable_ns.1.fetch_add(1, Ordering::Relaxed);
             r.ack(cp.epoch);
             committed(stats, r, &cp);
             match staged {

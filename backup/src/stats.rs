@@ -40,6 +40,8 @@ pub struct BackupStats {
     /// Time from a complete checkpoint to its journal being written (when it is acknowledged),
     /// last one, µs.
     pub last_durable_us: AtomicU64,
+    /// Sum of those times, ns, and how many were summed (for means between two reads).
+    pub durable_ns: (AtomicU64, AtomicU64),
     /// Checkpoints that could not be applied (the primary resends them).
     pub apply_failures: AtomicU64,
     /// Seq + 1 of the committed image's checkpoint (durable: acknowledged, or in the image

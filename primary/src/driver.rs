@@ -25,6 +25,7 @@ use vmm::snapshot::SnapshotError;
 use vmm::{CaptureKind, EpochCapture, Vm};
 
 use crate::peer;
+use crate::reply_path::{OutputClock, Tracker};
 use crate::writer::Writer;
 use crate::{Command, Fence, Policy, PrimaryConfig, PrimaryError, Stats};
 
@@ -64,6 +65,9 @@ pub(crate) struct Driver {
     /// When the last input from the backups (a frame, a timeout) was handled: a release it
     /// authorized must leave within [`RELEASE_LEASE`] of it.
     handled_at: Instant,
+    /// When the guest's held output started waiting, and the checkpoint in flight's times
+    /// (see [`crate::reply_path`]).
+    reply: (Arc<OutputClock>, Tracker),
 }
 
 /// Longest time from handling the acknowledgement that authorizes a release to the frame's
@@ -108,6 +112,7 @@ impl Driver {
             to_close: Vec::new(),
             fence,
             handled_at: Instant::now(),
+            reply: (Arc::new(OutputClock::new()), Tracker::default()),
         })
     }
 
@@ -115,10 +120,11 @@ impl Driver {
     pub async fn run(
         mut self,
         mut p: Policy<'_>,
-        output_waiting: Arc<Notify>,
+        (output_waiting, clock): (Arc<Notify>, Arc<OutputClock>),
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), PrimaryError> {
         let early = self.cfg.early_checkpoints;
+        self.reply.0 = clock;
         loop {
             let hurry = self.stats.hurry.load(std::sync::atomic::Ordering::Relaxed);
             p.set_output_waiting(early && (hurry || self.vm.output_waiting()));
@@ -129,6 +135,7 @@ impl Driver {
             self.check_fenced(&p)?;
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
             flush(&mut p, &mut self.links, counter);
+            self.reply.1.flushed(Instant::now());
             for i in std::mem::take(&mut self.to_close) {
                 if let Some((_, l)) = self.links[i].take() {
                     l.close(
@@ -325,7 +332,13 @@ impl Driver {
                 }));
             }
             Command::Capture { kind, disk_ranges } => {
+                let (output, start) = (self.reply.0.take(), Instant::now());
                 let r = self.vm.capture_epoch_with(kind, &disk_ranges);
+                if let Ok(cap) = &r {
+                    self.reply
+                        .1
+                        .captured(cap.epoch, output, start, Instant::now());
+                }
                 self.on_work_done(p, Ok((false, r)))?;
             }
             Command::HoldOutput => {
@@ -343,6 +356,8 @@ impl Driver {
                     return Ok(());
                 };
                 tracing::trace!("{n} frames of output epoch {e} released");
+                let (acked, path) = (self.handled_at, &self.stats.reply_path);
+                self.reply.1.released(e, acked, Instant::now(), path);
                 self.stats
                     .released_frames
                     .fetch_add(n as u64, Ordering::Relaxed);

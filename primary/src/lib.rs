@@ -22,6 +22,7 @@ pub mod fence;
 pub mod history;
 mod peer;
 pub mod policy;
+pub mod reply_path;
 mod writer;
 
 pub use fence::{Fence, Fenced};
@@ -188,6 +189,8 @@ pub struct Stats {
     pub hurry: std::sync::atomic::AtomicBool,
     /// Dirty pages copied early, while the guest ran (`Command::PreCopyEpoch`).
     pub early_pages: AtomicU64,
+    /// Where the latency output commit adds to a reply goes (see [`reply_path`]).
+    pub reply_path: reply_path::ReplyPath,
 }
 
 /// Pauses kept for percentiles.
@@ -290,9 +293,13 @@ pub async fn run_fenced(
 ) -> Result<(), PrimaryError> {
     // The VM says when output starts waiting (early checkpoints end the epoch then).
     let output_waiting = Arc::new(tokio::sync::Notify::new());
+    let clock = Arc::new(reply_path::OutputClock::new());
     if cfg.early_checkpoints {
-        let n = output_waiting.clone();
-        vm.set_output_waker(Some(Arc::new(move || n.notify_one())));
+        let (n, c) = (output_waiting.clone(), clock.clone());
+        vm.set_output_waker(Some(Arc::new(move || {
+            c.mark();
+            n.notify_one();
+        })));
     }
     let _waker = WakerGuard(&vm);
     let history = state.history.id;
@@ -300,6 +307,6 @@ pub async fn run_fenced(
     pc.guest = (vm.mem_size() / protocol::page::PAGE as u64, vm.disk_len());
     let p = Policy::new(pc, state, stats.clone(), Instant::now());
     driver::Driver::new(vm.clone(), cfg, stats, history, fence)?
-        .run(p, output_waiting, stop)
+        .run(p, (output_waiting, clock), stop)
         .await
 }

@@ -203,6 +203,8 @@ pub struct RunningVm {
     pub stats: Option<Arc<primary::Stats>>,
     /// The backup's export requests (a protected VM).
     pub exports: Option<backup::Exports>,
+    /// The backup's counters (a protected VM).
+    pub backup_stats: Option<Arc<backup::BackupStats>>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -216,6 +218,7 @@ impl RunningVm {
             vm,
             stats: None,
             exports: None,
+            backup_stats: None,
             stop: None,
             threads: Vec::new(),
         })
@@ -238,6 +241,7 @@ impl RunningVm {
             data_ports: Vec::new(),
         };
         let exports = bcfg.exports.clone();
+        let backup_stats = bcfg.stats.clone();
         let brx = stop_rx.clone();
         let backup_thread = crate::rt::spawn("bench-backup", async move {
             if let Err(e) = backup::serve(bcfg, brx, Some(ready_tx)).await {
@@ -286,6 +290,7 @@ impl RunningVm {
             vm,
             stats: Some(stats),
             exports: Some(exports),
+            backup_stats: Some(backup_stats),
             stop: Some(stop_tx),
             threads: vec![primary_thread, backup_thread],
         })

@@ -10,6 +10,7 @@ mod harness;
 mod hog;
 mod lb;
 mod replication;
+mod reply;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,10 @@ pub struct ReplicationArgs {
     /// cgroup at this many CPUs (e.g. 0.5), alternating.
     #[arg(long)]
     pub hog_vm: Option<f64>,
+    /// Measure the KV service's reply path instead: one client's added latency and where it
+    /// goes, and 16 closed-loop clients, unprotected vs protected, alternating for `--rounds`.
+    #[arg(long)]
+    pub kv: bool,
 }
 
 /// Runs a benchmark.
@@ -94,6 +99,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
                     hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
                 }
+                _ if a.kv => reply::run(&env, &timing, a.rounds.max(1))?,
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1), a.second_vm)?,

@@ -53,12 +53,12 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
-fn ms(d: Duration) -> String {
+pub(super) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 /// `clients` connections doing `ops` SETs each: (ops/s, p50, p99).
-fn kv_load(
+pub(super) fn kv_load(
     addr: SocketAddr,
     clients: usize,
     ops: usize,

@@ -1,0 +1,112 @@
+//! `vmatrix bench replication --kv`: the KV service's closed-loop clients, unprotected vs
+//! protected (default settings), alternating for `--rounds`, and where the latency output
+//! commit adds to a reply goes (`primary::reply_path`): the loop's wake-up after the guest's
+//! first held frame, the capture, encoding and hand-over to QUIC, the wait for the backup's
+//! acknowledgement, and the release. Prints Markdown.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::harness::{BenchEnv, Kv, Protection, RunningVm};
+use super::replication::{kv_load, ms, wait_protected, Timing};
+
+/// One round's figures: (1-client p50, 16-client SETs/s) unprotected and protected, and the
+/// protected one-client run's reply path (stage means).
+struct Round {
+    plain: (Duration, f64),
+    protected: (Duration, f64),
+    path: Option<[Duration; 5]>,
+    counted: u64,
+    /// Mean time on the backup from a complete checkpoint to its acknowledgement (journal).
+    durable: Duration,
+}
+
+/// Runs `rounds` rounds and prints the tables.
+pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
+    let one = t.kv_ops;
+    let sixteen = t.kv_ops / 3 + 1;
+    println!("\n### KV service: one client's added latency, where it goes, and 16 clients\n");
+    println!("{rounds} rounds, unprotected then protected (default settings); one client does {one} closed-loop SETs, 16 clients {sixteen} each.\n");
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        let plain = {
+            let _vm = RunningVm::plain(env, "plain")?;
+            drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
+            let (_, p50, _) = kv_load(env.guest_addr(), 1, one)?;
+            let (r16, _, _) = kv_load(env.guest_addr(), 16, sixteen)?;
+            (p50, r16)
+        };
+        let vm = RunningVm::protected(env, "reply", Protection::default())?;
+        let stats = vm.stats.clone().context("protected VM without stats")?;
+        drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
+        wait_protected(&stats)?;
+        let before = stats.reply_path.snapshot();
+        let bs = vm
+            .backup_stats
+            .clone()
+            .context("protected VM without backup stats")?;
+        let durable_sum = |bs: &backup::BackupStats| {
+            (bs.durable_ns.0.load(Relaxed), bs.durable_ns.1.load(Relaxed))
+        };
+        let b0 = durable_sum(&bs);
+        let (_, p50, _) = kv_load(env.guest_addr(), 1, one)?;
+        let path = stats.reply_path.means(before);
+        let b1 = durable_sum(&bs);
+        let durable = Duration::from_nanos((b1.0 - b0.0) / (b1.1 - b0.1).max(1));
+        let counted = stats.reply_path.count() - before.1;
+        let (r16, _, _) = kv_load(env.guest_addr(), 16, sixteen)?;
+        drop(vm);
+        all.push(Round {
+            plain,
+            protected: (p50, r16),
+            path,
+            counted,
+            durable,
+        });
+    }
+    print_rounds(&all);
+    Ok(())
+}
+
+fn us(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
+}
+
+fn print_rounds(all: &[Round]) {
+    println!("| round | 1 client p50, unprotected → protected | added | 16 clients SETs/s, unprotected → protected | ratio |");
+    println!("|---|---|---|---|---|");
+    for (i, r) in all.iter().enumerate() {
+        let added = r.protected.0.as_secs_f64() - r.plain.0.as_secs_f64();
+        println!(
+            "| {} | {} → {} | {:+.2} ms | {:.0} → {:.0} | {:.2}× |",
+            i + 1,
+            ms(r.plain.0),
+            ms(r.protected.0),
+            added * 1e3,
+            r.plain.1,
+            r.protected.1,
+            r.protected.1 / r.plain.1.max(1.0)
+        );
+    }
+    println!("\nWhere a protected reply's extra time goes (means over the one-client run's checkpoints that released output, each alone in flight):\n");
+    let head = primary::reply_path::STAGES.join(" | ");
+    println!("| round | checkpoints | {head} | sum | of ack: backup's journal |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, r) in all.iter().enumerate() {
+        let Some(p) = r.path else {
+            println!("| {} | 0 | - | - | - | - | - | - | - |", i + 1);
+            continue;
+        };
+        let cells: Vec<String> = p.iter().map(|&d| us(d)).collect();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            i + 1,
+            r.counted,
+            cells.join(" | "),
+            us(p.iter().sum()),
+            us(r.durable)
+        );
+    }
+}
