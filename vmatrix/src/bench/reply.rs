@@ -19,6 +19,8 @@ struct Round {
     protected: (Duration, f64),
     path: Option<[Duration; 5]>,
     counted: u64,
+    /// Checkpoints per second during the 16-client run.
+    cps: f64,
     /// Mean time on the backup from a complete checkpoint to its acknowledgement (journal).
     durable: Duration,
 }
@@ -56,7 +58,9 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
         let b1 = durable_sum(&bs);
         let durable = Duration::from_nanos((b1.0 - b0.0) / (b1.1 - b0.1).max(1));
         let counted = stats.reply_path.count() - before.1;
+        let e0 = (stats.epochs.load(Relaxed), std::time::Instant::now());
         let (r16, _, _) = kv_load(env.guest_addr(), 16, sixteen)?;
+        let cps = (stats.epochs.load(Relaxed) - e0.0) as f64 / e0.1.elapsed().as_secs_f64();
         drop(vm);
         all.push(Round {
             plain,
@@ -64,6 +68,7 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
             path,
             counted,
             durable,
+            cps,
         });
     }
     print_rounds(&all);
@@ -75,19 +80,21 @@ fn us(d: Duration) -> String {
 }
 
 fn print_rounds(all: &[Round]) {
-    println!("| round | 1 client p50, unprotected → protected | added | 16 clients SETs/s, unprotected → protected | ratio |");
-    println!("|---|---|---|---|---|");
+    println!("| round | 1 client p50, unprotected → protected | added | 16 clients SETs/s, unprotected → protected | ratio | checkpoints/s (SETs each) |");
+    println!("|---|---|---|---|---|---|");
     for (i, r) in all.iter().enumerate() {
         let added = r.protected.0.as_secs_f64() - r.plain.0.as_secs_f64();
         println!(
-            "| {} | {} → {} | {:+.2} ms | {:.0} → {:.0} | {:.2}× |",
+            "| {} | {} → {} | {:+.2} ms | {:.0} → {:.0} | {:.2}× | {:.0} ({:.1}) |",
             i + 1,
             ms(r.plain.0),
             ms(r.protected.0),
             added * 1e3,
             r.plain.1,
             r.protected.1,
-            r.protected.1 / r.plain.1.max(1.0)
+            r.protected.1 / r.plain.1.max(1.0),
+            r.cps,
+            r.protected.1 / r.cps.max(1.0)
         );
     }
     println!("\nWhere a protected reply's extra time goes (means over the one-client run's checkpoints that released output, each alone in flight):\n");
