@@ -91,12 +91,22 @@ impl OutputClock {
     }
 }
 
+/// The checkpoint in flight: the output epoch it closed, and its times so far.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    epoch: u64,
+    /// The guest's first held frame of the epoch.
+    output: Option<Instant>,
+    start: Instant,
+    end: Instant,
+    /// Handed to the writers.
+    flushed: Option<Instant>,
+}
+
 /// The loop's record of the checkpoint in flight (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    /// Output epoch closed by the checkpoint, and its times so far: the guest's first held
-    /// frame of the epoch, capture start, capture end, handed to the writers.
-    current: Option<(u64, Option<Instant>, Instant, Instant, Option<Instant>)>,
+    current: Option<InFlight>,
     /// Not counted: another checkpoint was in flight when it was taken.
     overlapped: bool,
 }
@@ -106,12 +116,21 @@ impl Tracker {
     /// `output` (None: no output, or not known), ran from `start` to `end`.
     pub fn captured(&mut self, epoch: u64, output: Option<Instant>, start: Instant, end: Instant) {
         self.overlapped = self.current.is_some();
-        self.current = Some((epoch, output, start, end, None));
+        self.current = Some(InFlight {
+            epoch,
+            output,
+            start,
+            end,
+            flushed: None,
+        });
     }
 
     /// The loop handed the policy's frames to the writers.
     pub fn flushed(&mut self, at: Instant) {
-        if let Some((_, _, _, _, f @ None)) = &mut self.current {
+        if let Some(InFlight {
+            flushed: f @ None, ..
+        }) = &mut self.current
+        {
             *f = Some(at);
         }
     }
@@ -119,7 +138,14 @@ impl Tracker {
     /// Output up to epoch `upto` was released at `done`, authorized by input handled at
     /// `acked`; the checkpoint's stages go to `path` if it is covered and was alone in flight.
     pub fn released(&mut self, upto: u64, acked: Instant, done: Instant, path: &ReplyPath) {
-        let Some((epoch, output, start, end, Some(flushed))) = self.current else {
+        let Some(InFlight {
+            epoch,
+            output,
+            start,
+            end,
+            flushed: Some(flushed),
+        }) = self.current
+        else {
             return;
         };
         if epoch > upto {

@@ -9,9 +9,22 @@ pub fn spawn<F>(name: &str, fut: F) -> std::io::Result<JoinHandle<()>>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    spawn_pinned(name, None, fut)
+}
+
+/// [`spawn`] with every thread of the runtime (its worker, its blocking pool) pinned to `cpus`
+/// if given (`vmm::affinity`); a pin the host refuses is logged and the thread runs unpinned.
+pub fn spawn_pinned<F>(
+    name: &str,
+    cpus: Option<Vec<usize>>,
+    fut: F,
+) -> std::io::Result<JoinHandle<()>>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || match runtime() {
+        .spawn(move || match runtime_pinned(cpus) {
             Ok(rt) => block_on_worker(&rt, fut),
             Err(e) => eprintln!("vmatrix: cannot start a tokio runtime: {e}"),
         })
@@ -35,10 +48,21 @@ where
 
 /// A one-worker multi-thread runtime with timers and I/O.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
+    runtime_pinned(None)
+}
+
+/// [`runtime`] whose threads are pinned to `cpus`, if given.
+fn runtime_pinned(cpus: Option<Vec<usize>>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(1).enable_all();
+    if let Some(cpus) = cpus {
+        b.on_thread_start(move || {
+            if let Err(e) = vmm::affinity::pin(0, &cpus) {
+                tracing::warn!("cannot pin a replication thread to CPUs {cpus:?}: {e}");
+            }
+        });
+    }
+    b.build()
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -3,7 +3,9 @@
 //! that the captures nest in — and the backup equals the primary byte for byte; `status`
 //! says where dirty pages come from. (KVM's dirty ring, `--dirty-source ring`, is
 //! experimental: a backup diverged from its primary with it under heavy churn and a ring that
-//! fills between checkpoints on this host; see docs/replication.md.)
+//! fills between checkpoints on this host; see docs/replication.md.) Pinned threads
+//! (`--vcpu-cpus`, `--loop-cpus`) stay on their CPUs, pause buffers are locked in RAM
+//! (`--lock-buffers`, the default), and a CPU the host lacks is refused at the start.
 
 mod support;
 
@@ -78,4 +80,94 @@ fn no_thread_stays_real_time_outside_its_pauses() {
     ctl(&sock, &["resume"]);
     check("after a user's pause");
     assert_backup_equals_primary(&mut r, &sock);
+}
+
+/// `Cpus_allowed_list` of each thread of `pid` called `comm`.
+fn cpus_of_threads(pid: u32, comm: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
+}
+
+/// `VmLck` of `pid`, kB.
+fn locked_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn pinned_threads_stay_on_their_cpus_and_pause_buffers_are_locked() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let last = std::thread::available_parallelism().unwrap().get() - 1;
+    let sock = dir.path().join("ctl.sock");
+    let vcpu = last.to_string();
+    let mut r = Replicated::start(
+        &net,
+        dir.path(),
+        &[
+            "--control",
+            sock.to_str().unwrap(),
+            "--vcpu-cpus",
+            &vcpu,
+            "--loop-cpus",
+            "0",
+        ],
+    );
+    let mut kv = r.wait_ready(Duration::from_secs(20));
+    wait_socket(&sock, Duration::from_secs(5));
+    assert_eq!(kv.cmd("CHURN 2048 20").unwrap(), "OK");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(kv.cmd("CHURN 0 0").unwrap(), "OK");
+    let pid = r.primary.child.id();
+    assert_eq!(cpus_of_threads(pid, "vcpu0"), vec![vcpu.clone()]);
+    // The replication runtime's threads (its worker and blocking pool) are on CPU 0.
+    let loop_threads = cpus_of_threads(pid, "tokio-rt-worker");
+    assert!(
+        !loop_threads.is_empty() && loop_threads.iter().all(|c| c == "0"),
+        "the replication runtime's threads are not all on CPU 0: {loop_threads:?}"
+    );
+    // Checkpoints went back into the pool: their buffers are locked (at least 256 KiB).
+    assert!(locked_kb(pid) >= 256, "{} kB locked", locked_kb(pid));
+    assert_backup_equals_primary(&mut r, &sock);
+}
+
+#[test]
+fn a_cpu_the_host_lacks_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(vmatrix_bin())
+        .args([
+            "primary",
+            "--guest",
+            guest_elf().to_str().unwrap(),
+            "--backup",
+            "backup@127.0.0.1:9",
+            "--certs",
+            dir.path().to_str().unwrap(),
+            "--host",
+            "primary",
+            "--vcpu-cpus",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--vcpu-cpus: CPU 1000 is not one this process may run on"),
+        "{err}"
+    );
 }

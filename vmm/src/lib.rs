@@ -11,6 +11,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod affinity;
 pub mod boot;
 pub mod bus;
 pub mod device_bitmap;

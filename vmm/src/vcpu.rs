@@ -145,7 +145,7 @@ impl Control {
     }
 
     /// The vCPU thread's kernel id, once it runs.
-    fn vcpu_tid(&self) -> Option<i32> {
+    pub(crate) fn vcpu_tid(&self) -> Option<i32> {
         self.kicker
             .lock()
             .unwrap_or_else(|p| p.into_inner())

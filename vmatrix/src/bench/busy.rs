@@ -2,8 +2,9 @@
 //! CPU-bound neighbours (shell busy loops, separate processes, as other tenants' work would
 //! be) run for the whole measurement; a protected VM (primary and backup in this process over
 //! loopback QUIC, fixed 20 ms epochs) is measured idle and under CHURN, with the pause path at
-//! ordinary priority and at real-time priority (`Vm::set_rt_pause`), alternating, several
-//! rounds: the same host, the same minutes, the same neighbours.
+//! ordinary priority, at real-time priority (`Vm::set_rt_pause`), and real-time with the vCPU
+//! and the replication loop pinned to CPUs of their own (`Vm::pin_vcpu`, `--loop-cpus`),
+//! alternating, several rounds: the same host, the same minutes, the same neighbours.
 //!
 //! `--dirty-sources`: the harvest from KVM's bitmap (with hot pages) against KVM's dirty ring,
 //! alternating, idle and under CHURN (up to 1,000 pages per epoch), on a quiet host or beside
@@ -123,14 +124,19 @@ pub fn run(
     println!("|---:|---|---|---:|---:|---:|---:|");
     let _hogs = Hogs::start(busy)?;
     for r in 1..=rounds {
-        for rt in [false, true] {
+        // (The last: the vCPU on the last CPU, the replication loop on the first.)
+        let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+        for (path, name, rt, pin) in [
+            ("ordinary", "busy", false, None),
+            ("real-time", "busy-rt", true, None),
+            ("real-time, pinned", "busy-pin", true, Some((last, 0))),
+        ] {
             let p = Protection {
                 rt_pause: rt,
+                pin,
                 ..Protection::default()
             };
-            let path = if rt { "real-time" } else { "ordinary" };
             let workloads = [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")];
-            let name = if rt { "busy-rt" } else { "busy" };
             rows(env, t, (r, name, path), p, &workloads)?;
         }
     }

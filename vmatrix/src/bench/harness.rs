@@ -181,6 +181,11 @@ pub struct Protection {
     pub dirty_ring: bool,
     /// Busy epochs copy their pages early (`--epoch-precopy`).
     pub epoch_precopy: bool,
+    /// The CPU of the vCPU thread and that of the replication loop (`--vcpu-cpus`,
+    /// `--loop-cpus`).
+    pub pin: Option<(usize, usize)>,
+    /// Pause buffers locked in RAM (`--lock-buffers`).
+    pub lock_buffers: bool,
 }
 
 impl Default for Protection {
@@ -193,6 +198,8 @@ impl Default for Protection {
             rt_pause: false,
             dirty_ring: false,
             epoch_precopy: true,
+            pin: None,
+            lock_buffers: true,
         }
     }
 }
@@ -257,6 +264,7 @@ impl RunningVm {
         let vm = vm?;
         vm.hold_output_from_start();
         vm.set_rt_pause(p.rt_pause);
+        vm.set_lock_buffers(p.lock_buffers);
         let cfg = primary::PrimaryConfig {
             epoch: Duration::from_micros(p.epoch_us),
             min_epoch: Duration::from_micros(p.min_epoch_us),
@@ -277,11 +285,15 @@ impl RunningVm {
             data_connections: true,
             epoch_precopy: p.epoch_precopy,
         };
+        if let Some((vcpu, _)) = p.pin {
+            vm.pin_vcpu(&[vcpu]).context("pinning the vCPU thread")?;
+        }
         vm.start()?;
         let stats = Arc::new(primary::Stats::default());
         let (vm2, st2) = (vm.clone(), stats.clone());
         let mut state = primary::PrimaryState::new(&vm, cfg.term, cfg.encode);
-        let primary_thread = crate::rt::spawn("bench-primary", async move {
+        let loop_cpus = p.pin.map(|p| vec![p.1]);
+        let primary_thread = crate::rt::spawn_pinned("bench-primary", loop_cpus, async move {
             if let Err(e) = primary::run(vm2, cfg, st2, &mut state, stop_rx).await {
                 eprintln!("bench primary: {e}");
             }

@@ -284,8 +284,7 @@ fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
             max_output_delay_ms: 1,
             early_checkpoints: false,
             rt_pause: false,
-            dirty_ring: false,
-            epoch_precopy: true,
+            ..Protection::default()
         },
     )?;
     let stats = vm.stats.clone().context("protected VM without stats")?;

@@ -119,6 +119,26 @@ pub struct PrimaryArgs {
         default_missing_value = "true"
     )]
     pub rt_pause: bool,
+    /// Pin the vCPU thread to these CPUs (a list as `taskset -c` takes: `1`, `2-3,6`); off by
+    /// default (on this 2-CPU host pinning did not help pauses beside a busy neighbour;
+    /// docs/BENCHMARKS.md, "Pinned pause threads").
+    #[arg(long, value_parser = crate::replicate::cpu_list)]
+    pub vcpu_cpus: Option<CpuList>,
+    /// Pin the replication loop's threads (its runtime: the epoch loop, QUIC, the blocking
+    /// pool) to these CPUs; off by default.
+    #[arg(long, value_parser = crate::replicate::cpu_list)]
+    pub loop_cpus: Option<CpuList>,
+    /// Lock the page buffers each pause copies into in RAM (mlock), so a pause never faults on
+    /// one the host reclaimed; needs RLIMIT_MEMLOCK room (root has it). Locked memory counts
+    /// against the VM's cgroup memory limit like any other.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub lock_buffers: bool,
     /// Where the vCPU's dirty pages come from: `bitmap` (KVM_GET_DIRTY_LOG with hot pages:
     /// cheaper for a guest that rewrites the same pages every epoch) or `ring` (KVM's dirty
     /// ring where it has one: a harvest costs what was dirtied, not what the guest's size is;
@@ -231,6 +251,15 @@ fn load_identity(
 ) -> anyhow::Result<transport::certs::Identity> {
     transport::certs::load(certs, host)
         .with_context(|| format!("loading certificates of '{host}' from {}", certs.display()))
+}
+
+/// A `--vcpu-cpus`/`--loop-cpus` list (CPU numbers, ascending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// Parses a `--vcpu-cpus`/`--loop-cpus` list.
+fn cpu_list(s: &str) -> Result<CpuList, String> {
+    vmm::affinity::parse_cpus(s).map(CpuList)
 }
 
 #[cfg(test)]

@@ -46,6 +46,16 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     if !(1..=1000).contains(&a.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 1000");
     }
+    let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
+    for (flag, cpus) in [("--vcpu-cpus", &a.vcpu_cpus), ("--loop-cpus", &a.loop_cpus)] {
+        if let Some(c) = cpus
+            .iter()
+            .flat_map(|l| &l.0)
+            .find(|c| !allowed.contains(c))
+        {
+            bail!("{flag}: CPU {c} is not one this process may run on ({allowed:?})");
+        }
+    }
     let identity = load_identity(&a.certs, &a.host)?;
     let n = a.backup.len();
     let required = match a.required.as_str() {
@@ -77,10 +87,12 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         );
     }
     vm.set_rt_pause(a.rt_pause);
+    vm.set_lock_buffers(a.lock_buffers);
     tracing::info!(
-        "dirty pages from: {}; pauses at real-time priority: {}",
+        "dirty pages from: {}; pauses at real-time priority: {}; pause buffers locked in RAM: {}",
         vm.dirty_source(),
-        a.rt_pause
+        a.rt_pause,
+        vm.lock_buffers()
     );
     if !a.unprotected_start {
         // Nothing the guest sends may leave before the backup holds the state that produced it.
@@ -111,8 +123,17 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
         stop: stop_rx,
         unprotected: a.unprotected_start,
     };
-    let repl = crate::rt::spawn("replication", sessions.run())
-        .context("spawning the replication thread")?;
+    if let Some(super::CpuList(cpus)) = &a.vcpu_cpus {
+        vm.pin_vcpu(cpus)
+            .with_context(|| format!("pinning the vCPU thread to CPUs {cpus:?}"))?;
+        tracing::info!("vCPU thread pinned to CPUs {cpus:?}");
+    }
+    let repl = crate::rt::spawn_pinned(
+        "replication",
+        a.loop_cpus.clone().map(|l| l.0),
+        sessions.run(),
+    )
+    .context("spawning the replication thread")?;
     let backups_tx = Arc::new(backups_tx);
     let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let extra = Extra {

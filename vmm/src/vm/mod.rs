@@ -97,6 +97,11 @@ pub struct Vm {
     /// copied into one of them, already faulted in, instead of a fresh allocation whose first
     /// touch of every page (~2-8 µs each here) would lengthen the pause.
     capture_pool: Mutex<Vec<Vec<u8>>>,
+    /// Whether pooled capture buffers are locked in RAM (`Vm::set_lock_buffers`), and the
+    /// (address, length) of those locked so far.
+    locked_buffers: Mutex<Option<Vec<(usize, usize)>>>,
+    /// The CPUs the vCPU thread is pinned to (`Vm::pin_vcpu`), for a thread started later.
+    vcpu_cpus: Mutex<Option<Vec<usize>>>,
     /// Pages of the current epoch copied before its pause ([`Vm::precopy_epoch`]).
     epoch_pre: Mutex<epoch_pre::EpochPre>,
     /// Held by every capture and pre-copy for replication, so that one never overlaps another
@@ -380,6 +385,8 @@ impl Vm {
             last_snapshot: Mutex::new(None),
             staging: Mutex::new(Vec::new()),
             capture_pool: Mutex::new(Vec::new()),
+            locked_buffers: Mutex::new(None),
+            vcpu_cpus: Mutex::new(None),
             epoch_pre: Mutex::default(),
             captures: Mutex::new(()),
             tsc_khz: std::sync::OnceLock::new(),
@@ -422,9 +429,17 @@ impl Vm {
             self.mmio.clone(),
             self.control.clone(),
         );
+        let cpus = lock(&self.vcpu_cpus).clone();
         let t = std::thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || vcpu::run(vcpu, pio, mmio, control))
+            .spawn(move || {
+                if let Some(c) = cpus {
+                    if let Err(e) = crate::affinity::pin(0, &c) {
+                        tracing::warn!("cannot pin the vCPU thread to CPUs {c:?}: {e}");
+                    }
+                }
+                vcpu::run(vcpu, pio, mmio, control)
+            })
             .map_err(|e| Error::Host(format!("spawning vCPU thread: {e}")))?;
         *thread = Some(t);
         Ok(())
@@ -498,6 +513,52 @@ impl Vm {
     /// Whether pauses run at real-time priority.
     pub fn rt_pause(&self) -> bool {
         self.control.boost.enabled()
+    }
+
+    /// Locks the page buffers that pauses copy into in RAM from now on (`crate::affinity`):
+    /// a pause then never faults on one the host reclaimed. Off by default. Where locking is
+    /// refused (`RLIMIT_MEMLOCK`), it turns itself off, said once in the log.
+    pub fn set_lock_buffers(&self, on: bool) {
+        *lock(&self.locked_buffers) = on.then(Vec::new);
+    }
+
+    /// Whether pause buffers are locked in RAM.
+    pub fn lock_buffers(&self) -> bool {
+        lock(&self.locked_buffers).is_some()
+    }
+
+    /// Locks `buf` if buffers are to be locked and it is not yet.
+    pub(crate) fn lock_buffer(&self, buf: &[u8]) {
+        let mut l = lock(&self.locked_buffers);
+        let Some(seen) = l.as_mut() else {
+            return;
+        };
+        let key = (buf.as_ptr() as usize, buf.len());
+        if seen.contains(&key) {
+            return;
+        }
+        match crate::affinity::lock(buf) {
+            Ok(()) => {
+                seen.push(key);
+                if seen.len() > 8 {
+                    seen.remove(0);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("pause buffers cannot be locked in RAM ({e}): left unlocked");
+                *l = None;
+            }
+        }
+    }
+
+    /// Pins the vCPU thread to `cpus`: now if it runs, and a thread started later from its
+    /// first instruction.
+    pub fn pin_vcpu(&self, cpus: &[usize]) -> std::io::Result<()> {
+        *lock(&self.vcpu_cpus) = Some(cpus.to_vec());
+        match self.control.vcpu_tid() {
+            Some(tid) => crate::affinity::pin(tid, cpus),
+            None => Ok(()),
+        }
     }
 
     /// Where the vCPU's dirty pages come from: `ring` (KVM's dirty ring), `bitmap+hot`

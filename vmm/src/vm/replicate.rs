@@ -155,6 +155,7 @@ impl Vm {
             return;
         }
         data.resize(data.capacity(), 0);
+        self.lock_buffer(&data);
         let mut pool = lock(&self.capture_pool);
         if pool.len() < 2 {
             pool.push(data);
