@@ -85,7 +85,10 @@ impl Applier {
         };
         let started = Instant::now();
         let disk: usize = cp.disk.iter().map(|(_, d)| d.len()).sum();
-        if cp.kind == Kind::Incremental && cp.pages.len() <= INLINE_PAGES && disk <= INLINE_DISK {
+        // (Not while a full sync runs: its last checkpoint promotes the side image, fsyncs
+        // of all of guest RAM, which must not stall the loop and its QUIC tasks.)
+        let small = cp.pages.len() <= INLINE_PAGES && disk <= INLINE_DISK;
+        if cp.kind == Kind::Incremental && small && !r.syncing() {
             let result = r.begin(&cp, origin, opens);
             self.idle = Some(r);
             self.ready = Some(Done::Begun {
@@ -111,15 +114,19 @@ impl Applier {
     /// Asks for `complete` of an acknowledged checkpoint: it starts at the next
     /// [`Applier::run_deferred`].
     pub fn start_complete(&mut self, s: Staged, seq: u64, pages: usize, started: Instant) {
+        debug_assert!(self.deferred.is_none(), "two completes asked for at once");
         self.deferred = Some((s, seq, pages, started));
     }
 
     /// Starts the `complete` asked for, if any.
     pub fn run_deferred(&mut self) {
-        let Some((s, seq, pages, started)) = self.deferred.take() else {
+        // (Only once the replica is free; the complete waits otherwise, never dropped.)
+        if self.deferred.is_none() || self.idle.is_none() {
             return;
-        };
-        let Some(mut r) = self.idle.take() else {
+        }
+        let (Some((s, seq, pages, started)), Some(mut r)) =
+            (self.deferred.take(), self.idle.take())
+        else {
             return;
         };
         self.job = Some(tokio::task::spawn_blocking(move || {

@@ -467,7 +467,9 @@ async fn session_loop(
         }
         // An export's final step (bounded: `export::FINAL_PAGES`) is taken before the next
         // checkpoint, or a steady stream would never leave the replica idle for it.
-        w.exporter.poll(applier.replica());
+        // (Only with no step pending: not between an acknowledgement queued and sent.)
+        w.exporter
+            .poll(applier.idle().then(|| applier.replica()).flatten());
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
         // thread is free to take it.
         if applier.idle() {

@@ -68,6 +68,8 @@ pub(crate) struct Driver {
     /// When the guest's held output started waiting, and the checkpoint in flight's times
     /// (see [`crate::reply_path`]).
     reply: (Arc<OutputClock>, Tracker),
+    /// The last capture's page buffer, for `Vm::recycle_capture` after the flush.
+    recycle: Option<Vec<u8>>,
 }
 
 /// Longest time from handling the acknowledgement that authorizes a release to the frame's
@@ -113,6 +115,7 @@ impl Driver {
             fence,
             handled_at: Instant::now(),
             reply: (Arc::new(OutputClock::new()), Tracker::default()),
+            recycle: None,
         })
     }
 
@@ -136,6 +139,9 @@ impl Driver {
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
             flush(&mut p, &mut self.links, counter);
             self.reply.1.flushed(Instant::now());
+            if let Some(data) = self.recycle.take() {
+                self.vm.recycle_capture(data);
+            }
             for i in std::mem::take(&mut self.to_close) {
                 if let Some((_, l)) = self.links[i].take() {
                     l.close(
@@ -392,8 +398,10 @@ impl Driver {
             Ok((true, Ok(cap))) => p.handle_precopy(&cap, Instant::now()),
             Ok((false, Ok(cap))) => {
                 p.handle_capture(&cap, Instant::now());
-                // Its pages are encoded (and shadowed) by now: the buffer serves the next one.
-                self.vm.recycle_capture(cap.data);
+                // Its pages are encoded (and shadowed) by now: the buffer serves the next one,
+                // given back once the checkpoint is handed to the writers (the refill and lock
+                // must not delay it).
+                self.recycle = Some(cap.data);
             }
             Ok((_, Err(e))) => {
                 p.handle_capture_failed(&e.to_string());

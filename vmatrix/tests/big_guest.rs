@@ -49,7 +49,7 @@ fn replicate_restore(source: &str) {
         4096,
         &["--control", s, "--dirty-source", source],
     );
-    let mut kv = r.wait_ready(Duration::from_secs(30));
+    let mut kv = r.wait_ready(Duration::from_secs(90));
     wait_socket(&sock, Duration::from_secs(5));
     let console = std::fs::read_to_string(&r.primary.console).unwrap_or_default();
     assert!(

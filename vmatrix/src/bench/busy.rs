@@ -125,11 +125,15 @@ pub fn run(
     let _hogs = Hogs::start(busy)?;
     for r in 1..=rounds {
         // (The last: the vCPU on the last CPU, the replication loop on the first.)
-        let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+        let cpus = vmm::affinity::cpus_of(0).unwrap_or_default();
+        let (first, last) = (
+            cpus.first().copied().unwrap_or(0),
+            cpus.last().copied().unwrap_or(0),
+        );
         for (path, name, rt, pin) in [
             ("ordinary", "busy", false, None),
             ("real-time", "busy-rt", true, None),
-            ("real-time, pinned", "busy-pin", true, Some((last, 0))),
+            ("real-time, pinned", "busy-pin", true, Some((last, first))),
         ] {
             let p = Protection {
                 rt_pause: rt,

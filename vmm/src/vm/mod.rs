@@ -540,6 +540,7 @@ impl Vm {
         match crate::affinity::lock(buf) {
             Ok(()) => {
                 seen.push(key);
+                // (Buffers that never came back: forgotten, their pages stay locked until freed.)
                 if seen.len() > 8 {
                     seen.remove(0);
                 }
@@ -547,6 +548,21 @@ impl Vm {
             Err(e) => {
                 tracing::warn!("pause buffers cannot be locked in RAM ({e}): left unlocked");
                 *l = None;
+            }
+        }
+    }
+
+    /// Unlocks the buffer at `addr` of `len` bytes if [`Vm::lock_buffer`] locked it (the
+    /// pool drops it: a freed range may be reused at the same address, unlocked).
+    pub(crate) fn unlock_buffer(&self, addr: usize, len: usize) {
+        let mut l = lock(&self.locked_buffers);
+        let Some(seen) = l.as_mut() else {
+            return;
+        };
+        if let Some(i) = seen.iter().position(|&k| k == (addr, len)) {
+            seen.remove(i);
+            if let Err(e) = crate::affinity::unlock(addr, len) {
+                tracing::debug!("munlock of a pause buffer: {e}");
             }
         }
     }

@@ -151,15 +151,15 @@ impl Vm {
     /// the difference after every epoch) are dropped.
     pub fn recycle_capture(&self, mut data: Vec<u8>) {
         let used = data.len().max(256 << 10);
-        if data.capacity() > POOLED_MAX || data.capacity() > 4 * used {
+        let full = lock(&self.capture_pool).len() >= 2;
+        if full || data.capacity() > POOLED_MAX || data.capacity() > 4 * used {
+            self.unlock_buffer(data.as_ptr() as usize, data.capacity());
             return;
         }
         data.resize(data.capacity(), 0);
+        // (Locked only once it is pooled; unlocked when the pool drops it.)
         self.lock_buffer(&data);
-        let mut pool = lock(&self.capture_pool);
-        if pool.len() < 2 {
-            pool.push(data);
-        }
+        lock(&self.capture_pool).push(data);
     }
 
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
