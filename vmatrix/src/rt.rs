@@ -25,25 +25,12 @@ where
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || match runtime_pinned(cpus) {
-            Ok(rt) => block_on_worker(&rt, fut),
+            // (On this thread, not on the worker beside the QUIC tasks: tried, it made the
+            // acknowledgement's trip shorter for small checkpoints, but the loop's inline work —
+            // a busy epoch's encoding — then held up QUIC; docs/BENCHMARKS.md.)
+            Ok(rt) => rt.block_on(fut),
             Err(e) => eprintln!("vmatrix: cannot start a tokio runtime: {e}"),
         })
-}
-
-/// Runs `fut` to completion on `rt`'s worker thread, beside the tasks it spawns (QUIC
-/// connections, readers, writers), rather than on the calling thread as `block_on` would:
-/// a hand-over between the loop and those tasks is then a task switch, not a wake-up of
-/// another thread.
-pub fn block_on_worker<F>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    match rt.block_on(rt.spawn(fut)) {
-        Ok(out) => out,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => panic!("the runtime's task was cancelled: {e}"),
-    }
 }
 
 /// A one-worker multi-thread runtime with timers and I/O.
