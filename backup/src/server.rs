@@ -466,8 +466,8 @@ async fn session_loop(
             }
         }
         // An export's final step (bounded: `export::FINAL_PAGES`) is taken before the next
-        // checkpoint, or a steady stream would never leave the replica idle for it.
-        // (Only with no step pending: not between an acknowledgement queued and sent.)
+        // checkpoint, or a steady stream would never leave the replica idle for it; only with
+        // no step pending (not between an acknowledgement queued and sent).
         w.exporter
             .poll(applier.idle().then(|| applier.replica()).flatten());
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
@@ -493,8 +493,7 @@ async fn session_loop(
                 .await
                 .map_err(|e| Failure::Session(e.into()))?;
         }
-        // (After the acknowledgement left.)
-        applier.run_deferred();
+        applier.run_deferred(); // (after the acknowledgement left)
         if let Some(e) = r.closed() {
             tracing::info!("session closed: {e}");
             return match e {

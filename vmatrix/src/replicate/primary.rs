@@ -40,12 +40,8 @@ struct BackupSet {
     required: usize,
 }
 
-/// Runs a protected VM; if the backups are lost it keeps the guest's output held and reconnects,
-/// starting over with a new initial sync.
-pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
-    if !(1..=1000).contains(&a.epoch_ms) {
-        bail!("--epoch-ms must be between 1 and 1000");
-    }
+/// Refuses a `--vcpu-cpus`/`--loop-cpus` CPU this process may not run on.
+fn check_cpu_lists(a: &PrimaryArgs) -> anyhow::Result<()> {
     let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
     for (flag, cpus) in [("--vcpu-cpus", &a.vcpu_cpus), ("--loop-cpus", &a.loop_cpus)] {
         if let Some(c) = cpus
@@ -56,6 +52,16 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             bail!("{flag}: CPU {c} is not one this process may run on ({allowed:?})");
         }
     }
+    Ok(())
+}
+
+/// Runs a protected VM; if the backups are lost it keeps the guest's output held and reconnects,
+/// starting over with a new initial sync.
+pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
+    if !(1..=1000).contains(&a.epoch_ms) {
+        bail!("--epoch-ms must be between 1 and 1000");
+    }
+    check_cpu_lists(&a)?;
     let identity = load_identity(&a.certs, &a.host)?;
     let n = a.backup.len();
     let required = match a.required.as_str() {
