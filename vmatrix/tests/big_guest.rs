@@ -106,6 +106,5 @@ fn replicate_restore(source: &str) {
 #[test]
 fn a_4_gib_guest_replicates_and_restores_with_the_bitmap_and_the_ring() {
     replicate_restore("bitmap");
-    std::env::set_var("VMATRIX_EXPERIMENTAL_DIRTY_RING", "1");
     replicate_restore("ring");
 }

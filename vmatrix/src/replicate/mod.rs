@@ -142,9 +142,7 @@ pub struct PrimaryArgs {
     /// Where the vCPU's dirty pages come from: `bitmap` (KVM_GET_DIRTY_LOG with hot pages:
     /// cheaper for a guest that rewrites the same pages every epoch) or `ring` (KVM's dirty
     /// ring where it has one: a harvest costs what was dirtied, not what the guest's size is;
-    /// the bitmap where it has none). `ring` is experimental and refused unless
-    /// VMATRIX_EXPERIMENTAL_DIRTY_RING is set: a backup diverged with it (docs/replication.md).
-    /// Reported in `status`.
+    /// the bitmap where it has none). Reported in `status`.
     #[arg(long, value_enum, default_value = "bitmap")]
     pub dirty_source: DirtySource,
     /// The dirty ring's size, bytes (a power of two, at least 16384; KVM's largest if smaller).

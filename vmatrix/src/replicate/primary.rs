@@ -74,15 +74,6 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     };
     let control = a.run.control.clone();
     // (The image lock, if the VM runs from a replica image, is held until this returns.)
-    if a.dirty_source == super::DirtySource::Ring
-        && std::env::var_os(EXPERIMENTAL_RING_ENV).is_none()
-    {
-        bail!(
-            "--dirty-source ring is experimental: a backup diverged from its primary with it \
-             (heavy churn, a ring filling between checkpoints; docs/replication.md); set \
-             {EXPERIMENTAL_RING_ENV}=1 to use it anyway"
-        );
-    }
     vmm::dirty_ring::prefer(a.dirty_source == super::DirtySource::Ring);
     vmm::dirty_ring::set_size(a.dirty_ring_bytes).context("--dirty-ring-bytes")?;
     let (vm, console, _image_lock) = build_vm(&mut a)?;
@@ -216,9 +207,6 @@ fn primary_config(
         epoch_precopy: a.epoch_precopy,
     }
 }
-
-/// Set to use `--dirty-source ring` despite its open divergence (see `run`).
-pub const EXPERIMENTAL_RING_ENV: &str = "VMATRIX_EXPERIMENTAL_DIRTY_RING";
 
 /// The VM: booted from the flags, or restored from `--from-image` (a backup's replica image is
 /// locked and recovered first, as by `vmatrix restore`; the lock is returned, to be held while

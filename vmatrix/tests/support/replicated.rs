@@ -420,18 +420,61 @@ pub fn assert_backup_equals_primary(r: &mut Replicated, sock: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The paused primary's memory (small guests), kept to name the pages that differ if the
+    // checksums do.
+    let at_pause = r.dir.join("primary-at-pause");
+    let snap = match r.mem_mib <= 256 {
+        true => ctl_try(sock, &["snapshot", at_pause.to_str().unwrap()])
+            .unwrap_or_else(|e| format!("(snapshot failed: {e})")),
+        false => "(not taken: a big guest)".to_string(),
+    };
     r.primary.kill9();
     let image = r.finalize_backup();
     let meta = vmm::snapshot::read_meta(&image).unwrap();
     let c2 = meta.memory_checksum.unwrap().to_string();
-    assert_eq!(
-        c1, c2,
-        "backup memory equals the primary's memory at its last checkpoint"
-    );
+    if c1 != c2 {
+        panic!(
+            "backup memory differs from the primary's at its last checkpoint ({c1} vs {c2}); \
+             snapshot: {snap}; {}",
+            differing_pages(&at_pause, &image)
+        );
+    }
     let primary_disk = std::fs::read(r.dir.join("disk.img")).unwrap();
     let backup_disk = std::fs::read(image.join("disk.img")).unwrap();
     assert!(
         primary_disk == backup_disk,
         "backup disk equals the primary's disk"
     );
+}
+
+/// The pages in which two raw memory images (`<dir>/memory.bin`) differ: how many, and the
+/// first few with how many of their bytes differ.
+pub fn differing_pages(a: &Path, b: &Path) -> String {
+    let read = |d: &Path| std::fs::read(d.join(vmm::snapshot::MEMORY_FILE));
+    let (x, y) = match (read(a), read(b)) {
+        (Ok(x), Ok(y)) => (x, y),
+        (x, y) => return format!("cannot compare images: {:?} / {:?}", x.err(), y.err()),
+    };
+    let pages = x.len().max(y.len()).div_ceil(4096);
+    let page = |v: &[u8], i: usize| {
+        let mut p = v.get(i * 4096..).unwrap_or_default().to_vec();
+        p.resize(4096, 0);
+        p.truncate(4096);
+        p
+    };
+    let mut diff = Vec::new();
+    for i in 0..pages {
+        let (p, q) = (page(&x, i), page(&y, i));
+        if p != q {
+            let bytes = p.iter().zip(&q).filter(|(u, v)| u != v).count();
+            let first = p.iter().zip(&q).position(|(u, v)| u != v).unwrap_or(0);
+            diff.push(format!(
+                "page {i:#x}: {bytes} bytes from +{first:#x} ({:#04x} vs {:#04x})",
+                p[first], q[first]
+            ));
+        }
+    }
+    let n = diff.len();
+    diff.truncate(24);
+    format!("{n} pages differ: {}", diff.join(", "))
 }
