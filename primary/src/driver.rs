@@ -80,6 +80,24 @@ pub(crate) struct Driver {
 /// sent one released frame 0.1 ms after SIGCONT, beside the new primary.
 pub const RELEASE_LEASE: Duration = Duration::from_millis(50);
 
+/// A checkpoint of more pages than this is encoded off the QUIC tasks' thread ([`heavy`]).
+const INLINE_ENCODE_PAGES: usize = 64;
+
+/// Runs `f`, which may take milliseconds, without holding up the QUIC tasks that share the
+/// loop's worker thread (`vmatrix`'s `rt::block_on_worker`): tokio's `block_in_place` hands
+/// them to another thread meanwhile. On another kind of runtime it just runs `f`.
+fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Frame bytes encoded for one backup in one step of the loop (~0.1-0.3 ms of encoding in an
+/// optimised build): the QUIC tasks sharing the loop's thread wait at most that long.
+const FLUSH_BUDGET: usize = 256 << 10;
+
 /// Longest wait between two attempts at a data connection that failed.
 const DATA_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -137,7 +155,7 @@ impl Driver {
             }
             self.check_fenced(&p)?;
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
-            flush(&mut p, &mut self.links, counter);
+            let more = flush(&mut p, &mut self.links, counter);
             self.reply.1.flushed(Instant::now());
             if let Some(data) = self.recycle.take() {
                 self.vm.recycle_capture(data);
@@ -190,12 +208,15 @@ impl Driver {
                     }
                 } => {
                     self.work = None;
-                    self.on_work_done(&mut p, done)?;
+                    // (A pre-copy pass or a full capture: big by nature.)
+                    heavy(|| self.on_work_done(&mut p, done))?;
                 }
                 // Output started waiting: look again (see `Policy::wake`).
                 _ = output_waiting.notified(), if early => {}
                 // A writer sent something: there may be room for more.
                 _ = self.progress.notified() => {}
+                // Frames left by the bounded flush: let the QUIC tasks run, then go on.
+                _ = tokio::task::yield_now(), if more => {}
                 _ = stop.changed() => {
                     if let Some(h) = self.work.take() {
                         let done = h.await;
@@ -340,12 +361,19 @@ impl Driver {
             Command::Capture { kind, disk_ranges } => {
                 let (output, start) = (self.reply.0.take(), Instant::now());
                 let r = self.vm.capture_epoch_with(kind, &disk_ranges);
+                let mut big = false;
                 if let Ok(cap) = &r {
                     self.reply
                         .1
                         .captured(cap.epoch, output, start, Instant::now());
+                    big = cap.pages.len() > INLINE_ENCODE_PAGES;
                 }
-                self.on_work_done(p, Ok((false, r)))?;
+                // (The checkpoint's pages are encoded as the policy takes it: a big one off
+                // the QUIC tasks' thread.)
+                match big {
+                    true => heavy(|| self.on_work_done(p, Ok((false, r))))?,
+                    false => self.on_work_done(p, Ok((false, r)))?,
+                }
             }
             Command::HoldOutput => {
                 if self.vm.held_output().is_none() {
@@ -370,7 +398,7 @@ impl Driver {
             }
             Command::Close(i) => self.to_close.push(i),
             Command::OpenData { backup: i, ports } => self.open_data(i, &ports),
-            Command::PreCopyEpoch => match self.vm.precopy_epoch() {
+            Command::PreCopyEpoch => match heavy(|| self.vm.precopy_epoch()) {
                 Ok(n) => {
                     tracing::trace!("{n} pages of this epoch copied early");
                     self.stats
@@ -437,23 +465,38 @@ impl Drop for Driver {
 /// the next frame's lane is full (the rest waits in the policy; the loop is woken when a writer
 /// made progress). Heartbeats go to the front of the policy's queue and have their own writer,
 /// so checkpoint data waiting for room never holds them up.
-fn flush(p: &mut Policy<'_>, links: &mut [Option<(u64, Writer)>], counter: Option<&AtomicU64>) {
+/// Hands the policy's frames to the writers, at most [`FLUSH_BUDGET`] bytes of them per
+/// backup; true if it stopped at that bound with frames left (the loop then yields to the
+/// QUIC tasks on its worker thread before it goes on: `crate::rt`'s caller runs it there).
+fn flush(
+    p: &mut Policy<'_>,
+    links: &mut [Option<(u64, Writer)>],
+    counter: Option<&AtomicU64>,
+) -> bool {
+    let mut more = false;
     for (i, slot) in links.iter_mut().enumerate() {
         let Some((_, w)) = slot else {
             continue;
         };
         w.retry();
+        let mut sent = 0;
         while let Some(lane) = p.next_lane(i) {
             if w.blocked(lane) {
+                break;
+            }
+            if sent >= FLUSH_BUDGET {
+                more = true;
                 break;
             }
             let Some((lane, f)) = p.poll_transmit(i, Instant::now()) else {
                 break;
             };
+            sent += f.len();
             if let Some(c) = counter {
                 c.fetch_add(f.len() as u64, Ordering::Relaxed);
             }
             w.offer(lane, f);
         }
     }
+    more
 }

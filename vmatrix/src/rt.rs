@@ -25,12 +25,27 @@ where
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || match runtime_pinned(cpus) {
-            // (On this thread, not on the worker beside the QUIC tasks: tried, it made the
-            // acknowledgement's trip shorter for small checkpoints, but the loop's inline work —
-            // a busy epoch's encoding — then held up QUIC; docs/BENCHMARKS.md.)
-            Ok(rt) => rt.block_on(fut),
+            Ok(rt) => block_on_worker(&rt, fut),
             Err(e) => eprintln!("vmatrix: cannot start a tokio runtime: {e}"),
         })
+}
+
+/// Runs `fut` to completion on `rt`'s worker thread, beside the tasks it spawns (QUIC
+/// connections, readers, writers), rather than on the calling thread as `block_on` would: a
+/// hand-over between the loop and those tasks is then a task switch, not a wake-up of another
+/// thread. The loop must then keep each of its steps short — the primary's driver encodes a
+/// bounded amount per step (`primary::driver`) — or it holds up the QUIC tasks (measured:
+/// docs/BENCHMARKS.md, "Where a protected reply's time goes").
+pub fn block_on_worker<F>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match rt.block_on(rt.spawn(fut)) {
+        Ok(out) => out,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("the runtime's task was cancelled: {e}"),
+    }
 }
 
 /// A one-worker multi-thread runtime with timers and I/O.

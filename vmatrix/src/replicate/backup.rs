@@ -109,7 +109,7 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
     };
     let control = a.control.clone();
     let rt = crate::rt::runtime().context("tokio runtime")?;
-    let result = rt.block_on(async move {
+    let result = crate::rt::block_on_worker(&rt, async move {
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             if let (Ok(mut t), Ok(mut i)) = (
