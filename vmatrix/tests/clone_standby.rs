@@ -224,7 +224,17 @@ fn the_agent_keeps_a_standby_and_the_next_clone_takes_it_over() {
     m.scale(2);
     let mut c1 = connect_retry(m.clone_addr(1), Duration::from_secs(10));
     assert_eq!(c1.cmd("GET colour").unwrap(), "VALUE blue");
-    let clones = m.vm_pids(host, "clone-vm");
+    // (The agent renames the standby's control socket after giving it the clone's identity:
+    // the clone may answer before, while the process still looks like the standby. Seen once
+    // in CI.)
+    let t = Instant::now();
+    let clones = loop {
+        let clones = m.vm_pids(host, "clone-vm");
+        if clones.contains(&standby[0]) || t.elapsed() > Duration::from_secs(10) {
+            break clones;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         clones.contains(&standby[0]),
         "the standby became clone 1: {clones:?}"
