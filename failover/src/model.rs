@@ -60,13 +60,24 @@ impl VmSpec {
         if self.backups > 4 {
             return Err(format!("backups {} > 4", self.backups));
         }
-        if self.port == 0 {
-            return Err("port must not be 0".into());
+        if self.port == 0 || self.data_port().is_none() {
+            return Err(format!(
+                "port {}: 1..=65534 (its backups listen on it and, for their data \
+                 connection, on the next one)",
+                self.port
+            ));
         }
         if self.guest_config.len() > 1024 || self.guest_config.contains('\n') {
             return Err("guest_config: one line of at most 1024 bytes".into());
         }
         Ok(())
+    }
+
+    /// The port of its backups' data connection: the one after `port` (a second QUIC
+    /// connection that carries checkpoint data beside the session's, on a socket and a
+    /// receive path of its own; docs/failover.md, "VmSpec"). None for port 65535 (refused).
+    pub fn data_port(&self) -> Option<u16> {
+        self.port.checked_add(1)
     }
 
     /// Whether `host` may run it.

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use failover::event::EventKind;
-use failover::manager::{Input, Manager, ManagerConfig, Output};
+use failover::manager::{ApiError, Input, Manager, ManagerConfig, Output};
 use failover::model::{Report, Role, Source};
 
 #[test]
@@ -456,4 +456,30 @@ fn a_restarted_manager_does_not_call_a_vm_down_before_hearing_its_hosts() {
         m.vm(t.now + 3000 * MS, "web").unwrap().status,
         "unreachable"
     );
+}
+
+#[test]
+fn a_vm_whose_ports_touch_another_vms_is_refused() {
+    // Web's backups listen on 7100 and, for their data connection, 7101.
+    let mut t = T::new(&["a", "b"]);
+    t.m.create(t.now, spec(1)).unwrap();
+    let on = |name: &str, port: u16| failover::model::VmSpec {
+        name: name.into(),
+        port,
+        ..spec(1)
+    };
+    for port in [7099, 7101] {
+        let r = t.m.create(t.now, on("api", port));
+        assert!(
+            matches!(&r, Err(ApiError::Invalid(e)) if e.contains("VM web uses port 7100")),
+            "{port}: {r:?}"
+        );
+    }
+    let r = t.m.create(t.now, on("api", 65535));
+    assert!(
+        matches!(&r, Err(ApiError::Invalid(e)) if e.contains("1..=65534")),
+        "{r:?}"
+    );
+    t.m.create(t.now, on("api", 7102)).unwrap();
+    assert_eq!(t.m.state().vms.len(), 2);
 }

@@ -3,7 +3,8 @@
 //! connection; the primary's whole host crashes (links cut, every process SIGKILLed); the
 //! manager detects it from both signals, raises the term and promotes the backup; the same
 //! connection carries on and sees every acknowledged write; the VM is re-protected on the third
-//! host; the event log tells the story.
+//! host; the event log tells the story. Both backups take checkpoints over a data connection
+//! too (the port after the VM's).
 
 mod support;
 
@@ -21,6 +22,8 @@ fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
     let primary = v["primary"].as_str().unwrap().to_string();
     let backup = backups_of(&v)[0].clone();
     eprintln!("primary on {primary}, backup on {backup}");
+    // Checkpoints also travel over a data connection to the port after the VM's.
+    m.wait_data_connection(&backup, Duration::from_secs(10));
 
     let mut kv = connect_retry(m.net.guest_addr(), Duration::from_secs(20));
     let mut acked = Vec::new();
@@ -60,6 +63,7 @@ fn a_crashed_primary_host_fails_over_automatically_and_is_reprotected() {
         now_backups[0] != primary && now_backups[0] != backup,
         "{now_backups:?}"
     );
+    m.wait_data_connection(&now_backups[0], Duration::from_secs(10));
     let events = m.events();
     for kind in [
         "detected",

@@ -205,7 +205,8 @@ fn hog_beside_web(m: &Managed, other: usize) -> (u32, KvWriter) {
             "--backups",
             "0",
             "--port",
-            "7101",
+            // (Not 7101: web's backups use 7100 and 7101.)
+            "7102",
             "--hosts",
             &hog_host,
             "--cpu",

@@ -368,6 +368,17 @@ impl Manager {
         if self.state.vms.contains_key(&spec.name) {
             return Err(ApiError::Exists(spec.name));
         }
+        // (A VM's backups bind its port and the next one: the next one must not be another
+        // VM's port, nor this port another's next one.)
+        let neighbour = self.state.vms.values().find(|r| {
+            spec.data_port() == Some(r.spec.port) || r.spec.data_port() == Some(spec.port)
+        });
+        if let Some(r) = neighbour {
+            return Err(ApiError::Invalid(format!(
+                "port {}: VM {} uses port {} (a VM's backups listen on its port and the next)",
+                spec.port, r.spec.name, r.spec.port
+            )));
+        }
         let primary = self
             .pick_host(now, &spec, &[])
             .ok_or_else(|| ApiError::Unavailable("no live host may run it".into()))?;

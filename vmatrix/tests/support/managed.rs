@@ -784,6 +784,25 @@ impl Managed {
             .join(rel)
     }
 
+    /// Waits until the backup of "web" on host `name` says that the primary's data
+    /// connection (to the port after the VM's, `VmSpec::data_port`) joined its session.
+    pub fn wait_data_connection(&self, name: &str, timeout: Duration) {
+        let log = self.host_file(self.host_index(name), "web/backup.log");
+        let t = std::time::Instant::now();
+        while !self
+            .text(&log)
+            .contains("data connection 1 joined the session")
+        {
+            assert!(
+                t.elapsed() < timeout,
+                "no data connection joined the backup on {name}:
+{}",
+                self.text(&log)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A file of the test's directory as text (empty if missing): `agent-a.log`, ...
     pub fn text(&self, path: &Path) -> String {
         std::fs::read_to_string(path).unwrap_or_default()

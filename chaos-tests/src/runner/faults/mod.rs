@@ -27,13 +27,16 @@ use super::cluster::Cluster;
 use super::nft::{self, Table};
 use super::procs::{signal, vm_pid, Fleet};
 use super::workload::Clock;
-use crate::netem::{LinkImpairment, Netem, Route};
+use crate::netem::LinkImpairment;
 use crate::schedule::{Fault, Role, ScheduledEvent};
 
+mod link;
 mod net;
 mod sync;
+
+use link::ProxiedLink;
 pub use net::swizzle_step;
-use net::{heal_netem, inject_network, link_netem};
+use net::{inject_network, link_netem};
 
 /// Who a role resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,22 +159,15 @@ pub enum Active {
     },
     /// A file filling a disk.
     Filled(PathBuf),
-    /// A host crashed with a checkpoint in flight, and the proxy that held it.
+    /// A host crashed with a checkpoint in flight, and the proxies that held it.
     CrashedInFlight {
         /// The crashed host.
         host: usize,
-        /// The proxy.
-        proxy: Netem,
-        /// The route to it.
-        route: Route,
+        /// The proxied link.
+        link: ProxiedLink,
     },
-    /// A link routed through the degradation proxy.
-    Netem {
-        /// The proxy.
-        proxy: Netem,
-        /// The route to it.
-        route: Route,
-    },
+    /// A link routed through the degradation proxies.
+    Netem(ProxiedLink),
 }
 
 /// An injected fault: the target for a person, a note, what the heal undoes.
@@ -407,7 +403,7 @@ fn top_up(file: &std::path::Path) -> u64 {
 /// problem (the final heal retries everything anyway).
 pub fn heal(ctx: &mut Ctx<'_>, active: Active) -> Result<Option<String>, String> {
     match active {
-        Active::Netem { proxy, route } => heal_netem(proxy, route),
+        Active::Netem(link) => link.heal(),
         other => heal_inner(ctx, other).map(|_| None),
     }
 }
@@ -415,9 +411,9 @@ pub fn heal(ctx: &mut Ctx<'_>, active: Active) -> Result<Option<String>, String>
 fn heal_inner(ctx: &mut Ctx<'_>, active: Active) -> Result<(), String> {
     match active {
         Active::Nothing => Ok(()),
-        Active::Netem { proxy, route } => heal_netem(proxy, route).map(|_| ()),
-        Active::CrashedInFlight { host, proxy, route } => {
-            let proxied = heal_netem(proxy, route);
+        Active::Netem(link) => link.heal().map(|_| ()),
+        Active::CrashedInFlight { host, link } => {
+            let proxied = link.heal();
             heal_inner(ctx, Active::HostKilled(host))?;
             proxied.map(|_| ())
         }

@@ -3,8 +3,8 @@
 //! through the link-degradation proxy ([`crate::netem`]): delay, duplication, reordering, and
 //! a crash with replication datagrams in flight.
 
-use super::{injected, resolve, Active, Ctx, Endpoint, Injected};
-use crate::netem::{route_through, LinkImpairment, Netem, Route};
+use super::{injected, resolve, Active, Ctx, Endpoint, Injected, ProxiedLink};
+use crate::netem::LinkImpairment;
 use crate::runner::api::Roles;
 use crate::runner::nft::{self, Dir, Drop, Table};
 use crate::schedule::{Fault, LinkRef, Role, ScheduledEvent};
@@ -98,21 +98,18 @@ pub(super) fn link_netem(
     };
     let p = ctx.host(roles, Role::Primary)?;
     let b = ctx.host(roles, Role::Backup { index: backup })?;
-    let dst = std::net::SocketAddr::from((ctx.cluster().repl_ip(b), ctx.vm_port));
-    let listen = std::net::SocketAddr::from((ctx.cluster().manager_ip(), 0));
     let seed = ctx.seed ^ u64::from(ev.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let proxy = Netem::start(listen, dst, LinkImpairment::NONE, seed)
-        .map_err(|e| format!("link proxy on {listen}: {e}"))?;
-    let route =
-        route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()).map_err(|e| e.to_string())?;
-    proxy.set(imp);
+    let link = ProxiedLink::start(ctx, (p, b), LinkImpairment::NONE, seed)?;
+    link.set(imp);
     let target = format!(
-        "link host {} (primary) -> {dst} (backup on host {}) through the proxy {}",
+        "link host {} (primary) -> {}:{} and its data port (backup on host {}) through the proxies {}",
         ctx.cluster().host_name(p),
+        ctx.cluster().repl_ip(b),
+        ctx.vm_port,
         ctx.cluster().host_name(b),
-        proxy.local_addr()
+        link.proxies()
     );
-    injected(target, Active::Netem { proxy, route })
+    injected(target, Active::Netem(link))
 }
 
 /// Routes the primary's replication datagrams to its first backup through a proxy that
@@ -123,28 +120,23 @@ fn crash_in_checkpoint(ctx: &mut Ctx<'_>, roles: &Roles, victim: Role) -> Result
     let p = ctx.host(roles, Role::Primary)?;
     let b = ctx.host(roles, Role::Backup { index: 0 })?;
     let v = ctx.host(roles, victim)?;
-    let dst = std::net::SocketAddr::from((ctx.cluster().repl_ip(b), ctx.vm_port));
-    let listen = std::net::SocketAddr::from((ctx.cluster().manager_ip(), 0));
     let delay = crate::netem::Impairment {
         delay_ns: 10_000_000,
         ..crate::netem::Impairment::NONE
     };
-    let proxy = Netem::start(listen, dst, LinkImpairment::both(delay), ctx.seed)
-        .map_err(|e| format!("link proxy on {listen}: {e}"))?;
-    let route =
-        route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()).map_err(|e| e.to_string())?;
+    let link = ProxiedLink::start(ctx, (p, b), LinkImpairment::both(delay), ctx.seed)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     let mut seen = false;
     while std::time::Instant::now() < deadline {
-        let c = proxy.counters();
-        // Wait for the traffic to go through the proxy, then for a checkpoint in it.
-        if c.forward.received > 0 && c.forward.queued >= 2 {
+        let (received, queued) = link.forward();
+        // Wait for the traffic to go through the proxies, then for a checkpoint in them.
+        if received > 0 && queued >= 2 {
             seen = true;
             break;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    let queued = proxy.counters().forward.queued;
+    let queued = link.forward().1;
     ctx.fleet.cluster.kill(v).map_err(|e| e.to_string())?;
     ctx.fleet.forget_agent(v);
     let mut target = format!(
@@ -155,11 +147,7 @@ fn crash_in_checkpoint(ctx: &mut Ctx<'_>, roles: &Roles, victim: Role) -> Result
     if !seen {
         target.push_str(" (no checkpoint seen in flight within 3 s: crashed anyway)");
     }
-    let active = Active::CrashedInFlight {
-        host: v,
-        proxy,
-        route,
-    };
+    let active = Active::CrashedInFlight { host: v, link };
     injected(target, active)
 }
 
@@ -288,23 +276,4 @@ pub fn swizzle_step(
         nft::remove(ctx.cluster(), &t)?;
     }
     Ok(())
-}
-
-/// Heals a proxied link: healthy again (a stall releases), the route removed, the proxy
-/// stopped; returns what the proxy did.
-pub(super) fn heal_netem(proxy: Netem, route: Route) -> Result<Option<String>, String> {
-    proxy.set(LinkImpairment::NONE);
-    let removed = route.remove().map_err(|e| e.to_string());
-    let c = proxy.stop();
-    let note = format!(
-        "proxy: forward {} received, {} delivered, {} dropped, {} duplicated, {} reordered; backward {} received, {} delivered",
-        c.forward.received,
-        c.forward.delivered,
-        c.forward.dropped + c.forward.overflowed,
-        c.forward.duplicated,
-        c.forward.reordered,
-        c.backward.received,
-        c.backward.delivered
-    );
-    removed.map(|_| Some(note))
 }

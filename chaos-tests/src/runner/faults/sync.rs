@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 
-use super::{injected, Active, Ctx, Injected};
-use crate::netem::{route_through, LinkImpairment, Netem};
+use super::{injected, Active, Ctx, Injected, ProxiedLink};
+use crate::netem::LinkImpairment;
 use crate::runner::api::Roles;
 use crate::runner::procs::{signal, vm_pid};
 use crate::schedule::Role;
@@ -45,13 +45,9 @@ pub(super) fn crash_in_sync(
     let backup_host = ctx.cluster().host_name(b);
     let vm = ctx.resolver.vm.clone();
     let pid = vm_pid(&ctx.fleet.paths, &backup_host, &vm, "backup")?;
-    // The primary's datagrams to that backup go through a proxy that only counts them.
-    let dst = std::net::SocketAddr::from((ctx.cluster().repl_ip(b), ctx.vm_port));
-    let listen = std::net::SocketAddr::from((ctx.cluster().manager_ip(), 0));
-    let proxy = Netem::start(listen, dst, LinkImpairment::NONE, ctx.seed)
-        .map_err(|e| format!("link proxy on {listen}: {e}"))?;
-    let route =
-        route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()).map_err(|e| e.to_string())?;
+    // The primary's datagrams to that backup (both its ports) go through proxies that only
+    // count them.
+    let link = ProxiedLink::start(ctx, (p, b), LinkImpairment::NONE, ctx.seed)?;
     if from_scratch {
         // (Its files unlinked under it: the process runs on until killed; the next one finds
         // an empty directory and is synced from nothing.)
@@ -63,12 +59,12 @@ pub(super) fn crash_in_sync(
             .join("image");
         empty_dir(&image)?;
     }
-    let before = proxy.counters().forward.received;
+    let before = link.forward().0;
     signal(pid, Signal::KILL)?;
     let deadline = Instant::now() + WAIT;
     let mut seen = 0;
     while Instant::now() < deadline {
-        seen = proxy.counters().forward.received.saturating_sub(before);
+        seen = link.forward().0.saturating_sub(before);
         if seen >= INTO_THE_SYNC {
             break;
         }
@@ -88,11 +84,7 @@ pub(super) fn crash_in_sync(
     if seen < INTO_THE_SYNC {
         target.push_str(" (the sync was not seen within 5 s: crashed anyway)");
     }
-    let active = Active::CrashedInFlight {
-        host: v,
-        proxy,
-        route,
-    };
+    let active = Active::CrashedInFlight { host: v, link };
     injected(target, active)
 }
 

@@ -432,10 +432,13 @@ impl Supervisor {
             .arg(&self.cfg.certs)
             .args(["--host", &self.cfg.host, "--vm-id", &spec.name])
             .args(["--min-term", &min_term.to_string(), "--control"])
-            .arg(&control)
-            // A managed VM has one replication port (its spec's, which firewalls and the
-            // chaos suite's link faults know): no data sockets on random ports.
-            .args(["--data-sockets", "0"]);
+            .arg(&control);
+        // Its data connection on the port after the spec's (known to firewalls and to the
+        // chaos suite's link faults), not on a random one.
+        match spec.data_port() {
+            Some(p) => cmd.args(["--data-ports", &p.to_string()]),
+            None => cmd.args(["--data-sockets", "0"]),
+        };
         let key = (spec.name.clone(), ProcRole::Backup);
         let p = Proc::spawn(
             &spec.name,
