@@ -60,7 +60,15 @@ impl DataSockets {
                 handshake_timeout_ms: HANDSHAKE_MS.min(quic.handshake_timeout_ms),
                 ..*quic
             };
-            let s = Arc::new(Server::bind_limited(at, id, &cfg, HANDSHAKES)?);
+            // (A data socket that cannot be had costs its connection, not the backup: the
+            // primary goes on with those offered, or with the session's connection alone.)
+            let s = match Server::bind_limited(at, id, &cfg, HANDSHAKES) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!("no data socket on {at}: {e}; offering the others");
+                    continue;
+                }
+            };
             ports.push(s.local_addr()?.port());
             let (s2, tx) = (s.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {

@@ -33,6 +33,11 @@ fn quic_cfg() -> QuicConfig {
 }
 
 async fn start_backup(pki: &Path) -> Backup {
+    start_backup_with(pki, (1, Vec::new())).await
+}
+
+/// A backup with `data_sockets` free data sockets, or at `data_ports`.
+async fn start_backup_with(pki: &Path, (data_sockets, data_ports): (u8, Vec<u16>)) -> Backup {
     let dir = tempfile::tempdir().unwrap();
     let cfg = backup::BackupConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -43,8 +48,8 @@ async fn start_backup(pki: &Path) -> Backup {
         quic: quic_cfg(),
         stats: Arc::new(backup::BackupStats::default()),
         exports: backup::Exports::default(),
-        data_sockets: 1,
-        data_ports: Vec::new(),
+        data_sockets,
+        data_ports,
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -352,5 +357,27 @@ async fn abandoned_handshakes_do_not_delay_a_real_primary_session() {
     );
     link.close(code::DONE, "measured");
     drop(socks);
+    stop(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_port_taken_by_another_costs_its_connection_not_the_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    // Another process holds the port the backup is told to take for its data connection
+    // (a managed VM's port + 1, say).
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let b = tokio::time::timeout(
+        Duration::from_secs(10),
+        start_backup_with(dir.path(), (0, vec![port])),
+    )
+    .await
+    .expect("the backup listens without its data socket");
+    let conn = connect(dir.path(), "primary", b.addr).await;
+    match say_hello(conn, VM).await.1 {
+        Message::Welcome(w) => assert!(w.data_ports.is_empty(), "{:?}", w.data_ports),
+        other => panic!("not welcomed: {other:?}"),
+    }
     stop(b).await;
 }

@@ -70,6 +70,8 @@ pub(crate) struct Driver {
     reply: (Arc<OutputClock>, Tracker),
     /// The last capture's page buffer, for `Vm::recycle_capture` after the flush.
     recycle: Option<Vec<u8>>,
+    /// The last incremental capture had more than [`INLINE_ENCODE_PAGES`] pages.
+    last_big: bool,
 }
 
 /// Longest time from handling the acknowledgement that authorizes a release to the frame's
@@ -95,7 +97,8 @@ fn heavy<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Frame bytes encoded for one backup in one step of the loop (~0.1-0.3 ms of encoding in an
-/// optimised build): the QUIC tasks sharing the loop's thread wait at most that long.
+/// optimised build; the step ends with the frame that passes it, so up to one frame more):
+/// the QUIC tasks sharing the loop's thread wait about that long.
 const FLUSH_BUDGET: usize = 256 << 10;
 
 /// Longest wait between two attempts at a data connection that failed.
@@ -134,6 +137,7 @@ impl Driver {
             handled_at: Instant::now(),
             reply: (Arc::new(OutputClock::new()), Tracker::default()),
             recycle: None,
+            last_big: false,
         })
     }
 
@@ -156,9 +160,16 @@ impl Driver {
             self.check_fenced(&p)?;
             let counter = p.syncing().then_some(&self.stats.sync_sent_bytes);
             let more = flush(&mut p, &mut self.links, counter);
-            self.reply.1.flushed(Instant::now());
+            if !more {
+                // (A checkpoint's send stage ends when the last of it went to the writers.)
+                self.reply.1.flushed(Instant::now());
+            }
             if let Some(data) = self.recycle.take() {
-                self.vm.recycle_capture(data);
+                // (Refilling and locking a big buffer takes a while.)
+                match data.len() > INLINE_ENCODE_PAGES * 4096 {
+                    true => heavy(|| self.vm.recycle_capture(data)),
+                    false => self.vm.recycle_capture(data),
+                }
             }
             for i in std::mem::take(&mut self.to_close) {
                 if let Some((_, l)) = self.links[i].take() {
@@ -360,7 +371,11 @@ impl Driver {
             }
             Command::Capture { kind, disk_ranges } => {
                 let (output, start) = (self.reply.0.take(), Instant::now());
-                let r = self.vm.capture_epoch_with(kind, &disk_ranges);
+                // (A busy epoch's copy too is long: expected when the last one was big.)
+                let r = match self.last_big {
+                    true => heavy(|| self.vm.capture_epoch_with(kind, &disk_ranges)),
+                    false => self.vm.capture_epoch_with(kind, &disk_ranges),
+                };
                 let mut big = false;
                 if let Ok(cap) = &r {
                     self.reply
@@ -368,6 +383,7 @@ impl Driver {
                         .captured(cap.epoch, output, start, Instant::now());
                     big = cap.pages.len() > INLINE_ENCODE_PAGES;
                 }
+                self.last_big = big;
                 // (The checkpoint's pages are encoded as the policy takes it: a big one off
                 // the QUIC tasks' thread.)
                 match big {
@@ -463,11 +479,10 @@ impl Drop for Driver {
 
 /// Hands what the policy queued for every connected backup to its writers, until the queue of
 /// the next frame's lane is full (the rest waits in the policy; the loop is woken when a writer
-/// made progress). Heartbeats go to the front of the policy's queue and have their own writer,
-/// so checkpoint data waiting for room never holds them up.
-/// Hands the policy's frames to the writers, at most [`FLUSH_BUDGET`] bytes of them per
-/// backup; true if it stopped at that bound with frames left (the loop then yields to the
-/// QUIC tasks on its worker thread before it goes on: `crate::rt`'s caller runs it there).
+/// made progress) or [`FLUSH_BUDGET`] bytes went to that backup in this step. Heartbeats go to
+/// the front of the policy's queue and have their own writer, so checkpoint data waiting for
+/// room never holds them up. True if it stopped at the budget with frames left: the loop then
+/// yields to the QUIC tasks on its worker thread before it goes on.
 fn flush(
     p: &mut Policy<'_>,
     links: &mut [Option<(u64, Writer)>],

@@ -1,5 +1,7 @@
 //! A tokio runtime of its own for one long-running async task (the primary's epoch loop, a
-//! backup), on a named thread, so it never competes with another task's executor.
+//! backup), started from a named thread, so it never competes with another task's executor;
+//! the task itself runs on the runtime's one worker thread, beside the QUIC tasks it spawns
+//! ([`block_on_worker`]).
 
 use std::future::Future;
 use std::thread::JoinHandle;

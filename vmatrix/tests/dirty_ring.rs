@@ -31,7 +31,7 @@ fn churn_and_compare(run: u32) -> u64 {
             "ring",
             "--dirty-ring-bytes",
             "16384",
-            // Epochs of at least 50 ms: the ring (448 entries before it counts as full)
+            // Epochs of at least 50 ms: the ring (960 entries before it counts as full)
             // fills within one at this churn, whatever this host's fault rate.
             "--epoch-ms",
             "50",

@@ -1,9 +1,8 @@
 //! The pause path (issue 12) on real KVM: with real-time pauses (`--rt-pause`, the default)
 //! no thread of the primary stays real-time outside its pauses — also across a user's pause
 //! that the captures nest in — and the backup equals the primary byte for byte; `status`
-//! says where dirty pages come from. (KVM's dirty ring, `--dirty-source ring`, is
-//! experimental: a backup diverged from its primary with it under heavy churn and a ring that
-//! fills between checkpoints on this host; see docs/replication.md.) Pinned threads
+//! says where dirty pages come from (KVM's dirty ring, `--dirty-source ring`, is tested under
+//! heavy churn in `dirty_ring.rs`). Pinned threads
 //! (`--vcpu-cpus`, `--loop-cpus`) stay on their CPUs, pause buffers are locked in RAM
 //! (`--lock-buffers`, the default), and a CPU the host lacks is refused at the start.
 

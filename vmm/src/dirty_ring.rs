@@ -161,7 +161,7 @@ struct Inner {
     /// Index of the next entry to read.
     fetch: u32,
     map_len: usize,
-    /// A duplicate of the VM's fd (for `KVM_RESET_DIRTY_RINGS` from the vCPU thread).
+    /// A duplicate of the VM's fd (for `KVM_RESET_DIRTY_RINGS` from the resetter's thread).
     vm: OwnedFd,
     /// Pages collected and not yet harvested (a bit per page of the linear RAM image).
     pending: Vec<u64>,

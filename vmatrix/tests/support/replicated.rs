@@ -457,9 +457,9 @@ pub fn differing_pages(a: &Path, b: &Path) -> String {
     };
     let pages = x.len().max(y.len()).div_ceil(4096);
     let page = |v: &[u8], i: usize| {
-        let mut p = v.get(i * 4096..).unwrap_or_default().to_vec();
+        let at = (i * 4096).min(v.len());
+        let mut p = v[at..(at + 4096).min(v.len())].to_vec();
         p.resize(4096, 0);
-        p.truncate(4096);
         p
     };
     let mut diff = Vec::new();

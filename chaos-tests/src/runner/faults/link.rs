@@ -32,14 +32,25 @@ impl ProxiedLink {
             let dst = SocketAddr::from((ctx.cluster().repl_ip(b), port));
             let listen = SocketAddr::from((ctx.cluster().manager_ip(), 0));
             let seed = seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            // (On an error the legs made so far are dropped: their routes and proxies go.)
-            let proxy = Netem::start(listen, dst, imp, seed)
-                .map_err(|e| format!("link proxy on {listen}: {e}"))?;
-            let route = route_through(&ctx.cluster().ns(p), dst, proxy.local_addr())
-                .map_err(|e| e.to_string())?;
-            link.legs.push((port, proxy, route));
+            let proxy = match Netem::start(listen, dst, imp, seed) {
+                Ok(proxy) => proxy,
+                Err(e) => return link.fail(format!("link proxy on {listen}: {e}")),
+            };
+            match route_through(&ctx.cluster().ns(p), dst, proxy.local_addr()) {
+                Ok(route) => link.legs.push((port, proxy, route)),
+                Err(e) => {
+                    let _ = proxy.stop();
+                    return link.fail(e.to_string());
+                }
+            }
         }
         Ok(link)
+    }
+
+    /// Undoes the legs made so far (each route before its proxy) and returns `why`.
+    fn fail(self, why: String) -> Result<ProxiedLink, String> {
+        let _ = self.heal();
+        Err(why)
     }
 
     /// Sets every leg's impairment.
