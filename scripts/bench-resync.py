@@ -59,7 +59,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMX = os.path.join(ROOT, "target", "release", "vmatrix")
+# (VMATRIX_BIN: another build, for same-run A/B comparisons.)
+VMX = os.environ.get("VMATRIX_BIN") or os.path.join(ROOT, "target", "release", "vmatrix")
 GUEST = os.path.join(ROOT, "guest", "target", "x86_64-unknown-linux-gnu", "release", "vmatrix-guest")
 NETNS = os.path.join(ROOT, "scripts", "netns.sh")
 BACKUP_PORT = 7100
