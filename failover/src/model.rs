@@ -77,13 +77,18 @@ impl VmSpec {
     /// connection that carries checkpoint data beside the session's, on a socket and a
     /// receive path of its own; docs/failover.md, "VmSpec"). None for port 65535 (refused).
     pub fn data_port(&self) -> Option<u16> {
-        self.port.checked_add(1)
+        data_port(self.port)
     }
 
     /// Whether `host` may run it.
     pub fn allows(&self, host: &str) -> bool {
         self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
     }
+}
+
+/// The data port of a VM's backups listening on `port` ([`VmSpec::data_port`]).
+pub fn data_port(port: u16) -> Option<u16> {
+    port.checked_add(1)
 }
 
 /// One backup of a VM as the manager knows it (persisted).

@@ -89,9 +89,14 @@ const INLINE_ENCODE_PAGES: usize = 64;
 /// loop's worker thread (`vmatrix`'s `rt::block_on_worker`): tokio's `block_in_place` hands
 /// them to another thread meanwhile. On another kind of runtime it just runs `f`.
 fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    heavy_if(true, f)
+}
+
+/// [`heavy`] if `big`, else just `f`.
+fn heavy_if<R>(big: bool, f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+    match (big, Handle::try_current().map(|h| h.runtime_flavor())) {
+        (true, Ok(RuntimeFlavor::MultiThread)) => tokio::task::block_in_place(f),
         _ => f(),
     }
 }
@@ -166,10 +171,8 @@ impl Driver {
             }
             if let Some(data) = self.recycle.take() {
                 // (Refilling and locking a big buffer takes a while.)
-                match data.len() > INLINE_ENCODE_PAGES * 4096 {
-                    true => heavy(|| self.vm.recycle_capture(data)),
-                    false => self.vm.recycle_capture(data),
-                }
+                let big = data.len() > INLINE_ENCODE_PAGES * 4096;
+                heavy_if(big, || self.vm.recycle_capture(data));
             }
             for i in std::mem::take(&mut self.to_close) {
                 if let Some((_, l)) = self.links[i].take() {
@@ -372,10 +375,9 @@ impl Driver {
             Command::Capture { kind, disk_ranges } => {
                 let (output, start) = (self.reply.0.take(), Instant::now());
                 // (A busy epoch's copy too is long: expected when the last one was big.)
-                let r = match self.last_big {
-                    true => heavy(|| self.vm.capture_epoch_with(kind, &disk_ranges)),
-                    false => self.vm.capture_epoch_with(kind, &disk_ranges),
-                };
+                let r = heavy_if(self.last_big, || {
+                    self.vm.capture_epoch_with(kind, &disk_ranges)
+                });
                 let mut big = false;
                 if let Ok(cap) = &r {
                     self.reply
@@ -386,10 +388,7 @@ impl Driver {
                 self.last_big = big;
                 // (The checkpoint's pages are encoded as the policy takes it: a big one off
                 // the QUIC tasks' thread.)
-                match big {
-                    true => heavy(|| self.on_work_done(p, Ok((false, r))))?,
-                    false => self.on_work_done(p, Ok((false, r)))?,
-                }
+                heavy_if(big, || self.on_work_done(p, Ok((false, r))))?;
             }
             Command::HoldOutput => {
                 if self.vm.held_output().is_none() {

@@ -117,7 +117,7 @@ type Reply = mpsc::SyncSender<Result<u32>>;
 /// module's note: the reset must not be issued by the vCPU's thread). It ends when the ring
 /// is dropped (its channel closes).
 struct Resetter {
-    requests: Mutex<mpsc::Sender<Reply>>,
+    requests: mpsc::Sender<Reply>,
 }
 
 impl Resetter {
@@ -132,21 +132,14 @@ impl Resetter {
                 }
             })
             .map_err(|e| Error::Host(format!("starting the dirty ring's thread: {e}")))?;
-        Ok(Resetter {
-            requests: Mutex::new(tx),
-        })
+        Ok(Resetter { requests: tx })
     }
 
     /// Collects the ring on the resetter's thread and waits for it.
     fn collect(&self) -> Result<u32> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let sent = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(tx);
         let gone = || Error::Host("the dirty ring's thread is gone".into());
-        sent.map_err(|_| gone())?;
+        self.requests.send(tx).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?
     }
 }

@@ -26,7 +26,7 @@ impl ProxiedLink {
         imp: LinkImpairment,
         seed: u64,
     ) -> Result<ProxiedLink, String> {
-        let ports = [Some(ctx.vm_port), ctx.vm_port.checked_add(1)];
+        let ports = [Some(ctx.vm_port), failover::model::data_port(ctx.vm_port)];
         let mut link = ProxiedLink { legs: Vec::new() };
         for (i, port) in ports.into_iter().flatten().enumerate() {
             let dst = SocketAddr::from((ctx.cluster().repl_ip(b), port));
