@@ -26,6 +26,7 @@ use vmm::{CaptureKind, EpochCapture, Vm};
 
 use crate::peer;
 use crate::reply_path::{OutputClock, Tracker};
+use crate::stall::StallClock;
 use crate::writer::Writer;
 use crate::{Command, Fence, Policy, PrimaryConfig, PrimaryError, Stats};
 
@@ -72,6 +73,8 @@ pub(crate) struct Driver {
     recycle: Option<Vec<u8>>,
     /// The last incremental capture had more than [`INLINE_ENCODE_PAGES`] pages.
     last_big: bool,
+    /// Notices that this process was stopped ([`crate::stall`]).
+    stall: StallClock,
 }
 
 /// Longest time from handling the acknowledgement that authorizes a release to the frame's
@@ -143,6 +146,7 @@ impl Driver {
             reply: (Arc::new(OutputClock::new()), Tracker::default()),
             recycle: None,
             last_big: false,
+            stall: StallClock::new(),
         })
     }
 
@@ -212,8 +216,8 @@ impl Driver {
                     while let Ok(f) = self.frames.try_recv() {
                         self.on_frame(&mut p, f);
                     }
-                    self.handled_at = Instant::now();
-                    p.handle_timeout(self.handled_at);
+                    let now = self.input(&mut p);
+                    p.handle_timeout(now);
                 }
                 done = async {
                     match work.as_mut() {
@@ -222,6 +226,7 @@ impl Driver {
                     }
                 } => {
                     self.work = None;
+                    self.input(&mut p);
                     // (A pre-copy pass or a full capture: big by nature.)
                     heavy(|| self.on_work_done(&mut p, done))?;
                 }
@@ -261,14 +266,25 @@ impl Driver {
         }
     }
 
+    /// The time of an input about to be handed to the policy (a release it authorizes must
+    /// leave within [`RELEASE_LEASE`] of it); a stall of the process noticed since the last
+    /// input goes to the policy first.
+    fn input(&mut self, p: &mut Policy<'_>) -> Instant {
+        self.handled_at = Instant::now();
+        if let Some(s) = self.stall.check(self.handled_at) {
+            p.handle_stall(s.gap);
+        }
+        self.handled_at
+    }
+
     /// A frame or link error from a backup (of a connection not since replaced).
     fn on_frame(&mut self, p: &mut Policy<'_>, (i, g, f): Frame) {
         if self.links[i].as_ref().map(|l| l.0) != Some(g) {
             return;
         }
-        self.handled_at = Instant::now();
+        let now = self.input(p);
         match f {
-            Ok(f) => p.handle_frame(i, &f, self.handled_at),
+            Ok(f) => p.handle_frame(i, &f, now),
             Err(e) => {
                 if let Some((_, l)) = self.links[i].take() {
                     l.close(quic::code::SESSION_FAILED, &e.to_string());

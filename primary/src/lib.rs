@@ -23,6 +23,7 @@ pub mod history;
 mod peer;
 pub mod policy;
 pub mod reply_path;
+pub mod stall;
 mod writer;
 
 pub use fence::{Fence, Fenced};
@@ -170,6 +171,8 @@ pub struct Stats {
     pub ack_latency_us: AtomicU64,
     /// Frames of guest output released.
     pub released_frames: AtomicU64,
+    /// Stalls of this process noticed ([`stall`]).
+    pub stalls: AtomicU64,
     /// Current epoch length, µs.
     pub epoch_us: AtomicU64,
     /// The most recent pauses, µs (at most `RECENT` of them).

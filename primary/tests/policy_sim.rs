@@ -382,6 +382,11 @@ struct Sim {
     /// Pre-copy passes (round 0 slices and later rounds).
     precopies: usize,
     precopy_epochs: usize,
+    /// The primary stalled (its process stopped) and has released nothing since; the seq of
+    /// the first checkpoint captured after it, once there is one.
+    stalled: Option<Option<u64>>,
+    /// Stalls with frames from a backup waiting in the primary's queues.
+    stalls_with_waiting: usize,
 }
 
 impl Sim {
@@ -422,6 +427,8 @@ impl Sim {
             resyncs: 0,
             precopies: 0,
             precopy_epochs: 0,
+            stalled: None,
+            stalls_with_waiting: 0,
         }
     }
 
@@ -443,6 +450,9 @@ impl Sim {
                     let cap = self.guest.capture(kind, &disk_ranges, overflowed);
                     let seq = next_seq(p);
                     self.snapshots.insert(seq, (self.guest.crc(), cap.epoch));
+                    if let Some(first @ None) = &mut self.stalled {
+                        *first = Some(seq);
+                    }
                     p.handle_capture(&cap, self.now);
                 }
                 Command::PreCopyEpoch => {
@@ -462,14 +472,33 @@ impl Sim {
     /// as new as the one that closed it.
     fn check_release(&mut self, e: u64) {
         assert!(e >= self.released, "releases go forward");
+        if let Some(first) = self.stalled.take() {
+            // After a stall, acknowledgements that waited through it release nothing: the
+            // first release needs a checkpoint captured since, held by `required` backups.
+            let first = first.expect("output released after a stall before any new checkpoint");
+            let holding = self.holding(first);
+            assert!(
+                holding >= self.required,
+                "output released after a stall while only {holding} backups hold checkpoint {first}, the first captured since"
+            );
+        }
         let s = self
             .snapshots
             .iter()
             .find(|(_, (_, closed))| *closed >= e)
             .map(|(s, _)| *s)
             .expect("a checkpoint closed the released epoch");
-        let holding = self
-            .backups
+        let holding = self.holding(s);
+        assert!(
+            holding >= self.required,
+            "output epoch {e} released while only {holding} backups hold checkpoint {s}"
+        );
+        self.released = e;
+    }
+
+    /// Backups whose committed image is at checkpoint `s` or later.
+    fn holding(&self, s: u64) -> usize {
+        self.backups
             .iter()
             .filter(|b| {
                 b.committed
@@ -477,12 +506,7 @@ impl Sim {
                     .and_then(|i| i.pos)
                     .is_some_and(|p| p.seq >= s)
             })
-            .count();
-        assert!(
-            holding >= self.required,
-            "output epoch {e} released while only {holding} backups hold checkpoint {s}"
-        );
-        self.released = e;
+            .count()
     }
 
     fn cut(&mut self, i: usize) {
@@ -611,7 +635,7 @@ impl Sim {
     /// A fault, chosen by the seed.
     fn fault(&mut self, p: &mut Policy<'_>) {
         let i = self.rng.below(self.backups.len() as u64) as usize;
-        match self.rng.below(4) {
+        match self.rng.below(5) {
             0 => {
                 // The link breaks: both ends notice.
                 self.cut(i);
@@ -630,9 +654,29 @@ impl Sim {
                 self.backups[i].committed = None;
                 p.handle_link_error(i, "backup lost its image", self.now);
             }
-            _ => {
+            3 => {
                 let d = Duration::from_millis(50 + self.rng.below(1500));
                 self.backups[i].stalled_until = Some(self.now + d);
+            }
+            _ => {
+                // The primary's process stops (SIGSTOP of its host) and is continued: time
+                // passed, the backups' frames wait in its queues. Its stall clock tells the
+                // policy before any of them (`primary::stall`). (Commands the policy gave
+                // before the stop are carried out first: a release among them is the release
+                // lease's case, `primary::driver::RELEASE_LEASE`, not this one.)
+                self.commands(p, &|p: &Policy<'_>| p.next_seq());
+                let d = Duration::from_millis(30 + self.rng.below(1000));
+                let waiting = self
+                    .links
+                    .iter()
+                    .flatten()
+                    .any(|l| !l.to_primary.is_empty());
+                self.stalls_with_waiting += usize::from(waiting);
+                self.now += d;
+                p.handle_stall(d);
+                if self.stalled.is_none() {
+                    self.stalled = Some(None);
+                }
             }
         }
     }
@@ -666,7 +710,8 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
 }
 
 /// One seeded run: a fault phase, then a healthy phase that must converge.
-fn run(seed: u64) -> usize {
+/// Returns the early epoch copies and the stalls with frames waiting.
+fn run(seed: u64) -> (usize, usize) {
     let n = 1 + (seed % 3) as usize;
     let required = 1 + (seed / 3 % n as u64) as usize;
     let mut sim = Sim::new(seed, n, required);
@@ -704,6 +749,8 @@ fn run(seed: u64) -> usize {
             for i in 0..n {
                 sim.cut(i);
             }
+            // (A new session's connections carry nothing from before a stall.)
+            sim.stalled = None;
             sim.now += Duration::from_millis(200);
             continue;
         }
@@ -736,7 +783,7 @@ fn run(seed: u64) -> usize {
         sim.precopy_epochs,
         sim.released
     );
-    sim.precopy_epochs
+    (sim.precopy_epochs, sim.stalls_with_waiting)
 }
 
 #[test]
@@ -746,10 +793,16 @@ fn seeded_faults_keep_replicas_exact_and_output_committed_then_converge() {
         Err(_) => (1..=16).collect(),
     };
     let all = seeds.len() > 1;
-    let mut early = 0;
+    let (mut early, mut stalls) = (0, 0);
     for seed in seeds {
         eprintln!("policy simulation seed {seed} (replay: VMATRIX_SEED={seed})");
-        early += run(seed);
+        let (e, s) = run(seed);
+        early += e;
+        stalls += s;
     }
     assert!(!all || early > 0, "some seeds copy epochs early");
+    assert!(
+        !all || stalls > 0,
+        "some seeds stall the primary with acknowledgements waiting"
+    );
 }

@@ -64,6 +64,7 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
         rt_pause: f.rt_pause,
         dirty_ring_full: f.dirty_ring_full,
         early_copied_pages: ld(&s.early_pages),
+        stalls: ld(&s.stalls),
     }
 }
 
@@ -133,6 +134,12 @@ fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
             "Guest frames released by output commit",
             true,
             ld(&s.released_frames),
+        ),
+        (
+            "stalls",
+            "Stalls of the primary's process noticed (output then waits for a later checkpoint)",
+            true,
+            ld(&s.stalls),
         ),
         (
             "held_output_frames",

@@ -7,6 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -346,4 +347,61 @@ fn corrupted_replication_traffic_never_reaches_the_replica() {
         );
     }
     drop(proxy);
+}
+
+/// The primary's process stopped (SIGSTOP) with a request's reply held and continued 300 ms
+/// later: it notices the stall before it handles the acknowledgements that waited through it
+/// (`primary::stall`), releases the reply only once a checkpoint taken after the stall is
+/// acknowledged, and serves on; the backup holds every acknowledged write.
+#[test]
+fn a_stopped_and_continued_primary_notices_its_stall_and_serves_on() {
+    let net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, mut kv, sock) = Replicated::start_controlled(&net, dir.path());
+    assert_eq!(kv.cmd("SET before 1").unwrap(), "OK");
+    let stalls = |sock: &std::path::Path| -> u64 {
+        json_field(&ctl(sock, &["status"]), "stalls")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = stalls(&sock);
+    let pid = r.primary.child.id().to_string();
+    let mut s = TcpStream::connect(r.primary.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The request goes out and the primary stops with its reply (or the checkpoint's
+    // acknowledgement) somewhere on the way.
+    s.write_all(b"SET during 2\n").unwrap();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut l = String::new();
+    BufReader::new(&s).read_line(&mut l).unwrap();
+    assert_eq!(l.trim_end(), "OK");
+    let t = Instant::now();
+    while stalls(&sock) <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the stall went unnoticed; primary:\n{}",
+            r.primary.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..20 {
+        assert_eq!(kv.cmd(&format!("SET after{i} {i}")).unwrap(), "OK");
+    }
+    r.primary.kill9();
+    let image = r.finalize_backup();
+    let mut vm = VmProc::restore(&net, &image, &dir.path().join("restored.log"), &[]);
+    let mut kv = vm.wait_ready(Duration::from_secs(20));
+    assert_eq!(kv.cmd("GET before").unwrap(), "VALUE 1");
+    assert_eq!(kv.cmd("GET during").unwrap(), "VALUE 2");
+    assert_eq!(kv.cmd("GET after19").unwrap(), "VALUE 19");
 }

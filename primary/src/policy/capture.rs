@@ -140,6 +140,13 @@ impl Policy<'_> {
             return;
         }
         self.stats.acked.store(c + 1, Ordering::Relaxed);
+        // After a stall, only a checkpoint captured since vouches for the backups' liveness as
+        // backups (`handle_stall`).
+        match self.fresh_from {
+            Some(f) if c < f => return,
+            Some(_) => self.fresh_from = None,
+            None => {}
+        }
         let h = &mut self.st.history;
         let e = h.closes.range(..=c).next_back().map(|(_, e)| *e);
         h.closes = h.closes.split_off(&(c + 1));

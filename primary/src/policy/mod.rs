@@ -286,6 +286,9 @@ pub struct Policy<'a> {
     output_waiting: bool,
     failed: Option<String>,
     fenced: Option<Option<u64>>,
+    /// After a stall of this process: only acknowledgements of checkpoints from this seq on
+    /// release output ([`Policy::handle_stall`]).
+    fresh_from: Option<u64>,
 }
 
 impl<'a> Policy<'a> {
@@ -317,6 +320,7 @@ impl<'a> Policy<'a> {
             output_waiting: false,
             failed: None,
             fenced: None,
+            fresh_from: None,
             cfg,
         }
     }
@@ -366,6 +370,24 @@ impl<'a> Policy<'a> {
                 s.close(now, why);
             }
         }
+    }
+
+    /// This process was stopped (or not scheduled) for `gap`
+    /// ([`crate::stall`]): a backup may have been promoted meanwhile, and acknowledgements it
+    /// sent before that may still wait in the queues. So output is released only on
+    /// acknowledgements of checkpoints captured from now on (one pending now may have paused
+    /// before the stall, so not that one either): a promoted backup refuses those, which fences
+    /// this primary.
+    pub fn handle_stall(&mut self, gap: Duration) {
+        let fresh = self.next_seq() + u64::from(self.pending.is_some());
+        if self.fresh_from.is_none_or(|f| f < fresh) {
+            self.fresh_from = Some(fresh);
+        }
+        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "this process stalled for {gap:?}: output waits for checkpoint {fresh} \
+             (acknowledgements from before the stall release nothing)"
+        );
     }
 
     /// The guest has output waiting for a checkpoint (or not any more).

@@ -411,6 +411,10 @@ pub struct Replication {
     /// pause (`--epoch-precopy`).
     #[serde(default)]
     pub early_copied_pages: u64,
+    /// Stalls of the primary's process noticed (stopped or not scheduled for 25 ms or more):
+    /// after each, output waits for a checkpoint taken after it (docs/failover.md).
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// A backup's image and session.
@@ -659,6 +663,7 @@ mod tests {
                 rt_pause: true,
                 dirty_ring_full: 0,
                 early_copied_pages: 9,
+                stalls: 1,
             },
         });
         let v = serde_json::to_value(&p).unwrap();

@@ -83,6 +83,15 @@ pub fn main(a: ManagerArgs) -> anyhow::Result<ExitCode> {
             "--detect-ms and --backup-lost-ms must be above 0, and --hung-ms at least --detect-ms"
         );
     }
+    if a.detect_ms < 60 {
+        // (A primary notices a stall of 25 ms and lets a released frame leave at most 50 ms
+        // after the acknowledgement: both assume a detection of at least 60 ms.)
+        tracing::warn!(
+            "--detect-ms {} is under 60: a primary stopped for less than its release lease \
+             (50 ms) could still send acknowledged output after a promotion",
+            a.detect_ms
+        );
+    }
     let id = transport::certs::load(&a.certs, &a.host)
         .with_context(|| format!("loading the certificate of '{}'", a.host))?;
     let own = id
