@@ -146,7 +146,7 @@ impl Driver {
             reply: (Arc::new(OutputClock::new()), Tracker::default()),
             recycle: None,
             last_big: false,
-            stall: StallClock::new(),
+            stall: StallClock::new().map_err(PrimaryError::Thread)?,
         })
     }
 
@@ -198,7 +198,7 @@ impl Driver {
                 },
                 Some((i, g, r)) = self.conns.recv() => match r {
                     Ok(link) => {
-                        let w = Writer::spawn(link, (i, g), self.frames_tx.clone(), self.progress.clone());
+                        let w = Writer::spawn(link, (i, g, self.cfg.term), self.frames_tx.clone(), self.progress.clone());
                         self.links[i] = Some((g, w));
                         p.handle_connected(i, self.history, Instant::now());
                     }

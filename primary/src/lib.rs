@@ -57,6 +57,9 @@ pub enum PrimaryError {
     /// The backup went away.
     #[error("backup lost: {0}")]
     BackupLost(String),
+    /// A thread of the primary could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// A backup holds a newer term than ours: this primary is fenced and releases no output
     /// again.
     #[error("fenced by term {}", .term.map_or("(not said)".to_string(), |t| t.to_string()))]

@@ -1,5 +1,5 @@
-//! Noticing that this process was stopped (SIGSTOP of its host, a VM migration of the host, a
-//! long scheduler stall), so that acknowledgements that waited through the stop release nothing.
+//! Noticing that this process was stopped (SIGSTOP of its host, a long scheduler stall), so that
+//! acknowledgements that waited through the stop release nothing.
 //!
 //! Why: while the primary is stopped, the manager may declare it dead and promote a backup.
 //! Acknowledgements that backup sent *before* its promotion can wait in this process's socket
@@ -16,9 +16,14 @@
 //! on acknowledgements of checkpoints taken after the stall (`Policy::handle_stall`): a backup
 //! promoted meanwhile refuses those (stale term), which fences this primary; otherwise the
 //! output waits one more checkpoint round trip. [`STALL`] (25 ms) is well under the manager's
-//! detection timeout (60 ms by default): a stop short enough to go unnoticed here is too short
-//! for a promotion. A false alarm (a thread descheduled for 25 ms on a busy host, a cgroup's
-//! CPU quota) costs only that extra round trip.
+//! detection timeout (60 ms by default), which narrows the window a lot but does not close it
+//! alone: the manager's view of silence also includes its own delays. A false alarm (a thread
+//! descheduled for 25 ms on a busy host, a cgroup's CPU quota throttling the process) costs the
+//! output that was waiting one more checkpoint round trip after it.
+//!
+//! Not seen here: the loop itself stuck while this thread ticks on (a long step, a lock); nor a
+//! stop between the device's lease check and its send (only fencing at the network closes
+//! that).
 //!
 //! The detector's logic ([`Ticks`]) is pure and takes the time in; the thread only feeds it.
 
@@ -47,6 +52,8 @@ pub struct Ticks {
     base: Instant,
     /// The last tick, ns since `base`.
     last: AtomicU64,
+    /// The process's CPU time at the last tick, ns.
+    last_cpu: AtomicU64,
     /// The last stall the ticker saw: when (ns since `base`, 0: none) and its gap (ns).
     mark: AtomicU64,
     mark_gap: AtomicU64,
@@ -58,6 +65,7 @@ impl Ticks {
         Ticks {
             base: now,
             last: AtomicU64::new(0),
+            last_cpu: AtomicU64::new(0),
             mark: AtomicU64::new(0),
             mark_gap: AtomicU64::new(0),
         }
@@ -67,10 +75,15 @@ impl Ticks {
         t.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    /// A tick at `now` (the ticker's).
-    pub fn tick(&self, now: Instant) {
+    /// A tick at `now`, the process having used `cpu` of CPU time so far (the ticker's).
+    pub fn tick(&self, now: Instant, cpu: Duration) {
         let t = self.ns(now).max(1);
-        let gap = t.saturating_sub(self.last.load(Ordering::Acquire));
+        let cpu = cpu.as_nanos() as u64;
+        let gap = off_cpu(
+            t.saturating_sub(self.last.load(Ordering::Acquire)),
+            cpu.saturating_sub(self.last_cpu.load(Ordering::Acquire)),
+        );
+        self.last_cpu.store(cpu, Ordering::Release);
         if gap > STALL.as_nanos() as u64 {
             // (The gap first, then the mark, then the tick: a reader that sees this tick sees
             // the mark too.)
@@ -83,13 +96,18 @@ impl Ticks {
     /// Whether a stall happened since the caller's last look (`seen`: what it saw last,
     /// updated), looking at `now`. A stall reported before the ticker saw it is not reported
     /// again when it does.
-    pub fn check(&self, now: Instant, seen: &mut Seen) -> Option<Stall> {
+    pub fn check(&self, now: Instant, cpu: Duration, seen: &mut Seen) -> Option<Stall> {
         let last = self.last.load(Ordering::Acquire);
+        let last_cpu = self.last_cpu.load(Ordering::Acquire);
         let mark = self.mark.load(Ordering::Acquire);
         let gap = self.mark_gap.load(Ordering::Acquire);
-        let since_tick = self.ns(now).saturating_sub(last);
+        let since_tick = off_cpu(
+            self.ns(now).saturating_sub(last),
+            (cpu.as_nanos() as u64).saturating_sub(last_cpu),
+        );
         if since_tick > STALL.as_nanos() as u64 {
-            // The ticker has not run since: stopped with us, or not scheduled yet.
+            // The ticker has not run since, and the process did not either: stopped, or not
+            // scheduled (not merely the ticker kept waiting while the process worked).
             seen.reported_after = Some(last);
             return Some(Stall {
                 at: now,
@@ -100,7 +118,7 @@ impl Ticks {
             return None;
         }
         seen.mark = mark;
-        if seen.reported_after == Some(mark - gap) {
+        if seen.reported_after == Some(mark.wrapping_sub(gap)) {
             // The ticker's view of the stall already reported.
             return None;
         }
@@ -109,6 +127,13 @@ impl Ticks {
             gap: Duration::from_nanos(gap),
         })
     }
+}
+
+/// Of `wall` ns, those the process did not run (`cpu` ns of CPU time used meanwhile, over all
+/// its threads: a process busy with a long step of its own — a real-time pause that keeps the
+/// ticker waiting — is not stalled; a stopped one uses none).
+fn off_cpu(wall: u64, cpu: u64) -> u64 {
+    wall.saturating_sub(cpu)
 }
 
 /// What a reader of [`Ticks`] saw last.
@@ -128,48 +153,45 @@ pub struct StallClock {
 
 impl StallClock {
     /// A view of the process's ticker (starting it if it is not running yet). A new view sees
-    /// no stall from before it was made.
-    pub fn new() -> Self {
-        let ticks = ticker();
-        StallClock {
+    /// no stall from before it was made. Fails if the ticker's thread cannot be started
+    /// (without it every look would be a stall, and no output would ever be released).
+    pub fn new() -> std::io::Result<Self> {
+        let ticks = ticker()?;
+        Ok(StallClock {
             ticks,
             seen: Seen {
                 mark: ticks.mark.load(Ordering::Acquire),
                 reported_after: None,
             },
-        }
+        })
     }
 
     /// A stall since the last look, if there was one.
     pub fn check(&mut self, now: Instant) -> Option<Stall> {
-        self.ticks.check(now, &mut self.seen)
+        let cpu = vmm::rt::process_cpu_time();
+        self.ticks.check(now, cpu, &mut self.seen)
     }
 }
 
-impl Default for StallClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn ticker() -> &'static Ticks {
+fn ticker() -> std::io::Result<&'static Ticks> {
     static TICKS: OnceLock<&'static Ticks> = OnceLock::new();
-    TICKS.get_or_init(|| {
-        let ticks: &'static Ticks = Box::leak(Box::new(Ticks::new(Instant::now())));
-        ticks.tick(Instant::now());
-        let spawned = std::thread::Builder::new()
-            .name("stall-clock".into())
-            .spawn(move || loop {
-                std::thread::sleep(TICK);
-                ticks.tick(Instant::now());
-            });
-        if let Err(e) = spawned {
-            // Without the ticker every look reports a stall: output waits a round trip more
-            // each time, but nothing unsafe is released.
-            tracing::error!("cannot start the stall clock's thread: {e}");
-        }
-        ticks
-    })
+    static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(t) = TICKS.get() {
+        return Ok(t);
+    }
+    let _one = START.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = TICKS.get() {
+        return Ok(t);
+    }
+    let ticks: &'static Ticks = Box::leak(Box::new(Ticks::new(Instant::now())));
+    ticks.tick(Instant::now(), vmm::rt::process_cpu_time());
+    std::thread::Builder::new()
+        .name("stall-clock".into())
+        .spawn(move || loop {
+            std::thread::sleep(TICK);
+            ticks.tick(Instant::now(), vmm::rt::process_cpu_time());
+        })?;
+    Ok(TICKS.get_or_init(|| ticks))
 }
 
 #[cfg(test)]
@@ -177,6 +199,8 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    /// The process's CPU time in the tests that do not run it: none used.
+    const IDLE: Duration = Duration::ZERO;
 
     #[test]
     fn regular_ticks_are_no_stall() {
@@ -184,8 +208,8 @@ mod tests {
         let t = Ticks::new(t0);
         let mut seen = Seen::default();
         for i in 1..100 {
-            t.tick(t0 + TICK * i);
-            assert_eq!(t.check(t0 + TICK * i + MS, &mut seen), None);
+            t.tick(t0 + TICK * i, IDLE);
+            assert_eq!(t.check(t0 + TICK * i + MS, IDLE, &mut seen), None);
         }
     }
 
@@ -194,15 +218,15 @@ mod tests {
         let t0 = Instant::now();
         let t = Ticks::new(t0);
         let mut seen = Seen::default();
-        t.tick(t0 + 5 * MS);
+        t.tick(t0 + 5 * MS, IDLE);
         // Continued after 3.9 s: the loop looks first.
-        let s = t.check(t0 + 3905 * MS, &mut seen).expect("a stall");
+        let s = t.check(t0 + 3905 * MS, IDLE, &mut seen).expect("a stall");
         assert_eq!(s.gap, 3900 * MS);
         // The ticker runs, then the loop looks again: the same stall is not reported again.
-        t.tick(t0 + 3906 * MS);
-        assert_eq!(t.check(t0 + 3907 * MS, &mut seen), None);
-        t.tick(t0 + 3911 * MS);
-        assert_eq!(t.check(t0 + 3912 * MS, &mut seen), None);
+        t.tick(t0 + 3906 * MS, IDLE);
+        assert_eq!(t.check(t0 + 3907 * MS, IDLE, &mut seen), None);
+        t.tick(t0 + 3911 * MS, IDLE);
+        assert_eq!(t.check(t0 + 3912 * MS, IDLE, &mut seen), None);
     }
 
     #[test]
@@ -210,23 +234,44 @@ mod tests {
         let t0 = Instant::now();
         let t = Ticks::new(t0);
         let mut seen = Seen::default();
-        t.tick(t0 + 5 * MS);
-        t.tick(t0 + 105 * MS);
-        let s = t.check(t0 + 106 * MS, &mut seen).expect("a stall");
+        t.tick(t0 + 5 * MS, IDLE);
+        t.tick(t0 + 105 * MS, IDLE);
+        let s = t.check(t0 + 106 * MS, IDLE, &mut seen).expect("a stall");
         assert_eq!(s.gap, 100 * MS);
-        assert_eq!(t.check(t0 + 107 * MS, &mut seen), None);
+        assert_eq!(t.check(t0 + 107 * MS, IDLE, &mut seen), None);
         // Short gaps (a busy host) are not stalls.
-        t.tick(t0 + 125 * MS);
-        assert_eq!(t.check(t0 + 126 * MS, &mut seen), None);
+        t.tick(t0 + 125 * MS, IDLE);
+        assert_eq!(t.check(t0 + 126 * MS, IDLE, &mut seen), None);
+    }
+
+    #[test]
+    fn a_process_busy_while_the_ticker_waited_is_not_stalled() {
+        let t0 = Instant::now();
+        let t = Ticks::new(t0);
+        let mut seen = Seen::default();
+        t.tick(t0 + 5 * MS, IDLE);
+        // A 1.5 s real-time step of its own kept the ticker waiting: the process ran.
+        assert_eq!(t.check(t0 + 1505 * MS, 1500 * MS, &mut seen), None);
+        t.tick(t0 + 1506 * MS, 1500 * MS);
+        assert_eq!(t.check(t0 + 1507 * MS, 1501 * MS, &mut seen), None);
+        // Stopped 200 ms in the middle of such a step: 200 ms not run is a stall.
+        t.tick(t0 + 3206 * MS, 2900 * MS);
+        let s = t
+            .check(t0 + 3207 * MS, 2901 * MS, &mut seen)
+            .expect("a stall");
+        assert_eq!(s.gap, 300 * MS);
     }
 
     #[test]
     fn the_process_ticker_runs() {
-        let mut c = StallClock::new();
-        std::thread::sleep(TICK * 3);
-        // (A busy host may delay the ticker: only check that it ticked at all.)
-        let last = c.ticks.last.load(Ordering::Acquire);
-        assert!(last > 0);
+        let mut c = StallClock::new().unwrap();
+        let first = c.ticks.last.load(Ordering::Acquire);
+        // (A busy host may delay the ticker: wait up to 5 s for it to tick again.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.ticks.last.load(Ordering::Acquire) == first {
+            assert!(Instant::now() < deadline, "the ticker never ticked");
+            std::thread::sleep(TICK);
+        }
         let _ = c.check(Instant::now());
     }
 }

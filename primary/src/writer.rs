@@ -8,9 +8,21 @@
 //! Data frames go round-robin over every data stream: those of the session's connection and,
 //! once they are up, those of the data connections the backup offered ([`Writer::add_data`]).
 //! The receiver takes parts and `End` in any order.
+//!
+//! **Keepalive.** Heartbeats come from the policy, so from the loop: a loop busy with one long
+//! step — encoding a checkpoint of a gigabyte against its shadow takes seconds — says nothing
+//! meanwhile, and the backups end the session as silent (found with a 1 GiB churn on a 2 GiB
+//! guest: every checkpoint and every full sync after it lost its backup). So the control task
+//! sends a heartbeat of its own when the loop gave it nothing for [`KEEPALIVE`], and goes on
+//! doing so for at most [`KEEPALIVE_MAX`] of the loop's silence: a loop quiet for longer is
+//! hung, and the backups' silence check takes over again. The backup echoes it; the policy's
+//! sender takes any heartbeat echo as a sign of life and nothing more.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use protocol::message::Heartbeat;
+use protocol::Message;
 use tokio::sync::{mpsc, Notify};
 use transport::{quic, PrimaryLink, TransportError};
 
@@ -18,6 +30,13 @@ use transport::{quic, PrimaryLink, TransportError};
 const CONTROL_FRAMES: usize = 64;
 /// Frames queued for the data streams (up to 1 MiB each).
 const DATA_FRAMES: usize = 8;
+
+/// The control stream's silence after which its task sends a heartbeat of its own (three of
+/// the policy's heartbeat intervals).
+pub const KEEPALIVE: Duration = Duration::from_millis(300);
+
+/// The longest silence of the loop the keepalive covers.
+pub const KEEPALIVE_MAX: Duration = Duration::from_secs(30);
 
 /// A frame (or a write error) reported back to the loop: (backup, generation, error).
 pub(crate) type WriteError = (usize, u64, Result<Vec<u8>, TransportError>);
@@ -43,7 +62,7 @@ impl Writer {
     /// reported on `errors`, progress on `progress`.
     pub fn spawn(
         link: PrimaryLink,
-        (index, generation): (usize, u64),
+        (index, generation, term): (usize, u64, u64),
         errors: mpsc::Sender<WriteError>,
         progress: Arc<Notify>,
     ) -> Writer {
@@ -53,7 +72,23 @@ impl Writer {
         let (add, mut add_rx) = mpsc::unbounded_channel::<Vec<quinn::SendStream>>();
         let (e1, p1) = (errors.clone(), progress.clone());
         tokio::spawn(async move {
-            while let Some(f) = control_rx.recv().await {
+            let mut from_loop = tokio::time::Instant::now();
+            let mut own = 0u64;
+            loop {
+                let f = match tokio::time::timeout(KEEPALIVE, control_rx.recv()).await {
+                    Ok(Some(f)) => {
+                        from_loop = tokio::time::Instant::now();
+                        f
+                    }
+                    Ok(None) => return,
+                    Err(_) if from_loop.elapsed() > KEEPALIVE_MAX => continue,
+                    Err(_) => {
+                        // (Counting down from the top: never one of the policy's numbers.)
+                        own += 1;
+                        let seq = u64::MAX - own;
+                        Message::Heartbeat(Heartbeat { term, seq }).encode()
+                    }
+                };
                 if let Err(e) = control_stream.write_chunk(bytes::Bytes::from(f)).await {
                     let e = TransportError::Stream(e.to_string());
                     let _ = e1.send((index, generation, Err(e))).await;

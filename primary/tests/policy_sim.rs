@@ -19,6 +19,7 @@
 //! the guest again. Each run prints its seed; `VMATRIX_SEED=n` replays one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -387,6 +388,8 @@ struct Sim {
     stalled: Option<Option<u64>>,
     /// Stalls with frames from a backup waiting in the primary's queues.
     stalls_with_waiting: usize,
+    /// The session's counters (the policy's `Stats`).
+    stats: Option<Arc<Stats>>,
 }
 
 impl Sim {
@@ -429,6 +432,7 @@ impl Sim {
             precopy_epochs: 0,
             stalled: None,
             stalls_with_waiting: 0,
+            stats: None,
         }
     }
 
@@ -480,6 +484,16 @@ impl Sim {
             assert!(
                 holding >= self.required,
                 "output released after a stall while only {holding} backups hold checkpoint {first}, the first captured since"
+            );
+            // And the acknowledgement that released it is of that checkpoint or later.
+            let acked = self
+                .stats
+                .as_ref()
+                .map_or(0, |s| s.acked.load(Ordering::Relaxed));
+            assert!(
+                acked > first,
+                "output released after a stall on acknowledgements up to {} only, before checkpoint {first}",
+                acked as i64 - 1
             );
         }
         let s = self
@@ -661,10 +675,8 @@ impl Sim {
             _ => {
                 // The primary's process stops (SIGSTOP of its host) and is continued: time
                 // passed, the backups' frames wait in its queues. Its stall clock tells the
-                // policy before any of them (`primary::stall`). (Commands the policy gave
-                // before the stop are carried out first: a release among them is the release
-                // lease's case, `primary::driver::RELEASE_LEASE`, not this one.)
-                self.commands(p, &|p: &Policy<'_>| p.next_seq());
+                // policy before any of them (`primary::stall`); commands it gave before the stop
+                // and not carried out yet (a release among them) are carried out after it.
                 let d = Duration::from_millis(30 + self.rng.below(1000));
                 let waiting = self
                     .links
@@ -674,9 +686,8 @@ impl Sim {
                 self.stalls_with_waiting += usize::from(waiting);
                 self.now += d;
                 p.handle_stall(d);
-                if self.stalled.is_none() {
-                    self.stalled = Some(None);
-                }
+                // (A second stall before a release: the first checkpoint after it counts.)
+                self.stalled = Some(None);
             }
         }
     }
@@ -725,7 +736,9 @@ fn run(seed: u64) -> (usize, usize) {
     let mut sessions = 0;
     while sim.now < end {
         sessions += 1;
-        let mut p = Policy::new(cfg.clone(), &mut st, Arc::new(Stats::default()), sim.now);
+        let stats = Arc::new(Stats::default());
+        sim.stats = Some(stats.clone());
+        let mut p = Policy::new(cfg.clone(), &mut st, stats, sim.now);
         while sim.now < end && p.failed().is_none() {
             sim.commands(&mut p, &next_seq);
             sim.step(&mut p, id);

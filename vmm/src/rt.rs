@@ -18,6 +18,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// below any real-time one the host runs).
 pub const BOOST_PRIORITY: i32 = 1;
 
+/// CPU time used so far by every thread of this process (`CLOCK_PROCESS_CPUTIME_ID`).
+pub fn process_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives for the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// This thread's kernel id.
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions and cannot fail.

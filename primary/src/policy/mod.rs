@@ -383,6 +383,13 @@ impl<'a> Policy<'a> {
         if self.fresh_from.is_none_or(|f| f < fresh) {
             self.fresh_from = Some(fresh);
         }
+        // A release given before the stall and not carried out yet would leave now, its lease
+        // counted from this input: it waits too (a later release covers its frames).
+        let before = self.commands.len();
+        self.commands.retain(|c| !matches!(c, Command::Release(_)));
+        if self.commands.len() < before {
+            self.st.history.released = None;
+        }
         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "this process stalled for {gap:?}: output waits for checkpoint {fresh} \
