@@ -49,6 +49,10 @@ const MAX_RESYNC: u64 = 256 << 20;
 /// sync in one pause (half the receiver's 4 GiB staging bound).
 const MAX_RESYNC_RUNNING: u64 = 2 << 30;
 
+/// A stall at least this long is logged as a warning (a stop of the process, most likely);
+/// shorter ones only at debug level (a busy host's scheduling, a CPU quota).
+const LOUD_STALL: Duration = Duration::from_millis(250);
+
 /// How long an unacknowledged checkpoint waits before it is resent (see `handle_connected`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -391,10 +395,15 @@ impl<'a> Policy<'a> {
             self.st.history.released = None;
         }
         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            "this process stalled for {gap:?}: output waits for checkpoint {fresh} \
-             (acknowledgements from before the stall release nothing)"
-        );
+        // (Short ones are mostly a busy host's scheduling: counted, not shouted.)
+        if gap >= LOUD_STALL {
+            tracing::warn!(
+                "this process stalled for {gap:?}: output waits for checkpoint {fresh} \
+                 (acknowledgements from before the stall release nothing)"
+            );
+        } else {
+            tracing::debug!("stalled for {gap:?}: output waits for checkpoint {fresh}");
+        }
     }
 
     /// The guest has output waiting for a checkpoint (or not any more).
