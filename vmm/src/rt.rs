@@ -9,8 +9,10 @@
 //! default, still bounds a boosted thread). A thread already running under a real-time policy
 //! (set by the user) is left alone. Without the privilege (`CAP_SYS_NICE`, or an
 //! `RLIMIT_RTPRIO` of 1) the boost turns itself off, said once in the log. Only short captures
-//! are boosted (incremental checkpoints): a full capture or snapshot that copies all of guest
-//! RAM in its pause is not, so no thread runs real-time for seconds.
+//! are boosted (incremental checkpoints after one of at most `vm::BOOST_MAX_PAGES` pages): a
+//! full capture or snapshot that copies all of guest RAM in its pause is not, nor the epochs
+//! of a guest writing a gigabyte, so no thread runs real-time for seconds (at most one
+//! capture after a small one can be big).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

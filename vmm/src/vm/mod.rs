@@ -105,8 +105,9 @@ pub struct Vm {
     /// Pages of the current epoch copied before its pause ([`Vm::precopy_epoch`]).
     epoch_pre: Mutex<epoch_pre::EpochPre>,
     /// Held by every capture and pre-copy for replication, so that one never overlaps another
-    /// (a capture left running by an ended session and the next session's, for example).
-    captures: Mutex<()>,
+    /// (a capture left running by an ended session and the next session's, for example); holds
+    /// the last epoch capture's page count (whether the next one's pause may be boosted).
+    captures: Mutex<usize>,
     /// The vCPU's TSC frequency, read at the first capture (`vcpu_state::capture`).
     tsc_khz: std::sync::OnceLock<Option<u32>>,
     /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
@@ -388,7 +389,7 @@ impl Vm {
             locked_buffers: Mutex::new(None),
             vcpu_cpus: Mutex::new(None),
             epoch_pre: Mutex::default(),
-            captures: Mutex::new(()),
+            captures: Mutex::new(0),
             tsc_khz: std::sync::OnceLock::new(),
             start_gate: Mutex::new(None),
         }

@@ -86,6 +86,10 @@ fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Capture(e.to_string())
 }
 
+/// An incremental capture runs its pause at real-time priority only if the one before had at
+/// most this many pages (64 MiB: tens of ms of copying at most).
+pub const BOOST_MAX_PAGES: usize = 16_384;
+
 impl Vm {
     /// Pauses (if running), captures one epoch, closes the output epoch, resumes.
     pub fn capture_epoch(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
@@ -100,13 +104,16 @@ impl Vm {
         kind: CaptureKind,
         disk_ranges: &[(u64, u64)],
     ) -> Result<EpochCapture, SnapshotError> {
-        let _one = lock(&self.captures);
+        let mut last_pages = lock(&self.captures);
         let t0 = Instant::now();
         // Pauses are counted: this one nests inside a user's pause without ending it. An
-        // incremental capture is short: its pause path may run at real-time priority.
+        // incremental capture is short: its pause path may run at real-time priority — unless
+        // the last one was big (a guest writing a gigabyte made 262,000-page captures of
+        // 0.5–2.5 s: no thread may run real-time that long).
         let must_resume = self.thread_running();
         let mut boosted = None;
-        if must_resume && kind == CaptureKind::Incremental && disk_ranges.is_empty() {
+        let small = *last_pages <= BOOST_MAX_PAGES;
+        if must_resume && small && kind == CaptureKind::Incremental && disk_ranges.is_empty() {
             boosted = Some(self.pause_boosted().map_err(capture_err)?);
         } else if must_resume {
             self.pause().map_err(capture_err)?;
@@ -140,6 +147,7 @@ impl Vm {
         };
         c.pause = pause;
         self.merge_epoch_pre(&mut c, kind);
+        *last_pages = c.pages.len();
         Ok(c)
     }
 
