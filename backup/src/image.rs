@@ -47,6 +47,7 @@ use vmm::snapshot::{self, format, VmState};
 
 use crate::journal::{self, Journal};
 use crate::lock::ImageLock;
+use crate::mem_file::MemFile;
 use crate::{promote, BackupError};
 
 /// Largest disk a pre-copy round may write to before the state tells the real size (1 TiB).
@@ -104,7 +105,7 @@ pub struct Origin {
 /// An open replica image (the committed one, or a side image).
 pub struct ReplicaImage {
     dir: PathBuf,
-    mem: File,
+    mem: MemFile,
     disk: Option<File>,
     meta: ReplicaMeta,
     slots: [Option<File>; 2],
@@ -160,6 +161,13 @@ fn create_sized(path: &Path, len: u64) -> Result<File, BackupError> {
     Ok(f)
 }
 
+/// Maps an image's memory file (see [`MemFile`]), which has the image's RAM size.
+fn map_mem(dir: &Path, f: File) -> Result<MemFile, BackupError> {
+    let p = dir.join(snapshot::MEMORY_FILE);
+    let len = f.metadata().map_err(io(&p))?.len();
+    MemFile::map(f, len).map_err(io(&p))
+}
+
 impl ReplicaImage {
     /// Starts a side image for a full sync in `<image_dir>/incoming/` from an initial sync
     /// (`Sync`, consistent at once) or a first pre-copy round (`PreCopy`, syncing), replacing
@@ -184,10 +192,20 @@ impl ReplicaImage {
                 )))
             }
         };
+        let max = vmm::layout::MAX_MEM_MIB << 20;
+        if cp.mem_size == 0 || !cp.mem_size.is_multiple_of(PAGE as u64) || cp.mem_size > max {
+            return Err(BackupError::Apply(format!(
+                "guest RAM of {} bytes (whole pages, at most {max})",
+                cp.mem_size
+            )));
+        }
         promote::abandon(image_dir)?;
         let dir = promote::incoming(image_dir);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mem = create_sized(&dir.join(snapshot::MEMORY_FILE), cp.mem_size)?;
+        let mem = map_mem(
+            &dir,
+            create_sized(&dir.join(snapshot::MEMORY_FILE), cp.mem_size)?,
+        )?;
         // While syncing the disk's size is unknown: the file grows with the chunks written.
         let disk_path = dir.join(snapshot::DISK_FILE);
         let disk = match (cp.kind, disk_len) {
@@ -240,7 +258,7 @@ impl ReplicaImage {
             }
             Ok(f)
         };
-        let mem = sized(snapshot::MEMORY_FILE, meta.mem_size)?;
+        let mem = map_mem(dir, sized(snapshot::MEMORY_FILE, meta.mem_size)?)?;
         let disk = match meta.disk_len {
             0 => None,
             n => Some(sized(snapshot::DISK_FILE, n)?),

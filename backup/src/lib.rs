@@ -20,6 +20,7 @@ pub mod fence;
 pub mod image;
 pub mod journal;
 pub mod lock;
+mod mem_file;
 pub mod promote;
 mod replica;
 mod server;

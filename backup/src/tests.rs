@@ -540,3 +540,26 @@ fn a_sync_promotes_at_once_and_a_lone_incremental_is_refused() {
     assert_eq!(r.finalize().unwrap(), Some(7));
     assert!(promote::incoming(dir).symlink_metadata().is_err());
 }
+
+#[test]
+fn a_full_sync_of_an_impossible_ram_size_is_refused_and_keeps_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (mut r, m) = committed_at_11(dir);
+    for size in [
+        0,
+        MEM + 1,
+        (vmm::layout::MAX_MEM_MIB << 20) + MEM,
+        u64::MAX & !4095,
+    ] {
+        let mut bad = cp(20, Kind::Sync, 0x55, &[0], &[]);
+        bad.mem_size = size;
+        let e = r.begin(&bad, C, false).err().map(|e| format!("{e:?}"));
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("guest RAM of")),
+            "{size}: {e:?}"
+        );
+    }
+    assert_eq!(r.position(), Some(pos(A, 11)));
+    m.check(dir);
+}
