@@ -550,7 +550,7 @@ fn a_full_sync_of_an_impossible_ram_size_is_refused_and_keeps_the_image() {
         0,
         MEM + 1,
         (vmm::layout::MAX_MEM_MIB << 20) + MEM,
-        u64::MAX & !4095,
+        !4095,
     ] {
         let mut bad = cp(20, Kind::Sync, 0x55, &[0], &[]);
         bad.mem_size = size;

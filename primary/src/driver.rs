@@ -189,6 +189,7 @@ impl Driver {
             if let Some(why) = p.failed() {
                 return Err(PrimaryError::BackupLost(why.to_string()));
             }
+            self.vm.set_pause_at_output(early && p.captures_on_output());
             let deadline = p.poll_timeout().map(tokio::time::Instant::from_std);
             let work = &mut self.work;
             tokio::select! {

@@ -228,12 +228,13 @@ impl Stats {
     }
 }
 
-/// Clears the VM's output waker when the loop ends, however it ends.
+/// Clears the VM's output waker (and its pause at output) when the loop ends, however it ends.
 struct WakerGuard<'a>(&'a Vm);
 
 impl Drop for WakerGuard<'_> {
     fn drop(&mut self) {
         self.0.set_output_waker(None);
+        self.0.set_pause_at_output(false);
     }
 }
 

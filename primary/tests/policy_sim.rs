@@ -388,6 +388,8 @@ struct Sim {
     stalled: Option<Option<u64>>,
     /// Stalls with frames from a backup waiting in the primary's queues.
     stalls_with_waiting: usize,
+    /// Steps where output started waiting while the VM's pause at output was armed.
+    armed_outputs: usize,
     /// The session's counters (the policy's `Stats`).
     stats: Option<Arc<Stats>>,
 }
@@ -432,6 +434,7 @@ impl Sim {
             precopy_epochs: 0,
             stalled: None,
             stalls_with_waiting: 0,
+            armed_outputs: 0,
             stats: None,
         }
     }
@@ -532,7 +535,19 @@ impl Sim {
     fn step(&mut self, p: &mut Policy<'_>, history: u64) {
         self.now += STEP;
         self.guest.run(&mut self.rng);
-        p.set_output_waiting(self.rng.chance(300));
+        // The driver arms the VM's pause at output only where output that starts waiting is
+        // captured at once: the pause never waits for a capture that the policy holds back.
+        let armed = p.captures_on_output();
+        let waiting = self.rng.chance(300);
+        p.set_output_waiting(waiting);
+        if armed && waiting {
+            self.armed_outputs += 1;
+            assert!(
+                p.poll_timeout().is_some_and(|t| t <= self.now),
+                "armed for a capture at output, but the policy waits ({:?})",
+                p.phase
+            );
+        }
         // Connections answer.
         let now = self.now;
         let (done, rest): (Vec<_>, Vec<_>) = self.connecting.drain(..).partition(|c| c.1 <= now);
@@ -721,8 +736,9 @@ fn policy_config(n: usize, required: usize, rng: &mut Rng) -> PolicyConfig {
 }
 
 /// One seeded run: a fault phase, then a healthy phase that must converge.
-/// Returns the early epoch copies and the stalls with frames waiting.
-fn run(seed: u64) -> (usize, usize) {
+/// Returns the early epoch copies, the stalls with frames waiting and the outputs that came
+/// while the pause at output was armed.
+fn run(seed: u64) -> (usize, usize, usize) {
     let n = 1 + (seed % 3) as usize;
     let required = 1 + (seed / 3 % n as u64) as usize;
     let mut sim = Sim::new(seed, n, required);
@@ -796,7 +812,7 @@ fn run(seed: u64) -> (usize, usize) {
         sim.precopy_epochs,
         sim.released
     );
-    (sim.precopy_epochs, sim.stalls_with_waiting)
+    (sim.precopy_epochs, sim.stalls_with_waiting, sim.armed_outputs)
 }
 
 #[test]
@@ -806,13 +822,15 @@ fn seeded_faults_keep_replicas_exact_and_output_committed_then_converge() {
         Err(_) => (1..=16).collect(),
     };
     let all = seeds.len() > 1;
-    let (mut early, mut stalls) = (0, 0);
+    let (mut early, mut stalls, mut armed) = (0, 0, 0);
     for seed in seeds {
         eprintln!("policy simulation seed {seed} (replay: VMATRIX_SEED={seed})");
-        let (e, s) = run(seed);
+        let (e, s, a) = run(seed);
         early += e;
         stalls += s;
+        armed += a;
     }
+    assert!(!all || armed > 0, "some seeds arm the pause at output");
     assert!(!all || early > 0, "some seeds copy epochs early");
     assert!(
         !all || stalls > 0,

@@ -8,9 +8,17 @@
 //! example finishing an MMIO exit), the next `KVM_RUN` completes the pending access and returns
 //! `EINTR` at once. Either way the vCPU parks only at an instruction boundary with no exit half
 //! done, which is what a state capture needs.
+//!
+//! **A pause at guest output** ([`Control::pause_at_output`]): when the replication loop would
+//! capture as soon as guest output starts waiting, it arms the VM; the vCPU thread, handling
+//! the exit that holds the epoch's first frame, then takes a pause itself (no signal: its next
+//! `KVM_RUN` returns at once) while the loop wakes up. The capture that comes adopts that pause
+//! instead of kicking; one that does not come within [`PRE_PAUSE_MAX`] lets the vCPU run on.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -56,6 +64,18 @@ struct CtlState {
     paused: bool,
     stop: Option<VmExit>,
     exited: Option<VmExit>,
+    /// Since when the vCPU holds a pause it took at guest output, not yet adopted by a
+    /// capture (it counts in `pauses`).
+    pre_pause: Option<Instant>,
+}
+
+/// Longest a pause taken at guest output waits for the capture it was taken for: then the
+/// vCPU runs on (the capture, when it comes, pauses as usual).
+pub const PRE_PAUSE_MAX: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// Set on a vCPU thread: a pause it takes itself needs no signal.
+    static ON_VCPU: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Interrupts a vCPU thread out of `KVM_RUN`.
@@ -80,6 +100,12 @@ impl Kicker {
         // SAFETY: `thread` is the pthread handle of a thread that has not been joined yet.
         unsafe { libc::pthread_kill(self.thread, SIGRTMIN()) };
     }
+
+    /// The kick for the vCPU's own thread, between runs: its next `KVM_RUN` returns at once.
+    fn arm(&self) {
+        // SAFETY: as in `kick`: called under the control lock while the thread has not exited.
+        unsafe { AtomicU8::from_ptr(self.immediate_exit).store(1, Ordering::SeqCst) };
+    }
 }
 
 /// Shared control block between the VM's owner and its vCPU thread.
@@ -98,6 +124,21 @@ pub struct Control {
     /// A `KVM_RUN` has returned since the vCPU was set up: the run page's copy is its state
     /// (until then it holds nothing; the VMM sets state only before the vCPU thread starts).
     synced: AtomicBool,
+    /// Take a pause at the next guest output that starts waiting ([`Control::pause_at_output`]).
+    output_armed: AtomicBool,
+    /// Pauses taken at guest output: (taken, adopted by a capture, ended unadopted).
+    output_pauses: [AtomicU64; 3],
+}
+
+/// Pauses the vCPU took at guest output ([`Control::pause_at_output`]) since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputPauses {
+    /// Taken.
+    pub taken: u64,
+    /// Adopted by the pause they were taken for.
+    pub adopted: u64,
+    /// Ended after [`PRE_PAUSE_MAX`] without one.
+    pub expired: u64,
 }
 
 impl Control {
@@ -113,7 +154,56 @@ impl Control {
             ring: std::sync::OnceLock::new(),
             sync_regs: AtomicBool::new(false),
             synced: AtomicBool::new(false),
+            output_armed: AtomicBool::new(false),
+            output_pauses: Default::default(),
         }
+    }
+
+    /// Counts of pauses taken at guest output.
+    pub fn output_pauses(&self) -> OutputPauses {
+        let [t, a, e] = &self.output_pauses;
+        OutputPauses {
+            taken: t.load(Ordering::Relaxed),
+            adopted: a.load(Ordering::Relaxed),
+            expired: e.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Arms (or disarms) the pause at guest output: see the module's documentation.
+    pub(crate) fn arm_output_pause(&self, on: bool) {
+        self.output_armed.store(on, Ordering::SeqCst);
+    }
+
+    /// Guest output started waiting: if armed (once per arming), pause the vCPU now, before
+    /// the capture that the output wakes up comes to pause it. Only when no other pause is
+    /// held or asked for. Called from a device exit: on the vCPU's own thread the pause takes
+    /// no signal (its next `KVM_RUN` returns at once); from another thread it kicks.
+    pub(crate) fn pause_at_output(&self) -> bool {
+        if !self.output_armed.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        let mut s = self.lock();
+        if s.pauses > 0 || s.stop.is_some() || s.exited.is_some() {
+            return false;
+        }
+        s.pauses = 1;
+        s.pre_pause = Some(Instant::now());
+        self.output_pauses[0].fetch_add(1, Ordering::Relaxed);
+        self.events.set_interrupted(true);
+        match ON_VCPU.with(Cell::get) {
+            true => {
+                if let Some(k) = self
+                    .kicker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    k.arm();
+                }
+            }
+            false => self.kick(&s),
+        }
+        true
     }
 
     /// KVM keeps the vCPU's registers in its run page (see `KvmParts::sync_regs`).
@@ -204,8 +294,14 @@ impl Control {
         if let Some(e) = &s.exited {
             return Err(e.clone());
         }
-        s.pauses += 1;
-        if s.pauses == 1 {
+        // A pause the vCPU took at guest output is adopted: it is this one, and the vCPU parks
+        // (or has parked) without a kick.
+        let adopted = s.pre_pause.take().is_some();
+        match adopted {
+            true => _ = self.output_pauses[1].fetch_add(1, Ordering::Relaxed),
+            false => s.pauses += 1,
+        }
+        if s.pauses == 1 && !adopted {
             // The kick first: a vCPU woken from a platform wait by the interrupt below then
             // parks at its next KVM_RUN. Woken first, it ran the guest again (which waited
             // again, was interrupted again, ...) and, woken on this thread's CPU, preempted
@@ -336,7 +432,26 @@ impl Control {
             s.paused = true;
             self.cv.notify_all();
             while s.pauses > 0 && s.stop.is_none() {
-                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                let Some(since) = s.pre_pause else {
+                    s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                };
+                let left = PRE_PAUSE_MAX.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    // Nobody came to capture: the pause taken at guest output ends.
+                    s.pre_pause = None;
+                    s.pauses -= 1;
+                    self.output_pauses[2].fetch_add(1, Ordering::Relaxed);
+                    if s.pauses == 0 {
+                        self.events.set_interrupted(false);
+                    }
+                    continue;
+                }
+                s = self
+                    .cv
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
             s.paused = false;
         }
@@ -408,6 +523,7 @@ fn register_kicker(vcpu: &mut VcpuFd, control: &Control) -> Result<(), String> {
 
 fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) -> VmExit {
     let mut vcpu = lock_vcpu(shared);
+    ON_VCPU.with(|c| c.set(true));
     if let Err(e) = register_kicker(&mut vcpu, control) {
         return VmExit::Error(e);
     }

@@ -591,6 +591,20 @@ impl<'a> Policy<'a> {
         }
     }
 
+    /// Whether guest output that starts waiting now would be captured at once: early
+    /// checkpoints in a protected session, nothing in flight, room and nothing pending. The
+    /// driver then arms the VM to pause at that output itself (`Vm::set_pause_at_output`), so
+    /// the capture needs no kick.
+    pub fn captures_on_output(&self) -> bool {
+        self.cfg.early_checkpoints
+            && self.phase == Phase::Protected
+            && self.pending.is_none()
+            && self.all_ready()
+            && self.could_serve() > 0
+            && self.room()
+            && self.idle()
+    }
+
     /// When this epoch's early copy is due, if it gets one: a protected session, the last
     /// epoch busy, no early checkpoint coming (output waiting), not asked for yet.
     fn precopy_at(&self) -> Option<Instant> {

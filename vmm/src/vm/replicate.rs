@@ -9,6 +9,7 @@
 //! took its changes gives them back (the next capture carries them).
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::Bytes;
@@ -496,11 +497,34 @@ impl Vm {
     }
 
     /// Runs `waker` (on the vCPU thread, keep it short) whenever guest output starts waiting
-    /// for a checkpoint: the first frame held in an output epoch.
+    /// for a checkpoint: the first frame held in an output epoch. If armed
+    /// ([`set_pause_at_output`](Self::set_pause_at_output)), the vCPU pauses first.
     pub fn set_output_waker(&self, waker: Option<crate::devices::virtio::net::OutputWaker>) {
+        let waker = waker.map(|w| {
+            let control = self.control.clone();
+            Arc::new(move || {
+                control.pause_at_output();
+                w();
+            }) as crate::devices::virtio::net::OutputWaker
+        });
         if let Some(n) = &self.devices.net {
             lock(n).with_device_unchecked(|net| net.set_output_waker(waker));
         }
+    }
+
+    /// Whether the next guest output that starts waiting pauses the vCPU at once, on its own
+    /// thread, for the capture the output wakes up (`crate::vcpu`, "a pause at guest output"):
+    /// the capture then adopts that pause instead of kicking the vCPU out of the guest, and
+    /// the vCPU parks while the capturing thread wakes up rather than after. Arm it only
+    /// when such output is captured at once; an unadopted pause ends after
+    /// [`crate::vcpu::PRE_PAUSE_MAX`]. One pause per arming.
+    pub fn set_pause_at_output(&self, on: bool) {
+        self.control.arm_output_pause(on);
+    }
+
+    /// Pauses taken at guest output so far (see [`set_pause_at_output`](Self::set_pause_at_output)).
+    pub fn output_pauses(&self) -> crate::vcpu::OutputPauses {
+        self.control.output_pauses()
     }
 
     /// Stops holding output (unprotected operation); held frames are sent.

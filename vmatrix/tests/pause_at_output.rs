@@ -1,0 +1,150 @@
+//! The pause at guest output (issue 12, `vmm::vcpu`), on real KVM with the test guest behind a
+//! tap: armed, the vCPU pauses itself at the first frame held in an output epoch, before
+//! anyone captures; the capture adopts that pause (no kick), and the guest runs on after the
+//! capture's resume; an unadopted pause ends by itself after `PRE_PAUSE_MAX`; unarmed (or
+//! once per arming), output pauses nothing. The backup's side of the same path — a replica
+//! equal to the primary — is what `replication.rs` checks with the primary's loop arming it.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+use vmm::devices::serial::ConsoleOut;
+use vmm::vcpu::OutputPauses;
+use vmm::{CaptureKind, Vm, VmConfig};
+
+struct Sink;
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Sends `line` from another thread (its reply is held): the client, for `join`.
+fn send(mut kv: KvClient, line: &str) -> std::thread::JoinHandle<(KvClient, String)> {
+    let line = line.to_string();
+    std::thread::spawn(move || {
+        let r = kv.cmd(&line).unwrap();
+        (kv, r)
+    })
+}
+
+#[test]
+fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
+    let tap = HostTap::new();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 16);
+    let vm = Arc::new(
+        Vm::new(VmConfig {
+            guest_elf: guest_elf(),
+            mem_mib: 64,
+            disk: Some(disk),
+            tap: Some(tap.name.clone()),
+            mac: [0x02, 0x78, 0x6d, 0, 0, 11],
+            guest_config: tap.guest_config(),
+            console: ConsoleOut::new(Box::new(Sink)),
+            dirty_log: true,
+            generation: 1,
+        })
+        .expect("build VM"),
+    );
+    vm.start().unwrap();
+    let mut kv = connect_retry(tap.guest_addr(), Duration::from_secs(20));
+    kv.set_timeout(Duration::from_secs(10));
+    assert_eq!(kv.cmd("SET warm up").unwrap(), "OK");
+    // As a protected primary: output held, a waker that counts, the first capture.
+    let wakes = Arc::new(AtomicU64::new(0));
+    let w = wakes.clone();
+    vm.set_output_waker(Some(Arc::new(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    })));
+    vm.hold_output_from_start();
+    let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+    vm.release_output(c.epoch, None);
+    assert_eq!(vm.output_pauses(), OutputPauses::default());
+
+    // Armed: the reply's frame pauses the vCPU, and nobody has asked for a pause.
+    vm.set_pause_at_output(true);
+    let t = send(kv, "SET k1 v1");
+    wait_until("the pause at output", Duration::from_secs(5), || {
+        vm.is_paused()
+    });
+    assert_eq!(wakes.load(Ordering::SeqCst), 1);
+    let taken = vm.output_pauses();
+    assert_eq!((taken.taken, taken.adopted), (1, 0), "{taken:?}");
+    // The capture adopts it: one pause, resumed by the capture, and the guest runs on.
+    let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+    assert!(!c.pages.is_empty(), "the SET's epoch has dirty pages");
+    let after = vm.output_pauses();
+    assert_eq!((after.taken, after.adopted, after.expired), (1, 1, 0));
+    wait_until(
+        "the capture's resume to end the adopted pause",
+        Duration::from_secs(5),
+        || !vm.is_paused(),
+    );
+    vm.release_output(c.epoch, None);
+    let (mut kv, r) = t.join().unwrap();
+    assert_eq!(r, "OK");
+    // Once per arming: the next reply pauses nothing (the primary arms again when a capture
+    // would follow at once).
+    let t = send(kv, "GET k1");
+    wait_until("the next held reply", Duration::from_secs(5), || {
+        wakes.load(Ordering::SeqCst) == 2
+    });
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(!vm.is_paused());
+    assert_eq!(vm.output_pauses().taken, 1);
+    let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+    vm.release_output(c.epoch, None);
+    (kv, _) = t.join().unwrap();
+
+    // Armed, but no capture comes: the vCPU runs on by itself after PRE_PAUSE_MAX.
+    vm.set_pause_at_output(true);
+    let t = send(kv, "SET k2 v2");
+    wait_until("the unadopted pause to end", Duration::from_secs(5), || {
+        vm.output_pauses().expired == 1
+    });
+    wait_until("the vCPU to run on", Duration::from_secs(5), || {
+        !vm.is_paused()
+    });
+    // It runs: a new connection's SYN-ACK is held too (the guest made it, nobody captured).
+    let frames = vm.held_output().unwrap().0;
+    let addr = tap.guest_addr();
+    let other = std::thread::spawn(move || KvClient::connect(addr).is_ok());
+    wait_until(
+        "the guest to answer a new connection",
+        Duration::from_secs(5),
+        || vm.held_output().unwrap().0 > frames,
+    );
+    assert_eq!(
+        vm.output_pauses().taken,
+        2,
+        "not armed again: no third pause"
+    );
+    let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+    vm.release_output(c.epoch, None);
+    let (_, r) = t.join().unwrap();
+    assert_eq!(r, "OK");
+    assert!(
+        other.join().unwrap(),
+        "the second client connected once released"
+    );
+    let end = vm.output_pauses();
+    assert_eq!((end.taken, end.adopted, end.expired), (2, 1, 1), "{end:?}");
+    vm.stop();
+}
