@@ -546,12 +546,7 @@ fn a_full_sync_of_an_impossible_ram_size_is_refused_and_keeps_the_image() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let (mut r, m) = committed_at_11(dir);
-    for size in [
-        0,
-        MEM + 1,
-        (vmm::layout::MAX_MEM_MIB << 20) + MEM,
-        !4095,
-    ] {
+    for size in [0, MEM + 1, (vmm::layout::MAX_MEM_MIB << 20) + MEM, !4095] {
         let mut bad = cp(20, Kind::Sync, 0x55, &[0], &[]);
         bad.mem_size = size;
         let e = r.begin(&bad, C, false).err().map(|e| format!("{e:?}"));

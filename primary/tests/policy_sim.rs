@@ -812,7 +812,11 @@ fn run(seed: u64) -> (usize, usize, usize) {
         sim.precopy_epochs,
         sim.released
     );
-    (sim.precopy_epochs, sim.stalls_with_waiting, sim.armed_outputs)
+    (
+        sim.precopy_epochs,
+        sim.stalls_with_waiting,
+        sim.armed_outputs,
+    )
 }
 
 #[test]
