@@ -30,6 +30,17 @@ impl Shadow {
         }
     }
 
+    /// `new` is what the backup holds of page `gfn` now (copied over the old version: no
+    /// allocation for a page sent before).
+    fn remember(&mut self, gfn: u64, new: &[u8]) {
+        match self.pages.get_mut(&gfn) {
+            Some(p) => p.copy_from_slice(new),
+            None => {
+                self.pages.insert(gfn, new.to_vec());
+            }
+        }
+    }
+
     /// A slice of pre-copy round 0 (checkpoint `seq`): the non-zero pages it copied, for a side
     /// image that starts zeroed. The first slice forgets every page (the shadow describes the
     /// side image from then on; a full sync abandoned half way makes the primary forget its
@@ -43,7 +54,7 @@ impl Shadow {
         for (i, &gfn) in cap.pages.iter().enumerate() {
             let new = &cap.data[i * PAGE..(i + 1) * PAGE];
             pages.push((gfn, encode(new, Some(&zero), self.opts)));
-            self.pages.insert(gfn, new.to_vec());
+            self.remember(gfn, new);
         }
         Checkpoint {
             epoch: seq,
@@ -78,7 +89,7 @@ impl Shadow {
                 continue;
             }
             pages.push((gfn, encode(new, Some(old), opts)));
-            self.pages.insert(gfn, new.to_vec());
+            self.remember(gfn, new);
         }
         Checkpoint {
             epoch,

@@ -72,19 +72,43 @@ fn is_zero(p: &[u8]) -> bool {
     p.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-/// Run-length codes `d` (mostly zero): `(zeros u16, literals u16, literal bytes)*`.
+/// The 8 bytes of `d` at `i` as a word (`i + 8 <= d.len()`).
+fn word(d: &[u8], i: usize) -> u64 {
+    match d.get(i..i + 8).and_then(|b| b.try_into().ok()) {
+        Some(w) => u64::from_ne_bytes(w),
+        None => u64::MAX,
+    }
+}
+
+/// True if some byte of `w` is zero.
+fn has_zero_byte(w: u64) -> bool {
+    w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080 != 0
+}
+
+/// Run-length codes `d` (mostly zero): `(zeros u16, literals u16, literal bytes)*`. Zero runs
+/// are skipped a word at a time, and so are words of a literal run without a zero byte (no
+/// run of four zeros can start in one); the runs are those of a byte-by-byte scan.
 fn rle(d: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < d.len() {
         let z0 = i;
+        while i + 8 <= d.len() && word(d, i) == 0 {
+            i += 8;
+        }
         while i < d.len() && d[i] == 0 {
             i += 1;
         }
         let zeros = i - z0;
         let l0 = i;
         // A literal run ends at 4 zero bytes in a row (cheaper to code as a zero run).
-        while i < d.len() && !(i + 4 <= d.len() && d[i..i + 4] == [0, 0, 0, 0]) {
+        loop {
+            while i + 8 <= d.len() && !has_zero_byte(word(d, i)) {
+                i += 8;
+            }
+            if i >= d.len() || (i + 4 <= d.len() && d[i..i + 4] == [0, 0, 0, 0]) {
+                break;
+            }
             i += 1;
         }
         if i - l0 == 0 && i == d.len() {
@@ -127,16 +151,25 @@ fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
     a.iter().zip(b).map(|(x, y)| x ^ y).collect()
 }
 
+/// `a ^= b`, byte for byte.
+fn xor_into(a: &mut [u8], b: &[u8]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
+    }
+}
+
 /// Encodes `new` (4 KiB), given the receiver's current version `old` if the sender knows it.
 pub fn encode(new: &[u8], old: Option<&[u8]>, opts: EncodeOptions) -> PageData {
     debug_assert_eq!(new.len(), PAGE);
     if is_zero(new) {
         return PageData::Zero;
     }
-    let mut best = PageData::Raw(new.to_vec());
+    // The raw page is the fallback, built only if nothing smaller is found (a delta, the
+    // common case, then costs no copy of the page).
+    let mut best: Option<PageData> = None;
     let mut consider = |c: PageData| {
-        if c.wire_len() < best.wire_len() {
-            best = c;
+        if c.wire_len() < best.as_ref().map_or(PAGE, PageData::wire_len) {
+            best = Some(c);
         }
     };
     let delta = match (opts.xor, old) {
@@ -152,7 +185,7 @@ pub fn encode(new: &[u8], old: Option<&[u8]>, opts: EncodeOptions) -> PageData {
             consider(PageData::Lz4Xor(lz4_flex::compress(d)));
         }
     }
-    best
+    best.unwrap_or_else(|| PageData::Raw(new.to_vec()))
 }
 
 /// Decodes a page; `old` is the receiver's current version of it (needed for XOR encodings).
@@ -179,7 +212,12 @@ pub fn decode(gfn: u64, data: &PageData, old: Option<&[u8]>) -> Result<Vec<u8>, 
             gfn,
             why: format!("raw page of {} bytes", b.len()),
         }),
-        PageData::Xor(b) => Ok(xor(&unrle(gfn, b)?, need_old()?)),
+        PageData::Xor(b) => {
+            let old = need_old()?;
+            let mut page = unrle(gfn, b)?;
+            xor_into(&mut page, old);
+            Ok(page)
+        }
         PageData::Lz4(b) => lz4(b),
         PageData::Lz4Xor(b) => Ok(xor(&lz4(b)?, need_old()?)),
     }
@@ -244,7 +282,55 @@ mod tests {
         assert!(decode(0, &PageData::Lz4(vec![1, 2, 3]), None).is_err());
     }
 
+    /// The byte-by-byte run-length coder the word-at-a-time one must equal.
+    fn rle_bytewise(d: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < d.len() {
+            let z0 = i;
+            while i < d.len() && d[i] == 0 {
+                i += 1;
+            }
+            let zeros = i - z0;
+            let l0 = i;
+            while i < d.len() && !(i + 4 <= d.len() && d[i..i + 4] == [0, 0, 0, 0]) {
+                i += 1;
+            }
+            if i - l0 == 0 && i == d.len() {
+                break;
+            }
+            out.extend_from_slice(&(zeros as u16).to_le_bytes());
+            out.extend_from_slice(&((i - l0) as u16).to_le_bytes());
+            out.extend_from_slice(&d[l0..i]);
+        }
+        out
+    }
+
+    #[test]
+    fn runs_at_word_edges_code_as_byte_by_byte() {
+        for at in 0..24 {
+            for len in 1..12 {
+                for gap in [0, 1, 3, 4, 5, 9] {
+                    let mut d = vec![0u8; PAGE];
+                    d[at..at + len].fill(0x5a);
+                    d[at + len + gap..at + 2 * len + gap].fill(0xa5);
+                    d[PAGE - 3 - at % 3] = 1;
+                    assert_eq!(rle(&d), rle_bytewise(&d), "at {at} len {len} gap {gap}");
+                }
+            }
+        }
+        let mut tail = vec![0u8; PAGE];
+        tail[PAGE - 1] = 7;
+        assert_eq!(rle(&tail), rle_bytewise(&tail));
+        assert_eq!(rle(&[1u8; PAGE]), rle_bytewise(&[1u8; PAGE]));
+    }
+
     proptest! {
+        #[test]
+        fn the_run_length_coder_equals_the_bytewise_one(d in proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..300)) {
+            prop_assert_eq!(rle(&d), rle_bytewise(&d));
+        }
+
         #[test]
         fn any_page_round_trips(new in proptest::collection::vec(any::<u8>(), PAGE), old in proptest::collection::vec(any::<u8>(), PAGE), sparse in any::<bool>(), lz4 in any::<bool>()) {
             let new = if sparse { new.iter().zip(&old).enumerate().map(|(i, (n, o))| if i % 97 == 0 { *n } else { *o }).collect() } else { new };

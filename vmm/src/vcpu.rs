@@ -277,6 +277,11 @@ impl Control {
         self.cv.notify_all();
     }
 
+    /// True once the VM has been asked to stop (its vCPU leaves any pause to end).
+    pub fn stopping(&self) -> bool {
+        self.stop_flag.load(Ordering::SeqCst)
+    }
+
     /// Called by the platform device when the guest writes its exit register.
     pub fn request_guest_exit(&self, code: u64) {
         self.request_stop(VmExit::GuestExit(code));

@@ -728,6 +728,10 @@ impl Vm {
     /// Errs if the vCPU thread runs and the VM is not paused.
     fn check_paused(&self, what: &str) -> Result<()> {
         if self.thread_running() && !self.is_paused() {
+            // (A stop ends every pause: a capture that paused first finds it running.)
+            if self.control.stopping() {
+                return Err(Error::Host(format!("cannot {what}: the VM is stopping")));
+            }
             return Err(Error::Host(format!("the VM must be paused to {what}")));
         }
         Ok(())
