@@ -78,20 +78,27 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     vm.release_output(c.epoch, None);
     assert_eq!(vm.output_pauses(), OutputPauses::default());
 
-    // Armed: the reply's frame pauses the vCPU, and nobody has asked for a pause.
+    // Armed: the reply's frame pauses the vCPU, and nobody has asked for a pause. (Waiting
+    // up to a minute for its capture: a test thread on a busy host may not see a 2 ms one.)
+    vm.set_pause_at_output_wait(Duration::from_secs(60));
     vm.set_pause_at_output(true);
     let t = send(kv, "SET k1 v1");
+    // (The waker runs right after the pause is taken, on the thread that held the frame: the
+    // vCPU's, or the receive thread's when it moved the transmit queue on.)
     wait_until("the pause at output", Duration::from_secs(5), || {
-        vm.is_paused()
+        vm.is_paused() && wakes.load(Ordering::SeqCst) == 1
     });
-    assert_eq!(wakes.load(Ordering::SeqCst), 1);
     let taken = vm.output_pauses();
     assert_eq!((taken.taken, taken.adopted), (1, 0), "{taken:?}");
     // The capture adopts it: one pause, resumed by the capture, and the guest runs on.
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     assert!(!c.pages.is_empty(), "the SET's epoch has dirty pages");
     let after = vm.output_pauses();
-    assert_eq!((after.taken, after.adopted, after.expired), (1, 1, 0));
+    assert_eq!(
+        (after.taken, after.adopted, after.expired, after.state_reads),
+        (1, 1, 0, 1),
+        "adopted, with the state the vCPU read before parking"
+    );
     wait_until(
         "the capture's resume to end the adopted pause",
         Duration::from_secs(5),
@@ -113,7 +120,53 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     vm.release_output(c.epoch, None);
     (kv, _) = t.join().unwrap();
 
+    // The state the vCPU reads before parking is what the ioctls read: a user's pause adopts
+    // the pause at output, and the state is taken twice while it holds.
+    vm.set_pause_at_output(true);
+    let t = send(kv, "SET k3 v3");
+    // (Paused *after* the pause was taken: the vCPU may not have left the last capture's
+    // park yet when this starts looking.)
+    wait_until("the pause at output", Duration::from_secs(5), || {
+        vm.output_pauses().taken == 2 && vm.is_paused()
+    });
+    vm.pause().unwrap();
+    let parked = vm.capture_state().unwrap();
+    let by_ioctls = vm.capture_state().unwrap();
+    // (Field by field: MSRs that count time — the TSC — move between any two reads.)
+    let (a, b) = (&parked.vcpu, &by_ioctls.vcpu);
+    let same = |x: &dyn Fn(&vmm::vcpu_state::VcpuState) -> Vec<u8>| x(a) == x(b);
+    assert!(same(
+        &|v| postcard::to_stdvec(&(v.regs, v.sregs, v.events)).unwrap()
+    ));
+    assert!(same(&|v| v
+        .xsave
+        .region
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()));
+    assert!(same(&|v| postcard::to_stdvec(&(
+        v.xcrs,
+        v.debugregs,
+        v.mp_state
+    ))
+    .unwrap()));
+    assert_eq!(a.msrs.len(), b.msrs.len());
+    for (x, y) in a.msrs.iter().zip(&b.msrs) {
+        assert_eq!(x.index, y.index);
+        match x.index {
+            // IA32_TSC: read at the park, so no later than the ioctl's.
+            0x10 => assert!(x.data <= y.data, "TSC {:#x} after {:#x}", x.data, y.data),
+            i => assert_eq!(x.data, y.data, "MSR {i:#x}"),
+        }
+    }
+    assert_eq!(vm.output_pauses().state_reads, 2);
+    vm.resume();
+    let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+    vm.release_output(c.epoch, None);
+    (kv, _) = t.join().unwrap();
+
     // Armed, but no capture comes: the vCPU runs on by itself after PRE_PAUSE_MAX.
+    vm.set_pause_at_output_wait(vmm::vcpu::PRE_PAUSE_MAX);
     vm.set_pause_at_output(true);
     let t = send(kv, "SET k2 v2");
     wait_until("the unadopted pause to end", Duration::from_secs(5), || {
@@ -133,8 +186,8 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     );
     assert_eq!(
         vm.output_pauses().taken,
-        2,
-        "not armed again: no third pause"
+        3,
+        "not armed again: no fourth pause"
     );
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     vm.release_output(c.epoch, None);
@@ -145,6 +198,6 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
         "the second client connected once released"
     );
     let end = vm.output_pauses();
-    assert_eq!((end.taken, end.adopted, end.expired), (2, 1, 1), "{end:?}");
+    assert_eq!((end.taken, end.adopted, end.expired), (3, 2, 1), "{end:?}");
     vm.stop();
 }

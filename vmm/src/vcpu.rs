@@ -14,6 +14,9 @@
 //! the exit that holds the epoch's first frame, then takes a pause itself (no signal: its next
 //! `KVM_RUN` returns at once) while the loop wakes up. The capture that comes adopts that pause
 //! instead of kicking; one that does not come within [`PRE_PAUSE_MAX`] lets the vCPU run on.
+//! Before it parks in such a pause, the vCPU thread also reads its own state (the
+//! [`StateHook`]: the ioctls a capture needs beyond the run page), while the loop is still
+//! waking up; a capture that finds the vCPU parked since then uses it instead of the ioctls.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -67,10 +70,19 @@ struct CtlState {
     /// Since when the vCPU holds a pause it took at guest output, not yet adopted by a
     /// capture (it counts in `pauses`).
     pre_pause: Option<Instant>,
+    /// Counts the vCPU's returns from `park_if_asked`: state read at a park is current while
+    /// the vCPU is parked and this has not moved.
+    park_gen: u64,
 }
 
+/// Reads a vCPU's state on its own thread (`synced`: the run page holds its registers); set by
+/// the VM that owns the vCPU.
+pub type StateHook =
+    Box<dyn Fn(&VcpuFd, bool) -> Option<crate::vcpu_state::VcpuState> + Send + Sync>;
+
 /// Longest a pause taken at guest output waits for the capture it was taken for: then the
-/// vCPU runs on (the capture, when it comes, pauses as usual).
+/// vCPU runs on (the capture, when it comes, pauses as usual). The default of
+/// [`Control::set_pre_pause_max`].
 pub const PRE_PAUSE_MAX: Duration = Duration::from_millis(2);
 
 thread_local! {
@@ -126,8 +138,15 @@ pub struct Control {
     synced: AtomicBool,
     /// Take a pause at the next guest output that starts waiting ([`Control::pause_at_output`]).
     output_armed: AtomicBool,
-    /// Pauses taken at guest output: (taken, adopted by a capture, ended unadopted).
-    output_pauses: [AtomicU64; 3],
+    /// Pauses taken at guest output: (taken, adopted by a capture, ended unadopted, captures
+    /// that used the state read at the park).
+    output_pauses: [AtomicU64; 4],
+    /// Reads the vCPU's state before it parks in a pause taken at guest output.
+    state_hook: OnceLock<StateHook>,
+    /// How long a pause taken at guest output waits to be adopted, µs.
+    pre_pause_max_us: AtomicU64,
+    /// What the hook read, and the `park_gen` it was read at.
+    parked_state: Mutex<Option<(u64, crate::vcpu_state::VcpuState)>>,
 }
 
 /// Pauses the vCPU took at guest output ([`Control::pause_at_output`]) since it started.
@@ -139,6 +158,8 @@ pub struct OutputPauses {
     pub adopted: u64,
     /// Ended after [`PRE_PAUSE_MAX`] without one.
     pub expired: u64,
+    /// Captures that used the state the vCPU read before parking in one.
+    pub state_reads: u64,
 }
 
 impl Control {
@@ -156,16 +177,62 @@ impl Control {
             synced: AtomicBool::new(false),
             output_armed: AtomicBool::new(false),
             output_pauses: Default::default(),
+            state_hook: OnceLock::new(),
+            parked_state: Mutex::new(None),
+            pre_pause_max_us: AtomicU64::new(PRE_PAUSE_MAX.as_micros() as u64),
+        }
+    }
+
+    /// How long a pause taken at guest output waits for its capture ([`PRE_PAUSE_MAX`]).
+    pub(crate) fn set_pre_pause_max(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.pre_pause_max_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Sets how the vCPU reads its own state before parking at guest output (once).
+    pub(crate) fn set_state_hook(&self, hook: StateHook) {
+        let _ = self.state_hook.set(hook);
+    }
+
+    /// vCPU side, about to park: if the pause is one taken at guest output (a capture is on
+    /// its way), read the state now, while the capturing thread wakes up.
+    fn read_state_if_pre_paused(&self, vcpu: &VcpuFd) {
+        let gen = {
+            let s = self.lock();
+            if s.pre_pause.is_none() {
+                return;
+            }
+            s.park_gen
+        };
+        let Some(hook) = self.state_hook.get() else {
+            return;
+        };
+        let state = hook(vcpu, self.regs_in_run_page());
+        *self.parked_state.lock().unwrap_or_else(|p| p.into_inner()) = state.map(|st| (gen, st));
+    }
+
+    /// The state the vCPU read before it parked, if it has stayed parked since (a pause is
+    /// held by the caller); taken, so it is used once.
+    pub(crate) fn take_parked_state(&self) -> Option<crate::vcpu_state::VcpuState> {
+        let s = self.lock();
+        let mut slot = self.parked_state.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some((gen, st)) if s.paused && gen == s.park_gen => {
+                self.output_pauses[3].fetch_add(1, Ordering::Relaxed);
+                Some(st)
+            }
+            _ => None,
         }
     }
 
     /// Counts of pauses taken at guest output.
     pub fn output_pauses(&self) -> OutputPauses {
-        let [t, a, e] = &self.output_pauses;
+        let [t, a, e, r] = &self.output_pauses;
         OutputPauses {
             taken: t.load(Ordering::Relaxed),
             adopted: a.load(Ordering::Relaxed),
             expired: e.load(Ordering::Relaxed),
+            state_reads: r.load(Ordering::Relaxed),
         }
     }
 
@@ -441,7 +508,8 @@ impl Control {
                     s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
                     continue;
                 };
-                let left = PRE_PAUSE_MAX.saturating_sub(since.elapsed());
+                let max = Duration::from_micros(self.pre_pause_max_us.load(Ordering::Relaxed));
+                let left = max.saturating_sub(since.elapsed());
                 if left.is_zero() {
                     // Nobody came to capture: the pause taken at guest output ends.
                     s.pre_pause = None;
@@ -460,6 +528,7 @@ impl Control {
             }
             s.paused = false;
         }
+        s.park_gen += 1;
         s.stop.clone()
     }
 
@@ -583,6 +652,7 @@ fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) ->
                 // page's registers are the state a capture wants.)
                 control.synced.store(true, Ordering::SeqCst);
                 vcpu.set_kvm_immediate_exit(0);
+                control.read_state_if_pre_paused(&vcpu);
                 // Release the vCPU while parked so its state can be captured or restored.
                 drop(vcpu);
                 let stop = control.park_if_asked();

@@ -109,7 +109,7 @@ pub struct Vm {
     /// the last epoch capture's page count (whether the next one's pause may be boosted).
     captures: Mutex<usize>,
     /// The vCPU's TSC frequency, read at the first capture (`vcpu_state::capture`).
-    tsc_khz: std::sync::OnceLock<Option<u32>>,
+    tsc_khz: Arc<std::sync::OnceLock<Option<u32>>>,
     /// Runs once, right before the first guest instruction may run ([`Vm::gate_start`]).
     start_gate: Mutex<Option<StartGate>>,
 }
@@ -364,6 +364,11 @@ impl Vm {
         }
         control.set_ring(parts.ring.clone());
         control.set_sync_regs(parts.sync_regs);
+        let tsc_khz = Arc::new(std::sync::OnceLock::new());
+        let (msrs, tsc) = (parts.msr_indices.clone(), tsc_khz.clone());
+        control.set_state_hook(Box::new(move |vcpu, synced| {
+            crate::vcpu_state::capture(vcpu, &msrs, synced, &tsc).ok()
+        }));
         Vm {
             _kvm: parts.kvm,
             vm_fd: parts.vm_fd,
@@ -390,7 +395,7 @@ impl Vm {
             vcpu_cpus: Mutex::new(None),
             epoch_pre: Mutex::default(),
             captures: Mutex::new(0),
-            tsc_khz: std::sync::OnceLock::new(),
+            tsc_khz,
             start_gate: Mutex::new(None),
         }
     }

@@ -517,9 +517,16 @@ impl Vm {
     /// the capture then adopts that pause instead of kicking the vCPU out of the guest, and
     /// the vCPU parks while the capturing thread wakes up rather than after. Arm it only
     /// when such output is captured at once; an unadopted pause ends after
-    /// [`crate::vcpu::PRE_PAUSE_MAX`]. One pause per arming.
+    /// [`crate::vcpu::PRE_PAUSE_MAX`] (see [`set_pause_at_output_wait`](Self::set_pause_at_output_wait)).
+    /// One pause per arming.
     pub fn set_pause_at_output(&self, on: bool) {
         self.control.arm_output_pause(on);
+    }
+
+    /// How long a pause taken at guest output waits for its capture before the vCPU runs on
+    /// (default [`crate::vcpu::PRE_PAUSE_MAX`]; tests that look at the pause make it long).
+    pub fn set_pause_at_output_wait(&self, d: Duration) {
+        self.control.set_pre_pause_max(d);
     }
 
     /// Pauses taken at guest output so far (see [`set_pause_at_output`](Self::set_pause_at_output)).

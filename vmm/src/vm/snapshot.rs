@@ -68,15 +68,20 @@ fn capture_err(e: impl std::fmt::Display) -> SnapshotError {
 impl Vm {
     /// Captures vCPU and device state. The VM must be paused.
     pub fn capture_state(&self) -> Result<VmState, SnapshotError> {
-        let vcpu = lock(&self.vcpu);
-        Ok(VmState {
-            vcpu: vcpu_state::capture(
-                &vcpu,
+        // Read by the vCPU itself before it parked at guest output, if it is still parked
+        // since (`crate::vcpu`); else by the ioctls now.
+        let vcpu = match self.control.take_parked_state() {
+            Some(st) => st,
+            None => vcpu_state::capture(
+                &lock(&self.vcpu),
                 &self.msr_indices,
                 self.control.regs_in_run_page(),
                 &self.tsc_khz,
             )
             .map_err(capture_err)?,
+        };
+        Ok(VmState {
+            vcpu,
             serial: lock(&self.devices.serial).save(),
             platform: lock(&self.devices.platform).save(),
             net: self.devices.net.as_ref().map(|n| lock(n).save()),
