@@ -1,19 +1,23 @@
-//! The replica's memory file, mapped: a checkpoint's pages are read (the old contents their
-//! XOR deltas apply to) and written (in place, after the acknowledgement) by copies from and
-//! into a shared file mapping instead of a `pread` and a `pwrite` per page. On this project's
-//! hosts (nested virtualisation) a system call costs microseconds: a 16-client KV load's
-//! checkpoints of ~40 pages each spent ~80 calls per checkpoint on the backup's one runtime
-//! thread (docs/BENCHMARKS.md, "The backup's memory file, mapped").
+//! The replica's memory file, mapped for reading: the old contents of a checkpoint's pages
+//! (what their XOR deltas apply to) are copied out of a shared file mapping instead of one
+//! `pread` per page — on the acknowledgement's path, and on this project's hosts (nested
+//! virtualisation) a system call costs microseconds: a 16-client KV load's checkpoints of ~40
+//! pages each made ~40 of them on the backup's one runtime thread (docs/BENCHMARKS.md, "The
+//! backup's memory file, mapped").
 //!
-//! The mapping comes from `vm-memory` (the crate the VMM maps guest RAM with): its safe
-//! `MmapRegion::from_file` and volatile copies keep `unsafe` out of this crate. The file is
-//! sized before it is mapped and never shrinks while open (the image directory is locked by
-//! its backup), so no access reaches beyond its end; an I/O error reading the file back in
-//! would end the process (SIGBUS) instead of returning an error — the price of the mapping,
-//! as for any memory-mapped store.
+//! Writes stay `pwrite`s (after the acknowledgement, on the apply thread): the file is sparse,
+//! and a write through the mapping into a hole on a full disk kills the process (SIGBUS) where
+//! `pwrite` returns `ENOSPC` to the image's error path (the chaos suite's `disk-full` fault).
+//! Reading a hole through the mapping needs no space. The mapping comes from `vm-memory` (the
+//! crate the VMM maps guest RAM with): its safe `MmapRegion::from_file` and volatile copies
+//! keep `unsafe` out of this crate. The file is sized before it is mapped and never shrinks
+//! while open (the image directory is locked by its backup), so no read reaches beyond its
+//! end; an I/O error reading the file back in would still end the process (SIGBUS) — the
+//! price of the mapping, as for any memory-mapped store.
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
@@ -58,10 +62,10 @@ impl MemFile {
         Ok(())
     }
 
-    /// Copies `data` into the file at `off`.
+    /// Writes `data` into the file at `off` (`pwrite`: a full disk is an error, not a signal).
     pub(crate) fn write_all_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        self.slice(off, data.len())?.copy_from(data);
-        Ok(())
+        self.slice(off, data.len())?;
+        self.file.write_all_at(data, off)
     }
 
     /// Makes what was written durable (`fsync` writes back the mapping's dirty pages too).
@@ -72,8 +76,6 @@ impl MemFile {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
 
     #[test]
@@ -94,6 +96,11 @@ mod tests {
         m.read_exact_at(&mut page, 4096).unwrap();
         assert!(page.iter().all(|&b| b == 7));
         m.write_all_at(&[9u8; 4096], 8192).unwrap();
+        m.read_exact_at(&mut page, 8192).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 9),
+            "a write is seen through the mapping"
+        );
         m.sync_all().unwrap();
         let on_disk = std::fs::read(&p).unwrap();
         assert!(on_disk[8192..].iter().all(|&b| b == 9));

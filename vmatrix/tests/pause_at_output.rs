@@ -2,8 +2,10 @@
 //! tap: armed, the vCPU pauses itself at the first frame held in an output epoch, before
 //! anyone captures; the capture adopts that pause (no kick), and the guest runs on after the
 //! capture's resume; an unadopted pause ends by itself after `PRE_PAUSE_MAX`; unarmed (or
-//! once per arming), output pauses nothing. The backup's side of the same path — a replica
-//! equal to the primary — is what `replication.rs` checks with the primary's loop arming it.
+//! once per arming), output pauses nothing; a resume without a pause of its own leaves no
+//! pause at output for the next pause to adopt. With the primary's loop arming it, the
+//! replicas `replication.rs` compares byte for byte are taken through this path (not
+//! asserted there).
 
 mod support;
 
@@ -191,7 +193,7 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     );
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     vm.release_output(c.epoch, None);
-    let (_, r) = t.join().unwrap();
+    let (kv, r) = t.join().unwrap();
     assert_eq!(r, "OK");
     assert!(
         other.join().unwrap(),
@@ -199,5 +201,36 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     );
     let end = vm.output_pauses();
     assert_eq!((end.taken, end.adopted, end.expired), (3, 2, 1), "{end:?}");
+
+    // A resume without a pause of its own ends a pause at output: the next pause (a capture)
+    // pauses afresh instead of adopting it, and returns.
+    vm.set_pause_at_output_wait(Duration::from_secs(60));
+    vm.set_pause_at_output(true);
+    let t = send(kv, "SET k4 v4");
+    wait_until("the pause at output", Duration::from_secs(5), || {
+        vm.output_pauses().taken == 4 && vm.is_paused()
+    });
+    vm.resume();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let vm2 = vm.clone();
+    std::thread::spawn(move || {
+        let c = vm2.capture_epoch(CaptureKind::Incremental).unwrap();
+        vm2.release_output(c.epoch, None);
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "a capture after an unbalanced resume hangs"
+    );
+    // (The frame that paused may have been another connection's: capture until the reply.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.is_finished() {
+        assert!(Instant::now() < deadline, "the reply never came");
+        let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
+        vm.release_output(c.epoch, None);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(t.join().unwrap().1, "OK");
+    assert_eq!(vm.output_pauses().adopted, 2, "nothing left to adopt");
     vm.stop();
 }

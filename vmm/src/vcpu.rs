@@ -86,8 +86,9 @@ pub type StateHook =
 pub const PRE_PAUSE_MAX: Duration = Duration::from_millis(2);
 
 thread_local! {
-    /// Set on a vCPU thread: a pause it takes itself needs no signal.
-    static ON_VCPU: Cell<bool> = const { Cell::new(false) };
+    /// On a vCPU thread, the address of its VM's control block: a pause that thread takes
+    /// itself needs no signal.
+    static ON_VCPU: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Interrupts a vCPU thread out of `KVM_RUN`.
@@ -154,7 +155,7 @@ pub struct Control {
 pub struct OutputPauses {
     /// Taken.
     pub taken: u64,
-    /// Adopted by the pause they were taken for.
+    /// Adopted by a pause (the capture they were taken for, or any other that came first).
     pub adopted: u64,
     /// Ended after [`PRE_PAUSE_MAX`] without one.
     pub expired: u64,
@@ -257,7 +258,7 @@ impl Control {
         s.pre_pause = Some(Instant::now());
         self.output_pauses[0].fetch_add(1, Ordering::Relaxed);
         self.events.set_interrupted(true);
-        match ON_VCPU.with(Cell::get) {
+        match ON_VCPU.with(Cell::get) == std::ptr::from_ref(self) as usize {
             true => {
                 if let Some(k) = self
                     .kicker
@@ -368,7 +369,9 @@ impl Control {
         }
         // A pause the vCPU took at guest output is adopted: it is this one, and the vCPU parks
         // (or has parked) without a kick.
-        let adopted = s.pre_pause.take().is_some();
+        let adopted = s.pauses > 0 && s.pre_pause.take().is_some();
+        // Any pause ends the arming: what was armed for is decided again after it.
+        self.output_armed.store(false, Ordering::SeqCst);
         match adopted {
             true => _ = self.output_pauses[1].fetch_add(1, Ordering::Relaxed),
             false => s.pauses += 1,
@@ -400,7 +403,8 @@ impl Control {
             let s = self.lock();
             let vcpu = self
                 .vcpu_tid()
-                .filter(|_| s.exited.is_none() && s.pauses == 0);
+                // (A pause the vCPU took at guest output is the one this pause adopts.)
+                .filter(|_| s.exited.is_none() && (s.pauses == 0 || s.pre_pause.is_some()));
             // This thread first: a vCPU running guest code, raised while this thread is still
             // ordinary, preempts it if they share a CPU — and a guest that never waits (a
             // CPU-bound one) then keeps it off that CPU until the scheduler moves it: pauses
@@ -465,6 +469,10 @@ impl Control {
         let mut s = self.lock();
         s.pauses = s.pauses.saturating_sub(1);
         let run = s.pauses == 0;
+        if run {
+            // (A resume with no pause of its own must not leave a pause at output to adopt.)
+            s.pre_pause = None;
+        }
         if run && s.stop.is_none() {
             self.events.set_interrupted(false);
         }
@@ -597,7 +605,7 @@ fn register_kicker(vcpu: &mut VcpuFd, control: &Control) -> Result<(), String> {
 
 fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) -> VmExit {
     let mut vcpu = lock_vcpu(shared);
-    ON_VCPU.with(|c| c.set(true));
+    ON_VCPU.with(|c| c.set(std::ptr::from_ref(control) as usize));
     if let Err(e) = register_kicker(&mut vcpu, control) {
         return VmExit::Error(e);
     }

@@ -23,6 +23,8 @@ struct Round {
     cps: f64,
     /// Mean time on the backup from a complete checkpoint to its acknowledgement (journal).
     durable: Duration,
+    /// Pauses at guest output during the one-client run: taken, adopted, expired.
+    at_output: [u64; 3],
 }
 
 /// Runs `rounds` rounds and prints the tables.
@@ -55,7 +57,14 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
             (bs.durable_ns.0.load(Relaxed), bs.durable_ns.1.load(Relaxed))
         };
         let b0 = durable_sum(&bs);
+        let o0 = vm.vm.output_pauses();
         let (_, p50, _) = kv_load(env.guest_addr(), 1, one)?;
+        let o1 = vm.vm.output_pauses();
+        let at_output = [
+            o1.taken - o0.taken,
+            o1.adopted - o0.adopted,
+            o1.expired - o0.expired,
+        ];
         let path = stats.reply_path.means(before);
         let b1 = durable_sum(&bs);
         let durable = Duration::from_nanos((b1.0 - b0.0) / (b1.1 - b0.1).max(1));
@@ -71,6 +80,7 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
             counted,
             durable,
             cps,
+            at_output,
         });
     }
     print_rounds(&all);
@@ -101,16 +111,17 @@ fn print_rounds(all: &[Round]) {
     }
     println!("\nWhere a protected reply's extra time goes (means over the one-client run's checkpoints that released output, each alone in flight):\n");
     let head = primary::reply_path::STAGES.join(" | ");
-    println!("| round | checkpoints | {head} | sum | of ack: backup's journal |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| round | checkpoints | {head} | sum | of ack: backup's journal | pauses at output: taken / adopted / expired |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, r) in all.iter().enumerate() {
         let Some(p) = r.path else {
-            println!("| {} | 0 | - | - | - | - | - | - | - |", i + 1);
+            println!("| {} | 0 | - | - | - | - | - | - | - | - |", i + 1);
             continue;
         };
         let cells: Vec<String> = p.iter().map(|&d| us(d)).collect();
+        let [t, a, e] = r.at_output;
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {t} / {a} / {e} |",
             i + 1,
             r.counted,
             cells.join(" | "),
