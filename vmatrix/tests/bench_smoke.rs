@@ -96,6 +96,50 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
     );
 }
 
+/// `--kv --quick --rounds 1`: the reply path's tables; `--kv --kv-hold 50`: one 16-client
+/// phase, protected (with its stage means) and not.
+#[test]
+fn bench_replication_kv_prints_its_figures() {
+    require_kvm();
+    let guest = guest_elf();
+    let g = guest.to_str().unwrap();
+    prints(
+        &[
+            "bench",
+            "replication",
+            "--kv",
+            "--quick",
+            "--rounds",
+            "1",
+            "--guest",
+            g,
+        ],
+        &[
+            "| round | 1 client p50, unprotected → protected |",
+            "| round | checkpoints | wake | capture | send | ack | release |",
+        ],
+    );
+    let args = [
+        "bench",
+        "replication",
+        "--kv",
+        "--kv-hold",
+        "50",
+        "--guest",
+        g,
+    ];
+    prints(
+        &args,
+        &[
+            "16 clients × 50 SETs, protected:",
+            "checkpoints/s",
+            "stage means under this load: wake",
+        ],
+    );
+    let plain: Vec<&str> = args.iter().copied().chain(["--plain"]).collect();
+    prints(&plain, &["16 clients × 50 SETs, unprotected:"]);
+}
+
 /// `--hog-vm 0.5 --rounds 1`: the protected VM beside a CPU-hog VM stopped, unlimited and
 /// capped by its cgroup.
 #[test]

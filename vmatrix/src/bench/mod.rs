@@ -79,6 +79,14 @@ pub struct ReplicationArgs {
     /// goes, and 16 closed-loop clients, unprotected vs protected, alternating for `--rounds`.
     #[arg(long)]
     pub kv: bool,
+    /// With `--kv`: run only one long 16-client phase, this many SETs per client, and print
+    /// its checkpoint rate and stage means — a steady load to attach `perf` or read `/proc`
+    /// during (docs/BENCHMARKS.md, "Hot pages within a window"). Protected unless `--plain`.
+    #[arg(long, requires = "kv")]
+    pub kv_hold: Option<usize>,
+    /// With `--kv-hold`: the VM unprotected.
+    #[arg(long, requires = "kv_hold")]
+    pub plain: bool,
 }
 
 /// Runs a benchmark.
@@ -98,6 +106,9 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 _ if a.hog_vm.is_some() => {
                     let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
                     hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
+                }
+                _ if a.kv && a.kv_hold.is_some() => {
+                    reply::hold(&env, a.kv_hold.unwrap_or(600), !a.plain)?
                 }
                 _ if a.kv => reply::run(&env, &timing, a.rounds.max(1))?,
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,

@@ -87,6 +87,48 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--kv-hold N`: one 16-client phase of `n` SETs per client, protected or not, announced on
+/// stderr when it starts (with the process id) so a profiler can attach, and its figures after.
+pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
+    let vm = match protected {
+        true => RunningVm::protected(env, "hold", Protection::default())?,
+        false => RunningVm::plain(env, "hold")?,
+    };
+    drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
+    if let Some(stats) = &vm.stats {
+        wait_protected(stats)?;
+    }
+    let before = vm.stats.as_ref().map(|s| s.reply_path.snapshot());
+    let e0 = vm.stats.as_ref().map_or(0, |s| s.epochs.load(Relaxed));
+    eprintln!("16 clients start (pid {})", std::process::id());
+    let t0 = std::time::Instant::now();
+    let (r16, p50, p99) = kv_load(env.guest_addr(), 16, n)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "16 clients × {n} SETs, {}: {r16:.0} SETs/s, p50 {}, p99 {}, {secs:.2} s",
+        if protected {
+            "protected"
+        } else {
+            "unprotected"
+        },
+        ms(p50),
+        ms(p99)
+    );
+    if let (Some(stats), Some(before)) = (&vm.stats, before) {
+        let cps = (stats.epochs.load(Relaxed) - e0) as f64 / secs;
+        println!(
+            "checkpoints/s {cps:.0} ({:.1} SETs each)",
+            r16 / cps.max(1.0)
+        );
+        if let Some(p) = stats.reply_path.means(before) {
+            let stages = primary::reply_path::STAGES.iter().zip(p.iter());
+            let cells: Vec<String> = stages.map(|(n, &d)| format!("{n} {}", us(d))).collect();
+            println!("stage means under this load: {}", cells.join(", "));
+        }
+    }
+    Ok(())
+}
+
 fn us(d: Duration) -> String {
     format!("{} µs", d.as_micros())
 }
