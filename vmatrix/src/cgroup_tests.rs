@@ -3,6 +3,7 @@
 //! read back. The real kernel groups are exercised in `tests/limits.rs`.
 
 use super::*;
+use failover::limits::Limits;
 
 /// This project's test machine: v1 controllers, an empty v2 mount, our memory group nested.
 const MOUNTINFO_V1: &str = "\
