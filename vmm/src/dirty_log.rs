@@ -466,6 +466,14 @@ mod tests {
     }
 
     impl KvmModel {
+        fn new(pages: u64) -> KvmModel {
+            KvmModel {
+                log: KvmDirtyLog::manual_model(),
+                bits: vec![0; (pages / 64) as usize],
+                pages,
+            }
+        }
+
         fn write(&mut self, pfn: u64) {
             self.bits[(pfn / 64) as usize] |= 1 << (pfn % 64);
         }
@@ -484,11 +492,7 @@ mod tests {
     #[test]
     fn a_page_made_hot_after_an_early_harvest_cleared_it_still_counts_against_the_cap() {
         let pages = 2 * HOT_MAX as u64;
-        let mut m = KvmModel {
-            log: KvmDirtyLog::manual_model(),
-            bits: vec![0; (pages / 64) as usize],
-            pages,
-        };
+        let mut m = KvmModel::new(pages);
         let b = 0..HOT_MAX as u64 - 50;
         let c = HOT_MAX as u64..HOT_MAX as u64 + 200;
         for epoch in 1..=5 {
@@ -512,11 +516,7 @@ mod tests {
     #[test]
     fn the_caps_hold_through_early_harvests_quiet_pauses_and_churns() {
         let pages = 2 * HOT_MAX as u64;
-        let mut m = KvmModel {
-            log: KvmDirtyLog::manual_model(),
-            bits: vec![0; (pages / 64) as usize],
-            pages,
-        };
+        let mut m = KvmModel::new(pages);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = move |n: u64| {
             seed ^= seed << 13;
