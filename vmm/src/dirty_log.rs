@@ -37,7 +37,6 @@
 //!
 //! Without the capability (or with hot pages off) harvests clear everything, as before.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
@@ -119,9 +118,15 @@ fn next_heat(h: Heat, now: u32) -> Heat {
 #[derive(Debug, Default)]
 pub struct KvmDirtyLog {
     manual: bool,
-    heat: HashMap<u64, Heat>,
+    /// Each page's heat as last written, read through [`KvmDirtyLog::view`] (a page clean
+    /// since is cooled or forgotten lazily: no pass over all pages per harvest). Grown to the
+    /// guest's pages at the first harvest: 8 bytes a page (8 MiB for 4 GiB).
+    heat: Vec<Heat>,
     /// Paused harvests so far (the clock of [`Heat::last`]).
     harvests: u32,
+    /// The last busy paused harvest (more than [`SPARSE_UNTIL`] pages): it remembered no
+    /// clean page, so an entry last dirty before it is forgotten.
+    busy_at: Option<u32>,
     /// Pages reported by running harvests since the last paused one.
     seen: Vec<u64>,
 }
@@ -143,8 +148,9 @@ impl KvmDirtyLog {
         tracing::debug!("KVM dirty log: manual protection {manual}");
         KvmDirtyLog {
             manual,
-            heat: HashMap::new(),
+            heat: Vec::new(),
             harvests: 0,
+            busy_at: None,
             seen: Vec::new(),
         }
     }
@@ -189,7 +195,7 @@ impl KvmDirtyLog {
         if running {
             let mut clear = vec![0u64; bitmap.len()];
             for pfn in crate::dirty::bits(bitmap, pages) {
-                if self.heat.get(&pfn).is_none_or(|h| h.hot_left == 0) {
+                if self.view(pfn, self.harvests.wrapping_add(1)).hot_left == 0 {
                     clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
                 }
             }
@@ -223,13 +229,15 @@ impl KvmDirtyLog {
     pub fn plan_clear(&mut self, bitmap: &[u64], pages: u64) -> Vec<u64> {
         self.harvests = self.harvests.wrapping_add(1);
         let now = self.harvests;
+        if (self.heat.len() as u64) < pages {
+            self.heat.resize(pages as usize, Heat::default());
+        }
         let mut clear = vec![0u64; bitmap.len()];
-        let mut old = std::mem::take(&mut self.heat);
-        let mut heat = HashMap::with_capacity(old.len());
         // Pages that stay hot count first; new ones take what room is left.
         let dirty = crate::dirty::bits(bitmap, pages);
         let (mut hot, mut sparse) = (0, 0);
-        for h in dirty.iter().filter_map(|pfn| old.get(pfn)) {
+        for &pfn in &dirty {
+            let h = self.view(pfn, now);
             if h.hot_left > 1 {
                 hot += 1;
                 sparse += usize::from(h.sparse);
@@ -238,7 +246,7 @@ impl KvmDirtyLog {
         // (The pages staying hot are reported every time: they do not make a harvest busy.)
         let busy = dirty.len() - hot > SPARSE_UNTIL;
         for &pfn in &dirty {
-            let was = old.remove(&pfn).unwrap_or_default();
+            let was = self.view(pfn, now);
             let mut next = next_heat(was, now);
             if was.hot_left == 0 && next.hot_left > 0 {
                 if hot >= HOT_MAX || (next.sparse && (busy || sparse >= HOT_SPARSE_MAX)) {
@@ -256,28 +264,44 @@ impl KvmDirtyLog {
             if next.hot_left == 0 {
                 clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
             }
-            heat.insert(pfn, next);
+            self.heat[pfn as usize] = next;
         }
-        // Clean this time but dirty within the window: remembered (unless busy). Not as hot:
-        // a page not reported is write-protected in KVM (a running harvest cleared it before
-        // this pause made it hot through `seen`), and so uncounted it would let the next
-        // harvests exceed the caps.
-        if !busy {
-            let recent = old
-                .into_iter()
-                .filter(|(_, h)| now.wrapping_sub(h.last) < HOT_WINDOW)
-                .map(|(pfn, h)| {
-                    let cold = Heat {
-                        score: h.score.min(HOT_AFTER - 1),
-                        hot_left: 0,
-                        ..h
-                    };
-                    (pfn, cold)
-                });
-            heat.extend(recent);
+        if busy {
+            self.busy_at = Some(now);
         }
-        self.heat = heat;
         clear
+    }
+
+    /// Page `pfn`'s heat as paused harvest `now` finds it. Clean in the harvests since it was
+    /// last dirty, it is remembered only within the window and if none of them was busy, and
+    /// then one write short of hot at most: a page not reported is write-protected in KVM (a
+    /// running harvest cleared it before a pause made it hot through `seen`), and so
+    /// uncounted it would let the next harvests exceed the caps.
+    fn view(&self, pfn: u64, now: u32) -> Heat {
+        let Some(&h) = self.heat.get(pfn as usize) else {
+            return Heat::default();
+        };
+        let age = now.wrapping_sub(h.last);
+        let busy_since = self
+            .busy_at
+            .is_some_and(|b| now.wrapping_sub(b) < age && b != now);
+        match age {
+            _ if h.score == 0 && h.hot_left == 0 => Heat::default(),
+            1 => h,
+            a if a > HOT_WINDOW || busy_since => Heat::default(),
+            _ => Heat {
+                score: h.score.min(HOT_AFTER - 1),
+                hot_left: 0,
+                ..h
+            },
+        }
+    }
+
+    /// Pages whose heat is remembered before paused harvest `now` (tests).
+    #[cfg(test)]
+    fn remembered(&self, now: u32) -> usize {
+        let pages = self.heat.len() as u64;
+        (0..pages).filter(|&p| self.view(p, now).score > 0).count()
     }
 
     /// A log with manual protection, without KVM (for models of the dirty log in tests).
@@ -285,8 +309,9 @@ impl KvmDirtyLog {
     pub(crate) fn manual_model() -> KvmDirtyLog {
         KvmDirtyLog {
             manual: true,
-            heat: HashMap::new(),
+            heat: Vec::new(),
             harvests: 0,
+            busy_at: None,
             seen: Vec::new(),
         }
     }
@@ -453,9 +478,30 @@ mod tests {
         for _ in 1..HOT_WINDOW {
             log.plan_clear(&[0], 64);
         }
-        assert_eq!(log.heat.len(), 64, "remembered within the window");
+        let next = log.harvests + 1;
+        assert_eq!(log.remembered(next), 64, "remembered within the window");
         log.plan_clear(&[0], 64);
-        assert!(log.heat.is_empty(), "{} remembered", log.heat.len());
+        let left = log.remembered(log.harvests + 1);
+        assert_eq!(left, 0, "{left} remembered");
+    }
+
+    #[test]
+    fn a_busy_harvest_forgets_the_pages_clean_in_it() {
+        let mut log = KvmDirtyLog::manual_model();
+        let page = vec![1u64, 0, 0, 0, 0, 0, 0, 0];
+        let mut churn = vec![u64::MAX; 8];
+        churn[0] = 0;
+        log.plan_clear(&page, 512);
+        // 448 other pages: busy; page 0 clean in it.
+        log.plan_clear(&churn, 512);
+        log.plan_clear(&page, 512);
+        assert_eq!(log.view(0, log.harvests + 1).score, 1, "counted afresh");
+        // The same with a quiet harvest between: remembered within the window.
+        let mut log = KvmDirtyLog::manual_model();
+        log.plan_clear(&page, 512);
+        log.plan_clear(&[0; 8], 512);
+        log.plan_clear(&page, 512);
+        assert_eq!(log.view(0, log.harvests + 1).score, 2);
     }
 
     /// KVM's dirty bits as the model sees them: set by a write, cleared only by a clear.
@@ -554,7 +600,10 @@ mod tests {
             }
             let hot = m.harvest(false);
             assert!(hot as usize <= HOT_MAX, "epoch {epoch}: {hot} pages hot");
-            let sparse = m.log.heat.values().filter(|h| h.hot_left > 0 && h.sparse);
+            let now = m.log.harvests + 1;
+            let pfns = 0..m.pages;
+            let sparse =
+                pfns.filter(|&p| m.log.view(p, now).hot_left > 0 && m.log.view(p, now).sparse);
             let sparse = sparse.count();
             assert!(sparse <= HOT_SPARSE_MAX, "epoch {epoch}: {sparse} sparse");
         }
