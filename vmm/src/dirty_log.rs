@@ -51,7 +51,7 @@ use crate::{Error, Result};
 pub const HOT_AFTER: u8 = 3;
 /// Paused harvests within which a page's next dirty harvest counts towards [`HOT_AFTER`]
 /// (1: consecutive harvests only; 2: one clean harvest between).
-pub const HOT_WINDOW: u32 = 2;
+pub const HOT_WINDOW: u64 = 2;
 /// Most pages dirty in a harvest that still makes sparse hot pages and remembers pages that are
 /// clean in it (see the module docs): a busier epoch is a churn, not a few socket buffers.
 pub const SPARSE_UNTIL: usize = 256;
@@ -74,7 +74,7 @@ struct Heat {
     /// Dirty harvests so far, each within [`HOT_WINDOW`] of the one before.
     score: u8,
     /// The paused harvest (its number) that last found the page dirty.
-    last: u32,
+    last: u64,
     /// Harvests left while hot (0: not hot).
     hot_left: u8,
     /// A clean harvest came between two of the dirty ones counted in `score` (hot, it is one
@@ -82,9 +82,34 @@ struct Heat {
     sparse: bool,
 }
 
+/// Bits of a packed [`Heat`]: `last` (its low 48 bits), then score, hot_left and sparse.
+const LAST_BITS: u32 = 48;
+const LAST_MASK: u64 = (1 << LAST_BITS) - 1;
+const _: () = assert!(HOT_AFTER < 4 && HOT_FOR < 128, "a packed Heat holds them");
+
+/// `h` in 8 bytes (the heat table's slot).
+fn pack(h: Heat) -> u64 {
+    (h.last & LAST_MASK)
+        | u64::from(h.score) << LAST_BITS
+        | u64::from(h.hot_left) << (LAST_BITS + 2)
+        | u64::from(h.sparse) << (LAST_BITS + 9)
+}
+
+/// A slot's heat as paused harvest `now` reads it, and its age (harvests since `last`).
+fn unpack(v: u64, now: u64) -> (Heat, u64) {
+    let age = now.wrapping_sub(v & LAST_MASK) & LAST_MASK;
+    let h = Heat {
+        score: (v >> LAST_BITS & 0b11) as u8,
+        last: now.wrapping_sub(age),
+        hot_left: (v >> (LAST_BITS + 2) & 0x7f) as u8,
+        sparse: v >> (LAST_BITS + 9) & 1 != 0,
+    };
+    (h, age)
+}
+
 /// What a page found dirty in paused harvest number `now` becomes; it stays writable (is not
 /// cleared) while the result is hot (`hot_left > 0`).
-fn next_heat(h: Heat, now: u32) -> Heat {
+fn next_heat(h: Heat, now: u64) -> Heat {
     match h.hot_left {
         // Hot: stay writable, unless its time is up.
         n if n > 1 => Heat {
@@ -118,15 +143,17 @@ fn next_heat(h: Heat, now: u32) -> Heat {
 #[derive(Debug, Default)]
 pub struct KvmDirtyLog {
     manual: bool,
-    /// Each page's heat as last written, read through [`KvmDirtyLog::view`] (a page clean
-    /// since is cooled or forgotten lazily: no pass over all pages per harvest). Grown to the
-    /// guest's pages at the first harvest: 8 bytes a page (8 MiB for 4 GiB).
-    heat: Vec<Heat>,
-    /// Paused harvests so far (the clock of [`Heat::last`]).
-    harvests: u32,
+    /// Each page's heat as last written ([`pack`]), read through [`KvmDirtyLog::view`] (a
+    /// page clean since is cooled or forgotten lazily: no pass over all pages per harvest).
+    /// Made at the first harvest, zeroed by the allocator (untouched pages cost nothing): 8
+    /// bytes a page (8 MiB for 4 GiB).
+    heat: Vec<u64>,
+    /// Paused harvests so far (the clock of [`Heat::last`]; 2^48 of them before a page's
+    /// packed `last` wraps: centuries at thousands a second).
+    harvests: u64,
     /// The last busy paused harvest (more than [`SPARSE_UNTIL`] pages): it remembered no
     /// clean page, so an entry last dirty before it is forgotten.
-    busy_at: Option<u32>,
+    busy_at: Option<u64>,
     /// Pages reported by running harvests since the last paused one.
     seen: Vec<u64>,
 }
@@ -229,8 +256,10 @@ impl KvmDirtyLog {
     pub fn plan_clear(&mut self, bitmap: &[u64], pages: u64) -> Vec<u64> {
         self.harvests = self.harvests.wrapping_add(1);
         let now = self.harvests;
-        if (self.heat.len() as u64) < pages {
-            self.heat.resize(pages as usize, Heat::default());
+        match self.heat.len() {
+            0 => self.heat = vec![0; pages as usize],
+            n if (n as u64) < pages => self.heat.resize(pages as usize, 0),
+            _ => {}
         }
         let mut clear = vec![0u64; bitmap.len()];
         // Pages that stay hot count first; new ones take what room is left.
@@ -264,7 +293,7 @@ impl KvmDirtyLog {
             if next.hot_left == 0 {
                 clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
             }
-            self.heat[pfn as usize] = next;
+            self.heat[pfn as usize] = pack(next);
         }
         if busy {
             self.busy_at = Some(now);
@@ -277,11 +306,11 @@ impl KvmDirtyLog {
     /// then one write short of hot at most: a page not reported is write-protected in KVM (a
     /// running harvest cleared it before a pause made it hot through `seen`), and so
     /// uncounted it would let the next harvests exceed the caps.
-    fn view(&self, pfn: u64, now: u32) -> Heat {
-        let Some(&h) = self.heat.get(pfn as usize) else {
+    fn view(&self, pfn: u64, now: u64) -> Heat {
+        let Some(&packed) = self.heat.get(pfn as usize) else {
             return Heat::default();
         };
-        let age = now.wrapping_sub(h.last);
+        let (h, age) = unpack(packed, now);
         let busy_since = self
             .busy_at
             .is_some_and(|b| now.wrapping_sub(b) < age && b != now);
@@ -299,7 +328,7 @@ impl KvmDirtyLog {
 
     /// Pages whose heat is remembered before paused harvest `now` (tests).
     #[cfg(test)]
-    fn remembered(&self, now: u32) -> usize {
+    fn remembered(&self, now: u64) -> usize {
         let pages = self.heat.len() as u64;
         (0..pages).filter(|&p| self.view(p, now).score > 0).count()
     }
@@ -501,6 +530,24 @@ mod tests {
         log.plan_clear(&page, 512);
         log.plan_clear(&[0; 8], 512);
         log.plan_clear(&page, 512);
+        assert_eq!(log.view(0, log.harvests + 1).score, 2);
+    }
+
+    #[test]
+    fn a_page_dirty_long_ago_counts_afresh_and_the_window_spans_the_packed_clock_wrapping() {
+        let page = [1u64];
+        let mut log = KvmDirtyLog::manual_model();
+        log.plan_clear(&page, 64);
+        log.plan_clear(&page, 64);
+        // 2^32 quiet harvests later (weeks of checkpoints): not two writes within the window.
+        log.harvests += 1 << 32;
+        log.plan_clear(&page, 64);
+        assert_eq!(log.view(0, log.harvests + 1).score, 1);
+        // Across the packed clock's wrap (2^48): one clean harvest between is within it.
+        log.harvests = LAST_MASK - 1;
+        log.plan_clear(&page, 64);
+        log.plan_clear(&[0], 64);
+        log.plan_clear(&page, 64);
         assert_eq!(log.view(0, log.harvests + 1).score, 2);
     }
 
