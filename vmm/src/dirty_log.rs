@@ -311,9 +311,7 @@ impl KvmDirtyLog {
             return Heat::default();
         };
         let (h, age) = unpack(packed, now);
-        let busy_since = self
-            .busy_at
-            .is_some_and(|b| now.wrapping_sub(b) < age && b != now);
+        let busy_since = self.busy_at.is_some_and(|b| now.wrapping_sub(b) < age);
         match age {
             _ if h.score == 0 && h.hot_left == 0 => Heat::default(),
             1 => h,
@@ -426,19 +424,47 @@ mod tests {
         assert!(still as usize <= HOT_MAX);
     }
 
+    /// KVM's dirty bits as the model sees them: set by a write, cleared only by a clear.
+    struct KvmModel {
+        log: KvmDirtyLog,
+        bits: Vec<u64>,
+        pages: u64,
+    }
+
+    impl KvmModel {
+        fn new(pages: u64) -> KvmModel {
+            KvmModel {
+                log: KvmDirtyLog::manual_model(),
+                bits: vec![0; (pages / 64) as usize],
+                pages,
+            }
+        }
+
+        fn write(&mut self, pfn: u64) {
+            self.bits[(pfn / 64) as usize] |= 1 << (pfn % 64);
+        }
+
+        /// A harvest: reports every set bit and clears what the log says; returns the pages
+        /// left set (writable, hot).
+        fn harvest(&mut self, running: bool) -> u32 {
+            let clear = self.log.plan(&self.bits, self.pages, running);
+            for (b, c) in self.bits.iter_mut().zip(&clear) {
+                *b &= !c;
+            }
+            self.bits.iter().map(|w| w.count_ones()).sum()
+        }
+    }
+
     /// Which of `harvests` paused harvests leave a page writable, the page written in those
     /// where `written(i)`.
     fn writable_when(harvests: usize, written: impl Fn(usize) -> bool) -> Vec<bool> {
-        let mut log = KvmDirtyLog::manual_model();
-        let page = 7u64;
-        let mut reported = false;
+        let mut m = KvmModel::new(64);
         (0..harvests)
             .map(|i| {
-                // KVM reports the page if the guest wrote it or it was left set (hot).
-                let bitmap = vec![u64::from(written(i) || reported) << page];
-                let clear = log.plan_clear(&bitmap, 64);
-                reported = bitmap[0] & !clear[0] != 0;
-                reported
+                if written(i) {
+                    m.write(7);
+                }
+                m.harvest(false) > 0
             })
             .collect()
     }
@@ -472,24 +498,15 @@ mod tests {
 
     /// Pages left writable after 8 harvests of `n` pages written every other epoch.
     fn hot_of_every_other_epoch(n: u64) -> u32 {
-        let mut log = KvmDirtyLog::manual_model();
-        let pages = n.next_multiple_of(64);
-        let mut all = vec![0u64; (pages / 64) as usize];
-        for pfn in 0..n {
-            all[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
-        let mut left_set = vec![0u64; all.len()];
+        let mut m = KvmModel::new(n.next_multiple_of(64));
+        let mut hot = 0;
         for i in 0..8 {
-            // Hot pages are reported every time.
-            let bitmap: Vec<u64> = if i % 2 == 0 {
-                all.clone()
-            } else {
-                left_set.clone()
-            };
-            let clear = log.plan_clear(&bitmap, pages);
-            left_set = bitmap.iter().zip(&clear).map(|(b, c)| b & !c).collect();
+            if i % 2 == 0 {
+                (0..n).for_each(|pfn| m.write(pfn));
+            }
+            hot = m.harvest(false);
         }
-        left_set.iter().map(|w| w.count_ones()).sum()
+        hot
     }
 
     #[test]
@@ -549,37 +566,6 @@ mod tests {
         log.plan_clear(&[0], 64);
         log.plan_clear(&page, 64);
         assert_eq!(log.view(0, log.harvests + 1).score, 2);
-    }
-
-    /// KVM's dirty bits as the model sees them: set by a write, cleared only by a clear.
-    struct KvmModel {
-        log: KvmDirtyLog,
-        bits: Vec<u64>,
-        pages: u64,
-    }
-
-    impl KvmModel {
-        fn new(pages: u64) -> KvmModel {
-            KvmModel {
-                log: KvmDirtyLog::manual_model(),
-                bits: vec![0; (pages / 64) as usize],
-                pages,
-            }
-        }
-
-        fn write(&mut self, pfn: u64) {
-            self.bits[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
-
-        /// A harvest: reports every set bit and clears what the log says; returns the pages
-        /// left set (writable, hot).
-        fn harvest(&mut self, running: bool) -> u32 {
-            let clear = self.log.plan(&self.bits, self.pages, running);
-            for (b, c) in self.bits.iter_mut().zip(&clear) {
-                *b &= !c;
-            }
-            self.bits.iter().map(|w| w.count_ones()).sum()
-        }
     }
 
     #[test]
