@@ -86,7 +86,12 @@ pub(crate) struct Driver {
 pub const RELEASE_LEASE: Duration = Duration::from_millis(50);
 
 /// A checkpoint of more pages than this is encoded off the QUIC tasks' thread ([`heavy`]).
-const INLINE_ENCODE_PAGES: usize = 64;
+/// (256 pages: ~0.3 ms of encoding, what one bounded flush step holds the QUIC tasks too. At
+/// 64, the 16-client load's checkpoints of ~40 pages crossed it often, and each
+/// `block_in_place` moved the runtime's worker to another thread: twice the thread switches of
+/// the loop's runtimes, 13 % of a CPU more, and a send stage twice as long — docs/BENCHMARKS.md,
+/// "Time without an exit".)
+const INLINE_ENCODE_PAGES: usize = 256;
 
 /// Runs `f`, which may take milliseconds, without holding up the QUIC tasks that share the
 /// loop's worker thread (`vmatrix`'s `rt::block_on_worker`): tokio's `block_in_place` hands

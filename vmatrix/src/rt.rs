@@ -24,12 +24,15 @@ pub fn spawn_pinned<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || match runtime_pinned(cpus) {
+    std::thread::Builder::new().name(name.to_string()).spawn({
+        // (Its threads carry its name, for `top -H` and `/proc/<pid>/task`: at most 15
+        // bytes on Linux.)
+        let threads: String = format!("{name}-rt").chars().take(15).collect();
+        move || match runtime_pinned(cpus, Some(threads)) {
             Ok(rt) => block_on_worker(&rt, fut),
             Err(e) => eprintln!("vmatrix: cannot start a tokio runtime: {e}"),
-        })
+        }
+    })
 }
 
 /// Runs `fut` to completion on `rt`'s worker thread, beside the tasks it spawns (QUIC
@@ -52,13 +55,19 @@ where
 
 /// A one-worker multi-thread runtime with timers and I/O.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    runtime_pinned(None)
+    runtime_pinned(None, None)
 }
 
 /// [`runtime`] whose threads are pinned to `cpus`, if given.
-fn runtime_pinned(cpus: Option<Vec<usize>>) -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime_pinned(
+    cpus: Option<Vec<usize>>,
+    name: Option<String>,
+) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(1).enable_all();
+    if let Some(n) = name {
+        b.thread_name(n);
+    }
     if let Some(cpus) = cpus {
         b.on_thread_start(move || {
             if let Err(e) = vmm::affinity::pin(0, &cpus) {

@@ -100,6 +100,7 @@ pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
     }
     let before = vm.stats.as_ref().map(|s| s.reply_path.snapshot());
     let e0 = vm.stats.as_ref().map_or(0, |s| s.epochs.load(Relaxed));
+    let pages0 = vm.stats.as_ref().map_or(0, |s| s.pages.load(Relaxed));
     eprintln!("16 clients start (pid {})", std::process::id());
     let t0 = std::time::Instant::now();
     let (r16, p50, p99) = kv_load(env.guest_addr(), 16, n)?;
@@ -115,9 +116,11 @@ pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
         ms(p99)
     );
     if let (Some(stats), Some(before)) = (&vm.stats, before) {
-        let cps = (stats.epochs.load(Relaxed) - e0) as f64 / secs;
+        let epochs = (stats.epochs.load(Relaxed) - e0).max(1);
+        let cps = epochs as f64 / secs;
+        let pages = (stats.pages.load(Relaxed) - pages0) as f64 / epochs as f64;
         println!(
-            "checkpoints/s {cps:.0} ({:.1} SETs each)",
+            "checkpoints/s {cps:.0} ({:.1} SETs, {pages:.0} pages each)",
             r16 / cps.max(1.0)
         );
         if let Some(p) = stats.reply_path.means(before) {
