@@ -12,5 +12,8 @@ pub const VIRTIO_SLOTS: u64 = 4;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// The generation word (u64) the VMM writes at boot and before a clone's first instruction.
 pub const GENID: u64 = 0xb000;
+/// The clock page the VMM writes before this vCPU first runs in a VMM process
+/// (`vmm/src/pvclock.rs`): time from the TSC without a VM exit.
+pub const CLOCK_PAGE: u64 = GENID + 0x40;
 /// Guest RAM beyond the part below the MMIO hole (which ends at [`PLATFORM`]) is here.
 pub const HIGH_RAM: u64 = 1 << 32;

@@ -3,8 +3,11 @@
 use alloc::string::String;
 use alloc::vec;
 
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicBool, AtomicU64};
+
 use crate::io;
-use crate::layout::PLATFORM;
+use crate::layout::{CLOCK_PAGE, PLATFORM};
 
 const MAGIC: u32 = 0x504d_5856;
 
@@ -21,9 +24,75 @@ pub fn console(bytes: &[u8]) {
     let len = bytes.len().min(4096) as u64;
     io::write64(PLATFORM + 0x50, bytes.as_ptr() as u64 | (len << 48));
 }
-/// Guest monotonic clock in ns.
+/// Guest monotonic clock in ns: from the clock page and the TSC when the VMM anchored one
+/// (no VM exit, as a Linux guest reads kvmclock), else the clock register. Never backwards.
 pub fn clock_ns() -> u64 {
+    let t = match PV_CLOCK_OFF.load(Relaxed) {
+        false => pv_clock_ns().unwrap_or_else(register_clock_ns),
+        true => register_clock_ns(),
+    };
+    // (One vCPU: a plain load and store is enough.)
+    let last = LAST_NS.load(Relaxed);
+    if t > last {
+        LAST_NS.store(t, Relaxed);
+        return t;
+    }
+    last
+}
+
+/// The clock register (one VM exit).
+pub fn register_clock_ns() -> u64 {
     io::read64(PLATFORM + 0x08)
+}
+
+const CLOCK_MAGIC: u32 = 0x4b4c_4356;
+const CLOCK_VERSION: u32 = 1;
+static PV_CLOCK_OFF: AtomicBool = AtomicBool::new(false);
+static LAST_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The clock from the clock page (`vmm/src/pvclock.rs`), if the VMM anchored it.
+pub fn pv_clock_ns() -> Option<u64> {
+    let at = |o: u64| -> u64 {
+        // SAFETY: CLOCK_PAGE is an aligned 32-byte record in identity-mapped guest RAM below
+        // the image, written by the VMM only while this vCPU does not run.
+        unsafe { core::ptr::read_volatile((CLOCK_PAGE + o) as *const u64) }
+    };
+    let head = at(0);
+    if head as u32 != CLOCK_MAGIC || (head >> 32) as u32 != CLOCK_VERSION {
+        return None;
+    }
+    let (mult, tsc_base, ns_base) = (at(8), at(16), at(24));
+    let ticks = tsc().saturating_sub(tsc_base);
+    let ns = (u128::from(ticks) * u128::from(mult)) >> 32;
+    Some(ns_base.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX)))
+}
+
+/// Where the time comes from: "page" (no exit) or "register".
+pub fn clock_source() -> &'static str {
+    match !PV_CLOCK_OFF.load(Relaxed) && pv_clock_ns().is_some() {
+        true => "page",
+        false => "register",
+    }
+}
+
+/// Checks the clock page against the clock register (at start, and in each new VMM process):
+/// a page that disagrees by more than 1 ms is not used from then on. Returns whether it is.
+pub fn check_clock() -> bool {
+    let Some(before) = pv_clock_ns() else {
+        return false;
+    };
+    let reg = register_clock_ns();
+    let after = pv_clock_ns().unwrap_or(before);
+    let ok = reg.saturating_add(1_000_000) >= before && reg <= after.saturating_add(1_000_000);
+    if !ok {
+        crate::println!(
+            "vmatrix-guest: the clock page disagrees with the clock register ({} vs {} ns): not used",
+            before,
+            reg
+        );
+    }
+    PV_CLOCK_OFF.store(!ok, Relaxed);
+    ok
 }
 /// Blocks in the VMM until a device event or `ns` nanoseconds.
 pub fn wait(ns: u64) {
@@ -45,7 +114,8 @@ pub fn generation_word() -> u64 {
 pub fn incarnation() -> u64 {
     io::read64(PLATFORM + 0x48)
 }
-/// Host TSC (PVM passes the raw host counter): entropy for seeds, never a clock.
+/// The TSC (PVM passes the raw host counter): the clock page's time base, and entropy for
+/// seeds.
 pub fn tsc() -> u64 {
     // SAFETY: rdtsc has no side effects and is allowed in ring 3 (CR4.TSD is clear).
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -296,6 +296,8 @@ impl Server {
                 let inc = platform::incarnation();
                 if inc != self.incarnation {
                     self.incarnation = inc;
+                    // (A new VMM process anchored the clock page anew: check it again.)
+                    platform::check_clock();
                     crate::io::console_reprobe();
                     self.announce(self.ip);
                 }
@@ -377,11 +379,11 @@ impl Server {
                 let mut s = alloc::string::String::new();
                 let _ = writeln!(
                     s,
-                    "STATS keys={} sets={} gets={} commits={} failed_commits={} rounds={} log_tail={} churned={} rx={} tx={} heap={} uptime_ms={} generation={}",
+                    "STATS keys={} sets={} gets={} commits={} failed_commits={} rounds={} log_tail={} churned={} rx={} tx={} heap={} uptime_ms={} generation={} clock={}",
                     self.store.len(), self.stats.sets, self.stats.gets, self.stats.commits,
                     self.stats.failed_commits, self.stats.rounds, self.log.tail(), self.churn.done(),
                     self.net.rx_frames, self.net.tx_frames, crate::rt::heap_used(),
-                    platform::clock_ns() / 1_000_000, self.generation
+                    platform::clock_ns() / 1_000_000, self.generation, platform::clock_source()
                 );
                 Held::Bytes(s.into_bytes())
             }

@@ -99,6 +99,9 @@ fn tcp_connections_and_acknowledged_writes_survive_snapshot_kill_restore() {
         num(&after, "uptime_ms") >= num(&before, "uptime_ms"),
         "{before} -> {after}"
     );
+    // Time without an exit, before and after (the restoring VMM anchored the clock page anew).
+    assert_eq!(field(&before, "clock").as_deref(), Some("page"), "{before}");
+    assert_eq!(field(&after, "clock").as_deref(), Some("page"), "{after}");
     let mut fresh = vm2.wait_ready(Duration::from_secs(10));
     for (k, v) in &all {
         assert_eq!(

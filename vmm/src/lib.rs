@@ -25,6 +25,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod persist;
+pub mod pvclock;
 pub mod rt;
 pub mod snapshot;
 pub mod vcpu;

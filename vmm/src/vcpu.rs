@@ -148,7 +148,13 @@ pub struct Control {
     pre_pause_max_us: AtomicU64,
     /// What the hook read, and the `park_gen` it was read at.
     parked_state: Mutex<Option<(u64, crate::vcpu_state::VcpuState)>>,
+    /// Runs on the vCPU thread before the guest's first instruction in this process (the
+    /// clock page's anchor, `crate::pvclock`).
+    first_run: Mutex<Option<FirstRun>>,
 }
+
+/// See [`Control::set_first_run`].
+pub type FirstRun = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// Pauses the vCPU took at guest output ([`Control::pause_at_output`]) since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -181,7 +187,22 @@ impl Control {
             state_hook: OnceLock::new(),
             parked_state: Mutex::new(None),
             pre_pause_max_us: AtomicU64::new(PRE_PAUSE_MAX.as_micros() as u64),
+            first_run: Mutex::new(None),
         }
+    }
+
+    /// Sets what the vCPU thread does once, before the guest's first instruction in this
+    /// process — after any pause the VM starts in (`pause_before_start`), so memory read while
+    /// paused is still the memory restored.
+    pub(crate) fn set_first_run(&self, f: FirstRun) {
+        *self.first_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    fn take_first_run(&self) -> Option<FirstRun> {
+        self.first_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// How long a pause taken at guest output waits for its capture ([`PRE_PAUSE_MAX`]).
@@ -667,6 +688,11 @@ fn run_loop(shared: &Mutex<VcpuFd>, pio: &Bus, mmio: &Bus, control: &Control) ->
                 vcpu = lock_vcpu(shared);
                 if let Some(r) = stop {
                     return r;
+                }
+                // (The first KVM_RUN returned at once, immediate_exit being set: the guest has
+                // not run yet, and runs next.)
+                if let Some(f) = control.take_first_run() {
+                    f(&vcpu);
                 }
             }
             Owned::Fault(what) => {

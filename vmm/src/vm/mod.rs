@@ -365,6 +365,16 @@ impl Vm {
         control.set_ring(parts.ring.clone());
         control.set_sync_regs(parts.sync_regs);
         let tsc_khz = Arc::new(std::sync::OnceLock::new());
+        // The guest's clock page, anchored to this host's TSC before the guest's first
+        // instruction in this process (`crate::pvclock`).
+        let (platform, tsc) = (devices.platform.clone(), tsc_khz.clone());
+        control.set_first_run(Box::new(move |vcpu| {
+            let probe = crate::pvclock::probe(vcpu);
+            lock(&platform).anchor_clock(probe);
+            if let Some((khz, _)) = probe {
+                let _ = tsc.set(Some(khz));
+            }
+        }));
         let (msrs, tsc) = (parts.msr_indices.clone(), tsc_khz.clone());
         control.set_state_hook(Box::new(move |vcpu, synced| {
             crate::vcpu_state::capture(vcpu, &msrs, synced, &tsc).ok()

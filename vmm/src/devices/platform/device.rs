@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 0x00 | R u32 | magic `0x504d5856` ("VXMP") |
 //! | 0x04 | R u32 | version (2; 1 had no console register) |
-//! | 0x08 | R u64 | monotonic guest clock in ns (part of VM state; does not jump on restore) |
+//! | 0x08 | R u64 | monotonic guest clock in ns (part of VM state; does not jump on restore; also readable without an exit from the clock page, `crate::pvclock`) |
 //! | 0x10 | W u64 | wait until a device event or N ns (the vCPU blocks in the VMM) |
 //! | 0x10 | R u64 | outcome of the last wait: 0 timeout, 1 event, 2 spurious (VMM pause) |
 //! | 0x18 | R u64 | generation id (changes in a clone) |
@@ -30,6 +30,7 @@ use crate::bus::{le_value, put_le_value, BusDevice};
 use crate::devices::serial::ConsoleOut;
 use crate::events::{GuestEvents, WaitOutcome};
 use crate::memory::GuestMem;
+use crate::pvclock::{TscClock, CLOCK_PAGE_ADDR, CLOCK_PAGE_LEN};
 use crate::vcpu::Control;
 
 /// Magic value at offset 0.
@@ -94,6 +95,9 @@ pub struct Platform {
     /// Host instant at which the guest clock read `clock_base_ns`.
     pub(super) clock_origin: Instant,
     pub(super) clock_base_ns: u64,
+    /// The clock as a function of the TSC, once anchored ([`Platform::anchor_clock`]): then
+    /// the guest reads it from its clock page (`crate::pvclock`) and this device agrees.
+    pub(super) tsc: Option<TscClock>,
     pub(super) seen_seq: u64,
     pub(super) last_wait: WaitOutcome,
     pub(super) incarnation: u64,
@@ -123,6 +127,7 @@ impl Platform {
             mem_size,
             clock_origin: Instant::now(),
             clock_base_ns: 0,
+            tsc: None,
             last_wait: WaitOutcome::Timeout,
             incarnation: new_incarnation(),
             console: None,
@@ -170,8 +175,37 @@ impl Platform {
 
     /// Guest clock now, in ns.
     pub fn clock_ns(&self) -> u64 {
-        self.clock_base_ns
-            .saturating_add(self.clock_origin.elapsed().as_nanos() as u64)
+        match &self.tsc {
+            Some(c) => c.now(),
+            None => self
+                .clock_base_ns
+                .saturating_add(self.clock_origin.elapsed().as_nanos() as u64),
+        }
+    }
+
+    /// Anchors the guest clock, at the time it reads now, to this host's TSC (`probe`: its
+    /// rate and the guest's offset, `crate::pvclock::probe`) and writes the guest's clock page;
+    /// without a probe, clears the page (the guest reads the register). Only while the guest
+    /// does not run: the VM's vCPU thread calls it before the guest's first instruction.
+    pub fn anchor_clock(&mut self, probe: Option<(u32, i64)>) {
+        let now = self.clock_ns();
+        let clock = probe.and_then(|(khz, offset)| TscClock::anchor(now, khz, offset));
+        let page = clock.map_or([0u8; CLOCK_PAGE_LEN], |c| c.page());
+        match self.mem.write_slice(&page, GuestAddress(CLOCK_PAGE_ADDR)) {
+            Ok(()) => self.tsc = clock,
+            Err(e) => {
+                tracing::warn!("platform: cannot write the clock page: {e}");
+                self.tsc = None;
+            }
+        }
+        if self.tsc.is_none() {
+            (self.clock_origin, self.clock_base_ns) = (Instant::now(), now);
+        }
+    }
+
+    /// Whether the guest's clock page is anchored (it reads the time without an exit).
+    pub fn clock_anchored(&self) -> bool {
+        self.tsc.is_some()
     }
 
     fn wait(&mut self, ns: u64) {

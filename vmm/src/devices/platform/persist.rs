@@ -81,6 +81,8 @@ impl Persist for Platform {
             mem_size: st.mem_size,
             clock_origin: Instant::now(),
             clock_base_ns: st.clock_ns,
+            // (Anchored anew by the VM that restores it, to this host's TSC.)
+            tsc: None,
             last_wait,
             // A new process: a new incarnation (deliberately not saved).
             incarnation: super::device::new_incarnation(),
@@ -96,7 +98,7 @@ mod tests {
     use super::*;
     use crate::bus::BusDevice;
     use crate::devices::platform::device::regs;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     fn read(p: &mut Platform, reg: u64) -> u64 {
         let mut b = [0u8; 8];
@@ -138,5 +140,74 @@ mod tests {
         assert_eq!(read(&mut q, regs::GENERATION), 7);
         assert!(read(&mut q, regs::CLOCK_NS) >= saved.clock_ns);
         assert_ne!(read(&mut q, regs::INCARNATION), inc);
+    }
+
+    fn page(mem: &GuestMem) -> [u8; crate::pvclock::CLOCK_PAGE_LEN] {
+        let mut p = [0u8; crate::pvclock::CLOCK_PAGE_LEN];
+        mem.read_slice(&mut p, GuestAddress(crate::pvclock::CLOCK_PAGE_ADDR))
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn an_anchored_clock_runs_on_from_its_time_and_a_restore_anchors_it_anew() {
+        use crate::pvclock::CLOCK_MAGIC;
+        let events = Arc::new(GuestEvents::default());
+        let control = Arc::new(Control::new(events.clone()));
+        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut p = Platform::new(
+            events.clone(),
+            control.clone(),
+            mem.clone(),
+            1 << 20,
+            vec![],
+            1,
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let khz = 2_000_000;
+        p.anchor_clock(Some((khz, 0)));
+        assert!(p.clock_anchored());
+        let pg = page(&mem);
+        assert_eq!(
+            u32::from_le_bytes(pg[0..4].try_into().unwrap()),
+            CLOCK_MAGIC
+        );
+        let ns_base = u64::from_le_bytes(pg[24..32].try_into().unwrap());
+        assert!(
+            ns_base >= 5_000_000,
+            "anchored at the time it read: {ns_base}"
+        );
+        // The register and the page are one clock: what the guest computes from the page at
+        // a TSC equals what the device computes.
+        let c = p.tsc.unwrap();
+        assert_eq!(c.page(), pg);
+        let t0 = read(&mut p, regs::CLOCK_NS);
+        assert!(t0 >= ns_base);
+        // A restore in a new process anchors anew, at the saved time: never backwards.
+        let saved = p.save();
+        assert!(saved.clock_ns >= t0);
+        mem.write_slice(&[0xAA; 32], GuestAddress(crate::pvclock::CLOCK_PAGE_ADDR))
+            .unwrap();
+        let args = PlatformArgs {
+            events: events.clone(),
+            control: control.clone(),
+            mem: mem.clone(),
+            generation: None,
+        };
+        let mut q = Platform::restore(args, &saved).unwrap();
+        assert!(!q.clock_anchored(), "not until the VM anchors it");
+        q.anchor_clock(Some((khz, 0)));
+        let pg2 = page(&mem);
+        let base2 = u64::from_le_bytes(pg2[24..32].try_into().unwrap());
+        assert!(base2 >= saved.clock_ns, "{base2} < {}", saved.clock_ns);
+        assert!(read(&mut q, regs::CLOCK_NS) >= base2);
+        assert_ne!(pg2, [0xAA; 32]);
+        // Without a TSC rate the page is cleared (the guest reads the register) and the clock
+        // still runs on from where it was.
+        let before = read(&mut q, regs::CLOCK_NS);
+        q.anchor_clock(None);
+        assert_eq!(page(&mem), [0u8; 32]);
+        assert!(!q.clock_anchored());
+        assert!(read(&mut q, regs::CLOCK_NS) >= before);
     }
 }
