@@ -61,7 +61,6 @@ extern "C" fn guest_main() -> ! {
         high >> 20,
         platform::generation()
     );
-    platform::check_clock();
     let cfg_str = platform::config();
     let cfg = config::parse(&cfg_str).unwrap_or_else(|e| {
         println!("vmatrix-guest: bad config '{}': {}", cfg_str, e);

@@ -27,10 +27,7 @@ pub fn console(bytes: &[u8]) {
 /// Guest monotonic clock in ns: from the clock page and the TSC when the VMM anchored one
 /// (no VM exit, as a Linux guest reads kvmclock), else the clock register. Never backwards.
 pub fn clock_ns() -> u64 {
-    let t = match PV_CLOCK_OFF.load(Relaxed) {
-        false => pv_clock_ns().unwrap_or_else(register_clock_ns),
-        true => register_clock_ns(),
-    };
+    let t = pv_clock_ns().unwrap_or_else(register_clock_ns);
     // (One vCPU: a plain load and store is enough.)
     let last = LAST_NS.load(Relaxed);
     if t > last {
@@ -47,52 +44,82 @@ pub fn register_clock_ns() -> u64 {
 
 const CLOCK_MAGIC: u32 = 0x4b4c_4356;
 const CLOCK_VERSION: u32 = 1;
-static PV_CLOCK_OFF: AtomicBool = AtomicBool::new(false);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
+/// The anchor (its TSC base) last checked against the register, and whether it agreed.
+static CHECKED_BASE: AtomicU64 = AtomicU64::new(0);
+static CHECKED_OK: AtomicBool = AtomicBool::new(false);
 
-/// The clock from the clock page (`vmm/src/pvclock.rs`), if the VMM anchored it.
-pub fn pv_clock_ns() -> Option<u64> {
-    let at = |o: u64| -> u64 {
-        // SAFETY: CLOCK_PAGE is an aligned 32-byte record in identity-mapped guest RAM below
-        // the image, written by the VMM only while this vCPU does not run.
-        unsafe { core::ptr::read_volatile((CLOCK_PAGE + o) as *const u64) }
-    };
-    let head = at(0);
-    if head as u32 != CLOCK_MAGIC || (head >> 32) as u32 != CLOCK_VERSION {
-        return None;
+/// An anchor of the clock page (`vmm/src/pvclock.rs`).
+#[derive(Clone, Copy)]
+struct Anchor {
+    mult: u64,
+    tsc_base: u64,
+    ns_base: u64,
+}
+
+impl Anchor {
+    /// The page's anchor, if the VMM wrote one.
+    fn read() -> Option<Anchor> {
+        let at = |o: u64| -> u64 {
+            // SAFETY: CLOCK_PAGE is an aligned 32-byte record in identity-mapped guest RAM
+            // below the image, written by the VMM only while this vCPU does not run.
+            unsafe { core::ptr::read_volatile((CLOCK_PAGE + o) as *const u64) }
+        };
+        let head = at(0);
+        if head as u32 != CLOCK_MAGIC || (head >> 32) as u32 != CLOCK_VERSION {
+            return None;
+        }
+        Some(Anchor {
+            mult: at(8),
+            tsc_base: at(16),
+            ns_base: at(24),
+        })
     }
-    let (mult, tsc_base, ns_base) = (at(8), at(16), at(24));
-    let ticks = tsc().saturating_sub(tsc_base);
-    let ns = (u128::from(ticks) * u128::from(mult)) >> 32;
-    Some(ns_base.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX)))
+
+    fn now(&self) -> u64 {
+        let ticks = tsc().saturating_sub(self.tsc_base);
+        let ns = (u128::from(ticks) * u128::from(self.mult)) >> 32;
+        self.ns_base
+            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    /// Checks a new anchor against the clock register once (one exit), before its first use:
+    /// one that disagrees by more than 1 ms is not used.
+    fn check(&self) -> bool {
+        let before = self.now();
+        let reg = register_clock_ns();
+        let after = self.now();
+        let ok = reg.saturating_add(1_000_000) >= before && reg <= after.saturating_add(1_000_000);
+        if !ok {
+            crate::println!(
+                "vmatrix-guest: the clock page disagrees with the clock register ({} vs {} ns): not used",
+                before,
+                reg
+            );
+        }
+        CHECKED_BASE.store(self.tsc_base, Relaxed);
+        CHECKED_OK.store(ok, Relaxed);
+        ok
+    }
+}
+
+/// The clock from the clock page, if the VMM anchored it and the anchor agreed with the
+/// register when first used (each VMM process writes a new anchor).
+pub fn pv_clock_ns() -> Option<u64> {
+    let a = Anchor::read()?;
+    let ok = match CHECKED_BASE.load(Relaxed) == a.tsc_base {
+        true => CHECKED_OK.load(Relaxed),
+        false => a.check(),
+    };
+    ok.then(|| a.now())
 }
 
 /// Where the time comes from: "page" (no exit) or "register".
 pub fn clock_source() -> &'static str {
-    match !PV_CLOCK_OFF.load(Relaxed) && pv_clock_ns().is_some() {
+    match pv_clock_ns().is_some() {
         true => "page",
         false => "register",
     }
-}
-
-/// Checks the clock page against the clock register (at start, and in each new VMM process):
-/// a page that disagrees by more than 1 ms is not used from then on. Returns whether it is.
-pub fn check_clock() -> bool {
-    let Some(before) = pv_clock_ns() else {
-        return false;
-    };
-    let reg = register_clock_ns();
-    let after = pv_clock_ns().unwrap_or(before);
-    let ok = reg.saturating_add(1_000_000) >= before && reg <= after.saturating_add(1_000_000);
-    if !ok {
-        crate::println!(
-            "vmatrix-guest: the clock page disagrees with the clock register ({} vs {} ns): not used",
-            before,
-            reg
-        );
-    }
-    PV_CLOCK_OFF.store(!ok, Relaxed);
-    ok
 }
 /// Blocks in the VMM until a device event or `ns` nanoseconds.
 pub fn wait(ns: u64) {

@@ -296,8 +296,6 @@ impl Server {
                 let inc = platform::incarnation();
                 if inc != self.incarnation {
                     self.incarnation = inc;
-                    // (A new VMM process anchored the clock page anew: check it again.)
-                    platform::check_clock();
                     crate::io::console_reprobe();
                     self.announce(self.ip);
                 }

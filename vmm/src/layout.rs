@@ -6,6 +6,7 @@
 //! 0x0000_4000  PML4, 0x5000 PDPT, 0x6000..0xa000 four page directories (2 MiB pages, 4 GiB)
 //! 0x0000_b000  generation word (u64): the platform device's generation id, written by the VMM
 //!              at boot and before a clone's first instruction (the guest polls it for free)
+//! 0x0000_b040  clock page (32 bytes, `crate::pvclock`): the guest's clock from the TSC
 //! 0x0001_0000  page directories 4.. (guests whose RAM goes beyond 4 GiB of addresses)
 //! 0x0010_0000  lowest address a guest ELF segment may use
 //! low RAM end  at most MMIO_BASE

@@ -21,9 +21,9 @@
 //! pause it starts in, so a paused restore's memory is still the snapshot's), anchoring anew to
 //! this host's TSC at the guest time it restored — a page copied from another host is never
 //! used. The write goes through the device bitmap, so the next checkpoint carries it. Without a
-//! TSC frequency from
-//! KVM the page is cleared and the guest reads the register. The guest also checks the page
-//! against the register when it starts and after each new incarnation.
+//! TSC frequency from KVM the page is cleared and the guest reads the register. The rate is
+//! this host's: a restore does not set the checkpoint's TSC rate (`vcpu_state::restore`). The
+//! guest checks each new anchor against the register once, before its first use.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;

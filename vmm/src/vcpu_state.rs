@@ -3,10 +3,11 @@
 //! Captured only while the vCPU is parked (see `vcpu.rs`): `KVM_RUN` last returned `EINTR`,
 //! which completed any MMIO or port-I/O access in flight, so no exit is half done.
 //!
-//! Restore order (measured to work on this host, ARCHITECTURE.md): TSC frequency, MP state,
-//! regs, sregs, XSAVE, XCRs, debug registers, MSRs, vCPU events. `MSR_KVM_POLL_CONTROL` is not
+//! Restore order (measured to work on this host, ARCHITECTURE.md): MP state, regs, sregs,
+//! XSAVE, XCRs, debug registers, MSRs, vCPU events (the TSC rate is saved but not restored). `MSR_KVM_POLL_CONTROL` is not
 //! captured: KVM refuses to set it without an in-kernel irqchip. The guest's time comes from the
-//! platform device's clock (saved with the device), not from the TSC, which PVM does not offset.
+//! platform device's clock (saved with the device), which the guest reads from its clock page
+//! anchored anew to this host's TSC in every process (`crate::pvclock`).
 
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
@@ -197,12 +198,10 @@ fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
 
 /// Writes `s` into a freshly created vCPU.
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
-    if let Some(khz) = s.tsc_khz {
-        // Scaling may be unsupported (PVM); the guest does not depend on the TSC.
-        if let Err(e) = vcpu.set_tsc_khz(khz) {
-            tracing::debug!("set_tsc_khz({khz}) not applied: {e}");
-        }
-    }
+    // The TSC rate is not restored: the guest's TSC runs at this host's rate, and its clock
+    // page is anchored anew to it (`crate::pvclock`), as kvmclock is after a migration. (PVM
+    // cannot scale the TSC, yet accepts `KVM_SET_TSC_KHZ` and then reports the rate it was
+    // given: restoring it made the clock page run at the old host's rate — review finding.)
     vcpu.set_mp_state(s.mp_state)
         .map_err(Error::kvm("set_mp_state"))?;
     vcpu.set_regs(&s.regs).map_err(Error::kvm("set_regs"))?;

@@ -367,8 +367,12 @@ impl Vm {
         let tsc_khz = Arc::new(std::sync::OnceLock::new());
         // The guest's clock page, anchored to this host's TSC before the guest's first
         // instruction in this process (`crate::pvclock`).
-        let (platform, tsc) = (devices.platform.clone(), tsc_khz.clone());
+        // (Weak: the platform device holds the control block, which holds this.)
+        let (platform, tsc) = (Arc::downgrade(&devices.platform), tsc_khz.clone());
         control.set_first_run(Box::new(move |vcpu| {
+            let Some(platform) = platform.upgrade() else {
+                return;
+            };
             let probe = crate::pvclock::probe(vcpu);
             lock(&platform).anchor_clock(probe);
             if let Some((khz, _)) = probe {
