@@ -141,7 +141,7 @@ fn pinned_threads_stay_on_their_cpus_and_pause_buffers_are_locked() {
     assert!(locked >= 256, "{locked} kB locked");
     assert_eq!(cpus_of_threads(pid, "vcpu0"), vec![vcpu.clone()]);
     // The replication runtime's threads (its worker and blocking pool) are on the first CPU.
-    let loop_threads = cpus_of_threads(pid, "tokio-rt-worker");
+    let loop_threads = cpus_of_threads(pid, "replication-rt");
     assert!(
         !loop_threads.is_empty() && loop_threads.iter().all(|c| *c == first_s),
         "the replication runtime's threads are not all on CPU {first}: {loop_threads:?}"
