@@ -40,7 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use protocol::message::Position;
-use protocol::page::{decode, PAGE};
+use protocol::page::{decode_into, PageData, PAGE};
 use protocol::{Checkpoint, Kind};
 use serde::{Deserialize, Serialize};
 use vmm::snapshot::{self, format, VmState};
@@ -313,16 +313,19 @@ impl ReplicaImage {
             return Err(BackupError::Apply("guest RAM size changed".into()));
         }
         let mp = self.dir.join(snapshot::MEMORY_FILE);
-        let mut old = vec![0u8; PAGE];
         let mut gfns = Vec::with_capacity(cp.pages.len());
-        let mut data = Vec::with_capacity(cp.pages.len() * PAGE);
-        for (gfn, enc) in &cp.pages {
+        let mut data = vec![0u8; cp.pages.len() * PAGE];
+        // Each page's current contents are read into its slot and decoded there (no buffer
+        // per page: BENCHMARKS.md, "Time without an exit").
+        for ((gfn, enc), slot) in cp.pages.iter().zip(data.chunks_exact_mut(PAGE)) {
             let off = gfn
                 .checked_mul(PAGE as u64)
                 .filter(|o| o + PAGE as u64 <= self.meta.mem_size)
                 .ok_or_else(|| BackupError::Apply(format!("page {gfn} beyond guest RAM")))?;
-            self.mem.read_exact_at(&mut old, off).map_err(io(&mp))?;
-            data.extend_from_slice(&decode(*gfn, enc, Some(&old))?);
+            if !matches!(enc, PageData::Zero | PageData::Raw(_) | PageData::Lz4(_)) {
+                self.mem.read_exact_at(slot, off).map_err(io(&mp))?;
+            }
+            decode_into(*gfn, enc, slot)?;
             gfns.push(*gfn);
         }
         Ok((gfns, data))
@@ -363,10 +366,17 @@ impl ReplicaImage {
         disk: &[(u64, Vec<u8>)],
     ) -> Result<(), BackupError> {
         let mp = self.dir.join(snapshot::MEMORY_FILE);
-        for (i, gfn) in gfns.iter().enumerate() {
+        // One write per run of consecutive pages (their data is consecutive too).
+        let mut i = 0;
+        while i < gfns.len() {
+            let mut n = 1;
+            while i + n < gfns.len() && gfns[i + n] == gfns[i] + n as u64 {
+                n += 1;
+            }
             self.mem
-                .write_all_at(&data[i * PAGE..(i + 1) * PAGE], gfn * PAGE as u64)
+                .write_all_at(&data[i * PAGE..(i + n) * PAGE], gfns[i] * PAGE as u64)
                 .map_err(io(&mp))?;
+            i += n;
         }
         if let Some(d) = &self.disk {
             let dp = self.dir.join(snapshot::DISK_FILE);

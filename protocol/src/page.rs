@@ -122,31 +122,6 @@ fn rle(d: &[u8]) -> Vec<u8> {
     out
 }
 
-fn unrle(gfn: u64, enc: &[u8]) -> Result<Vec<u8>, ProtocolError> {
-    let bad = |why: &str| ProtocolError::Page {
-        gfn,
-        why: format!("bad XOR run: {why}"),
-    };
-    let mut out = vec![0u8; PAGE];
-    let (mut pos, mut i) = (0usize, 0usize);
-    while i < enc.len() {
-        if enc.len() - i < 4 {
-            return Err(bad("truncated run header"));
-        }
-        let zeros = usize::from(u16::from_le_bytes([enc[i], enc[i + 1]]));
-        let lits = usize::from(u16::from_le_bytes([enc[i + 2], enc[i + 3]]));
-        i += 4;
-        pos += zeros;
-        if pos + lits > PAGE || enc.len() - i < lits {
-            return Err(bad("run past the end of the page"));
-        }
-        out[pos..pos + lits].copy_from_slice(&enc[i..i + lits]);
-        pos += lits;
-        i += lits;
-    }
-    Ok(out)
-}
-
 fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
     a.iter().zip(b).map(|(x, y)| x ^ y).collect()
 }
@@ -190,12 +165,29 @@ pub fn encode(new: &[u8], old: Option<&[u8]>, opts: EncodeOptions) -> PageData {
 
 /// Decodes a page; `old` is the receiver's current version of it (needed for XOR encodings).
 pub fn decode(gfn: u64, data: &PageData, old: Option<&[u8]>) -> Result<Vec<u8>, ProtocolError> {
-    let need_old = || {
-        old.filter(|o| o.len() == PAGE).ok_or(ProtocolError::Page {
-            gfn,
-            why: "XOR encoding without a previous version".into(),
-        })
+    let old = old.filter(|o| o.len() == PAGE);
+    let mut page = match (data, old) {
+        (PageData::Xor(_) | PageData::Lz4Xor(_), None) => {
+            return Err(ProtocolError::Page {
+                gfn,
+                why: "XOR encoding without a previous version".into(),
+            })
+        }
+        (_, Some(o)) => o.to_vec(),
+        (_, None) => vec![0u8; PAGE],
     };
+    decode_into(gfn, data, &mut page)?;
+    Ok(page)
+}
+
+/// Decodes a page in place: `page` holds the receiver's current version of it (what XOR
+/// encodings are relative to) and the new version on return — no allocation for the common
+/// encodings (zero, raw, XOR runs), one buffer for LZ4. On an error `page` is unchanged.
+pub fn decode_into(gfn: u64, data: &PageData, page: &mut [u8]) -> Result<(), ProtocolError> {
+    let bad = |why: String| ProtocolError::Page { gfn, why };
+    if page.len() != PAGE {
+        return Err(bad(format!("a page buffer of {} bytes", page.len())));
+    }
     let lz4 = |b: &[u8]| {
         lz4_flex::decompress(b, PAGE)
             .ok()
@@ -206,21 +198,44 @@ pub fn decode(gfn: u64, data: &PageData, old: Option<&[u8]>) -> Result<Vec<u8>, 
             })
     };
     match data {
-        PageData::Zero => Ok(vec![0u8; PAGE]),
-        PageData::Raw(b) if b.len() == PAGE => Ok(b.clone()),
-        PageData::Raw(b) => Err(ProtocolError::Page {
-            gfn,
-            why: format!("raw page of {} bytes", b.len()),
-        }),
-        PageData::Xor(b) => {
-            let old = need_old()?;
-            let mut page = unrle(gfn, b)?;
-            xor_into(&mut page, old);
-            Ok(page)
-        }
-        PageData::Lz4(b) => lz4(b),
-        PageData::Lz4Xor(b) => Ok(xor(&lz4(b)?, need_old()?)),
+        PageData::Zero => page.fill(0),
+        PageData::Raw(b) if b.len() == PAGE => page.copy_from_slice(b),
+        PageData::Raw(b) => return Err(bad(format!("raw page of {} bytes", b.len()))),
+        PageData::Xor(b) => xor_runs_into(gfn, b, page)?,
+        PageData::Lz4(b) => page.copy_from_slice(&lz4(b)?),
+        PageData::Lz4Xor(b) => xor_into(page, &lz4(b)?),
     }
+    Ok(())
+}
+
+/// XORs the run-length coded delta `enc` ([`rle`]) into `page`: every run is checked before
+/// the page is touched, so a bad delta leaves it as it was.
+fn xor_runs_into(gfn: u64, enc: &[u8], page: &mut [u8]) -> Result<(), ProtocolError> {
+    let bad = |why: &str| ProtocolError::Page {
+        gfn,
+        why: format!("bad XOR run: {why}"),
+    };
+    for apply in [false, true] {
+        let (mut pos, mut i) = (0usize, 0usize);
+        while i < enc.len() {
+            if enc.len() - i < 4 {
+                return Err(bad("truncated run header"));
+            }
+            let zeros = usize::from(u16::from_le_bytes([enc[i], enc[i + 1]]));
+            let lits = usize::from(u16::from_le_bytes([enc[i + 2], enc[i + 3]]));
+            i += 4;
+            pos += zeros;
+            if pos + lits > PAGE || enc.len() - i < lits {
+                return Err(bad("run past the end of the page"));
+            }
+            if apply {
+                xor_into(&mut page[pos..pos + lits], &enc[i..i + lits]);
+            }
+            pos += lits;
+            i += lits;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -343,6 +358,20 @@ mod tests {
             let d = match kind { 0 => PageData::Raw(bytes), 1 => PageData::Xor(bytes), 2 => PageData::Lz4(bytes), 3 => PageData::Lz4Xor(bytes), _ => PageData::Zero };
             let _ = decode(3, &d, Some(&[7u8; PAGE]));
             let _ = decode(3, &d, None);
+            let mut page = [7u8; PAGE];
+            if decode_into(3, &d, &mut page).is_err() {
+                prop_assert_eq!(page, [7u8; PAGE], "a bad page leaves the buffer as it was");
+            }
+        }
+
+        #[test]
+        fn decoding_in_place_equals_decoding(new in proptest::collection::vec(any::<u8>(), PAGE), old in proptest::collection::vec(any::<u8>(), PAGE), every in 1usize..300, lz4 in any::<bool>()) {
+            let new: Vec<u8> = new.iter().zip(&old).enumerate().map(|(i, (n, o))| if i % every == 0 { *n } else { *o }).collect();
+            let e = encode(&new, Some(&old), EncodeOptions { xor: true, lz4 });
+            let mut page = old.clone();
+            decode_into(5, &e, &mut page).unwrap();
+            prop_assert_eq!(&page, &new);
+            prop_assert_eq!(decode(5, &e, Some(&old)).unwrap(), new);
         }
     }
 }
