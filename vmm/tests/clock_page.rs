@@ -6,28 +6,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::vm::{console, vm_with};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::serial::ConsoleOut;
 use vmm::pvclock::{CLOCK_MAGIC, CLOCK_PAGE_ADDR, CLOCK_PAGE_LEN};
-use vmm::{RestoreParts, Vm, VmConfig};
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn console() -> ConsoleOut {
-    ConsoleOut::new(Box::new(Sink(Arc::default())))
-}
+use vmm::{RestoreParts, Vm};
 
 /// mov eax, 0x300000; 1: inc qword [rax]; jmp 1b
 const COUNT_LOOP: &[u8] = &[0xb8, 0x00, 0x00, 0x30, 0x00, 0x48, 0xff, 0x00, 0xeb, 0xfb];
@@ -57,25 +41,7 @@ fn rate(vm: &Vm, d: Duration) -> f64 {
 
 #[test]
 fn the_clock_page_is_anchored_at_the_first_run_and_anew_at_this_hosts_rate_after_a_restore() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: this test needs real KVM"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let elf = dir.path().join("tiny.elf");
-    std::fs::write(&elf, common::elf::tiny_elf(COUNT_LOOP)).unwrap();
-    let vm = Vm::new(VmConfig {
-        guest_elf: elf,
-        mem_mib: 16,
-        disk: None,
-        tap: None,
-        mac: [2, 0, 0, 0, 0, 1],
-        guest_config: String::new(),
-        console: console(),
-        dirty_log: true,
-        generation: 1,
-    })
-    .expect("build VM");
+    let (vm, dir) = vm_with(COUNT_LOOP);
     assert_eq!(page(&vm).0, 0, "nothing written before the vCPU runs");
     vm.start().unwrap();
     std::thread::sleep(Duration::from_millis(20));

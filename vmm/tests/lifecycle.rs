@@ -2,48 +2,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::vm::vm_with;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::serial::ConsoleOut;
-use vmm::{Vm, VmConfig, VmExit};
+use vmm::{Vm, VmExit};
 
 const COUNTER: u64 = 0x30_0000;
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn vm_with(code: &[u8]) -> (Vm, tempfile::TempDir) {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: this test needs real KVM"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let elf = dir.path().join("tiny.elf");
-    std::fs::write(&elf, common::elf::tiny_elf(code)).unwrap();
-    let vm = Vm::new(VmConfig {
-        guest_elf: elf,
-        mem_mib: 16,
-        disk: None,
-        tap: None,
-        mac: [2, 0, 0, 0, 0, 1],
-        guest_config: String::new(),
-        console: ConsoleOut::new(Box::new(Sink(Arc::default()))),
-        dirty_log: true,
-        generation: 1,
-    })
-    .expect("build VM");
-    (vm, dir)
-}
 
 fn counter(vm: &Vm) -> u64 {
     vm.memory().read_obj(GuestAddress(COUNTER)).unwrap()

@@ -106,19 +106,31 @@ mod tests {
         u64::from_le_bytes(b)
     }
 
-    #[test]
-    fn a_restore_keeps_generation_and_clock_but_changes_the_incarnation() {
+    /// A fresh device on 1 MiB of memory, and what a restore of it needs.
+    fn fresh(config: &[u8], generation: u64) -> (Platform, PlatformArgs) {
         let events = Arc::new(GuestEvents::default());
         let control = Arc::new(Control::new(events.clone()));
         let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut p = Platform::new(
+        let p = Platform::new(
             events.clone(),
             control.clone(),
             mem.clone(),
             1 << 20,
-            b"ip=10.0.0.2/24".to_vec(),
-            7,
+            config.to_vec(),
+            generation,
         );
+        let args = PlatformArgs {
+            events,
+            control,
+            mem,
+            generation: None,
+        };
+        (p, args)
+    }
+
+    #[test]
+    fn a_restore_keeps_generation_and_clock_but_changes_the_incarnation() {
+        let (mut p, args) = fresh(b"ip=10.0.0.2/24", 7);
         let inc = read(&mut p, regs::INCARNATION);
         assert_ne!(inc, 0);
         assert_eq!(
@@ -127,16 +139,7 @@ mod tests {
             "stable within a process"
         );
         let saved = p.save();
-        let mut q = Platform::restore(
-            PlatformArgs {
-                events,
-                control,
-                mem,
-                generation: None,
-            },
-            &saved,
-        )
-        .unwrap();
+        let mut q = Platform::restore(args, &saved).unwrap();
         assert_eq!(read(&mut q, regs::GENERATION), 7);
         assert!(read(&mut q, regs::CLOCK_NS) >= saved.clock_ns);
         assert_ne!(read(&mut q, regs::INCARNATION), inc);
@@ -152,17 +155,8 @@ mod tests {
     #[test]
     fn an_anchored_clock_runs_on_from_its_time_and_a_restore_anchors_it_anew() {
         use crate::pvclock::CLOCK_MAGIC;
-        let events = Arc::new(GuestEvents::default());
-        let control = Arc::new(Control::new(events.clone()));
-        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut p = Platform::new(
-            events.clone(),
-            control.clone(),
-            mem.clone(),
-            1 << 20,
-            vec![],
-            1,
-        );
+        let (mut p, args) = fresh(b"", 1);
+        let mem = args.mem.clone();
         std::thread::sleep(std::time::Duration::from_millis(5));
         let khz = 2_000_000;
         p.anchor_clock(Some((khz, 0)));
@@ -188,12 +182,6 @@ mod tests {
         assert!(saved.clock_ns >= t0);
         mem.write_slice(&[0xAA; 32], GuestAddress(crate::pvclock::CLOCK_PAGE_ADDR))
             .unwrap();
-        let args = PlatformArgs {
-            events: events.clone(),
-            control: control.clone(),
-            mem: mem.clone(),
-            generation: None,
-        };
         let mut q = Platform::restore(args, &saved).unwrap();
         assert!(!q.clock_anchored(), "not until the VM anchors it");
         q.anchor_clock(Some((khz, 0)));

@@ -1,0 +1,49 @@
+//! A tiny VM for the integration tests: a few bytes of ring-3 code, 16 MiB, no devices but the
+//! platform and the console (kept in memory).
+
+use std::sync::{Arc, Mutex};
+
+use vmm::devices::serial::ConsoleOut;
+use vmm::{Vm, VmConfig};
+
+/// Console output kept in memory.
+pub struct Sink(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A console whose output is dropped.
+pub fn console() -> ConsoleOut {
+    ConsoleOut::new(Box::new(Sink(Arc::default())))
+}
+
+/// A VM (not started) running `code` as its guest; the directory holds its ELF.
+pub fn vm_with(code: &[u8]) -> (Vm, tempfile::TempDir) {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: this test needs real KVM"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let elf = dir.path().join("tiny.elf");
+    std::fs::write(&elf, super::elf::tiny_elf(code)).unwrap();
+    let vm = Vm::new(VmConfig {
+        guest_elf: elf,
+        mem_mib: 16,
+        disk: None,
+        tap: None,
+        mac: [2, 0, 0, 0, 0, 1],
+        guest_config: String::new(),
+        console: console(),
+        dirty_log: true,
+        generation: 1,
+    })
+    .expect("build VM");
+    (vm, dir)
+}
