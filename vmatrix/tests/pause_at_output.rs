@@ -49,7 +49,18 @@ fn send(mut kv: KvClient, line: &str) -> std::thread::JoinHandle<(KvClient, Stri
 fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     let tap = HostTap::new();
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
+    let (vm, kv, wakes) = protected_vm(&tap, dir.path());
+    let kv = adopted_by_the_capture(&vm, kv, &wakes);
+    let kv = state_read_at_the_park(&vm, kv);
+    let kv = unadopted_pause_expires(&vm, kv, &tap);
+    unbalanced_resume_leaves_nothing_to_adopt(&vm, kv);
+    vm.stop();
+}
+
+/// A VM behind `tap`, as a protected primary's: output held, a waker that counts, the first
+/// capture taken.
+fn protected_vm(tap: &HostTap, dir: &std::path::Path) -> (Arc<Vm>, KvClient, Arc<AtomicU64>) {
+    let disk = dir.join("disk.img");
     make_disk(&disk, 16);
     let vm = Arc::new(
         Vm::new(VmConfig {
@@ -69,7 +80,6 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     let mut kv = connect_retry(tap.guest_addr(), Duration::from_secs(20));
     kv.set_timeout(Duration::from_secs(10));
     assert_eq!(kv.cmd("SET warm up").unwrap(), "OK");
-    // As a protected primary: output held, a waker that counts, the first capture.
     let wakes = Arc::new(AtomicU64::new(0));
     let w = wakes.clone();
     vm.set_output_waker(Some(Arc::new(move || {
@@ -79,9 +89,14 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     vm.release_output(c.epoch, None);
     assert_eq!(vm.output_pauses(), OutputPauses::default());
+    (vm, kv, wakes)
+}
 
-    // Armed: the reply's frame pauses the vCPU, and nobody has asked for a pause. (Waiting
-    // up to a minute for its capture: a test thread on a busy host may not see a 2 ms one.)
+/// Armed, the reply's frame pauses the vCPU before anyone asks; the capture adopts that pause,
+/// and the next reply (once per arming) pauses nothing.
+fn adopted_by_the_capture(vm: &Arc<Vm>, kv: KvClient, wakes: &AtomicU64) -> KvClient {
+    // (Waiting up to a minute for its capture: a test thread on a busy host may not see a
+    // 2 ms one.)
     vm.set_pause_at_output_wait(Duration::from_secs(60));
     vm.set_pause_at_output(true);
     let t = send(kv, "SET k1 v1");
@@ -121,9 +136,12 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     vm.release_output(c.epoch, None);
     (kv, _) = t.join().unwrap();
+    kv
+}
 
-    // The state the vCPU reads before parking is what the ioctls read: a user's pause adopts
-    // the pause at output, and the state is taken twice while it holds.
+/// The state the vCPU reads before parking is what the ioctls read: a user's pause adopts the
+/// pause at output, and the state is taken twice while it holds.
+fn state_read_at_the_park(vm: &Arc<Vm>, mut kv: KvClient) -> KvClient {
     vm.set_pause_at_output(true);
     let t = send(kv, "SET k3 v3");
     // (Paused *after* the pause was taken: the vCPU may not have left the last capture's
@@ -166,8 +184,11 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     let c = vm.capture_epoch(CaptureKind::Incremental).unwrap();
     vm.release_output(c.epoch, None);
     (kv, _) = t.join().unwrap();
+    kv
+}
 
-    // Armed, but no capture comes: the vCPU runs on by itself after PRE_PAUSE_MAX.
+/// Armed, but no capture comes: the vCPU runs on by itself after `PRE_PAUSE_MAX`.
+fn unadopted_pause_expires(vm: &Arc<Vm>, kv: KvClient, tap: &HostTap) -> KvClient {
     vm.set_pause_at_output_wait(vmm::vcpu::PRE_PAUSE_MAX);
     vm.set_pause_at_output(true);
     let t = send(kv, "SET k2 v2");
@@ -201,10 +222,12 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     );
     let end = vm.output_pauses();
     assert_eq!((end.taken, end.adopted, end.expired), (3, 2, 1), "{end:?}");
+    kv
+}
 
-    // A resume without a pause of its own ends a pause at output: the next pause (a capture)
-    // pauses afresh instead of adopting it, and returns. (First the second client's goodbye
-    // is let out: a frame already held in the epoch means the request's reply would not be
+/// A resume without a pause of its own ends a pause at output: the next pause (a capture)
+/// pauses afresh instead of adopting it, and returns.
+fn unbalanced_resume_leaves_nothing_to_adopt(vm: &Arc<Vm>, kv: KvClient) {
     // its first, and only the first pauses.)
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -244,5 +267,4 @@ fn an_armed_vm_pauses_at_its_output_and_the_capture_adopts_that_pause() {
     }
     assert_eq!(t.join().unwrap().1, "OK");
     assert_eq!(vm.output_pauses().adopted, 2, "nothing left to adopt");
-    vm.stop();
 }
