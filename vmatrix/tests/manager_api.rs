@@ -233,8 +233,20 @@ async fn api_cli_agent_and_restart() {
     let (listen, api) = free_ports();
     let mgr = Mgr::start(dir.path(), &pki, listen, api, "1");
     let url = mgr.url();
+    nowhere_to_place_without_an_agent(api, &url).await;
+    let mut a1 = agent_reports_its_host_up(&pki, listen, &url).await;
+    create_boots_a_primary_and_refusals(api, &url, &mut a1).await;
+    the_vm_runs_once_its_primary_reports(&url, &mut a1).await;
+    refused_operations_and_metrics(api).await;
+    delete_then_another_vm(api, &url, &mut a1).await;
+    let last_seq = events_from_api_cli_and_file(api, &url, dir.path()).await;
+    let setup = (dir.path().to_path_buf(), pki, listen, api);
+    a_restart_keeps_the_record_and_follows_events(setup, mgr, a1, last_seq).await;
+}
 
-    // No agent: nowhere to place a VM.
+/// No agent: nowhere to place a VM.
+async fn nowhere_to_place_without_an_agent(api: SocketAddr, url: &str) {
+    let url = url.to_string();
     let (st, body) = blocking(move || http("POST", api, "/v1/vms", Some(&spec("web", 0))))
         .await
         .unwrap();
@@ -252,9 +264,12 @@ async fn api_cli_agent_and_restart() {
         err.contains("503") && err.contains("no live host may run it"),
         "{err}"
     );
+}
 
-    // An agent connects and reports: its host is up.
-    let mut a1 = FakeAgent::connect(&pki, "a1", listen).await;
+/// An agent connects and reports: its host is up.
+async fn agent_reports_its_host_up(pki: &Path, listen: SocketAddr, url: &str) -> FakeAgent {
+    let url = url.to_string();
+    let mut a1 = FakeAgent::connect(pki, "a1", listen).await;
     let first = a1.next_assign().await;
     assert!(first.vms.is_empty(), "{first:?}");
     let u = url.clone();
@@ -268,8 +283,12 @@ async fn api_cli_agent_and_restart() {
         row.contains(" up ") && row.contains("yes") && row.contains("10.80.0.1"),
         "{hosts}"
     );
+    a1
+}
 
-    // A VM without backups: a1 is told to boot its primary.
+/// A VM without backups: a1 is told to boot its primary; already exists, invalid, unknown.
+async fn create_boots_a_primary_and_refusals(api: SocketAddr, url: &str, a1: &mut FakeAgent) {
+    let url = url.to_string();
     let u = url.clone();
     let out = blocking(move || {
         ok(&[
@@ -330,8 +349,12 @@ async fn api_cli_agent_and_restart() {
         .unwrap();
     assert_eq!(st, 503, "{body}");
     assert!(body.contains("web is Creating"), "{body}");
+}
 
-    // The primary reports itself running: the VM runs (unprotected: no backups asked).
+/// The primary reports itself running: the VM runs (unprotected: no backups asked), and the
+/// assignment says so (never boot it again).
+async fn the_vm_runs_once_its_primary_reports(url: &str, a1: &mut FakeAgent) {
+    let url = url.to_string();
     a1.report.send_replace(Report {
         vms: vec![primary_running("web", 1)],
         ..Default::default()
@@ -371,8 +394,10 @@ async fn api_cli_agent_and_restart() {
         ),
         "{a:?}"
     );
+}
 
-    // No backup to promote; no such host to migrate to.
+/// No backup to promote; no such host to migrate to; `/metrics` in OpenMetrics text.
+async fn refused_operations_and_metrics(api: SocketAddr) {
     let (st, body) = blocking(move || http("POST", api, "/v1/vms/web/failover", None))
         .await
         .unwrap();
@@ -408,8 +433,11 @@ async fn api_cli_agent_and_restart() {
     ] {
         assert!(page.contains(want), "{want} missing:\n{page}");
     }
+}
 
-    // Delete: the next assignment is empty.
+/// Delete: the next assignment is empty; another VM, kept over the restart.
+async fn delete_then_another_vm(api: SocketAddr, url: &str, a1: &mut FakeAgent) {
+    let url = url.to_string();
     let u = url.clone();
     let out = blocking(move || ok(&["vm", "delete", "web", "--manager", &u])).await;
     assert!(out.contains("deleted web"), "{out}");
@@ -425,8 +453,11 @@ async fn api_cli_agent_and_restart() {
     blocking(move || ok(&["vm", "create", "db", "--backups", "0", "--manager", &u])).await;
     let a = a1.next_assign().await;
     assert!(a.vms.contains_key("db"), "{a:?}");
+}
 
-    // The events, from the API, the CLI and the file.
+/// The events, from the API, the CLI and the file; returns the last event's number.
+async fn events_from_api_cli_and_file(api: SocketAddr, url: &str, dir: &Path) -> u64 {
+    let url = url.to_string();
     let u = url.clone();
     let ev = blocking(move || ok(&["events", "--manager", &u])).await;
     for kind in ["host_up", "created", "primary_running", "deleted"] {
@@ -441,7 +472,7 @@ async fn api_cli_agent_and_restart() {
         since.iter().all(|e| e["seq"].as_u64().unwrap() > 2),
         "{body}"
     );
-    let file = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let file = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
     let created: Vec<serde_json::Value> = file
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
@@ -462,9 +493,18 @@ async fn api_cli_agent_and_restart() {
                 .unwrap()
         })
         .unwrap();
+    last_seq
+}
 
-    // Restart from the same state file: the record survives; events go on numbering, and
-    // `events --follow` follows across the restart.
+/// Restart from the same state file: the record survives; events go on numbering, and
+/// `events --follow` follows across the restart.
+async fn a_restart_keeps_the_record_and_follows_events(
+    (dir, pki, listen, api): (PathBuf, PathBuf, SocketAddr, SocketAddr),
+    mgr: Mgr,
+    a1: FakeAgent,
+    last_seq: u64,
+) {
+    let url = mgr.url();
     let mut follow = KillOnDrop(
         Command::new(bin())
             .args(["events", "--follow", "--manager", &url, "--since"])
@@ -488,7 +528,7 @@ async fn api_cli_agent_and_restart() {
     };
     drop(a1);
     blocking(move || mgr.stop()).await;
-    let d = dir.path().to_path_buf();
+    let d = dir.clone();
     let p = pki.clone();
     let mgr = blocking(move || Mgr::start(&d, &p, listen, api, "2")).await;
     let u = mgr.url();
