@@ -10,7 +10,7 @@
 //! [`INLINE_DISK`] disk bytes: a journal write of tens of microseconds) runs on the loop
 //! itself: the hand-over to a blocking thread and back cost more than the step (40–90 µs here,
 //! measured by `vmatrix bench replication --kv`), and its acknowledgement is what a held reply
-//! waits for.
+//! waits for. So does its `complete` (a few `pwrite`s), once the acknowledgement has left.
 
 use std::time::Instant;
 
@@ -129,6 +129,20 @@ impl Applier {
         else {
             return;
         };
+        // A small one is written here, as a small `begin` is: the hand-over to a blocking
+        // thread and back cost two wake-ups per checkpoint (BENCHMARKS.md, "Time without an
+        // exit"). Its acknowledgement has left already.
+        if s.small() && !r.syncing() {
+            let result = r.complete(s);
+            self.idle = Some(r);
+            self.ready = Some(Done::Completed {
+                seq,
+                pages,
+                started,
+                result,
+            });
+            return;
+        }
         self.job = Some(tokio::task::spawn_blocking(move || {
             let result = r.complete(s);
             (

@@ -120,6 +120,15 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Small enough to write in place on the session loop (see `crate::applier`): an
+    /// incremental checkpoint's pages and disk writes within the inline bounds.
+    pub(crate) fn small(&self) -> bool {
+        let disk: usize = self.journal.disk.iter().map(|(_, d)| d.len()).sum();
+        !self.ends_sync
+            && self.journal.gfns.len() <= crate::applier::INLINE_PAGES
+            && disk <= crate::applier::INLINE_DISK
+    }
+
     /// The pages and disk ranges `(offset, len)` it writes into the image.
     pub(crate) fn writes(&self) -> (Vec<u64>, Vec<(u64, u64)>) {
         let disk = self.journal.disk.iter();
