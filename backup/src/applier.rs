@@ -44,6 +44,13 @@ pub const INLINE_PAGES: usize = 64;
 /// Most disk bytes of a checkpoint whose `begin` runs on the loop.
 pub const INLINE_DISK: usize = 256 << 10;
 
+/// Whether a step over `pages` pages and the disk writes `disk` is small enough to run on
+/// the loop (see the module docs).
+pub(crate) fn inline(pages: usize, disk: &[(u64, Vec<u8>)]) -> bool {
+    let bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
+    pages <= INLINE_PAGES && bytes <= INLINE_DISK
+}
+
 /// See the module docs.
 pub(crate) struct Applier {
     idle: Option<Replica>,
@@ -84,10 +91,9 @@ impl Applier {
             return;
         };
         let started = Instant::now();
-        let disk: usize = cp.disk.iter().map(|(_, d)| d.len()).sum();
         // (Not while a full sync runs: its last checkpoint promotes the side image, fsyncs
         // of all of guest RAM, which must not stall the loop and its QUIC tasks.)
-        let small = cp.pages.len() <= INLINE_PAGES && disk <= INLINE_DISK;
+        let small = inline(cp.pages.len(), &cp.disk);
         if cp.kind == Kind::Incremental && small && !r.syncing() {
             let result = r.begin(&cp, origin, opens);
             self.idle = Some(r);

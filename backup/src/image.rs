@@ -40,7 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use protocol::message::Position;
-use protocol::page::{decode_into, PageData, PAGE};
+use protocol::page::{decode_into, PAGE};
 use protocol::{Checkpoint, Kind};
 use serde::{Deserialize, Serialize};
 use vmm::snapshot::{self, format, VmState};
@@ -123,10 +123,7 @@ impl Staged {
     /// Small enough to write in place on the session loop (see `crate::applier`): an
     /// incremental checkpoint's pages and disk writes within the inline bounds.
     pub(crate) fn small(&self) -> bool {
-        let disk: usize = self.journal.disk.iter().map(|(_, d)| d.len()).sum();
-        !self.ends_sync
-            && self.journal.gfns.len() <= crate::applier::INLINE_PAGES
-            && disk <= crate::applier::INLINE_DISK
+        !self.ends_sync && crate::applier::inline(self.journal.gfns.len(), &self.journal.disk)
     }
 
     /// The pages and disk ranges `(offset, len)` it writes into the image.
@@ -331,7 +328,7 @@ impl ReplicaImage {
                 .checked_mul(PAGE as u64)
                 .filter(|o| o + PAGE as u64 <= self.meta.mem_size)
                 .ok_or_else(|| BackupError::Apply(format!("page {gfn} beyond guest RAM")))?;
-            if !matches!(enc, PageData::Zero | PageData::Raw(_) | PageData::Lz4(_)) {
+            if enc.relative() {
                 self.mem.read_exact_at(slot, off).map_err(io(&mp))?;
             }
             decode_into(*gfn, enc, slot)?;

@@ -38,6 +38,12 @@ impl PageData {
         }
     }
 
+    /// Whether it is a delta against the receiver's current version of the page (which a
+    /// decoder must then have).
+    pub fn relative(&self) -> bool {
+        matches!(self, PageData::Xor(_) | PageData::Lz4Xor(_))
+    }
+
     /// Short name (for statistics).
     pub fn name(&self) -> &'static str {
         match self {
@@ -166,8 +172,8 @@ pub fn encode(new: &[u8], old: Option<&[u8]>, opts: EncodeOptions) -> PageData {
 /// Decodes a page; `old` is the receiver's current version of it (needed for XOR encodings).
 pub fn decode(gfn: u64, data: &PageData, old: Option<&[u8]>) -> Result<Vec<u8>, ProtocolError> {
     let old = old.filter(|o| o.len() == PAGE);
-    let mut page = match (data, old) {
-        (PageData::Xor(_) | PageData::Lz4Xor(_), None) => {
+    let mut page = match (data.relative(), old) {
+        (true, None) => {
             return Err(ProtocolError::Page {
                 gfn,
                 why: "XOR encoding without a previous version".into(),
