@@ -4,24 +4,12 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
 use vmm::devices::serial::ConsoleOut;
 use vmm::dirty::DirtyPages;
 use vmm::{Vm, VmConfig};
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Pages lying entirely inside [addr, addr + len).
 fn whole_pages(addr: u64, len: u64) -> Vec<u64> {
@@ -52,7 +40,7 @@ fn vcpu_and_device_writes_of_one_epoch_are_all_harvested() {
         tap: Some(tap.name.clone()),
         mac: [0x02, 0x78, 0x6d, 0, 0, 9],
         guest_config: tap.guest_config(),
-        console: ConsoleOut::new(Box::new(Sink(Arc::default()))),
+        console: ConsoleOut::new(Box::new(std::io::sink())),
         dirty_log: true,
         generation: 1,
     })

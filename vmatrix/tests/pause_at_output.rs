@@ -18,16 +18,6 @@ use vmm::devices::serial::ConsoleOut;
 use vmm::vcpu::OutputPauses;
 use vmm::{CaptureKind, Vm, VmConfig};
 
-struct Sink;
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -70,7 +60,7 @@ fn protected_vm(tap: &HostTap, dir: &std::path::Path) -> (Arc<Vm>, KvClient, Arc
             tap: Some(tap.name.clone()),
             mac: [0x02, 0x78, 0x6d, 0, 0, 11],
             guest_config: tap.guest_config(),
-            console: ConsoleOut::new(Box::new(Sink)),
+            console: ConsoleOut::new(Box::new(std::io::sink())),
             dirty_log: true,
             generation: 1,
         })

@@ -9,7 +9,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -18,19 +18,8 @@ use vmm::dirty::DirtyPages;
 use vmm::snapshot::{self, files, SnapshotMeta};
 use vmm::{RestoreParts, SnapshotKind, Vm, VmConfig};
 
-struct Sink(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn console() -> ConsoleOut {
-    ConsoleOut::new(Box::new(Sink(Arc::default())))
+    ConsoleOut::new(Box::new(std::io::sink()))
 }
 
 /// Boots a VM, stores 50 keys and takes a full snapshot into `<dir>/s0`; returns its metadata.
