@@ -26,8 +26,14 @@ pub struct PrimaryFacts {
     pub handed_over: bool,
     /// `Vm::dirty_source`.
     pub dirty_source: &'static str,
-    /// Pauses at real-time priority.
+    /// Pauses may run at real-time priority (`Vm::rt_pause`).
     pub rt_pause: bool,
+    /// `--rt-pause`: `auto`, `on`, `off`.
+    pub rt_mode: &'static str,
+    /// A pause now would run at real-time priority.
+    pub rt_boosting: bool,
+    /// `Vm::rt_counts`.
+    pub rt_counts: (u64, u64),
     /// `Vm::dirty_ring_full`.
     pub dirty_ring_full: u64,
 }
@@ -62,6 +68,10 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
         handed_over: f.handed_over,
         dirty_source: f.dirty_source.to_string(),
         rt_pause: f.rt_pause,
+        rt_mode: f.rt_mode.to_string(),
+        rt_boosting: f.rt_boosting,
+        rt_boosted_pauses: f.rt_counts.0,
+        rt_boosts: f.rt_counts.1,
         dirty_ring_full: f.dirty_ring_full,
         early_copied_pages: ld(&s.early_pages),
         stalls: ld(&s.stalls),
@@ -140,6 +150,18 @@ fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
             "Stalls of the primary's process noticed (output then waits for a later checkpoint)",
             true,
             ld(&s.stalls),
+        ),
+        (
+            "rt_boosted_pauses",
+            "Checkpoint pauses run at real-time priority (`--rt-pause`)",
+            true,
+            vm.rt_counts().0,
+        ),
+        (
+            "rt_boosts",
+            "Times `--rt-pause auto` turned real-time pauses on (pauses seen waiting for the scheduler)",
+            true,
+            vm.rt_counts().1,
         ),
         (
             "held_output_frames",

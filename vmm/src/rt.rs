@@ -13,25 +13,159 @@
 //! full capture or snapshot that copies all of guest RAM in its pause is not, nor the epochs
 //! of a guest writing a gigabyte, so no thread runs real-time for seconds (at most one
 //! capture after a small one can be big).
+//!
+//! The boost is not free: changing a thread's scheduling class at every pause cost a busy
+//! protected KV service 6–13 % of its throughput on this host (docs/BENCHMARKS.md, "Real-time
+//! pauses only when the scheduler is in the way"). So by default ([`RtMode::Auto`]) pauses run
+//! at ordinary priority until the scheduler is seen in the way — two pauses within
+//! [`SLOW_SPAN`] of each other that waited at least [`SLOW_WAIT`] for a CPU or for the vCPU to
+//! park (the pause's wall time less the capturing thread's CPU time) — and then at real-time
+//! priority for [`BOOST_HOLD`], after which ordinary pauses probe again ([`Adaptive`]: a pure
+//! state machine, time passed in). [`RtMode::On`] boosts every pause, [`RtMode::Off`] none.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The `SCHED_FIFO` priority of a boosted thread (the lowest: above every ordinary thread,
 /// below any real-time one the host runs).
 pub const BOOST_PRIORITY: i32 = 1;
 
+/// A pause that waited at least this long for the scheduler is slow ([`RtMode::Auto`]).
+pub const SLOW_WAIT: Duration = Duration::from_micros(300);
+
+/// Two slow pauses at most this many pauses apart turn the boost on ([`RtMode::Auto`]).
+pub const SLOW_SPAN: u64 = 128;
+
+/// How long the boost stays on once turned on ([`RtMode::Auto`]); then pauses probe at
+/// ordinary priority again. A probe that turns it on again within [`SLOW_SPAN`] pauses
+/// doubles the hold, up to [`MAX_HOLD`]: a host that stays busy costs two slow pauses a minute.
+pub const BOOST_HOLD: Duration = Duration::from_secs(4);
+
+/// The longest hold ([`BOOST_HOLD`]).
+pub const MAX_HOLD: Duration = Duration::from_secs(64);
+
+/// When pauses run at real-time priority (`--rt-pause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RtMode {
+    /// Never.
+    Off,
+    /// Every short pause.
+    On,
+    /// While the scheduler is seen in the way of pauses (see the module docs).
+    #[default]
+    Auto,
+}
+
+impl RtMode {
+    /// The name `--rt-pause` takes and `status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            RtMode::Off => "off",
+            RtMode::On => "on",
+            RtMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for RtMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(RtMode::Auto),
+            "on" | "true" => Ok(RtMode::On),
+            "off" | "false" => Ok(RtMode::Off),
+            _ => Err(format!("{s:?}: expected auto, on or off")),
+        }
+    }
+}
+
+/// [`RtMode::Auto`]'s decision, without I/O: pauses in (with their wait for the scheduler),
+/// whether to boost out, time passed in.
+#[derive(Debug, Default)]
+pub struct Adaptive {
+    /// Unboosted pauses observed.
+    pauses: u64,
+    /// The number of the last slow one, if it may still pair with the next.
+    last_slow: Option<u64>,
+    /// Boosting until then (kept until the first pause after it).
+    until: Option<Instant>,
+    /// The current hold ([`BOOST_HOLD`] doubled per quick re-trigger).
+    hold: Duration,
+    /// The count of unboosted pauses when the last hold ended.
+    probe_from: Option<u64>,
+    /// Times the boost was turned on.
+    episodes: u64,
+}
+
+impl Adaptive {
+    /// Whether pauses starting at `now` are boosted.
+    pub fn boosting(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// A pause ended at `now` after waiting `wait` for the scheduler. Boosted pauses say
+    /// nothing about the ordinary path and are not counted.
+    pub fn observe(&mut self, now: Instant, wait: Duration, boosted: bool) {
+        if boosted || self.boosting(now) {
+            return;
+        }
+        if self.until.take().is_some() {
+            self.probe_from = Some(self.pauses);
+        }
+        self.pauses += 1;
+        if wait < SLOW_WAIT {
+            return;
+        }
+        match self.last_slow {
+            Some(l) if self.pauses - l <= SLOW_SPAN => {
+                let quick = self
+                    .probe_from
+                    .is_some_and(|p| self.pauses - p <= SLOW_SPAN);
+                self.hold = match quick {
+                    true => (self.hold * 2).clamp(BOOST_HOLD, MAX_HOLD),
+                    false => BOOST_HOLD,
+                };
+                self.until = Some(now + self.hold);
+                self.episodes += 1;
+                self.last_slow = None;
+            }
+            _ => self.last_slow = Some(self.pauses),
+        }
+    }
+
+    /// The current hold (zero before the first).
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// Times the boost was turned on.
+    pub fn episodes(&self) -> u64 {
+        self.episodes
+    }
+}
+
 /// CPU time used so far by every thread of this process (`CLOCK_PROCESS_CPUTIME_ID`).
-pub fn process_cpu_time() -> std::time::Duration {
+pub fn process_cpu_time() -> Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// CPU time used so far by this thread (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn cpu_clock(clock: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into `ts`, which lives for the call.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
     if r != 0 {
-        return std::time::Duration::ZERO;
+        return Duration::ZERO;
     }
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// This thread's kernel id.
@@ -71,6 +205,11 @@ fn set(tid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
 pub struct Boosted(Vec<i32>);
 
 impl Boosted {
+    /// Whether it raised any thread.
+    pub fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
     /// Splits off thread `tid`: (`tid` if it was raised, the others).
     pub fn split(self, tid: i32) -> (Boosted, Boosted) {
         let (a, b) = self.0.into_iter().partition(|&t| t == tid);
@@ -79,20 +218,86 @@ impl Boosted {
 }
 
 /// Raises threads to `SCHED_FIFO` for a pause and lowers them again (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PauseBoost {
-    enabled: AtomicBool,
+    /// The mode, as `RtMode as u8`.
+    mode: AtomicU8,
+    /// False once the host refused the boost.
+    allowed: AtomicBool,
+    adaptive: Mutex<Adaptive>,
+    /// Pauses that ran boosted.
+    boosted: AtomicU64,
+}
+
+impl Default for PauseBoost {
+    fn default() -> Self {
+        PauseBoost {
+            mode: AtomicU8::new(RtMode::Off as u8),
+            allowed: AtomicBool::new(true),
+            adaptive: Mutex::default(),
+            boosted: AtomicU64::new(0),
+        }
+    }
 }
 
 impl PauseBoost {
-    /// Boosts pauses from now on (or not).
-    pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Relaxed);
+    /// Sets the mode (a refusal by the host is forgotten: the next boost tries again).
+    pub fn set_mode(&self, m: RtMode) {
+        self.mode.store(m as u8, Ordering::Relaxed);
+        self.allowed.store(true, Ordering::Relaxed);
     }
 
-    /// Whether pauses are boosted.
+    /// The mode asked for.
+    pub fn mode(&self) -> RtMode {
+        match self.mode.load(Ordering::Relaxed) {
+            x if x == RtMode::On as u8 => RtMode::On,
+            x if x == RtMode::Auto as u8 => RtMode::Auto,
+            _ => RtMode::Off,
+        }
+    }
+
+    /// Boosts every pause from now on (or none): [`RtMode::On`] or [`RtMode::Off`].
+    pub fn set_enabled(&self, on: bool) {
+        self.set_mode(if on { RtMode::On } else { RtMode::Off });
+    }
+
+    /// Whether pauses may be boosted: a mode other than `Off`, and the host allowed it.
     pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.mode() != RtMode::Off && self.allowed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a pause starting now is boosted.
+    pub fn boosting(&self) -> bool {
+        match self.mode() {
+            _ if !self.enabled() => false,
+            RtMode::Auto => self.lock().boosting(Instant::now()),
+            m => m == RtMode::On,
+        }
+    }
+
+    /// Whether pauses should report their wait for the scheduler ([`observe`](Self::observe)):
+    /// only `Auto` uses it (two clock reads per pause).
+    pub fn wants_waits(&self) -> bool {
+        self.mode() == RtMode::Auto && self.enabled()
+    }
+
+    /// A pause ended after waiting `wait` for the scheduler; `boosted` if it ran boosted.
+    pub fn observe(&self, wait: Duration, boosted: bool) {
+        if boosted {
+            self.boosted.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.wants_waits() {
+            self.lock().observe(Instant::now(), wait, boosted);
+        }
+    }
+
+    /// (pauses that ran boosted, times `Auto` turned the boost on).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.boosted.load(Ordering::Relaxed), self.lock().episodes())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Adaptive> {
+        self.adaptive.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Raises every ordinary thread of `tids` to `SCHED_FIFO` (with `SCHED_RESET_ON_FORK`:
@@ -100,7 +305,7 @@ impl PauseBoost {
     /// off, said once: no syscalls per pause for nothing.
     pub fn raise(&self, tids: &[i32]) -> Boosted {
         let mut out = Vec::new();
-        if !self.enabled() {
+        if !self.boosting() {
             return Boosted(out);
         }
         for &tid in tids {
@@ -117,7 +322,7 @@ impl PauseBoost {
                 // only a refusal turns the boost off.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                 Err(e) => {
-                    self.set_enabled(false);
+                    self.allowed.store(false, Ordering::Relaxed);
                     tracing::warn!(
                         "no real-time priority for the pause path ({e}): pauses wait for the \
                          scheduler on a busy host; boost off"
@@ -150,6 +355,137 @@ mod tests {
         }
     }
 
+    /// A tiny xorshift generator (seeded simulations of [`Adaptive`]).
+    struct Rng(u64);
+    impl Rng {
+        fn chance(&mut self, p: f64) -> bool {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64 <= p
+        }
+    }
+
+    /// `n` pauses `every` apart from `*t`, each waiting `slow` (unboosted pauses, with
+    /// probability `p`) or nothing; returns (unboosted slow pauses, boosted pauses).
+    fn pauses(
+        a: &mut Adaptive,
+        t: &mut Instant,
+        n: u64,
+        every: Duration,
+        p: f64,
+        rng: &mut Rng,
+    ) -> (u64, u64) {
+        let (mut slow, mut boosted) = (0, 0);
+        for _ in 0..n {
+            *t += every;
+            let b = a.boosting(*t);
+            let wait = match !b && rng.chance(p) {
+                true => SLOW_WAIT * 10,
+                false => Duration::from_micros(20),
+            };
+            slow += u64::from(wait >= SLOW_WAIT);
+            boosted += u64::from(b);
+            a.observe(*t + Duration::from_micros(200), wait, b);
+        }
+        (slow, boosted)
+    }
+
+    #[test]
+    fn auto_boosts_after_two_slow_pauses_close_together_for_the_hold() {
+        let (mut a, t0) = (Adaptive::default(), Instant::now());
+        let fast = Duration::from_micros(50);
+        // Slow pauses far apart never boost.
+        for i in 0..1000u32 {
+            let wait = if i % (SLOW_SPAN as u32 + 1) == 0 {
+                SLOW_WAIT
+            } else {
+                fast
+            };
+            a.observe(t0, wait, false);
+        }
+        assert!(!a.boosting(t0));
+        assert_eq!(a.episodes(), 0);
+        // Two within the span do, for the hold; boosted pauses change nothing.
+        a.observe(t0, SLOW_WAIT, false);
+        a.observe(t0, fast, false);
+        a.observe(t0, SLOW_WAIT * 3, false);
+        assert!(a.boosting(t0));
+        assert_eq!((a.episodes(), a.hold()), (1, BOOST_HOLD));
+        a.observe(t0 + BOOST_HOLD / 2, SLOW_WAIT * 9, true);
+        assert!(a.boosting(t0 + BOOST_HOLD / 2));
+        assert!(!a.boosting(t0 + BOOST_HOLD));
+        // A probe that finds the scheduler in the way again at once doubles the hold.
+        let t1 = t0 + BOOST_HOLD;
+        a.observe(t1, SLOW_WAIT, false);
+        a.observe(t1, SLOW_WAIT, false);
+        assert_eq!((a.episodes(), a.hold()), (2, BOOST_HOLD * 2));
+        // One that passes SLOW_SPAN ordinary pauses first starts over at BOOST_HOLD.
+        let t2 = t1 + BOOST_HOLD * 2;
+        for _ in 0..=SLOW_SPAN {
+            a.observe(t2, fast, false);
+        }
+        a.observe(t2, SLOW_WAIT, false);
+        a.observe(t2, SLOW_WAIT, false);
+        assert_eq!((a.episodes(), a.hold()), (3, BOOST_HOLD));
+    }
+
+    /// Seeded: a quiet host (no slow pauses) never boosts; a host that stays busy (half the
+    /// ordinary pauses slow) for ten minutes at 50 pauses a second gets boosted pauses but
+    /// for a few probes a minute once the hold has grown; after it the hold starts over.
+    #[test]
+    fn seeded_busy_and_quiet_phases() {
+        let seeds: Vec<u64> = match std::env::var("VMATRIX_SEED") {
+            Ok(s) => vec![s.parse().expect("VMATRIX_SEED is a number")],
+            Err(_) => (1..=8).collect(),
+        };
+        let every = Duration::from_millis(20);
+        for seed in seeds {
+            eprintln!("adaptive boost simulation seed {seed} (replay: VMATRIX_SEED={seed})");
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let (mut a, mut t) = (Adaptive::default(), Instant::now());
+            let quiet = pauses(&mut a, &mut t, 3_000, every, 0.0, &mut rng);
+            assert_eq!((quiet, a.episodes()), ((0, 0), 0), "seed {seed}");
+            let busy = pauses(&mut a, &mut t, 30_000, every, 0.5, &mut rng);
+            assert_eq!(a.hold(), MAX_HOLD, "seed {seed}");
+            // (Two slow pauses per probe, a probe per hold: 4+8+16+32 s, then every 64 s.)
+            assert!(
+                busy.0 <= 40,
+                "seed {seed}: {} slow of 30,000 pauses",
+                busy.0
+            );
+            assert!(busy.1 >= 29_000, "seed {seed}: only {} boosted", busy.1);
+            // The neighbour leaves: within a hold the pauses run ordinary again, and stay so.
+            let left = pauses(&mut a, &mut t, 6_000, every, 0.0, &mut rng);
+            assert!(
+                left.1 <= 3_200,
+                "seed {seed}: {} boosted after it left",
+                left.1
+            );
+            assert!(!a.boosting(t), "seed {seed}");
+            // It comes back: the first hold is the shortest again.
+            let back = pauses(&mut a, &mut t, 150, every, 0.5, &mut rng);
+            assert!(
+                back.0 <= 10 && a.hold() == BOOST_HOLD,
+                "seed {seed}: {back:?}, {:?}",
+                a.hold()
+            );
+        }
+    }
+
+    #[test]
+    fn modes_by_name() {
+        for m in [RtMode::Off, RtMode::On, RtMode::Auto] {
+            assert_eq!(m.name().parse::<RtMode>(), Ok(m));
+        }
+        assert_eq!("true".parse::<RtMode>(), Ok(RtMode::On));
+        assert_eq!("false".parse::<RtMode>(), Ok(RtMode::Off));
+        assert!("fast"
+            .parse::<RtMode>()
+            .unwrap_err()
+            .contains("auto, on or off"));
+    }
+
     #[test]
     fn the_caller_is_split_off_to_be_lowered_last() {
         let (mine, others) = Boosted(vec![7, 3, 9]).split(3);
@@ -166,6 +502,16 @@ mod tests {
         let me = gettid();
         let ordinary = policy(me).unwrap() == libc::SCHED_OTHER;
         assert!(b.raise(&[me]).0.is_empty(), "off by default");
+        b.set_mode(RtMode::Auto);
+        assert!(b.enabled() && !b.boosting());
+        assert!(
+            b.raise(&[me]).0.is_empty(),
+            "auto: nothing until pauses are slow"
+        );
+        b.observe(SLOW_WAIT, false);
+        b.observe(SLOW_WAIT, false);
+        assert!(b.boosting());
+        assert_eq!(b.counts(), (0, 1));
         b.set_enabled(true);
         let raised = b.raise(&[me, me]);
         if raised.0.is_empty() {

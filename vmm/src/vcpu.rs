@@ -424,8 +424,11 @@ impl Control {
             let s = self.lock();
             let vcpu = self
                 .vcpu_tid()
-                // (A pause the vCPU took at guest output is the one this pause adopts.)
-                .filter(|_| s.exited.is_none() && (s.pauses == 0 || s.pre_pause.is_some()));
+                // (A pause the vCPU took at guest output is the one this pause adopts; a vCPU
+                // already parked in it needs no boost: it is lowered before it runs again.)
+                .filter(|_| {
+                    s.exited.is_none() && (s.pauses == 0 || (s.pre_pause.is_some() && !s.paused))
+                });
             // This thread first: a vCPU running guest code, raised while this thread is still
             // ordinary, preempts it if they share a CPU — and a guest that never waits (a
             // CPU-bound one) then keeps it off that CPU until the scheduler moves it: pauses

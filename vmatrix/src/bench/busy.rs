@@ -2,13 +2,14 @@
 //! CPU-bound neighbours (shell busy loops, separate processes, as other tenants' work would
 //! be) run for the whole measurement; a protected VM (primary and backup in this process over
 //! loopback QUIC, fixed 20 ms epochs) is measured idle and under CHURN, with the pause path at
-//! ordinary priority, at real-time priority (`Vm::set_rt_pause`), and real-time with the vCPU
-//! and the replication loop pinned to CPUs of their own (`Vm::pin_vcpu`, `--loop-cpus`),
-//! alternating, several rounds: the same host, the same minutes, the same neighbours.
+//! ordinary priority (`--rt-pause off`), at real-time priority (`on`), real-time once pauses
+//! are seen waiting for the scheduler (`auto`, the default; `Vm::set_rt_pause`), and real-time
+//! with the vCPU and the replication loop pinned to CPUs of their own (`Vm::pin_vcpu`,
+//! `--loop-cpus`), alternating, several rounds: the same host, the same minutes, the same neighbours.
 //!
 //! `--dirty-sources`: the harvest from KVM's bitmap (with hot pages) against KVM's dirty ring,
 //! alternating, idle and under CHURN (up to 1,000 pages per epoch), on a quiet host or beside
-//! `--busy N` neighbours (then with the real-time pause path).
+//! `--busy N` neighbours, with the default pause path (`--rt-pause auto`).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -76,11 +77,8 @@ struct SecondVm {
 impl SecondVm {
     fn start(guest: &std::path::Path, mem_mib: u64) -> anyhow::Result<SecondVm> {
         let env = BenchEnv::new(guest.to_path_buf(), mem_mib)?;
-        // (Its pauses on the default path, real-time: two boosted pause paths compete.)
-        let p = Protection {
-            rt_pause: true,
-            ..Protection::default()
-        };
+        // (Its pauses on the default path: two pause paths compete.)
+        let p = Protection::default();
         let vm = RunningVm::protected(&env, "second", p)?;
         let stats = vm.stats.clone().context("protected VM without stats")?;
         let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
@@ -130,17 +128,34 @@ pub fn run(
             cpus.first().copied().unwrap_or(0),
             cpus.last().copied().unwrap_or(0),
         );
+        use vmm::rt::RtMode;
         for (path, name, rt, pin) in [
-            ("ordinary", "busy", false, None),
-            ("real-time", "busy-rt", true, None),
-            ("real-time, pinned", "busy-pin", true, Some((last, first))),
+            ("ordinary", "busy", RtMode::Off, None),
+            ("real-time", "busy-rt", RtMode::On, None),
+            (
+                "real-time when slow (default)",
+                "busy-auto",
+                RtMode::Auto,
+                None,
+            ),
+            (
+                "real-time, pinned",
+                "busy-pin",
+                RtMode::On,
+                Some((last, first)),
+            ),
         ] {
             let p = Protection {
                 rt_pause: rt,
                 pin,
                 ..Protection::default()
             };
-            let workloads = [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")];
+            // (50 pages per ms over 4,096: 1,000 distinct pages in each 20 ms epoch.)
+            let workloads = [
+                ("idle", "CHURN 0 0"),
+                ("CHURN 1k pages/s", "CHURN 2048 1"),
+                ("1,000 pages per epoch", "CHURN 4096 50"),
+            ];
             rows(env, t, (r, name, path), p, &workloads)?;
         }
     }
@@ -179,7 +194,7 @@ pub(super) fn rows(
 
 /// Pauses with the bitmap vs the ring as the harvest source (and the ring without early copies
 /// of busy epochs), alternating; a Markdown table. With `busy` CPU-bound neighbours running
-/// meanwhile (and the real-time pause path).
+/// meanwhile (and the default pause path, `--rt-pause auto`).
 pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow::Result<()> {
     println!(
         "## Harvest source: KVM's bitmap (hot pages) vs its dirty ring (`vmatrix bench \
@@ -196,7 +211,8 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
         for (ring, early) in [(false, true), (true, true), (true, false)] {
             let p = Protection {
                 dirty_ring: ring,
-                rt_pause: busy > 0,
+                // (The default pause path, `--rt-pause auto`.)
+                rt_pause: vmm::rt::RtMode::Auto,
                 epoch_precopy: early,
                 ..Protection::default()
             };

@@ -175,8 +175,9 @@ pub struct Protection {
     pub min_epoch_us: u64,
     pub max_output_delay_ms: u64,
     pub early_checkpoints: bool,
-    /// Pauses at real-time priority (`Vm::set_rt_pause`).
-    pub rt_pause: bool,
+    /// When pauses run at real-time priority (`Vm::set_rt_pause`; `auto`, as `vmatrix
+    /// primary`, by default).
+    pub rt_pause: vmm::rt::RtMode,
     /// KVM's dirty ring as the harvest source (`vmm::dirty_ring`), where KVM has it.
     pub dirty_ring: bool,
     /// Busy epochs copy their pages early (`--epoch-precopy`).
@@ -195,7 +196,7 @@ impl Default for Protection {
             min_epoch_us: 10_000,
             max_output_delay_ms: 200,
             early_checkpoints: true,
-            rt_pause: false,
+            rt_pause: vmm::rt::RtMode::Auto,
             dirty_ring: false,
             epoch_precopy: true,
             pin: None,

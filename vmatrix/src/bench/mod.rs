@@ -21,7 +21,8 @@ use clap::{Args, Subcommand};
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// Continuous replication: pauses, epoch rate, bandwidth vs raw quinn, KV protected vs not;
-    /// with `--busy N`, pauses beside N CPU-bound neighbours, ordinary vs real-time pause path.
+    /// with `--busy N`, pauses beside N CPU-bound neighbours, ordinary vs real-time vs
+    /// automatic pause path.
     Replication(ReplicationArgs),
     /// Clones (`vmatrix clone`): time until N clones answer, memory per clone.
     Clones(clones::ClonesArgs),
@@ -57,7 +58,8 @@ pub struct ReplicationArgs {
     #[command(flatten)]
     pub common: BenchArgs,
     /// Measure on a busy host instead: this many CPU-bound neighbours run meanwhile, and the
-    /// pause path is measured at ordinary and at real-time priority, alternating.
+    /// pause path is measured at ordinary and at real-time priority, and real-time once pauses
+    /// wait for the scheduler (`--rt-pause auto`), alternating.
     #[arg(long, default_value_t = 0)]
     pub busy: usize,
     /// Rounds of the busy-host (or harvest source) measurement.
@@ -87,6 +89,15 @@ pub struct ReplicationArgs {
     /// With `--kv-hold`: the VM unprotected.
     #[arg(long, requires = "kv_hold")]
     pub plain: bool,
+    /// With `--kv`: when the protected VM's pauses run at real-time priority (as `vmatrix
+    /// primary --rt-pause`).
+    #[arg(
+        long,
+        requires = "kv",
+        value_name = "auto|on|off",
+        default_value = "auto"
+    )]
+    pub rt_pause: vmm::rt::RtMode,
 }
 
 /// Runs a benchmark.
@@ -108,9 +119,13 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
                 }
                 _ if a.kv && a.kv_hold.is_some() => {
-                    reply::hold(&env, a.kv_hold.unwrap_or(600), !a.plain)?
+                    let p = (!a.plain).then_some(harness::Protection {
+                        rt_pause: a.rt_pause,
+                        ..Default::default()
+                    });
+                    reply::hold(&env, a.kv_hold.unwrap_or(600), p)?
                 }
-                _ if a.kv => reply::run(&env, &timing, a.rounds.max(1))?,
+                _ if a.kv => reply::run(&env, &timing, a.rounds.max(1), a.rt_pause)?,
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1), a.second_vm)?,

@@ -283,7 +283,7 @@ fn epoch_rate_fast(env: &BenchEnv, t: &Timing) -> anyhow::Result<()> {
             min_epoch_us: EPOCH_US,
             max_output_delay_ms: 1,
             early_checkpoints: false,
-            rt_pause: false,
+            rt_pause: vmm::rt::RtMode::Off,
             ..Protection::default()
         },
     )?;

@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use super::harness::{BenchEnv, Kv, Protection, RunningVm};
 use super::replication::{kv_load, ms, wait_protected, Timing};
+use vmm::rt::RtMode;
 
 /// One round's figures: (1-client p50, 16-client SETs/s) unprotected and protected, and the
 /// protected one-client run's reply path (stage means).
@@ -28,13 +29,17 @@ struct Round {
 }
 
 /// Runs `rounds` rounds and prints the tables.
-pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
+pub fn run(env: &BenchEnv, t: &Timing, rounds: usize, rt: RtMode) -> anyhow::Result<()> {
     let one = t.kv_ops;
     // 16 × 600 SETs: about a second protected (16 × 101 was ~0.2 s, too short to be more
     // than a rough figure on a shared host).
     let sixteen = t.kv_ops * 2;
     println!("\n### KV service: one client's added latency, where it goes, and 16 clients\n");
-    println!("{rounds} rounds, unprotected then protected (default settings); one client does {one} closed-loop SETs, 16 clients {sixteen} each.\n");
+    let settings = match rt {
+        RtMode::Auto => "default settings".to_string(),
+        m => format!("default settings but `--rt-pause {}`", m.name()),
+    };
+    println!("{rounds} rounds, unprotected then protected ({settings}); one client does {one} closed-loop SETs, 16 clients {sixteen} each.\n");
     let mut all = Vec::new();
     for _ in 0..rounds {
         let plain = {
@@ -44,7 +49,11 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
             let (r16, _, _) = kv_load(env.guest_addr(), 16, sixteen)?;
             (p50, r16)
         };
-        let vm = RunningVm::protected(env, "reply", Protection::default())?;
+        let p = Protection {
+            rt_pause: rt,
+            ..Protection::default()
+        };
+        let vm = RunningVm::protected(env, "reply", p)?;
         let stats = vm.stats.clone().context("protected VM without stats")?;
         drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
         wait_protected(&stats)?;
@@ -87,12 +96,14 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--kv-hold N`: one 16-client phase of `n` SETs per client, protected or not, announced on
-/// stderr when it starts (with the process id) so a profiler can attach, and its figures after.
-pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
-    let vm = match protected {
-        true => RunningVm::protected(env, "hold", Protection::default())?,
-        false => RunningVm::plain(env, "hold")?,
+/// `--kv-hold N`: one 16-client phase of `n` SETs per client, protected (with `protection`) or
+/// not, announced on stderr when it starts (with the process id) so a profiler can attach, and
+/// its figures after.
+pub fn hold(env: &BenchEnv, n: usize, protection: Option<Protection>) -> anyhow::Result<()> {
+    let protected = protection.is_some();
+    let vm = match protection {
+        Some(p) => RunningVm::protected(env, "hold", p)?,
+        None => RunningVm::plain(env, "hold")?,
     };
     drop(Kv::connect(env.guest_addr(), Duration::from_secs(30))?);
     if let Some(stats) = &vm.stats {
@@ -102,6 +113,7 @@ pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
     let e0 = vm.stats.as_ref().map_or(0, |s| s.epochs.load(Relaxed));
     let pages0 = vm.stats.as_ref().map_or(0, |s| s.pages.load(Relaxed));
     eprintln!("16 clients start (pid {})", std::process::id());
+    let o0 = vm.vm.output_pauses();
     let t0 = std::time::Instant::now();
     let (r16, p50, p99) = kv_load(env.guest_addr(), 16, n)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -128,6 +140,16 @@ pub fn hold(env: &BenchEnv, n: usize, protected: bool) -> anyhow::Result<()> {
             let cells: Vec<String> = stages.map(|(n, &d)| format!("{n} {}", us(d))).collect();
             println!("stage means under this load: {}", cells.join(", "));
         }
+        let (boosted, episodes) = vm.vm.rt_counts();
+        println!("pauses at real-time priority: {boosted} (turned on {episodes} times)");
+        let o1 = vm.vm.output_pauses();
+        println!(
+            "pauses at output: {} taken, {} adopted, {} expired; captures with the parked state: {}",
+            o1.taken - o0.taken,
+            o1.adopted - o0.adopted,
+            o1.expired - o0.expired,
+            o1.state_reads - o0.state_reads,
+        );
     }
     Ok(())
 }

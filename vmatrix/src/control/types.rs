@@ -401,9 +401,22 @@ pub struct Replication {
     /// start, `--dirty-source`).
     #[serde(default)]
     pub dirty_source: String,
-    /// Pauses run at real-time priority (`--rt-pause`).
+    /// Pauses may run at real-time priority (`--rt-pause` not `off`, and the host allows it).
     #[serde(default)]
     pub rt_pause: bool,
+    /// `--rt-pause`: `auto` (real-time while pauses are seen waiting for the scheduler), `on`,
+    /// `off`.
+    #[serde(default)]
+    pub rt_mode: String,
+    /// A pause now would run at real-time priority.
+    #[serde(default)]
+    pub rt_boosting: bool,
+    /// Pauses that ran at real-time priority.
+    #[serde(default)]
+    pub rt_boosted_pauses: u64,
+    /// Times `auto` turned real-time pauses on.
+    #[serde(default)]
+    pub rt_boosts: u64,
     /// Times the dirty ring filled between two checkpoints.
     #[serde(default)]
     pub dirty_ring_full: u64,
@@ -661,6 +674,10 @@ mod tests {
                 released_frames: 8,
                 dirty_source: "ring".into(),
                 rt_pause: true,
+                rt_mode: "auto".into(),
+                rt_boosting: false,
+                rt_boosted_pauses: 3,
+                rt_boosts: 1,
                 dirty_ring_full: 0,
                 early_copied_pages: 9,
                 stalls: 1,

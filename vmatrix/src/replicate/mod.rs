@@ -107,18 +107,20 @@ pub struct PrimaryArgs {
     /// others keep up; it rejoins by quick resync.
     #[arg(long, default_value_t = 1000)]
     pub drop_after_ms: u64,
-    /// Run each checkpoint's pause at real-time priority (the vCPU thread and the capturing
-    /// thread are SCHED_FIFO from the pause request to the resume, ordinary threads otherwise):
-    /// a pause does not wait for a busy neighbour's time slice (docs/replication.md). Needs
-    /// CAP_SYS_NICE; skipped (said once) without it.
+    /// When a checkpoint's pause runs at real-time priority (the vCPU thread and the capturing
+    /// thread SCHED_FIFO from the pause request to the resume, ordinary threads otherwise), so
+    /// a pause does not wait for a busy neighbour's time slice: `auto` once pauses are seen
+    /// waiting for the scheduler (for 4 s at a time; the boost costs a busy service some
+    /// throughput), `on` every pause, `off` never (docs/replication.md). Needs CAP_SYS_NICE;
+    /// skipped (said once) without it.
     #[arg(
         long,
-        default_value_t = true,
-        action = clap::ArgAction::Set,
+        value_name = "auto|on|off",
+        default_value = "auto",
         num_args = 0..=1,
-        default_missing_value = "true"
+        default_missing_value = "on"
     )]
-    pub rt_pause: bool,
+    pub rt_pause: vmm::rt::RtMode,
     /// Pin the vCPU thread to these CPUs (a list as `taskset -c` takes: `1`, `2-3,6`); off by
     /// default (on this 2-CPU host pinning did not help pauses beside a busy neighbour;
     /// docs/BENCHMARKS.md, "Pinned pause threads").

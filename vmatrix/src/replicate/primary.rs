@@ -88,7 +88,7 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
         "dirty pages from: {}; pauses at real-time priority: {}; pause buffers locked in RAM: {}",
         vm.dirty_source(),
-        a.rt_pause,
+        a.rt_pause.name(),
         vm.lock_buffers()
     );
     if !a.unprotected_start {
@@ -248,6 +248,9 @@ fn status(
             handed_over: handed.load(std::sync::atomic::Ordering::SeqCst),
             dirty_source: vm.dirty_source(),
             rt_pause: vm.rt_pause(),
+            rt_mode: vm.rt_mode().name(),
+            rt_boosting: vm.rt_boosting(),
+            rt_counts: vm.rt_counts(),
             dirty_ring_full: vm.dirty_ring_full(),
         };
         crate::metrics::replication_status(&stats, &facts)

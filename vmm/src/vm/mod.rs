@@ -523,16 +523,34 @@ impl Vm {
         self.control.lower_boosted(b);
     }
 
-    /// Runs the pause path of incremental captures at real-time priority (`crate::rt`): from
-    /// the pause request to the resume, the vCPU thread and the capturing thread are
-    /// `SCHED_FIFO`, so a pause does not wait for a busy neighbour's time slice. Off by default.
-    pub fn set_rt_pause(&self, on: bool) {
-        self.control.boost.set_enabled(on);
+    /// When the pause path of incremental captures runs at real-time priority (`crate::rt`):
+    /// from the pause request to the resume, the vCPU thread and the capturing thread are
+    /// `SCHED_FIFO`, so a pause does not wait for a busy neighbour's time slice — for every
+    /// pause (`On`), none (`Off`, the default of a bare VM), or while pauses are seen waiting
+    /// for the scheduler (`Auto`, `vmatrix primary`'s default).
+    pub fn set_rt_pause(&self, mode: crate::rt::RtMode) {
+        self.control.boost.set_mode(mode);
     }
 
-    /// Whether pauses run at real-time priority.
+    /// Whether pauses may run at real-time priority (a mode other than `Off`, and the host
+    /// allowed it).
     pub fn rt_pause(&self) -> bool {
         self.control.boost.enabled()
+    }
+
+    /// The `--rt-pause` mode asked for.
+    pub fn rt_mode(&self) -> crate::rt::RtMode {
+        self.control.boost.mode()
+    }
+
+    /// Whether a pause starting now would run at real-time priority.
+    pub fn rt_boosting(&self) -> bool {
+        self.control.boost.boosting()
+    }
+
+    /// (pauses that ran at real-time priority, times `Auto` turned the boost on).
+    pub fn rt_counts(&self) -> (u64, u64) {
+        self.control.boost.counts()
     }
 
     /// Locks the page buffers that pauses copy into in RAM from now on (`crate::affinity`):

@@ -114,7 +114,12 @@ impl Vm {
         let must_resume = self.thread_running();
         let mut boosted = None;
         let small = *last_pages <= BOOST_MAX_PAGES;
-        if must_resume && small && kind == CaptureKind::Incremental && disk_ranges.is_empty() {
+        let boostable =
+            must_resume && small && kind == CaptureKind::Incremental && disk_ranges.is_empty();
+        // (`--rt-pause auto` boosts once such pauses are seen waiting for the scheduler: their
+        // wall time less this thread's CPU time.)
+        let cpu0 = (boostable && self.control.boost.wants_waits()).then(crate::rt::thread_cpu_time);
+        if boostable {
             boosted = Some(self.pause_boosted().map_err(capture_err)?);
         } else if must_resume {
             self.pause().map_err(capture_err)?;
@@ -126,6 +131,7 @@ impl Vm {
             c.extra_disk = extra;
             Ok(c)
         });
+        let raised = boosted.as_ref().is_some_and(|b| b.any());
         let still = match boosted {
             Some(b) => Some(self.resume_boosted(b)),
             None if must_resume => {
@@ -138,6 +144,11 @@ impl Vm {
         let pause = t0.elapsed();
         if let Some(b) = still {
             self.lower_boosted(b);
+        }
+        if boostable {
+            let cpu = cpu0.map(|c| crate::rt::thread_cpu_time().saturating_sub(c));
+            let wait = cpu.map_or(Duration::ZERO, |c| pause.saturating_sub(c));
+            self.control.boost.observe(wait, raised);
         }
         let mut c = match r {
             Ok(c) => c,
