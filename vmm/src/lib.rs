@@ -27,6 +27,7 @@ pub mod memory;
 pub mod persist;
 pub mod pvclock;
 pub mod rt;
+pub mod run_delay;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;

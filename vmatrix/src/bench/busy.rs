@@ -5,7 +5,8 @@
 //! ordinary priority (`--rt-pause off`), at real-time priority (`on`), real-time once pauses
 //! are seen waiting for the scheduler (`auto`, the default; `Vm::set_rt_pause`), and real-time
 //! with the vCPU and the replication loop pinned to CPUs of their own (`Vm::pin_vcpu`,
-//! `--loop-cpus`), alternating, several rounds: the same host, the same minutes, the same neighbours.
+//! `--loop-cpus`), alternating, several rounds: the same host, the same minutes, the same
+//! neighbours.
 //!
 //! `--dirty-sources`: the harvest from KVM's bitmap (with hot pages) against KVM's dirty ring,
 //! alternating, idle and under CHURN (up to 1,000 pages per epoch), on a quiet host or beside

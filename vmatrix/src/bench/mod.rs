@@ -95,7 +95,9 @@ pub struct ReplicationArgs {
         long,
         requires = "kv",
         value_name = "auto|on|off",
-        default_value = "auto"
+        default_value = "auto",
+        num_args = 0..=1,
+        default_missing_value = "on"
     )]
     pub rt_pause: vmm::rt::RtMode,
 }

@@ -116,9 +116,10 @@ impl Vm {
         let small = *last_pages <= BOOST_MAX_PAGES;
         let boostable =
             must_resume && small && kind == CaptureKind::Incremental && disk_ranges.is_empty();
-        // (`--rt-pause auto` boosts once such pauses are seen waiting for the scheduler: their
-        // wall time less this thread's CPU time.)
-        let cpu0 = (boostable && self.control.boost.wants_waits()).then(crate::rt::thread_cpu_time);
+        // (`--rt-pause auto` boosts once such pauses are seen waiting for the scheduler.)
+        let probe = boostable
+            .then(|| self.control.boost.probe(self.control.vcpu_tid()))
+            .flatten();
         if boostable {
             boosted = Some(self.pause_boosted().map_err(capture_err)?);
         } else if must_resume {
@@ -146,9 +147,7 @@ impl Vm {
             self.lower_boosted(b);
         }
         if boostable {
-            let cpu = cpu0.map(|c| crate::rt::thread_cpu_time().saturating_sub(c));
-            let wait = cpu.map_or(Duration::ZERO, |c| pause.saturating_sub(c));
-            self.control.boost.observe(wait, raised);
+            self.control.boost.observe(probe, pause, raised);
         }
         let mut c = match r {
             Ok(c) => c,
