@@ -81,14 +81,10 @@ pub fn replication_status(s: &Stats, f: &PrimaryFacts) -> Replication {
 /// One figure of the page: name (without prefix or `_total`), help, counter or gauge, value.
 type Figure = (&'static str, &'static str, bool, u64);
 
-/// The figures of a primary, read at scrape time.
+/// The figures of a primary, read at scrape time: replication's, then its VM's.
 fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let (frames, bytes) = vm
-        .held_output()
-        .map_or((0, 0), |h| (h.0 as u64, h.1 as u64));
-    let net = vm.net_stats().unwrap_or_default();
-    vec![
+    let mut figs = vec![
         (
             "protected",
             "1 once the initial sync is acknowledged (output flows)",
@@ -151,17 +147,30 @@ fn figures(vm: &Vm, s: &Stats) -> Vec<Figure> {
             true,
             ld(&s.stalls),
         ),
+    ];
+    figs.extend(vm_figures(vm));
+    figs
+}
+
+/// The VM's figures: its pause path, held output and network.
+fn vm_figures(vm: &Vm) -> Vec<Figure> {
+    let (frames, bytes) = vm
+        .held_output()
+        .map_or((0, 0), |h| (h.0 as u64, h.1 as u64));
+    let net = vm.net_stats().unwrap_or_default();
+    let (boosted, boosts) = vm.rt_counts();
+    vec![
         (
             "rt_boosted_pauses",
             "Checkpoint pauses run at real-time priority (`--rt-pause`)",
             true,
-            vm.rt_counts().0,
+            boosted,
         ),
         (
             "rt_boosts",
             "Times `--rt-pause auto` turned real-time pauses on (pauses seen waiting for the scheduler)",
             true,
-            vm.rt_counts().1,
+            boosts,
         ),
         (
             "held_output_frames",

@@ -160,11 +160,6 @@ pub fn process_cpu_time() -> Duration {
     cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
-/// CPU time used so far by this thread (`CLOCK_THREAD_CPUTIME_ID`).
-pub fn thread_cpu_time() -> Duration {
-    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
-}
-
 fn cpu_clock(clock: libc::clockid_t) -> Duration {
     try_cpu_clock(clock).unwrap_or_default()
 }
@@ -307,11 +302,6 @@ impl PauseBoost {
             x if x == RtMode::Auto as u8 => RtMode::Auto,
             _ => RtMode::Off,
         }
-    }
-
-    /// Boosts every pause from now on (or none): [`RtMode::On`] or [`RtMode::Off`].
-    pub fn set_enabled(&self, on: bool) {
-        self.set_mode(if on { RtMode::On } else { RtMode::Off });
     }
 
     /// Whether pauses may be boosted: a mode other than `Off`, and the host allowed it.
@@ -642,7 +632,7 @@ mod tests {
         assert!(b.boosting());
         assert!(b.probe(Some(me)).is_none(), "no measuring while boosting");
         assert_eq!(b.counts(), (0, 1));
-        b.set_enabled(true);
+        b.set_mode(RtMode::On);
         let raised = b.raise(&[me, me]);
         if raised.0.is_empty() {
             // No privilege here (or not an ordinary thread): nothing changed, and without the
