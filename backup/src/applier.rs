@@ -84,6 +84,11 @@ impl Applier {
         self.idle.as_ref()
     }
 
+    /// The replica, when no step runs, to change.
+    pub fn replica_mut(&mut self) -> Option<&mut Replica> {
+        self.idle.as_mut()
+    }
+
     /// Starts `begin` of checkpoint `cp` from `origin` (`opens`: it opens the session's
     /// stream); the caller checked the replica is free ([`idle`](Self::idle)).
     pub fn start(&mut self, cp: Checkpoint, origin: Origin, opens: bool) {

@@ -127,7 +127,7 @@ fn request(exports: &Exports, dst: &Path) -> JoinHandle<Result<Exported, BackupE
 }
 
 /// Polls until the request was taken.
-fn until_running(x: &mut Exporter, r: &Replica) {
+fn until_running(x: &mut Exporter, r: &mut Replica) {
     for _ in 0..2000 {
         x.poll(Some(r));
         if x.running() {
@@ -175,7 +175,7 @@ fn exported_while_applying(seed: u64) {
         ..
     } = setup(seed | 1);
     let asked = request(&exports, &dst);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     // Checkpoints go on while the pass and the rounds copy; whenever the thread is done, the
     // loop tries the final step with the replica idle (as the network loop does between two
     // checkpoints): it runs more rounds while too much was recorded, then ends at `seq`.
@@ -187,7 +187,7 @@ fn exported_while_applying(seed: u64) {
         let cp = random_cp(&mut rng, seq, Kind::Incremental, n);
         apply(&mut r, &mut m, &cp, false);
         if x.wants_final() {
-            x.poll(Some(&r));
+            x.poll(Some(&mut r));
             if !x.running() {
                 frozen = Some((seq, m.mem.clone(), m.disk.clone()));
                 break;
@@ -229,7 +229,7 @@ fn an_export_concurrent_with_checkpoints_is_the_checkpoint_it_names() {
 fn an_export_between_sessions_needs_no_checkpoint() {
     let Setup {
         d: _d,
-        r,
+        mut r,
         m,
         exports,
         seq,
@@ -238,11 +238,11 @@ fn an_export_between_sessions_needs_no_checkpoint() {
         ..
     } = setup(7);
     let asked = request(&exports, &dst);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     while !x.wants_final() {
         std::thread::sleep(Duration::from_millis(1));
     }
-    x.poll(Some(&r));
+    x.poll(Some(&mut r));
     let e = asked.join().unwrap().unwrap();
     check_snapshot(&dst, &m, seq, &e);
     assert_eq!(e.final_pages, 0);
@@ -278,7 +278,7 @@ fn a_full_sync_during_an_export_fails_it() {
         ..
     } = setup(11);
     let asked = request(&exports, &dst);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     // A new primary's full sync replaces the image.
     apply(
         &mut r,
@@ -289,7 +289,7 @@ fn a_full_sync_during_an_export_fails_it() {
     while !x.wants_final() {
         std::thread::sleep(Duration::from_millis(1));
     }
-    x.poll(Some(&r));
+    x.poll(Some(&mut r));
     failed(asked, "replaced the image", &dst);
 }
 
@@ -297,14 +297,14 @@ fn a_full_sync_during_an_export_fails_it() {
 fn a_backup_that_stops_during_an_export_answers_and_cleans_up() {
     let Setup {
         d: _d,
-        r,
+        mut r,
         exports,
         mut x,
         dst,
         ..
     } = setup(13);
     let asked = request(&exports, &dst);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     drop(x);
     failed(asked, "stopped", &dst);
 }
@@ -319,34 +319,34 @@ fn refusals_touch_nothing() {
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let exports = Exports::default();
-    let r0 = Replica::open(ImageLock::acquire(&empty).unwrap()).unwrap();
+    let mut r0 = Replica::open(ImageLock::acquire(&empty).unwrap()).unwrap();
     let mut x = Exporter::new(exports.clone());
     let dst = d.path().join("never");
     let asked = request(&exports, &dst);
-    poll_until_answered(&mut x, &r0, &asked);
+    poll_until_answered(&mut x, &mut r0, &asked);
     failed(asked, "no consistent replica image", &dst);
     // A directory that exists is not written.
-    let (r, _, exports, _) = synced(&dir, &mut rng);
+    let (mut r, _, exports, _) = synced(&dir, &mut rng);
     let mut x = Exporter::new(exports.clone());
     let taken: PathBuf = d.path().join("taken");
     std::fs::create_dir(&taken).unwrap();
     std::fs::write(taken.join("mine"), b"x").unwrap();
     let asked = request(&exports, &taken);
-    poll_until_answered(&mut x, &r, &asked);
+    poll_until_answered(&mut x, &mut r, &asked);
     let e = asked.join().unwrap().expect_err("refused");
     assert!(e.to_string().contains("exists"), "{e}");
     assert_eq!(std::fs::read(taken.join("mine")).unwrap(), b"x");
     // One at a time.
     let first = d.path().join("first");
     let asked = request(&exports, &first);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     let second = request(&exports, &d.path().join("second"));
     // (Taken only once it waits: the poll that takes it refuses it, the first export being in
     // progress until its final step — even if its copy has just ended.)
     while exports.queued() == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
-    poll_until_answered(&mut x, &r, &second);
+    poll_until_answered(&mut x, &mut r, &second);
     failed(second, "one at a time", &d.path().join("second"));
     // The first export goes on to its end. (The polls that answered the second request may
     // have taken its final step already: waiting for it to *ask* for that step, without
@@ -358,7 +358,7 @@ fn refusals_touch_nothing() {
             t.elapsed() < Duration::from_secs(60),
             "the first export never finished"
         );
-        x.poll(Some(&r));
+        x.poll(Some(&mut r));
         std::thread::sleep(Duration::from_millis(1));
     }
     asked.join().unwrap().expect("the first export goes on");
@@ -368,7 +368,7 @@ fn refusals_touch_nothing() {
 fn a_requester_that_gives_up_cancels_its_export() {
     let Setup {
         d: _d,
-        r,
+        mut r,
         exports,
         mut x,
         dst,
@@ -379,15 +379,15 @@ fn a_requester_that_gives_up_cancels_its_export() {
         .export(dst.clone(), Duration::from_millis(20))
         .expect_err("timed out");
     assert!(e.to_string().contains("cancelled"), "{e}");
-    x.poll(Some(&r));
+    x.poll(Some(&mut r));
     assert!(!x.running(), "an abandoned request is not started");
     // One abandoned while it runs is cancelled and its directory removed.
     let (e2, d2) = (exports.clone(), dst.clone());
     let asked = std::thread::spawn(move || e2.export(d2, Duration::from_millis(300)));
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     let _ = asked.join().unwrap();
     for _ in 0..2000 {
-        x.poll(Some(&r));
+        x.poll(Some(&mut r));
         if !x.running() {
             break;
         }
@@ -411,7 +411,7 @@ fn a_big_checkpoint_before_the_final_step_is_copied_by_a_round_first() {
         ..
     } = setup(23);
     let asked = request(&exports, &dst);
-    until_running(&mut x, &r);
+    until_running(&mut x, &mut r);
     while !x.wants_final() {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -424,12 +424,12 @@ fn a_big_checkpoint_before_the_final_step_is_copied_by_a_round_first() {
         &random_cp(&mut rng, seq, Kind::Incremental, 6000),
         false,
     );
-    x.poll(Some(&r));
+    x.poll(Some(&mut r));
     assert!(
         x.running(),
         "not finished with more than FINAL_PAGES recorded"
     );
-    poll_until_answered(&mut x, &r, &asked);
+    poll_until_answered(&mut x, &mut r, &asked);
     let e = asked.join().unwrap().expect("exported");
     assert!(e.rounds >= 1, "{e:?}");
     assert!(
@@ -483,7 +483,7 @@ fn an_abandoned_generation_takes_nothing_of_the_next() {
     assert!(!t.active());
 }
 
-fn poll_until_answered<T>(x: &mut Exporter, r: &Replica, h: &JoinHandle<T>) {
+fn poll_until_answered<T>(x: &mut Exporter, r: &mut Replica, h: &JoinHandle<T>) {
     for _ in 0..5000 {
         x.poll(Some(r));
         if h.is_finished() {

@@ -1,27 +1,43 @@
 //! The backup's redo journal: a checkpoint's decoded effect on the committed image (new page
 //! contents, disk writes, and the image's facts after it, state included), written before the
-//! image files are touched. The checkpoint is durable — and acknowledged — once its journal is
-//! written.
+//! image files are touched. The checkpoint is durable — and acknowledged — once its journal
+//! record is written.
 //!
 //! ```text
-//! magic "VMXJRNL\0" | version u32 | total_len u64 | seq u64 | meta_len u64 | pages u64 | disk u64
+//! magic "VMXJRNL\0" | version u32 | total_len u64 | seq u64 | base u64 | history u64
+//!   | meta_len u64 | pages u64 | disk u64
 //! meta (ReplicaMeta, snapshot-format framed)
 //! pages × (gfn u64, 4096 bytes)
 //! disk  × (offset u64, len u64, bytes)
 //! crc32 u32 over the total_len - 4 bytes before it      (anything after total_len is ignored)
 //! ```
-//! Two slot files, `journal-0.bin` and `journal-1.bin`, alternate: each checkpoint goes into the
-//! slot the previous one did not use, overwritten in place (no file is created, renamed or
-//! deleted per checkpoint). Slots alternate rather than follow the seq's parity because seqs
-//! jump (a quick resync from 40 to 57): the slot of the previous checkpoint is never the one
-//! being written. Checkpoints are applied one at a time, so when checkpoint N's journal is
-//! written, the previous one is entirely in the image files: the newest verifying slot (highest
-//! seq, of the image's history) is all recovery needs ([`crate::image::recover`]) — redo its
-//! writes (idempotent) and take its facts — and if N's write was torn by the process dying, the
-//! other slot still holds the previous checkpoint. `replica.bin` is therefore only rewritten
-//! when an image is promoted, recovered or finalized; the journals are removed then (except
-//! after the recovery of an image fenced beyond its term, whose stale slots stay: see
-//! [`crate::image::recover_locked`]). A slot is read only as far as its record's length.
+//! **A ring of [`SLOTS`] slot files**, `journal-0.bin` … `journal-15.bin`, each overwritten in
+//! place (no file is created, renamed or deleted per checkpoint): the n-th record the image
+//! writes goes into slot n mod [`SLOTS`]. A small checkpoint's writes wait in memory after its
+//! record ([`crate::write_back`]) and reach the image files once per ring, so the image files
+//! may lag the journal by up to [`SLOTS`] checkpoints. The rule that makes this safe: **a slot
+//! is overwritten only when the checkpoint it holds, and so every earlier one, is in the image
+//! files** (the image flushes its waiting writes when the ring is full). `base` is the seq of
+//! the newest checkpoint entirely in the image files when the record was written.
+//!
+//! Recovery ([`to_redo`], [`crate::image::recover`]) takes the newest record that verifies
+//! (highest seq of the image's history), N, and redoes in seq order every verifying record of
+//! the history with a seq in (N's base, N] — and newer than `replica.bin` — then takes N's
+//! facts. Why that is the image as of N: everything up to N's base is in the files; the later
+//! records present are redone oldest first, so a page ends with its newest version. A record
+//! missing from that range was overwritten, which the rule allows only once it was in the
+//! files; and the ring overwrites its oldest record first, so no record older than a missing
+//! one is redone over it. A record torn by the process dying fails its CRC: it was never
+//! acknowledged and is ignored, and the records before it are all still there. Redoing is
+//! idempotent. Seqs jump (a quick resync from 40 to 57); only their order matters.
+//!
+//! `replica.bin` is only rewritten when an image is promoted, recovered or finalized; the slots
+//! are removed then (except after the recovery of an image fenced beyond its term, whose stale
+//! slots stay: see [`crate::image::recover_locked`]). A slot is read only as far as its
+//! record's length; recovery reads each slot's header first and the records it redoes whole.
+//!
+//! Version 2 records (two alternating slots, no `base` or `history` in the header: everything
+//! before a record was in the files when it was written) are still read, as their own base.
 //!
 //! The slots are not fsynced: they protect against the backup process dying, not against the
 //! backup host losing its page cache (then the replica is lost with the host and rebuilt by a
@@ -35,17 +51,25 @@ use crate::image::ReplicaMeta;
 use crate::BackupError;
 
 const MAGIC: &[u8; 8] = b"VMXJRNL\0";
-/// Version 2: the meta carries the history id and the seq.
-const VERSION: u32 = 2;
-const HEADER: usize = 8 + 4 + 8 * 5;
-/// Names of the two journal slots in the image directory.
-pub const SLOT_FILES: [&str; 2] = ["journal-0.bin", "journal-1.bin"];
+/// Version 3: the header carries the record's base and history (a ring of [`SLOTS`] slots).
+const VERSION: u32 = 3;
+/// Version 2: two alternating slots; still read.
+const VERSION_2: u32 = 2;
+const HEADER: usize = 8 + 4 + 8 * 7;
+const HEADER_2: usize = 8 + 4 + 8 * 5;
+/// Slot files in the ring.
+pub const SLOTS: usize = 16;
+/// A slot file longer than this (it once held a big checkpoint) is cut to its record's length
+/// when a record of less than half of it is written over it.
+const SHRINK_OVER: u64 = 4 << 20;
 
 /// One checkpoint's effect on the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Journal {
     /// The checkpoint's seq.
     pub seq: u64,
+    /// Seq of the newest checkpoint entirely in the image files when this was written.
+    pub base: u64,
     /// The image's facts after it.
     pub meta: ReplicaMeta,
     /// Guest frame numbers of `data`.
@@ -86,19 +110,28 @@ pub enum JournalError {
     Malformed(String),
 }
 
+/// What a record's header says (not verified: a hint for choosing which records to read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    seq: u64,
+    /// None in a version 2 record (its history is in its meta).
+    history: Option<u64>,
+}
+
 impl Journal {
     /// The file image of this journal.
     pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
         let meta = vmm::snapshot::format::encode(&self.meta)?;
         let disk_bytes: usize = self.disk.iter().map(|d| 16 + d.1.len()).sum();
-        let mut out =
-            Vec::with_capacity(HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4);
         let total = HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4;
+        let mut out = Vec::with_capacity(total);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         for v in [
             total as u64,
             self.seq,
+            self.base,
+            self.meta.history,
             meta.len() as u64,
             self.gfns.len() as u64,
             self.disk.len() as u64,
@@ -123,9 +156,9 @@ impl Journal {
     /// Parses a journal file, checking magic, version, lengths and CRC before anything else.
     pub fn decode(bytes: &[u8]) -> Result<Journal, JournalError> {
         let have = bytes.len() as u64;
-        if bytes.len() < HEADER + 4 {
+        if bytes.len() < HEADER_2 + 4 {
             return Err(JournalError::Truncated {
-                need: (HEADER + 4) as u64,
+                need: (HEADER_2 + 4) as u64,
                 have,
             });
         }
@@ -134,11 +167,13 @@ impl Journal {
         }
         let mut r = Reader { b: bytes, at: 8 };
         let version = r.u32()?;
-        if version != VERSION {
-            return Err(JournalError::Version(version));
-        }
+        let header = match version {
+            VERSION => HEADER,
+            VERSION_2 => HEADER_2,
+            v => return Err(JournalError::Version(v)),
+        };
         let total = r.u64()?;
-        if total < (HEADER + 4) as u64 {
+        if total < (header + 4) as u64 {
             return Err(JournalError::Malformed(format!("total length {total}")));
         }
         if total > have {
@@ -152,13 +187,43 @@ impl Journal {
         }
         let mut r = Reader { b: body, at: 20 };
         let seq = r.u64()?;
+        // A version 2 record is its own base: everything before it was in the files.
+        let (base, history) = match version {
+            VERSION => (r.u64()?, Some(r.u64()?)),
+            _ => (seq.saturating_sub(1), None),
+        };
         let meta_len = r.u64()?;
         let pages = r.u64()?;
         let disks = r.u64()?;
-        let meta = vmm::snapshot::format::decode(r.take(meta_len)?)
+        let meta: ReplicaMeta = vmm::snapshot::format::decode(r.take(meta_len)?)
             .map_err(|e| JournalError::Malformed(format!("meta: {e}")))?;
+        if history.is_some_and(|h| h != meta.history) || base >= seq {
+            return Err(JournalError::Malformed(format!(
+                "header (seq {seq}, base {base}, history {history:#x?}) disagrees with its meta \
+                 (history {:#x})",
+                meta.history
+            )));
+        }
+        let (gfns, data, disk) = Self::decode_writes(&mut r, pages, disks)?;
+        Ok(Journal {
+            seq,
+            base,
+            meta,
+            gfns,
+            data,
+            disk,
+        })
+    }
+
+    /// The pages and disk writes after the meta, to the end of `r`.
+    #[allow(clippy::type_complexity)]
+    fn decode_writes(
+        r: &mut Reader<'_>,
+        pages: u64,
+        disks: u64,
+    ) -> Result<(Vec<u64>, Vec<u8>, Vec<(u64, Vec<u8>)>), JournalError> {
         // Counts are bounded by what the file can hold before anything is allocated.
-        let left = (body.len() - r.at) as u64;
+        let left = (r.b.len() - r.at) as u64;
         if pages.saturating_mul((8 + PAGE) as u64) > left || disks.saturating_mul(16) > left {
             return Err(JournalError::Malformed(format!(
                 "{pages} pages and {disks} disk writes do not fit in {left} bytes"
@@ -176,48 +241,99 @@ impl Journal {
             let len = r.u64()?;
             disk.push((off, r.take(len)?.to_vec()));
         }
-        if r.at != body.len() {
+        if r.at != r.b.len() {
             return Err(JournalError::Malformed(format!(
                 "{} bytes after the last record",
-                body.len() - r.at
+                r.b.len() - r.at
             )));
         }
-        Ok(Journal {
-            seq,
-            meta,
-            gfns,
-            data,
-            disk,
-        })
+        Ok((gfns, data, disk))
     }
 
-    /// Writes the journal over slot file `slot` (bytes beyond it stay but are ignored).
-    pub fn write_to(&self, slot: &std::fs::File, path: &Path) -> Result<(), BackupError> {
+    /// Writes the journal over slot file `slot`, whose length is `*slot_len` (bytes beyond the
+    /// record stay but are ignored; a slot far longer than the record is cut).
+    pub fn write_to(
+        &self,
+        slot: &std::fs::File,
+        slot_len: &mut u64,
+        path: &Path,
+    ) -> Result<(), BackupError> {
         use std::os::unix::fs::FileExt;
         let bytes = self.encode()?;
-        slot.write_all_at(&bytes, 0).map_err(|err| BackupError::Io {
+        let io = |err| BackupError::Io {
             path: path.to_path_buf(),
             err,
-        })
+        };
+        slot.write_all_at(&bytes, 0).map_err(io)?;
+        let len = bytes.len() as u64;
+        if *slot_len > SHRINK_OVER && len < *slot_len / 2 {
+            slot.set_len(len).map_err(io)?;
+            *slot_len = len;
+        }
+        *slot_len = (*slot_len).max(len);
+        Ok(())
     }
 }
 
-/// Slot file number `slot` (0 or 1) in `dir`.
+/// Slot file number `slot` (of [`SLOTS`]) in `dir`.
 pub fn slot_path(dir: &Path, slot: usize) -> PathBuf {
-    dir.join(SLOT_FILES[slot % 2])
+    dir.join(format!("journal-{}.bin", slot % SLOTS))
 }
 
-/// The newest journal of history `history` in `dir` that verifies (highest seq), if any.
-/// Damaged slots are reported and skipped; records of another history are skipped.
-pub fn newest(dir: &Path, history: u64) -> Result<Option<Journal>, BackupError> {
-    let mut best: Option<Journal> = None;
-    for name in SLOT_FILES {
-        let p = dir.join(name);
-        let bytes = match read_slot(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+/// The journal slot files in `dir` (`journal-*.bin`: those of another ring size too).
+fn slot_files(dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let io = |err| BackupError::Io {
+        path: dir.to_path_buf(),
+        err,
+    };
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(e)),
+    };
+    for e in entries {
+        let name = e.map_err(io)?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("journal-") && name.ends_with(".bin") {
+            out.push(dir.join(&*name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The records of history `history` in `dir` that recovery redoes, oldest first, for an image
+/// whose `replica.bin` records seq `after` (see the module docs): the newest verifying record
+/// N and every verifying one in (N's base, N] newer than `after`. Empty if nothing is newer.
+/// Damaged slots and records of another history are reported and skipped.
+pub fn to_redo(dir: &Path, history: u64, after: u64) -> Result<Vec<Journal>, BackupError> {
+    let mut heads = Vec::new();
+    for p in slot_files(dir)? {
+        match peek(&p) {
+            Ok(Some(h)) if h.history.is_some_and(|x| x != history) => tracing::warn!(
+                "{}: checkpoint {} of history {:#x}, not the image's {history:#x}; ignoring it",
+                p.display(),
+                h.seq,
+                h.history.unwrap_or(0)
+            ),
+            Ok(Some(h)) if h.seq > after => heads.push((h.seq, p)),
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::warn!("{}: not a journal record; ignoring it", p.display()),
             Err(err) => return Err(BackupError::Io { path: p, err }),
-        };
+        }
+    }
+    // Newest first, until the newest verifying record's base.
+    heads.sort_by_key(|h| std::cmp::Reverse(h.0));
+    let mut out: Vec<Journal> = Vec::new();
+    for (seq, p) in heads {
+        if out.first().is_some_and(|n| seq <= n.base) {
+            break;
+        }
+        let bytes = read_slot(&p).map_err(|err| BackupError::Io {
+            path: p.clone(),
+            err,
+        })?;
         match Journal::decode(&bytes) {
             Ok(j) if j.meta.history != history => tracing::warn!(
                 "{}: checkpoint {} of history {:#x}, not the image's {history:#x}; ignoring it",
@@ -225,12 +341,42 @@ pub fn newest(dir: &Path, history: u64) -> Result<Option<Journal>, BackupError> 
                 j.seq,
                 j.meta.history
             ),
-            Ok(j) if best.as_ref().is_none_or(|b| j.seq > b.seq) => best = Some(j),
-            Ok(_) => {}
+            Ok(j) if j.seq != seq => tracing::warn!(
+                "{}: its header says checkpoint {seq}, its record {}; ignoring it",
+                p.display(),
+                j.seq
+            ),
+            Ok(j) => out.push(j),
             Err(e) => tracing::warn!("{}: {e}; ignoring it", p.display()),
         }
     }
-    Ok(best)
+    out.reverse();
+    Ok(out)
+}
+
+/// The header of slot file `p` (None: not a journal record of a known version).
+fn peek(p: &Path) -> std::io::Result<Option<Head>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(p)?;
+    let len = f.metadata()?.len();
+    let mut head = [0u8; HEADER];
+    let n = head.len().min(len as usize);
+    f.read_exact_at(&mut head[..n], 0)?;
+    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or_default());
+    if n < HEADER_2 || &head[..8] != MAGIC {
+        return Ok(None);
+    }
+    match u32::from_le_bytes([head[8], head[9], head[10], head[11]]) {
+        VERSION if n == HEADER => Ok(Some(Head {
+            seq: u64_at(20),
+            history: Some(u64_at(36)),
+        })),
+        VERSION_2 => Ok(Some(Head {
+            seq: u64_at(20),
+            history: None,
+        })),
+        _ => Ok(None),
+    }
 }
 
 /// The bytes of slot file `p` that can belong to its journal: as many as its header says
@@ -254,10 +400,9 @@ fn read_slot(p: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Removes both journal slots of `dir`.
+/// Removes every journal slot of `dir`.
 pub fn remove(dir: &Path) -> Result<(), BackupError> {
-    for name in SLOT_FILES {
-        let p = dir.join(name);
+    for p in slot_files(dir)? {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -308,6 +453,7 @@ mod tests {
         data[PAGE + 9] = 3;
         Journal {
             seq: 9,
+            base: 8,
             meta: ReplicaMeta {
                 history: 0x5eed,
                 term: 2,
@@ -339,21 +485,128 @@ mod tests {
     #[test]
     fn a_slot_is_read_only_as_far_as_its_journal() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join(SLOT_FILES[0]);
+        let p = slot_path(d.path(), 0);
         let j = sample();
         let b = j.encode().unwrap();
         let mut big = vec![0xee; 1 << 20];
         big[..b.len()].copy_from_slice(&b);
         std::fs::write(&p, &big).unwrap();
         assert_eq!(read_slot(&p).unwrap().len(), b.len());
-        let got = newest(d.path(), 0x5eed).unwrap().unwrap();
-        assert_eq!(got, j);
+        assert_eq!(to_redo(d.path(), 0x5eed, 0).unwrap(), vec![j]);
         // A header that claims more than the file holds is a truncated journal.
         std::fs::write(&p, &b[..b.len() - 1]).unwrap();
-        assert!(newest(d.path(), 0x5eed).unwrap().is_none());
+        assert!(to_redo(d.path(), 0x5eed, 0).unwrap().is_empty());
         // Not a journal at all: read whole, refused.
         std::fs::write(&p, [1u8; 7]).unwrap();
-        assert!(newest(d.path(), 0x5eed).unwrap().is_none());
+        assert!(to_redo(d.path(), 0x5eed, 0).unwrap().is_empty());
+    }
+
+    /// Record `seq` of history 0x5eed with base `base`, one page filled with `seq`.
+    fn rec(seq: u64, base: u64) -> Journal {
+        let mut j = sample();
+        j.seq = seq;
+        j.base = base;
+        j.meta.seq = seq;
+        j.gfns = vec![seq];
+        j.data = vec![seq as u8; PAGE];
+        j
+    }
+
+    fn put(dir: &Path, slot: usize, j: &Journal) {
+        std::fs::write(slot_path(dir, slot), j.encode().unwrap()).unwrap();
+    }
+
+    fn seqs(js: Vec<Journal>) -> Vec<u64> {
+        js.into_iter().map(|j| j.seq).collect()
+    }
+
+    #[test]
+    fn recovery_redoes_the_records_after_the_newest_ones_base_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        assert!(to_redo(dir, 0x5eed, 0).unwrap().is_empty(), "no slots");
+        // A ring where 5, 6, 8 (seqs jump) wait for a flush (base 4); slots in any order.
+        for (slot, j) in [(3, rec(8, 4)), (1, rec(5, 4)), (2, rec(6, 4))] {
+            put(dir, slot, &j);
+        }
+        // 3 and 4 are in the files (an older record of the ring and one of another history).
+        put(dir, 0, &rec(3, 2));
+        let mut other = rec(50, 49);
+        other.meta.history = 0xbad;
+        put(dir, 4, &other);
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 0).unwrap()), vec![5, 6, 8]);
+        // replica.bin already records 5: only what is newer.
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 5).unwrap()), vec![6, 8]);
+        assert!(to_redo(dir, 0x5eed, 8).unwrap().is_empty());
+        // After a flush, 9's base is 8: only 9 is redone (5, 6, 8 are in the files).
+        put(dir, 5, &rec(9, 8));
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 0).unwrap()), vec![9]);
+        // 9 torn by the process dying: back to 5, 6, 8.
+        let b = rec(9, 8).encode().unwrap();
+        std::fs::write(slot_path(dir, 5), &b[..b.len() / 2]).unwrap();
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 0).unwrap()), vec![5, 6, 8]);
+        // A torn write over the ring's oldest record after a flush (10 over 3's slot, 9 never
+        // written): 5, 6, 8 are redone, and nothing older than them is missing.
+        let b = rec(10, 8).encode().unwrap();
+        std::fs::write(slot_path(dir, 0), &b[..b.len() - 1]).unwrap();
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 0).unwrap()), vec![5, 6, 8]);
+        // Another history's records are never taken.
+        assert_eq!(seqs(to_redo(dir, 0xbad, 0).unwrap()), vec![50]);
+        remove(dir).unwrap();
+        assert!(slot_files(dir).unwrap().is_empty());
+    }
+
+    /// Version 2's encoding (two alternating slots): no base or history in the header.
+    fn encode_v2(j: &Journal) -> Vec<u8> {
+        let v3 = j.encode().unwrap();
+        let mut out = v3[..HEADER].to_vec();
+        out.drain(28..44);
+        out[8..12].copy_from_slice(&VERSION_2.to_le_bytes());
+        let total = (v3.len() - 16) as u64;
+        out[12..20].copy_from_slice(&total.to_le_bytes());
+        out.extend_from_slice(&v3[HEADER..v3.len() - 4]);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_version_2_record_is_read_as_its_own_base() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut j = rec(41, 0);
+        let b = encode_v2(&j);
+        j.base = 40;
+        assert_eq!(Journal::decode(&b).unwrap(), j);
+        // The two slots of a version 2 backup: only the newest is redone.
+        std::fs::write(dir.join("journal-0.bin"), encode_v2(&rec(40, 0))).unwrap();
+        std::fs::write(dir.join("journal-1.bin"), &b).unwrap();
+        assert_eq!(seqs(to_redo(dir, 0x5eed, 0).unwrap()), vec![41]);
+    }
+
+    #[test]
+    fn a_slot_far_longer_than_its_record_is_cut() {
+        let d = tempfile::tempdir().unwrap();
+        let p = slot_path(d.path(), 0);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut big = rec(5, 4);
+        big.gfns = (0..2000).collect();
+        big.data = vec![1; 2000 * PAGE];
+        let mut len = 0;
+        big.write_to(&f, &mut len, &p).unwrap();
+        let big_len = std::fs::metadata(&p).unwrap().len();
+        assert_eq!(len, big_len);
+        let small = rec(6, 5);
+        small.write_to(&f, &mut len, &p).unwrap();
+        let now = std::fs::metadata(&p).unwrap().len();
+        assert!(now < big_len / 2 && now == len, "{now} of {big_len}");
+        assert_eq!(to_redo(d.path(), 0x5eed, 0).unwrap(), vec![small]);
     }
 
     #[test]
@@ -381,8 +634,8 @@ mod tests {
         #[test]
         fn valid_header_with_huge_counts_is_refused(pages in any::<u64>(), disks in any::<u64>()) {
             let mut b = sample().encode().unwrap();
-            b[36..44].copy_from_slice(&pages.to_le_bytes());
-            b[44..52].copy_from_slice(&disks.to_le_bytes());
+            b[52..60].copy_from_slice(&pages.to_le_bytes());
+            b[60..68].copy_from_slice(&disks.to_le_bytes());
             let n = b.len() - 4;
             let crc = crc32fast::hash(&b[..n]);
             b[n..].copy_from_slice(&crc.to_le_bytes());

@@ -23,10 +23,13 @@ pub mod lock;
 mod mem_file;
 pub mod promote;
 mod replica;
+#[cfg(test)]
+mod ring_tests;
 mod server;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+mod write_back;
 
 use std::path::PathBuf;
 

@@ -148,22 +148,33 @@ impl Replica {
         }
     }
 
-    /// Writes an acknowledged checkpoint into the committed image. An error leaves the image
-    /// recoverable from its journal, but this process cannot go on with it.
+    /// Writes an acknowledged checkpoint into the committed image (a small one may wait in
+    /// its write-back: [`crate::write_back`]). An error leaves the image recoverable from its
+    /// journal, but this process cannot go on with it.
     pub fn complete(&mut self, s: Staged) -> Result<(), Failure> {
         match self.committed.as_mut() {
-            Some(img) => {
-                let writes = self.tracker.active().then(|| s.writes());
-                img.complete(s).map_err(Failure::Fatal)?;
+            // While an export records writes, they are written through (the write-back was
+            // flushed when it started: `flush`), so what is recorded is in the files.
+            Some(img) if self.tracker.active() => {
+                let (gfns, disk) = s.writes();
+                img.complete_through(s).map_err(Failure::Fatal)?;
                 // (After the write: see `crate::export`.)
-                if let Some((gfns, disk)) = writes {
-                    self.tracker.record(&gfns, &disk);
-                }
+                self.tracker.record(&gfns, &disk);
                 Ok(())
             }
+            Some(img) => img.complete(s).map_err(Failure::Fatal),
             None => Err(Failure::Fatal(BackupError::Apply(
                 "a staged checkpoint without a committed image".into(),
             ))),
+        }
+    }
+
+    /// Writes what waits in the committed image's write-back into its files (before anything
+    /// reads them: an export).
+    pub fn flush(&mut self) -> Result<(), BackupError> {
+        match self.committed.as_mut() {
+            Some(img) => img.flush(),
+            None => Ok(()),
         }
     }
 
@@ -181,10 +192,14 @@ impl Replica {
     pub fn finalize(self) -> Result<Option<u64>, BackupError> {
         let Replica {
             lock,
-            committed,
+            mut committed,
             side,
             ..
         } = self;
+        // (Recovery would redo it from the journal too; flushed, it has nothing to do.)
+        if let Some(img) = committed.as_mut() {
+            img.flush()?;
+        }
         drop((committed, side));
         image::recover_locked(&lock)?;
         if !lock.dir().join(REPLICA_FILE).exists() {

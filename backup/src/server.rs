@@ -156,7 +156,7 @@ pub async fn serve_fenced(
                 fence.enforce_latest(&mut min_term);
             }
             // No session runs: the replica is idle, an export goes on at once.
-            _ = cfg.exports.wait() => exporter.poll(slot.as_ref()),
+            _ = cfg.exports.wait() => exporter.poll(slot.as_mut()),
             c = data.next() => data.refuse_idle(&c),
             _ = stop.changed() => break,
         }
@@ -165,7 +165,7 @@ pub async fn serve_fenced(
         }
         // The replica is idle between sessions: whatever an export waits for (a wake-up taken
         // by a session that then ended included) is taken now.
-        exporter.poll(slot.as_ref());
+        exporter.poll(slot.as_mut());
     }
     // Stopping or promoting: an export is cancelled before the image is finalized.
     drop(exporter);
@@ -468,8 +468,8 @@ async fn session_loop(
         // An export's final step (bounded: `export::FINAL_PAGES`) is taken before the next
         // checkpoint, or a steady stream would never leave the replica idle for it; only with
         // no step pending (not between an acknowledgement queued and sent).
-        w.exporter
-            .poll(applier.idle().then(|| applier.replica()).flatten());
+        let idle = applier.idle();
+        w.exporter.poll(applier.replica_mut().filter(|_| idle));
         // The next checkpoint leaves the receiver (and its memory bound) only when the apply
         // thread is free to take it.
         if applier.idle() {

@@ -168,6 +168,7 @@ fn a_crash_during_a_full_sync_keeps_the_committed_image() {
     );
     assert!(r.syncing());
     assert!(dir.join(INCOMING).join(snapshot::MEMORY_FILE).exists());
+    r.flush().unwrap();
     m.check(dir);
     // The process dies.
     drop(r);
@@ -354,6 +355,7 @@ fn a_resync_applies_only_on_top_of_the_checkpoint_it_was_computed_from() {
             Ok(_) => panic!("{why}: applied"),
         }
         assert_eq!(r.position(), Some(pos(A, 11)), "{why}");
+        r.flush().unwrap();
         m.check(dir);
     }
     // The right one: from 11 to 20, with a disk chunk of zeros over written data.
@@ -366,6 +368,7 @@ fn a_resync_applies_only_on_top_of_the_checkpoint_it_was_computed_from() {
     m.apply(&rs);
     assert!(m.disk[..8192].iter().all(|&b| b == 0));
     assert_eq!(r.position(), Some(pos(A, 20)));
+    r.flush().unwrap();
     m.check(dir);
     let inc = cp(21, Kind::Incremental, 0xab, &[8], &[(100, 10)]);
     begin(&mut r, &inc, A, false);
@@ -397,7 +400,7 @@ fn slot_seq(dir: &Path, slot: usize) -> u64 {
 }
 
 #[test]
-fn journal_slots_alternate_and_a_torn_one_leaves_the_previous_checkpoint() {
+fn journal_records_go_round_the_ring_and_a_torn_one_leaves_the_previous_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let mut r = open(dir);
@@ -409,7 +412,7 @@ fn journal_slots_alternate_and_a_torn_one_leaves_the_previous_checkpoint() {
     begin(&mut r, &inc, A, false);
     m.apply(&inc);
     assert_eq!(slot_seq(dir, 0), 41);
-    // A resync 41 → 43 (by seq parity it would overwrite 41's slot): it goes into the other
+    // A resync 41 → 43 (by seq parity it would overwrite 41's slot): it goes into the next
     // slot; the process dies in the middle of writing it.
     let rs = cp(43, Kind::Resync { from: 41 }, 0x33, &[1, 4], &[(4096, 512)]);
     let staged = r.begin(&rs, A, false).unwrap().unwrap();
@@ -426,7 +429,8 @@ fn journal_slots_alternate_and_a_torn_one_leaves_the_previous_checkpoint() {
     assert_eq!(meta_position(dir), Some(pos(A, 41)));
     m.check(dir);
 
-    // Seqs jump on: 41 → 57 → 58 → 60, always the other slot.
+    // Seqs jump on: 41 → 57 → 58 → 60, each into the next slot (the ring starts over with a
+    // recovered image), none written in place yet.
     let mut r = open(dir);
     assert_eq!(r.position(), Some(pos(A, 41)));
     let steps = [
@@ -436,8 +440,8 @@ fn journal_slots_alternate_and_a_torn_one_leaves_the_previous_checkpoint() {
         ),
         (cp(58, Kind::Incremental, 0x55, &[6, 1], &[]), 1),
         (
-            cp(60, Kind::Resync { from: 58 }, 0x66, &[7], &[(200, 50)]),
-            0,
+            cp(60, Kind::Resync { from: 58 }, 0x66, &[7, 5], &[(0, 50)]),
+            2,
         ),
     ];
     for (c, slot) in &steps {
@@ -445,10 +449,11 @@ fn journal_slots_alternate_and_a_torn_one_leaves_the_previous_checkpoint() {
         m.apply(c);
         assert_eq!(slot_seq(dir, *slot), c.epoch);
     }
-    // 61 is torn in slot 1 (over 58): recovery redoes 60.
+    // 61 is torn in slot 3: recovery redoes 57, 58 and 60, in order (60 rewrites 57's page 5
+    // and disk bytes).
     let inc = cp(61, Kind::Incremental, 0x77, &[1, 2, 3], &[(0, 4096)]);
     drop(r.begin(&inc, A, false).unwrap());
-    tear(dir, 1);
+    tear(dir, 3);
     drop(r);
     assert_eq!(image::recover(dir).unwrap(), Some(60));
     m.check(dir);
@@ -468,6 +473,7 @@ fn recovery_ignores_a_journal_of_another_history() {
     meta.seq = 99;
     let stray = Journal {
         seq: 99,
+        base: 98,
         meta,
         gfns: vec![0],
         data: vec![0xee; PAGE],
@@ -556,5 +562,6 @@ fn a_full_sync_of_an_impossible_ram_size_is_refused_and_keeps_the_image() {
         );
     }
     assert_eq!(r.position(), Some(pos(A, 11)));
+    r.flush().unwrap();
     m.check(dir);
 }

@@ -295,7 +295,7 @@ impl Exporter {
 
     /// Takes what can be taken now, with the replica idle (`None`: the replica is busy).
     /// Returns quickly: at most the final step's copy runs here.
-    pub(crate) fn poll(&mut self, replica: Option<&Replica>) {
+    pub(crate) fn poll(&mut self, replica: Option<&mut Replica>) {
         self.finishing.retain(|(c, _)| Arc::strong_count(c) > 1);
         if self
             .running
@@ -346,10 +346,18 @@ impl Exporter {
 
     fn start(
         &self,
-        replica: &Replica,
+        replica: &mut Replica,
         dst: &Path,
         abandoned: Arc<AtomicBool>,
     ) -> Result<Running, BackupError> {
+        if replica.committed_meta().is_none() {
+            return Err(BackupError::NoImage {
+                dir: replica.dir().to_path_buf(),
+            });
+        }
+        // The files hold the committed checkpoint before the pass reads them; while the
+        // export records, checkpoints are written through (`Replica::complete`).
+        replica.flush()?;
         let Some(meta) = replica.committed_meta() else {
             return Err(BackupError::NoImage {
                 dir: replica.dir().to_path_buf(),

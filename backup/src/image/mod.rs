@@ -4,7 +4,7 @@
 //! <dir>/memory.bin   guest RAM as of the committed checkpoint (sparse, full size)
 //! <dir>/disk.img     the disk as of the committed checkpoint
 //! <dir>/replica.bin  position (history, term, seq), sizes and the vCPU/device state (CRC-framed)
-//! <dir>/journal-{0,1}.bin  the redo journal of the last two checkpoints (see [`journal`])
+//! <dir>/journal-N.bin  the redo journal, a ring of 16 slots (see [`journal`])
 //! <dir>/incoming/    a full sync in progress: the side image (see [`promote`])
 //! <dir>/lock         held by the process working on the image (see [`lock`])
 //! <dir>/replica.consumed  replica.bin of an image a new primary took over (see below)
@@ -14,7 +14,8 @@
 //! it in seq order — an incremental one (seq + 1) or a quick resync (from its seq, any later
 //! seq) — in two steps: [`ReplicaImage::stage`] decodes the pages and writes the journal (the
 //! checkpoint is now durable and may be acknowledged), [`ReplicaImage::complete`] writes the
-//! image files in place. A backup killed at any moment leaves an image [`recover`] brings to the
+//! image files in place — a small checkpoint's pages at the next flush of the write-back
+//! ([`write_back`], once per journal ring). A backup killed at any moment leaves an image [`recover`] brings to the
 //! last journaled checkpoint; `replica.bin` is rewritten only by promotion and by
 //! [`recover`]/[`finalize`].
 //!
@@ -32,6 +33,7 @@
 //! guest runs: it holds no checkpoint from then on (docs/failover.md, "Promotion").
 //!
 //! [`journal`]: crate::journal
+//! [`write_back`]: crate::write_back
 //! [`promote`]: crate::promote
 //! [`lock`]: crate::lock
 
@@ -46,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use vmm::snapshot::{self, format, VmState};
 
 use crate::journal::{self, Journal};
-use crate::lock::ImageLock;
 use crate::mem_file::MemFile;
+use crate::write_back::WriteBack;
 use crate::{promote, BackupError};
 
 /// Largest disk a pre-copy round may write to before the state tells the real size (1 TiB).
@@ -108,15 +110,24 @@ pub struct ReplicaImage {
     mem: MemFile,
     disk: Option<File>,
     meta: ReplicaMeta,
-    slots: [Option<File>; 2],
-    /// Journal slot of the last staged checkpoint (the next one goes into the other).
-    last_slot: Option<usize>,
+    /// The journal ring's slot files, open, with their lengths.
+    slots: Vec<Option<(File, u64)>>,
+    /// Journal records written (the next goes into slot `records % SLOTS`).
+    records: u64,
+    /// Journal records whose checkpoints are not all in the image files yet.
+    unflushed: usize,
+    /// Seq of the newest checkpoint entirely in the image files.
+    base: u64,
+    /// Small checkpoints' writes waiting for the next flush.
+    wb: WriteBack,
 }
 
 /// A checkpoint between [`ReplicaImage::stage`] and [`ReplicaImage::complete`].
 pub struct Staged {
     journal: Journal,
     ends_sync: bool,
+    /// Its journal record was written (a consistent image): its writes may wait.
+    journaled: bool,
 }
 
 impl Staged {
@@ -232,8 +243,11 @@ impl ReplicaImage {
                 // With its state (a `Sync`) the image is consistent: disk writes must fit.
                 state,
             },
-            slots: [None, None],
-            last_slot: None,
+            slots: Vec::new(),
+            records: 0,
+            unflushed: 0,
+            base: cp.epoch,
+            wb: WriteBack::default(),
         };
         let (gfns, data) = img.decode_pages(cp)?;
         img.check_disk(cp)?;
@@ -274,9 +288,12 @@ impl ReplicaImage {
             dir: dir.to_path_buf(),
             mem,
             disk,
+            base: meta.seq,
             meta,
-            slots: [None, None],
-            last_slot: None,
+            slots: Vec::new(),
+            records: 0,
+            unflushed: 0,
+            wb: WriteBack::default(),
         })
     }
 
@@ -329,7 +346,10 @@ impl ReplicaImage {
                 .filter(|o| o + PAGE as u64 <= self.meta.mem_size)
                 .ok_or_else(|| BackupError::Apply(format!("page {gfn} beyond guest RAM")))?;
             if enc.relative() {
-                self.mem.read_exact_at(slot, off).map_err(io(&mp))?;
+                match self.wb.page(*gfn) {
+                    Some(page) => slot.copy_from_slice(page),
+                    None => self.mem.read_exact_at(slot, off).map_err(io(&mp))?,
+                }
             }
             decode_into(*gfn, enc, slot)?;
             gfns.push(*gfn);
@@ -472,24 +492,35 @@ impl ReplicaImage {
         }
         let j = Journal {
             seq: cp.epoch,
+            base: self.base,
             meta,
             gfns,
             data,
             disk: cp.disk.clone(),
         };
-        if !self.meta.syncing() {
+        let journaled = !self.meta.syncing();
+        if journaled {
             self.write_journal(&j)?;
         }
         Ok(Staged {
             journal: j,
             ends_sync,
+            journaled,
         })
     }
 
-    /// Writes `j` into the slot the last staged checkpoint did not use.
+    /// Writes `j` into the next slot of the ring. The checkpoint that slot holds must be in
+    /// the image files first: [`complete`](Self::complete) flushes when the ring is full, so
+    /// the flush here only runs if a caller staged without completing.
     fn write_journal(&mut self, j: &Journal) -> Result<(), BackupError> {
-        let slot = self.last_slot.map_or(0, |s| 1 - s);
+        if self.unflushed >= journal::SLOTS {
+            self.flush()?;
+        }
+        let slot = (self.records % journal::SLOTS as u64) as usize;
         let path = journal::slot_path(&self.dir, slot);
+        if self.slots.len() < journal::SLOTS {
+            self.slots.resize_with(journal::SLOTS, || None);
+        }
         if self.slots[slot].is_none() {
             let f = OpenOptions::new()
                 .create(true)
@@ -497,24 +528,68 @@ impl ReplicaImage {
                 .write(true)
                 .open(&path)
                 .map_err(io(&path))?;
-            self.slots[slot] = Some(f);
+            let len = f.metadata().map_err(io(&path))?.len();
+            self.slots[slot] = Some((f, len));
         }
-        if let Some(f) = &self.slots[slot] {
-            j.write_to(f, &path)?;
+        if let Some((f, len)) = self.slots[slot].as_mut() {
+            j.write_to(f, len, &path)?;
         }
-        self.last_slot = Some(slot);
+        self.records += 1;
+        self.unflushed += 1;
         Ok(())
     }
 
-    /// Second half: writes the staged checkpoint into the image files.
+    /// Second half: writes the staged checkpoint into the image files — a small journaled one
+    /// into the write-back, written in place at the next flush (when the journal ring is full).
     pub fn complete(&mut self, s: Staged) -> Result<(), BackupError> {
+        if s.journaled && s.small() {
+            let j = s.journal;
+            self.wb.add(&j.gfns, &j.data, j.disk);
+            self.meta = j.meta;
+            if self.unflushed >= journal::SLOTS {
+                self.flush()?;
+            }
+            return Ok(());
+        }
+        self.complete_through(s)
+    }
+
+    /// Second half, written through: what waits in the write-back first, then the checkpoint.
+    pub fn complete_through(&mut self, s: Staged) -> Result<(), BackupError> {
+        self.flush()?;
         let j = s.journal;
         self.write_in_place(&j.gfns, &j.data, &j.disk)?;
         if s.ends_sync {
             self.size_disk(j.meta.disk_len)?;
         }
         self.meta = j.meta;
+        self.base = self.meta.seq;
+        self.unflushed = 0;
         Ok(())
+    }
+
+    /// Writes what waits in the write-back into the image files: they then hold the last
+    /// completed checkpoint.
+    pub fn flush(&mut self) -> Result<(), BackupError> {
+        if !self.wb.is_empty() {
+            let runs = self.wb.runs();
+            let mp = self.dir.join(snapshot::MEMORY_FILE);
+            for (gfn, bytes) in &runs.pages {
+                self.mem
+                    .write_all_at(bytes, gfn * PAGE as u64)
+                    .map_err(io(&mp))?;
+            }
+            self.write_in_place(&[], &[], &runs.disk)?;
+            self.wb.clear();
+        }
+        self.base = self.meta.seq;
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    /// Pages waiting in the write-back.
+    pub fn waiting(&self) -> usize {
+        self.wb.pages()
     }
 
     /// Gives the disk file its final size once the state says what it is.
@@ -562,21 +637,26 @@ impl ReplicaImage {
     /// files follow their inodes). Journals start over.
     pub(crate) fn rehome(&mut self, dir: &Path) {
         self.dir = dir.to_path_buf();
-        self.slots = [None, None];
-        self.last_slot = None;
+        self.slots = Vec::new();
+        self.records = 0;
+        self.unflushed = 0;
+        self.base = self.meta.seq;
     }
 
-    /// Redoes a journaled checkpoint (idempotent) and records its facts in `replica.bin`.
-    fn redo(&mut self, j: Journal) -> Result<(), BackupError> {
-        if j.meta.mem_size != self.meta.mem_size || j.meta.disk_len != self.meta.disk_len {
-            return Err(BackupError::Apply(format!(
-                "journal of checkpoint {} is for {} bytes of RAM and {} of disk, the image has \
-                 {} and {}",
-                j.seq, j.meta.mem_size, j.meta.disk_len, self.meta.mem_size, self.meta.disk_len
-            )));
+    /// Redoes journaled checkpoints, oldest first (idempotent), and records the last one's
+    /// facts in `replica.bin`.
+    fn redo(&mut self, js: Vec<Journal>) -> Result<(), BackupError> {
+        for j in js {
+            if j.meta.mem_size != self.meta.mem_size || j.meta.disk_len != self.meta.disk_len {
+                return Err(BackupError::Apply(format!(
+                    "journal of checkpoint {} is for {} bytes of RAM and {} of disk, the image \
+                     has {} and {}",
+                    j.seq, j.meta.mem_size, j.meta.disk_len, self.meta.mem_size, self.meta.disk_len
+                )));
+            }
+            self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+            self.meta = j.meta;
         }
-        self.write_in_place(&j.gfns, &j.data, &j.disk)?;
-        self.meta = j.meta;
         self.save_meta()
     }
 }
@@ -618,192 +698,5 @@ pub fn is_replica(dir: &Path) -> bool {
     dir.join(REPLICA_FILE).exists() || promote::incoming(dir).exists()
 }
 
-/// [`recover_locked`], taking the image's lock for the time it works.
-pub fn recover(dir: &Path) -> Result<Option<u64>, BackupError> {
-    recover_locked(&ImageLock::acquire(dir)?)
-}
-
-/// Brings the image in the locked directory to its last committed checkpoint. First a full
-/// sync's side image is settled ([`promote::settle`]): an interrupted promotion is finished,
-/// an abandoned sync removed. Then the newest verifying journal of the image's history, if it
-/// is newer than `replica.bin`, is redone (idempotent: every earlier checkpoint is already in
-/// the files) and its facts recorded in `replica.bin`. Returns the seq redone, if any. A
-/// damaged slot was never completed, so nothing of it reached the image files; it is ignored.
-/// A directory without a committed image is left as it is (Ok(None)).
-///
-/// The journal slots are then removed, except in an image fenced beyond its own term (a
-/// promotion): no checkpoint of its history applies to it again, every later recovery ignores
-/// its slots, and deleting them would free up to twice the biggest checkpoint ever journaled on
-/// the promotion's path (1.3 GB, ~90 ms measured). A later full sync's install removes them.
-pub fn recover_locked(lock: &ImageLock) -> Result<Option<u64>, BackupError> {
-    let dir = lock.dir();
-    let t0 = std::time::Instant::now();
-    promote::settle(dir)?;
-    if !dir.join(REPLICA_FILE).exists() {
-        journal::remove(dir)?;
-        return Ok(None);
-    }
-    let meta = read_meta(dir)?;
-    let keep_slots = crate::fence::read_min_term(dir)? > meta.term;
-    let clear = || match keep_slots {
-        true => Ok(()),
-        false => journal::remove(dir),
-    };
-    let j = match journal::newest(dir, meta.history)? {
-        // Only a checkpoint after the one replica.bin records has anything to redo.
-        Some(j) if j.seq > meta.seq && !meta.syncing() => j,
-        _ => {
-            clear()?;
-            return Ok(None);
-        }
-    };
-    let (seq, pages, writes) = (j.seq, j.gfns.len(), j.disk.len());
-    let t_read = t0.elapsed();
-    let mut img = ReplicaImage::open(dir)?;
-    img.redo(j)?;
-    let t_redo = t0.elapsed();
-    clear()?;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    tracing::info!(
-        "image brought to checkpoint {seq} from its journal ({pages} pages, {writes} disk \
-         writes; read in {:.1} ms, redone and recorded in {:.1} ms, slots {} in {:.1} ms)",
-        ms(t_read),
-        ms(t_redo - t_read),
-        if keep_slots { "kept" } else { "removed" },
-        ms(t0.elapsed() - t_redo)
-    );
-    Ok(Some(seq))
-}
-
-/// [`finalize_locked`], taking the image's lock for the time it works.
-pub fn finalize(dir: &Path) -> Result<u64, BackupError> {
-    finalize_locked(&ImageLock::acquire(dir)?)
-}
-
-/// Turns the committed image in the locked directory into a full snapshot of its checkpoint
-/// (recovering it first, see [`recover_locked`]); returns the checkpoint's seq.
-///
-/// An image fenced beyond its own term (`min-term`: a promotion, or a newer primary elsewhere)
-/// is only recovered: a primary of the newer term starts from `replica.bin` directly, or a
-/// newer sync replaces it; a `snapshot.bin` (a read of all memory and disk) is not written.
-pub fn finalize_locked(lock: &ImageLock) -> Result<u64, BackupError> {
-    let dir = lock.dir();
-    let meta = committed_locked(lock)?;
-    if crate::fence::read_min_term(dir)? > meta.term {
-        promote::remove_file_if_present(&dir.join(snapshot::META_FILE))?;
-        tracing::info!(
-            "image committed at checkpoint {} (fenced beyond its term {}: no snapshot.bin)",
-            meta.seq,
-            meta.term
-        );
-        return Ok(meta.seq);
-    }
-    crate::export::write_snapshot(dir, meta.mem_size, meta.disk_len, &meta.state)?;
-    Ok(meta.seq)
-}
-
-/// `replica.bin` of an image that a VM took over, renamed (see [`consume_locked`]).
-pub const CONSUMED_FILE: &str = "replica.consumed";
-
-/// The committed image in the locked directory, recovered ([`recover_locked`]): its facts,
-/// once its files are checked to have the sizes they record. What a VM starts from.
-pub fn committed_locked(lock: &ImageLock) -> Result<ReplicaMeta, BackupError> {
-    let dir = lock.dir();
-    recover_locked(lock)?;
-    if !dir.join(REPLICA_FILE).exists() {
-        return Err(BackupError::NoImage {
-            dir: dir.to_path_buf(),
-        });
-    }
-    let meta = read_meta(dir)?;
-    if meta.syncing() {
-        return Err(BackupError::Apply(format!(
-            "the initial sync of {} never completed (pre-copy round {} was the last applied): \
-             there is no consistent checkpoint to start",
-            dir.display(),
-            meta.seq
-        )));
-    }
-    for (name, len) in [
-        (snapshot::MEMORY_FILE, meta.mem_size),
-        (snapshot::DISK_FILE, meta.disk_len),
-    ] {
-        let p = dir.join(name);
-        let got = match len {
-            0 => continue,
-            _ => std::fs::metadata(&p).map_err(io(&p))?.len(),
-        };
-        if got != len {
-            let why = format!("{}: {got} bytes, the image records {len}", p.display());
-            return Err(BackupError::Apply(why));
-        }
-    }
-    Ok(meta)
-}
-
-/// How the working disk of a VM started from a replica image was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkingDisk {
-    /// A copy-on-write clone of `disk.img` (reflink): the image stays whole.
-    Cloned,
-    /// `disk.img` itself under a second name: the image is consumed ([`consume_locked`])
-    /// before the guest runs.
-    Linked,
-    /// A copy of the data regions of `disk.img` (`bytes`): the image stays whole.
-    Copied {
-        /// Bytes copied.
-        bytes: u64,
-    },
-}
-
-/// Makes `dst` the working disk of a VM started from the checkpoint `meta` of the locked image
-/// (which has a disk): a copy-on-write clone where the file system can (no data copied, the
-/// image stays whole); else, when `take` (a promotion: the new primary takes the image over),
-/// `disk.img` itself, hard-linked at `dst`; else (or if linking fails) a copy of its data.
-pub fn working_disk_locked(
-    lock: &ImageLock,
-    meta: &ReplicaMeta,
-    dst: &Path,
-    take: bool,
-) -> Result<WorkingDisk, BackupError> {
-    use snapshot::files;
-    let src = lock.dir().join(snapshot::DISK_FILE);
-    // (A link at `dst` left by an earlier start whose guest never ran is replaced, never
-    // written through: see `files::make_working_disk`.)
-    if take {
-        if files::try_clone(&src, dst)? {
-            return Ok(WorkingDisk::Cloned);
-        }
-        match std::fs::hard_link(&src, dst) {
-            Ok(()) => return Ok(WorkingDisk::Linked),
-            Err(e) => tracing::warn!("cannot link {} at {}: {e}", src.display(), dst.display()),
-        }
-    }
-    Ok(match files::make_working_disk(&src, meta.disk_len, dst)? {
-        files::WorkingDisk::Cloned => WorkingDisk::Cloned,
-        files::WorkingDisk::Copied { bytes } => WorkingDisk::Copied { bytes },
-    })
-}
-
-/// Consumes the locked image, whose `disk.img` a VM about to run took over
-/// ([`WorkingDisk::Linked`]): `replica.bin` is renamed to [`CONSUMED_FILE`] (from then on the
-/// directory holds no checkpoint: nothing starts or resumes from it, and a backup started on it
-/// gets a full sync), `disk.img` and `memory.bin` are unlinked (the VM keeps them open and
-/// mapped), and the directory is fsynced, all before the guest runs. A crash at any step leaves
-/// no `replica.bin`, never an image whose disk moved on without its memory.
-pub fn consume_locked(lock: &ImageLock) -> Result<(), BackupError> {
-    let dir = lock.dir();
-    let (from, to) = (dir.join(REPLICA_FILE), dir.join(CONSUMED_FILE));
-    std::fs::rename(&from, &to).map_err(io(&to))?;
-    promote::remove_file_if_present(&dir.join(snapshot::DISK_FILE))?;
-    promote::remove_file_if_present(&dir.join(snapshot::MEMORY_FILE))?;
-    // (A snapshot a stopped backup finalized describes the files just removed.)
-    promote::remove_file_if_present(&dir.join(snapshot::META_FILE))?;
-    promote::sync_dir(dir)
-}
-
-/// The facts of the checkpoint a VM took the image in `dir` over from, if it was consumed.
-pub fn consumed(dir: &Path) -> Option<ReplicaMeta> {
-    let bytes = std::fs::read(dir.join(CONSUMED_FILE)).ok()?;
-    format::decode(&bytes).ok()
-}
+mod lifecycle;
+pub use lifecycle::*;
