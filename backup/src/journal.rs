@@ -7,7 +7,8 @@
 //! magic "VMXJRNL\0" | version u32 | total_len u64 | seq u64 | base u64 | history u64
 //!   | meta_len u64 | pages u64 | disk u64
 //! meta (ReplicaMeta, snapshot-format framed)
-//! pages × (gfn u64, 4096 bytes)
+//! pages × (gfn u64, n u16, page)   page: 4096 bytes if n = 0xffff (the whole page), else
+//!                                    n × (offset u16, len u16), then those ranges' bytes
 //! disk  × (offset u64, len u64, bytes)
 //! crc32 u32 over the total_len - 4 bytes before it      (anything after total_len is ignored)
 //! ```
@@ -36,8 +37,19 @@
 //! slots stay: see [`crate::image::recover_locked`]). A slot is read only as far as its
 //! record's length; recovery reads each slot's header first and the records it redoes whole.
 //!
-//! Version 2 records (two alternating slots, no `base` or `history` in the header: everything
-//! before a record was in the files when it was written) are still read, as their own base.
+//! **Only the bytes a checkpoint changed.** A page that came as an XOR delta is journaled as
+//! the byte ranges the delta names (`protocol::page::changed_ranges`) with their new contents:
+//! every other byte is as the page's previous version left it. A 16-client KV load's
+//! checkpoints change a few bytes of each of ~40 pages; whole pages made each record ~160 KB,
+//! written before the acknowledgement (docs/BENCHMARKS.md, "Journal only what changed").
+//! Redoing ranges is idempotent (they hold new bytes, not deltas), and a page redone record
+//! after record ends right: a byte in some record's range ends with the newest of them, a byte
+//! in none is the same in every version since the base, so whatever version the file holds
+//! (the base's, or a newer one a flush cut short wrote) has it.
+//!
+//! Version 2 records (two alternating slots, no `base` or `history` in the header, whole pages:
+//! everything before a record was in the files when it was written) are still read, as their
+//! own base.
 //!
 //! The slots are not fsynced: they protect against the backup process dying, not against the
 //! backup host losing its page cache (then the replica is lost with the host and rebuilt by a
@@ -56,6 +68,11 @@ const VERSION: u32 = 3;
 /// Version 2: two alternating slots; still read.
 const VERSION_2: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 * 7;
+/// Range count of a page journaled whole.
+const WHOLE: u16 = u16::MAX;
+
+/// Pages read back from a record: frame numbers, contents, ranges.
+pub(crate) type Pages = (Vec<u64>, Vec<u8>, Vec<Option<Vec<(u16, u16)>>>);
 const HEADER_2: usize = 8 + 4 + 8 * 5;
 /// Slot files in the ring.
 pub const SLOTS: usize = 16;
@@ -74,8 +91,11 @@ pub struct Journal {
     pub meta: ReplicaMeta,
     /// Guest frame numbers of `data`.
     pub gfns: Vec<u64>,
-    /// New page contents, 4 KiB each, in `gfns` order.
+    /// New page contents, 4 KiB each, in `gfns` order (read back from a record: only the
+    /// bytes of the page's ranges, zeros elsewhere).
     pub data: Vec<u8>,
+    /// For each page, the byte ranges `(offset, len)` that hold new contents (None: all of it).
+    pub ranges: Vec<Option<Vec<(u16, u16)>>>,
     /// Disk writes (offset, bytes), in order.
     pub disk: Vec<(u64, Vec<u8>)>,
 }
@@ -123,7 +143,13 @@ impl Journal {
     pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
         let meta = vmm::snapshot::format::encode(&self.meta)?;
         let disk_bytes: usize = self.disk.iter().map(|d| 16 + d.1.len()).sum();
-        let total = HEADER + meta.len() + self.gfns.len() * (8 + PAGE) + disk_bytes + 4;
+        let page_bytes: usize = (0..self.gfns.len())
+            .map(|i| match self.ranges.get(i).and_then(|r| r.as_ref()) {
+                Some(r) => 10 + r.iter().map(|x| 4 + usize::from(x.1)).sum::<usize>(),
+                None => 10 + PAGE,
+            })
+            .sum();
+        let total = HEADER + meta.len() + page_bytes + disk_bytes + 4;
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -141,7 +167,25 @@ impl Journal {
         out.extend_from_slice(&meta);
         for (i, gfn) in self.gfns.iter().enumerate() {
             out.extend_from_slice(&gfn.to_le_bytes());
-            out.extend_from_slice(&self.data[i * PAGE..(i + 1) * PAGE]);
+            let page = &self.data[i * PAGE..(i + 1) * PAGE];
+            match self.ranges.get(i).and_then(|r| r.as_ref()) {
+                Some(r) => {
+                    out.extend_from_slice(&(r.len() as u16).to_le_bytes());
+                    for (o, l) in r {
+                        out.extend_from_slice(&o.to_le_bytes());
+                        out.extend_from_slice(&l.to_le_bytes());
+                    }
+                    for &(o, l) in r {
+                        out.extend_from_slice(
+                            &page[usize::from(o)..usize::from(o) + usize::from(l)],
+                        );
+                    }
+                }
+                None => {
+                    out.extend_from_slice(&WHOLE.to_le_bytes());
+                    out.extend_from_slice(page);
+                }
+            }
         }
         for (off, data) in &self.disk {
             out.extend_from_slice(&off.to_le_bytes());
@@ -204,36 +248,45 @@ impl Journal {
                 meta.history
             )));
         }
-        let (gfns, data, disk) = Self::decode_writes(&mut r, pages, disks)?;
+        let whole = version == VERSION_2;
+        let ((gfns, data, ranges), disk) = Self::decode_writes(&mut r, pages, disks, whole)?;
         Ok(Journal {
             seq,
             base,
             meta,
             gfns,
             data,
+            ranges,
             disk,
         })
     }
 
-    /// The pages and disk writes after the meta, to the end of `r`.
+    /// The pages and disk writes after the meta, to the end of `r` (`whole`: version 2's
+    /// pages, 4 KiB each without a range count).
     #[allow(clippy::type_complexity)]
     fn decode_writes(
         r: &mut Reader<'_>,
         pages: u64,
         disks: u64,
-    ) -> Result<(Vec<u64>, Vec<u8>, Vec<(u64, Vec<u8>)>), JournalError> {
+        whole: bool,
+    ) -> Result<(Pages, Vec<(u64, Vec<u8>)>), JournalError> {
         // Counts are bounded by what the file can hold before anything is allocated.
         let left = (r.b.len() - r.at) as u64;
-        if pages.saturating_mul((8 + PAGE) as u64) > left || disks.saturating_mul(16) > left {
+        if pages.saturating_mul(10) > left || disks.saturating_mul(16) > left {
             return Err(JournalError::Malformed(format!(
                 "{pages} pages and {disks} disk writes do not fit in {left} bytes"
             )));
         }
         let mut gfns = Vec::with_capacity(pages as usize);
-        let mut data = Vec::with_capacity(pages as usize * PAGE);
-        for _ in 0..pages {
+        let mut data = vec![0u8; pages as usize * PAGE];
+        let mut ranges = Vec::with_capacity(pages as usize);
+        for page in data.chunks_exact_mut(PAGE) {
             gfns.push(r.u64()?);
-            data.extend_from_slice(r.take(PAGE as u64)?);
+            let n = match whole {
+                true => WHOLE,
+                false => r.u16()?,
+            };
+            ranges.push(Self::decode_page(r, n, page)?);
         }
         let mut disk = Vec::with_capacity(disks as usize);
         for _ in 0..disks {
@@ -247,7 +300,34 @@ impl Journal {
                 r.b.len() - r.at
             )));
         }
-        Ok((gfns, data, disk))
+        Ok(((gfns, data, ranges), disk))
+    }
+
+    /// One page's contents into `page`: the whole page (`n` = [`WHOLE`]) or `n` ranges.
+    fn decode_page(
+        r: &mut Reader<'_>,
+        n: u16,
+        page: &mut [u8],
+    ) -> Result<Option<Vec<(u16, u16)>>, JournalError> {
+        if n == WHOLE {
+            page.copy_from_slice(r.take(PAGE as u64)?);
+            return Ok(None);
+        }
+        let mut ranges = Vec::with_capacity(usize::from(n).min(PAGE));
+        for _ in 0..n {
+            let (o, l) = (r.u16()?, r.u16()?);
+            if usize::from(o) + usize::from(l) > PAGE {
+                return Err(JournalError::Malformed(format!(
+                    "a range of {l} bytes at {o} in a page"
+                )));
+            }
+            ranges.push((o, l));
+        }
+        for &(o, l) in &ranges {
+            page[usize::from(o)..usize::from(o) + usize::from(l)]
+                .copy_from_slice(r.take(u64::from(l))?);
+        }
+        Ok(Some(ranges))
     }
 
     /// Writes the journal over slot file `slot`, whose length is `*slot_len` (bytes beyond the
@@ -436,6 +516,10 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
     }
+    fn u16(&mut self) -> Result<u16, JournalError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
     fn u32(&mut self) -> Result<u32, JournalError> {
         let s = self.take(4)?;
         Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
@@ -464,6 +548,7 @@ mod tests {
             },
             gfns: vec![3, 17],
             data,
+            ranges: vec![None, Some(vec![(9, 1), (100, 0), (4000, 96)])],
             disk: vec![(512, vec![9; 100]), (0, vec![])],
         }
     }
@@ -509,6 +594,7 @@ mod tests {
         j.meta.seq = seq;
         j.gfns = vec![seq];
         j.data = vec![seq as u8; PAGE];
+        j.ranges = vec![None];
         j
     }
 
@@ -556,15 +642,28 @@ mod tests {
         assert!(slot_files(dir).unwrap().is_empty());
     }
 
-    /// Version 2's encoding (two alternating slots): no base or history in the header.
+    /// Version 2's encoding (two alternating slots): no base or history in the header, whole
+    /// pages.
     fn encode_v2(j: &Journal) -> Vec<u8> {
-        let v3 = j.encode().unwrap();
-        let mut out = v3[..HEADER].to_vec();
-        out.drain(28..44);
-        out[8..12].copy_from_slice(&VERSION_2.to_le_bytes());
-        let total = (v3.len() - 16) as u64;
-        out[12..20].copy_from_slice(&total.to_le_bytes());
-        out.extend_from_slice(&v3[HEADER..v3.len() - 4]);
+        let meta = vmm::snapshot::format::encode(&j.meta).unwrap();
+        let mut body = meta.clone();
+        for (i, gfn) in j.gfns.iter().enumerate() {
+            body.extend_from_slice(&gfn.to_le_bytes());
+            body.extend_from_slice(&j.data[i * PAGE..(i + 1) * PAGE]);
+        }
+        for (off, d) in &j.disk {
+            body.extend_from_slice(&off.to_le_bytes());
+            body.extend_from_slice(&(d.len() as u64).to_le_bytes());
+            body.extend_from_slice(d);
+        }
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&VERSION_2.to_le_bytes());
+        let total = (HEADER_2 + body.len() + 4) as u64;
+        let counts = [meta.len(), j.gfns.len(), j.disk.len()].map(|n| n as u64);
+        for v in [total, j.seq].into_iter().chain(counts) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&body);
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out

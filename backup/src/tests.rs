@@ -477,6 +477,7 @@ fn recovery_ignores_a_journal_of_another_history() {
         meta,
         gfns: vec![0],
         data: vec![0xee; PAGE],
+        ranges: vec![None],
         disk: vec![],
     };
     std::fs::write(journal::slot_path(dir, 1), stray.encode().unwrap()).unwrap();

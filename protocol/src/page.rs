@@ -214,6 +214,33 @@ pub fn decode_into(gfn: u64, data: &PageData, page: &mut [u8]) -> Result<(), Pro
     Ok(())
 }
 
+/// The byte ranges `(offset, len)` of a page that an encoding can have changed, if it names
+/// them: the literal runs of an XOR delta (every byte outside them is as it was). None for the
+/// encodings that rewrite the whole page, and for a malformed delta. A backup journals only
+/// these bytes of a page (`backup::journal`).
+pub fn changed_ranges(data: &PageData) -> Option<Vec<(u16, u16)>> {
+    let PageData::Xor(enc) = data else {
+        return None;
+    };
+    let mut out = Vec::new();
+    let (mut pos, mut i) = (0usize, 0usize);
+    while i < enc.len() {
+        let h = enc.get(i..i + 4)?;
+        let zeros = usize::from(u16::from_le_bytes([h[0], h[1]]));
+        let lits = usize::from(u16::from_le_bytes([h[2], h[3]]));
+        i += 4 + lits;
+        pos += zeros;
+        if pos + lits > PAGE || i > enc.len() {
+            return None;
+        }
+        if lits > 0 {
+            out.push((pos as u16, lits as u16));
+        }
+        pos += lits;
+    }
+    Some(out)
+}
+
 /// XORs the run-length coded delta `enc` ([`rle`]) into `page`: every run is checked before
 /// the page is touched, so a bad delta leaves it as it was.
 fn xor_runs_into(gfn: u64, enc: &[u8], page: &mut [u8]) -> Result<(), ProtocolError> {
@@ -251,6 +278,39 @@ mod tests {
 
     fn page(f: impl Fn(usize) -> u8) -> Vec<u8> {
         (0..PAGE).map(f).collect()
+    }
+
+    #[test]
+    fn an_xor_delta_names_the_bytes_it_changes() {
+        let old = page(|i| (i / 7) as u8);
+        let mut new = old.clone();
+        new[10] ^= 1;
+        new[11] ^= 2;
+        new[3000..3100].fill(0xee);
+        let enc = encode(&new, Some(&old), EncodeOptions::default());
+        let ranges = changed_ranges(&enc).unwrap();
+        // Every changed byte is in a range; the ranges are few and small.
+        for (i, (a, b)) in old.iter().zip(&new).enumerate() {
+            let inside = ranges
+                .iter()
+                .any(|&(o, l)| (o as usize..(o + l) as usize).contains(&i));
+            assert!(a == b || inside, "byte {i} changed outside the ranges");
+        }
+        assert!(
+            ranges.iter().map(|r| r.1 as usize).sum::<usize>() <= 104,
+            "{ranges:?}"
+        );
+        assert_eq!(changed_ranges(&PageData::Xor(Vec::new())), Some(Vec::new()));
+        assert_eq!(changed_ranges(&PageData::Raw(new.clone())), None);
+        assert_eq!(changed_ranges(&PageData::Zero), None);
+        // Malformed: a truncated header, a run past the page or past the data.
+        for bad in [
+            vec![1, 0, 1],
+            vec![0xff, 0x0f, 2, 0, 1, 2],
+            vec![0, 0, 9, 0, 1],
+        ] {
+            assert_eq!(changed_ranges(&PageData::Xor(bad)), None);
+        }
     }
 
     #[test]
@@ -357,6 +417,21 @@ mod tests {
             let new = if sparse { new.iter().zip(&old).enumerate().map(|(i, (n, o))| if i % 97 == 0 { *n } else { *o }).collect() } else { new };
             let e = encode(&new, Some(&old), EncodeOptions { xor: true, lz4 });
             prop_assert_eq!(decode(9, &e, Some(&old)).unwrap(), new);
+        }
+
+        #[test]
+        fn the_changed_ranges_over_the_old_page_make_the_new_one(new in proptest::collection::vec(any::<u8>(), PAGE), old in proptest::collection::vec(any::<u8>(), PAGE), every in 1usize..300) {
+            let new: Vec<u8> = new.iter().zip(&old).enumerate().map(|(i, (n, o))| if i % every == 0 { *n } else { *o }).collect();
+            let e = encode(&new, Some(&old), EncodeOptions::default());
+            let mut page = old.clone();
+            match changed_ranges(&e) {
+                Some(ranges) => for (o, l) in ranges {
+                    let r = usize::from(o)..usize::from(o) + usize::from(l);
+                    page[r.clone()].copy_from_slice(&new[r]);
+                },
+                None => page.copy_from_slice(&new),
+            }
+            prop_assert_eq!(page, new);
         }
 
         #[test]

@@ -124,7 +124,7 @@ pub struct ReplicaImage {
 
 /// A checkpoint between [`ReplicaImage::stage`] and [`ReplicaImage::complete`].
 pub struct Staged {
-    journal: Journal,
+    journal: Box<Journal>,
     ends_sync: bool,
     /// Its journal record was written (a consistent image): its writes may wait.
     journaled: bool,
@@ -249,7 +249,7 @@ impl ReplicaImage {
             base: cp.epoch,
             wb: WriteBack::default(),
         };
-        let (gfns, data) = img.decode_pages(cp)?;
+        let (gfns, data, _) = img.decode_pages(cp)?;
         img.check_disk(cp)?;
         img.write_in_place(&gfns, &data, &cp.disk)?;
         Ok(img)
@@ -331,13 +331,16 @@ impl ReplicaImage {
     }
 
     /// The new contents of the checkpoint's pages (decoded against the image's current ones).
-    fn decode_pages(&self, cp: &Checkpoint) -> Result<(Vec<u64>, Vec<u8>), BackupError> {
+    /// With each page, the byte ranges its encoding changed, where it names them (what the
+    /// journal keeps of it).
+    fn decode_pages(&self, cp: &Checkpoint) -> Result<journal::Pages, BackupError> {
         if cp.mem_size != self.meta.mem_size {
             return Err(BackupError::Apply("guest RAM size changed".into()));
         }
         let mp = self.dir.join(snapshot::MEMORY_FILE);
         let mut gfns = Vec::with_capacity(cp.pages.len());
         let mut data = vec![0u8; cp.pages.len() * PAGE];
+        let mut ranges = Vec::with_capacity(cp.pages.len());
         // Each page's current contents are read into its slot and decoded there (no buffer
         // per page: BENCHMARKS.md, "Time without an exit").
         for ((gfn, enc), slot) in cp.pages.iter().zip(data.chunks_exact_mut(PAGE)) {
@@ -353,8 +356,9 @@ impl ReplicaImage {
             }
             decode_into(*gfn, enc, slot)?;
             gfns.push(*gfn);
+            ranges.push(protocol::page::changed_ranges(enc));
         }
-        Ok((gfns, data))
+        Ok((gfns, data, ranges))
     }
 
     /// Refuses disk writes the image cannot hold.
@@ -480,7 +484,7 @@ impl ReplicaImage {
                 )));
             }
         }
-        let (gfns, data) = self.decode_pages(cp)?;
+        let (gfns, data, ranges) = self.decode_pages(cp)?;
         self.check_disk(cp)?;
         if ends_sync
             && cp
@@ -496,6 +500,7 @@ impl ReplicaImage {
             meta,
             gfns,
             data,
+            ranges,
             disk: cp.disk.clone(),
         };
         let journaled = !self.meta.syncing();
@@ -503,7 +508,7 @@ impl ReplicaImage {
             self.write_journal(&j)?;
         }
         Ok(Staged {
-            journal: j,
+            journal: Box::new(j),
             ends_sync,
             journaled,
         })
@@ -643,6 +648,35 @@ impl ReplicaImage {
         self.base = self.meta.seq;
     }
 
+    /// The pages of a journal record read back, whole: a page journaled as ranges is the
+    /// file's version with the ranges' bytes over it (see [`journal`]'s module docs for why
+    /// that is the page's version as of the record, in a redo in order).
+    fn whole_pages(&self, j: &Journal) -> Result<Vec<u8>, BackupError> {
+        let mp = self.dir.join(snapshot::MEMORY_FILE);
+        let mut data = j.data.clone();
+        for (i, gfn) in j.gfns.iter().enumerate() {
+            let off = gfn
+                .checked_mul(PAGE as u64)
+                .filter(|o| o + PAGE as u64 <= self.meta.mem_size)
+                .ok_or_else(|| {
+                    BackupError::Apply(format!(
+                        "journal of checkpoint {}: page {gfn} beyond guest RAM",
+                        j.seq
+                    ))
+                })?;
+            let Some(Some(ranges)) = j.ranges.get(i) else {
+                continue;
+            };
+            let (page, new) = (&mut data[i * PAGE..(i + 1) * PAGE], &j.data[i * PAGE..]);
+            self.mem.read_exact_at(page, off).map_err(io(&mp))?;
+            for &(o, l) in ranges {
+                let r = usize::from(o)..usize::from(o) + usize::from(l);
+                page[r.clone()].copy_from_slice(&new[r]);
+            }
+        }
+        Ok(data)
+    }
+
     /// Redoes journaled checkpoints, oldest first (idempotent), and records the last one's
     /// facts in `replica.bin`.
     fn redo(&mut self, js: Vec<Journal>) -> Result<(), BackupError> {
@@ -654,7 +688,8 @@ impl ReplicaImage {
                     j.seq, j.meta.mem_size, j.meta.disk_len, self.meta.mem_size, self.meta.disk_len
                 )));
             }
-            self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+            let data = self.whole_pages(&j)?;
+            self.write_in_place(&j.gfns, &data, &j.disk)?;
             self.meta = j.meta;
         }
         self.save_meta()
