@@ -10,7 +10,8 @@
 //! [`INLINE_DISK`] disk bytes: a journal write of tens of microseconds) runs on the loop
 //! itself: the hand-over to a blocking thread and back cost more than the step (40–90 µs here,
 //! measured by `vmatrix bench replication --kv`), and its acknowledgement is what a held reply
-//! waits for. So does its `complete` (a few `pwrite`s), once the acknowledgement has left.
+//! waits for. So does its `complete` (into the image's write-back: a few `pwrite`s once per
+//! journal ring, `crate::write_back`), once the acknowledgement has left.
 
 use std::time::Instant;
 

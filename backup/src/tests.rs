@@ -1,7 +1,8 @@
 //! The backup's images on real files in a temporary directory: a full sync never destroys the
 //! committed image (a crash before its end, or in the middle of its promotion, leaves a
 //! consistent image), quick resyncs apply only on top of the checkpoint they were computed
-//! against, journal slots alternate with jumping seqs, and the directory lock has one holder.
+//! against, journal records go round the ring with jumping seqs, and the directory lock has one
+//! holder.
 
 use std::path::Path;
 
