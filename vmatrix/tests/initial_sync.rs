@@ -185,12 +185,14 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     }
     let journal = Journal {
         seq: n + 1,
+        base: n,
         meta: ReplicaMeta {
             seq: n + 1,
             ..meta.clone()
         },
         gfns: gfns.clone(),
         data: data.clone(),
+        ranges: vec![],
         disk: vec![(8 << 20, vec![0x5a; 512])],
     };
 
@@ -210,9 +212,11 @@ fn an_interrupted_apply_is_redone_from_the_journal_and_a_damaged_one_discarded()
     // (The other slot holds an older checkpoint; the newest verifying one wins.)
     let older = Journal {
         seq: n,
+        base: n.saturating_sub(1),
         meta: meta.clone(),
         gfns: vec![],
         data: vec![],
+        ranges: vec![],
         disk: vec![],
     };
     std::fs::write(
