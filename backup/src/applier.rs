@@ -45,6 +45,10 @@ pub const INLINE_PAGES: usize = 64;
 /// Most disk bytes of a checkpoint whose `begin` runs on the loop.
 pub const INLINE_DISK: usize = 256 << 10;
 
+/// Most bytes a `complete` that flushes the write-back writes on the loop (a 16-client KV
+/// load's flushes: ~107 pages, 0.4 MiB); a bigger flush runs on the blocking thread.
+pub const INLINE_FLUSH: usize = 1 << 20;
+
 /// Whether a step over `pages` pages and the disk writes `disk` is small enough to run on
 /// the loop (see the module docs).
 pub(crate) fn inline(pages: usize, disk: &[(u64, Vec<u8>)]) -> bool {
@@ -144,7 +148,7 @@ impl Applier {
         // A small one is written here, as a small `begin` is: the hand-over to a blocking
         // thread and back cost two wake-ups per checkpoint (BENCHMARKS.md, "Time without an
         // exit"). Its acknowledgement has left already.
-        if s.small() && !r.syncing() {
+        if s.small() && !r.syncing() && !r.heavy_flush_due() {
             let result = r.complete(s);
             self.idle = Some(r);
             self.ready = Some(Done::Completed {
@@ -175,6 +179,10 @@ impl Applier {
             return Ok(done);
         }
         self.run_deferred();
+        // (A small complete just ran here, on the loop: its result is ready now.)
+        if let Some(done) = self.ready.take() {
+            return Ok(done);
+        }
         let Some(job) = self.job.as_mut() else {
             return std::future::pending().await;
         };
@@ -224,5 +232,57 @@ impl Applier {
                 "the replica was lost with its apply thread".into(),
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use protocol::page::{PageData, PAGE};
+    use protocol::{Checkpoint, Kind};
+    use vmm::snapshot::format;
+
+    use super::*;
+    use crate::lock::ImageLock;
+
+    fn cp(seq: u64, kind: Kind) -> Checkpoint {
+        Checkpoint {
+            epoch: seq,
+            kind,
+            mem_size: 16 * PAGE as u64,
+            pages: vec![(1, PageData::Raw(vec![seq as u8; PAGE]))],
+            disk: vec![],
+            state: Some((format::FORMAT_VERSION, crate::tests::state(0))),
+        }
+    }
+
+    /// A session that ends with a small checkpoint's complete asked for but not yet run (its
+    /// acknowledgement could not be sent: the primary went away) gives the replica back.
+    #[tokio::test]
+    async fn a_session_ending_with_a_small_complete_asked_for_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let o = Origin {
+            history: 7,
+            term: 1,
+        };
+        let mut r = Replica::open(ImageLock::acquire(d.path()).unwrap()).unwrap();
+        assert!(r.begin(&cp(1, Kind::Sync), o, true).unwrap().is_none());
+        let mut a = Applier::new(r);
+        a.start(cp(2, Kind::Incremental), o, false);
+        let Ok(Done::Begun {
+            result: Ok(Some(s)),
+            started,
+            ..
+        }) = a.next_done().await
+        else {
+            panic!("not staged");
+        };
+        a.start_complete(s, 2, 1, started);
+        let r = tokio::time::timeout(Duration::from_secs(5), a.finish())
+            .await
+            .expect("finish waited forever")
+            .unwrap();
+        assert_eq!(r.seq(), Some(2));
     }
 }

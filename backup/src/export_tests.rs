@@ -85,7 +85,16 @@ fn synced(dir: &Path, rng: &mut Rng) -> (Replica, Model, Exports, u64) {
     let mut m = Model::sized(MEM, DISK);
     let sync = random_cp(rng, 100, Kind::Sync, 3000);
     apply(&mut r, &mut m, &sync, true);
-    (r, m, exports, 100)
+    // Small checkpoints whose pages wait in the write-back when an export starts.
+    for seq in 101..=103 {
+        apply(
+            &mut r,
+            &mut m,
+            &random_cp(rng, seq, Kind::Incremental, 6),
+            false,
+        );
+    }
+    (r, m, exports, 103)
 }
 
 /// A committed image, its exporter and where an export goes.

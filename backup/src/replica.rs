@@ -169,6 +169,11 @@ impl Replica {
         }
     }
 
+    /// Whether completing a checkpoint now would flush more than the loop should write.
+    pub(crate) fn heavy_flush_due(&self) -> bool {
+        self.committed.as_ref().is_some_and(|i| i.heavy_flush_due())
+    }
+
     /// Writes what waits in the committed image's write-back into its files (before anything
     /// reads them: an export).
     pub fn flush(&mut self) -> Result<(), BackupError> {
@@ -192,14 +197,12 @@ impl Replica {
     pub fn finalize(self) -> Result<Option<u64>, BackupError> {
         let Replica {
             lock,
-            mut committed,
+            committed,
             side,
             ..
         } = self;
-        // (Recovery would redo it from the journal too; flushed, it has nothing to do.)
-        if let Some(img) = committed.as_mut() {
-            img.flush()?;
-        }
+        // (What waits in the committed image's write-back is redone from its journal by the
+        // recovery below, as after the process dying.)
         drop((committed, side));
         image::recover_locked(&lock)?;
         if !lock.dir().join(REPLICA_FILE).exists() {

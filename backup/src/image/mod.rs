@@ -125,6 +125,8 @@ pub struct ReplicaImage {
 /// A checkpoint between [`ReplicaImage::stage`] and [`ReplicaImage::complete`].
 pub struct Staged {
     journal: Box<Journal>,
+    /// The pages' new contents, whole (4 KiB each, in the journal's `gfns` order).
+    pages: Vec<u8>,
     ends_sync: bool,
     /// Its journal record was written (a consistent image): its writes may wait.
     journaled: bool,
@@ -484,7 +486,7 @@ impl ReplicaImage {
                 )));
             }
         }
-        let (gfns, data, ranges) = self.decode_pages(cp)?;
+        let (gfns, pages, ranges) = self.decode_pages(cp)?;
         self.check_disk(cp)?;
         if ends_sync
             && cp
@@ -494,21 +496,22 @@ impl ReplicaImage {
         {
             return Err(BackupError::Apply("disk write beyond the disk".into()));
         }
-        let j = Journal {
+        let mut j = Journal {
             seq: cp.epoch,
             base: self.base,
             meta,
+            data: journal_bytes(&pages, &ranges),
             gfns,
-            data,
             ranges,
             disk: cp.disk.clone(),
         };
         let journaled = !self.meta.syncing();
         if journaled {
-            self.write_journal(&j)?;
+            self.write_journal(&mut j)?;
         }
         Ok(Staged {
             journal: Box::new(j),
+            pages,
             ends_sync,
             journaled,
         })
@@ -517,10 +520,11 @@ impl ReplicaImage {
     /// Writes `j` into the next slot of the ring. The checkpoint that slot holds must be in
     /// the image files first: [`complete`](Self::complete) flushes when the ring is full, so
     /// the flush here only runs if a caller staged without completing.
-    fn write_journal(&mut self, j: &Journal) -> Result<(), BackupError> {
+    fn write_journal(&mut self, j: &mut Journal) -> Result<(), BackupError> {
         if self.unflushed >= journal::SLOTS {
             self.flush()?;
         }
+        j.base = self.base;
         let slot = (self.records % journal::SLOTS as u64) as usize;
         let path = journal::slot_path(&self.dir, slot);
         if self.slots.len() < journal::SLOTS {
@@ -549,7 +553,7 @@ impl ReplicaImage {
     pub fn complete(&mut self, s: Staged) -> Result<(), BackupError> {
         if s.journaled && s.small() {
             let j = s.journal;
-            self.wb.add(&j.gfns, &j.data, j.disk);
+            self.wb.add(&j.gfns, &s.pages, j.disk);
             self.meta = j.meta;
             if self.unflushed >= journal::SLOTS {
                 self.flush()?;
@@ -559,11 +563,17 @@ impl ReplicaImage {
         self.complete_through(s)
     }
 
+    /// Whether the next [`complete`](Self::complete) flushes more than the loop should write
+    /// (`crate::applier` then runs it on the blocking thread).
+    pub(crate) fn heavy_flush_due(&self) -> bool {
+        self.unflushed >= journal::SLOTS && self.wb.bytes() > crate::applier::INLINE_FLUSH
+    }
+
     /// Second half, written through: what waits in the write-back first, then the checkpoint.
     pub fn complete_through(&mut self, s: Staged) -> Result<(), BackupError> {
         self.flush()?;
         let j = s.journal;
-        self.write_in_place(&j.gfns, &j.data, &j.disk)?;
+        self.write_in_place(&j.gfns, &s.pages, &j.disk)?;
         if s.ends_sync {
             self.size_disk(j.meta.disk_len)?;
         }
@@ -590,11 +600,6 @@ impl ReplicaImage {
         self.base = self.meta.seq;
         self.unflushed = 0;
         Ok(())
-    }
-
-    /// Pages waiting in the write-back.
-    pub fn waiting(&self) -> usize {
-        self.wb.pages()
     }
 
     /// Gives the disk file its final size once the state says what it is.
@@ -648,12 +653,14 @@ impl ReplicaImage {
         self.base = self.meta.seq;
     }
 
-    /// The pages of a journal record read back, whole: a page journaled as ranges is the
-    /// file's version with the ranges' bytes over it (see [`journal`]'s module docs for why
-    /// that is the page's version as of the record, in a redo in order).
-    fn whole_pages(&self, j: &Journal) -> Result<Vec<u8>, BackupError> {
+    /// Writes a journal record's pages into the memory file, one at a time: a page
+    /// journaled as ranges is the file's version with the ranges' bytes laid over it (see
+    /// [`journal`]'s module docs for why that is the page as of the record, in a redo in
+    /// order).
+    fn redo_pages(&self, j: &Journal) -> Result<(), BackupError> {
         let mp = self.dir.join(snapshot::MEMORY_FILE);
-        let mut data = j.data.clone();
+        let mut page = vec![0u8; PAGE];
+        let mut at = 0;
         for (i, gfn) in j.gfns.iter().enumerate() {
             let off = gfn
                 .checked_mul(PAGE as u64)
@@ -664,17 +671,28 @@ impl ReplicaImage {
                         j.seq
                     ))
                 })?;
-            let Some(Some(ranges)) = j.ranges.get(i) else {
-                continue;
+            let bytes = |at: usize, len: usize| {
+                j.data.get(at..at + len).ok_or_else(|| {
+                    BackupError::Apply(format!("journal of checkpoint {}: short", j.seq))
+                })
             };
-            let (page, new) = (&mut data[i * PAGE..(i + 1) * PAGE], &j.data[i * PAGE..]);
-            self.mem.read_exact_at(page, off).map_err(io(&mp))?;
-            for &(o, l) in ranges {
-                let r = usize::from(o)..usize::from(o) + usize::from(l);
-                page[r.clone()].copy_from_slice(&new[r]);
+            match j.page_ranges(i) {
+                None => {
+                    page.copy_from_slice(bytes(at, PAGE)?);
+                    at += PAGE;
+                }
+                Some(ranges) => {
+                    self.mem.read_exact_at(&mut page, off).map_err(io(&mp))?;
+                    for &(o, l) in ranges {
+                        let (o, l) = (usize::from(o), usize::from(l));
+                        page[o..o + l].copy_from_slice(bytes(at, l)?);
+                        at += l;
+                    }
+                }
             }
+            self.mem.write_all_at(&page, off).map_err(io(&mp))?;
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Redoes journaled checkpoints, oldest first (idempotent), and records the last one's
@@ -688,12 +706,28 @@ impl ReplicaImage {
                     j.seq, j.meta.mem_size, j.meta.disk_len, self.meta.mem_size, self.meta.disk_len
                 )));
             }
-            let data = self.whole_pages(&j)?;
-            self.write_in_place(&j.gfns, &data, &j.disk)?;
+            self.redo_pages(&j)?;
+            self.write_in_place(&[], &[], &j.disk)?;
             self.meta = j.meta;
         }
         self.save_meta()
     }
+}
+
+/// What the journal keeps of whole `pages`: each one's `ranges`' bytes, or all of it.
+fn journal_bytes(pages: &[u8], ranges: &[Option<journal::Ranges>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (page, r) in pages.chunks_exact(PAGE).zip(ranges) {
+        match r {
+            Some(r) => {
+                for &(o, l) in r {
+                    out.extend_from_slice(&page[usize::from(o)..usize::from(o) + usize::from(l)]);
+                }
+            }
+            None => out.extend_from_slice(page),
+        }
+    }
+    out
 }
 
 fn usable_state(cp: &Checkpoint) -> Result<Vec<u8>, BackupError> {

@@ -294,9 +294,14 @@ impl RunningVm {
         let (vm2, st2) = (vm.clone(), stats.clone());
         let mut state = primary::PrimaryState::new(&vm, cfg.term, cfg.encode);
         let loop_cpus = p.pin.map(|p| vec![p.1]);
+        let stopping = stop_rx.clone();
         let primary_thread = crate::rt::spawn_pinned("bench-primary", loop_cpus, async move {
-            if let Err(e) = primary::run(vm2, cfg, st2, &mut state, stop_rx).await {
-                eprintln!("bench primary: {e}");
+            match primary::run(vm2, cfg, st2, &mut state, stop_rx).await {
+                // (The VM stops right after the loop is told to: a capture it was taking then
+                // fails, which is no error of the run.)
+                Err(e) if *stopping.borrow() => tracing::debug!("bench primary, stopping: {e}"),
+                Err(e) => eprintln!("bench primary: {e}"),
+                Ok(()) => {}
             }
         })?;
         Ok(RunningVm {
