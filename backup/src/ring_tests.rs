@@ -1,7 +1,7 @@
 //! The journal ring and the write-back under seeded random streams, killed at every kind of
 //! moment: between two checkpoints with writes waiting, between a journal record and the
 //! write in place, in the middle of a record (torn), in the middle of a flush (some pages
-//! written, some not). After each kill the image is recovered and compared byte for byte with
+//! written, some torn, some not; a part of the disk writes). After each kill the image is recovered and compared byte for byte with
 //! a model of what was acknowledged; then the stream goes on from the recovered image.
 //! `VMATRIX_RING_SEEDS=n` runs n seeds; `VMATRIX_RING_SEED=s` replays one.
 
@@ -166,7 +166,8 @@ enum Kill {
     Staged,
     /// In the middle of writing a record (never acknowledged).
     Torn,
-    /// In the middle of a flush: some waiting pages in the files, some not.
+    /// In the middle of a flush: some waiting pages in the files (some of them torn), some
+    /// not, and a part of the disk's writes.
     MidFlush,
 }
 
@@ -226,9 +227,26 @@ fn run(seed: u64) -> [u32; 4] {
                 .unwrap();
             for gfn in 0..PAGES {
                 if rng.chance(50) {
-                    mem.write_all_at(m.page(gfn), gfn * PAGE as u64).unwrap();
+                    // Some pages whole, some torn: a part of the new version written.
+                    let (from, to) = match rng.chance(50) {
+                        true => (0, PAGE),
+                        false => {
+                            let a = rng.below(PAGE as u64) as usize;
+                            (a, a + rng.below((PAGE - a) as u64) as usize + 1)
+                        }
+                    };
+                    let at = gfn * PAGE as u64 + from as u64;
+                    mem.write_all_at(&m.page(gfn)[from..to], at).unwrap();
                 }
             }
+            // And a part of the disk's newest contents.
+            let disk = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(snapshot::DISK_FILE))
+                .unwrap();
+            let a = rng.below(DISK) as usize;
+            let b = a + rng.below(DISK - a as u64) as usize;
+            disk.write_all_at(&m.disk[a..b], a as u64).unwrap();
         }
         if let Some(k) = kill {
             kills[k as usize] += 1;
