@@ -1,5 +1,8 @@
 //! Round-trip latency of one small frame over a PrimaryLink/BackupLink pair on loopback, with
-//! each side on its own one-worker runtime thread (as in vmatrix). Prints p50/p99 in µs.
+//! each side on its own one-worker runtime, the loop on its worker beside the QUIC tasks (as in
+//! vmatrix), and in the same run of one
+//! UDP datagram between two threads with blocking sockets (what the host's loopback and
+//! scheduler cost without QUIC, TLS and the runtimes). Prints p50/p99 in µs.
 //! `cargo run --release -p transport --example rtt`
 
 use std::time::Instant;
@@ -15,17 +18,31 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Runs `fut` on a one-worker runtime's worker thread, beside the QUIC tasks it spawns (as
+/// `vmatrix::rt::block_on_worker` does), not on the calling thread as `block_on` would.
+fn on_worker<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = rt();
+    rt.block_on(rt.spawn(fut)).unwrap()
+}
+
 fn main() {
     let dir = std::env::temp_dir().join(format!("vmx-rtt-{}", std::process::id()));
     certs::init_ca(&dir).unwrap();
     certs::issue(&dir, "backup").unwrap();
     certs::issue(&dir, "primary").unwrap();
     let cfg = QuicConfig::default();
-    let n = 2000;
+    let n: u64 = std::env::var("RTT_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     let (atx, arx) = std::sync::mpsc::channel();
     let backup_id = certs::load(&dir, "backup").unwrap();
     let echo = std::thread::spawn(move || {
-        rt().block_on(async move {
+        on_worker(async move {
             let server = Server::bind(([127, 0, 0, 1], 0).into(), &backup_id, &cfg).unwrap();
             atx.send(server.local_addr().unwrap()).unwrap();
             let conn = server.accept().await.unwrap();
@@ -38,7 +55,7 @@ fn main() {
     });
     let addr = arx.recv().unwrap();
     let cfg = QuicConfig::default();
-    let mut lat: Vec<u128> = rt().block_on(async move {
+    let mut lat: Vec<u128> = on_worker(async move {
         let ep = quic::client(&certs::load(&dir, "primary").unwrap(), &cfg).unwrap();
         let conn = quic::connect(&ep, addr, "backup").await.unwrap();
         let (mut link, mut rx) = PrimaryLink::open(conn, 1).await.unwrap();
@@ -59,4 +76,37 @@ fn main() {
         lat[lat.len() / 2],
         lat[lat.len() * 99 / 100]
     );
+    let mut udp = udp_round_trips(n);
+    udp.sort();
+    println!(
+        "UDP round trip (1 datagram, two threads, blocking sockets): p50 {} µs, p99 {} µs",
+        udp[udp.len() / 2],
+        udp[udp.len() * 99 / 100]
+    );
+}
+
+/// `n` round trips of a 64-byte datagram between this thread and an echoing one.
+fn udp_round_trips(n: u64) -> Vec<u128> {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        for _ in 0..n {
+            let (len, from) = echo.recv_from(&mut b).unwrap();
+            echo.send_to(&b[..len], from).unwrap();
+        }
+    });
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(addr).unwrap();
+    let mut b = [0u8; 64];
+    let lat = (0..n)
+        .map(|_| {
+            let t0 = Instant::now();
+            s.send(&b.clone()).unwrap();
+            s.recv(&mut b).unwrap();
+            t0.elapsed().as_micros()
+        })
+        .collect();
+    t.join().unwrap();
+    lat
 }
