@@ -7,7 +7,10 @@
 //!
 //! Data frames go round-robin over every data stream: those of the session's connection and,
 //! once they are up, those of the data connections the backup offered ([`Writer::add_data`]).
-//! The receiver takes parts and `End` in any order.
+//! The receiver takes parts and `End` in any order. A small frame ([`SMALL_FRAME`]) goes on
+//! the session connection's first data stream instead, so a small checkpoint (its `Begin` on
+//! the control stream, a part and its `End`) reaches the backup on one connection: spread over
+//! the data connections it woke two or three receive paths for a few KiB.
 //!
 //! **Keepalive.** Heartbeats come from the policy, so from the loop: a loop busy with one long
 //! step — encoding a checkpoint of a gigabyte against its shadow takes seconds — says nothing
@@ -30,6 +33,10 @@ use transport::{quic, PrimaryLink, TransportError};
 const CONTROL_FRAMES: usize = 64;
 /// Frames queued for the data streams (up to 1 MiB each).
 const DATA_FRAMES: usize = 8;
+
+/// A data frame this small goes on the session connection's first data stream, not round
+/// robin (docs/BENCHMARKS.md, "Small checkpoints on one connection").
+pub const SMALL_FRAME: usize = 64 << 10;
 
 /// The control stream's silence after which its task sends a heartbeat of its own (three of
 /// the policy's heartbeat intervals).
@@ -111,11 +118,19 @@ impl Writer {
                         None => return,
                     },
                 };
-                let n = data_streams.len().max(1);
-                let Some(s) = data_streams.get_mut(next % n) else {
+                // (A small frame takes the session connection's first data stream: a small
+                // checkpoint then reaches the backup on one connection, one receive path.)
+                let s = match f.len() <= SMALL_FRAME {
+                    true => data_streams.first_mut(),
+                    false => {
+                        next = next.wrapping_add(1);
+                        let n = data_streams.len().max(1);
+                        data_streams.get_mut(next % n)
+                    }
+                };
+                let Some(s) = s else {
                     return;
                 };
-                next = next.wrapping_add(1);
                 if let Err(e) = s.write_chunk(bytes::Bytes::from(f)).await {
                     let e = TransportError::Stream(e.to_string());
                     let _ = errors.send((index, generation, Err(e))).await;
