@@ -7,10 +7,11 @@
 //!
 //! Data frames go round-robin over every data stream: those of the session's connection and,
 //! once they are up, those of the data connections the backup offered ([`Writer::add_data`]).
-//! The receiver takes parts and `End` in any order. A small frame ([`SMALL_FRAME`]) goes on
-//! the session connection's first data stream instead, so a small checkpoint (its `Begin` on
-//! the control stream, a part and its `End`) reaches the backup on one connection: spread over
-//! the data connections it woke two or three receive paths for a few KiB.
+//! The receiver takes parts and `End` in any order. But the first [`SMALL_CHECKPOINT`] bytes
+//! of each checkpoint's data frames go on the session connection's first data stream, so a
+//! small checkpoint (its `Begin` on the control stream, a part and its `End`) reaches the
+//! backup on one connection: spread over the data connections it woke two or three receive
+//! paths for a few KiB. A big one still spreads over every stream after its first 64 KiB.
 //!
 //! **Keepalive.** Heartbeats come from the policy, so from the loop: a loop busy with one long
 //! step — encoding a checkpoint of a gigabyte against its shadow takes seconds — says nothing
@@ -34,9 +35,39 @@ const CONTROL_FRAMES: usize = 64;
 /// Frames queued for the data streams (up to 1 MiB each).
 const DATA_FRAMES: usize = 8;
 
-/// A data frame this small goes on the session connection's first data stream, not round
-/// robin (docs/BENCHMARKS.md, "Small checkpoints on one connection").
-pub const SMALL_FRAME: usize = 64 << 10;
+/// The first this many bytes of a checkpoint's data frames go on the session connection's
+/// first data stream, the rest round-robin (docs/BENCHMARKS.md, "Small checkpoints on one
+/// connection").
+pub const SMALL_CHECKPOINT: usize = 64 << 10;
+
+/// Which data stream each data frame takes: the session connection's first while the
+/// checkpoint's data frames so far come to at most [`SMALL_CHECKPOINT`] bytes, then round
+/// robin over all of them; a checkpoint ends at its `End` frame.
+#[derive(Debug, Default)]
+struct Spread {
+    /// Bytes of the current checkpoint's data frames, this one included.
+    bytes: usize,
+    next: usize,
+}
+
+impl Spread {
+    /// The stream (of `streams`) for a data frame of `len` bytes (`end`: the checkpoint's
+    /// `End`).
+    fn pick(&mut self, len: usize, end: bool, streams: usize) -> usize {
+        self.bytes = self.bytes.saturating_add(len);
+        let i = match self.bytes <= SMALL_CHECKPOINT {
+            true => 0,
+            false => {
+                self.next = self.next.wrapping_add(1);
+                self.next % streams.max(1)
+            }
+        };
+        if end {
+            self.bytes = 0;
+        }
+        i
+    }
+}
 
 /// The control stream's silence after which its task sends a heartbeat of its own (three of
 /// the policy's heartbeat intervals).
@@ -105,7 +136,7 @@ impl Writer {
             }
         });
         tokio::spawn(async move {
-            let mut next = 0usize;
+            let mut spread = Spread::default();
             loop {
                 let f = tokio::select! {
                     biased;
@@ -118,17 +149,10 @@ impl Writer {
                         None => return,
                     },
                 };
-                // (A small frame takes the session connection's first data stream: a small
-                // checkpoint then reaches the backup on one connection, one receive path.)
-                let s = match f.len() <= SMALL_FRAME {
-                    true => data_streams.first_mut(),
-                    false => {
-                        next = next.wrapping_add(1);
-                        let n = data_streams.len().max(1);
-                        data_streams.get_mut(next % n)
-                    }
-                };
-                let Some(s) = s else {
+                let end = Message::is_end_frame(&f);
+                let i = spread.pick(f.len(), end, data_streams.len());
+                // (There is always one: the session connection opens at least one.)
+                let Some(s) = data_streams.get_mut(i) else {
                     return;
                 };
                 if let Err(e) = s.write_chunk(bytes::Bytes::from(f)).await {
@@ -178,7 +202,7 @@ impl Writer {
                     self.stash_control = Some(e.into_inner());
                 }
             }
-            // (Data frames go round-robin over every data stream, whatever their lane.)
+            // (Data frames go over the data streams as `Spread` says, whatever their lane.)
             _ => {
                 if let Err(e) = self.data.try_send(f) {
                     self.stash_data = Some(e.into_inner());
@@ -207,5 +231,49 @@ impl Writer {
         for c in &self.extra {
             quic::close(c, code, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_ends_at_its_end_frame() {
+        let end = protocol::message::End {
+            term: 1,
+            epoch: 9,
+            attempt: 0,
+            crc: 0,
+        };
+        assert!(Message::is_end_frame(&Message::End(end).encode()));
+        let hb = Message::Heartbeat(Heartbeat { term: 1, seq: 9 }).encode();
+        assert!(!Message::is_end_frame(&hb));
+        assert!(!Message::is_end_frame(&[]));
+    }
+
+    #[test]
+    fn a_small_checkpoint_takes_the_first_stream_and_a_big_one_all_of_them() {
+        let mut s = Spread::default();
+        // Small checkpoints: a part and End, again and again, on stream 0 only.
+        for _ in 0..10 {
+            assert_eq!(s.pick(9_000, false, 4), 0);
+            assert_eq!(s.pick(100, true, 4), 0);
+        }
+        // A checkpoint of 300 frames of 16 KiB: its first 64 KiB on stream 0, then every
+        // stream; the next small checkpoint is on stream 0 again.
+        let picks: Vec<usize> = (0..300).map(|_| s.pick(16 << 10, false, 4)).collect();
+        assert!(picks[..4].iter().all(|&i| i == 0), "{:?}", &picks[..8]);
+        let mut seen = picks[4..].to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+        s.pick(100, true, 4);
+        assert_eq!(s.pick(9_000, false, 4), 0);
+        s.pick(100, true, 4);
+        // Streams added (a data connection joined): big frames reach them.
+        let seen: std::collections::BTreeSet<usize> =
+            (0..40).map(|_| s.pick(1 << 20, false, 6)).collect();
+        assert_eq!(seen, (0..6).collect());
     }
 }

@@ -401,7 +401,16 @@ pub enum Message {
     Goodbye(Goodbye),
 }
 
+/// Type byte of [`End`] frames.
+const END_TYPE: u8 = 7;
+
 impl Message {
+    /// Whether `frame`, a whole encoded frame, carries an `End` (by its type byte, unchecked:
+    /// for a sender cutting its frames at checkpoint boundaries, not for a receiver).
+    pub fn is_end_frame(frame: &[u8]) -> bool {
+        frame.get(5) == Some(&END_TYPE)
+    }
+
     /// Type byte and name.
     pub fn kind(&self) -> (u8, &'static str) {
         match self {
@@ -411,7 +420,7 @@ impl Message {
             Message::Pages(_) => (4, "Pages"),
             Message::Disk(_) => (5, "Disk"),
             Message::State(_) => (6, "State"),
-            Message::End(_) => (7, "End"),
+            Message::End(_) => (END_TYPE, "End"),
             Message::Ack(_) => (8, "Ack"),
             Message::Heartbeat(_) => (9, "Heartbeat"),
             Message::Refuse(_) => (10, "Refuse"),
@@ -494,7 +503,7 @@ impl Message {
             4 => Message::Pages(de("Pages", p)?),
             5 => Message::Disk(de("Disk", p)?),
             6 => Message::State(de("State", p)?),
-            7 => Message::End(de("End", p)?),
+            END_TYPE => Message::End(de("End", p)?),
             8 => Message::Ack(de("Ack", p)?),
             9 => Message::Heartbeat(de("Heartbeat", p)?),
             10 => Message::Refuse(de("Refuse", p)?),

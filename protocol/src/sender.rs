@@ -1,8 +1,9 @@
 //! The primary's side of a session, as a state machine without I/O.
 //!
 //! [`Sender::send_checkpoint`] queues a checkpoint's frames; [`Sender::poll_transmit`] hands
-//! them out, each with the data lane it should travel on (lane 0 is the control stream; parts
-//! are spread round-robin over the data lanes). Acks release checkpoints; a refusal or an ack
+//! them out, each with the lane it should travel on (lane 0 is the control stream; parts are
+//! spread round-robin over the data lanes — which data stream carries a data frame is the
+//! primary's writer's choice: `primary/src/writer.rs`). Acks release checkpoints; a refusal or an ack
 //! timeout resends every unacknowledged checkpoint from the one concerned, with a new attempt
 //! number, up to a limit. Events tell the application what happened.
 
@@ -224,8 +225,8 @@ impl Sender {
         for (i, fr) in frames.into_iter().enumerate() {
             // Begin on the control lane; the parts spread over the data lanes, and End after
             // them on a data lane: the primary's one data writer sends data frames in this
-            // order (over any of its streams), so End leaves after the parts (the receiver
-            // takes any order).
+            // order (over the streams it chooses), so End leaves after the parts (the
+            // receiver takes any order).
             let (lane, end) = match i {
                 0 => (0, None),
                 i if i == n - 1 => (self.data_lane(), Some((epoch, attempt))),
