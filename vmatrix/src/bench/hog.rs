@@ -105,7 +105,8 @@ pub fn run(env: &BenchEnv, t: &Timing, cap_millis: u32, rounds: usize) -> anyhow
     let cpus = f64::from(cap_millis) / 1000.0;
     println!(
         "## A CPU-hog VM beside a protected one (`vmatrix bench replication --hog-vm {cpus}`; {} \
-         MiB protected guest, 20 ms epochs, real-time pause path; the hog: a 64 MiB guest \
+         MiB protected guest, 20 ms epochs, the default pause path (`--rt-pause auto`); the \
+         hog: a 64 MiB guest \
          spinning in CHURN, in a cgroup of its own; {}-CPU host)\n",
         env.mem_mib,
         std::thread::available_parallelism().map_or(0, |n| n.get())
