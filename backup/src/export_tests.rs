@@ -27,20 +27,7 @@ const O: Origin = Origin {
     term: 3,
 };
 
-/// A small seeded generator (xorshift), so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::tests::Rng;
 
 /// Checkpoint `seq` of `kind`, writing random pages and disk ranges.
 fn random_cp(rng: &mut Rng, seq: u64, kind: Kind, pages: usize) -> Checkpoint {

@@ -25,23 +25,7 @@ const O: Origin = Origin {
     term: 3,
 };
 
-/// xorshift: a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use crate::tests::Rng;
 
 /// What the acknowledged checkpoints made of memory and disk.
 #[derive(Clone)]
@@ -140,6 +124,20 @@ fn next_cp(rng: &mut Rng, m: &Model, seq: u64) -> Checkpoint {
     }
 }
 
+/// A replica in `dir` after a full sync (checkpoint 1, random pages); its model and the sync.
+fn synced(dir: &Path, rng: &mut Rng) -> (Replica, Model, Checkpoint) {
+    let mut m = Model {
+        mem: vec![0; MEM as usize],
+        disk: vec![0; DISK as usize],
+    };
+    let mut r = open(dir);
+    let mut sync = next_cp(rng, &m, 0);
+    (sync.epoch, sync.kind) = (1, Kind::Sync);
+    assert!(r.begin(&sync, O, true).unwrap().is_none());
+    m.apply(&sync);
+    (r, m, sync)
+}
+
 fn open(dir: &Path) -> Replica {
     Replica::open(ImageLock::acquire(dir).unwrap()).unwrap()
 }
@@ -176,15 +174,7 @@ fn run(seed: u64) -> [u32; 4] {
     let mut rng = Rng(seed | 1);
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let mut m = Model {
-        mem: vec![0; MEM as usize],
-        disk: vec![0; DISK as usize],
-    };
-    let mut r = open(dir);
-    let mut sync = next_cp(&mut rng, &m, 0);
-    (sync.epoch, sync.kind) = (1, Kind::Sync);
-    assert!(r.begin(&sync, O, true).unwrap().is_none());
-    m.apply(&sync);
+    let (mut r, mut m, _) = synced(dir, &mut rng);
     let (mut seq, mut kills, mut lagged) = (1, [0u32; 4], false);
     for step in 0..400 {
         let cp = next_cp(&mut rng, &m, seq);
@@ -300,15 +290,7 @@ fn big_checkpoints_are_written_through_and_small_ones_wait_a_ring() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let mut rng = Rng(5);
-    let mut m = Model {
-        mem: vec![0; MEM as usize],
-        disk: vec![0; DISK as usize],
-    };
-    let mut r = open(dir);
-    let mut sync = next_cp(&mut rng, &m, 0);
-    (sync.epoch, sync.kind) = (1, Kind::Sync);
-    r.begin(&sync, O, true).unwrap();
-    m.apply(&sync);
+    let (mut r, mut m, sync) = synced(dir, &mut rng);
     let small = |seq: u64, fill: u8| Checkpoint {
         epoch: seq,
         kind: Kind::Incremental,

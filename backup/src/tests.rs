@@ -33,6 +33,24 @@ const C: Origin = Origin {
     term: 2,
 };
 
+/// A small seeded generator (xorshift), so a failing seed replays.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub(crate) fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
 /// A `VmState` (all zero, with a disk of `disk` bytes), postcard-encoded.
 pub(crate) fn state(disk: u64) -> Vec<u8> {
     let zeros = vec![0u8; 1 << 16];
