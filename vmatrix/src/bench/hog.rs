@@ -101,14 +101,20 @@ impl Drop for HogVm {
 }
 
 /// Runs the hog-VM A/B/C and prints a Markdown table.
-pub fn run(env: &BenchEnv, t: &Timing, cap_millis: u32, rounds: usize) -> anyhow::Result<()> {
+pub fn run(
+    env: &BenchEnv,
+    t: &Timing,
+    cap_millis: u32,
+    rounds: usize,
+    rt_pause: vmm::rt::RtMode,
+) -> anyhow::Result<()> {
     let cpus = f64::from(cap_millis) / 1000.0;
     println!(
         "## A CPU-hog VM beside a protected one (`vmatrix bench replication --hog-vm {cpus}`; {} \
-         MiB protected guest, 20 ms epochs, the default pause path (`--rt-pause auto`); the \
-         hog: a 64 MiB guest \
+         MiB protected guest, 20 ms epochs, `--rt-pause {}`; the hog: a 64 MiB guest \
          spinning in CHURN, in a cgroup of its own; {}-CPU host)\n",
         env.mem_mib,
+        rt_pause.name(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("| round | hog | workload | pause p50 | pause p99 | pause max | checkpoints/s |");
@@ -141,7 +147,10 @@ pub fn run(env: &BenchEnv, t: &Timing, cap_millis: u32, rounds: usize) -> anyhow
                 env,
                 t,
                 (r, "hogbench", &label),
-                Protection::default(),
+                Protection {
+                    rt_pause,
+                    ..Protection::default()
+                },
                 &workloads,
             )?;
         }

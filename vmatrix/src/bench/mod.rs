@@ -89,11 +89,10 @@ pub struct ReplicationArgs {
     /// With `--kv-hold`: the VM unprotected.
     #[arg(long, requires = "kv_hold")]
     pub plain: bool,
-    /// With `--kv`: when the protected VM's pauses run at real-time priority (as `vmatrix
-    /// primary --rt-pause`).
+    /// With `--kv` or `--hog-vm`: when the protected VM's pauses run at real-time priority (as
+    /// `vmatrix primary --rt-pause`).
     #[arg(
         long,
-        requires = "kv",
         value_name = "auto|on|off",
         default_value = "auto",
         num_args = 0..=1,
@@ -115,10 +114,15 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 !a.second_vm || a.busy > 0,
                 "--second-vm goes with --busy N (the busy-host measurement)"
             );
+            anyhow::ensure!(
+                a.rt_pause == vmm::rt::RtMode::Auto || a.kv || a.hog_vm.is_some(),
+                "--rt-pause goes with --kv or --hog-vm"
+            );
             match a.busy {
                 _ if a.hog_vm.is_some() => {
                     let cpus = a.hog_vm.unwrap_or(0.5).clamp(0.01, 64.0);
-                    hog::run(&env, &timing, (cpus * 1000.0) as u32, a.rounds.max(1))?
+                    let rounds = a.rounds.max(1);
+                    hog::run(&env, &timing, (cpus * 1000.0) as u32, rounds, a.rt_pause)?
                 }
                 _ if a.kv && a.kv_hold.is_some() => {
                     let p = (!a.plain).then_some(harness::Protection {
