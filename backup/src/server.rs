@@ -409,23 +409,7 @@ async fn session_loop(
     cert: &Result<PeerCert, TransportError>,
     started: Instant,
 ) -> Result<End, Failure> {
-    let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
-    rcfg.committed = applier.replica().and_then(|r| r.position());
-    let fenced_at = *w.min_term.borrow_and_update();
-    rcfg.min_term = rcfg.committed.map_or(0, |p| p.term).max(fenced_at);
-    w.fence.enforced(fenced_at);
-    let built_min = rcfg.min_term;
-    rcfg.idle_timeout = silence_limit(cfg);
-    rcfg.data_ports = w.data.ports().to_vec();
-    w.data.refuse_waiting();
-    // The frames waiting in the connection's channel count too: the receiver's bound leaves
-    // room for a full channel (and the one checkpoint on the apply thread is within the
-    // window the primary keeps), and for what QUIC buffers: a connection window for the
-    // session's connection and each data connection.
-    let channel = (transport::CHANNEL_FRAMES * (protocol::frame::MAX_PAYLOAD + 16)) as u64;
-    let quic = (1 + w.data.ports().len() as u64) * cfg.quic.conn_window;
-    rcfg.max_staged_bytes = rcfg.max_staged_bytes.saturating_sub(channel + quic);
-    let mut r = Receiver::new(rcfg);
+    let (mut r, built_min) = receiver(cfg, applier, w);
     // A primary that connects and says nothing is timed out from here.
     r.start(started);
     // The primary and seq of the checkpoint that opened the session's stream.
@@ -470,24 +454,7 @@ async fn session_loop(
         // no step pending (not between an acknowledgement queued and sent).
         let idle = applier.idle();
         w.exporter.poll(applier.replica_mut().filter(|_| idle));
-        // The next checkpoint leaves the receiver (and its memory bound) only when the apply
-        // thread is free to take it.
-        if applier.idle() {
-            if let Some(cp) = r.poll_checkpoint() {
-                let origin = Origin {
-                    history: r.history().unwrap_or(0),
-                    term: r.session().map_or(0, |s| s.1),
-                };
-                let opens = match opener {
-                    Some((o, seq)) if o == origin => seq == cp.epoch,
-                    _ => {
-                        opener = Some((origin, cp.epoch));
-                        true
-                    }
-                };
-                applier.start(cp, origin, opens);
-            }
-        }
+        feed(&mut r, applier, &mut opener);
         while let Some(out) = r.poll_transmit() {
             link.send(&out)
                 .await
@@ -501,6 +468,51 @@ async fn session_loop(
                 e => Err(Failure::Session(e.clone().into())),
             };
         }
+    }
+}
+
+/// The session's receiver, bounded and fenced as the backup stands now, and the least term
+/// it was built with.
+fn receiver(cfg: &BackupConfig, applier: &Applier, w: &mut Watches<'_>) -> (Receiver, u64) {
+    let mut rcfg = ReceiverConfig::new(cfg.cluster_id, &cfg.vm_id);
+    rcfg.committed = applier.replica().and_then(|r| r.position());
+    let fenced_at = *w.min_term.borrow_and_update();
+    rcfg.min_term = rcfg.committed.map_or(0, |p| p.term).max(fenced_at);
+    w.fence.enforced(fenced_at);
+    let built_min = rcfg.min_term;
+    rcfg.idle_timeout = silence_limit(cfg);
+    rcfg.data_ports = w.data.ports().to_vec();
+    w.data.refuse_waiting();
+    // The frames waiting in the connection's channel count too: the receiver's bound leaves
+    // room for a full channel (and the one checkpoint on the apply thread is within the
+    // window the primary keeps), and for what QUIC buffers: a connection window for the
+    // session's connection and each data connection.
+    let channel = (transport::CHANNEL_FRAMES * (protocol::frame::MAX_PAYLOAD + 16)) as u64;
+    let quic = (1 + w.data.ports().len() as u64) * cfg.quic.conn_window;
+    rcfg.max_staged_bytes = rcfg.max_staged_bytes.saturating_sub(channel + quic);
+    (Receiver::new(rcfg), built_min)
+}
+
+/// Hands the next checkpoint to the apply thread: it leaves the receiver (and its memory
+/// bound) only when that thread is free to take it. `opener` is the primary and seq of the
+/// checkpoint that opened the session's stream.
+fn feed(r: &mut Receiver, applier: &mut Applier, opener: &mut Option<(Origin, u64)>) {
+    if !applier.idle() {
+        return;
+    }
+    if let Some(cp) = r.poll_checkpoint() {
+        let origin = Origin {
+            history: r.history().unwrap_or(0),
+            term: r.session().map_or(0, |s| s.1),
+        };
+        let opens = match *opener {
+            Some((o, seq)) if o == origin => seq == cp.epoch,
+            _ => {
+                *opener = Some((origin, cp.epoch));
+                true
+            }
+        };
+        applier.start(cp, origin, opens);
     }
 }
 
