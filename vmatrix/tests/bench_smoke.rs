@@ -141,7 +141,7 @@ fn bench_replication_kv_prints_its_figures() {
 }
 
 /// `--hog-vm 0.5 --rounds 1`: the protected VM beside a CPU-hog VM stopped, unlimited and
-/// capped by its cgroup.
+/// capped by its cgroup, each round's rows and the pooled table.
 #[test]
 fn bench_replication_hog_vm_prints_every_condition() {
     require_kvm();
@@ -163,6 +163,8 @@ fn bench_replication_hog_vm_prints_every_condition() {
             "| 1 | stopped | idle |",
             "| 1 | no limit | CHURN 1k pages/s |",
             "| 1 | capped at 0.5 CPU | idle |",
+            "Every round's pauses pooled per condition (rounds: 1):",
+            "| capped at 0.5 CPU | CHURN 1k pages/s | ",
         ],
     );
 }

@@ -43,9 +43,16 @@ pub const SLOW_WAIT: Duration = Duration::from_micros(300);
 pub const SLOW_SPAN: u64 = 128;
 
 /// How long the boost stays on once turned on ([`RtMode::Auto`]); then pauses probe at
-/// ordinary priority again. A probe that turns it on again within [`SLOW_SPAN`] pauses
+/// ordinary priority again. A probe that turns it on again within [`PROBE_SPAN`] pauses
 /// doubles the hold, up to [`MAX_HOLD`]: a host that stays busy costs two slow pauses a minute.
 pub const BOOST_HOLD: Duration = Duration::from_secs(4);
+
+/// A probe that finds the scheduler in the way again within this many ordinary pauses doubles
+/// the hold ([`BOOST_HOLD`]). Longer than [`SLOW_SPAN`]: a neighbour that delays one pause in a
+/// hundred takes a probe of a few hundred pauses to be found again, and is still there (with a
+/// window of [`SLOW_SPAN`] the hold stayed at 4 s and a third of the pauses ran ordinary beside
+/// a capped CPU hog, docs/BENCHMARKS.md "A CPU-hog VM beside a protected one, one VM").
+pub const PROBE_SPAN: u64 = 1024;
 
 /// The longest hold ([`BOOST_HOLD`]).
 pub const MAX_HOLD: Duration = Duration::from_secs(64);
@@ -131,7 +138,7 @@ impl Adaptive {
             Some(l) if self.pauses - l <= SLOW_SPAN => {
                 let quick = self
                     .probe_from
-                    .is_some_and(|p| self.pauses - p <= SLOW_SPAN);
+                    .is_some_and(|p| self.pauses - p <= PROBE_SPAN);
                 self.hold = match quick {
                     true => (self.hold * 2).clamp(BOOST_HOLD, MAX_HOLD),
                     false => BOOST_HOLD,
@@ -521,8 +528,8 @@ mod tests {
         let t2 = t1 + BOOST_HOLD * 2;
         a.observe(t2, SLOW_WAIT, false);
         assert!(!a.boosting(t2), "one slow pause since the hold");
-        // One that passes SLOW_SPAN ordinary pauses first starts over at BOOST_HOLD...
-        for _ in 0..=SLOW_SPAN {
+        // One that passes PROBE_SPAN ordinary pauses first starts over at BOOST_HOLD...
+        for _ in 0..=PROBE_SPAN {
             a.observe(t2, fast, false);
         }
         a.observe(t2, SLOW_WAIT, false);
@@ -540,12 +547,8 @@ mod tests {
     /// for a few probes a minute once the hold has grown; after it the hold starts over.
     #[test]
     fn seeded_busy_and_quiet_phases() {
-        let seeds: Vec<u64> = match std::env::var("VMATRIX_SEED") {
-            Ok(s) => vec![s.parse().expect("VMATRIX_SEED is a number")],
-            Err(_) => (1..=8).collect(),
-        };
         let every = Duration::from_millis(20);
-        for seed in seeds {
+        for seed in seeds() {
             eprintln!("adaptive boost simulation seed {seed} (replay: VMATRIX_SEED={seed})");
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let (mut a, mut t) = (Adaptive::default(), Instant::now());
@@ -575,6 +578,31 @@ mod tests {
                 "seed {seed}: {back:?}, {:?}",
                 a.hold()
             );
+        }
+    }
+
+    /// Seeded: a neighbour that delays one ordinary pause in a hundred (a CPU hog capped by its
+    /// cgroup) for ten minutes at 50 pauses a second: probes take a few hundred pauses to find
+    /// it, the hold grows all the same, and few pauses are slow (a p99 untouched).
+    #[test]
+    fn seeded_rare_delays_keep_the_boost() {
+        let every = Duration::from_millis(20);
+        for seed in seeds() {
+            eprintln!("adaptive boost, rare delays, seed {seed} (replay: VMATRIX_SEED={seed})");
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let (mut a, mut t) = (Adaptive::default(), Instant::now());
+            let (slow, boosted) = pauses(&mut a, &mut t, 30_000, every, 0.01, &mut rng);
+            eprintln!("  {slow} slow, {boosted} boosted, hold {:?}", a.hold());
+            assert!(slow <= 60, "seed {seed}: {slow} slow of 30,000 pauses");
+            assert!(boosted >= 26_000, "seed {seed}: only {boosted} boosted");
+        }
+    }
+
+    /// The simulations' seeds: `VMATRIX_SEED` alone if set.
+    fn seeds() -> Vec<u64> {
+        match std::env::var("VMATRIX_SEED") {
+            Ok(s) => vec![s.parse().expect("VMATRIX_SEED is a number")],
+            Err(_) => (1..=8).collect(),
         }
     }
 
