@@ -169,6 +169,30 @@ fn bench_replication_hog_vm_prints_every_condition() {
     );
 }
 
+/// `--harvest --rounds 1`: the harvest alone, KVM's bitmap and its dirty ring.
+#[test]
+fn bench_replication_harvest_prints_both_sources() {
+    require_kvm();
+    let guest = guest_elf();
+    let g = guest.to_str().unwrap();
+    prints(
+        &[
+            "bench",
+            "replication",
+            "--quick",
+            "--harvest",
+            "--rounds",
+            "1",
+            "--guest",
+            g,
+        ],
+        &[
+            "| 1 | bitmap+hot | idle |",
+            "| 1 | ring | 1,000 pages per epoch |",
+        ],
+    );
+}
+
 /// `vmatrix bench copy`: a base copied between two base servers, against raw quinn.
 #[test]
 fn bench_copy_prints_its_table() {

@@ -51,7 +51,7 @@ pub const BOOST_HOLD: Duration = Duration::from_secs(4);
 /// the hold ([`BOOST_HOLD`]). Longer than [`SLOW_SPAN`]: a neighbour that delays one pause in a
 /// hundred takes a probe of a few hundred pauses to be found again, and is still there (with a
 /// window of [`SLOW_SPAN`] the hold stayed at 4 s and a third of the pauses ran ordinary beside
-/// a capped CPU hog, docs/BENCHMARKS.md "A CPU-hog VM beside a protected one, one VM").
+/// a capped CPU hog, docs/BENCHMARKS.md "A CPU-hog VM beside a protected one, warmed up").
 pub const PROBE_SPAN: u64 = 1024;
 
 /// The longest hold ([`BOOST_HOLD`]).

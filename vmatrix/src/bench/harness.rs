@@ -22,6 +22,23 @@ pub struct BenchEnv {
     pub tap: String,
     pub index: u32,
     pub mem_mib: u64,
+    /// The lock on `index` (see [`claim`]).
+    _claim: std::fs::File,
+}
+
+/// Claims benchmark index `i` for this environment: an exclusive `flock` on a file of its own,
+/// released with the file (or by the kernel when the process dies); `None` if another holds it.
+fn claim(i: u32) -> Option<std::fs::File> {
+    let dir = std::env::temp_dir().join("vmatrix-bench-claims");
+    std::fs::create_dir_all(&dir).ok()?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{i}.lock")))
+        .ok()?;
+    f.try_lock().ok()?;
+    Some(f)
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -56,8 +73,12 @@ impl BenchEnv {
             .output()
             .context("running ip(8)")?;
         let used = String::from_utf8_lossy(&used.stdout).to_string();
-        let index = (200..=250)
-            .find(|i| !used.contains(&format!(" 10.78.{i}.")))
+        // An index is claimed by a lock file held for the environment's life (two benchmarks
+        // starting at once — tests run in parallel — both found the same subnet free, and one
+        // deleted the other's new tap); a tap of a claimed-free index is a dead run's.
+        let (index, claim) = (200..=250)
+            .filter(|i| !used.contains(&format!(" 10.78.{i}.")))
+            .find_map(|i| claim(i).map(|c| (i, c)))
             .context("no free 10.78.200-250.0/24 subnet for the benchmark's tap")?;
         let tap = format!("vmxbench{index}");
         let _ = ip(&["link", "del", &tap]);
@@ -78,6 +99,7 @@ impl BenchEnv {
             tap,
             index,
             mem_mib,
+            _claim: claim,
         })
     }
 

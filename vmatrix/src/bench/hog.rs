@@ -6,11 +6,14 @@
 //! minutes; the ratio capped/baseline is the figure ("moves a neighbour's pause p99 by less
 //! than 20 %").
 //!
-//! One protected VM lives through the whole run, as a protected service does while a neighbour
-//! comes and goes (`--rt-pause auto` learns the host once, not per row; until 2026-12-05 each
-//! row started a VM of its own, so every row measured `auto`'s first seconds), and the pooled
-//! table takes the p99 of every round's pauses of a condition together (a row's own p99 of
-//! ~200 pauses is its second-longest pause).
+//! Each condition gets a protected VM of its own, warmed up before it is measured, as a
+//! protected service lives beside a neighbour: `--rt-pause auto` has learned the host as it
+//! is, and no condition inherits what it learned beside another; the conditions' order
+//! rotates from round to round. The pooled table takes the p99 of every round's pauses of a
+//! condition together (a row's own p99 of ~200 pauses is its third-longest pause). Until
+//! 2026-12-05 each row started a VM of its own and measured at once (`auto`'s first seconds);
+//! a first fix that kept one VM for the whole run let a boost learned beside the hog carry
+//! into the stopped rows.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -120,7 +123,7 @@ fn conditions(cap_millis: u32) -> [(String, Option<Limits>); 3] {
     ]
 }
 
-/// The hog's workloads: label, CHURN command.
+/// The protected guest's workloads: label, CHURN command.
 const WORKLOADS: [(&str, &str); 2] = [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")];
 
 /// The pauses (µs) of `d` from now, taken from the VM's recent pauses as they come (it keeps
@@ -154,10 +157,13 @@ fn quantile(v: &mut [u32], p: f64) -> u32 {
 }
 
 /// Runs the hog-VM A/B/C and prints two Markdown tables: each round's rows, then the pauses
-/// of every round pooled per condition, with the capped and unlimited p99 over the stopped.
+/// of every round pooled per condition, with the unlimited and capped p99 over the stopped.
 ///
-/// One protected VM lives through the whole run, as a protected service does while a
-/// neighbour comes and goes: `--rt-pause auto` learns once, not per row.
+/// Each condition gets a protected VM of its own, started once the hog is in that condition
+/// and warmed up for twice a measurement before its rows (so `--rt-pause auto` has learned
+/// the host as it is: the rows are a long-lived service's, not its first seconds, and no
+/// condition inherits a boost learned beside another); the conditions' order rotates from
+/// round to round.
 pub fn run(
     env: &BenchEnv,
     t: &Timing,
@@ -168,10 +174,12 @@ pub fn run(
     let cpus = f64::from(cap_millis) / 1000.0;
     println!(
         "## A CPU-hog VM beside a protected one (`vmatrix bench replication --hog-vm {cpus}`; {} \
-         MiB protected guest, 20 ms epochs, `--rt-pause {}`, one protected VM for the whole run; \
-         the hog: a 64 MiB guest spinning in CHURN, in a cgroup of its own; {}-CPU host)\n",
+         MiB protected guest, 20 ms epochs, `--rt-pause {}`, a protected VM per condition, \
+         warmed up {:.1} s; the hog: a 64 MiB guest spinning in CHURN, in a cgroup of its own; \
+         {}-CPU host)\n",
         env.mem_mib,
         rt_pause.name(),
+        (t.measure * 2).as_secs_f64(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
@@ -179,20 +187,12 @@ pub fn run(
     );
     println!("|---:|---|---|---:|---:|---:|---:|---:|");
     let mut hog = HogVm::start(&env.guest)?;
-    let p = Protection {
-        rt_pause,
-        min_epoch_us: 20_000,
-        early_checkpoints: false,
-        ..Protection::default()
-    };
-    let vm = RunningVm::protected(env, "hogbench", p)?;
-    let stats = vm.stats.clone().context("protected VM without stats")?;
-    let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(30))?;
-    wait_protected(&stats)?;
     let conds = conditions(cap_millis);
     let mut pooled = vec![Vec::new(); conds.len() * WORKLOADS.len()];
     for r in 1..=rounds {
-        for (c, (label, limits)) in conds.iter().enumerate() {
+        for k in 0..conds.len() {
+            let c = (k + r - 1) % conds.len();
+            let (label, limits) = &conds[c];
             match limits {
                 None => hog.signal(Signal::STOP)?,
                 Some(l) => {
@@ -200,19 +200,8 @@ pub fn run(
                     hog.signal(Signal::CONT)?;
                 }
             }
-            for (w, (name, churn)) in WORKLOADS.iter().enumerate() {
-                anyhow::ensure!(kv.cmd(churn)? == "OK", "{churn} refused");
-                std::thread::sleep(t.settle);
-                let b0 = vm.vm.rt_counts().0;
-                let (mut v, rate) = collect(&stats, t.measure);
-                let boosted = vm.vm.rt_counts().0 - b0;
-                let share = 100.0 * boosted as f64 / v.len().max(1) as f64;
-                let (p50, p99) = (quantile(&mut v, 0.5), quantile(&mut v, 0.99));
-                let max = v.last().copied().unwrap_or(0);
-                println!(
-                    "| {r} | {label} | {name} | {p50} µs | {p99} µs | {max} µs | {rate:.0} | \
-                     {share:.0} % |"
-                );
+            let rows = condition(env, t, rt_pause, (r, label))?;
+            for (w, v) in rows.into_iter().enumerate() {
                 pooled[c * WORKLOADS.len() + w].extend(v);
             }
         }
@@ -226,17 +215,56 @@ pub fn run(
     Ok(())
 }
 
+/// One condition of round `r`: a protected VM started, warmed up, and measured under each
+/// workload (a row each); the pauses of each workload.
+fn condition(
+    env: &BenchEnv,
+    t: &Timing,
+    rt_pause: vmm::rt::RtMode,
+    (r, label): (usize, &str),
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let p = Protection {
+        rt_pause,
+        min_epoch_us: 20_000,
+        early_checkpoints: false,
+        ..Protection::default()
+    };
+    let vm = RunningVm::protected(env, "hogbench", p)?;
+    let stats = vm.stats.clone().context("protected VM without stats")?;
+    let mut kv = Kv::connect(env.guest_addr(), Duration::from_secs(30))?;
+    wait_protected(&stats)?;
+    std::thread::sleep(t.measure * 2);
+    let mut out = Vec::new();
+    for (name, churn) in WORKLOADS {
+        anyhow::ensure!(kv.cmd(churn)? == "OK", "{churn} refused");
+        std::thread::sleep(t.settle);
+        let b0 = vm.vm.rt_counts().0;
+        let (mut v, rate) = collect(&stats, t.measure);
+        let boosted = vm.vm.rt_counts().0 - b0;
+        let share = 100.0 * boosted as f64 / v.len().max(1) as f64;
+        let (p50, p99) = (quantile(&mut v, 0.5), quantile(&mut v, 0.99));
+        let max = v.last().copied().unwrap_or(0);
+        println!(
+            "| {r} | {label} | {name} | {p50} µs | {p99} µs | {max} µs | {rate:.0} | {share:.0} % |"
+        );
+        out.push(v);
+    }
+    Ok(out)
+}
+
 /// The pooled table: per condition and workload, the pauses of every round together.
 fn print_pooled(conds: &[(String, Option<Limits>)], pooled: &mut [Vec<u32>], rounds: usize) {
     println!("\nEvery round's pauses pooled per condition (rounds: {rounds}):\n");
     println!("| hog | workload | pauses | p50 | p99 | p99 ÷ stopped |");
     println!("|---|---|---:|---:|---:|---:|");
     let p99s: Vec<u32> = pooled.iter_mut().map(|v| quantile(v, 0.99)).collect();
+    // The baseline: the hog stopped (no limits).
+    let stopped = conds.iter().position(|c| c.1.is_none()).unwrap_or(0);
     for (c, (label, _)) in conds.iter().enumerate() {
         for (w, (name, _)) in WORKLOADS.iter().enumerate() {
             let i = c * WORKLOADS.len() + w;
             let p50 = quantile(&mut pooled[i], 0.5);
-            let base = f64::from(p99s[w].max(1));
+            let base = f64::from(p99s[stopped * WORKLOADS.len() + w].max(1));
             println!(
                 "| {label} | {name} | {} | {p50} µs | {} µs | {:.2}× |",
                 pooled[i].len(),

@@ -7,6 +7,7 @@ mod clones;
 mod copy;
 mod export;
 mod harness;
+mod harvest;
 mod hog;
 mod lb;
 mod replication;
@@ -73,6 +74,10 @@ pub struct ReplicationArgs {
     /// measured one.
     #[arg(long)]
     pub second_vm: bool,
+    /// Measure the harvest of the dirty pages alone instead: KVM's bitmap (hot pages) vs its
+    /// dirty ring, idle and at 100 and 1,000 pages per epoch, at this `--mem-mib`.
+    #[arg(long)]
+    pub harvest: bool,
     /// Measure beside a CPU-hog VM instead: stopped, without a limit, and capped by its
     /// cgroup at this many CPUs (e.g. 0.5), alternating.
     #[arg(long)]
@@ -132,6 +137,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     reply::hold(&env, a.kv_hold.unwrap_or(600), p)?
                 }
                 _ if a.kv => reply::run(&env, &timing, a.rounds.max(1), a.rt_pause)?,
+                _ if a.harvest => harvest::run(&env, &timing, a.rounds.max(1))?,
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,
                 0 => replication::run(&env, timing)?,
                 n => busy::run(&env, &timing, n, a.rounds.max(1), a.second_vm)?,
