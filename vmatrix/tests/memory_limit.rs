@@ -1,8 +1,9 @@
 //! A guest hitting its memory limit (issue 12, "Virtual Services"), on real KVM and the kernel's
 //! memory cgroup: a second VM, in a group of its own limited below what its guest then touches,
 //! is stopped by the kernel inside that group (its VMM is OOM-killed there, nothing else is),
-//! while a protected neighbour on the same machine goes on serving and checkpointing, and its
-//! backup still equals it byte for byte.
+//! while a protected neighbour on the same machine goes on serving and checkpointing with its
+//! pause p99 under a generous bound ([`NEIGHBOUR_P99_US`]), and its backup still equals it byte
+//! for byte.
 //!
 //! Through the manager a VM's memory limit cannot be set below its guest's RAM plus the VMM's
 //! share (`failover::limits::memory_floor_mib`): there a guest reaches its limit only through its
@@ -86,6 +87,25 @@ fn epochs(sock: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The longest pause p99 (its last 200 pauses) a neighbour may show after a VM beside it hit
+/// its memory limit: generous (the debug build, a shared CI host: its pauses are ~0.3–3 ms),
+/// but a neighbour stalled by the other's reclaim or OOM for tens of milliseconds fails it.
+const NEIGHBOUR_P99_US: u64 = 20_000;
+
+/// Checks that the neighbour's recent pauses stayed short; prints them.
+fn neighbour_pauses_stayed_short(sock: &std::path::Path) {
+    let st = ctl(sock, &["status"]);
+    let p99: u64 = json_field(&st, "pause_p99_us")
+        .and_then(|v| v.parse().ok())
+        .expect("the neighbour's pause p99 in its status");
+    let max = json_field(&st, "max_pause_us").unwrap_or_default();
+    eprintln!("neighbour pause p99 {p99} µs (max {max} µs)");
+    assert!(
+        p99 < NEIGHBOUR_P99_US,
+        "the neighbour's pauses were disturbed: p99 {p99} µs"
+    );
+}
+
 #[test]
 fn a_guest_over_its_memory_limit_is_stopped_in_its_group_and_its_neighbour_checkpoints_on() {
     require_kvm();
@@ -144,11 +164,7 @@ fn a_guest_over_its_memory_limit_is_stopped_in_its_group_and_its_neighbour_check
     }
     let e1 = epochs(&sock);
     assert!(e1 > e0 + 10, "the neighbour checkpointed on: {e0} → {e1}");
-    let st = ctl(&sock, &["status"]);
-    eprintln!(
-        "neighbour pause p99 {} µs",
-        json_field(&st, "pause_p99_us").unwrap_or_default()
-    );
+    neighbour_pauses_stayed_short(&sock);
     assert_backup_equals_primary(&mut r, &sock);
     drop(group);
 }
@@ -284,6 +300,7 @@ fn a_vm_whose_page_cache_reaches_its_limit_is_reclaimed_not_killed() {
     }
     let e1 = epochs(&sock);
     assert!(e1 > e0 + 10, "the neighbour checkpointed on: {e0} → {e1}");
+    neighbour_pauses_stayed_short(&sock);
     assert_backup_equals_primary(&mut r, &sock);
     hog.kill9();
     drop(group);
