@@ -125,9 +125,9 @@ pub const HEAP_TRIM_THRESHOLD: i32 = 64 << 20;
 /// guest (128 KiB each for 4 GiB); in a loop doing nothing else (`vmatrix bench replication
 /// --harvest`) glibc's defaults returned them and faulted them in again at every harvest —
 /// 361 µs of a 4 GiB bitmap harvest against 105 µs with this (docs/BENCHMARKS.md, "The harvest
-/// alone"). The replication loop's heap is busy enough that this does not happen there: with
-/// this in `vmatrix`'s `main`, pauses of a 4 GiB guest did not change (same A/B), so only the
-/// harvest bench uses it. Best called early. Returns whether malloc took both settings.
+/// alone"). The replication loop evidently does not pay this (its heap is in use between
+/// pauses, presumably): with this in `vmatrix`'s `main`, pauses of a 4 GiB guest did not change
+/// (same A/B), so only the harvest bench uses it. Best called early. Returns whether malloc took both settings.
 pub fn keep_freed_heap() -> bool {
     // SAFETY: mallopt only changes malloc's tuning parameters (under malloc's own lock), with
     // values glibc accepts (positive byte counts below its maxima); nothing is freed or moved.

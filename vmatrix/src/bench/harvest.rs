@@ -29,8 +29,8 @@ const EVERY: Duration = Duration::from_millis(20);
 pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
     // The harvest's whole-guest bitmaps are freed after each harvest; in this loop (nothing
     // else allocating) malloc trimmed and re-faulted them every time, which the replication
-    // loop does not do, and that was most of a 4 GiB bitmap harvest here (361 vs 105 µs).
-    // Keep freed memory mapped, as the replication loop's busy heap does by itself.
+    // loop evidently does not pay (its pauses did not change with this), and that was most of
+    // a 4 GiB bitmap harvest here (361 vs 105 µs). So freed memory stays mapped.
     // (Only the main thread runs yet.)
     if !vmm::affinity::keep_freed_heap() {
         eprintln!("malloc refused its tuning: harvests may include page faults");
