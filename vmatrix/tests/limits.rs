@@ -2,7 +2,7 @@
 //! KVM, namespaces and the kernel's cgroups: every VM process runs in a group of its own with
 //! its VM's limits, set at creation or live (`vmatrix vm limits`), shown with their use; a
 //! CPU-hog guest capped at 0.2 CPU stays there while a protected neighbour on the same machine
-//! goes on serving and checkpointing; the limits follow the VM through a failover; groups of
+//! goes on serving and checkpointing, its pause p99 under a generous bound; the limits follow the VM through a failover; groups of
 //! processes gone are removed.
 
 mod support;
@@ -108,7 +108,7 @@ fn vm_processes_run_in_groups_with_their_limits_and_a_capped_hog_stays_capped() 
     );
 
     set_live(&mut m, (p, pid), (b, bpid));
-    let (hog_pid, writer) = hog_beside_web(&m, other);
+    let (hog_pid, writer) = hog_beside_web(&m, other, &m.host_file(p, "web/primary.sock"));
 
     // The hog goes: its group with it.
     let hog_dir = cgroups::dir_of(hog_pid, "cpu").unwrap();
@@ -184,9 +184,15 @@ fn set_live(m: &mut Managed, (p, pid): (usize, u32), (b, bpid): (usize, u32)) {
     });
 }
 
+/// The longest pause p99 (its last 200 pauses) web may show beside the spinning hog: generous
+/// (the debug build, a shared CI host, its own CPU cap), but a neighbour whose pauses wait for
+/// the hog's time slices (milliseconds each) fails it.
+const WEB_P99_US: u64 = 20_000;
+
 /// A CPU hog on host `other`, capped at 0.2 CPU from its creation, stays there while web serves
-/// (and checkpoints) on; returns the hog's pid and web's writer, still writing.
-fn hog_beside_web(m: &Managed, other: usize) -> (u32, KvWriter) {
+/// (and checkpoints) on, its pause p99 under [`WEB_P99_US`] (`web_sock`: its primary's control
+/// socket); returns the hog's pid and web's writer, still writing.
+fn hog_beside_web(m: &Managed, other: usize, web_sock: &std::path::Path) -> (u32, KvWriter) {
     let hog_ip = format!("10.77.{}.3", m.net.index);
     let cfg = format!("ip={hog_ip}/24,gw=10.77.{}.1,port=7000", m.net.index);
     let hog_host = m.net.host_name(other);
@@ -235,6 +241,15 @@ fn hog_beside_web(m: &Managed, other: usize) -> (u32, KvWriter) {
     assert!(
         seq1 > seq0 + 20,
         "web's checkpoints went on: {seq0} → {seq1}"
+    );
+    let st = ctl(web_sock, &["status"]);
+    let p99: u64 = json_field(&st, "pause_p99_us")
+        .and_then(|v| v.parse().ok())
+        .expect("web's pause p99 in its status");
+    eprintln!("web's pause p99 beside the capped hog: {p99} µs");
+    assert!(
+        p99 < WEB_P99_US,
+        "web's pauses were disturbed: p99 {p99} µs"
     );
     writer.wait_acked(50, Duration::from_secs(10));
     (hog_pid, writer)
