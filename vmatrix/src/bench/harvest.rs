@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::harness::{BenchEnv, Kv};
-use super::replication::Timing;
+use super::replication::{pct, Timing};
 
 /// The guest's workloads: label, CHURN command (pages over 4,096, per millisecond).
 const WORKLOADS: [(&str, &str); 3] = [
@@ -94,12 +94,11 @@ fn rows(
             }
         }
         times.sort_unstable();
-        let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_micros();
         println!(
             "| {r} | {name} | {label} | {} | {} µs | {} µs |",
             pages / n,
-            at(0.5),
-            at(0.99)
+            pct(&times, 0.5).as_micros(),
+            pct(&times, 0.99).as_micros()
         );
     }
     Ok(())

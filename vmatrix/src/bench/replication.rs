@@ -46,7 +46,7 @@ impl Timing {
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+pub(super) fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted
         .get(((sorted.len().max(1) - 1) as f64 * p).round() as usize)
         .copied()
