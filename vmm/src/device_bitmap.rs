@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 
 use crate::layout::PAGE_SIZE;
+use crate::page_set::PageSet;
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -38,10 +39,10 @@ impl DeviceBitmap {
         }
     }
 
-    /// The pages written since the last harvest or reset (a bit per page, the full length),
-    /// cleared.
-    pub fn get_and_reset(&self) -> Vec<u64> {
-        let mut out = vec![0u64; self.words.len()];
+    /// Moves the pages written since the last harvest or reset into `out`, as the words from
+    /// `base` on (this bitmap's first page is page `base * 64` of `out`), and clears them.
+    /// Returns this bitmap's length in words (the base of the region after it).
+    pub fn take_into(&self, base: u64, out: &mut PageSet) -> u64 {
         for (si, s) in self.summary.iter().enumerate() {
             if s.load(Ordering::Relaxed) == 0 {
                 continue;
@@ -49,10 +50,17 @@ impl DeviceBitmap {
             let mut bits = s.swap(0, Ordering::SeqCst);
             while bits != 0 {
                 let w = si * 64 + bits.trailing_zeros() as usize;
-                out[w] = self.words[w].swap(0, Ordering::SeqCst);
+                out.push_word(base + w as u64, self.words[w].swap(0, Ordering::SeqCst));
                 bits &= bits - 1;
             }
         }
+        self.words.len() as u64
+    }
+
+    /// The pages written since the last harvest or reset, cleared.
+    pub fn get_and_reset(&self) -> PageSet {
+        let mut out = PageSet::new();
+        self.take_into(0, &mut out);
         out
     }
 
@@ -107,21 +115,27 @@ mod tests {
     #[test]
     fn marks_pages_and_harvests_only_them() {
         let b = DeviceBitmap::new(4 << 30);
-        assert!(b.get_and_reset().iter().all(|&w| w == 0));
+        assert!(b.get_and_reset().is_empty());
         b.mark_dirty(0, 1);
         b.mark_dirty(PAGE * 70 - 1, 2); // pages 69 and 70
         b.mark_dirty((4 << 30) - 1, 100); // the last page, clipped
         b.mark_dirty(4 << 30, 10); // beyond: ignored
         b.mark_dirty(PAGE * 5, 0); // empty: nothing
         assert!(b.dirty_at(PAGE * 69) && b.dirty_at(PAGE * 70) && !b.dirty_at(PAGE * 71));
-        let got = b.get_and_reset();
-        assert_eq!(got.len(), (4 << 30) / PAGE / 64);
-        let pages = crate::dirty::bits(&got, u64::MAX);
-        assert_eq!(pages, vec![0, 69, 70, ((4u64 << 30) / PAGE_SIZE) - 1]);
-        assert!(b.get_and_reset().iter().all(|&w| w == 0), "cleared");
+        b.mark_dirty(PAGE * 69, 1); // twice: once in the set
+        let mut got = PageSet::new();
+        got.push_page(3); // pages before this region's
+        assert_eq!(b.take_into(10, &mut got), (4 << 30) / PAGE as u64 / 64);
+        let last = ((4u64 << 30) / PAGE_SIZE) - 1;
+        assert_eq!(
+            got.pages(u64::MAX),
+            vec![3, 640, 640 + 69, 640 + 70, 640 + last],
+            "at the region's base"
+        );
+        assert!(b.get_and_reset().is_empty(), "cleared");
         b.mark_dirty(PAGE * 3, PAGE);
         b.reset();
-        assert!(b.get_and_reset().iter().all(|&w| w == 0));
+        assert!(b.get_and_reset().is_empty());
         assert!(!b.dirty_at(PAGE * 3));
     }
 
@@ -134,20 +148,15 @@ mod tests {
                 w.mark_dirty((p * 7919 % 16_384) * PAGE, 1);
             }
         });
-        let mut seen = vec![0u64; 16_384 / 64];
+        let mut seen = PageSet::new();
         while !writer.is_finished() {
-            for (a, x) in seen.iter_mut().zip(b.get_and_reset()) {
-                *a |= x;
-            }
+            seen.union_with(&b.get_and_reset());
         }
         writer.join().unwrap();
-        for (a, x) in seen.iter_mut().zip(b.get_and_reset()) {
-            *a |= x;
-        }
+        seen.union_with(&b.get_and_reset());
         let want: std::collections::BTreeSet<u64> =
             (0..20_000u64).map(|p| p * 7919 % 16_384).collect();
-        let got: std::collections::BTreeSet<u64> =
-            crate::dirty::bits(&seen, u64::MAX).into_iter().collect();
+        let got: std::collections::BTreeSet<u64> = seen.pages(u64::MAX).into_iter().collect();
         assert_eq!(got, want);
     }
 }

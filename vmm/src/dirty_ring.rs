@@ -38,6 +38,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::page_set::PageSet;
 use crate::{Error, Result};
 
 /// `KVM_EXIT_DIRTY_RING_FULL` (kvm-ioctls 0.25 reports it as `VcpuExit::Unsupported`).
@@ -156,8 +157,8 @@ struct Inner {
     map_len: usize,
     /// A duplicate of the VM's fd (for `KVM_RESET_DIRTY_RINGS` from the resetter's thread).
     vm: OwnedFd,
-    /// Pages collected and not yet harvested (a bit per page of the linear RAM image).
-    pending: Vec<u64>,
+    /// Pages collected and not yet harvested.
+    pending: Collected,
     pages: u64,
     /// Entries collected and marked, but `KVM_RESET_DIRTY_RINGS` failed since: retried.
     unreset: bool,
@@ -207,7 +208,7 @@ impl DirtyRing {
                 map_len: bytes as usize,
                 // SAFETY: `dup` is a fresh fd nobody else owns.
                 vm: unsafe { OwnedFd::from_raw_fd(dup) },
-                pending: vec![0; pages.div_ceil(64) as usize],
+                pending: Collected::new(pages),
                 pages,
                 unreset: false,
                 stray: 0,
@@ -241,13 +242,51 @@ impl DirtyRing {
         self.full.load(Ordering::Relaxed)
     }
 
-    /// The pages dirtied by the vCPU since the last harvest (a bit per page), collected and
-    /// protected again.
-    pub fn harvest(&self) -> Result<Vec<u64>> {
+    /// The pages dirtied by the vCPU since the last harvest, collected and protected again.
+    /// Its cost follows the pages dirtied, not guest RAM.
+    pub fn harvest(&self) -> Result<PageSet> {
         let mut g = self.lock();
         g.collect()?;
-        let words = g.pending.len();
-        Ok(std::mem::replace(&mut g.pending, vec![0; words]))
+        Ok(g.pending.take())
+    }
+}
+
+/// Pages collected from a ring: a bit per page of the linear RAM image (made once; only the
+/// `touched` words are ever non-zero), and which words those are, so that taking them costs
+/// what was collected, not guest RAM.
+#[derive(Debug)]
+struct Collected {
+    bits: Vec<u64>,
+    /// The non-zero words of `bits`, in the order they were first set.
+    touched: Vec<u32>,
+}
+
+impl Collected {
+    fn new(pages: u64) -> Collected {
+        Collected {
+            bits: vec![0; pages.div_ceil(64) as usize],
+            touched: Vec::new(),
+        }
+    }
+
+    /// Adds page `p` (a page of the guest: below the `pages` it was made for).
+    fn mark(&mut self, p: u64) {
+        let w = (p / 64) as usize;
+        if self.bits[w] == 0 {
+            self.touched.push(w as u32);
+        }
+        self.bits[w] |= 1 << (p % 64);
+    }
+
+    /// The pages collected, as a set; none are left.
+    fn take(&mut self) -> PageSet {
+        self.touched.sort_unstable();
+        let mut out = PageSet::new();
+        for &w in &self.touched {
+            out.push_word(u64::from(w), std::mem::take(&mut self.bits[w as usize]));
+        }
+        self.touched.clear();
+        out
     }
 }
 
@@ -274,7 +313,7 @@ impl Inner {
             };
             // Slots 0 and 1 are guest RAM (below the MMIO hole, and beyond it at 4 GiB).
             match page_of(slot, offset).filter(|&p| p < self.pages) {
-                Some(p) => self.pending[(p / 64) as usize] |= 1 << (p % 64),
+                Some(p) => self.pending.mark(p),
                 None => self.stray += 1,
             }
             flags.store(F_RESET, Ordering::Release);
@@ -325,6 +364,19 @@ impl std::fmt::Debug for DirtyRing {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn collected_pages_are_taken_in_order_and_only_once() {
+        let mut c = super::Collected::new(1 << 20);
+        for p in [900_000, 5, 7, 900_001, 5, 64] {
+            c.mark(p);
+        }
+        assert_eq!(c.take().pages(u64::MAX), vec![5, 7, 64, 900_000, 900_001]);
+        assert!(c.take().is_empty(), "taken");
+        assert!(c.bits.iter().all(|&w| w == 0) && c.touched.is_empty());
+        c.mark(3);
+        assert_eq!(c.take().pages(u64::MAX), vec![3]);
+    }
+
     #[test]
     fn ring_entries_of_both_slots_map_to_the_linear_image() {
         let low = crate::layout::MMIO_BASE / crate::layout::PAGE_SIZE;

@@ -24,6 +24,7 @@ pub mod events;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod page_set;
 pub mod persist;
 pub mod pvclock;
 pub mod rt;

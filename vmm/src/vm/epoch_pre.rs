@@ -76,13 +76,8 @@ impl Vm {
         if pre.pages.is_empty() {
             return;
         }
-        let words = (self.mem_size / PAGE_SIZE).div_ceil(64) as usize;
-        let mut dirty = vec![0u64; words];
-        for p in pre.pages {
-            dirty[(p / 64) as usize] |= 1 << (p % 64);
-        }
         let taken = Pending {
-            dirty,
+            dirty: crate::page_set::PageSet::from_pages(&pre.pages),
             ..Default::default()
         };
         self.give_back(Consumer::Replication, taken);

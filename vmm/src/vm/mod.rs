@@ -634,8 +634,8 @@ impl Vm {
     }
 
     /// [`take_changes`](Self::take_changes) of the dirty pages only, while the guest runs (a
-    /// later pre-copy pass): the disk writes stay pending for the final capture. A bitmap.
-    pub(crate) fn take_dirty_running(&self, c: Consumer) -> Result<Vec<u64>> {
+    /// later pre-copy pass): the disk writes stay pending for the final capture.
+    pub(crate) fn take_dirty_running(&self, c: Consumer) -> Result<crate::page_set::PageSet> {
         let mut t = lock(&self.tracking);
         t.changes.activate(c);
         self.harvest(&mut t, true)?;

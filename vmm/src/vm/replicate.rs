@@ -468,7 +468,7 @@ impl Vm {
         let dirty = self
             .take_dirty_running(Consumer::Replication)
             .map_err(capture_err)?;
-        let pages = crate::dirty::bits(&dirty, self.mem_size / PAGE_SIZE);
+        let pages = dirty.pages(self.mem_size / PAGE_SIZE);
         let mut data = Vec::new();
         if let Err(e) = crate::snapshot::memory::stage_pages(&self.mem, &pages, &mut data) {
             let taken = Pending {
