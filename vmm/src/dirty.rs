@@ -71,7 +71,7 @@ pub fn harvest(
 ) -> Result<DirtyPages> {
     let kvm = match ring {
         Some(r) => r.harvest()?,
-        None => PageSet::from_bitmap(&log.harvest(vm_fd, mem_size, running)?),
+        None => log.harvest(vm_fd, mem_size, running)?,
     };
     // One bitmap per RAM region, in address order: the low one covers a whole number of
     // 64-page words (`crate::layout`), so the words of the next follow on.
@@ -464,7 +464,7 @@ mod tests {
                     _ => {
                         // A harvest: KVM reports its log and clears all but the hot pages.
                         let reported = kvm.clone();
-                        let clear = log.plan_clear(&reported, PAGES);
+                        let clear = log.plan_clear_bits(&reported, PAGES);
                         for (k, c) in kvm.iter_mut().zip(&clear) {
                             *k &= !c;
                         }

@@ -37,14 +37,17 @@
 //!
 //! Without the capability (or with hot pages off) harvests clear everything, as before.
 
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 
+use crate::layout::PAGE_SIZE;
+use crate::page_set::PageSet;
 use crate::{Error, Result};
 
 /// Dirty harvests, each within [`HOT_WINDOW`] of the one before, that make a page hot.
@@ -67,6 +70,8 @@ pub const HOT_FOR: u8 = 64;
 pub const HOT_MAX: usize = 4096;
 /// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
 const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xC018_AEC0;
+/// `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
+const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_AE42;
 
 /// Per-page state of a page dirty in a recent harvest.
 #[derive(Debug, Clone, Copy, Default)]
@@ -155,7 +160,9 @@ pub struct KvmDirtyLog {
     /// clean page, so an entry last dirty before it is forgotten.
     busy_at: Option<u64>,
     /// Pages reported by running harvests since the last paused one.
-    seen: Vec<u64>,
+    seen: PageSet,
+    /// The buffer KVM's bitmaps go through (see [`KvmDirtyLog::harvest`]).
+    scratch: Vec<u64>,
 }
 
 impl KvmDirtyLog {
@@ -178,7 +185,8 @@ impl KvmDirtyLog {
             heat: Vec::new(),
             harvests: 0,
             busy_at: None,
-            seen: Vec::new(),
+            seen: PageSet::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -187,62 +195,70 @@ impl KvmDirtyLog {
         self.manual
     }
 
-    /// The pages written since they were last cleared (hot pages included), as a bitmap; the
-    /// non-hot ones are cleared and write-protected again before this returns. `running`: the
-    /// guest runs (see the module docs on heat).
-    pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64, running: bool) -> Result<Vec<u64>> {
+    /// The pages written since they were last cleared (hot pages included); the non-hot ones
+    /// are cleared and write-protected again before this returns. `running`: the guest runs
+    /// (see the module docs on heat). KVM reads and takes whole-guest bitmaps: they go
+    /// through one buffer kept for it, so a harvest allocates only what it returns.
+    pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64, running: bool) -> Result<PageSet> {
         // One bitmap per slot (`crate::layout::ram_ranges`); the low slot is a whole number of
-        // words, so concatenated they are the bitmap of the linear image.
+        // words, so side by side they are the bitmap of the linear image.
         let ranges = crate::layout::ram_ranges(mem_size);
-        let mut bitmap = Vec::new();
-        for (slot, r) in ranges.iter().enumerate() {
-            let b = vm_fd
-                .get_dirty_log(slot as u32, r.len as usize)
-                .map_err(Error::kvm("get_dirty_log"))?;
-            bitmap.extend(b);
+        let slots: Vec<(u32, Range<usize>, u64)> = (ranges.iter().enumerate())
+            .map(|(slot, r)| {
+                let first = (r.off / PAGE_SIZE / 64) as usize;
+                let pages = r.len / PAGE_SIZE;
+                (
+                    slot as u32,
+                    first..first + pages.div_ceil(64) as usize,
+                    pages,
+                )
+            })
+            .collect();
+        let words = slots.last().map_or(0, |s| s.1.end);
+        self.scratch.resize(words, 0);
+        for (slot, r, _) in &slots {
+            get_dirty_log(vm_fd, *slot, &mut self.scratch[r.clone()])?;
         }
+        let dirty = PageSet::from_bitmap(&self.scratch);
         if !self.manual {
-            return Ok(bitmap);
+            return Ok(dirty);
         }
-        let pages = mem_size / crate::layout::PAGE_SIZE;
-        let mut clear = self.plan(&bitmap, pages, running);
-        for (slot, r) in ranges.iter().enumerate() {
-            let first = (r.off / crate::layout::PAGE_SIZE / 64) as usize;
-            let words = (r.len / crate::layout::PAGE_SIZE).div_ceil(64) as usize;
-            let pages = r.len / crate::layout::PAGE_SIZE;
-            self.clear(vm_fd, slot as u32, &mut clear[first..first + words], pages)?;
+        let clear = self.plan(&dirty, mem_size / PAGE_SIZE, running);
+        // The buffer becomes the bitmap of the pages to clear (only `dirty`'s words are set).
+        for (w, _) in dirty.words() {
+            self.scratch[w as usize] = 0;
         }
-        Ok(bitmap)
+        for (w, bits) in clear.words() {
+            self.scratch[w as usize] = bits;
+        }
+        for (slot, r, pages) in slots {
+            let (lo, hi) = (r.start as u64, r.end as u64);
+            if clear.words().any(|(w, _)| (lo..hi).contains(&w)) {
+                clear_dirty_log(vm_fd, slot, &mut self.scratch[r], pages)?;
+            }
+        }
+        Ok(dirty)
     }
 
     /// [`plan_clear`](Self::plan_clear) for a harvest while the guest runs (`running`: heat is
     /// not updated, the pages are kept for the next paused harvest, and the reported pages
     /// that are not hot are cleared) or paused (the pages of both count).
-    pub fn plan(&mut self, bitmap: &[u64], pages: u64, running: bool) -> Vec<u64> {
+    pub fn plan(&mut self, dirty: &PageSet, pages: u64, running: bool) -> PageSet {
         if running {
-            let mut clear = vec![0u64; bitmap.len()];
-            for pfn in crate::dirty::bits(bitmap, pages) {
-                if self.view(pfn, self.harvests.wrapping_add(1)).hot_left == 0 {
-                    clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
+            let mut clear = PageSet::new();
+            let next = self.harvests.wrapping_add(1);
+            for pfn in dirty.pages(pages) {
+                if self.view(pfn, next).hot_left == 0 {
+                    clear.push_page(pfn);
                 }
             }
-            if self.seen.len() < bitmap.len() {
-                self.seen.resize(bitmap.len(), 0);
-            }
-            for (s, b) in self.seen.iter_mut().zip(bitmap) {
-                *s |= b;
-            }
+            self.seen.union_with(dirty);
             return clear;
         }
         match std::mem::take(&mut self.seen) {
-            seen if seen.is_empty() => self.plan_clear(bitmap, pages),
+            seen if seen.is_empty() => self.plan_clear(dirty, pages),
             mut seen => {
-                if seen.len() < bitmap.len() {
-                    seen.resize(bitmap.len(), 0);
-                }
-                for (s, b) in seen.iter_mut().zip(bitmap) {
-                    *s |= b;
-                }
+                seen.union_with(dirty);
                 // (Clearing a page the running harvest cleared already changes nothing.)
                 self.plan_clear(&seen, pages)
             }
@@ -253,7 +269,7 @@ impl KvmDirtyLog {
     /// KVM reported (`bitmap`) and returns the pages to clear and write-protect again — every
     /// reported page except the hot ones, which stay set and so are reported again by the
     /// next harvest.
-    pub fn plan_clear(&mut self, bitmap: &[u64], pages: u64) -> Vec<u64> {
+    pub fn plan_clear(&mut self, dirty: &PageSet, pages: u64) -> PageSet {
         self.harvests = self.harvests.wrapping_add(1);
         let now = self.harvests;
         match self.heat.len() {
@@ -261,9 +277,9 @@ impl KvmDirtyLog {
             n if (n as u64) < pages => self.heat.resize(pages as usize, 0),
             _ => {}
         }
-        let mut clear = vec![0u64; bitmap.len()];
+        let mut clear = PageSet::new();
         // Pages that stay hot count first; new ones take what room is left.
-        let dirty = crate::dirty::bits(bitmap, pages);
+        let dirty = dirty.pages(pages);
         let (mut hot, mut sparse) = (0, 0);
         for &pfn in &dirty {
             let h = self.view(pfn, now);
@@ -291,7 +307,7 @@ impl KvmDirtyLog {
                 }
             }
             if next.hot_left == 0 {
-                clear[(pfn / 64) as usize] |= 1 << (pfn % 64);
+                clear.push_page(pfn);
             }
             self.heat[pfn as usize] = pack(next);
         }
@@ -339,35 +355,69 @@ impl KvmDirtyLog {
             heat: Vec::new(),
             harvests: 0,
             busy_at: None,
-            seen: Vec::new(),
+            seen: PageSet::new(),
+            scratch: Vec::new(),
         }
     }
 
-    /// Clears (and write-protects) the pages of `slot` set in `bitmap`.
-    fn clear(&self, vm_fd: &VmFd, slot: u32, bitmap: &mut [u64], pages: u64) -> Result<()> {
-        if bitmap.iter().all(|&w| w == 0) {
-            return Ok(());
-        }
-        let mut arg = kvm_clear_dirty_log {
-            slot,
-            // The whole slot: a multiple of 64 pages, or its end.
-            num_pages: pages as u32,
-            first_page: 0,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-        // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap points to `bitmap`, which
-        // holds at least `pages` bits (one per page of the slot) and outlives the call; the
-        // ioctl only reads it. The fd is this VM's.
-        let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
-        if r < 0 {
-            return Err(Error::Host(format!(
-                "KVM_CLEAR_DIRTY_LOG: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(())
+    /// [`plan`](Self::plan) of a bitmap, as a bitmap of as many words (the models' view).
+    #[cfg(test)]
+    pub(crate) fn plan_bits(&mut self, bitmap: &[u64], pages: u64, running: bool) -> Vec<u64> {
+        let dirty = PageSet::from_bitmap(bitmap);
+        self.plan(&dirty, pages, running).to_bitmap(bitmap.len())
     }
+
+    /// [`plan_clear`](Self::plan_clear) of a bitmap, as a bitmap of as many words.
+    #[cfg(test)]
+    pub(crate) fn plan_clear_bits(&mut self, bitmap: &[u64], pages: u64) -> Vec<u64> {
+        let dirty = PageSet::from_bitmap(bitmap);
+        self.plan_clear(&dirty, pages).to_bitmap(bitmap.len())
+    }
+}
+
+/// `KVM_GET_DIRTY_LOG` of `slot` into `bitmap` (a bit per page of the slot: KVM writes all
+/// of it).
+fn get_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+    let mut arg = kvm_dirty_log {
+        slot,
+        ..Default::default()
+    };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` is a valid kvm_dirty_log whose bitmap points to `bitmap`, which holds a
+    // bit for every page of the slot (the caller sizes it from the slot's length) and outlives
+    // the call; KVM writes at most that many bits. The fd is this VM's.
+    let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_GET_DIRTY_LOG, &arg) };
+    if r < 0 {
+        return Err(Error::Host(format!(
+            "KVM_GET_DIRTY_LOG: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Clears (and write-protects) the pages of `slot` set in `bitmap` (a bit per page of the
+/// slot, `pages` of them).
+fn clear_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64], pages: u64) -> Result<()> {
+    let mut arg = kvm_clear_dirty_log {
+        slot,
+        // The whole slot: a multiple of 64 pages, or its end.
+        num_pages: pages as u32,
+        first_page: 0,
+        ..Default::default()
+    };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap points to `bitmap`, which
+    // holds at least `pages` bits (one per page of the slot) and outlives the call; the
+    // ioctl only reads it. The fd is this VM's.
+    let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
+    if r < 0 {
+        return Err(Error::Host(format!(
+            "KVM_CLEAR_DIRTY_LOG: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -382,8 +432,8 @@ mod tests {
         let mut hot_at = None;
         for epoch in 0..5 {
             // The early (running) harvest finds it, the paused one does not.
-            let running = log.plan(&page, 64, true);
-            log.plan(&none, 64, false);
+            let running = log.plan_bits(&page, 64, true);
+            log.plan_bits(&none, 64, false);
             if running[0] == 0 && hot_at.is_none() {
                 hot_at = Some(epoch);
             }
@@ -400,7 +450,7 @@ mod tests {
         let all = vec![u64::MAX; (pages / 64) as usize];
         let mut kept = 0;
         for _ in 0..HOT_AFTER {
-            let clear = log.plan_clear(&all, pages);
+            let clear = log.plan_clear_bits(&all, pages);
             kept = all
                 .iter()
                 .zip(&clear)
@@ -412,10 +462,10 @@ mod tests {
         // harvest keeps those and nothing else.
         let reported: Vec<u64> = all
             .iter()
-            .zip(&log.plan_clear(&all, pages))
+            .zip(&log.plan_clear_bits(&all, pages))
             .map(|(a, c)| a & !c)
             .collect();
-        let again = log.plan_clear(&reported, pages);
+        let again = log.plan_clear_bits(&reported, pages);
         let still: u32 = reported
             .iter()
             .zip(&again)
@@ -447,7 +497,7 @@ mod tests {
         /// A harvest: reports every set bit and clears what the log says; returns the pages
         /// left set (writable, hot).
         fn harvest(&mut self, running: bool) -> u32 {
-            let clear = self.log.plan(&self.bits, self.pages, running);
+            let clear = self.log.plan_bits(&self.bits, self.pages, running);
             for (b, c) in self.bits.iter_mut().zip(&clear) {
                 *b &= !c;
             }
@@ -520,13 +570,13 @@ mod tests {
     #[test]
     fn pages_clean_for_a_while_are_forgotten() {
         let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear(&[u64::MAX], 64);
+        log.plan_clear_bits(&[u64::MAX], 64);
         for _ in 1..HOT_WINDOW {
-            log.plan_clear(&[0], 64);
+            log.plan_clear_bits(&[0], 64);
         }
         let next = log.harvests + 1;
         assert_eq!(log.remembered(next), 64, "remembered within the window");
-        log.plan_clear(&[0], 64);
+        log.plan_clear_bits(&[0], 64);
         let left = log.remembered(log.harvests + 1);
         assert_eq!(left, 0, "{left} remembered");
     }
@@ -537,16 +587,16 @@ mod tests {
         let page = vec![1u64, 0, 0, 0, 0, 0, 0, 0];
         let mut churn = vec![u64::MAX; 8];
         churn[0] = 0;
-        log.plan_clear(&page, 512);
+        log.plan_clear_bits(&page, 512);
         // 448 other pages: busy; page 0 clean in it.
-        log.plan_clear(&churn, 512);
-        log.plan_clear(&page, 512);
+        log.plan_clear_bits(&churn, 512);
+        log.plan_clear_bits(&page, 512);
         assert_eq!(log.view(0, log.harvests + 1).score, 1, "counted afresh");
         // The same with a quiet harvest between: remembered within the window.
         let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear(&page, 512);
-        log.plan_clear(&[0; 8], 512);
-        log.plan_clear(&page, 512);
+        log.plan_clear_bits(&page, 512);
+        log.plan_clear_bits(&[0; 8], 512);
+        log.plan_clear_bits(&page, 512);
         assert_eq!(log.view(0, log.harvests + 1).score, 2);
     }
 
@@ -554,17 +604,17 @@ mod tests {
     fn a_page_dirty_long_ago_counts_afresh_and_the_window_spans_the_packed_clock_wrapping() {
         let page = [1u64];
         let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear(&page, 64);
-        log.plan_clear(&page, 64);
+        log.plan_clear_bits(&page, 64);
+        log.plan_clear_bits(&page, 64);
         // 2^32 quiet harvests later (weeks of checkpoints): not two writes within the window.
         log.harvests += 1 << 32;
-        log.plan_clear(&page, 64);
+        log.plan_clear_bits(&page, 64);
         assert_eq!(log.view(0, log.harvests + 1).score, 1);
         // Across the packed clock's wrap (2^48): one clean harvest between is within it.
         log.harvests = LAST_MASK - 1;
-        log.plan_clear(&page, 64);
-        log.plan_clear(&[0], 64);
-        log.plan_clear(&page, 64);
+        log.plan_clear_bits(&page, 64);
+        log.plan_clear_bits(&[0], 64);
+        log.plan_clear_bits(&page, 64);
         assert_eq!(log.view(0, log.harvests + 1).score, 2);
     }
 

@@ -164,6 +164,23 @@ impl PageSet {
         self.words.is_empty()
     }
 
+    /// The set's words, ascending: `(index, bits)`, pages `index * 64 + b` for each bit `b`
+    /// set in `bits` (never 0).
+    pub fn words(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.words.iter().map(|w| (w.index, w.bits))
+    }
+
+    /// The set as a bitmap of `len` words (pages beyond them left out).
+    pub fn to_bitmap(&self, len: usize) -> Vec<u64> {
+        let mut out = vec![0; len];
+        for w in &self.words {
+            if let Some(o) = out.get_mut(w.index as usize) {
+                *o = w.bits;
+            }
+        }
+        out
+    }
+
     /// Empties the set, keeping its memory.
     pub fn clear(&mut self) {
         self.words.clear();
@@ -182,6 +199,11 @@ mod tests {
         assert_eq!(s.pages(191), vec![0, 2], "clipped below the limit");
         assert_eq!(s.len(), 3);
         assert_eq!(PageSet::from_pages(&[191, 2, 0, 2]), s);
+        assert_eq!(s.to_bitmap(2), vec![0b101, 0], "cut to its length");
+        assert_eq!(
+            s.words().collect::<Vec<_>>(),
+            vec![(0, 0b101), (2, 1 << 63)]
+        );
         assert!(s.contains(2) && s.contains(191) && !s.contains(1) && !s.contains(64));
         assert!(PageSet::from_bitmap(&[0, 0]).is_empty());
         let mut s2 = s.clone();

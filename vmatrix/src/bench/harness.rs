@@ -190,6 +190,14 @@ impl Kv {
     }
 }
 
+/// Whether [`Protection::default`] asks for the dirty ring (`bench replication --dirty-source`).
+static DEFAULT_RING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Protected VMs of this bench use the dirty ring unless told otherwise (`--dirty-source`).
+pub fn set_default_ring(on: bool) {
+    DEFAULT_RING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Settings of a protected VM.
 #[derive(Debug, Clone, Copy)]
 pub struct Protection {
@@ -219,7 +227,7 @@ impl Default for Protection {
             max_output_delay_ms: 200,
             early_checkpoints: true,
             rt_pause: vmm::rt::RtMode::Auto,
-            dirty_ring: false,
+            dirty_ring: DEFAULT_RING.load(std::sync::atomic::Ordering::Relaxed),
             epoch_precopy: true,
             pin: None,
             lock_buffers: true,

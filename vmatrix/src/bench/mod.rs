@@ -104,6 +104,10 @@ pub struct ReplicationArgs {
         default_missing_value = "on"
     )]
     pub rt_pause: vmm::rt::RtMode,
+    /// The harvest source of every protected VM the bench starts (as `vmatrix primary
+    /// --dirty-source`; `--dirty-sources` and `--harvest` measure both whatever this says).
+    #[arg(long, value_enum, default_value = "bitmap")]
+    pub dirty_source: crate::replicate::DirtySource,
 }
 
 /// Runs a benchmark.
@@ -111,6 +115,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Replication(a) => {
             let env = harness::BenchEnv::new(a.common.guest, a.common.mem_mib)?;
+            harness::set_default_ring(a.dirty_source == crate::replicate::DirtySource::Ring);
             let timing = match a.common.quick {
                 true => replication::Timing::quick(),
                 false => replication::Timing::full(),

@@ -35,9 +35,16 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize, rt: RtMode) -> anyhow::Res
     // than a rough figure on a shared host).
     let sixteen = t.kv_ops * 2;
     println!("\n### KV service: one client's added latency, where it goes, and 16 clients\n");
-    let settings = match rt {
-        RtMode::Auto => "default settings".to_string(),
-        m => format!("default settings but `--rt-pause {}`", m.name()),
+    let mut changed = Vec::new();
+    if rt != RtMode::Auto {
+        changed.push(format!("`--rt-pause {}`", rt.name()));
+    }
+    if Protection::default().dirty_ring {
+        changed.push("`--dirty-source ring`".to_string());
+    }
+    let settings = match changed.is_empty() {
+        true => "default settings".to_string(),
+        false => format!("default settings but {}", changed.join(" and ")),
     };
     println!("{rounds} rounds, unprotected then protected ({settings}); one client does {one} closed-loop SETs, 16 clients {sixteen} each.\n");
     let mut all = Vec::new();
