@@ -3,7 +3,6 @@
 //! into can be locked in RAM (`mlock`), so a pause never waits for a page the host swapped out
 //! or compacted. Both are off by default and set by the VM's owner (`vmatrix primary
 //! --vcpu-cpus/--loop-cpus/--lock-buffers`); docs/BENCHMARKS.md has what they changed here.
-//! [`keep_freed_heap`] tunes malloc for a loop that frees and reallocates big buffers.
 
 use std::io;
 
@@ -111,73 +110,9 @@ pub fn locked_bytes() -> io::Result<u64> {
     Ok(kib << 10)
 }
 
-/// Allocations below this many bytes come from malloc's heaps, not a fresh `mmap` each
-/// ([`keep_freed_heap`]).
-pub const HEAP_MMAP_THRESHOLD: i32 = 4 << 20;
-
-/// Freed memory at the top of a heap is kept mapped up to this many bytes
-/// ([`keep_freed_heap`]).
-pub const HEAP_TRIM_THRESHOLD: i32 = 64 << 20;
-
-/// Has malloc keep memory that is freed mapped ([`HEAP_MMAP_THRESHOLD`],
-/// [`HEAP_TRIM_THRESHOLD`]), so a loop that allocates and frees the same big buffers reuses
-/// them instead of faulting fresh pages in each time. A harvest allocates bitmaps of the whole
-/// guest (128 KiB each for 4 GiB); in a loop doing nothing else (`vmatrix bench replication
-/// --harvest`) glibc's defaults returned them and faulted them in again at every harvest —
-/// 361 µs of a 4 GiB bitmap harvest against 105 µs with this (docs/BENCHMARKS.md, "The harvest
-/// alone"). The replication loop evidently does not pay this (its heap is in use between
-/// pauses, presumably): with this in `vmatrix`'s `main`, pauses of a 4 GiB guest did not change
-/// (same A/B), so only the harvest bench uses it. Best called early. Returns whether malloc took both settings.
-pub fn keep_freed_heap() -> bool {
-    // SAFETY: mallopt only changes malloc's tuning parameters (under malloc's own lock), with
-    // values glibc accepts (positive byte counts below its maxima); nothing is freed or moved.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Minor page faults taken by this thread so far.
-    fn thread_faults() -> i64 {
-        // SAFETY: an all-zero rusage is valid; getrusage fills it for this thread.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `u` is a valid rusage that outlives the call.
-        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-        assert_eq!(r, 0);
-        u.ru_minflt
-    }
-
-    /// What a harvest of a 4 GiB guest does with its bitmaps: four of 128 KiB allocated and
-    /// written, then freed, every harvest.
-    fn harvests_faults(n: usize) -> i64 {
-        let f0 = thread_faults();
-        for i in 0..n {
-            let bufs: Vec<Vec<u64>> = (0..4)
-                .map(|_| {
-                    let mut v = vec![0u64; 16 << 10];
-                    for w in v.iter_mut().step_by(512) {
-                        *w = i as u64;
-                    }
-                    v
-                })
-                .collect();
-            std::hint::black_box(&bufs);
-        }
-        thread_faults() - f0
-    }
-
-    #[test]
-    fn freed_buffers_are_reused_without_faults() {
-        assert!(keep_freed_heap(), "malloc took the settings");
-        harvests_faults(4);
-        // (Fresh pages each time would fault 128 per harvest: 25,600.)
-        let faults = harvests_faults(200);
-        assert!(faults < 50, "{faults} page faults in 200 harvests");
-    }
 
     #[test]
     fn cpu_lists() {

@@ -6,9 +6,9 @@
 //! harvest is timed — `Vm::harvest_dirty` (the log read and reset: KVM's bitmap and its
 //! clear, or the ring's new entries and `KVM_RESET_DIRTY_RINGS`, plus the devices' bitmap)
 //! and the sorted page list a capture makes of it. Run it at several `--mem-mib` to see what
-//! grows with guest RAM. Malloc keeps freed memory mapped meanwhile
-//! (`vmm::affinity::keep_freed_heap`), so a harvest's bitmaps are not faulted in afresh each
-//! time (the first version of this bench measured mostly that).
+//! grows with guest RAM. (Its first version measured mostly malloc: the harvest then returned
+//! whole-guest bitmaps, freed and faulted in afresh at each harvest of this loop; a harvest now
+//! allocates only sets of the pages it found, `vmm::page_set`.)
 
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,6 @@ const EVERY: Duration = Duration::from_millis(20);
 
 /// Runs the harvest A/B and prints a Markdown table.
 pub fn run(env: &BenchEnv, t: &Timing, rounds: usize) -> anyhow::Result<()> {
-    // The harvest's whole-guest bitmaps are freed after each harvest; in this loop (nothing
-    // else allocating) malloc trimmed and re-faulted them every time, which the replication
-    // loop evidently does not pay (its pauses did not change with this), and that was most of
-    // a 4 GiB bitmap harvest here (361 vs 105 µs). So freed memory stays mapped.
-    // (Only the main thread runs yet.)
-    if !vmm::affinity::keep_freed_heap() {
-        eprintln!("malloc refused its tuning: harvests may include page faults");
-    }
     let n = (t.measure.as_millis() / EVERY.as_millis()).max(10) as usize;
     println!(
         "## The harvest alone (`vmatrix bench replication --harvest`; {} MiB guest, paused \
