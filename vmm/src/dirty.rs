@@ -43,23 +43,6 @@ impl DirtyPages {
     }
 }
 
-/// Page numbers of the set bits of `bitmap`, below `limit`.
-pub fn bits(bitmap: &[u64], limit: u64) -> Vec<u64> {
-    let mut out = Vec::new();
-    for (i, &w) in bitmap.iter().enumerate() {
-        let mut w = w;
-        while w != 0 {
-            let b = w.trailing_zeros() as u64;
-            let pfn = i as u64 * 64 + b;
-            if pfn < limit {
-                out.push(pfn);
-            }
-            w &= w - 1;
-        }
-    }
-    out
-}
-
 /// Reads and resets both dirty sources (KVM's ring where the VM has one, else its bitmap,
 /// whose hot pages stay set, see [`crate::dirty_log`]). The caller must have quiesced vCPUs and device threads, so that no
 /// write falls between the two reads — or copy the pages only after this returns (pre-copy).
@@ -204,7 +187,7 @@ impl ChangeTracker {
         self.slots[c.index()] = Some(Pending::default());
     }
 
-    /// One harvest, fanned out to every active consumer: the dirty bitmap and the disk writes
+    /// One harvest, fanned out to every active consumer: the pages dirtied and the disk writes
     /// recorded since the previous harvest (`None`: writes were not being recorded).
     pub fn add(&mut self, dirty: &PageSet, disk: Option<DiskWrites>) {
         let disk = disk.unwrap_or(DiskWrites {
@@ -273,7 +256,6 @@ mod tests {
         assert_eq!(d.page_list(), vec![0, 1, 2, 64]);
         assert!(d.kvm.contains(2));
         assert!(!d.kvm.contains(1));
-        assert_eq!(bits(&[u64::MAX], 3), vec![0, 1, 2]);
     }
 
     use Consumer::{Replication, Snapshots};

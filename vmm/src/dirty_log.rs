@@ -150,7 +150,7 @@ pub struct KvmDirtyLog {
     manual: bool,
     /// Each page's heat as last written ([`pack`]), read through [`KvmDirtyLog::view`] (a
     /// page clean since is cooled or forgotten lazily: no pass over all pages per harvest).
-    /// Made at the first harvest, zeroed by the allocator (untouched pages cost nothing): 8
+    /// Made by [`KvmDirtyLog::prepare`], zeroed by the allocator (untouched pages cost nothing): 8
     /// bytes a page (8 MiB for 4 GiB).
     heat: Vec<u64>,
     /// Paused harvests so far (the clock of [`Heat::last`]; 2^48 of them before a page's
@@ -163,6 +163,9 @@ pub struct KvmDirtyLog {
     seen: PageSet,
     /// The buffer KVM's bitmaps go through (see [`KvmDirtyLog::harvest`]).
     scratch: Vec<u64>,
+    /// Pages read by a harvest that failed (after KVM reset or cleared them): the next
+    /// harvest returns them.
+    carry: PageSet,
 }
 
 impl KvmDirtyLog {
@@ -187,6 +190,7 @@ impl KvmDirtyLog {
             busy_at: None,
             seen: PageSet::new(),
             scratch: Vec::new(),
+            carry: PageSet::new(),
         }
     }
 
@@ -195,35 +199,59 @@ impl KvmDirtyLog {
         self.manual
     }
 
+    /// Makes the buffers a harvest of a `mem_size` guest needs (KVM's bitmaps, the heat
+    /// table), so that the first harvest, inside a pause, does not.
+    pub fn prepare(&mut self, mem_size: u64) {
+        let pages = (mem_size / PAGE_SIZE) as usize;
+        self.scratch.resize(pages.div_ceil(64), 0);
+        if self.manual && self.heat.len() < pages {
+            // (Zeroed by the allocator: pages of the table never touched cost nothing.)
+            self.heat = vec![0; pages];
+        }
+    }
+
     /// The pages written since they were last cleared (hot pages included); the non-hot ones
     /// are cleared and write-protected again before this returns. `running`: the guest runs
-    /// (see the module docs on heat). KVM reads and takes whole-guest bitmaps: they go
-    /// through one buffer kept for it, so a harvest allocates only what it returns.
+    /// (see the module docs on heat). KVM's whole-guest bitmaps go through one buffer kept
+    /// for them ([`prepare`](Self::prepare)); what else a harvest allocates follows the pages
+    /// found. If an ioctl fails, the pages already read (and maybe cleared) are kept and
+    /// returned by the next harvest: none is lost.
     pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64, running: bool) -> Result<PageSet> {
-        // One bitmap per slot (`crate::layout::ram_ranges`); the low slot is a whole number of
-        // words, so side by side they are the bitmap of the linear image.
-        let ranges = crate::layout::ram_ranges(mem_size);
-        let slots: Vec<(u32, Range<usize>, u64)> = (ranges.iter().enumerate())
-            .map(|(slot, r)| {
-                let first = (r.off / PAGE_SIZE / 64) as usize;
-                let pages = r.len / PAGE_SIZE;
-                (
-                    slot as u32,
-                    first..first + pages.div_ceil(64) as usize,
-                    pages,
-                )
-            })
-            .collect();
-        let words = slots.last().map_or(0, |s| s.1.end);
-        self.scratch.resize(words, 0);
+        let slots = slot_words(mem_size);
+        self.prepare(mem_size);
+        let carried = std::mem::take(&mut self.carry);
         for (slot, r, _) in &slots {
-            get_dirty_log(vm_fd, *slot, &mut self.scratch[r.clone()])?;
+            if let Err(e) = get_dirty_log(vm_fd, *slot, &mut self.scratch[r.clone()]) {
+                // (Classic logging reset the slots read before this one.)
+                self.carry = PageSet::from_bitmap(&self.scratch[..r.start]);
+                self.carry.union_with(&carried);
+                return Err(e);
+            }
         }
-        let dirty = PageSet::from_bitmap(&self.scratch);
-        if !self.manual {
-            return Ok(dirty);
+        let mut dirty = PageSet::from_bitmap(&self.scratch);
+        if self.manual {
+            if let Err(e) = self.clear(vm_fd, &slots, &dirty, running) {
+                self.carry = dirty;
+                self.carry.union_with(&carried);
+                return Err(e);
+            }
         }
-        let clear = self.plan(&dirty, mem_size / PAGE_SIZE, running);
+        dirty.union_with(&carried);
+        Ok(dirty)
+    }
+
+    /// The hot-page plan of a harvest that found `dirty`, carried out: every page of it that is
+    /// not hot is cleared and write-protected again, a `KVM_CLEAR_DIRTY_LOG` per slot over the
+    /// span of words that has such pages.
+    fn clear(
+        &mut self,
+        vm_fd: &VmFd,
+        slots: &[(u32, Range<usize>, u64)],
+        dirty: &PageSet,
+        running: bool,
+    ) -> Result<()> {
+        let pages = slots.iter().map(|s| s.2).sum();
+        let clear = self.plan(dirty, pages, running);
         // The buffer becomes the bitmap of the pages to clear (only `dirty`'s words are set).
         for (w, _) in dirty.words() {
             self.scratch[w as usize] = 0;
@@ -231,13 +259,12 @@ impl KvmDirtyLog {
         for (w, bits) in clear.words() {
             self.scratch[w as usize] = bits;
         }
-        for (slot, r, pages) in slots {
-            let (lo, hi) = (r.start as u64, r.end as u64);
-            if clear.words().any(|(w, _)| (lo..hi).contains(&w)) {
-                clear_dirty_log(vm_fd, slot, &mut self.scratch[r], pages)?;
+        for (slot, r, slot_pages) in slots {
+            if let Some((words, first, count)) = clear_span(&clear, r, *slot_pages) {
+                clear_dirty_log(vm_fd, *slot, &mut self.scratch[words], first, count)?;
             }
         }
-        Ok(dirty)
+        Ok(())
     }
 
     /// [`plan_clear`](Self::plan_clear) for a harvest while the guest runs (`running`: heat is
@@ -266,7 +293,7 @@ impl KvmDirtyLog {
     }
 
     /// The hot-page decision of one harvest (pure): updates every page's heat from the pages
-    /// KVM reported (`bitmap`) and returns the pages to clear and write-protect again — every
+    /// KVM reported (`dirty`) and returns the pages to clear and write-protect again — every
     /// reported page except the hot ones, which stay set and so are reported again by the
     /// next harvest.
     pub fn plan_clear(&mut self, dirty: &PageSet, pages: u64) -> PageSet {
@@ -357,6 +384,7 @@ impl KvmDirtyLog {
             busy_at: None,
             seen: PageSet::new(),
             scratch: Vec::new(),
+            carry: PageSet::new(),
         }
     }
 
@@ -373,6 +401,39 @@ impl KvmDirtyLog {
         let dirty = PageSet::from_bitmap(bitmap);
         self.plan_clear(&dirty, pages).to_bitmap(bitmap.len())
     }
+}
+
+/// The RAM slots of a `mem_size` guest: each one's number, its words in the bitmap of the
+/// linear image (`crate::layout::ram_ranges`; the low slot is a whole number of words, so the
+/// slots' bitmaps side by side are that bitmap) and its pages.
+fn slot_words(mem_size: u64) -> Vec<(u32, Range<usize>, u64)> {
+    let ranges = crate::layout::ram_ranges(mem_size);
+    (ranges.iter().enumerate())
+        .map(|(slot, r)| {
+            let first = (r.off / PAGE_SIZE / 64) as usize;
+            let pages = r.len / PAGE_SIZE;
+            let words = first..first + pages.div_ceil(64) as usize;
+            (slot as u32, words, pages)
+        })
+        .collect()
+}
+
+/// The one `KVM_CLEAR_DIRTY_LOG` that clears the pages of `clear` in the slot whose words
+/// are `slot` (of the linear image) and that has `pages` pages: the span of words from its
+/// first such page to its last, and that span's first page in the slot and its page count —
+/// from a whole word, to the span's end or the slot's (KVM takes a count that is not a multiple
+/// of 64 only when it reaches the slot's end). None if the slot has none.
+fn clear_span(
+    clear: &PageSet,
+    slot: &Range<usize>,
+    pages: u64,
+) -> Option<(std::ops::RangeInclusive<usize>, u64, u64)> {
+    let mut inside = (clear.words().map(|(w, _)| w as usize)).filter(|w| slot.contains(w));
+    let lo = inside.next()?;
+    let hi = inside.last().unwrap_or(lo);
+    let first = (lo - slot.start) as u64 * 64;
+    let count = ((hi - lo + 1) as u64 * 64).min(pages.saturating_sub(first));
+    Some((lo..=hi, first, count))
 }
 
 /// `KVM_GET_DIRTY_LOG` of `slot` into `bitmap` (a bit per page of the slot: KVM writes all
@@ -396,20 +457,29 @@ fn get_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
     Ok(())
 }
 
-/// Clears (and write-protects) the pages of `slot` set in `bitmap` (a bit per page of the
-/// slot, `pages` of them).
-fn clear_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64], pages: u64) -> Result<()> {
+/// Clears (and write-protects) the pages `first..first + count` of `slot` that are set in
+/// `bitmap` (a bit per page of that span; `first` a multiple of 64, `count` too unless the
+/// span ends at the slot's end).
+fn clear_dirty_log(
+    vm_fd: &VmFd,
+    slot: u32,
+    bitmap: &mut [u64],
+    first: u64,
+    count: u64,
+) -> Result<()> {
     let mut arg = kvm_clear_dirty_log {
         slot,
-        // The whole slot: a multiple of 64 pages, or its end.
-        num_pages: pages as u32,
-        first_page: 0,
+        num_pages: count as u32,
+        first_page: first,
         ..Default::default()
     };
+    if bitmap.len() as u64 * 64 < count {
+        return Err(Error::Host("KVM_CLEAR_DIRTY_LOG: bitmap too short".into()));
+    }
     arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
     // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap points to `bitmap`, which
-    // holds at least `pages` bits (one per page of the slot) and outlives the call; the
-    // ioctl only reads it. The fd is this VM's.
+    // holds at least `count` bits (checked above) and outlives the call; the ioctl only reads
+    // it. The fd is this VM's.
     let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
     if r < 0 {
         return Err(Error::Host(format!(
@@ -423,6 +493,26 @@ fn clear_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64], pages: u64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clear_covers_the_span_of_words_with_pages_to_clear_and_ends_inside_its_slot() {
+        // A low slot of 3 words (192 pages) and a high one of 2 words, 100 pages.
+        let clear = PageSet::from_pages(&[70, 130, 200, 250]);
+        assert_eq!(clear_span(&clear, &(0..3), 192), Some((1..=2, 64, 128)));
+        assert_eq!(
+            clear_span(&clear, &(3..5), 100),
+            Some((3..=3, 0, 64)),
+            "words 3 only: a whole word"
+        );
+        let tail = PageSet::from_pages(&[192 + 99]);
+        assert_eq!(
+            clear_span(&tail, &(3..5), 100),
+            Some((4..=4, 64, 36)),
+            "the slot's last, partial word: the count reaches its end"
+        );
+        assert_eq!(clear_span(&tail, &(0..3), 192), None);
+        assert_eq!(clear_span(&PageSet::new(), &(0..3), 192), None);
+    }
 
     #[test]
     fn a_page_written_once_per_epoch_before_its_early_copy_still_becomes_hot() {

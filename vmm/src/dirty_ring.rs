@@ -273,6 +273,8 @@ impl Collected {
     fn mark(&mut self, p: u64) {
         let w = (p / 64) as usize;
         if self.bits[w] == 0 {
+            // (A u32 indexes the words of 2^38 pages: 1 PiB of guest.)
+            debug_assert!(u32::try_from(w).is_ok());
             self.touched.push(w as u32);
         }
         self.bits[w] |= 1 << (p % 64);
@@ -281,7 +283,7 @@ impl Collected {
     /// The pages collected, as a set; none are left.
     fn take(&mut self) -> PageSet {
         self.touched.sort_unstable();
-        let mut out = PageSet::new();
+        let mut out = PageSet::with_capacity(self.touched.len());
         for &w in &self.touched {
             out.push_word(u64::from(w), std::mem::take(&mut self.bits[w as usize]));
         }

@@ -77,6 +77,13 @@ impl PageSet {
         }
     }
 
+    /// The empty set, with room for `words` words without reallocating.
+    pub fn with_capacity(words: usize) -> PageSet {
+        PageSet {
+            words: Vec::with_capacity(words),
+        }
+    }
+
     /// `self ∪= other`: a merge of the two word lists.
     pub fn union_with(&mut self, other: &PageSet) {
         if other.words.is_empty() {
@@ -91,40 +98,18 @@ impl PageSet {
             self.words.extend_from_slice(&other.words);
             return;
         }
-        let (a, b) = (&self.words, &other.words);
-        let mut out = Vec::with_capacity(a.len() + b.len());
-        let (mut i, mut j) = (0, 0);
-        while i < a.len() && j < b.len() {
-            let (x, y) = (a[i], b[j]);
-            match x.index.cmp(&y.index) {
-                std::cmp::Ordering::Less => {
-                    out.push(x);
-                    i += 1;
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push(y);
-                    j += 1;
-                }
-                std::cmp::Ordering::Equal => {
-                    out.push(Word {
-                        index: x.index,
-                        bits: x.bits | y.bits,
-                    });
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
-        out.extend_from_slice(&a[i..]);
-        out.extend_from_slice(&b[j..]);
-        self.words = out;
+        self.words = merge(&self.words, &other.words);
     }
 
     /// `self ∪ other`.
     pub fn union(&self, other: &PageSet) -> PageSet {
-        let mut out = self.clone();
-        out.union_with(other);
-        out
+        match (self.words.is_empty(), other.words.is_empty()) {
+            (_, true) => self.clone(),
+            (true, false) => other.clone(),
+            (false, false) => PageSet {
+                words: merge(&self.words, &other.words),
+            },
+        }
     }
 
     /// True if page `p` is in the set.
@@ -185,6 +170,36 @@ impl PageSet {
     pub fn clear(&mut self) {
         self.words.clear();
     }
+}
+
+/// The words of `a` and `b` (each ascending), ascending, a word in both OR-ed.
+fn merge(a: &[Word], b: &[Word]) -> Vec<Word> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (x, y) = (a[i], b[j]);
+        match x.index.cmp(&y.index) {
+            std::cmp::Ordering::Less => {
+                out.push(x);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(y);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(Word {
+                    index: x.index,
+                    bits: x.bits | y.bits,
+                });
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ fn guest() -> Vec<u8> {
 /// the page buffers reach their pool).
 fn allocations_per_capture(mem_mib: u64) -> (u64, u64, usize) {
     let (vm, _dir) = vm_sized(&guest(), mem_mib);
+    let ring = vmm::dirty_ring::preferred();
+    assert_eq!(vm.dirty_source(), if ring { "ring" } else { "bitmap+hot" });
     vm.start().unwrap();
     let first = GuestAddress(u64::from(BASE));
     let t = Instant::now();

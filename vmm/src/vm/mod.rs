@@ -215,7 +215,11 @@ pub(crate) fn create_kvm_vm(
         false => None,
     };
     let dirty = match (dirty_log, ring_bytes) {
-        (true, None) => crate::dirty_log::KvmDirtyLog::new(&vm_fd),
+        (true, None) => {
+            let mut log = crate::dirty_log::KvmDirtyLog::new(&vm_fd);
+            log.prepare(mem_size);
+            log
+        }
         _ => Default::default(),
     };
     for (slot, r) in crate::layout::ram_ranges(mem_size).iter().enumerate() {
