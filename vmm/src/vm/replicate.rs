@@ -182,7 +182,10 @@ impl Vm {
     }
 
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
-        let state = postcard::to_stdvec(&self.capture_state()?).map_err(capture_err)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let buf = Vec::with_capacity(self.state_len.load(Relaxed));
+        let state = postcard::to_extend(&self.capture_state()?, buf).map_err(capture_err)?;
+        self.state_len.store(state.len(), Relaxed);
         // Replication's changes since its previous capture (a snapshot taken meanwhile took
         // nothing from them).
         let ch = self
