@@ -217,11 +217,21 @@ impl KvmDirtyLog {
     /// found. If an ioctl fails, the pages already read (and maybe cleared) are kept and
     /// returned by the next harvest: none is lost.
     pub fn harvest(&mut self, vm_fd: &VmFd, mem_size: u64, running: bool) -> Result<PageSet> {
+        self.harvest_from(&mut Kvm(vm_fd), mem_size, running)
+    }
+
+    /// [`harvest`](Self::harvest) from the slots' logs `log` (KVM's, or a model in tests).
+    fn harvest_from(
+        &mut self,
+        log: &mut impl SlotLog,
+        mem_size: u64,
+        running: bool,
+    ) -> Result<PageSet> {
         let slots = slot_words(mem_size);
         self.prepare(mem_size);
         let carried = std::mem::take(&mut self.carry);
         for (slot, r, _) in &slots {
-            if let Err(e) = get_dirty_log(vm_fd, *slot, &mut self.scratch[r.clone()]) {
+            if let Err(e) = log.get(*slot, &mut self.scratch[r.clone()]) {
                 // (Classic logging reset the slots read before this one.)
                 self.carry = PageSet::from_bitmap(&self.scratch[..r.start]);
                 self.carry.union_with(&carried);
@@ -230,7 +240,7 @@ impl KvmDirtyLog {
         }
         let mut dirty = PageSet::from_bitmap(&self.scratch);
         if self.manual {
-            if let Err(e) = self.clear(vm_fd, &slots, &dirty, running) {
+            if let Err(e) = self.clear(log, &slots, &dirty, running) {
                 self.carry = dirty;
                 self.carry.union_with(&carried);
                 return Err(e);
@@ -245,7 +255,7 @@ impl KvmDirtyLog {
     /// span of words that has such pages.
     fn clear(
         &mut self,
-        vm_fd: &VmFd,
+        log: &mut impl SlotLog,
         slots: &[(u32, Range<usize>, u64)],
         dirty: &PageSet,
         running: bool,
@@ -261,7 +271,7 @@ impl KvmDirtyLog {
         }
         for (slot, r, slot_pages) in slots {
             if let Some((words, first, count)) = clear_span(&clear, r, *slot_pages) {
-                clear_dirty_log(vm_fd, *slot, &mut self.scratch[words], first, count)?;
+                log.clear(*slot, &mut self.scratch[words], first, count)?;
             }
         }
         Ok(())
@@ -403,6 +413,27 @@ impl KvmDirtyLog {
     }
 }
 
+/// The dirty logs of a VM's RAM slots: KVM's ([`Kvm`]), or a model in tests.
+trait SlotLog {
+    /// `KVM_GET_DIRTY_LOG` of `slot` into `bitmap` (a bit per page of the slot).
+    fn get(&mut self, slot: u32, bitmap: &mut [u64]) -> Result<()>;
+    /// `KVM_CLEAR_DIRTY_LOG` of the pages `first..first + count` of `slot` set in `bitmap`.
+    fn clear(&mut self, slot: u32, bitmap: &mut [u64], first: u64, count: u64) -> Result<()>;
+}
+
+/// KVM's dirty logs of the VM `.0`.
+struct Kvm<'a>(&'a VmFd);
+
+impl SlotLog for Kvm<'_> {
+    fn get(&mut self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        get_dirty_log(self.0, slot, bitmap)
+    }
+
+    fn clear(&mut self, slot: u32, bitmap: &mut [u64], first: u64, count: u64) -> Result<()> {
+        clear_dirty_log(self.0, slot, bitmap, first, count)
+    }
+}
+
 /// The RAM slots of a `mem_size` guest: each one's number, its words in the bitmap of the
 /// linear image (`crate::layout::ram_ranges`; the low slot is a whole number of words, so the
 /// slots' bitmaps side by side are that bitmap) and its pages.
@@ -491,294 +522,5 @@ fn clear_dirty_log(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_clear_covers_the_span_of_words_with_pages_to_clear_and_ends_inside_its_slot() {
-        // A low slot of 3 words (192 pages) and a high one of 2 words, 100 pages.
-        let clear = PageSet::from_pages(&[70, 130, 200, 250]);
-        assert_eq!(clear_span(&clear, &(0..3), 192), Some((1..=2, 64, 128)));
-        assert_eq!(
-            clear_span(&clear, &(3..5), 100),
-            Some((3..=3, 0, 64)),
-            "words 3 only: a whole word"
-        );
-        let tail = PageSet::from_pages(&[192 + 99]);
-        assert_eq!(
-            clear_span(&tail, &(3..5), 100),
-            Some((4..=4, 64, 36)),
-            "the slot's last, partial word: the count reaches its end"
-        );
-        assert_eq!(clear_span(&tail, &(0..3), 192), None);
-        assert_eq!(clear_span(&PageSet::new(), &(0..3), 192), None);
-    }
-
-    #[test]
-    fn a_page_written_once_per_epoch_before_its_early_copy_still_becomes_hot() {
-        let mut log = KvmDirtyLog::manual_model();
-        let page = vec![1u64 << 5];
-        let none = vec![0u64];
-        let mut hot_at = None;
-        for epoch in 0..5 {
-            // The early (running) harvest finds it, the paused one does not.
-            let running = log.plan_bits(&page, 64, true);
-            log.plan_bits(&none, 64, false);
-            if running[0] == 0 && hot_at.is_none() {
-                hot_at = Some(epoch);
-            }
-        }
-        // Cleared by the early harvests of epochs 0-2 (which make it hot at their pause);
-        // left writable from epoch 3 on.
-        assert_eq!(hot_at, Some(HOT_AFTER as usize));
-    }
-
-    #[test]
-    fn at_most_hot_max_pages_are_hot_and_the_rest_cool_down_at_once() {
-        let mut log = KvmDirtyLog::manual_model();
-        let pages = 4 * HOT_MAX as u64;
-        let all = vec![u64::MAX; (pages / 64) as usize];
-        let mut kept = 0;
-        for _ in 0..HOT_AFTER {
-            let clear = log.plan_clear_bits(&all, pages);
-            kept = all
-                .iter()
-                .zip(&clear)
-                .map(|(a, c)| (a & !c).count_ones())
-                .sum::<u32>();
-        }
-        assert_eq!(kept as usize, HOT_MAX, "only HOT_MAX pages stay writable");
-        // The guest stops writing: KVM reports only the hot pages (left set), and the next
-        // harvest keeps those and nothing else.
-        let reported: Vec<u64> = all
-            .iter()
-            .zip(&log.plan_clear_bits(&all, pages))
-            .map(|(a, c)| a & !c)
-            .collect();
-        let again = log.plan_clear_bits(&reported, pages);
-        let still: u32 = reported
-            .iter()
-            .zip(&again)
-            .map(|(r, c)| (r & !c).count_ones())
-            .sum();
-        assert!(still as usize <= HOT_MAX);
-    }
-
-    /// KVM's dirty bits as the model sees them: set by a write, cleared only by a clear.
-    struct KvmModel {
-        log: KvmDirtyLog,
-        bits: Vec<u64>,
-        pages: u64,
-    }
-
-    impl KvmModel {
-        fn new(pages: u64) -> KvmModel {
-            KvmModel {
-                log: KvmDirtyLog::manual_model(),
-                bits: vec![0; (pages / 64) as usize],
-                pages,
-            }
-        }
-
-        fn write(&mut self, pfn: u64) {
-            self.bits[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
-
-        /// A harvest: reports every set bit and clears what the log says; returns the pages
-        /// left set (writable, hot).
-        fn harvest(&mut self, running: bool) -> u32 {
-            let clear = self.log.plan_bits(&self.bits, self.pages, running);
-            for (b, c) in self.bits.iter_mut().zip(&clear) {
-                *b &= !c;
-            }
-            self.bits.iter().map(|w| w.count_ones()).sum()
-        }
-    }
-
-    /// Which of `harvests` paused harvests leave a page writable, the page written in those
-    /// where `written(i)`.
-    fn writable_when(harvests: usize, written: impl Fn(usize) -> bool) -> Vec<bool> {
-        let mut m = KvmModel::new(64);
-        (0..harvests)
-            .map(|i| {
-                if written(i) {
-                    m.write(7);
-                }
-                m.harvest(false) > 0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_page_dirty_in_three_harvests_stays_hot_for_a_while_then_is_protected_again() {
-        let writable = writable_when(HOT_AFTER as usize + HOT_FOR as usize + 4, |_| true);
-        // Harvests 1 and 2 clear it; the 3rd makes it hot.
-        assert_eq!(&writable[..3], &[false, false, true]);
-        let hot = writable[2..].iter().take_while(|&&w| w).count();
-        assert_eq!(hot, HOT_FOR as usize, "writable for HOT_FOR harvests");
-        // When its time is up it is cleared once; still written, it is hot again at once.
-        let first_cold = 2 + HOT_FOR as usize;
-        assert!(!writable[first_cold]);
-        assert!(writable[first_cold + 1]);
-    }
-
-    #[test]
-    fn a_page_of_alternating_epochs_becomes_hot_and_one_written_once_or_rarely_does_not() {
-        // 16 closed-loop clients in two cohorts: each one's buffers in every other epoch.
-        let alternate = writable_when(12, |i| i % 2 == 0);
-        assert_eq!(&alternate[..4], &[false; 4], "{alternate:?}");
-        assert!(alternate[4..].iter().all(|&w| w), "{alternate:?}");
-        let w = HOT_WINDOW as usize;
-        // Written once (a churn): never hot, and cleared every time it is reported.
-        assert!(writable_when(20, |i| i == 3).iter().all(|&w| !w));
-        // Rarer than the window: never hot.
-        let rare = writable_when(10 * w, |i| i % (w + 1) == 0);
-        assert!(rare.iter().all(|&w| !w), "{rare:?}");
-    }
-
-    /// Pages left writable after 8 harvests of `n` pages written every other epoch.
-    fn hot_of_every_other_epoch(n: u64) -> u32 {
-        let mut m = KvmModel::new(n.next_multiple_of(64));
-        let mut hot = 0;
-        for i in 0..8 {
-            if i % 2 == 0 {
-                (0..n).for_each(|pfn| m.write(pfn));
-            }
-            hot = m.harvest(false);
-        }
-        hot
-    }
-
-    #[test]
-    fn pages_of_every_other_epoch_are_hot_only_a_few_and_never_in_a_churn() {
-        assert_eq!(hot_of_every_other_epoch(20), 20, "a few socket buffers");
-        assert_eq!(hot_of_every_other_epoch(200) as usize, HOT_SPARSE_MAX);
-        // 2,048 pages: a churn, whose pauses would copy them.
-        assert_eq!(hot_of_every_other_epoch(2048), 0);
-    }
-
-    #[test]
-    fn pages_clean_for_a_while_are_forgotten() {
-        let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear_bits(&[u64::MAX], 64);
-        for _ in 1..HOT_WINDOW {
-            log.plan_clear_bits(&[0], 64);
-        }
-        let next = log.harvests + 1;
-        assert_eq!(log.remembered(next), 64, "remembered within the window");
-        log.plan_clear_bits(&[0], 64);
-        let left = log.remembered(log.harvests + 1);
-        assert_eq!(left, 0, "{left} remembered");
-    }
-
-    #[test]
-    fn a_busy_harvest_forgets_the_pages_clean_in_it() {
-        let mut log = KvmDirtyLog::manual_model();
-        let page = vec![1u64, 0, 0, 0, 0, 0, 0, 0];
-        let mut churn = vec![u64::MAX; 8];
-        churn[0] = 0;
-        log.plan_clear_bits(&page, 512);
-        // 448 other pages: busy; page 0 clean in it.
-        log.plan_clear_bits(&churn, 512);
-        log.plan_clear_bits(&page, 512);
-        assert_eq!(log.view(0, log.harvests + 1).score, 1, "counted afresh");
-        // The same with a quiet harvest between: remembered within the window.
-        let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear_bits(&page, 512);
-        log.plan_clear_bits(&[0; 8], 512);
-        log.plan_clear_bits(&page, 512);
-        assert_eq!(log.view(0, log.harvests + 1).score, 2);
-    }
-
-    #[test]
-    fn a_page_dirty_long_ago_counts_afresh_and_the_window_spans_the_packed_clock_wrapping() {
-        let page = [1u64];
-        let mut log = KvmDirtyLog::manual_model();
-        log.plan_clear_bits(&page, 64);
-        log.plan_clear_bits(&page, 64);
-        // 2^32 quiet harvests later (weeks of checkpoints): not two writes within the window.
-        log.harvests += 1 << 32;
-        log.plan_clear_bits(&page, 64);
-        assert_eq!(log.view(0, log.harvests + 1).score, 1);
-        // Across the packed clock's wrap (2^48): one clean harvest between is within it.
-        log.harvests = LAST_MASK - 1;
-        log.plan_clear_bits(&page, 64);
-        log.plan_clear_bits(&[0], 64);
-        log.plan_clear_bits(&page, 64);
-        assert_eq!(log.view(0, log.harvests + 1).score, 2);
-    }
-
-    #[test]
-    fn a_page_made_hot_after_an_early_harvest_cleared_it_still_counts_against_the_cap() {
-        let pages = 2 * HOT_MAX as u64;
-        let mut m = KvmModel::new(pages);
-        let b = 0..HOT_MAX as u64 - 50;
-        let c = HOT_MAX as u64..HOT_MAX as u64 + 200;
-        for epoch in 1..=5 {
-            // B: written before the early copy in epochs 1-3 (hot at pause 3 through `seen`,
-            // but write-protected by the early copy), not in 4, again in 5.
-            if epoch != 4 {
-                b.clone().for_each(|p| m.write(p));
-            }
-            if epoch <= 3 {
-                m.harvest(true);
-            }
-            // C: written from epoch 2 on, only before the pause: hot at pause 4.
-            if epoch >= 2 {
-                c.clone().for_each(|p| m.write(p));
-            }
-            let hot = m.harvest(false);
-            assert!(hot as usize <= HOT_MAX, "pause {epoch}: {hot} pages hot");
-        }
-    }
-
-    #[test]
-    fn the_caps_hold_through_early_harvests_quiet_pauses_and_churns() {
-        let pages = 2 * HOT_MAX as u64;
-        let mut m = KvmModel::new(pages);
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
-        for epoch in 0..400u64 {
-            let quiet = rand(8) == 0;
-            // A group written before an early copy in most epochs (a page of it made hot
-            // through `seen` is write-protected in KVM: absent from the next pause if not
-            // written), one written every epoch competing for room, one every other epoch, a
-            // few dozen socket buffers every other epoch, and random pages.
-            for pfn in (0..HOT_MAX as u64 - 50).filter(|_| !quiet) {
-                m.write(pfn);
-            }
-            if rand(2) == 0 {
-                m.harvest(true);
-            }
-            for pfn in HOT_MAX as u64..HOT_MAX as u64 + 200 {
-                m.write(pfn);
-            }
-            if epoch % 2 == 0 {
-                for pfn in HOT_MAX as u64 + 200..HOT_MAX as u64 + 500 {
-                    m.write(pfn);
-                }
-            }
-            for pfn in 0..40 {
-                if (epoch + pfn) % 2 == 0 {
-                    m.write(pages - 1 - pfn);
-                }
-            }
-            for _ in 0..rand(600) {
-                m.write(rand(pages));
-            }
-            let hot = m.harvest(false);
-            assert!(hot as usize <= HOT_MAX, "epoch {epoch}: {hot} pages hot");
-            let now = m.log.harvests + 1;
-            let pfns = 0..m.pages;
-            let sparse =
-                pfns.filter(|&p| m.log.view(p, now).hot_left > 0 && m.log.view(p, now).sparse);
-            let sparse = sparse.count();
-            assert!(sparse <= HOT_SPARSE_MAX, "epoch {epoch}: {sparse} sparse");
-        }
-    }
-}
+#[path = "dirty_log_tests.rs"]
+mod tests;
