@@ -72,6 +72,8 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
             "| 1 | ordinary | idle |",
             "| 1 | real-time | idle |",
             "| 1 | real-time | CHURN 1k pages/s |",
+            "Every round's pauses pooled per condition (rounds: 1)",
+            "| real-time, pinned | 1,000 pages per epoch |",
         ],
     );
     prints(
@@ -92,6 +94,7 @@ fn bench_replication_busy_and_dirty_sources_print_both_sides() {
             "| 1 | bitmap+hot | idle |",
             "| 1 | ring | 1,000 pages per epoch |",
             "| 1 | ring, no early copy | 1,000 pages per epoch |",
+            "| ring, no early copy | 1,000 pages per epoch |",
         ],
     );
 }

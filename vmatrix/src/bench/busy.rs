@@ -11,14 +11,18 @@
 //! `--dirty-sources`: the harvest from KVM's bitmap (with hot pages) against KVM's dirty ring,
 //! alternating, idle and under CHURN (up to 1,000 pages per epoch), on a quiet host or beside
 //! `--busy N` neighbours, with the default pause path (`--rt-pause auto`).
+//!
+//! Both print each round's rows, then every round's pauses pooled per pause path (or source)
+//! and workload (`bench/pauses.rs`): a row's p99 is the 2nd-highest of its ~200 pauses, the
+//! pooled one rests on all rounds'.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 
 use super::harness::{BenchEnv, Kv, Protection, RunningVm};
-use super::replication::{reset_pauses, wait_protected, Timing};
+use super::pauses::{collect, quantile, Pool};
+use super::replication::{wait_protected, Timing};
 
 /// CPU-bound neighbours, killed on drop.
 struct Hogs(Vec<Child>);
@@ -46,26 +50,6 @@ impl Drop for Hogs {
             let _ = c.wait();
         }
     }
-}
-
-/// One measurement: pause p50, p99, max (µs) and checkpoints per second.
-fn measure(vm: &RunningVm, kv: &mut Kv, churn: &str, t: &Timing) -> anyhow::Result<[f64; 4]> {
-    let stats = vm.stats.clone().context("protected VM without stats")?;
-    anyhow::ensure!(kv.cmd(churn)? == "OK", "{churn} refused");
-    std::thread::sleep(t.settle);
-    reset_pauses(&stats);
-    let e0 = stats.epochs.load(Ordering::Relaxed);
-    let t0 = std::time::Instant::now();
-    std::thread::sleep(t.measure);
-    let epochs = stats.epochs.load(Ordering::Relaxed) - e0;
-    let (p50, p99) = stats.pause_percentiles();
-    let max = stats.max_pause_us.load(Ordering::Relaxed);
-    Ok([
-        p50 as f64,
-        p99 as f64,
-        max as f64,
-        epochs as f64 / t0.elapsed().as_secs_f64(),
-    ])
 }
 
 /// A second protected VM on the host (its own tap; primary and backup in this process),
@@ -122,6 +106,13 @@ pub fn run(
     );
     println!("|---:|---|---|---:|---:|---:|---:|");
     let _hogs = Hogs::start(busy)?;
+    let paths = [
+        "ordinary",
+        "real-time",
+        "real-time when slow (default)",
+        "real-time, pinned",
+    ];
+    let mut pool = Pool::new(paths.map(String::from).to_vec(), &WORKLOADS.map(|w| w.0));
     for r in 1..=rounds {
         // (The last: the vCPU on the last CPU, the replication loop on the first.)
         let cpus = vmm::affinity::cpus_of(0).unwrap_or_default();
@@ -130,49 +121,44 @@ pub fn run(
             cpus.last().copied().unwrap_or(0),
         );
         use vmm::rt::RtMode;
-        for (path, name, rt, pin) in [
-            ("ordinary", "busy", RtMode::Off, None),
-            ("real-time", "busy-rt", RtMode::On, None),
-            (
-                "real-time when slow (default)",
-                "busy-auto",
-                RtMode::Auto,
-                None,
-            ),
-            (
-                "real-time, pinned",
-                "busy-pin",
-                RtMode::On,
-                Some((last, first)),
-            ),
-        ] {
+        let how = [
+            ("busy", RtMode::Off, None),
+            ("busy-rt", RtMode::On, None),
+            ("busy-auto", RtMode::Auto, None),
+            ("busy-pin", RtMode::On, Some((last, first))),
+        ];
+        for (c, (name, rt, pin)) in how.into_iter().enumerate() {
             let p = Protection {
                 rt_pause: rt,
                 pin,
                 ..Protection::default()
             };
-            // (50 pages per ms over 4,096: 1,000 distinct pages in each 20 ms epoch.)
-            let workloads = [
-                ("idle", "CHURN 0 0"),
-                ("CHURN 1k pages/s", "CHURN 2048 1"),
-                ("1,000 pages per epoch", "CHURN 4096 50"),
-            ];
-            rows(env, t, (r, name, path), p, &workloads)?;
+            pool.add(c, rows(env, t, (r, name, paths[c]), p, &WORKLOADS)?);
         }
     }
+    pool.print(rounds, "pause path", None);
     Ok(())
 }
 
+/// The measured guest's workloads (50 pages per ms over 4,096: 1,000 distinct pages in each
+/// 20 ms epoch).
+const WORKLOADS: [(&str, &str); 3] = [
+    ("idle", "CHURN 0 0"),
+    ("CHURN 1k pages/s", "CHURN 2048 1"),
+    ("1,000 pages per epoch", "CHURN 4096 50"),
+];
+
 /// One VM of a round, fixed 20 ms epochs, `p`'s pause path and harvest source: an unmeasured
 /// settle phase (the backup applies the initial sync meanwhile), then one table row per
-/// workload, labelled `round | label` (`{source}` in it: the VM's harvest source).
+/// workload, labelled `round | label` (`{source}` in it: the VM's harvest source). Returns the
+/// pauses of each workload.
 pub(super) fn rows(
     env: &BenchEnv,
     t: &Timing,
     (r, name, label): (usize, &str, &str),
     p: Protection,
     workloads: &[(&str, &str)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Vec<u32>>> {
     let p = Protection {
         min_epoch_us: 20_000,
         early_checkpoints: false,
@@ -183,14 +169,20 @@ pub(super) fn rows(
     let stats = vm.stats.clone().context("protected VM without stats")?;
     let mut kv = Kv::connect(env.guest_addr(), std::time::Duration::from_secs(30))?;
     wait_protected(&stats)?;
-    measure(&vm, &mut kv, "CHURN 0 0", t)?;
+    // (An unmeasured phase: the backup applies the initial sync.)
+    anyhow::ensure!(kv.cmd("CHURN 0 0")? == "OK", "CHURN refused");
+    std::thread::sleep(t.settle + t.measure);
+    let mut out = Vec::new();
     for (name, churn) in workloads {
-        let [p50, p99, max, rate] = measure(&vm, &mut kv, churn, t)?;
-        println!(
-            "| {r} | {label} | {name} | {p50:.0} µs | {p99:.0} µs | {max:.0} µs | {rate:.0} |"
-        );
+        anyhow::ensure!(kv.cmd(churn)? == "OK", "{churn} refused");
+        std::thread::sleep(t.settle);
+        let (mut v, rate) = collect(&stats, t.measure);
+        let (p50, p99) = (quantile(&mut v, 0.5), quantile(&mut v, 0.99));
+        let max = v.last().copied().unwrap_or(0);
+        println!("| {r} | {label} | {name} | {p50} µs | {p99} µs | {max} µs | {rate:.0} |");
+        out.push(v);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Pauses with the bitmap vs the ring as the harvest source (and the ring without early copies
@@ -207,9 +199,12 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
     println!("| round | source | workload | pause p50 | pause p99 | pause max | checkpoints/s |");
     println!("|---:|---|---|---:|---:|---:|---:|");
     let _hogs = Hogs::start(busy)?;
+    let labels = ["bitmap+hot", "ring", "ring, no early copy"];
+    let mut pool = Pool::new(labels.map(String::from).to_vec(), &WORKLOADS.map(|w| w.0));
     for r in 1..=rounds {
         // The ring also without early copies of busy epochs (`--epoch-precopy false`).
-        for (ring, early) in [(false, true), (true, true), (true, false)] {
+        let how = [(false, true), (true, true), (true, false)];
+        for (c, (ring, early)) in how.into_iter().enumerate() {
             let p = Protection {
                 dirty_ring: ring,
                 // (The default pause path, `--rt-pause auto`.)
@@ -217,20 +212,15 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
                 epoch_precopy: early,
                 ..Protection::default()
             };
-            // (50 pages per ms over 4,096: 1,000 distinct pages in each 20 ms epoch.)
-            let workloads = [
-                ("idle", "CHURN 0 0"),
-                ("CHURN 1k pages/s", "CHURN 2048 1"),
-                ("1,000 pages per epoch", "CHURN 4096 50"),
-            ];
             let name = if ring { "ring" } else { "bitmap" };
             let label = if early {
                 "{source}"
             } else {
                 "{source}, no early copy"
             };
-            rows(env, t, (r, name, label), p, &workloads)?;
+            pool.add(c, rows(env, t, (r, name, label), p, &WORKLOADS)?);
         }
     }
+    pool.print(rounds, "source", None);
     Ok(())
 }

@@ -16,14 +16,14 @@
 //! into the stopped rows.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use failover::limits::Limits;
 use rustix::process::{kill_process, Pid, Signal};
 
 use super::harness::{BenchEnv, Kv, Protection, RunningVm};
+use super::pauses::{collect, quantile, Pool};
 use super::replication::{wait_protected, Timing};
 use crate::cgroup::{Cgroups, Group, RtBudget};
 
@@ -126,36 +126,6 @@ fn conditions(cap_millis: u32) -> [(String, Option<Limits>); 3] {
 /// The protected guest's workloads: label, CHURN command.
 const WORKLOADS: [(&str, &str); 2] = [("idle", "CHURN 0 0"), ("CHURN 1k pages/s", "CHURN 2048 1")];
 
-/// The pauses (µs) of `d` from now, taken from the VM's recent pauses as they come (it keeps
-/// the last `primary::RECENT`), and the checkpoints per second meanwhile.
-fn collect(stats: &primary::Stats, d: Duration) -> (Vec<u32>, f64) {
-    let take = || {
-        let mut r = stats
-            .recent_pauses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        r.drain(..).collect::<Vec<u32>>()
-    };
-    take();
-    let (t0, e0) = (Instant::now(), stats.epochs.load(Ordering::Relaxed));
-    let mut out = Vec::new();
-    while t0.elapsed() < d {
-        std::thread::sleep((d - t0.elapsed()).min(Duration::from_millis(500)));
-        out.extend(take());
-    }
-    let epochs = stats.epochs.load(Ordering::Relaxed) - e0;
-    (out, epochs as f64 / t0.elapsed().as_secs_f64())
-}
-
-/// The `p` quantile of `v` (nearest rank), sorting it.
-fn quantile(v: &mut [u32], p: f64) -> u32 {
-    v.sort_unstable();
-    match v.len() {
-        0 => 0,
-        n => v[((n - 1) as f64 * p).round() as usize],
-    }
-}
-
 /// Runs the hog-VM A/B/C and prints two Markdown tables: each round's rows, then the pauses
 /// of every round pooled per condition, with the unlimited and capped p99 over the stopped.
 ///
@@ -188,7 +158,8 @@ pub fn run(
     println!("|---:|---|---|---:|---:|---:|---:|---:|");
     let mut hog = HogVm::start(&env.guest)?;
     let conds = conditions(cap_millis);
-    let mut pooled = vec![Vec::new(); conds.len() * WORKLOADS.len()];
+    let labels = conds.iter().map(|c| c.0.clone()).collect();
+    let mut pool = Pool::new(labels, &WORKLOADS.map(|w| w.0));
     for r in 1..=rounds {
         for k in 0..conds.len() {
             let c = (k + r - 1) % conds.len();
@@ -200,10 +171,7 @@ pub fn run(
                     hog.signal(Signal::CONT)?;
                 }
             }
-            let rows = condition(env, t, rt_pause, (r, label))?;
-            for (w, v) in rows.into_iter().enumerate() {
-                pooled[c * WORKLOADS.len() + w].extend(v);
-            }
+            pool.add(c, condition(env, t, rt_pause, (r, label))?);
         }
         let u = hog.group.usage();
         eprintln!(
@@ -211,7 +179,9 @@ pub fn run(
             u.throttled_us / 1000
         );
     }
-    print_pooled(&conds, &mut pooled, rounds);
+    // The baseline: the hog stopped (no limits).
+    let stopped = conds.iter().position(|c| c.1.is_none()).unwrap_or(0);
+    pool.print(rounds, "hog", Some((stopped, "stopped")));
     Ok(())
 }
 
@@ -250,27 +220,4 @@ fn condition(
         out.push(v);
     }
     Ok(out)
-}
-
-/// The pooled table: per condition and workload, the pauses of every round together.
-fn print_pooled(conds: &[(String, Option<Limits>)], pooled: &mut [Vec<u32>], rounds: usize) {
-    println!("\nEvery round's pauses pooled per condition (rounds: {rounds}):\n");
-    println!("| hog | workload | pauses | p50 | p99 | p99 ÷ stopped |");
-    println!("|---|---|---:|---:|---:|---:|");
-    let p99s: Vec<u32> = pooled.iter_mut().map(|v| quantile(v, 0.99)).collect();
-    // The baseline: the hog stopped (no limits).
-    let stopped = conds.iter().position(|c| c.1.is_none()).unwrap_or(0);
-    for (c, (label, _)) in conds.iter().enumerate() {
-        for (w, (name, _)) in WORKLOADS.iter().enumerate() {
-            let i = c * WORKLOADS.len() + w;
-            let p50 = quantile(&mut pooled[i], 0.5);
-            let base = f64::from(p99s[stopped * WORKLOADS.len() + w].max(1));
-            println!(
-                "| {label} | {name} | {} | {p50} µs | {} µs | {:.2}× |",
-                pooled[i].len(),
-                p99s[i],
-                f64::from(p99s[i]) / base
-            );
-        }
-    }
 }

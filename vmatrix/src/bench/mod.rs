@@ -10,6 +10,7 @@ mod harness;
 mod harvest;
 mod hog;
 mod lb;
+mod pauses;
 mod replication;
 mod reply;
 
