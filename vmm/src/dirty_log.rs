@@ -261,6 +261,8 @@ impl KvmDirtyLog {
         running: bool,
     ) -> Result<()> {
         let pages = slots.iter().map(|s| s.2).sum();
+        // (If the clear fails below, the heat was counted anyway: those pages may turn hot a
+        // harvest early. Only the cost moves; the pages themselves are carried.)
         let clear = self.plan(dirty, pages, running);
         // The buffer becomes the bitmap of the pages to clear (only `dirty`'s words are set).
         for (w, _) in dirty.words() {

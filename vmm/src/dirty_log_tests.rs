@@ -3,11 +3,13 @@
 
 use super::*;
 
-/// KVM's dirty bits per slot, as the model sees them; `get` resets them unless `manual`;
-/// a call of the slot in `fail_get`/`fail_clear` fails (once).
+/// KVM's dirty bits per slot of a `mem`-byte guest, as the model sees them; `get` resets them
+/// unless `manual`; a call of the slot in `fail_get`/`fail_clear` fails (once). Its `clear`
+/// refuses what KVM refuses.
 #[derive(Default)]
 struct Slots {
     bits: Vec<Vec<u64>>,
+    mem: u64,
     manual: bool,
     fail_get: Option<u32>,
     fail_clear: Option<u32>,
@@ -15,10 +17,14 @@ struct Slots {
 
 impl Slots {
     fn two(manual: bool) -> Slots {
-        let words = slot_words(MEM);
-        let bits = words.iter().map(|w| vec![0; w.1.len()]).collect();
+        Slots::of(MEM, manual)
+    }
+
+    fn of(mem: u64, manual: bool) -> Slots {
+        let bits = slot_words(mem).iter().map(|w| vec![0; w.1.len()]).collect();
         Slots {
             bits,
+            mem,
             manual,
             ..Default::default()
         }
@@ -26,11 +32,20 @@ impl Slots {
 
     /// The vCPU writes page `pfn` of the linear image.
     fn write(&mut self, pfn: u64) {
-        let (slot, r, _) = slot_words(MEM)
+        let (slot, r, _) = slot_words(self.mem)
             .into_iter()
             .find(|(_, r, _)| r.contains(&((pfn / 64) as usize)))
             .unwrap();
         self.bits[slot as usize][pfn as usize / 64 - r.start] |= 1 << (pfn % 64);
+    }
+
+    /// True if page `pfn` is set in KVM's log (written and not cleared since).
+    fn is_set(&self, pfn: u64) -> bool {
+        let (slot, r, _) = slot_words(self.mem)
+            .into_iter()
+            .find(|(_, r, _)| r.contains(&((pfn / 64) as usize)))
+            .unwrap();
+        self.bits[slot as usize][pfn as usize / 64 - r.start] & (1 << (pfn % 64)) != 0
     }
 }
 
@@ -50,7 +65,18 @@ impl SlotLog for Slots {
         if self.fail_clear.take_if(|s| *s == slot).is_some() {
             return Err(Error::Host("injected CLEAR failure".into()));
         }
-        assert_eq!(first % 64, 0);
+        // KVM_CLEAR_DIRTY_LOG's checks (kvm_clear_dirty_log_protect).
+        let pages = slot_words(self.mem)[slot as usize].2;
+        assert_eq!(first % 64, 0, "first page {first}");
+        assert!(
+            first <= pages && count <= pages - first,
+            "{first}+{count} > {pages}"
+        );
+        assert!(
+            count.is_multiple_of(64) || first + count == pages,
+            "{first}+{count} of {pages}"
+        );
+        assert!(bitmap.len() as u64 * 64 >= count);
         let w0 = (first / 64) as usize;
         for (i, b) in bitmap.iter().take(count.div_ceil(64) as usize).enumerate() {
             self.bits[slot as usize][w0 + i] &= !b;
@@ -59,7 +85,7 @@ impl SlotLog for Slots {
     }
 }
 
-/// A guest with both slots (3 GiB below the MMIO hole, 1 GiB above 4 GiB).
+/// A guest with both slots (3.25 GiB below the MMIO hole, the rest above 4 GiB).
 const MEM: u64 = 4 << 30;
 
 #[test]
@@ -105,6 +131,49 @@ fn a_harvest_clears_what_is_not_hot_in_both_slots() {
     assert_eq!(got.pages(u64::MAX), vec![1, 700, high]);
     assert!(kvm.bits.iter().flatten().all(|&w| w == 0), "all cleared");
     assert!(log.harvest_from(&mut kvm, MEM, false).unwrap().is_empty());
+}
+
+#[test]
+fn a_page_hot_after_its_harvests_stays_set_in_kvm_and_is_reported_without_a_write() {
+    let mut kvm = Slots::two(true);
+    let mut log = KvmDirtyLog::manual_model();
+    // The hot page's word lies inside the span cleared each time: pages written once, below
+    // and above it, are cleared in every harvest.
+    let hot = 2000;
+    for i in 0..u64::from(HOT_AFTER) + 2 {
+        let once = [5 + i, 4000 + i];
+        once.iter().for_each(|&p| kvm.write(p));
+        if i < u64::from(HOT_AFTER) {
+            kvm.write(hot);
+        }
+        let got = log.harvest_from(&mut kvm, MEM, false).unwrap();
+        assert!(got.contains(hot), "harvest {i}: reported, written or hot");
+        // Cleared (write-protected) until the harvest that makes it hot, set from then on.
+        assert_eq!(
+            kvm.is_set(hot),
+            i + 1 >= u64::from(HOT_AFTER),
+            "harvest {i}"
+        );
+        assert!(
+            once.iter().all(|&p| !kvm.is_set(p)),
+            "written once: cleared"
+        );
+    }
+}
+
+#[test]
+fn a_clear_in_the_last_partial_word_of_a_slot_ends_at_the_slot() {
+    // A high slot of 100 pages: its second word is partial.
+    let mem = crate::layout::MMIO_BASE + 100 * crate::layout::PAGE_SIZE;
+    let high = crate::layout::MMIO_BASE / crate::layout::PAGE_SIZE;
+    let mut kvm = Slots::of(mem, true);
+    let mut log = KvmDirtyLog::manual_model();
+    for p in [high + 99, high + 70, 3] {
+        kvm.write(p);
+    }
+    let got = log.harvest_from(&mut kvm, mem, false).unwrap();
+    assert_eq!(got.pages(u64::MAX), vec![3, high + 70, high + 99]);
+    assert!(kvm.bits.iter().flatten().all(|&w| w == 0), "all cleared");
 }
 
 #[test]

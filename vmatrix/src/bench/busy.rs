@@ -13,8 +13,8 @@
 //! `--busy N` neighbours, with the default pause path (`--rt-pause auto`).
 //!
 //! Both print each round's rows, then every round's pauses pooled per pause path (or source)
-//! and workload (`bench/pauses.rs`): a row's p99 is the 2nd-highest of its ~200 pauses, the
-//! pooled one rests on all rounds'.
+//! and workload (`bench/pauses.rs`): a row's p99 is the 3rd-highest of its ~200 pauses, the
+//! pooled one rests on all rounds'. The conditions' order rotates from round to round.
 
 use std::process::{Child, Command, Stdio};
 
@@ -127,13 +127,16 @@ pub fn run(
             ("busy-auto", RtMode::Auto, None),
             ("busy-pin", RtMode::On, Some((last, first))),
         ];
-        for (c, (name, rt, pin)) in how.into_iter().enumerate() {
+        for k in 0..how.len() {
+            // (The order rotates from round to round: drift of the host is not one path's.)
+            let c = (k + r - 1) % how.len();
+            let (name, rt, pin) = how[c];
             let p = Protection {
                 rt_pause: rt,
                 pin,
                 ..Protection::default()
             };
-            pool.add(c, rows(env, t, (r, name, paths[c]), p, &WORKLOADS)?);
+            pool.add(c, rows(env, t, (r, name, paths[c]), p, &WORKLOADS)?.1);
         }
     }
     pool.print(rounds, "pause path", None);
@@ -151,14 +154,14 @@ const WORKLOADS: [(&str, &str); 3] = [
 /// One VM of a round, fixed 20 ms epochs, `p`'s pause path and harvest source: an unmeasured
 /// settle phase (the backup applies the initial sync meanwhile), then one table row per
 /// workload, labelled `round | label` (`{source}` in it: the VM's harvest source). Returns the
-/// pauses of each workload.
+/// label as printed and the pauses of each workload.
 pub(super) fn rows(
     env: &BenchEnv,
     t: &Timing,
     (r, name, label): (usize, &str, &str),
     p: Protection,
     workloads: &[(&str, &str)],
-) -> anyhow::Result<Vec<Vec<u32>>> {
+) -> anyhow::Result<(String, Vec<Vec<u32>>)> {
     let p = Protection {
         min_epoch_us: 20_000,
         early_checkpoints: false,
@@ -182,7 +185,7 @@ pub(super) fn rows(
         println!("| {r} | {label} | {name} | {p50} µs | {p99} µs | {max} µs | {rate:.0} |");
         out.push(v);
     }
-    Ok(out)
+    Ok((label, out))
 }
 
 /// Pauses with the bitmap vs the ring as the harvest source (and the ring without early copies
@@ -199,12 +202,14 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
     println!("| round | source | workload | pause p50 | pause p99 | pause max | checkpoints/s |");
     println!("|---:|---|---|---:|---:|---:|---:|");
     let _hogs = Hogs::start(busy)?;
-    let labels = ["bitmap+hot", "ring", "ring, no early copy"];
+    let labels = ["bitmap", "ring", "ring, no early copy"];
     let mut pool = Pool::new(labels.map(String::from).to_vec(), &WORKLOADS.map(|w| w.0));
     for r in 1..=rounds {
         // The ring also without early copies of busy epochs (`--epoch-precopy false`).
         let how = [(false, true), (true, true), (true, false)];
-        for (c, (ring, early)) in how.into_iter().enumerate() {
+        for k in 0..how.len() {
+            let c = (k + r - 1) % how.len();
+            let (ring, early) = how[c];
             let p = Protection {
                 dirty_ring: ring,
                 // (The default pause path, `--rt-pause auto`.)
@@ -218,7 +223,10 @@ pub fn sources(env: &BenchEnv, t: &Timing, rounds: usize, busy: usize) -> anyhow
             } else {
                 "{source}, no early copy"
             };
-            pool.add(c, rows(env, t, (r, name, label), p, &WORKLOADS)?);
+            // (Labelled with the source the VM got: the bitmap where KVM has no ring.)
+            let (label, pauses) = rows(env, t, (r, name, label), p, &WORKLOADS)?;
+            pool.relabel(c, label);
+            pool.add(c, pauses);
         }
     }
     pool.print(rounds, "source", None);

@@ -53,8 +53,16 @@ impl Pool {
         }
     }
 
+    /// Names condition `c` (as its rows did).
+    pub(super) fn relabel(&mut self, c: usize, label: String) {
+        if let Some(l) = self.conditions.get_mut(c) {
+            *l = label;
+        }
+    }
+
     /// Adds the pauses of condition `c` under each workload (in order) of one round.
     pub(super) fn add(&mut self, c: usize, per_workload: Vec<Vec<u32>>) {
+        debug_assert_eq!(per_workload.len(), self.workloads.len());
         for (w, v) in per_workload.into_iter().enumerate() {
             if let Some(p) = self.pauses.get_mut(c * self.workloads.len() + w) {
                 p.extend(v);
@@ -103,7 +111,7 @@ mod tests {
         let mut p = Pool::new(vec!["a".into(), "b".into()], &["idle", "busy"]);
         p.add(1, vec![vec![1, 2], vec![3]]);
         p.add(1, vec![vec![4], vec![]]);
-        p.add(0, vec![vec![9]]);
+        p.add(0, vec![vec![9], vec![]]);
         assert_eq!(p.pauses, vec![vec![9], vec![], vec![1, 2, 4], vec![3]]);
     }
 }

@@ -183,7 +183,10 @@ impl Vm {
 
     fn capture_epoch_paused(&self, kind: CaptureKind) -> Result<EpochCapture, SnapshotError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let buf = Vec::with_capacity(self.state_len.load(Relaxed));
+        // (A little more than the last: the varint-encoded counters and registers move the
+        // length by a few bytes from one capture to the next.)
+        let last = self.state_len.load(Relaxed);
+        let buf = Vec::with_capacity(last + last / 8 + 64);
         let state = postcard::to_extend(&self.capture_state()?, buf).map_err(capture_err)?;
         self.state_len.store(state.len(), Relaxed);
         // Replication's changes since its previous capture (a snapshot taken meanwhile took
