@@ -275,6 +275,14 @@ fn set_v1(
     match (blkio, io) {
         (_, None) => {}
         (Some(b), Some(Some((ma, mi)))) => {
+            if l.io_write_bps != 0 {
+                tracing::warn!(
+                    "cgroup v1: the disk write limit ({} bytes/s) holds only for writes the \
+                     kernel charges to the VM process (direct, synchronous); buffered writes \
+                     flushed later by the kernel pass unthrottled (cgroup v2's io.max holds them)",
+                    l.io_write_bps
+                );
+            }
             for (file, v) in [
                 ("blkio.throttle.read_bps_device", l.io_read_bps),
                 ("blkio.throttle.write_bps_device", l.io_write_bps),
