@@ -6,16 +6,18 @@
 use std::future::Future;
 use std::thread::JoinHandle;
 
-/// Runs `fut` to completion on a one-worker runtime in a new thread called `name`.
-pub fn spawn<F>(name: &str, fut: F) -> std::io::Result<JoinHandle<()>>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    spawn_pinned(name, None, fut)
+/// How the threads of a runtime run.
+#[derive(Debug, Clone, Default)]
+pub struct Threads {
+    /// Pinned to these CPUs (`vmm::affinity`); a pin the host refuses is logged and the thread
+    /// runs unpinned.
+    pub cpus: Option<Vec<usize>>,
+    /// At real-time priority (`vmm::rt::make_current_realtime`); refused, logged, ordinary.
+    pub realtime: bool,
 }
 
-/// [`spawn`] with every thread of the runtime (its worker, its blocking pool) pinned to `cpus`
-/// if given (`vmm::affinity`); a pin the host refuses is logged and the thread runs unpinned.
+/// Runs `fut` to completion on a one-worker runtime in a new thread called `name`, every
+/// thread of the runtime (its worker, its blocking pool) pinned to `cpus` if given.
 pub fn spawn_pinned<F>(
     name: &str,
     cpus: Option<Vec<usize>>,
@@ -24,11 +26,23 @@ pub fn spawn_pinned<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let threads = Threads {
+        cpus,
+        realtime: false,
+    };
+    spawn_with(name, threads, fut)
+}
+
+/// [`spawn_pinned`] with the runtime's threads set up as `threads` says.
+pub fn spawn_with<F>(name: &str, threads: Threads, fut: F) -> std::io::Result<JoinHandle<()>>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     std::thread::Builder::new().name(name.to_string()).spawn({
         // (Its threads carry its name, for `top -H` and `/proc/<pid>/task`: at most 15
         // bytes on Linux.)
-        let threads: String = format!("{name}-rt").chars().take(15).collect();
-        move || match runtime_pinned(cpus, Some(threads)) {
+        let thread_name: String = format!("{name}-rt").chars().take(15).collect();
+        move || match runtime_with(threads, Some(thread_name)) {
             Ok(rt) => block_on_worker(&rt, fut),
             Err(e) => eprintln!("vmatrix: cannot start a tokio runtime: {e}"),
         }
@@ -55,12 +69,12 @@ where
 
 /// A one-worker multi-thread runtime with timers and I/O.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    runtime_pinned(None, None)
+    runtime_with(Threads::default(), None)
 }
 
-/// [`runtime`] whose threads are pinned to `cpus`, if given.
-fn runtime_pinned(
-    cpus: Option<Vec<usize>>,
+/// [`runtime`] whose threads are set up as `threads` says.
+pub fn runtime_with(
+    threads: Threads,
     name: Option<String>,
 ) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -68,10 +82,17 @@ fn runtime_pinned(
     if let Some(n) = name {
         b.thread_name(n);
     }
-    if let Some(cpus) = cpus {
+    if threads.cpus.is_some() || threads.realtime {
         b.on_thread_start(move || {
-            if let Err(e) = vmm::affinity::pin(0, &cpus) {
-                tracing::warn!("cannot pin a replication thread to CPUs {cpus:?}: {e}");
+            if let Some(cpus) = &threads.cpus {
+                if let Err(e) = vmm::affinity::pin(0, cpus) {
+                    tracing::warn!("cannot pin a replication thread to CPUs {cpus:?}: {e}");
+                }
+            }
+            if threads.realtime {
+                if let Err(e) = vmm::rt::make_current_realtime() {
+                    tracing::warn!("no real-time priority for a replication thread: {e}");
+                }
             }
         });
     }

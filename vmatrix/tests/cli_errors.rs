@@ -282,4 +282,11 @@ fn bad_data_ports_are_refused_before_anything_listens() {
     let mut both = base("7191");
     both.extend(["--data-sockets", "2"]);
     assert_fails_with(&vmatrix(&both, &[]), "cannot be used with");
+    // The apply path pinned to a CPU this process may not run on: refused at once.
+    let mut pinned = base("7191");
+    pinned.extend(["--apply-cpus", "1023"]);
+    assert_fails_with(
+        &vmatrix(&pinned, &[]),
+        "--apply-cpus: CPU 1023 is not one this process may run on",
+    );
 }

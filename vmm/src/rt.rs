@@ -196,6 +196,17 @@ pub fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// Runs the calling thread at `SCHED_FIFO` priority [`BOOST_PRIORITY`] from now on, for a
+/// thread that mostly waits and must run at once when woken (a backup's apply path,
+/// `vmatrix backup --rt-apply`). Threads it starts are ordinary (`SCHED_RESET_ON_FORK`).
+pub fn make_current_realtime() -> std::io::Result<()> {
+    set(
+        gettid(),
+        libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+        BOOST_PRIORITY,
+    )
+}
+
 /// The scheduling policy of thread `tid` (`SCHED_OTHER`, `SCHED_FIFO`, ...).
 fn policy(tid: i32) -> std::io::Result<i32> {
     // SAFETY: sched_getscheduler only reads the policy of the thread `tid`.

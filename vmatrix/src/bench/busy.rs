@@ -25,10 +25,10 @@ use super::pauses::{collect, quantile, Pool};
 use super::replication::{wait_protected, Timing};
 
 /// CPU-bound neighbours, killed on drop.
-struct Hogs(Vec<Child>);
+pub(super) struct Hogs(Vec<Child>);
 
 impl Hogs {
-    fn start(n: usize) -> anyhow::Result<Hogs> {
+    pub(super) fn start(n: usize) -> anyhow::Result<Hogs> {
         let mut v = Vec::new();
         for _ in 0..n {
             let c = Command::new("sh")

@@ -198,6 +198,14 @@ pub fn set_default_ring(on: bool) {
     DEFAULT_RING.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether [`Protection::default`] runs the backup's apply path real-time (`--backup-rt`).
+static DEFAULT_BACKUP_RT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Protected VMs of this bench have real-time backups (`vmatrix backup --rt-apply`).
+pub fn set_default_backup_rt(on: bool) {
+    DEFAULT_BACKUP_RT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Settings of a protected VM.
 #[derive(Debug, Clone, Copy)]
 pub struct Protection {
@@ -217,6 +225,8 @@ pub struct Protection {
     pub pin: Option<(usize, usize)>,
     /// Pause buffers locked in RAM (`--lock-buffers`).
     pub lock_buffers: bool,
+    /// The backup's apply path at real-time priority (`vmatrix backup --rt-apply`).
+    pub backup_rt: bool,
 }
 
 impl Default for Protection {
@@ -231,6 +241,7 @@ impl Default for Protection {
             epoch_precopy: true,
             pin: None,
             lock_buffers: true,
+            backup_rt: DEFAULT_BACKUP_RT.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -281,7 +292,11 @@ impl RunningVm {
         let exports = bcfg.exports.clone();
         let backup_stats = bcfg.stats.clone();
         let brx = stop_rx.clone();
-        let backup_thread = crate::rt::spawn("bench-backup", async move {
+        let threads = crate::rt::Threads {
+            cpus: None,
+            realtime: p.backup_rt,
+        };
+        let backup_thread = crate::rt::spawn_with("bench-backup", threads, async move {
             if let Err(e) = backup::serve(bcfg, brx, Some(ready_tx)).await {
                 eprintln!("bench backup: {e}");
             }

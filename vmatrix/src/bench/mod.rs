@@ -109,6 +109,10 @@ pub struct ReplicationArgs {
     /// --dirty-source`; `--dirty-sources` and `--harvest` measure both whatever this says).
     #[arg(long, value_enum, default_value = "bitmap")]
     pub dirty_source: crate::replicate::DirtySource,
+    /// The backups of the bench's protected VMs run their apply path at real-time priority
+    /// (as `vmatrix backup --rt-apply`).
+    #[arg(long)]
+    pub backup_rt: bool,
 }
 
 /// Runs a benchmark.
@@ -117,6 +121,12 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Replication(a) => {
             let env = harness::BenchEnv::new(a.common.guest, a.common.mem_mib)?;
             harness::set_default_ring(a.dirty_source == crate::replicate::DirtySource::Ring);
+            harness::set_default_backup_rt(a.backup_rt);
+            // (`--kv` beside `--busy N` neighbours: they run for the whole bench.)
+            let _hogs = match a.kv && a.busy > 0 {
+                true => Some(busy::Hogs::start(a.busy)?),
+                false => None,
+            };
             let timing = match a.common.quick {
                 true => replication::Timing::quick(),
                 false => replication::Timing::full(),
@@ -142,7 +152,7 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     });
                     reply::hold(&env, a.kv_hold.unwrap_or(600), p)?
                 }
-                _ if a.kv => reply::run(&env, &timing, a.rounds.max(1), a.rt_pause)?,
+                _ if a.kv => reply::run(&env, &timing, a.rounds.max(1), (a.rt_pause, a.busy))?,
                 _ if a.harvest => harvest::run(&env, &timing, a.rounds.max(1))?,
                 _ if a.dirty_sources => busy::sources(&env, &timing, a.rounds.max(1), a.busy)?,
                 0 => replication::run(&env, timing)?,

@@ -29,7 +29,12 @@ struct Round {
 }
 
 /// Runs `rounds` rounds and prints the tables.
-pub fn run(env: &BenchEnv, t: &Timing, rounds: usize, rt: RtMode) -> anyhow::Result<()> {
+pub fn run(
+    env: &BenchEnv,
+    t: &Timing,
+    rounds: usize,
+    (rt, busy): (RtMode, usize),
+) -> anyhow::Result<()> {
     let one = t.kv_ops;
     // 16 × 600 SETs: about a second protected (16 × 101 was ~0.2 s, too short to be more
     // than a rough figure on a shared host).
@@ -41,6 +46,12 @@ pub fn run(env: &BenchEnv, t: &Timing, rounds: usize, rt: RtMode) -> anyhow::Res
     }
     if Protection::default().dirty_ring {
         changed.push("`--dirty-source ring`".to_string());
+    }
+    if Protection::default().backup_rt {
+        changed.push("a real-time backup (`--rt-apply`)".to_string());
+    }
+    if busy > 0 {
+        changed.push(format!("{busy} CPU-bound neighbours running throughout"));
     }
     let settings = match changed.is_empty() {
         true => "default settings".to_string(),

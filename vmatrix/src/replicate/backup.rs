@@ -56,11 +56,24 @@ fn check_data_ports(a: &BackupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--apply-cpus`: CPUs this process may run on.
+fn check_apply_cpus(a: &BackupArgs) -> anyhow::Result<()> {
+    let Some(cpus) = &a.apply_cpus else {
+        return Ok(());
+    };
+    let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
+    if let Some(c) = cpus.0.iter().find(|c| !allowed.contains(c)) {
+        anyhow::bail!("--apply-cpus: CPU {c} is not one this process may run on ({allowed:?})");
+    }
+    Ok(())
+}
+
 /// Runs a backup until SIGINT/SIGTERM, `vmatrix ctl <socket> stop` or `promote`, then finalizes
 /// its image. The image directory is locked for the whole run, before anything else (a second
 /// backup or a restore of the same image is refused).
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
     check_data_ports(&a)?;
+    check_apply_cpus(&a)?;
     let lock = backup::ImageLock::acquire(&a.image_dir)?;
     // A minimum term given at start is persisted before anything listens (no session of an
     // older primary can begin, and no later `fence` has to end one that is starting).
@@ -108,7 +121,11 @@ pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let control = a.control.clone();
-    let rt = crate::rt::runtime().context("tokio runtime")?;
+    let threads = crate::rt::Threads {
+        cpus: a.apply_cpus.clone().map(|c| c.0),
+        realtime: a.rt_apply,
+    };
+    let rt = crate::rt::runtime_with(threads, None).context("tokio runtime")?;
     let result = crate::rt::block_on_worker(&rt, async move {
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};

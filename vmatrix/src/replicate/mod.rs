@@ -208,6 +208,17 @@ pub struct BackupArgs {
     /// `PUT /promote` (`vmatrix ctl <socket> status|stop|fence|promote`).
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Pin the apply path's threads (its runtime: QUIC, the journal, the apply, the blocking
+    /// pool) to these CPUs; off by default.
+    #[arg(long, value_parser = crate::replicate::cpu_list)]
+    pub apply_cpus: Option<CpuList>,
+    /// Run the apply path's threads at real-time priority (`SCHED_FIFO` 1), so that a
+    /// checkpoint is journaled and acknowledged without waiting for the scheduler on a busy
+    /// host. Off by default (docs/BENCHMARKS.md, "The backup's apply path at real-time
+    /// priority"): a full sync's apply then runs real-time too, bounded only by the kernel's
+    /// real-time throttling.
+    #[arg(long)]
+    pub rt_apply: bool,
 }
 
 /// One backup: `host:port` or `name@host:port`.
