@@ -481,13 +481,18 @@ fn get_dirty_log(vm_fd: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
     // bit for every page of the slot (the caller sizes it from the slot's length) and outlives
     // the call; KVM writes at most that many bits. The fd is this VM's.
     let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_GET_DIRTY_LOG, &arg) };
-    if r < 0 {
-        return Err(Error::Host(format!(
-            "KVM_GET_DIRTY_LOG: {}",
+    ioctl_result("KVM_GET_DIRTY_LOG", r)
+}
+
+/// An ioctl's result: `Err` with the OS error if it failed.
+fn ioctl_result(name: &str, r: i32) -> Result<()> {
+    match r {
+        r if r < 0 => Err(Error::Host(format!(
+            "{name}: {}",
             std::io::Error::last_os_error()
-        )));
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Clears (and write-protects) the pages `first..first + count` of `slot` that are set in
@@ -514,13 +519,7 @@ fn clear_dirty_log(
     // holds at least `count` bits (checked above) and outlives the call; the ioctl only reads
     // it. The fd is this VM's.
     let r = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
-    if r < 0 {
-        return Err(Error::Host(format!(
-            "KVM_CLEAR_DIRTY_LOG: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    ioctl_result("KVM_CLEAR_DIRTY_LOG", r)
 }
 
 #[cfg(test)]
