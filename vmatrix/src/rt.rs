@@ -16,24 +16,8 @@ pub struct Threads {
     pub realtime: bool,
 }
 
-/// Runs `fut` to completion on a one-worker runtime in a new thread called `name`, every
-/// thread of the runtime (its worker, its blocking pool) pinned to `cpus` if given.
-pub fn spawn_pinned<F>(
-    name: &str,
-    cpus: Option<Vec<usize>>,
-    fut: F,
-) -> std::io::Result<JoinHandle<()>>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let threads = Threads {
-        cpus,
-        realtime: false,
-    };
-    spawn_with(name, threads, fut)
-}
-
-/// [`spawn_pinned`] with the runtime's threads set up as `threads` says.
+/// Runs `fut` to completion on a one-worker runtime in a new thread called `name`, the
+/// runtime's threads (its worker, its blocking pool) set up as `threads` says.
 pub fn spawn_with<F>(name: &str, threads: Threads, fut: F) -> std::io::Result<JoinHandle<()>>
 where
     F: Future<Output = ()> + Send + 'static,

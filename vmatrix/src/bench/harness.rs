@@ -338,9 +338,12 @@ impl RunningVm {
         let stats = Arc::new(primary::Stats::default());
         let (vm2, st2) = (vm.clone(), stats.clone());
         let mut state = primary::PrimaryState::new(&vm, cfg.term, cfg.encode);
-        let loop_cpus = p.pin.map(|p| vec![p.1]);
+        let threads = crate::rt::Threads {
+            cpus: p.pin.map(|p| vec![p.1]),
+            realtime: false,
+        };
         let stopping = stop_rx.clone();
-        let primary_thread = crate::rt::spawn_pinned("bench-primary", loop_cpus, async move {
+        let primary_thread = crate::rt::spawn_with("bench-primary", threads, async move {
             match primary::run(vm2, cfg, st2, &mut state, stop_rx).await {
                 // (The VM stops right after the loop is told to: a capture it was taking then
                 // fails, which is no error of the run.)

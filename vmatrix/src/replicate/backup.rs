@@ -56,24 +56,12 @@ fn check_data_ports(a: &BackupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--apply-cpus`: CPUs this process may run on.
-fn check_apply_cpus(a: &BackupArgs) -> anyhow::Result<()> {
-    let Some(cpus) = &a.apply_cpus else {
-        return Ok(());
-    };
-    let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
-    if let Some(c) = cpus.0.iter().find(|c| !allowed.contains(c)) {
-        anyhow::bail!("--apply-cpus: CPU {c} is not one this process may run on ({allowed:?})");
-    }
-    Ok(())
-}
-
 /// Runs a backup until SIGINT/SIGTERM, `vmatrix ctl <socket> stop` or `promote`, then finalizes
 /// its image. The image directory is locked for the whole run, before anything else (a second
 /// backup or a restore of the same image is refused).
 pub fn backup_main(a: BackupArgs) -> anyhow::Result<ExitCode> {
     check_data_ports(&a)?;
-    check_apply_cpus(&a)?;
+    super::check_cpus("--apply-cpus", a.apply_cpus.as_ref())?;
     let lock = backup::ImageLock::acquire(&a.image_dir)?;
     // A minimum term given at start is persisted before anything listens (no session of an
     // older primary can begin, and no later `fence` has to end one that is starting).

@@ -273,6 +273,19 @@ fn cpu_list(s: &str) -> Result<CpuList, String> {
     vmm::affinity::parse_cpus(s).map(CpuList)
 }
 
+/// Refuses a CPU of `cpus` (given with `flag`) that this process may not run on.
+fn check_cpus(flag: &str, cpus: Option<&CpuList>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Some(cpus) = cpus else {
+        return Ok(());
+    };
+    let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
+    if let Some(c) = cpus.0.iter().find(|c| !allowed.contains(c)) {
+        anyhow::bail!("{flag}: CPU {c} is not one this process may run on ({allowed:?})");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

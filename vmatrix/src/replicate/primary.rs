@@ -42,17 +42,8 @@ struct BackupSet {
 
 /// Refuses a `--vcpu-cpus`/`--loop-cpus` CPU this process may not run on.
 fn check_cpu_lists(a: &PrimaryArgs) -> anyhow::Result<()> {
-    let allowed = vmm::affinity::cpus_of(0).context("reading this process's CPUs")?;
-    for (flag, cpus) in [("--vcpu-cpus", &a.vcpu_cpus), ("--loop-cpus", &a.loop_cpus)] {
-        if let Some(c) = cpus
-            .iter()
-            .flat_map(|l| &l.0)
-            .find(|c| !allowed.contains(c))
-        {
-            bail!("{flag}: CPU {c} is not one this process may run on ({allowed:?})");
-        }
-    }
-    Ok(())
+    super::check_cpus("--vcpu-cpus", a.vcpu_cpus.as_ref())?;
+    super::check_cpus("--loop-cpus", a.loop_cpus.as_ref())
 }
 
 /// Runs a protected VM; if the backups are lost it keeps the guest's output held and reconnects,
@@ -125,12 +116,12 @@ pub fn primary_main(mut a: PrimaryArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("pinning the vCPU thread to CPUs {cpus:?}"))?;
         tracing::info!("vCPU thread pinned to CPUs {cpus:?}");
     }
-    let repl = crate::rt::spawn_pinned(
-        "replication",
-        a.loop_cpus.clone().map(|l| l.0),
-        sessions.run(),
-    )
-    .context("spawning the replication thread")?;
+    let threads = crate::rt::Threads {
+        cpus: a.loop_cpus.clone().map(|l| l.0),
+        realtime: false,
+    };
+    let repl = crate::rt::spawn_with("replication", threads, sessions.run())
+        .context("spawning the replication thread")?;
     let backups_tx = Arc::new(backups_tx);
     let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let extra = Extra {
